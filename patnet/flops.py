@@ -1,0 +1,107 @@
+"""Parameter and FLOP counts by fvcore's convention (one multiply-add counts as one FLOP).
+
+Counted as fvcore's ``FlopCountAnalysis`` counts them: convolutions and matrix products
+(multiply-adds, biases not counted), BatchNorm (eval: 2 per element with affine, 1 without;
+training: 5 / 4), LayerNorm (5 per element with affine, 4 without) and adaptive average pooling
+(1 per input element). Element-wise ops, softmax, means and stds are not counted, as in fvcore.
+The model runs on the "meta" device when built there, so counting a large model costs nothing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (buffers such as BatchNorm running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _numel(t) -> int:
+    return math.prod(t.shape)
+
+
+def _batch_norm(training_arg: int):
+    def count(args, out) -> int:
+        x, weight = args[0], args[1]
+        training = bool(args[training_arg]) if training_arg is not None else False
+        if training:
+            return _numel(x) * (5 if weight is not None else 4)
+        return _numel(x) * (2 if weight is not None else 1)
+    return count
+
+
+def _convolution(args, out) -> int:
+    weight = args[1]
+    return _numel(out) * math.prod(weight.shape[1:])
+
+
+def _mm(args, out) -> int:
+    a, b = args[-2], args[-1]
+    return a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _bmm(args, out) -> int:
+    a, b = args[0], args[1]
+    return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+
+def _layer_norm(args, out) -> int:
+    return _numel(args[0]) * (5 if len(args) > 2 and args[2] is not None else 4)
+
+
+_COUNTERS = {
+    aten.convolution.default: _convolution,
+    aten.mm.default: _mm,
+    aten.addmm.default: lambda args, out: _mm(args[1:], out),
+    aten.bmm.default: _bmm,
+    aten.native_batch_norm.default: _batch_norm(5),
+    aten._native_batch_norm_legit.default: _batch_norm(5),
+    aten._native_batch_norm_legit.no_stats: _batch_norm(3),
+    aten._native_batch_norm_legit_no_training.default: _batch_norm(None),
+    aten.native_layer_norm.default: _layer_norm,
+}
+
+
+class _FlopCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        counter = _COUNTERS.get(func)
+        if counter is not None:
+            self.total += counter(args, out)
+        return out
+
+
+def count_flops(model: nn.Module, input_size: Tuple[int, ...] = (1, 3, 224, 224)) -> int:
+    """FLOPs (multiply-adds) of one forward of ``model`` on a zero input of ``input_size``.
+
+    Runs the model as it is (its mode and device: use eval mode for inference FLOPs) under
+    ``torch.no_grad``.
+    """
+    param = next(model.parameters())
+    x = torch.zeros(input_size, dtype=param.dtype, device=param.device)
+    counter = _FlopCounter()
+    pooled = []
+
+    def count_pool(module, inputs, output):
+        pooled.append(_numel(inputs[0]))
+
+    hooks = [m.register_forward_hook(count_pool) for m in model.modules()
+             if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d))]
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counter.total + sum(pooled)

@@ -1,0 +1,267 @@
+"""Building blocks of PATNet and FasterNet (SPEC.md sections 1-5).
+
+Module and parameter names follow the authors' code so that state_dict keys match SPEC.md
+section 6. Token mixers call the functional API of :mod:`patnet_kernels`, so the backend of
+each layer is a plain attribute (``backend``) that :func:`patnet.set_backend` changes.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import patnet_kernels as pk
+from patnet_kernels import BatchNormParams
+
+
+def bn_params(bn: nn.Module, training: bool) -> Optional[BatchNormParams]:
+    """The parameters of a BatchNorm2d for one forward, or None where it was folded away."""
+    if isinstance(bn, nn.Identity):
+        return None
+    return BatchNormParams.of(bn, training)
+
+
+def make_activation(name: str, inplace: bool = False) -> nn.Module:
+    """'GELU' (exact, erf) or 'RELU', the two activations of the released models."""
+    key = str(name).upper()
+    if key == "GELU":
+        return nn.GELU()
+    if key == "RELU":
+        return nn.ReLU(inplace=inplace)
+    raise ValueError(f"unknown activation {name!r}; choose 'GELU' or 'RELU'")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's drop_path, scaled by 1 / keep probability)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a (B, C, H, W) map (timm's LayerNorm2d)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, affine: bool = True):
+        super().__init__(channels, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class PartialConv3(nn.Module):
+    """FasterNet's token mixer (PConv): [conv3x3(X1) | X2], C1 = dim // n_div."""
+
+    def __init__(self, dim: int, n_div: int, backend: str = "auto"):
+        super().__init__()
+        self.dim_conv3 = dim // n_div
+        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1, bias=False)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pk.partial_conv3x3(x, self.partial_conv3.weight, backend=self.backend)
+
+
+class GaussianChannelGate(nn.Module):
+    """The parameters of PAT_ch's gate g = hsig(BN_a(W_ch . [mu, sigma])) (the authors' SRM)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.cfc1 = nn.Conv2d(channels, channels, kernel_size=(1, 2), bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+
+class PATChannelMixer(nn.Module):
+    """PAT_ch, the token mixer of stages 1-3: [conv3x3(X1) | BN_b(X2 * g)] (SPEC.md section 2)."""
+
+    def __init__(self, dim: int, n_div: int, backend: str = "auto"):
+        super().__init__()
+        self.dim_conv3 = dim // n_div
+        self.dim_untouched = dim - self.dim_conv3
+        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1, bias=False)
+        self.attn = GaussianChannelGate(self.dim_untouched)
+        self.norm = nn.BatchNorm2d(self.dim_untouched)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pk.channel_attention(
+            x, self.partial_conv3.weight, self.attn.cfc1.weight, self.attn.cfc1.bias,
+            bn_params(self.attn.bn, self.training), bn_params(self.norm, self.training),
+            training=self.training, backend=self.backend)
+
+
+class RelativePositionBias(nn.Module):
+    """The learned iRPE table (heads x 81), zero-initialised ("bias" mode on keys)."""
+
+    def __init__(self, num_heads: int, num_buckets: int = pk.reference.NUM_BUCKETS):
+        super().__init__()
+        self.lookup_table_bias = nn.Parameter(torch.zeros(num_heads, num_buckets))
+
+
+class RPESelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a (B, C, H, W) map with an iRPE bias."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.1,
+                 proj_drop: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"the attention width C2 = {dim} is not divisible by "
+                             f"num_heads = {num_heads}; choose heads that divide it")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.attn_drop = float(attn_drop)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.rpe_k = RelativePositionBias(num_heads)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = h * w
+        tokens = x.reshape(b, c, n).transpose(1, 2)  # (B, N, C)
+        qkv = self.qkv(tokens).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
+        out = pk.rpe_attention(q, k, v, self.rpe_k.lookup_table_bias,
+                               pk.rpe_buckets(h, w, x.device), scale=self.scale,
+                               dropout_p=self.attn_drop if self.training else 0.0,
+                               backend=self.backend)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class PATSelfMixer(nn.Module):
+    """PAT_sf, the token mixer of stage 4: [conv3x3(X1) | Attn(LN(X2))] (SPEC.md section 4)."""
+
+    def __init__(self, dim: int, n_div: int, num_heads: int, attn_drop: float,
+                 proj_drop: float, backend: str = "auto"):
+        super().__init__()
+        self.dim_conv3 = dim // n_div
+        self.dim_untouched = dim - self.dim_conv3
+        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1, bias=False)
+        self.attn = RPESelfAttention(self.dim_untouched, num_heads, attn_drop, proj_drop,
+                                     backend)
+        self.norm = LayerNorm2d(self.dim_untouched)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[:, :self.dim_conv3], x[:, self.dim_conv3:]
+        return torch.cat([self.partial_conv3(x1), self.attn(self.norm(x2))], dim=1)
+
+
+class PartialSpatialAttention(nn.Module):
+    """PAT_sp, appended to the MLP: [BN_c(Ma * s) | conv1x1(BN_d(Mb))] (SPEC.md section 3)."""
+
+    def __init__(self, dim: int, backend: str = "auto"):
+        super().__init__()
+        self.dim_conv = int(0.5 * dim)  # P
+        self.dim_untouched = dim - self.dim_conv  # Q
+        self.conv = nn.Conv2d(self.dim_conv, self.dim_conv, 1, bias=False)
+        self.conv_attn = nn.Conv2d(self.dim_untouched, 1, 1, bias=False)
+        self.norm = nn.BatchNorm2d(self.dim_untouched)
+        self.norm2 = nn.BatchNorm2d(self.dim_conv)
+        self.backend = backend
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return pk.spatial_attention(
+            m, self.conv_attn.weight, self.conv.weight, self.conv.bias,
+            bn_params(self.norm, self.training), bn_params(self.norm2, self.training),
+            training=self.training, backend=self.backend)
+
+
+def make_mlp(dim: int, mlp_ratio: float, act_layer: str, spatial_attn: bool,
+             backend: str) -> nn.Sequential:
+    """conv1x1 C -> hidden, BN, act, conv1x1 hidden -> C[, PAT_sp] (indices 0..4 as the authors)."""
+    hidden = int(dim * mlp_ratio)
+    layers: List[nn.Module] = [
+        nn.Conv2d(dim, hidden, 1, bias=False),
+        nn.BatchNorm2d(hidden),
+        make_activation(act_layer),
+        nn.Conv2d(hidden, dim, 1, bias=False),
+    ]
+    if spatial_attn:
+        layers.append(PartialSpatialAttention(dim, backend))
+    return nn.Sequential(*layers)
+
+
+class FasterNetBlock(nn.Module):
+    """X + DropPath(MLP(PConv(X))). ``mlp`` is registered first, as in the authors' code."""
+
+    def __init__(self, dim: int, n_div: int, mlp_ratio: float, drop_path: float,
+                 act_layer: str, backend: str = "auto"):
+        super().__init__()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = make_mlp(dim, mlp_ratio, act_layer, False, backend)
+        self.spatial_mixing = PartialConv3(dim, n_div, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.mlp(self.spatial_mixing(x)))
+
+
+class PATNetBlock(nn.Module):
+    """Stages 1-3: X + DropPath(MLP(PAT_ch(X))). Stage 4: U = X + PAT_sf(X); U + DropPath(MLP(U))."""
+
+    def __init__(self, dim: int, n_div: int, mlp_ratio: float, drop_path: float,
+                 act_layer: str, self_attention: bool, spatial_attn: bool, num_heads: int,
+                 attn_drop: float, proj_drop: float, backend: str = "auto"):
+        super().__init__()
+        self.self_attention = self_attention
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if self_attention:
+            self.spatial_mixing = PATSelfMixer(dim, n_div, num_heads, attn_drop, proj_drop,
+                                               backend)
+        else:
+            self.spatial_mixing = PATChannelMixer(dim, n_div, backend)
+        self.mlp = make_mlp(dim, mlp_ratio, act_layer, spatial_attn, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.self_attention:
+            x = x + self.spatial_mixing(x)
+            return x + self.drop_path(self.mlp(x))
+        return x + self.drop_path(self.mlp(self.spatial_mixing(x)))
+
+
+class BasicStage(nn.Module):
+    def __init__(self, blocks: List[nn.Module]):
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class PatchEmbed(nn.Module):
+    """Stem: conv 4x4 stride 4, in_chans -> E, then BN."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=False)
+        self.norm = nn.BatchNorm2d(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
+
+
+class PatchMerging(nn.Module):
+    """Between stages: conv 2x2 stride 2, C -> 2C, then BN."""
+
+    def __init__(self, patch_size: int, dim: int):
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, 2 * dim, patch_size, patch_size, bias=False)
+        self.norm = nn.BatchNorm2d(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x))

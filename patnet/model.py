@@ -1,0 +1,300 @@
+"""PATNet and FasterNet networks, their released variants, and ``create_model``."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from patnet_kernels.backends import check_backend_name, resolve_backend
+
+from .layers import (BasicStage, FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock,
+                     make_activation)
+
+# The released variants (SPEC.md section 5). Every key can be overridden in create_model.
+_COMMON = dict(n_div=4, mlp_ratio=2.0, feature_dim=1280, num_classes=1000)
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "patnet_t0": dict(embed_dim=32, depths=(1, 2, 8, 2), act_layer="GELU", drop_path_rate=0.0,
+                      use_spatial_attn=False),
+    "patnet_t1": dict(embed_dim=48, depths=(1, 2, 8, 2), act_layer="GELU", drop_path_rate=0.02,
+                      use_spatial_attn=True),
+    "patnet_t2": dict(embed_dim=64, depths=(2, 2, 6, 4), act_layer="RELU", drop_path_rate=0.05,
+                      use_spatial_attn=False),
+    "patnet_s": dict(embed_dim=96, depths=(2, 2, 9, 4), act_layer="RELU", drop_path_rate=0.1,
+                     use_spatial_attn=False),
+    "patnet_m": dict(embed_dim=128, depths=(2, 3, 16, 4), act_layer="RELU", drop_path_rate=0.2,
+                     use_spatial_attn=False),
+    "patnet_l": dict(embed_dim=160, depths=(2, 3, 20, 4), act_layer="RELU", drop_path_rate=0.3,
+                     use_spatial_attn=False),
+    "fasternet_t0": dict(embed_dim=40, depths=(1, 2, 8, 2), act_layer="GELU",
+                         drop_path_rate=0.0),
+    "fasternet_t1": dict(embed_dim=64, depths=(1, 2, 8, 2), act_layer="GELU",
+                         drop_path_rate=0.02),
+    "fasternet_t2": dict(embed_dim=96, depths=(1, 2, 8, 2), act_layer="RELU",
+                         drop_path_rate=0.05),
+    "fasternet_s": dict(embed_dim=128, depths=(1, 2, 13, 2), act_layer="RELU",
+                        drop_path_rate=0.1),
+    "fasternet_m": dict(embed_dim=144, depths=(3, 4, 18, 3), act_layer="RELU",
+                        drop_path_rate=0.2),
+    "fasternet_l": dict(embed_dim=192, depths=(3, 4, 18, 3), act_layer="RELU",
+                        drop_path_rate=0.3),
+}
+
+
+class _PartialNetwork(nn.Module):
+    """The skeleton PATNet and FasterNet share: stem, 4 stages with merging, head.
+
+    ``stages`` holds stage 0, merging, stage 1, merging, ... (indices 0..6). With
+    ``features_only=True`` there is no head: forward returns the four stage outputs, each through
+    its own BatchNorm (``norm0``, ``norm2``, ``norm4``, ``norm6``), for detection necks.
+    """
+
+    family = ""
+
+    def __init__(self, *, embed_dim: int, depths: Sequence[int], act_layer: str = "RELU",
+                 n_div: int = 4, mlp_ratio: float = 2.0, feature_dim: int = 1280,
+                 num_classes: int = 1000, drop_path_rate: float = 0.0, in_chans: int = 3,
+                 patch_size: int = 4, patch_size2: int = 2, features_only: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        _check_positive(embed_dim=embed_dim, n_div=n_div, in_chans=in_chans,
+                        patch_size=patch_size, patch_size2=patch_size2)
+        depths = tuple(int(d) for d in depths)
+        if not depths or min(depths) < 1:
+            raise ValueError(f"depths must list at least one block per stage, got {depths}")
+        if embed_dim < n_div:
+            raise ValueError(f"embed_dim={embed_dim} leaves no channel for the convolution "
+                             f"with n_div={n_div}")
+        make_activation(act_layer)  # validates the name
+        check_backend_name(backend)
+        self.in_chans = in_chans
+        self.features_only = features_only
+        self.min_input_size = patch_size * patch_size2 ** (len(depths) - 1)
+        self.num_features = embed_dim * 2 ** (len(depths) - 1)
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        stages: List[nn.Module] = []
+        for i, depth in enumerate(depths):
+            dim = embed_dim * 2 ** i
+            first = sum(depths[:i])
+            stages.append(BasicStage([
+                self._make_block(i, len(depths), dim, rates[first + j], act_layer, n_div,
+                                 mlp_ratio, backend)
+                for j in range(depth)]))
+            if i < len(depths) - 1:
+                stages.append(PatchMerging(patch_size2, dim))
+        self.stages = nn.Sequential(*stages)
+
+        if features_only:
+            self.out_indices = [2 * i for i in range(len(depths))]
+            for i, index in enumerate(self.out_indices):
+                self.add_module(f"norm{index}", nn.BatchNorm2d(embed_dim * 2 ** i))
+        else:
+            self.avgpool_pre_head = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Conv2d(self.num_features, feature_dim, 1, bias=False),
+                make_activation(act_layer, inplace=True))
+            self.head = nn.Linear(feature_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+
+    def _make_block(self, stage: int, num_stages: int, dim: int, drop_path: float,
+                    act_layer: str, n_div: int, mlp_ratio: float, backend: str) -> nn.Module:
+        raise NotImplementedError
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__} expects images (B, {self.in_chans}, H, W), "
+                             f"got {shape}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"{type(self).__name__} expects {self.in_chans} input channels, got "
+                             f"{x.shape[1]} (input shape {tuple(x.shape)}); NCHW is expected")
+        if min(x.shape[2:]) < self.min_input_size:
+            raise ValueError(f"input {tuple(x.shape[2:])} is too small: the network downsamples "
+                             f"by {self.min_input_size}, so H and W must be at least that")
+        param = self.patch_embed.proj.weight
+        if x.device != param.device:
+            raise ValueError(f"input is on {x.device} but the model is on {param.device}; "
+                             f"call model.to({str(x.device)!r}) or move the input")
+        if x.dtype != param.dtype:
+            raise TypeError(f"input is {x.dtype} but the model is {param.dtype}; cast one to the "
+                            "other (or use torch.autocast)")
+        if self.training and x.shape[0] < self._min_train_batch(x):
+            raise ValueError(f"training mode needs a batch of at least "
+                             f"{self._min_train_batch(x)} here (BatchNorm over a 1 x 1 map "
+                             "needs several samples); call model.eval() for inference")
+
+    def _min_train_batch(self, x: torch.Tensor) -> int:
+        return 1
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """x: (B, in_chans, H, W) with H, W >= 32. Returns logits (B, num_classes), or the
+        four stage features (B, 2^i E, H / 2^(i+2), W / 2^(i+2)) in features mode."""
+        self._check_input(x)
+        x = self.patch_embed(x)
+        if self.features_only:
+            outs = []
+            for index, stage in enumerate(self.stages):
+                x = stage(x)
+                if index in self.out_indices:
+                    outs.append(getattr(self, f"norm{index}")(x))
+            return outs
+        x = self.stages(x)
+        x = self.avgpool_pre_head(x)
+        return self.head(torch.flatten(x, 1))
+
+    def train(self, mode: bool = True):
+        if mode and getattr(self, "fused_for_inference", False):
+            raise RuntimeError("this model was folded for inference (BatchNorms merged into "
+                               "convolutions) and cannot be trained; train the unfolded model")
+        return super().train(mode)
+
+
+class PATNet(_PartialNetwork):
+    """PATNet (PartialNet): PAT_ch blocks in stages 1-3, PAT_sf blocks in stage 4.
+
+    Extra options: ``use_spatial_attn`` (PAT_sp after every MLP), ``num_heads`` of PAT_sf,
+    ``attn_drop`` / ``proj_drop``, the attention's two dropout rates (0.1 in the authors' code).
+    """
+
+    family = "patnet"
+
+    def __init__(self, *, use_spatial_attn: bool = False, num_heads: int = 4,
+                 attn_drop: float = 0.1, proj_drop: float = 0.1, **kwargs):
+        _check_positive(num_heads=num_heads)
+        self.use_spatial_attn = use_spatial_attn
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.proj_drop = proj_drop
+        super().__init__(**kwargs)
+
+    def _make_block(self, stage, num_stages, dim, drop_path, act_layer, n_div, mlp_ratio,
+                    backend):
+        return PATNetBlock(dim, n_div, mlp_ratio, drop_path, act_layer,
+                           self_attention=stage == num_stages - 1,
+                           spatial_attn=self.use_spatial_attn, num_heads=self.num_heads,
+                           attn_drop=self.attn_drop, proj_drop=self.proj_drop, backend=backend)
+
+    def _min_train_batch(self, x):
+        return 2  # BN_a of PAT_ch normalises a 1 x 1 map over the batch
+
+
+class FasterNet(_PartialNetwork):
+    """FasterNet, the baseline: PConv blocks in every stage."""
+
+    family = "fasternet"
+
+    def _make_block(self, stage, num_stages, dim, drop_path, act_layer, n_div, mlp_ratio,
+                    backend):
+        return FasterNetBlock(dim, n_div, mlp_ratio, drop_path, act_layer, backend)
+
+    def _min_train_batch(self, x):
+        last = self.min_input_size
+        return 2 if (x.shape[2] // last) * (x.shape[3] // last) == 1 else 1
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def _init_weights(m: nn.Module) -> None:
+    """Truncated normal (std 0.02) for conv and linear weights, zero biases; LayerNorm 1/0."""
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+_FAMILIES = {"patnet": PATNet, "fasternet": FasterNet}
+
+
+def list_models() -> List[str]:
+    """The names ``create_model`` accepts: patnet_t0 ... patnet_l, fasternet_t0 ... fasternet_l."""
+    return list(VARIANTS)
+
+
+def _option_names(family: str) -> List[str]:
+    import inspect
+    names = set()
+    for cls in _FAMILIES[family].__mro__:
+        if "__init__" in vars(cls) and issubclass(cls, nn.Module) and cls is not nn.Module:
+            names |= {p for p in inspect.signature(cls.__init__).parameters
+                      if p not in ("self", "kwargs")}
+    return sorted(names - {"backend"})
+
+
+def create_model(name: str, pretrained_path: Optional[str] = None, backend: str = "auto",
+                 **overrides: Any) -> nn.Module:
+    """Build a released variant, optionally load a checkpoint, with any hyper-parameter overridden.
+
+    name: one of :func:`list_models`. pretrained_path: a checkpoint of this package or of the
+    authors' code (a state_dict, or a dict holding it under "state_dict" or "model"), loaded with
+    strict=True. backend: "auto" | "torch" | "triton" | "cuda" for every fused layer.
+    overrides: embed_dim, depths, act_layer ("GELU"/"RELU"), n_div, mlp_ratio, feature_dim,
+    num_classes, drop_path_rate, in_chans, features_only, and for PATNet use_spatial_attn,
+    num_heads, attn_drop, proj_drop. A ``family`` key (as in the reference configs) must agree
+    with the name.
+    """
+    key = str(name).lower()
+    if key not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    family = key.split("_")[0]
+    given_family = overrides.pop("family", family)
+    if given_family != family:
+        raise ValueError(f"family={given_family!r} contradicts the model name {name!r}")
+    valid = _option_names(family)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise TypeError(f"{name} has no option {', '.join(unknown)}; valid options: "
+                        f"{', '.join(valid)}")
+    if backend != "auto":
+        resolve_backend(backend)
+    config = {**_COMMON, **copy.deepcopy(VARIANTS[key]), **overrides}
+    model = _FAMILIES[family](backend=backend, **config)
+    model.variant = key
+    if pretrained_path is not None:
+        load_checkpoint(model, pretrained_path)
+    return model
+
+
+def model_from_config(config: Dict[str, Any], backend: str = "auto") -> nn.Module:
+    """A model from a config dict such as the ``config`` of the authors' reference vectors.
+
+    Keys that only PATNet has (num_heads, use_spatial_attn, ...) are ignored for FasterNet,
+    whose configs in the authors' harness carry them too.
+    """
+    family = config.get("family", "patnet")
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose 'patnet' or 'fasternet'")
+    valid = set(_option_names(family)) | {"family"}
+    patnet_only = set(_option_names("patnet")) - valid
+    options = {k: v for k, v in config.items() if k not in patnet_only}
+    return create_model(f"{family}_t0", backend=backend, **options)
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a state_dict (or a dict holding one under "state_dict"/"model") with strict=True."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    model.load_state_dict(state, strict=True)
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every fused layer of ``model`` to ``backend``; returns the model."""
+    if backend != "auto":
+        resolve_backend(backend)
+    else:
+        check_backend_name(backend)
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+    return model

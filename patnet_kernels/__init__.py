@@ -1,0 +1,24 @@
+"""patnet-kernels: fused kernels for PATNet's partial operations, behind one functional API.
+
+Public API::
+
+    partial_conv3x3(x, weight, *, inplace=False, backend="auto")
+    channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, *, training, backend)
+    spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, *, training, backend)
+    rpe_buckets(height, width, device=None)
+    rpe_attention(q, k, v, table, bucket, scale=None, dropout_p=0.0, backend="auto")
+    info()
+
+``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op.
+"""
+from ._types import BatchNormParams
+from .backends import BACKENDS, BackendUnavailableError, info, resolve_backend
+from .functional import (channel_attention, partial_conv3x3, rpe_attention, rpe_buckets,
+                         spatial_attention)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "BatchNormParams", "channel_attention", "info",
+    "partial_conv3x3", "resolve_backend", "rpe_attention", "rpe_buckets", "spatial_attention",
+]

@@ -1,0 +1,80 @@
+"""Input validation shared by every backend: checked once, before anything is computed."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ._types import BatchNormParams
+
+
+def check_activation(name: str, x: torch.Tensor, ndim: int = 4) -> None:
+    """x must be a floating tensor of ``ndim`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        layout = "(B, C, H, W)" if ndim == 4 else f"{ndim}-D"
+        raise ValueError(f"{name} must be {layout}, got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or "
+                        f"float64), got {x.dtype}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], why: str = "") -> None:
+    if tuple(t.shape) != tuple(shape):
+        hint = f" ({why})" if why else ""
+        raise ValueError(f"{name} must have shape {tuple(shape)}{hint}, got {tuple(t.shape)}")
+
+
+def check_same(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """Every tensor in ``others`` must share ``ref``'s dtype and device."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                             "move them to one device")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} is {t.dtype} but {ref_name} is {ref.dtype}; "
+                            "cast them to one dtype")
+
+
+def check_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                             "move them to one device")
+
+
+def check_conv_weight(name: str, weight: torch.Tensor, channels: int, kernel: int) -> int:
+    """weight must be (C1, C1, k, k) with 1 <= C1 <= channels; returns C1."""
+    if weight.dim() != 4 or weight.shape[0] != weight.shape[1] \
+            or tuple(weight.shape[2:]) != (kernel, kernel):
+        raise ValueError(f"{name} must be (C1, C1, {kernel}, {kernel}), got {tuple(weight.shape)}")
+    c1 = weight.shape[0]
+    if not 1 <= c1 <= channels:
+        raise ValueError(f"{name} covers C1={c1} channels but the input has only {channels}; "
+                         "the channel split needs 1 <= C1 <= C")
+    return c1
+
+
+def check_batch_norm(name: str, bn: Optional[BatchNormParams], channels: int, ref: torch.Tensor,
+                     training: bool, optional: bool = False) -> None:
+    """A BatchNormParams over ``channels`` channels on ref's device, usable in this mode."""
+    if bn is None:
+        if optional:
+            return
+        raise ValueError(f"{name} is required")
+    if not isinstance(bn, BatchNormParams):
+        raise TypeError(f"{name} must be a patnet_kernels.BatchNormParams, got "
+                        f"{type(bn).__name__}")
+    for field in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(bn, field)
+        if t is None:
+            continue
+        check_shape(f"{name}.{field}", t, (channels,), f"one value per channel of {channels}")
+        check_device("input", ref, **{f"{name}.{field}": t})
+    if not training and (bn.running_mean is None or bn.running_var is None):
+        raise ValueError(f"{name} has no running statistics, so it can only run with "
+                         "training=True")

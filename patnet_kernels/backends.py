@@ -1,0 +1,85 @@
+"""Which backends can run here, and the choice behind ``backend="auto"``.
+
+Backends: ``"torch"`` (the pure-PyTorch reference, always usable), ``"triton"`` (fused Triton
+kernels) and ``"cuda"`` (the CUDA C++ extension ``patnet_kernels._C``). A backend asked for by
+name that cannot run raises :class:`BackendUnavailableError` saying why; nothing falls back
+silently. ``"auto"`` takes the fastest backend usable for the tensors' device, and
+:func:`info` reports every backend with the reason it was refused.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+# Preference of "auto", fastest first.
+_AUTO_ORDER = ("cuda", "triton", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run on this machine or these tensors."""
+
+
+def _triton_status(device: Optional[torch.device]) -> Tuple[bool, str]:
+    found = importlib.util.find_spec("triton") is not None
+    have = "Triton is installed" if found else "Triton is not installed"
+    return False, (f"this version of patnet-kernels ships no Triton kernels yet ({have}); "
+                   "use backend='torch'")
+
+
+def _cuda_status(device: Optional[torch.device]) -> Tuple[bool, str]:
+    return False, ("the CUDA extension patnet_kernels._C is not part of this version yet "
+                   "(its sources will live in csrc/); use backend='torch'")
+
+
+def _torch_status(device: Optional[torch.device]) -> Tuple[bool, str]:
+    return True, "pure-PyTorch reference: runs wherever PyTorch runs"
+
+
+_STATUS = {"torch": _torch_status, "triton": _triton_status, "cuda": _cuda_status}
+
+
+def check_backend_name(backend: str) -> None:
+    """Raise a ValueError listing the valid names unless ``backend`` is one of them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
+    """The concrete backend ("torch", "triton" or "cuda") that runs an op on ``device``.
+
+    Raises ValueError for an unknown name and BackendUnavailableError, with the reason, when a
+    backend named explicitly cannot run here.
+    """
+    check_backend_name(backend)
+    if backend == "auto":
+        for name in _AUTO_ORDER:
+            if _STATUS[name](device)[0]:
+                return name
+        raise AssertionError("the torch backend is always available")
+    ok, why = _STATUS[backend](device)
+    if not ok:
+        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {why}")
+    return backend
+
+
+def info() -> Dict[str, object]:
+    """What can run here: versions, devices, and for each backend whether it is usable and why.
+
+    Returns a dict: ``{"torch": version, "cuda_device": name or None,
+    "backends": {name: {"available": bool, "reason": str}}, "auto": {device: backend}}``.
+    """
+    cuda = torch.cuda.is_available()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    backends = {}
+    for name in _AUTO_ORDER[::-1]:
+        ok, why = _STATUS[name](devices[-1])
+        backends[name] = {"available": ok, "reason": why}
+    return {
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name() if cuda else None,
+        "backends": backends,
+        "auto": {str(d): resolve_backend("auto", d) for d in devices},
+    }

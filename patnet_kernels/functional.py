@@ -1,0 +1,166 @@
+"""The functional API: validated entry points that dispatch to a backend.
+
+Every function checks its inputs once (shapes, channel split, dtypes, devices) and raises a
+clear error before anything is computed or written, then runs the backend picked by
+``backend="auto" | "torch" | "triton" | "cuda"`` (see :mod:`patnet_kernels.backends`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import reference
+from ._checks import (check_activation, check_batch_norm, check_conv_weight, check_device,
+                      check_same, check_shape)
+from ._types import BatchNormParams
+from .backends import resolve_backend
+
+# backend -> op name -> implementation. The reference serves "torch"; the Triton and CUDA
+# backends add their entries here when they exist.
+_IMPLEMENTATIONS: Dict[str, Dict[str, Callable]] = {
+    "torch": {
+        "partial_conv3x3": reference.partial_conv3x3,
+        "channel_attention": reference.channel_attention,
+        "spatial_attention": reference.spatial_attention,
+        "rpe_attention": reference.rpe_attention,
+    },
+}
+
+
+def _implementation(op: str, backend: str, device: torch.device) -> Callable:
+    return _IMPLEMENTATIONS[resolve_backend(backend, device)][op]
+
+
+def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = False,
+                    backend: str = "auto") -> torch.Tensor:
+    """PConv: Y = [conv3x3(X1) | X2], X1 the first C1 = weight.shape[0] channels of x.
+
+    x: (B, C, H, W), NCHW or channels_last. weight: (C1, C1, 3, 3), same dtype and device.
+    With ``inplace=True`` only x[:, :C1] is rewritten (the passthrough channels are not touched)
+    and x is returned; autograd still gets the weight gradient from the original X1.
+    """
+    check_activation("x", x)
+    check_conv_weight("weight", weight, x.shape[1], 3)
+    check_same("x", x, weight=weight)
+    return _implementation("partial_conv3x3", backend, x.device)(x, weight, inplace)
+
+
+def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: torch.Tensor,
+                      cfc_bias: Optional[torch.Tensor], bn_a: Optional[BatchNormParams],
+                      bn_b: BatchNormParams, *, training: bool = False,
+                      backend: str = "auto") -> torch.Tensor:
+    """The PAT_ch token mixer: [conv3x3(X1) | BN_b(X2 * hsig(BN_a(W_ch . [mu, sigma])))].
+
+    x: (B, C, H, W); conv_weight: (C1, C1, 3, 3); cfc_weight: (C2, C2, 1, 2) with C2 = C - C1;
+    cfc_bias: (C2,) or None; bn_a: BatchNormParams over C2 or None (folded into W_ch);
+    bn_b: BatchNormParams over C2. mu and sigma are the per-(sample, channel) mean and unbiased
+    std of X2 over H * W; with H * W = 1, sigma is NaN (as ``Tensor.std``) and so is Y2.
+    In training mode BN_a and BN_b use batch statistics and update their running statistics
+    (BN_a then needs a batch of at least 2). Returns (B, C, H, W).
+    """
+    check_activation("x", x)
+    c1 = check_conv_weight("conv_weight", conv_weight, x.shape[1] - 1, 3)
+    c2 = x.shape[1] - c1
+    check_shape("cfc_weight", cfc_weight, (c2, c2, 1, 2), f"C2 = C - C1 = {c2}")
+    if cfc_bias is not None:
+        check_shape("cfc_bias", cfc_bias, (c2,))
+    check_same("x", x, conv_weight=conv_weight, cfc_weight=cfc_weight, cfc_bias=cfc_bias)
+    check_batch_norm("bn_a", bn_a, c2, x, training, optional=True)
+    check_batch_norm("bn_b", bn_b, c2, x, training)
+    return _implementation("channel_attention", backend, x.device)(
+        x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
+
+
+def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: torch.Tensor,
+                      conv_bias: Optional[torch.Tensor], bn_c: BatchNormParams,
+                      bn_d: Optional[BatchNormParams], *, training: bool = False,
+                      backend: str = "auto") -> torch.Tensor:
+    """PAT_sp: [BN_c(Ma * hsig(w . Ma)) | conv1x1(BN_d(Mb))], Ma = m[:, :Q], Mb = m[:, Q:].
+
+    m: (B, C, H, W); gate_weight: (1, Q, 1, 1); conv_weight: (P, P, 1, 1) with P = C - Q;
+    conv_bias: (P,) or None; bn_c over Q channels; bn_d over P channels or None (folded into
+    the conv). Returns (B, C, H, W).
+    """
+    check_activation("m", m)
+    p = check_conv_weight("conv_weight", conv_weight, m.shape[1] - 1, 1)
+    q = m.shape[1] - p
+    check_shape("gate_weight", gate_weight, (1, q, 1, 1), f"Q = C - P = {q}")
+    if conv_bias is not None:
+        check_shape("conv_bias", conv_bias, (p,))
+    check_same("m", m, gate_weight=gate_weight, conv_weight=conv_weight, conv_bias=conv_bias)
+    check_batch_norm("bn_c", bn_c, q, m, training)
+    check_batch_norm("bn_d", bn_d, p, m, training, optional=True)
+    return _implementation("spatial_attention", backend, m.device)(
+        m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training)
+
+
+# (height, width, device) -> bucket ids; and, by id() of those tensors, their (min, max), known
+# when they are made so that validating them later costs no device synchronisation.
+_BUCKET_CACHE: Dict[tuple, torch.Tensor] = {}
+_CACHED_BUCKET_RANGE: Dict[int, tuple] = {}
+
+
+def rpe_buckets(height: int, width: int, device=None) -> torch.Tensor:
+    """iRPE bucket ids (N, N), int64, N = height * width, for tokens in row-major order.
+
+    Euclidean method, ratio 20, ids in [0, 81). Computed once per (height, width, device) and
+    cached: the returned tensor is shared, so do not modify it in place.
+    """
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (height, width, device)
+    ids = _BUCKET_CACHE.get(key)
+    if ids is None:
+        cpu_ids = reference.compute_rpe_buckets(height, width)
+        ids = cpu_ids.to(device)
+        _BUCKET_CACHE[key] = ids
+        _CACHED_BUCKET_RANGE[id(ids)] = (ids, int(cpu_ids.min()), int(cpu_ids.max()))
+    return ids
+
+
+def _bucket_range(bucket: torch.Tensor):
+    """(min, max) of the ids; free for the cached maps of :func:`rpe_buckets`."""
+    cached = _CACHED_BUCKET_RANGE.get(id(bucket))
+    if cached is not None and cached[0] is bucket:
+        return cached[1], cached[2]
+    if bucket.numel() == 0:
+        return 0, 0
+    return int(bucket.min()), int(bucket.max())
+
+
+def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
+                  bucket: torch.Tensor, scale: Optional[float] = None, dropout_p: float = 0.0,
+                  backend: str = "auto") -> torch.Tensor:
+    """Attention with a relative-position bias gathered from a per-head table.
+
+    O = dropout(softmax(scale * q k^T + table[h, bucket[i, j]])) v.
+    q, k, v: (B, heads, N, d); table: (heads, num_buckets); bucket: (N, N) integer ids in
+    [0, num_buckets), for example ``rpe_buckets(H, W)``; scale defaults to d ** -0.5.
+    Dropout is applied whenever ``dropout_p > 0``: pass 0 in eval. Returns (B, heads, N, d).
+    """
+    check_activation("q", q)
+    check_shape("k", k, q.shape, "k must match q")
+    check_shape("v", v, q.shape, "v must match q")
+    check_same("q", q, k=k, v=v, table=table)
+    heads, n = q.shape[1], q.shape[2]
+    if table.dim() != 2 or table.shape[0] != heads:
+        raise ValueError(f"table must be (heads, num_buckets) = ({heads}, num_buckets), got "
+                         f"{tuple(table.shape)}")
+    if not isinstance(bucket, torch.Tensor) or bucket.is_floating_point() \
+            or bucket.is_complex() or bucket.dtype == torch.bool:
+        raise TypeError("bucket must be an integer tensor of ids, for example "
+                        "patnet_kernels.rpe_buckets(H, W)")
+    check_shape("bucket", bucket, (n, n), f"N x N for the N = {n} tokens of q")
+    check_device("q", q, bucket=bucket)
+    low, high = _bucket_range(bucket)
+    if low < 0 or high >= table.shape[1]:
+        raise ValueError(f"bucket ids span [{low}, {high}] but the table has only "
+                         f"{table.shape[1]} buckets per head; this map needs a table of at "
+                         f"least {high + 1} (the iRPE table of PATNet has 81)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return _implementation("rpe_attention", backend, q.device)(
+        q, k, v, table, bucket, scale, dropout_p)

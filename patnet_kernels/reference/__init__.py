@@ -1,0 +1,17 @@
+"""Pure-PyTorch reference of every op: the ground truth of every parity test and benchmark.
+
+These functions follow the authors' code (haiduo/PartialNet) operation by operation, so that a
+float64 run reproduces the authors' float64 vectors to rounding. They do not validate their
+inputs: the functional API in :mod:`patnet_kernels` does that once for every backend.
+"""
+from .batch_norm import batch_norm
+from .channel_attention import channel_attention, channel_statistics
+from .partial_conv import partial_conv3x3
+from .rpe import ALPHA, BETA, GAMMA, NUM_BUCKETS, compute_rpe_buckets, rpe_attention
+from .spatial_attention import spatial_attention
+
+__all__ = [
+    "ALPHA", "BETA", "GAMMA", "NUM_BUCKETS", "batch_norm", "channel_attention",
+    "channel_statistics", "compute_rpe_buckets", "partial_conv3x3", "rpe_attention",
+    "spatial_attention",
+]

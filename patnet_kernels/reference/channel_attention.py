@@ -1,0 +1,45 @@
+"""PAT_ch: partial 3x3 conv plus Gaussian channel attention (reference). SPEC.md section 2."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .._types import BatchNormParams
+from .batch_norm import batch_norm
+
+
+def channel_statistics(x2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and channel of x2 (B, C2, H, W): the mean and the **unbiased** std, each (B, C2).
+
+    With H * W = 1 the unbiased std is NaN (0 / 0), as ``Tensor.std`` in the authors' code; the
+    NaN then reaches every output channel of X2 (and, in training, the whole batch through BN_a).
+    """
+    b, c2 = x2.shape[:2]
+    flat = x2.reshape(b, c2, -1)
+    return flat.mean(-1), flat.std(-1)
+
+
+def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: torch.Tensor,
+                      cfc_bias: Optional[torch.Tensor], bn_a: Optional[BatchNormParams],
+                      bn_b: BatchNormParams, training: bool) -> torch.Tensor:
+    """The PAT_ch token mixer: [conv3x3(X1) | BN_b(X2 * hsig(BN_a(W_ch . [mu, sigma])))].
+
+    x: (B, C, H, W); conv_weight: (C1, C1, 3, 3); cfc_weight: (C2, C2, 1, 2), the dense mix of
+    [mean, std]; cfc_bias: (C2,) or None (a bias appears only once BN_a is folded into W_ch);
+    bn_a: BN over the (B, C2, 1, 1) logits, or None once folded; bn_b: BN over X2 * g.
+    Returns (B, C, H, W).
+    """
+    c1 = conv_weight.shape[0]
+    x1, x2 = x[:, :c1], x[:, c1:]
+    y1 = F.conv2d(x1, conv_weight, padding=1)
+    b, c2 = x2.shape[:2]
+    mean, std = channel_statistics(x2)
+    u = torch.cat([mean.view(b, c2, 1, 1), std.view(b, c2, 1, 1)], dim=-1)  # (B, C2, 1, 2)
+    z = F.conv2d(u, cfc_weight, cfc_bias)  # (B, C2, 1, 1)
+    if bn_a is not None:
+        z = batch_norm(z, bn_a, training)
+    g = F.hardsigmoid(z)
+    y2 = batch_norm(x2 * g, bn_b, training)
+    return torch.cat([y1, y2], dim=1)
