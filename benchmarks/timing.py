@@ -1,0 +1,62 @@
+"""Timing helpers shared by the benchmark scripts, and a plain progress display."""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+
+
+class Progress:
+    """``label  37/210`` on one updating stdout line on a terminal; a line per 25% elsewhere."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, total, 0
+        self.tty = sys.stdout.isatty()
+        self._next_mark = 0.25
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        if self.tty:
+            sys.stdout.write(f"\r    {self.label}  {self.done}/{self.total}")
+            if self.done >= self.total:
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+        elif self.done >= self._next_mark * self.total:
+            sys.stdout.write(f"    {self.label}  {self.done}/{self.total}\n")
+            sys.stdout.flush()
+            while self._next_mark * self.total <= self.done:
+                self._next_mark += 0.25
+
+
+def time_cpu(fn: Callable[[], object], warmup: int, runs: int, label: str) -> Dict[str, float]:
+    """Per-call wall time of ``fn`` in ms (mean, median, min) over ``runs`` after ``warmup``."""
+    progress = Progress(label, warmup + runs)
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed * 1e3)
+        progress.step()
+    return {"mean_ms": statistics.fmean(times), "median_ms": statistics.median(times),
+            "min_ms": min(times), "runs": runs}
+
+
+def time_cuda(fn: Callable[[], object], warmup: int, runs: int, label: str) -> Dict[str, float]:
+    """Mean time per call of ``fn`` in ms on the current CUDA stream: ``runs`` calls between two
+    synchronisations, after ``warmup`` calls, as the authors time throughput."""
+    progress = Progress(label, warmup + runs)
+    for _ in range(warmup):
+        fn()
+        progress.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(runs):
+        fn()
+        progress.step()
+    torch.cuda.synchronize()
+    return {"mean_ms": (time.perf_counter() - start) / runs * 1e3, "runs": runs}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what patnet-kernels needs on a fresh machine. An installed torch (CUDA or CPU) is kept;
+# where none is installed, the CPU wheel torch==2.13.0 is taken (an unpinned "torch" would pull
+# several GB of CUDA packages). Then the package itself, editable, without build isolation (so
+# that pip never builds against a torch of its own choosing). Usage: bash scripts/install.sh [test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "[install] keeping the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "[install] no PyTorch here: installing the CPU wheel torch==2.13.0"
+  "$PY" -m pip install --quiet --disable-pip-version-check torch==2.13.0
+fi
+if [ "${1:-}" = "test" ] && ! "$PY" -c "import pytest" >/dev/null 2>&1; then
+  echo "[install] installing pytest"
+  "$PY" -m pip install --quiet --disable-pip-version-check "pytest>=7"
+fi
+"$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+"$PY" -c "import patnet, patnet_kernels; print('[install] patnet-kernels', patnet_kernels.__version__, 'ready')"
