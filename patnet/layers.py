@@ -14,6 +14,7 @@ from torch import nn
 
 import patnet_kernels as pk
 from patnet_kernels import BatchNormParams
+from patnet_kernels._types import count_batch
 
 
 def bn_params(bn: nn.Module, training: bool) -> Optional[BatchNormParams]:
@@ -21,6 +22,14 @@ def bn_params(bn: nn.Module, training: bool) -> Optional[BatchNormParams]:
     if isinstance(bn, nn.Identity):
         return None
     return BatchNormParams.of(bn, training)
+
+
+def count_batches(training: bool, *bns: nn.Module) -> None:
+    """After a fused op ran in training mode, count the batch in each of its BatchNorms."""
+    if training:
+        for bn in bns:
+            if isinstance(bn, nn.BatchNorm2d):
+                count_batch(bn)
 
 
 def make_activation(name: str, inplace: bool = False) -> nn.Module:
@@ -98,10 +107,12 @@ class PATChannelMixer(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pk.channel_attention(
+        y = pk.channel_attention(
             x, self.partial_conv3.weight, self.attn.cfc1.weight, self.attn.cfc1.bias,
             bn_params(self.attn.bn, self.training), bn_params(self.norm, self.training),
             training=self.training, backend=self.backend)
+        count_batches(self.training, self.attn.bn, self.norm)
+        return y
 
 
 class RelativePositionBias(nn.Module):
@@ -176,10 +187,12 @@ class PartialSpatialAttention(nn.Module):
         self.backend = backend
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
-        return pk.spatial_attention(
+        y = pk.spatial_attention(
             m, self.conv_attn.weight, self.conv.weight, self.conv.bias,
             bn_params(self.norm, self.training), bn_params(self.norm2, self.training),
             training=self.training, backend=self.backend)
+        count_batches(self.training, self.norm, self.norm2)
+        return y
 
 
 def make_mlp(dim: int, mlp_ratio: float, act_layer: str, spatial_attn: bool,

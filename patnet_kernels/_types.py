@@ -25,15 +25,19 @@ class BatchNormParams(NamedTuple):
 
     @classmethod
     def of(cls, bn: nn.BatchNorm2d, training: bool) -> "BatchNormParams":
-        """The parameters of ``bn`` for one forward pass.
+        """The parameters of ``bn`` for one forward pass, without side effects.
 
-        In training mode this counts the batch in ``bn.num_batches_tracked`` (as
-        ``nn.BatchNorm2d.forward`` does) and resolves ``momentum=None`` to the cumulative average.
+        ``momentum=None`` (cumulative average) resolves to 1 / (batches so far + 1), as
+        ``nn.BatchNorm2d`` does; call :func:`count_batch` once the op has run.
         """
         momentum = bn.momentum
-        if training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                   0.0 if momentum is None else momentum, bn.eps)
+        if momentum is None:
+            seen = int(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0
+            momentum = 1.0 / (seen + 1) if training else 0.0
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
+
+
+def count_batch(bn: nn.BatchNorm2d) -> None:
+    """Count one training batch in ``bn.num_batches_tracked``, as ``nn.BatchNorm2d.forward``."""
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)

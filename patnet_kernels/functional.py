@@ -60,7 +60,7 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     (BN_a then needs a batch of at least 2). Returns (B, C, H, W).
     """
     check_activation("x", x)
-    c1 = check_conv_weight("conv_weight", conv_weight, x.shape[1] - 1, 3)
+    c1 = check_conv_weight("conv_weight", conv_weight, x.shape[1], 3, min_rest=1)
     c2 = x.shape[1] - c1
     check_shape("cfc_weight", cfc_weight, (c2, c2, 1, 2), f"C2 = C - C1 = {c2}")
     if cfc_bias is not None:
@@ -83,7 +83,7 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     the conv). Returns (B, C, H, W).
     """
     check_activation("m", m)
-    p = check_conv_weight("conv_weight", conv_weight, m.shape[1] - 1, 1)
+    p = check_conv_weight("conv_weight", conv_weight, m.shape[1], 1, min_rest=1)
     q = m.shape[1] - p
     check_shape("gate_weight", gate_weight, (1, q, 1, 1), f"Q = C - P = {q}")
     if conv_bias is not None:

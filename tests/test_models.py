@@ -244,3 +244,29 @@ def test_bad_model_input_raises_and_changes_nothing(bad, error, match):
         model(bad)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_mixer_with_bad_input_does_not_count_a_batch():
+    mixer = patnet.create_model("patnet_t1").stages[0].blocks[0].spatial_mixing.train()
+    before = copy.deepcopy(mixer.state_dict())
+    with pytest.raises(ValueError, match="cfc_weight must have shape"):
+        mixer(torch.randn(2, 40, 8, 8))  # 40 channels, built for 48
+    for key, value in mixer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    mixer(torch.randn(2, 48, 8, 8))
+    assert int(mixer.norm.num_batches_tracked) == int(before["norm.num_batches_tracked"]) + 1
+
+
+def test_cumulative_momentum_matches_batchnorm():
+    """momentum=None (cumulative average) behaves as in nn.BatchNorm2d."""
+    torch.manual_seed(0)
+    block = patnet.create_model("patnet_t1").stages[0].blocks[0].mlp[4].train()
+    reference = copy.deepcopy(block.norm2)
+    block.norm2.momentum = reference.momentum = None
+    for _ in range(3):
+        m = torch.randn(2, 48, 5, 5)
+        block(m)
+        reference(m[:, 24:])
+    assert torch.allclose(block.norm2.running_mean, reference.running_mean, atol=1e-6)
+    assert torch.allclose(block.norm2.running_var, reference.running_var, atol=1e-6)
+    assert int(block.norm2.num_batches_tracked) == 3
