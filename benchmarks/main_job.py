@@ -14,7 +14,6 @@ import argparse
 import copy
 import datetime
 import json
-import os
 import platform
 import subprocess
 import sys

@@ -8,12 +8,11 @@ import torch
 from ._types import BatchNormParams
 
 
-def check_activation(name: str, x: torch.Tensor, ndim: int = 4) -> None:
-    """x must be a floating tensor of ``ndim`` dimensions."""
+def check_activation(name: str, x: torch.Tensor, layout: str = "(B, C, H, W)") -> None:
+    """x must be a floating tensor with one dimension per name in ``layout``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        layout = "(B, C, H, W)" if ndim == 4 else f"{ndim}-D"
+    if x.dim() != len(layout.split(",")):
         raise ValueError(f"{name} must be {layout}, got a {x.dim()}-D tensor of shape "
                          f"{tuple(x.shape)}")
     if not x.is_floating_point():
@@ -80,7 +79,7 @@ def check_batch_norm(name: str, bn: Optional[BatchNormParams], channels: int, re
         if t is None:
             continue
         check_shape(f"{name}.{field}", t, (channels,), f"one value per channel of {channels}")
-        check_device("input", ref, **{f"{name}.{field}": t})
+        check_same("input", ref, **{f"{name}.{field}": t})
     if not training and (bn.running_mean is None or bn.running_var is None):
         raise ValueError(f"{name} has no running statistics, so it can only run with "
                          "training=True")

@@ -141,7 +141,7 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     [0, num_buckets), for example ``rpe_buckets(H, W)``; scale defaults to d ** -0.5.
     Dropout is applied whenever ``dropout_p > 0``: pass 0 in eval. Returns (B, heads, N, d).
     """
-    check_activation("q", q)
+    check_activation("q", q, "(B, heads, N, d)")
     check_shape("k", k, q.shape, "k must match q")
     check_shape("v", v, q.shape, "v must match q")
     check_same("q", q, k=k, v=v, table=table)
@@ -149,10 +149,10 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     if table.dim() != 2 or table.shape[0] != heads:
         raise ValueError(f"table must be (heads, num_buckets) = ({heads}, num_buckets), got "
                          f"{tuple(table.shape)}")
-    if not isinstance(bucket, torch.Tensor) or bucket.is_floating_point() \
-            or bucket.is_complex() or bucket.dtype == torch.bool:
-        raise TypeError("bucket must be an integer tensor of ids, for example "
-                        "patnet_kernels.rpe_buckets(H, W)")
+    if not isinstance(bucket, torch.Tensor) or bucket.dtype not in (torch.int64, torch.int32):
+        got = bucket.dtype if isinstance(bucket, torch.Tensor) else type(bucket).__name__
+        raise TypeError(f"bucket must be an int64 or int32 tensor of ids, for example "
+                        f"patnet_kernels.rpe_buckets(H, W), got {got}; convert it with .long()")
     check_shape("bucket", bucket, (n, n), f"N x N for the N = {n} tokens of q")
     check_device("q", q, bucket=bucket)
     low, high = _bucket_range(bucket)

@@ -13,9 +13,14 @@ else
   echo "[install] no PyTorch here: installing the CPU wheel torch==2.13.0"
   "$PY" -m pip install --quiet --disable-pip-version-check torch==2.13.0
 fi
-if [ "${1:-}" = "test" ] && ! "$PY" -c "import pytest" >/dev/null 2>&1; then
-  echo "[install] installing pytest"
-  "$PY" -m pip install --quiet --disable-pip-version-check "pytest>=7"
+if [ "${1:-}" = "test" ] && ! "$PY" -c "import pytest, numpy" >/dev/null 2>&1; then
+  echo "[install] installing pytest and numpy"
+  "$PY" -m pip install --quiet --disable-pip-version-check "pytest>=7" numpy
+fi
+# An editable install without build isolation needs setuptools >= 70.1 (bdist_wheel built in).
+if ! "$PY" -c "import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split('.')[:2])) < (70, 1))" >/dev/null 2>&1; then
+  echo "[install] upgrading setuptools (the editable install needs >= 70.1)"
+  "$PY" -m pip install --quiet --disable-pip-version-check "setuptools>=70.1"
 fi
 "$PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 "$PY" -c "import patnet, patnet_kernels; print('[install] patnet-kernels', patnet_kernels.__version__, 'ready')"

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import patnet
-import patnet_kernels as pk
 
 from conftest import authors_reference_dir, rel_error
 
@@ -80,12 +79,3 @@ def test_state_dict_key_order_matches_authors(vectors, name):
     model = patnet.model_from_config(vectors[name]["config"])
     assert list(model.state_dict()) == list(vectors[name]["state_dict"])
 
-
-def test_rpe_buckets_match_authors_exactly():
-    maps = torch.load(authors_reference_dir() / "rpe_buckets.pt")
-    assert len(maps) == 8
-    for key, expected in maps.items():
-        height, width = map(int, key.split("x"))
-        ours = pk.rpe_buckets(height, width)
-        assert ours.dtype == torch.int64
-        assert torch.equal(ours, expected.long()), key

@@ -1,0 +1,599 @@
+"""Bad input to the functional API raises a clear error, before anything is computed or written.
+
+Each case checks the exception type, a meaningful fragment of its message, and (where the op
+could write something: the in-place PConv, the BatchNorm running statistics of a train-mode
+call) that nothing changed.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import pytest
+import torch
+
+import patnet_kernels as pk
+from patnet_kernels import BackendUnavailableError, BatchNormParams
+
+F64 = torch.float64
+META = torch.device("meta")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs (valid unless a test breaks one)
+# --------------------------------------------------------------------------------------------
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def make_bn(c: int, seed: int = 0, dtype=F64) -> BatchNormParams:
+    g = gen(seed)
+    return BatchNormParams(1 + 0.1 * torch.randn(c, generator=g, dtype=dtype),
+                           0.1 * torch.randn(c, generator=g, dtype=dtype),
+                           0.1 * torch.randn(c, generator=g, dtype=dtype),
+                           0.5 + torch.rand(c, generator=g, dtype=dtype))
+
+
+def snapshot(*bns: Optional[BatchNormParams]):
+    return [None if bn is None else (bn.running_mean.clone(), bn.running_var.clone())
+            for bn in bns]
+
+
+def assert_unchanged(before, *bns: Optional[BatchNormParams]) -> None:
+    for snap, bn in zip(before, bns):
+        if bn is None:
+            continue
+        assert torch.equal(bn.running_mean, snap[0]), "running_mean changed by a failed call"
+        assert torch.equal(bn.running_var, snap[1]), "running_var changed by a failed call"
+
+
+# partial conv: C = 10, C1 = 2
+def pconv_args(dtype=F64):
+    g = gen(1)
+    return (torch.randn(2, 10, 5, 6, generator=g, dtype=dtype),
+            torch.randn(2, 2, 3, 3, generator=g, dtype=dtype))
+
+
+# channel attention: C = 13, C1 = 3, C2 = 10
+def ca_args():
+    g = gen(2)
+    return dict(x=torch.randn(3, 13, 4, 5, generator=g, dtype=F64),
+                conv_weight=torch.randn(3, 3, 3, 3, generator=g, dtype=F64),
+                cfc_weight=torch.randn(10, 10, 1, 2, generator=g, dtype=F64),
+                cfc_bias=None, bn_a=make_bn(10, 3), bn_b=make_bn(10, 4))
+
+
+def call_ca(a, training=False, backend="torch"):
+    return pk.channel_attention(a["x"], a["conv_weight"], a["cfc_weight"], a["cfc_bias"],
+                                a["bn_a"], a["bn_b"], training=training, backend=backend)
+
+
+# spatial attention: C = 13, P = 6, Q = 7
+def sa_args():
+    g = gen(5)
+    return dict(m=torch.randn(3, 13, 4, 5, generator=g, dtype=F64),
+                gate_weight=torch.randn(1, 7, 1, 1, generator=g, dtype=F64),
+                conv_weight=torch.randn(6, 6, 1, 1, generator=g, dtype=F64),
+                conv_bias=torch.randn(6, generator=g, dtype=F64),
+                bn_c=make_bn(7, 6), bn_d=make_bn(6, 7))
+
+
+def call_sa(a, training=False, backend="torch"):
+    return pk.spatial_attention(a["m"], a["gate_weight"], a["conv_weight"], a["conv_bias"],
+                                a["bn_c"], a["bn_d"], training=training, backend=backend)
+
+
+# rpe attention: B = 2, heads = 4, 3 x 4 map (N = 12), d = 5
+def rpe_args():
+    g = gen(8)
+    q, k, v = (torch.randn(2, 4, 12, 5, generator=g, dtype=F64) for _ in range(3))
+    return dict(q=q, k=k, v=v, table=torch.randn(4, 81, generator=g, dtype=F64),
+                bucket=pk.rpe_buckets(3, 4))
+
+
+def call_rpe(a, **kw):
+    kw.setdefault("backend", "torch")
+    return pk.rpe_attention(a["q"], a["k"], a["v"], a["table"], a["bucket"], **kw)
+
+
+def test_valid_inputs_run():
+    """The baseline inputs that every error case breaks in one place are valid."""
+    x, w = pconv_args()
+    assert pk.partial_conv3x3(x, w, backend="torch").shape == x.shape
+    a = ca_args()
+    assert torch.isfinite(call_ca(a)).all() and torch.isfinite(call_ca(a, training=True)).all()
+    s = sa_args()
+    assert torch.isfinite(call_sa(s)).all() and torch.isfinite(call_sa(s, training=True)).all()
+    r = rpe_args()
+    assert call_rpe(r).shape == r["q"].shape
+
+
+# --------------------------------------------------------------------------------------------
+# partial_conv3x3
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(10, 5, 6), (2, 10, 5, 6, 1), (10,)])
+def test_pconv_not_4d(shape):
+    _, w = pconv_args()
+    with pytest.raises(ValueError, match=r"x must be \(B, C, H, W\), got a \d-D tensor"):
+        pk.partial_conv3x3(torch.zeros(shape, dtype=F64), w)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+@pytest.mark.parametrize("weight_shape,match", [
+    ((11, 11, 3, 3), r"weight covers C1=11 channels .*channel split needs"),
+    ((0, 0, 3, 3), r"weight covers C1=0 channels .*channel split needs"),
+    ((2, 3, 3, 3), r"weight must be \(C1, C1, 3, 3\), got \(2, 3, 3, 3\)"),
+    ((2, 2, 5, 5), r"weight must be \(C1, C1, 3, 3\), got \(2, 2, 5, 5\)"),
+    ((2, 2, 3, 1), r"weight must be \(C1, C1, 3, 3\)"),
+    ((2, 2, 3), r"weight must be \(C1, C1, 3, 3\)"),
+], ids=["C1>C", "C1=0", "non_square", "kernel5", "kernel3x1", "3d"])
+def test_pconv_bad_weight_changes_nothing(weight_shape, match, inplace):
+    x, _ = pconv_args()
+    before = x.clone()
+    with pytest.raises(ValueError, match=match):
+        pk.partial_conv3x3(x, torch.zeros(weight_shape, dtype=F64), inplace=inplace)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+def test_pconv_dtype_mismatch(inplace):
+    x, w = pconv_args()
+    before = x.clone()
+    with pytest.raises(TypeError, match=r"weight is torch.float32 but x is torch.float64"):
+        pk.partial_conv3x3(x, w.float(), inplace=inplace)
+    assert torch.equal(x, before)
+
+
+def test_pconv_device_mismatch():
+    x, w = pconv_args()
+    with pytest.raises(ValueError, match=r"weight is on meta but x is on cpu.*device"):
+        pk.partial_conv3x3(x, w.to(META))
+    with pytest.raises(ValueError, match=r"device"):
+        pk.partial_conv3x3(x.to(META), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_pconv_integer_input(dtype):
+    x, w = pconv_args()
+    with pytest.raises(TypeError, match=r"x must be floating point.*got torch\."):
+        pk.partial_conv3x3(x.to(dtype), w)
+
+
+def test_pconv_not_a_tensor():
+    _, w = pconv_args()
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got list"):
+        pk.partial_conv3x3([[1.0]], w)
+
+
+# --------------------------------------------------------------------------------------------
+# channel_attention
+# --------------------------------------------------------------------------------------------
+def test_ca_not_4d():
+    a = ca_args()
+    a["x"] = a["x"][0]
+    with pytest.raises(ValueError, match=r"x must be \(B, C, H, W\), got a 3-D tensor"):
+        call_ca(a)
+
+
+@pytest.mark.parametrize("conv_shape,match", [
+    ((13, 13, 3, 3), r"conv_weight covers C1=13 channels .*channel split needs"),  # no X2 left
+    ((3, 2, 3, 3), r"conv_weight must be \(C1, C1, 3, 3\)"),
+    ((3, 3, 1, 1), r"conv_weight must be \(C1, C1, 3, 3\)"),
+], ids=["C1=C", "non_square", "kernel1"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_ca_bad_conv_weight(conv_shape, match, training):
+    a = ca_args()
+    a["conv_weight"] = torch.zeros(conv_shape, dtype=F64)
+    before = snapshot(a["bn_a"], a["bn_b"])
+    with pytest.raises(ValueError, match=match):
+        call_ca(a, training=training)
+    assert_unchanged(before, a["bn_a"], a["bn_b"])
+
+
+@pytest.mark.parametrize("cfc_shape", [(10, 10, 2, 1), (13, 13, 1, 2), (10, 10, 1, 1),
+                                       (10, 1, 1, 2)])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_ca_bad_cfc_weight_changes_nothing(cfc_shape, training):
+    a = ca_args()
+    a["cfc_weight"] = torch.zeros(cfc_shape, dtype=F64)
+    before = snapshot(a["bn_a"], a["bn_b"])
+    with pytest.raises(ValueError,
+                       match=r"cfc_weight must have shape \(10, 10, 1, 2\) \(C2 = C - C1 = 10\)"):
+        call_ca(a, training=training)
+    assert_unchanged(before, a["bn_a"], a["bn_b"])
+
+
+def test_ca_bad_cfc_bias():
+    a = ca_args()
+    a["cfc_bias"] = torch.zeros(13, dtype=F64)
+    with pytest.raises(ValueError, match=r"cfc_bias must have shape \(10,\)"):
+        call_ca(a)
+
+
+@pytest.mark.parametrize("which", ["bn_a", "bn_b"])
+@pytest.mark.parametrize("field", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_ca_batch_norm_wrong_channel_count(which, field, training):
+    a = ca_args()
+    a[which] = a[which]._replace(**{field: torch.ones(13, dtype=F64)})
+    before = snapshot(a["bn_a"] if which != "bn_a" else None,
+                      a["bn_b"] if which != "bn_b" else None)
+    with pytest.raises(ValueError, match=rf"{which}\.{field} must have shape \(10,\) "
+                                         r"\(one value per channel of 10\)"):
+        call_ca(a, training=training)
+    assert_unchanged(before, a["bn_a"] if which != "bn_a" else None,
+                     a["bn_b"] if which != "bn_b" else None)
+
+
+@pytest.mark.parametrize("which", ["bn_a", "bn_b"])
+def test_ca_eval_without_running_stats(which):
+    a = ca_args()
+    a[which] = a[which]._replace(running_mean=None, running_var=None)
+    with pytest.raises(ValueError, match=rf"{which} has no running statistics.*training=True"):
+        call_ca(a, training=False)
+
+
+def test_ca_missing_or_wrong_bn():
+    a = ca_args()
+    a["bn_b"] = None
+    with pytest.raises(ValueError, match=r"bn_b is required"):
+        call_ca(a)
+    a = ca_args()
+    a["bn_a"] = torch.nn.BatchNorm2d(10).double()
+    with pytest.raises(TypeError, match=r"bn_a must be a patnet_kernels.BatchNormParams"):
+        call_ca(a)
+
+
+@pytest.mark.parametrize("name", ["conv_weight", "cfc_weight"])
+def test_ca_dtype_mismatch(name):
+    a = ca_args()
+    a[name] = a[name].float()
+    with pytest.raises(TypeError, match=rf"{name} is torch.float32 but x is torch.float64"):
+        call_ca(a, training=True)
+
+
+@pytest.mark.parametrize("name", ["conv_weight", "cfc_weight", "bn_a", "bn_b"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_ca_device_mismatch_changes_nothing(name, training):
+    a = ca_args()
+    if name.startswith("bn"):
+        a[name] = a[name]._replace(weight=a[name].weight.to(META))
+    else:
+        a[name] = a[name].to(META)
+    keep = {k: a[k] for k in ("bn_a", "bn_b") if k != name}
+    before = snapshot(*keep.values())
+    with pytest.raises(ValueError, match=r"is on meta but .* is on cpu; move them to one device"):
+        call_ca(a, training=training)
+    assert_unchanged(before, *keep.values())
+
+
+@pytest.mark.parametrize("which", ["bn_a", "bn_b"])
+def test_ca_batch_norm_dtype_mismatch_changes_nothing(which):
+    """A BatchNormParams of another dtype is a dtype mismatch like any other (TypeError, before
+    anything runs): no running statistics may be updated by the failed train-mode call."""
+    a = ca_args()
+    a[which] = make_bn(10, 9, dtype=torch.float32)
+    before = snapshot(a["bn_a"], a["bn_b"])
+    with pytest.raises(TypeError, match=r"float32.*float64|float64.*float32"):
+        call_ca(a, training=True)
+    assert_unchanged(before, a["bn_a"], a["bn_b"])
+
+
+def test_ca_integer_input():
+    a = ca_args()
+    a["x"] = a["x"].long()
+    with pytest.raises(TypeError, match=r"x must be floating point"):
+        call_ca(a)
+
+
+def test_ca_train_batch_of_one_changes_nothing():
+    """Train-mode BN_a normalises a 1x1 map over the batch: a batch of 1 cannot work."""
+    a = ca_args()
+    a["x"] = a["x"][:1]
+    before = snapshot(a["bn_a"], a["bn_b"])
+    with pytest.raises(ValueError, match=r"more than 1 value per channel"):
+        call_ca(a, training=True)
+    assert_unchanged(before, a["bn_a"], a["bn_b"])
+
+
+# --------------------------------------------------------------------------------------------
+# spatial_attention
+# --------------------------------------------------------------------------------------------
+def test_sa_not_4d():
+    a = sa_args()
+    a["m"] = a["m"].flatten(2)
+    with pytest.raises(ValueError, match=r"m must be \(B, C, H, W\), got a 3-D tensor"):
+        call_sa(a)
+
+
+@pytest.mark.parametrize("conv_shape,match", [
+    ((13, 13, 1, 1), r"conv_weight covers C1=13 channels .*channel split needs"),  # no Ma
+    ((6, 5, 1, 1), r"conv_weight must be \(C1, C1, 1, 1\)"),
+    ((6, 6, 3, 3), r"conv_weight must be \(C1, C1, 1, 1\)"),
+], ids=["P=C", "non_square", "kernel3"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sa_bad_conv_weight_changes_nothing(conv_shape, match, training):
+    a = sa_args()
+    a["conv_weight"] = torch.zeros(conv_shape, dtype=F64)
+    before = snapshot(a["bn_c"], a["bn_d"])
+    with pytest.raises(ValueError, match=match):
+        call_sa(a, training=training)
+    assert_unchanged(before, a["bn_c"], a["bn_d"])
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sa_bad_gate_and_bias_change_nothing(training):
+    a = sa_args()
+    a["gate_weight"] = torch.zeros(1, 6, 1, 1, dtype=F64)
+    before = snapshot(a["bn_c"], a["bn_d"])
+    with pytest.raises(ValueError, match=r"gate_weight must have shape \(1, 7, 1, 1\) "
+                                         r"\(Q = C - P = 7\)"):
+        call_sa(a, training=training)
+    a = sa_args()
+    a["conv_bias"] = torch.zeros(7, dtype=F64)
+    with pytest.raises(ValueError, match=r"conv_bias must have shape \(6,\)"):
+        call_sa(a, training=training)
+    assert_unchanged(before, a["bn_c"], a["bn_d"])
+
+
+@pytest.mark.parametrize("which,c", [("bn_c", 7), ("bn_d", 6)])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sa_batch_norm_wrong_channel_count(which, c, training):
+    a = sa_args()
+    a[which] = a[which]._replace(running_var=torch.ones(13, dtype=F64))
+    other = "bn_d" if which == "bn_c" else "bn_c"
+    before = snapshot(a[other])
+    with pytest.raises(ValueError, match=rf"{which}\.running_var must have shape \({c},\)"):
+        call_sa(a, training=training)
+    assert_unchanged(before, a[other])
+
+
+@pytest.mark.parametrize("which", ["bn_c", "bn_d"])
+def test_sa_eval_without_running_stats(which):
+    a = sa_args()
+    a[which] = a[which]._replace(running_mean=None, running_var=None)
+    with pytest.raises(ValueError, match=rf"{which} has no running statistics"):
+        call_sa(a, training=False)
+    assert call_sa(a, training=True).shape == a["m"].shape  # fine in training mode
+
+
+@pytest.mark.parametrize("name", ["gate_weight", "conv_weight", "conv_bias"])
+def test_sa_dtype_and_device_mismatch(name):
+    a = sa_args()
+    a[name] = a[name].float()
+    with pytest.raises(TypeError, match=rf"{name} is torch.float32 but m is torch.float64"):
+        call_sa(a)
+    a = sa_args()
+    a[name] = a[name].to(META)
+    with pytest.raises(ValueError, match=rf"{name} is on meta but m is on cpu"):
+        call_sa(a)
+
+
+@pytest.mark.parametrize("which", ["bn_c", "bn_d"])
+def test_sa_batch_norm_dtype_mismatch_changes_nothing(which):
+    a = sa_args()
+    a[which] = make_bn(7 if which == "bn_c" else 6, 10, dtype=torch.float32)
+    before = snapshot(a["bn_c"], a["bn_d"])
+    with pytest.raises(TypeError, match=r"float32.*float64|float64.*float32"):
+        call_sa(a, training=True)
+    assert_unchanged(before, a["bn_c"], a["bn_d"])
+
+
+def test_sa_integer_input():
+    a = sa_args()
+    a["m"] = a["m"].to(torch.int32)
+    with pytest.raises(TypeError, match=r"m must be floating point"):
+        call_sa(a)
+
+
+# --------------------------------------------------------------------------------------------
+# rpe_attention
+# --------------------------------------------------------------------------------------------
+def test_rpe_not_4d():
+    a = rpe_args()
+    a["q"] = a["q"][0]
+    with pytest.raises(ValueError, match=r"q must be \(B, heads, N, d\), got a 3-D tensor"):
+        call_rpe(a)
+
+
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_rpe_kv_shape_mismatch(name):
+    a = rpe_args()
+    a[name] = a[name][..., :4]
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(2, 4, 12, 5\) "
+                                         rf"\({name} must match q\), got \(2, 4, 12, 4\)"):
+        call_rpe(a)
+
+
+@pytest.mark.parametrize("table_shape", [(3, 81), (81,), (4, 81, 1)])
+def test_rpe_table_heads_mismatch(table_shape):
+    a = rpe_args()
+    a["table"] = torch.zeros(table_shape, dtype=F64)
+    with pytest.raises(ValueError, match=r"table must be \(heads, num_buckets\) = \(4, "):
+        call_rpe(a)
+
+
+@pytest.mark.parametrize("bucket_shape", [(12, 11), (11, 11), (12,), (1, 12, 12)])
+def test_rpe_bucket_wrong_shape(bucket_shape):
+    a = rpe_args()
+    a["bucket"] = torch.full(bucket_shape, 40, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"bucket must have shape \(12, 12\) \(N x N for the "
+                                         r"N = 12 tokens of q\)"):
+        call_rpe(a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool, torch.complex64])
+def test_rpe_bucket_not_integer(dtype):
+    a = rpe_args()
+    a["bucket"] = a["bucket"].to(dtype)
+    with pytest.raises(TypeError, match=r"bucket must be an int64 or int32 tensor of ids"):
+        call_rpe(a)
+
+
+def test_rpe_bucket_not_a_tensor():
+    a = rpe_args()
+    a["bucket"] = a["bucket"].tolist()
+    with pytest.raises(TypeError, match=r"bucket must be an int64 or int32 tensor"):
+        call_rpe(a)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8],
+                         ids=["int32", "int16", "int8", "uint8"])
+def test_rpe_bucket_other_integer_dtypes(dtype):
+    """Any integer dtype passes validation as 'integer ids' (the authors' maps are int16), so it
+    must either give the int64 result or be rejected up front with a TypeError naming bucket;
+    an IndexError from deep inside the backend is neither."""
+    a = rpe_args()
+    expected = call_rpe(a)
+    a["bucket"] = a["bucket"].to(dtype)
+    try:
+        out = call_rpe(a)
+    except TypeError as e:
+        assert "bucket" in str(e)
+    else:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_rpe_table_too_small_for_map():
+    g = gen(11)
+    q = torch.randn(1, 4, 196, 8, generator=g, dtype=F64)
+    bucket = pk.rpe_buckets(14, 14)
+    assert int(bucket.max()) == 58
+    with pytest.raises(ValueError, match=r"bucket ids span \[40, 58\] but the table has only "
+                                         r"45 buckets per head; this map needs a table of at "
+                                         r"least 59"):
+        pk.rpe_attention(q, q, q, torch.zeros(4, 45, dtype=F64), bucket)
+    # an uncached map (not from rpe_buckets) is checked just the same
+    with pytest.raises(ValueError, match=r"at least 59"):
+        pk.rpe_attention(q, q, q, torch.zeros(4, 45, dtype=F64), bucket.clone())
+    # 59 buckets are enough
+    assert pk.rpe_attention(q, q, q, torch.zeros(4, 59, dtype=F64), bucket).shape == q.shape
+
+
+def test_rpe_negative_ids():
+    a = rpe_args()
+    bucket = a["bucket"].clone()
+    bucket[3, 5] = -1
+    a["bucket"] = bucket
+    with pytest.raises(ValueError, match=r"bucket ids span \[-1, "):
+        call_rpe(a)
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+def test_rpe_bad_dropout(p):
+    a = rpe_args()
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        call_rpe(a, dropout_p=p)
+
+
+@pytest.mark.parametrize("name", ["k", "v", "table"])
+def test_rpe_dtype_mismatch(name):
+    a = rpe_args()
+    a[name] = a[name].float()
+    with pytest.raises(TypeError, match=rf"{name} is torch.float32 but q is torch.float64"):
+        call_rpe(a)
+
+
+@pytest.mark.parametrize("name", ["k", "v", "table", "bucket"])
+def test_rpe_device_mismatch(name):
+    a = rpe_args()
+    a[name] = a[name].to(META)
+    with pytest.raises(ValueError, match=rf"{name} is on meta but q is on cpu.*device"):
+        call_rpe(a)
+
+
+def test_rpe_integer_input():
+    a = rpe_args()
+    with pytest.raises(TypeError, match=r"q must be floating point"):
+        pk.rpe_attention(a["q"].long(), a["k"], a["v"], a["table"], a["bucket"])
+
+
+# --------------------------------------------------------------------------------------------
+# rpe_buckets
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("h,w,bad", [(0, 3, "height"), (3, 0, "width"), (-1, 3, "height"),
+                                     (2.5, 3, "height"), (3, 2.0, "width"), (True, 3, "height"),
+                                     ("3", 3, "height"), (None, 3, "height")])
+def test_rpe_buckets_bad_size(h, w, bad):
+    value = h if bad == "height" else w
+    pattern = rf"{bad} must be a positive int, got {re.escape(repr(value))}"
+    with pytest.raises(ValueError, match=pattern):
+        pk.rpe_buckets(h, w)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+def _calls():
+    x, w = pconv_args()
+    return {
+        "partial_conv3x3": lambda backend: pk.partial_conv3x3(x, w, backend=backend),
+        "partial_conv3x3_inplace": lambda backend: pk.partial_conv3x3(x, w, inplace=True,
+                                                                      backend=backend),
+        "channel_attention": lambda backend: call_ca(ca_args(), backend=backend),
+        "spatial_attention": lambda backend: call_sa(sa_args(), backend=backend),
+        "rpe_attention": lambda backend: call_rpe(rpe_args(), backend=backend),
+    }, x
+
+
+OPS = ["partial_conv3x3", "partial_conv3x3_inplace", "channel_attention", "spatial_attention",
+       "rpe_attention"]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("name", ["nope", "Torch", "", "gpu"])
+def test_unknown_backend(op, name):
+    calls, x = _calls()
+    before = x.clone()
+    with pytest.raises(ValueError, match=rf"unknown backend {name!r}; choose one of "
+                                         r"auto, torch, triton, cuda"):
+        calls[op](name)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("name,why", [("triton", r"Triton"), ("cuda", r"CUDA")])
+def test_unavailable_backend(op, name, why):
+    """No Triton or CUDA kernel can take CPU tensors: named explicitly, the backend is refused
+    with the reason and the way out; nothing falls back silently and nothing is written."""
+    calls, x = _calls()
+    before = x.clone()
+    with pytest.raises(BackendUnavailableError,
+                       match=rf"backend='{name}' is unavailable: .*{why}.*use backend='torch'"):
+        calls[op](name)
+    assert torch.equal(x, before)
+    assert issubclass(BackendUnavailableError, RuntimeError)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_auto_and_torch_backends_agree_on_cpu(op):
+    calls, _ = _calls()
+    torch.testing.assert_close(calls[op]("auto"), calls[op]("torch"), rtol=0, atol=0)
+
+
+def test_resolve_backend():
+    assert pk.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert pk.resolve_backend("torch") == "torch"
+    assert pk.BACKENDS == ("auto", "torch", "triton", "cuda")
+    with pytest.raises(ValueError, match=r"choose one of auto, torch, triton, cuda"):
+        pk.resolve_backend("tpu")
+
+
+def test_info():
+    info = pk.info()
+    assert info["torch"] == torch.__version__
+    backends = info["backends"]
+    assert set(backends) >= {"torch", "triton", "cuda"}
+    assert backends["torch"]["available"] is True
+    for name in ("triton", "cuda"):
+        entry = backends[name]
+        assert isinstance(entry["available"], bool)
+        assert isinstance(entry["reason"], str) and entry["reason"].strip(), name
+    assert backends["torch"]["reason"].strip()
+    assert info["auto"]["cpu"] == "torch"
+    if not torch.cuda.is_available():
+        assert info["cuda_device"] is None
+        assert set(info["auto"]) == {"cpu"}
+        for name in ("triton", "cuda"):
+            assert backends[name]["available"] is False
+            assert "backend='torch'" in backends[name]["reason"]
