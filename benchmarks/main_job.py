@@ -133,6 +133,8 @@ def main(argv=None) -> int:
             meta_model = patnet.create_model(name).eval()
         rows[name] = {"model": pretty(name), "params": patnet.count_params(meta_model),
                       "flops": patnet.count_flops(meta_model)}
+        print(f"    {pretty(name):<13} {rows[name]['params']:,} parameters, "
+              f"{rows[name]['flops'] / 1e9:.3f} GFLOPs")
 
     step(4, total, f"CPU latency, batch 1, 1 thread, fp32: {args.warmup or 10} warm-up + "
                    f"{args.runs} timed runs each")
