@@ -72,7 +72,7 @@ def check_parity(name: str, device: torch.device, seed: int) -> dict:
     torch.manual_seed(seed)
     reference = randomize_norms(patnet.create_model(name, backend="torch"), seed).eval()
     reference = reference.to(device)
-    x = torch.randn(2, 3, 224, 224, device=device, generator=None)
+    x = torch.randn(2, 3, 224, 224, device=device)
     fastest = pk.resolve_backend("auto", device)
     with torch.no_grad():
         expected = reference(x)

@@ -121,9 +121,10 @@ class _PartialNetwork(nn.Module):
         if x.dtype != param.dtype:
             raise TypeError(f"input is {x.dtype} but the model is {param.dtype}; cast one to the "
                             "other (or use torch.autocast)")
-        if self.training and x.shape[0] < self._min_train_batch(x):
-            raise ValueError(f"training mode needs a batch of at least "
-                             f"{self._min_train_batch(x)} here (BatchNorm over a 1 x 1 map "
+        min_batch = self._min_train_batch(x)
+        if self.training and x.shape[0] < min_batch:
+            raise ValueError(f"training mode needs a batch of at least {min_batch} here "
+                             "(BatchNorm over a 1 x 1 map "
                              "needs several samples); call model.eval() for inference")
 
     def _min_train_batch(self, x: torch.Tensor) -> int:

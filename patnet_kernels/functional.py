@@ -128,7 +128,8 @@ def _bucket_range(bucket: torch.Tensor):
         return cached[1], cached[2]
     if bucket.numel() == 0:
         return 0, 0
-    return int(bucket.min()), int(bucket.max())
+    low, high = torch.aminmax(bucket)
+    return tuple(torch.stack([low, high]).tolist())  # one synchronisation for both
 
 
 def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,

@@ -168,13 +168,6 @@ def test_pconv_not_a_tensor():
 # --------------------------------------------------------------------------------------------
 # channel_attention
 # --------------------------------------------------------------------------------------------
-def test_ca_not_4d():
-    a = ca_args()
-    a["x"] = a["x"][0]
-    with pytest.raises(ValueError, match=r"x must be \(B, C, H, W\), got a 3-D tensor"):
-        call_ca(a)
-
-
 @pytest.mark.parametrize("conv_shape,match", [
     ((13, 13, 3, 3), r"conv_weight covers C1=13 channels .*channel split needs"),  # no X2 left
     ((3, 2, 3, 3), r"conv_weight must be \(C1, C1, 3, 3\)"),
@@ -208,29 +201,6 @@ def test_ca_bad_cfc_bias():
     a["cfc_bias"] = torch.zeros(13, dtype=F64)
     with pytest.raises(ValueError, match=r"cfc_bias must have shape \(10,\)"):
         call_ca(a)
-
-
-@pytest.mark.parametrize("which", ["bn_a", "bn_b"])
-@pytest.mark.parametrize("field", ["weight", "bias", "running_mean", "running_var"])
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_ca_batch_norm_wrong_channel_count(which, field, training):
-    a = ca_args()
-    a[which] = a[which]._replace(**{field: torch.ones(13, dtype=F64)})
-    before = snapshot(a["bn_a"] if which != "bn_a" else None,
-                      a["bn_b"] if which != "bn_b" else None)
-    with pytest.raises(ValueError, match=rf"{which}\.{field} must have shape \(10,\) "
-                                         r"\(one value per channel of 10\)"):
-        call_ca(a, training=training)
-    assert_unchanged(before, a["bn_a"] if which != "bn_a" else None,
-                     a["bn_b"] if which != "bn_b" else None)
-
-
-@pytest.mark.parametrize("which", ["bn_a", "bn_b"])
-def test_ca_eval_without_running_stats(which):
-    a = ca_args()
-    a[which] = a[which]._replace(running_mean=None, running_var=None)
-    with pytest.raises(ValueError, match=rf"{which} has no running statistics.*training=True"):
-        call_ca(a, training=False)
 
 
 def test_ca_missing_or_wrong_bn():
@@ -267,25 +237,6 @@ def test_ca_device_mismatch_changes_nothing(name, training):
     assert_unchanged(before, *keep.values())
 
 
-@pytest.mark.parametrize("which", ["bn_a", "bn_b"])
-def test_ca_batch_norm_dtype_mismatch_changes_nothing(which):
-    """A BatchNormParams of another dtype is a dtype mismatch like any other (TypeError, before
-    anything runs): no running statistics may be updated by the failed train-mode call."""
-    a = ca_args()
-    a[which] = make_bn(10, 9, dtype=torch.float32)
-    before = snapshot(a["bn_a"], a["bn_b"])
-    with pytest.raises(TypeError, match=r"float32.*float64|float64.*float32"):
-        call_ca(a, training=True)
-    assert_unchanged(before, a["bn_a"], a["bn_b"])
-
-
-def test_ca_integer_input():
-    a = ca_args()
-    a["x"] = a["x"].long()
-    with pytest.raises(TypeError, match=r"x must be floating point"):
-        call_ca(a)
-
-
 def test_ca_train_batch_of_one_changes_nothing():
     """Train-mode BN_a normalises a 1x1 map over the batch: a batch of 1 cannot work."""
     a = ca_args()
@@ -299,13 +250,6 @@ def test_ca_train_batch_of_one_changes_nothing():
 # --------------------------------------------------------------------------------------------
 # spatial_attention
 # --------------------------------------------------------------------------------------------
-def test_sa_not_4d():
-    a = sa_args()
-    a["m"] = a["m"].flatten(2)
-    with pytest.raises(ValueError, match=r"m must be \(B, C, H, W\), got a 3-D tensor"):
-        call_sa(a)
-
-
 @pytest.mark.parametrize("conv_shape,match", [
     ((13, 13, 1, 1), r"conv_weight covers C1=13 channels .*channel split needs"),  # no Ma
     ((6, 5, 1, 1), r"conv_weight must be \(C1, C1, 1, 1\)"),
@@ -336,27 +280,6 @@ def test_sa_bad_gate_and_bias_change_nothing(training):
     assert_unchanged(before, a["bn_c"], a["bn_d"])
 
 
-@pytest.mark.parametrize("which,c", [("bn_c", 7), ("bn_d", 6)])
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_sa_batch_norm_wrong_channel_count(which, c, training):
-    a = sa_args()
-    a[which] = a[which]._replace(running_var=torch.ones(13, dtype=F64))
-    other = "bn_d" if which == "bn_c" else "bn_c"
-    before = snapshot(a[other])
-    with pytest.raises(ValueError, match=rf"{which}\.running_var must have shape \({c},\)"):
-        call_sa(a, training=training)
-    assert_unchanged(before, a[other])
-
-
-@pytest.mark.parametrize("which", ["bn_c", "bn_d"])
-def test_sa_eval_without_running_stats(which):
-    a = sa_args()
-    a[which] = a[which]._replace(running_mean=None, running_var=None)
-    with pytest.raises(ValueError, match=rf"{which} has no running statistics"):
-        call_sa(a, training=False)
-    assert call_sa(a, training=True).shape == a["m"].shape  # fine in training mode
-
-
 @pytest.mark.parametrize("name", ["gate_weight", "conv_weight", "conv_bias"])
 def test_sa_dtype_and_device_mismatch(name):
     a = sa_args()
@@ -369,21 +292,74 @@ def test_sa_dtype_and_device_mismatch(name):
         call_sa(a)
 
 
-@pytest.mark.parametrize("which", ["bn_c", "bn_d"])
-def test_sa_batch_norm_dtype_mismatch_changes_nothing(which):
-    a = sa_args()
-    a[which] = make_bn(7 if which == "bn_c" else 6, 10, dtype=torch.float32)
-    before = snapshot(a["bn_c"], a["bn_d"])
+# --------------------------------------------------------------------------------------------
+# checks shared by channel_attention and spatial_attention (the two ops that carry BatchNorms)
+# --------------------------------------------------------------------------------------------
+BN_OPS = {
+    "channel_attention": dict(args=ca_args, call=call_ca, input="x", bns=("bn_a", "bn_b")),
+    "spatial_attention": dict(args=sa_args, call=call_sa, input="m", bns=("bn_c", "bn_d")),
+}
+BN_CASES = [(op, bn) for op, spec in BN_OPS.items() for bn in spec["bns"]]
+
+
+@pytest.mark.parametrize("op", list(BN_OPS))
+def test_bn_op_not_4d(op):
+    spec = BN_OPS[op]
+    a = spec["args"]()
+    a[spec["input"]] = a[spec["input"]][0]
+    with pytest.raises(ValueError, match=rf"{spec['input']} must be \(B, C, H, W\), got a 3-D"):
+        spec["call"](a)
+
+
+@pytest.mark.parametrize("op", list(BN_OPS))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_bn_op_integer_input(op, dtype):
+    spec = BN_OPS[op]
+    a = spec["args"]()
+    a[spec["input"]] = a[spec["input"]].to(dtype)
+    with pytest.raises(TypeError, match=rf"{spec['input']} must be floating point"):
+        spec["call"](a)
+
+
+@pytest.mark.parametrize("op,which", BN_CASES)
+@pytest.mark.parametrize("field", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_batch_norm_wrong_channel_count_changes_nothing(op, which, field, training):
+    spec = BN_OPS[op]
+    a = spec["args"]()
+    c = a[which].weight.shape[0]
+    a[which] = a[which]._replace(**{field: torch.ones(13, dtype=F64)})
+    others = [a[k] for k in spec["bns"] if k != which]
+    before = snapshot(*others)
+    with pytest.raises(ValueError, match=rf"{which}\.{field} must have shape \({c},\) "
+                                         rf"\(one value per channel of {c}\)"):
+        spec["call"](a, training=training)
+    assert_unchanged(before, *others)
+
+
+@pytest.mark.parametrize("op,which", BN_CASES)
+def test_eval_without_running_stats(op, which):
+    spec = BN_OPS[op]
+    a = spec["args"]()
+    a[which] = a[which]._replace(running_mean=None, running_var=None)
+    with pytest.raises(ValueError, match=rf"{which} has no running statistics.*training=True"):
+        spec["call"](a, training=False)
+    out = spec["call"](a, training=True)  # fine in training mode
+    assert out.shape == a[spec["input"]].shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("op,which", BN_CASES)
+def test_batch_norm_dtype_mismatch_changes_nothing(op, which):
+    """A BatchNormParams of another dtype is a dtype mismatch like any other (TypeError, before
+    anything runs): no running statistics may be updated by the failed train-mode call."""
+    spec = BN_OPS[op]
+    a = spec["args"]()
+    a[which] = make_bn(a[which].weight.shape[0], 9, dtype=torch.float32)
+    bns = [a[k] for k in spec["bns"]]
+    before = snapshot(*bns)
     with pytest.raises(TypeError, match=r"float32.*float64|float64.*float32"):
-        call_sa(a, training=True)
-    assert_unchanged(before, a["bn_c"], a["bn_d"])
-
-
-def test_sa_integer_input():
-    a = sa_args()
-    a["m"] = a["m"].to(torch.int32)
-    with pytest.raises(TypeError, match=r"m must be floating point"):
-        call_sa(a)
+        spec["call"](a, training=True)
+    assert_unchanged(before, *bns)
 
 
 # --------------------------------------------------------------------------------------------
