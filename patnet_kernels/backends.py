@@ -9,6 +9,8 @@ silently. ``"auto"`` takes the fastest backend usable for the tensors' device, a
 from __future__ import annotations
 
 import importlib.util
+import os
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -22,11 +24,26 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run on this machine or these tensors."""
 
 
+def triton_interpreter_enabled() -> bool:
+    """Whether TRITON_INTERPRET is set: Triton kernels then run on CPU tensors (for testing)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _triton_status(device: Optional[torch.device]) -> Tuple[bool, str]:
-    found = importlib.util.find_spec("triton") is not None
-    have = "Triton is installed" if found else "Triton is not installed"
-    return False, (f"this version of patnet-kernels ships no Triton kernels yet ({have}); "
-                   "use backend='torch'")
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed (pip install triton)"
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if triton_interpreter_enabled():
+        if on_cpu:
+            return True, "Triton interpreter (TRITON_INTERPRET=1): runs on CPU tensors, slowly"
+        return False, ("TRITON_INTERPRET=1 is set, so Triton kernels run only on CPU tensors; "
+                       "unset it (before triton is imported) to run them on the GPU")
+    if on_cpu:
+        return False, ("Triton kernels run on CUDA tensors; to test them on the CPU set "
+                       "TRITON_INTERPRET=1 before triton is imported")
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is available to this PyTorch"
+    return True, "Triton kernels compiled for this GPU"
 
 
 def _cuda_status(device: Optional[torch.device]) -> Tuple[bool, str]:
@@ -55,14 +72,34 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
     """
     check_backend_name(backend)
     if backend == "auto":
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        if on_cpu:  # the Triton interpreter is for testing, never the fast choice
+            return "torch"
         for name in _AUTO_ORDER:
             if _STATUS[name](device)[0]:
+                if name == "torch":
+                    _warn_reference_on_gpu(device)
                 return name
         raise AssertionError("the torch backend is always available")
     ok, why = _STATUS[backend](device)
     if not ok:
         raise BackendUnavailableError(f"backend={backend!r} is unavailable: {why}")
     return backend
+
+
+_WARNED_DEVICES = set()
+
+
+def _warn_reference_on_gpu(device) -> None:
+    """Say once per device that "auto" found no fused backend for a GPU tensor."""
+    key = str(device)
+    if key in _WARNED_DEVICES:
+        return
+    _WARNED_DEVICES.add(key)
+    reasons = "; ".join(f"{name}: {_STATUS[name](device)[1]}" for name in ("cuda", "triton"))
+    warnings.warn(f"backend='auto' runs the pure-PyTorch reference on {key}, because no fused "
+                  f"backend is usable ({reasons}). patnet_kernels.info() says more.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def info() -> Dict[str, object]:

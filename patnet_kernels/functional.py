@@ -14,22 +14,25 @@ from . import reference
 from ._checks import (check_activation, check_batch_norm, check_conv_weight, check_device,
                       check_same, check_shape)
 from ._types import BatchNormParams
-from .backends import resolve_backend
+from . import ops
+from .backends import BackendUnavailableError, resolve_backend
 
-# backend -> op name -> implementation. The reference serves "torch"; the Triton and CUDA
-# backends add their entries here when they exist.
-_IMPLEMENTATIONS: Dict[str, Dict[str, Callable]] = {
-    "torch": {
-        "partial_conv3x3": reference.partial_conv3x3,
-        "channel_attention": reference.channel_attention,
-        "spatial_attention": reference.spatial_attention,
-        "rpe_attention": reference.rpe_attention,
-    },
+# The reference serves backend "torch"; the fused backends live in patnet_kernels.ops.
+_REFERENCE: Dict[str, Callable] = {
+    "partial_conv3x3": reference.partial_conv3x3,
+    "channel_attention": reference.channel_attention,
+    "spatial_attention": reference.spatial_attention,
+    "rpe_attention": reference.rpe_attention,
 }
 
 
 def _implementation(op: str, backend: str, device: torch.device) -> Callable:
-    return _IMPLEMENTATIONS[resolve_backend(backend, device)][op]
+    name = resolve_backend(backend, device)
+    if name == "torch":
+        return _REFERENCE[op]
+    if name == "triton":
+        return ops.triton_implementation(op)
+    raise BackendUnavailableError(f"backend={name!r} has no implementation of {op}")
 
 
 def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = False,

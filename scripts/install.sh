@@ -17,6 +17,12 @@ if [ "${1:-}" = "test" ] && ! "$PY" -c "import pytest, numpy" >/dev/null 2>&1; t
   echo "[install] installing pytest and numpy"
   "$PY" -m pip install --quiet --disable-pip-version-check "pytest>=7" numpy
 fi
+# Triton: an installed one is kept (GPU machines bring theirs with their torch); otherwise the
+# tests need it to run the kernels under its interpreter. triton itself pulls no torch.
+if [ "${1:-}" = "test" ] && ! "$PY" -c "import triton" >/dev/null 2>&1; then
+  echo "[install] installing triton==3.9.0 (its interpreter runs the kernels' CPU tests)"
+  "$PY" -m pip install --quiet --disable-pip-version-check triton==3.9.0
+fi
 # An editable install without build isolation needs setuptools >= 70.1 (bdist_wheel built in).
 if ! "$PY" -c "import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split('.')[:2])) < (70, 1))" >/dev/null 2>&1; then
   echo "[install] upgrading setuptools (the editable install needs >= 70.1)"

@@ -1,0 +1,139 @@
+"""PConv as registered ops and autograd Functions (Triton backend).
+
+Ops in the ``patnet_triton`` namespace, each with a fake so torch.compile traces through them:
+
+* ``partial_conv3x3(x, weight) -> y``: [conv3x3(X1) | X2], one pass.
+* ``partial_conv3x3_(x!, weight) -> x1``: writes conv3x3(X1) into x[:, :C1] in place and
+  returns the original X1 (the copy the conv reads from, kept for the weight gradient).
+* ``partial_conv3x3_input_grad(grad_y, weight) -> grad_x``: [conv3x3^T(dY1) | dY2].
+* ``conv3x3_weight_grad(x1, grad_y) -> grad_weight``.
+
+The autograd Functions are made by :func:`make_functions` over a ``torch.ops`` namespace, so
+that another backend registering the same schemas reuses them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..triton import partial_conv as kernels
+from ..triton._common import check_device
+from ._layout import empty_activation
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("patnet_triton::partial_conv3x3", mutates_args=())
+def _forward(x: Tensor, weight: Tensor) -> Tensor:
+    check_device(x)
+    return kernels.conv3x3_passthrough(x, kernels.forward_taps(weight),
+                                       empty_activation(x, x.shape), copy_rest=True)
+
+
+@_forward.register_fake
+def _(x, weight):
+    return empty_activation(x, x.shape)
+
+
+def _x1_shape(x: Tensor, weight: Tensor):
+    return (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+
+
+@torch.library.custom_op("patnet_triton::partial_conv3x3_", mutates_args=("x",))
+def _forward_inplace(x: Tensor, weight: Tensor) -> Tensor:
+    check_device(x)
+    x1 = empty_activation(x, _x1_shape(x, weight))
+    x1.copy_(x[:, :weight.shape[0]])
+    # The conv reads only the copy, so no program can see a halo another has rewritten.
+    kernels.conv3x3_passthrough(x1, kernels.forward_taps(weight), x, copy_rest=False)
+    return x1
+
+
+@_forward_inplace.register_fake
+def _(x, weight):
+    return empty_activation(x, _x1_shape(x, weight))
+
+
+@torch.library.custom_op("patnet_triton::partial_conv3x3_input_grad", mutates_args=())
+def _input_grad(grad_y: Tensor, weight: Tensor) -> Tensor:
+    check_device(grad_y)
+    return kernels.conv3x3_passthrough(grad_y, kernels.transposed_taps(weight),
+                                       empty_activation(grad_y, grad_y.shape), copy_rest=True)
+
+
+@_input_grad.register_fake
+def _(grad_y, weight):
+    return empty_activation(grad_y, grad_y.shape)
+
+
+@torch.library.custom_op("patnet_triton::conv3x3_weight_grad", mutates_args=())
+def _weight_grad(x1: Tensor, grad_y: Tensor) -> Tensor:
+    check_device(x1)
+    return kernels.conv3x3_weight_grad(x1, grad_y)
+
+
+@_weight_grad.register_fake
+def _(x1, grad_y):
+    c1 = x1.shape[1]
+    return x1.new_empty((c1, c1, 3, 3))
+
+
+def make_functions(ops):
+    """The autograd Functions of PConv over the ops of one backend namespace.
+
+    ``ops`` is a ``torch.ops`` namespace with the four ops above (same schemas); returns
+    (PartialConv3x3, PartialConv3x3Inplace).
+    """
+
+    class PartialConv3x3(torch.autograd.Function):
+        """Y = [conv3x3(X1) | X2]; x (B, C, H, W), weight (C1, C1, 3, 3) -> (B, C, H, W)."""
+
+        @staticmethod
+        def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+            ctx.save_for_backward(x, weight)
+            return ops.partial_conv3x3(x, weight)
+
+        @staticmethod
+        def backward(ctx, grad_y: Tensor):
+            x, weight = ctx.saved_tensors
+            return backward(ctx, grad_y, x[:, :weight.shape[0]], weight)
+
+    class PartialConv3x3Inplace(torch.autograd.Function):
+        """x[:, :C1] = conv3x3(X1) in place; returns x (passthrough channels untouched)."""
+
+        @staticmethod
+        def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+            x1 = ops.partial_conv3x3_(x, weight)
+            ctx.mark_dirty(x)
+            ctx.save_for_backward(x1, weight)
+            return x
+
+        @staticmethod
+        def backward(ctx, grad_y: Tensor):
+            x1, weight = ctx.saved_tensors
+            return backward(ctx, grad_y, x1, weight)
+
+    def backward(ctx, grad_y: Tensor, x1: Tensor, weight: Tensor):
+        needs_x, needs_w = ctx.needs_input_grad[:2]
+        grad_x = ops.partial_conv3x3_input_grad(grad_y, weight) if needs_x else None
+        grad_w = ops.conv3x3_weight_grad(x1, grad_y) if needs_w else None
+        return grad_x, grad_w
+
+    return PartialConv3x3, PartialConv3x3Inplace
+
+
+PartialConv3x3, PartialConv3x3Inplace = make_functions(torch.ops.patnet_triton)
+
+
+def partial_conv3x3(x: Tensor, weight: Tensor, inplace: bool = False) -> Tensor:
+    """The Triton backend of :func:`patnet_kernels.partial_conv3x3` (inputs already checked).
+
+    In place without autograd, the mutating op runs alone (torch.compile functionalizes it);
+    in place with autograd it runs inside an autograd.Function that marks x dirty, which
+    torch.compile does not trace (a graph break): compile training code with inplace=False.
+    """
+    if not inplace:
+        return PartialConv3x3.apply(x, weight)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return PartialConv3x3Inplace.apply(x, weight)
+    torch.ops.patnet_triton.partial_conv3x3_(x, weight)
+    return x

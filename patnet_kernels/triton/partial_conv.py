@@ -1,0 +1,246 @@
+"""Triton kernels of PConv, the partial 3x3 convolution with channel passthrough.
+
+Y = [conv3x3(X1) | X2], X1 = X[:, :C1]. Tensors may have any strides (NCHW, channels_last, or a
+channel slice of a bigger tensor): every kernel takes the four strides of each activation.
+
+* :func:`conv3x3_passthrough` -- one pass over X: each program computes conv3x3 of its pixel tile
+  for a block of output channels (an implicit GEMM, nine shifted [pixels x C1] x [C1 x C1]
+  products) and copies its share of the passthrough channels, so X is read once and Y written
+  once. The same kernel gives the input gradient (a 3x3 conv of dY1 with the transposed, flipped
+  weight, identity on the passthrough channels) and writes the in-place result (from a saved
+  copy of X1, so no program reads a halo another program has overwritten).
+* :func:`conv3x3_weight_grad` -- dW[o, i, ky, kx] = sum_{b, h, w} dY1[b, o, h, w] *
+  X1[b, i, h + ky - 1, w + kx - 1], as per-program fp32 partials summed afterwards in a fixed
+  order (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, to_compute,
+                      upcast_dot)
+
+
+@triton.jit
+def _conv3x3_passthrough_kernel(
+    src_ptr,  # (B, >= C1 [+ C_rest], H, W) conv input, any strides; X, or dY for the input grad
+    dst_ptr,  # (B, C1 [+ C_rest], H, W) output, any strides; channels [0, C1) get the conv
+    w_ptr,  # (9, C1, C1) contiguous, [tap = 3 * ky + kx, in channel, out channel], src dtype
+    C1, C_total,  # conv channels; channels copied are [C1, C_total) (only if COPY_REST)
+    H, W,
+    src_sb, src_sc, src_sh, src_sw,  # strides of src (elements)
+    dst_sb, dst_sc, dst_sh, dst_sw,  # strides of dst (elements)
+    BLOCK_P: tl.constexpr,  # pixels per program (flattened h * W + w)
+    BLOCK_CI: tl.constexpr,  # input channels per tl.dot
+    BLOCK_CO: tl.constexpr,  # output channels per program
+    BLOCK_COPY: tl.constexpr,  # passthrough channels per copy step
+    COPY_REST: tl.constexpr,  # copy src[:, C1:C_total] to dst[:, C1:C_total]
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_co = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < H * W
+    h = offs_p // W
+    w = offs_p % W
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = offs_co < C1
+    src = src_ptr + pid_b * src_sb
+    dst = dst_ptr + pid_b * dst_sb
+
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    for tap in tl.static_range(9):
+        hh = h + (tap // 3 - 1)
+        ww = w + (tap % 3 - 1)
+        pix_ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        pix = hh * src_sh + ww * src_sw
+        for ci0 in range(0, C1, BLOCK_CI):
+            offs_ci = ci0 + tl.arange(0, BLOCK_CI)
+            ci_ok = offs_ci < C1
+            x = tl.load(src + pix[:, None] + offs_ci[None, :] * src_sc,
+                        mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + tap * C1 * C1 + offs_ci[:, None] * C1 + offs_co[None, :],
+                         mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+            if UPCAST:
+                acc = tl.dot(to_compute(x, UPCAST), to_compute(wt, UPCAST), acc,
+                             input_precision="ieee")
+            else:
+                acc = tl.dot(x, wt, acc)
+    out_pix = h * dst_sh + w * dst_sw
+    tl.store(dst + out_pix[:, None] + offs_co[None, :] * dst_sc,
+             acc.to(dst_ptr.dtype.element_ty), mask=p_ok[:, None] & co_ok[None, :])
+
+    if COPY_REST:
+        # Output-channel program j copies channel blocks j, j + n_co, ... of the passthrough.
+        in_pix = h * src_sh + w * src_sw
+        step = tl.num_programs(2) * BLOCK_COPY
+        for c0 in range(C1 + pid_co * BLOCK_COPY, C_total, step):
+            offs_c = c0 + tl.arange(0, BLOCK_COPY)
+            ok = p_ok[:, None] & (offs_c < C_total)[None, :]
+            v = tl.load(src + in_pix[:, None] + offs_c[None, :] * src_sc, mask=ok)
+            tl.store(dst + out_pix[:, None] + offs_c[None, :] * dst_sc, v, mask=ok)
+
+
+@triton.jit
+def _conv3x3_weight_grad_kernel(
+    x_ptr,  # (B, >= C1, H, W) the original X1 (channels [0, C1) read), any strides
+    gy_ptr,  # (B, >= C1, H, W) dY (channels [0, C1) read), any strides
+    partial_ptr,  # (SPLITS, 9, C1, C1) fp32 contiguous, [split, tap, in channel, out channel]
+    B, C1, H, W,
+    x_sb, x_sc, x_sh, x_sw,  # strides of x (elements)
+    g_sb, g_sc, g_sh, g_sw,  # strides of gy (elements)
+    BLOCK_P: tl.constexpr,  # pixels per step
+    BLOCK_CI: tl.constexpr,  # input channels per program
+    BLOCK_CO: tl.constexpr,  # output channels per program
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+):
+    # grid: (SPLITS, 9 * ceil(C1 / BLOCK_CI), ceil(C1 / BLOCK_CO)). Split s sums the work items
+    # (sample, pixel tile) s, s + SPLITS, ... for one tap and one (in, out) channel block.
+    pid_s = tl.program_id(0)
+    splits = tl.num_programs(0)
+    tap = tl.program_id(1) % 9
+    pid_ci = tl.program_id(1) // 9
+    pid_co = tl.program_id(2)
+    dy = tap // 3 - 1
+    dx = tap % 3 - 1
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci_ok = offs_ci < C1
+    co_ok = offs_co < C1
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    for item in range(pid_s, B * tiles, splits):
+        b = (item // tiles).to(tl.int64)
+        offs_p = (item % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < H * W
+        h = offs_p // W
+        w = offs_p % W
+        hh = h + dy
+        ww = w + dx
+        pix_ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        x = tl.load(x_ptr + b * x_sb + (hh * x_sh + ww * x_sw)[None, :] + offs_ci[:, None] * x_sc,
+                    mask=ci_ok[:, None] & pix_ok[None, :], other=0.0)  # (CI, P)
+        g = tl.load(gy_ptr + b * g_sb + (h * g_sh + w * g_sw)[:, None] + offs_co[None, :] * g_sc,
+                    mask=p_ok[:, None] & co_ok[None, :], other=0.0)  # (P, CO)
+        if UPCAST:
+            acc = tl.dot(to_compute(x, UPCAST), to_compute(g, UPCAST), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(x, g, acc)
+    out = partial_ptr + ((pid_s * 9 + tap) * C1 + offs_ci[:, None]) * C1 + offs_co[None, :]
+    tl.store(out, acc, mask=ci_ok[:, None] & co_ok[None, :])
+
+
+def _conv_blocks(c1: int, interpret: bool = INTERPRET):
+    """(BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps) of the conv kernels for C1 conv channels."""
+    if interpret:  # few, big programs: the interpreter pays per program and per operation
+        return 256, block(c1, high=64), block(c1, high=64), 4
+    return 64, block(c1, high=32), block(c1, high=64), 4
+
+
+# Pixels per step of the weight-gradient kernel on a GPU (under the interpreter: BLOCK_P above).
+_WGRAD_BLOCK_P = 128
+
+
+def _copy_block(rest_channels: int, copy_rest: bool) -> int:
+    return block(rest_channels, high=64) if copy_rest else 16
+
+
+def _strides(t: torch.Tensor):
+    return tuple(t.stride())
+
+
+def conv3x3_passthrough(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch.Tensor,
+                        copy_rest: bool) -> torch.Tensor:
+    """dst[:, :C1] = conv3x3(src[:, :C1]) and, if ``copy_rest``, dst[:, C1:] = src[:, C1:].
+
+    src: (B, C_src, H, W), dst: (B, C_dst, H, W), any strides, same dtype; weight_taps:
+    (9, C1, C1) contiguous, [tap, in, out] (see :func:`forward_taps`). dst must not overlap
+    the pixels of src[:, :C1] that the conv reads. Returns dst.
+    """
+    b, _, h, w = src.shape
+    c1 = weight_taps.shape[1]
+    block_p, block_ci, block_co, warps = _conv_blocks(c1)
+    block_copy = _copy_block(dst.shape[1] - c1, copy_rest)
+    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c1, block_co))
+    _conv3x3_passthrough_kernel[grid](
+        src, dst, weight_taps, c1, dst.shape[1], h, w, *_strides(src), *_strides(dst),
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_COPY=block_copy,
+        COPY_REST=copy_rest, UPCAST=upcast_dot(src.dtype), num_warps=warps)
+    return dst
+
+
+def forward_taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C1, C1, 3, 3) conv weight -> (9, C1, C1) [tap, in, out] for the forward conv."""
+    return weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], weight.shape[0]).contiguous()
+
+
+def transposed_taps(weight: torch.Tensor) -> torch.Tensor:
+    """(C1, C1, 3, 3) conv weight -> (9, C1, C1) taps of the input-gradient conv.
+
+    dX1 = conv3x3(dY1, W') with W'[i, o, ky, kx] = W[o, i, 2 - ky, 2 - kx]: in [tap, in, out]
+    form that is W.flip(2, 3) permuted to [ky, kx, o, i].
+    """
+    return weight.flip(2, 3).permute(2, 3, 0, 1).reshape(9, weight.shape[0],
+                                                         weight.shape[1]).contiguous()
+
+
+def _weight_grad_splits(work_items: int, programs_per_split: int) -> int:
+    if INTERPRET:
+        return min(work_items, 2)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(work_items, (4 * sms) // programs_per_split))
+
+
+def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """dW (C1, C1, 3, 3) in x1's dtype, from X1 (B, >= C1, H, W) and dY (B, >= C1, H, W).
+
+    Only the first C1 = weight rows channels of each are read, where C1 = x1.shape[1] unless
+    x1 carries extra channels; pass ``x1`` sliced to C1 channels. Accumulates in fp32.
+    """
+    b, c1, h, w = x1.shape
+    block_p, block_ci, block_co, warps = _conv_blocks(c1)
+    block_p = block_p if INTERPRET else _WGRAD_BLOCK_P
+    tiles = triton.cdiv(h * w, block_p)
+    n_ci, n_co = triton.cdiv(c1, block_ci), triton.cdiv(c1, block_co)
+    splits = _weight_grad_splits(b * tiles, 9 * n_ci * n_co)
+    partial = torch.empty((splits, 9, c1, c1), device=x1.device, dtype=torch.float32)
+    _conv3x3_weight_grad_kernel[(splits, 9 * n_ci, n_co)](
+        x1, grad_y, partial, b, c1, h, w, *_strides(x1), *_strides(grad_y),
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+        UPCAST=upcast_dot(x1.dtype), num_warps=warps)
+    # [tap, in, out] -> [out, in, ky, kx]
+    return partial.sum(0).reshape(3, 3, c1, c1).permute(3, 2, 0, 1).contiguous().to(x1.dtype)
+
+
+def aot_kernels() -> List[AotKernel]:
+    """Every kernel configuration this file launches on a GPU, for the ahead-of-time check."""
+    kernels, seen = [], set()
+    for c1 in (16, 24, 48, 96, 192, 320):  # C1 = C / 4 of every released width
+        block_p, block_ci, block_co, warps = _conv_blocks(c1, interpret=False)
+        if (block_ci, block_co) in seen:
+            continue
+        seen.add((block_ci, block_co))
+        for dtype, tname in TRITON_DTYPE.items():
+            upcast, ptr = upcast_dot(dtype, interpret=False), "*" + tname
+            fn = _conv3x3_passthrough_kernel
+            for copy_rest in (True, False):
+                kernels.append(AotKernel(
+                    f"conv3x3_passthrough[{tname}, CI={block_ci}, CO={block_co}, "
+                    f"copy={copy_rest}]", fn,
+                    aot_signature(fn, {"src_ptr": ptr, "dst_ptr": ptr, "w_ptr": ptr}),
+                    dict(BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+                         BLOCK_COPY=_copy_block(3 * c1, copy_rest), COPY_REST=copy_rest,
+                         UPCAST=upcast), num_warps=warps))
+            fn = _conv3x3_weight_grad_kernel
+            kernels.append(AotKernel(
+                f"conv3x3_weight_grad[{tname}, CI={block_ci}, CO={block_co}]", fn,
+                aot_signature(fn, {"x_ptr": ptr, "gy_ptr": ptr, "partial_ptr": "*fp32"}),
+                dict(BLOCK_P=_WGRAD_BLOCK_P, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+                     UPCAST=upcast), num_warps=warps))
+    return kernels
