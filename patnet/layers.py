@@ -124,7 +124,12 @@ class RelativePositionBias(nn.Module):
 
 
 class RPESelfAttention(nn.Module):
-    """Multi-head self-attention over the pixels of a (B, C, H, W) map with an iRPE bias."""
+    """Multi-head self-attention with an iRPE bias over the pixels of a (B, C, H, W) map.
+
+    Returns the heads' output merged to (B, N, C) tokens *before* the output projection
+    ``proj``: :class:`PATSelfMixer` applies the projection while writing the mixer's output
+    (``patnet_kernels.self_mixer_output``).
+    """
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.1,
                  proj_drop: float = 0.1, backend: str = "auto"):
@@ -151,8 +156,7 @@ class RPESelfAttention(nn.Module):
                                pk.rpe_buckets(h, w, x.device), scale=self.scale,
                                dropout_p=self.attn_drop if self.training else 0.0,
                                backend=self.backend)
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        return out.transpose(1, 2).reshape(b, n, c)
 
 
 class PATSelfMixer(nn.Module):
@@ -167,10 +171,13 @@ class PATSelfMixer(nn.Module):
         self.attn = RPESelfAttention(self.dim_untouched, num_heads, attn_drop, proj_drop,
                                      backend)
         self.norm = LayerNorm2d(self.dim_untouched)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[:, :self.dim_conv3], x[:, self.dim_conv3:]
-        return torch.cat([self.partial_conv3(x1), self.attn(self.norm(x2))], dim=1)
+        tokens = self.attn(self.norm(x[:, self.dim_conv3:]))  # (B, N, C2), not yet projected
+        return pk.self_mixer_output(
+            x, self.partial_conv3.weight, tokens, self.attn.proj.weight, self.attn.proj.bias,
+            dropout_p=self.attn.proj_drop.p if self.training else 0.0, backend=self.backend)
 
 
 class PartialSpatialAttention(nn.Module):

@@ -7,6 +7,7 @@ Public API::
     spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, *, training, backend)
     rpe_buckets(height, width, device=None)
     rpe_attention(q, k, v, table, bucket, scale=None, dropout_p=0.0, backend="auto")
+    self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias, dropout_p, backend)
     info()
 
 ``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op.
@@ -14,11 +15,12 @@ Public API::
 from ._types import BatchNormParams
 from .backends import BACKENDS, BackendUnavailableError, info, resolve_backend
 from .functional import (channel_attention, partial_conv3x3, rpe_attention, rpe_buckets,
-                         spatial_attention)
+                         self_mixer_output, spatial_attention)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "BatchNormParams", "channel_attention", "info",
-    "partial_conv3x3", "resolve_backend", "rpe_attention", "rpe_buckets", "spatial_attention",
+    "partial_conv3x3", "resolve_backend", "rpe_attention", "rpe_buckets", "self_mixer_output",
+    "spatial_attention",
 ]

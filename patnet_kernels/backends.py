@@ -72,9 +72,8 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
     """
     check_backend_name(backend)
     if backend == "auto":
-        on_cpu = device is None or torch.device(device).type == "cpu"
-        if on_cpu:  # the Triton interpreter is for testing, never the fast choice
-            return "torch"
+        if device is None or torch.device(device).type != "cuda":
+            return "torch"  # (the Triton interpreter is for testing, never the fast choice)
         for name in _AUTO_ORDER:
             if _STATUS[name](device)[0]:
                 if name == "torch":

@@ -23,13 +23,21 @@ _REFERENCE: Dict[str, Callable] = {
     "channel_attention": reference.channel_attention,
     "spatial_attention": reference.spatial_attention,
     "rpe_attention": reference.rpe_attention,
+    "self_mixer_output": reference.self_mixer_output,
 }
 
 
-def _implementation(op: str, backend: str, device: torch.device) -> Callable:
-    name = resolve_backend(backend, device)
+# Activation dtypes the fused kernels take (they accumulate in float32).
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _implementation(op: str, backend: str, x: torch.Tensor) -> Callable:
+    name = resolve_backend(backend, x.device)
     if name == "torch":
         return _REFERENCE[op]
+    if x.dtype not in FUSED_DTYPES:
+        raise TypeError(f"backend={name!r} runs float32, float16 and bfloat16, got {x.dtype}; "
+                        "use backend='torch' for other dtypes")
     if name == "triton":
         return ops.triton_implementation(op)
     raise BackendUnavailableError(f"backend={name!r} has no implementation of {op}")
@@ -46,7 +54,7 @@ def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = Fa
     check_activation("x", x)
     check_conv_weight("weight", weight, x.shape[1], 3)
     check_same("x", x, weight=weight)
-    return _implementation("partial_conv3x3", backend, x.device)(x, weight, inplace)
+    return _implementation("partial_conv3x3", backend, x)(x, weight, inplace)
 
 
 def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: torch.Tensor,
@@ -71,7 +79,7 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     check_same("x", x, conv_weight=conv_weight, cfc_weight=cfc_weight, cfc_bias=cfc_bias)
     check_batch_norm("bn_a", bn_a, c2, x, training, optional=True)
     check_batch_norm("bn_b", bn_b, c2, x, training)
-    return _implementation("channel_attention", backend, x.device)(
+    return _implementation("channel_attention", backend, x)(
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
 
 
@@ -94,7 +102,7 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     check_same("m", m, gate_weight=gate_weight, conv_weight=conv_weight, conv_bias=conv_bias)
     check_batch_norm("bn_c", bn_c, q, m, training)
     check_batch_norm("bn_d", bn_d, p, m, training, optional=True)
-    return _implementation("spatial_attention", backend, m.device)(
+    return _implementation("spatial_attention", backend, m)(
         m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training)
 
 
@@ -166,5 +174,37 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
                          f"least {high + 1} (the iRPE table of PATNet has 81)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return _implementation("rpe_attention", backend, q.device)(
+    return _implementation("rpe_attention", backend, q)(
         q, k, v, table, bucket, scale, dropout_p)
+
+
+def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.Tensor,
+                      proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor] = None,
+                      dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
+    """The output of PAT_sf: [conv3x3(X1) | dropout(tokens @ proj_weight^T + proj_bias)].
+
+    x: (B, C, H, W), X1 = x[:, :C1], C1 = conv_weight.shape[0]; tokens: (B, N, C2), N = H * W
+    in row-major order, C2 = C - C1 (the attention output with its heads merged);
+    proj_weight: (C2, C2); proj_bias: (C2,) or None. Dropout with probability ``dropout_p`` is
+    applied to the projection (pass 0 in eval); its mask is drawn like ``F.dropout`` on a
+    (B, N, C2) tensor, so every backend sees the same mask. Returns (B, C, H, W); the fused
+    backends write both halves straight into it (no concatenation).
+    """
+    check_activation("x", x)
+    c1 = check_conv_weight("conv_weight", conv_weight, x.shape[1], 3, min_rest=1)
+    b, c, h, w = x.shape
+    c2 = c - c1
+    check_shape("tokens", tokens, (b, h * w, c2), f"(B, H * W, C2) with C2 = C - C1 = {c2}")
+    check_shape("proj_weight", proj_weight, (c2, c2))
+    if proj_bias is not None:
+        check_shape("proj_bias", proj_bias, (c2,))
+    check_same("x", x, conv_weight=conv_weight, tokens=tokens, proj_weight=proj_weight,
+               proj_bias=proj_bias)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    implementation = _implementation("self_mixer_output", backend, x)
+    keep = None
+    if dropout_p > 0.0:  # as F.dropout: bernoulli(1 - p) / (1 - p), same generator calls
+        keep = torch.empty((b, h * w, c2), dtype=x.dtype, device=x.device)
+        keep.bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+    return implementation(x, conv_weight, tokens, proj_weight, proj_bias, keep)

@@ -15,8 +15,10 @@ from ..backends import BackendUnavailableError
 def _triton_ops() -> Dict[str, Callable]:
     # A plain import statement (which torch.compile can trace), run on first use.
     from . import partial_conv
+    from . import self_mixer
     return {
         "partial_conv3x3": partial_conv.partial_conv3x3,
+        "self_mixer_output": self_mixer.self_mixer_output,
     }
 
 

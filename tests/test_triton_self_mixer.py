@@ -1,0 +1,106 @@
+"""The PAT_sf output op (self_mixer_output) with the Triton backend against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import patnet_kernels as pk
+
+from conftest import DEVICE, assert_within_budget
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _inputs(b, c, c1, h, w, dtype, channels_last, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c2 = c - c1
+    t = [torch.randn(b, c, h, w, generator=gen, dtype=torch.float64),
+         torch.randn(c1, c1, 3, 3, generator=gen, dtype=torch.float64) / (3 * c1 ** 0.5),
+         torch.randn(b, h * w, c2, generator=gen, dtype=torch.float64),
+         torch.randn(c2, c2, generator=gen, dtype=torch.float64) / c2 ** 0.5,
+         torch.randn(c2, generator=gen, dtype=torch.float64),
+         torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)]
+    t = [v.to(DEVICE, dtype) for v in t]
+    if channels_last:
+        t[0], t[5] = (v.to(memory_format=torch.channels_last) for v in (t[0], t[5]))
+    return t
+
+
+def _run(inputs, backend, dropout_p=0.0, bias=True, seed=1):
+    x, conv_w, tokens, proj_w, proj_b, grad = inputs
+    leaves = [v.detach().clone().requires_grad_() for v in (x, conv_w, tokens, proj_w, proj_b)]
+    torch.manual_seed(seed)
+    y = pk.self_mixer_output(leaves[0], leaves[1], leaves[2], leaves[3],
+                             leaves[4] if bias else None, dropout_p=dropout_p, backend=backend)
+    y.backward(grad)
+    return [y.detach()] + [v.grad for v in leaves[:4 + bias]]
+
+
+NAMES = ("y", "grad_x", "grad_conv_weight", "grad_tokens", "grad_proj_weight", "grad_proj_bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, channels_last, bias", [
+    ((2, 20, 5, 7, 7), False, True), ((1, 12, 3, 1, 1), True, True),
+    ((3, 36, 9, 5, 9), True, False), ((1, 24, 6, 2, 13), False, True)],
+    ids=["2x20x7x7", "1x12x1x1-nhwc", "3x36x5x9-nhwc-nobias", "1x24x2x13"])
+def test_matches_float64_reference(shape, channels_last, bias, dtype):
+    inputs = _inputs(*shape, dtype, channels_last)
+    ours = _run(inputs, "triton", bias=bias)
+    exact = _run([v.double() for v in inputs], "torch", bias=bias)
+    in_dtype = _run(inputs, "torch", bias=bias)
+    for name, o, e, r in zip(NAMES, ours, exact, in_dtype):
+        assert o.dtype == dtype, name
+        assert_within_budget(name, o, e, r, dtype)
+    assert ours[0].is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_dropout_mask_is_the_functional_apis():
+    """Both backends draw the same mask from the same generator state, as F.dropout would."""
+    inputs = _inputs(2, 16, 4, 5, 5, torch.float32, False)
+    ours = _run(inputs, "triton", dropout_p=0.3, seed=7)
+    ref = _run(inputs, "torch", dropout_p=0.3, seed=7)
+    for name, o, r in zip(NAMES, ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=name)
+        assert torch.equal(o == 0, r == 0), name
+    y2 = ours[0][:, 4:]
+    dropped = (y2 == 0).double().mean().item()
+    assert 0.2 < dropped < 0.4
+
+
+def test_opcheck_and_compile():
+    x, conv_w, tokens, proj_w, proj_b, grad = _inputs(2, 12, 3, 4, 5, torch.float32, True)
+    keep = torch.ones_like(tokens) * 2
+    ops = torch.ops.patnet_triton
+    torch.library.opcheck(ops.self_mixer_output.default, (x, conv_w, tokens, proj_w, proj_b, keep))
+    torch.library.opcheck(ops.self_mixer_output.default, (x, conv_w, tokens, proj_w, None, None))
+    torch.library.opcheck(ops.self_mixer_output_backward.default,
+                          (grad, x, conv_w, tokens, proj_w, keep))
+
+    def fn(x, conv_w, tokens, proj_w, proj_b):
+        return pk.self_mixer_output(x, conv_w, tokens, proj_w, proj_b, backend="triton") * 2
+
+    compiled = torch.compile(fn, fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        leaves = [v.clone().requires_grad_() for v in (x, conv_w, tokens, proj_w, proj_b)]
+        f(*leaves).backward(grad)
+        results.append([f(*leaves).detach()] + [v.grad for v in leaves])
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input():
+    x, conv_w, tokens, proj_w, proj_b, _ = _inputs(2, 12, 3, 4, 5, torch.float32, False)
+    with pytest.raises(ValueError, match="tokens"):
+        pk.self_mixer_output(x, conv_w, tokens[:, :-1], proj_w, proj_b, backend="triton")
+    with pytest.raises(ValueError, match="proj_weight"):
+        pk.self_mixer_output(x, conv_w, tokens, proj_w[:, :-1], proj_b, backend="triton")
+    with pytest.raises((TypeError, ValueError), match="dtype"):
+        pk.self_mixer_output(x, conv_w, tokens.double(), proj_w, proj_b, backend="triton")
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16, got torch.float64"):
+        pk.self_mixer_output(*(v.double() for v in (x, conv_w, tokens, proj_w, proj_b)),
+                             backend="triton")
+    with pytest.raises(ValueError, match="dropout_p"):
+        pk.self_mixer_output(x, conv_w, tokens, proj_w, proj_b, dropout_p=1.0, backend="triton")
