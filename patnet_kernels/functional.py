@@ -116,12 +116,16 @@ def rpe_buckets(height: int, width: int, device=None) -> torch.Tensor:
     """iRPE bucket ids (N, N), int64, N = height * width, for tokens in row-major order.
 
     Euclidean method, ratio 20, ids in [0, 81). Computed once per (height, width, device) and
-    cached: the returned tensor is shared, so do not modify it in place.
+    cached: the returned tensor is shared, so do not modify it in place. Under torch.compile
+    the map comes from the registered op ``patnet::rpe_buckets`` (a copy of the cached map,
+    made at run time), so a compiled graph needs no break for it.
     """
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling():
+        return _rpe_buckets_op(height, width, device)
     key = (height, width, device)
     ids = _BUCKET_CACHE.get(key)
     if ids is None:
@@ -130,6 +134,17 @@ def rpe_buckets(height: int, width: int, device=None) -> torch.Tensor:
         _BUCKET_CACHE[key] = ids
         _CACHED_BUCKET_RANGE[id(ids)] = (ids, int(cpu_ids.min()), int(cpu_ids.max()))
     return ids
+
+
+@torch.library.custom_op("patnet::rpe_buckets", mutates_args=())
+def _rpe_buckets_op(height: int, width: int, device: torch.device) -> torch.Tensor:
+    return rpe_buckets(height, width, device).clone()
+
+
+@_rpe_buckets_op.register_fake
+def _(height, width, device):
+    n = height * width
+    return torch.empty((n, n), dtype=torch.int64, device=device)
 
 
 def _bucket_range(bucket: torch.Tensor):
@@ -167,7 +182,9 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
                         f"patnet_kernels.rpe_buckets(H, W), got {got}; convert it with .long()")
     check_shape("bucket", bucket, (n, n), f"N x N for the N = {n} tokens of q")
     check_device("q", q, bucket=bucket)
-    low, high = _bucket_range(bucket)
+    # Under torch.compile the range check is skipped: it reads the ids (a device sync and a
+    # graph break). The maps of rpe_buckets are in range by construction; check your own in eager.
+    low, high = (0, 0) if torch.compiler.is_compiling() else _bucket_range(bucket)
     if low < 0 or high >= table.shape[1]:
         raise ValueError(f"bucket ids span [{low}, {high}] but the table has only "
                          f"{table.shape[1]} buckets per head; this map needs a table of at "

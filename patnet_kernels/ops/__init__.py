@@ -16,9 +16,15 @@ def _triton_ops() -> Dict[str, Callable]:
     # A plain import statement (which torch.compile can trace), run on first use.
     from . import partial_conv
     from . import self_mixer
+    from . import channel_attention
+    from . import rpe_attention
+    from . import spatial_attention
     return {
         "partial_conv3x3": partial_conv.partial_conv3x3,
+        "channel_attention": channel_attention.channel_attention,
         "self_mixer_output": self_mixer.self_mixer_output,
+        "rpe_attention": rpe_attention.rpe_attention,
+        "spatial_attention": spatial_attention.spatial_attention,
     }
 
 

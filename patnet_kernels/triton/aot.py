@@ -21,6 +21,9 @@ from typing import List, Tuple
 # Kernel family modules of this package that ship kernels (each has aot_kernels()).
 FAMILIES = (
     "partial_conv",
+    "channel_attention",
+    "rpe_attention",
+    "spatial_attention",
 )
 
 # Shared memory a block may use (bytes): H100 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.

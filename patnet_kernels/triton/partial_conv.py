@@ -26,6 +26,42 @@ from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, 
 
 
 @triton.jit
+def conv3x3_tile(
+    src,  # pointer to sample b of the conv input (channels [0, C1) read), any strides
+    w_ptr,  # (9, C1, C1) contiguous, [tap = 3 * ky + kx, in channel, out channel]
+    C1, H, W,
+    src_sc, src_sh, src_sw,  # channel, row and column strides of src (elements)
+    h, w,  # (BLOCK_P,) row and column of each output pixel of the tile
+    p_ok,  # (BLOCK_P,) which pixels of the tile exist
+    offs_co, co_ok,  # (BLOCK_CO,) output channels of the tile and which exist
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+):
+    """conv3x3 (padding 1) of one (BLOCK_P pixels x BLOCK_CO output channels) tile, in fp32:
+    an implicit GEMM of nine shifted [pixels x C1] x [C1 x out channels] products. Shared by
+    every kernel that fuses a partial conv (PConv, PAT_ch)."""
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    for tap in tl.static_range(9):
+        hh = h + (tap // 3 - 1)
+        ww = w + (tap % 3 - 1)
+        pix_ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        pix = hh * src_sh + ww * src_sw
+        for ci0 in range(0, C1, BLOCK_CI):
+            offs_ci = ci0 + tl.arange(0, BLOCK_CI)
+            ci_ok = offs_ci < C1
+            x = tl.load(src + pix[:, None] + offs_ci[None, :] * src_sc,
+                        mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + tap * C1 * C1 + offs_ci[:, None] * C1 + offs_co[None, :],
+                         mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+            if UPCAST:
+                acc = tl.dot(to_compute(x, UPCAST), to_compute(wt, UPCAST), acc,
+                             input_precision="ieee")
+            else:
+                acc = tl.dot(x, wt, acc)
+    return acc
+
+
+@triton.jit
 def _conv3x3_passthrough_kernel(
     src_ptr,  # (B, >= C1 [+ C_rest], H, W) conv input, any strides; X, or dY for the input grad
     dst_ptr,  # (B, C1 [+ C_rest], H, W) output, any strides; channels [0, C1) get the conv
@@ -53,24 +89,8 @@ def _conv3x3_passthrough_kernel(
     src = src_ptr + pid_b * src_sb
     dst = dst_ptr + pid_b * dst_sb
 
-    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
-    for tap in tl.static_range(9):
-        hh = h + (tap // 3 - 1)
-        ww = w + (tap % 3 - 1)
-        pix_ok = p_ok & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        pix = hh * src_sh + ww * src_sw
-        for ci0 in range(0, C1, BLOCK_CI):
-            offs_ci = ci0 + tl.arange(0, BLOCK_CI)
-            ci_ok = offs_ci < C1
-            x = tl.load(src + pix[:, None] + offs_ci[None, :] * src_sc,
-                        mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
-            wt = tl.load(w_ptr + tap * C1 * C1 + offs_ci[:, None] * C1 + offs_co[None, :],
-                         mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-            if UPCAST:
-                acc = tl.dot(to_compute(x, UPCAST), to_compute(wt, UPCAST), acc,
-                             input_precision="ieee")
-            else:
-                acc = tl.dot(x, wt, acc)
+    acc = conv3x3_tile(src, w_ptr, C1, H, W, src_sc, src_sh, src_sw, h, w, p_ok, offs_co, co_ok,
+                       BLOCK_P, BLOCK_CI, BLOCK_CO, UPCAST)
     out_pix = h * dst_sh + w * dst_sw
     tl.store(dst + out_pix[:, None] + offs_co[None, :] * dst_sc,
              acc.to(dst_ptr.dtype.element_ty), mask=p_ok[:, None] & co_ok[None, :])

@@ -1,0 +1,95 @@
+"""Benchmark PAT_sp (partial spatial attention): eager reference vs torch.compile vs Triton.
+
+    python -m benchmarks.bench_spatial_attention [--dtypes float16] [--batches 256] [--quick] ...
+
+Shapes: the MLP outputs of PATNet-T2 (the block's dim, every stage), read off the model code at
+224 x 224 with use_spatial_attn=True. PATNet-T2 as released has no PAT_sp (only T1 enables it);
+these are the shapes where it would run. Modes: fwd is the eval forward, fwd+bwd the training
+forward and its backward. See benchmarks/README.md and benchmarks/op_bench.py.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import patnet_kernels as pk  # noqa: E402
+from benchmarks import op_bench  # noqa: E402
+from benchmarks.op_bench import Family, Problem, StageShape  # noqa: E402
+from patnet.layers import PartialSpatialAttention  # noqa: E402
+
+
+def shapes(quick: bool):
+    return op_bench.stage_shapes("patnet_t2", (PartialSpatialAttention,),
+                                 lambda module: module.dim_conv, quick, use_spatial_attn=True)
+
+
+def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Problem:
+    """The arguments PartialSpatialAttention.forward passes: conv bias None (bias=False in the
+    model), BN_c over Q channels and BN_d over P with random affines and running statistics."""
+    training = mode == "fwd+bwd"
+    p = shape.split
+    q = shape.channels - p
+    m = op_bench.random_activation((batch, shape.channels, shape.height, shape.width), dtype,
+                                   device, gen)
+    gate_weight = op_bench.random_weight((1, q, 1, 1), dtype, device, gen)
+    conv_weight = op_bench.random_weight((p, p, 1, 1), dtype, device, gen)
+    bn_c = op_bench.random_batch_norm(q, dtype, device, gen, training)
+    bn_d = op_bench.random_batch_norm(p, dtype, device, gen, training)
+    leaves = []
+    if training:
+        leaves = [m.requires_grad_(True), gate_weight.requires_grad_(True),
+                  conv_weight.requires_grad_(True), bn_c.weight, bn_c.bias, bn_d.weight,
+                  bn_d.bias]
+    return Problem((m, gate_weight, conv_weight, None, bn_c, bn_d, training), leaves)
+
+
+def functional(args, backend: str):
+    m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training = args
+    return pk.spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c, bn_d,
+                                training=training, backend=backend)
+
+
+def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
+    p = shape.split
+    q = shape.channels - p
+    n = batch * shape.channels * shape.height * shape.width
+    params = q + p ** 2 + 4 * q + 4 * p  # gate, 1x1 conv, BN_c and BN_d (4 vectors each)
+    if mode == "fwd":
+        return (2 * n + params) * elem
+    return (8 * n + 3 * params) * elem
+
+
+FAMILY = Family(
+    name="spatial_attention",
+    title="PAT_sp (partial spatial attention): pk.spatial_attention",
+    shapes=shapes, build=build, functional=functional,
+    reference=pk.reference.spatial_attention, bytes_moved=bytes_moved,
+    formulas={
+        "fwd": "(2N + P) * e: read M, write Y; everything is per pixel in eval "
+               "(N = B*C*H*W elements, P = Q + P'^2 + 4Q + 4P' parameters with P' = C/2 conv "
+               "channels, Q = C - P', e = bytes per element)",
+        "fwd+bwd": "(8N + 3P) * e: training forward reads M for the batch statistics of "
+                   "Ma*s and Mb, then reads M and writes Y (3N); backward reads dY and M for "
+                   "the BN reductions (2N), then reads dY and M and writes dM (3N); parameters "
+                   "read twice, gradients written once",
+    },
+    mode_text={
+        "fwd": "eval forward (training=False: BN_c, BN_d use running statistics) under "
+               "torch.no_grad()",
+        "fwd+bwd": "training forward (batch statistics; running statistics updated) + backward "
+                   "into m, gate_weight, conv_weight and the affines of BN_c and BN_d",
+    },
+    notes=["PATNet-T2 as released has no PAT_sp (only T1 enables it): the shapes are T2's "
+           "block dims where it would run (create_model('patnet_t2', use_spatial_attn=True))"],
+)
+
+
+def main(argv=None) -> int:
+    return op_bench.run(FAMILY, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

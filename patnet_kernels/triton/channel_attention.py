@@ -1,0 +1,296 @@
+"""Triton kernels of PAT_ch, the partial conv fused with Gaussian channel attention.
+
+Y = [conv3x3(X1) | X2 * a[b, c] + d[b, c]], X1 = X[:, :C1], X2 = X[:, C1:] (C2 channels). The
+per-(sample, channel) coefficients a, d come from tiny B x C2 math (the mix W_ch, BN_a, the
+hard-sigmoid gate, BN_b) done outside these kernels on the statistics computed here. Tensors may
+have any strides (NCHW, channels_last): every kernel takes the four strides of each activation.
+
+* :func:`channel_stats` -- one pass over X2: per (b, c) mean and unbiased std over H * W, in
+  fp32, from per-tile means and centred sums of squares combined with Chan's formula (no
+  E[x^2] - E[x]^2 cancellation). H * W = 1 gives std = 0 / 0 = NaN, as ``Tensor.std``.
+* :func:`conv3x3_affine` -- one pass over X writing the whole output: each program computes
+  conv3x3 of its pixel tile for a block of output channels (the implicit GEMM of
+  :func:`~patnet_kernels.triton.partial_conv.conv3x3_tile`) and the affine map of its share of
+  the X2 channels. The same kernel gives the input gradient: [conv3x3^T(dY1) | dY2 * a +
+  (X2 - mean) * slope + offset], where the last two terms are the gradient through the
+  statistics (slope = dstd / ((HW - 1) std), offset = dmean / HW).
+* :func:`channel_grad_sums` -- one pass over (dY2, X2): per (b, c) sums over H * W of
+  dY2 * (X2 - mean) and of dY2 (the gradient of d; that of a is the first plus mean times the
+  second), in fp32. Centring first keeps the gate's backward well conditioned when |mean| is
+  large against the std.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, upcast_dot)
+from .partial_conv import _conv_blocks, _strides, conv3x3_tile
+
+
+@triton.jit
+def _channel_stats_kernel(
+    x_ptr,  # (B, C1 + C2, H, W) any strides; channels [C1, C1 + C2) read
+    mean_ptr,  # (B, C2) fp32 contiguous: mean over the H * W pixels
+    std_ptr,  # (B, C2) fp32 contiguous: unbiased std over the H * W pixels (NaN if H * W = 1)
+    C1, C2, H, W,
+    x_sb, x_sc, x_sh, x_sw,  # strides of x (elements)
+    BLOCK_P: tl.constexpr,  # pixels per step (flattened h * W + w)
+    BLOCK_C: tl.constexpr,  # channels per program
+):
+    # grid: (ceil(C2 / BLOCK_C), B)
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C2
+    base = x_ptr + pid_b * x_sb + (C1 + offs_c) * x_sc  # (BLOCK_C,) pointers
+    n = H * W
+    seen = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for p0 in range(0, n, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < n
+        pix = (offs_p // W) * x_sh + (offs_p % W) * x_sw
+        ok = p_ok[:, None] & c_ok[None, :]
+        x = tl.load(base[None, :] + pix[:, None], mask=ok, other=0.0).to(tl.float32)
+        count = tl.sum(p_ok.to(tl.float32), 0)
+        tile_mean = tl.sum(x, 0) / count
+        centred = tl.where(ok, x - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(centred * centred, 0)
+        # Chan et al.: merge (seen, mean, m2) with (count, tile_mean, tile_m2).
+        total = seen + count
+        delta = tile_mean - mean
+        mean = mean + delta * (count / total)
+        m2 = m2 + tile_m2 + delta * delta * (seen * (count / total))
+        seen = total
+    # H * W = 1: m2 = 0 and the divisor 0, so std = NaN (as Tensor.std with correction 1).
+    std = tl.sqrt(m2 / (seen - 1.0))
+    out = pid_b * C2 + offs_c
+    tl.store(mean_ptr + out, mean, mask=c_ok)
+    tl.store(std_ptr + out, std, mask=c_ok)
+
+
+@triton.jit
+def _channel_grad_sums_kernel(
+    x_ptr,  # (B, C1 + C2, H, W) X, any strides; channels [C1, C1 + C2) read
+    gy_ptr,  # (B, C1 + C2, H, W) dY, any strides; channels [C1, C1 + C2) read
+    center_ptr,  # (B, C2) fp32 contiguous: the per-(b, c) mean of X2
+    sum_xg_ptr,  # (B, C2) fp32 contiguous: sum over H * W of dY2 * (X2 - center)
+    sum_g_ptr,  # (B, C2) fp32 contiguous: sum over H * W of dY2
+    C1, C2, H, W,
+    x_sb, x_sc, x_sh, x_sw,  # strides of x (elements)
+    g_sb, g_sc, g_sh, g_sw,  # strides of gy (elements)
+    BLOCK_P: tl.constexpr,  # pixels per step
+    BLOCK_C: tl.constexpr,  # channels per program
+):
+    # grid: (ceil(C2 / BLOCK_C), B)
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_c = C1 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C1 + C2
+    x_base = x_ptr + pid_b * x_sb + offs_c * x_sc
+    g_base = gy_ptr + pid_b * g_sb + offs_c * g_sc
+    coef = pid_b * C2 + offs_c - C1
+    center = tl.load(center_ptr + coef, mask=c_ok, other=0.0)
+    n = H * W
+    acc_xg = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, n, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        h = offs_p // W
+        w = offs_p % W
+        ok = (offs_p < n)[:, None] & c_ok[None, :]
+        x = tl.load(x_base[None, :] + (h * x_sh + w * x_sw)[:, None], mask=ok, other=0.0)
+        g = tl.load(g_base[None, :] + (h * g_sh + w * g_sw)[:, None], mask=ok, other=0.0)
+        g = g.to(tl.float32)
+        acc_xg += (x.to(tl.float32) - center[None, :]) * g  # g = 0 where masked
+        acc_g += g
+    tl.store(sum_xg_ptr + coef, tl.sum(acc_xg, 0), mask=c_ok)
+    tl.store(sum_g_ptr + coef, tl.sum(acc_g, 0), mask=c_ok)
+
+
+@triton.jit
+def _conv3x3_affine_kernel(
+    src_ptr,  # (B, C1 + C2, H, W) any strides: X (forward) or dY (input gradient)
+    aux_ptr,  # (B, C1 + C2, H, W) any strides: X, channels [C1, C1 + C2) read (only if HAS_AUX)
+    dst_ptr,  # (B, C1 + C2, H, W) output, any strides
+    w_ptr,  # (9, C1, C1) contiguous, [tap = 3 * ky + kx, in channel, out channel], src dtype
+    scale_ptr,  # (B, C2) fp32 contiguous: a, the multiplier of src2
+    offset_ptr,  # (B, C2) fp32 contiguous: added to every pixel
+    center_ptr,  # (B, C2) fp32 contiguous: subtracted from aux2 (only if HAS_AUX)
+    slope_ptr,  # (B, C2) fp32 contiguous: the multiplier of aux2 - center (only if HAS_AUX)
+    C1, C2, H, W,
+    src_sb, src_sc, src_sh, src_sw,  # strides of src (elements)
+    aux_sb, aux_sc, aux_sh, aux_sw,  # strides of aux (elements)
+    dst_sb, dst_sc, dst_sh, dst_sw,  # strides of dst (elements)
+    BLOCK_P: tl.constexpr,  # pixels per program (flattened h * W + w)
+    BLOCK_CI: tl.constexpr,  # conv input channels per tl.dot
+    BLOCK_CO: tl.constexpr,  # conv output channels per program
+    BLOCK_C2: tl.constexpr,  # X2 channels per affine step
+    HAS_AUX: tl.constexpr,  # add (aux2 - center) * slope (the input gradient)
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+):
+    # grid: (ceil(H * W / BLOCK_P), B, ceil(C1 / BLOCK_CO))
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_co = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < H * W
+    h = offs_p // W
+    w = offs_p % W
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = offs_co < C1
+    src = src_ptr + pid_b * src_sb
+    dst = dst_ptr + pid_b * dst_sb
+    out_ty = dst_ptr.dtype.element_ty
+
+    acc = conv3x3_tile(src, w_ptr, C1, H, W, src_sc, src_sh, src_sw, h, w, p_ok, offs_co, co_ok,
+                       BLOCK_P, BLOCK_CI, BLOCK_CO, UPCAST)
+    out_pix = h * dst_sh + w * dst_sw
+    tl.store(dst + out_pix[:, None] + offs_co[None, :] * dst_sc, acc.to(out_ty),
+             mask=p_ok[:, None] & co_ok[None, :])
+
+    # Output-channel program j maps X2 channel blocks j, j + n_co, ... of its pixel tile.
+    in_pix = h * src_sh + w * src_sw
+    aux_pix = h * aux_sh + w * aux_sw
+    step = tl.num_programs(2) * BLOCK_C2
+    for c0 in range(pid_co * BLOCK_C2, C2, step):
+        offs_c = c0 + tl.arange(0, BLOCK_C2)
+        c_ok = offs_c < C2
+        ok = p_ok[:, None] & c_ok[None, :]
+        coef = pid_b * C2 + offs_c
+        scale = tl.load(scale_ptr + coef, mask=c_ok, other=0.0)
+        offset = tl.load(offset_ptr + coef, mask=c_ok, other=0.0)
+        v = tl.load(src + in_pix[:, None] + (C1 + offs_c)[None, :] * src_sc, mask=ok, other=0.0)
+        out = v.to(tl.float32) * scale[None, :] + offset[None, :]
+        if HAS_AUX:
+            center = tl.load(center_ptr + coef, mask=c_ok, other=0.0)
+            slope = tl.load(slope_ptr + coef, mask=c_ok, other=0.0)
+            a = tl.load(aux_ptr + pid_b * aux_sb + aux_pix[:, None]
+                        + (C1 + offs_c)[None, :] * aux_sc, mask=ok, other=0.0)
+            out += (a.to(tl.float32) - center[None, :]) * slope[None, :]
+        tl.store(dst + out_pix[:, None] + (C1 + offs_c)[None, :] * dst_sc, out.to(out_ty),
+                 mask=ok)
+
+
+# GPU blocks of the X2 passes: (pixels per step, channels per program, warps).
+_GPU_REDUCE_BLOCKS = (64, 32, 4)
+_GPU_AFFINE_BLOCK_C2 = 32
+
+
+def _reduce_blocks(c2: int, hw: int, interpret: bool = INTERPRET):
+    """(BLOCK_P, BLOCK_C, num_warps) of the statistics and gradient-sum kernels."""
+    if interpret:  # few, big programs under the interpreter (13 x 13 maps still take 2 steps)
+        return block(hw, high=128), block(c2, high=64), 4
+    return _GPU_REDUCE_BLOCKS
+
+
+def _affine_block_c2(c2: int, interpret: bool = INTERPRET) -> int:
+    return block(c2, high=64) if interpret else _GPU_AFFINE_BLOCK_C2
+
+
+def _check_coefficients(b: int, c2: int, *coefs: torch.Tensor) -> None:
+    for t in coefs:
+        assert t.dtype == torch.float32 and t.shape == (b, c2) and t.is_contiguous(), \
+            f"coefficients must be ({b}, {c2}) contiguous fp32, got {t.dtype} {tuple(t.shape)}"
+
+
+def channel_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (b, c) mean and unbiased std over H * W of x[:, c1:], each (B, C2) fp32 contiguous."""
+    b, c, h, w = x.shape
+    c2 = c - c1
+    mean = torch.empty((b, c2), device=x.device, dtype=torch.float32)
+    std = torch.empty((b, c2), device=x.device, dtype=torch.float32)
+    block_p, block_c, warps = _reduce_blocks(c2, h * w)
+    _channel_stats_kernel[(triton.cdiv(c2, block_c), b)](
+        x, mean, std, c1, c2, h, w, *_strides(x),
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    return mean, std
+
+
+def channel_grad_sums(x: torch.Tensor, grad_y: torch.Tensor, center: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum_hw dY2 * (X2 - center), sum_hw dY2), each (B, C2) fp32 contiguous.
+
+    X2 = x[:, C1:] with C1 = C - C2; center: (B, C2) fp32 contiguous (the mean of X2).
+    """
+    b, c, h, w = x.shape
+    c2 = center.shape[1]
+    c1 = c - c2
+    _check_coefficients(b, c2, center)
+    sum_xg = torch.empty((b, c2), device=x.device, dtype=torch.float32)
+    sum_g = torch.empty((b, c2), device=x.device, dtype=torch.float32)
+    block_p, block_c, warps = _reduce_blocks(c2, h * w)
+    _channel_grad_sums_kernel[(triton.cdiv(c2, block_c), b)](
+        x, grad_y, center, sum_xg, sum_g, c1, c2, h, w, *_strides(x), *_strides(grad_y),
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    return sum_xg, sum_g
+
+
+def conv3x3_affine(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch.Tensor,
+                   scale: torch.Tensor, offset: torch.Tensor, aux: Optional[torch.Tensor] = None,
+                   center: Optional[torch.Tensor] = None, slope: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+    """dst = [conv3x3(src1) | src2 * scale + offset (+ (aux2 - center) * slope)].
+
+    src, dst, aux: (B, C, H, W), any strides, same dtype; weight_taps: (9, C1, C1) [tap, in,
+    out] contiguous (``forward_taps`` / ``transposed_taps`` of partial_conv); scale, offset,
+    center, slope: (B, C2) fp32 contiguous, broadcast over H and W. dst must not overlap src
+    or aux. Returns dst.
+    """
+    b, c, h, w = src.shape
+    c1 = weight_taps.shape[1]
+    c2 = c - c1
+    has_aux = aux is not None
+    _check_coefficients(b, c2, scale, offset, *((center, slope) if has_aux else ()))
+    if not has_aux:  # never read: any valid pointer
+        aux, center, slope = src, scale, scale
+    block_p, block_ci, block_co, warps = _conv_blocks(c1)
+    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c1, block_co))
+    _conv3x3_affine_kernel[grid](
+        src, aux, dst, weight_taps, scale, offset, center, slope, c1, c2, h, w,
+        *_strides(src), *_strides(aux), *_strides(dst),
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_C2=_affine_block_c2(c2),
+        HAS_AUX=has_aux, UPCAST=upcast_dot(src.dtype), num_warps=warps)
+    return dst
+
+
+def aot_kernels() -> List[AotKernel]:
+    """Every kernel configuration this file launches on a GPU, for the ahead-of-time check."""
+    kernels, seen = [], set()
+    block_p, block_c, warps = _GPU_REDUCE_BLOCKS
+    for dtype, tname in TRITON_DTYPE.items():
+        ptr = "*" + tname
+        fn = _channel_stats_kernel
+        kernels.append(AotKernel(
+            f"channel_stats[{tname}]", fn,
+            aot_signature(fn, {"x_ptr": ptr, "mean_ptr": "*fp32", "std_ptr": "*fp32"}),
+            dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps))
+        fn = _channel_grad_sums_kernel
+        kernels.append(AotKernel(
+            f"channel_grad_sums[{tname}]", fn,
+            aot_signature(fn, {"x_ptr": ptr, "gy_ptr": ptr, "center_ptr": "*fp32",
+                               "sum_xg_ptr": "*fp32", "sum_g_ptr": "*fp32"}),
+            dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps))
+    for c1 in (8, 16, 24, 32, 40, 80, 160):  # C1 = C / 4 of stages 1-3 of every released width
+        p, ci, co, warps = _conv_blocks(c1, interpret=False)
+        if (ci, co) in seen:
+            continue
+        seen.add((ci, co))
+        for dtype, tname in TRITON_DTYPE.items():
+            ptr = "*" + tname
+            fn = _conv3x3_affine_kernel
+            sig = aot_signature(fn, {"src_ptr": ptr, "aux_ptr": ptr, "dst_ptr": ptr,
+                                     "w_ptr": ptr, "scale_ptr": "*fp32", "offset_ptr": "*fp32",
+                                     "center_ptr": "*fp32", "slope_ptr": "*fp32"})
+            for has_aux in (False, True):
+                kernels.append(AotKernel(
+                    f"conv3x3_affine[{tname}, CI={ci}, CO={co}, aux={has_aux}]", fn, sig,
+                    dict(BLOCK_P=p, BLOCK_CI=ci, BLOCK_CO=co, BLOCK_C2=_GPU_AFFINE_BLOCK_C2,
+                         HAS_AUX=has_aux, UPCAST=upcast_dot(dtype, interpret=False)),
+                    num_warps=warps))
+    return kernels

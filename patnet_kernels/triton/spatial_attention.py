@@ -1,0 +1,618 @@
+"""Triton kernels of PAT_sp, the partial spatial attention (SPEC.md section 3).
+
+Y = [BN_c(Ma * s) | conv1x1(BN_d(Mb)) + bias], s = hsig(w . Ma) per pixel, Ma = M[:, :Q],
+Mb = M[:, Q:]. Activations may be NCHW, channels_last or a channel slice of either: every kernel
+takes each tensor's batch, channel and *pixel* stride, where pixel p = h * W + w (a tensor whose
+(h, w) do not flatten to one stride, as after a crop of H or W, is copied first by the op). All
+arithmetic is fp32: loads are upcast, stores cast to the output's dtype; tl.dot operands are in
+the input dtype on a GPU for fp16/bf16 (fp32 accumulate), fp32 otherwise.
+
+Kernels (program = one pixel tile of one sample unless said otherwise):
+
+* :func:`gate_stats` (training forward) -- z = w . Ma per pixel (stored, fp32) and, per tile,
+  the mean and centred sum of squares of U = Ma * hsig(z) (channels [0, Q)) and of Mb (channels
+  [Q, C), when BN_d has batch statistics). The tiles are combined with Chan's formula in a fixed
+  order (deterministic, no atomics).
+* :func:`gate_apply` -- Ya = (Ma * s - mean) * gamma * rstd + beta straight into y[:, :Q]; in
+  eval it first computes (and stores) z itself, so the eval forward of this half is one pass.
+* :func:`pointwise_gemm` -- out[p, n] = sum_k A'[p, k] W[k, n], A' = (A - pm) * ps + ph per
+  input channel (BN_d applied to the tile as it is loaded), epilogue acc * ea + eb (+ (X - em) *
+  ec). Forward: Yb = conv1x1(BN_d(Mb)) + bias written straight into y[:, Q:]. Backward: the
+  input gradient of the conv through BN_d (its batch-statistics terms in the epilogue) written
+  straight into grad_m[:, Q:].
+* :func:`pointwise_weight_grad` -- G[o, i] = sum dYb[o] * xhat_d[i] and sum dYb[o] over (b, h,
+  w), as per-split fp32 partials summed in a fixed order; dW, d_bias and BN_d's parameter and
+  reduction terms all follow from G and the sum.
+* :func:`gate_grad_reduce` (training) -- per channel sums of dYa and dYa * xhat_c (BN_c).
+* :func:`gate_grad_apply` -- dU (BN_c backward), dMa = dU * s + hsig'(z) (dU . Ma) w into
+  grad_m[:, :Q], and per-tile partials of dw (and, in eval, of BN_c's two sums).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, hardsigmoid,
+                      hardsigmoid_grad, upcast_dot)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _gate_stats_kernel(
+    m_ptr,  # (B, C, H, W) M, any strides with flattenable pixels; Ma = channels [0, Q)
+    g_ptr,  # (Q,) gate weight w, M's dtype, contiguous
+    z_ptr,  # (B, H * W) fp32 contiguous, out: z = w . Ma per pixel
+    mean_ptr,  # (B * TILES, CS) fp32 contiguous, out: per (sample, tile) channel means
+    m2_ptr,  # (B * TILES, CS) fp32 contiguous, out: per (sample, tile) centred sums of squares
+    Q, CS, HW, TILES,  # gated channels; channels with statistics (Q, or C with Mb); H * W; tiles
+    m_sb, m_sc, m_sp,  # strides of M: batch, channel, pixel (elements)
+    BLOCK_P: tl.constexpr,  # pixels per program
+    BLOCK_C: tl.constexpr,  # channels per step
+):
+    # grid: (TILES, B). Statistics of U = Ma * hsig(z) for channels [0, Q), of Mb for [Q, CS).
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < HW
+    m_pix = m_ptr + pid_b * m_sb + offs_p[:, None] * m_sp
+    z = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, Q, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < Q
+        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=p_ok[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)
+        wv = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        z += tl.sum(x * wv[None, :], axis=1)
+    tl.store(z_ptr + pid_b * HW + offs_p, z, mask=p_ok)
+    s = hardsigmoid(z)
+    count = tl.minimum(HW - pid_t * BLOCK_P, BLOCK_P).to(tl.float32)
+    row = pid_b * TILES + pid_t
+    for c0 in range(0, CS, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < CS
+        ok = p_ok[:, None] & c_ok[None, :]
+        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
+        u = tl.where((offs_c < Q)[None, :], x * s[:, None], x)  # 0 outside the tile
+        mean = tl.sum(u, axis=0) / count
+        d = tl.where(ok, u - mean[None, :], 0.0)
+        tl.store(mean_ptr + row * CS + offs_c, mean, mask=c_ok)
+        tl.store(m2_ptr + row * CS + offs_c, tl.sum(d * d, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _gate_apply_kernel(
+    m_ptr,  # (B, C, H, W) M, any strides with flattenable pixels; channels [0, Q) read
+    g_ptr,  # (Q,) gate weight w, M's dtype, contiguous (read only if COMPUTE_Z)
+    z_ptr,  # (B, H * W) fp32 contiguous: z, read, or written if COMPUTE_Z
+    y_ptr,  # (B, C, H, W) output Y, any strides with flattenable pixels; channels [0, Q) written
+    mean_ptr,  # (Q,) fp32: BN_c mean (batch or running)
+    scale_ptr,  # (Q,) fp32: gamma_c * rstd_c
+    shift_ptr,  # (Q,) fp32: beta_c
+    Q, HW,
+    m_sb, m_sc, m_sp,  # strides of M (elements)
+    y_sb, y_sc, y_sp,  # strides of Y (elements)
+    BLOCK_P: tl.constexpr,  # pixels per program
+    BLOCK_C: tl.constexpr,  # channels per step
+    COMPUTE_Z: tl.constexpr,  # compute z = w . Ma here (eval) instead of loading it
+):
+    # grid: (TILES, B). Ya = (Ma * hsig(z) - mean) * scale + shift.
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < HW
+    m_pix = m_ptr + pid_b * m_sb + offs_p[:, None] * m_sp
+    y_pix = y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp
+    if COMPUTE_Z:
+        z = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for c0 in range(0, Q, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < Q
+            x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=p_ok[:, None] & c_ok[None, :],
+                        other=0.0).to(tl.float32)
+            wv = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+            z += tl.sum(x * wv[None, :], axis=1)
+        tl.store(z_ptr + pid_b * HW + offs_p, z, mask=p_ok)
+    else:
+        z = tl.load(z_ptr + pid_b * HW + offs_p, mask=p_ok, other=0.0)
+    s = hardsigmoid(z)
+    for c0 in range(0, Q, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < Q
+        ok = p_ok[:, None] & c_ok[None, :]
+        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+        sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+        sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+        y = (x * s[:, None] - mu[None, :]) * sc[None, :] + sh[None, :]
+        tl.store(y_pix + offs_c[None, :] * y_sc, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gate_grad_reduce_kernel(
+    m_ptr,  # (B, C, H, W) M, any strides with flattenable pixels; channels [0, Q) read
+    gy_ptr,  # (B, C, H, W) dY, any strides with flattenable pixels; channels [0, Q) read
+    z_ptr,  # (B, H * W) fp32 contiguous: z saved by the forward
+    mean_ptr,  # (Q,) fp32: BN_c batch mean
+    rstd_ptr,  # (Q,) fp32: BN_c 1 / sqrt(var + eps)
+    sdy_ptr,  # (B * TILES, Q) fp32 contiguous, out: per-tile sums of dYa
+    sdyx_ptr,  # (B * TILES, Q) fp32 contiguous, out: per-tile sums of dYa * xhat_c
+    Q, HW, TILES,
+    m_sb, m_sc, m_sp,  # strides of M (elements)
+    g_sb, g_sc, g_sp,  # strides of dY (elements)
+    BLOCK_P: tl.constexpr,  # pixels per program
+    BLOCK_C: tl.constexpr,  # channels per step
+):
+    # grid: (TILES, B)
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < HW
+    s = hardsigmoid(tl.load(z_ptr + pid_b * HW + offs_p, mask=p_ok, other=0.0))
+    m_pix = m_ptr + pid_b * m_sb + offs_p[:, None] * m_sp
+    g_pix = gy_ptr + pid_b * g_sb + offs_p[:, None] * g_sp
+    row = pid_b * TILES + pid_t
+    for c0 in range(0, Q, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < Q
+        ok = p_ok[:, None] & c_ok[None, :]
+        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(g_pix + offs_c[None, :] * g_sc, mask=ok, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+        rs = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
+        xhat = (x * s[:, None] - mu[None, :]) * rs[None, :]
+        tl.store(sdy_ptr + row * Q + offs_c, tl.sum(dy, axis=0), mask=c_ok)
+        tl.store(sdyx_ptr + row * Q + offs_c, tl.sum(dy * xhat, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _gate_du(x, dy, s, mu, rs, a, k1, k2, TRAIN: tl.constexpr):
+    """dU, the gradient at U = Ma * s: a * dY (eval) or a * dY + k1 + xhat * k2 (training)."""
+    if TRAIN:
+        xhat = (x * s[:, None] - mu[None, :]) * rs[None, :]
+        return a[None, :] * dy + k1[None, :] + xhat * k2[None, :]
+    return a[None, :] * dy
+
+
+@triton.jit
+def _gate_grad_apply_kernel(
+    m_ptr,  # (B, C, H, W) M, any strides with flattenable pixels; channels [0, Q) read
+    gy_ptr,  # (B, C, H, W) dY, any strides with flattenable pixels; channels [0, Q) read
+    z_ptr,  # (B, H * W) fp32 contiguous: z saved by the forward
+    g_ptr,  # (Q,) gate weight w, M's dtype, contiguous
+    gm_ptr,  # (B, C, H, W) dM, any strides with flattenable pixels; channels [0, Q) written
+    mean_ptr,  # (Q,) fp32: BN_c mean (batch or running)
+    rstd_ptr,  # (Q,) fp32: BN_c 1 / sqrt(var + eps)
+    a_ptr,  # (Q,) fp32: gamma_c * rstd_c
+    k1_ptr,  # (Q,) fp32: -a * sum(dYa) / N (read if TRAIN)
+    k2_ptr,  # (Q,) fp32: -a * sum(dYa * xhat) / N (read if TRAIN)
+    dw_ptr,  # (B * TILES, Q) fp32 contiguous, out: per-tile partial dw
+    sdy_ptr,  # (B * TILES, Q) fp32 contiguous, out unless TRAIN: per-tile sums of dYa
+    sdyx_ptr,  # (B * TILES, Q) fp32 contiguous, out unless TRAIN: sums of dYa * xhat_c
+    Q, HW, TILES,
+    m_sb, m_sc, m_sp,  # strides of M (elements)
+    g_sb, g_sc, g_sp,  # strides of dY (elements)
+    o_sb, o_sc, o_sp,  # strides of dM (elements)
+    BLOCK_P: tl.constexpr,  # pixels per program
+    BLOCK_C: tl.constexpr,  # channels per step
+    TRAIN: tl.constexpr,  # BN_c used batch statistics (else running ones: dU = a * dY)
+):
+    # grid: (TILES, B). dMa = dU * s + hsig'(z) * (dU . Ma) * w; dw = sum hsig'(z) (dU . Ma) Ma.
+    pid_t = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < HW
+    z = tl.load(z_ptr + pid_b * HW + offs_p, mask=p_ok, other=0.0)
+    s = hardsigmoid(z)
+    m_pix = m_ptr + pid_b * m_sb + offs_p[:, None] * m_sp
+    g_pix = gy_ptr + pid_b * g_sb + offs_p[:, None] * g_sp
+    o_pix = gm_ptr + pid_b * o_sb + offs_p[:, None] * o_sp
+    row = pid_b * TILES + pid_t
+    r = tl.zeros((BLOCK_P,), dtype=tl.float32)  # dU . Ma per pixel
+    for c0 in range(0, Q, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < Q
+        ok = p_ok[:, None] & c_ok[None, :]
+        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(g_pix + offs_c[None, :] * g_sc, mask=ok, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+        rs = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
+        a = tl.load(a_ptr + offs_c, mask=c_ok, other=0.0)
+        if TRAIN:
+            k1 = tl.load(k1_ptr + offs_c, mask=c_ok, other=0.0)
+            k2 = tl.load(k2_ptr + offs_c, mask=c_ok, other=0.0)
+        else:
+            k1 = a
+            k2 = a
+            xhat = (x * s[:, None] - mu[None, :]) * rs[None, :]
+            tl.store(sdy_ptr + row * Q + offs_c, tl.sum(dy, axis=0), mask=c_ok)
+            tl.store(sdyx_ptr + row * Q + offs_c, tl.sum(dy * xhat, axis=0), mask=c_ok)
+        du = _gate_du(x, dy, s, mu, rs, a, k1, k2, TRAIN)
+        r += tl.sum(du * x, axis=1)  # x is 0 outside the tile
+    gp = hardsigmoid_grad(z) * r
+    for c0 in range(0, Q, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < Q
+        ok = p_ok[:, None] & c_ok[None, :]
+        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(g_pix + offs_c[None, :] * g_sc, mask=ok, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+        rs = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
+        a = tl.load(a_ptr + offs_c, mask=c_ok, other=0.0)
+        if TRAIN:
+            k1 = tl.load(k1_ptr + offs_c, mask=c_ok, other=0.0)
+            k2 = tl.load(k2_ptr + offs_c, mask=c_ok, other=0.0)
+        else:
+            k1 = a
+            k2 = a
+        du = _gate_du(x, dy, s, mu, rs, a, k1, k2, TRAIN)
+        wv = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        dma = du * s[:, None] + gp[:, None] * wv[None, :]
+        tl.store(o_pix + offs_c[None, :] * o_sc, dma.to(gm_ptr.dtype.element_ty), mask=ok)
+        tl.store(dw_ptr + row * Q + offs_c, tl.sum(gp[:, None] * x, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _pointwise_gemm_kernel(
+    a_ptr,  # (B, K, H, W) input A, any strides with flattenable pixels (a channel slice of M/dY)
+    w_ptr,  # (K, N) weight, A's dtype, any strides (w_sk, w_sn)
+    out_ptr,  # (B, N, H, W) output, any strides with flattenable pixels (a slice of Y / dM)
+    x_ptr,  # (B, N, H, W) epilogue input X (read only if EPI_X), any flattenable strides
+    pm_ptr, ps_ptr, ph_ptr,  # (K,) fp32 each: prologue A' = (A - pm) * ps + ph
+    ea_ptr, eb_ptr,  # (N,) fp32 each: epilogue acc * ea + eb
+    em_ptr, ec_ptr,  # (N,) fp32 each: epilogue term (X - em) * ec (read only if EPI_X)
+    K, N, HW,
+    a_sb, a_sc, a_sp,  # strides of A (elements)
+    w_sk, w_sn,  # strides of the weight (elements)
+    o_sb, o_sc, o_sp,  # strides of the output (elements)
+    x_sb, x_sc, x_sp,  # strides of X (elements)
+    BLOCK_P: tl.constexpr,  # pixels per program (GEMM rows)
+    BLOCK_K: tl.constexpr,  # reduction channels per tl.dot
+    BLOCK_N: tl.constexpr,  # output channels per program
+    EPI_X: tl.constexpr,  # add (X - em) * ec in the epilogue
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+):
+    # grid: (TILES, B, cdiv(N, BLOCK_N)). out[p, n] = sum_k A'[p, k] W[k, n] * ea[n] + eb[n] ...
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < HW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    a_pix = a_ptr + pid_b * a_sb + offs_p[:, None] * a_sp
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        av = tl.load(a_pix + offs_k[None, :] * a_sc, mask=p_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)
+        pm = tl.load(pm_ptr + offs_k, mask=k_ok, other=0.0)
+        ps = tl.load(ps_ptr + offs_k, mask=k_ok, other=0.0)
+        ph = tl.load(ph_ptr + offs_k, mask=k_ok, other=0.0)
+        av = (av - pm[None, :]) * ps[None, :] + ph[None, :]  # 0 for k >= K
+        wt = tl.load(w_ptr + offs_k[:, None] * w_sk + offs_n[None, :] * w_sn,
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(av, wt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(av.to(w_ptr.dtype.element_ty), wt, acc)
+    ea = tl.load(ea_ptr + offs_n, mask=n_ok, other=0.0)
+    eb = tl.load(eb_ptr + offs_n, mask=n_ok, other=0.0)
+    out = acc * ea[None, :] + eb[None, :]
+    ok = p_ok[:, None] & n_ok[None, :]
+    if EPI_X:
+        xv = tl.load(x_ptr + pid_b * x_sb + offs_p[:, None] * x_sp + offs_n[None, :] * x_sc,
+                     mask=ok, other=0.0).to(tl.float32)
+        em = tl.load(em_ptr + offs_n, mask=n_ok, other=0.0)
+        ec = tl.load(ec_ptr + offs_n, mask=n_ok, other=0.0)
+        out += (xv - em[None, :]) * ec[None, :]
+    tl.store(out_ptr + pid_b * o_sb + offs_p[:, None] * o_sp + offs_n[None, :] * o_sc,
+             out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _pointwise_weight_grad_kernel(
+    gy_ptr,  # (B, N, H, W) dYb, any strides with flattenable pixels (a channel slice of dY)
+    x_ptr,  # (B, K, H, W) conv input before BN_d (Mb), any flattenable strides
+    pm_ptr, ps_ptr,  # (K,) fp32 each: xhat = (X - pm) * ps
+    g_ptr,  # (SPLITS, N, K) fp32 contiguous, out: partial sums of dYb[o] * xhat[i]
+    bsum_ptr,  # (SPLITS, N) fp32 contiguous, out: partial sums of dYb[o]
+    B, N, K, HW, TILES,
+    g_sb, g_sc, g_sp,  # strides of dYb (elements)
+    x_sb, x_sc, x_sp,  # strides of X (elements)
+    BLOCK_P: tl.constexpr,  # pixels per step (the reduction)
+    BLOCK_O: tl.constexpr,  # output channels (rows of G) per program
+    BLOCK_I: tl.constexpr,  # input channels (columns of G) per program
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+):
+    # grid: (SPLITS, cdiv(N, BLOCK_O), cdiv(K, BLOCK_I)). Split s sums the work items
+    # (sample, pixel tile) s, s + SPLITS, ... in order.
+    pid_s = tl.program_id(0)
+    splits = tl.num_programs(0)
+    pid_o = tl.program_id(1)
+    pid_i = tl.program_id(2)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    o_ok = offs_o < N
+    i_ok = offs_i < K
+    pm = tl.load(pm_ptr + offs_i, mask=i_ok, other=0.0)
+    ps = tl.load(ps_ptr + offs_i, mask=i_ok, other=0.0)
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    bsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for item in range(pid_s, B * TILES, splits):
+        b = (item // TILES).to(tl.int64)
+        offs_p = (item % TILES) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = offs_p < HW
+        g = tl.load(gy_ptr + b * g_sb + offs_o[:, None] * g_sc + offs_p[None, :] * g_sp,
+                    mask=o_ok[:, None] & p_ok[None, :], other=0.0)  # (O, P)
+        ok = p_ok[:, None] & i_ok[None, :]
+        xv = tl.load(x_ptr + b * x_sb + offs_p[:, None] * x_sp + offs_i[None, :] * x_sc,
+                     mask=ok, other=0.0).to(tl.float32)  # (P, I)
+        xh = tl.where(ok, (xv - pm[None, :]) * ps[None, :], 0.0)
+        if UPCAST:
+            acc = tl.dot(g.to(tl.float32), xh, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g, xh.to(gy_ptr.dtype.element_ty), acc)
+        bsum += tl.sum(g.to(tl.float32), axis=1)
+    out = g_ptr + (pid_s * N + offs_o[:, None]) * K + offs_i[None, :]
+    tl.store(out, acc, mask=o_ok[:, None] & i_ok[None, :])
+    if pid_i == 0:
+        tl.store(bsum_ptr + pid_s * N + offs_o, bsum, mask=o_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Block sizes
+# --------------------------------------------------------------------------------------------
+def _gate_blocks(q: int, interpret: bool = INTERPRET) -> Tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) of the gate kernels."""
+    if interpret:  # few, big programs: the interpreter pays per program and per operation
+        return 256, block(q, high=64), 4
+    return 64, 32, 4
+
+
+def _gemm_blocks(k: int, n: int, interpret: bool = INTERPRET) -> Tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_K, BLOCK_N, num_warps) of the pointwise GEMM."""
+    if interpret:
+        return 256, block(k, high=64), block(n, high=64), 4
+    return 64, 32, 64, 4
+
+
+def _wgrad_blocks(n: int, k: int, interpret: bool = INTERPRET) -> Tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_O, BLOCK_I, num_warps) of the pointwise weight gradient."""
+    if interpret:
+        return 256, block(n, high=64), block(k, high=64), 4
+    return 64, 64, 64, 4
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def pixel_stride(t: torch.Tensor) -> Optional[int]:
+    """The one stride of the flattened pixel index h * W + w of a (B, C, H, W) tensor, or None
+    when its (h, w) strides do not flatten (no layout PyTorch makes; a crop of H or W does)."""
+    _, _, h, w = t.shape
+    _, _, sh, sw = t.stride()
+    if h == 1:
+        return sw
+    if w == 1:
+        return sh
+    return sw if sh == w * sw else None
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    """(batch, channel, pixel) strides of a (B, C, H, W) tensor whose pixels flatten."""
+    sp = pixel_stride(t)
+    if sp is None:
+        raise ValueError(f"the pixels of a tensor with strides {t.stride()} do not flatten to "
+                         "one stride; copy it to NCHW or channels_last first")
+    return t.stride(0), t.stride(1), sp
+
+
+def _tile_counts(hw: int, block_p: int, device) -> torch.Tensor:
+    """Pixels in each tile of a map of hw pixels, fp32 (TILES,)."""
+    starts = torch.arange(0, hw, block_p, device=device, dtype=torch.float32)
+    return (hw - starts).clamp(max=block_p)
+
+
+def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training statistics: (z (B, H*W) fp32, mean (CS,) fp32, biased var (CS,) fp32).
+
+    Channels [0, Q) are those of U = Ma * hsig(z); with ``with_mb`` the Mb channels follow
+    (CS = C), else CS = Q. Per-tile means and M2 are combined with Chan's formula.
+    """
+    b, c, h, w = m.shape
+    hw = h * w
+    cs = c if with_mb else q
+    block_p, block_c, warps = _gate_blocks(q)
+    tiles = triton.cdiv(hw, block_p)
+    z = torch.empty((b, hw), device=m.device, dtype=torch.float32)
+    part = torch.empty((2, b * tiles, cs), device=m.device, dtype=torch.float32)
+    _gate_stats_kernel[(tiles, b)](
+        m, gate_weight, z, part[0], part[1], q, cs, hw, tiles, *_strides(m),
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    counts = _tile_counts(hw, block_p, m.device).repeat(b)[:, None]  # (B * TILES, 1)
+    n = float(b * hw)
+    means, m2s = part[0], part[1]
+    mean = (means * counts).sum(0) / n
+    var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / n
+    return z, mean, var
+
+
+def gate_apply(m: torch.Tensor, gate_weight: torch.Tensor, z: Optional[torch.Tensor],
+               y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+               ) -> torch.Tensor:
+    """y[:, :Q] = (Ma * hsig(z) - mean) * scale + shift, Q = mean.numel(). Returns z: the
+    given one, or when ``z`` is None one computed here (B, H*W) fp32."""
+    b, _, h, w = m.shape
+    q = mean.shape[0]
+    compute_z = z is None
+    if compute_z:
+        z = torch.empty((b, h * w), device=m.device, dtype=torch.float32)
+    block_p, block_c, warps = _gate_blocks(q)
+    _gate_apply_kernel[(triton.cdiv(h * w, block_p), b)](
+        m, gate_weight, z, y, mean, scale, shift, q, h * w, *_strides(m), *_strides(y),
+        BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_Z=compute_z, num_warps=warps)
+    return z
+
+
+def gate_grad_reduce(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
+                     rstd: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum dYa, sum dYa * xhat_c) per channel of Ma, fp32 (Q,) each."""
+    b, _, h, w = m.shape
+    q = mean.shape[0]
+    block_p, block_c, warps = _gate_blocks(q)
+    tiles = triton.cdiv(h * w, block_p)
+    part = torch.empty((2, b * tiles, q), device=m.device, dtype=torch.float32)
+    _gate_grad_reduce_kernel[(tiles, b)](
+        m, grad_y, z, mean, rstd, part[0], part[1], q, h * w, tiles, *_strides(m),
+        *_strides(grad_y), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    return part[0].sum(0), part[1].sum(0)
+
+
+def gate_grad_apply(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor,
+                    gate_weight: torch.Tensor, grad_m: torch.Tensor, mean: torch.Tensor,
+                    rstd: torch.Tensor, a: torch.Tensor, k1: Optional[torch.Tensor],
+                    k2: Optional[torch.Tensor]
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """grad_m[:, :Q] = dMa; returns (dw (Q,), sum dYa, sum dYa * xhat_c) in fp32.
+
+    Training (``k1``, ``k2`` given): dU = a dY + k1 + xhat k2 and the two sums are None (the
+    reduction pass gave them); eval: dU = a dY and the sums are computed here.
+    """
+    b, _, h, w = m.shape
+    q = mean.shape[0]
+    train = k1 is not None
+    block_p, block_c, warps = _gate_blocks(q)
+    tiles = triton.cdiv(h * w, block_p)
+    part = torch.empty((1 if train else 3, b * tiles, q), device=m.device, dtype=torch.float32)
+    k1 = a if k1 is None else k1
+    k2 = a if k2 is None else k2
+    sums = (part[0], part[0]) if train else (part[1], part[2])
+    _gate_grad_apply_kernel[(tiles, b)](
+        m, grad_y, z, gate_weight, grad_m, mean, rstd, a, k1, k2, part[0], *sums,
+        q, h * w, tiles, *_strides(m), *_strides(grad_y), *_strides(grad_m),
+        BLOCK_P=block_p, BLOCK_C=block_c, TRAIN=train, num_warps=warps)
+    if train:
+        return part[0].sum(0), None, None
+    return part[0].sum(0), part[1].sum(0), part[2].sum(0)  # three tensors, no shared storage
+
+
+def pointwise_gemm(a: torch.Tensor, weight_kn: torch.Tensor, out: torch.Tensor,
+                   pm: torch.Tensor, ps: torch.Tensor, ph: torch.Tensor,
+                   ea: torch.Tensor, eb: torch.Tensor, x: Optional[torch.Tensor] = None,
+                   em: Optional[torch.Tensor] = None, ec: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+    """out[b, n, h, w] = sum_k ((a - pm) * ps + ph)[b, k, h, w] W[k, n] * ea[n] + eb[n]
+    (+ (x - em)[b, n, h, w] * ec[n] when ``x`` is given).
+
+    a: (B, K, H, W), out and x: (B, N, H, W), any flattenable strides (channel slices of bigger
+    tensors are written in place); weight_kn: (K, N) any strides, a's dtype; the vectors fp32.
+    """
+    b, k, h, w = a.shape
+    n = out.shape[1]
+    block_p, block_k, block_n, warps = _gemm_blocks(k, n)
+    epi_x = x is not None
+    if not epi_x:
+        x, em, ec = out, ea, ea  # not read
+    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(n, block_n))
+    _pointwise_gemm_kernel[grid](
+        a, weight_kn, out, x, pm, ps, ph, ea, eb, em, ec, k, n, h * w, *_strides(a),
+        weight_kn.stride(0), weight_kn.stride(1), *_strides(out), *_strides(x),
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_N=block_n, EPI_X=epi_x,
+        UPCAST=upcast_dot(a.dtype), num_warps=warps)
+    return out
+
+
+def _weight_grad_splits(work_items: int, programs_per_split: int) -> int:
+    if INTERPRET:
+        return min(work_items, 2)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(work_items, (4 * sms) // programs_per_split))
+
+
+def pointwise_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, pm: torch.Tensor,
+                          ps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(G (N, K), s (N,)) fp32: G[o, i] = sum dY[o] (x[i] - pm[i]) ps[i], s[o] = sum dY[o]
+    over (b, h, w). grad_y: (B, N, H, W), x: (B, K, H, W), any flattenable strides."""
+    b, n, h, w = grad_y.shape
+    k = x.shape[1]
+    block_p, block_o, block_i, warps = _wgrad_blocks(n, k)
+    tiles = triton.cdiv(h * w, block_p)
+    n_o, n_i = triton.cdiv(n, block_o), triton.cdiv(k, block_i)
+    splits = _weight_grad_splits(b * tiles, n_o * n_i)
+    g = torch.empty((splits, n, k), device=x.device, dtype=torch.float32)
+    bsum = torch.empty((splits, n), device=x.device, dtype=torch.float32)
+    _pointwise_weight_grad_kernel[(splits, n_o, n_i)](
+        grad_y, x, pm, ps, g, bsum, b, n, k, h * w, tiles, *_strides(grad_y), *_strides(x),
+        BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i, UPCAST=upcast_dot(x.dtype),
+        num_warps=warps)
+    return g.sum(0), bsum.sum(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time configurations
+# --------------------------------------------------------------------------------------------
+def aot_kernels() -> List[AotKernel]:
+    """Every kernel configuration this file launches on a GPU, for the ahead-of-time check.
+
+    Block sizes do not depend on the channel counts on a GPU (the kernels loop over channel
+    blocks), so there is one configuration per kernel, dtype and constexpr flag.
+    """
+    kernels = []
+    block_p, block_c, gate_warps = _gate_blocks(0, interpret=False)
+    gemm_p, gemm_k, gemm_n, gemm_warps = _gemm_blocks(0, 0, interpret=False)
+    wg_p, wg_o, wg_i, wg_warps = _wgrad_blocks(0, 0, interpret=False)
+    gate = dict(BLOCK_P=block_p, BLOCK_C=block_c)
+    f32 = "*fp32"
+    for dtype, tname in TRITON_DTYPE.items():
+        ptr, upcast = "*" + tname, upcast_dot(dtype, interpret=False)
+        fn = _gate_stats_kernel
+        kernels.append(AotKernel(
+            f"sa_gate_stats[{tname}]", fn,
+            aot_signature(fn, {"m_ptr": ptr, "g_ptr": ptr, "z_ptr": f32, "mean_ptr": f32,
+                               "m2_ptr": f32}), dict(gate), num_warps=gate_warps))
+        fn = _gate_apply_kernel
+        for compute_z in (True, False):
+            kernels.append(AotKernel(
+                f"sa_gate_apply[{tname}, compute_z={compute_z}]", fn,
+                aot_signature(fn, {"m_ptr": ptr, "g_ptr": ptr, "z_ptr": f32, "y_ptr": ptr,
+                                   "mean_ptr": f32, "scale_ptr": f32, "shift_ptr": f32}),
+                dict(gate, COMPUTE_Z=compute_z), num_warps=gate_warps))
+        fn = _gate_grad_reduce_kernel
+        kernels.append(AotKernel(
+            f"sa_gate_grad_reduce[{tname}]", fn,
+            aot_signature(fn, {"m_ptr": ptr, "gy_ptr": ptr, "z_ptr": f32, "mean_ptr": f32,
+                               "rstd_ptr": f32, "sdy_ptr": f32, "sdyx_ptr": f32}),
+            dict(gate), num_warps=gate_warps))
+        fn = _gate_grad_apply_kernel
+        for train in (True, False):
+            kernels.append(AotKernel(
+                f"sa_gate_grad_apply[{tname}, train={train}]", fn,
+                aot_signature(fn, {"m_ptr": ptr, "gy_ptr": ptr, "z_ptr": f32, "g_ptr": ptr,
+                                   "gm_ptr": ptr, "mean_ptr": f32, "rstd_ptr": f32,
+                                   "a_ptr": f32, "k1_ptr": f32, "k2_ptr": f32, "dw_ptr": f32,
+                                   "sdy_ptr": f32, "sdyx_ptr": f32}),
+                dict(gate, TRAIN=train), num_warps=gate_warps))
+        fn = _pointwise_gemm_kernel
+        vectors = {name: f32 for name in ("pm_ptr", "ps_ptr", "ph_ptr", "ea_ptr", "eb_ptr",
+                                          "em_ptr", "ec_ptr")}
+        for epi_x in (False, True):
+            kernels.append(AotKernel(
+                f"sa_pointwise_gemm[{tname}, epi_x={epi_x}]", fn,
+                aot_signature(fn, dict(vectors, a_ptr=ptr, w_ptr=ptr, out_ptr=ptr, x_ptr=ptr)),
+                dict(BLOCK_P=gemm_p, BLOCK_K=gemm_k, BLOCK_N=gemm_n, EPI_X=epi_x,
+                     UPCAST=upcast), num_warps=gemm_warps))
+        fn = _pointwise_weight_grad_kernel
+        kernels.append(AotKernel(
+            f"sa_pointwise_weight_grad[{tname}]", fn,
+            aot_signature(fn, {"gy_ptr": ptr, "x_ptr": ptr, "pm_ptr": f32, "ps_ptr": f32,
+                               "g_ptr": f32, "bsum_ptr": f32}),
+            dict(BLOCK_P=wg_p, BLOCK_O=wg_o, BLOCK_I=wg_i, UPCAST=upcast),
+            num_warps=wg_warps))
+    return kernels

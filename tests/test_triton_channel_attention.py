@@ -1,0 +1,251 @@
+"""Triton PAT_ch (channel_attention) against the float64 reference: output, every gradient, and
+the running statistics, in training and eval.
+
+Runs under the Triton interpreter on the CPU (TRITON_INTERPRET=1, set by conftest) and compiled
+on a GPU. Shapes are small but odd: H, W in {1, 2, 7, 13}, C1 not a multiple of 16, batch 1,
+NCHW and channels_last, fp32 / fp16 / bf16, BN_a present or folded into W_ch (with a bias).
+The cases are picked to cover each of those without the full cross product (interpreter time).
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import pytest
+import torch
+
+import patnet_kernels as pk
+from patnet_kernels import BatchNormParams
+from patnet_kernels.ops import channel_attention as ca_ops  # registers the ops
+
+from conftest import DEVICE, assert_within_budget, rel_error
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# H * W = 1: the interpreter's numpy warns on the (intended) 0 / 0 of the unbiased std.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+class Case(NamedTuple):
+    b: int
+    c: int
+    c1: int
+    h: int
+    w: int
+    dtype: torch.dtype
+    channels_last: bool
+    training: bool
+    bn_a: bool = True  # False: BN_a folded into W_ch, with a cfc bias
+    affine: bool = True  # BN weight and bias present
+    running: bool = True  # running statistics present (training only may lack them)
+    constant_channel: bool = False  # one X2 channel constant: std = 0 (its gradient is masked)
+
+    def __str__(self):
+        return "-".join([f"B{self.b}", f"C{self.c}", f"C1_{self.c1}", f"{self.h}x{self.w}",
+                         str(self.dtype).split(".")[1], "nhwc" if self.channels_last else "nchw",
+                         "train" if self.training else "eval",
+                         "bn_a" if self.bn_a else "folded"]
+                        + (["no_affine"] if not self.affine else [])
+                        + (["no_running"] if not self.running else [])
+                        + (["const"] if self.constant_channel else []))
+
+
+# Training with BN_a uses batches of 3 or more: at B = 2 its normalised output is +-1 whatever
+# z is, so the gradients of W_ch through it are pure rounding noise (about eps / var).
+CASES = [
+    # fp32
+    Case(3, 20, 5, 7, 13, F32, False, True, constant_channel=True),
+    Case(1, 20, 5, 13, 13, F32, True, True, bn_a=False),  # batch 1 trains with BN_a folded
+    Case(2, 12, 3, 1, 1, F32, False, False),  # H * W = 1: Y2 NaN
+    Case(2, 100, 25, 7, 7, F32, True, True, bn_a=False, affine=False, running=False),
+    Case(3, 40, 10, 13, 2, F32, False, False, bn_a=False),
+    # fp16
+    Case(3, 22, 5, 13, 7, F16, True, True),
+    Case(1, 12, 3, 2, 2, F16, False, False),
+    Case(1, 12, 3, 1, 1, F16, True, False, bn_a=False),
+    Case(4, 28, 7, 7, 7, F16, False, True, bn_a=False, constant_channel=True),
+    Case(2, 36, 9, 2, 7, F16, True, False, affine=False),
+    # bf16
+    Case(2, 20, 5, 7, 7, BF16, False, True, bn_a=False),
+    Case(3, 12, 3, 1, 1, BF16, True, True),  # H * W = 1 in training: NaN batch statistics
+    Case(2, 36, 9, 2, 7, BF16, True, False, bn_a=False),
+    Case(1, 20, 5, 13, 13, BF16, False, False),
+    Case(3, 72, 18, 7, 13, BF16, True, True, running=False),
+    Case(1, 40, 10, 7, 2, BF16, True, True, bn_a=False),
+]
+
+
+def _bn(c2, gen, affine, running, momentum, eps):
+    def rand(scale, shift):
+        return torch.rand(c2, generator=gen, dtype=torch.float64) * scale + shift
+    weight, bias = (rand(1.0, 0.5), torch.randn(c2, generator=gen, dtype=torch.float64) * 0.3) \
+        if affine else (None, None)
+    stats = (torch.randn(c2, generator=gen, dtype=torch.float64) * 0.3, rand(1.0, 0.5)) \
+        if running else (None, None)
+    return BatchNormParams(weight, bias, *stats, momentum, eps)
+
+
+def _inputs(case: Case, seed: int = 0) -> Dict[str, object]:
+    """The float64 tensors of one case (on CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    c2 = case.c - case.c1
+    x = torch.randn(case.b, case.c, case.h, case.w, generator=gen, dtype=torch.float64) + 0.2
+    if case.constant_channel:
+        x[:, case.c1 + 1] = 0.75
+    return dict(
+        x=x,
+        conv_weight=torch.randn(case.c1, case.c1, 3, 3, generator=gen, dtype=torch.float64)
+        / (3 * case.c1 ** 0.5),
+        cfc_weight=torch.randn(c2, c2, 1, 2, generator=gen, dtype=torch.float64)
+        * (1.5 / c2 ** 0.5),
+        cfc_bias=None if case.bn_a else torch.randn(c2, generator=gen, dtype=torch.float64) * 0.5,
+        bn_a=_bn(c2, gen, case.affine, case.running, 0.1, 1e-5) if case.bn_a else None,
+        bn_b=_bn(c2, gen, case.affine, case.running, 0.25, 1e-3),
+        grad=torch.randn(case.b, case.c, case.h, case.w, generator=gen, dtype=torch.float64),
+    )
+
+
+def _cast_bn(bn: Optional[BatchNormParams], dtype) -> Optional[BatchNormParams]:
+    if bn is None:
+        return None
+    leaf = [None if t is None else t.detach().to(DEVICE, dtype).clone().requires_grad_()
+            for t in bn[:2]]
+    stats = [None if t is None else t.detach().to(DEVICE, dtype).clone() for t in bn[2:4]]
+    return BatchNormParams(*leaf, *stats, bn.momentum, bn.eps)
+
+
+def _run(inputs, case: Case, dtype, backend) -> Dict[str, torch.Tensor]:
+    """Output, every gradient and the running statistics after one call, by name."""
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    x = inputs["x"].to(DEVICE, dtype, memory_format=fmt, copy=True).requires_grad_()
+    grad = inputs["grad"].to(DEVICE, dtype).to(memory_format=fmt)
+    params = {name: None if inputs[name] is None
+              else inputs[name].to(DEVICE, dtype).clone().requires_grad_()
+              for name in ("conv_weight", "cfc_weight", "cfc_bias")}
+    bn_a, bn_b = _cast_bn(inputs["bn_a"], dtype), _cast_bn(inputs["bn_b"], dtype)
+    x_before = x.detach().clone()
+    y = pk.channel_attention(x, params["conv_weight"], params["cfc_weight"], params["cfc_bias"],
+                             bn_a, bn_b, training=case.training, backend=backend)
+    y.backward(grad)
+    assert torch.equal(x.detach(), x_before)  # the input is never written
+    out = {"y": y.detach(), "grad_x": x.grad}
+    out.update({f"grad_{name}": t.grad for name, t in params.items() if t is not None})
+    for prefix, bn in (("bn_a", bn_a), ("bn_b", bn_b)):
+        if bn is None:
+            continue
+        for field in ("weight", "bias"):
+            if getattr(bn, field) is not None:
+                out[f"grad_{prefix}_{field}"] = getattr(bn, field).grad
+        for field in ("running_mean", "running_var"):
+            if getattr(bn, field) is not None:
+                out[f"{prefix}_{field}"] = getattr(bn, field)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_float64_reference(case: Case):
+    inputs = _inputs(case, seed=CASES.index(case))
+    ours = _run(inputs, case, case.dtype, "triton")
+    exact = _run(inputs, case, torch.float64, "torch")
+    in_dtype = _run(inputs, case, case.dtype, "torch")
+    assert ours.keys() == exact.keys()
+    for name in exact:
+        assert ours[name] is not None, name
+        assert ours[name].dtype == case.dtype, name
+        assert_within_budget(name, ours[name], exact[name], in_dtype[name], case.dtype)
+    y = ours["y"]
+    assert y.is_contiguous(memory_format=torch.channels_last if case.channels_last
+                           else torch.contiguous_format)
+    assert ours["grad_x"].stride() == y.stride()
+    if case.h * case.w == 1:  # the documented NaN pattern: X2 half NaN, conv half finite
+        assert torch.isnan(y[:, case.c1:]).all() and torch.isfinite(y[:, :case.c1]).all()
+    else:
+        assert all(torch.isfinite(t).all() for t in ours.values())
+    if not case.training:  # eval leaves the running statistics bit for bit as they were
+        for prefix in ("bn_a", "bn_b"):
+            bn = inputs[prefix]
+            if bn is not None:
+                for field in ("running_mean", "running_var"):
+                    assert torch.equal(ours[f"{prefix}_{field}"],
+                                       getattr(bn, field).to(DEVICE, case.dtype))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_large_mean_and_many_pixel_tiles(training):
+    """X2 = 300 + N(0, 1): the statistics must not cancel (E[x^2] - E[x]^2 in fp32 loses
+    everything here), and a 20 x 20 map spans several pixel tiles of every kernel."""
+    case = Case(3, 14, 3, 20, 20, F32, channels_last=training, training=training)
+    inputs = _inputs(case, seed=7)
+    inputs["x"] += 300.0
+    ours = _run(inputs, case, F32, "triton")
+    exact = _run(inputs, case, torch.float64, "torch")
+    in_dtype = _run(inputs, case, F32, "torch")
+    for name in exact:
+        assert_within_budget(name, ours[name], exact[name], in_dtype[name], F32)
+    x = inputs["x"].to(DEVICE, F32)
+    mean, std = torch.ops.patnet_triton.channel_attention_stats(x, 3)
+    flat = inputs["x"][:, 3:].flatten(2).to(DEVICE)
+    assert rel_error(mean, flat.mean(-1)) < 1e-6
+    assert rel_error(std, flat.std(-1)) < 1e-5
+
+
+def test_triton_backend_dispatches_here():
+    assert pk.ops.triton_implementation("channel_attention") is ca_ops.channel_attention
+
+
+def test_training_with_batch_norm_over_one_value_is_refused():
+    """BN_a in training needs a batch of at least 2 (F.batch_norm's error), on both backends."""
+    inputs = _inputs(Case(1, 12, 3, 5, 5, F32, False, True))
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            _run(inputs, Case(1, 12, 3, 5, 5, F32, False, True), F32, backend)
+
+
+def _op_args(channels_last: bool):
+    case = Case(2, 14, 3, 5, 6, F32, channels_last, True)
+    inputs = _inputs(case, seed=4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = inputs["x"].to(DEVICE, F32).to(memory_format=fmt)
+    grad = inputs["grad"].to(DEVICE, F32).to(memory_format=fmt)
+    w = inputs["conv_weight"].to(DEVICE, F32)
+    gen = torch.Generator().manual_seed(5)
+    coef = [torch.randn(2, 11, generator=gen).to(DEVICE) for _ in range(4)]
+    return {
+        "channel_attention_stats": (x, 3),
+        "channel_attention_apply": (x, w, coef[0], coef[1]),
+        "channel_attention_grad_sums": (x, grad, coef[2]),
+        "channel_attention_input_grad": (grad, x, w, *coef),
+    }
+
+
+@pytest.mark.parametrize("op", ["channel_attention_stats", "channel_attention_apply",
+                                "channel_attention_grad_sums", "channel_attention_input_grad"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck(op, channels_last):
+    torch.library.opcheck(getattr(torch.ops.patnet_triton, op).default,
+                          _op_args(channels_last)[op])
+
+
+def test_compile_fullgraph_matches_eager():
+    """A compiled training step through the Triton op equals eager: output, grads, statistics."""
+    case = Case(3, 16, 4, 7, 9, F32, False, True)
+    inputs = _inputs(case, seed=6)
+
+    def step(x, conv_w, cfc_w, bn_a, bn_b):
+        y = pk.channel_attention(x, conv_w, cfc_w, None, bn_a, bn_b, training=True,
+                                 backend="triton")
+        return y.relu() + x
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        x = inputs["x"].to(DEVICE, F32, copy=True).requires_grad_()
+        conv_w, cfc_w = (inputs[k].to(DEVICE, F32, copy=True).requires_grad_()
+                         for k in ("conv_weight", "cfc_weight"))
+        bn_a, bn_b = _cast_bn(inputs["bn_a"], F32), _cast_bn(inputs["bn_b"], F32)
+        y = fn(x, conv_w, cfc_w, bn_a, bn_b)
+        y.backward(inputs["grad"].to(DEVICE, F32))
+        results.append([y.detach(), x.grad, conv_w.grad, cfc_w.grad]
+                       + [t.grad for t in (*bn_a[:2], *bn_b[:2])]
+                       + [*bn_a[2:4], *bn_b[2:4]])
+    for eager, comp in zip(*results):  # fp32 rounding apart (inductor fuses the gate math)
+        assert rel_error(comp, eager) < 1e-5

@@ -1,0 +1,89 @@
+"""Whole models on the Triton backend: the reference model's numbers, and the authors' vectors.
+
+Under the Triton interpreter on the CPU (CI) and compiled on a GPU. Dropouts are off where two
+backends are compared (their random streams differ by design); drop-path is 0 in these configs.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import patnet
+from patnet.testing import randomize_norms
+
+from conftest import DEVICE, authors_reference_dir, rel_error
+from test_authors_reference import BUDGETS, CASES, build
+
+SMALL = dict(drop_path_rate=0.0)
+
+
+def _forward_backward(model, x, grad):
+    x = x.clone().requires_grad_()
+    out = model(x)
+    out.backward(grad)
+    return out.detach(), x.grad, {k: p.grad for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", ["fasternet_t0", "patnet_t0", "patnet_t1"])
+def test_model_matches_reference_model(name, mode):
+    options = dict(SMALL) if name.startswith("fasternet") else dict(SMALL, attn_drop=0.0,
+                                                                    proj_drop=0.0)
+    torch.manual_seed(0)
+    reference = patnet.create_model(name, backend="torch", **options).to(DEVICE)
+    randomize_norms(reference, seed=1)
+    ours = patnet.create_model(name, backend="triton", **options).to(DEVICE)
+    ours.load_state_dict(reference.state_dict())
+    reference.train(mode == "train")
+    ours.train(mode == "train")
+    gen = torch.Generator().manual_seed(2)
+    # batch 3: at batch 2, training BN_a's output is +-1 whatever its input, and the
+    # gradients through it are rounding noise
+    x = torch.randn(3, 3, 64, 64, generator=gen).to(DEVICE)
+    grad = torch.randn(3, 1000, generator=gen).to(DEVICE)
+    out_r, gx_r, gp_r = _forward_backward(reference, x, grad)
+    out_o, gx_o, gp_o = _forward_backward(ours, x, grad)
+    assert rel_error(out_o, out_r) < 1e-5
+    assert rel_error(gx_o, gx_r) < 1e-4
+    largest = max(g.norm().item() for g in gp_r.values())
+    for key, g in gp_r.items():
+        assert rel_error(gp_o[key], g, floor=1e-3 * largest) < 1e-4, key
+    if mode == "train":  # the fused BatchNorm statistics updated the same running buffers
+        for key, value in reference.state_dict().items():
+            if key.endswith(("running_mean", "running_var")):
+                assert rel_error(ours.state_dict()[key], value) < 1e-5, key
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    root = authors_reference_dir()
+    return {case: torch.load(root / f"{case}.pt", weights_only=False) for case in CASES}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", CASES)
+def test_triton_model_reproduces_authors_vectors(vectors, name, mode):
+    """float32 on the Triton backend, with the authors' float32 budgets (train mode runs the
+    fused BatchNorm batch statistics and updates)."""
+    case = vectors[name]
+    ref = case[mode]
+    model = patnet.set_backend(build(case, mode, torch.float32), "triton").to(DEVICE)
+    x = case["input"].float().to(DEVICE).requires_grad_(True)
+    out = model(x)
+    out.backward(ref["grad_output"].float().to(DEVICE))
+    out_budget, gin_budget, gparam_budget, state_budget = BUDGETS[torch.float32]
+    assert rel_error(out, ref["output"]) < out_budget
+    assert rel_error(x.grad, ref["grad_input"]) < gin_budget
+    params = dict(model.named_parameters())
+    largest = max(g.double().norm().item() for g in ref["grad_params"].values())
+    errors = {k: rel_error(params[k].grad, g, floor=1e-3 * largest)
+              for k, g in ref["grad_params"].items()}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < gparam_budget, f"{worst}: {errors[worst]:.2e}"
+    if mode == "train":
+        state = model.state_dict()
+        for key, expected in ref["state_after"].items():
+            assert rel_error(state[key], expected) < state_budget, key
+    assert json.loads((authors_reference_dir() / "index.json").read_text())[name]
