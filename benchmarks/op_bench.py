@@ -11,7 +11,14 @@ Providers (same inputs, same byte count, for every one):
 * ``torch.compile``: ``torch.compile`` of the reference function itself, compiled once per
   (shape, batch, dtype, mode) after ``torch._dynamo.reset()``; the compiling call is excluded;
 * ``triton``: the functional API with ``backend="triton"``;
-* family extras (PConv: ``triton inplace``, inference only).
+* family extras (PConv: ``triton inplace``, inference only; the RPE attention: ``sdpa`` and
+  compiled ``flex``).
+
+A family picks which of the base providers it runs (``Family.base_providers``; the RPE
+attention drops ``torch.compile`` of the reference), which providers compile
+(``compiled_providers``: compiled once per case, skipped by --quick on the CPU), which speed-up
+columns to show (``speedups``: label -> provider, JSON ``speedup_vs_<label>``), its batches per
+shape, and optionally a FLOP count per case, shown as TFLOP/s (``flops``).
 
 Timing. On a GPU: ``triton.testing.do_bench`` (median, with the 20th and 80th percentiles),
 which runs the op once, estimates its time, warms up, and before **every** timed call zeroes a
@@ -23,8 +30,9 @@ runs the forward and ``backward`` of a fixed output gradient into every input th
 gradient (x and all weights); gradients are reset to None before each call, untimed.
 
 Every provider's output (and, with backward, every gradient) is compared with the eager
-reference's on the same inputs before it is timed; the largest max|diff| / max|reference| is
-reported as ``max err``.
+reference's on the same inputs before it is timed (with ``Family.fp32_reference``, fp16 and
+bf16 cases are compared with the reference run in fp32 on the inputs upcast, eager included);
+the largest max|diff| / max|reference| is reported as ``max err``.
 """
 from __future__ import annotations
 
@@ -87,25 +95,32 @@ class StageShape:
     channels: int     # C
     height: int
     width: int
-    split: int        # C1 (conv channels) for PConv / PAT_ch, P (conv channels) for PAT_sp
+    split: int        # C1 (conv channels) for PConv / PAT_ch, P (conv channels) for PAT_sp,
+                      # heads for the attention of PAT_sf
     blocks: int       # how many blocks of the network run the op at this shape
+    tag: str = ""     # tells apart shapes of one stage read at different input sizes
 
     @property
     def name(self) -> str:
-        return f"{self.model}.s{self.stage}"
+        return f"{self.model}.s{self.stage}" + (f".{self.tag}" if self.tag else "")
 
 
 def stage_shapes(model_name: str, module_types: tuple, split_of: Callable[[object], int],
-                 quick: bool = False, **overrides) -> List[StageShape]:
+                 quick: bool = False, input_hw: Optional[Tuple[int, int]] = None,
+                 tag: str = "", stages: Optional[Sequence[int]] = None,
+                 **overrides) -> List[StageShape]:
     """The shapes at which ``model_name`` calls the modules of ``module_types``.
 
     Builds the network on the "meta" device (no memory, no compute) and records, with forward
     pre-hooks, the input of each such module during a forward of one 224 x 224 image (with
-    ``quick``, the shrunk network of QUICK_CONFIG). ``split_of(module)`` gives the channel
-    split. Returns one StageShape per distinct (stage, shape, split), in stage order.
+    ``quick``, the shrunk network of QUICK_CONFIG; ``input_hw`` = (height, width) sets another
+    input size, e.g. a detection image). ``split_of(module)`` gives the channel split (or what
+    the family keeps in ``split``). Returns one StageShape per distinct (stage, shape, split),
+    in stage order, named with ``tag`` if given; ``stages`` keeps only those stages.
     """
     config = dict(QUICK_CONFIG if quick else FULL_CONFIG)
     size = config.pop("input_size")
+    height, width = input_hw if input_hw is not None else (size, size)
     config.update(overrides)
     with torch.device("meta"):
         model = patnet.create_model(model_name, backend="torch", **config).eval()
@@ -124,11 +139,12 @@ def stage_shapes(model_name: str, module_types: tuple, split_of: Callable[[objec
                     found[key] = found.get(key, 0) + 1
                 handles.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
-        model(torch.empty(1, model.in_chans, size, size, device="meta"))
+        model(torch.empty(1, model.in_chans, height, width, device="meta"))
     for handle in handles:
         handle.remove()
-    return [StageShape(model_name, s, c, h, w, split, n)
-            for (s, c, h, w, split), n in sorted(found.items())]
+    return [StageShape(model_name, s, c, h, w, split, n, tag)
+            for (s, c, h, w, split), n in sorted(found.items())
+            if stages is None or s in stages]
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,9 +168,10 @@ class Target:
     provider: str
     mode: str
     batch: int
-    metric: str       # "pct_copy" or "speedup_vs_compile"
+    metric: str       # "pct_copy" or "speedup_vs_<label>" (see Family.speedups)
     threshold: float
     text: str
+    where: Optional[Callable[[dict], bool]] = None   # row (JSON) -> whether the target covers it
 
 
 @dataclass
@@ -174,10 +191,45 @@ class Family:
     skip: Callable[[StageShape, int, str], Optional[str]] = lambda shape, batch, mode: None
     targets: List[Target] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    # The providers of BASE_PROVIDERS this family runs, and the order of all its providers
+    # (default: these, then the extras). "torch" (the reference) always runs first.
+    base_providers: Tuple[str, ...] = BASE_PROVIDERS
+    order: Optional[Tuple[str, ...]] = None
+    # Providers that compile (once per case, after torch._dynamo.reset(); the first call is not
+    # timed, its duration is reported as compile_s; skipped by --quick on the CPU). An extra
+    # provider listed here is made with make(problem, compile_mode).
+    compiled_providers: Tuple[str, ...] = ("torch.compile",)
+    # label -> provider: each measured provider gets speedup_vs_<label> = that provider's time /
+    # its own, shown as the column "vs <label>"
+    speedups: Dict[str, str] = field(
+        default_factory=lambda: {"eager": "torch", "compile": "torch.compile"})
+    # (shape, batch, mode) -> floating-point operations of one call, for a TFLOP/s column
+    # (the same count for every provider); None: no such column
+    flops: Optional[Callable[[StageShape, int, str], int]] = None
+    flop_formulas: Dict[str, str] = field(default_factory=dict)   # mode -> the FLOP formula
+    default_dtypes: str = "float16,float32"
+    # (shape, quick) -> the batches of that shape when --batches is not given (default: 1, 64,
+    # 256; quick: 2)
+    default_batches: Optional[Callable[[StageShape, bool], List[int]]] = None
+    # Check every provider (eager included) against the reference run in float32 on the case's
+    # inputs upcast (fp16 / bf16 cases), instead of against eager in the case's dtype. Needs
+    # Problem.args of tensors and plain values, with every leaf one of the args.
+    fp32_reference: bool = False
+    row_info: Optional[Callable[[StageShape], dict]] = None   # extra JSON fields of each row
 
     @property
     def providers(self) -> List[str]:
-        return list(BASE_PROVIDERS) + list(self.extra_providers)
+        names = list(self.base_providers) + [p for p in self.extra_providers
+                                             if p not in self.base_providers]
+        if self.order:
+            names = [p for p in self.order if p in names] + [p for p in names
+                                                              if p not in self.order]
+        return names
+
+    def batches_of(self, shape: StageShape, quick: bool) -> List[int]:
+        if self.default_batches is not None:
+            return list(self.default_batches(shape, quick))
+        return [2] if quick else [1, 64, 256]
 
 
 def param_bytes(tensors: Sequence[Optional[object]], elem: int) -> int:
@@ -340,17 +392,39 @@ def _compile_settings():
 
 def make_impl(family: Family, provider: str, problem: Problem, mode: str,
               compile_mode: str) -> Callable[[], Tensor]:
+    if provider in family.compiled_providers:
+        dynamo = _compile_settings()
+        dynamo.reset()  # compile once for this case, from a clean cache
     if provider == "torch":
         return lambda: family.functional(problem.args, "torch")
     if provider == "triton":
         return lambda: family.functional(problem.args, "triton")
     if provider == "torch.compile":
-        dynamo = _compile_settings()
-        dynamo.reset()  # compile once for this case, from a clean cache
         compiled = torch.compile(family.reference, dynamic=False, mode=compile_mode)
         return lambda: compiled(*problem.args)
     modes, make = family.extra_providers[provider]
+    if provider in family.compiled_providers:
+        return make(problem, compile_mode)
     return make(problem)
+
+
+def _fp32_expected(family: Family, problem: Problem, mode: str,
+                   grad_out: Optional[Tensor]) -> List[Tensor]:
+    """The reference's output (and gradients) on float32 copies of the case's inputs."""
+    def up(value):
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value.detach().float().requires_grad_(value.requires_grad)
+        return value
+    args = tuple(up(a) for a in problem.args)
+    leaves = []
+    for leaf in problem.leaves:
+        index = next((i for i, a in enumerate(problem.args) if a is leaf), None)
+        if index is None:
+            raise ValueError("fp32_reference needs every leaf among Problem.args")
+        leaves.append(args[index])
+    out = _outputs(mode, lambda: family.reference(*args), leaves,
+                   grad_out.float() if grad_out is not None else None)
+    return out
 
 
 def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, mode: str,
@@ -359,11 +433,15 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
     """Time every provider on one case; returns the JSON row."""
     elem = torch.empty((), dtype=dtype).element_size()
     nbytes = family.bytes_moved(shape, batch, elem, mode)
+    flops = family.flops(shape, batch, mode) if family.flops is not None else None
     row = {"shape": shape.name, "model": shape.model, "stage": shape.stage,
            "blocks": shape.blocks, "batch": batch, "channels": shape.channels,
            "height": shape.height, "width": shape.width, "split": shape.split,
+           **(family.row_info(shape) if family.row_info is not None else {}),
            "dtype": DTYPE_NAMES.get(dtype, str(dtype)), "mode": mode, "bytes": nbytes,
            "providers": {}}
+    if flops is not None:
+        row["flops"] = flops
     results = row["providers"]
     case_skip = family.skip(shape, batch, mode)
     problem = grad_out = expected = None
@@ -372,6 +450,16 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
         problem = family.build(shape, batch, dtype, timer.device, mode, gen)
         if mode == "fwd+bwd":  # every op returns a tensor shaped like its first input
             grad_out = random_activation(problem.args[0].shape, dtype, timer.device, gen)
+        row["reference"] = f"eager ({DTYPE_NAMES.get(dtype, str(dtype))})"
+        if family.fp32_reference and dtype != torch.float32:
+            try:
+                expected = _fp32_expected(family, problem, mode, grad_out)
+                row["reference"] = "reference in fp32 (inputs upcast)"
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: check against eager
+                row["reference_error"] = f"{type(e).__name__}: {e}".strip()
+                expected = None
+                if timer.device.type == "cuda":
+                    torch.cuda.empty_cache()
     for provider in providers:
         entry: dict = {}
         results[provider] = entry
@@ -391,7 +479,7 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
             if timer.device.type == "cuda":
                 torch.cuda.synchronize()
             first_s = time.perf_counter() - start
-            if provider == "torch":
+            if provider == "torch" and expected is None:
                 expected = out
             err = _rel_error(out, expected) if expected is not None else None
             del out
@@ -399,11 +487,15 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
             entry.update(status="ok", ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"],
                          gbps=nbytes / (t["ms"] * 1e-3) / 1e9, max_rel_error=err)
             entry["pct_copy"] = 100.0 * entry["gbps"] / copy_gbps if copy_gbps else None
-            if provider == "torch.compile":
+            if flops is not None:
+                entry["tflops"] = flops / (t["ms"] * 1e-3) / 1e12
+            if provider in family.compiled_providers:
                 entry["compile_s"] = first_s
             if err is not None and not err <= MISMATCH[dtype]:
+                against = ("the fp32 reference" if row["reference"].startswith("reference")
+                           else "eager")
                 entry["status"] = "mismatch"
-                entry["reason"] = (f"max rel error {err:.2g} vs eager exceeds "
+                entry["reason"] = (f"max rel error {err:.2g} vs {against} exceeds "
                                    f"{MISMATCH[dtype]:g}")
         except Unavailable as e:
             entry.update(status=e.status, reason=e.reason)
@@ -412,12 +504,11 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
                          traceback=traceback.format_exc(limit=6))
             if timer.device.type == "cuda":
                 torch.cuda.synchronize()
-    eager = results.get("torch", {}).get("ms")
-    compiled = results.get("torch.compile", {}).get("ms")
+    baselines = {label: results.get(p, {}).get("ms") for label, p in family.speedups.items()}
     for entry in results.values():
         if entry.get("ms") is not None:
-            entry["speedup_vs_eager"] = eager / entry["ms"] if eager else None
-            entry["speedup_vs_compile"] = compiled / entry["ms"] if compiled else None
+            for label, base in baselines.items():
+                entry[f"speedup_vs_{label}"] = base / entry["ms"] if base else None
     del problem, grad_out, expected
     if timer.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -437,9 +528,12 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return format(value, spec) + suffix
 
 
-def format_table(rows: List[dict], providers: List[str]) -> str:
-    headers = ["shape", "blocks", "B", "C", "HxW", "dtype", "mode", "provider", "time us",
-               "GB/s", "% copy", "vs eager", "vs compile", "max err", "status"]
+def format_table(rows: List[dict], providers: List[str],
+                 speedup_labels: Sequence[str] = ("eager", "compile"),
+                 flops: bool = False) -> str:
+    headers = (["shape", "blocks", "B", "C", "HxW", "dtype", "mode", "provider", "time us",
+                "GB/s", "% copy"] + (["TFLOP/s"] if flops else [])
+               + [f"vs {label}" for label in speedup_labels] + ["max err", "status"])
     lines = []
     for row in rows:
         first = True
@@ -457,12 +551,13 @@ def format_table(rows: List[dict], providers: List[str]) -> str:
                 status += ": " + entry["reason"].splitlines()[0]
             lines.append(case + [
                 provider, _fmt(ms * 1e3 if ms is not None else None, ",.1f"),
-                _fmt(entry.get("gbps"), ",.1f"), _fmt(entry.get("pct_copy"), ".1f", "%"),
-                _fmt(entry.get("speedup_vs_eager"), ".2f", "x"),
-                _fmt(entry.get("speedup_vs_compile"), ".2f", "x"),
-                _fmt(entry.get("max_rel_error"), ".1e"), status])
+                _fmt(entry.get("gbps"), ",.1f"), _fmt(entry.get("pct_copy"), ".1f", "%")]
+                + ([_fmt(entry.get("tflops"), ",.1f")] if flops else [])
+                + [_fmt(entry.get(f"speedup_vs_{label}"), ".2f", "x")
+                   for label in speedup_labels]
+                + [_fmt(entry.get("max_rel_error"), ".1e"), status])
     widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(headers)]
-    left = {0, 5, 6, 7, 14}
+    left = {0, 5, 6, 7, len(headers) - 1}
 
     def render(cells):
         out = []
@@ -490,6 +585,7 @@ def check_targets(family: Family, rows: List[dict], cuda_name: Optional[str]) ->
         for row in rows:
             entry = row["providers"].get(target.provider, {})
             if (row["mode"] == target.mode and row["batch"] == target.batch
+                    and (target.where is None or target.where(row))
                     and entry.get(target.metric) is not None):
                 values.append((entry[target.metric], row))
         head = f"  {target.text}: "
@@ -500,8 +596,13 @@ def check_targets(family: Family, rows: List[dict], cuda_name: Optional[str]) ->
         worst, row = min(values, key=lambda v: v[0])
         unit = "%" if target.metric == "pct_copy" else "x"
         verdict = "met" if worst >= target.threshold else "NOT met"
-        out.append(head + f"{verdict}: worst {worst:.2f}{unit} ({row['shape']} {row['dtype']}, "
-                          f"{len(values)} rows; target {target.threshold:g}{unit})")
+        text = (head + f"{verdict}: worst {worst:.2f}{unit} ({row['shape']} {row['dtype']}, "
+                       f"{len(values)} rows; target {target.threshold:g}{unit})")
+        dtypes = sorted({r["dtype"] for _, r in values})
+        if len(dtypes) > 1:  # the worst row per dtype, as a target may hold for some only
+            text += "; worst per dtype: " + ", ".join(
+                f"{d} {min(v for v, r in values if r['dtype'] == d):.2f}{unit}" for d in dtypes)
+        out.append(text)
     if out and not (cuda_name and "H100" in cuda_name):
         out.append("  (the targets are for an H100; this run is on "
                    f"{cuda_name or 'the CPU'}, so they are shown for information only)")
@@ -513,8 +614,11 @@ def geomean(values: List[float]) -> Optional[float]:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
-def summary_lines(rows: List[dict], providers: List[str]) -> List[str]:
-    """Per provider, mode, dtype and batch: geometric-mean speed-ups and the % of copy range."""
+def summary_lines(rows: List[dict], providers: List[str],
+                  speedup_labels: Sequence[str] = ("eager", "compile"),
+                  flops: bool = False) -> List[str]:
+    """Per provider, mode, dtype and batch: geometric-mean speed-ups and the % of copy range
+    (and with ``flops`` the TFLOP/s range)."""
     keys = sorted({(r["mode"], r["dtype"], r["batch"]) for r in rows},
                   key=lambda k: (MODES.index(k[0]) if k[0] in MODES else 9, k[1], k[2]))
     lines = []
@@ -528,12 +632,18 @@ def summary_lines(rows: List[dict], providers: List[str]) -> List[str]:
             if not entries:
                 continue
             pct = [e["pct_copy"] for e in entries if e.get("pct_copy") is not None]
-            eager = geomean([e.get("speedup_vs_eager") for e in entries])
-            comp = geomean([e.get("speedup_vs_compile") for e in entries])
-            lines.append(f"  {provider:<14} {mode:<8} {dtype} B={batch:<4} shapes {len(entries)}: "
-                         f"vs eager {_fmt(eager, '.2f', 'x')}, vs compile {_fmt(comp, '.2f', 'x')}"
-                         f" (geomean); % copy {_fmt(min(pct) if pct else None, '.1f')}.."
-                         f"{_fmt(max(pct) if pct else None, '.1f')}")
+            speedups = ", ".join(
+                f"vs {label} "
+                f"{_fmt(geomean([e.get(f'speedup_vs_{label}') for e in entries]), '.2f', 'x')}"
+                for label in speedup_labels)
+            line = (f"  {provider:<14} {mode:<8} {dtype} B={batch:<4} shapes {len(entries)}: "
+                    f"{speedups} (geomean); % copy {_fmt(min(pct) if pct else None, '.1f')}.."
+                    f"{_fmt(max(pct) if pct else None, '.1f')}")
+            if flops:
+                tf = [e["tflops"] for e in entries if e.get("tflops") is not None]
+                line += (f"; TFLOP/s {_fmt(min(tf) if tf else None, '.1f')}.."
+                         f"{_fmt(max(tf) if tf else None, '.1f')}")
+            lines.append(line)
     return lines
 
 
@@ -559,14 +669,15 @@ def _split(text: str) -> List[str]:
 def parse_args(family: Family, argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m benchmarks.bench_{family.name}",
-        description=f"Benchmark {family.title}: eager reference vs torch.compile vs Triton.")
+        description=f"Benchmark {family.title}: {' vs '.join(family.providers)}.")
     parser.add_argument("--device", default=None,
                         help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtypes", default=None,
-                        help="comma list of float16, bfloat16, float32 (default: float16,float32;"
-                             " --quick on the CPU: float32)")
+                        help="comma list of float16, bfloat16, float32 (default: "
+                             f"{family.default_dtypes}; --quick on the CPU: float32)")
     parser.add_argument("--batches", default=None,
-                        help="comma list (default: 1,64,256; --quick: 2)")
+                        help="comma list, for every shape (default: 1,64,256, or the family's "
+                             "batches per shape; --quick: 2)")
     parser.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
     parser.add_argument("--shapes", default=None,
                         help="comma list of substrings of the shape names to keep, e.g. "
@@ -575,8 +686,8 @@ def parse_args(family: Family, argv) -> argparse.Namespace:
                         help=f"comma list, default all: {', '.join(family.providers)}")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes (the networks shrunk: embed_dim 8, 32 x 32 input), "
-                             "batch 2, few runs: a smoke run; on the CPU torch.compile is "
-                             "skipped")
+                             "batch 2, few runs: a smoke run; on the CPU the compiled "
+                             f"providers ({', '.join(family.compiled_providers)}) are skipped")
     parser.add_argument("--json", default=None,
                         help="where to write the JSON report (default: benchmarks/results/"
                              f"{family.name}.<device>.json; .local.json for CPU or --quick runs)")
@@ -622,12 +733,12 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
     if cpu:
         notes.append("CPU run: a smoke test of the harness; no figure here is a GPU result")
 
-    dtypes_text = args.dtypes or ("float32" if (args.quick and cpu) else "float16,float32")
+    dtypes_text = args.dtypes or ("float32" if (args.quick and cpu) else family.default_dtypes)
     try:
         dtypes = [DTYPES[d.lower()] for d in _split(dtypes_text)]
     except KeyError as e:
         raise SystemExit(f"unknown dtype {e}; choose from {', '.join(DTYPES)}")
-    batches = [int(b) for b in _split(args.batches or ("2" if args.quick else "1,64,256"))]
+    given_batches = [int(b) for b in _split(args.batches)] if args.batches else None
     modes = _split(args.modes)
     for mode in modes:
         if mode not in MODES:
@@ -648,11 +759,20 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
         if not shapes:
             raise SystemExit(f"--shapes {args.shapes!r} matches none of "
                              f"{[s.name for s in family.shapes(args.quick)]}")
+    batches_of = {s.name: given_batches or family.batches_of(s, args.quick) for s in shapes}
+    batches = sorted({b for bs in batches_of.values() for b in bs})
     skipped = {}
-    if args.quick and cpu and not (args.providers and "torch.compile" in wanted):
-        skipped["torch.compile"] = "--quick on the CPU"
-        notes.append("torch.compile is skipped in --quick runs on the CPU (compiling takes "
-                     "seconds per case there); name it in --providers, or drop --quick, to time it")
+    if args.quick and cpu:
+        for provider in family.compiled_providers:
+            if provider in providers and not (args.providers and provider in wanted):
+                skipped[provider] = "--quick on the CPU"
+        if skipped:
+            names = ", ".join(skipped)
+            notes.append(f"{names} {'is' if len(skipped) == 1 else 'are'} skipped in --quick "
+                         "runs on the CPU (compiling takes seconds per case there); name "
+                         f"{'it' if len(skipped) == 1 else 'them'} in --providers, or drop "
+                         "--quick, to time "
+                         f"{'it' if len(skipped) == 1 else 'them'}")
 
     timer = Timer(device, args.warmup_ms, args.rep_ms,
                   2 if args.warmup is None else args.warmup,
@@ -686,23 +806,32 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "settings": {
             "argv": list(sys.argv[1:] if argv is None else argv),
-            "dtypes": [DTYPE_NAMES[d] for d in dtypes], "batches": batches, "modes": modes,
+            "dtypes": [DTYPE_NAMES[d] for d in dtypes], "batches": batches,
+            "batches_per_shape": batches_of, "modes": modes,
             "providers": providers, "quick": args.quick, "compile_mode": args.compile_mode,
             "timing": timer.method, "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "mismatch_tolerance": {DTYPE_NAMES[d]: MISMATCH[d] for d in dtypes},
+            "checked_against": ("the reference in fp32 on the inputs upcast (fp16 / bf16 "
+                                "cases), eager itself in fp32 cases" if family.fp32_reference
+                                else "eager (the torch provider) in the case's dtype"),
             "seed": args.seed, "layout": "NCHW (contiguous)",
             "cpu_threads": torch.get_num_threads() if cpu else None,
         },
         "modes": {m: family.mode_text[m] for m in modes},
         "byte_formulas": {m: family.formulas[m] for m in modes},
+        "flop_formulas": ({m: family.flop_formulas[m] for m in modes}
+                          if family.flops is not None else None),
+        "speedups": {f"speedup_vs_{label}": provider
+                     for label, provider in family.speedups.items()},
         "shapes": [dict(asdict(s), name=s.name) for s in shapes],
         "copy_bandwidth": copy, "notes": notes, "complete": False, "rows": [],
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
 
-    cases = [(s, b, d, m) for d in dtypes for m in modes for s in shapes for b in batches]
+    cases = [(s, b, d, m) for d in dtypes for m in modes for s in shapes
+             for b in batches_of[s.name]]
     for index, (shape, batch, dtype, mode) in enumerate(cases, 1):
         label = (f"{shape.name} B={batch} C={shape.channels} {shape.height}x{shape.width} "
                  f"{DTYPE_NAMES[dtype]} {mode}")
@@ -732,11 +861,15 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
     for mode in modes:
         print(f"{mode}: {family.mode_text[mode]}", file=out)
         print(f"  bytes: {family.formulas[mode]}", file=out)
+        if family.flops is not None:
+            print(f"  FLOPs: {family.flop_formulas[mode]}", file=out)
     for note in notes:
         print(f"note: {note}", file=out)
     print(file=out)
-    print(format_table(report["rows"], providers), file=out)
-    summary = summary_lines(report["rows"], providers)
+    labels = list(family.speedups)
+    has_flops = family.flops is not None
+    print(format_table(report["rows"], providers, labels, has_flops), file=out)
+    summary = summary_lines(report["rows"], providers, labels, has_flops)
     if summary:
         print("\nSummary (speed-ups: geometric mean over shapes)", file=out)
         print("\n".join(summary), file=out)

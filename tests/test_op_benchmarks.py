@@ -1,10 +1,12 @@
 """Smoke test of the per-op-family benchmarks (benchmarks/bench_*.py, benchmarks/op_bench.py).
 
 Each script runs with --quick on the CPU (Triton under its interpreter, which conftest selects;
-torch.compile skipped, as --quick on the CPU says): the table and the JSON report must hold
-every provider, shape and mode, with positive times and GB/s, speed-ups and % copy consistent
-with the times, and the byte counts of the documented formulas. The stage shapes of the real
-networks are checked against SPEC.md section 5 (cheap: read on the meta device).
+the compiling providers, torch.compile and FlexAttention, skipped, as --quick on the CPU says):
+the table and the JSON report must hold every provider, shape and mode, with positive times and
+GB/s, speed-ups, % copy and TFLOP/s consistent with the times, and the byte (and FLOP) counts of
+the documented formulas. The stage shapes of the real networks are checked against SPEC.md
+sections 4 and 5 (cheap: read on the meta device). The FlexAttention provider's score_mod is
+checked against the reference with eager flex_attention (compiling it on the CPU is too slow).
 """
 from __future__ import annotations
 
@@ -13,16 +15,19 @@ import json
 import math
 
 import pytest
+import torch
 
 import patnet_kernels as pk
-from benchmarks import bench_channel_attention, bench_partial_conv, bench_spatial_attention
-from benchmarks import op_bench
+from benchmarks import bench_channel_attention, bench_partial_conv, bench_rpe_attention
+from benchmarks import bench_spatial_attention, op_bench
 
 SCRIPTS = {
     "partial_conv": (bench_partial_conv, []),
     # batch 1 too: training PAT_ch needs a batch of 2, so fwd+bwd at batch 1 must read "n/a"
     "channel_attention": (bench_channel_attention, ["--batches", "1,2"]),
     "spatial_attention": (bench_spatial_attention, []),
+    # two shapes (7 x 7 at batch 2, 5 x 9 at batch 1: batches per shape); flex skipped
+    "rpe_attention": (bench_rpe_attention, []),
 }
 QUICK = ["--quick", "--device", "cpu", "--warmup", "0", "--runs", "2"]
 STATUSES = {"ok", "n/a", "unavailable", "skipped"}
@@ -46,10 +51,13 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
     copy_gbps = report["copy_bandwidth"]["gbps"]
     assert copy_gbps > 0
     assert set(report["byte_formulas"]) == set(op_bench.MODES)
+    if family.flops is not None:
+        assert set(report["flop_formulas"]) == set(op_bench.MODES)
 
-    batches = [1, 2] if extra else [2]
     shapes = family.shapes(True)
-    expected = {(s.name, b, "fp32", m) for s in shapes for b in batches for m in op_bench.MODES}
+    batches = {s.name: ([1, 2] if extra else family.batches_of(s, True)) for s in shapes}
+    expected = {(s.name, b, "fp32", m) for s in shapes for b in batches[s.name]
+                for m in op_bench.MODES}
     rows = {(r["shape"], r["batch"], r["dtype"], r["mode"]): r for r in report["rows"]}
     assert set(rows) == expected and len(report["rows"]) == len(expected)
 
@@ -58,10 +66,14 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
         assert list(row["providers"]) == family.providers, key
         assert row["bytes"] == family.bytes_moved(shape_of[row["shape"]], row["batch"], 4,
                                                   row["mode"]) > 0
+        if family.flops is not None:
+            assert row["flops"] == family.flops(shape_of[row["shape"]], row["batch"],
+                                                row["mode"]) > 0
         eager = row["providers"]["torch"]
         training_b1 = name == "channel_attention" and row["batch"] == 1 and row["mode"] != "fwd"
         assert eager["status"] == ("n/a" if training_b1 else "ok"), (key, eager)
-        assert row["providers"]["torch.compile"]["status"] in ("skipped", "n/a")
+        for provider in family.compiled_providers:  # skipped in --quick on the CPU
+            assert row["providers"][provider]["status"] in ("skipped", "n/a")
         for provider, entry in row["providers"].items():
             assert entry["status"] in STATUSES, (key, provider, entry)
             if entry["status"] != "ok":
@@ -70,21 +82,37 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
             assert 0 < entry["ms_p20"] <= entry["ms"] <= entry["ms_p80"], (key, provider)
             assert close(entry["gbps"], row["bytes"] / (entry["ms"] * 1e-3) / 1e9)
             assert close(entry["pct_copy"], 100 * entry["gbps"] / copy_gbps)
-            assert close(entry["speedup_vs_eager"], eager["ms"] / entry["ms"])
-            assert entry["speedup_vs_compile"] is None  # compile skipped here
+            if family.flops is not None:
+                assert close(entry["tflops"], row["flops"] / (entry["ms"] * 1e-3) / 1e12)
+            else:
+                assert "tflops" not in entry
+            for label, base in family.speedups.items():
+                base_ms = row["providers"][base].get("ms")  # None: base skipped here
+                speedup = entry[f"speedup_vs_{label}"]
+                assert (speedup is None) if base_ms is None else close(speedup,
+                                                                        base_ms / entry["ms"])
+            assert entry["speedup_vs_eager"] is not None
             assert entry["max_rel_error"] <= 1e-3, (key, provider, entry["max_rel_error"])
         if name == "partial_conv":  # its Triton kernels exist: they must have run
             assert row["providers"]["triton"]["status"] == "ok", key
             inplace = row["providers"]["triton inplace"]["status"]
             assert inplace == ("ok" if row["mode"] == "fwd" else "n/a"), key
+        elif name == "rpe_attention":
+            for provider in ("triton", "sdpa"):
+                assert row["providers"][provider]["status"] == "ok", (key, provider)
+            assert row["providers"]["flex"]["reason"] == "--quick on the CPU"
         else:  # being written: either measured or reported unavailable, never an error
             assert row["providers"]["triton"]["status"] in (("n/a",) if training_b1 else
                                                             ("ok", "unavailable")), key
 
     table = printed.out
     header = next(line for line in table.splitlines() if line.startswith("shape "))
-    for column in ("provider", "time us", "GB/s", "% copy", "vs eager", "vs compile", "status"):
+    columns = ["provider", "time us", "GB/s", "% copy", "status"]
+    columns += [f"vs {label}" for label in family.speedups]
+    columns += ["TFLOP/s"] if family.flops is not None else []
+    for column in columns:
         assert column in header
+    assert ("TFLOP/s" in header) == (family.flops is not None)
     for word in family.providers + [s.name for s in shapes] + list(op_bench.MODES):
         assert word in table, word
     for row in report["rows"]:
@@ -92,6 +120,8 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
             if entry["status"] != "ok":
                 assert f"{entry['status']}: {entry['reason'].splitlines()[0]}" in table
     assert "copy bandwidth" in table and str(path) in table
+    for provider in family.compiled_providers:
+        assert f"note: {provider} is skipped in --quick runs on the CPU" in table
     assert f"[{name} 1/{len(expected)}]" in printed.err  # progress on stderr
 
 
@@ -143,3 +173,97 @@ def test_stage_shapes_are_those_of_the_real_networks():
     for family in (bench_partial_conv.FAMILY, bench_channel_attention.FAMILY,
                    bench_spatial_attention.FAMILY):
         assert all(s.width == s.height for s in family.shapes(False))
+
+
+def test_rpe_attention_shapes_and_counts():
+    """Stage 4 of PATNet-T0, T2, L (heads 4, d = C2 / 4 = 48, 96, 240: SPEC.md section 4) on
+    the 7 x 7 map of 224 x 224 (batch 1, 64, 256) and the 25 x 42 map of 800 x 1344 (batch 1,
+    8); the FLOP and byte formulas of the README."""
+    family = bench_rpe_attention.FAMILY
+    shapes = family.shapes(False)
+    table = [(s.name, s.channels, s.height, s.width, s.blocks, bench_rpe_attention.dims(s),
+              family.batches_of(s, False)) for s in shapes]
+    assert table == [
+        ("patnet_t0.s4.cls", 192, 7, 7, 2, (4, 49, 48), [1, 64, 256]),
+        ("patnet_t2.s4.cls", 384, 7, 7, 4, (4, 49, 96), [1, 64, 256]),
+        ("patnet_l.s4.cls", 960, 7, 7, 4, (4, 49, 240), [1, 64, 256]),
+        ("patnet_t0.s4.det", 192, 25, 42, 2, (4, 1050, 48), [1, 8]),
+        ("patnet_t2.s4.det", 384, 25, 42, 4, (4, 1050, 96), [1, 8]),
+        ("patnet_l.s4.det", 960, 25, 42, 4, (4, 1050, 240), [1, 8])]
+    t2 = shapes[1]
+    assert family.flops(t2, 256, "fwd") == 4 * 256 * 4 * 49 ** 2 * 96
+    assert family.flops(t2, 256, "fwd+bwd") == 14 * 256 * 4 * 49 ** 2 * 96
+    x = 256 * 4 * 49 * 96
+    assert family.bytes_moved(t2, 256, 2, "fwd") == (4 * x + 4 * 81) * 2 + 4 * 49 ** 2
+    assert family.bytes_moved(t2, 256, 2, "fwd+bwd") == (11 * x + 3 * 81 * 4) * 2 + 8 * 49 ** 2
+    assert family.providers == ["torch", "sdpa", "flex", "triton"]
+
+
+def _rpe_problem(mode, dtype=torch.float32, quick_shape=0, batch=2):
+    shape = bench_rpe_attention.FAMILY.shapes(True)[quick_shape]
+    gen = torch.Generator().manual_seed(0)
+    return shape, bench_rpe_attention.build(shape, batch, dtype, torch.device("cpu"), mode, gen)
+
+
+@pytest.mark.parametrize("quick_shape", [0, 1])  # 7 x 7 and 5 x 9
+def test_rpe_flex_score_mod_matches_the_reference(quick_shape):
+    """The table and bucket map captured in score_mod give the reference's output (eager
+    flex_attention: the compiled one is the same score_mod, too slow to compile here)."""
+    _, problem = _rpe_problem("fwd", quick_shape=quick_shape)
+    try:
+        flex = bench_rpe_attention.make_flex(problem, compiled=False)
+    except op_bench.Unavailable as e:
+        pytest.skip(f"FlexAttention unavailable here: {e.reason}")
+    with torch.no_grad():
+        out = flex()
+        expected = pk.reference.rpe_attention(*problem.args)
+    assert (out - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+def test_rpe_flex_without_backward_reads_unavailable():
+    """In fwd+bwd on a device where FlexAttention refuses gradients (the CPU, in torch 2.x) the
+    provider reads "unavailable: <torch's reason>" instead of failing."""
+    _, problem = _rpe_problem("fwd+bwd")
+    try:
+        bench_rpe_attention.make_flex(problem, compiled=False)
+    except op_bench.Unavailable as e:
+        assert e.status == "unavailable" and "FlexAttention" in e.reason
+    else:  # this torch has FlexAttention's backward on the CPU: nothing to check
+        pass
+
+
+def test_rpe_low_precision_is_checked_against_the_fp32_reference(tmp_path):
+    """With Family.fp32_reference, fp16 cases are compared with the reference in fp32 on the
+    upcast inputs: eager's own fp16 error shows (> 0) and the SDPA provider is checked too."""
+    family = bench_rpe_attention.FAMILY
+    shape, _ = _rpe_problem("fwd")
+    timer = op_bench.Timer(torch.device("cpu"), warmup=0, runs=1)
+    for mode in op_bench.MODES:
+        row = op_bench.run_case(family, shape, 2, torch.float16, mode, ["torch", "sdpa"], timer,
+                                1.0, {}, "default", 0)
+        assert row["reference"].startswith("reference in fp32"), row
+        for provider in ("torch", "sdpa"):
+            entry = row["providers"][provider]
+            assert entry["status"] == "ok", (mode, provider, entry)
+            assert 0 < entry["max_rel_error"] <= op_bench.MISMATCH[torch.float16]
+        assert set(row["providers"]["torch"]) >= {"speedup_vs_eager", "speedup_vs_sdpa",
+                                                  "speedup_vs_flex", "tflops"}
+        assert row["providers"]["torch"]["speedup_vs_flex"] is None
+
+
+def test_targets_filter_rows_and_show_each_dtype():
+    """Target.where keeps only its rows (N = 49 for the attention); with several dtypes the
+    worst row of each is shown too."""
+    family = bench_rpe_attention.FAMILY
+
+    def row(dtype, h, w, flex_x, eager_x):
+        return {"mode": "fwd+bwd", "batch": 256, "dtype": dtype, "height": h, "width": w,
+                "shape": f"s{h}", "providers": {"triton": {"speedup_vs_flex": flex_x,
+                                                           "speedup_vs_eager": eager_x}}}
+    rows = [row("fp16", 7, 7, 2.0, 4.0), row("fp32", 7, 7, 1.2, 3.5),
+            row("fp16", 25, 42, 0.1, 0.1)]  # not N = 49: ignored
+    lines = op_bench.check_targets(family, rows, "NVIDIA H100 80GB HBM3")
+    assert "NOT met: worst 1.20x (s7 fp32, 2 rows" in lines[0]
+    assert "worst per dtype: fp16 2.00x, fp32 1.20x" in lines[0]
+    assert "met: worst 3.50x" in lines[1] and "NOT" not in lines[1]
+    assert len(lines) == 2  # on an H100: no "for information only" line
