@@ -41,18 +41,14 @@ def build(case: dict, mode: str, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(dtype).train(mode == "train")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("mode", ["eval", "train"])
-@pytest.mark.parametrize("name", CASES)
-def test_model_matches_authors(vectors, name, mode, dtype):
-    case = vectors[name]
+def check_against_authors(model: torch.nn.Module, case: dict, mode: str, dtype: torch.dtype,
+                          device: torch.device = torch.device("cpu")) -> None:
+    """Run ``model`` on the case's input and assert the authors' output, input and parameter
+    gradients and (train) updated BatchNorm statistics, within BUDGETS[dtype]."""
     ref = case[mode]
-    model = build(case, mode, dtype)
-    assert patnet.count_params(model) == json.loads(
-        (authors_reference_dir() / "index.json").read_text())[name]["params"]
-    x = case["input"].detach().to(dtype).clone().requires_grad_(True)
+    x = case["input"].detach().to(device, dtype).clone().requires_grad_(True)
     out = model(x)
-    out.backward(ref["grad_output"].to(dtype))
+    out.backward(ref["grad_output"].to(device, dtype))
     out_budget, gin_budget, gparam_budget, state_budget = BUDGETS[dtype]
 
     assert rel_error(out, ref["output"]) < out_budget
@@ -72,6 +68,17 @@ def test_model_matches_authors(vectors, name, mode, dtype):
         for key, before in case["state_dict"].items():
             if key.endswith("num_batches_tracked"):
                 assert int(state[key]) == int(before) + 1, key
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", CASES)
+def test_model_matches_authors(vectors, name, mode, dtype):
+    case = vectors[name]
+    model = build(case, mode, dtype)
+    assert patnet.count_params(model) == json.loads(
+        (authors_reference_dir() / "index.json").read_text())[name]["params"]
+    check_against_authors(model, case, mode, dtype)
 
 
 @pytest.mark.parametrize("name", CASES)

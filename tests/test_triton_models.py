@@ -5,8 +5,6 @@ backends are compared (their random streams differ by design); drop-path is 0 in
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ import patnet
 from patnet.testing import randomize_norms
 
 from conftest import DEVICE, authors_reference_dir, rel_error
-from test_authors_reference import BUDGETS, CASES, build
+from test_authors_reference import CASES, build, check_against_authors
 
 SMALL = dict(drop_path_rate=0.0)
 
@@ -68,22 +66,5 @@ def test_triton_model_reproduces_authors_vectors(vectors, name, mode):
     """float32 on the Triton backend, with the authors' float32 budgets (train mode runs the
     fused BatchNorm batch statistics and updates)."""
     case = vectors[name]
-    ref = case[mode]
     model = patnet.set_backend(build(case, mode, torch.float32), "triton").to(DEVICE)
-    x = case["input"].float().to(DEVICE).requires_grad_(True)
-    out = model(x)
-    out.backward(ref["grad_output"].float().to(DEVICE))
-    out_budget, gin_budget, gparam_budget, state_budget = BUDGETS[torch.float32]
-    assert rel_error(out, ref["output"]) < out_budget
-    assert rel_error(x.grad, ref["grad_input"]) < gin_budget
-    params = dict(model.named_parameters())
-    largest = max(g.double().norm().item() for g in ref["grad_params"].values())
-    errors = {k: rel_error(params[k].grad, g, floor=1e-3 * largest)
-              for k, g in ref["grad_params"].items()}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] < gparam_budget, f"{worst}: {errors[worst]:.2e}"
-    if mode == "train":
-        state = model.state_dict()
-        for key, expected in ref["state_after"].items():
-            assert rel_error(state[key], expected) < state_budget, key
-    assert json.loads((authors_reference_dir() / "index.json").read_text())[name]
+    check_against_authors(model, case, mode, torch.float32, DEVICE)

@@ -170,12 +170,23 @@ def _gate_grad_reduce_kernel(
 
 
 @triton.jit
-def _gate_du(x, dy, s, mu, rs, a, k1, k2, TRAIN: tl.constexpr):
-    """dU, the gradient at U = Ma * s: a * dY (eval) or a * dY + k1 + xhat * k2 (training)."""
+def _gate_grad_block(m_pix, g_pix, m_sc, g_sc, mean_ptr, rstd_ptr, a_ptr, k1_ptr, k2_ptr, s,
+                     offs_c, c_ok, ok, TRAIN: tl.constexpr):
+    """Load one (pixels x channels) block of Ma and dYa and return (Ma, dYa, xhat, dU) in fp32:
+    xhat the BN_c-normalised Ma * s, dU the gradient at U = Ma * s: a * dY (eval) or
+    a * dY + k1 + xhat * k2 (training)."""
+    x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
+    dy = tl.load(g_pix + offs_c[None, :] * g_sc, mask=ok, other=0.0).to(tl.float32)
+    mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+    rs = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
+    a = tl.load(a_ptr + offs_c, mask=c_ok, other=0.0)
+    xhat = (x * s[:, None] - mu[None, :]) * rs[None, :]
+    du = a[None, :] * dy
     if TRAIN:
-        xhat = (x * s[:, None] - mu[None, :]) * rs[None, :]
-        return a[None, :] * dy + k1[None, :] + xhat * k2[None, :]
-    return a[None, :] * dy
+        k1 = tl.load(k1_ptr + offs_c, mask=c_ok, other=0.0)
+        k2 = tl.load(k2_ptr + offs_c, mask=c_ok, other=0.0)
+        du = du + k1[None, :] + xhat * k2[None, :]
+    return x, dy, xhat, du
 
 
 @triton.jit
@@ -217,39 +228,19 @@ def _gate_grad_apply_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < Q
         ok = p_ok[:, None] & c_ok[None, :]
-        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(g_pix + offs_c[None, :] * g_sc, mask=ok, other=0.0).to(tl.float32)
-        mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
-        rs = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
-        a = tl.load(a_ptr + offs_c, mask=c_ok, other=0.0)
-        if TRAIN:
-            k1 = tl.load(k1_ptr + offs_c, mask=c_ok, other=0.0)
-            k2 = tl.load(k2_ptr + offs_c, mask=c_ok, other=0.0)
-        else:
-            k1 = a
-            k2 = a
-            xhat = (x * s[:, None] - mu[None, :]) * rs[None, :]
+        x, dy, xhat, du = _gate_grad_block(m_pix, g_pix, m_sc, g_sc, mean_ptr, rstd_ptr, a_ptr,
+                                           k1_ptr, k2_ptr, s, offs_c, c_ok, ok, TRAIN)
+        if not TRAIN:
             tl.store(sdy_ptr + row * Q + offs_c, tl.sum(dy, axis=0), mask=c_ok)
             tl.store(sdyx_ptr + row * Q + offs_c, tl.sum(dy * xhat, axis=0), mask=c_ok)
-        du = _gate_du(x, dy, s, mu, rs, a, k1, k2, TRAIN)
         r += tl.sum(du * x, axis=1)  # x is 0 outside the tile
     gp = hardsigmoid_grad(z) * r
     for c0 in range(0, Q, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < Q
         ok = p_ok[:, None] & c_ok[None, :]
-        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(g_pix + offs_c[None, :] * g_sc, mask=ok, other=0.0).to(tl.float32)
-        mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
-        rs = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
-        a = tl.load(a_ptr + offs_c, mask=c_ok, other=0.0)
-        if TRAIN:
-            k1 = tl.load(k1_ptr + offs_c, mask=c_ok, other=0.0)
-            k2 = tl.load(k2_ptr + offs_c, mask=c_ok, other=0.0)
-        else:
-            k1 = a
-            k2 = a
-        du = _gate_du(x, dy, s, mu, rs, a, k1, k2, TRAIN)
+        x, dy, xhat, du = _gate_grad_block(m_pix, g_pix, m_sc, g_sc, mean_ptr, rstd_ptr, a_ptr,
+                                           k1_ptr, k2_ptr, s, offs_c, c_ok, ok, TRAIN)
         wv = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         dma = du * s[:, None] + gp[:, None] * wv[None, :]
         tl.store(o_pix + offs_c[None, :] * o_sc, dma.to(gm_ptr.dtype.element_ty), mask=ok)
