@@ -120,7 +120,7 @@ class _PartialNetwork(nn.Module):
                              f"call model.to({str(x.device)!r}) or move the input")
         if x.dtype != param.dtype:
             raise TypeError(f"input is {x.dtype} but the model is {param.dtype}; cast one to the "
-                            "other (or use torch.autocast)")
+                            f"other, e.g. model.to({x.dtype})")
         min_batch = self._min_train_batch(x)
         if self.training and x.shape[0] < min_batch:
             raise ValueError(f"training mode needs a batch of at least {min_batch} here "

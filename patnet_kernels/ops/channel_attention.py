@@ -36,7 +36,7 @@ import torch
 from .._types import BatchNormParams
 from ..triton import channel_attention as kernels
 from ..triton import partial_conv as conv_kernels
-from ..triton._common import check_device
+from ..triton._common import on_tensor_device
 from . import partial_conv as _partial_conv_ops
 from ._layout import empty_activation
 
@@ -50,8 +50,8 @@ def _coef_shape(x: Tensor, c1: int):
 
 
 @torch.library.custom_op("patnet_triton::channel_attention_stats", mutates_args=())
+@on_tensor_device
 def _stats(x: Tensor, c1: int) -> Tuple[Tensor, Tensor]:
-    check_device(x)
     return kernels.channel_stats(x, c1)
 
 
@@ -62,8 +62,8 @@ def _(x, c1):
 
 
 @torch.library.custom_op("patnet_triton::channel_attention_apply", mutates_args=())
+@on_tensor_device
 def _apply(x: Tensor, conv_weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    check_device(x)
     return kernels.conv3x3_affine(x, conv_kernels.forward_taps(conv_weight),
                                   empty_activation(x, x.shape), scale.contiguous(),
                                   shift.contiguous())
@@ -75,8 +75,8 @@ def _(x, conv_weight, scale, shift):
 
 
 @torch.library.custom_op("patnet_triton::channel_attention_grad_sums", mutates_args=())
+@on_tensor_device
 def _grad_sums(x: Tensor, grad_y: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
-    check_device(x)
     return kernels.channel_grad_sums(x, grad_y, mean.contiguous())
 
 
@@ -87,9 +87,9 @@ def _(x, grad_y, mean):
 
 
 @torch.library.custom_op("patnet_triton::channel_attention_input_grad", mutates_args=())
+@on_tensor_device
 def _input_grad(grad_y: Tensor, x: Tensor, conv_weight: Tensor, scale: Tensor, center: Tensor,
                 slope: Tensor, offset: Tensor) -> Tensor:
-    check_device(grad_y)
     return kernels.conv3x3_affine(grad_y, conv_kernels.transposed_taps(conv_weight),
                                   empty_activation(x, x.shape), scale.contiguous(),
                                   offset.contiguous(), aux=x, center=center.contiguous(),

@@ -16,15 +16,15 @@ from __future__ import annotations
 import torch
 
 from ..triton import partial_conv as kernels
-from ..triton._common import check_device
+from ..triton._common import on_tensor_device
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
 
 
 @torch.library.custom_op("patnet_triton::partial_conv3x3", mutates_args=())
+@on_tensor_device
 def _forward(x: Tensor, weight: Tensor) -> Tensor:
-    check_device(x)
     return kernels.conv3x3_passthrough(x, kernels.forward_taps(weight),
                                        empty_activation(x, x.shape), copy_rest=True)
 
@@ -39,8 +39,8 @@ def _x1_shape(x: Tensor, weight: Tensor):
 
 
 @torch.library.custom_op("patnet_triton::partial_conv3x3_", mutates_args=("x",))
+@on_tensor_device
 def _forward_inplace(x: Tensor, weight: Tensor) -> Tensor:
-    check_device(x)
     x1 = empty_activation(x, _x1_shape(x, weight))
     x1.copy_(x[:, :weight.shape[0]])
     # The conv reads only the copy, so no program can see a halo another has rewritten.
@@ -54,8 +54,8 @@ def _(x, weight):
 
 
 @torch.library.custom_op("patnet_triton::partial_conv3x3_input_grad", mutates_args=())
+@on_tensor_device
 def _input_grad(grad_y: Tensor, weight: Tensor) -> Tensor:
-    check_device(grad_y)
     return kernels.conv3x3_passthrough(grad_y, kernels.transposed_taps(weight),
                                        empty_activation(grad_y, grad_y.shape), copy_rest=True)
 
@@ -66,8 +66,8 @@ def _(grad_y, weight):
 
 
 @torch.library.custom_op("patnet_triton::conv3x3_weight_grad", mutates_args=())
+@on_tensor_device
 def _weight_grad(x1: Tensor, grad_y: Tensor) -> Tensor:
-    check_device(x1)
     return kernels.conv3x3_weight_grad(x1, grad_y)
 
 

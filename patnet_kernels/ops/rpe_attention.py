@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..triton import rpe_attention as kernels
-from ..triton._common import FLOAT_DTYPES, check_device
+from ..triton._common import FLOAT_DTYPES, on_tensor_device
 
 Tensor = torch.Tensor
 
@@ -52,16 +52,16 @@ _SEGMENTS_CACHE: dict = {}
 _SEGMENTS_CACHE_SIZE = 16
 
 
-def _segments(bucket: Tensor):
+def _segments(bucket: Tensor, num_buckets: int):
     try:
         key = (bucket.data_ptr(), bucket._version, tuple(bucket.shape), tuple(bucket.stride()),
-               bucket.dtype, bucket.device)
+               bucket.dtype, bucket.device, num_buckets)
     except RuntimeError:  # inference tensors have no version counter: do not cache
-        return kernels.bucket_segments(bucket)
+        return kernels.bucket_segments(bucket, num_buckets)
     hit = _SEGMENTS_CACHE.get(key)
     if hit is not None and hit[0] is bucket:
         return hit[1]
-    segments = kernels.bucket_segments(bucket)
+    segments = kernels.bucket_segments(bucket, num_buckets)
     if len(_SEGMENTS_CACHE) >= _SEGMENTS_CACHE_SIZE:
         _SEGMENTS_CACHE.pop(next(iter(_SEGMENTS_CACHE)))
     _SEGMENTS_CACHE[key] = (bucket, segments)
@@ -77,10 +77,10 @@ def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
 
 
 @torch.library.custom_op("patnet_triton::rpe_attention_fwd", mutates_args=())
+@on_tensor_device
 def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, bucket: Tensor, scale: float,
              dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    check_device(q)
-    ids32 = _segments(bucket)[0]
+    ids32 = _segments(bucket, table.shape[1])[0]
     return kernels.rpe_attention_forward(q, k, v, table.float().contiguous(), ids32, scale,
                                          dropout_p, _seed_value(seed, dropout_p))
 
@@ -92,12 +92,12 @@ def _(q, k, v, table, bucket, scale, dropout_p, seed):
 
 
 @torch.library.custom_op("patnet_triton::rpe_attention_bwd", mutates_args=())
+@on_tensor_device
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               table: Tensor, bucket: Tensor, scale: float, dropout_p: float,
               seed: Optional[Tensor], deterministic: bool
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_device(q)
-    ids32, order, seg, low, _ = _segments(bucket)
+    ids32, order, seg, low, _ = _segments(bucket, table.shape[1])
     dq, dk, dv, dtable = kernels.rpe_attention_backward(
         grad_out, q, k, v, out.contiguous(), lse.contiguous(), table.float().contiguous(),
         ids32, order, seg, low, scale, dropout_p, _seed_value(seed, dropout_p), deterministic)

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..triton import partial_conv as kernels
-from ..triton._common import check_device
+from ..triton._common import on_tensor_device
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -32,9 +32,9 @@ def _tokens_view(y: Tensor, c1: int) -> Tensor:
 
 
 @torch.library.custom_op("patnet_triton::self_mixer_output", mutates_args=())
+@on_tensor_device
 def _forward(x: Tensor, conv_weight: Tensor, tokens: Tensor, proj_weight: Tensor,
              proj_bias: Optional[Tensor], keep: Optional[Tensor]) -> Tensor:
-    check_device(x)
     c1 = conv_weight.shape[0]
     y = empty_activation(x, x.shape)
     kernels.conv3x3_passthrough(x, kernels.forward_taps(conv_weight), y, copy_rest=False)
@@ -56,10 +56,10 @@ def _(x, conv_weight, tokens, proj_weight, proj_bias, keep):
 
 
 @torch.library.custom_op("patnet_triton::self_mixer_output_backward", mutates_args=())
+@on_tensor_device
 def _backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, tokens: Tensor,
               proj_weight: Tensor, keep: Optional[Tensor]
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_device(grad_y)
     c1 = conv_weight.shape[0]
     grad_x = empty_activation(x, x.shape)
     kernels.conv3x3_passthrough(grad_y, kernels.transposed_taps(conv_weight), grad_x,

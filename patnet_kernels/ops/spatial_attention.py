@@ -32,7 +32,7 @@ import torch
 
 from .._types import BatchNormParams
 from ..triton import spatial_attention as kernels
-from ..triton._common import FLOAT_DTYPES, check_device
+from ..triton._common import FLOAT_DTYPES, on_tensor_device
 from ._layout import empty_activation, memory_format_of
 
 Tensor = torch.Tensor
@@ -54,13 +54,13 @@ def _vector(t: Optional[Tensor], fill: float, n: int, like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("patnet_triton::spatial_attention", mutates_args=())
+@on_tensor_device
 def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
              c_weight: Optional[Tensor], c_bias: Optional[Tensor],
              c_running_mean: Optional[Tensor], c_running_var: Optional[Tensor], c_eps: float,
              d_weight: Optional[Tensor], d_bias: Optional[Tensor],
              d_running_mean: Optional[Tensor], d_running_var: Optional[Tensor], d_eps: float,
              has_bn_d: bool, training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_device(m)
     y = empty_activation(m, m.shape)
     m = _flat_pixels(m)
     p = conv_weight.shape[0]
@@ -99,12 +99,12 @@ def _(m, gate_weight, conv_weight, conv_bias, c_weight, c_bias, c_running_mean, 
 
 
 @torch.library.custom_op("patnet_triton::spatial_attention_backward", mutates_args=())
+@on_tensor_device
 def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_weight: Tensor,
               c_stats: Tensor, c_weight: Optional[Tensor], c_eps: float, d_stats: Tensor,
               d_weight: Optional[Tensor], d_bias: Optional[Tensor], d_eps: float,
               has_bn_d: bool, training: bool
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_device(grad_y)
     grad_m = empty_activation(m, m.shape)
     m, grad_y = _flat_pixels(m), _flat_pixels(grad_y)
     b, c, h, w = m.shape

@@ -1,6 +1,8 @@
 """What every Triton kernel family shares: interpreter detection, block sizes, AOT specs."""
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict
@@ -23,6 +25,26 @@ def check_device(t: torch.Tensor) -> None:
         raise RuntimeError(f"Triton kernels need CUDA tensors, got a {t.device} tensor; use "
                            "backend='torch' on the CPU (or set TRITON_INTERPRET=1 before the "
                            "first import of triton to test the kernels on the CPU)")
+
+
+def on_tensor_device(op_body: Callable) -> Callable:
+    """Decorate a registered op's body: check its first argument (a tensor) with
+    :func:`check_device` and run the body with that tensor's CUDA device current, since Triton
+    launches on the current device (tensors on cuda:1 while cuda:0 is current would otherwise
+    run on the wrong GPU)."""
+
+    @functools.wraps(op_body)
+    def run(tensor, *args, **kwargs):
+        check_device(tensor)
+        if tensor.device.type == "cuda":
+            with torch.cuda.device(tensor.device):
+                return op_body(tensor, *args, **kwargs)
+        return op_body(tensor, *args, **kwargs)
+
+    # torch.library reads the schema off the signature: give it the body's, with the
+    # annotations evaluated in the body's module (they may be strings there).
+    run.__signature__ = inspect.signature(op_body, eval_str=True)
+    return run
 
 
 def upcast_dot(dtype: torch.dtype, interpret: bool = INTERPRET) -> bool:

@@ -504,20 +504,19 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     return dq, dk, dv, dtable
 
 
-def bucket_segments(ids: torch.Tensor):
-    """(ids32, order, seg, low, high) of an (N, N) bucket map, on its device.
+def bucket_segments(ids: torch.Tensor, num_buckets: int):
+    """(ids32, order, seg, low, high) of an (N, N) bucket map with ids in [0, num_buckets).
 
     ids32: the ids as int32 contiguous; order: (N * N,) int32 flat indices stably sorted by id;
-    seg: (high - low + 2,) int32 with bucket low + t owning order[seg[t]:seg[t + 1]]. Depends
-    only on the map, so callers cache it (one synchronisation, for low and high).
+    seg: (num_buckets + 1,) int32 with bucket t owning order[seg[t]:seg[t + 1]]; low = 0 and
+    high = num_buckets - 1. No device synchronisation (so it may run inside a CUDA graph);
+    depends only on the map, so callers cache it.
     """
     ids32 = ids.to(torch.int32).contiguous()
-    flat = ids32.reshape(-1)
-    sorted_ids, order = torch.sort(flat, stable=True)
-    low, high = (int(x) for x in torch.stack([sorted_ids[0], sorted_ids[-1]]).tolist())
-    bounds = torch.arange(low, high + 2, device=ids.device, dtype=torch.int32)
+    sorted_ids, order = torch.sort(ids32.reshape(-1), stable=True)
+    bounds = torch.arange(0, num_buckets + 1, device=ids.device, dtype=torch.int32)
     seg = torch.searchsorted(sorted_ids, bounds).to(torch.int32)
-    return ids32, order.to(torch.int32), seg, low, high
+    return ids32, order.to(torch.int32), seg, 0, num_buckets - 1
 
 
 def dropout_keep_mask(seed: int, batch: int, heads: int, n: int, dropout_p: float,
