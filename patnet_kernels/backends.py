@@ -8,6 +8,7 @@ silently. ``"auto"`` takes the fastest backend usable for the tensors' device, a
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -86,6 +87,14 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
     return backend
 
 
+def _installed_version(package: str) -> Optional[str]:
+    """The installed version of ``package`` without importing it (None if absent)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 _WARNED_DEVICES = set()
 
 
@@ -104,7 +113,7 @@ def _warn_reference_on_gpu(device) -> None:
 def info() -> Dict[str, object]:
     """What can run here: versions, devices, and for each backend whether it is usable and why.
 
-    Returns a dict: ``{"torch": version, "cuda_device": name or None,
+    Returns a dict: ``{"torch": version, "triton": version or None, "cuda_device": name or None,
     "backends": {name: {"available": bool, "reason": str}}, "auto": {device: backend}}``.
     """
     cuda = torch.cuda.is_available()
@@ -115,6 +124,7 @@ def info() -> Dict[str, object]:
         backends[name] = {"available": ok, "reason": why}
     return {
         "torch": torch.__version__,
+        "triton": _installed_version("triton"),
         "cuda_device": torch.cuda.get_device_name() if cuda else None,
         "backends": backends,
         "auto": {str(d): resolve_backend("auto", d) for d in devices},
