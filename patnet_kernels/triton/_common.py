@@ -5,7 +5,7 @@ import functools
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 import triton
@@ -87,6 +87,12 @@ class AotKernel:
 
     ``signature`` maps every argument name to a Triton type string ("*fp16", "i32", "fp32",
     "constexpr"); ``constexprs`` gives each constexpr's value for this configuration.
+
+    ``launches`` names the kinds of real launch and, for each, the integer arguments that equal
+    1 in it (the innermost stride of each tensor in that layout, a flag set): a launch makes
+    those constexprs, and marks its 16-byte-aligned pointers and its integers that are multiples
+    of 16 ``tt.divisibility = 16``, which changes vectorisation, pipelining and shared memory.
+    The AOT check compiles every kind so specialised (see ``aot.specialise``).
     """
     name: str
     fn: Callable
@@ -95,6 +101,7 @@ class AotKernel:
     num_warps: int = 4
     num_stages: int = 3
     options: Dict[str, object] = field(default_factory=dict)
+    launches: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
 
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -113,3 +120,19 @@ def aot_signature(fn: Callable, pointers: Dict[str, str], scalars: Dict[str, str
         else:
             sig[name] = pointers.get(name) or scalars.get(name) or "i32"
     return sig
+
+
+def activation_launches(*tensors: str, pixel: str = "sw", **more: Sequence[str]
+                        ) -> Dict[str, Tuple[str, ...]]:
+    """``AotKernel.launches`` of a kernel over (B, C, H, W) activations whose stride arguments
+    are named ``<tensor>_sb``, ``<tensor>_sc``, ...: NCHW, where each tensor's innermost stride
+    ``<tensor>_<pixel>`` is 1 (``pixel="sp"`` for a flattened pixel stride), and channels_last,
+    where its ``<tensor>_sc`` is 1. Each keyword adds a kind per layout with more arguments
+    equal to 1: ``fwd=("w_sk",), bwd=("w_sn",)`` gives "NCHW, fwd", "NCHW, bwd",
+    "channels_last, fwd" and "channels_last, bwd"."""
+    base = {"NCHW": tuple(f"{t}_{pixel}" for t in tensors),
+            "channels_last": tuple(f"{t}_sc" for t in tensors)}
+    if not more:
+        return base
+    return {f"{layout}, {kind}": ones + tuple(extra)
+            for layout, ones in base.items() for kind, extra in more.items()}

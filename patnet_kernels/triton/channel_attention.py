@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, upcast_dot)
+from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
+                      block, upcast_dot)
 from .partial_conv import _conv_blocks, _strides, conv3x3_tile
 
 
@@ -269,13 +270,15 @@ def aot_kernels() -> List[AotKernel]:
         kernels.append(AotKernel(
             f"channel_stats[{tname}]", fn,
             aot_signature(fn, {"x_ptr": ptr, "mean_ptr": "*fp32", "std_ptr": "*fp32"}),
-            dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps))
+            dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps,
+            launches=activation_launches("x")))
         fn = _channel_grad_sums_kernel
         kernels.append(AotKernel(
             f"channel_grad_sums[{tname}]", fn,
             aot_signature(fn, {"x_ptr": ptr, "gy_ptr": ptr, "center_ptr": "*fp32",
                                "sum_xg_ptr": "*fp32", "sum_g_ptr": "*fp32"}),
-            dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps))
+            dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps,
+            launches=activation_launches("x", "g")))
     for c1 in (8, 16, 24, 32, 40, 80, 160):  # C1 = C / 4 of stages 1-3 of every released width
         p, ci, co, warps = _conv_blocks(c1, interpret=False)
         if (ci, co) in seen:
@@ -292,5 +295,5 @@ def aot_kernels() -> List[AotKernel]:
                     f"conv3x3_affine[{tname}, CI={ci}, CO={co}, aux={has_aux}]", fn, sig,
                     dict(BLOCK_P=p, BLOCK_CI=ci, BLOCK_CO=co, BLOCK_C2=_GPU_AFFINE_BLOCK_C2,
                          HAS_AUX=has_aux, UPCAST=upcast_dot(dtype, interpret=False)),
-                    num_warps=warps))
+                    num_warps=warps, launches=activation_launches("src", "aux", "dst")))
     return kernels

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, to_compute,
-                      upcast_dot)
+from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
+                      block, to_compute, upcast_dot)
 
 
 @triton.jit
@@ -256,11 +256,13 @@ def aot_kernels() -> List[AotKernel]:
                     aot_signature(fn, {"src_ptr": ptr, "dst_ptr": ptr, "w_ptr": ptr}),
                     dict(BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co,
                          BLOCK_COPY=_copy_block(3 * c1, copy_rest), COPY_REST=copy_rest,
-                         UPCAST=upcast), num_warps=warps))
+                         UPCAST=upcast), num_warps=warps,
+                    launches=activation_launches("src", "dst")))
             fn = _conv3x3_weight_grad_kernel
             kernels.append(AotKernel(
                 f"conv3x3_weight_grad[{tname}, CI={block_ci}, CO={block_co}]", fn,
                 aot_signature(fn, {"x_ptr": ptr, "gy_ptr": ptr, "partial_ptr": "*fp32"}),
                 dict(BLOCK_P=_WGRAD_BLOCK_P, BLOCK_CI=block_ci, BLOCK_CO=block_co,
-                     UPCAST=upcast), num_warps=warps))
+                     UPCAST=upcast), num_warps=warps,
+                launches=activation_launches("x", "g")))
     return kernels

@@ -539,6 +539,18 @@ RELEASED_HEAD_DIMS = (48, 72, 96, 144, 192, 240)
 _SCALARS = {"scale": "fp32", "seed": "i64", "drop_scale": "fp32"}
 
 
+def _launches(fn) -> dict:
+    """``AotKernel.launches`` of an attention kernel: q, k, v (and dO) with a unit last stride
+    (contiguous, or views of one qkv tensor); for the dK/dV kernel also with one key block
+    (N <= BLOCK_N, e.g. 7 x 7 tokens: one_kblock = 1 becomes a constexpr, and that kernel needs
+    more shared memory than with a runtime one_kblock). dropping = 1 and atomic = 1 need less
+    than their runtime forms (measured on Triton 3.9), so they are not compiled separately."""
+    strides = tuple(s for s in ("sq_d", "sk_d", "sv_d", "sd_d") if s in fn.arg_names)
+    if fn is _rpe_bwd_kv_kernel:
+        return {"contiguous": strides, "contiguous, one key block": strides + ("one_kblock",)}
+    return {"contiguous": strides}
+
+
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU, for the ahead-of-time check:
     the three attention kernels per padded head dim (64, 128, 256) and dtype, and the two
@@ -563,7 +575,7 @@ def aot_kernels() -> List[AotKernel]:
                     aot_signature(fn, grads, _SCALARS),
                     dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                          UPCAST=upcast_dot(dtype, interpret=False)),
-                    num_warps=warps, num_stages=stages))
+                    num_warps=warps, num_stages=stages, launches=_launches(fn)))
     fn = _rpe_table_grad_kernel
     kernels.append(AotKernel(
         "rpe_table_grad", fn,

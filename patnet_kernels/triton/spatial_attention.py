@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, hardsigmoid,
-                      hardsigmoid_grad, upcast_dot)
+from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
+                      block, hardsigmoid, hardsigmoid_grad, upcast_dot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,20 +567,22 @@ def aot_kernels() -> List[AotKernel]:
         kernels.append(AotKernel(
             f"sa_gate_stats[{tname}]", fn,
             aot_signature(fn, {"m_ptr": ptr, "g_ptr": ptr, "z_ptr": f32, "mean_ptr": f32,
-                               "m2_ptr": f32}), dict(gate), num_warps=gate_warps))
+                               "m2_ptr": f32}), dict(gate), num_warps=gate_warps,
+            launches=activation_launches("m", pixel="sp")))
         fn = _gate_apply_kernel
         for compute_z in (True, False):
             kernels.append(AotKernel(
                 f"sa_gate_apply[{tname}, compute_z={compute_z}]", fn,
                 aot_signature(fn, {"m_ptr": ptr, "g_ptr": ptr, "z_ptr": f32, "y_ptr": ptr,
                                    "mean_ptr": f32, "scale_ptr": f32, "shift_ptr": f32}),
-                dict(gate, COMPUTE_Z=compute_z), num_warps=gate_warps))
+                dict(gate, COMPUTE_Z=compute_z), num_warps=gate_warps,
+                launches=activation_launches("m", "y", pixel="sp")))
         fn = _gate_grad_reduce_kernel
         kernels.append(AotKernel(
             f"sa_gate_grad_reduce[{tname}]", fn,
             aot_signature(fn, {"m_ptr": ptr, "gy_ptr": ptr, "z_ptr": f32, "mean_ptr": f32,
                                "rstd_ptr": f32, "sdy_ptr": f32, "sdyx_ptr": f32}),
-            dict(gate), num_warps=gate_warps))
+            dict(gate), num_warps=gate_warps, launches=activation_launches("m", "g", pixel="sp")))
         fn = _gate_grad_apply_kernel
         for train in (True, False):
             kernels.append(AotKernel(
@@ -589,21 +591,26 @@ def aot_kernels() -> List[AotKernel]:
                                    "gm_ptr": ptr, "mean_ptr": f32, "rstd_ptr": f32,
                                    "a_ptr": f32, "k1_ptr": f32, "k2_ptr": f32, "dw_ptr": f32,
                                    "sdy_ptr": f32, "sdyx_ptr": f32}),
-                dict(gate, TRAIN=train), num_warps=gate_warps))
+                dict(gate, TRAIN=train), num_warps=gate_warps,
+                launches=activation_launches("m", "g", "o", pixel="sp")))
         fn = _pointwise_gemm_kernel
         vectors = {name: f32 for name in ("pm_ptr", "ps_ptr", "ph_ptr", "ea_ptr", "eb_ptr",
                                           "em_ptr", "ec_ptr")}
         for epi_x in (False, True):
+            # The weight is (K, N) = W^T (w_sk = 1) in the forward, W (w_sn = 1) in the backward
+            # (the only user of EPI_X).
+            weight = {"bwd": ("w_sn",)} if epi_x else {"fwd": ("w_sk",), "bwd": ("w_sn",)}
             kernels.append(AotKernel(
                 f"sa_pointwise_gemm[{tname}, epi_x={epi_x}]", fn,
                 aot_signature(fn, dict(vectors, a_ptr=ptr, w_ptr=ptr, out_ptr=ptr, x_ptr=ptr)),
                 dict(BLOCK_P=gemm_p, BLOCK_K=gemm_k, BLOCK_N=gemm_n, EPI_X=epi_x,
-                     UPCAST=upcast), num_warps=gemm_warps))
+                     UPCAST=upcast), num_warps=gemm_warps,
+                launches=activation_launches("a", "o", "x", pixel="sp", **weight)))
         fn = _pointwise_weight_grad_kernel
         kernels.append(AotKernel(
             f"sa_pointwise_weight_grad[{tname}]", fn,
             aot_signature(fn, {"gy_ptr": ptr, "x_ptr": ptr, "pm_ptr": f32, "ps_ptr": f32,
                                "g_ptr": f32, "bsum_ptr": f32}),
             dict(BLOCK_P=wg_p, BLOCK_O=wg_o, BLOCK_I=wg_i, UPCAST=upcast),
-            num_warps=wg_warps))
+            num_warps=wg_warps, launches=activation_launches("g", "x", pixel="sp")))
     return kernels
