@@ -1,7 +1,7 @@
 """Which backends can run here, and the choice behind ``backend="auto"``.
 
 Backends: ``"torch"`` (the pure-PyTorch reference, always usable), ``"triton"`` (fused Triton
-kernels) and ``"cuda"`` (the CUDA C++ extension ``patnet_kernels._C``). A backend asked for by
+kernels) and ``"cuda"`` (the CUDA C++ kernels of csrc/, see :mod:`patnet_kernels._cuda_ext`). A backend asked for by
 name that cannot run raises :class:`BackendUnavailableError` saying why; nothing falls back
 silently. ``"auto"`` takes the fastest backend usable for the tensors' device, and
 :func:`info` reports every backend with the reason it was refused.
@@ -19,6 +19,8 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda")
 # Preference of "auto", fastest first.
 _AUTO_ORDER = ("cuda", "triton", "torch")
+# The ops the CUDA backend has kernels for (PAT_sp's spatial_attention is Triton only).
+CUDA_OPS = ("partial_conv3x3", "channel_attention", "rpe_attention", "self_mixer_output")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -48,8 +50,30 @@ def _triton_status(device: Optional[torch.device]) -> Tuple[bool, str]:
 
 
 def _cuda_status(device: Optional[torch.device]) -> Tuple[bool, str]:
-    return False, ("the CUDA extension patnet_kernels._C is not part of this version yet "
-                   "(its sources will live in csrc/); use backend='torch'")
+    from . import _cuda_ext
+
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if _cuda_ext.emulation_enabled():
+        if on_cpu:
+            return True, ("CPU emulation of the CUDA kernels (PATNET_CUDA_EMULATE=1): runs on "
+                          "CPU tensors, slowly, for testing")
+        return False, ("PATNET_CUDA_EMULATE=1 is set, so the CUDA backend runs only on CPU "
+                       "tensors; unset it to run the CUDA kernels on the GPU")
+    if on_cpu:
+        return False, ("the CUDA kernels run on CUDA tensors; to test them on the CPU set "
+                       "PATNET_CUDA_EMULATE=1")
+    if torch.version.cuda is None:
+        return False, "this PyTorch is a CPU build; " + _cuda_ext.HOW_TO_BUILD
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is available to this PyTorch"
+    if _cuda_ext.loaded():
+        return True, f"CUDA kernels: {_cuda_ext.loaded()}"
+    if _cuda_ext.prebuilt_available():
+        return True, "CUDA kernels: prebuilt extension patnet_kernels._C"
+    ok, why = _cuda_ext.jit_possible()
+    if ok:
+        return True, f"CUDA kernels: {why}"
+    return False, f"the extension patnet_kernels._C is not built ({why}); {_cuda_ext.HOW_TO_BUILD}"
 
 
 def _torch_status(device: Optional[torch.device]) -> Tuple[bool, str]:
@@ -65,10 +89,13 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
-    """The concrete backend ("torch", "triton" or "cuda") that runs an op on ``device``.
+def resolve_backend(backend: str, device: Optional[torch.device] = None,
+                    op: Optional[str] = None) -> str:
+    """The concrete backend ("torch", "triton" or "cuda") that runs ``op`` (or any op) on
+    ``device``.
 
-    Raises ValueError for an unknown name and BackendUnavailableError, with the reason, when a
+    "auto" skips the CUDA backend for an op it has no kernel for (see CUDA_OPS). Raises
+    ValueError for an unknown name and BackendUnavailableError, with the reason, when a
     backend named explicitly cannot run here.
     """
     check_backend_name(backend)
@@ -76,6 +103,8 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None) -> str:
         if device is None or torch.device(device).type != "cuda":
             return "torch"  # (the Triton interpreter is for testing, never the fast choice)
         for name in _AUTO_ORDER:
+            if name == "cuda" and op is not None and op not in CUDA_OPS:
+                continue
             if _STATUS[name](device)[0]:
                 if name == "torch":
                     _warn_reference_on_gpu(device)

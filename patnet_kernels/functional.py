@@ -15,7 +15,7 @@ from ._checks import (check_activation, check_batch_norm, check_conv_weight, che
                       check_same, check_shape)
 from ._types import BatchNormParams
 from . import ops
-from .backends import BackendUnavailableError, resolve_backend
+from .backends import resolve_backend
 
 # The reference serves backend "torch"; the fused backends live in patnet_kernels.ops.
 _REFERENCE: Dict[str, Callable] = {
@@ -32,15 +32,13 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _implementation(op: str, backend: str, x: torch.Tensor) -> Callable:
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, op)
     if name == "torch":
         return _REFERENCE[op]
     if x.dtype not in FUSED_DTYPES:
         raise TypeError(f"backend={name!r} runs float32, float16 and bfloat16, got {x.dtype}; "
                         "use backend='torch' for other dtypes")
-    if name == "triton":
-        return ops.triton_implementation(op)
-    raise BackendUnavailableError(f"backend={name!r} has no implementation of {op}")
+    return ops.implementation(name, op)
 
 
 def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = False,

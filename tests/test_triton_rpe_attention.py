@@ -169,7 +169,7 @@ def test_dropout_matches_reference_with_the_kernels_mask(batch, heads, height, w
     """Forward and backward regenerate one mask: both agree with a reference applying it."""
     q, k, v, table, bucket, grad = _inputs(batch, heads, height, width, d, dtype, seed=5)
     p, seed = 0.3, kernels.SEED_LOW + 12345
-    fn = rpe_ops.RpeAttention.apply
+    fn = rpe_ops.make_functions(torch.ops.patnet_triton).apply
     ours = _run(lambda *a: fn(*a, d ** -0.5, p, torch.tensor(seed)), q, k, v, table, bucket, grad)
     keep = kernels.dropout_keep_mask(seed, batch, heads, height * width, p, device=DEVICE)
     assert 0.5 < keep.float().mean() < 0.9

@@ -1,6 +1,6 @@
 """The fused backends as registered ops (``torch.library``) and autograd Functions.
 
-One module per op family. Each defines its ops with fakes (so ``torch.compile`` traces through
+One module per op family; :mod:`.cuda` binds the same Functions to the CUDA extension's ops. Each defines its ops with fakes (so ``torch.compile`` traces through
 them without a graph break), the autograd Functions that call them, and a function with the
 signature of the reference op, which :mod:`patnet_kernels.functional` dispatches to. Modules are
 imported on first use, so importing patnet_kernels does not import triton.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from ..backends import BackendUnavailableError
+from ..backends import CUDA_OPS, BackendUnavailableError
 
 
 def _triton_ops() -> Dict[str, Callable]:
@@ -28,10 +28,20 @@ def _triton_ops() -> Dict[str, Callable]:
     }
 
 
-def triton_implementation(op: str) -> Callable:
-    """The Triton backend of ``op``; BackendUnavailableError if this version has none."""
-    implementation = _triton_ops().get(op)
-    if implementation is None:
-        raise BackendUnavailableError(f"backend='triton' has no kernel for {op} in this version; "
-                                      "use backend='torch'")
-    return implementation
+def _cuda_ops() -> Dict[str, Callable]:
+    from . import cuda  # loads (or builds) the extension on first use
+    return cuda.IMPLEMENTATIONS
+
+
+def implementation(backend: str, op: str) -> Callable:
+    """The ``backend`` ("triton" or "cuda") implementation of ``op``; BackendUnavailableError
+    if that backend has no kernel for it."""
+    if backend == "cuda" and op not in CUDA_OPS:  # (say so without building the extension)
+        found = None
+    else:
+        found = (_triton_ops() if backend == "triton" else _cuda_ops()).get(op)
+    if found is None:
+        others = "backend='triton' or 'auto'" if backend == "cuda" else "backend='torch'"
+        raise BackendUnavailableError(f"backend={backend!r} has no kernel for {op}; use "
+                                      f"{others}")
+    return found

@@ -56,7 +56,7 @@ def _stats(x: Tensor, c1: int) -> Tuple[Tensor, Tensor]:
 
 
 @_stats.register_fake
-def _(x, c1):
+def _stats_fake(x, c1):
     shape = _coef_shape(x, c1)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
@@ -70,7 +70,7 @@ def _apply(x: Tensor, conv_weight: Tensor, scale: Tensor, shift: Tensor) -> Tens
 
 
 @_apply.register_fake
-def _(x, conv_weight, scale, shift):
+def _apply_fake(x, conv_weight, scale, shift):
     return empty_activation(x, x.shape)
 
 
@@ -81,7 +81,7 @@ def _grad_sums(x: Tensor, grad_y: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]
 
 
 @_grad_sums.register_fake
-def _(x, grad_y, mean):
+def _grad_sums_fake(x, grad_y, mean):
     return torch.empty_like(mean, dtype=torch.float32, memory_format=torch.contiguous_format), \
         torch.empty_like(mean, dtype=torch.float32, memory_format=torch.contiguous_format)
 
@@ -97,7 +97,7 @@ def _input_grad(grad_y: Tensor, x: Tensor, conv_weight: Tensor, scale: Tensor, c
 
 
 @_input_grad.register_fake
-def _(grad_y, x, conv_weight, scale, center, slope, offset):
+def _input_grad_fake(grad_y, x, conv_weight, scale, center, slope, offset):
     return empty_activation(x, x.shape)
 
 
@@ -223,6 +223,17 @@ def _gate_backward(sum_xg: Tensor, sum_g: Tensor, mean: Tensor, std: Tensor, n: 
             grad_beta_b)
 
 
+
+# Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
+# registers the op under its own namespace.
+FAKES = {
+    "channel_attention_stats": _stats_fake,
+    "channel_attention_apply": _apply_fake,
+    "channel_attention_grad_sums": _grad_sums_fake,
+    "channel_attention_input_grad": _input_grad_fake,
+}
+
+
 def make_functions(ops):
     """The autograd Function of PAT_ch over the ops of one backend namespace.
 
@@ -290,9 +301,6 @@ def make_functions(ops):
     return ChannelAttention
 
 
-ChannelAttention = make_functions(torch.ops.patnet_triton)
-
-
 def _check_batch(batch_values: int, shape) -> None:
     if batch_values <= 1:  # the error of F.batch_norm
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
@@ -308,23 +316,32 @@ def _update_running(bn: BatchNormParams, mean: Tensor, var: Tensor) -> None:
         bn.running_var.copy_(bn.running_var.float() * (1.0 - m) + var * m)
 
 
-def channel_attention(x: Tensor, conv_weight: Tensor, cfc_weight: Tensor,
-                      cfc_bias: Optional[Tensor], bn_a: Optional[BatchNormParams],
-                      bn_b: BatchNormParams, training: bool) -> Tensor:
-    """The Triton backend of :func:`patnet_kernels.channel_attention` (inputs already checked)."""
-    b, c, h, w = x.shape
-    c2 = c - conv_weight.shape[0]
-    if training:
-        if bn_a is not None:
-            _check_batch(b, torch.Size((b, c2, 1, 1)))
-        _check_batch(b * h * w, torch.Size((b, c2, h, w)))
-    a = bn_a if bn_a is not None else BatchNormParams(None, None, None, None)
-    y, stats = ChannelAttention.apply(
-        x, conv_weight, cfc_weight, cfc_bias, a.weight, a.bias, a.running_mean,
-        a.running_var, bn_b.weight, bn_b.bias, bn_b.running_mean, bn_b.running_var,
-        bn_a is not None, training, float(a.eps), float(bn_b.eps))
-    if training:
-        if bn_a is not None:
-            _update_running(bn_a, stats[0], stats[1])
-        _update_running(bn_b, stats[2], stats[3])
-    return y
+def make_channel_attention(ops):
+    """The backend function of :func:`patnet_kernels.channel_attention` over ``ops``."""
+    ChannelAttention = make_functions(ops)
+
+    def channel_attention(x: Tensor, conv_weight: Tensor, cfc_weight: Tensor,
+                          cfc_bias: Optional[Tensor], bn_a: Optional[BatchNormParams],
+                          bn_b: BatchNormParams, training: bool) -> Tensor:
+        """PAT_ch with this backend's kernels (inputs already checked by the functional API)."""
+        b, c, h, w = x.shape
+        c2 = c - conv_weight.shape[0]
+        if training:
+            if bn_a is not None:
+                _check_batch(b, torch.Size((b, c2, 1, 1)))
+            _check_batch(b * h * w, torch.Size((b, c2, h, w)))
+        a = bn_a if bn_a is not None else BatchNormParams(None, None, None, None)
+        y, stats = ChannelAttention.apply(
+            x, conv_weight, cfc_weight, cfc_bias, a.weight, a.bias, a.running_mean,
+            a.running_var, bn_b.weight, bn_b.bias, bn_b.running_mean, bn_b.running_var,
+            bn_a is not None, training, float(a.eps), float(bn_b.eps))
+        if training:
+            if bn_a is not None:
+                _update_running(bn_a, stats[0], stats[1])
+            _update_running(bn_b, stats[2], stats[3])
+        return y
+
+    return channel_attention
+
+
+channel_attention = make_channel_attention(torch.ops.patnet_triton)

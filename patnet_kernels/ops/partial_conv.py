@@ -30,7 +30,7 @@ def _forward(x: Tensor, weight: Tensor) -> Tensor:
 
 
 @_forward.register_fake
-def _(x, weight):
+def _forward_fake(x, weight):
     return empty_activation(x, x.shape)
 
 
@@ -49,7 +49,7 @@ def _forward_inplace(x: Tensor, weight: Tensor) -> Tensor:
 
 
 @_forward_inplace.register_fake
-def _(x, weight):
+def _forward_inplace_fake(x, weight):
     return empty_activation(x, _x1_shape(x, weight))
 
 
@@ -61,7 +61,7 @@ def _input_grad(grad_y: Tensor, weight: Tensor) -> Tensor:
 
 
 @_input_grad.register_fake
-def _(grad_y, weight):
+def _input_grad_fake(grad_y, weight):
     return empty_activation(grad_y, grad_y.shape)
 
 
@@ -72,9 +72,20 @@ def _weight_grad(x1: Tensor, grad_y: Tensor) -> Tensor:
 
 
 @_weight_grad.register_fake
-def _(x1, grad_y):
+def _weight_grad_fake(x1, grad_y):
     c1 = x1.shape[1]
     return x1.new_empty((c1, c1, 3, 3))
+
+
+
+# Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
+# registers the op under its own namespace.
+FAKES = {
+    "partial_conv3x3": _forward_fake,
+    "partial_conv3x3_": _forward_inplace_fake,
+    "partial_conv3x3_input_grad": _input_grad_fake,
+    "conv3x3_weight_grad": _weight_grad_fake,
+}
 
 
 def make_functions(ops):
@@ -121,19 +132,25 @@ def make_functions(ops):
     return PartialConv3x3, PartialConv3x3Inplace
 
 
-PartialConv3x3, PartialConv3x3Inplace = make_functions(torch.ops.patnet_triton)
+def make_partial_conv3x3(ops):
+    """The backend function of :func:`patnet_kernels.partial_conv3x3` over ``ops``."""
+    PartialConv3x3, PartialConv3x3Inplace = make_functions(ops)
+
+    def partial_conv3x3(x: Tensor, weight: Tensor, inplace: bool = False) -> Tensor:
+        """PConv with this backend's kernels (inputs already checked by the functional API).
+
+        In place without autograd, the mutating op runs alone (torch.compile functionalizes
+        it); in place with autograd it runs inside an autograd.Function that marks x dirty,
+        which torch.compile does not trace (a graph break): compile training with inplace=False.
+        """
+        if not inplace:
+            return PartialConv3x3.apply(x, weight)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return PartialConv3x3Inplace.apply(x, weight)
+        ops.partial_conv3x3_(x, weight)
+        return x
+
+    return partial_conv3x3
 
 
-def partial_conv3x3(x: Tensor, weight: Tensor, inplace: bool = False) -> Tensor:
-    """The Triton backend of :func:`patnet_kernels.partial_conv3x3` (inputs already checked).
-
-    In place without autograd, the mutating op runs alone (torch.compile functionalizes it);
-    in place with autograd it runs inside an autograd.Function that marks x dirty, which
-    torch.compile does not trace (a graph break): compile training code with inplace=False.
-    """
-    if not inplace:
-        return PartialConv3x3.apply(x, weight)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return PartialConv3x3Inplace.apply(x, weight)
-    torch.ops.patnet_triton.partial_conv3x3_(x, weight)
-    return x
+partial_conv3x3 = make_partial_conv3x3(torch.ops.patnet_triton)

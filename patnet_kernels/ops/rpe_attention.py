@@ -86,7 +86,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, bucket: Tensor, sca
 
 
 @_forward.register_fake
-def _(q, k, v, table, bucket, scale, dropout_p, seed):
+def _forward_fake(q, k, v, table, bucket, scale, dropout_p, seed):
     b, heads, n, d = q.shape
     return q.new_empty((b, heads, n, d)), q.new_empty((b, heads, n), dtype=torch.float32)
 
@@ -105,10 +105,19 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
 
 @_backward.register_fake
-def _(grad_out, q, k, v, out, lse, table, bucket, scale, dropout_p, seed, deterministic):
+def _backward_fake(grad_out, q, k, v, out, lse, table, bucket, scale, dropout_p, seed, deterministic):
     shape = tuple(q.shape)
     return (q.new_empty(shape), q.new_empty(shape), q.new_empty(shape),
             table.new_empty(tuple(table.shape)))
+
+
+
+# Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
+# registers the op under its own namespace.
+FAKES = {
+    "rpe_attention_fwd": _forward_fake,
+    "rpe_attention_bwd": _backward_fake,
+}
 
 
 def make_functions(ops):
@@ -143,23 +152,29 @@ def make_functions(ops):
     return RpeAttention
 
 
-RpeAttention = make_functions(torch.ops.patnet_triton)
+def make_rpe_attention(ops, backend: str):
+    """The backend function of :func:`patnet_kernels.rpe_attention` over ``ops`` (named
+    ``backend`` in its errors)."""
+    RpeAttention = make_functions(ops)
+
+    def rpe_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, bucket: Tensor,
+                      scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+        """rpe_attention with this backend's kernels (inputs already checked by the functional
+        API). fp32, fp16 and bf16. With dropout the seed is drawn here from torch's CPU
+        generator (so torch.manual_seed reproduces a run)."""
+        if q.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"backend={backend!r} runs float32, float16 and bfloat16, got "
+                            f"{q.dtype}; use backend='torch' for other dtypes")
+        if q.shape[-1] > kernels.MAX_HEAD_DIM:
+            raise ValueError(f"backend={backend!r} runs rpe_attention for head dims up to "
+                             f"{kernels.MAX_HEAD_DIM} (PATNet's are 48 to 240), got "
+                             f"{q.shape[-1]}; use backend='torch'")
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        seed = kernels.draw_seed() if dropout_p > 0.0 else None
+        return RpeAttention.apply(q, k, v, table, bucket, float(scale), float(dropout_p), seed)
+
+    return rpe_attention
 
 
-def rpe_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, bucket: Tensor,
-                  scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
-    """The Triton backend of :func:`patnet_kernels.rpe_attention` (inputs already checked).
-
-    fp32, fp16 and bf16. With dropout the seed is drawn here from torch's CPU generator.
-    """
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"backend='triton' runs float32, float16 and bfloat16, got {q.dtype}; "
-                        "use backend='torch' for other dtypes")
-    if q.shape[-1] > kernels.MAX_HEAD_DIM:
-        raise ValueError(f"backend='triton' runs rpe_attention for head dims up to "
-                         f"{kernels.MAX_HEAD_DIM} (PATNet's are 48 to 240), got "
-                         f"{q.shape[-1]}; use backend='torch'")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    seed = kernels.draw_seed() if dropout_p > 0.0 else None
-    return RpeAttention.apply(q, k, v, table, bucket, float(scale), float(dropout_p), seed)
+rpe_attention = make_rpe_attention(torch.ops.patnet_triton, "triton")

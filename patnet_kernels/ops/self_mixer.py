@@ -51,7 +51,7 @@ def _forward(x: Tensor, conv_weight: Tensor, tokens: Tensor, proj_weight: Tensor
 
 
 @_forward.register_fake
-def _(x, conv_weight, tokens, proj_weight, proj_bias, keep):
+def _forward_fake(x, conv_weight, tokens, proj_weight, proj_bias, keep):
     return empty_activation(x, x.shape)
 
 
@@ -76,11 +76,20 @@ def _backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, tokens: Tensor,
 
 
 @_backward.register_fake
-def _(grad_y, x, conv_weight, tokens, proj_weight, keep):
+def _backward_fake(grad_y, x, conv_weight, tokens, proj_weight, keep):
     c1, c2 = conv_weight.shape[0], proj_weight.shape[0]
     return (empty_activation(x, x.shape), conv_weight.new_empty((c1, c1, 3, 3)),
             tokens.new_empty(tokens.shape), proj_weight.new_empty((c2, c2)),
             proj_weight.new_empty((c2,)))
+
+
+
+# Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
+# registers the op under its own namespace.
+FAKES = {
+    "self_mixer_output": _forward_fake,
+    "self_mixer_output_backward": _backward_fake,
+}
 
 
 def make_function(ops):
@@ -109,10 +118,16 @@ def make_function(ops):
     return SelfMixerOutput
 
 
-SelfMixerOutput = make_function(torch.ops.patnet_triton)
+def make_self_mixer_output(ops):
+    """The backend function of :func:`patnet_kernels.self_mixer_output` over ``ops``."""
+    SelfMixerOutput = make_function(ops)
+
+    def self_mixer_output(x: Tensor, conv_weight: Tensor, tokens: Tensor, proj_weight: Tensor,
+                          proj_bias: Optional[Tensor], keep: Optional[Tensor]) -> Tensor:
+        """The PAT_sf output with this backend's kernels (inputs checked)."""
+        return SelfMixerOutput.apply(x, conv_weight, tokens, proj_weight, proj_bias, keep)
+
+    return self_mixer_output
 
 
-def self_mixer_output(x: Tensor, conv_weight: Tensor, tokens: Tensor, proj_weight: Tensor,
-                      proj_bias: Optional[Tensor], keep: Optional[Tensor]) -> Tensor:
-    """The Triton backend of :func:`patnet_kernels.self_mixer_output` (inputs checked)."""
-    return SelfMixerOutput.apply(x, conv_weight, tokens, proj_weight, proj_bias, keep)
+self_mixer_output = make_self_mixer_output(torch.ops.patnet_triton)

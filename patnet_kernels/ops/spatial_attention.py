@@ -89,7 +89,7 @@ def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Opt
 
 
 @_forward.register_fake
-def _(m, gate_weight, conv_weight, conv_bias, c_weight, c_bias, c_running_mean, c_running_var,
+def _forward_fake(m, gate_weight, conv_weight, conv_bias, c_weight, c_bias, c_running_mean, c_running_var,
       c_eps, d_weight, d_bias, d_running_mean, d_running_var, d_eps, has_bn_d, training):
     b, c, h, w = m.shape
     p = conv_weight.shape[0]
@@ -164,7 +164,7 @@ def _identity(p: int, like: Tensor):
 
 
 @_backward.register_fake
-def _(grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, c_eps, d_stats, d_weight,
+def _backward_fake(grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, c_eps, d_stats, d_weight,
       d_bias, d_eps, has_bn_d, training):
     p = conv_weight.shape[0]
     q = m.shape[1] - p
@@ -172,6 +172,15 @@ def _(grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, c_eps, d_stats,
     return (empty_activation(m, m.shape), m.new_empty((1, q, 1, 1)), m.new_empty((p, p, 1, 1)),
             m.new_empty((p,)), m.new_empty((q,)), m.new_empty((q,)), m.new_empty((pd,)),
             m.new_empty((pd,)))
+
+
+
+# Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
+# registers the op under its own namespace.
+FAKES = {
+    "spatial_attention": _forward_fake,
+    "spatial_attention_backward": _backward_fake,
+}
 
 
 def make_functions(ops):
