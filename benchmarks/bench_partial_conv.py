@@ -1,10 +1,11 @@
-"""Benchmark PConv, the partial 3x3 convolution: eager reference vs torch.compile vs Triton.
+"""Benchmark PConv, the partial 3x3 convolution: eager reference vs torch.compile vs Triton vs CUDA.
 
     python -m benchmarks.bench_partial_conv [--dtypes float16] [--batches 256] [--quick] ...
 
 Shapes: every stage of FasterNet-T2 (PConv is its token mixer) and stage 4 of PATNet-T2 (the
 conv half of PAT_sf), read off the model code at 224 x 224. Providers: torch (eager), torch.compile
-of the reference, triton, and triton inplace (``inplace=True`` without autograd, inference only).
+of the reference, triton, cuda, and triton inplace / cuda inplace (``inplace=True`` without
+autograd, inference only).
 See benchmarks/README.md and benchmarks/op_bench.py.
 """
 from __future__ import annotations
@@ -42,12 +43,17 @@ def functional(args, backend: str):
     return pk.partial_conv3x3(x, weight, backend=backend)
 
 
-def make_inplace(problem: Problem):
-    """x[:, :C1] rewritten in place, on a copy of the case's x (the copy is made here, untimed;
-    each timed call rewrites it again: the op's cost does not depend on the values)."""
-    x, weight = problem.args
-    copy = x.detach().clone()
-    return lambda: pk.partial_conv3x3(copy, weight, inplace=True, backend="triton")
+def make_inplace(backend: str):
+    """The provider "<backend> inplace": x[:, :C1] rewritten in place, on a copy of the case's
+    x (the copy is made untimed; each timed call rewrites it again: the op's cost does not
+    depend on the values)."""
+
+    def make(problem: Problem):
+        x, weight = problem.args
+        copy = x.detach().clone()
+        return lambda: pk.partial_conv3x3(copy, weight, inplace=True, backend=backend)
+
+    return make
 
 
 def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
@@ -74,14 +80,18 @@ FAMILY = Family(
         "fwd": "forward under torch.no_grad()",
         "fwd+bwd": "forward + backward into x and the weight",
     },
-    extra_providers={"triton inplace": (("fwd",), make_inplace)},
+    extra_providers={"triton inplace": (("fwd",), make_inplace("triton")),
+                     "cuda inplace": (("fwd",), make_inplace("cuda"))},
     targets=[Target("triton", "fwd", 256, "pct_copy", 70.0,
-                    "fused PConv reaches >= 70% of the copy bandwidth at batch 256 (fwd)")],
+                    "fused PConv reaches >= 70% of the copy bandwidth at batch 256 (fwd)"),
+             Target("cuda", "fwd", 256, "speedup_vs_best", 1 / 1.1,
+                    "CUDA PConv within 10% of the faster of Triton and torch.compile at batch "
+                    "256 (fwd)")],
     notes=["patnet_t2.s4 is the conv half of PAT_sf (the model itself convolves X1 there and "
            "feeds X2 to the attention); it is timed as the whole PConv at that shape",
-           "triton inplace moves only 2*B*C1*H*W elements but is credited with the same bytes "
-           "as the others (the rule: one byte count per case), so its GB/s is an effective "
-           "rate and its % copy may exceed 100%"],
+           "triton inplace and cuda inplace move only 2*B*C1*H*W elements but are credited with "
+           "the same bytes as the others (the rule: one byte count per case), so their GB/s "
+           "is an effective rate and their % copy may exceed 100%"],
 )
 
 

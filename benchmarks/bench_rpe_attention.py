@@ -201,7 +201,7 @@ FAMILY = Family(
         "fwd": "forward under torch.no_grad() (dropout 0)",
         "fwd+bwd": "forward + backward into q, k, v and the table (dropout 0)",
     },
-    base_providers=("torch", "triton"),
+    base_providers=("torch", "triton", "cuda"),
     extra_providers={"sdpa": (op_bench.MODES, make_sdpa), "flex": (op_bench.MODES, make_flex)},
     order=("torch", "sdpa", "flex", "triton"),
     compiled_providers=("flex",),

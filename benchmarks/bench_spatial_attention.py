@@ -63,6 +63,7 @@ def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
 
 
 FAMILY = Family(
+    base_providers=("torch", "torch.compile", "triton"),  # (no CUDA kernel for PAT_sp)
     name="spatial_attention",
     title="PAT_sp (partial spatial attention): pk.spatial_attention",
     shapes=shapes, build=build, functional=functional,

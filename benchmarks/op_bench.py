@@ -11,6 +11,8 @@ Providers (same inputs, same byte count, for every one):
 * ``torch.compile``: ``torch.compile`` of the reference function itself, compiled once per
   (shape, batch, dtype, mode) after ``torch._dynamo.reset()``; the compiling call is excluded;
 * ``triton``: the functional API with ``backend="triton"``;
+* ``cuda``: the functional API with ``backend="cuda"`` (the CUDA C++ kernels; on the CPU their
+  emulation, PATNET_CUDA_EMULATE=1, which times nothing useful);
 * family extras (PConv: ``triton inplace``, inference only; the RPE attention: ``sdpa`` and
   compiled ``flex``).
 
@@ -66,7 +68,9 @@ from patnet.layers import BasicStage  # noqa: E402
 Tensor = torch.Tensor
 
 MODES = ("fwd", "fwd+bwd")
-BASE_PROVIDERS = ("torch", "torch.compile", "triton")
+# speedup_vs_best (JSON) = the faster of these providers' times / a provider's own time.
+BEST_OF = ("triton", "torch.compile")
+BASE_PROVIDERS = ("torch", "torch.compile", "triton", "cuda")
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -168,7 +172,8 @@ class Target:
     provider: str
     mode: str
     batch: int
-    metric: str       # "pct_copy" or "speedup_vs_<label>" (see Family.speedups)
+    metric: str       # "pct_copy", "speedup_vs_<label>" (see Family.speedups) or
+                      # "speedup_vs_best" (see BEST_OF)
     threshold: float
     text: str
     where: Optional[Callable[[dict], bool]] = None   # row (JSON) -> whether the target covers it
@@ -397,8 +402,8 @@ def make_impl(family: Family, provider: str, problem: Problem, mode: str,
         dynamo.reset()  # compile once for this case, from a clean cache
     if provider == "torch":
         return lambda: family.functional(problem.args, "torch")
-    if provider == "triton":
-        return lambda: family.functional(problem.args, "triton")
+    if provider in ("triton", "cuda"):
+        return lambda: family.functional(problem.args, provider)
     if provider == "torch.compile":
         compiled = torch.compile(family.reference, dynamic=False, mode=compile_mode)
         return lambda: compiled(*problem.args)
@@ -505,10 +510,13 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
             if timer.device.type == "cuda":
                 torch.cuda.synchronize()
     baselines = {label: results.get(p, {}).get("ms") for label, p in family.speedups.items()}
+    best = [results.get(p, {}).get("ms") for p in BEST_OF]
+    best = min((t for t in best if t is not None), default=None)
     for entry in results.values():
         if entry.get("ms") is not None:
             for label, base in baselines.items():
                 entry[f"speedup_vs_{label}"] = base / entry["ms"] if base else None
+            entry["speedup_vs_best"] = best / entry["ms"] if best else None
     del problem, grad_out, expected
     if timer.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -727,6 +735,11 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
     if cpu and "triton" not in sys.modules and not os.environ.get("TRITON_INTERPRET"):
         # Triton kernels reach CPU tensors only through its interpreter, chosen before import.
         os.environ["TRITON_INTERPRET"] = "1"
+    if cpu and "cuda" in family.providers and not os.environ.get("PATNET_CUDA_EMULATE"):
+        # The CUDA kernels reach CPU tensors only through their CPU emulation.
+        os.environ["PATNET_CUDA_EMULATE"] = "1"
+        notes.append("cuda runs the CUDA kernels' CPU emulation (PATNET_CUDA_EMULATE=1): its "
+                     "times say nothing about GPU speed")
     if cpu and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         notes.append("Triton runs under its interpreter (TRITON_INTERPRET=1) on the CPU: its "
                      "times say nothing about GPU speed")

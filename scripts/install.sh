@@ -23,6 +23,12 @@ if [ "${1:-}" = "test" ] && ! "$PY" -c "import triton" >/dev/null 2>&1; then
   echo "[install] installing triton==3.9.0 (its interpreter runs the kernels' CPU tests)"
   "$PY" -m pip install --quiet --disable-pip-version-check triton==3.9.0
 fi
+# ninja: the JIT build of the CUDA backend (and of its CPU emulation, which the tests build with
+# the system's g++) needs it.
+if [ "${1:-}" = "test" ] && ! command -v ninja >/dev/null 2>&1; then
+  echo "[install] installing ninja (the tests JIT-build the CUDA kernels' CPU emulation)"
+  "$PY" -m pip install --quiet --disable-pip-version-check ninja
+fi
 # An editable install without build isolation needs setuptools >= 70.1 (bdist_wheel built in).
 if ! "$PY" -c "import setuptools, sys; sys.exit(tuple(map(int, setuptools.__version__.split('.')[:2])) < (70, 1))" >/dev/null 2>&1; then
   echo "[install] upgrading setuptools (the editable install needs >= 70.1)"
