@@ -7,10 +7,11 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from patnet_kernels.backends import check_backend_name, resolve_backend
+from patnet_kernels.backends import (BackendUnavailableError, check_backend_name,
+                                     check_backend_usable)
 
-from .layers import (BasicStage, FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock,
-                     make_activation)
+from .layers import (BasicStage, FasterNetBlock, PartialSpatialAttention, PatchEmbed,
+                     PatchMerging, PATNetBlock, make_activation)
 
 # The released variants (SPEC.md section 5). Every key can be overridden in create_model.
 _COMMON = dict(n_div=4, mlp_ratio=2.0, feature_dim=1280, num_classes=1000)
@@ -255,9 +256,9 @@ def create_model(name: str, pretrained_path: Optional[str] = None, backend: str 
     if unknown:
         raise TypeError(f"{name} has no option {', '.join(unknown)}; valid options: "
                         f"{', '.join(valid)}")
-    if backend != "auto":
-        resolve_backend(backend)
+    check_backend_usable(backend)
     config = {**_COMMON, **copy.deepcopy(VARIANTS[key]), **overrides}
+    _check_cuda_ops(backend, config)
     model = _FAMILIES[family](backend=backend, **config)
     model.variant = key
     if pretrained_path is not None:
@@ -280,6 +281,14 @@ def model_from_config(config: Dict[str, Any], backend: str = "auto") -> nn.Modul
     return create_model(f"{family}_t0", backend=backend, **options)
 
 
+def _check_cuda_ops(backend: str, config: Dict[str, Any]) -> None:
+    if backend == "cuda" and config.get("use_spatial_attn"):
+        raise BackendUnavailableError(
+            "backend='cuda' has no kernel for PAT_sp (spatial_attention), which this model "
+            "uses (use_spatial_attn=True, e.g. PATNet-T1); use backend='auto' (CUDA kernels "
+            "where they exist, Triton for PAT_sp) or backend='triton'")
+
+
 def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a state_dict (or a dict holding one under "state_dict"/"model") with strict=True."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -291,10 +300,9 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Switch every fused layer of ``model`` to ``backend``; returns the model."""
-    if backend != "auto":
-        resolve_backend(backend)
-    else:
-        check_backend_name(backend)
+    check_backend_usable(backend)
+    _check_cuda_ops(backend, {"use_spatial_attn": any(isinstance(m, PartialSpatialAttention)
+                                                      for m in model.modules())})
     for module in model.modules():
         if hasattr(module, "backend"):
             module.backend = backend

@@ -116,6 +116,23 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None,
     return backend
 
 
+def check_backend_usable(backend: str) -> None:
+    """Raise unless ``backend`` is a known name that can run on some device of this machine
+    (a CUDA device if there is one, else the CPU): what a model checks when it is built,
+    before its tensors have a device. BackendUnavailableError gives the reasons."""
+    check_backend_name(backend)
+    if backend == "auto":
+        return
+    devices = ([torch.device("cuda")] if torch.cuda.is_available() else []) + [torch.device("cpu")]
+    reasons = []
+    for device in devices:
+        ok, why = _STATUS[backend](device)
+        if ok:
+            return
+        reasons.append(f"on {device.type}: {why}")
+    raise BackendUnavailableError(f"backend={backend!r} is unavailable: {'; '.join(reasons)}")
+
+
 def _installed_version(package: str) -> Optional[str]:
     """The installed version of ``package`` without importing it (None if absent)."""
     try:

@@ -202,13 +202,19 @@ def test_pretrained_checkpoint_loads_strictly(tmp_path):
         patnet.create_model("patnet_t0", pretrained_path=str(path))
 
 
-def test_set_backend_and_backend_errors():
+def test_set_backend_and_backend_errors(monkeypatch):
     model = patnet.create_model("patnet_t0", backend="torch")
     assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"torch"}
     patnet.set_backend(model, "auto")
     assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"auto"}
-    with pytest.raises(pk.BackendUnavailableError, match="cuda"):
-        patnet.create_model("patnet_t0", backend="cuda")
+    with pytest.raises(pk.BackendUnavailableError, match="no kernel for PAT_sp"):
+        patnet.create_model("patnet_t1", backend="cuda")
+    with pytest.raises(pk.BackendUnavailableError, match="no kernel for PAT_sp"):
+        patnet.set_backend(patnet.create_model("patnet_t1", backend="torch"), "cuda")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("PATNET_CUDA_EMULATE", "0")
+        with pytest.raises(pk.BackendUnavailableError, match="cuda"):
+            patnet.create_model("patnet_t0", backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         patnet.create_model("patnet_t0", backend="tensorrt")
 
