@@ -323,7 +323,7 @@ std::tuple<Tensor, Tensor> rpe_attention_fwd(const Tensor& q, const Tensor& k, c
                    dtype_of(q, "q"), heads(q), heads(k), heads(v), heads(out),
                    lse.data_ptr<float>(), table_f.data_ptr<float>(), ids.data_ptr<int32_t>(),
                    s.batch, s.heads, s.n, s.head_dim, s.num_buckets, static_cast<float>(scale),
-                   static_cast<float>(dropout_p), seed_bits, current_stream()),
+                   dropout_p, seed_bits, current_stream()),
                "rpe_attention_forward");
   return {out, lse};
 }
@@ -353,7 +353,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rpe_attention_bwd(
                    lse_c.data_ptr<float>(), table_f.data_ptr<float>(), ids.data_ptr<int32_t>(),
                    heads(grad_q), heads(grad_k), heads(grad_v), grad_table.data_ptr<float>(),
                    workspace.data_ptr(), s.batch, s.heads, s.n, s.head_dim, s.num_buckets,
-                   static_cast<float>(scale), static_cast<float>(dropout_p), seed_bits,
+                   static_cast<float>(scale), dropout_p, seed_bits,
                    current_stream()),
                "rpe_attention_backward");
   return {grad_q, grad_k, grad_v, grad_table.to(table.scalar_type())};

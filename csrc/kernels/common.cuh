@@ -70,6 +70,7 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shar
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;  // nothing to do
   if (grid.y > 65535 || grid.z > 65535) return cudaErrorInvalidConfiguration;
 #ifdef PATNET_EMULATE
+  (void)stream;
   return ::patnet_emulate::launch(kernel, grid, block, shared_bytes, static_cast<Params>(args)...);
 #else
   if (shared_bytes > 48 * 1024) {

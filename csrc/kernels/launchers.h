@@ -59,30 +59,39 @@ struct Heads {
 };
 
 // out = dropout(softmax(scale * q k^T + table[h, bucket])) v, and lse (batch, heads, n) fp32
-// contiguous, the log-sum-exp of each softmax row (for the backward). table: (heads,
+// contiguous, the natural log-sum-exp of each softmax row (for the backward). table: (heads,
 // num_buckets) fp32 contiguous; bucket: (n, n) int32 contiguous, ids in [0, num_buckets).
-// Dropout keeps a probability with p = 1 - dropout_p, decided by the same Philox4x32-10 stream
-// as the Triton kernel (seed, and the element's offset ((b * heads + h) * n + i) * n + j), and
-// scales kept ones by 1 / (1 - dropout_p). n <= kMaxTokens, head_dim <= kMaxHeadDim.
+// Dropout (dropout_p > 0; 0 or less: none; NaN or >= 1: cudaErrorInvalidValue) is the Triton
+// kernel's mask bit for bit: r = tl.randint(seed, offset), i.e. Philox4x32-10 with counter
+// (offset & 0xffffffff, offset >> 32, 0, 0), key (seed & 0xffffffff, seed >> 32), output word 0,
+// at offset ((b * heads + h) * n + i) * n + j; weight (i, j) is kept when (r >> 1) >=
+// drop_threshold = min(round_half_even(dropout_p * 2^31), 2^31 - 1), computed from the double
+// dropout_p exactly as the Triton launcher's _dropout_args (pass the Python float unrounded);
+// kept weights are scaled by (float)(1 / (1 - dropout_p)). The row sum (lse) is taken before
+// dropout. n <= kMaxTokens, 1 <= head_dim <= kMaxHeadDim, else cudaErrorInvalidValue.
 constexpr int kMaxTokens = 1024;
 constexpr int kMaxHeadDim = 256;
 cudaError_t rpe_attention_forward(DType dtype, Heads q, Heads k, Heads v, Heads out, float* lse,
                                   const float* table, const int32_t* bucket, int batch,
                                   int heads, int n, int head_dim, int num_buckets, float scale,
-                                  float dropout_p, uint64_t seed, cudaStream_t stream);
+                                  double dropout_p, uint64_t seed, cudaStream_t stream);
 
-// Bytes of workspace rpe_attention_backward needs.
+// Bytes of workspace rpe_attention_backward needs:
+// (2 * batch * heads + heads) * n * n floats (each part 256-byte aligned): dS and the dropped
+// probabilities per (b, h, i, j), and dS summed over the batch.
 size_t rpe_attention_backward_workspace(int batch, int heads, int n, int head_dim,
                                         int num_buckets);
 
 // grad_q, grad_k, grad_v (batch, heads, n, head_dim) in the activation dtype (strides given),
 // grad_table (heads, num_buckets) fp32 contiguous (overwritten). Deterministic: the same bits on
 // every run (no float atomics). `out` and `lse` are the forward's.
+// workspace: rpe_attention_backward_workspace bytes, 256-byte aligned, contents don't matter.
+// dropout_p, seed: the forward's.
 cudaError_t rpe_attention_backward(DType dtype, Heads grad_out, Heads q, Heads k, Heads v,
                                    Heads out, const float* lse, const float* table,
                                    const int32_t* bucket, Heads grad_q, Heads grad_k,
                                    Heads grad_v, float* grad_table, void* workspace, int batch,
                                    int heads, int n, int head_dim, int num_buckets, float scale,
-                                   float dropout_p, uint64_t seed, cudaStream_t stream);
+                                   double dropout_p, uint64_t seed, cudaStream_t stream);
 
 }  // namespace patnet
