@@ -337,6 +337,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rpe_attention_bwd(
   check_tensor(grad_out, "grad_out", q, 4);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
               "patnet_cuda: grad_out must match q in shape and dtype");
+  check_tensor(out, "out", q, 4);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "patnet_cuda: out must be the forward's output, shaped and typed as q");
+  check_tensor(lse, "lse", q, 3);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.size(0) == s.batch &&
+                  lse.size(1) == s.heads && lse.size(2) == s.n,
+              "patnet_cuda: lse must be the forward's float32 (B, heads, N) log-sum-exp");
   const uint64_t seed_bits = seed_value(seed, dropout_p);
   DeviceGuard guard(q);
   const Tensor table_f = table.to(at::kFloat).contiguous();
@@ -390,6 +397,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> self_mixer_output_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& conv_weight, const Tensor& tokens,
     const Tensor& proj_weight, const std::optional<Tensor>& keep) {
   const int64_t c1 = check_conv(grad_y, conv_weight, "grad_y");
+  check_tensor(x, "x", grad_y, 4);
+  TORCH_CHECK(x.sizes() == grad_y.sizes() && x.scalar_type() == grad_y.scalar_type(),
+              "patnet_cuda: x must match grad_y in shape and dtype");
   DeviceGuard guard(x);
   Tensor grad_x = empty_activation(x, x.sizes());
   conv3x3(grad_y, transposed_taps(conv_weight), grad_x, c1, /*copy_rest=*/false);

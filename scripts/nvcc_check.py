@@ -5,7 +5,9 @@
 The CI step that makes a syntax or type error in CUDA code fail on a machine without a GPU: each
 .cu is compiled with ``nvcc -c`` exactly as the extension builds it (plus -Werror for
 cross-execution-space calls), and ptxas's resource report gives one line per kernel and
-target: registers, spilled bytes, static shared memory. Exits non-zero if any file fails.
+target: registers, spilled bytes, static shared memory. launchers.h is also compiled by the
+host C++ compiler alone, as bindings.cpp includes it in the CUDA build. Exits non-zero if any
+check fails.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
          "-Werror", "cross-execution-space-call", "-Xptxas", "-v"]
 
 _FUNCTION = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
-_USAGE = re.compile(r"Used (\d+) registers.*?(\d+) bytes smem")
+_USAGE = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -59,11 +61,28 @@ def compile_file(nvcc: str, source: Path, archs) -> tuple:
             spill = int(found.group(1)) + int(found.group(2))
         found = _USAGE.search(line)
         if found and current:
-            rows.append((current[0], current[1], int(found.group(1)), spill, int(found.group(2))))
+            rows.append((current[0], current[1], int(found.group(1)), spill,
+                         int(found.group(2) or 0)))
             current = None
     names = _demangle([r[0] for r in rows])
     rows = [(n,) + r[1:] for n, r in zip(names, rows)]
     return source, proc.returncode == 0, seconds, text, rows
+
+
+def host_check(nvcc: str) -> tuple:
+    """(ok, output) of the host C++ compiler on launchers.h as bindings.cpp includes it in the
+    CUDA build (CUDA headers, no nvcc): nothing there may need nvcc (no <<< >>>)."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        return False, "no host C++ compiler (c++ / g++) on PATH"
+    # The CUDA include directories, as nvcc itself passes them (nvcc may be a wrapper script).
+    dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True)
+    includes = dict.fromkeys(f"-I{d}" for d in re.findall(r'-I"?([^"\s]+)"?', dry.stderr + dry.stdout))
+    proc = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-x", "c++", *includes,
+                           f"-I{KERNELS}", "-"],
+                          input='#include "launchers.h"\n', capture_output=True, text=True)
+    return proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def main(argv=None) -> int:
@@ -85,6 +104,12 @@ def main(argv=None) -> int:
     print(f"nvcc: {version.strip().splitlines()[-1]}; compiling {len(sources)} files for "
           f"{', '.join(f'sm_{a}' for a in args.arch)}", flush=True)
     failures = 0
+    ok, text = host_check(nvcc)
+    print(f"launchers.h with the host compiler (as bindings.cpp sees it): "
+          f"{'ok' if ok else 'FAILED'}", flush=True)
+    if not ok:
+        failures += 1
+        print(text[-4000:])
     with ThreadPoolExecutor(args.jobs) as pool:
         for source, ok, seconds, text, rows in pool.map(
                 lambda s: compile_file(nvcc, s, args.arch), sources):
@@ -97,7 +122,7 @@ def main(argv=None) -> int:
                 short = name if len(name) <= 90 else name[:87] + "..."
                 print(f"  {arch} regs {registers:3d} spill {spill:5d} B static smem {smem:6d} B"
                       f"  {short}")
-    print(f"{len(sources) - failures} compiled, {failures} failed")
+    print(f"{len(sources) + 1 - failures} compiled, {failures} failed")
     return 1 if failures else 0
 
 

@@ -62,8 +62,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 #endif
 
 // Launches KERNEL<<<grid, block, shared_bytes, stream>>>(args...) and returns the launch's
-// error (cudaSuccess when it was queued). Raises the kernel's dynamic shared-memory limit first
-// when it asks for more than the default 48 KiB. Every launcher returns what this returns.
+// error (cudaSuccess when it was queued). A kernel that asks for more than the default 48 KiB
+// of dynamic shared memory first gets its limit raised to the device's opt-in maximum (the
+// same value from every thread, so concurrent launches of one kernel cannot undo each other).
+// Every launcher returns what this returns. Only in .cu files (nvcc) or the CPU emulation:
+// the host compiler that builds bindings.cpp sees the declarations of launchers.h alone.
+#if defined(__CUDACC__) || defined(PATNET_EMULATE)
 template <class... Params, class... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
                    cudaStream_t stream, Args... args) {
@@ -74,14 +78,20 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shar
   return ::patnet_emulate::launch(kernel, grid, block, shared_bytes, static_cast<Params>(args)...);
 #else
   if (shared_bytes > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(shared_bytes));
+    int device = 0, optin = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess)
+      err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return err;
+    if (shared_bytes > static_cast<size_t>(optin)) return cudaErrorInvalidConfiguration;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
     if (err != cudaSuccess) return err;
   }
   kernel<<<grid, block, shared_bytes, stream>>>(static_cast<Params>(args)...);
   return cudaGetLastError();
 #endif
 }
+#endif
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
