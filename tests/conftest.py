@@ -1,9 +1,13 @@
-"""Shared test helpers: where the authors' reference vectors live, and error measures."""
+"""Shared test helpers: where the authors' reference vectors live, error measures, and the fused
+backends (the ``fused_backend`` fixture, the op namespace of each)."""
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -13,10 +17,72 @@ if str(REPO) not in sys.path:  # the benchmarks package is imported by its smoke
     sys.path.insert(0, str(REPO))
 
 # Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter, which has to
-# be chosen before triton is first imported (the kernel modules import it).
+# be chosen before triton is first imported (the kernel modules import it), and the CUDA
+# kernels on CPU tensors through their CPU emulation build (csrc/kernels/emulate.h).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("PATNET_CUDA_EMULATE", "1")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# The fused backends. A test taking the ``fused_backend`` fixture runs once for each (ids
+# "triton" / "cuda", so ``-k cuda`` selects one); a test that only one of them serves says so
+# with ``@TRITON_ONLY`` (or its own ``parametrize("fused_backend", [...], indirect=True)``).
+FUSED_BACKENDS = ("triton", "cuda")
+TRITON_ONLY = pytest.mark.parametrize("fused_backend", ["triton"], indirect=True)
+
+
+def fused_backend_unavailable(backend: str) -> Optional[str]:
+    """None if ``backend`` can run on DEVICE, else why not (patnet_kernels.backends' reason)."""
+    from patnet_kernels.backends import BackendUnavailableError, resolve_backend
+
+    try:
+        resolve_backend(backend, DEVICE)
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_error(backend: str) -> Optional[str]:
+    """Import the backend's op modules once (for "cuda": load or build the extension); the
+    error, if any, is kept so that a failed build fails every test at once instead of being
+    retried by each."""
+    modules = (["cuda"] if backend == "cuda"  # (loads, or builds, the extension)
+               else ["partial_conv", "channel_attention", "rpe_attention", "self_mixer",
+                     "spatial_attention"])
+    try:
+        for module in modules:
+            importlib.import_module(f"patnet_kernels.ops.{module}")
+    except Exception as exc:  # CudaBuildFailed, ImportError, a load error ...
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def require_fused_backend(backend: str) -> str:
+    """Skip (saying why) where ``backend`` cannot run on DEVICE; fail where it should run but
+    its ops cannot be loaded (a broken build is a failure, not a skip). Returns ``backend``."""
+    why = fused_backend_unavailable(backend)
+    if why is not None:
+        pytest.skip(why)
+    error = _load_error(backend)
+    if error is not None:
+        pytest.fail(f"backend={backend!r} is usable here but its ops did not load: "
+                    f"{error[-6000:]}", pytrace=False)
+    return backend
+
+
+def fused_ops(backend: str):
+    """The ``torch.ops`` namespace of a fused backend: patnet_triton or patnet_cuda (the same
+    schemas), with every op registered."""
+    require_fused_backend(backend)
+    return torch.ops.patnet_cuda if backend == "cuda" else torch.ops.patnet_triton
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def fused_backend(request) -> str:
+    """Each fused backend by name, skipped with the reason where it cannot run on DEVICE."""
+    return require_fused_backend(request.param)
+
 
 # Error budget of a fused kernel: relative error vs the float64 reference at most
 # BUDGET_FACTOR x that of the reference run in the kernel's dtype, plus a floor of a few units

@@ -1,5 +1,5 @@
-"""torch.compile(fullgraph=True) of PATNet blocks on the Triton backend: no graph break, and the
-compiled block equals the eager one, output and gradients, in training mode."""
+"""torch.compile(fullgraph=True) of PATNet blocks on each fused backend (Triton, CUDA): no graph
+break, and the compiled block equals the eager one, output and gradients, in training mode."""
 from __future__ import annotations
 
 import pytest
@@ -8,19 +8,25 @@ import torch
 import patnet
 from patnet.testing import randomize_norms
 
-from conftest import DEVICE, rel_error
+from conftest import DEVICE, FUSED_BACKENDS, rel_error
 
 NO_DROPOUT = dict(drop_path_rate=0.0, attn_drop=0.0, proj_drop=0.0)
 
 
-@pytest.mark.parametrize("name, stage, size", [
-    ("patnet_t0", 0, 8),  # PAT_ch
-    ("patnet_t1", 0, 8),  # PAT_ch + PAT_sp in the MLP
-    ("patnet_t0", 6, 3),  # PAT_sf: rpe_attention + the fused mixer output
-], ids=["patnet_t0-stage1", "patnet_t1-stage1", "patnet_t0-stage4"])
-def test_compiled_block_matches_eager(name, stage, size):
+BLOCKS = {
+    "patnet_t0-stage1": ("patnet_t0", 0, 8),  # PAT_ch
+    "patnet_t1-stage1": ("patnet_t1", 0, 8),  # PAT_ch + PAT_sp in the MLP (no CUDA PAT_sp)
+    "patnet_t0-stage4": ("patnet_t0", 6, 3),  # PAT_sf: rpe_attention + the fused mixer output
+}
+CASES = [pytest.param(backend, *block, id=f"{backend}-{key}")
+         for backend in FUSED_BACKENDS for key, block in BLOCKS.items()
+         if not (backend == "cuda" and key == "patnet_t1-stage1")]
+
+
+@pytest.mark.parametrize("fused_backend, name, stage, size", CASES, indirect=["fused_backend"])
+def test_compiled_block_matches_eager(fused_backend, name, stage, size):
     torch.manual_seed(0)
-    model = patnet.create_model(name, backend="triton", **NO_DROPOUT).to(DEVICE)
+    model = patnet.create_model(name, backend=fused_backend, **NO_DROPOUT).to(DEVICE)
     randomize_norms(model, seed=1)
     block = model.stages[stage].blocks[0].train()
     dim = block.mlp[0].in_channels

@@ -1,10 +1,11 @@
-"""Triton PAT_ch (channel_attention) against the float64 reference: output, every gradient, and
-the running statistics, in training and eval.
+"""The fused PAT_ch (channel_attention) of each fused backend (Triton, CUDA) against the float64
+reference: output, every gradient, and the running statistics, in training and eval.
 
-Runs under the Triton interpreter on the CPU (TRITON_INTERPRET=1, set by conftest) and compiled
-on a GPU. Shapes are small but odd: H, W in {1, 2, 7, 13}, C1 not a multiple of 16, batch 1,
-NCHW and channels_last, fp32 / fp16 / bf16, BN_a present or folded into W_ch (with a bias).
-The cases are picked to cover each of those without the full cross product (interpreter time).
+On the CPU, Triton runs under its interpreter and the CUDA kernels through their CPU emulation
+(both set by conftest); on a GPU they run compiled. Shapes are small but odd: H, W in
+{1, 2, 7, 13}, C1 not a multiple of 16, batch 1, NCHW and channels_last, fp32 / fp16 / bf16,
+BN_a present or folded into W_ch (with a bias). The cases are picked to cover each of those
+without the full cross product (interpreter time).
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import torch
 
 import patnet_kernels as pk
 from patnet_kernels import BatchNormParams
-from patnet_kernels.ops import channel_attention as ca_ops  # registers the ops
+from patnet_kernels.ops import channel_attention as ca_ops
 
-from conftest import DEVICE, assert_within_budget, rel_error
+from conftest import DEVICE, assert_within_budget, fused_ops, rel_error
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -142,9 +143,9 @@ def _run(inputs, case: Case, dtype, backend) -> Dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_float64_reference(case: Case):
+def test_matches_float64_reference(case: Case, fused_backend):
     inputs = _inputs(case, seed=CASES.index(case))
-    ours = _run(inputs, case, case.dtype, "triton")
+    ours = _run(inputs, case, case.dtype, fused_backend)
     exact = _run(inputs, case, torch.float64, "torch")
     in_dtype = _run(inputs, case, case.dtype, "torch")
     assert ours.keys() == exact.keys()
@@ -170,32 +171,37 @@ def test_matches_float64_reference(case: Case):
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_large_mean_and_many_pixel_tiles(training):
+def test_large_mean_and_many_pixel_tiles(training, fused_backend):
     """X2 = 300 + N(0, 1): the statistics must not cancel (E[x^2] - E[x]^2 in fp32 loses
     everything here), and a 20 x 20 map spans several pixel tiles of every kernel."""
     case = Case(3, 14, 3, 20, 20, F32, channels_last=training, training=training)
     inputs = _inputs(case, seed=7)
     inputs["x"] += 300.0
-    ours = _run(inputs, case, F32, "triton")
+    ours = _run(inputs, case, F32, fused_backend)
     exact = _run(inputs, case, torch.float64, "torch")
     in_dtype = _run(inputs, case, F32, "torch")
     for name in exact:
         assert_within_budget(name, ours[name], exact[name], in_dtype[name], F32)
     x = inputs["x"].to(DEVICE, F32)
-    mean, std = torch.ops.patnet_triton.channel_attention_stats(x, 3)
+    mean, std = fused_ops(fused_backend).channel_attention_stats(x, 3)
     flat = inputs["x"][:, 3:].flatten(2).to(DEVICE)
     assert rel_error(mean, flat.mean(-1)) < 1e-6
     assert rel_error(std, flat.std(-1)) < 1e-5
 
 
-def test_triton_backend_dispatches_here():
-    assert pk.ops.triton_implementation("channel_attention") is ca_ops.channel_attention
+def test_backend_dispatches_here(fused_backend):
+    if fused_backend == "cuda":
+        from patnet_kernels.ops import cuda
+        expected = cuda.IMPLEMENTATIONS["channel_attention"]
+    else:
+        expected = ca_ops.channel_attention
+    assert pk.ops.implementation(fused_backend, "channel_attention") is expected
 
 
-def test_training_with_batch_norm_over_one_value_is_refused():
-    """BN_a in training needs a batch of at least 2 (F.batch_norm's error), on both backends."""
+def test_training_with_batch_norm_over_one_value_is_refused(fused_backend):
+    """BN_a in training needs a batch of at least 2 (F.batch_norm's error), on every backend."""
     inputs = _inputs(Case(1, 12, 3, 5, 5, F32, False, True))
-    for backend in ("torch", "triton"):
+    for backend in ("torch", fused_backend):
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             _run(inputs, Case(1, 12, 3, 5, 5, F32, False, True), F32, backend)
 
@@ -220,19 +226,19 @@ def _op_args(channels_last: bool):
 @pytest.mark.parametrize("op", ["channel_attention_stats", "channel_attention_apply",
                                 "channel_attention_grad_sums", "channel_attention_input_grad"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_opcheck(op, channels_last):
-    torch.library.opcheck(getattr(torch.ops.patnet_triton, op).default,
+def test_opcheck(op, channels_last, fused_backend):
+    torch.library.opcheck(getattr(fused_ops(fused_backend), op).default,
                           _op_args(channels_last)[op])
 
 
-def test_compile_fullgraph_matches_eager():
-    """A compiled training step through the Triton op equals eager: output, grads, statistics."""
+def test_compile_fullgraph_matches_eager(fused_backend):
+    """A compiled training step through the fused op equals eager: output, grads, statistics."""
     case = Case(3, 16, 4, 7, 9, F32, False, True)
     inputs = _inputs(case, seed=6)
 
     def step(x, conv_w, cfc_w, bn_a, bn_b):
         y = pk.channel_attention(x, conv_w, cfc_w, None, bn_a, bn_b, training=True,
-                                 backend="triton")
+                                 backend=fused_backend)
         return y.relu() + x
 
     compiled = torch.compile(step, fullgraph=True)

@@ -1,7 +1,9 @@
-"""Triton PConv (partial_conv3x3) against the float64 reference, in and out of place.
+"""The fused PConv (partial_conv3x3) of each fused backend (Triton, CUDA) against the float64
+reference, in and out of place.
 
-Runs under the Triton interpreter on the CPU (TRITON_INTERPRET=1, set by conftest) and compiled
-on a GPU. Shapes are small but odd: H, W in {1, 2, 7, 13}, C1 not a multiple of 16, batch 1.
+On the CPU, Triton runs under its interpreter (TRITON_INTERPRET=1) and the CUDA kernels through
+their CPU emulation (PATNET_CUDA_EMULATE=1), both set by conftest; on a GPU they run compiled.
+Shapes are small but odd: H, W in {1, 2, 7, 13}, C1 not a multiple of 16, batch 1.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 import patnet_kernels as pk
 from patnet_kernels import reference as ref
 
-from conftest import DEVICE, assert_within_budget
+from conftest import DEVICE, assert_within_budget, fused_ops
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (B, C, C1, H, W)
@@ -44,9 +46,9 @@ def _run(x, weight, grad, backend, inplace):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_float64_reference(shape, dtype, channels_last, inplace):
+def test_matches_float64_reference(shape, dtype, channels_last, inplace, fused_backend):
     x, weight, grad = _inputs(shape, dtype, channels_last)
-    ours = _run(x, weight, grad, "triton", inplace)
+    ours = _run(x, weight, grad, fused_backend, inplace)
     exact = _run(x.double(), weight.double(), grad.double(), "torch", False)
     in_dtype = _run(x, weight, grad, "torch", False)
     for name, o, e, r in zip(("y", "grad_x", "grad_weight"), ours, exact, in_dtype):
@@ -62,33 +64,33 @@ def test_matches_float64_reference(shape, dtype, channels_last, inplace):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_inplace_rewrites_only_x1(channels_last):
+def test_inplace_rewrites_only_x1(channels_last, fused_backend):
     x, weight, _ = _inputs((2, 40, 10, 13, 7), torch.float32, channels_last, seed=1)
     before = x.clone()
     storage = x.untyped_storage().data_ptr()
-    out_of_place = pk.partial_conv3x3(x, weight, backend="triton")
-    result = pk.partial_conv3x3(x, weight, inplace=True, backend="triton")
+    out_of_place = pk.partial_conv3x3(x, weight, backend=fused_backend)
+    result = pk.partial_conv3x3(x, weight, inplace=True, backend=fused_backend)
     assert result is x and x.untyped_storage().data_ptr() == storage
     assert torch.equal(x[:, 10:], before[:, 10:])  # passthrough untouched, bit for bit
     assert torch.equal(x, out_of_place)  # same kernel, same sums: identical
     assert not torch.equal(x[:, :10], before[:, :10])
 
 
-def test_inplace_across_tile_borders():
+def test_inplace_across_tile_borders(fused_backend):
     """A map much larger than one program's pixel tile: halos cross program borders."""
     x, weight, _ = _inputs((1, 8, 2, 40, 37), torch.float32, False, seed=2)
     expected = ref.partial_conv3x3(x.double(), weight.double())
-    pk.partial_conv3x3(x, weight, inplace=True, backend="triton")
+    pk.partial_conv3x3(x, weight, inplace=True, backend=fused_backend)
     torch.testing.assert_close(x.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_inplace_keeps_autograd_honest():
+def test_inplace_keeps_autograd_honest(fused_backend):
     """The weight gradient uses the original X1, and a tensor another op saved is protected."""
     x, weight, grad = _inputs((2, 12, 3, 7, 7), torch.float32, False, seed=3)
     w = weight.clone().requires_grad_()
     leaf = x.clone().requires_grad_()
     shortcut = leaf * 1
-    y = pk.partial_conv3x3(shortcut, w, inplace=True, backend="triton")
+    y = pk.partial_conv3x3(shortcut, w, inplace=True, backend=fused_backend)
     assert y is shortcut
     y.backward(grad)
     w_ref = weight.clone().requires_grad_()
@@ -96,7 +98,7 @@ def test_inplace_keeps_autograd_honest():
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
     # sigmoid saves its output; rewriting that output in place must fail in backward.
     saved = torch.sigmoid(x.clone().requires_grad_())
-    pk.partial_conv3x3(saved, weight, inplace=True, backend="triton")
+    pk.partial_conv3x3(saved, weight, inplace=True, backend=fused_backend)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.sum().backward()
 
@@ -108,17 +110,16 @@ def test_inplace_keeps_autograd_honest():
     ("conv3x3_weight_grad", lambda x, w: (x[:, :w.shape[0]], x)),
 ])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_opcheck(op, args, channels_last):
-    pk.partial_conv3x3(*_inputs((1, 8, 2, 3, 3), torch.float32, False)[:2], backend="triton")
+def test_opcheck(op, args, channels_last, fused_backend):
     x, weight, _ = _inputs((2, 12, 3, 5, 6), torch.float32, channels_last, seed=4)
-    torch.library.opcheck(getattr(torch.ops.patnet_triton, op).default, args(x, weight))
+    torch.library.opcheck(getattr(fused_ops(fused_backend), op).default, args(x, weight))
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(fused_backend):
     x, weight, grad = _inputs((2, 16, 4, 7, 9), torch.float32, False, seed=5)
 
     def step(x, w):
-        return pk.partial_conv3x3(x, w, backend="triton").relu() + x
+        return pk.partial_conv3x3(x, w, backend=fused_backend).relu() + x
 
     compiled = torch.compile(step, fullgraph=True)
     outs = []
@@ -130,8 +131,9 @@ def test_compile_fullgraph_matches_eager():
     for eager, comp in zip(*outs):
         torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
     # In place without autograd compiles too (the mutation is functionalized).
-    inplace = torch.compile(lambda x, w: pk.partial_conv3x3(x, w, inplace=True, backend="triton"),
+    inplace = torch.compile(lambda x, w: pk.partial_conv3x3(x, w, inplace=True,
+                                                            backend=fused_backend),
                             fullgraph=True)
     xc = x.clone()
     inplace(xc, weight)
-    torch.testing.assert_close(xc, pk.partial_conv3x3(x, weight, backend="triton"))
+    torch.testing.assert_close(xc, pk.partial_conv3x3(x, weight, backend=fused_backend))

@@ -1,4 +1,5 @@
-"""The PAT_sf output op (self_mixer_output) with the Triton backend against the reference."""
+"""The PAT_sf output op (self_mixer_output) of each fused backend (Triton, CUDA) against the
+reference."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import patnet_kernels as pk
 
-from conftest import DEVICE, assert_within_budget
+from conftest import DEVICE, assert_within_budget, fused_ops
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,9 +45,9 @@ NAMES = ("y", "grad_x", "grad_conv_weight", "grad_tokens", "grad_proj_weight", "
     ((2, 20, 5, 7, 7), False, True), ((1, 12, 3, 1, 1), True, True),
     ((3, 36, 9, 5, 9), True, False), ((1, 24, 6, 2, 13), False, True)],
     ids=["2x20x7x7", "1x12x1x1-nhwc", "3x36x5x9-nhwc-nobias", "1x24x2x13"])
-def test_matches_float64_reference(shape, channels_last, bias, dtype):
+def test_matches_float64_reference(shape, channels_last, bias, dtype, fused_backend):
     inputs = _inputs(*shape, dtype, channels_last)
-    ours = _run(inputs, "triton", bias=bias)
+    ours = _run(inputs, fused_backend, bias=bias)
     exact = _run([v.double() for v in inputs], "torch", bias=bias)
     in_dtype = _run(inputs, "torch", bias=bias)
     for name, o, e, r in zip(NAMES, ours, exact, in_dtype):
@@ -56,10 +57,10 @@ def test_matches_float64_reference(shape, channels_last, bias, dtype):
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_dropout_mask_is_the_functional_apis():
-    """Both backends draw the same mask from the same generator state, as F.dropout would."""
+def test_dropout_mask_is_the_functional_apis(fused_backend):
+    """Every backend draws the same mask from the same generator state, as F.dropout would."""
     inputs = _inputs(2, 16, 4, 5, 5, torch.float32, False)
-    ours = _run(inputs, "triton", dropout_p=0.3, seed=7)
+    ours = _run(inputs, fused_backend, dropout_p=0.3, seed=7)
     ref = _run(inputs, "torch", dropout_p=0.3, seed=7)
     for name, o, r in zip(NAMES, ours, ref):
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5, msg=name)
@@ -69,17 +70,18 @@ def test_dropout_mask_is_the_functional_apis():
     assert 0.2 < dropped < 0.4
 
 
-def test_opcheck_and_compile():
+def test_opcheck_and_compile(fused_backend):
     x, conv_w, tokens, proj_w, proj_b, grad = _inputs(2, 12, 3, 4, 5, torch.float32, True)
     keep = torch.ones_like(tokens) * 2
-    ops = torch.ops.patnet_triton
+    ops = fused_ops(fused_backend)
     torch.library.opcheck(ops.self_mixer_output.default, (x, conv_w, tokens, proj_w, proj_b, keep))
     torch.library.opcheck(ops.self_mixer_output.default, (x, conv_w, tokens, proj_w, None, None))
     torch.library.opcheck(ops.self_mixer_output_backward.default,
                           (grad, x, conv_w, tokens, proj_w, keep))
 
     def fn(x, conv_w, tokens, proj_w, proj_b):
-        return pk.self_mixer_output(x, conv_w, tokens, proj_w, proj_b, backend="triton") * 2
+        return pk.self_mixer_output(x, conv_w, tokens, proj_w, proj_b,
+                                    backend=fused_backend) * 2
 
     compiled = torch.compile(fn, fullgraph=True)
     results = []
@@ -91,16 +93,18 @@ def test_opcheck_and_compile():
         torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_input():
+def test_bad_input(fused_backend):
     x, conv_w, tokens, proj_w, proj_b, _ = _inputs(2, 12, 3, 4, 5, torch.float32, False)
     with pytest.raises(ValueError, match="tokens"):
-        pk.self_mixer_output(x, conv_w, tokens[:, :-1], proj_w, proj_b, backend="triton")
+        pk.self_mixer_output(x, conv_w, tokens[:, :-1], proj_w, proj_b, backend=fused_backend)
     with pytest.raises(ValueError, match="proj_weight"):
-        pk.self_mixer_output(x, conv_w, tokens, proj_w[:, :-1], proj_b, backend="triton")
+        pk.self_mixer_output(x, conv_w, tokens, proj_w[:, :-1], proj_b, backend=fused_backend)
     with pytest.raises((TypeError, ValueError), match="dtype"):
-        pk.self_mixer_output(x, conv_w, tokens.double(), proj_w, proj_b, backend="triton")
-    with pytest.raises(TypeError, match="float32, float16 and bfloat16, got torch.float64"):
+        pk.self_mixer_output(x, conv_w, tokens.double(), proj_w, proj_b, backend=fused_backend)
+    with pytest.raises(TypeError, match=f"backend='{fused_backend}' runs float32, float16 and "
+                                        "bfloat16, got torch.float64"):
         pk.self_mixer_output(*(v.double() for v in (x, conv_w, tokens, proj_w, proj_b)),
-                             backend="triton")
+                             backend=fused_backend)
     with pytest.raises(ValueError, match="dropout_p"):
-        pk.self_mixer_output(x, conv_w, tokens, proj_w, proj_b, dropout_p=1.0, backend="triton")
+        pk.self_mixer_output(x, conv_w, tokens, proj_w, proj_b, dropout_p=1.0,
+                             backend=fused_backend)
