@@ -203,7 +203,7 @@ FAMILY = Family(
     },
     base_providers=("torch", "triton", "cuda"),
     extra_providers={"sdpa": (op_bench.MODES, make_sdpa), "flex": (op_bench.MODES, make_flex)},
-    order=("torch", "sdpa", "flex", "triton"),
+    order=("torch", "sdpa", "flex", "triton", "cuda"),
     compiled_providers=("flex",),
     speedups={"eager": "torch", "sdpa": "sdpa", "flex": "flex"},
     flops=flops, flop_formulas=FLOPS_TEXT,

@@ -62,6 +62,14 @@ void check_tensor(const Tensor& t, const char* name, const Tensor& like, int64_t
               t.sizes());
 }
 
+// t on like's device, with like's shape and dtype.
+void check_like(const Tensor& t, const char* name, const Tensor& like, const char* like_name) {
+  check_tensor(t, name, like, like.dim());
+  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type(), "patnet_cuda: ",
+              name, " must match ", like_name, " in shape and dtype: got ", t.sizes(), " ",
+              t.scalar_type(), ", expected ", like.sizes(), " ", like.scalar_type());
+}
+
 void check_floats(const Tensor& t, const char* name, const Tensor& like) {
   check_tensor(t, name, like, t.dim());
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "patnet_cuda: ", name,
@@ -235,10 +243,8 @@ Tensor channel_attention_apply(const Tensor& x, const Tensor& conv_weight, const
 std::tuple<Tensor, Tensor> channel_attention_grad_sums(const Tensor& x, const Tensor& grad_y,
                                                        const Tensor& mean) {
   check_tensor(x, "x", x, 4);
-  check_tensor(grad_y, "grad_y", x, 4);
   const patnet::DType dtype = dtype_of(x, "x");
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
-              "patnet_cuda: grad_y must match x in shape and dtype");
+  check_like(grad_y, "grad_y", x, "x");
   const Tensor center = mean.contiguous();
   const int64_t c2 = center.size(-1), c1 = x.size(1) - c2;
   check_coefficients(x, c2, {&center});
@@ -257,9 +263,7 @@ Tensor channel_attention_input_grad(const Tensor& grad_y, const Tensor& x,
                                     const Tensor& center, const Tensor& slope,
                                     const Tensor& offset) {
   const int64_t c1 = check_conv(grad_y, conv_weight, "grad_y");
-  check_tensor(x, "x", grad_y, 4);
-  TORCH_CHECK(x.sizes() == grad_y.sizes() && x.scalar_type() == grad_y.scalar_type(),
-              "patnet_cuda: x must match grad_y in shape and dtype");
+  check_like(x, "x", grad_y, "grad_y");
   const Tensor scale_c = scale.contiguous(), center_c = center.contiguous(),
                slope_c = slope.contiguous(), offset_c = offset.contiguous();
   check_coefficients(x, x.size(1) - c1, {&scale_c, &center_c, &slope_c, &offset_c});
@@ -290,13 +294,13 @@ AttentionShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v
                                const Tensor& table, const Tensor& bucket, double dropout_p) {
   check_tensor(q, "q", q, 4);
   dtype_of(q, "q");
-  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&k, "k"}, {&v, "v"}}) {
-    check_tensor(*t, name, q, 4);
-    TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type(), "patnet_cuda: ",
-                name, " must match q in shape and dtype");
-  }
+  check_like(k, "k", q, "q");
+  check_like(v, "v", q, "q");
   check_tensor(table, "table", q, 2);
   check_tensor(bucket, "bucket", q, 2);
+  TORCH_CHECK(at::isIntegralType(bucket.scalar_type(), /*includeBool=*/false),
+              "patnet_cuda: bucket must be an integer tensor of bucket ids, got ",
+              bucket.scalar_type());
   const AttentionShape s{q.size(0), q.size(1), q.size(2), q.size(3), table.size(1)};
   TORCH_CHECK(table.size(0) == s.heads, "patnet_cuda: table must be (heads, num_buckets)");
   TORCH_CHECK(bucket.size(0) == s.n && bucket.size(1) == s.n, "patnet_cuda: bucket must be (N, N)");
@@ -334,12 +338,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rpe_attention_bwd(
     const std::optional<Tensor>& seed, bool deterministic) {
   (void)deterministic;  // this backend's backward is always deterministic
   const AttentionShape s = check_attention(q, k, v, table, bucket, dropout_p);
-  check_tensor(grad_out, "grad_out", q, 4);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
-              "patnet_cuda: grad_out must match q in shape and dtype");
-  check_tensor(out, "out", q, 4);
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
-              "patnet_cuda: out must be the forward's output, shaped and typed as q");
+  check_like(grad_out, "grad_out", q, "q");
+  check_like(out, "out (the forward's output)", q, "q");
   check_tensor(lse, "lse", q, 3);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.size(0) == s.batch &&
                   lse.size(1) == s.heads && lse.size(2) == s.n,
@@ -371,13 +371,31 @@ Tensor tokens_view(const Tensor& y, int64_t c1) {
   return y.narrow(1, c1, y.size(1) - c1).flatten(2).transpose(1, 2);
 }
 
+// tokens (B, H*W, C2), proj_weight (C2, C2), proj_bias (C2,), keep (B, H*W, C2), all x's dtype.
+void check_mixer_inputs(const Tensor& x, int64_t c1, const Tensor& tokens,
+                        const Tensor& proj_weight, const std::optional<Tensor>& proj_bias,
+                        const std::optional<Tensor>& keep) {
+  const int64_t b = x.size(0), n = x.size(2) * x.size(3), c2 = x.size(1) - c1;
+  const auto expect = [&](const Tensor& t, const char* name, at::IntArrayRef shape,
+                          const char* meaning) {
+    check_tensor(t, name, x, static_cast<int64_t>(shape.size()));
+    TORCH_CHECK(t.sizes() == shape, "patnet_cuda: ", name, " must be ", meaning, " = ", shape,
+                " (C2 = C - C1), got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "patnet_cuda: ", name, " is ",
+                t.scalar_type(), " but x is ", x.scalar_type());
+  };
+  expect(tokens, "tokens", {b, n, c2}, "(B, H*W, C2)");
+  expect(proj_weight, "proj_weight", {c2, c2}, "(C2, C2)");
+  if (proj_bias.has_value()) expect(*proj_bias, "proj_bias", {c2}, "(C2,)");
+  if (keep.has_value()) expect(*keep, "keep", {b, n, c2}, "(B, H*W, C2)");
+}
+
 // [conv3x3(X1) | proj(tokens)] (* keep on the second half), both written into one buffer.
 Tensor self_mixer_output(const Tensor& x, const Tensor& conv_weight, const Tensor& tokens,
                          const Tensor& proj_weight, const std::optional<Tensor>& proj_bias,
                          const std::optional<Tensor>& keep) {
   const int64_t c1 = check_conv(x, conv_weight, "x");
-  check_tensor(tokens, "tokens", x, 3);
-  check_tensor(proj_weight, "proj_weight", x, 2);
+  check_mixer_inputs(x, c1, tokens, proj_weight, proj_bias, keep);
   DeviceGuard guard(x);
   Tensor y = empty_activation(x, x.sizes());
   conv3x3(x, forward_taps(conv_weight), y, c1, /*copy_rest=*/false);
@@ -397,9 +415,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> self_mixer_output_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& conv_weight, const Tensor& tokens,
     const Tensor& proj_weight, const std::optional<Tensor>& keep) {
   const int64_t c1 = check_conv(grad_y, conv_weight, "grad_y");
-  check_tensor(x, "x", grad_y, 4);
-  TORCH_CHECK(x.sizes() == grad_y.sizes() && x.scalar_type() == grad_y.scalar_type(),
-              "patnet_cuda: x must match grad_y in shape and dtype");
+  check_like(x, "x", grad_y, "grad_y");
+  check_mixer_inputs(x, c1, tokens, proj_weight, std::nullopt, keep);
   DeviceGuard guard(x);
   Tensor grad_x = empty_activation(x, x.sizes());
   conv3x3(grad_y, transposed_taps(conv_weight), grad_x, c1, /*copy_rest=*/false);

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -21,6 +22,8 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 _AUTO_ORDER = ("cuda", "triton", "torch")
 # The ops the CUDA backend has kernels for (PAT_sp's spatial_attention is Triton only).
 CUDA_OPS = ("partial_conv3x3", "channel_attention", "rpe_attention", "self_mixer_output")
+# The most tokens the CUDA attention kernel takes (kMaxTokens of csrc/kernels/launchers.h).
+CUDA_MAX_TOKENS = 1024
 
 
 class BackendUnavailableError(RuntimeError):
@@ -54,6 +57,9 @@ def _cuda_status(device: Optional[torch.device]) -> Tuple[bool, str]:
 
     on_cpu = device is None or torch.device(device).type == "cpu"
     if _cuda_ext.emulation_enabled():
+        if on_cpu and shutil.which("ninja") is None:
+            return False, ("PATNET_CUDA_EMULATE=1, but its build needs ninja (pip install "
+                           "ninja) and a C++ compiler")
         if on_cpu:
             return True, ("CPU emulation of the CUDA kernels (PATNET_CUDA_EMULATE=1): runs on "
                           "CPU tensors, slowly, for testing")
@@ -90,20 +96,24 @@ def check_backend_name(backend: str) -> None:
 
 
 def resolve_backend(backend: str, device: Optional[torch.device] = None,
-                    op: Optional[str] = None) -> str:
+                    op: Optional[str] = None, cuda_refusal: Optional[str] = None) -> str:
     """The concrete backend ("torch", "triton" or "cuda") that runs ``op`` (or any op) on
     ``device``.
 
-    "auto" skips the CUDA backend for an op it has no kernel for (see CUDA_OPS). Raises
-    ValueError for an unknown name and BackendUnavailableError, with the reason, when a
-    backend named explicitly cannot run here.
+    "auto" skips the CUDA backend for an op it has no kernel for (see CUDA_OPS) and when
+    ``cuda_refusal`` says why its kernel cannot take these inputs. Raises ValueError for an
+    unknown name and BackendUnavailableError, with the reason, when a backend named explicitly
+    cannot run here.
     """
     check_backend_name(backend)
+    if backend == "cuda" and cuda_refusal:
+        raise BackendUnavailableError(f"backend='cuda' cannot run {op} on these inputs: "
+                                      f"{cuda_refusal}; use backend='triton' or 'auto'")
     if backend == "auto":
         if device is None or torch.device(device).type != "cuda":
             return "torch"  # (the Triton interpreter is for testing, never the fast choice)
         for name in _AUTO_ORDER:
-            if name == "cuda" and op is not None and op not in CUDA_OPS:
+            if name == "cuda" and (cuda_refusal or op is not None and op not in CUDA_OPS):
                 continue
             if _STATUS[name](device)[0]:
                 if name == "torch":

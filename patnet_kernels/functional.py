@@ -15,7 +15,7 @@ from ._checks import (check_activation, check_batch_norm, check_conv_weight, che
                       check_same, check_shape)
 from ._types import BatchNormParams
 from . import ops
-from .backends import resolve_backend
+from .backends import CUDA_MAX_TOKENS, resolve_backend
 
 # The reference serves backend "torch"; the fused backends live in patnet_kernels.ops.
 _REFERENCE: Dict[str, Callable] = {
@@ -31,8 +31,11 @@ _REFERENCE: Dict[str, Callable] = {
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _implementation(op: str, backend: str, x: torch.Tensor) -> Callable:
-    name = resolve_backend(backend, x.device, op)
+def _implementation(op: str, backend: str, x: torch.Tensor,
+                    cuda_refusal: Optional[str] = None) -> Callable:
+    """The function of ``backend`` that runs ``op`` on ``x``; ``cuda_refusal``: why the CUDA
+    kernel cannot take these inputs (then "auto" passes over it and "cuda" raises)."""
+    name = resolve_backend(backend, x.device, op, cuda_refusal)
     if name == "torch":
         return _REFERENCE[op]
     if x.dtype not in FUSED_DTYPES:
@@ -189,7 +192,9 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
                          f"least {high + 1} (the iRPE table of PATNet has 81)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return _implementation("rpe_attention", backend, q)(
+    refusal = (f"its attention kernel takes N <= {CUDA_MAX_TOKENS} tokens, got {n}"
+               if n > CUDA_MAX_TOKENS else None)
+    return _implementation("rpe_attention", backend, q, refusal)(
         q, k, v, table, bucket, scale, dropout_p)
 
 

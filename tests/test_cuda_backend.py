@@ -219,9 +219,7 @@ CHECKED = {
                           "patnet_cuda: grad_y must be float32, float16 or bfloat16, got Double"),
 }
 
-# Bad input that bindings.cpp does not check yet: the op runs (or fails inside ATen with a
-# message that does not name the op's argument). Strict xfails: they pass once it is checked.
-UNCHECKED = {
+CHECKED.update({
     "rpe-bucket_float": ("rpe_attention_fwd",
                          lambda: _replace(_attention(), 4, _attention()[4].float()) + (
                              0.35, 0.0, None),
@@ -237,15 +235,12 @@ UNCHECKED = {
                            "patnet_cuda: tokens"),
     "mixer-keep_shape": ("self_mixer_output", lambda: _mixer() + (_randn(2, 30, 5),),
                          "patnet_cuda: keep"),
-}
-_UNCHECKED_WHY = "csrc/bindings.cpp has no TORCH_CHECK for this argument yet"
+})
 
 
-@pytest.mark.parametrize("case", list(CHECKED) + [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=_UNCHECKED_WHY))
-    for name in UNCHECKED])
+@pytest.mark.parametrize("case", list(CHECKED))
 def test_op_refuses_bad_input(ops, case):
-    op, make_args, message = {**CHECKED, **UNCHECKED}[case]
+    op, make_args, message = CHECKED[case]
     with pytest.raises(RuntimeError) as info:
         getattr(ops, op)(*make_args())
     assert message in str(info.value)
@@ -295,3 +290,15 @@ def test_auto_on_a_gpu_picks_cuda_where_it_has_a_kernel(monkeypatch):
         assert backends.resolve_backend("auto", gpu, op) == "cuda", op
     assert backends.resolve_backend("auto", gpu, "spatial_attention") == "triton"
     assert backends.resolve_backend("auto", torch.device("cpu"), "partial_conv3x3") == "torch"
+
+
+def test_auto_passes_over_cuda_for_more_tokens_than_its_kernel_takes(monkeypatch):
+    """N > CUDA_MAX_TOKENS: "auto" on a GPU takes Triton; "cuda" says why and what to use."""
+    from patnet_kernels import backends
+    monkeypatch.setattr(backends, "_STATUS", dict(backends._STATUS, cuda=lambda d: (True, "ok"),
+                                                  triton=lambda d: (True, "ok")))
+    cuda = torch.device("cuda")
+    assert backends.resolve_backend("auto", cuda, "rpe_attention") == "cuda"
+    assert backends.resolve_backend("auto", cuda, "rpe_attention", "too many tokens") == "triton"
+    with pytest.raises(pk.BackendUnavailableError, match="too many tokens; use backend='triton'"):
+        backends.resolve_backend("cuda", cuda, "rpe_attention", "too many tokens")

@@ -230,3 +230,9 @@ def test_emulated_barriers_and_shuffles(emulator_probe):
 def test_emulator_detects_a_divergent_barrier(emulator_probe):
     with pytest.raises(RuntimeError, match="divergent barrier"):
         emulator_probe.divergent_barrier(torch.zeros(1))
+
+
+def test_cuda_max_tokens_matches_the_kernels():
+    """backends.CUDA_MAX_TOKENS (what "auto" and the errors use) is kMaxTokens of launchers.h."""
+    text = (REPO / "csrc" / "kernels" / "launchers.h").read_text()
+    assert f"constexpr int kMaxTokens = {backends.CUDA_MAX_TOKENS};" in text

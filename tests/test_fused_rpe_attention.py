@@ -28,8 +28,7 @@ from conftest import (BUDGET_FLOOR, DEVICE, TRITON_ONLY, assert_within_budget,
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 GRADS = ("out", "grad_q", "grad_k", "grad_v", "grad_table")
-# The CUDA kernels take N <= 1024 tokens (kMaxTokens of csrc/kernels/launchers.h).
-CUDA_MAX_TOKENS = 1024
+CUDA_MAX_TOKENS = pk.backends.CUDA_MAX_TOKENS
 
 
 def _inputs(batch, heads, height, width, d, dtype, seed=0, qkv_layout=False):
@@ -133,8 +132,9 @@ def test_authors_bucket_maps(key, fused_backend):
     dtype = F32 if key == "25x42" else F16
     q, k, v, table, _, grad = _inputs(1, 1, height, width, 48, dtype, seed=height)
     if fused_backend == "cuda" and height * width > CUDA_MAX_TOKENS:
-        with pytest.raises((RuntimeError, ValueError),
-                           match=f"N <= {CUDA_MAX_TOKENS} tokens, got {height * width}"):
+        with pytest.raises(pk.BackendUnavailableError,
+                           match=f"N <= {CUDA_MAX_TOKENS} tokens, got {height * width}; use "
+                                 "backend='triton' or 'auto'"):
             _fused(fused_backend)(q, k, v, table, bucket)
         return
     ours = _run(_fused(fused_backend), q, k, v, table, bucket, grad)

@@ -196,7 +196,7 @@ def test_rpe_attention_shapes_and_counts():
     x = 256 * 4 * 49 * 96
     assert family.bytes_moved(t2, 256, 2, "fwd") == (4 * x + 4 * 81) * 2 + 4 * 49 ** 2
     assert family.bytes_moved(t2, 256, 2, "fwd+bwd") == (11 * x + 3 * 81 * 4) * 2 + 8 * 49 ** 2
-    assert family.providers == ["torch", "sdpa", "flex", "triton"]
+    assert family.providers == ["torch", "sdpa", "flex", "triton", "cuda"]
 
 
 def _rpe_problem(mode, dtype=torch.float32, quick_shape=0, batch=2):
