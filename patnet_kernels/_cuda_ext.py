@@ -73,7 +73,7 @@ def jit_load(name: str, source_files: Sequence[Path], *, cuda: bool, extra_cflag
     build directory. Safe when several processes call it at once (torch's build lock)."""
     from torch.utils import cpp_extension
 
-    if shutil.which("ninja") is None:
+    if not ninja_available():
         raise CudaBuildFailed("building the CUDA extension needs ninja (pip install ninja); "
                               + HOW_TO_BUILD)
     directory = build_dir(name)
@@ -148,6 +148,15 @@ def loaded() -> Optional[str]:
     return _LOADED
 
 
+# The probes below read the file system. Under torch.compile they run once at trace time and
+# their result is a constant of the graph (dynamo cannot trace os.stat), so backend resolution
+# inside a compiled model costs no graph break.
+@torch.compiler.assume_constant_result
+def ninja_available() -> bool:
+    return shutil.which("ninja") is not None
+
+
+@torch.compiler.assume_constant_result
 def jit_possible() -> Tuple[bool, str]:
     """Whether a JIT build of csrc/ can be attempted here (it may still fail to compile)."""
     if torch.version.cuda is None:
@@ -156,10 +165,11 @@ def jit_possible() -> Tuple[bool, str]:
         return False, f"the CUDA sources are not at {CSRC} (not a source install)"
     if find_cuda_home() is None:
         return False, "no CUDA toolkit (set CUDA_HOME, or put nvcc on PATH)"
-    if shutil.which("ninja") is None:
+    if not ninja_available():
         return False, "ninja is not installed (pip install ninja)"
     return True, f"JIT build of {CSRC} with nvcc on first use"
 
 
+@torch.compiler.assume_constant_result
 def prebuilt_available() -> bool:
     return importlib.util.find_spec("patnet_kernels._C") is not None

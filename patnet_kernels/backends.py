@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -57,7 +56,7 @@ def _cuda_status(device: Optional[torch.device]) -> Tuple[bool, str]:
 
     on_cpu = device is None or torch.device(device).type == "cpu"
     if _cuda_ext.emulation_enabled():
-        if on_cpu and shutil.which("ninja") is None:
+        if on_cpu and not _cuda_ext.ninja_available():
             return False, ("PATNET_CUDA_EMULATE=1, but its build needs ninja (pip install "
                            "ninja) and a C++ compiler")
         if on_cpu:
