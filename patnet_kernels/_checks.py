@@ -7,6 +7,9 @@ import torch
 
 from ._types import BatchNormParams
 
+# Activation dtypes whose BatchNorm tensors may stay float32 (mixed precision, autocast).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 def check_activation(name: str, x: torch.Tensor, layout: str = "(B, C, H, W)") -> None:
     """x must be a floating tensor with one dimension per name in ``layout``."""
@@ -79,7 +82,11 @@ def check_batch_norm(name: str, bn: Optional[BatchNormParams], channels: int, re
         if t is None:
             continue
         check_shape(f"{name}.{field}", t, (channels,), f"one value per channel of {channels}")
-        check_same("input", ref, **{f"{name}.{field}": t})
+        check_device("input", ref, **{f"{name}.{field}": t})
+        if t.dtype != ref.dtype and not (t.dtype == torch.float32 and ref.dtype in LOW_PRECISION):
+            raise TypeError(f"{name}.{field} is {t.dtype} but the input is {ref.dtype}; a "
+                            "BatchNorm's tensors must be the input's dtype, or float32 for a "
+                            "float16/bfloat16 input (as under torch.autocast)")
     if not training and (bn.running_mean is None or bn.running_var is None):
         raise ValueError(f"{name} has no running statistics, so it can only run with "
                          "training=True")

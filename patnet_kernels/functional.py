@@ -6,7 +6,8 @@ clear error before anything is computed or written, then runs the backend picked
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import functools
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -31,6 +32,36 @@ _REFERENCE: Dict[str, Callable] = {
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def autocast_aware(op: Callable) -> Callable:
+    """Run ``op`` under ``torch.autocast`` as PyTorch runs a convolution there.
+
+    Where autocast is enabled for the device of the op's first tensor, every float32, float16
+    or bfloat16 tensor argument (activations and weights; not the BatchNorm parameters, which
+    stay float32 as ``nn.BatchNorm2d``'s do under autocast, nor integer bucket ids) is cast to
+    the autocast dtype, and the op runs with autocast off, so that its own float32 arithmetic
+    (statistics, gates) stays float32. Outside autocast the op runs unchanged.
+    """
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        device_type = None if first is None else first.device.type
+        if (device_type is None or not torch.amp.is_autocast_available(device_type)
+                or not torch.is_autocast_enabled(device_type)):
+            return op(*args, **kwargs)  # (bad arguments: the op's checks say what is wrong)
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(value):
+            if isinstance(value, torch.Tensor) and value.dtype in FUSED_DTYPES:
+                return value.to(dtype)
+            return value
+
+        args = [cast(a) for a in args]
+        kwargs = {key: cast(value) for key, value in kwargs.items()}
+        with torch.autocast(device_type, enabled=False):
+            return op(*args, **kwargs)
+    return wrapper
+
+
 def _implementation(op: str, backend: str, x: torch.Tensor,
                     cuda_refusal: Optional[str] = None) -> Callable:
     """The function of ``backend`` that runs ``op`` on ``x``; ``cuda_refusal``: why the CUDA
@@ -44,6 +75,7 @@ def _implementation(op: str, backend: str, x: torch.Tensor,
     return ops.implementation(name, op)
 
 
+@autocast_aware
 def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = False,
                     backend: str = "auto") -> torch.Tensor:
     """PConv: Y = [conv3x3(X1) | X2], X1 the first C1 = weight.shape[0] channels of x.
@@ -58,6 +90,7 @@ def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = Fa
     return _implementation("partial_conv3x3", backend, x)(x, weight, inplace)
 
 
+@autocast_aware
 def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: torch.Tensor,
                       cfc_bias: Optional[torch.Tensor], bn_a: Optional[BatchNormParams],
                       bn_b: BatchNormParams, *, training: bool = False,
@@ -84,6 +117,7 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
 
 
+@autocast_aware
 def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: torch.Tensor,
                       conv_bias: Optional[torch.Tensor], bn_c: BatchNormParams,
                       bn_d: Optional[BatchNormParams], *, training: bool = False,
@@ -159,15 +193,34 @@ def _bucket_range(bucket: torch.Tensor):
     return tuple(torch.stack([low, high]).tolist())  # one synchronisation for both
 
 
+def _given_bucket_range(bucket_range) -> Tuple[int, int]:
+    """The caller's ``bucket_range`` of :func:`rpe_attention`, checked to be (low, high) ints."""
+    if not (isinstance(bucket_range, tuple) and len(bucket_range) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in bucket_range)
+            and bucket_range[0] <= bucket_range[1]):
+        raise ValueError(f"bucket_range must be a tuple (low, high) of two ints with low <= "
+                         f"high, the smallest and largest id of bucket; got {bucket_range!r}")
+    return bucket_range
+
+
+@autocast_aware
 def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                   bucket: torch.Tensor, scale: Optional[float] = None, dropout_p: float = 0.0,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", *,
+                  bucket_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Attention with a relative-position bias gathered from a per-head table.
 
     O = dropout(softmax(scale * q k^T + table[h, bucket[i, j]])) v.
     q, k, v: (B, heads, N, d); table: (heads, num_buckets); bucket: (N, N) integer ids in
     [0, num_buckets), for example ``rpe_buckets(H, W)``; scale defaults to d ** -0.5.
     Dropout is applied whenever ``dropout_p > 0``: pass 0 in eval. Returns (B, heads, N, d).
+
+    The ids are checked against the table before anything runs. For the maps of
+    :func:`rpe_buckets` their range is known; for any other tensor reading it costs a device
+    synchronisation, unless the caller passes ``bucket_range=(low, high)``, the smallest and
+    largest id of ``bucket`` as Python ints (it vouches for them: the range is checked against
+    the table, the ids are not read). A module that keeps its own map as a buffer passes the
+    range it computed when it made the map.
     """
     check_activation("q", q, "(B, heads, N, d)")
     check_shape("k", k, q.shape, "k must match q")
@@ -183,9 +236,12 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
                         f"patnet_kernels.rpe_buckets(H, W), got {got}; convert it with .long()")
     check_shape("bucket", bucket, (n, n), f"N x N for the N = {n} tokens of q")
     check_device("q", q, bucket=bucket)
-    # Under torch.compile the range check is skipped: it reads the ids (a device sync and a
-    # graph break). The maps of rpe_buckets are in range by construction; check your own in eager.
-    low, high = (0, 0) if torch.compiler.is_compiling() else _bucket_range(bucket)
+    # Under torch.compile an unknown map's range is not read (a device sync and a graph
+    # break). The maps of rpe_buckets are in range by construction; check your own in eager.
+    if bucket_range is not None:
+        low, high = _given_bucket_range(bucket_range)
+    else:
+        low, high = (0, 0) if torch.compiler.is_compiling() else _bucket_range(bucket)
     if low < 0 or high >= table.shape[1]:
         raise ValueError(f"bucket ids span [{low}, {high}] but the table has only "
                          f"{table.shape[1]} buckets per head; this map needs a table of at "
@@ -198,6 +254,7 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
         q, k, v, table, bucket, scale, dropout_p)
 
 
+@autocast_aware
 def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.Tensor,
                       proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor] = None,
                       dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
