@@ -17,6 +17,12 @@ if [ "${1:-}" = "test" ] && ! "$PY" -c "import pytest, numpy" >/dev/null 2>&1; t
   echo "[install] installing pytest and numpy"
   "$PY" -m pip install --quiet --disable-pip-version-check "pytest>=7" numpy
 fi
+# matplotlib: the plot of benchmarks/bench_models.py; pytest-benchmark: the kernel benchmarks
+# (tests/test_kernel_benchmarks.py).
+if [ "${1:-}" = "test" ] && ! "$PY" -c "import matplotlib, pytest_benchmark" >/dev/null 2>&1; then
+  echo "[install] installing matplotlib and pytest-benchmark"
+  "$PY" -m pip install --quiet --disable-pip-version-check matplotlib pytest-benchmark
+fi
 # Triton: an installed one is kept (GPU machines bring theirs with their torch); otherwise the
 # tests need it to run the kernels under its interpreter. triton itself pulls no torch.
 if [ "${1:-}" = "test" ] && ! "$PY" -c "import triton" >/dev/null 2>&1; then

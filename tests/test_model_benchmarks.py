@@ -1,0 +1,169 @@
+"""CPU smoke test of the whole-model benchmark (benchmarks/bench_models.py).
+
+Two small models at 64 x 64, batch 1, one thread, 1 warm-up + 2 timed calls, every provider
+(``compile`` with torch.compile's ``eager`` backend: Dynamo traces the model, nothing is
+compiled to code, which would take minutes on the CPU): the JSON, CSV and PNG must be written
+with one row per model and provider, numbers consistent with each other, and the table printed.
+A provider that fails is recorded, not fatal; --merge joins split runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import patnet
+import patnet_kernels as pk
+from benchmarks import bench_models
+
+MODELS = ["fasternet_t0", "patnet_t0"]
+TINY = ["--device", "cpu", "--size", "64", "--warmup", "1", "--runs", "2"]
+
+
+def _run(argv):
+    """(exit code, printed text) of bench_models.main(argv)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = bench_models.main(argv)
+    return code, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("models") / "smoke"
+    code, printed = _run(["--models", ",".join(MODELS), "--compile-backend", "eager",
+                          "--out", str(prefix)] + TINY)
+    return code, printed, prefix
+
+
+def test_smoke_run_writes_json_csv_and_plot(smoke):
+    code, printed, prefix = smoke
+    assert code == 0, printed
+    report = json.loads(Path(f"{prefix}.json").read_text())
+    assert report["complete"] and report["device"].startswith("CPU")
+    assert report["device_type"] == "cpu" and report["torch"] and report["git_commit"]
+    assert "triton" in report and "cuda" in report
+    settings = report["settings"]
+    assert settings["models"] == MODELS and settings["providers"] == ["eager", "compile", "ours"]
+    assert (settings["batch"], settings["image_size"], settings["threads"]) == (1, 64, 1)
+    assert (settings["warmup"], settings["runs"]) == (1, 2)
+    assert settings["precisions"] == ["fp32"] and settings["layouts"] == ["nchw"]
+    assert [(r["model"], r["precision"], r["layout"]) for r in report["rows"]] == \
+        [(m, "fp32", "nchw") for m in MODELS]
+    for row in report["rows"]:
+        assert row["batch"] == 1 and row["image_size"] == 64
+        entries = row["providers"]
+        assert list(entries) == ["eager", "compile", "ours"]
+        for provider, e in entries.items():
+            assert e["status"] == "ok", (row["model"], provider, e)
+            assert 0 < e["min_ms"] <= e["median_ms"] and e["min_ms"] <= e["mean_ms"]
+            assert math.isclose(e["images_per_s"], 1e3 / e["mean_ms"])
+            assert math.isclose(e["speedup_vs_eager"], entries["eager"]["mean_ms"] / e["mean_ms"])
+            assert math.isclose(e["speedup_vs_compile"],
+                                entries["compile"]["mean_ms"] / e["mean_ms"])
+            assert e["max_rel_error"] <= 1e-4 and e["first_call_s"] > 0
+        assert entries["eager"]["max_rel_error"] == 0
+        assert entries["ours"]["backends"] and "backends" not in entries["eager"]
+        assert entries["compile"]["compile_s"] == entries["compile"]["first_call_s"]
+        assert "compile_s" not in entries["ours"]
+
+    with open(f"{prefix}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["provider"]) for r in rows] == \
+        [(m, p) for m in MODELS for p in ("eager", "compile", "ours")]
+    for r in rows:
+        assert r["device"] == report["device"] and r["git_commit"] == report["git_commit"]
+        assert r["status"] == "ok" and float(r["mean_ms"]) > 0 and float(r["images_per_s"]) > 0
+        assert (r["batch"], r["precision"], r["layout"], r["threads"]) == ("1", "fp32", "nchw",
+                                                                             "1")
+        assert (r["warmup"], r["runs"]) == ("1", "2")
+        assert bool(r["backends"]) == (r["provider"] == "ours")
+    png = Path(f"{prefix}.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and report["plot"] == str(png)
+
+    assert "[1/2] FasterNet-T0 fp32 nchw" in printed and "[2/2] PATNet-T0 fp32 nchw" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("model "))
+    for column in ("eager ms", "compile ms", "ours ms", "ours vs eager", "ours vs compile",
+                   "ours err", "compile s"):
+        assert column in header
+    assert "FasterNet-T0  fp32" in printed and "PATNet-T0     fp32" in printed
+    assert f"{prefix}.json" in printed and str(png) in printed
+    assert "ours on PATNet-T0: backends " in printed
+
+
+def test_failing_provider_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """An exception reads "error: ..." (exit 1, the other providers measured); a backend that
+    cannot run reads "unavailable: <reason>" (exit 0); where eager fails, the others read
+    "skipped"."""
+    def broken(model):
+        raise RuntimeError("kernel crashed (test)")
+
+    monkeypatch.setattr(patnet, "optimize_for_inference", broken)
+    prefix = tmp_path / "broken"
+    code, printed = _run(["--models", "fasternet_t0", "--providers", "eager,ours",
+                          "--out", str(prefix)] + TINY)
+    assert code == 1
+    report = json.loads(Path(f"{prefix}.json").read_text())
+    entries = report["rows"][0]["providers"]
+    assert entries["eager"]["status"] == "ok"
+    assert entries["ours"]["status"] == "error"
+    assert entries["ours"]["reason"] == "RuntimeError: kernel crashed (test)"
+    assert "ours: error: RuntimeError: kernel crashed (test)" in printed
+    assert report["complete"] and Path(f"{prefix}.png").is_file()
+
+    def unavailable(model):
+        raise pk.BackendUnavailableError("no kernel here (test)")
+
+    monkeypatch.setattr(patnet, "optimize_for_inference", unavailable)
+    code, printed = _run(["--models", "fasternet_t0", "--providers", "eager,ours",
+                          "--out", str(prefix)] + TINY)
+    assert code == 0
+    entry = json.loads(Path(f"{prefix}.json").read_text())["rows"][0]["providers"]["ours"]
+    assert entry == {"status": "unavailable", "reason": "no kernel here (test)"}
+    assert "ours: unavailable: no kernel here (test)" in printed
+
+    # where eager fails (images below the models' 32 x 32 minimum), nothing can be checked
+    code, printed = _run(["--models", "fasternet_t0", "--providers", "eager,ours",
+                          "--out", str(prefix)] + TINY + ["--size", "16"])
+    assert code == 1
+    entries = json.loads(Path(f"{prefix}.json").read_text())["rows"][0]["providers"]
+    assert entries["eager"]["status"] == "error"
+    assert entries["ours"] == {"status": "skipped",
+                               "reason": "the eager reference failed in this mode"}
+
+
+def test_merge_joins_split_runs(smoke, tmp_path):
+    _, _, first = smoke
+    second = tmp_path / "second"
+    code, _ = _run(["--models", "patnet_t0", "--providers", "eager,ours", "--layouts",
+                    "channels_last", "--out", str(second)] + TINY)
+    assert code == 0
+    merged = tmp_path / "merged"
+    code, printed = _run(["--merge", f"{first}.json", f"{second}.json", "--out", str(merged)])
+    assert code == 0
+    report = json.loads(Path(f"{merged}.json").read_text())
+    assert [(r["model"], r["layout"]) for r in report["rows"]] == \
+        [("fasternet_t0", "nchw"), ("patnet_t0", "nchw"), ("patnet_t0", "channels_last")]
+    assert report["settings"]["providers"] == ["eager", "compile", "ours"]
+    assert report["settings"]["models"] == MODELS
+    assert report["settings"]["layouts"] == ["nchw", "channels_last"]
+    assert [p["file"] for p in report["parts"]] == [f"{first}.json", f"{second}.json"]
+    with open(f"{merged}.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3 + 3 + 2
+    assert Path(f"{merged}.png").is_file() and "channels_last" in printed
+
+
+def test_local_results_are_ignored_by_git():
+    """CPU runs write benchmarks/results/models.cpu.local.{json,csv,png}, which git ignores."""
+    prefix = bench_models._default_prefix("cpu", "CPU whatever")
+    assert prefix.name == "models.cpu.local"
+    assert bench_models._default_prefix("cuda", "NVIDIA H100 80GB HBM3").name == \
+        "models.nvidia-h100-80gb-hbm3"
+    ignored = (bench_models.REPO / ".gitignore").read_text().split()
+    for ext in ("json", "csv", "png"):
+        assert f"/benchmarks/results/*.local.{ext}" in ignored
