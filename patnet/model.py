@@ -2,16 +2,28 @@
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from patnet_kernels.backends import (BackendUnavailableError, check_backend_name,
-                                     check_backend_usable)
+from patnet_kernels.backends import (BackendUnavailableError, backend_plan,
+                                     check_backend_name, check_backend_usable)
 
-from .layers import (BasicStage, FasterNetBlock, PartialSpatialAttention, PatchEmbed,
-                     PatchMerging, PATNetBlock, make_activation)
+from .layers import (BasicStage, FasterNetBlock, PartialConv3, PartialSpatialAttention,
+                     PatchEmbed, PatchMerging, PATChannelMixer, PATNetBlock, PATSelfMixer,
+                     make_activation)
+
+logger = logging.getLogger("patnet")
+
+# The functional ops each fused layer calls.
+_LAYER_OPS = {
+    PartialConv3: ("partial_conv3x3",),
+    PATChannelMixer: ("channel_attention",),
+    PATSelfMixer: ("rpe_attention", "self_mixer_output"),
+    PartialSpatialAttention: ("spatial_attention",),
+}
 
 # The released variants (SPEC.md section 5). Every key can be overridden in create_model.
 _COMMON = dict(n_div=4, mlp_ratio=2.0, feature_dim=1280, num_classes=1000)
@@ -71,6 +83,7 @@ class _PartialNetwork(nn.Module):
         check_backend_name(backend)
         self.in_chans = in_chans
         self.features_only = features_only
+        self._reported_devices = set()  # where the backend plan was logged
         self.min_input_size = patch_size * patch_size2 ** (len(depths) - 1)
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
 
@@ -135,6 +148,10 @@ class _PartialNetwork(nn.Module):
         """x: (B, in_chans, H, W) with H, W >= 32. Returns logits (B, num_classes), or the
         four stage features (B, 2^i E, H / 2^(i+2), W / 2^(i+2)) in features mode."""
         self._check_input(x)
+        if not torch.compiler.is_compiling() and x.device not in self._reported_devices:
+            self._reported_devices.add(x.device)
+            plan = ", ".join(f"{op} -> {name}" for op, name in self.backend_plan(x.device).items())
+            logger.info("%s on %s runs %s", type(self).__name__, x.device, plan)
         x = self.patch_embed(x)
         if self.features_only:
             outs = []
@@ -146,6 +163,21 @@ class _PartialNetwork(nn.Module):
         x = self.stages(x)
         x = self.avgpool_pre_head(x)
         return self.head(torch.flatten(x, 1))
+
+    def backend_plan(self, device: Optional[torch.device] = None) -> Dict[str, str]:
+        """Which backend runs each fused op of this model on ``device`` (default: the device
+        of its parameters), e.g. ``{"channel_attention": "cuda", "spatial_attention":
+        "triton", ...}``; ``"auto"`` layers resolve to the fastest usable backend per op.
+        The model also logs this (logger "patnet", level INFO) the first time it runs on a
+        device."""
+        device = self.patch_embed.proj.weight.device if device is None else torch.device(device)
+        plan: Dict[str, str] = {}
+        for module in self.modules():
+            for layer, ops in _LAYER_OPS.items():
+                if isinstance(module, layer):
+                    for op in ops:
+                        plan.setdefault(op, backend_plan(module.backend, device, (op,))[op])
+        return plan
 
     def train(self, mode: bool = True):
         if mode and getattr(self, "fused_for_inference", False):

@@ -13,14 +13,15 @@ Public API::
 ``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op.
 """
 from ._types import BatchNormParams
-from .backends import BACKENDS, BackendUnavailableError, info, resolve_backend
+from .backends import BACKENDS, OPS, BackendUnavailableError, backend_plan, info, resolve_backend
 from .functional import (channel_attention, partial_conv3x3, rpe_attention, rpe_buckets,
                          self_mixer_output, spatial_attention)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "BatchNormParams", "channel_attention", "info",
+    "BACKENDS", "OPS", "BackendUnavailableError", "BatchNormParams", "backend_plan",
+    "channel_attention", "info",
     "partial_conv3x3", "resolve_backend", "rpe_attention", "rpe_buckets", "self_mixer_output",
     "spatial_attention",
 ]

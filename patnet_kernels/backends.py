@@ -19,6 +19,9 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda")
 # Preference of "auto", fastest first.
 _AUTO_ORDER = ("cuda", "triton", "torch")
+# Every op of the functional API.
+OPS = ("partial_conv3x3", "channel_attention", "spatial_attention", "rpe_attention",
+       "self_mixer_output")
 # The ops the CUDA backend has kernels for (PAT_sp's spatial_attention is Triton only).
 CUDA_OPS = ("partial_conv3x3", "channel_attention", "rpe_attention", "self_mixer_output")
 # The most tokens the CUDA attention kernel takes (kMaxTokens of csrc/kernels/launchers.h).
@@ -123,6 +126,13 @@ def resolve_backend(backend: str, device: Optional[torch.device] = None,
     if not ok:
         raise BackendUnavailableError(f"backend={backend!r} is unavailable: {why}")
     return backend
+
+
+def backend_plan(backend: str, device: Optional[torch.device] = None,
+                 ops=OPS) -> Dict[str, str]:
+    """For each op of ``ops``, the concrete backend that ``backend`` runs it with on ``device``
+    (``"auto"``: the fastest usable one for that op, see :func:`resolve_backend`)."""
+    return {op: resolve_backend(backend, device, op) for op in ops}
 
 
 def check_backend_usable(backend: str) -> None:

@@ -1,0 +1,54 @@
+"""Eval-mode forms of the partial ops for the CPU inference path.
+
+The reference (:mod:`patnet_kernels.reference`) states each op as the authors' code does; on a
+CPU thread some of its steps cost more than the arithmetic needs: ``Tensor.std`` over the H * W
+positions is several times slower than a two-pass mean and sum of squares, and BN_b applied to
+``X2 * g`` makes two full passes where one per-(b, c) affine map does. These functions compute
+the same formulas (float rounding aside) in fewer passes, for NCHW-contiguous inputs in eval
+mode, and write both halves of the output into one buffer (no concatenation). They are what
+``patnet.optimize_for_inference`` runs on the CPU; every other case goes through the
+functional API.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._types import BatchNormParams
+
+
+def channel_attention_eval(x: torch.Tensor, conv_weight: torch.Tensor,
+                           cfc_weight: torch.Tensor, cfc_bias: Optional[torch.Tensor],
+                           bn_b: BatchNormParams) -> torch.Tensor:
+    """PAT_ch in eval mode with BN_a folded into W_ch: [conv3x3(X1) | X2 * a + d].
+
+    x: (B, C, H, W), NCHW-contiguous; conv_weight: (C1, C1, 3, 3); cfc_weight: (C2, C2, 1, 2);
+    cfc_bias: (C2,) or None (BN_a folded in); bn_b: BN_b with running statistics. The gate
+    g = hsig(W_ch . [mu, sigma] + bias) is (B, C2); a = g * gamma / sqrt(var + eps) and
+    d = beta - mean * gamma / sqrt(var + eps) fold BN_b. sigma is the unbiased std: with
+    H * W = 1 it is NaN, as in the reference. Returns (B, C, H, W).
+    """
+    if not x.is_contiguous():
+        raise ValueError("channel_attention_eval takes NCHW-contiguous input; use "
+                         "patnet_kernels.channel_attention for other layouts")
+    b, c, h, w = x.shape
+    c1 = conv_weight.shape[0]
+    c2, hw = c - c1, h * w
+    y = torch.empty_like(x)
+    y[:, :c1] = F.conv2d(x[:, :c1], conv_weight, padding=1)
+    x2 = x[:, c1:].reshape(b, c2, hw)  # a view: the channels after C1 are contiguous per sample
+    mean = x2.mean(-1, keepdim=True)  # (B, C2, 1)
+    std = (x2 - mean).square_().sum(-1, keepdim=True).div_(hw - 1).sqrt_()
+    # W_ch . [mu, sigma]: cfc_weight[o, i, 0, j] pairs with (mu, sigma)[j] of channel i.
+    z = F.linear(torch.cat([mean, std], -1).view(b, 2 * c2), cfc_weight.reshape(c2, 2 * c2),
+                 cfc_bias)
+    inv = torch.rsqrt(bn_b.running_var + bn_b.eps)
+    scale = inv if bn_b.weight is None else inv * bn_b.weight
+    shift = -bn_b.running_mean * scale
+    if bn_b.bias is not None:
+        shift = shift + bn_b.bias
+    torch.addcmul(shift.view(1, c2, 1), x2, (F.hardsigmoid(z) * scale).view(b, c2, 1),
+                  out=y[:, c1:].view(b, c2, hw))
+    return y
