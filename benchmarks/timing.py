@@ -33,17 +33,25 @@ class Progress:
 
 def time_cpu(fn: Callable[[], object], warmup: int, runs: int, label: str) -> Dict[str, float]:
     """Per-call wall time of ``fn`` in ms (mean, median, min) over ``runs`` after ``warmup``."""
+    return time_cpu_round_robin({label: fn}, warmup, runs, label)[label]
+
+
+def time_cpu_round_robin(fns: Dict[object, Callable[[], object]], warmup: int, runs: int,
+                         label: str) -> Dict[object, Dict[str, float]]:
+    """Like :func:`time_cpu` for several functions at once, one call of each per round, so
+    that a shared machine's load reaches all of them alike (their ratios are what to read).
+    Returns, per key of ``fns``, its per-call wall time in ms (mean, median, min)."""
     progress = Progress(label, warmup + runs)
-    times = []
+    times: Dict[object, list] = {key: [] for key in fns}
     for i in range(warmup + runs):
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        if i >= warmup:
-            times.append(elapsed * 1e3)
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[key].append((time.perf_counter() - start) * 1e3)
         progress.step()
-    return {"mean_ms": statistics.fmean(times), "median_ms": statistics.median(times),
-            "min_ms": min(times), "runs": runs}
+    return {key: {"mean_ms": statistics.fmean(t), "median_ms": statistics.median(t),
+                  "min_ms": min(t), "runs": runs} for key, t in times.items()}
 
 
 def time_cuda(fn: Callable[[], object], warmup: int, runs: int, label: str) -> Dict[str, float]:
