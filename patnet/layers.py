@@ -6,15 +6,21 @@ each layer is a plain attribute (``backend``) that :func:`patnet.set_backend` ch
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import patnet_kernels as pk
 from patnet_kernels import BatchNormParams
 from patnet_kernels._types import count_batch
+from patnet_kernels.reference.channel_attention import channel_statistics
+
+# The stage-4 token grid of a 224 x 224 input (the network downsamples by 32): the grid whose
+# bucket map PAT_sf keeps as a buffer unless told another (RPESelfAttention.set_token_grid).
+DEFAULT_TOKEN_GRID = (7, 7)
 
 
 def bn_params(bn: nn.Module, training: bool) -> Optional[BatchNormParams]:
@@ -28,8 +34,22 @@ def count_batches(training: bool, *bns: nn.Module) -> None:
     """After a fused op ran in training mode, count the batch in each of its BatchNorms."""
     if training:
         for bn in bns:
-            if isinstance(bn, nn.BatchNorm2d):
+            if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
                 count_batch(bn)
+
+
+def syncs_statistics(training: bool, *bns: nn.Module) -> bool:
+    """Whether one of ``bns`` is a SyncBatchNorm that averages its batch statistics over the
+    ranks of a process group of more than one rank in this forward (training mode).
+
+    A fused op computes batch statistics over its own input only, so a layer with such a
+    BatchNorm runs it through the module instead. Without an initialised process group, with a
+    group of one rank, or in eval, a SyncBatchNorm is a plain BatchNorm and the fused op serves.
+    """
+    if not training or not (dist.is_available() and dist.is_initialized()):
+        return False
+    return any(isinstance(bn, nn.SyncBatchNorm) and dist.get_world_size(bn.process_group) > 1
+               for bn in bns)
 
 
 def make_activation(name: str, inplace: bool = False) -> nn.Module:
@@ -95,7 +115,12 @@ class GaussianChannelGate(nn.Module):
 
 
 class PATChannelMixer(nn.Module):
-    """PAT_ch, the token mixer of stages 1-3: [conv3x3(X1) | BN_b(X2 * g)] (SPEC.md section 2)."""
+    """PAT_ch, the token mixer of stages 1-3: [conv3x3(X1) | BN_b(X2 * g)] (SPEC.md section 2).
+
+    Runs as one fused op (``pk.channel_attention``), except in training when BN_a or BN_b is a
+    SyncBatchNorm syncing over several ranks (:func:`syncs_statistics`): then the gate and BN_b
+    are composed from the modules, and only the conv half is fused.
+    """
 
     def __init__(self, dim: int, n_div: int, backend: str = "auto"):
         super().__init__()
@@ -107,12 +132,27 @@ class PATChannelMixer(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        if syncs_statistics(self.training, self.attn.bn, self.norm):
+            return self._forward_syncing(x)
         y = pk.channel_attention(
             x, self.partial_conv3.weight, self.attn.cfc1.weight, self.attn.cfc1.bias,
             bn_params(self.attn.bn, self.training), bn_params(self.norm, self.training),
             training=self.training, backend=self.backend)
         count_batches(self.training, self.attn.bn, self.norm)
         return y
+
+    def _forward_syncing(self, x: torch.Tensor) -> torch.Tensor:
+        """The op of ``patnet_kernels.reference.channel_attention`` with the BatchNorm modules
+        called (a SyncBatchNorm gathers its statistics over the ranks and counts its batch)."""
+        c1 = self.dim_conv3
+        y1 = pk.partial_conv3x3(x, self.partial_conv3.weight, backend=self.backend)[:, :c1]
+        x2 = x[:, c1:]
+        b, c2 = x2.shape[:2]
+        mean, std = channel_statistics(x2)  # each (B, C2)
+        u = torch.stack([mean, std], dim=-1).view(b, c2, 1, 2)
+        g = F.hardsigmoid(self.attn.bn(self.attn.cfc1(u)))  # (B, C2, 1, 1)
+        return torch.cat([y1, self.norm(x2 * g)], dim=1)
 
 
 class RelativePositionBias(nn.Module):
@@ -129,10 +169,19 @@ class RPESelfAttention(nn.Module):
     Returns the heads' output merged to (B, N, C) tokens *before* the output projection
     ``proj``: :class:`PATSelfMixer` applies the projection while writing the mixer's output
     (``patnet_kernels.self_mixer_output``).
+
+    The iRPE bucket ids of one token grid, ``token_grid = (H, W)`` (7 x 7, the grid of a
+    224 x 224 input, unless given), are kept as the non-persistent buffer ``bucket_ids``
+    (N x N int64, N = H * W): not in the state_dict, but moved by ``.to(device)``, copied by
+    ``copy.deepcopy`` and broadcast by DistributedDataParallel like any buffer. An input of that
+    grid uses the buffer, with its id range known on the host (no device sync to check it);
+    an input of another grid takes the map of ``patnet_kernels.rpe_buckets`` (cached per
+    shape and device), so every input size works. :meth:`set_token_grid` changes the grid.
     """
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.1,
-                 proj_drop: float = 0.1, backend: str = "auto"):
+                 proj_drop: float = 0.1, backend: str = "auto",
+                 token_grid: Tuple[int, int] = DEFAULT_TOKEN_GRID):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"the attention width C2 = {dim} is not divisible by "
@@ -145,18 +194,47 @@ class RPESelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.rpe_k = RelativePositionBias(num_heads)
         self.backend = backend
+        self.set_token_grid(*token_grid)
+
+    def set_token_grid(self, height: int, width: int) -> None:
+        """Keep the bucket map of a height x width token grid as ``bucket_ids``, on the device
+        of the module's parameters (``token_grid`` and ``bucket_range`` follow it).
+
+        For the stage-4 attention of PATNet the grid is (H // 32, W // 32) for H x W images.
+        Call it on every rank alike, before wrapping the model in DistributedDataParallel or
+        compiling it (both take the module's buffers as they find them then).
+        """
+        ids = pk.rpe_buckets(height, width)  # CPU, cached: copied, never shared with the cache
+        self.token_grid = (height, width)
+        self.bucket_range = (int(ids.min()), int(ids.max()))
+        self.register_buffer(
+            "bucket_ids", ids.to(self.rpe_k.lookup_table_bias.device, copy=True),
+            persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, N, C) tokens, N = H * W in row-major order, not projected."""
         b, c, h, w = x.shape
         n = h * w
         tokens = x.reshape(b, c, n).transpose(1, 2)  # (B, N, C)
         qkv = self.qkv(tokens).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
-        out = pk.rpe_attention(q, k, v, self.rpe_k.lookup_table_bias,
-                               pk.rpe_buckets(h, w, x.device), scale=self.scale,
+        if (h, w) == self.token_grid:
+            bucket, bucket_range = self.bucket_ids, self.bucket_range
+        else:
+            bucket, bucket_range = pk.rpe_buckets(h, w, x.device), None
+        out = pk.rpe_attention(q, k, v, self.rpe_k.lookup_table_bias, bucket, scale=self.scale,
                                dropout_p=self.attn_drop if self.training else 0.0,
-                               backend=self.backend)
+                               backend=self.backend, bucket_range=bucket_range)
         return out.transpose(1, 2).reshape(b, n, c)
+
+
+def set_token_grid(model: nn.Module, height: int, width: int) -> nn.Module:
+    """Call :meth:`RPESelfAttention.set_token_grid` on every PAT_sf attention of ``model``
+    (for PATNet on H x W images: height = H // 32, width = W // 32); returns the model."""
+    for module in model.modules():
+        if isinstance(module, RPESelfAttention):
+            module.set_token_grid(height, width)
+    return model
 
 
 class PATSelfMixer(nn.Module):
@@ -181,7 +259,12 @@ class PATSelfMixer(nn.Module):
 
 
 class PartialSpatialAttention(nn.Module):
-    """PAT_sp, appended to the MLP: [BN_c(Ma * s) | conv1x1(BN_d(Mb))] (SPEC.md section 3)."""
+    """PAT_sp, appended to the MLP: [BN_c(Ma * s) | conv1x1(BN_d(Mb))] (SPEC.md section 3).
+
+    Runs as one fused op (``pk.spatial_attention``), except in training when BN_c or BN_d is a
+    SyncBatchNorm syncing over several ranks (:func:`syncs_statistics`): then it is composed
+    from the modules.
+    """
 
     def __init__(self, dim: int, backend: str = "auto"):
         super().__init__()
@@ -194,12 +277,22 @@ class PartialSpatialAttention(nn.Module):
         self.backend = backend
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
+        """m: (B, C, H, W) -> (B, C, H, W)."""
+        if syncs_statistics(self.training, self.norm, self.norm2):
+            return self._forward_syncing(m)
         y = pk.spatial_attention(
             m, self.conv_attn.weight, self.conv.weight, self.conv.bias,
             bn_params(self.norm, self.training), bn_params(self.norm2, self.training),
             training=self.training, backend=self.backend)
         count_batches(self.training, self.norm, self.norm2)
         return y
+
+    def _forward_syncing(self, m: torch.Tensor) -> torch.Tensor:
+        """The op of ``patnet_kernels.reference.spatial_attention`` with the BatchNorm modules
+        called (a SyncBatchNorm gathers its statistics over the ranks and counts its batch)."""
+        ma, mb = m[:, :self.dim_untouched], m[:, self.dim_untouched:]
+        s = F.hardsigmoid(self.conv_attn(ma))  # (B, 1, H, W)
+        return torch.cat([self.norm(ma * s), self.conv(self.norm2(mb))], dim=1)
 
 
 def make_mlp(dim: int, mlp_ratio: float, act_layer: str, spatial_attn: bool,

@@ -164,10 +164,12 @@ def rpe_buckets(height: int, width: int, device=None) -> torch.Tensor:
     key = (height, width, device)
     ids = _BUCKET_CACHE.get(key)
     if ids is None:
-        cpu_ids = reference.compute_rpe_buckets(height, width)
+        with torch.device("cpu"):  # also under a default-device context such as meta
+            cpu_ids = reference.compute_rpe_buckets(height, width)
+        low, high = int(cpu_ids.min()), int(cpu_ids.max())
         ids = cpu_ids.to(device)
         _BUCKET_CACHE[key] = ids
-        _CACHED_BUCKET_RANGE[id(ids)] = (ids, int(cpu_ids.min()), int(cpu_ids.max()))
+        _CACHED_BUCKET_RANGE[id(ids)] = (ids, low, high)
     return ids
 
 
