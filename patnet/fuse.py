@@ -95,7 +95,8 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             module.reduction = fold_conv_bn(module.reduction, module.norm)
             module.norm = nn.Identity()
         elif isinstance(module, nn.Sequential) and len(module) >= 2 \
-                and isinstance(module[0], nn.Conv2d) and isinstance(module[1], nn.BatchNorm2d):
+                and isinstance(module[0], nn.Conv2d) \
+                and isinstance(module[1], (nn.BatchNorm2d, nn.SyncBatchNorm)):
             module[0], module[1] = fold_conv_bn(module[0], module[1]), nn.Identity()
         elif isinstance(module, PATChannelMixer) and not isinstance(module.attn.bn, nn.Identity):
             module.attn.cfc1 = fold_conv_bn(module.attn.cfc1, module.attn.bn)

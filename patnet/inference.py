@@ -6,9 +6,10 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
 2. runs each fused op on the fastest backend usable for the input's device (``"auto"``: the CUDA
    kernels, then Triton, on a GPU; ``model.backend_plan()`` tells which), unless ``backend``
    names one;
-3. on the CPU, runs PAT_ch in its eval form (:func:`patnet_kernels.eval_cpu.channel_attention_eval`:
-   two-pass statistics, BN_b folded into one affine pass, no concatenation) where the reference
-   would run it;
+3. on the CPU, where the reference would run, runs PAT_ch and PAT_sf in their eval forms
+   (:mod:`patnet_kernels.eval_cpu`: PAT_ch's statistics in two cheap passes instead of
+   ``Tensor.std``, BN_b folded into one affine pass; PAT_sf's LayerNorm on the tokens and its
+   attention by ``scaled_dot_product_attention``; both halves written into one buffer);
 4. switches FasterNet's PConv to the in-place passthrough: inside the network a block's input is
    an intermediate that nothing else reads (the stem's, a merging layer's or the previous
    block's output), so the block may overwrite X1 with conv3x3(X1), provided the residual gets
@@ -27,26 +28,47 @@ import torch
 from torch import nn
 
 import patnet_kernels as pk
-from patnet_kernels.eval_cpu import channel_attention_eval
+from patnet_kernels.eval_cpu import channel_attention_eval, self_mixer_eval
 
 from .fuse import fuse_for_inference
-from .layers import FasterNetBlock, PATChannelMixer, PATNetBlock, bn_params
+from .layers import FasterNetBlock, PATChannelMixer, PATNetBlock, PATSelfMixer, bn_params
 from .model import set_backend
 
-# Activation dtypes the CPU eval form of PAT_ch serves (its statistics run in the input dtype).
+# Activation dtypes the CPU eval forms serve (they compute in the input dtype).
 _EVAL_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _eval_form_applies(mixer: nn.Module, x: torch.Tensor, *ops: str) -> bool:
+    """Whether a CPU eval form of :mod:`patnet_kernels.eval_cpu` takes this call: the reference
+    would run ``ops`` (the CPU, or backend "torch"), in eval mode, on a float32/float64
+    NCHW-contiguous input, without autocast. Otherwise the functional API runs."""
+    return (not mixer.training and x.dtype in _EVAL_CPU_DTYPES and x.is_contiguous()
+            and not torch.is_autocast_enabled(x.device.type)
+            and all(pk.resolve_backend(mixer.backend, x.device, op) == "torch" for op in ops))
 
 
 class InferencePATChannelMixer(PATChannelMixer):
     """PAT_ch for the inference path: the CPU eval form where the reference would run."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training and x.dtype in _EVAL_CPU_DTYPES and x.is_contiguous()
-                and not torch.is_autocast_enabled(x.device.type)
-                and pk.resolve_backend(self.backend, x.device, "channel_attention") == "torch"):
-            return channel_attention_eval(x, self.partial_conv3.weight, self.attn.cfc1.weight,
-                                          self.attn.cfc1.bias, bn_params(self.norm, False))
-        return super().forward(x)
+        if not _eval_form_applies(self, x, "channel_attention"):
+            return super().forward(x)
+        return channel_attention_eval(x, self.partial_conv3.weight, self.attn.cfc1.weight,
+                                      self.attn.cfc1.bias, bn_params(self.norm, False))
+
+
+class InferencePATSelfMixer(PATSelfMixer):
+    """PAT_sf for the inference path: the CPU eval form where the reference would run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _eval_form_applies(self, x, "rpe_attention", "self_mixer_output"):
+            return super().forward(x)
+        attn, norm = self.attn, self.norm
+        bucket, _ = attn.buckets(x.shape[2], x.shape[3], x.device)
+        return self_mixer_eval(x, self.partial_conv3.weight, norm.weight, norm.bias, norm.eps,
+                               attn.qkv.weight, attn.qkv.bias, attn.rpe_k.lookup_table_bias,
+                               bucket, attn.num_heads, attn.scale, attn.proj.weight,
+                               attn.proj.bias)
 
 
 class InferenceFasterNetBlock(FasterNetBlock):
@@ -74,6 +96,7 @@ class InferencePATNetBlock(PATNetBlock):
 
 
 _INFERENCE_CLASSES = {PATChannelMixer: InferencePATChannelMixer,
+                      PATSelfMixer: InferencePATSelfMixer,
                       FasterNetBlock: InferenceFasterNetBlock,
                       PATNetBlock: InferencePATNetBlock}
 

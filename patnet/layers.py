@@ -211,6 +211,13 @@ class RPESelfAttention(nn.Module):
             "bucket_ids", ids.to(self.rpe_k.lookup_table_bias.device, copy=True),
             persistent=False)
 
+    def buckets(self, height: int, width: int, device: torch.device):
+        """The (N, N) bucket ids of a height x width token grid on ``device``, and their
+        (min, max) where known on the host (else None: ``pk.rpe_attention`` checks them)."""
+        if (height, width) == self.token_grid:
+            return self.bucket_ids, self.bucket_range
+        return pk.rpe_buckets(height, width, device), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, N, C) tokens, N = H * W in row-major order, not projected."""
         b, c, h, w = x.shape
@@ -218,10 +225,7 @@ class RPESelfAttention(nn.Module):
         tokens = x.reshape(b, c, n).transpose(1, 2)  # (B, N, C)
         qkv = self.qkv(tokens).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
-        if (h, w) == self.token_grid:
-            bucket, bucket_range = self.bucket_ids, self.bucket_range
-        else:
-            bucket, bucket_range = pk.rpe_buckets(h, w, x.device), None
+        bucket, bucket_range = self.buckets(h, w, x.device)
         out = pk.rpe_attention(q, k, v, self.rpe_k.lookup_table_bias, bucket, scale=self.scale,
                                dropout_p=self.attn_drop if self.training else 0.0,
                                backend=self.backend, bucket_range=bucket_range)

@@ -52,3 +52,45 @@ def channel_attention_eval(x: torch.Tensor, conv_weight: torch.Tensor,
     torch.addcmul(shift.view(1, c2, 1), x2, (F.hardsigmoid(z) * scale).view(b, c2, 1),
                   out=y[:, c1:].view(b, c2, hw))
     return y
+
+
+def self_mixer_eval(x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: Optional[torch.Tensor],
+                    norm_bias: Optional[torch.Tensor], norm_eps: float, qkv_weight: torch.Tensor,
+                    qkv_bias: Optional[torch.Tensor], table: torch.Tensor, bucket: torch.Tensor,
+                    num_heads: int, scale: float, proj_weight: torch.Tensor,
+                    proj_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """PAT_sf in eval mode: [conv3x3(X1) | proj(Attn(LN(X2)))], no dropout.
+
+    x: (B, C, H, W), NCHW-contiguous; conv_weight: (C1, C1, 3, 3); the LayerNorm over the C2
+    channels of each pixel (norm_weight / norm_bias (C2,) or None, eps); qkv_weight (3 C2, C2),
+    qkv_bias (3 C2,) or None; table (heads, num_buckets) and bucket (N, N) ids, N = H * W
+    in row-major order; scale multiplies q k^T; proj_weight (C2, C2), proj_bias (C2,) or None.
+    The reference's steps, with the LayerNorm taken on the (B, N, C2) tokens directly (no
+    round trip through the map layout), the attention by ``F.scaled_dot_product_attention``
+    with the gathered bias as its additive mask, and the projection written channel-major
+    into the output. Returns (B, C, H, W).
+    """
+    if not x.is_contiguous():
+        raise ValueError("self_mixer_eval takes NCHW-contiguous input; use the functional "
+                         "API (patnet_kernels.rpe_attention, self_mixer_output) for other "
+                         "layouts")
+    b, c, h, w = x.shape
+    c1 = conv_weight.shape[0]
+    c2, n = c - c1, h * w
+    y = torch.empty_like(x)
+    y[:, :c1] = F.conv2d(x[:, :c1], conv_weight, padding=1)
+    tokens = F.layer_norm(x[:, c1:].flatten(2).transpose(1, 2), (c2,), norm_weight, norm_bias,
+                          norm_eps)  # (B, N, C2)
+    qkv = F.linear(tokens, qkv_weight, qkv_bias).view(b, n, 3, num_heads, c2 // num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
+    heads_out = F.scaled_dot_product_attention(q, k, v, attn_mask=table[:, bucket].to(q.dtype),
+                                               scale=scale)  # (B, heads, N, d)
+    merged = heads_out.transpose(1, 2).reshape(b, n, c2)
+    # (B, C2, N) = proj_weight @ merged^T + proj_bias, straight into y[:, C1:].
+    out = y[:, c1:].view(b, c2, n)
+    if proj_bias is None:
+        torch.matmul(proj_weight, merged.transpose(1, 2), out=out)
+    else:
+        torch.baddbmm(proj_bias.view(1, c2, 1), proj_weight.expand(b, c2, c2),
+                      merged.transpose(1, 2), out=out)
+    return y

@@ -1,12 +1,14 @@
 """The inference path (``patnet.optimize_for_inference``) and the backend plan of a model.
 
 Every variant's inference copy equals its eval model (float32, random BatchNorm statistics) on
-the CPU path (the reference ops, PAT_ch in its eval form, in-place PConv); the fused backends'
-inference copies on small models under the Triton interpreter / CUDA emulation; the eval form
-of PAT_ch against the reference op, odd shapes and H * W = 1 included.
+the CPU path (the reference ops, PAT_ch and PAT_sf in their eval forms, in-place PConv); the
+fused backends' inference copies on small models under the Triton interpreter / CUDA
+emulation; the eval forms of PAT_ch and PAT_sf against the reference ops, odd shapes and
+H * W = 1 included.
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -16,7 +18,7 @@ import patnet
 import patnet_kernels as pk
 from patnet.testing import randomize_norms
 from patnet_kernels import reference
-from patnet_kernels.eval_cpu import channel_attention_eval
+from patnet_kernels.eval_cpu import channel_attention_eval, self_mixer_eval
 
 from conftest import DEVICE, rel_error
 
@@ -57,6 +59,19 @@ def test_inference_path_of_a_folded_model_and_features():
     assert len(results) == len(expected) == 4
     for result, want in zip(results, expected):
         assert rel_error(result, want) < INFERENCE_TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["fasternet_t0", "patnet_t0"])
+def test_inference_path_of_a_sync_batchnorm_model(name):
+    """A model converted for SyncBatchNorm folds like the plain one (FasterNet: every BN)."""
+    model = _eval_model(name, embed_dim=16, depths=(1, 1, 2, 1))
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    fast = patnet.optimize_for_inference(converted)
+    if name.startswith("fasternet"):
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in fast.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) < INFERENCE_TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["fasternet_t0", "patnet_t0", "patnet_t1"])
@@ -113,6 +128,40 @@ def test_channel_attention_eval_form_matches_reference(shape, affine):
     result32 = channel_attention_eval(*as32, bn32)
     if h * w > 1:
         assert rel_error(result32.double(), expected) < 2e-6
+
+
+@pytest.mark.parametrize("shape, heads", [((1, 20, 7, 7), 3), ((2, 13, 5, 9), 2),
+                                          ((1, 8, 1, 1), 2)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_self_mixer_eval_form_matches_reference(shape, heads, affine):
+    """The CPU eval form of PAT_sf against the reference ops composed as SPEC.md section 4
+    states them (LayerNorm2d, qkv, rpe_attention, merge, self_mixer_output), float64."""
+    gen = torch.Generator().manual_seed(sum(shape) + heads)
+    b, c, h, w = shape
+    c1 = c // 4
+    c2, n = c - c1, h * w
+    d = c2 // heads
+
+    def rand(*size, scale=1.0, offset=0.0):
+        return torch.randn(*size, generator=gen, dtype=torch.float64) * scale + offset
+
+    x, conv_w = rand(b, c, h, w), rand(c1, c1, 3, 3, scale=0.3)
+    ln_w, ln_b = (rand(c2, scale=0.3, offset=1.0), rand(c2, scale=0.2)) if affine else (None, None)
+    qkv_w, qkv_b = rand(3 * c2, c2, scale=0.3), rand(3 * c2, scale=0.1) if affine else None
+    table, bucket = rand(heads, 81), pk.rpe_buckets(h, w)
+    proj_w, proj_b = rand(c2, c2, scale=0.3), rand(c2) if affine else None
+    scale = d ** -0.5
+
+    tokens = torch.nn.functional.layer_norm(x[:, c1:].permute(0, 2, 3, 1), (c2,), ln_w, ln_b,
+                                            1e-6).permute(0, 3, 1, 2).reshape(b, c2, n)
+    qkv = torch.nn.functional.linear(tokens.transpose(1, 2), qkv_w, qkv_b)
+    q, k, v = qkv.reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    merged = reference.rpe_attention(q, k, v, table, bucket, scale).transpose(1, 2)
+    expected = reference.self_mixer_output(x, conv_w, merged.reshape(b, n, c2), proj_w, proj_b,
+                                           None)
+    result = self_mixer_eval(x, conv_w, ln_w, ln_b, 1e-6, qkv_w, qkv_b, table, bucket, heads,
+                             scale, proj_w, proj_b)
+    assert rel_error(result, expected) < 1e-13
 
 
 def test_channel_attention_eval_form_refuses_other_layouts():
