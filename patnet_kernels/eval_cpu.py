@@ -19,6 +19,18 @@ import torch.nn.functional as F
 from ._types import BatchNormParams
 
 
+def _with_conv_half(x: torch.Tensor, conv_weight: torch.Tensor, instead: str) -> torch.Tensor:
+    """A new (B, C, H, W) output holding conv3x3(X1) in its first C1 channels (the rest not
+    yet written); x must be NCHW-contiguous, else the error names ``instead``."""
+    if not x.is_contiguous():
+        raise ValueError(f"the CPU eval forms take NCHW-contiguous input; use {instead} for "
+                         "other layouts")
+    c1 = conv_weight.shape[0]
+    y = torch.empty_like(x)
+    y[:, :c1] = F.conv2d(x[:, :c1], conv_weight, padding=1)
+    return y
+
+
 def channel_attention_eval(x: torch.Tensor, conv_weight: torch.Tensor,
                            cfc_weight: torch.Tensor, cfc_bias: Optional[torch.Tensor],
                            bn_b: BatchNormParams) -> torch.Tensor:
@@ -30,14 +42,10 @@ def channel_attention_eval(x: torch.Tensor, conv_weight: torch.Tensor,
     d = beta - mean * gamma / sqrt(var + eps) fold BN_b. sigma is the unbiased std: with
     H * W = 1 it is NaN, as in the reference. Returns (B, C, H, W).
     """
-    if not x.is_contiguous():
-        raise ValueError("channel_attention_eval takes NCHW-contiguous input; use "
-                         "patnet_kernels.channel_attention for other layouts")
+    y = _with_conv_half(x, conv_weight, "patnet_kernels.channel_attention")
     b, c, h, w = x.shape
     c1 = conv_weight.shape[0]
     c2, hw = c - c1, h * w
-    y = torch.empty_like(x)
-    y[:, :c1] = F.conv2d(x[:, :c1], conv_weight, padding=1)
     x2 = x[:, c1:].reshape(b, c2, hw)  # a view: the channels after C1 are contiguous per sample
     mean = x2.mean(-1, keepdim=True)  # (B, C2, 1)
     std = (x2 - mean).square_().sum(-1, keepdim=True).div_(hw - 1).sqrt_()
@@ -70,15 +78,11 @@ def self_mixer_eval(x: torch.Tensor, conv_weight: torch.Tensor, norm_weight: Opt
     with the gathered bias as its additive mask, and the projection written channel-major
     into the output. Returns (B, C, H, W).
     """
-    if not x.is_contiguous():
-        raise ValueError("self_mixer_eval takes NCHW-contiguous input; use the functional "
-                         "API (patnet_kernels.rpe_attention, self_mixer_output) for other "
-                         "layouts")
+    y = _with_conv_half(x, conv_weight, "the functional API (patnet_kernels.rpe_attention, "
+                        "self_mixer_output)")
     b, c, h, w = x.shape
     c1 = conv_weight.shape[0]
     c2, n = c - c1, h * w
-    y = torch.empty_like(x)
-    y[:, :c1] = F.conv2d(x[:, :c1], conv_weight, padding=1)
     tokens = F.layer_norm(x[:, c1:].flatten(2).transpose(1, 2), (c2,), norm_weight, norm_bias,
                           norm_eps)  # (B, N, C2)
     qkv = F.linear(tokens, qkv_weight, qkv_bias).view(b, n, 3, num_heads, c2 // num_heads)

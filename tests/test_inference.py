@@ -167,7 +167,7 @@ def test_self_mixer_eval_form_matches_reference(shape, heads, affine):
 def test_channel_attention_eval_form_refuses_other_layouts():
     x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     bn = pk.BatchNormParams(None, None, torch.zeros(6), torch.ones(6))
-    with pytest.raises(ValueError, match="NCHW-contiguous.*patnet_kernels.channel_attention"):
+    with pytest.raises(ValueError, match="NCHW-contiguous.*patnet_kernels.channel_attention for other"):
         channel_attention_eval(x, torch.randn(2, 2, 3, 3), torch.randn(6, 6, 1, 2), None, bn)
 
 
