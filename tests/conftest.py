@@ -2,6 +2,7 @@
 backends (the ``fused_backend`` fixture, the op namespace of each)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -90,6 +91,18 @@ def fused_backend(request) -> str:
 BUDGET_FACTOR = 4.0
 BUDGET_FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2,
                 torch.float64: 1e-12}
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """float32 convolutions and matmuls in full float32 on a GPU (cuDNN's convolutions use TF32
+    by default, which would make a float32 reference ~1e-3 off); nothing changes on the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def authors_reference_dir() -> Path:

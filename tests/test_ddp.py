@@ -34,7 +34,6 @@ tests/test_sync_batchnorm.py).
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import subprocess
@@ -49,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import DEVICE, rel_error, require_fused_backend
+from conftest import DEVICE, no_tf32, rel_error, require_fused_backend
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -369,17 +368,6 @@ def test_compiled_stage4_block_reads_the_buffer():
     assert "rpe_buckets" not in graphs[0] and "bucket_ids" in graphs[0]
 
 
-@contextlib.contextmanager
-def _full_fp32():
-    """No TF32 in CUDA matmuls and convolutions inside the block (restored after)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _sync_bn_worker(rank: int, init_file: str, out: str) -> None:
     """One NCCL rank on cuda:rank: a SyncBatchNorm PATNet-T1 (PAT_ch and PAT_sp) wrapped in DDP,
     one forward and backward of its half-batch; saves outputs, gradients and buffers."""
@@ -391,7 +379,7 @@ def _sync_bn_worker(rank: int, init_file: str, out: str) -> None:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_make_model("patnet_t1"))
         ddp = DDP(model.to(device), device_ids=[rank])
         images, labels = _data()
-        with _full_fp32():
+        with no_tf32():
             logits = ddp(images[0, rank].to(device))
             F.cross_entropy(logits, labels[0, rank].to(device)).backward()
         torch.save({"logits": logits.detach().cpu(),
@@ -413,7 +401,7 @@ def test_sync_batchnorm_two_gpus(tmp_path):
             {"OMP_NUM_THREADS": "1"}, tmp_path)
     model = _make_model("patnet_t1").cuda()
     images, labels = _data()
-    with _full_fp32():
+    with no_tf32():
         logits = model(images[0].flatten(0, 1).cuda())
         F.cross_entropy(logits, labels[0].flatten().cuda()).backward()
     grads = {n: p.grad.cpu() for n, p in model.named_parameters()}

@@ -1,0 +1,246 @@
+"""Mixed precision (torch.autocast) and channels_last on each fused backend (Triton, CUDA).
+
+Under autocast the functional API casts activations and weights to the autocast dtype and runs
+the op with autocast off (``patnet_kernels.functional.autocast_aware``); BatchNorm tensors stay
+float32. So:
+
+- each op under autocast returns the autocast dtype and is bit for bit the op called outside
+  autocast with its activations and weights cast explicitly (same backend), forward, backward
+  and the updated running statistics;
+- a whole fused model under autocast is as close to the float64 reference model as the
+  reference (backend "torch") model under the same autocast is: output, input gradient and
+  every parameter gradient, in eval and in training (backward outside autocast, as usual),
+  within BUDGET_FACTOR x the reference's error + the dtype's floor (conftest);
+- a channels_last model on a channels_last input, float32, equals the reference within the
+  float32 budget, forward and backward (the output's layout is whatever PyTorch gives).
+
+On the CPU autocast runs on "cpu" (bfloat16 and float16), the kernels under the Triton
+interpreter / the CUDA emulation; on a GPU on "cuda". The models are small (embed_dim 16, one
+block per stage) for interpreter time; every block type is in them: PAT_ch, PAT_sf and (Triton)
+PAT_sp in the PATNet, PConv in the FasterNet.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import patnet
+import patnet_kernels as pk
+from patnet.testing import randomize_norms
+from patnet_kernels import BatchNormParams
+
+from conftest import (BUDGET_FACTOR, BUDGET_FLOOR, DEVICE, no_tf32, rel_error,
+                      require_fused_backend)
+
+AMP_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), drop_path_rate=0.0)
+# On the CPU, 64 x 32 images (stage 4: a 2 x 1 token grid, the smallest input whose attention
+# is not trivial; interpreter time barely depends on it); on a GPU 224 x 224.
+AMP_INPUT = (224, 224) if DEVICE.type == "cuda" else (64, 32)
+
+
+def _tiny_model(family: str, backend: str) -> torch.nn.Module:
+    """A small model with every block type the backend has: PATNet (PAT_ch, PAT_sf, and PAT_sp
+    except on CUDA, which has no PAT_sp kernel) or FasterNet (PConv)."""
+    if family == "fasternet":
+        return patnet.create_model("fasternet_t0", backend=backend, **TINY)
+    return patnet.create_model("patnet_t1", backend=backend, attn_drop=0.0, proj_drop=0.0,
+                               use_spatial_attn=backend != "cuda", **TINY)
+
+
+def _models(family: str, backend: str, mode: str):
+    """(float64 reference, float32 reference, fused model): the same weights, non-trivial norms."""
+    torch.manual_seed(0)
+    reference = _tiny_model(family, backend)
+    patnet.set_backend(reference, "torch")
+    randomize_norms(reference, seed=1)
+    ours = _tiny_model(family, backend)
+    ours.load_state_dict(reference.state_dict())
+    exact = copy.deepcopy(reference).double()
+    return [m.to(DEVICE).train(mode == "train") for m in (exact, reference, ours)]
+
+
+def _inputs(family: str, mode: str):
+    """AMP_INPUT images, batch 2, or 3 to train PATNet (at 2, BN_a's output is +-1 and its
+    gradients are noise)."""
+    gen = torch.Generator().manual_seed(2)
+    batch = 3 if mode == "train" and family == "patnet" else 2
+    x = torch.randn(batch, 3, *AMP_INPUT, generator=gen, dtype=torch.float64)
+    grad = torch.randn(batch, 1000, generator=gen, dtype=torch.float64)
+    return x.to(DEVICE), grad.to(DEVICE)
+
+
+def _forward_backward(model, x, grad, autocast_dtype=None, memory_format=None):
+    """Output, input gradient and parameter gradients (by name); the forward under autocast
+    when ``autocast_dtype`` is given, the backward outside it."""
+    x = x.clone()
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    with (contextlib.nullcontext() if autocast_dtype is None
+          else torch.autocast(DEVICE.type, dtype=autocast_dtype)):
+        out = model(x)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), x.grad, {k: p.grad for k, p in model.named_parameters()}
+
+
+def _assert_within(what, ours, references, exact, dtype, floor=0.0):
+    """rel_error(ours, exact) <= BUDGET_FACTOR x the largest rel_error(reference, exact) of
+    ``references`` + the floor of ``dtype`` (``exact`` is float64; ``references`` the torch
+    backend in the same precision: one run, or several equally valid ones)."""
+    assert ours.shape == exact.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(ours).all(), f"{what}: not finite"
+    ours_err = rel_error(ours, exact, floor)
+    ref_err = max(rel_error(reference, exact, floor) for reference in references)
+    budget = BUDGET_FACTOR * ref_err + BUDGET_FLOOR[dtype]
+    assert ours_err <= budget, (f"{what}: relative error {ours_err:.3g} vs float64 exceeds the "
+                                f"budget {budget:.3g} ({BUDGET_FACTOR} x the reference's "
+                                f"{ref_err:.3g} in {dtype} + {BUDGET_FLOOR[dtype]:.1g})")
+
+
+def _assert_results(exact, references, ours, dtype):
+    """Output, input gradient and each parameter gradient of ``ours`` against ``exact``,
+    within the budget that ``references`` (a list of results in the same precision) set."""
+    (out_x, gx_x, gp_x), (out_o, gx_o, gp_o) = exact, ours
+    _assert_within("output", out_o, [r[0] for r in references], out_x, dtype)
+    _assert_within("input gradient", gx_o, [r[1] for r in references], gx_x, dtype)
+    assert set(gp_o) == set(gp_x)
+    largest = max(g.norm().item() for g in gp_x.values())
+    for key, g in gp_x.items():  # (a floor for gradients that are tiny next to the others)
+        assert gp_o[key].dtype == torch.float32, key  # the parameters' own dtype
+        _assert_within(f"gradient of {key}", gp_o[key], [r[2][key] for r in references], g,
+                       dtype, floor=1e-3 * largest)
+
+
+@pytest.mark.parametrize("dtype", AMP_DTYPES)
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("family", ["patnet", "fasternet"])
+def test_model_under_autocast(family, mode, dtype, fused_backend):
+    exact, reference, ours = _models(family, fused_backend, mode)
+    x, grad = _inputs(family, mode)
+    with no_tf32():
+        results_x = _forward_backward(exact, x, grad)
+    results_r = _forward_backward(reference, x.float(), grad.float(), autocast_dtype=dtype)
+    results_o = _forward_backward(ours, x.float(), grad.float(), autocast_dtype=dtype)
+    assert results_o[0].dtype == results_r[0].dtype  # what autocast makes of the head
+    assert results_o[1].dtype == torch.float32  # the input's own dtype
+    _assert_results(results_x, [results_r], results_o, dtype)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("family", ["patnet", "fasternet"])
+def test_channels_last_model(family, mode, fused_backend):
+    """float32; the budget is set by the reference model channels_last and NCHW (two equally
+    valid roundings: an ill-conditioned training gradient can be lucky in one)."""
+    exact, reference, ours = _models(family, fused_backend, mode)
+    cl = torch.channels_last
+    reference_nchw = copy.deepcopy(reference)
+    reference, ours = reference.to(memory_format=cl), ours.to(memory_format=cl)
+    x, grad = _inputs(family, mode)
+    with no_tf32():
+        results_x = _forward_backward(exact, x, grad)
+        results_r = [_forward_backward(reference, x.float(), grad.float(), memory_format=cl),
+                     _forward_backward(reference_nchw, x.float(), grad.float())]
+    results_o = _forward_backward(ours, x.float(), grad.float(), memory_format=cl)
+    _assert_results(results_x, results_r, results_o, torch.float32)
+    if mode == "train":  # the fused BatchNorm statistics, updated from channels_last maps
+        states = [m.state_dict() for m in (exact, reference, reference_nchw, ours)]
+        for key, value in states[0].items():
+            if key.endswith(("running_mean", "running_var")):
+                _assert_within(key, states[3][key], [states[1][key], states[2][key]], value,
+                               torch.float32)
+
+
+# ---------------------------------------------------------------- the functional API under autocast
+
+def _bn(channels: int, gen: torch.Generator) -> BatchNormParams:
+    """float32 BatchNorm tensors (as nn.BatchNorm2d's stay under autocast)."""
+    def rand(scale, shift):
+        return (torch.rand(channels, generator=gen) * scale + shift).to(DEVICE)
+    return BatchNormParams(rand(1.0, 0.5).requires_grad_(), rand(0.6, -0.3).requires_grad_(),
+                           rand(0.6, -0.3), rand(1.0, 0.5))
+
+
+def _op_case(op: str, gen: torch.Generator):
+    """(fn, tensors): the float32 tensors of one small call of ``op``, and fn(tensors, bns,
+    training, backend) making the call. BN tensors are in ``bns``, outside the cast."""
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
+
+    if op == "partial_conv3x3":
+        tensors = [randn(2, 12, 5, 6), randn(3, 3, 3, 3, scale=0.2)]
+        return (lambda t, bns, training, backend:
+                pk.partial_conv3x3(t[0], t[1], backend=backend)), tensors, []
+    if op == "channel_attention":
+        tensors = [randn(3, 12, 5, 6), randn(3, 3, 3, 3, scale=0.2), randn(9, 9, 1, 2, scale=0.3)]
+        return (lambda t, bns, training, backend: pk.channel_attention(
+            t[0], t[1], t[2], None, bns[0], bns[1], training=training, backend=backend)), \
+            tensors, [_bn(9, gen), _bn(9, gen)]
+    if op == "spatial_attention":
+        tensors = [randn(3, 12, 5, 6), randn(1, 6, 1, 1, scale=0.4), randn(6, 6, 1, 1, scale=0.4)]
+        return (lambda t, bns, training, backend: pk.spatial_attention(
+            t[0], t[1], t[2], None, bns[0], bns[1], training=training, backend=backend)), \
+            tensors, [_bn(6, gen), _bn(6, gen)]
+    if op == "rpe_attention":
+        bucket = pk.rpe_buckets(2, 3, DEVICE)
+        tensors = [randn(2, 2, 6, 8), randn(2, 2, 6, 8), randn(2, 2, 6, 8), randn(2, 81)]
+        return (lambda t, bns, training, backend:
+                pk.rpe_attention(t[0], t[1], t[2], t[3], bucket, backend=backend)), tensors, []
+    assert op == "self_mixer_output"
+    tensors = [randn(2, 12, 2, 3), randn(3, 3, 3, 3, scale=0.2), randn(2, 6, 9),
+               randn(9, 9, scale=0.3), randn(9)]
+    return (lambda t, bns, training, backend: pk.self_mixer_output(
+        t[0], t[1], t[2], t[3], t[4], backend=backend)), tensors, []
+
+
+def _call(fn, tensors, bns, training, backend, dtype, under_autocast):
+    """Output, the float32 leaves' gradients and the BN state after one call: under autocast,
+    or outside it with the tensors cast to ``dtype`` explicitly (a differentiable cast)."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    bns = [BatchNormParams(bn.weight.detach().clone().requires_grad_(),
+                           bn.bias.detach().clone().requires_grad_(),
+                           bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+    if under_autocast:
+        with torch.autocast(DEVICE.type, dtype=dtype):
+            y = fn(leaves, bns, training, backend)
+    else:
+        y = fn([t.to(dtype) for t in leaves], bns, training, backend)
+    gen = torch.Generator().manual_seed(3)
+    y.backward(torch.randn(y.shape, generator=gen).to(DEVICE, y.dtype))
+    state = [t for bn in bns for t in (bn.weight.grad, bn.bias.grad, bn.running_mean,
+                                       bn.running_var)]
+    return y.detach(), [t.grad for t in leaves], state
+
+
+OPS = ["partial_conv3x3", "channel_attention", "spatial_attention", "rpe_attention",
+       "self_mixer_output"]
+BN_OPS = ("channel_attention", "spatial_attention")
+
+
+# (the CUDA backend has no PAT_sp kernel: it refuses spatial_attention, test_cuda_backend.py)
+OP_CASES = [pytest.param(backend, op, id=f"{backend}-{op}")
+            for backend in ("torch", "triton", "cuda")
+            for op in OPS if not (backend == "cuda" and op == "spatial_attention")]
+
+
+@pytest.mark.parametrize("dtype", AMP_DTYPES)
+@pytest.mark.parametrize("backend, op", OP_CASES)
+def test_op_under_autocast_is_the_explicitly_cast_op(backend, op, dtype):
+    if backend != "torch":
+        require_fused_backend(backend)
+    fn, tensors, bns = _op_case(op, torch.Generator().manual_seed(0))
+    for training in ((False, True) if op in BN_OPS else (False,)):
+        y_auto, grads_auto, state_auto = _call(fn, tensors, bns, training, backend, dtype, True)
+        y_cast, grads_cast, state_cast = _call(fn, tensors, bns, training, backend, dtype, False)
+        assert y_auto.dtype == dtype, f"{op} under autocast returned {y_auto.dtype}"
+        assert torch.equal(y_auto, y_cast), f"{op} (training={training}): outputs differ"
+        for index, (a, c) in enumerate(zip(grads_auto, grads_cast)):
+            assert a.dtype == torch.float32, f"{op}: gradient {index} is {a.dtype}"
+            assert torch.equal(a, c), f"{op} (training={training}): gradient {index} differs"
+        for index, (a, c) in enumerate(zip(state_auto, state_cast)):
+            assert a.dtype == torch.float32, f"{op}: BatchNorm tensor {index} is {a.dtype}"
+            assert torch.equal(a, c), \
+                f"{op} (training={training}): BatchNorm tensor {index} differs"
