@@ -146,7 +146,7 @@ class PATChannelMixer(nn.Module):
         """The op of ``patnet_kernels.reference.channel_attention`` with the BatchNorm modules
         called (a SyncBatchNorm gathers its statistics over the ranks and counts its batch)."""
         c1 = self.dim_conv3
-        y1 = pk.partial_conv3x3(x, self.partial_conv3.weight, backend=self.backend)[:, :c1]
+        y1 = pk.partial_conv3x3(x[:, :c1], self.partial_conv3.weight, backend=self.backend)
         x2 = x[:, c1:]
         b, c2 = x2.shape[:2]
         mean, std = channel_statistics(x2)  # each (B, C2)
