@@ -49,8 +49,7 @@ def _cuda_extension():
     extension = cpp_extension.CUDAExtension(
         "patnet_kernels._C", ["csrc/bindings.cpp"] + kernels,
         include_dirs=[str(ROOT / "csrc")],
-        extra_compile_args={"cxx": ["-O3"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]})
+        extra_compile_args={"cxx": list(build.CXX_FLAGS), "nvcc": list(build.CUDA_FLAGS)})
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
@@ -63,6 +62,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["patnet_kernels", "patnet_kernels.*", "patnet", "patnet.*"]),
+    # The GPU measurements behind backend="auto" (patnet_kernels/auto_rule.py).
+    package_data={"patnet_kernels": ["measured_speed.json"]},
     python_requires=">=3.9",
     # Any torch >= 2.4 works; an installed CUDA build is kept. Install torch before this package
     # (scripts/install.sh does) so that pip never pulls a CUDA build by itself.

@@ -3,9 +3,9 @@
 It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not changed) that
 
 1. has every foldable BatchNorm folded (:func:`patnet.fuse_for_inference`);
-2. runs each fused op on the fastest backend usable for the input's device (``"auto"``: the CUDA
-   kernels, then Triton, on a GPU; ``model.backend_plan()`` tells which), unless ``backend``
-   names one;
+2. runs each fused op on the backend ``backend`` names (``"auto"``: on a GPU, a fused backend
+   only where measured faster than the reference for that call, see
+   :mod:`patnet_kernels.auto_rule`; ``model.backend_plan(device, input_shape)`` tells which);
 3. on the CPU, where the reference would run, runs PAT_ch and PAT_sf in their eval forms
    (:mod:`patnet_kernels.eval_cpu`: PAT_ch's statistics in two cheap passes instead of
    ``Tensor.std``, BN_b folded into one affine pass; PAT_sf's LayerNorm on the tokens and its
@@ -39,10 +39,11 @@ _EVAL_CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def _eval_form_applies(mixer: nn.Module, x: torch.Tensor, *ops: str) -> bool:
-    """Whether a CPU eval form of :mod:`patnet_kernels.eval_cpu` takes this call: the reference
-    would run ``ops`` (the CPU, or backend "torch"), in eval mode, on a float32/float64
+    """Whether a CPU eval form of :mod:`patnet_kernels.eval_cpu` takes this call: on the CPU,
+    where the reference would run ``ops``, in eval mode, on a float32/float64
     NCHW-contiguous input, without autocast. Otherwise the functional API runs."""
-    return (not mixer.training and x.dtype in _EVAL_CPU_DTYPES and x.is_contiguous()
+    return (x.device.type == "cpu" and not mixer.training and x.dtype in _EVAL_CPU_DTYPES
+            and x.is_contiguous()
             and not torch.is_autocast_enabled(x.device.type)
             and all(pk.resolve_backend(mixer.backend, x.device, op) == "torch" for op in ops))
 
@@ -106,8 +107,9 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto") -> nn.Module
     """An eval-mode copy of a PATNet or FasterNet for the fastest inference (see module doc).
 
     model: a PATNet or FasterNet (trained or not, any device and dtype; already folded is fine).
-    backend: "auto" (default: per op the fastest backend usable on the input's device),
-    "torch", "triton" or "cuda" for every fused op. Returns the copy; ``model`` is unchanged.
+    backend: "auto" (default: per call, a fused backend only where measured faster than the
+    reference on this kind of GPU, else the reference), "torch", "triton" or "cuda" for every
+    fused op. Returns the copy; ``model`` is unchanged.
     The copy's parameters do not require gradients.
     """
     optimized = (copy.deepcopy(model).eval() if getattr(model, "fused_for_inference", False)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from patnet_kernels.backends import (BackendUnavailableError, backend_plan,
-                                     check_backend_name, check_backend_usable)
+from patnet_kernels.backends import (BackendUnavailableError, check_backend_name,
+                                     check_backend_usable, choose_backend, recording_calls)
 
 from .layers import (BasicStage, FasterNetBlock, PartialConv3, PartialSpatialAttention,
                      PatchEmbed, PatchMerging, PATChannelMixer, PATNetBlock, PATSelfMixer,
@@ -148,9 +148,12 @@ class _PartialNetwork(nn.Module):
         """x: (B, in_chans, H, W) with H, W >= 32. Returns logits (B, num_classes), or the
         four stage features (B, 2^i E, H / 2^(i+2), W / 2^(i+2)) in features mode."""
         self._check_input(x)
-        if not torch.compiler.is_compiling() and x.device not in self._reported_devices:
+        if (not torch.compiler.is_compiling() and x.device.type != "meta"
+                and x.device not in self._reported_devices):
             self._reported_devices.add(x.device)
-            plan = ", ".join(f"{op} -> {name}" for op, name in self.backend_plan(x.device).items())
+            plan = ", ".join(f"{op} -> {name}" for op, name in self.backend_plan(
+                x.device, x.shape, torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type) else x.dtype).items())
             logger.info("%s on %s runs %s", type(self).__name__, x.device, plan)
         x = self.patch_embed(x)
         if self.features_only:
@@ -164,20 +167,56 @@ class _PartialNetwork(nn.Module):
         x = self.avgpool_pre_head(x)
         return self.head(torch.flatten(x, 1))
 
-    def backend_plan(self, device: Optional[torch.device] = None) -> Dict[str, str]:
+    def backend_plan(self, device: Optional[torch.device] = None,
+                     input_shape: Optional[Sequence[int]] = None,
+                     dtype: Optional[torch.dtype] = None) -> Dict[str, str]:
         """Which backend runs each fused op of this model on ``device`` (default: the device
-        of its parameters), e.g. ``{"channel_attention": "cuda", "spatial_attention":
-        "triton", ...}``; ``"auto"`` layers resolve to the fastest usable backend per op.
-        The model also logs this (logger "patnet", level INFO) the first time it runs on a
-        device."""
-        device = self.patch_embed.proj.weight.device if device is None else torch.device(device)
-        plan: Dict[str, str] = {}
+        of its parameters), e.g. ``{"channel_attention": "torch", "partial_conv3x3":
+        "triton", ...}``, for an input of ``input_shape`` (default (2, in_chans, 224, 224))
+        and ``dtype`` (default: the parameters'; pass the autocast dtype under autocast), in
+        the model's mode (training: a gradient will be taken). Where ``"auto"`` picks
+        different backends for the calls of one op (per shape, see
+        ``patnet_kernels.auto_rule``) the value counts them, e.g. ``"triton x3, torch x2"``;
+        :meth:`backend_calls` gives each call with its reason. The model also logs the plan
+        (logger "patnet", level INFO) the first time it runs on a device."""
+        plan: Dict[str, List[str]] = {}
+        for op, name, _ in self.backend_calls(device, input_shape, dtype):
+            plan.setdefault(op, []).append(name)
+        return {op: names[0] if len(set(names)) == 1 else ", ".join(
+            f"{name} x{names.count(name)}" for name in sorted(set(names), key=names.index))
+            for op, names in plan.items()}
+
+    def backend_calls(self, device: Optional[torch.device] = None,
+                      input_shape: Optional[Sequence[int]] = None,
+                      dtype: Optional[torch.dtype] = None) -> List[Tuple[str, str, str]]:
+        """Each fused op call of a forward, in order, as ``(op, backend, reason)`` (arguments
+        as :meth:`backend_plan`). Layers with a backend named explicitly, and ``"auto"`` off
+        a GPU, give one entry per op; ``"auto"`` on a GPU decides per call, so the calls are
+        found by a forward on the meta device (no memory, no kernel)."""
+        weight = self.patch_embed.proj.weight
+        device = weight.device if device is None else torch.device(device)
+        calls: List[Tuple[str, str, str]] = []
+        per_call = False
         for module in self.modules():
             for layer, ops in _LAYER_OPS.items():
                 if isinstance(module, layer):
                     for op in ops:
-                        plan.setdefault(op, backend_plan(module.backend, device, (op,))[op])
-        return plan
+                        if module.backend == "auto" and device.type == "cuda":
+                            per_call = True
+                        elif op not in [c[0] for c in calls]:
+                            calls.append((op, *choose_backend(module.backend, device, op)))
+        if not per_call:
+            return calls
+        shape = tuple(input_shape or (2, self.patch_embed.proj.in_channels, 224, 224))
+        dtype = dtype or weight.dtype  # (the ops' dtype: autocast's, where it casts)
+        meta = {name: torch.empty_like(t, device="meta",
+                                       dtype=dtype if t.is_floating_point() else t.dtype)
+                for name, t in list(self.named_parameters()) + list(self.named_buffers())}
+        with recording_calls() as recorded, torch.set_grad_enabled(self.training):
+            torch.func.functional_call(self, meta, (torch.empty(shape, dtype=dtype,
+                                                                device="meta"),))
+        return calls + [(op, *choose_backend("auto", device, op, refusal, call))
+                        for op, refusal, call in recorded]
 
     def train(self, mode: bool = True):
         if mode and getattr(self, "fused_for_inference", False):

@@ -1,24 +1,31 @@
 """Which backends can run here, and the choice behind ``backend="auto"``.
 
 Backends: ``"torch"`` (the pure-PyTorch reference, always usable), ``"triton"`` (fused Triton
-kernels) and ``"cuda"`` (the CUDA C++ kernels of csrc/, see :mod:`patnet_kernels._cuda_ext`). A backend asked for by
-name that cannot run raises :class:`BackendUnavailableError` saying why; nothing falls back
-silently. ``"auto"`` takes the fastest backend usable for the tensors' device, and
-:func:`info` reports every backend with the reason it was refused.
+kernels) and ``"cuda"`` (the CUDA C++ kernels of csrc/, see :mod:`patnet_kernels._cuda_ext`).
+A backend asked for by name that cannot run raises :class:`BackendUnavailableError` saying
+why; nothing falls back silently. ``"auto"`` runs the reference on the CPU and, on a GPU, a
+fused backend only where committed measurements show it faster than the reference for that
+call (:mod:`patnet_kernels.auto_rule`); :func:`choose_backend` is the one place that decides,
+and :func:`info` reports every backend with the reason it was refused.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import os
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import auto_rule
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
-# Preference of "auto", fastest first.
-_AUTO_ORDER = ("cuda", "triton", "torch")
+# What backend_plan says of "auto" on a GPU, where the choice is made per call.
+AUTO_PER_CALL = "auto: per call (measured)"
+NO_FUSED_BACKEND = "no fused backend is usable here"
 # Every op of the functional API.
 OPS = ("partial_conv3x3", "channel_attention", "spatial_attention", "rpe_attention",
        "self_mixer_output")
@@ -84,6 +91,11 @@ def _cuda_status(device: Optional[torch.device]) -> Tuple[bool, str]:
     return False, f"the extension patnet_kernels._C is not built ({why}); {_cuda_ext.HOW_TO_BUILD}"
 
 
+def gpu_name(device: torch.device) -> str:
+    """The kind of GPU ``device`` is, as the measurements name it (e.g. "NVIDIA H200")."""
+    return torch.cuda.get_device_name(device)
+
+
 def _torch_status(device: Optional[torch.device]) -> Tuple[bool, str]:
     return True, "pure-PyTorch reference: runs wherever PyTorch runs"
 
@@ -97,42 +109,137 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def resolve_backend(backend: str, device: Optional[torch.device] = None,
-                    op: Optional[str] = None, cuda_refusal: Optional[str] = None) -> str:
-    """The concrete backend ("torch", "triton" or "cuda") that runs ``op`` (or any op) on
-    ``device``.
+def describe_call(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> auto_rule.Call:
+    """What the auto rule needs of a call of ``op`` whose main input is ``x``: dtype, mode
+    ("fwd+bwd" when a gradient may be taken through it: grad mode on and ``x`` or one of
+    ``others`` requires one), layout and shape class (:mod:`patnet_kernels.auto_rule`)."""
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x,) + others)
+    if op == "rpe_attention":
+        layout = "any"
+    else:
+        layout = "nchw" if x.is_contiguous() else "channels_last"
+    return auto_rule.Call(op, str(x.dtype).replace("torch.", ""), "fwd+bwd" if grad else "fwd",
+                          layout, auto_rule.shape_key(op, tuple(int(s) for s in x.shape)))
 
-    "auto" skips the CUDA backend for an op it has no kernel for (see CUDA_OPS) and when
-    ``cuda_refusal`` says why its kernel cannot take these inputs. Raises ValueError for an
-    unknown name and BackendUnavailableError, with the reason, when a backend named explicitly
-    cannot run here.
+
+def choose_backend(backend: str, device: Optional[torch.device] = None, op: Optional[str] = None,
+                   cuda_refusal: Optional[str] = None,
+                   call: Optional[auto_rule.Call] = None) -> Tuple[str, str]:
+    """The one backend decision: which concrete backend ("torch", "triton" or "cuda") runs
+    ``op`` (or any op) on ``device``, and why.
+
+    A backend named explicitly runs if it can, else BackendUnavailableError says why
+    (``cuda_refusal``: why the CUDA kernel cannot take these inputs). ``"auto"`` runs the
+    reference on the CPU, and on a GPU a fused backend only where the committed measurements
+    show it faster than the reference for this ``call`` (dtype, mode, layout, shape class) on
+    this kind of GPU (:mod:`patnet_kernels.auto_rule`); without a ``call`` (no shapes) the
+    reference. Unknown names raise ValueError. Under torch.compile the decision is made once
+    at trace time (a constant of the graph).
     """
     check_backend_name(backend)
+    if _RECORDED_CALLS is not None and call is not None and not torch.compiler.is_compiling():
+        _RECORDED_CALLS.append((op, cuda_refusal, call))
+    device = None if device is None else torch.device(device)
+    name, reason, error = _decide(backend, None if device is None else device.type,
+                                  None if device is None else device.index, op, cuda_refusal,
+                                  None if call is None else tuple(call))
+    if error:
+        raise BackendUnavailableError(error)
+    if reason.startswith(NO_FUSED_BACKEND):
+        _warn_reference_on_gpu(device, reason)
+    return name, reason
+
+
+# While recording_calls() is active: each call "auto" decides, as (op, cuda_refusal, call).
+_RECORDED_CALLS: Optional[List[tuple]] = None
+
+
+@contextlib.contextmanager
+def recording_calls():
+    """Collect every call that ``"auto"`` decides inside the block, as a list of
+    ``(op, cuda_refusal, Call)``: how ``model.backend_plan`` learns a model's calls from a
+    forward on the meta device."""
+    global _RECORDED_CALLS
+    saved, _RECORDED_CALLS = _RECORDED_CALLS, []
+    try:
+        yield _RECORDED_CALLS
+    finally:
+        _RECORDED_CALLS = saved
+
+
+def resolve_backend(backend: str, device: Optional[torch.device] = None,
+                    op: Optional[str] = None, cuda_refusal: Optional[str] = None,
+                    call: Optional[auto_rule.Call] = None) -> str:
+    """The concrete backend of :func:`choose_backend`, without the reason."""
+    return choose_backend(backend, device, op, cuda_refusal, call)[0]
+
+
+@torch.compiler.assume_constant_result
+def _decide(backend: str, device_type: Optional[str], device_index: Optional[int],
+            op: Optional[str], cuda_refusal: Optional[str],
+            call: Optional[tuple]) -> Tuple[str, str, str]:
+    """(backend, reason, error message or ""), from plain values only: torch.compile runs
+    this at trace time and keeps the result, so none of its probes (file system, imports,
+    device queries) is traced. Decisions are cached (:func:`forget_decisions`): a call costs
+    a dictionary look-up, not the probes; keyed also by the environment variables that
+    change what can run (the Triton interpreter, the CUDA emulation)."""
+    from ._cuda_ext import emulation_enabled
+
+    environment = (triton_interpreter_enabled(), emulation_enabled())
+    return _decide_cached(backend, device_type, device_index, op, cuda_refusal, call,
+                          environment)
+
+
+def forget_decisions() -> None:
+    """Drop the cached decisions (after something that changes what can run, e.g. in tests)."""
+    _decide_cached.cache_clear()
+
+
+@functools.lru_cache(maxsize=4096)
+def _decide_cached(backend: str, device_type: Optional[str], device_index: Optional[int],
+                   op: Optional[str], cuda_refusal: Optional[str], call: Optional[tuple],
+                   environment: tuple) -> Tuple[str, str, str]:
+    device = None if device_type is None else torch.device(device_type, device_index)
     if backend == "cuda" and cuda_refusal:
-        raise BackendUnavailableError(f"backend='cuda' cannot run {op} on these inputs: "
-                                      f"{cuda_refusal}; use backend='triton' or 'auto'")
-    if backend == "auto":
-        if device is None or torch.device(device).type != "cuda":
-            return "torch"  # (the Triton interpreter is for testing, never the fast choice)
-        for name in _AUTO_ORDER:
-            if name == "cuda" and (cuda_refusal or op is not None and op not in CUDA_OPS):
-                continue
-            if _STATUS[name](device)[0]:
-                if name == "torch":
-                    _warn_reference_on_gpu(device)
-                return name
-        raise AssertionError("the torch backend is always available")
-    ok, why = _STATUS[backend](device)
-    if not ok:
-        raise BackendUnavailableError(f"backend={backend!r} is unavailable: {why}")
-    return backend
+        return "", "", (f"backend='cuda' cannot run {op} on these inputs: {cuda_refusal}; use "
+                        "backend='triton' or 'auto'")
+    if backend != "auto":
+        ok, why = _STATUS[backend](device)
+        if not ok:
+            return "", "", f"backend={backend!r} is unavailable: {why}"
+        return backend, f"asked for by name ({why})", ""
+    if device is None or device.type != "cuda":
+        # (the Triton interpreter and the CUDA emulation are for testing, never the choice)
+        return "torch", "auto on the CPU runs the reference", ""
+    usable = [name for name in auto_rule.FUSED
+              if _STATUS[name](device)[0] and not (
+                  name == "cuda" and (cuda_refusal or op is not None and op not in CUDA_OPS))]
+    if not usable:
+        reasons = "; ".join(f"{name}: {_STATUS[name](device)[1]}" for name in auto_rule.FUSED)
+        return "torch", f"{NO_FUSED_BACKEND} ({reasons})", ""
+    if call is None:
+        return "torch", ("auto decides per call from the input's shape, dtype and mode; "
+                         "without them the reference"), ""
+    name, reason = auto_rule.choose(gpu_name(device),
+                                    auto_rule.Call(*call[:4], tuple(call[4])), usable)
+    return name, reason, ""
 
 
 def backend_plan(backend: str, device: Optional[torch.device] = None,
                  ops=OPS) -> Dict[str, str]:
     """For each op of ``ops``, the concrete backend that ``backend`` runs it with on ``device``
-    (``"auto"``: the fastest usable one for that op, see :func:`resolve_backend`)."""
-    return {op: resolve_backend(backend, device, op) for op in ops}
+    when the choice does not depend on the call: a backend named explicitly, or ``"auto"``
+    on the CPU. ``"auto"`` on a GPU decides per call (see :func:`choose_backend`); there the
+    value reads ``"auto: per call (measured)"`` and ``model.backend_plan(device, input_shape)``
+    gives the choice for a model's calls."""
+    plan = {}
+    for op in ops:
+        if backend == "auto" and device is not None and torch.device(device).type == "cuda":
+            plan[op] = AUTO_PER_CALL
+        else:
+            plan[op] = resolve_backend(backend, device, op)
+    return plan
 
 
 def check_backend_usable(backend: str) -> None:
@@ -163,34 +270,42 @@ def _installed_version(package: str) -> Optional[str]:
 _WARNED_DEVICES = set()
 
 
-def _warn_reference_on_gpu(device) -> None:
-    """Say once per device that "auto" found no fused backend for a GPU tensor."""
+def _warn_reference_on_gpu(device, reason: str) -> None:
+    """Say once per device that "auto" found no fused backend usable for a GPU tensor."""
     key = str(device)
-    if key in _WARNED_DEVICES:
+    if key in _WARNED_DEVICES or torch.compiler.is_compiling():
         return
     _WARNED_DEVICES.add(key)
-    reasons = "; ".join(f"{name}: {_STATUS[name](device)[1]}" for name in ("cuda", "triton"))
-    warnings.warn(f"backend='auto' runs the pure-PyTorch reference on {key}, because no fused "
-                  f"backend is usable ({reasons}). patnet_kernels.info() says more.",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(f"backend='auto' runs the pure-PyTorch reference on {key}: {reason}. "
+                  "patnet_kernels.info() says more.", RuntimeWarning, stacklevel=4)
 
 
 def info() -> Dict[str, object]:
-    """What can run here: versions, devices, and for each backend whether it is usable and why.
+    """What can run here: versions, devices, each backend (usable or why not) and auto's rule.
 
     Returns a dict: ``{"torch": version, "triton": version or None, "cuda_device": name or None,
-    "backends": {name: {"available": bool, "reason": str}}, "auto": {device: backend}}``.
+    "backends": {name: {"available": bool, "reason": str}}, "auto": {device: what auto runs
+    there}, "auto_rule": [one line per measured case on this GPU: op, dtype, mode, layout,
+    shape class and the backend auto runs there]}``.
     """
     cuda = torch.cuda.is_available()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
     backends = {}
-    for name in _AUTO_ORDER[::-1]:
+    for name in ("torch", "triton", "cuda"):
         ok, why = _STATUS[name](devices[-1])
         backends[name] = {"available": ok, "reason": why}
+    auto = {}
+    for device in devices:
+        name, reason = choose_backend("auto", device)
+        auto[str(device)] = (AUTO_PER_CALL + ": a fused backend only where measured faster "
+                             "than the reference (auto_rule), else the reference"
+                             if device.type == "cuda" else f"{name} ({reason})")
+    gpu = gpu_name(torch.device("cuda")) if cuda else None
     return {
         "torch": torch.__version__,
         "triton": _installed_version("triton"),
-        "cuda_device": torch.cuda.get_device_name() if cuda else None,
+        "cuda_device": gpu,
         "backends": backends,
-        "auto": {str(d): resolve_backend("auto", d) for d in devices},
+        "auto": auto,
+        "auto_rule": auto_rule.summary(gpu) if gpu else [],
     }

@@ -16,7 +16,7 @@ from ._checks import (check_activation, check_batch_norm, check_conv_weight, che
                       check_same, check_shape)
 from ._types import BatchNormParams
 from . import ops
-from .backends import CUDA_MAX_TOKENS, resolve_backend
+from .backends import CUDA_MAX_TOKENS, describe_call, resolve_backend
 
 # The reference serves backend "torch"; the fused backends live in patnet_kernels.ops.
 _REFERENCE: Dict[str, Callable] = {
@@ -30,6 +30,8 @@ _REFERENCE: Dict[str, Callable] = {
 
 # Activation dtypes the fused kernels take (they accumulate in float32).
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The devices whose tensors the ops take and that have an autocast mode.
+AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
 
 
 def autocast_aware(op: Callable) -> Callable:
@@ -45,7 +47,10 @@ def autocast_aware(op: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         device_type = None if first is None else first.device.type
-        if (device_type is None or not torch.amp.is_autocast_available(device_type)
+        # Only calls that torch.compile traces on every supported torch (2.11 ... 2.13):
+        # torch.amp.is_autocast_available is not one of them (dynamo 2.11 cannot trace it),
+        # so the device types with an autocast mode are named here instead.
+        if (device_type not in AUTOCAST_DEVICE_TYPES
                 or not torch.is_autocast_enabled(device_type)):
             return op(*args, **kwargs)  # (bad arguments: the op's checks say what is wrong)
         dtype = torch.get_autocast_dtype(device_type)
@@ -62,11 +67,14 @@ def autocast_aware(op: Callable) -> Callable:
     return wrapper
 
 
-def _implementation(op: str, backend: str, x: torch.Tensor,
+def _implementation(op: str, backend: str, x: torch.Tensor, *weights: Optional[torch.Tensor],
                     cuda_refusal: Optional[str] = None) -> Callable:
-    """The function of ``backend`` that runs ``op`` on ``x``; ``cuda_refusal``: why the CUDA
-    kernel cannot take these inputs (then "auto" passes over it and "cuda" raises)."""
-    name = resolve_backend(backend, x.device, op, cuda_refusal)
+    """The function of ``backend`` that runs ``op`` on ``x`` (its main input; ``weights``: the
+    other tensors a gradient may flow to), as :func:`backends.choose_backend` decides;
+    ``cuda_refusal``: why the CUDA kernel cannot take these inputs (then "auto" passes over it
+    and "cuda" raises)."""
+    call = describe_call(op, x, *weights) if backend == "auto" else None
+    name = resolve_backend(backend, x.device, op, cuda_refusal, call)
     if name == "torch":
         return _REFERENCE[op]
     if x.dtype not in FUSED_DTYPES:
@@ -87,7 +95,7 @@ def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = Fa
     check_activation("x", x)
     check_conv_weight("weight", weight, x.shape[1], 3)
     check_same("x", x, weight=weight)
-    return _implementation("partial_conv3x3", backend, x)(x, weight, inplace)
+    return _implementation("partial_conv3x3", backend, x, weight)(x, weight, inplace)
 
 
 @autocast_aware
@@ -113,7 +121,7 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     check_same("x", x, conv_weight=conv_weight, cfc_weight=cfc_weight, cfc_bias=cfc_bias)
     check_batch_norm("bn_a", bn_a, c2, x, training, optional=True)
     check_batch_norm("bn_b", bn_b, c2, x, training)
-    return _implementation("channel_attention", backend, x)(
+    return _implementation("channel_attention", backend, x, conv_weight, cfc_weight)(
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
 
 
@@ -137,7 +145,7 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     check_same("m", m, gate_weight=gate_weight, conv_weight=conv_weight, conv_bias=conv_bias)
     check_batch_norm("bn_c", bn_c, q, m, training)
     check_batch_norm("bn_d", bn_d, p, m, training, optional=True)
-    return _implementation("spatial_attention", backend, m)(
+    return _implementation("spatial_attention", backend, m, gate_weight, conv_weight)(
         m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training)
 
 
@@ -252,7 +260,7 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     refusal = (f"its attention kernel takes N <= {CUDA_MAX_TOKENS} tokens, got {n}"
                if n > CUDA_MAX_TOKENS else None)
-    return _implementation("rpe_attention", backend, q, refusal)(
+    return _implementation("rpe_attention", backend, q, k, v, table, cuda_refusal=refusal)(
         q, k, v, table, bucket, scale, dropout_p)
 
 
@@ -281,7 +289,8 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
                proj_bias=proj_bias)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    implementation = _implementation("self_mixer_output", backend, x)
+    implementation = _implementation("self_mixer_output", backend, x, conv_weight, tokens,
+                                     proj_weight)
     keep = None
     if dropout_p > 0.0:  # as F.dropout: bernoulli(1 - p) / (1 - p), same generator calls
         keep = torch.empty((b, h * w, c2), dtype=x.dtype, device=x.device)

@@ -2,7 +2,6 @@
 backends (the ``fused_backend`` fixture, the op namespace of each)."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
@@ -24,6 +23,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("PATNET_CUDA_EMULATE", "1")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# float32 means float32 in every test: a GPU's cuDNN convolutions default to TF32, which puts a
+# float32 model ~1e-4 off the float64 reference (set at import, so the processes that the DDP
+# tests spawn, which import this module, run the same way).
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 # The fused backends. A test taking the ``fused_backend`` fixture runs once for each (ids
 # "triton" / "cuda", so ``-k cuda`` selects one); a test that only one of them serves says so
@@ -93,18 +97,6 @@ BUDGET_FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2
                 torch.float64: 1e-12}
 
 
-@contextlib.contextmanager
-def no_tf32():
-    """float32 convolutions and matmuls in full float32 on a GPU (cuDNN's convolutions use TF32
-    by default, which would make a float32 reference ~1e-3 off); nothing changes on the CPU."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def authors_reference_dir() -> Path:
     """../shared/testdata/authors_reference beside the repository, or $PATNET_AUTHORS_REFERENCE.
 
@@ -119,9 +111,11 @@ def authors_reference_dir() -> Path:
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
-    """||actual - expected|| / max(||expected||, floor) in float64 (Frobenius norms)."""
-    diff = (actual.detach().double() - expected.detach().double()).norm().item()
-    return diff / max(expected.double().norm().item(), floor, 1e-300)
+    """||actual - expected|| / max(||expected||, floor) in float64 (Frobenius norms), on the CPU
+    (so a GPU result can be compared with stored CPU vectors)."""
+    actual, expected = (t.detach().to("cpu", torch.float64) for t in (actual, expected))
+    diff = (actual - expected).norm().item()
+    return diff / max(expected.norm().item(), floor, 1e-300)
 
 
 def assert_within_budget(name: str, ours: torch.Tensor, exact: torch.Tensor,
@@ -146,3 +140,72 @@ def assert_within_budget(name: str, ours: torch.Tensor, exact: torch.Tensor,
     assert ours_err <= budget, (f"{name}: relative error {ours_err:.3g} exceeds the budget "
                                 f"{budget:.3g} ({factor} x the reference's {ref_err:.3g} in "
                                 f"{dtype} + floor {BUDGET_FLOOR[dtype]:.1g})")
+
+
+# ------------------------------------------------- torch.compile on the oldest supported torch
+# The GPU machines run torch 2.11, CI torch 2.13, and dynamo traces more C builtins in newer
+# versions: torch 2.11 cannot trace torch._C._is_autocast_available, which 2.13 can, and that
+# broke every compiled model on the first GPU run. So every builtin torch function that dynamo
+# resolves while a test compiles is recorded, and a test fails if one is neither an aten op
+# binding (traceable in every version) nor listed below as checked on torch 2.11. To add one,
+# check that dynamo 2.11 traces it (it is in torch 2.11's torch/_dynamo/trace_rules.py lists
+# of in-graph or constant-folded functions, or a compile with torch==2.11 passes).
+ATEN_BINDINGS = ("torch._VariableFunctionsClass.", "torch._C._nn.", "torch._C._fft.",
+                 "torch._C._linalg.", "torch._C._special.", "torch._C._TensorBase.",
+                 "torch._C.TensorBase.")
+TRACEABLE_ON_OLDEST_TORCH = frozenset({
+    "torch.get_autocast_dtype",
+    "torch.is_autocast_enabled",
+    "torch.is_grad_enabled",
+})
+_TRACED_BUILTINS: set = set()
+
+
+def builtin_name(obj) -> Optional[str]:
+    """'module.qualname' of a builtin (C) function, or None for anything else."""
+    if type(obj).__name__ != "builtin_function_or_method":
+        return None
+    module = getattr(obj, "__module__", None)
+    if module is None:  # (methods of a module object such as torch._C._nn)
+        module = getattr(getattr(obj, "__self__", None), "__name__", "?")
+    return f"{module}.{getattr(obj, '__qualname__', obj.__name__)}"
+
+
+def untraceable_on_oldest_torch(names) -> list:
+    """The torch builtins of ``names`` not known to trace on torch 2.11."""
+    return sorted(n for n in names if n.startswith("torch") and not n.startswith(ATEN_BINDINGS)
+                  and n not in TRACEABLE_ON_OLDEST_TORCH)
+
+
+def _record_traced_builtins() -> None:
+    """Wrap dynamo's trace-rule lookup so that each builtin it resolves is recorded."""
+    from torch._dynamo import trace_rules
+
+    lookup = trace_rules.lookup_inner
+    if getattr(lookup, "_patnet_recorder", False):
+        return
+
+    def recording_lookup(obj, *args, **kwargs):
+        name = builtin_name(obj)
+        if name is not None:
+            _TRACED_BUILTINS.add(name)
+        return lookup(obj, *args, **kwargs)
+
+    recording_lookup._patnet_recorder = True
+    trace_rules.lookup_inner = recording_lookup
+
+
+_record_traced_builtins()
+
+
+@pytest.fixture(autouse=True)
+def _compiled_code_traces_on_oldest_torch():
+    """Fail a test whose compiled code calls a torch builtin not known to trace on torch 2.11."""
+    _TRACED_BUILTINS.clear()
+    yield
+    bad = untraceable_on_oldest_torch(_TRACED_BUILTINS)
+    if bad:
+        pytest.fail(f"torch.compile traced {', '.join(bad)}: not known to trace on torch 2.11 "
+                    "(the GPU machines' version); avoid the call on compiled paths, or check it "
+                    "on torch 2.11 and add it to TRACEABLE_ON_OLDEST_TORCH in tests/conftest.py",
+                    pytrace=False)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import patnet_kernels as pk
-from patnet_kernels import BatchNormParams, backends
+from patnet_kernels import BatchNormParams
 
 from conftest import DEVICE, fused_ops
 
@@ -278,27 +278,3 @@ def test_spatial_attention_has_no_cuda_kernel(ops, training):
                              r"backend='triton' or 'auto'"):
         pk.spatial_attention(*args, training=training, backend="cuda")
     assert all(torch.equal(a, b) for a, b in zip(before, args[4][2:4]))
-
-
-def test_auto_on_a_gpu_picks_cuda_where_it_has_a_kernel(monkeypatch):
-    """With every backend usable on a GPU, "auto" takes CUDA for its ops and Triton for PAT_sp."""
-    usable = lambda device: (True, "usable")  # noqa: E731
-    for name in ("cuda", "triton"):
-        monkeypatch.setitem(backends._STATUS, name, usable)
-    gpu = torch.device("cuda")
-    for op in backends.CUDA_OPS:
-        assert backends.resolve_backend("auto", gpu, op) == "cuda", op
-    assert backends.resolve_backend("auto", gpu, "spatial_attention") == "triton"
-    assert backends.resolve_backend("auto", torch.device("cpu"), "partial_conv3x3") == "torch"
-
-
-def test_auto_passes_over_cuda_for_more_tokens_than_its_kernel_takes(monkeypatch):
-    """N > CUDA_MAX_TOKENS: "auto" on a GPU takes Triton; "cuda" says why and what to use."""
-    from patnet_kernels import backends
-    monkeypatch.setattr(backends, "_STATUS", dict(backends._STATUS, cuda=lambda d: (True, "ok"),
-                                                  triton=lambda d: (True, "ok")))
-    cuda = torch.device("cuda")
-    assert backends.resolve_backend("auto", cuda, "rpe_attention") == "cuda"
-    assert backends.resolve_backend("auto", cuda, "rpe_attention", "too many tokens") == "triton"
-    with pytest.raises(pk.BackendUnavailableError, match="too many tokens; use backend='triton'"):
-        backends.resolve_backend("cuda", cuda, "rpe_attention", "too many tokens")

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import DEVICE, no_tf32, rel_error, require_fused_backend
+from conftest import DEVICE, rel_error, require_fused_backend
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -379,9 +379,8 @@ def _sync_bn_worker(rank: int, init_file: str, out: str) -> None:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_make_model("patnet_t1"))
         ddp = DDP(model.to(device), device_ids=[rank])
         images, labels = _data()
-        with no_tf32():
-            logits = ddp(images[0, rank].to(device))
-            F.cross_entropy(logits, labels[0, rank].to(device)).backward()
+        logits = ddp(images[0, rank].to(device))
+        F.cross_entropy(logits, labels[0, rank].to(device)).backward()
         torch.save({"logits": logits.detach().cpu(),
                     "grads": {n: p.grad.cpu() for n, p in model.named_parameters()},
                     "buffers": {n: b.cpu() for n, b in model.named_buffers()}}, out)
@@ -401,9 +400,8 @@ def test_sync_batchnorm_two_gpus(tmp_path):
             {"OMP_NUM_THREADS": "1"}, tmp_path)
     model = _make_model("patnet_t1").cuda()
     images, labels = _data()
-    with no_tf32():
-        logits = model(images[0].flatten(0, 1).cuda())
-        F.cross_entropy(logits, labels[0].flatten().cuda()).backward()
+    logits = model(images[0].flatten(0, 1).cuda())
+    F.cross_entropy(logits, labels[0].flatten().cuda()).backward()
     grads = {n: p.grad.cpu() for n, p in model.named_parameters()}
     buffers = {n: b.cpu() for n, b in model.named_buffers()}
     for rank, out in enumerate(outs):

@@ -32,7 +32,7 @@ import patnet_kernels as pk
 from patnet.testing import randomize_norms
 from patnet_kernels import BatchNormParams
 
-from conftest import (BUDGET_FACTOR, BUDGET_FLOOR, DEVICE, no_tf32, rel_error,
+from conftest import (BUDGET_FACTOR, BUDGET_FLOOR, DEVICE, rel_error,
                       require_fused_backend)
 
 AMP_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
@@ -121,8 +121,7 @@ def _assert_results(exact, references, ours, dtype):
 def test_model_under_autocast(family, mode, dtype, fused_backend):
     exact, reference, ours = _models(family, fused_backend, mode)
     x, grad = _inputs(family, mode)
-    with no_tf32():
-        results_x = _forward_backward(exact, x, grad)
+    results_x = _forward_backward(exact, x, grad)
     results_r = _forward_backward(reference, x.float(), grad.float(), autocast_dtype=dtype)
     results_o = _forward_backward(ours, x.float(), grad.float(), autocast_dtype=dtype)
     assert results_o[0].dtype == results_r[0].dtype  # what autocast makes of the head
@@ -140,10 +139,9 @@ def test_channels_last_model(family, mode, fused_backend):
     reference_nchw = copy.deepcopy(reference)
     reference, ours = reference.to(memory_format=cl), ours.to(memory_format=cl)
     x, grad = _inputs(family, mode)
-    with no_tf32():
-        results_x = _forward_backward(exact, x, grad)
-        results_r = [_forward_backward(reference, x.float(), grad.float(), memory_format=cl),
-                     _forward_backward(reference_nchw, x.float(), grad.float())]
+    results_x = _forward_backward(exact, x, grad)
+    results_r = [_forward_backward(reference, x.float(), grad.float(), memory_format=cl),
+                 _forward_backward(reference_nchw, x.float(), grad.float())]
     results_o = _forward_backward(ours, x.float(), grad.float(), memory_format=cl)
     _assert_results(results_x, results_r, results_o, torch.float32)
     if mode == "train":  # the fused BatchNorm statistics, updated from channels_last maps

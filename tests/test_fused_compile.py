@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import patnet
 from patnet.testing import randomize_norms
 
-from conftest import BUDGET_FACTOR, BUDGET_FLOOR, DEVICE, FUSED_BACKENDS, no_tf32, rel_error
+from conftest import BUDGET_FACTOR, BUDGET_FLOOR, DEVICE, FUSED_BACKENDS, rel_error
 
 NO_DROPOUT = dict(drop_path_rate=0.0, attn_drop=0.0, proj_drop=0.0)
 
@@ -126,8 +126,7 @@ def test_compiled_model_one_graph_no_recompile(fused_backend, name, mode):
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     x, grad = _batch(2, mode)
-    with no_tf32():
-        eager, ours = _eager_then_compiled(model, compiled, x, grad, mode)
+    eager, ours = _eager_then_compiled(model, compiled, x, grad, mode)
     assert len(eager) == len(ours)
     n_params = len(list(model.parameters())) if mode == "train" else 0
     largest = max([t.norm().item() for t in eager[2:2 + n_params]], default=0.0)
@@ -157,10 +156,9 @@ def test_inductor_compiled_model_matches_eager(fused_backend):
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     x, grad = _batch(2, "train")
-    with no_tf32():
-        results_x = _run_model(exact, exact, x.double(), grad.double(), "train")
-        results_r = _run_model(reference, reference, x, grad, "train")
-        eager, ours = _eager_then_compiled(model, compiled, x, grad, "train")
+    results_x = _run_model(exact, exact, x.double(), grad.double(), "train")
+    results_r = _run_model(reference, reference, x, grad, "train")
+    eager, ours = _eager_then_compiled(model, compiled, x, grad, "train")
     n_params = len(list(model.parameters()))
     largest = max(t.norm().item() for t in results_x[2:2 + n_params])
     for index, (e64, r, e, c) in enumerate(zip(results_x, results_r, eager, ours)):

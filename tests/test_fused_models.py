@@ -31,7 +31,7 @@ from patnet.testing import randomize_norms
 from patnet_kernels import BackendUnavailableError
 
 from conftest import (BUDGET_FACTOR, BUDGET_FLOOR, DEVICE, FUSED_BACKENDS,
-                      authors_reference_dir, no_tf32, rel_error)
+                      authors_reference_dir, rel_error)
 from test_authors_reference import CASES, build, check_against_authors
 
 SMALL = dict(drop_path_rate=0.0)
@@ -159,15 +159,14 @@ def test_model_matches_reference_model(fused_backend, name, mode):
     grad = torch.randn(batch, 1000, generator=gen, dtype=torch.float64).to(DEVICE)
     inputs = [x.float(), x.float().contiguous(memory_format=torch.channels_last), x.float()]
     results, exact_results, exact_states = [], [], []
-    with no_tf32():  # (a GPU's TF32 convolutions would not be a float32 reference)
-        for model, xi in zip(models, inputs):
-            masks = {}
-            with _relu_pieces(model, masks, record=True):
-                results.append(_forward_backward(model, xi, grad.float()))
-            piecewise_exact = copy.deepcopy(exact)  # (from the same BatchNorm state)
-            with _relu_pieces(piecewise_exact, masks, record=False):
-                exact_results.append(_forward_backward(piecewise_exact, x, grad))
-            exact_states.append(piecewise_exact.state_dict())
+    for model, xi in zip(models, inputs):
+        masks = {}
+        with _relu_pieces(model, masks, record=True):
+            results.append(_forward_backward(model, xi, grad.float()))
+        piecewise_exact = copy.deepcopy(exact)  # (from the same BatchNorm state)
+        with _relu_pieces(piecewise_exact, masks, record=False):
+            exact_results.append(_forward_backward(piecewise_exact, x, grad))
+        exact_states.append(piecewise_exact.state_dict())
 
     def check(what, pick, floor=0.0):
         """``pick`` selects one tensor from a run's results; each run against its float64."""

@@ -1,0 +1,124 @@
+"""Rewrite the measurements behind ``backend="auto"`` from committed GPU benchmark reports.
+
+    python -m benchmarks.update_auto_rule [REPORT_DIR_OR_JSON ...] [--out PATH] [--check]
+
+Reads every op-benchmark JSON (``bench_partial_conv``, ``bench_channel_attention``,
+``bench_spatial_attention``, ``bench_rpe_attention`` reports, as ``scripts/gpu_check.sh``
+writes them) found under the given folders (default: ``benchmarks/results``), keeps the cases
+measured on a GPU, and writes one point per case to ``patnet_kernels/measured_speed.json``
+(see :mod:`patnet_kernels.auto_rule`); where several reports measured the same case on the
+same kind of GPU, the newest wins. ``--check`` writes nothing and exits 1 if the file is not
+what the reports give (CI runs it, so the rule never drifts from the committed reports).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+from patnet_kernels import auto_rule
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+# Benchmark name (the reports' "benchmark") -> the op it times.
+OPS = {"partial_conv": "partial_conv3x3", "channel_attention": "channel_attention",
+       "spatial_attention": "spatial_attention", "rpe_attention": "rpe_attention"}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Providers that are backends of the functional API ("torch" is the reference).
+BACKENDS = ("torch",) + auto_rule.FUSED
+
+
+def _layout(op: str, settings: dict) -> str:
+    if op == "rpe_attention":
+        return "any"
+    return "channels_last" if "channels_last" in str(settings.get("layout", "")) else "nchw"
+
+
+def _row_shape(op: str, row: dict) -> List[int]:
+    if op == "rpe_attention":
+        return list(auto_rule.shape_key(op, (row["batch"], row["heads"], row["tokens"],
+                                             row["head_dim"])))
+    return list(auto_rule.shape_key(op, (row["batch"], row["channels"], row["height"],
+                                         row["width"])))
+
+
+def points_of(report: dict, source: str) -> List[dict]:
+    """The measured points of one op-benchmark report (none for CPU runs)."""
+    op = OPS.get(report.get("benchmark"))
+    if op is None or report.get("device_type") != "cuda":
+        return []
+    points = []
+    for row in report.get("rows", []):
+        ms = {name: result["ms"] for name, result in row["providers"].items()
+              if name in BACKENDS and result.get("status") == "ok" and result.get("ms")}
+        if "torch" not in ms or len(ms) < 2:
+            continue
+        points.append({"gpu": report["device"], "op": op, "dtype": DTYPES[row["dtype"]],
+                       "mode": row["mode"], "layout": _layout(op, report["settings"]),
+                       "shape": _row_shape(op, row), "ms": ms,
+                       "source": f"{source}#{row['shape']}", "date": report.get("date", "")})
+    return points
+
+
+def collect(paths: Iterable[Path]) -> List[dict]:
+    """Points of every report under ``paths``, the newest per (gpu, op, dtype, mode, layout,
+    shape), sorted."""
+    newest: Dict[tuple, dict] = {}
+    for path in paths:
+        files = sorted(path.rglob("*.json")) if path.is_dir() else [path]
+        for file in files:
+            try:
+                report = json.loads(file.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(report, dict):
+                continue
+            source = str(file.relative_to(REPO)) if file.is_relative_to(REPO) else file.name
+            for point in points_of(report, source):
+                key = (point["gpu"], point["op"], point["dtype"], point["mode"],
+                       point["layout"], tuple(point["shape"]))
+                if key not in newest or point["date"] >= newest[key]["date"]:
+                    newest[key] = point
+    return [newest[key] for key in sorted(newest)]
+
+
+def render(points: List[dict]) -> str:
+    return json.dumps({
+        "about": "What backend='auto' decides from (patnet_kernels/auto_rule.py): op "
+                 "benchmark times in ms per provider, 'torch' being the reference. Written by "
+                 "python -m benchmarks.update_auto_rule from the reports it names; do not "
+                 "edit by hand.",
+        "points": points,
+    }, indent=1) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", type=Path, default=[RESULTS],
+                        help="report folders or JSON files (default: benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=auto_rule.DATA)
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if --out differs from the reports")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"no such report folder or file: {', '.join(missing)}")
+    text = render(collect(p.resolve() for p in args.paths))
+    if args.check:
+        current = args.out.read_text() if args.out.is_file() else ""
+        if current != text:
+            print(f"{args.out} is not what the reports give; run python -m "
+                  "benchmarks.update_auto_rule and commit it", file=sys.stderr)
+            return 1
+        print(f"{args.out} matches the reports")
+        return 0
+    args.out.write_text(text)
+    count = text.count('"gpu"')
+    print(f"wrote {count} measured points to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
