@@ -2,10 +2,11 @@
 (Triton, CUDA) against the float64 reference.
 
 Output and every gradient (q, k, v and the table) under the error budget of conftest, for head
-dims 48, 72 and 64, N in {1, 4, 49, 130} (one and several key blocks), odd maps (5 x 9) and the
-authors' large maps (25 x 42, 30 x 30, which reach the logarithmic buckets), batch 1 and 3, in
-fp32 / fp16 / bf16. Then determinism of the backward, dropout (the kernel's own mask, and its
-statistics), opcheck, torch.compile and bad input. On the CPU, Triton runs under its interpreter
+dims 48, 72 and 64, N in {1, 4, 49, 130} (one and several key blocks), the token counts at the
+kernels' edges (N = 1, 2, 32, 33, 63, 64, 65 and 1024; exact zeros where the exact gradient is
+0), odd maps (5 x 9) and the authors' large maps (25 x 42, 30 x 30, which reach the logarithmic
+buckets), batch 1 and 3, in fp32 / fp16 / bf16. Then determinism of the backward, dropout (the
+kernel's own mask, and its statistics), opcheck, torch.compile and bad input. On the CPU, Triton runs under its interpreter
 and the CUDA kernels through their CPU emulation (both set by conftest); on a GPU they run
 compiled. The CUDA kernels draw the dropout mask from the same Philox stream as Triton's, so
 ``dropout_keep_mask`` gives both backends' mask; their backward is always deterministic (the
@@ -71,14 +72,17 @@ def _as(dtype, tensors):
 
 def _check_all(ours, exact, in_dtype, dtype, label=""):
     # A softmax over one key (N = 1) has no gradient: dQ, dK and the table's are exactly 0, and
-    # a kernel's are fp32 rounding noise (dS = P (dP - rowsum(dO O)) cancels in another
-    # summation order), measured against the largest gradient.
-    largest = max(e.double().norm().item() for e in exact[1:])
+    # so must a kernel's be: with every key in one tile both backends get that row's P = 1
+    # exactly and take delta = rowsum(P dP) from the same dP, so dS = dP - dP = 0 (CUDA: since
+    # issue 11; Triton: up to head dim 128, see the token-count test). fp32 rounding noise there
+    # (dS = P (dP - rowsum(dO O)) with P = exp(S - lse) cancelling in another summation order,
+    # ~1e-6) is what the H200 op check read as a relative error of 1e24 (issue 11): no budget
+    # relative to a zero reference is met by noise, so none is given.
     for name, o, e, r in zip(GRADS, ours, exact, in_dtype):
         assert o.dtype == dtype, name
         if not e.any():
-            error = rel_error(o, e, floor=largest)
-            assert error <= BUDGET_FLOOR[dtype], f"{label}{name}: {error:.3g} of the largest"
+            assert not o.any(), (f"{label}{name}: the exact result is 0, ours has "
+                                 f"max |x| = {o.abs().max().item():.3g}")
             continue
         assert_within_budget(f"{label}{name}", o, e, r, dtype)
     assert ours[0].is_contiguous()
@@ -110,6 +114,59 @@ def test_matches_float64_reference(case, fused_backend):
     exact = _run(ref.rpe_attention, *_as(F64, args[:4]), args[4], args[5].to(F64))
     in_dtype = _run(ref.rpe_attention, *args)
     _check_all(ours, exact, in_dtype, dtype)
+
+
+# Token counts at the kernels' edges (issue 11), forward and backward on both backends:
+# N = 1 (1 x 1: a softmax over one key, whose gradients of q, k and the table are exactly 0; the
+# CUDA kernel returned fp32 noise there, which the H200 op check measured as a relative error of
+# 1e24 against the zero reference), N = 2, N = 63 / 64 / 65 about the tile edges (CUDA: 32-query
+# and 32-key tiles, 16-key ones above head dim 128, and a single key tile up to 32 / 16 keys;
+# Triton: one key block or several), and N = 1024, the CUDA kernels' largest (one head of dim 8
+# on the CPU, where it runs under the interpreter / emulation; B = 2, 2 heads, d = 40 on a GPU).
+# Head dims that are not a multiple of 32 (the padded, masked columns), strided q, k, v in some.
+# (batch, heads, height, width, d, dtype, qkv_layout)
+TOKEN_CASES = [
+    (2, 2, 1, 1, 48, F32, False), (3, 2, 1, 1, 64, F16, True), (2, 2, 1, 1, 72, BF16, False),
+    (2, 1, 1, 1, 240, F32, True),                         # 16-key tiles, 8 column chunks
+    (2, 2, 1, 2, 40, F32, False), (2, 2, 1, 2, 64, BF16, True),
+    (2, 2, 4, 8, 48, F32, False), (1, 2, 3, 11, 40, F32, True),  # one 32-key tile / two
+    (2, 2, 7, 9, 48, F16, True), (1, 2, 7, 9, 136, F32, False),  # 63: 16-key tiles above d 128
+    (2, 2, 8, 8, 64, F32, False), (1, 2, 8, 8, 40, BF16, True),
+    (2, 2, 5, 13, 72, F32, True), (1, 2, 5, 13, 8, F16, False),
+    (2, 2, 32, 32, 40, F32, True) if DEVICE.type == "cuda" else (1, 1, 32, 32, 8, F32, False),
+]
+
+
+def _token_case_id(case):
+    batch, heads, height, width, d, dtype, qkv_layout = case
+    return (f"N{height * width}-{height}x{width}-B{batch}-h{heads}-d{d}-"
+            f"{str(dtype).replace('torch.', '')}{'-qkv' if qkv_layout else ''}")
+
+
+@pytest.mark.parametrize("case", TOKEN_CASES, ids=_token_case_id)
+def test_token_counts_match_float64_reference(case, fused_backend, request):
+    batch, heads, height, width, d, dtype, qkv_layout = case
+    if fused_backend == "triton" and height * width == 1 and d > 128:
+        # Known, not fixed here: above head dim 128 Triton's dK/dV kernel (fp32 configuration
+        # with other tile shapes) recomputes the logits in another summation order than the
+        # forward that made lse, so P = exp(S - lse) != 1 at N = 1 and dQ, dK, the table
+        # gradient carry ~1e-6 of noise (dV = dO * P off by an ulp): the bug the CUDA kernel had
+        # (issue 11), in patnet_kernels/triton/rpe_attention.py.
+        request.applymarker(pytest.mark.xfail(
+            reason="Triton rpe backward, N = 1, head dim > 128: P = exp(S - lse) != 1 (logits "
+                   "recomputed in another order than the forward's), so the zero gradients are "
+                   "fp32 noise", strict=False))
+    args = _inputs(batch, heads, height, width, d, dtype, seed=height * 37 + width + d,
+                   qkv_layout=qkv_layout)
+    ours = _run(_fused(fused_backend), *args)
+    exact = _run(ref.rpe_attention, *_as(F64, args[:4]), args[4], args[5].to(F64))
+    in_dtype = _run(ref.rpe_attention, *args)
+    label = f"N = {height * width} ({height} x {width}) "
+    if height * width == 1:  # the softmax is 1: out = v, dV = dO, no other gradient
+        assert not any(e.any() for e in exact[1:3] + exact[4:]), "the reference's"
+        torch.testing.assert_close(ours[0], args[2].contiguous(), rtol=0, atol=0)
+        torch.testing.assert_close(ours[3], args[5].contiguous(), rtol=0, atol=0)
+    _check_all(ours, exact, in_dtype, dtype, label=label)
 
 
 def test_explicit_scale_and_int32_ids(fused_backend):

@@ -11,6 +11,12 @@
 //  * nothing relies on implicit warp-synchronous execution;
 //  * 16-bit floats are only converted (__half2float, __float2half_rn, ...), never computed on.
 // It checks semantics, not speed or the memory model: timings and races need a real GPU.
+//
+// Uninitialised memory is poisoned, not zero: a GPU's shared memory holds whatever the last
+// block left there, and a kernel that reads a word it never wrote must not pass here because
+// the host zero-filled it. Dynamic shared memory is filled with 0xFF bytes (NaN as a float, -1
+// as an integer) before every block; host launchers may poison their outputs and workspaces
+// with poison() before launching, so an element no thread writes shows as NaN.
 #pragma once
 
 #include <ucontext.h>
@@ -144,6 +150,13 @@ inline thread_local std::vector<unsigned char>* shared_buffer = nullptr;
 
 inline void* dynamic_shared() { return shared_buffer->data(); }
 
+// The byte every poisoned word is made of: 0xFFFFFFFF is a NaN float, 0xFFFF a NaN half and
+// bfloat16, -1 as an integer.
+constexpr unsigned char kPoison = 0xFF;
+inline void poison(void* data, size_t bytes) {
+  if (data != nullptr && bytes > 0) std::memset(data, kPoison, bytes);
+}
+
 // A fiber's barrier: back to the scheduler, which resumes it once every thread has arrived.
 inline void barrier() {
   Block& block = *running;
@@ -229,6 +242,7 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t 
     for (unsigned y = 0; y < grid.y && result == cudaSuccess; ++y)
       for (unsigned x = 0; x < grid.x && result == cudaSuccess; ++x) {
         blockIdx = {x, y, z};
+        std::fill(shared.begin(), shared.end(), kPoison);  // what an earlier block left there
         if (!run_block(block, threads, kStack, stacks)) {
           last_error() = block.error;
           result = cudaErrorLaunchFailure;

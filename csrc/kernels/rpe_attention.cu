@@ -22,7 +22,9 @@
 //
 // Backward, deterministic (no atomics anywhere), four launches:
 //  1. rpe_bwd_dq_kernel, grid (batch * heads, cdiv(N, 32)): per query tile, delta = rowsum(dO * O),
-//     loop over key tiles recomputing P = exp(S - lse); dP = dO V^T; dropout; dS = P (dP - delta);
+//     loop over key tiles recomputing P = exp(S - lse); dP = dO V^T; dropout; dS = P (dP - delta)
+//     (with a single key tile, N <= its width: P recomputed as the forward's softmax and delta =
+//     rowsum(P dP), so that N = 1 gives dS = 0 exactly);
 //     dQ = scale dS K (registers). Writes dS and the dropped probabilities P' to the workspace,
 //     (batch, heads, N, N) fp32 each, every element by exactly one thread.
 //  2. rpe_bwd_dkv_kernel, grid (batch * heads, cdiv(N, BN2)): per key tile, dV = P'^T dO,
@@ -372,7 +374,15 @@ __global__ void __launch_bounds__(kThreads, 1) rpe_bwd_dq_kernel(
   load_rows<T, kBlockM, DC>(sO, dop, grad_out.sn, grad_out.sd, i0, n, head_dim);
   __syncthreads();
 
-  // delta = rowsum(dO * O) and lse (log2 units) of the thread's rows.
+  // Several key tiles: delta = rowsum(dO * O) and lse (log2 units) of the thread's rows, P =
+  // exp(S - lse). One key tile (n <= kBN: block-uniform), as the Triton kernel's one_kblock:
+  // the tile holds every key of a row, so the row's softmax is recomputed exactly as the forward
+  // computes it (P = exp2(S - max) / sum) and delta = rowsum(P * dP) from the same dP values.
+  // Then a softmax over one key (N = 1), which has no gradient, gets P = 1 and dS = dP - dP = 0
+  // exactly; P = exp(S - lse) with delta = rowsum(dO * O) left fp32 noise (~1e-7 |dP|) in dS,
+  // hence in dQ, dK and the table gradient, whose exact values are 0 (the H200 op check's
+  // "relative error 1e24": noise over a zero reference).
+  const bool one_tile = n <= kBN;
   float delta[kRows], lse2[kRows];
   float4 dq[kRows][DC];
 #pragma unroll
@@ -380,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, 1) rpe_bwd_dq_kernel(
     const int r = g + kGroups * rr;
     const int i = i0 + r;
     float part = 0.f;
-    if (i < n) {
+    if (i < n && !one_tile) {
 #pragma unroll
       for (int c = 0; c < DC; ++c)
 #pragma unroll
@@ -389,8 +399,8 @@ __global__ void __launch_bounds__(kThreads, 1) rpe_bwd_dq_kernel(
           if (d < head_dim) part = fmaf(sO[r * kLd + d], to_float<T>(op[i * out.sn + d * out.sd]), part);
         }
     }
-    delta[rr] = group_sum(part);
-    lse2[rr] = i < n ? lse[bh * n + i] * kLog2e : 0.f;
+    delta[rr] = group_sum(part);  // (0 with one tile: set in the loop)
+    lse2[rr] = i < n && !one_tile ? lse[bh * n + i] * kLog2e : 0.f;
 #pragma unroll
     for (int c = 0; c < DC; ++c) dq[rr][c] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
@@ -431,23 +441,57 @@ __global__ void __launch_bounds__(kThreads, 1) rpe_bwd_dq_kernel(
     for (int rr = 0; rr < kRows; ++rr) {
       const int r = g + kGroups * rr;
       const int i = i0 + r;
+      // logits in log2 units (valid keys of a valid row), and their row max with one tile
+      float x[kKpt];
+      float mx = -INFINITY;
 #pragma unroll
       for (int kk = 0; kk < kKpt; ++kk) {
         const int j = j0 + lane + kLanes * kk;
-        float p = 0.f, pd = 0.f, dpv = 0.f;
+        x[kk] = -INFINITY;
         if (i < n && j < n) {
           const float bias = __ldg(tab + __ldg(bucket + i * n + j));
-          p = exp2f(fmaf(s[rr][kk], scale, bias) * kLog2e - lse2[rr]);
-          pd = p;
-          dpv = dp[rr][kk];
-          if (dropping) {
-            const bool keep = rpe_dropout_keep(seed, bh, n, i, j, drop_threshold);
-            pd = keep ? p * drop_scale : 0.f;
-            dpv = keep ? dpv * drop_scale : 0.f;
-          }
+          x[kk] = fmaf(s[rr][kk], scale, bias) * kLog2e;
         }
-        sS[r * kBN + lane + kLanes * kk] = p * (dpv - delta[rr]);
-        sP[r * kBN + lane + kLanes * kk] = pd;
+        mx = fmaxf(mx, x[kk]);
+      }
+      float p[kKpt], pd[kKpt], dpv[kKpt];
+      if (one_tile) {  // as the forward: exp2(x - max) summed over the 8 lanes, then divided
+        mx = group_max(mx);  // -inf for a row past n (no valid key; never subtracted)
+        float sum = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kKpt; ++kk) {
+          const int j = j0 + lane + kLanes * kk;
+          p[kk] = i < n && j < n ? exp2f(x[kk] - mx) : 0.f;
+          sum += p[kk];
+        }
+        const float l = group_sum(sum);
+#pragma unroll
+        for (int kk = 0; kk < kKpt; ++kk) p[kk] = p[kk] > 0.f ? p[kk] / l : 0.f;
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < kKpt; ++kk) {
+          const int j = j0 + lane + kLanes * kk;
+          p[kk] = i < n && j < n ? exp2f(x[kk] - lse2[rr]) : 0.f;
+        }
+      }
+      float part = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kKpt; ++kk) {
+        const int j = j0 + lane + kLanes * kk;
+        pd[kk] = p[kk];
+        dpv[kk] = i < n && j < n ? dp[rr][kk] : 0.f;
+        if (dropping && i < n && j < n) {
+          const bool keep = rpe_dropout_keep(seed, bh, n, i, j, drop_threshold);
+          pd[kk] = keep ? p[kk] * drop_scale : 0.f;
+          dpv[kk] = keep ? dpv[kk] * drop_scale : 0.f;
+        }
+        part = fmaf(p[kk], dpv[kk], part);
+      }
+      if (one_tile) delta[rr] = group_sum(part);  // rowsum(P * dP): every key is in this tile
+#pragma unroll
+      for (int kk = 0; kk < kKpt; ++kk) {
+        sS[r * kBN + lane + kLanes * kk] = p[kk] * (dpv[kk] - delta[rr]);
+        sP[r * kBN + lane + kLanes * kk] = pd[kk];
       }
     }
     __syncthreads();  // sS, sP complete
@@ -628,6 +672,22 @@ inline bool dropout_args(double dropout_p, Dropout* out) {
 
 inline size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
+#ifdef PATNET_EMULATE
+// The CPU emulation poisons what the kernels must write (outputs, workspace) with NaN bytes
+// before launching, as a GPU's fresh allocation holds garbage: an element no thread writes, or a
+// workspace word read before it is written, shows in the results instead of reading as 0.
+inline void poison_heads(DType dtype, Heads t, int batch, int heads, int n, int head_dim) {
+  const int64_t elem = dtype == DType::kFloat32 ? 4 : 2;
+  unsigned char* base = static_cast<unsigned char*>(t.data);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < head_dim; ++d)
+          ::patnet_emulate::poison(base + (b * t.sb + h * t.sh + i * t.sn + d * t.sd) * elem,
+                                   static_cast<size_t>(elem));
+}
+#endif
+
 inline bool shapes_ok(int batch, int heads, int n, int head_dim) {
   return batch >= 0 && heads >= 0 && n >= 0 && n <= kMaxTokens && head_dim >= 1 &&
          head_dim <= kMaxHeadDim && static_cast<int64_t>(batch) * heads <= 0x7fffffff;
@@ -710,6 +770,10 @@ cudaError_t rpe_attention_forward(DType dtype, Heads q, Heads k, Heads v, Heads 
   if (!rpe::shapes_ok(batch, heads, n, head_dim) || num_buckets < 1 ||
       !rpe::dropout_args(dropout_p, &drop))
     return cudaErrorInvalidValue;
+#ifdef PATNET_EMULATE
+  rpe::poison_heads(dtype, out, batch, heads, n, head_dim);
+  ::patnet_emulate::poison(lse, static_cast<size_t>(batch) * heads * n * sizeof(float));
+#endif
   PATNET_DISPATCH(dtype, T,
                   return rpe::forward_t<T>(q, k, v, out, lse, table, bucket, batch, heads, n,
                                            head_dim, num_buckets, scale, seed, drop, stream););
@@ -743,6 +807,12 @@ cudaError_t rpe_attention_backward(DType dtype, Heads grad_out, Heads q, Heads k
   float* ws_ds = reinterpret_cast<float*>(ws);
   float* ws_pd = reinterpret_cast<float*>(ws + full);
   float* dssum = reinterpret_cast<float*>(ws + 2 * full);
+#ifdef PATNET_EMULATE
+  ::patnet_emulate::poison(workspace, rpe_attention_backward_workspace(batch, heads, n, head_dim,
+                                                                       num_buckets));
+  for (Heads g : {grad_q, grad_k, grad_v}) rpe::poison_heads(dtype, g, batch, heads, n, head_dim);
+  ::patnet_emulate::poison(grad_table, static_cast<size_t>(heads) * num_buckets * sizeof(float));
+#endif
 
   cudaError_t err = cudaSuccess;
   if (batch > 0 && heads > 0 && n > 0) {
