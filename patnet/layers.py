@@ -301,12 +301,17 @@ class PartialSpatialAttention(nn.Module):
 
 def make_mlp(dim: int, mlp_ratio: float, act_layer: str, spatial_attn: bool,
              backend: str) -> nn.Sequential:
-    """conv1x1 C -> hidden, BN, act, conv1x1 hidden -> C[, PAT_sp] (indices 0..4 as the authors)."""
+    """conv1x1 C -> hidden, BN, act, conv1x1 hidden -> C[, PAT_sp] (indices 0..4 as the authors).
+
+    A ReLU runs in place on the BatchNorm's output, as the authors' ``nn.ReLU(inplace=True)``
+    (no second hidden-width tensor per block; autograd keeps what it needs: BatchNorm's backward
+    reads its input, ReLU's its output). GELU has no in-place form.
+    """
     hidden = int(dim * mlp_ratio)
     layers: List[nn.Module] = [
         nn.Conv2d(dim, hidden, 1, bias=False),
         nn.BatchNorm2d(hidden),
-        make_activation(act_layer),
+        make_activation(act_layer, inplace=True),
         nn.Conv2d(hidden, dim, 1, bias=False),
     ]
     if spatial_attn:

@@ -47,7 +47,8 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     if scale is None:
         scale = q.shape[-1] ** -0.5
     bias = table[:, bucket]  # (heads, N, N)
-    attn = (q * scale) @ k.transpose(-2, -1) + bias
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn += bias  # in place, as the authors' code (the scores are not needed by autograd)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, dropout_p, training=True)
