@@ -76,7 +76,12 @@ def collect(paths: Iterable[Path]) -> List[dict]:
             if not isinstance(report, dict):
                 continue
             source = str(file.relative_to(REPO)) if file.is_relative_to(REPO) else file.name
-            for point in points_of(report, source):
+            # scripts/gpu_check.sh joins its op reports into one ops.json, {"reports": {name:
+            # report}} (its results folder may hold 8 files); each is read as a report
+            joined = report.get("reports")
+            parts = ([(f"{source}:{name}", part) for name, part in joined.items()]
+                     if isinstance(joined, dict) else [(source, report)])
+            for point in (p for part_source, part in parts for p in points_of(part, part_source)):
                 key = (point["gpu"], point["op"], point["dtype"], point["mode"],
                        point["layout"], tuple(point["shape"]))
                 if key not in newest or point["date"] >= newest[key]["date"]:
