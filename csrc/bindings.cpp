@@ -8,7 +8,10 @@
 // without a GPU); otherwise for CUDA tensors, on the current stream of the tensor's device.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/DeviceGuard.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -18,7 +21,6 @@
 #define PATNET_DISPATCH_KEY CPU
 #else
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #define PATNET_DISPATCH_KEY CUDA
 #endif
 // TORCH_LIBRARY_IMPL pastes its key into a name: expand PATNET_DISPATCH_KEY first.
@@ -30,14 +32,10 @@ using at::Tensor;
 
 #ifdef PATNET_EMULATE
 constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
-struct DeviceGuard {
-  explicit DeviceGuard(const Tensor&) {}
-};
 cudaStream_t current_stream() { return nullptr; }
 int num_sms() { return 2; }
 #else
 constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
-using DeviceGuard = c10::cuda::CUDAGuard;
 cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 #endif
@@ -53,14 +51,29 @@ patnet::DType dtype_of(const Tensor& t, const char* name) {
   }
 }
 
+// Every op checks all its inputs before it allocates, copies or launches anything, so bad input
+// is a RuntimeError ("patnet_cuda: ...") and never a launch on bad memory.
+
+// t: a defined tensor of like's device (a CUDA tensor; in the emulation build a CPU one), with
+// `dim` dimensions of at most 2^31 - 1 elements each (the launchers take sizes as int).
 void check_tensor(const Tensor& t, const char* name, const Tensor& like, int64_t dim) {
+  TORCH_CHECK(t.defined(), "patnet_cuda: ", name, " is an undefined tensor; pass a ",
+              c10::DeviceTypeName(kDevice), " tensor");
   TORCH_CHECK(t.device().type() == kDevice, "patnet_cuda: ", name, " must be a ",
-              c10::DeviceTypeName(kDevice), " tensor, got one on ", t.device());
+              c10::DeviceTypeName(kDevice), " tensor, got one on ", t.device(),
+              "; move it to the input's device");
   TORCH_CHECK(t.device() == like.device(), "patnet_cuda: ", name, " is on ", t.device(),
-              " but the input is on ", like.device());
+              " but the input is on ", like.device(), "; move them to one device");
   TORCH_CHECK(t.dim() == dim, "patnet_cuda: ", name, " must have ", dim, " dimensions, got ",
               t.sizes());
+  for (const int64_t size : t.sizes())
+    TORCH_CHECK(size <= std::numeric_limits<int32_t>::max(), "patnet_cuda: ", name,
+                " has shape ", t.sizes(), "; the kernels take at most 2^31 - 1 elements along "
+                "a dimension: split the call");
 }
+
+// An optional tensor is absent when None (nullopt) or undefined (C++ callers).
+bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 // t on like's device, with like's shape and dtype.
 void check_like(const Tensor& t, const char* name, const Tensor& like, const char* like_name) {
@@ -70,10 +83,11 @@ void check_like(const Tensor& t, const char* name, const Tensor& like, const cha
               t.scalar_type(), ", expected ", like.sizes(), " ", like.scalar_type());
 }
 
-void check_floats(const Tensor& t, const char* name, const Tensor& like) {
-  check_tensor(t, name, like, t.dim());
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "patnet_cuda: ", name,
-              " must be a contiguous float32 tensor");
+// A written tensor must not have elements that share memory (an expand()ed view, say).
+void check_writable(const Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "patnet_cuda: ", name,
+              " has elements that share memory (an expand()ed view?) and cannot be written in "
+              "place; pass a contiguous copy (.contiguous()) or use the out-of-place op");
 }
 
 void check_launch(cudaError_t error, const char* what) {
@@ -141,7 +155,7 @@ void conv3x3(const Tensor& src, const Tensor& taps, const Tensor& dst, int64_t c
 // ----------------------------------------------------------------------------------- PConv
 Tensor partial_conv3x3(const Tensor& x, const Tensor& weight) {
   const int64_t c1 = check_conv(x, weight, "x");
-  DeviceGuard guard(x);
+  const c10::DeviceGuard guard(x.device());
   Tensor y = empty_activation(x, x.sizes());
   conv3x3(x, forward_taps(weight), y, c1, /*copy_rest=*/true);
   return y;
@@ -149,7 +163,8 @@ Tensor partial_conv3x3(const Tensor& x, const Tensor& weight) {
 
 Tensor partial_conv3x3_(Tensor& x, const Tensor& weight) {
   const int64_t c1 = check_conv(x, weight, "x");
-  DeviceGuard guard(x);
+  check_writable(x, "x");
+  const c10::DeviceGuard guard(x.device());
   Tensor x1 = empty_activation(x, {x.size(0), c1, x.size(2), x.size(3)});
   x1.copy_(x.narrow(1, 0, c1));
   // The conv reads only the copy, so no block can see a halo another has rewritten.
@@ -159,7 +174,7 @@ Tensor partial_conv3x3_(Tensor& x, const Tensor& weight) {
 
 Tensor partial_conv3x3_input_grad(const Tensor& grad_y, const Tensor& weight) {
   const int64_t c1 = check_conv(grad_y, weight, "grad_y");
-  DeviceGuard guard(grad_y);
+  const c10::DeviceGuard guard(grad_y.device());
   Tensor grad_x = empty_activation(grad_y, grad_y.sizes());
   conv3x3(grad_y, transposed_taps(weight), grad_x, c1, /*copy_rest=*/true);
   return grad_x;
@@ -174,7 +189,7 @@ Tensor conv3x3_weight_grad(const Tensor& x1, const Tensor& grad_y) {
   TORCH_CHECK(grad_y.size(0) == x1.size(0) && grad_y.size(1) >= c1 &&
                   grad_y.size(2) == x1.size(2) && grad_y.size(3) == x1.size(3),
               "patnet_cuda: grad_y ", grad_y.sizes(), " does not fit x1 ", x1.sizes());
-  DeviceGuard guard(x1);
+  const c10::DeviceGuard guard(x1.device());
   const int b = x1.size(0), h = x1.size(2), w = x1.size(3), sms = num_sms();
   Tensor grad_w = at::empty({c1, c1, 3, 3}, x1.options().dtype(at::kFloat));
   const size_t bytes = patnet::conv3x3_weight_grad_workspace(b, c1, h, w, sms);
@@ -192,7 +207,7 @@ std::tuple<Tensor, Tensor> channel_attention_stats(const Tensor& x, int64_t c1) 
   const patnet::DType dtype = dtype_of(x, "x");
   TORCH_CHECK(c1 >= 0 && c1 < x.size(1), "patnet_cuda: c1 = ", c1, " must be in [0, ",
               x.size(1), ")");
-  DeviceGuard guard(x);
+  const c10::DeviceGuard guard(x.device());
   const int64_t c2 = x.size(1) - c1;
   Tensor mean = at::empty({x.size(0), c2}, x.options().dtype(at::kFloat));
   Tensor std = at::empty_like(mean);
@@ -203,13 +218,15 @@ std::tuple<Tensor, Tensor> channel_attention_stats(const Tensor& x, int64_t c1) 
   return {mean, std};
 }
 
-void check_coefficients(const Tensor& x, int64_t c2, std::initializer_list<const Tensor*> coefs) {
-  for (const Tensor* coef : coefs) {
-    check_floats(*coef, "a per-(b, c) coefficient", x);
-    TORCH_CHECK(coef->dim() == 2 && coef->size(0) == x.size(0) && coef->size(1) == c2,
-                "patnet_cuda: per-(b, c) coefficients must be (B, C2) = (", x.size(0), ", ",
-                c2, "), got ", coef->sizes());
-  }
+// A per-(b, c) coefficient: a float32 (B, C2) tensor on x's device, any strides (the kernels read
+// a contiguous copy, made once every input has been checked).
+void check_coefficient(const Tensor& coef, const char* name, const Tensor& x, int64_t c2) {
+  check_tensor(coef, name, x, 2);
+  TORCH_CHECK(coef.scalar_type() == at::kFloat, "patnet_cuda: the per-(b, c) coefficient ", name,
+              " must be float32, got ", coef.scalar_type(), "; cast it with .float()");
+  TORCH_CHECK(coef.size(0) == x.size(0) && coef.size(1) == c2,
+              "patnet_cuda: per-(b, c) coefficients must be (B, C2) = (", x.size(0), ", ", c2,
+              "), got ", coef.sizes(), " for ", name);
 }
 
 // dst = [conv3x3(src1) | src2 * scale + shift (+ (aux2 - center) * slope)]
@@ -233,11 +250,11 @@ Tensor conv3x3_affine(const Tensor& src, const Tensor& taps, int64_t c1, const T
 Tensor channel_attention_apply(const Tensor& x, const Tensor& conv_weight, const Tensor& scale,
                                const Tensor& shift) {
   const int64_t c1 = check_conv(x, conv_weight, "x");
-  const Tensor scale_c = scale.contiguous(), shift_c = shift.contiguous();
-  check_coefficients(x, x.size(1) - c1, {&scale_c, &shift_c});
-  DeviceGuard guard(x);
-  return conv3x3_affine(x, forward_taps(conv_weight), c1, scale_c, shift_c, nullptr, nullptr,
-                        nullptr, x);
+  check_coefficient(scale, "scale", x, x.size(1) - c1);
+  check_coefficient(shift, "shift", x, x.size(1) - c1);
+  const c10::DeviceGuard guard(x.device());
+  return conv3x3_affine(x, forward_taps(conv_weight), c1, scale.contiguous(), shift.contiguous(),
+                        nullptr, nullptr, nullptr, x);
 }
 
 std::tuple<Tensor, Tensor> channel_attention_grad_sums(const Tensor& x, const Tensor& grad_y,
@@ -245,10 +262,13 @@ std::tuple<Tensor, Tensor> channel_attention_grad_sums(const Tensor& x, const Te
   check_tensor(x, "x", x, 4);
   const patnet::DType dtype = dtype_of(x, "x");
   check_like(grad_y, "grad_y", x, "x");
+  check_tensor(mean, "mean", x, 2);
+  const int64_t c2 = mean.size(1), c1 = x.size(1) - c2;
+  TORCH_CHECK(c2 >= 1 && c1 >= 0, "patnet_cuda: mean must be (B, C2) with 1 <= C2 <= C = ",
+              x.size(1), " (the forward's statistics of X2), got ", mean.sizes());
+  check_coefficient(mean, "mean", x, c2);
+  const c10::DeviceGuard guard(x.device());
   const Tensor center = mean.contiguous();
-  const int64_t c2 = center.size(-1), c1 = x.size(1) - c2;
-  check_coefficients(x, c2, {&center});
-  DeviceGuard guard(x);
   Tensor sum_xg = at::empty_like(center), sum_g = at::empty_like(center);
   check_launch(patnet::channel_grad_sums(dtype, activation(x), activation(grad_y),
                                          center.data_ptr<float>(), sum_xg.data_ptr<float>(),
@@ -264,12 +284,15 @@ Tensor channel_attention_input_grad(const Tensor& grad_y, const Tensor& x,
                                     const Tensor& offset) {
   const int64_t c1 = check_conv(grad_y, conv_weight, "grad_y");
   check_like(x, "x", grad_y, "grad_y");
-  const Tensor scale_c = scale.contiguous(), center_c = center.contiguous(),
-               slope_c = slope.contiguous(), offset_c = offset.contiguous();
-  check_coefficients(x, x.size(1) - c1, {&scale_c, &center_c, &slope_c, &offset_c});
-  DeviceGuard guard(x);
-  return conv3x3_affine(grad_y, transposed_taps(conv_weight), c1, scale_c, offset_c, &x,
-                        &center_c, &slope_c, x);
+  const int64_t c2 = x.size(1) - c1;
+  check_coefficient(scale, "scale", x, c2);
+  check_coefficient(center, "center", x, c2);
+  check_coefficient(slope, "slope", x, c2);
+  check_coefficient(offset, "offset", x, c2);
+  const c10::DeviceGuard guard(x.device());
+  const Tensor center_c = center.contiguous(), slope_c = slope.contiguous();
+  return conv3x3_affine(grad_y, transposed_taps(conv_weight), c1, scale.contiguous(),
+                        offset.contiguous(), &x, &center_c, &slope_c, x);
 }
 
 // ---------------------------------------------------------------------------------- PAT_sf
@@ -277,7 +300,7 @@ constexpr int64_t kSeedLow = int64_t(1) << 32, kSeedHigh = int64_t(1) << 62;
 
 uint64_t seed_value(const std::optional<Tensor>& seed, double dropout_p) {
   if (dropout_p <= 0.0) return static_cast<uint64_t>(kSeedLow);
-  TORCH_CHECK(seed.has_value(), "patnet_cuda: rpe_attention with dropout_p > 0 needs a seed");
+  TORCH_CHECK(present(seed), "patnet_cuda: rpe_attention with dropout_p > 0 needs a seed");
   TORCH_CHECK(seed->device().is_cpu() && seed->numel() == 1 && seed->scalar_type() == at::kLong,
               "patnet_cuda: the dropout seed must be an int64 CPU tensor of shape ()");
   const int64_t value = seed->item<int64_t>();
@@ -290,6 +313,9 @@ struct AttentionShape {
   int64_t batch, heads, n, head_dim, num_buckets;
 };
 
+// Everything of an attention call but the range of the bucket ids, which must lie in
+// [0, num_buckets): checking that would read them back from the device (a sync on every call),
+// so it is the caller's contract (patnet_kernels.rpe_attention checks it, or takes bucket_range).
 AttentionShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& table, const Tensor& bucket, double dropout_p) {
   check_tensor(q, "q", q, 4);
@@ -301,13 +327,20 @@ AttentionShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v
   TORCH_CHECK(at::isIntegralType(bucket.scalar_type(), /*includeBool=*/false),
               "patnet_cuda: bucket must be an integer tensor of bucket ids, got ",
               bucket.scalar_type());
+  TORCH_CHECK(at::isFloatingType(table.scalar_type()), "patnet_cuda: table must be a floating "
+              "point tensor of biases, got ", table.scalar_type());
   const AttentionShape s{q.size(0), q.size(1), q.size(2), q.size(3), table.size(1)};
-  TORCH_CHECK(table.size(0) == s.heads, "patnet_cuda: table must be (heads, num_buckets)");
-  TORCH_CHECK(bucket.size(0) == s.n && bucket.size(1) == s.n, "patnet_cuda: bucket must be (N, N)");
+  TORCH_CHECK(table.size(0) == s.heads && s.num_buckets >= 1,
+              "patnet_cuda: table must be (heads, num_buckets) = (", s.heads,
+              ", >= 1), got ", table.sizes());
+  TORCH_CHECK(bucket.size(0) == s.n && bucket.size(1) == s.n, "patnet_cuda: bucket must be (N, N) "
+              "= (", s.n, ", ", s.n, "), got ", bucket.sizes());
   TORCH_CHECK(s.n <= patnet::kMaxTokens, "patnet_cuda: rpe_attention runs N <= ",
               patnet::kMaxTokens, " tokens, got ", s.n, "; use backend='triton'");
   TORCH_CHECK(s.head_dim <= patnet::kMaxHeadDim, "patnet_cuda: rpe_attention runs head dims <= ",
               patnet::kMaxHeadDim, ", got ", s.head_dim, "; use backend='torch'");
+  TORCH_CHECK(s.head_dim >= 1, "patnet_cuda: q, k and v must have a head dim >= 1, got ",
+              q.sizes());
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "patnet_cuda: dropout_p must be in [0, 1)");
   return s;
 }
@@ -318,7 +351,7 @@ std::tuple<Tensor, Tensor> rpe_attention_fwd(const Tensor& q, const Tensor& k, c
                                              const std::optional<Tensor>& seed) {
   const AttentionShape s = check_attention(q, k, v, table, bucket, dropout_p);
   const uint64_t seed_bits = seed_value(seed, dropout_p);
-  DeviceGuard guard(q);
+  const c10::DeviceGuard guard(q.device());
   const Tensor table_f = table.to(at::kFloat).contiguous();
   const Tensor ids = bucket.to(at::kInt).contiguous();
   Tensor out = at::empty(q.sizes(), q.options());
@@ -345,7 +378,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rpe_attention_bwd(
                   lse.size(1) == s.heads && lse.size(2) == s.n,
               "patnet_cuda: lse must be the forward's float32 (B, heads, N) log-sum-exp");
   const uint64_t seed_bits = seed_value(seed, dropout_p);
-  DeviceGuard guard(q);
+  const c10::DeviceGuard guard(q.device());
   const Tensor table_f = table.to(at::kFloat).contiguous();
   const Tensor ids = bucket.to(at::kInt).contiguous();
   const Tensor out_c = out.contiguous(), lse_c = lse.contiguous();
@@ -386,8 +419,8 @@ void check_mixer_inputs(const Tensor& x, int64_t c1, const Tensor& tokens,
   };
   expect(tokens, "tokens", {b, n, c2}, "(B, H*W, C2)");
   expect(proj_weight, "proj_weight", {c2, c2}, "(C2, C2)");
-  if (proj_bias.has_value()) expect(*proj_bias, "proj_bias", {c2}, "(C2,)");
-  if (keep.has_value()) expect(*keep, "keep", {b, n, c2}, "(B, H*W, C2)");
+  if (present(proj_bias)) expect(*proj_bias, "proj_bias", {c2}, "(C2,)");
+  if (present(keep)) expect(*keep, "keep", {b, n, c2}, "(B, H*W, C2)");
 }
 
 // [conv3x3(X1) | proj(tokens)] (* keep on the second half), both written into one buffer.
@@ -396,18 +429,18 @@ Tensor self_mixer_output(const Tensor& x, const Tensor& conv_weight, const Tenso
                          const std::optional<Tensor>& keep) {
   const int64_t c1 = check_conv(x, conv_weight, "x");
   check_mixer_inputs(x, c1, tokens, proj_weight, proj_bias, keep);
-  DeviceGuard guard(x);
+  const c10::DeviceGuard guard(x.device());
   Tensor y = empty_activation(x, x.sizes());
   conv3x3(x, forward_taps(conv_weight), y, c1, /*copy_rest=*/false);
   Tensor y2 = tokens_view(y, c1);
   const int64_t b = y2.size(0), n = y2.size(1), c2 = y2.size(2);
   const Tensor weight_t = proj_weight.t().expand({b, c2, c2});
-  if (proj_bias.has_value()) {
+  if (present(proj_bias)) {
     at::baddbmm_out(y2, proj_bias->expand({b, n, c2}), tokens, weight_t);
   } else {
     at::bmm_out(y2, tokens, weight_t);
   }
-  if (keep.has_value()) y2.mul_(*keep);
+  if (present(keep)) y2.mul_(*keep);
   return y;
 }
 
@@ -417,16 +450,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> self_mixer_output_backward(
   const int64_t c1 = check_conv(grad_y, conv_weight, "grad_y");
   check_like(x, "x", grad_y, "grad_y");
   check_mixer_inputs(x, c1, tokens, proj_weight, std::nullopt, keep);
-  DeviceGuard guard(x);
+  const c10::DeviceGuard guard(x.device());
   Tensor grad_x = empty_activation(x, x.sizes());
   conv3x3(grad_y, transposed_taps(conv_weight), grad_x, c1, /*copy_rest=*/false);
   grad_x.narrow(1, c1, x.size(1) - c1).zero_();
   Tensor grad_conv_weight = conv3x3_weight_grad(x.narrow(1, 0, c1), grad_y);
   Tensor grad_proj_out = tokens_view(grad_y, c1);
-  if (keep.has_value()) grad_proj_out = grad_proj_out * *keep;
+  if (present(keep)) grad_proj_out = grad_proj_out * *keep;
   Tensor grad_tokens = at::matmul(grad_proj_out, proj_weight);
   Tensor grad_proj_weight = at::bmm(grad_proj_out.transpose(1, 2), tokens).sum(0);
-  Tensor grad_proj_bias = grad_proj_out.sum({0, 1});
+  Tensor grad_proj_bias = grad_proj_out.sum(at::IntArrayRef{0, 1});
   return {grad_x, grad_conv_weight, grad_tokens, grad_proj_weight, grad_proj_bias};
 }
 

@@ -19,6 +19,18 @@ from typing import Mapping, Optional
 # newer GPUs to JIT from).
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
+# The extension's own compiler flags, added to torch.utils.cpp_extension's: nvcc's for the .cu
+# files, the host compiler's for bindings.cpp. setup.py, the JIT build (_cuda_ext.py) and
+# scripts/nvcc_check.py all take them from here.
+CUDA_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo")
+# bindings.cpp refuses bad input by throwing (TORCH_CHECK) from its failure paths, which GCC at
+# -O2 and above moves into separate ".cold" parts of each function, with unwind entries of their
+# own (zero-length ones for empty parts, which some linkers put in the lookup table where they
+# hide a real entry: rui314/mold#1648). An exception the unwinder cannot follow terminates the
+# process: the likely cause of the first GPU run's crashes on bad input (csrc/README.md, "Bad
+# input"). One piece per function leaves nothing of the kind; this glue code is not hot.
+CXX_FLAGS = ("-O3", "-fno-reorder-blocks-and-partition")
+
 
 class CudaBuildError(RuntimeError):
     """The environment asked for the CUDA build, but it cannot be done here."""

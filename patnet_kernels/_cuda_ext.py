@@ -26,12 +26,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ._build import find_cuda_home
+from ._build import CUDA_FLAGS, CXX_FLAGS, find_cuda_home
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 KERNEL_FAMILIES = ("partial_conv", "channel_attention", "rpe_attention")
-CUDA_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo")
-CXX_FLAGS = ("-O3",)
 EMULATION_FLAGS = ("-O2", "-DPATNET_EMULATE")
 
 HOW_TO_BUILD = ("build it with `FORCE_CUDA=1 pip install --no-build-isolation -e .` on a machine "

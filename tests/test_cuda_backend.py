@@ -8,6 +8,11 @@ the CPU emulation build (PATNET_CUDA_EMULATE=1, set by conftest), whose checks a
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -125,8 +130,8 @@ CHECKED = {
                          "[2, 5]"),
     "apply-coef_dtype": ("channel_attention_apply",
                          lambda: _conv() + (_coef(2, 6, dtype=F16), _coef(2, 6)),
-                         "patnet_cuda: a per-(b, c) coefficient must be a contiguous float32 "
-                         "tensor"),
+                         "patnet_cuda: the per-(b, c) coefficient scale must be float32, got "
+                         "Half; cast it with .float()"),
     "apply-weight_shape": ("channel_attention_apply",
                            lambda: (_conv()[0], _randn(3, 2, 3, 3), _coef(2, 6), _coef(2, 6)),
                            "must be (C1, C1, 3, 3)"),
@@ -237,6 +242,61 @@ CHECKED.update({
                          "patnet_cuda: keep"),
 })
 
+# Refused since the first GPU run (each checked before anything is allocated or launched).
+CHECKED.update({
+    # a size the kernels' 32-bit sizes cannot hold (an expand()ed view: no memory behind it)
+    "pconv-x_too_large": ("partial_conv3x3",
+                          lambda: (_randn(1, 8, 5, 6).expand(1 << 31, 8, 5, 6), _conv()[1]),
+                          "patnet_cuda: x has shape [2147483648, 8, 5, 6]; the kernels take at "
+                          "most 2^31 - 1 elements along a dimension"),
+    # the in-place op would write elements that share memory
+    "pconv_-x_overlapping": ("partial_conv3x3_",
+                             lambda: (_randn(1, 8, 5, 6).expand(2, 8, 5, 6), _conv()[1]),
+                             "patnet_cuda: x has elements that share memory (an expand()ed "
+                             "view?) and cannot be written in place"),
+    "apply-coef_dims": ("channel_attention_apply", lambda: _conv() + (_coef(12), _coef(2, 6)),
+                        "patnet_cuda: scale must have 2 dimensions, got [12]"),
+    # C2 is read off mean: wider than C would have made C1 negative
+    "grad_sums-mean_too_wide": ("channel_attention_grad_sums",
+                                lambda: (_conv()[0], _randn(2, 8, 5, 6), _coef(2, 9)),
+                                "patnet_cuda: mean must be (B, C2) with 1 <= C2 <= C = 8"),
+    "grad_sums-mean_dims": ("channel_attention_grad_sums",
+                            lambda: (_conv()[0], _randn(2, 8, 5, 6), _coef(12)),
+                            "patnet_cuda: mean must have 2 dimensions, got [12]"),
+    "grad_sums-mean_dtype": ("channel_attention_grad_sums",
+                             lambda: (_conv()[0], _randn(2, 8, 5, 6), _coef(2, 6).double()),
+                             "patnet_cuda: the per-(b, c) coefficient mean must be float32, got "
+                             "Double"),
+    "input_grad-offset_dtype": ("channel_attention_input_grad",
+                                lambda: _conv()[:1] + _conv()
+                                + (_coef(2, 6), _coef(2, 6), _coef(2, 6), _coef(2, 6).half()),
+                                "patnet_cuda: the per-(b, c) coefficient offset must be float32"),
+    "rpe-table_int": ("rpe_attention_fwd",
+                      lambda: _replace(_attention(), 3, _attention()[3].long()) + (
+                          0.35, 0.0, None),
+                      "patnet_cuda: table must be a floating point tensor of biases, got Long"),
+    "rpe-no_buckets": ("rpe_attention_fwd",
+                       lambda: _replace(_attention(), 3, _randn(2, 0)) + (0.35, 0.0, None),
+                       "patnet_cuda: table must be (heads, num_buckets) = (2, >= 1), got [2, 0]"),
+    "rpe-head_dim_zero": ("rpe_attention_fwd",
+                          lambda: tuple(_randn(1, 2, 6, 0) for _ in range(3))
+                          + _attention()[3:] + (0.35, 0.0, None),
+                          "patnet_cuda: q, k and v must have a head dim >= 1, got [1, 2, 6, 0]"),
+    "rpe-dropout_nan": ("rpe_attention_fwd", lambda: _attention() + (0.35, float("nan"), _seed()),
+                        "patnet_cuda: dropout_p must be in [0, 1)"),
+    "rpe_bwd-lse_dtype": ("rpe_attention_bwd",
+                          lambda: _replace(_rpe_bwd(*_attention()), 5,
+                                           torch.zeros(1, 2, 6, device=DEVICE).half()),
+                          "patnet_cuda: lse must be the forward's float32 (B, heads, N)"),
+    "mixer-bias_shape": ("self_mixer_output",
+                         lambda: _replace(_mixer(), 4, _randn(5)) + (None,),
+                         "patnet_cuda: proj_bias must be (C2,) = [6] (C2 = C - C1), got [5]"),
+    "mixer_bwd-keep_dtype": ("self_mixer_output_backward",
+                             lambda: (_conv()[0],) + _mixer()[:4]
+                             + (_randn(2, 30, 6, dtype=F16),),
+                             "patnet_cuda: keep is Half but x is Float"),
+})
+
 
 @pytest.mark.parametrize("case", list(CHECKED))
 def test_op_refuses_bad_input(ops, case):
@@ -258,6 +318,50 @@ def test_op_refuses_a_cpu_argument_with_cuda_input(ops):
     q, k, v, table, bucket = _attention()
     with pytest.raises(RuntimeError, match="patnet_cuda: bucket must be a CUDA tensor"):
         ops.rpe_attention_fwd(q, k, v, table, bucket.cpu(), 0.35, 0.0, None)
+    with pytest.raises(RuntimeError, match="patnet_cuda: shift must be a CUDA tensor"):
+        ops.channel_attention_apply(x, weight, _coef(2, 6), _coef(2, 6).cpu())
+    with pytest.raises(RuntimeError, match="patnet_cuda: mean must be a CUDA tensor"):
+        ops.channel_attention_grad_sums(x, x, _coef(2, 6).cpu())
+    with pytest.raises(RuntimeError, match="patnet_cuda: keep must be a CUDA tensor"):
+        ops.self_mixer_output(*_mixer(), _randn(2, 30, 6).cpu())
+    with pytest.raises(RuntimeError, match="patnet_cuda: x must be a CUDA tensor"):
+        ops.channel_attention_stats(x.cpu(), 2)
+
+
+# Every case of CHECKED in a child process, which must survive them all: on the first GPU run
+# (gpu-reports/h200-2026-12-04) bad input to these ops killed the pytest worker instead of
+# raising, 13 times, with nothing to say why. A crash here fails this one test with the child's
+# stderr (faulthandler's stack, or C++'s "terminate called after ...") and the case it died in.
+_SURVIVE_CHECKED = textwrap.dedent("""
+    import faulthandler, sys
+    faulthandler.enable()
+    sys.path.insert(0, sys.argv[1])
+    import test_cuda_backend as t
+    ops = t.fused_ops("cuda")
+    for case, (op, make_args, message) in t.CHECKED.items():
+        print("case", case, flush=True)
+        try:
+            getattr(ops, op)(*make_args())
+        except RuntimeError as exc:
+            print("raised" if message in str(exc) else "wrong message", flush=True)
+        else:
+            print("did not raise", flush=True)
+    print("all cases done", flush=True)
+""")
+
+
+def test_bad_input_never_kills_the_process(ops):
+    proc = subprocess.run([sys.executable, "-c", _SURVIVE_CHECKED, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=900)
+    cases = [line[len("case "):] for line in proc.stdout.splitlines() if line.startswith("case ")]
+    assert proc.returncode == 0 and "all cases done" in proc.stdout, (
+        f"the process died (exit status {proc.returncode}) in case "
+        f"{cases[-1] if cases else '(none: before the first)'}; its stderr:\n"
+        f"{proc.stderr[-6000:]}")
+    outcomes = proc.stdout.splitlines()
+    wrong = [f"{line[len('case '):]}: {outcome}" for line, outcome in zip(outcomes, outcomes[1:])
+             if line.startswith("case ") and outcome != "raised"]
+    assert not wrong, wrong
 
 
 # ------------------------------------------------------------------ spatial_attention

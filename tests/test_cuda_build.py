@@ -1,13 +1,16 @@
 """The CUDA backend's build, on any machine: which environment gives which build, the errors
-without one, the nvcc compile of every kernel file for sm_80 / sm_90, the JIT loader's build lock,
-and the CPU emulation the other CUDA tests run the kernels through."""
+without one, the nvcc compile of every kernel file for sm_80 / sm_90, the host compile of
+bindings.cpp in its real CUDA form, the JIT loader's build lock, and the CPU emulation the other
+CUDA tests run the kernels through."""
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,13 +113,53 @@ def test_every_cuda_file_compiles_for_sm80_and_sm90():
             pytest.fail("nvcc is not on PATH (and CUDA_HOME is unset): CI must compile the "
                         "CUDA kernels")
         pytest.skip("nvcc is not on PATH: the CUDA kernels' compile check needs the CUDA toolkit")
-    proc = subprocess.run([sys.executable, "scripts/nvcc_check.py", "--arch", "80", "90"],
+    proc = subprocess.run([sys.executable, "scripts/nvcc_check.py", "--arch", "80", "90",
+                           "--only", "kernels"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report[-8000:]
     for family in _cuda_ext.KERNEL_FAMILIES:
         assert f"{family}.cu: ok" in report, report[-8000:]
     assert "sm_80" in report and "sm_90" in report
+
+
+# ------------------------------------------------------------------ bindings.cpp, CUDA form
+# The emulation build (PATNET_CUDA_EMULATE=1) every other test runs compiles bindings.cpp with
+# PATNET_EMULATE defined, so its real CUDA form was first compiled on a GPU machine, where it
+# failed (gpu-reports/h200-2026-12-04). scripts/nvcc_check.py compiles that form here, with
+# g++ -fsyntax-only against this torch's headers (CUDA library headers a CPU wheel lacks come from
+# the stand-ins of tests/data/cuda_stub_headers) and the CUDA toolkit's runtime headers.
+@pytest.fixture(scope="module")
+def nvcc_check():
+    return SimpleNamespace(**runpy.run_path(str(REPO / "scripts" / "nvcc_check.py")))
+
+
+def _bindings_check(nvcc_check, source):
+    ok, output = nvcc_check.bindings_check(source)
+    if ok is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must compile bindings.cpp in its CUDA form, but here: {output}")
+        pytest.skip(f"bindings.cpp's CUDA form cannot be compiled here: {output}")
+    return ok, output
+
+
+def test_bindings_compile_in_their_cuda_form(nvcc_check):
+    ok, output = _bindings_check(nvcc_check, REPO / "csrc" / "bindings.cpp")
+    assert ok, f"csrc/bindings.cpp does not compile in its CUDA form:\n{output[-8000:]}"
+
+
+def test_bindings_check_sees_the_cuda_form(nvcc_check, tmp_path):
+    """The check compiles the CUDA branch, not the emulation's: an error only that branch has
+    (the guard of the first GPU run, a CUDAGuard built from a Tensor) fails it."""
+    broken = tmp_path / "bindings.cpp"
+    broken.write_text((REPO / "csrc" / "bindings.cpp").read_text() + textwrap.dedent("""
+        #ifndef PATNET_EMULATE
+        #include <c10/cuda/CUDAGuard.h>
+        void guard_built_from_a_tensor(const at::Tensor& x) { c10::cuda::CUDAGuard guard(x); }
+        #endif
+    """))
+    ok, output = _bindings_check(nvcc_check, broken)
+    assert not ok and "guard_built_from_a_tensor" in output and "CUDAGuard" in output, output
 
 
 # ------------------------------------------------------------------ errors without a build
