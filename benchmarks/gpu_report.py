@@ -759,6 +759,11 @@ def collect_env(commit: Optional[str] = None) -> dict:
         match = re.search(r"V(\d+\.\d+\.\d+)", version)
         env["nvcc"] = match.group(1) if match else version.splitlines()[-1:]
     env["ninja"] = shutil.which("ninja")
+    # The host compiler and linker build bindings.cpp: their versions matter to how its C++
+    # exceptions unwind (the first GPU run's crashes on bad input, see csrc/README.md).
+    for tool, command in (("cxx", os.environ.get("CXX", "c++")), ("ld", "ld")):
+        path = shutil.which(command)
+        env[tool] = (_run([path, "--version"]).splitlines() or ["?"])[0] if path else None
     try:
         from benchmarks.op_bench import _slug
         slug = _slug(env.get("gpu_name") or "cpu")
@@ -782,6 +787,7 @@ def env_text(env: dict) -> str:
              f"{env.get('capability')}, {env.get('gpu_memory_gib')} GiB",
              f"CPU: {env.get('cpu')}, {env.get('cpus')} cores, {env.get('memory_gib')} GiB",
              f"CUDA_HOME: {env.get('cuda_home')}; ninja: {env.get('ninja')}",
+             f"host compiler: {env.get('cxx')}; linker: {env.get('ld')}",
              f"authors' reference vectors: {'present' if env.get('authors_data') else 'missing'}",
              "", "nvidia-smi: " + str(env.get("nvidia_smi", "(not found)")), "", "packages:"]
     lines += [f"  {name:<18} {version or '-'}" for name, version in env["packages"].items()]

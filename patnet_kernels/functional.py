@@ -55,8 +55,9 @@ def autocast_aware(op: Callable) -> Callable:
             return op(*args, **kwargs)  # (bad arguments: the op's checks say what is wrong)
         dtype = torch.get_autocast_dtype(device_type)
 
-        def cast(value):
-            if isinstance(value, torch.Tensor) and value.dtype in FUSED_DTYPES:
+        def cast(value):  # (no call at all for a tensor already in the autocast dtype)
+            if (isinstance(value, torch.Tensor) and value.dtype != dtype
+                    and value.dtype in FUSED_DTYPES):
                 return value.to(dtype)
             return value
 
