@@ -207,7 +207,15 @@ def _rpe_bwd_kv_kernel(
             lse = tl.load(lse_ptr + row, mask=m_ok, other=0.0)
             s = _logits(q, kt, table_ptr, bucket_ptr, h, NB, N, offs_m, offs_n, valid, scale,
                         UPCAST)
-            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # softmax probabilities
+            # Softmax probabilities exp(s - lse); at N = 1 exactly 1, as the forward computes
+            # them (exp(s - max) / sum with max = s, sum = 1). This program's logits come from
+            # other tile shapes than the forward's (another summation order where the dot is not
+            # per-element exact, as under the interpreter), so exp(s - lse) would be 1 + noise
+            # there: fp32 noise (~1e-6) in dQ, dK and the table gradient, whose exact values are
+            # 0, and an ulp in dV. With P = 1, delta = rowsum(P dP) = dP and dS = 0 exactly.
+            # (A select, not a branch: an scf.if yielding this tile doubles the loop body and
+            # its spills. N > 1: unchanged, bit for bit.)
+            p = tl.where(valid, tl.exp(tl.where(N == 1, 0.0, s - lse[:, None])), 0.0)
             dp = _dot(do, vt, UPCAST)  # dL/d(dropped probabilities)
             pd = p
             if dropping:
