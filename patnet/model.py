@@ -148,8 +148,8 @@ class _PartialNetwork(nn.Module):
         """x: (B, in_chans, H, W) with H, W >= 32. Returns logits (B, num_classes), or the
         four stage features (B, 2^i E, H / 2^(i+2), W / 2^(i+2)) in features mode."""
         self._check_input(x)
-        if (not torch.compiler.is_compiling() and x.device.type != "meta"
-                and x.device not in self._reported_devices):
+        if (not torch.compiler.is_compiling() and logger.isEnabledFor(logging.INFO)
+                and x.device.type != "meta" and x.device not in self._reported_devices):
             self._reported_devices.add(x.device)
             plan = ", ".join(f"{op} -> {name}" for op, name in self.backend_plan(
                 x.device, x.shape, torch.get_autocast_dtype(x.device.type)
