@@ -1,0 +1,489 @@
+"""Traffic model on the CPU: device kernels and activation bytes of one eval forward, per provider.
+
+    python -m benchmarks.traffic                                   # every model, 64 x 64
+    python -m benchmarks.traffic --models patnet_t2,fasternet_t2 --size 128 --json out.json
+
+For each model and provider, one eval forward under ``torch.no_grad()`` (fp32, NCHW, random
+weights) is recorded with a ``TorchDispatchMode``, after one untraced warm-up forward (so caches
+such as PAT_sf's bucket map are built: the steady state is counted). Providers:
+
+- ``eager``: the reference model, ``patnet.create_model(name, backend="torch")`` (BatchNorms
+  not folded: the authors' eager code);
+- ``torch`` / ``triton`` / ``cuda``: our inference path,
+  ``patnet.optimize_for_inference(model, backend=...)``. On the CPU ``backend="torch"`` runs the
+  CPU eval forms of :mod:`patnet_kernels.eval_cpu` (on a GPU it would run the reference ops);
+  ``triton`` runs its kernels under ``TRITON_INTERPRET=1`` and ``cuda`` through the CPU emulation
+  (``PATNET_CUDA_EMULATE=1``), both set by this module when no GPU is present.
+
+**Kernels.** Every aten op the dispatcher sees counts as one kernel launch, except views (an op
+whose every return aliases an input, by its schema: ``view``, ``permute``, ``slice``,
+``expand``, ...) and allocations and metadata ops that launch nothing (``empty*``,
+``new_empty*``, ``detach``, ``lift_fresh``, ``resize_``). A fused op (``patnet_triton::*`` or
+``patnet_cuda::*``) counts as the kernels it launches: for Triton the launches themselves,
+seen by wrapping Triton's launcher (``JITFunction.run`` / the interpreter's
+``InterpretedFunction.run``) while the op runs; for CUDA one per launcher call in
+``csrc/bindings.cpp`` (every forward op calls one), plus, for both, the aten ops the op runs
+around its kernels (weight re-layouts, the ``copy_`` of in-place PConv's saved X1, PAT_sf's
+output projection by ``bmm``), recorded by a nested mode and counted by the aten rule.
+
+**Bytes.** An aten op reads its tensor inputs and writes its tensor outputs, each counted once
+at its logical size (numel x element size; a dimension of stride 0, an ``expand``, counted
+once). In-place ops read and write their ``self`` (``relu_``: 2 N), except the overwriting ones
+(``copy_``, ``fill_``, ``zero_``, which only write it); an ``out=`` argument is written, not
+read. Views move nothing. A fused kernel is counted by what it must move: its tensor inputs read
+once and outputs written once, except where it touches part of a tensor: the statistics of
+PAT_ch read X2 only, in-place PConv reads the saved X1 and writes Y1 into X, PAT_sf's output
+kernel reads X1 and writes Y1 (its projection is the ``bmm`` beside it), the attention reads its
+bucket ids as int32. Halo re-reads, register spills and caches are not modelled.
+
+**Per image.** Every provider runs at batch 2 and batch 3: per-image bytes = bytes(batch 3) -
+bytes(batch 2), so whatever does not scale with the batch (weights, their re-laid-out copies,
+per-channel constants) cancels; "per batch" = bytes(batch 2) - 2 x per image is that remainder,
+weights included. Kernel counts are the same at both batches (checked; a provider whose counts
+differ is reported as an error). Not batch 1: there some reshapes are views that are copies at
+any larger batch (eager's ``q @ k^T`` in PAT_sf: one ``clone`` per block more at batch >= 2),
+so batch 1 launches fewer kernels than the general case.
+
+**Floor.** Each layer's input read once and output written once, per image: the stem
+(``patch_embed``), every block, every merging layer, the pre-head (pool, 1x1 conv, activation:
+one layer) and the classifier; one kernel per layer is the launch floor, and the folded model's
+parameters read once the weight floor.
+
+Everything is counted at the size run (``--size``, default 64; H, W >= 32), never scaled: the
+activation bytes scale as H x W for every layer, but at sizes other than 224 PAT_sf's attention
+is on another grid (2 x 2 at 64, 7 x 7 at 224), so the figures at 224 are not exactly 12.25x.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+if not torch.cuda.is_available():  # before triton or the CUDA extension are first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("PATNET_CUDA_EMULATE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+
+import patnet  # noqa: E402
+import patnet.testing  # noqa: E402
+from patnet.layers import FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock  # noqa: E402
+
+PROVIDERS = ("eager", "torch", "triton", "cuda")
+PROVIDER_LABELS = {"eager": "eager reference", "torch": "ours, backend=torch",
+                   "triton": "ours, backend=triton", "cuda": "ours, backend=cuda"}
+FUSED_NAMESPACES = ("patnet_triton", "patnet_cuda")
+DEFAULT_SIZE = 64
+BATCHES = (2, 3)  # batch 1 is special: some reshapes are views there, copies above
+
+# aten ops that launch no kernel (allocation, metadata); views are found by their schema.
+NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+             "detach", "lift_fresh", "resize_", "_reshape_alias", "alias", "_unsafe_view"}
+# In-place ops that overwrite ``self`` without reading it.
+WRITE_ONLY_SELF = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_",
+                   "exponential_"}
+# Kernels each fused CUDA op launches in eval (one launcher call each, csrc/bindings.cpp).
+CUDA_LAUNCHES = {"partial_conv3x3": 1, "partial_conv3x3_": 1, "channel_attention_stats": 1,
+                 "channel_attention_apply": 1, "rpe_attention_fwd": 1, "self_mixer_output": 1}
+
+
+class Op(NamedTuple):
+    """One recorded op: name ("aten::convolution", "patnet_triton::channel_attention_apply"),
+    kernels launched, bytes read and written, and the fused op it ran inside ("" if none)."""
+    name: str
+    kernels: int
+    read: int
+    written: int
+    inside: str = ""
+
+
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes of ``t`` at its logical size, a stride-0 (expanded) dimension counted once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _tensors(tree) -> List[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _same_view(a, b) -> bool:
+    """Whether ``a.copy_(b)`` is a no-op (the same elements: ``copy_`` then returns at once,
+    as after ``out[:, c:] += y``, whose write-back copies a view onto itself)."""
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride())
+
+
+def aten_op(func, args, kwargs, out) -> Op:
+    """The kernels and bytes of one aten op (rules in the module docstring)."""
+    schema = func._schema
+    name = func.overloadpacket.__name__
+    returns_alias = bool(schema.returns) and all(r.alias_info is not None for r in schema.returns)
+    if (returns_alias and not schema.is_mutable) or name in NO_KERNEL:
+        return Op(f"aten::{name}", 0, 0, 0)
+    if name == "copy_" and _same_view(args[0], args[1]):  # copy_ returns at once: no kernel
+        return Op(f"aten::{name}", 0, 0, 0)
+    read = 0
+    for i, arg in enumerate(schema.arguments):
+        if i < len(args):
+            value = args[i]
+        elif arg.name in kwargs:
+            value = kwargs[arg.name]
+        else:
+            continue
+        info = arg.alias_info
+        if info is not None and info.is_write:
+            if arg.kwarg_only or name in WRITE_ONLY_SELF:  # out= / overwritten: not read
+                continue
+        read += sum(nbytes(t) for t in _tensors(value))
+    written = sum(nbytes(t) for t in _tensors(out))
+    return Op(f"aten::{name}", 1, read, written)
+
+
+def fused_bytes(op: str, args, out) -> Tuple[int, int]:
+    """What a fused op's kernels must move: (read, written) (rules in the module docstring)."""
+    read = sum(nbytes(t) for t in _tensors(args))
+    written = sum(nbytes(t) for t in _tensors(out))
+    if op == "channel_attention_stats":  # reads X2 only
+        x, c1 = args[0], int(args[1])
+        read = nbytes(x[:, c1:])
+    elif op == "partial_conv3x3_":  # the conv reads the saved X1 and writes Y1 into x
+        x, weight = args[0], args[1]
+        x1 = x[:, :weight.shape[0]]
+        read, written = nbytes(x1) + nbytes(weight), nbytes(x1)
+    elif op == "self_mixer_output":  # the conv of X1 into Y1; tokens -> Y2 is the bmm beside it
+        x, weight = args[0], args[1]
+        x1 = x[:, :weight.shape[0]]
+        read, written = nbytes(x1) + nbytes(weight), nbytes(x1)
+    elif op == "rpe_attention_fwd":  # bucket ids read as int32
+        bucket = args[4]
+        read += bucket.numel() * 4 - nbytes(bucket)
+    return read, written
+
+
+@contextlib.contextmanager
+def triton_launches(names: List[str], run_kernels: bool = True):
+    """Append the name of every Triton kernel launched inside to ``names`` (the launch itself
+    runs with no dispatch mode active, so the interpreter's own tensor work is not recorded).
+    With ``run_kernels`` False the kernels are counted but not run (their outputs stay as
+    allocated: for counting only; nothing in an eval forward branches on values)."""
+    patched = []
+    try:
+        import triton.runtime.jit as jit
+        patched.append(jit.JITFunction)
+        try:
+            import triton.runtime.interpreter as interpreter
+            patched.append(interpreter.InterpretedFunction)
+        except ImportError:  # pragma: no cover
+            pass
+    except ImportError:  # pragma: no cover
+        pass
+    originals = [cls.run for cls in patched]
+
+    def wrap(original):
+        def run(self, *args, **kwargs):
+            if kwargs.get("warmup"):
+                return original(self, *args, **kwargs)
+            names.append(getattr(self, "__name__", type(self).__name__))
+            if not run_kernels:
+                return None
+            with _disable_current_modes():
+                return original(self, *args, **kwargs)
+        return run
+
+    for cls, original in zip(patched, originals):
+        cls.run = wrap(original)
+    try:
+        yield names
+    finally:
+        for cls, original in zip(patched, originals):
+            cls.run = original
+
+
+class TrafficRecorder(TorchDispatchMode):
+    """Records every op dispatched while active as :class:`Op` rows in ``self.ops``."""
+
+    def __init__(self, inside: str = "", run_kernels: bool = True):
+        super().__init__()
+        self.ops: List[Op] = []
+        self.inside = inside
+        self.run_kernels = run_kernels
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace in FUSED_NAMESPACES:
+            name = func.overloadpacket.__name__
+            full = f"{func.namespace}::{name}"
+            inner, launched = TrafficRecorder(full, self.run_kernels), []
+            # Run the op's kernel for its device (skipping the Python key, so that this mode
+            # does not see the op again), with a nested mode that records the aten ops it runs.
+            device = next(t.device for t in _tensors((args, kwargs)))
+            keys = torch._C.DispatchKeySet(
+                torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU)
+            with triton_launches(launched, self.run_kernels), inner:
+                out = func.redispatch(keys, *args, **kwargs)
+            if func.namespace == "patnet_cuda":
+                if name not in CUDA_LAUNCHES:
+                    raise NotImplementedError(f"traffic: no launch count for {full}")
+                kernels = CUDA_LAUNCHES[name]
+            else:
+                kernels = len(launched)
+            read, written = fused_bytes(name, args, out)
+            self.ops.append(Op(full, kernels, read, written, self.inside))
+            self.ops.extend(inner.ops)
+            return out
+        out = func(*args, **kwargs)
+        self.ops.append(aten_op(func, args, kwargs, out)._replace(inside=self.inside))
+        return out
+
+
+class Count(NamedTuple):
+    kernels: int
+    fused: int      # of which fused-backend kernels
+    read: int
+    written: int
+
+
+def summarize(ops: Iterable[Op]) -> Count:
+    ops = list(ops)
+    return Count(sum(o.kernels for o in ops),
+                 sum(o.kernels for o in ops if o.name.split("::")[0] in FUSED_NAMESPACES),
+                 sum(o.read for o in ops), sum(o.written for o in ops))
+
+
+def record_forward(model: torch.nn.Module, x: torch.Tensor, warmup: bool = True,
+                   run_kernels: bool = True) -> List[Op]:
+    """The ops of one eval forward of ``model`` on ``x`` (after an untraced warm-up forward,
+    at batch 1, unless ``warmup`` is False); ``run_kernels``: see :func:`triton_launches`."""
+    skip = contextlib.nullcontext() if run_kernels else triton_launches([], run_kernels=False)
+    with torch.no_grad(), skip:
+        if warmup:
+            model(x[:1].clone())
+        x = x.clone()  # (the model may overwrite its input)
+        recorder = TrafficRecorder(run_kernels=run_kernels)
+        with recorder:
+            model(x)
+    return recorder.ops
+
+
+def build(name: str, provider: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """The model a provider runs: eager reference, or our inference path on a backend."""
+    torch.manual_seed(seed)
+    model = patnet.create_model(name, backend="torch", **overrides).eval()
+    patnet.testing.randomize_norms(model, seed)
+    if provider == "eager":
+        return model
+    return patnet.optimize_for_inference(model, backend=provider)
+
+
+def floor(name: str, size: int, **overrides) -> Dict[str, int]:
+    """Per-image activation bytes of each layer's input read once and output written once,
+    the layer count (one kernel per layer) and the folded model's parameter bytes."""
+    torch.manual_seed(0)
+    model = patnet.create_model(name, backend="torch", **overrides).eval()
+    layers = [m for m in model.modules()
+              if isinstance(m, (PatchEmbed, PatchMerging, PATNetBlock, FasterNetBlock))]
+    layers += [model.avgpool_pre_head, model.head]
+    totals = {"read": 0, "written": 0}
+    batch = 1
+
+    def hook(module, inputs, output):
+        totals["read"] += nbytes(inputs[0]) // batch
+        totals["written"] += nbytes(output) // batch
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            model(torch.randn(batch, 3, size, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    folded = patnet.fuse_for_inference(model)
+    weights = sum(nbytes(p) for p in folded.parameters())
+    return {"kernels": len(layers), "read": totals["read"], "written": totals["written"],
+            "bytes": totals["read"] + totals["written"], "weights": weights}
+
+
+def _breakdown(ops: Sequence[Op]) -> Dict[str, Dict[str, int]]:
+    out: Dict[str, Dict[str, int]] = {}
+    for op in ops:
+        if not op.kernels:
+            continue
+        key = f"{op.name} (in {op.inside})" if op.inside else op.name
+        row = out.setdefault(key, {"calls": 0, "kernels": 0, "read": 0, "written": 0})
+        row["calls"] += 1
+        row["kernels"] += op.kernels
+        row["read"] += op.read
+        row["written"] += op.written
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1]["kernels"], kv[0])))
+
+
+def measure_provider(name: str, provider: str, size: int, seed: int = 0,
+                     run_kernels: bool = True, **overrides) -> dict:
+    """Kernels and bytes of one provider on one model: a dict (see :func:`measure`)."""
+    start = time.perf_counter()
+    try:
+        model = build(name, provider, seed, **overrides)
+        runs = {}
+        for batch in BATCHES:
+            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+            # one warm-up, at batch 1 (the caches it fills depend on H and W, not the batch)
+            runs[batch] = record_forward(model, x, batch == BATCHES[0], run_kernels)
+    except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
+        from patnet_kernels import BackendUnavailableError
+        status = "unavailable" if isinstance(exc, BackendUnavailableError) else "error"
+        return {"status": status, "reason": f"{type(exc).__name__}: {exc}"}
+    one, two = (summarize(runs[b]) for b in BATCHES)
+    if one.kernels != two.kernels:
+        return {"status": "error", "reason": f"{one.kernels} kernels at batch {BATCHES[0]} but "
+                f"{two.kernels} at batch {BATCHES[1]}: the per-image difference would be wrong"}
+    read, written = two.read - one.read, two.written - one.written
+    return {
+        "status": "ok",
+        "kernels": two.kernels,
+        "fused_kernels": two.fused,
+        "act_read": read,
+        "act_written": written,
+        "act_bytes": read + written,
+        "batch_bytes": (one.read + one.written) - BATCHES[0] * (read + written),
+        "ops": _breakdown(runs[BATCHES[1]]),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROVIDERS,
+            seed: int = 0, run_kernels: bool = True, **overrides) -> dict:
+    """The traffic report of one model: floor and, per provider, kernels per forward
+    (``kernels``, of which ``fused_kernels``), activation bytes per image (``act_read``,
+    ``act_written``, ``act_bytes``), per-batch bytes (``batch_bytes``: weights and other
+    batch-independent tensors), the op breakdown at batch 3 (``ops``), or ``status`` /
+    ``reason`` where the provider cannot run."""
+    report = {"model": name, "size": size, "dtype": "float32", "batches": list(BATCHES),
+              "run_kernels": run_kernels,
+              "floor": floor(name, size, **overrides), "providers": {}}
+    for provider in providers:
+        report["providers"][provider] = measure_provider(name, provider, size, seed,
+                                                         run_kernels, **overrides)
+    return report
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3f}"
+
+
+def format_table(report: dict) -> str:
+    """A readable table of one model's report."""
+    fl = report["floor"]
+    size = report["size"]
+    title = (f"{patnet_pretty(report['model'])} at {size} x {size}, fp32, eval forward "
+             f"(no_grad); bytes per image (batch {BATCHES[1]} - batch {BATCHES[0]}), MB = 1e6 bytes")
+    header = (f"{'provider':<22}{'kernels':>8}{'fused':>7}{'read MB':>10}{'write MB':>10}"
+              f"{'act MB':>10}{'x eager':>9}{'x floor':>9}{'batch MB':>10}")
+    lines = [title, header, "-" * len(header)]
+    eager = report["providers"].get("eager", {})
+    for provider, row in report["providers"].items():
+        label = PROVIDER_LABELS.get(provider, provider)
+        if row.get("status") != "ok":
+            lines.append(f"{label:<22}{row.get('status')}: {row.get('reason', '')[:90]}")
+            continue
+        vs_eager = (f"{row['act_bytes'] / eager['act_bytes']:.2f}"
+                    if eager.get("status") == "ok" else "-")
+        lines.append(
+            f"{label:<22}{row['kernels']:>8}{row['fused_kernels']:>7}{_mb(row['act_read']):>10}"
+            f"{_mb(row['act_written']):>10}{_mb(row['act_bytes']):>10}{vs_eager:>9}"
+            f"{row['act_bytes'] / fl['bytes']:>9.2f}{_mb(row['batch_bytes']):>10}")
+    lines.append(
+        f"{'floor (per layer)':<22}{fl['kernels']:>8}{'-':>7}{_mb(fl['read']):>10}"
+        f"{_mb(fl['written']):>10}{_mb(fl['bytes']):>10}"
+        + (f"{fl['bytes'] / eager['act_bytes']:>9.2f}" if eager.get("status") == "ok"
+           else f"{'-':>9}")
+        + f"{1.0:>9.2f}{_mb(fl['weights']):>10}")
+    if eager.get("status") == "ok":
+        ratios = [f"{p}: {r['kernels'] / eager['kernels']:.2f}"
+                  for p, r in report["providers"].items()
+                  if p != "eager" and r.get("status") == "ok"]
+        if ratios:
+            lines.append("kernels x eager: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
+def patnet_pretty(name: str) -> str:
+    family, size = name.split("_")
+    return {"patnet": "PATNet", "fasternet": "FasterNet"}[family] + "-" + size.upper()
+
+
+def write_json(reports: Sequence[dict], path: Path, settings: Optional[dict] = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"what": "kernels per eval forward and activation bytes per image (benchmarks/traffic.py)",
+           "torch": torch.__version__, "settings": settings or {},
+           "models": {r["model"]: r for r in reports}}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _csv(value: str) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.traffic",
+        description="Kernels launched and activation bytes per image of one eval forward, "
+                    "per model and provider, beside the floor (counts, not times).")
+    parser.add_argument("--models", type=_csv, default=patnet.list_models(),
+                        help="comma list (default: all 12)")
+    parser.add_argument("--providers", type=_csv, default=list(PROVIDERS),
+                        help=f"comma list of {','.join(PROVIDERS)} (default: all)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                        help=f"input height and width, >= 32 (default {DEFAULT_SIZE})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the reports here")
+    parser.add_argument("--count-only", action="store_true",
+                        help="count the Triton launches without running them (much faster "
+                             "under the interpreter; the counts are the same)")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models if m not in patnet.list_models()]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {patnet.list_models()}")
+    bad = [p for p in args.providers if p not in PROVIDERS]
+    if bad:
+        parser.error(f"unknown provider(s) {bad}; choose from {list(PROVIDERS)}")
+    if not args.providers:
+        parser.error("no provider given")
+    if args.size < 32:
+        parser.error(f"--size must be at least 32 (the models' smallest input), got {args.size}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    reports = []
+    for name in args.models:
+        report = measure(name, args.size, args.providers, args.seed,
+                         run_kernels=not args.count_only)
+        reports.append(report)
+        print(format_table(report) + "\n", flush=True)
+        if args.json is not None:  # rewritten after every model: a cut run keeps what it had
+            write_json(reports, args.json, {"size": args.size, "providers": args.providers,
+                                            "seed": args.seed, "models": args.models,
+                                            "count_only": args.count_only})
+    failed = [(r["model"], p) for r in reports for p, row in r["providers"].items()
+              if row.get("status") == "error"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
