@@ -389,7 +389,8 @@ def format_table(report: dict) -> str:
     fl = report["floor"]
     size = report["size"]
     title = (f"{patnet_pretty(report['model'])} at {size} x {size}, fp32, eval forward "
-             f"(no_grad); bytes per image (batch {BATCHES[1]} - batch {BATCHES[0]}), MB = 1e6 bytes")
+             f"(no_grad); bytes per image (batch {BATCHES[1]} - batch {BATCHES[0]}), "
+             "MB = 1e6 bytes")
     header = (f"{'provider':<22}{'kernels':>8}{'fused':>7}{'read MB':>10}{'write MB':>10}"
               f"{'act MB':>10}{'x eager':>9}{'x floor':>9}{'batch MB':>10}")
     lines = [title, header, "-" * len(header)]
@@ -428,7 +429,8 @@ def patnet_pretty(name: str) -> str:
 def write_json(reports: Sequence[dict], path: Path, settings: Optional[dict] = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"what": "kernels per eval forward and activation bytes per image (benchmarks/traffic.py)",
+    doc = {"what": "kernels per eval forward and activation bytes per image "
+                   "(benchmarks/traffic.py)",
            "torch": torch.__version__, "settings": settings or {},
            "models": {r["model"]: r for r in reports}}
     path.write_text(json.dumps(doc, indent=1) + "\n")
