@@ -284,9 +284,9 @@ def info() -> Dict[str, object]:
     """What can run here: versions, devices, each backend (usable or why not) and auto's rule.
 
     Returns a dict: ``{"torch": version, "triton": version or None, "cuda_device": name or None,
-    "backends": {name: {"available": bool, "reason": str}}, "auto": {device: what auto runs
-    there}, "auto_rule": [one line per measured case on this GPU: op, dtype, mode, layout,
-    shape class and the backend auto runs there]}``.
+    "backends": {name: {"available": bool, "reason": str}}, "auto": {device: the backend auto
+    runs there, or AUTO_PER_CALL on a GPU}, "auto_rule": [one line per measured case on this
+    GPU: op, dtype, mode, layout, shape class and the backend auto runs there]}``.
     """
     cuda = torch.cuda.is_available()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
@@ -294,12 +294,8 @@ def info() -> Dict[str, object]:
     for name in ("torch", "triton", "cuda"):
         ok, why = _STATUS[name](devices[-1])
         backends[name] = {"available": ok, "reason": why}
-    auto = {}
-    for device in devices:
-        name, reason = choose_backend("auto", device)
-        auto[str(device)] = (AUTO_PER_CALL + ": a fused backend only where measured faster "
-                             "than the reference (auto_rule), else the reference"
-                             if device.type == "cuda" else f"{name} ({reason})")
+    auto = {str(device): AUTO_PER_CALL if device.type == "cuda"
+            else resolve_backend("auto", device) for device in devices}
     gpu = gpu_name(torch.device("cuda")) if cuda else None
     return {
         "torch": torch.__version__,
