@@ -13,7 +13,8 @@ the results folder, always, whatever is missing (see RESULT_FILES):
 * from the work folder (``build/gpu_check``): ``phases.tsv`` (one line per phase, written by
   the script: name, kind, exit status, start, seconds, limit, note, the file of its output:
   ``console/*.txt``, whose last lines say why a phase crashed), ``env.json``,
-  ``ops/<family>[.compile].json`` (the op benchmarks' JSON, rewritten after every case) and
+  ``ops/<family>[.compile|.channels_last].json`` (the op benchmarks' JSON, rewritten after
+  every case) and
   ``models/*.json`` (the model benchmark's parts);
 * from the results folder: ``tests.jsonl`` and ``failures.txt`` (written as the tests run by
   ``benchmarks/gpu_check_plugin.py``), ``build.log`` and ``log.txt`` (written by the script).
@@ -285,10 +286,11 @@ def tests_phase_status(phase: Phase, run: Optional[TestRun], work: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 def op_reports(work: Path) -> Dict[str, dict]:
-    """ops/<family>.json and ops/<family>.compile.json that exist, keyed by file stem."""
+    """ops/<family>.json, ops/<family>.compile.json and ops/<family>.channels_last.json that
+    exist, keyed by file stem."""
     reports = {}
     for family in OP_FAMILIES:
-        for suffix in ("", ".compile"):
+        for suffix in ("", ".compile", ".channels_last"):
             report = read_json(work / "ops" / f"{family}{suffix}.json")
             if report is not None:
                 reports[family + suffix] = report
@@ -615,7 +617,8 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
             family = OP_FAMILIES.get(report.get("benchmark", ""), ("", name))[1]
             done, planned = len(report.get("rows", [])), planned_cases(report)
             state = "complete" if report.get("complete") else "**cut**: the cases after these did not run"
-            which = "torch.compile comparison, " if name.endswith(".compile") else ""
+            which = ("torch.compile comparison, " if name.endswith(".compile") else
+                     "channels_last, " if name.endswith(".channels_last") else "")
             out += [f"### {family} ({which}{done} of {planned} cases, {state})", ""]
             try:
                 out += op_table(report)

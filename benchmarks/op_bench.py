@@ -165,6 +165,16 @@ class Problem:
     leaves: List[Tensor] = field(default_factory=list)
 
 
+def _channels_last(problem: Problem) -> Problem:
+    """The problem with its first argument (the activation) laid out channels_last, still a
+    leaf that requires a gradient where it did."""
+    x = problem.args[0]
+    moved = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(
+        x.requires_grad)
+    leaves = [moved if leaf is x else leaf for leaf in problem.leaves]
+    return Problem((moved,) + tuple(problem.args[1:]), leaves)
+
+
 @dataclass
 class Target:
     """A performance target of the issue, checked on the measured rows (printed, not enforced)."""
@@ -434,8 +444,9 @@ def _fp32_expected(family: Family, problem: Problem, mode: str,
 
 def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, mode: str,
              providers: List[str], timer: Timer, copy_gbps: float, skipped: Dict[str, str],
-             compile_mode: str, seed: int) -> dict:
-    """Time every provider on one case; returns the JSON row."""
+             compile_mode: str, seed: int, layout: str = "nchw") -> dict:
+    """Time every provider on one case; returns the JSON row. ``layout="channels_last"`` lays
+    the case's main activation (its first argument) out channels_last."""
     elem = torch.empty((), dtype=dtype).element_size()
     nbytes = family.bytes_moved(shape, batch, elem, mode)
     flops = family.flops(shape, batch, mode) if family.flops is not None else None
@@ -453,6 +464,8 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
     if case_skip is None:
         gen = torch.Generator(device=timer.device).manual_seed(seed)
         problem = family.build(shape, batch, dtype, timer.device, mode, gen)
+        if layout == "channels_last":
+            problem = _channels_last(problem)
         if mode == "fwd+bwd":  # every op returns a tensor shaped like its first input
             grad_out = random_activation(problem.args[0].shape, dtype, timer.device, gen)
         row["reference"] = f"eager ({DTYPE_NAMES.get(dtype, str(dtype))})"
@@ -711,7 +724,14 @@ def parse_args(family: Family, argv) -> argparse.Namespace:
                         help="CPU: torch threads (default 1, as the authors time CPU latency; "
                              "also robust on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--layout", choices=("nchw", "channels_last"), default="nchw",
+                        help="memory format of the op's (B, C, H, W) activation (not for the "
+                             "attention, whose (B, heads, N, d) tensors have none)")
+    args = parser.parse_args(argv)
+    if args.layout == "channels_last" and family.name == "rpe_attention":
+        parser.error("--layout channels_last: the attention's (B, heads, N, d) tensors have no "
+                     "channels_last form; leave --layout out")
+    return args
 
 
 def run(family: Family, argv=None) -> int:
@@ -798,6 +818,7 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
     device_name = cuda_name or f"CPU {cpu_name()}"
     default_json = (REPO / "benchmarks" / "results" /
                     f"{family.name}.{_slug(cuda_name or 'cpu')}"
+                    f"{'.channels_last' if args.layout == 'channels_last' else ''}"
                     f"{'.quick' if args.quick else ''}{'.local' if (cpu or args.quick) else ''}.json")
     json_path = Path(args.json) if args.json else default_json
 
@@ -829,7 +850,9 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
             "checked_against": ("the reference in fp32 on the inputs upcast (fp16 / bf16 "
                                 "cases), eager itself in fp32 cases" if family.fp32_reference
                                 else "eager (the torch provider) in the case's dtype"),
-            "seed": args.seed, "layout": "NCHW (contiguous)",
+            "seed": args.seed,
+            "layout": ("channels_last (the activation)" if args.layout == "channels_last"
+                       else "NCHW (contiguous)"),
             "cpu_threads": torch.get_num_threads() if cpu else None,
         },
         "modes": {m: family.mode_text[m] for m in modes},
@@ -850,7 +873,7 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
                  f"{DTYPE_NAMES[dtype]} {mode}")
         print(f"[{family.name} {index}/{len(cases)}] {label}", file=log, flush=True)
         row = run_case(family, shape, batch, dtype, mode, providers, timer, copy["gbps"],
-                       skipped, args.compile_mode, args.seed)
+                       skipped, args.compile_mode, args.seed, args.layout)
         for provider in providers:
             entry = row["providers"][provider]
             text = (f"{entry['ms'] * 1e3:,.1f} us, {entry['gbps']:,.1f} GB/s"

@@ -374,6 +374,16 @@ if [ "$RUN_BENCH" = 1 ]; then
   compile_family partial_conv fasternet_t2.s1 "torch,torch.compile,triton${CUDA_P}"
   compile_family rpe_attention patnet_t2.s4.cls "torch,flex,triton${CUDA_P}"
   compile_family spatial_attention patnet_t2.s1 "torch,torch.compile,triton"
+  # channels_last (the layout of AMP inference) for the ops that have one, fp16, with what is
+  # left: without it backend="auto" runs the reference on every channels_last call
+  channels_last_family() {  # channels_last_family FAMILY PROVIDERS
+    local family=$1 providers=$2
+    NOTE="" run_limited "ops $family channels_last" ops "$(left_until "$END_OPS")" "$WORK/console/ops-$family-channels_last.txt" - \
+      ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m "benchmarks.bench_$family" --json "$WORK/ops/$family.channels_last.json" --batches 256 \
+      --dtypes float16 --modes fwd --warmup-ms 10 --rep-ms 40 --layout channels_last --providers "$providers"
+  }
+  channels_last_family partial_conv "torch,triton${CUDA_P}"
+  channels_last_family channel_attention "torch,triton${CUDA_P}"
   summary --partial
   # ---------------------------------------------------------------------------- 6. models
   [ "$DRY" = 1 ] && echo "  6. model benchmark, until ${END_MODELS}s:"

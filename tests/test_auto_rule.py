@@ -242,3 +242,27 @@ def test_auto_traces_under_torch_compile_with_autocast():
     torch.testing.assert_close(fn(x, w), pk.partial_conv3x3(x, w, backend="torch") * 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fn(x, w).dtype == torch.bfloat16
+
+
+def test_update_reads_the_layout_of_channels_last_reports(tmp_path):
+    """An op benchmark run with --layout channels_last gives channels_last points."""
+    import json
+    report = {"benchmark": "channel_attention", "device": H200, "device_type": "cuda",
+              "date": "2026-01-01", "settings": {"layout": "channels_last (the activation)"},
+              "rows": [{"shape": "s1", "batch": 8, "channels": 16, "height": 4, "width": 4,
+                        "dtype": "fp16", "mode": "fwd",
+                        "providers": {"torch": {"status": "ok", "ms": 1.0},
+                                      "triton": {"status": "ok", "ms": 0.5}}}]}
+    (tmp_path / "cl.json").write_text(json.dumps(report))
+    assert [p["layout"] for p in update_auto_rule.collect([tmp_path])] == ["channels_last"]
+
+
+def test_op_benchmark_lays_the_activation_out_channels_last():
+    from benchmarks import op_bench
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, requires_grad=True)
+    moved = op_bench._channels_last(op_bench.Problem((x, w), [x, w]))
+    y = moved.args[0]
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert y.is_leaf and y.requires_grad and torch.equal(y, x)
+    assert moved.leaves[0] is y and moved.leaves[1] is w and moved.args[1] is w
