@@ -115,10 +115,12 @@ def describe_call(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> 
     ``others`` requires one), layout and shape class (:mod:`patnet_kernels.auto_rule`)."""
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x,) + others)
+    from .ops._layout import memory_format_of  # (the kernels' own layout rule)
+
     if op == "rpe_attention":
         layout = "any"
     else:
-        layout = "nchw" if x.is_contiguous() else "channels_last"
+        layout = "channels_last" if memory_format_of(x) == torch.channels_last else "nchw"
     return auto_rule.Call(op, str(x.dtype).replace("torch.", ""), "fwd+bwd" if grad else "fwd",
                           layout, auto_rule.shape_key(op, tuple(int(s) for s in x.shape)))
 

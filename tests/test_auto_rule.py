@@ -192,6 +192,8 @@ def test_the_call_is_described_by_dtype_mode_layout_and_shape():
         call = backends.describe_call("partial_conv3x3", x.to(memory_format=torch.channels_last),
                                       w)
     assert (call.mode, call.layout) == ("fwd", "channels_last")
+    # a channel slice keeps its parent's layout (NCHW here, though not contiguous)
+    assert backends.describe_call("partial_conv3x3", x[:, :4], w).layout == "nchw"
     q = torch.randn(2, 3, 49, 16, dtype=torch.float16)
     assert backends.describe_call("rpe_attention", q) == Call(
         "rpe_attention", "float16", "fwd", "any", (6, 49, 16))
