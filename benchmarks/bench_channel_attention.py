@@ -4,7 +4,7 @@
 
 Shapes: stages 1-3 of PATNet-T2 (where PAT_ch is the token mixer), read off the model code at
 224 x 224. Modes: fwd is the eval forward (running statistics), fwd+bwd the training forward
-(batch statistics) and its backward. See benchmarks/README.md and benchmarks/op_bench.py.
+(batch statistics) and its backward. See benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -15,39 +15,28 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patnet_kernels as pk  # noqa: E402
-from benchmarks import op_bench  # noqa: E402
-from benchmarks.op_bench import Family, Problem, StageShape, Target  # noqa: E402
+from benchmarks.op_cli import main_of  # noqa: E402
+from benchmarks.op_family import Family, Target  # noqa: E402
+from benchmarks.op_inputs import Problem, two_norm_functional, two_norm_problem  # noqa: E402
+from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from patnet.layers import PATChannelMixer  # noqa: E402
 
 
 def shapes(quick: bool):
-    return op_bench.stage_shapes("patnet_t2", (PATChannelMixer,),
-                                 lambda module: module.dim_conv3, quick)
+    return stage_shapes("patnet_t2", (PATChannelMixer,), lambda module: module.dim_conv3, quick)
 
 
 def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Problem:
     """The arguments PATChannelMixer.forward passes: cfc bias None (bias=False in the model),
     BN_a and BN_b with random affines and running statistics."""
-    training = mode == "fwd+bwd"
     c1, c2 = shape.split, shape.channels - shape.split
-    x = op_bench.random_activation((batch, shape.channels, shape.height, shape.width), dtype,
-                                   device, gen)
-    conv_weight = op_bench.random_weight((c1, c1, 3, 3), dtype, device, gen)
-    cfc_weight = op_bench.random_weight((c2, c2, 1, 2), dtype, device, gen)
-    bn_a = op_bench.random_batch_norm(c2, dtype, device, gen, training)
-    bn_b = op_bench.random_batch_norm(c2, dtype, device, gen, training)
-    leaves = []
-    if training:
-        leaves = [x.requires_grad_(True), conv_weight.requires_grad_(True),
-                  cfc_weight.requires_grad_(True), bn_a.weight, bn_a.bias, bn_b.weight,
-                  bn_b.bias]
-    return Problem((x, conv_weight, cfc_weight, None, bn_a, bn_b, training), leaves)
+    return two_norm_problem(shape, batch, dtype, device, mode, gen,
+                            weight_shapes=[(c1, c1, 3, 3), (c2, c2, 1, 2)],  # conv, cfc
+                            norm_channels=[c2, c2])                         # BN_a, BN_b
 
 
-def functional(args, backend: str):
-    x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training = args
-    return pk.channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b,
-                                training=training, backend=backend)
+# (x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training), backend
+functional = two_norm_functional(pk.channel_attention)
 
 
 def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
@@ -99,8 +88,7 @@ FAMILY = Family(
 )
 
 
-def main(argv=None) -> int:
-    return op_bench.run(FAMILY, argv)
+main = main_of(FAMILY)
 
 
 if __name__ == "__main__":

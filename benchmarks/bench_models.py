@@ -17,7 +17,7 @@ BatchNorm / LayerNorm statistics and RPE tables, eval mode, under torch.no_grad(
 
 On a GPU: images/s at batch 256, fp32 and AMP (``torch.autocast``, fp16 or bf16), NCHW and
 channels_last, cudnn.benchmark on, 50 warm-up + 200 timed calls between two synchronisations
-(benchmarks/timing.py). On the CPU: latency at batch 1 with one thread, fp32, NCHW, 10 warm-up
+(benchmarks/timer.py). On the CPU: latency at batch 1 with one thread, fp32, NCHW, 10 warm-up
 + 200 timed calls (the authors' way, SPEC.md section 7). Writes PREFIX.json, PREFIX.csv and
 PREFIX.png (rewritten after every case, so a run cut off keeps what it measured); --merge joins
 the JSON of runs split across several commands. See benchmarks/README.md.
@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime
 import json
-import platform
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,13 +40,14 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import patnet  # noqa: E402
 import patnet_kernels as pk  # noqa: E402
-from benchmarks.main_job import cpu_name, git_commit, pretty, rel_max_error  # noqa: E402
-from benchmarks.op_bench import (  # noqa: E402
-    DTYPE_NAMES, DTYPES, MISMATCH, Unavailable, _compile_settings, _slug, _split, _version)
-from benchmarks.timing import time_cpu, time_cuda  # noqa: E402
+from benchmarks import env  # noqa: E402
+from benchmarks.providers import Unavailable, compile_settings  # noqa: E402
+from benchmarks.report import columns, pretty, split_list, write_csv, write_json  # noqa: E402
+from benchmarks.timer import time_cpu, time_cuda  # noqa: E402
+from benchmarks.tolerance import DTYPE_NAMES, DTYPES, MISMATCH, rel_max_error  # noqa: E402
 from patnet.testing import randomize_norms  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = env.REPO
 PROVIDERS = ("eager", "compile", "ours")
 PRECISIONS = ("fp32", "amp")
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -86,8 +84,7 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
     row = {"model": name, "model_name": pretty(name), "precision": precision, "layout": layout,
            "batch": x.shape[0], "image_size": x.shape[-1], "warmup": args.warmup,
            "runs": args.runs, "threads": None if device.type == "cuda" else torch.get_num_threads(),
-           "git_commit": git_commit(),
-           "date": datetime.datetime.now().isoformat(timespec="seconds"), "providers": {}}
+           "git_commit": env.git_commit(), "date": env.now(), "providers": {}}
     tolerance = MISMATCH[amp_dtype or torch.float32]
     expected = None
     timer = time_cuda if device.type == "cuda" else time_cpu
@@ -99,7 +96,7 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
             if provider != "eager" and expected is None:
                 raise Unavailable("skipped", "the eager reference failed in this mode")
             if provider == "compile":
-                _compile_settings().reset()   # compile once for this mode, from a clean cache
+                compile_settings().reset()   # compile once for this mode, from a clean cache
                 net = torch.compile(reference, backend=args.compile_backend,
                                     **({"mode": args.compile_mode}
                                        if args.compile_backend == "inductor" else {}))
@@ -211,13 +208,8 @@ def format_table(report: dict) -> str:
             value = entries.get("compile", {}).get("compile_s")
             cells.append(f"{value:.1f}" if value is not None else "-")
         lines.append(cells)
-    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(headers)]
-
-    def render(cells):
-        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    text = [render(headers), "-" * len(render(headers))] + [render(line) for line in lines]
+    text, render = columns(headers, lines, left={0, 1, 2})
+    text += [render(line) for line in lines]
     what = (f"images/s at batch {report['settings']['batch']} (mean of the timed calls)" if gpu
             else f"latency in ms at batch {report['settings']['batch']}, "
                  f"{report['settings']['threads']} thread(s) (mean of the timed calls)")
@@ -253,12 +245,8 @@ def csv_rows(report: dict) -> List[dict]:
 
 def write_files(report: dict, prefix: Path) -> None:
     """PREFIX.json and PREFIX.csv (the plot is written separately, at the end)."""
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{prefix}.json").write_text(json.dumps(report, indent=1) + "\n")
-    with open(f"{prefix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(csv_rows(report))
+    write_json(Path(f"{prefix}.json"), report)
+    write_csv(Path(f"{prefix}.csv"), CSV_FIELDS, csv_rows(report))
 
 
 def write_plot(report: dict, path: Path) -> Optional[str]:
@@ -381,7 +369,7 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def _choose(text: str, valid: Sequence[str], what: str) -> List[str]:
-    chosen = _split(text)
+    chosen = split_list(text)
     unknown = [c for c in chosen if c not in valid]
     if unknown or not chosen:
         raise SystemExit(f"--{what}: unknown or empty {unknown}; choose from {', '.join(valid)}")
@@ -390,8 +378,8 @@ def _choose(text: str, valid: Sequence[str], what: str) -> List[str]:
 
 def _default_prefix(device_type: str, device_name: str) -> Path:
     local = ".local" if device_type == "cpu" else ""
-    slug = _slug(device_name) if device_type == "cuda" else "cpu"
-    return REPO / "benchmarks" / "results" / f"models.{slug}{local}"
+    slug = env.slug(device_name) if device_type == "cuda" else "cpu"
+    return env.RESULTS / f"models.{slug}{local}"
 
 
 def merge(paths: Sequence[str], out: Optional[str]) -> int:
@@ -428,9 +416,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available to this PyTorch")
+    device = env.pick_device(args.device)
     gpu = device.type == "cuda"
     models = _choose(args.models, patnet.list_models(), "models")
     wanted = _choose(args.providers, PROVIDERS, "providers")
@@ -445,20 +431,24 @@ def main(argv=None) -> int:
     modes = [(p, f"amp-{DTYPE_NAMES[amp_dtype]}" if p == "amp" else p, lay)
              for p in precisions for lay in layouts]
 
-    threads = torch.get_num_threads()
     if gpu:
         torch.backends.cudnn.benchmark = True
-    else:
-        torch.set_num_threads(args.threads)
-    device_name = torch.cuda.get_device_name(device) if gpu else f"CPU {cpu_name()}"
+    with env.cpu_threads(device, args.threads):
+        report, prefix = _measure(args, device, models, providers, modes, layouts, amp_dtype,
+                                  argv)
+    return finish(report, prefix)
+
+
+def _measure(args: argparse.Namespace, device: torch.device, models: List[str],
+             providers: List[str], modes: List[tuple], layouts: List[str],
+             amp_dtype: torch.dtype, argv) -> Tuple[dict, Path]:
+    """Every model in every mode, the report (JSON, CSV) rewritten after each; returns the
+    report and the output prefix."""
+    gpu = device.type == "cuda"
+    device_name = env.device_name(device)
     prefix = Path(args.out) if args.out else _default_prefix(device.type, device_name)
     report = {
-        "benchmark": "models", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "device": device_name, "device_type": device.type,
-        "torch": torch.__version__, "triton": _version("triton"), "cuda": torch.version.cuda,
-        "cudnn": (torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
-                  else None),
-        "python": platform.python_version(), "cpu": cpu_name(),
+        "benchmark": "models", **env.run_info(device),
         "settings": {
             "argv": list(sys.argv[1:] if argv is None else argv), "models": models,
             "providers": providers, "precisions": [m[1] for m in modes], "layouts": layouts,
@@ -484,30 +474,27 @@ def main(argv=None) -> int:
           f"batch {args.batch} at {args.size} x {args.size}; {args.warmup} warm-up + "
           f"{args.runs} timed calls", flush=True)
     total, index = len(models) * len(modes), 0
-    try:
-        for name in models:
-            torch.manual_seed(args.seed)
-            reference = randomize_norms(patnet.create_model(name, backend="torch"),
-                                        args.seed).eval().to(device)
-            gen = torch.Generator(device=device).manual_seed(args.seed)
-            image = torch.randn(args.batch, 3, args.size, args.size, generator=gen,
-                                device=device)
-            for kind, precision, layout in modes:
-                index += 1
-                print(f"[{index}/{total}] {pretty(name)} {precision} {layout}", flush=True)
-                fmt = LAYOUTS[layout]
-                reference = reference.to(memory_format=fmt)
-                x = image.contiguous(memory_format=fmt)
-                row = run_mode(name, reference, x, precision,
-                               amp_dtype if kind == "amp" else None, layout, providers, args)
-                report["rows"].append(row)
-                write_files(report, prefix)   # partial results survive a cut-off run
-            del reference, image
-            if gpu:
-                torch.cuda.empty_cache()
-    finally:
-        torch.set_num_threads(threads)
-    return finish(report, prefix)
+    for name in models:
+        torch.manual_seed(args.seed)
+        reference = randomize_norms(patnet.create_model(name, backend="torch"),
+                                    args.seed).eval().to(device)
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        image = torch.randn(args.batch, 3, args.size, args.size, generator=gen,
+                            device=device)
+        for kind, precision, layout in modes:
+            index += 1
+            print(f"[{index}/{total}] {pretty(name)} {precision} {layout}", flush=True)
+            fmt = LAYOUTS[layout]
+            reference = reference.to(memory_format=fmt)
+            x = image.contiguous(memory_format=fmt)
+            row = run_mode(name, reference, x, precision,
+                           amp_dtype if kind == "amp" else None, layout, providers, args)
+            report["rows"].append(row)
+            write_files(report, prefix)   # partial results survive a cut-off run
+        del reference, image
+        if gpu:
+            torch.cuda.empty_cache()
+    return report, prefix
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Shapes: every stage of FasterNet-T2 (PConv is its token mixer) and stage 4 of PA
 conv half of PAT_sf), read off the model code at 224 x 224. Providers: torch (eager), torch.compile
 of the reference, triton, cuda, and triton inplace / cuda inplace (``inplace=True`` without
 autograd, inference only).
-See benchmarks/README.md and benchmarks/op_bench.py.
+See benchmarks/README.md (its layout section: the harness modules).
 """
 from __future__ import annotations
 
@@ -17,21 +17,22 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patnet_kernels as pk  # noqa: E402
-from benchmarks import op_bench  # noqa: E402
-from benchmarks.op_bench import Family, Problem, StageShape, Target  # noqa: E402
+from benchmarks.op_cli import main_of  # noqa: E402
+from benchmarks.op_family import Family, Target  # noqa: E402
+from benchmarks.op_inputs import Problem, random_weight, stage_activation  # noqa: E402
+from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from patnet.layers import PartialConv3, PATSelfMixer  # noqa: E402
 
 
 def shapes(quick: bool):
     split = lambda module: module.dim_conv3  # noqa: E731 - C1, the conv channels
-    return (op_bench.stage_shapes("fasternet_t2", (PartialConv3,), split, quick)
-            + op_bench.stage_shapes("patnet_t2", (PATSelfMixer,), split, quick))
+    return (stage_shapes("fasternet_t2", (PartialConv3,), split, quick)
+            + stage_shapes("patnet_t2", (PATSelfMixer,), split, quick))
 
 
 def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Problem:
-    x = op_bench.random_activation((batch, shape.channels, shape.height, shape.width), dtype,
-                                   device, gen)
-    weight = op_bench.random_weight((shape.split, shape.split, 3, 3), dtype, device, gen)
+    x = stage_activation(shape, batch, dtype, device, gen)
+    weight = random_weight((shape.split, shape.split, 3, 3), dtype, device, gen)
     leaves = []
     if mode == "fwd+bwd":
         leaves = [x.requires_grad_(True), weight.requires_grad_(True)]
@@ -95,8 +96,7 @@ FAMILY = Family(
 )
 
 
-def main(argv=None) -> int:
-    return op_bench.run(FAMILY, argv)
+main = main_of(FAMILY)
 
 
 if __name__ == "__main__":

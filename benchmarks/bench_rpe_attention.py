@@ -18,7 +18,7 @@ PATNet-T0, T2 and L (heads = 4, d = C2 / 4 = 48, 96, 240), read off the model co
 
 Throughput is reported in TFLOP/s (see FLOPS_TEXT) besides GB/s of a minimum byte count; every
 provider is checked against the reference run in fp32 before it is timed. See
-benchmarks/README.md and benchmarks/op_bench.py.
+benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import patnet_kernels as pk  # noqa: E402
-from benchmarks import op_bench  # noqa: E402
-from benchmarks.op_bench import Family, Problem, StageShape, Target  # noqa: E402
+from benchmarks.op_cli import main_of  # noqa: E402
+from benchmarks.op_family import MODES, Family, Target  # noqa: E402
+from benchmarks.op_inputs import Problem, random_activation  # noqa: E402
+from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
+from benchmarks.providers import Unavailable  # noqa: E402
 from patnet.layers import RPESelfAttention  # noqa: E402
 from patnet_kernels.reference.rpe import NUM_BUCKETS  # noqa: E402
 
@@ -57,7 +60,7 @@ FLOPS_TEXT = {
 
 def shapes(quick: bool):
     """Stage 4 of each model on the classification map, then on the detection map. --quick:
-    one network (the shrunk networks of op_bench.QUICK_CONFIG all have the same stage-4 width:
+    one network (the shrunk networks of op_shapes.QUICK_CONFIG all have the same stage-4 width:
     C2 = 48, d = 12) on a 7 x 7 and a 5 x 9 map."""
     heads = lambda module: module.num_heads  # noqa: E731 - kept in StageShape.split
     models = MODELS[:1] if quick else MODELS
@@ -65,7 +68,7 @@ def shapes(quick: bool):
     out = []
     for size, tag in ((CLS_INPUT, "cls"), (det, "det")):
         for model in models:
-            out += op_bench.stage_shapes(model, (RPESelfAttention,), heads, quick,
+            out += stage_shapes(model, (RPESelfAttention,), heads, quick,
                                          input_hw=size, tag=tag, stages=(4,))
     return out
 
@@ -94,9 +97,9 @@ def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Probl
     """q, k, v standard normal (B, heads, N, d), contiguous; a standard normal table (so that
     the bias matters; the model's starts at zero); the cached bucket map; scale d^-0.5."""
     heads, n, d = dims(shape)
-    q, k, v = (op_bench.random_activation((batch, heads, n, d), dtype, device, gen)
+    q, k, v = (random_activation((batch, heads, n, d), dtype, device, gen)
                for _ in range(3))
-    table = op_bench.random_activation((heads, NUM_BUCKETS), dtype, device, gen)
+    table = random_activation((heads, NUM_BUCKETS), dtype, device, gen)
     bucket = pk.rpe_buckets(shape.height, shape.width, device)
     leaves = []
     if mode == "fwd+bwd":
@@ -142,13 +145,13 @@ def make_flex(problem: Problem, compile_mode: str = "default", compiled: bool = 
     try:
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError as e:
-        raise op_bench.Unavailable("unavailable", f"torch {torch.__version__} has no "
+        raise Unavailable("unavailable", f"torch {torch.__version__} has no "
                                                   f"FlexAttention ({e})") from None
     q, k, v, table, bucket, scale = problem.args
     if problem.leaves and q.device.type != "cuda":  # it has a backward on CUDA
         reason = _flex_backward_refused(flex_attention, q.device)
         if reason:
-            raise op_bench.Unavailable("unavailable", reason)
+            raise Unavailable("unavailable", reason)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + table[h, bucket[q_idx, kv_idx]]
@@ -202,7 +205,7 @@ FAMILY = Family(
         "fwd+bwd": "forward + backward into q, k, v and the table (dropout 0)",
     },
     base_providers=("torch", "triton", "cuda"),
-    extra_providers={"sdpa": (op_bench.MODES, make_sdpa), "flex": (op_bench.MODES, make_flex)},
+    extra_providers={"sdpa": (MODES, make_sdpa), "flex": (MODES, make_flex)},
     order=("torch", "sdpa", "flex", "triton", "cuda"),
     compiled_providers=("flex",),
     speedups={"eager": "torch", "sdpa": "sdpa", "flex": "flex"},
@@ -228,8 +231,7 @@ FAMILY = Family(
 )
 
 
-def main(argv=None) -> int:
-    return op_bench.run(FAMILY, argv)
+main = main_of(FAMILY)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Shapes: the MLP outputs of PATNet-T2 (the block's dim, every stage), read off the model code at
 224 x 224 with use_spatial_attn=True. PATNet-T2 as released has no PAT_sp (only T1 enables it);
 these are the shapes where it would run. Modes: fwd is the eval forward, fwd+bwd the training
-forward and its backward. See benchmarks/README.md and benchmarks/op_bench.py.
+forward and its backward. See benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -16,40 +16,30 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patnet_kernels as pk  # noqa: E402
-from benchmarks import op_bench  # noqa: E402
-from benchmarks.op_bench import Family, Problem, StageShape  # noqa: E402
+from benchmarks.op_cli import main_of  # noqa: E402
+from benchmarks.op_family import Family  # noqa: E402
+from benchmarks.op_inputs import Problem, two_norm_functional, two_norm_problem  # noqa: E402
+from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from patnet.layers import PartialSpatialAttention  # noqa: E402
 
 
 def shapes(quick: bool):
-    return op_bench.stage_shapes("patnet_t2", (PartialSpatialAttention,),
-                                 lambda module: module.dim_conv, quick, use_spatial_attn=True)
+    return stage_shapes("patnet_t2", (PartialSpatialAttention,), lambda module: module.dim_conv,
+                        quick, use_spatial_attn=True)
 
 
 def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Problem:
     """The arguments PartialSpatialAttention.forward passes: conv bias None (bias=False in the
     model), BN_c over Q channels and BN_d over P with random affines and running statistics."""
-    training = mode == "fwd+bwd"
     p = shape.split
     q = shape.channels - p
-    m = op_bench.random_activation((batch, shape.channels, shape.height, shape.width), dtype,
-                                   device, gen)
-    gate_weight = op_bench.random_weight((1, q, 1, 1), dtype, device, gen)
-    conv_weight = op_bench.random_weight((p, p, 1, 1), dtype, device, gen)
-    bn_c = op_bench.random_batch_norm(q, dtype, device, gen, training)
-    bn_d = op_bench.random_batch_norm(p, dtype, device, gen, training)
-    leaves = []
-    if training:
-        leaves = [m.requires_grad_(True), gate_weight.requires_grad_(True),
-                  conv_weight.requires_grad_(True), bn_c.weight, bn_c.bias, bn_d.weight,
-                  bn_d.bias]
-    return Problem((m, gate_weight, conv_weight, None, bn_c, bn_d, training), leaves)
+    return two_norm_problem(shape, batch, dtype, device, mode, gen,
+                            weight_shapes=[(1, q, 1, 1), (p, p, 1, 1)],  # gate, 1x1 conv
+                            norm_channels=[q, p])                       # BN_c, BN_d
 
 
-def functional(args, backend: str):
-    m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training = args
-    return pk.spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c, bn_d,
-                                training=training, backend=backend)
+# (m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training), backend
+functional = two_norm_functional(pk.spatial_attention)
 
 
 def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
@@ -88,8 +78,7 @@ FAMILY = Family(
 )
 
 
-def main(argv=None) -> int:
-    return op_bench.run(FAMILY, argv)
+main = main_of(FAMILY)
 
 
 if __name__ == "__main__":

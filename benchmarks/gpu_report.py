@@ -49,9 +49,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import env as bench_env  # noqa: E402 - no torch import
 from benchmarks import gpu_check_plugin as plugin  # noqa: E402 - no torch import
+from benchmarks.report import fmt  # noqa: E402 - no torch import
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = bench_env.REPO
 # Everything the results folder holds (the device tool copies back at most 8 files).
 RESULT_FILES = ("SUMMARY.md", "env.txt", "log.txt", "build.log", "tests.jsonl", "failures.txt",
                 "ops.json", "models.json")
@@ -341,7 +343,7 @@ def _cell(entry: Optional[dict], fmt) -> str:
 def op_table(report: dict) -> List[str]:
     """Markdown: one line per case, each provider's median time in µs and its speed-up vs
     eager; then the geometric means and the issue's targets (op_bench's own lines)."""
-    from benchmarks import op_bench  # imports torch: only where there are op reports
+    from benchmarks import op_tables  # imports torch: only where there are op reports
 
     rows = report.get("rows", [])
     providers = report.get("settings", {}).get("providers", [])
@@ -352,15 +354,16 @@ def op_table(report: dict) -> List[str]:
              "|---|---:|---|---|" + "---:|" * len(providers)]
     for row in rows:
         cells = [row["shape"], str(row["batch"]), row["dtype"], row["mode"]]
-        cells += [_cell(row["providers"].get(p), op_bench._fmt) for p in providers]
+        cells += [_cell(row["providers"].get(p), fmt) for p in providers]
         lines.append("| " + " | ".join(cells) + " |")
     labels = [key[len("speedup_vs_"):] for key in report.get("speedups", {})]
-    extra = op_bench.summary_lines(rows, providers, labels, report.get("flop_formulas") is not None)
+    extra = op_tables.summary_lines(rows, providers, labels,
+                                    report.get("flop_formulas") is not None)
     family = OP_FAMILIES.get(report.get("benchmark", ""))
     if family is not None:
         try:
             module = __import__(f"benchmarks.{family[0]}", fromlist=["FAMILY"])
-            extra += op_bench.check_targets(module.FAMILY, rows, report.get("device"))
+            extra += op_tables.check_targets(module.FAMILY, rows, report.get("device"))
         except Exception as exc:  # noqa: BLE001 - the table matters more than the targets
             extra.append(f"  (targets not evaluated: {type(exc).__name__}: {exc})")
     if extra:
@@ -709,12 +712,8 @@ def collect_env(commit: Optional[str] = None) -> dict:
                  "time": datetime.datetime.now().isoformat(timespec="seconds"),
                  "python": platform.python_version(), "cpus": os.cpu_count(),
                  "authors_data": plugin.authors_data_present(), "errors": []}
-    try:
-        from benchmarks.main_job import cpu_name, git_commit
-        env["cpu"] = cpu_name()
-        env["commit"] = git_commit()
-    except Exception as exc:  # noqa: BLE001 - the package itself may be what is broken
-        env["errors"].append(f"benchmarks.main_job: {type(exc).__name__}: {exc}")
+    env["cpu"] = bench_env.cpu_name()
+    env["commit"] = bench_env.git_commit()
     if commit and env.get("commit", "unknown") == "unknown":
         env["commit"] = f"{commit} (given; no git here)"
     env.setdefault("commit", "unknown")
@@ -767,13 +766,7 @@ def collect_env(commit: Optional[str] = None) -> dict:
     for tool, command in (("cxx", os.environ.get("CXX", "c++")), ("ld", "ld")):
         path = shutil.which(command)
         env[tool] = (_run([path, "--version"]).splitlines() or ["?"])[0] if path else None
-    try:
-        from benchmarks.op_bench import _slug
-        slug = _slug(env.get("gpu_name") or "cpu")
-    except Exception as exc:  # noqa: BLE001
-        env["errors"].append(f"benchmarks.op_bench: {type(exc).__name__}: {exc}")
-        slug = "unknown-gpu" if env.get("cuda_available") else "cpu"
-    env["slug"] = re.sub(r"^nvidia-", "", slug)
+    env["slug"] = re.sub(r"^nvidia-", "", bench_env.slug(env.get("gpu_name") or "cpu"))
     try:
         mem = Path("/proc/meminfo").read_text().split()
         env["memory_gib"] = round(int(mem[mem.index("MemTotal:") + 1]) / 2**20, 1)

@@ -14,55 +14,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patnet  # noqa: E402
 import patnet_kernels as pk  # noqa: E402
-from benchmarks.timing import time_cpu_round_robin  # noqa: E402
+from benchmarks import env  # noqa: E402
+from benchmarks.report import columns, pretty, write_json  # noqa: E402
+from benchmarks.timer import time_cpu_round_robin  # noqa: E402
+from benchmarks.tolerance import rel_max_error  # noqa: E402
 from patnet.testing import randomize_norms  # noqa: E402
 
 FOLD_TOLERANCE = 1e-5      # max |inference path - eval| / max |eval|, fp32
 BACKEND_TOLERANCE = 1e-4   # max |backend - reference| / max |reference|, fp32 eval
-
-
-def pretty(name: str) -> str:
-    family, size = name.split("_")
-    return {"patnet": "PATNet", "fasternet": "FasterNet"}[family] + "-" + size.upper()
-
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def step(index: int, total: int, text: str) -> None:
@@ -108,7 +78,7 @@ def time_cpu_latency(names, warmup: int, runs: int) -> dict:
 def gpu_throughput(names, args) -> dict:
     """GPU images/s at batch ``args.gpu_batch``, fp32 and AMP (fp16), NCHW: eager reference,
     torch.compile of it and ours, per model, through benchmarks/bench_models.py."""
-    from benchmarks import bench_models  # (it imports this module's helpers)
+    from benchmarks import bench_models  # (imports torch.compile's machinery: only on a GPU)
 
     torch.backends.cudnn.benchmark = True
     settings = argparse.Namespace(warmup=args.warmup or 50, runs=args.runs,
@@ -198,10 +168,10 @@ def main(argv=None) -> int:
     print()
     print_table(rows, names, cuda)
     report = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        "date": env.now(),
+        "git_commit": env.git_commit(),
         "torch": torch.__version__, "python": platform.python_version(),
-        "cpu": cpu_name(), "gpu": torch.cuda.get_device_name() if cuda else None,
+        "cpu": env.cpu_name(), "gpu": torch.cuda.get_device_name() if cuda else None,
         "backends": backends, "checks": checks, "rows": [rows[n] for n in names],
         "gpu_runs": [row for row in gpu_rows.values()],
         "settings": {"runs": args.runs, "warmup": args.warmup, "gpu_batch": args.gpu_batch,
@@ -209,8 +179,7 @@ def main(argv=None) -> int:
                      "cpu_timing": "round-robin over the models and providers"},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out, report)
     print(f"\nReport written to {out}")
     if failures:
         print("CORRECTNESS CHECK FAILED:\n  " + "\n  ".join(failures))
@@ -219,7 +188,7 @@ def main(argv=None) -> int:
 
 
 def print_table(rows: dict, names: list, cuda: bool) -> None:
-    columns = [("model", "model", "{}"), ("params", "params", "{:,}"),
+    fields = [("model", "model", "{}"), ("params", "params", "{:,}"),
                ("FLOPs", "flops", "{:.3f}G"), ("CPU eager ms", "cpu_eager_ms", "{:.2f}"),
                ("CPU ours ms", "cpu_ours_ms", "{:.2f}")]
     if cuda:
@@ -227,17 +196,11 @@ def print_table(rows: dict, names: list, cuda: bool) -> None:
             for provider in ("eager", "compile", "ours"):
                 key = f"gpu_{precision}_{provider}_img_s"
                 if any(key in rows[n] for n in names):
-                    columns.append((f"GPU {precision} {provider} img/s", key, "{:,.0f}"))
+                    fields.append((f"GPU {precision} {provider} img/s", key, "{:,.0f}"))
     cells = [[fmt.format(rows[n][key] / 1e9 if key == "flops" else rows[n][key])
-              if key in rows[n] else "-" for _, key, fmt in columns] for n in names]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, (h, _, _) in enumerate(columns)]
-    line = "  ".join(h.rjust(w) if i else h.ljust(w) for i, ((h, _, _), w) in
-                     enumerate(zip(columns, widths)))
-    print(line)
-    print("-" * len(line))
-    for r in cells:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                        enumerate(zip(r, widths))))
+              if key in rows[n] else "-" for _, key, fmt in fields] for n in names]
+    head, render = columns([h for h, _, _ in fields], cells, left={0})
+    print("\n".join(head + [render(r) for r in cells]))
     print()
     a = rows[names[0]]
     model = a["model"]

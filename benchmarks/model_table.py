@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patnet  # noqa: E402
-from benchmarks.main_job import pretty  # noqa: E402
+from benchmarks.report import pretty  # noqa: E402
 
 
 def main(argv=None) -> None:

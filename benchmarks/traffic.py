@@ -57,8 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -66,16 +64,20 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-if not torch.cuda.is_available():  # before triton or the CUDA extension are first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("PATNET_CUDA_EMULATE", "1")
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import env  # noqa: E402
+
+if not torch.cuda.is_available():  # before triton or the CUDA extension are first imported
+    env.use_cpu_emulation()
 
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 import patnet  # noqa: E402
 import patnet.testing  # noqa: E402
+from benchmarks.report import pretty, split_list  # noqa: E402
+from benchmarks.report import write_json as write_json_file  # noqa: E402
 from patnet.layers import FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock  # noqa: E402
 
 PROVIDERS = ("eager", "torch", "triton", "cuda")
@@ -96,14 +98,38 @@ CUDA_LAUNCHES = {"partial_conv3x3": 1, "partial_conv3x3_": 1, "channel_attention
                  "channel_attention_apply": 1, "rpe_attention_fwd": 1, "self_mixer_output": 1}
 
 
+class TensorInfo(NamedTuple):
+    """What an op's input or output tensor was (TrafficRecorder(describe=True))."""
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    contiguous: bool      # contiguous NCHW (row-major)
+    channels_last: bool   # 4-d and contiguous in channels_last
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorInfo":
+        return cls(t.dtype, tuple(t.shape), t.is_contiguous(),
+                   t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
 class Op(NamedTuple):
     """One recorded op: name ("aten::convolution", "patnet_triton::channel_attention_apply"),
-    kernels launched, bytes read and written, and the fused op it ran inside ("" if none)."""
+    kernels launched, bytes read and written, and the fused op it ran inside ("" if none);
+    whether its schema makes it a view (it returns only aliases of its inputs) or in place;
+    with TrafficRecorder(describe=True) its tensor inputs and outputs (TensorInfo)."""
     name: str
     kernels: int
     read: int
     written: int
     inside: str = ""
+    view: bool = False
+    mutates: bool = False
+    inputs: Tuple[TensorInfo, ...] = ()
+    outputs: Tuple[TensorInfo, ...] = ()
+
+    @property
+    def short_name(self) -> str:
+        """The name without its namespace: "convolution"."""
+        return self.name.split("::", 1)[-1]
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -132,10 +158,12 @@ def aten_op(func, args, kwargs, out) -> Op:
     schema = func._schema
     name = func.overloadpacket.__name__
     returns_alias = bool(schema.returns) and all(r.alias_info is not None for r in schema.returns)
-    if (returns_alias and not schema.is_mutable) or name in NO_KERNEL:
-        return Op(f"aten::{name}", 0, 0, 0)
+    view = returns_alias and not schema.is_mutable
+    nothing = Op(f"aten::{name}", 0, 0, 0, view=view, mutates=schema.is_mutable)
+    if view or name in NO_KERNEL:
+        return nothing
     if name == "copy_" and _same_view(args[0], args[1]):  # copy_ returns at once: no kernel
-        return Op(f"aten::{name}", 0, 0, 0)
+        return nothing
     read = 0
     for i, arg in enumerate(schema.arguments):
         if i < len(args):
@@ -150,7 +178,7 @@ def aten_op(func, args, kwargs, out) -> Op:
                 continue
         read += sum(nbytes(t) for t in _tensors(value))
     written = sum(nbytes(t) for t in _tensors(out))
-    return Op(f"aten::{name}", 1, read, written)
+    return nothing._replace(kernels=1, read=read, written=written)
 
 
 def fused_bytes(op: str, args, out) -> Tuple[int, int]:
@@ -214,20 +242,23 @@ def triton_launches(names: List[str], run_kernels: bool = True):
 
 
 class TrafficRecorder(TorchDispatchMode):
-    """Records every op dispatched while active as :class:`Op` rows in ``self.ops``."""
+    """Records every op dispatched while active as :class:`Op` rows in ``self.ops``; with
+    ``describe``, each aten op's tensor inputs and outputs too (dtype, shape, layout: what
+    tests/test_reference_traffic.py checks of the eager reference)."""
 
-    def __init__(self, inside: str = "", run_kernels: bool = True):
+    def __init__(self, inside: str = "", run_kernels: bool = True, describe: bool = False):
         super().__init__()
         self.ops: List[Op] = []
         self.inside = inside
         self.run_kernels = run_kernels
+        self.describe = describe
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace in FUSED_NAMESPACES:
             name = func.overloadpacket.__name__
             full = f"{func.namespace}::{name}"
-            inner, launched = TrafficRecorder(full, self.run_kernels), []
+            inner, launched = TrafficRecorder(full, self.run_kernels, self.describe), []
             # Run the op's kernel for its device (skipping the Python key, so that this mode
             # does not see the op again), with a nested mode that records the aten ops it runs.
             device = next(t.device for t in _tensors((args, kwargs)))
@@ -246,7 +277,11 @@ class TrafficRecorder(TorchDispatchMode):
             self.ops.extend(inner.ops)
             return out
         out = func(*args, **kwargs)
-        self.ops.append(aten_op(func, args, kwargs, out)._replace(inside=self.inside))
+        op = aten_op(func, args, kwargs, out)._replace(inside=self.inside)
+        if self.describe:
+            op = op._replace(inputs=tuple(map(TensorInfo.of, _tensors((args, kwargs)))),
+                             outputs=tuple(map(TensorInfo.of, _tensors(out))))
+        self.ops.append(op)
         return out
 
 
@@ -388,7 +423,7 @@ def format_table(report: dict) -> str:
     """A readable table of one model's report."""
     fl = report["floor"]
     size = report["size"]
-    title = (f"{patnet_pretty(report['model'])} at {size} x {size}, fp32, eval forward "
+    title = (f"{pretty(report['model'])} at {size} x {size}, fp32, eval forward "
              f"(no_grad); bytes per image (batch {BATCHES[1]} - batch {BATCHES[0]}), "
              "MB = 1e6 bytes")
     header = (f"{'provider':<22}{'kernels':>8}{'fused':>7}{'read MB':>10}{'write MB':>10}"
@@ -421,23 +456,11 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def patnet_pretty(name: str) -> str:
-    family, size = name.split("_")
-    return {"patnet": "PATNet", "fasternet": "FasterNet"}[family] + "-" + size.upper()
-
-
 def write_json(reports: Sequence[dict], path: Path, settings: Optional[dict] = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"what": "kernels per eval forward and activation bytes per image "
-                   "(benchmarks/traffic.py)",
-           "torch": torch.__version__, "settings": settings or {},
-           "models": {r["model"]: r for r in reports}}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-
-
-def _csv(value: str) -> List[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    write_json_file(path, {"what": "kernels per eval forward and activation bytes per image "
+                                   "(benchmarks/traffic.py)",
+                           "torch": torch.__version__, "settings": settings or {},
+                           "models": {r["model"]: r for r in reports}})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -445,9 +468,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m benchmarks.traffic",
         description="Kernels launched and activation bytes per image of one eval forward, "
                     "per model and provider, beside the floor (counts, not times).")
-    parser.add_argument("--models", type=_csv, default=patnet.list_models(),
+    parser.add_argument("--models", type=split_list, default=patnet.list_models(),
                         help="comma list (default: all 12)")
-    parser.add_argument("--providers", type=_csv, default=list(PROVIDERS),
+    parser.add_argument("--providers", type=split_list, default=list(PROVIDERS),
                         help=f"comma list of {','.join(PROVIDERS)} (default: all)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
                         help=f"input height and width, >= 32 (default {DEFAULT_SIZE})")

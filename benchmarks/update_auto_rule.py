@@ -18,10 +18,8 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List
 
+from benchmarks.env import REPO, RESULTS
 from patnet_kernels import auto_rule
-
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 # Benchmark name (the reports' "benchmark") -> the op it times.
 OPS = {"partial_conv": "partial_conv3x3", "channel_attention": "channel_attention",
        "spatial_attention": "spatial_attention", "rpe_attention": "rpe_attention"}

@@ -1,0 +1,69 @@
+"""Writing what a benchmark measured: JSON and CSV files, plain-text tables, number formats.
+
+Shared by every benchmark script; nothing here imports torch.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
+
+
+def write_json(path: Path, data: dict) -> None:
+    """``data`` as indented JSON (one space), the folder made where missing. Benchmarks rewrite
+    their report after every case, so a run cut off keeps what it measured."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict]) -> None:
+    """``rows`` (dicts) under a header of ``fields``."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def split_list(text: str) -> List[str]:
+    """A comma list of the command line: "a, b,,c" -> ["a", "b", "c"]."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def pretty(name: str) -> str:
+    """A model's name as the papers write it: "patnet_t2" -> "PATNet-T2"."""
+    family, size = name.split("_")
+    return {"patnet": "PATNet", "fasternet": "FasterNet"}[family] + "-" + size.upper()
+
+
+def fmt(value, spec: str, suffix: str = "") -> str:
+    """``value`` formatted with ``spec``, "-" for None; small values keep three significant
+    digits."""
+    if value is None:
+        return "-"
+    if value != 0 and abs(value) < 0.995 and not spec.endswith("e"):
+        return f"{value:.3g}{suffix}"
+    return format(value, spec) + suffix
+
+
+def geomean(values: List[float]) -> Optional[float]:
+    """The geometric mean of the positive values (None and the rest left out), or None."""
+    values = [v for v in values if v is not None and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def columns(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Set[int]
+            ) -> Tuple[List[str], Callable[[Sequence[str]], str]]:
+    """A plain-text table: the header line and the dashes under it, and the function that
+    renders a row. Each column is as wide as its widest cell, left-aligned where its index is
+    in ``left``, right-aligned elsewhere, two spaces apart; lines carry no trailing blanks."""
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+
+    def render(cells: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(w) if i in left else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+
+    header = render(headers)
+    return [header, "-" * len(header)], render
