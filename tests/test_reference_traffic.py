@@ -2,7 +2,8 @@
 fast as the authors' eager code, so it may do no more device work than they do).
 
 Each test records the aten ops of the first eval forward of a reference model
-(``backend="torch"``, no_grad) with a ``TorchDispatchMode`` on the CPU, in float32 and under
+(``backend="torch"``, no_grad) with the traffic model's ``TorchDispatchMode``
+(``benchmarks.traffic.TrafficRecorder(describe=True)``) on the CPU, in float32 and under
 ``torch.autocast("cpu", bfloat16)`` (CPU autocast casts convolutions and linears as CUDA
 autocast does), NCHW and channels_last, and pins:
 
@@ -28,13 +29,13 @@ authors' 16 (they also gather PAT_sf's bias and run its softmax in float32).
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import patnet
+from benchmarks.traffic import TrafficRecorder
 from patnet.layers import FasterNetBlock, PartialSpatialAttention, PATNetBlock
 
 BATCH, SIZE = 2, 224  # 224: stage 4 is the 7 x 7 grid the bucket buffer is made for
@@ -64,36 +65,6 @@ PAT_CH_OPS = {"convolution", "std_mean", "cat", "native_batch_norm", "empty", "h
               "mul", "relu_", "gelu", "add", "_to_copy"}
 
 
-class Op(NamedTuple):
-    name: str                 # overload packet, e.g. "convolution"
-    view: bool                # returns an alias of an input (no kernel, no bytes)
-    mutates: bool             # in place
-    inputs: List[Tuple[torch.dtype, Tuple[int, ...]]]
-    outputs: List[Tuple[torch.dtype, Tuple[int, ...], bool, bool]]  # dtype, shape, NCHW, CL
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: List[Op] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        schema = func._schema
-        mutates = schema.is_mutable
-        view = (not mutates and bool(schema.returns)
-                and all(r.alias_info is not None for r in schema.returns))
-        flat_in = torch.utils._pytree.tree_leaves((args, kwargs or {}))
-        flat_out = torch.utils._pytree.tree_leaves(out)
-        self.ops.append(Op(
-            func.overloadpacket.__name__, view, mutates,
-            [(t.dtype, tuple(t.shape)) for t in flat_in if isinstance(t, torch.Tensor)],
-            [(t.dtype, tuple(t.shape), t.is_contiguous(),
-              t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-             for t in flat_out if isinstance(t, torch.Tensor)]))
-        return out
-
-
 class Block(NamedTuple):
     kind: str
     start: int
@@ -112,14 +83,15 @@ def _kind(block: torch.nn.Module) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _trace(name: str, precision: str, layout: str):
-    """The ops of the first forward of a fresh reference model, and where each block's are."""
+    """The ops of the first forward of a fresh reference model (traffic.Op rows: short_name,
+    view, inputs and outputs as TensorInfo), and where each block's are."""
     torch.manual_seed(0)
     model = patnet.create_model(name, backend="torch", **OVERRIDES).eval()
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
-    recorder, blocks, starts, handles = _Recorder(), [], {}, []
+    recorder, blocks, starts, handles = TrafficRecorder(describe=True), [], {}, []
     for module in model.modules():
         if isinstance(module, (PATNetBlock, FasterNetBlock)):
             handles.append(module.register_forward_pre_hook(
@@ -149,7 +121,7 @@ ALL = [(n, p, l) for n in MODELS for p in PRECISIONS for l in LAYOUTS]
 @pytest.mark.parametrize("name,precision,layout", ALL)
 def test_forward_reads_nothing_back_to_the_host(name, precision, layout):
     ops = _trace(name, precision, layout)[0]
-    synced = sorted({op.name for op in ops if op.name in SYNC_OPS})
+    synced = sorted({op.short_name for op in ops if op.short_name in SYNC_OPS})
     assert not synced, f"the forward synchronises with the host through {synced}"
 
 
@@ -163,23 +135,24 @@ def test_autocast_makes_no_float32_activation(name, layout):
         for op in ops[block.start:block.end]:
             if op.view:
                 continue
-            for dtype, shape, _, _ in op.outputs:
-                activation = len(shape) >= 3 and _numel(shape) >= large
-                assert not (dtype == torch.float32 and activation), (
-                    f"{block.kind} block: {op.name} writes a float32 {shape} under bf16 autocast")
+            for out in op.outputs:
+                activation = len(out.shape) >= 3 and _numel(out.shape) >= large
+                assert not (out.dtype == torch.float32 and activation), (
+                    f"{block.kind} block: {op.short_name} writes a float32 {out.shape} under "
+                    "bf16 autocast")
     image = (BATCH, 3, SIZE, SIZE)
-    casts = [op for op in ops if op.name == "_to_copy"]
+    casts = [op for op in ops if op.short_name == "_to_copy"]
     assert casts
     for op in casts:
-        src_dtype, src_shape = op.inputs[0]
+        src_dtype, src_shape = op.inputs[0].dtype, op.inputs[0].shape
         if src_shape == image:
             continue
-        assert src_dtype == torch.float32 and op.outputs[0][0] == torch.bfloat16, (
-            f"a {src_dtype} tensor {src_shape} is cast to {op.outputs[0][0]} under autocast "
+        assert src_dtype == torch.float32 and op.outputs[0].dtype == torch.bfloat16, (
+            f"a {src_dtype} tensor {src_shape} is cast to {op.outputs[0].dtype} under autocast "
             "(only float32 weights, and the input image, should be cast, to bfloat16)")
         assert src_shape in weights, f"a {src_shape} tensor that is no weight is cast"
     # the input image is cast once, by the stem
-    assert sum(op.inputs[0][1] == image for op in casts) == 1
+    assert sum(op.inputs[0].shape == image for op in casts) == 1
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -188,7 +161,7 @@ def test_ops_per_block_within_budget(name, precision):
     ops, blocks = _trace(name, precision, "nchw")[:2]
     assert len(blocks) == 4
     for block in blocks:
-        launched = [op.name for op in ops[block.start:block.end] if not op.view]
+        launched = [op.short_name for op in ops[block.start:block.end] if not op.view]
         budget = OP_BUDGET[(block.kind, precision)]
         assert len(launched) <= budget, (
             f"a {block.kind} block ({precision}) launches {len(launched)} ops, budget {budget}: "
@@ -210,9 +183,9 @@ def test_activations_keep_the_input_layout(name, layout, precision):
         for op in ops[block.start:block.end]:
             if op.view:
                 continue
-            for _, shape, nchw, cl in op.outputs:
-                if len(shape) != 4 or shape[2:] != (h, w) or shape[1] == 1:
+            for out in op.outputs:
+                if len(out.shape) != 4 or out.shape[2:] != (h, w) or out.shape[1] == 1:
                     continue  # not a (B, C, H, W) map of this block
-                ok = cl if layout == "channels_last" else nchw
-                assert ok, (f"{block.kind} block: {op.name} writes a {shape} map that is not "
-                            f"{layout} contiguous (a silent layout copy)")
+                ok = out.channels_last if layout == "channels_last" else out.contiguous
+                assert ok, (f"{block.kind} block: {op.short_name} writes a {out.shape} map that "
+                            f"is not {layout} contiguous (a silent layout copy)")
