@@ -380,9 +380,9 @@ def model_reports(work: Path) -> Tuple[Optional[dict], List[dict]]:
     merged = None
     if parts:
         try:
-            from benchmarks import bench_models
+            from benchmarks.model_report import merge
             with contextlib.redirect_stdout(io.StringIO()):
-                bench_models.merge([str(p) for p in parts_paths], str(work / "models" / "models"))
+                merge([str(p) for p in parts_paths], str(work / "models" / "models"))
             merged = read_json(work / "models" / "models.json")
         except Exception as exc:  # noqa: BLE001 - keep the parts
             merged = None
@@ -644,9 +644,9 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
     if merged_models is not None or model_parts:
         out += ["## Models", ""]
         try:
-            from benchmarks import bench_models
+            from benchmarks.model_report import format_table
             for report in ([merged_models] if merged_models is not None else model_parts):
-                out += ["```", bench_models.format_table(report), "```", ""]
+                out += ["```", format_table(report), "```", ""]
                 if not report.get("complete", True) or any(
                         not p.get("complete", True) for p in report.get("parts", [])):
                     out += ["(cut: some modes did not finish)", ""]

@@ -77,8 +77,9 @@ def time_cpu_latency(names, warmup: int, runs: int) -> dict:
 
 def gpu_throughput(names, args) -> dict:
     """GPU images/s at batch ``args.gpu_batch``, fp32 and AMP (fp16), NCHW: eager reference,
-    torch.compile of it and ours, per model, through benchmarks/bench_models.py."""
-    from benchmarks import bench_models  # (imports torch.compile's machinery: only on a GPU)
+    torch.compile of it and ours, per model, as benchmarks/bench_models.py measures them
+    (benchmarks/model_measure.py)."""
+    from benchmarks.model_measure import run_mode
 
     torch.backends.cudnn.benchmark = True
     settings = argparse.Namespace(warmup=args.warmup or 50, runs=args.runs,
@@ -90,7 +91,7 @@ def gpu_throughput(names, args) -> dict:
         reference = randomize_norms(patnet.create_model(name, backend="torch"), 0).eval().cuda()
         for precision, amp_dtype in (("fp32", None), ("amp", torch.float16)):
             print(f"    {pretty(name)} {precision}", flush=True)
-            rows[(name, precision)] = bench_models.run_mode(
+            rows[(name, precision)] = run_mode(
                 name, reference, image, precision, amp_dtype, "nchw", providers, settings)
     return rows
 

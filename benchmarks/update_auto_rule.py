@@ -18,8 +18,11 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterable, List
 
-from benchmarks.env import REPO, RESULTS
-from patnet_kernels import auto_rule
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.env import REPO, RESULTS  # noqa: E402
+from patnet_kernels import auto_rule  # noqa: E402
 # Benchmark name (the reports' "benchmark") -> the op it times.
 OPS = {"partial_conv": "partial_conv3x3", "channel_attention": "channel_attention",
        "spatial_attention": "spatial_attention", "rpe_attention": "rpe_attention"}

@@ -1,0 +1,129 @@
+"""The whole-model benchmark's measurement: one model in one mode (precision, layout), every
+provider checked against eager, then timed (timer.time_cuda on a GPU, timer.time_cpu on the
+CPU). bench_models.py runs it over its grid; main_job.py over its GPU modes."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+import traceback
+from typing import Dict, Optional, Sequence
+
+import torch
+
+import patnet
+import patnet_kernels as pk
+from benchmarks import env
+from benchmarks.providers import Unavailable, compile_settings
+from benchmarks.report import pretty
+from benchmarks.timer import time_cpu, time_cuda
+from benchmarks.tolerance import MISMATCH, rel_max_error
+
+PROVIDERS = ("eager", "compile", "ours")
+PRECISIONS = ("fp32", "amp")
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: str,
+             amp_dtype: Optional[torch.dtype], layout: str, providers: Sequence[str],
+             args: argparse.Namespace) -> dict:
+    """Check and time every provider in one mode (precision, layout); returns the JSON row."""
+    device = x.device
+    row = {"model": name, "model_name": pretty(name), "precision": precision, "layout": layout,
+           "batch": x.shape[0], "image_size": x.shape[-1], "warmup": args.warmup,
+           "runs": args.runs, "threads": None if device.type == "cuda" else torch.get_num_threads(),
+           "git_commit": env.git_commit(), "date": env.now(), "providers": {}}
+    tolerance = MISMATCH[amp_dtype or torch.float32]
+    expected = None
+    timer = time_cuda if device.type == "cuda" else time_cpu
+    for provider in providers:
+        entry: dict = {}
+        row["providers"][provider] = entry
+        net = call = None
+        try:
+            if provider != "eager" and expected is None:
+                raise Unavailable("skipped", "the eager reference failed in this mode")
+            if provider == "compile":
+                compile_settings().reset()   # compile once for this mode, from a clean cache
+                net = torch.compile(reference, backend=args.compile_backend,
+                                    **({"mode": args.compile_mode}
+                                       if args.compile_backend == "inductor" else {}))
+            elif provider == "ours":
+                net = patnet.optimize_for_inference(reference).to(memory_format=LAYOUTS[layout])
+                entry["backends"] = net.backend_plan()
+            else:
+                net = reference
+
+            def call(net=net):
+                with torch.no_grad(), _autocast(device, amp_dtype):
+                    return net(x)
+
+            start = time.perf_counter()
+            out = call()   # the check (and, for compile, the compilation): not timed
+            _sync(device)
+            first_s = time.perf_counter() - start
+            out = out.float()
+            if provider == "eager":
+                expected = out
+            err = rel_max_error(out, expected)
+            del out
+            label = f"{name} {precision} {layout} {provider}"
+            t = timer(call, args.warmup, args.runs, label)
+            entry.update(status="ok", mean_ms=t["mean_ms"], median_ms=t["median_ms"],
+                         min_ms=t["min_ms"], images_per_s=x.shape[0] / (t["mean_ms"] * 1e-3),
+                         max_rel_error=err, first_call_s=first_s)
+            if provider == "compile":
+                entry["compile_s"] = first_s
+            if not err <= tolerance:
+                entry.update(status="mismatch", reason=f"max rel error {err:.2g} vs eager "
+                                                       f"exceeds {tolerance:g}")
+        except Unavailable as e:
+            entry.update(status=e.status, reason=e.reason)
+        except pk.BackendUnavailableError as e:
+            entry.update(status="unavailable", reason=str(e))
+        except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
+            entry.update(status="error", reason=f"{type(e).__name__}: {e}".strip(),
+                         traceback=traceback.format_exc(limit=6))
+        finally:
+            net = call = None   # the compiled or fused model goes before the next provider
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"    {provider:<8} {_entry_text(entry, device.type == 'cuda')}", flush=True)
+    for entry in row["providers"].values():
+        for base in ("eager", "compile"):
+            base_ms = row["providers"].get(base, {}).get("mean_ms")
+            if entry.get("mean_ms") is not None:
+                entry[f"speedup_vs_{base}"] = base_ms / entry["mean_ms"] if base_ms else None
+    return row
+
+
+def plan_text(plan: Dict[str, str]) -> str:
+    return "backends " + ", ".join(f"{op} {backend}" for op, backend in plan.items())
+
+
+def _entry_text(entry: dict, gpu: bool) -> str:
+    if entry.get("mean_ms") is None:
+        return f"{entry['status']}: {entry['reason'].splitlines()[0]}"
+    text = (f"{entry['images_per_s']:,.0f} img/s, " if gpu else "") + \
+        (f"mean {entry['mean_ms']:.2f} ms, median {entry['median_ms']:.2f} ms, "
+         f"max rel error {entry['max_rel_error']:.1e}")
+    if "compile_s" in entry:
+        text += f", compiled in {entry['compile_s']:.1f} s"
+    if "backends" in entry:
+        text += f"; {plan_text(entry['backends'])}"
+    if entry["status"] != "ok":
+        text += f"; {entry['status']}: {entry['reason']}"
+    return text
+
+
