@@ -342,7 +342,7 @@ def _cell(entry: Optional[dict], fmt) -> str:
 
 def op_table(report: dict) -> List[str]:
     """Markdown: one line per case, each provider's median time in µs and its speed-up vs
-    eager; then the geometric means and the issue's targets (op_bench's own lines)."""
+    eager; then the geometric means and the issue's targets (op_tables' own lines)."""
     from benchmarks import op_tables  # imports torch: only where there are op reports
 
     rows = report.get("rows", [])

@@ -50,7 +50,6 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
     for provider in providers:
         entry: dict = {}
         row["providers"][provider] = entry
-        net = call = None
         try:
             if provider != "eager" and expected is None:
                 raise Unavailable("skipped", "the eager reference failed in this mode")

@@ -330,7 +330,11 @@ def test_the_planned_benchmark_commands_are_valid():
     providers, shapes, dtypes, modes, models, precisions and layouts the script has; the
     deadlines follow the phases and leave the summary its time."""
     import patnet
-    from benchmarks import bench_models, op_bench
+    from benchmarks import bench_models
+    from benchmarks.op_cli import parse_args
+    from benchmarks.op_family import MODES
+    from benchmarks.report import split_list
+    from benchmarks.tolerance import DTYPES
 
     commands = _dry_run_commands()
     assert [name for name in commands][:2] == ["triton tests", "cuda tests"]
@@ -349,13 +353,13 @@ def test_the_planned_benchmark_commands_are_valid():
             bench_models._choose(args.layouts, list(bench_models.LAYOUTS), "layouts")
             continue
         family = module.FAMILY
-        args = op_bench.parse_args(family, argv[3:])
-        assert set(op_bench._split(args.providers)) <= set(family.providers), name
-        assert all(d in op_bench.DTYPES for d in op_bench._split(args.dtypes)), name
-        assert set(op_bench._split(args.modes)) <= set(op_bench.MODES), name
+        args = parse_args(family, argv[3:])
+        assert set(split_list(args.providers)) <= set(family.providers), name
+        assert all(d in DTYPES for d in split_list(args.dtypes)), name
+        assert set(split_list(args.modes)) <= set(MODES), name
         if args.shapes:
             names = [shape.name for shape in family.shapes(False)]
-            for wanted in op_bench._split(args.shapes):
+            for wanted in split_list(args.shapes):
                 assert any(wanted in n for n in names), (name, wanted, names)
 
 

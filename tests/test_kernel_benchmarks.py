@@ -11,7 +11,7 @@ providers sit side by side in its table.
 Each round is one call followed by ``torch.cuda.synchronize()``: the latency a caller sees,
 launch overhead included, with warm caches (benchmarks/bench_*.py report do_bench's GPU times
 with the L2 flushed, and GB/s). Every provider's output is first checked against the
-reference's (benchmarks/op_bench.py's tolerance). Needs a CUDA device (marker ``gpu``):
+reference's (benchmarks/tolerance.py's MISMATCH). Needs a CUDA device (marker ``gpu``):
 
     python -m pytest tests/test_kernel_benchmarks.py -m gpu --benchmark-json "$OUT/kernels.json"
 """
@@ -28,9 +28,10 @@ pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installe
 
 import patnet_kernels as pk  # noqa: E402
 from benchmarks import (  # noqa: E402
-    bench_channel_attention, bench_partial_conv, bench_rpe_attention, bench_spatial_attention,
-    op_bench)
-from benchmarks.op_bench import DTYPE_NAMES, MISMATCH, Problem, StageShape  # noqa: E402
+    bench_channel_attention, bench_partial_conv, bench_rpe_attention, bench_spatial_attention)
+from benchmarks.op_inputs import Problem, random_activation, random_weight  # noqa: E402
+from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
+from benchmarks.tolerance import DTYPE_NAMES, MISMATCH, max_rel_error  # noqa: E402
 from patnet.layers import PATSelfMixer  # noqa: E402
 
 from conftest import require_fused_backend  # noqa: E402
@@ -69,7 +70,7 @@ def _bench(benchmark, family: str, shape: StageShape, batch: int, dtype, provide
             expected = reference()
     except pk.BackendUnavailableError as e:  # e.g. the CUDA attention beyond 1024 tokens
         pytest.skip(str(e))
-    err = op_bench._rel_error([out], [expected])
+    err = max_rel_error([out], [expected])
     assert err <= MISMATCH[dtype], f"{provider}: max rel error {err:.2g} vs the reference"
     del out, expected
 
@@ -132,7 +133,7 @@ def test_rpe_attention(benchmark, shape, batch, dtype, provider):
     _run_family(benchmark, bench_rpe_attention.FAMILY, shape, batch, dtype, provider)
 
 
-SELF_MIXER_SHAPES = op_bench.stage_shapes(MODEL, (PATSelfMixer,), lambda m: m.dim_conv3)
+SELF_MIXER_SHAPES = stage_shapes(MODEL, (PATSelfMixer,), lambda m: m.dim_conv3)
 
 
 @pytest.mark.parametrize("shape, batch, dtype, provider", _cases(
@@ -144,13 +145,12 @@ def test_self_mixer_output(benchmark, shape, batch, dtype, provider):
     gen = torch.Generator(device=device).manual_seed(0)
     c1 = shape.split
     c2 = shape.channels - c1
-    x = op_bench.random_activation((batch, shape.channels, shape.height, shape.width), dtype,
-                                   device, gen)
-    conv_weight = op_bench.random_weight((c1, c1, 3, 3), dtype, device, gen)
-    tokens = op_bench.random_activation((batch, shape.height * shape.width, c2), dtype,
-                                        device, gen)
-    proj_weight = op_bench.random_weight((c2, c2), dtype, device, gen)
-    proj_bias = op_bench.random_activation((c2,), dtype, device, gen)
+    x = random_activation((batch, shape.channels, shape.height, shape.width), dtype, device,
+                          gen)
+    conv_weight = random_weight((c1, c1, 3, 3), dtype, device, gen)
+    tokens = random_activation((batch, shape.height * shape.width, c2), dtype, device, gen)
+    proj_weight = random_weight((c2, c2), dtype, device, gen)
+    proj_bias = random_activation((c2,), dtype, device, gen)
     args = (x, conv_weight, tokens, proj_weight, proj_bias)
     _bench(benchmark, "self_mixer_output", shape, batch, dtype, provider,
            lambda: pk.self_mixer_output(*args, backend=provider),

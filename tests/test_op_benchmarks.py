@@ -1,4 +1,4 @@
-"""Smoke test of the per-op-family benchmarks (benchmarks/bench_*.py, benchmarks/op_bench.py).
+"""Smoke test of the per-op-family benchmarks (benchmarks/bench_*.py and their op_* modules).
 
 Each script runs with --quick on the CPU (Triton under its interpreter, which conftest selects;
 the compiling providers, torch.compile and FlexAttention, skipped, as --quick on the CPU says):
@@ -19,7 +19,13 @@ import torch
 
 import patnet_kernels as pk
 from benchmarks import bench_channel_attention, bench_partial_conv, bench_rpe_attention
-from benchmarks import bench_spatial_attention, op_bench
+from benchmarks import bench_spatial_attention, op_cli
+from benchmarks.op_cases import run_case
+from benchmarks.op_family import MODES
+from benchmarks.op_tables import check_targets
+from benchmarks.providers import Unavailable
+from benchmarks.timer import Timer
+from benchmarks.tolerance import MISMATCH
 
 SCRIPTS = {
     "partial_conv": (bench_partial_conv, []),
@@ -50,14 +56,14 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
     assert report["torch"] and report["git_commit"] and report["device"].startswith("CPU")
     copy_gbps = report["copy_bandwidth"]["gbps"]
     assert copy_gbps > 0
-    assert set(report["byte_formulas"]) == set(op_bench.MODES)
+    assert set(report["byte_formulas"]) == set(MODES)
     if family.flops is not None:
-        assert set(report["flop_formulas"]) == set(op_bench.MODES)
+        assert set(report["flop_formulas"]) == set(MODES)
 
     shapes = family.shapes(True)
     batches = {s.name: ([1, 2] if extra else family.batches_of(s, True)) for s in shapes}
     expected = {(s.name, b, "fp32", m) for s in shapes for b in batches[s.name]
-                for m in op_bench.MODES}
+                for m in MODES}
     rows = {(r["shape"], r["batch"], r["dtype"], r["mode"]): r for r in report["rows"]}
     assert set(rows) == expected and len(report["rows"]) == len(expected)
 
@@ -113,7 +119,7 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
     for column in columns:
         assert column in header
     assert ("TFLOP/s" in header) == (family.flops is not None)
-    for word in family.providers + [s.name for s in shapes] + list(op_bench.MODES):
+    for word in family.providers + [s.name for s in shapes] + list(MODES):
         assert word in table, word
     for row in report["rows"]:
         for entry in row["providers"].values():
@@ -138,7 +144,7 @@ def test_unavailable_and_failing_providers_do_not_stop_the_run(tmp_path, capsys)
     unavailable = dataclasses.replace(family, functional=functional)
     path = tmp_path / "u.json"
     argv = QUICK + ["--shapes", "s1", "--modes", "fwd", "--json", str(path)]
-    assert op_bench.run(unavailable, argv) == 0
+    assert op_cli.run(unavailable, argv) == 0
     assert "unavailable: no kernel here (test)" in capsys.readouterr().out
     entry = json.loads(path.read_text())["rows"][0]["providers"]["triton"]
     assert entry == {"status": "unavailable", "reason": "no kernel here (test)"}
@@ -149,7 +155,7 @@ def test_unavailable_and_failing_providers_do_not_stop_the_run(tmp_path, capsys)
         return family.functional(args, backend)
 
     failing = dataclasses.replace(family, functional=broken)
-    assert op_bench.run(failing, argv) == 1
+    assert op_cli.run(failing, argv) == 1
     assert "error: RuntimeError: kernel crashed (test)" in capsys.readouterr().out
     entry = json.loads(path.read_text())["rows"][0]["providers"]["triton"]
     assert entry["status"] == "error" and json.loads(path.read_text())["complete"]
@@ -212,7 +218,7 @@ def test_rpe_flex_score_mod_matches_the_reference(quick_shape):
     _, problem = _rpe_problem("fwd", quick_shape=quick_shape)
     try:
         flex = bench_rpe_attention.make_flex(problem, compiled=False)
-    except op_bench.Unavailable as e:
+    except Unavailable as e:
         pytest.skip(f"FlexAttention unavailable here: {e.reason}")
     with torch.no_grad():
         out = flex()
@@ -226,7 +232,7 @@ def test_rpe_flex_without_backward_reads_unavailable():
     _, problem = _rpe_problem("fwd+bwd")
     try:
         bench_rpe_attention.make_flex(problem, compiled=False)
-    except op_bench.Unavailable as e:
+    except Unavailable as e:
         assert e.status == "unavailable" and "FlexAttention" in e.reason
     else:  # this torch has FlexAttention's backward on the CPU: nothing to check
         pass
@@ -237,15 +243,15 @@ def test_rpe_low_precision_is_checked_against_the_fp32_reference(tmp_path):
     upcast inputs: eager's own fp16 error shows (> 0) and the SDPA provider is checked too."""
     family = bench_rpe_attention.FAMILY
     shape, _ = _rpe_problem("fwd")
-    timer = op_bench.Timer(torch.device("cpu"), warmup=0, runs=1)
-    for mode in op_bench.MODES:
-        row = op_bench.run_case(family, shape, 2, torch.float16, mode, ["torch", "sdpa"], timer,
+    timer = Timer(torch.device("cpu"), warmup=0, runs=1)
+    for mode in MODES:
+        row = run_case(family, shape, 2, torch.float16, mode, ["torch", "sdpa"], timer,
                                 1.0, {}, "default", 0)
         assert row["reference"].startswith("reference in fp32"), row
         for provider in ("torch", "sdpa"):
             entry = row["providers"][provider]
             assert entry["status"] == "ok", (mode, provider, entry)
-            assert 0 < entry["max_rel_error"] <= op_bench.MISMATCH[torch.float16]
+            assert 0 < entry["max_rel_error"] <= MISMATCH[torch.float16]
         assert set(row["providers"]["torch"]) >= {"speedup_vs_eager", "speedup_vs_sdpa",
                                                   "speedup_vs_flex", "tflops"}
         assert row["providers"]["torch"]["speedup_vs_flex"] is None
@@ -262,7 +268,7 @@ def test_targets_filter_rows_and_show_each_dtype():
                                                            "speedup_vs_eager": eager_x}}}
     rows = [row("fp16", 7, 7, 2.0, 4.0), row("fp32", 7, 7, 1.2, 3.5),
             row("fp16", 25, 42, 0.1, 0.1)]  # not N = 49: ignored
-    lines = op_bench.check_targets(family, rows, "NVIDIA H100 80GB HBM3")
+    lines = check_targets(family, rows, "NVIDIA H100 80GB HBM3")
     assert "NOT met: worst 1.20x (s7 fp32, 2 rows" in lines[0]
     assert "worst per dtype: fp16 2.00x, fp32 1.20x" in lines[0]
     assert "met: worst 3.50x" in lines[1] and "NOT" not in lines[1]
