@@ -22,10 +22,9 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.env import REPO, RESULTS  # noqa: E402
-from patnet_kernels import auto_rule  # noqa: E402
-# Benchmark name (the reports' "benchmark") -> the op it times.
-OPS = {"partial_conv": "partial_conv3x3", "channel_attention": "channel_attention",
-       "spatial_attention": "spatial_attention", "rpe_attention": "rpe_attention"}
+from patnet_kernels import auto_rule, registry  # noqa: E402
+# Benchmark name (the reports' "benchmark": bench_<ops module>.py) -> the op it times.
+OPS = {op.module: name for name, op in registry.OPS.items()}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Providers that are backends of the functional API ("torch" is the reference).
 BACKENDS = ("torch",) + auto_rule.FUSED

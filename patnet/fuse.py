@@ -16,19 +16,15 @@ import copy
 import torch
 from torch import nn
 
+from patnet_kernels.reference.batch_norm import batch_norm_affine
+
 from .layers import (LayerNorm2d, PartialSpatialAttention, PATChannelMixer, PatchEmbed,
                      PatchMerging, PATSelfMixer)
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d):
     """Eval-mode BN(x) = scale * x + shift, per channel."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
+    return batch_norm_affine(bn, bn.running_mean, bn.running_var)
 
 
 def _with_bias(weight: torch.Tensor, bias: torch.Tensor, like: nn.Module) -> nn.Module:

@@ -6,9 +6,9 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
 2. runs each fused op on the backend ``backend`` names (``"auto"``: on a GPU, a fused backend
    only where measured faster than the reference for that call, see
    :mod:`patnet_kernels.auto_rule`; ``model.backend_plan(device, input_shape)`` tells which);
-3. on the CPU, where the reference would run, runs PAT_ch and PAT_sf in their eval forms
-   (:mod:`patnet_kernels.eval_cpu`: PAT_ch's statistics in two cheap passes instead of
-   ``Tensor.std``, BN_b folded into one affine pass; PAT_sf's LayerNorm on the tokens and its
+3. on the CPU, where the reference would run, runs PAT_ch and PAT_sf's ops in their eval forms
+   (its mixers' ``eval_forms`` policy, see :mod:`patnet_kernels.eval_cpu`: PAT_ch's statistics
+   in two cheap passes instead of ``Tensor.std``, BN_b folded into one affine pass; PAT_sf's
    attention by ``scaled_dot_product_attention``; both halves written into one buffer);
 4. switches FasterNet's PConv to the in-place passthrough: inside the network a block's input is
    an intermediate that nothing else reads (the stem's, a merging layer's or the previous
@@ -28,49 +28,10 @@ import torch
 from torch import nn
 
 import patnet_kernels as pk
-from patnet_kernels.eval_cpu import channel_attention_eval, self_mixer_eval
 
 from .fuse import fuse_for_inference
-from .layers import FasterNetBlock, PATChannelMixer, PATNetBlock, PATSelfMixer, bn_params
+from .layers import FasterNetBlock, PATNetBlock
 from .model import set_backend
-
-# Activation dtypes the CPU eval forms serve (they compute in the input dtype).
-_EVAL_CPU_DTYPES = (torch.float32, torch.float64)
-
-
-def _eval_form_applies(mixer: nn.Module, x: torch.Tensor, *ops: str) -> bool:
-    """Whether a CPU eval form of :mod:`patnet_kernels.eval_cpu` takes this call: on the CPU,
-    where the reference would run ``ops``, in eval mode, on a float32/float64
-    NCHW-contiguous input, without autocast. Otherwise the functional API runs."""
-    return (x.device.type == "cpu" and not mixer.training and x.dtype in _EVAL_CPU_DTYPES
-            and x.is_contiguous()
-            and not torch.is_autocast_enabled(x.device.type)
-            and all(pk.resolve_backend(mixer.backend, x.device, op) == "torch" for op in ops))
-
-
-class InferencePATChannelMixer(PATChannelMixer):
-    """PAT_ch for the inference path: the CPU eval form where the reference would run."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _eval_form_applies(self, x, "channel_attention"):
-            return super().forward(x)
-        return channel_attention_eval(x, self.partial_conv3.weight, self.attn.cfc1.weight,
-                                      self.attn.cfc1.bias, bn_params(self.norm, False))
-
-
-class InferencePATSelfMixer(PATSelfMixer):
-    """PAT_sf for the inference path: the CPU eval form where the reference would run."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _eval_form_applies(self, x, "rpe_attention", "self_mixer_output"):
-            return super().forward(x)
-        attn, norm = self.attn, self.norm
-        bucket, _ = attn.buckets(x.shape[2], x.shape[3], x.device)
-        return self_mixer_eval(x, self.partial_conv3.weight, norm.weight, norm.bias, norm.eps,
-                               attn.qkv.weight, attn.qkv.bias, attn.rpe_k.lookup_table_bias,
-                               bucket, attn.num_heads, attn.scale, attn.proj.weight,
-                               attn.proj.bias)
-
 
 class InferenceFasterNetBlock(FasterNetBlock):
     """X + MLP(PConv(X)) with PConv in place on X and the residual from the saved X1."""
@@ -96,9 +57,7 @@ class InferencePATNetBlock(PATNetBlock):
         return self.mlp(self.spatial_mixing(x)).add_(x)
 
 
-_INFERENCE_CLASSES = {PATChannelMixer: InferencePATChannelMixer,
-                      PATSelfMixer: InferencePATSelfMixer,
-                      FasterNetBlock: InferenceFasterNetBlock,
+_INFERENCE_CLASSES = {FasterNetBlock: InferenceFasterNetBlock,
                       PATNetBlock: InferencePATNetBlock}
 
 
@@ -120,6 +79,8 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto") -> nn.Module
         inference_class = _INFERENCE_CLASSES.get(type(module))
         if inference_class is not None:
             module.__class__ = inference_class
+        if hasattr(module, "eval_forms"):
+            module.eval_forms = True
         if isinstance(module, nn.Sequential) and len(module) >= 3 \
                 and isinstance(module[2], nn.ReLU):  # the MLP's ReLU: its input is the MLP's own
             module[2].inplace = True

@@ -1,8 +1,10 @@
 """Building blocks of PATNet and FasterNet (SPEC.md sections 1-5).
 
 Module and parameter names follow the authors' code so that state_dict keys match SPEC.md
-section 6. Token mixers call the functional API of :mod:`patnet_kernels`, so the backend of
-each layer is a plain attribute (``backend``) that :func:`patnet.set_backend` changes.
+section 6. Token mixers call the functional API of :mod:`patnet_kernels` with their policy:
+``backend`` (what :func:`patnet.set_backend` changes) and, for the ops with a CPU eval form,
+``eval_forms`` (what :func:`patnet.optimize_for_inference` turns on); the functional API decides
+what runs (``patnet_kernels.backends.choose_implementation``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from torch import nn
 
 import patnet_kernels as pk
 from patnet_kernels import BatchNormParams
-from patnet_kernels._types import count_batch
 from patnet_kernels.reference.channel_attention import channel_statistics
 
 # The stage-4 token grid of a 224 x 224 input (the network downsamples by 32): the grid whose
@@ -31,11 +32,13 @@ def bn_params(bn: nn.Module, training: bool) -> Optional[BatchNormParams]:
 
 
 def count_batches(training: bool, *bns: nn.Module) -> None:
-    """After a fused op ran in training mode, count the batch in each of its BatchNorms."""
+    """After a fused op ran in training mode, count the batch in each of its BatchNorms'
+    ``num_batches_tracked``, as ``nn.BatchNorm2d.forward`` does."""
     if training:
         for bn in bns:
-            if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-                count_batch(bn)
+            if isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and bn.track_running_stats \
+                    and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
 
 
 def syncs_statistics(training: bool, *bns: nn.Module) -> bool:
@@ -122,6 +125,10 @@ class PATChannelMixer(nn.Module):
     are composed from the modules, and only the conv half is fused.
     """
 
+    # Whether the CPU eval forms of its ops may run where the reference would (the functional
+    # API's eval_form); patnet.optimize_for_inference turns it on.
+    eval_forms = False
+
     def __init__(self, dim: int, n_div: int, backend: str = "auto"):
         super().__init__()
         self.dim_conv3 = dim // n_div
@@ -138,7 +145,7 @@ class PATChannelMixer(nn.Module):
         y = pk.channel_attention(
             x, self.partial_conv3.weight, self.attn.cfc1.weight, self.attn.cfc1.bias,
             bn_params(self.attn.bn, self.training), bn_params(self.norm, self.training),
-            training=self.training, backend=self.backend)
+            training=self.training, backend=self.backend, eval_form=self.eval_forms)
         count_batches(self.training, self.attn.bn, self.norm)
         return y
 
@@ -178,6 +185,10 @@ class RPESelfAttention(nn.Module):
     an input of another grid takes the map of ``patnet_kernels.rpe_buckets`` (cached per
     shape and device), so every input size works. :meth:`set_token_grid` changes the grid.
     """
+
+    # Whether the CPU eval forms of its ops may run where the reference would (the functional
+    # API's eval_form); patnet.optimize_for_inference turns it on.
+    eval_forms = False
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.1,
                  proj_drop: float = 0.1, backend: str = "auto",
@@ -228,7 +239,8 @@ class RPESelfAttention(nn.Module):
         bucket, bucket_range = self.buckets(h, w, x.device)
         out = pk.rpe_attention(q, k, v, self.rpe_k.lookup_table_bias, bucket, scale=self.scale,
                                dropout_p=self.attn_drop if self.training else 0.0,
-                               backend=self.backend, bucket_range=bucket_range)
+                               backend=self.backend, bucket_range=bucket_range,
+                               eval_form=self.eval_forms)
         return out.transpose(1, 2).reshape(b, n, c)
 
 
@@ -243,6 +255,10 @@ def set_token_grid(model: nn.Module, height: int, width: int) -> nn.Module:
 
 class PATSelfMixer(nn.Module):
     """PAT_sf, the token mixer of stage 4: [conv3x3(X1) | Attn(LN(X2))] (SPEC.md section 4)."""
+
+    # Whether the CPU eval forms of its ops may run where the reference would (the functional
+    # API's eval_form); patnet.optimize_for_inference turns it on.
+    eval_forms = False
 
     def __init__(self, dim: int, n_div: int, num_heads: int, attn_drop: float,
                  proj_drop: float, backend: str = "auto"):
@@ -259,7 +275,8 @@ class PATSelfMixer(nn.Module):
         tokens = self.attn(self.norm(x[:, self.dim_conv3:]))  # (B, N, C2), not yet projected
         return pk.self_mixer_output(
             x, self.partial_conv3.weight, tokens, self.attn.proj.weight, self.attn.proj.bias,
-            dropout_p=self.attn.proj_drop.p if self.training else 0.0, backend=self.backend)
+            dropout_p=self.attn.proj_drop.p if self.training else 0.0, backend=self.backend,
+            eval_form=self.eval_forms)
 
 
 class PartialSpatialAttention(nn.Module):

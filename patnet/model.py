@@ -8,22 +8,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from patnet_kernels.backends import (BackendUnavailableError, check_backend_name,
-                                     check_backend_usable, choose_backend, recording_calls)
+from patnet_kernels import (BackendUnavailableError, check_backend_name, check_backend_usable,
+                            choose_backend, recording_calls, registry)
 
-from .layers import (BasicStage, FasterNetBlock, PartialConv3, PartialSpatialAttention,
-                     PatchEmbed, PatchMerging, PATChannelMixer, PATNetBlock, PATSelfMixer,
+from .layers import (BasicStage, FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock,
                      make_activation)
 
 logger = logging.getLogger("patnet")
-
-# The functional ops each fused layer calls.
-_LAYER_OPS = {
-    PartialConv3: ("partial_conv3x3",),
-    PATChannelMixer: ("channel_attention",),
-    PATSelfMixer: ("rpe_attention", "self_mixer_output"),
-    PartialSpatialAttention: ("spatial_attention",),
-}
 
 # The released variants (SPEC.md section 5). Every key can be overridden in create_model.
 _COMMON = dict(n_div=4, mlp_ratio=2.0, feature_dim=1280, num_classes=1000)
@@ -190,33 +181,29 @@ class _PartialNetwork(nn.Module):
                       input_shape: Optional[Sequence[int]] = None,
                       dtype: Optional[torch.dtype] = None) -> List[Tuple[str, str, str]]:
         """Each fused op call of a forward, in order, as ``(op, backend, reason)`` (arguments
-        as :meth:`backend_plan`). Layers with a backend named explicitly, and ``"auto"`` off
-        a GPU, give one entry per op; ``"auto"`` on a GPU decides per call, so the calls are
-        found by a forward on the meta device (no memory, no kernel)."""
+        as :meth:`backend_plan`): the calls are found by a forward on the meta device (no
+        memory, no kernel) and each is decided as its layer asks
+        (``patnet_kernels.choose_backend``; ``"auto"`` on a GPU per call)."""
+        device = self.patch_embed.proj.weight.device if device is None else torch.device(device)
+        return [(op, *choose_backend(backend, device, op, refused, call))
+                for op, backend, refused, call in self.recorded_calls(input_shape, dtype)]
+
+    def recorded_calls(self, input_shape: Optional[Sequence[int]] = None,
+                       dtype: Optional[torch.dtype] = None) -> List[tuple]:
+        """The op calls of one forward, as ``patnet_kernels.recording_calls`` records them,
+        from a forward on the meta device (arguments as :meth:`backend_plan`)."""
         weight = self.patch_embed.proj.weight
-        device = weight.device if device is None else torch.device(device)
-        calls: List[Tuple[str, str, str]] = []
-        per_call = False
-        for module in self.modules():
-            for layer, ops in _LAYER_OPS.items():
-                if isinstance(module, layer):
-                    for op in ops:
-                        if module.backend == "auto" and device.type == "cuda":
-                            per_call = True
-                        elif op not in [c[0] for c in calls]:
-                            calls.append((op, *choose_backend(module.backend, device, op)))
-        if not per_call:
-            return calls
         shape = tuple(input_shape or (2, self.patch_embed.proj.in_channels, 224, 224))
         dtype = dtype or weight.dtype  # (the ops' dtype: autocast's, where it casts)
-        meta = {name: torch.empty_like(t, device="meta",
-                                       dtype=dtype if t.is_floating_point() else t.dtype)
-                for name, t in list(self.named_parameters()) + list(self.named_buffers())}
+        meta = {}
+        for name, t in list(self.named_parameters()) + list(self.named_buffers()):
+            meta[name] = torch.empty_like(t, device="meta",
+                                          dtype=dtype if t.is_floating_point() else t.dtype)
+            meta[name].requires_grad_(t.requires_grad and self.training)
         with recording_calls() as recorded, torch.set_grad_enabled(self.training):
             torch.func.functional_call(self, meta, (torch.empty(shape, dtype=dtype,
                                                                 device="meta"),))
-        return calls + [(op, *choose_backend("auto", device, op, refusal, call))
-                        for op, refusal, call in recorded]
+        return recorded
 
     def train(self, mode: bool = True):
         if mode and getattr(self, "fused_for_inference", False):
@@ -329,8 +316,8 @@ def create_model(name: str, pretrained_path: Optional[str] = None, backend: str 
                         f"{', '.join(valid)}")
     check_backend_usable(backend)
     config = {**_COMMON, **copy.deepcopy(VARIANTS[key]), **overrides}
-    _check_cuda_ops(backend, config)
     model = _FAMILIES[family](backend=backend, **config)
+    _check_ops_served(model, backend)
     model.variant = key
     if pretrained_path is not None:
         load_checkpoint(model, pretrained_path)
@@ -352,12 +339,20 @@ def model_from_config(config: Dict[str, Any], backend: str = "auto") -> nn.Modul
     return create_model(f"{family}_t0", backend=backend, **options)
 
 
-def _check_cuda_ops(backend: str, config: Dict[str, Any]) -> None:
-    if backend == "cuda" and config.get("use_spatial_attn"):
-        raise BackendUnavailableError(
-            "backend='cuda' has no kernel for PAT_sp (spatial_attention), which this model "
-            "uses (use_spatial_attn=True, e.g. PATNet-T1); use backend='auto' (CUDA kernels "
-            "where they exist, Triton for PAT_sp) or backend='triton'")
+def _check_ops_served(model: nn.Module, backend: str) -> None:
+    """Refuse a fused backend named for ``model`` that lacks a kernel one of its layers needs
+    (patnet_kernels.registry: e.g. the CUDA backend has none for PAT_sp)."""
+    if backend not in registry.FUSED_BACKENDS:
+        return
+    missing = dict.fromkeys(op for op, *_ in model.recorded_calls()
+                            if backend not in registry.OPS[op].backends)
+    if missing:
+        names = ", ".join(f"{registry.OPS[op].title} ({op})" for op in missing)
+        others = [b for b in registry.FUSED_BACKENDS if b != backend
+                  and all(b in registry.OPS[op].backends for op in missing)]
+        way_out = f"backend={others[0]!r} or 'auto'" if others else "backend='auto'"
+        raise BackendUnavailableError(f"backend={backend!r} has no kernel for {names}, which "
+                                      f"this model uses; use {way_out}")
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
@@ -372,8 +367,7 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Switch every fused layer of ``model`` to ``backend``; returns the model."""
     check_backend_usable(backend)
-    _check_cuda_ops(backend, {"use_spatial_attn": any(isinstance(m, PartialSpatialAttention)
-                                                      for m in model.modules())})
+    _check_ops_served(model, backend)
     for module in model.modules():
         if hasattr(module, "backend"):
             module.backend = backend

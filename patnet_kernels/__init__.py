@@ -10,10 +10,14 @@ Public API::
     self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias, dropout_p, backend)
     info()
 
-``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op.
+``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op;
+``patnet_kernels.registry`` declares every op once (its backends and their limits).
 """
+from . import registry
 from ._types import BatchNormParams
-from .backends import BACKENDS, OPS, BackendUnavailableError, backend_plan, info, resolve_backend
+from .backends import (BACKENDS, OPS, BackendUnavailableError, backend_plan, check_backend_name,
+                       check_backend_usable, choose_backend, info, recording_calls,
+                       resolve_backend)
 from .functional import (channel_attention, partial_conv3x3, rpe_attention, rpe_buckets,
                          self_mixer_output, spatial_attention)
 
@@ -21,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "OPS", "BackendUnavailableError", "BatchNormParams", "backend_plan",
-    "channel_attention", "info",
-    "partial_conv3x3", "resolve_backend", "rpe_attention", "rpe_buckets", "self_mixer_output",
-    "spatial_attention",
+    "channel_attention", "check_backend_name", "check_backend_usable", "choose_backend", "info",
+    "partial_conv3x3", "recording_calls", "registry", "resolve_backend", "rpe_attention",
+    "rpe_buckets", "self_mixer_output", "spatial_attention",
 ]

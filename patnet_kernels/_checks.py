@@ -90,3 +90,11 @@ def check_batch_norm(name: str, bn: Optional[BatchNormParams], channels: int, re
     if not training and (bn.running_mean is None or bn.running_var is None):
         raise ValueError(f"{name} has no running statistics, so it can only run with "
                          "training=True")
+
+
+def check_batch_values(values: int, shape: Sequence[int]) -> None:
+    """A BatchNorm in training needs more than one value per channel (``F.batch_norm``'s error,
+    for every backend alike): ``values`` per channel in an input of ``shape``."""
+    if values <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size(shape)}")

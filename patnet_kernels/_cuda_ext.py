@@ -26,10 +26,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from . import registry
 from ._build import CUDA_FLAGS, CXX_FLAGS, find_cuda_home
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-KERNEL_FAMILIES = ("partial_conv", "channel_attention", "rpe_attention")
+# csrc/kernels/<family>.cu of every op the CUDA backend has kernels for.
+KERNEL_FAMILIES = registry.families("cuda")
 EMULATION_FLAGS = ("-O2", "-DPATNET_EMULATE")
 
 HOW_TO_BUILD = ("build it with `FORCE_CUDA=1 pip install --no-build-isolation -e .` on a machine "

@@ -6,6 +6,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+# The dropout seeds of the fused attention, [low, high): above 2^32, so that Triton types the
+# kernel argument as int64 (the shipped signature) and the whole 64-bit Philox key is used.
+DROPOUT_SEED_RANGE = (1 << 32, 1 << 62)
+
 
 class BatchNormParams(NamedTuple):
     """The tensors and settings of one ``BatchNorm2d`` over C channels, passed to a fused op.
@@ -28,7 +32,7 @@ class BatchNormParams(NamedTuple):
         """The parameters of ``bn`` for one forward pass, without side effects.
 
         ``momentum=None`` (cumulative average) resolves to 1 / (batches so far + 1), as
-        ``nn.BatchNorm2d`` does; call :func:`count_batch` once the op has run.
+        ``nn.BatchNorm2d`` does (the module counts its batches: ``patnet.layers.count_batches``).
         """
         momentum = bn.momentum
         if momentum is None:
@@ -36,8 +40,11 @@ class BatchNormParams(NamedTuple):
             momentum = 1.0 / (seen + 1) if training else 0.0
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
 
-
-def count_batch(bn: nn.BatchNorm2d) -> None:
-    """Count one training batch in ``bn.num_batches_tracked``, as ``nn.BatchNorm2d.forward``."""
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+    def update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """Move the running statistics (where present) towards a batch's, as
+        ``F.batch_norm`` does in training: ``running = (1 - momentum) running + momentum
+        batch``, the variance unbiased; computed in float32, stored in the buffers' dtype."""
+        with torch.no_grad():
+            for running, batch in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+                if running is not None:
+                    running.copy_(running.float() * (1.0 - self.momentum) + batch * self.momentum)

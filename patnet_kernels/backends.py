@@ -16,27 +16,22 @@ import importlib.metadata
 import importlib.util
 import os
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import auto_rule
+from . import auto_rule, registry
+from .registry import BackendUnavailableError, Refusal
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch") + registry.FUSED_BACKENDS
 # What backend_plan says of "auto" on a GPU, where the choice is made per call.
 AUTO_PER_CALL = "auto: per call (measured)"
 NO_FUSED_BACKEND = "no fused backend is usable here"
-# Every op of the functional API.
-OPS = ("partial_conv3x3", "channel_attention", "spatial_attention", "rpe_attention",
-       "self_mixer_output")
-# The ops the CUDA backend has kernels for (PAT_sp's spatial_attention is Triton only).
-CUDA_OPS = ("partial_conv3x3", "channel_attention", "rpe_attention", "self_mixer_output")
-# The most tokens the CUDA attention kernel takes (kMaxTokens of csrc/kernels/launchers.h).
-CUDA_MAX_TOKENS = 1024
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for by name but cannot run on this machine or these tensors."""
+# Every op of the functional API, and those the CUDA backend has kernels for.
+OPS = tuple(registry.OPS)
+CUDA_OPS = registry.ops_of("cuda")
+# The exceptions a refusal may raise, by name (decisions are made from plain values).
+_ERRORS = {error.__name__: error for error in (BackendUnavailableError, TypeError, ValueError)}
 
 
 def triton_interpreter_enabled() -> bool:
@@ -109,15 +104,36 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def choose_implementation(op: str, backend: str, x: torch.Tensor,
+                          *others: Optional[torch.Tensor], eval_form: bool = False) -> Callable:
+    """The function that runs a call of ``op`` whose main input is ``x`` (``others``: the other
+    tensors a gradient may flow to; the inputs already validated), as ``backend`` asks: the
+    one place the functional API learns what to run. The fused backends' limits come from the
+    registry (:func:`patnet_kernels.registry.refusals`), the decision from
+    :func:`choose_backend`; where that is the reference and ``eval_form`` is asked for (the
+    call is in eval), the op's CPU eval form runs if it takes the call
+    (:func:`patnet_kernels.registry.eval_form_refusal`)."""
+    call = describe_call(op, x, *others) if backend == "auto" else None
+    name, _ = choose_backend(backend, x.device, op, registry.refusals(op, x), call, load=True)
+    if name == "torch" and eval_form and _RECORDED_CALLS is None \
+            and registry.eval_form_refusal(op, x, _needs_grad(x, *others)) is None:
+        name = registry.EVAL_FORM
+    return registry.implementation(op, name)
+
+
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a gradient may be taken through a call on ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def describe_call(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> auto_rule.Call:
     """What the auto rule needs of a call of ``op`` whose main input is ``x``: dtype, mode
     ("fwd+bwd" when a gradient may be taken through it: grad mode on and ``x`` or one of
     ``others`` requires one), layout and shape class (:mod:`patnet_kernels.auto_rule`)."""
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x,) + others)
+    grad = _needs_grad(x, *others)
     from .ops._layout import memory_format_of  # (the kernels' own layout rule)
 
-    if op == "rpe_attention":
+    if registry.OPS[op].layout == "heads":
         layout = "any"
     else:
         layout = "channels_last" if memory_format_of(x) == torch.channels_last else "nchw"
@@ -126,42 +142,49 @@ def describe_call(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> 
 
 
 def choose_backend(backend: str, device: Optional[torch.device] = None, op: Optional[str] = None,
-                   cuda_refusal: Optional[str] = None,
-                   call: Optional[auto_rule.Call] = None) -> Tuple[str, str]:
+                   refused: Tuple[Refusal, ...] = (),
+                   call: Optional[auto_rule.Call] = None, load: bool = False) -> Tuple[str, str]:
     """The one backend decision: which concrete backend ("torch", "triton" or "cuda") runs
     ``op`` (or any op) on ``device``, and why.
 
-    A backend named explicitly runs if it can, else BackendUnavailableError says why
-    (``cuda_refusal``: why the CUDA kernel cannot take these inputs). ``"auto"`` runs the
-    reference on the CPU, and on a GPU a fused backend only where the committed measurements
-    show it faster than the reference for this ``call`` (dtype, mode, layout, shape class) on
-    this kind of GPU (:mod:`patnet_kernels.auto_rule`); without a ``call`` (no shapes) the
-    reference. Unknown names raise ValueError. Under torch.compile the decision is made once
-    at trace time (a constant of the graph).
+    ``refused``: the fused backends that cannot take these inputs, with the reason
+    (:func:`patnet_kernels.registry.refusals`). A backend named explicitly runs if it can, else
+    its refusal's error (BackendUnavailableError where it cannot run here) says why and what
+    to use instead. ``"auto"`` runs the reference on the CPU, and on a GPU a fused backend
+    only where the committed measurements show it faster than the reference for this ``call``
+    (dtype, mode, layout, shape class) on this kind of GPU (:mod:`patnet_kernels.auto_rule`);
+    without a ``call`` (no shapes) the reference. Unknown names raise ValueError. With
+    ``load``, the chosen backend's function for ``op`` is made ready
+    (:func:`patnet_kernels.registry.load`). Under torch.compile the decision is made once at
+    trace time (a constant of the graph).
     """
     check_backend_name(backend)
-    if _RECORDED_CALLS is not None and call is not None and not torch.compiler.is_compiling():
-        _RECORDED_CALLS.append((op, cuda_refusal, call))
+    if _RECORDED_CALLS is not None and op is not None and not torch.compiler.is_compiling():
+        _RECORDED_CALLS.append((op, backend, refused, call))
+        return "torch", "recorded (recording_calls): the reference runs"
     device = None if device is None else torch.device(device)
+    plain_refusals = tuple((r.backend, r.error.__name__, r.reason) for r in refused)
     name, reason, error = _decide(backend, None if device is None else device.type,
-                                  None if device is None else device.index, op, cuda_refusal,
-                                  None if call is None else tuple(call))
+                                  None if device is None else device.index, op, plain_refusals,
+                                  None if call is None else tuple(call), load)
     if error:
-        raise BackendUnavailableError(error)
+        kind, message = error.split(":", 1)
+        raise _ERRORS[kind](message)
     if reason.startswith(NO_FUSED_BACKEND):
         _warn_reference_on_gpu(device, reason)
     return name, reason
 
 
-# While recording_calls() is active: each call "auto" decides, as (op, cuda_refusal, call).
+# While recording_calls() is active: each op call decided, as (op, backend, refused, call).
 _RECORDED_CALLS: Optional[List[tuple]] = None
 
 
 @contextlib.contextmanager
 def recording_calls():
-    """Collect every call that ``"auto"`` decides inside the block, as a list of
-    ``(op, cuda_refusal, Call)``: how ``model.backend_plan`` learns a model's calls from a
-    forward on the meta device."""
+    """Collect every op call decided inside the block, as a list of ``(op, backend asked for,
+    refused, Call or None)``: how ``model.backend_calls`` learns a model's calls from a forward
+    on the meta device. Inside the block every call runs the reference (on meta tensors: no
+    memory, no kernel), whatever its backend."""
     global _RECORDED_CALLS
     saved, _RECORDED_CALLS = _RECORDED_CALLS, []
     try:
@@ -171,25 +194,26 @@ def recording_calls():
 
 
 def resolve_backend(backend: str, device: Optional[torch.device] = None,
-                    op: Optional[str] = None, cuda_refusal: Optional[str] = None,
+                    op: Optional[str] = None, refused: Tuple[Refusal, ...] = (),
                     call: Optional[auto_rule.Call] = None) -> str:
     """The concrete backend of :func:`choose_backend`, without the reason."""
-    return choose_backend(backend, device, op, cuda_refusal, call)[0]
+    return choose_backend(backend, device, op, refused, call)[0]
 
 
 @torch.compiler.assume_constant_result
 def _decide(backend: str, device_type: Optional[str], device_index: Optional[int],
-            op: Optional[str], cuda_refusal: Optional[str],
-            call: Optional[tuple]) -> Tuple[str, str, str]:
-    """(backend, reason, error message or ""), from plain values only: torch.compile runs
+            op: Optional[str], refused: tuple, call: Optional[tuple],
+            load: bool) -> Tuple[str, str, str]:
+    """(backend, reason, "ErrorName:message" or ""), from plain values only: torch.compile runs
     this at trace time and keeps the result, so none of its probes (file system, imports,
-    device queries) is traced. Decisions are cached (:func:`forget_decisions`): a call costs
-    a dictionary look-up, not the probes; keyed also by the environment variables that
-    change what can run (the Triton interpreter, the CUDA emulation)."""
+    device queries, loading a backend) is traced. Decisions are cached
+    (:func:`forget_decisions`): a call costs a dictionary look-up, not the probes; keyed also
+    by the environment variables that change what can run (the Triton interpreter, the CUDA
+    emulation)."""
     from ._cuda_ext import emulation_enabled
 
     environment = (triton_interpreter_enabled(), emulation_enabled())
-    return _decide_cached(backend, device_type, device_index, op, cuda_refusal, call,
+    return _decide_cached(backend, device_type, device_index, op, refused, call, load,
                           environment)
 
 
@@ -200,32 +224,42 @@ def forget_decisions() -> None:
 
 @functools.lru_cache(maxsize=4096)
 def _decide_cached(backend: str, device_type: Optional[str], device_index: Optional[int],
-                   op: Optional[str], cuda_refusal: Optional[str], call: Optional[tuple],
+                   op: Optional[str], refused: tuple, call: Optional[tuple], load: bool,
                    environment: tuple) -> Tuple[str, str, str]:
     device = None if device_type is None else torch.device(device_type, device_index)
-    if backend == "cuda" and cuda_refusal:
-        return "", "", (f"backend='cuda' cannot run {op} on these inputs: {cuda_refusal}; use "
-                        "backend='triton' or 'auto'")
+    refusals = {name: Refusal(name, _ERRORS[kind], why) for name, kind, why in refused}
+    for refusal in registry.refusals(op) if op is not None else ():  # (no kernel for op)
+        refusals.setdefault(refusal.backend, refusal)
     if backend != "auto":
         ok, why = _STATUS[backend](device)
         if not ok:
-            return "", "", f"backend={backend!r} is unavailable: {why}"
-        return backend, f"asked for by name ({why})", ""
-    if device is None or device.type != "cuda":
+            return "", "", f"BackendUnavailableError:backend={backend!r} is unavailable: {why}"
+        if backend in refusals:
+            error = registry.refusal_error(refusals[backend], tuple(refusals.values()))
+            return "", "", f"{type(error).__name__}:{error}"
+        name, reason = backend, f"asked for by name ({why})"
+    elif device is None or device.type != "cuda":
         # (the Triton interpreter and the CUDA emulation are for testing, never the choice)
-        return "torch", "auto on the CPU runs the reference", ""
+        name, reason = "torch", "auto on the CPU runs the reference"
+    else:
+        name, reason = _auto_on_gpu(device, refusals, call)
+    if load and op is not None:
+        registry.load(op, name)  # (a fused backend's ops: imported or built here, not traced)
+    return name, reason, ""
+
+
+def _auto_on_gpu(device: torch.device, refusals: dict, call: Optional[tuple]) -> Tuple[str, str]:
     usable = [name for name in auto_rule.FUSED
-              if _STATUS[name](device)[0] and not (
-                  name == "cuda" and (cuda_refusal or op is not None and op not in CUDA_OPS))]
+              if _STATUS[name](device)[0] and name not in refusals]
     if not usable:
-        reasons = "; ".join(f"{name}: {_STATUS[name](device)[1]}" for name in auto_rule.FUSED)
-        return "torch", f"{NO_FUSED_BACKEND} ({reasons})", ""
+        reasons = "; ".join(f"{name}: " + (f"backend={name!r} {refusals[name].reason}"
+                                            if name in refusals else _STATUS[name](device)[1])
+                            for name in auto_rule.FUSED)
+        return "torch", f"{NO_FUSED_BACKEND} ({reasons})"
     if call is None:
         return "torch", ("auto decides per call from the input's shape, dtype and mode; "
-                         "without them the reference"), ""
-    name, reason = auto_rule.choose(gpu_name(device),
-                                    auto_rule.Call(*call[:4], tuple(call[4])), usable)
-    return name, reason, ""
+                         "without them the reference")
+    return auto_rule.choose(gpu_name(device), auto_rule.Call(*call[:4], tuple(call[4])), usable)
 
 
 def backend_plan(backend: str, device: Optional[torch.device] = None,

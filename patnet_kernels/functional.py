@@ -11,25 +11,12 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import reference
-from ._checks import (check_activation, check_batch_norm, check_conv_weight, check_device,
-                      check_same, check_shape)
+from . import reference, registry
+from ._checks import (check_activation, check_batch_norm, check_batch_values,
+                      check_conv_weight, check_device, check_same, check_shape)
 from ._types import BatchNormParams
-from . import ops
-from .backends import CUDA_MAX_TOKENS, describe_call, resolve_backend
+from .backends import choose_implementation
 
-# The reference serves backend "torch"; the fused backends live in patnet_kernels.ops.
-_REFERENCE: Dict[str, Callable] = {
-    "partial_conv3x3": reference.partial_conv3x3,
-    "channel_attention": reference.channel_attention,
-    "spatial_attention": reference.spatial_attention,
-    "rpe_attention": reference.rpe_attention,
-    "self_mixer_output": reference.self_mixer_output,
-}
-
-
-# Activation dtypes the fused kernels take (they accumulate in float32).
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The devices whose tensors the ops take and that have an autocast mode.
 AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
 
@@ -57,7 +44,7 @@ def autocast_aware(op: Callable) -> Callable:
 
         def cast(value):  # (no call at all for a tensor already in the autocast dtype)
             if (isinstance(value, torch.Tensor) and value.dtype != dtype
-                    and value.dtype in FUSED_DTYPES):
+                    and value.dtype in registry.FUSED_DTYPES):
                 return value.to(dtype)
             return value
 
@@ -66,22 +53,6 @@ def autocast_aware(op: Callable) -> Callable:
         with torch.autocast(device_type, enabled=False):
             return op(*args, **kwargs)
     return wrapper
-
-
-def _implementation(op: str, backend: str, x: torch.Tensor, *weights: Optional[torch.Tensor],
-                    cuda_refusal: Optional[str] = None) -> Callable:
-    """The function of ``backend`` that runs ``op`` on ``x`` (its main input; ``weights``: the
-    other tensors a gradient may flow to), as :func:`backends.choose_backend` decides;
-    ``cuda_refusal``: why the CUDA kernel cannot take these inputs (then "auto" passes over it
-    and "cuda" raises)."""
-    call = describe_call(op, x, *weights) if backend == "auto" else None
-    name = resolve_backend(backend, x.device, op, cuda_refusal, call)
-    if name == "torch":
-        return _REFERENCE[op]
-    if x.dtype not in FUSED_DTYPES:
-        raise TypeError(f"backend={name!r} runs float32, float16 and bfloat16, got {x.dtype}; "
-                        "use backend='torch' for other dtypes")
-    return ops.implementation(name, op)
 
 
 @autocast_aware
@@ -96,14 +67,14 @@ def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = Fa
     check_activation("x", x)
     check_conv_weight("weight", weight, x.shape[1], 3)
     check_same("x", x, weight=weight)
-    return _implementation("partial_conv3x3", backend, x, weight)(x, weight, inplace)
+    return choose_implementation("partial_conv3x3", backend, x, weight)(x, weight, inplace)
 
 
 @autocast_aware
 def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: torch.Tensor,
                       cfc_bias: Optional[torch.Tensor], bn_a: Optional[BatchNormParams],
                       bn_b: BatchNormParams, *, training: bool = False,
-                      backend: str = "auto") -> torch.Tensor:
+                      backend: str = "auto", eval_form: bool = False) -> torch.Tensor:
     """The PAT_ch token mixer: [conv3x3(X1) | BN_b(X2 * hsig(BN_a(W_ch . [mu, sigma])))].
 
     x: (B, C, H, W); conv_weight: (C1, C1, 3, 3); cfc_weight: (C2, C2, 1, 2) with C2 = C - C1;
@@ -111,7 +82,8 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     bn_b: BatchNormParams over C2. mu and sigma are the per-(sample, channel) mean and unbiased
     std of X2 over H * W; with H * W = 1, sigma is NaN (as ``Tensor.std``) and so is Y2.
     In training mode BN_a and BN_b use batch statistics and update their running statistics
-    (BN_a then needs a batch of at least 2). Returns (B, C, H, W).
+    (BN_a then needs a batch of at least 2). ``eval_form``: see :func:`rpe_attention`.
+    Returns (B, C, H, W).
     """
     check_activation("x", x)
     c1 = check_conv_weight("conv_weight", conv_weight, x.shape[1], 3, min_rest=1)
@@ -122,7 +94,13 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     check_same("x", x, conv_weight=conv_weight, cfc_weight=cfc_weight, cfc_bias=cfc_bias)
     check_batch_norm("bn_a", bn_a, c2, x, training, optional=True)
     check_batch_norm("bn_b", bn_b, c2, x, training)
-    return _implementation("channel_attention", backend, x, conv_weight, cfc_weight)(
+    if training:
+        b, _, h, w = x.shape
+        if bn_a is not None:  # (over the (B, C2, 1, 1) logits)
+            check_batch_values(b, (b, c2, 1, 1))
+        check_batch_values(b * h * w, (b, c2, h, w))
+    return choose_implementation("channel_attention", backend, x, conv_weight, cfc_weight,
+                                 eval_form=eval_form and not training)(
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
 
 
@@ -146,7 +124,10 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     check_same("m", m, gate_weight=gate_weight, conv_weight=conv_weight, conv_bias=conv_bias)
     check_batch_norm("bn_c", bn_c, q, m, training)
     check_batch_norm("bn_d", bn_d, p, m, training, optional=True)
-    return _implementation("spatial_attention", backend, m, gate_weight, conv_weight)(
+    if training:
+        b, _, h, w = m.shape
+        check_batch_values(b * h * w, (b, q, h, w))
+    return choose_implementation("spatial_attention", backend, m, gate_weight, conv_weight)(
         m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training)
 
 
@@ -218,7 +199,8 @@ def _given_bucket_range(bucket_range) -> Tuple[int, int]:
 def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                   bucket: torch.Tensor, scale: Optional[float] = None, dropout_p: float = 0.0,
                   backend: str = "auto", *,
-                  bucket_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                  bucket_range: Optional[Tuple[int, int]] = None,
+                  eval_form: bool = False) -> torch.Tensor:
     """Attention with a relative-position bias gathered from a per-head table.
 
     O = dropout(softmax(scale * q k^T + table[h, bucket[i, j]])) v.
@@ -232,6 +214,12 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     largest id of ``bucket`` as Python ints (it vouches for them: the range is checked against
     the table, the ids are not read). A module that keeps its own map as a buffer passes the
     range it computed when it made the map.
+
+    ``eval_form=True`` (this op, channel_attention and self_mixer_output; what
+    ``patnet.optimize_for_inference`` sets): where the reference would run a call in eval (no
+    dropout, no batch statistics) on the CPU, float32/float64, NCHW-contiguous, with no
+    gradient to take, the op's CPU eval form runs instead (:mod:`patnet_kernels.eval_cpu`: the
+    same formulas in fewer passes).
     """
     check_activation("q", q, "(B, heads, N, d)")
     check_shape("k", k, q.shape, "k must match q")
@@ -259,24 +247,25 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
                          f"least {high + 1} (the iRPE table of PATNet has 81)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    refusal = (f"its attention kernel takes N <= {CUDA_MAX_TOKENS} tokens, got {n}"
-               if n > CUDA_MAX_TOKENS else None)
-    return _implementation("rpe_attention", backend, q, k, v, table, cuda_refusal=refusal)(
+    return choose_implementation("rpe_attention", backend, q, k, v, table,
+                                 eval_form=eval_form and dropout_p == 0.0)(
         q, k, v, table, bucket, scale, dropout_p)
 
 
 @autocast_aware
 def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.Tensor,
                       proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor] = None,
-                      dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
+                      dropout_p: float = 0.0, backend: str = "auto", *,
+                      eval_form: bool = False) -> torch.Tensor:
     """The output of PAT_sf: [conv3x3(X1) | dropout(tokens @ proj_weight^T + proj_bias)].
 
     x: (B, C, H, W), X1 = x[:, :C1], C1 = conv_weight.shape[0]; tokens: (B, N, C2), N = H * W
     in row-major order, C2 = C - C1 (the attention output with its heads merged);
     proj_weight: (C2, C2); proj_bias: (C2,) or None. Dropout with probability ``dropout_p`` is
     applied to the projection (pass 0 in eval); its mask is drawn like ``F.dropout`` on a
-    (B, N, C2) tensor, so every backend sees the same mask. Returns (B, C, H, W); the fused
-    backends write both halves straight into it (no concatenation).
+    (B, N, C2) tensor, so every backend sees the same mask. ``eval_form``: see
+    :func:`rpe_attention`. Returns (B, C, H, W); the fused backends write both halves straight
+    into it (no concatenation).
     """
     check_activation("x", x)
     c1 = check_conv_weight("conv_weight", conv_weight, x.shape[1], 3, min_rest=1)
@@ -290,8 +279,8 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
                proj_bias=proj_bias)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    implementation = _implementation("self_mixer_output", backend, x, conv_weight, tokens,
-                                     proj_weight)
+    implementation = choose_implementation("self_mixer_output", backend, x, conv_weight, tokens,
+                                           proj_weight, eval_form=eval_form and dropout_p == 0.0)
     keep = None
     if dropout_p > 0.0:  # as F.dropout: bernoulli(1 - p) / (1 - p), same generator calls
         keep = torch.empty((b, h * w, c2), dtype=x.dtype, device=x.device)

@@ -3,7 +3,6 @@ backends (the ``fused_backend`` fixture, the op namespace of each)."""
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -52,12 +51,11 @@ def _load_error(backend: str) -> Optional[str]:
     """Import the backend's op modules once (for "cuda": load or build the extension); the
     error, if any, is kept so that a failed build fails every test at once instead of being
     retried by each."""
-    modules = (["cuda"] if backend == "cuda"  # (loads, or builds, the extension)
-               else ["partial_conv", "channel_attention", "rpe_attention", "self_mixer",
-                     "spatial_attention"])
+    from patnet_kernels import registry
+
     try:
-        for module in modules:
-            importlib.import_module(f"patnet_kernels.ops.{module}")
+        for op in registry.ops_of(backend):
+            registry.load(op, backend)  # (for "cuda": loads, or builds, the extension)
     except Exception as exc:  # CudaBuildFailed, ImportError, a load error ...
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -14,7 +14,7 @@ import torch
 
 import patnet
 import patnet_kernels as pk
-from patnet_kernels import auto_rule, backends
+from patnet_kernels import auto_rule, backends, registry
 from patnet_kernels.auto_rule import Call
 
 from benchmarks import update_auto_rule
@@ -168,11 +168,14 @@ def test_auto_takes_no_cuda_kernel_the_op_lacks_or_refuses(monkeypatch):
     with simulated_gpu(monkeypatch):
         assert backends.resolve_backend("auto", GPU, "spatial_attention",
                                         call=points[0].call) == "triton"
-        assert backends.resolve_backend("auto", GPU, "rpe_attention", "too many tokens",
+        q = torch.empty(2, 4, 2048, 8, device="meta")
+        too_many = registry.refusals("rpe_attention", q)
+        assert [r.backend for r in too_many] == ["cuda"]
+        assert backends.resolve_backend("auto", GPU, "rpe_attention", too_many,
                                         call=points[1].call) == "triton"
         with pytest.raises(pk.BackendUnavailableError,
-                           match="too many tokens; use backend='triton'"):
-            backends.resolve_backend("cuda", GPU, "rpe_attention", "too many tokens")
+                           match="N <= 1024 tokens, got 2048; use backend='triton' or 'auto'"):
+            backends.resolve_backend("cuda", GPU, "rpe_attention", too_many)
 
 
 def test_auto_without_a_usable_fused_backend_says_so_once(monkeypatch):
@@ -260,10 +263,10 @@ def test_update_reads_the_layout_of_channels_last_reports(tmp_path):
 
 
 def test_op_benchmark_lays_the_activation_out_channels_last():
-    from benchmarks import op_bench
+    from benchmarks.op_inputs import Problem, channels_last
     x = torch.randn(2, 8, 3, 3, requires_grad=True)
     w = torch.randn(2, 2, 3, 3, requires_grad=True)
-    moved = op_bench._channels_last(op_bench.Problem((x, w), [x, w]))
+    moved = channels_last(Problem((x, w), [x, w]))
     y = moved.args[0]
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     assert y.is_leaf and y.requires_grad and torch.equal(y, x)

@@ -194,9 +194,9 @@ def test_info_reports_the_cuda_backend():
 
 def test_cuda_backend_has_no_spatial_attention_kernel():
     assert "spatial_attention" not in backends.CUDA_OPS
-    with pytest.raises(pk.BackendUnavailableError, match="backend='triton' or 'auto'"):
-        from patnet_kernels import ops
-        ops.implementation("cuda", "spatial_attention")
+    with pytest.raises(pk.BackendUnavailableError, match="has no kernel for spatial_attention; "
+                                                         "use backend='triton' or 'auto'"):
+        backends.choose_backend("cuda", None, "spatial_attention")
 
 
 # ------------------------------------------------------------------ loader and emulator
@@ -275,7 +275,13 @@ def test_emulator_detects_a_divergent_barrier(emulator_probe):
         emulator_probe.divergent_barrier(torch.zeros(1))
 
 
-def test_cuda_max_tokens_matches_the_kernels():
-    """backends.CUDA_MAX_TOKENS (what "auto" and the errors use) is kMaxTokens of launchers.h."""
+def test_the_registry_limits_match_the_kernels():
+    """The attention limits the registry declares (what "auto" and the errors use) are those
+    of the kernels: kMaxTokens and kMaxHeadDim of launchers.h, Triton's MAX_HEAD_DIM."""
+    from patnet_kernels import registry
+    from patnet_kernels.triton import rpe_attention
+
     text = (REPO / "csrc" / "kernels" / "launchers.h").read_text()
-    assert f"constexpr int kMaxTokens = {backends.CUDA_MAX_TOKENS};" in text
+    assert f"constexpr int kMaxTokens = {registry.CUDA_MAX_TOKENS};" in text
+    assert f"constexpr int kMaxHeadDim = {registry.MAX_HEAD_DIM};" in text
+    assert rpe_attention.MAX_HEAD_DIM == registry.MAX_HEAD_DIM

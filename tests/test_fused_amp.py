@@ -30,7 +30,7 @@ import torch
 import patnet
 import patnet_kernels as pk
 from patnet.testing import randomize_norms
-from patnet_kernels import BatchNormParams
+from patnet_kernels import BatchNormParams, registry
 
 from conftest import (BUDGET_FACTOR, BUDGET_FLOOR, DEVICE, rel_error,
                       require_fused_backend)
@@ -213,15 +213,13 @@ def _call(fn, tensors, bns, training, backend, dtype, under_autocast):
     return y.detach(), [t.grad for t in leaves], state
 
 
-OPS = ["partial_conv3x3", "channel_attention", "spatial_attention", "rpe_attention",
-       "self_mixer_output"]
 BN_OPS = ("channel_attention", "spatial_attention")
 
 
-# (the CUDA backend has no PAT_sp kernel: it refuses spatial_attention, test_cuda_backend.py)
+# Every op of every backend that has kernels for it (patnet_kernels.registry).
 OP_CASES = [pytest.param(backend, op, id=f"{backend}-{op}")
-            for backend in ("torch", "triton", "cuda")
-            for op in OPS if not (backend == "cuda" and op == "spatial_attention")]
+            for backend in ("torch",) + registry.FUSED_BACKENDS
+            for op in registry.ops_of(backend)]
 
 
 @pytest.mark.parametrize("dtype", AMP_DTYPES)

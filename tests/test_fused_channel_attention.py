@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import patnet_kernels as pk
-from patnet_kernels import BatchNormParams
+from patnet_kernels import BatchNormParams, registry
 from patnet_kernels.ops import channel_attention as ca_ops
 
-from conftest import DEVICE, assert_within_budget, fused_ops, rel_error
+from conftest import (DEVICE, assert_within_budget, fused_ops, rel_error,
+                      require_fused_backend)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -189,13 +190,19 @@ def test_large_mean_and_many_pixel_tiles(training, fused_backend):
     assert rel_error(std, flat.std(-1)) < 1e-5
 
 
-def test_backend_dispatches_here(fused_backend):
-    if fused_backend == "cuda":
-        from patnet_kernels.ops import cuda
-        expected = cuda.IMPLEMENTATIONS["channel_attention"]
-    else:
-        expected = ca_ops.channel_attention
-    assert pk.ops.implementation(fused_backend, "channel_attention") is expected
+def test_backend_dispatches_here(fused_backend, monkeypatch):
+    """pk.channel_attention(backend=...) runs that backend's function of the registry, the
+    autograd Function of ops/channel_attention.py over the backend's namespace."""
+    require_fused_backend(fused_backend)
+    case = CASES[0]
+    inputs = _inputs(case)
+    function = registry.load("channel_attention", fused_backend)
+    assert function.__module__ == ca_ops.__name__
+    ran = []
+    monkeypatch.setitem(registry._IMPLEMENTATIONS, ("channel_attention", fused_backend),
+                        lambda *args: ran.append(args) or function(*args))
+    _run(inputs, case, F32, fused_backend)
+    assert len(ran) == 1
 
 
 def test_training_with_batch_norm_over_one_value_is_refused(fused_backend):

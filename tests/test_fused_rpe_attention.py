@@ -29,7 +29,7 @@ from conftest import (BUDGET_FLOOR, DEVICE, TRITON_ONLY, assert_within_budget,
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 GRADS = ("out", "grad_q", "grad_k", "grad_v", "grad_table")
-CUDA_MAX_TOKENS = pk.backends.CUDA_MAX_TOKENS
+CUDA_MAX_TOKENS = pk.registry.CUDA_MAX_TOKENS
 
 
 def _inputs(batch, heads, height, width, d, dtype, seed=0, qkv_layout=False):

@@ -18,7 +18,7 @@ import patnet
 import patnet_kernels as pk
 from patnet.testing import randomize_norms
 from patnet_kernels import reference
-from patnet_kernels.eval_cpu import channel_attention_eval, self_mixer_eval
+from patnet_kernels import eval_cpu, registry
 
 from conftest import DEVICE, rel_error
 
@@ -99,9 +99,11 @@ def test_inference_path_channels_last():
 
 @pytest.mark.parametrize("shape", [(1, 12, 7, 7), (3, 9, 5, 13), (2, 16, 1, 1), (2, 5, 1, 6)])
 @pytest.mark.parametrize("affine", [True, False])
-def test_channel_attention_eval_form_matches_reference(shape, affine):
-    """The CPU eval form of PAT_ch (BN_a folded into W_ch's bias) against the reference, in
-    float64 (same formulas, other summation order) and float32 against float64."""
+@pytest.mark.parametrize("folded", [True, False], ids=["bn_a_folded", "bn_a"])
+def test_channel_attention_eval_form_matches_reference(shape, affine, folded):
+    """The CPU eval form of PAT_ch (BN_a folded into W_ch's bias, or applied to the logits)
+    against the reference, in float64 (same formulas, other summation order) and float32
+    against float64."""
     gen = torch.Generator().manual_seed(sum(shape))
     b, c, h, w = shape
     c1 = max(1, c // 4)
@@ -110,65 +112,89 @@ def test_channel_attention_eval_form_matches_reference(shape, affine):
     def rand(*size, scale=1.0, offset=0.0):
         return torch.randn(*size, generator=gen, dtype=torch.float64) * scale + offset
 
+    def bn():
+        return pk.BatchNormParams(rand(c2, scale=0.3, offset=1.0) if affine else None,
+                                  rand(c2, scale=0.2) if affine else None,
+                                  rand(c2, scale=0.5), torch.rand(c2, generator=gen,
+                                                                  dtype=torch.float64) + 0.5)
+
     x = rand(b, c, h, w, scale=2.0, offset=0.5)
     conv_w, cfc_w, cfc_b = rand(c1, c1, 3, 3, scale=0.3), rand(c2, c2, 1, 2, scale=0.3), rand(c2)
-    bn_b = pk.BatchNormParams(rand(c2, scale=0.3, offset=1.0) if affine else None,
-                              rand(c2, scale=0.2) if affine else None,
-                              rand(c2, scale=0.5), torch.rand(c2, generator=gen,
-                                                              dtype=torch.float64) + 0.5)
-    expected = reference.channel_attention(x, conv_w, cfc_w, cfc_b, None, bn_b, False)
-    result = channel_attention_eval(x, conv_w, cfc_w, cfc_b, bn_b)
+    bn_a, bn_b = (None if folded else bn()), bn()
+    expected = reference.channel_attention(x, conv_w, cfc_w, cfc_b, bn_a, bn_b, False)
+    result = eval_cpu.channel_attention(x, conv_w, cfc_w, cfc_b, bn_a, bn_b)
     assert torch.equal(result.isnan(), expected.isnan())
     if h * w == 1:  # unbiased std of one value: NaN in the X2 half only, as the reference
         assert result[:, c1:].isnan().all() and not result[:, :c1].isnan().any()
         result, expected = result[:, :c1], expected[:, :c1]
     assert rel_error(result, expected) < 1e-13
+
+    def f32(bn_params):
+        return None if bn_params is None else pk.BatchNormParams(
+            *[None if t is None else t.float() for t in bn_params[:4]])
+
     as32 = [t.float() for t in (x, conv_w, cfc_w, cfc_b)]
-    bn32 = pk.BatchNormParams(*[None if t is None else t.float() for t in bn_b[:4]])
-    result32 = channel_attention_eval(*as32, bn32)
+    result32 = eval_cpu.channel_attention(*as32, f32(bn_a), f32(bn_b))
     if h * w > 1:
         assert rel_error(result32.double(), expected) < 2e-6
 
 
 @pytest.mark.parametrize("shape, heads", [((1, 20, 7, 7), 3), ((2, 13, 5, 9), 2),
                                           ((1, 8, 1, 1), 2)])
-@pytest.mark.parametrize("affine", [True, False])
-def test_self_mixer_eval_form_matches_reference(shape, heads, affine):
-    """The CPU eval form of PAT_sf against the reference ops composed as SPEC.md section 4
-    states them (LayerNorm2d, qkv, rpe_attention, merge, self_mixer_output), float64."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_self_mixer_eval_forms_match_reference(shape, heads, bias):
+    """The CPU eval forms of PAT_sf's two ops (the attention by SDPA, the output written into
+    one buffer) against the reference ops, float64."""
     gen = torch.Generator().manual_seed(sum(shape) + heads)
     b, c, h, w = shape
     c1 = c // 4
     c2, n = c - c1, h * w
     d = c2 // heads
 
-    def rand(*size, scale=1.0, offset=0.0):
-        return torch.randn(*size, generator=gen, dtype=torch.float64) * scale + offset
+    def rand(*size, scale=1.0):
+        return torch.randn(*size, generator=gen, dtype=torch.float64) * scale
 
-    x, conv_w = rand(b, c, h, w), rand(c1, c1, 3, 3, scale=0.3)
-    ln_w, ln_b = (rand(c2, scale=0.3, offset=1.0), rand(c2, scale=0.2)) if affine else (None, None)
-    qkv_w, qkv_b = rand(3 * c2, c2, scale=0.3), rand(3 * c2, scale=0.1) if affine else None
+    q, k, v = (rand(b, heads, n, d) for _ in range(3))
     table, bucket = rand(heads, 81), pk.rpe_buckets(h, w)
-    proj_w, proj_b = rand(c2, c2, scale=0.3), rand(c2) if affine else None
-    scale = d ** -0.5
-
-    tokens = torch.nn.functional.layer_norm(x[:, c1:].permute(0, 2, 3, 1), (c2,), ln_w, ln_b,
-                                            1e-6).permute(0, 3, 1, 2).reshape(b, c2, n)
-    qkv = torch.nn.functional.linear(tokens.transpose(1, 2), qkv_w, qkv_b)
-    q, k, v = qkv.reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-    merged = reference.rpe_attention(q, k, v, table, bucket, scale).transpose(1, 2)
-    expected = reference.self_mixer_output(x, conv_w, merged.reshape(b, n, c2), proj_w, proj_b,
-                                           None)
-    result = self_mixer_eval(x, conv_w, ln_w, ln_b, 1e-6, qkv_w, qkv_b, table, bucket, heads,
-                             scale, proj_w, proj_b)
-    assert rel_error(result, expected) < 1e-13
+    for scale in (None, 0.3):
+        assert rel_error(eval_cpu.rpe_attention(q, k, v, table, bucket, scale),
+                         reference.rpe_attention(q, k, v, table, bucket, scale)) < 1e-13
+    x, conv_w, tokens = rand(b, c, h, w), rand(c1, c1, 3, 3, scale=0.3), rand(b, n, c2)
+    proj_w, proj_b = rand(c2, c2, scale=0.3), rand(c2) if bias else None
+    assert rel_error(eval_cpu.self_mixer_output(x, conv_w, tokens, proj_w, proj_b, None),
+                     reference.self_mixer_output(x, conv_w, tokens, proj_w, proj_b, None)) < 1e-13
 
 
-def test_channel_attention_eval_form_refuses_other_layouts():
-    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+def test_eval_forms_run_only_where_asked_and_applicable(monkeypatch):
+    """The inference path runs the eval forms on the CPU (its mixers' eval_forms policy); the
+    eval model, a channels_last input, float16 and a call needing a gradient run the reference."""
+    ran = []
+    for op in ("channel_attention", "rpe_attention", "self_mixer_output"):
+        form = getattr(eval_cpu, op)
+        monkeypatch.setattr(eval_cpu, op, lambda *a, _op=op, _form=form, **k:
+                            ran.append(_op) or _form(*a, **k))
+    model = _eval_model("patnet_t0")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        assert ran == []
+        fast = patnet.optimize_for_inference(model)
+        fast(x)
+    assert sorted(set(ran)) == ["channel_attention", "rpe_attention", "self_mixer_output"]
+    ran.clear()
+    with torch.no_grad():
+        fast(x.to(memory_format=torch.channels_last))
+    assert "channel_attention" not in ran
+    t = torch.randn(2, 8, 5, 5)
     bn = pk.BatchNormParams(None, None, torch.zeros(6), torch.ones(6))
-    with pytest.raises(ValueError, match="NCHW-contiguous.*patnet_kernels.channel_attention for other"):
-        channel_attention_eval(x, torch.randn(2, 2, 3, 3), torch.randn(6, 6, 1, 2), None, bn)
+    ran.clear()
+    pk.channel_attention(t.clone().requires_grad_(), torch.randn(2, 2, 3, 3),
+                         torch.randn(6, 6, 1, 2), None, None, bn, eval_form=True)
+    assert ran == []  # (a gradient will be taken)
+    assert "float32 and float64" in registry.eval_form_refusal("channel_attention", t.half(),
+                                                               False)
+    assert registry.eval_form_refusal("partial_conv3x3", t, False) == \
+        "partial_conv3x3 has no CPU eval form"
 
 
 def test_backend_plan_names_each_op_and_is_logged(caplog):

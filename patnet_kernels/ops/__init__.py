@@ -1,47 +1,22 @@
-"""The fused backends as registered ops (``torch.library``) and autograd Functions.
+"""The fused backends' ops: one module per op (see :mod:`patnet_kernels.registry`).
 
-One module per op family; :mod:`.cuda` binds the same Functions to the CUDA extension's ops. Each defines its ops with fakes (so ``torch.compile`` traces through
-them without a graph break), the autograd Functions that call them, and a function with the
-signature of the reference op, which :mod:`patnet_kernels.functional` dispatches to. Modules are
-imported on first use, so importing patnet_kernels does not import triton.
+``ops/<op>.py`` is backend-neutral: the fakes of the op's ``torch.library`` ops (their output
+shapes, dtypes and strides, so that torch.compile traces through them), the autograd Function
+over a backend's ``torch.ops`` namespace and ``backend_function(ops)``, the op with the
+reference's signature. ``ops/triton/<op>.py`` registers the ``patnet_triton`` ops (bodies that
+launch the kernels of :mod:`patnet_kernels.triton`); :mod:`.cuda` loads the CUDA extension,
+whose ``patnet_cuda`` ops have the same schemas, and registers the same fakes for them.
+Modules are imported on first use, so importing patnet_kernels imports neither Triton nor
+the extension, and the CUDA backend does not import Triton.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict
 
-from ..backends import CUDA_OPS, BackendUnavailableError
+import torch
 
 
-def _triton_ops() -> Dict[str, Callable]:
-    # A plain import statement (which torch.compile can trace), run on first use.
-    from . import partial_conv
-    from . import self_mixer
-    from . import channel_attention
-    from . import rpe_attention
-    from . import spatial_attention
-    return {
-        "partial_conv3x3": partial_conv.partial_conv3x3,
-        "channel_attention": channel_attention.channel_attention,
-        "self_mixer_output": self_mixer.self_mixer_output,
-        "rpe_attention": rpe_attention.rpe_attention,
-        "spatial_attention": spatial_attention.spatial_attention,
-    }
-
-
-def _cuda_ops() -> Dict[str, Callable]:
-    from . import cuda  # loads (or builds) the extension on first use
-    return cuda.IMPLEMENTATIONS
-
-
-def implementation(backend: str, op: str) -> Callable:
-    """The ``backend`` ("triton" or "cuda") implementation of ``op``; BackendUnavailableError
-    if that backend has no kernel for it."""
-    if backend == "cuda" and op not in CUDA_OPS:  # (say so without building the extension)
-        found = None
-    else:
-        found = (_triton_ops() if backend == "triton" else _cuda_ops()).get(op)
-    if found is None:
-        others = "backend='triton' or 'auto'" if backend == "cuda" else "backend='torch'"
-        raise BackendUnavailableError(f"backend={backend!r} has no kernel for {op}; use "
-                                      f"{others}")
-    return found
+def register_fakes(namespace: str, fakes: Dict[str, Callable]) -> None:
+    """Register each fake of ``fakes`` (op name -> fake) for ``namespace::name``."""
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"{namespace}::{name}")(fake)

@@ -1,4 +1,5 @@
-"""PAT_ch as registered ops and an autograd Function (Triton backend).
+"""PAT_ch's ops and autograd Function, for every fused backend (the ops: ``patnet_triton::*``
+from :mod:`patnet_kernels.ops.triton.channel_attention`, ``patnet_cuda::*`` from csrc/).
 
 Y = [conv3x3(X1) | BN_b(X2 * g)], g = hsig(BN_a(W_ch . [mu, sigma])) (SPEC.md section 2).
 
@@ -29,74 +30,35 @@ the unbiased batch variance), after the autograd Function, from statistics it re
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
 from .._types import BatchNormParams
-from ..triton import channel_attention as kernels
-from ..triton import partial_conv as conv_kernels
-from ..triton._common import on_tensor_device
-from . import partial_conv as _partial_conv_ops
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
-# The backward uses patnet_triton::conv3x3_weight_grad, which that module registers.
-_REQUIRES = (_partial_conv_ops,)
 
 
 def _coef_shape(x: Tensor, c1: int):
+    """(B, C2): one value per sample and channel of X2."""
     return (x.shape[0], x.shape[1] - c1)
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_stats", mutates_args=())
-@on_tensor_device
-def _stats(x: Tensor, c1: int) -> Tuple[Tensor, Tensor]:
-    return kernels.channel_stats(x, c1)
-
-
-@_stats.register_fake
 def _stats_fake(x, c1):
     shape = _coef_shape(x, c1)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_apply", mutates_args=())
-@on_tensor_device
-def _apply(x: Tensor, conv_weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return kernels.conv3x3_affine(x, conv_kernels.forward_taps(conv_weight),
-                                  empty_activation(x, x.shape), scale.contiguous(),
-                                  shift.contiguous())
-
-
-@_apply.register_fake
 def _apply_fake(x, conv_weight, scale, shift):
     return empty_activation(x, x.shape)
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_grad_sums", mutates_args=())
-@on_tensor_device
-def _grad_sums(x: Tensor, grad_y: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
-    return kernels.channel_grad_sums(x, grad_y, mean.contiguous())
-
-
-@_grad_sums.register_fake
 def _grad_sums_fake(x, grad_y, mean):
     return torch.empty_like(mean, dtype=torch.float32, memory_format=torch.contiguous_format), \
         torch.empty_like(mean, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_input_grad", mutates_args=())
-@on_tensor_device
-def _input_grad(grad_y: Tensor, x: Tensor, conv_weight: Tensor, scale: Tensor, center: Tensor,
-                slope: Tensor, offset: Tensor) -> Tensor:
-    return kernels.conv3x3_affine(grad_y, conv_kernels.transposed_taps(conv_weight),
-                                  empty_activation(x, x.shape), scale.contiguous(),
-                                  offset.contiguous(), aux=x, center=center.contiguous(),
-                                  slope=slope.contiguous())
-
-
-@_input_grad.register_fake
 def _input_grad_fake(grad_y, x, conv_weight, scale, center, slope, offset):
     return empty_activation(x, x.shape)
 
@@ -301,22 +263,7 @@ def make_functions(ops):
     return ChannelAttention
 
 
-def _check_batch(batch_values: int, shape) -> None:
-    if batch_values <= 1:  # the error of F.batch_norm
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{shape}")
-
-
-def _update_running(bn: BatchNormParams, mean: Tensor, var: Tensor) -> None:
-    if bn.running_mean is None:
-        return
-    with torch.no_grad():
-        m = bn.momentum
-        bn.running_mean.copy_(bn.running_mean.float() * (1.0 - m) + mean * m)
-        bn.running_var.copy_(bn.running_var.float() * (1.0 - m) + var * m)
-
-
-def make_channel_attention(ops):
+def backend_function(ops):
     """The backend function of :func:`patnet_kernels.channel_attention` over ``ops``."""
     ChannelAttention = make_functions(ops)
 
@@ -324,12 +271,6 @@ def make_channel_attention(ops):
                           cfc_bias: Optional[Tensor], bn_a: Optional[BatchNormParams],
                           bn_b: BatchNormParams, training: bool) -> Tensor:
         """PAT_ch with this backend's kernels (inputs already checked by the functional API)."""
-        b, c, h, w = x.shape
-        c2 = c - conv_weight.shape[0]
-        if training:
-            if bn_a is not None:
-                _check_batch(b, torch.Size((b, c2, 1, 1)))
-            _check_batch(b * h * w, torch.Size((b, c2, h, w)))
         a = bn_a if bn_a is not None else BatchNormParams(None, None, None, None)
         y, stats = ChannelAttention.apply(
             x, conv_weight, cfc_weight, cfc_bias, a.weight, a.bias, a.running_mean,
@@ -337,11 +278,9 @@ def make_channel_attention(ops):
             bn_a is not None, training, float(a.eps), float(bn_b.eps))
         if training:
             if bn_a is not None:
-                _update_running(bn_a, stats[0], stats[1])
-            _update_running(bn_b, stats[2], stats[3])
+                bn_a.update_running(stats[0], stats[1])
+            bn_b.update_running(stats[2], stats[3])
         return y
 
     return channel_attention
 
-
-channel_attention = make_channel_attention(torch.ops.patnet_triton)

@@ -1,6 +1,8 @@
-"""PConv as registered ops and autograd Functions (Triton backend).
+"""PConv's ops and autograd Functions, for every fused backend.
 
-Ops in the ``patnet_triton`` namespace, each with a fake so torch.compile traces through them:
+The ops (registered as ``patnet_triton::*`` by :mod:`patnet_kernels.ops.triton.partial_conv`
+and as ``patnet_cuda::*`` by csrc/bindings.cpp, same schemas), each with the fake below so that
+torch.compile traces through them:
 
 * ``partial_conv3x3(x, weight) -> y``: [conv3x3(X1) | X2], one pass.
 * ``partial_conv3x3_(x!, weight) -> x1``: writes conv3x3(X1) into x[:, :C1] in place and
@@ -8,74 +10,38 @@ Ops in the ``patnet_triton`` namespace, each with a fake so torch.compile traces
 * ``partial_conv3x3_input_grad(grad_y, weight) -> grad_x``: [conv3x3^T(dY1) | dY2].
 * ``conv3x3_weight_grad(x1, grad_y) -> grad_weight``.
 
-The autograd Functions are made by :func:`make_functions` over a ``torch.ops`` namespace, so
-that another backend registering the same schemas reuses them.
+The autograd Functions are made by :func:`make_functions` over a backend's ``torch.ops``
+namespace; :func:`backend_function` is the op with the reference's signature.
 """
 from __future__ import annotations
 
 import torch
 
-from ..triton import partial_conv as kernels
-from ..triton._common import on_tensor_device
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("patnet_triton::partial_conv3x3", mutates_args=())
-@on_tensor_device
-def _forward(x: Tensor, weight: Tensor) -> Tensor:
-    return kernels.conv3x3_passthrough(x, kernels.forward_taps(weight),
-                                       empty_activation(x, x.shape), copy_rest=True)
-
-
-@_forward.register_fake
 def _forward_fake(x, weight):
     return empty_activation(x, x.shape)
 
 
 def _x1_shape(x: Tensor, weight: Tensor):
+    """(B, C1, H, W): the shape of X1."""
     return (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
 
 
-@torch.library.custom_op("patnet_triton::partial_conv3x3_", mutates_args=("x",))
-@on_tensor_device
-def _forward_inplace(x: Tensor, weight: Tensor) -> Tensor:
-    x1 = empty_activation(x, _x1_shape(x, weight))
-    x1.copy_(x[:, :weight.shape[0]])
-    # The conv reads only the copy, so no program can see a halo another has rewritten.
-    kernels.conv3x3_passthrough(x1, kernels.forward_taps(weight), x, copy_rest=False)
-    return x1
-
-
-@_forward_inplace.register_fake
 def _forward_inplace_fake(x, weight):
     return empty_activation(x, _x1_shape(x, weight))
 
 
-@torch.library.custom_op("patnet_triton::partial_conv3x3_input_grad", mutates_args=())
-@on_tensor_device
-def _input_grad(grad_y: Tensor, weight: Tensor) -> Tensor:
-    return kernels.conv3x3_passthrough(grad_y, kernels.transposed_taps(weight),
-                                       empty_activation(grad_y, grad_y.shape), copy_rest=True)
-
-
-@_input_grad.register_fake
 def _input_grad_fake(grad_y, weight):
     return empty_activation(grad_y, grad_y.shape)
 
 
-@torch.library.custom_op("patnet_triton::conv3x3_weight_grad", mutates_args=())
-@on_tensor_device
-def _weight_grad(x1: Tensor, grad_y: Tensor) -> Tensor:
-    return kernels.conv3x3_weight_grad(x1, grad_y)
-
-
-@_weight_grad.register_fake
 def _weight_grad_fake(x1, grad_y):
     c1 = x1.shape[1]
     return x1.new_empty((c1, c1, 3, 3))
-
 
 
 # Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
@@ -132,7 +98,7 @@ def make_functions(ops):
     return PartialConv3x3, PartialConv3x3Inplace
 
 
-def make_partial_conv3x3(ops):
+def backend_function(ops):
     """The backend function of :func:`patnet_kernels.partial_conv3x3` over ``ops``."""
     PartialConv3x3, PartialConv3x3Inplace = make_functions(ops)
 
@@ -152,5 +118,3 @@ def make_partial_conv3x3(ops):
 
     return partial_conv3x3
 
-
-partial_conv3x3 = make_partial_conv3x3(torch.ops.patnet_triton)

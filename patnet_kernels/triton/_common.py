@@ -15,8 +15,9 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_device(t: torch.Tensor) -> None:
-    """Refuse a tensor the kernels in this mode cannot reach, saying what to do."""
+def check_kernel_device(t: torch.Tensor) -> None:
+    """Refuse a tensor the kernels in this mode cannot reach, saying what to do (the last guard
+    of a registered op called directly; the functional API has chosen the backend by then)."""
     if INTERPRET and t.device.type != "cpu":
         raise RuntimeError(f"Triton was imported with TRITON_INTERPRET=1, so its kernels run on "
                            f"CPU tensors only, got a {t.device} tensor; unset TRITON_INTERPRET "
@@ -29,13 +30,13 @@ def check_device(t: torch.Tensor) -> None:
 
 def on_tensor_device(op_body: Callable) -> Callable:
     """Decorate a registered op's body: check its first argument (a tensor) with
-    :func:`check_device` and run the body with that tensor's CUDA device current, since Triton
+    :func:`check_kernel_device` and run the body with that tensor's CUDA device current, since Triton
     launches on the current device (tensors on cuda:1 while cuda:0 is current would otherwise
     run on the wrong GPU)."""
 
     @functools.wraps(op_body)
     def run(tensor, *args, **kwargs):
-        check_device(tensor)
+        check_kernel_device(tensor)
         if tensor.device.type == "cuda":
             with torch.cuda.device(tensor.device):
                 return op_body(tensor, *args, **kwargs)
@@ -105,7 +106,6 @@ class AotKernel:
 
 
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-FLOAT_DTYPES = tuple(TRITON_DTYPE)
 
 
 def aot_signature(fn: Callable, pointers: Dict[str, str], scalars: Dict[str, str] = None

@@ -33,13 +33,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .. import registry
+
 # Kernel family modules of this package that ship kernels (each has aot_kernels()).
-FAMILIES = (
-    "partial_conv",
-    "channel_attention",
-    "rpe_attention",
-    "spatial_attention",
-)
+FAMILIES = registry.families("triton")
 
 # Shared memory a block may use (bytes): H100 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
 SHARED_LIMIT = {90: 232448, 80: 166912}

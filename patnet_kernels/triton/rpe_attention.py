@@ -31,11 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._types import DROPOUT_SEED_RANGE
 from ._common import INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, upcast_dot
 
-# Seeds are drawn in [SEED_LOW, SEED_HIGH): always above 2^32, so Triton always types the kernel
-# argument as int64 (the shipped signature), and the full 64-bit Philox key is used.
-SEED_LOW, SEED_HIGH = 1 << 32, 1 << 62
+# Dropout seeds lie in [SEED_LOW, SEED_HIGH) (see DROPOUT_SEED_RANGE).
+SEED_LOW, SEED_HIGH = DROPOUT_SEED_RANGE
 
 
 @triton.jit
@@ -408,12 +408,6 @@ def _dropout_args(dropout_p: float, seed: int):
         raise ValueError(f"dropout seed must be in [2^32, 2^62), got {seed}")
     threshold = min(int(round(dropout_p * 2 ** 31)), 2 ** 31 - 1)
     return seed, 1, threshold, 1.0 / (1.0 - dropout_p)
-
-
-def draw_seed(generator: torch.Generator = None) -> torch.Tensor:
-    """A dropout seed from torch's CPU generator (reproducible with torch.manual_seed): an int64
-    CPU tensor of shape ()."""
-    return torch.randint(SEED_LOW, SEED_HIGH, (), dtype=torch.int64, generator=generator)
 
 
 def _strides4(t: torch.Tensor):

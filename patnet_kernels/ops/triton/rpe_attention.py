@@ -1,0 +1,70 @@
+"""rpe_attention's ops in the Triton backend (``patnet_triton``): bodies that launch the
+kernels of :mod:`patnet_kernels.triton.rpe_attention`, with the per-map bucket sort they need
+cached; fakes and autograd in :mod:`..rpe_attention`."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ...triton import rpe_attention as kernels
+from ...triton._common import on_tensor_device
+from .. import register_fakes, rpe_attention as spec
+
+Tensor = torch.Tensor
+
+
+# Bucket maps are fixed per (H, W): their int32 copy and the per-bucket sort that the table
+# gradient sums over are computed once per map. Keyed by the map's storage, version and layout;
+# the entry holds the map, so its storage cannot be freed and reused while cached.
+_SEGMENTS_CACHE: dict = {}
+_SEGMENTS_CACHE_SIZE = 16
+
+
+def _segments(bucket: Tensor, num_buckets: int):
+    try:
+        key = (bucket.data_ptr(), bucket._version, tuple(bucket.shape), tuple(bucket.stride()),
+               bucket.dtype, bucket.device, num_buckets)
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return kernels.bucket_segments(bucket, num_buckets)
+    hit = _SEGMENTS_CACHE.get(key)
+    if hit is not None and hit[0] is bucket:
+        return hit[1]
+    segments = kernels.bucket_segments(bucket, num_buckets)
+    if len(_SEGMENTS_CACHE) >= _SEGMENTS_CACHE_SIZE:
+        _SEGMENTS_CACHE.pop(next(iter(_SEGMENTS_CACHE)))
+    _SEGMENTS_CACHE[key] = (bucket, segments)
+    return segments
+
+
+def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
+    if dropout_p <= 0.0:
+        return kernels.SEED_LOW
+    if seed is None:
+        raise ValueError("rpe_attention with dropout_p > 0 needs a seed tensor")
+    return int(seed.item())  # a CPU tensor: no device synchronisation
+
+
+@torch.library.custom_op("patnet_triton::rpe_attention_fwd", mutates_args=())
+@on_tensor_device
+def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, bucket: Tensor, scale: float,
+             dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    ids32 = _segments(bucket, table.shape[1])[0]
+    return kernels.rpe_attention_forward(q, k, v, table.float().contiguous(), ids32, scale,
+                                         dropout_p, _seed_value(seed, dropout_p))
+
+
+@torch.library.custom_op("patnet_triton::rpe_attention_bwd", mutates_args=())
+@on_tensor_device
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+              table: Tensor, bucket: Tensor, scale: float, dropout_p: float,
+              seed: Optional[Tensor], deterministic: bool
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    ids32, order, seg, low, _ = _segments(bucket, table.shape[1])
+    dq, dk, dv, dtable = kernels.rpe_attention_backward(
+        grad_out, q, k, v, out.contiguous(), lse.contiguous(), table.float().contiguous(),
+        ids32, order, seg, low, scale, dropout_p, _seed_value(seed, dropout_p), deterministic)
+    return dq, dk, dv, dtable.to(table.dtype)
+
+
+register_fakes("patnet_triton", spec.FAKES)

@@ -1,0 +1,62 @@
+"""The PAT_sf output's ops in the Triton backend (``patnet_triton``): the conv kernel of
+:mod:`patnet_kernels.triton.partial_conv` and a batched GEMM; fakes and autograd in
+:mod:`..self_mixer`."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ...triton import partial_conv as kernels
+from ...triton._common import on_tensor_device
+from .. import register_fakes, self_mixer as spec
+from .._layout import empty_activation
+
+Tensor = torch.Tensor
+
+
+def _tokens_view(y: Tensor, c1: int) -> Tensor:
+    """y[:, C1:] of a (B, C, H, W) tensor as (B, N, C2): token n = h * W + w, no copy."""
+    return y[:, c1:].flatten(2).transpose(1, 2)
+
+
+@torch.library.custom_op("patnet_triton::self_mixer_output", mutates_args=())
+@on_tensor_device
+def _forward(x: Tensor, conv_weight: Tensor, tokens: Tensor, proj_weight: Tensor,
+             proj_bias: Optional[Tensor], keep: Optional[Tensor]) -> Tensor:
+    c1 = conv_weight.shape[0]
+    y = empty_activation(x, x.shape)
+    kernels.conv3x3_passthrough(x, kernels.forward_taps(conv_weight), y, copy_rest=False)
+    y2 = _tokens_view(y, c1)
+    b, n, c2 = y2.shape
+    weight_t = proj_weight.t().expand(b, c2, c2)
+    if proj_bias is None:
+        torch.bmm(tokens, weight_t, out=y2)
+    else:
+        torch.baddbmm(proj_bias.expand(b, n, c2), tokens, weight_t, out=y2)
+    if keep is not None:
+        y2.mul_(keep)
+    return y
+
+
+@torch.library.custom_op("patnet_triton::self_mixer_output_backward", mutates_args=())
+@on_tensor_device
+def _backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, tokens: Tensor,
+              proj_weight: Tensor, keep: Optional[Tensor]
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    c1 = conv_weight.shape[0]
+    grad_x = empty_activation(x, x.shape)
+    kernels.conv3x3_passthrough(grad_y, kernels.transposed_taps(conv_weight), grad_x,
+                                copy_rest=False)
+    grad_x[:, c1:].zero_()
+    grad_conv_weight = kernels.conv3x3_weight_grad(x[:, :c1], grad_y)
+    grad_proj_out = _tokens_view(grad_y, c1)  # (B, N, C2)
+    if keep is not None:
+        grad_proj_out = grad_proj_out * keep
+    grad_tokens = torch.matmul(grad_proj_out, proj_weight)
+    grad_proj_weight = torch.bmm(grad_proj_out.transpose(1, 2), tokens).sum(0)
+    grad_proj_bias = grad_proj_out.sum((0, 1))
+    return grad_x, grad_conv_weight, grad_tokens, grad_proj_weight, grad_proj_bias
+
+
+register_fakes("patnet_triton", spec.FAKES)

@@ -1,0 +1,133 @@
+"""PAT_sp's ops in the Triton backend (``patnet_triton``): bodies that launch the kernels of
+:mod:`patnet_kernels.triton.spatial_attention`; fakes and autograd in
+:mod:`..spatial_attention`."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ...triton import spatial_attention as kernels
+from ...triton._common import on_tensor_device
+from .. import register_fakes, spatial_attention as spec
+from .._layout import empty_activation, memory_format_of
+
+Tensor = torch.Tensor
+
+
+def _flat_pixels(t: Tensor) -> Tensor:
+    """t itself when its (h, w) flatten to one pixel stride (NCHW, channels_last, channel
+    slices of those), else a copy in its memory format."""
+    if kernels.pixel_stride(t) is not None:
+        return t
+    return t.contiguous(memory_format=memory_format_of(t))
+
+
+def _vector(t: Optional[Tensor], fill: float, n: int, like: Tensor) -> Tensor:
+    """t as fp32, or an fp32 vector of ``fill`` when t is None (no affine parameter)."""
+    if t is not None:
+        return t.float()
+    return torch.full((n,), fill, dtype=torch.float32, device=like.device)
+
+
+@torch.library.custom_op("patnet_triton::spatial_attention", mutates_args=())
+@on_tensor_device
+def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+             c_weight: Optional[Tensor], c_bias: Optional[Tensor],
+             c_running_mean: Optional[Tensor], c_running_var: Optional[Tensor], c_eps: float,
+             d_weight: Optional[Tensor], d_bias: Optional[Tensor],
+             d_running_mean: Optional[Tensor], d_running_var: Optional[Tensor], d_eps: float,
+             has_bn_d: bool, training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    y = empty_activation(m, m.shape)
+    m = _flat_pixels(m)
+    p = conv_weight.shape[0]
+    q = m.shape[1] - p
+    gate = gate_weight.reshape(q).contiguous()
+    if training:
+        z, mean, var = kernels.gate_stats(m, gate, q, with_mb=has_bn_d)
+        c_stats = torch.stack([mean[:q], var[:q]])
+        d_stats = torch.stack([mean[q:], var[q:]]) if has_bn_d else mean.new_empty((2, 0))
+    else:
+        z = None
+        c_stats = torch.stack([c_running_mean, c_running_var]).float()
+        d_stats = (torch.stack([d_running_mean, d_running_var]).float() if has_bn_d
+                   else c_stats.new_empty((2, 0)))
+    scale_c = _vector(c_weight, 1.0, q, m) * torch.rsqrt(c_stats[1] + c_eps)
+    z = kernels.gate_apply(m, gate, z, y, c_stats[0], scale_c, _vector(c_bias, 0.0, q, m))
+    if has_bn_d:  # BN_d on the GEMM's input tile: (Mb - mean) * gamma * rstd + beta
+        pm = d_stats[0]
+        ps = _vector(d_weight, 1.0, p, m) * torch.rsqrt(d_stats[1] + d_eps)
+        ph = _vector(d_bias, 0.0, p, m)
+    else:
+        pm, ps, ph = _identity(p, m)
+    kernels.pointwise_gemm(m[:, q:], conv_weight.reshape(p, p).t(), y[:, q:], pm, ps, ph,
+                           _vector(None, 1.0, p, m), _vector(conv_bias, 0.0, p, m))
+    return y, z, c_stats, d_stats
+
+
+@torch.library.custom_op("patnet_triton::spatial_attention_backward", mutates_args=())
+@on_tensor_device
+def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_weight: Tensor,
+              c_stats: Tensor, c_weight: Optional[Tensor], c_eps: float, d_stats: Tensor,
+              d_weight: Optional[Tensor], d_bias: Optional[Tensor], d_eps: float,
+              has_bn_d: bool, training: bool
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_m = empty_activation(m, m.shape)
+    m, grad_y = _flat_pixels(m), _flat_pixels(grad_y)
+    b, c, h, w = m.shape
+    p = conv_weight.shape[0]
+    q = c - p
+    n = float(b * h * w)
+    dtype = m.dtype
+
+    # Ma half: BN_c, the product Ma * s and the gate.
+    mean_c = c_stats[0]
+    rstd_c = torch.rsqrt(c_stats[1] + c_eps)
+    a = _vector(c_weight, 1.0, q, m) * rstd_c
+    gate = gate_weight.reshape(q).contiguous()
+    if training:
+        sum_dy, sum_dyx = kernels.gate_grad_reduce(m, grad_y, z, mean_c, rstd_c)
+        dw, _, _ = kernels.gate_grad_apply(m, grad_y, z, gate, grad_m, mean_c, rstd_c, a,
+                                           -a * sum_dy / n, -a * sum_dyx / n)
+    else:
+        dw, sum_dy, sum_dyx = kernels.gate_grad_apply(m, grad_y, z, gate, grad_m, mean_c,
+                                                      rstd_c, a, None, None)
+
+    # Mb half: G[o, i] = sum dYb[o] xhat_d[i] and sum dYb give every parameter gradient.
+    weight = conv_weight.reshape(p, p)
+    if has_bn_d:
+        mean_d = d_stats[0]
+        rstd_d = torch.rsqrt(d_stats[1] + d_eps)
+        gamma_d, beta_d = _vector(d_weight, 1.0, p, m), _vector(d_bias, 0.0, p, m)
+    else:
+        mean_d, rstd_d = _vector(None, 0.0, p, m), _vector(None, 1.0, p, m)
+    g, sum_dyb = kernels.pointwise_weight_grad(grad_y[:, q:], m[:, q:], mean_d, rstd_d)
+    if has_bn_d:
+        grad_w = g * gamma_d + sum_dyb[:, None] * beta_d
+        wf = weight.float()
+        grad_beta_d = wf.t() @ sum_dyb  # sum over pixels of dX = W^T dYb
+        grad_gamma_d = (wf * g).sum(0)  # sum over pixels of dX * xhat_d
+        ea = gamma_d * rstd_d
+        if training:  # dMb = ea (dX - sum dX / N - xhat sum dX xhat / N)
+            kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m), ea,
+                                   -ea * grad_beta_d / n, x=m[:, q:], em=mean_d,
+                                   ec=-ea * rstd_d * grad_gamma_d / n)
+        else:
+            kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m), ea,
+                                   _vector(None, 0.0, p, m))
+        grad_d = (grad_gamma_d.to(dtype), grad_beta_d.to(dtype))
+    else:
+        grad_w = g
+        kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m),
+                               _vector(None, 1.0, p, m), _vector(None, 0.0, p, m))
+        grad_d = (m.new_empty((0,)), m.new_empty((0,)))
+    return (grad_m, dw.to(dtype).reshape(1, q, 1, 1), grad_w.to(dtype).reshape(p, p, 1, 1),
+            sum_dyb.to(dtype), sum_dyx.to(dtype), sum_dy.to(dtype)) + grad_d
+
+
+def _identity(p: int, like: Tensor):
+    """The prologue vectors (pm, ps, ph) of a GEMM that takes its input as it is."""
+    return _vector(None, 0.0, p, like), _vector(None, 1.0, p, like), _vector(None, 0.0, p, like)
+
+
+register_fakes("patnet_triton", spec.FAKES)
