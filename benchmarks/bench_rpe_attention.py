@@ -39,7 +39,7 @@ from benchmarks.op_inputs import Problem, random_activation  # noqa: E402
 from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from benchmarks.providers import Unavailable  # noqa: E402
 from patnet.layers import RPESelfAttention  # noqa: E402
-from patnet_kernels.reference.rpe import NUM_BUCKETS  # noqa: E402
+from patnet_kernels.reference import NUM_BUCKETS  # noqa: E402
 
 MODELS = ("patnet_t0", "patnet_t2", "patnet_l")
 CLS_INPUT = (224, 224)      # stage 4: 7 x 7, N = 49

@@ -118,3 +118,14 @@ def test_the_backend_neutral_modules_import_no_triton():
                 assert "triton" not in (node.module or ""), (path.name, node.module)
             elif isinstance(node, ast.Import):
                 assert not any("triton" in alias.name for alias in node.names), path.name
+
+
+def test_each_op_is_found_by_its_name():
+    """For every op, ``<module>`` (the registry's name of its files) finds its reference, its
+    ops modules, its tests and its benchmark; PAT_sf's output is timed inside the self-mixer
+    benchmark of tests/test_kernel_benchmarks.py (a GPU test), not by a script of its own."""
+    for op in registry.OPS.values():
+        assert (REPO / "patnet_kernels" / "reference" / f"{op.module}.py").is_file(), op.name
+        assert (REPO / "tests" / f"test_fused_{op.module}.py").is_file(), op.name
+        bench = REPO / "benchmarks" / f"bench_{op.module}.py"
+        assert bench.is_file() or op.name == "self_mixer_output", op.name

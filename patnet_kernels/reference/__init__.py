@@ -7,7 +7,7 @@ inputs: the functional API in :mod:`patnet_kernels` does that once for every bac
 from .batch_norm import batch_norm
 from .channel_attention import channel_attention, channel_statistics
 from .partial_conv import partial_conv3x3
-from .rpe import ALPHA, BETA, GAMMA, NUM_BUCKETS, compute_rpe_buckets, rpe_attention
+from .rpe_attention import ALPHA, BETA, GAMMA, NUM_BUCKETS, compute_rpe_buckets, rpe_attention
 from .self_mixer import self_mixer_output
 from .spatial_attention import spatial_attention
 
