@@ -5,8 +5,10 @@ kernels) and ``"cuda"`` (the CUDA C++ kernels of csrc/, see :mod:`patnet_kernels
 A backend asked for by name that cannot run raises :class:`BackendUnavailableError` saying
 why; nothing falls back silently. ``"auto"`` runs the reference on the CPU and, on a GPU, a
 fused backend only where committed measurements show it faster than the reference for that
-call (:mod:`patnet_kernels.auto_rule`); :func:`choose_backend` is the one place that decides,
-and :func:`info` reports every backend with the reason it was refused.
+call (:mod:`patnet_kernels.auto_rule`). :func:`choose_implementation` turns a call (op, inputs,
+backend asked for) into the function that runs it, from the limits the registry declares
+(:mod:`patnet_kernels.registry`) and :func:`choose_backend`, the one place that decides;
+:func:`info` reports every backend with the reason it was refused.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ fused backends that have kernels for it, and the limits under which they take a 
 (:func:`refusals`). Everything that lists ops is derived from :data:`OPS`: the functional API's
 dispatch (:func:`implementation`), the ``torch.library`` registrations of each fused backend,
 ``info()``, ``backend_plan()``, the ahead-of-time compile list, the CUDA build's sources and the
-tests' parametrisation. Adding an op means its reference, its ``ops`` module, its kernels, its
-functional entry point and one entry here.
+tests' parametrisation. Adding an op means its reference, its kernels, its two ``ops``
+modules, its functional entry point and one entry here (README.md, "Ops").
 
 No torch.library or Triton import happens here: the backends' modules are imported on first use.
 """
@@ -41,12 +41,14 @@ MAX_HEAD_DIM = 256
 class Op(NamedTuple):
     """One op of the functional API.
 
-    name: the functional API's and the reference's function name. title: what the paper calls
-    it (for messages). layout: of the main input,
-    "map" (B, C, H, W) or "heads" (B, heads, N, d). module: ``patnet_kernels.ops.<module>``,
-    which registers the op's kernels for every fused backend and exposes ``FAKES`` and
-    ``backend_function(ops)``. family: the kernel files. backends: the fused backends with
-    kernels for it.
+    name: the functional API's, the reference's and the eval form's function name. title: what
+    the paper calls it (for messages). layout: of the main input, "map" (B, C, H, W) or "heads"
+    (B, heads, N, d). module: the stem of its files: ``ops/<module>.py`` (fakes, autograd
+    Function, ``backend_function(ops)``), ``ops/triton/<module>.py`` (its Triton ops),
+    ``reference/<module>.py``, ``tests/test_fused_<module>.py``,
+    ``benchmarks/bench_<module>.py``. family: its kernel files, ``triton/<family>.py`` and
+    ``csrc/kernels/<family>.cu``. backends: the fused backends with kernels for it. eval_form:
+    whether :mod:`patnet_kernels.eval_cpu` has a CPU eval form of it.
     """
     name: str
     title: str
