@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import patnet_kernels as pk
-from patnet_kernels import BatchNormParams, registry
+from patnet_kernels import BatchNormParams, backends, registry
 from patnet_kernels.ops import channel_attention as ca_ops
 
 from conftest import (DEVICE, assert_within_budget, fused_ops, rel_error,
@@ -169,6 +169,55 @@ def test_matches_float64_reference(case: Case, fused_backend):
                 for field in ("running_mean", "running_var"):
                     assert torch.equal(ours[f"{prefix}_{field}"],
                                        getattr(bn, field).to(DEVICE, case.dtype))
+
+
+def _infer(inputs, case: Case, dtype, backend) -> torch.Tensor:
+    """The output of one eval call without autograd (no input requires a gradient)."""
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    x = inputs["x"].to(DEVICE, dtype, memory_format=fmt, copy=True)
+    params = [None if inputs[name] is None else inputs[name].to(DEVICE, dtype)
+              for name in ("conv_weight", "cfc_weight", "cfc_bias")]
+    bns = [None if bn is None else BatchNormParams(
+        *[None if t is None else t.to(DEVICE, dtype) for t in bn[:4]], bn.momentum, bn.eps)
+        for bn in (inputs["bn_a"], inputs["bn_b"])]
+    with torch.no_grad():
+        return pk.channel_attention(x, *params, *bns, training=False, backend=backend)
+
+
+EVAL_CASES = [case for case in CASES if not case.training]
+
+
+@pytest.mark.parametrize("case", EVAL_CASES, ids=str)
+def test_inference_matches_float64_reference(case: Case, fused_backend):
+    """In eval without autograd the Triton backend runs the gate as one kernel
+    (``channel_attention_gate``: the mix, BN_a, the hard-sigmoid, BN_b folded), three launches
+    in all; the CUDA backend the autograd Function's gate. Both within the budget."""
+    inputs = _inputs(case, seed=CASES.index(case))
+    ours = _infer(inputs, case, case.dtype, fused_backend)
+    exact = _infer(inputs, case, torch.float64, "torch")
+    assert_within_budget("y", ours, exact, _infer(inputs, case, case.dtype, "torch"),
+                         case.dtype)
+    assert ours.dtype == case.dtype
+
+
+def test_inference_gate_is_one_kernel(monkeypatch):
+    """Triton's eval path: statistics, gate, apply, and no autograd Function."""
+    require_fused_backend("triton")
+    case = EVAL_CASES[0]
+    called = []
+    for name in ("channel_attention_stats", "channel_attention_gate", "channel_attention_apply"):
+        op = getattr(torch.ops.patnet_triton, name)
+        monkeypatch.setattr(torch.ops.patnet_triton, name,
+                            lambda *a, _op=op, _name=name: called.append(_name) or _op(*a))
+    backends.forget_decisions()
+    registry._IMPLEMENTATIONS.pop(("channel_attention", "triton"), None)  # (rebuilt over the spies)
+    try:
+        _infer(_inputs(case), case, F32, "triton")
+    finally:
+        registry._IMPLEMENTATIONS.pop(("channel_attention", "triton"), None)
+        backends.forget_decisions()
+    assert called == ["channel_attention_stats", "channel_attention_gate",
+                      "channel_attention_apply"]
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -23,7 +23,7 @@ PINNED = {
     "patnet_t2": {
         "eager": dict(kernels=236, fused_kernels=0, act_read=4708736, act_written=4082080),
         "torch": dict(kernels=322, fused_kernels=0, act_read=4168960, act_written=3315360),
-        "triton": dict(kernels=272, fused_kernels=28, act_read=3303296, act_written=2676896),
+        "triton": dict(kernels=122, fused_kernels=38, act_read=3262976, act_written=2636576),
     },
     "fasternet_t2": {
         "eager": dict(kernels=103, fused_kernels=0, act_read=4713472, act_written=4250528),
@@ -118,8 +118,9 @@ def test_pinned_numbers(reports, name):
 
 
 def test_inference_path_moves_less_than_eager(reports):
-    """What the issue states today: the fused path moves fewer bytes than eager, but PATNet's
-    launches more kernels than eager (PAT_ch's gate in torch ops)."""
+    """The fused path moves fewer bytes than eager, and since PAT_ch's eval gate is one kernel
+    (it was some twenty torch ops: 272 kernels per PATNet-T2 forward) PATNet's launches about
+    half of eager's kernels too."""
     for name, report in reports.items():
         rows = report["providers"]
         floor = report["floor"]["bytes"]
@@ -128,7 +129,7 @@ def test_inference_path_moves_less_than_eager(reports):
             assert floor < rows["triton"]["act_bytes"] < rows["eager"]["act_bytes"]
     rows = reports["patnet_t2"]["providers"]
     if "triton" in rows:
-        assert rows["triton"]["kernels"] > rows["eager"]["kernels"]
+        assert rows["triton"]["kernels"] < 0.6 * rows["eager"]["kernels"]
         assert 0.6 < rows["triton"]["act_bytes"] / rows["eager"]["act_bytes"] < 0.75
 
 

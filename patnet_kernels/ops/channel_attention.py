@@ -264,14 +264,29 @@ def make_functions(ops):
 
 
 def backend_function(ops):
-    """The backend function of :func:`patnet_kernels.channel_attention` over ``ops``."""
+    """The backend function of :func:`patnet_kernels.channel_attention` over ``ops``.
+
+    In eval with no gradient to take, where the backend has the ``channel_attention_gate`` op
+    (Triton; not the CUDA extension), the gate runs as that one kernel between the statistics
+    and the apply pass (three launches in all), not as the autograd Function's torch ops.
+    """
     ChannelAttention = make_functions(ops)
+    gate = getattr(ops, "channel_attention_gate", None)
 
     def channel_attention(x: Tensor, conv_weight: Tensor, cfc_weight: Tensor,
                           cfc_bias: Optional[Tensor], bn_a: Optional[BatchNormParams],
                           bn_b: BatchNormParams, training: bool) -> Tensor:
         """PAT_ch with this backend's kernels (inputs already checked by the functional API)."""
         a = bn_a if bn_a is not None else BatchNormParams(None, None, None, None)
+        if gate is not None and not training and not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad
+                for t in (x, conv_weight, cfc_weight, cfc_bias, *a[:2], *bn_b[:2]))):
+            mean, std = ops.channel_attention_stats(x, conv_weight.shape[0])
+            scale, shift = gate(mean, std, cfc_weight, cfc_bias, a.weight, a.bias,
+                                a.running_mean, a.running_var, float(a.eps), bn_b.weight,
+                                bn_b.bias, bn_b.running_mean, bn_b.running_var,
+                                float(bn_b.eps), bn_a is not None)
+            return ops.channel_attention_apply(x, conv_weight, scale, shift)
         y, stats = ChannelAttention.apply(
             x, conv_weight, cfc_weight, cfc_bias, a.weight, a.bias, a.running_mean,
             a.running_var, bn_b.weight, bn_b.bias, bn_b.running_mean, bn_b.running_var,
@@ -283,4 +298,3 @@ def backend_function(ops):
         return y
 
     return channel_attention
-

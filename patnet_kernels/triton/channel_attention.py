@@ -14,6 +14,10 @@ have any strides (NCHW, channels_last): every kernel takes the four strides of e
   the X2 channels. The same kernel gives the input gradient: [conv3x3^T(dY1) | dY2 * a +
   (X2 - mean) * slope + offset], where the last two terms are the gradient through the
   statistics (slope = dstd / ((HW - 1) std), offset = dmean / HW).
+* :func:`channel_gate` -- the gate in eval, one small kernel on (B, C2) values: z = W_ch .
+  [mu, sigma] + bias, BN_a (running statistics, unless folded into W_ch), g = hsig(z), and BN_b
+  folded into the per-(b, c) affine map: a = g * gamma_b / sqrt(var_b + eps_b), d = beta_b -
+  mean_b * gamma_b / sqrt(var_b + eps_b), all in fp32 (the mix on tensor cores in IEEE fp32).
 * :func:`channel_grad_sums` -- one pass over (dY2, X2): per (b, c) sums over H * W of
   dY2 * (X2 - mean) and of dY2 (the gradient of d; that of a is the first plus mean times the
   second), in fp32. Centring first keeps the gate's backward well conditioned when |mean| is
@@ -28,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, upcast_dot)
+                      block, hardsigmoid, upcast_dot)
 from .partial_conv import _conv_blocks, _strides, conv3x3_tile
 
 
@@ -73,6 +77,71 @@ def _channel_stats_kernel(
     out = pid_b * C2 + offs_c
     tl.store(mean_ptr + out, mean, mask=c_ok)
     tl.store(std_ptr + out, std, mask=c_ok)
+
+
+@triton.jit
+def _channel_gate_kernel(
+    mean_ptr,  # (B, C2) fp32 contiguous: per (b, c) mean of X2
+    std_ptr,  # (B, C2) fp32 contiguous: per (b, c) unbiased std of X2
+    w_ptr,  # (C2, C2, 1, 2) W_ch, contiguous: w[o, i, 0, j] mixes (mean, std)[j] of channel i
+    bias_ptr,  # (C2,) W_ch's bias (read if HAS_BIAS)
+    a_w_ptr, a_b_ptr,  # (C2,) BN_a weight, bias (read if HAS_A_W / HAS_A_B)
+    a_mean_ptr, a_var_ptr,  # (C2,) BN_a running mean, variance (read if HAS_BN_A)
+    b_w_ptr, b_b_ptr,  # (C2,) BN_b weight, bias (read if HAS_B_W / HAS_B_B)
+    b_mean_ptr, b_var_ptr,  # (C2,) BN_b running mean, variance
+    scale_ptr,  # (B, C2) fp32 contiguous, written: a = hsig(z) * gamma_b / sqrt(var_b + eps_b)
+    shift_ptr,  # (B, C2) fp32 contiguous, written: d = beta_b - mean_b * gamma_b / sqrt(...)
+    B, C2,
+    eps_a, eps_b,  # fp32: the BatchNorms' eps
+    HAS_BIAS: tl.constexpr, HAS_BN_A: tl.constexpr, HAS_A_W: tl.constexpr,
+    HAS_A_B: tl.constexpr, HAS_B_W: tl.constexpr, HAS_B_B: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # samples per program
+    BLOCK_O: tl.constexpr,  # output channels per program
+    BLOCK_I: tl.constexpr,  # input channels per step of the mix
+):
+    # grid: (ceil(C2 / BLOCK_O), ceil(B / BLOCK_B))
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    o_ok = offs_o < C2
+    b_ok = offs_b < B
+    z = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+    for i0 in range(0, C2, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        i_ok = offs_i < C2
+        bi = offs_b[:, None] * C2 + offs_i[None, :]
+        bi_ok = b_ok[:, None] & i_ok[None, :]
+        mean = tl.load(mean_ptr + bi, mask=bi_ok, other=0.0)
+        std = tl.load(std_ptr + bi, mask=bi_ok, other=0.0)
+        io = (offs_o[None, :] * C2 + offs_i[:, None]) * 2  # (BLOCK_I, BLOCK_O): w[o, i, 0, 0]
+        io_ok = i_ok[:, None] & o_ok[None, :]
+        w_mean = tl.load(w_ptr + io, mask=io_ok, other=0.0).to(tl.float32)
+        w_std = tl.load(w_ptr + io + 1, mask=io_ok, other=0.0).to(tl.float32)
+        z = tl.dot(mean, w_mean, z, input_precision="ieee")
+        z = tl.dot(std, w_std, z, input_precision="ieee")
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BN_A:
+        a_var = tl.load(a_var_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32)
+        a_scale = 1.0 / tl.sqrt_rn(a_var + eps_a)
+        if HAS_A_W:
+            a_scale *= tl.load(a_w_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32)
+        a_shift = -tl.load(a_mean_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32) * a_scale
+        if HAS_A_B:
+            a_shift += tl.load(a_b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+        z = z * a_scale[None, :] + a_shift[None, :]
+    b_var = tl.load(b_var_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32)
+    k = 1.0 / tl.sqrt_rn(b_var + eps_b)
+    if HAS_B_W:
+        k *= tl.load(b_w_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32)
+    shift = -tl.load(b_mean_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32) * k
+    if HAS_B_B:
+        shift += tl.load(b_b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+    out = offs_b[:, None] * C2 + offs_o[None, :]
+    out_ok = b_ok[:, None] & o_ok[None, :]
+    gate = tl.where(z != z, z, hardsigmoid(z))  # NaN stays NaN (std of H * W = 1), as in torch
+    tl.store(scale_ptr + out, gate * k[None, :], mask=out_ok)
+    tl.store(shift_ptr + out, tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32) + shift[None, :],
+             mask=out_ok)
 
 
 @triton.jit
@@ -181,6 +250,7 @@ def _conv3x3_affine_kernel(
 # GPU blocks of the X2 passes: (pixels per step, channels per program, warps).
 _GPU_REDUCE_BLOCKS = (64, 32, 4)
 _GPU_AFFINE_BLOCK_C2 = 32
+_GPU_GATE_BLOCKS = (32, 32, 32, 4)
 
 
 def _reduce_blocks(c2: int, hw: int, interpret: bool = INTERPRET):
@@ -188,6 +258,13 @@ def _reduce_blocks(c2: int, hw: int, interpret: bool = INTERPRET):
     if interpret:  # few, big programs under the interpreter (13 x 13 maps still take 2 steps)
         return block(hw, high=128), block(c2, high=64), 4
     return _GPU_REDUCE_BLOCKS
+
+
+def _gate_blocks(b: int, c2: int, interpret: bool = INTERPRET):
+    """(BLOCK_B, BLOCK_O, BLOCK_I, num_warps) of the gate kernel."""
+    if interpret:  # one program for the small test shapes
+        return block(b, high=64), block(c2, high=64), block(c2, high=64), 4
+    return _GPU_GATE_BLOCKS
 
 
 def _affine_block_c2(c2: int, interpret: bool = INTERPRET) -> int:
@@ -211,6 +288,31 @@ def channel_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]
         x, mean, std, c1, c2, h, w, *_strides(x),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return mean, std
+
+
+def channel_gate(mean: torch.Tensor, std: torch.Tensor, cfc_weight: torch.Tensor,
+                 cfc_bias: Optional[torch.Tensor], bn_a: Optional[tuple], bn_b: tuple
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The eval gate: (scale a, shift d), each (B, C2) fp32 contiguous, of Y2 = X2 * a + d.
+
+    mean, std: (B, C2) fp32 contiguous (:func:`channel_stats`); cfc_weight: (C2, C2, 1, 2)
+    contiguous; cfc_bias: (C2,) or None; bn_a: None (folded into W_ch) or (weight, bias,
+    running_mean, running_var, eps) and bn_b the same, weight / bias None without affine,
+    every tensor (C2,) contiguous.
+    """
+    b, c2 = mean.shape
+    _check_coefficients(b, c2, mean, std)
+    scale = torch.empty_like(mean)
+    shift = torch.empty_like(mean)
+    a = bn_a if bn_a is not None else (None, None, None, None, 0.0)
+    present = [t if t is not None else mean for t in (cfc_bias, *a[:4], *bn_b[:4])]
+    block_b, block_o, block_i, warps = _gate_blocks(b, c2)
+    _channel_gate_kernel[(triton.cdiv(c2, block_o), triton.cdiv(b, block_b))](
+        mean, std, cfc_weight, *present, scale, shift, b, c2, float(a[4]), float(bn_b[4]),
+        HAS_BIAS=cfc_bias is not None, HAS_BN_A=bn_a is not None, HAS_A_W=a[0] is not None,
+        HAS_A_B=a[1] is not None, HAS_B_W=bn_b[0] is not None, HAS_B_B=bn_b[1] is not None,
+        BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps)
+    return scale, shift
 
 
 def channel_grad_sums(x: torch.Tensor, grad_y: torch.Tensor, center: torch.Tensor
@@ -279,6 +381,21 @@ def aot_kernels() -> List[AotKernel]:
                                "sum_xg_ptr": "*fp32", "sum_g_ptr": "*fp32"}),
             dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps,
             launches=activation_launches("x", "g")))
+    for wname in ("fp32", "fp16", "bf16"):  # W_ch in the activations' dtype, BN fp32
+        fn = _channel_gate_kernel
+        vectors = ("bias_ptr", "a_w_ptr", "a_b_ptr", "a_mean_ptr", "a_var_ptr", "b_w_ptr",
+                   "b_b_ptr", "b_mean_ptr", "b_var_ptr")
+        sig = aot_signature(fn, {"mean_ptr": "*fp32", "std_ptr": "*fp32", "w_ptr": "*" + wname,
+                                 "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                                 **{v: "*fp32" for v in vectors}},
+                            {"eps_a": "fp32", "eps_b": "fp32"})
+        g_b, g_o, g_i, g_warps = _GPU_GATE_BLOCKS
+        for has_bn_a in (False, True):
+            kernels.append(AotKernel(
+                f"channel_gate[{wname}, bn_a={has_bn_a}]", fn, sig,
+                dict(HAS_BIAS=not has_bn_a, HAS_BN_A=has_bn_a, HAS_A_W=has_bn_a,
+                     HAS_A_B=has_bn_a, HAS_B_W=True, HAS_B_B=True, BLOCK_B=g_b, BLOCK_O=g_o,
+                     BLOCK_I=g_i), num_warps=g_warps))
     for c1 in (8, 16, 24, 32, 40, 80, 160):  # C1 = C / 4 of stages 1-3 of every released width
         p, ci, co, warps = _conv_blocks(c1, interpret=False)
         if (ci, co) in seen:
