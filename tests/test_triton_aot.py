@@ -97,3 +97,21 @@ def test_aot_specialisation_matches_triton_launches():
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report[-6000:]
     assert report.count("same as a launch:") == 3, report[-6000:]
+
+
+def test_machine_code_problems():
+    """The machine-code check: spills beyond the pinned stack, and an fp16/bf16 dot without
+    tensor-core instructions, fail; a listed kernel within its pin passes."""
+    from patnet_kernels.triton import aot
+
+    clean = aot.MachineCode(registers=96, stack=0, spills=0, mma=8, half_dot=True,
+                            wide_loads=4, narrow_loads=0)
+    assert aot.machine_code_problems("any[fp16]", clean) == []
+    fma = clean._replace(mma=0)
+    assert "FMA" in aot.machine_code_problems("any[fp16]", fma)[0]
+    assert aot.machine_code_problems("any[fp32]", fma._replace(half_dot=False)) == []
+    spilled = clean._replace(stack=64, spills=30)
+    assert "64 B of stack" in aot.machine_code_problems("new_kernel[fp16]", spilled)[0]
+    name, pinned = next(iter(aot.KNOWN_SPILLS.items()))
+    assert aot.machine_code_problems(name, clean._replace(stack=pinned)) == []
+    assert "more than the" in aot.machine_code_problems(name, clean._replace(stack=pinned + 8))[0]

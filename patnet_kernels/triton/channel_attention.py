@@ -250,6 +250,8 @@ def _conv3x3_affine_kernel(
 # GPU blocks of the X2 passes: (pixels per step, channels per program, warps).
 _GPU_REDUCE_BLOCKS = (64, 32, 4)
 _GPU_AFFINE_BLOCK_C2 = 32
+# (the loop over C2 / BLOCK_I is a few steps: one stage, no pipelining; with 3 stages the
+# fp16 / bf16 configuration spilled 1.4 KB per thread on sm_80, AOT machine-code report)
 _GPU_GATE_BLOCKS = (32, 32, 32, 4)
 
 
@@ -311,7 +313,7 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, cfc_weight: torch.Tensor
         mean, std, cfc_weight, *present, scale, shift, b, c2, float(a[4]), float(bn_b[4]),
         HAS_BIAS=cfc_bias is not None, HAS_BN_A=bn_a is not None, HAS_A_W=a[0] is not None,
         HAS_A_B=a[1] is not None, HAS_B_W=bn_b[0] is not None, HAS_B_B=bn_b[1] is not None,
-        BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps)
+        BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, num_stages=1)
     return scale, shift
 
 
@@ -395,7 +397,7 @@ def aot_kernels() -> List[AotKernel]:
                 f"channel_gate[{wname}, bn_a={has_bn_a}]", fn, sig,
                 dict(HAS_BIAS=not has_bn_a, HAS_BN_A=has_bn_a, HAS_A_W=has_bn_a,
                      HAS_A_B=has_bn_a, HAS_B_W=True, HAS_B_B=True, BLOCK_B=g_b, BLOCK_O=g_o,
-                     BLOCK_I=g_i), num_warps=g_warps))
+                     BLOCK_I=g_i), num_warps=g_warps, num_stages=1))
     for c1 in (8, 16, 24, 32, 40, 80, 160):  # C1 = C / 4 of stages 1-3 of every released width
         p, ci, co, warps = _conv_blocks(c1, interpret=False)
         if (ci, co) in seen:
