@@ -21,7 +21,9 @@ and of dY2, which give the gradients of a and d), then the gate's backward in cl
 ``channel_attention_input_grad`` (dY, X2 -> dX): [conv3x3^T(dY1) | dY2 * a + (X2 - mean) * slope
 + offset] with slope = dstd / ((HW - 1) std), offset = dmean / HW, so the gradient through the
 statistics costs no pass of its own. The gate is a few dozen tiny torch ops each way: on a GPU
-they are launch-bound unless the caller is compiled (inductor fuses them).
+they are launch-bound unless the caller is compiled (inductor fuses them). In eval without
+autograd the Triton backend runs it as one kernel instead (``channel_attention_gate``, see
+:func:`backend_function`): statistics, gate, apply.
 
 H * W = 1: std is 0 / 0 = NaN (``Tensor.std``), so Y2 is NaN (and, in training, BN_a and BN_b's
 batch statistics); the conv half stays finite. The NaNs of every gradient match the reference.
