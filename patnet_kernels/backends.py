@@ -32,8 +32,6 @@ NO_FUSED_BACKEND = "no fused backend is usable here"
 # Every op of the functional API, and those the CUDA backend has kernels for.
 OPS = tuple(registry.OPS)
 CUDA_OPS = registry.ops_of("cuda")
-# The exceptions a refusal may raise, by name (decisions are made from plain values).
-_ERRORS = {error.__name__: error for error in (BackendUnavailableError, TypeError, ValueError)}
 
 
 def triton_interpreter_enabled() -> bool:
@@ -115,7 +113,10 @@ def choose_implementation(op: str, backend: str, x: torch.Tensor,
     :func:`choose_backend`; where that is the reference and ``eval_form`` is asked for (the
     call is in eval), the op's CPU eval form runs if it takes the call
     (:func:`patnet_kernels.registry.eval_form_refusal`)."""
-    call = describe_call(op, x, *others) if backend == "auto" else None
+    # ("auto" needs the call's description on a GPU, and on the meta device for backend_calls;
+    # on the CPU it runs the reference whatever the call)
+    call = (describe_call(op, x, *others) if backend == "auto" and x.device.type != "cpu"
+            else None)
     name, _ = choose_backend(backend, x.device, op, registry.refusals(op, x), call, load=True)
     if name == "torch" and eval_form and _RECORDED_CALLS is None \
             and registry.eval_form_refusal(op, x, _needs_grad(x, *others)) is None:
@@ -165,13 +166,13 @@ def choose_backend(backend: str, device: Optional[torch.device] = None, op: Opti
         _RECORDED_CALLS.append((op, backend, refused, call))
         return "torch", "recorded (recording_calls): the reference runs"
     device = None if device is None else torch.device(device)
-    plain_refusals = tuple((r.backend, r.error.__name__, r.reason) for r in refused)
+    plain_refusals = tuple(tuple(refusal) for refusal in refused)  # (strings: constants)
     name, reason, error = _decide(backend, None if device is None else device.type,
                                   None if device is None else device.index, op, plain_refusals,
                                   None if call is None else tuple(call), load)
     if error:
         kind, message = error.split(":", 1)
-        raise _ERRORS[kind](message)
+        raise registry.ERRORS[kind](message)
     if reason.startswith(NO_FUSED_BACKEND):
         _warn_reference_on_gpu(device, reason)
     return name, reason
@@ -229,7 +230,7 @@ def _decide_cached(backend: str, device_type: Optional[str], device_index: Optio
                    op: Optional[str], refused: tuple, call: Optional[tuple], load: bool,
                    environment: tuple) -> Tuple[str, str, str]:
     device = None if device_type is None else torch.device(device_type, device_index)
-    refusals = {name: Refusal(name, _ERRORS[kind], why) for name, kind, why in refused}
+    refusals = {name: Refusal(name, kind, why) for name, kind, why in refused}
     for refusal in registry.refusals(op) if op is not None else ():  # (no kernel for op)
         refusals.setdefault(refusal.backend, refusal)
     if backend != "auto":

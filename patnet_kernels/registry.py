@@ -93,35 +93,57 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Refusal(NamedTuple):
-    """Why a fused backend cannot take a call: the error a named request raises, and its
-    message after ``backend='name' `` (e.g. "runs float32, float16 and bfloat16, got ...")."""
+    """Why a fused backend cannot take a call: the name of the error a named request raises
+    (a key of :data:`ERRORS`) and its message after ``backend='name' `` (e.g. "runs float32,
+    float16 and bfloat16, got ..."). Plain strings: a constant that torch.compile keeps."""
     backend: str
-    error: type
+    error: str
     reason: str
+
+
+# The errors a refusal raises, by name.
+ERRORS = {error.__name__: error for error in (BackendUnavailableError, TypeError, ValueError)}
+# (op, dtype, head dim over the limit or 0, tokens over the CUDA limit or 0) -> the refusals.
+_REFUSALS: Dict[tuple, Tuple[Refusal, ...]] = {}
 
 
 def refusals(op: str, x: Optional[torch.Tensor] = None) -> Tuple[Refusal, ...]:
     """Every fused backend that cannot take a call of ``op`` whose main input is ``x`` (its
     inputs already validated; None: whatever the inputs), with the reason: the limits of each
-    backend, stated once."""
+    backend, stated once. Kept per kind of call, so that a call costs a look-up."""
     spec = OPS[op]
+    if x is None:
+        key = (op, None, 0, 0)
+    elif spec.layout == "heads":
+        head_dim, tokens = x.shape[-1], x.shape[2]
+        key = (op, x.dtype, head_dim if head_dim > MAX_HEAD_DIM else 0,
+               tokens if tokens > CUDA_MAX_TOKENS else 0)
+    else:
+        key = (op, x.dtype, 0, 0)
+    found = _REFUSALS.get(key)
+    if found is None:
+        found = _REFUSALS[key] = _refusals(*key)
+    return found
+
+
+def _refusals(op: str, dtype: Optional[torch.dtype], head_dim: int, tokens: int
+              ) -> Tuple[Refusal, ...]:
     found = []
     for backend in FUSED_BACKENDS:
-        if backend not in spec.backends:
-            found.append(Refusal(backend, BackendUnavailableError, f"has no kernel for {op}"))
-        elif x is None:
+        if backend not in OPS[op].backends:
+            found.append(Refusal(backend, "BackendUnavailableError", f"has no kernel for {op}"))
+        elif dtype is None:
             continue
-        elif x.dtype not in FUSED_DTYPES:
-            found.append(Refusal(backend, TypeError, f"runs float32, float16 and bfloat16, got "
-                                                     f"{x.dtype}"))
-        elif spec.layout == "heads" and x.shape[-1] > MAX_HEAD_DIM:
-            found.append(Refusal(backend, ValueError,
+        elif dtype not in FUSED_DTYPES:
+            found.append(Refusal(backend, "TypeError",
+                                 f"runs float32, float16 and bfloat16, got {dtype}"))
+        elif head_dim:
+            found.append(Refusal(backend, "ValueError",
                                  f"runs {op} for head dims up to {MAX_HEAD_DIM} (PATNet's are "
-                                 f"48 to 240), got {x.shape[-1]}"))
-        elif backend == "cuda" and spec.layout == "heads" and x.shape[2] > CUDA_MAX_TOKENS:
-            found.append(Refusal(backend, BackendUnavailableError,
-                                 f"runs {op} for N <= {CUDA_MAX_TOKENS} tokens, got "
-                                 f"{x.shape[2]}"))
+                                 f"48 to 240), got {head_dim}"))
+        elif backend == "cuda" and tokens:
+            found.append(Refusal(backend, "BackendUnavailableError",
+                                 f"runs {op} for N <= {CUDA_MAX_TOKENS} tokens, got {tokens}"))
     return tuple(found)
 
 
@@ -148,7 +170,7 @@ def refusal_error(refusal: Refusal, refused: Tuple[Refusal, ...]) -> Exception:
     taken = [b for b in FUSED_BACKENDS if b != refusal.backend
              and all(r.backend != b for r in refused)]
     way_out = f"backend={taken[0]!r} or 'auto'" if taken else "backend='torch'"
-    return refusal.error(f"backend={refusal.backend!r} {refusal.reason}; use {way_out}")
+    return ERRORS[refusal.error](f"backend={refusal.backend!r} {refusal.reason}; use {way_out}")
 
 
 # (op, fused backend) -> the function that runs it; filled by load(), read by implementation().
