@@ -80,6 +80,21 @@ def _channel_stats_kernel(
 
 
 @triton.jit
+def _batch_norm_affine(w_ptr, b_ptr, mean_ptr, var_ptr, eps, offs, ok, HAS_W: tl.constexpr,
+                       HAS_B: tl.constexpr):
+    """(scale, shift) of the channels ``offs`` of an eval BatchNorm, BN(x) = scale x + shift:
+    scale = weight / sqrt(var + eps), shift = bias - mean scale (reference.batch_norm_affine);
+    every pointer (C,), read as fp32."""
+    scale = 1.0 / tl.sqrt_rn(tl.load(var_ptr + offs, mask=ok, other=1.0).to(tl.float32) + eps)
+    if HAS_W:
+        scale *= tl.load(w_ptr + offs, mask=ok, other=1.0).to(tl.float32)
+    shift = -tl.load(mean_ptr + offs, mask=ok, other=0.0).to(tl.float32) * scale
+    if HAS_B:
+        shift += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
 def _channel_gate_kernel(
     mean_ptr,  # (B, C2) fp32 contiguous: per (b, c) mean of X2
     std_ptr,  # (B, C2) fp32 contiguous: per (b, c) unbiased std of X2
@@ -121,21 +136,11 @@ def _channel_gate_kernel(
     if HAS_BIAS:
         z += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BN_A:
-        a_var = tl.load(a_var_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32)
-        a_scale = 1.0 / tl.sqrt_rn(a_var + eps_a)
-        if HAS_A_W:
-            a_scale *= tl.load(a_w_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32)
-        a_shift = -tl.load(a_mean_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32) * a_scale
-        if HAS_A_B:
-            a_shift += tl.load(a_b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+        a_scale, a_shift = _batch_norm_affine(a_w_ptr, a_b_ptr, a_mean_ptr, a_var_ptr, eps_a,
+                                              offs_o, o_ok, HAS_A_W, HAS_A_B)
         z = z * a_scale[None, :] + a_shift[None, :]
-    b_var = tl.load(b_var_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32)
-    k = 1.0 / tl.sqrt_rn(b_var + eps_b)
-    if HAS_B_W:
-        k *= tl.load(b_w_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32)
-    shift = -tl.load(b_mean_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32) * k
-    if HAS_B_B:
-        shift += tl.load(b_b_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+    k, shift = _batch_norm_affine(b_w_ptr, b_b_ptr, b_mean_ptr, b_var_ptr, eps_b, offs_o, o_ok,
+                                  HAS_B_W, HAS_B_B)
     out = offs_b[:, None] * C2 + offs_o[None, :]
     out_ok = b_ok[:, None] & o_ok[None, :]
     gate = tl.where(z != z, z, hardsigmoid(z))  # NaN stays NaN (std of H * W = 1), as in torch
