@@ -19,7 +19,7 @@ import torch
 
 from benchmarks import env
 from benchmarks.op_cases import run_case
-from benchmarks.op_family import MODES, Family
+from benchmarks.op_family import Family
 from benchmarks.op_tables import check_targets, format_table, summary_lines
 from benchmarks.report import split_list, write_json
 from benchmarks.timer import Timer, measure_copy_bandwidth
@@ -38,7 +38,8 @@ def parse_args(family: Family, argv) -> argparse.Namespace:
     parser.add_argument("--batches", default=None,
                         help="comma list, for every shape (default: 1,64,256, or the family's "
                              "batches per shape; --quick: 2)")
-    parser.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
+    parser.add_argument("--modes", default=",".join(family.modes),
+                        help=f"comma list of {', '.join(family.modes)} (default: all)")
     parser.add_argument("--shapes", default=None,
                         help="comma list of substrings of the shape names to keep, e.g. "
                              "'fasternet_t2.s1,patnet_t2' (names: <model>.s<stage>)")
@@ -114,8 +115,8 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
     given_batches = [int(b) for b in split_list(args.batches)] if args.batches else None
     modes = split_list(args.modes)
     for mode in modes:
-        if mode not in MODES:
-            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode not in family.modes:
+            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(family.modes)}")
     providers = family.providers
     if args.providers:
         wanted = split_list(args.providers)

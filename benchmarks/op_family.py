@@ -93,6 +93,8 @@ class Family:
     # inputs upcast (fp16 / bf16 cases), instead of against eager in the case's dtype. Needs
     # Problem.args of tensors and plain values, with every leaf one of the args.
     fp32_reference: bool = False
+    # The modes the op has (an inference op: fwd only); each needs its formulas and mode_text.
+    modes: Tuple[str, ...] = MODES
     row_info: Optional[Callable[[StageShape], dict]] = None   # extra JSON fields of each row
 
     @property

@@ -2,7 +2,7 @@
 
     model = patnet.create_model("patnet_t2", backend="auto")
     fused = patnet.fuse_for_inference(model)
-    fastest = patnet.optimize_for_inference(model)   # folded, fused kernels, in-place PConv
+    fastest = patnet.optimize_for_inference(model)   # folded, fused kernels and MLPs
 """
 from .flops import count_flops, count_params
 from .fuse import fuse_for_inference

@@ -10,19 +10,19 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    (its mixers' ``eval_forms`` policy, see :mod:`patnet_kernels.eval_cpu`: PAT_ch's statistics
    in two cheap passes instead of ``Tensor.std``, BN_b folded into one affine pass; PAT_sf's
    attention by ``scaled_dot_product_attention``; both halves written into one buffer);
-4. switches FasterNet's PConv to the in-place passthrough: inside the network a block's input is
-   an intermediate that nothing else reads (the stem's, a merging layer's or the previous
-   block's output), so the block may overwrite X1 with conv3x3(X1), provided the residual gets
-   the original X1: the block keeps that copy (a quarter of the channels) and adds it back;
-5. writes residual sums and the MLP's activation into buffers it already owns (no new tensor).
+4. runs each block's MLP as one op (:class:`InferenceMLP`, ``pk.pointwise_mlp``: both 1x1
+   convs, the folded BN's bias, the activation and the block's residual in one pass, the 2C
+   hidden activation kept on chip by the fused kernel); under ``backend="cuda"``, which has no
+   kernel for it, the MLP's modules run one by one as before folding;
+5. writes the stage-4 blocks' first residual sum into the mixer's output (no new tensor).
 
 Its outputs equal the eval model's within float rounding (tests/test_inference.py checks every
-variant). The copy is for inference only: it refuses ``train()``, and its blocks overwrite their
-input (call the whole model, not a block on a tensor you still need).
+variant). The copy is for inference only: it refuses ``train()``.
 """
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
@@ -33,28 +33,54 @@ from .fuse import fuse_for_inference
 from .layers import FasterNetBlock, PATNetBlock
 from .model import set_backend
 
+# The activation modules of the MLP, by the name pk.pointwise_mlp gives them.
+_ACTIVATION_NAMES = {nn.ReLU: "relu", nn.GELU: "gelu"}
+# The backends under which the MLP runs as the fused op (the others have no kernel for it).
+_MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
+
+
+class InferenceMLP(nn.Sequential):
+    """The folded MLP [conv1x1 + bias, Identity (its folded BN), act, conv1x1[, PAT_sp]] as one
+    op, ``pk.pointwise_mlp``, with the block's residual added in its epilogue (after PAT_sp
+    where there is one). Same children, so the same state_dict keys. Under a backend with no
+    kernel for it (``cuda``) the modules run one by one, as before folding."""
+
+    backend = "auto"
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        first, _, activation, second, *spatial = self
+        if self.backend not in _MLP_BACKENDS:
+            y = second(activation(first(x)))
+        else:
+            y = pk.pointwise_mlp(
+                x, first.weight, first.bias, second.weight, second.bias,
+                residual=None if spatial else residual,
+                activation=_ACTIVATION_NAMES[type(activation)], backend=self.backend)
+            if not spatial:
+                return y
+        for module in spatial:
+            y = module(y)
+        return y if residual is None else y.add_(residual)
+
+
 class InferenceFasterNetBlock(FasterNetBlock):
-    """X + MLP(PConv(X)) with PConv in place on X and the residual from the saved X1."""
+    """X + MLP(PConv(X)), the residual added in the MLP's epilogue."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.spatial_mixing
-        c1 = conv.dim_conv3
-        x1 = x[:, :c1].clone()
-        y = pk.partial_conv3x3(x, conv.partial_conv3.weight, inplace=True, backend=conv.backend)
-        out = self.mlp(y)  # (y is x, now [conv3x3(X1) | X2])
-        out[:, c1:] += y[:, c1:]
-        out[:, :c1] += x1
-        return out
+        return self.mlp(pk.partial_conv3x3(x, conv.partial_conv3.weight, backend=conv.backend),
+                        residual=x)
 
 
 class InferencePATNetBlock(PATNetBlock):
-    """The PATNet block with its residual sums written into the branch outputs."""
+    """The PATNet block with its residual sums in the MLP's epilogue (stage 4: the first
+    written into the mixer's output)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.self_attention:
             x = self.spatial_mixing(x).add_(x)
-            return self.mlp(x).add_(x)
-        return self.mlp(self.spatial_mixing(x)).add_(x)
+            return self.mlp(x, residual=x)
+        return self.mlp(self.spatial_mixing(x), residual=x)
 
 
 _INFERENCE_CLASSES = {FasterNetBlock: InferenceFasterNetBlock,
@@ -75,14 +101,13 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto") -> nn.Module
                  else fuse_for_inference(model))
     optimized.requires_grad_(False)
     set_backend(optimized, backend)
-    for module in optimized.modules():
+    for module in list(optimized.modules()):
         inference_class = _INFERENCE_CLASSES.get(type(module))
         if inference_class is not None:
             module.__class__ = inference_class
+            module.mlp.__class__ = InferenceMLP
+            module.mlp.backend = backend
         if hasattr(module, "eval_forms"):
             module.eval_forms = True
-        if isinstance(module, nn.Sequential) and len(module) >= 3 \
-                and isinstance(module[2], nn.ReLU):  # the MLP's ReLU: its input is the MLP's own
-            module[2].inplace = True
     optimized.optimized_for_inference = True
     return optimized

@@ -117,7 +117,9 @@ def choose_implementation(op: str, backend: str, x: torch.Tensor,
     # on the CPU it runs the reference whatever the call)
     call = (describe_call(op, x, *others) if backend == "auto" and x.device.type != "cpu"
             else None)
-    name, _ = choose_backend(backend, x.device, op, registry.refusals(op, x), call, load=True)
+    needs_grad = registry.OPS[op].inference and _needs_grad(x, *others)
+    name, _ = choose_backend(backend, x.device, op, registry.refusals(op, x, needs_grad), call,
+                             load=True)
     if name == "torch" and eval_form and _RECORDED_CALLS is None \
             and registry.eval_form_refusal(op, x, _needs_grad(x, *others)) is None:
         name = registry.EVAL_FORM

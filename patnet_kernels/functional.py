@@ -16,6 +16,7 @@ from ._checks import (check_activation, check_batch_norm, check_batch_values,
                       check_conv_weight, check_device, check_same, check_shape)
 from ._types import BatchNormParams
 from .backends import choose_implementation
+from .reference.pointwise_mlp import ACTIVATIONS as MLP_ACTIVATIONS
 
 # The devices whose tensors the ops take and that have an autocast mode.
 AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
@@ -286,3 +287,44 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
         keep = torch.empty((b, h * w, c2), dtype=x.dtype, device=x.device)
         keep.bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
     return implementation(x, conv_weight, tokens, proj_weight, proj_bias, keep)
+
+
+@autocast_aware
+def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                  w2: torch.Tensor, b2: Optional[torch.Tensor] = None, *,
+                  residual: Optional[torch.Tensor] = None, activation: str = "relu",
+                  backend: str = "auto") -> torch.Tensor:
+    """The block's MLP in inference: W2 . act(W1 . X + b1) + b2 [+ residual].
+
+    x: (B, C, H, W), NCHW or channels_last; w1: (hidden, C, 1, 1) (the first 1x1 conv with its
+    BatchNorm folded, ``patnet.fuse_for_inference``); b1: (hidden,) or None; w2:
+    (C_out, hidden, 1, 1); b2: (C_out,) or None; residual: (B, C_out, H, W) or None (added
+    last: the block's residual); activation: "relu" or "gelu" (exact, erf). Returns a new
+    (B, C_out, H, W) tensor in x's memory format; the fused kernel keeps the hidden
+    activation on chip (never written to memory). An inference op: its fused kernels compute
+    no gradient, so where one may be taken (grad mode on and an input requiring one) a fused
+    backend named here raises and "auto" runs the reference, which has one.
+    """
+    check_activation("x", x)
+    b, c, h, w = x.shape
+    for name, weight in (("w1", w1), ("w2", w2)):
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 4 \
+                or tuple(weight.shape[2:]) != (1, 1):
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
+            raise ValueError(f"{name} must be a 1x1 conv weight (out, in, 1, 1), got {got}")
+    hidden, c_out = w1.shape[0], w2.shape[0]
+    check_shape("w1", w1, (hidden, c, 1, 1), f"hidden x C with C = {c} input channels")
+    check_shape("w2", w2, (c_out, hidden, 1, 1), f"C_out x hidden with hidden = {hidden}")
+    if b1 is not None:
+        check_shape("b1", b1, (hidden,))
+    if b2 is not None:
+        check_shape("b2", b2, (c_out,))
+    if residual is not None:
+        check_activation("residual", residual)
+        check_shape("residual", residual, (b, c_out, h, w), "the MLP's output shape")
+    check_same("x", x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}, got "
+                         f"{activation!r}")
+    return choose_implementation("pointwise_mlp", backend, x, w1, b1, w2, b2, residual)(
+        x, w1, b1, w2, b2, residual, activation)

@@ -48,7 +48,9 @@ class Op(NamedTuple):
     ``reference/<module>.py``, ``tests/test_fused_<module>.py``,
     ``benchmarks/bench_<module>.py``. family: its kernel files, ``triton/<family>.py`` and
     ``csrc/kernels/<family>.cu``. backends: the fused backends with kernels for it. eval_form:
-    whether :mod:`patnet_kernels.eval_cpu` has a CPU eval form of it.
+    whether :mod:`patnet_kernels.eval_cpu` has a CPU eval form of it. inference: its fused
+    kernels compute no gradient (an inference op): they refuse a call through which one may
+    be taken, which the reference then runs under "auto".
     """
     name: str
     title: str
@@ -57,6 +59,7 @@ class Op(NamedTuple):
     family: str
     backends: Tuple[str, ...]
     eval_form: bool = False
+    inference: bool = False
 
 
 OPS: Dict[str, Op] = {op.name: op for op in (
@@ -70,6 +73,8 @@ OPS: Dict[str, Op] = {op.name: op for op in (
     # (its kernels: the conv of partial_conv and a batched GEMM)
     Op("self_mixer_output", "PAT_sf's output", "map", "self_mixer", "partial_conv",
        ("triton", "cuda"), eval_form=True),
+    Op("pointwise_mlp", "the block's MLP (BatchNorm folded)", "map", "pointwise_mlp",
+       "pointwise_mlp", ("triton",), inference=True),
 )}
 
 
@@ -103,30 +108,34 @@ class Refusal(NamedTuple):
 
 # The errors a refusal raises, by name.
 ERRORS = {error.__name__: error for error in (BackendUnavailableError, TypeError, ValueError)}
-# (op, dtype, head dim over the limit or 0, tokens over the CUDA limit or 0) -> the refusals.
+# (op, dtype, head dim over the limit or 0, tokens over the CUDA limit or 0, a gradient of an
+# inference op asked for) -> the refusals.
 _REFUSALS: Dict[tuple, Tuple[Refusal, ...]] = {}
 
 
-def refusals(op: str, x: Optional[torch.Tensor] = None) -> Tuple[Refusal, ...]:
+def refusals(op: str, x: Optional[torch.Tensor] = None, needs_grad: bool = False
+             ) -> Tuple[Refusal, ...]:
     """Every fused backend that cannot take a call of ``op`` whose main input is ``x`` (its
     inputs already validated; None: whatever the inputs), with the reason: the limits of each
-    backend, stated once. Kept per kind of call, so that a call costs a look-up."""
+    backend, stated once. ``needs_grad``: a gradient may be taken through the call. Kept per
+    kind of call, so that a call costs a look-up."""
     spec = OPS[op]
+    grad = needs_grad and spec.inference
     if x is None:
-        key = (op, None, 0, 0)
+        key = (op, None, 0, 0, False)
     elif spec.layout == "heads":
         head_dim, tokens = x.shape[-1], x.shape[2]
         key = (op, x.dtype, head_dim if head_dim > MAX_HEAD_DIM else 0,
-               tokens if tokens > CUDA_MAX_TOKENS else 0)
+               tokens if tokens > CUDA_MAX_TOKENS else 0, grad)
     else:
-        key = (op, x.dtype, 0, 0)
+        key = (op, x.dtype, 0, 0, grad)
     found = _REFUSALS.get(key)
     if found is None:
         found = _REFUSALS[key] = _refusals(*key)
     return found
 
 
-def _refusals(op: str, dtype: Optional[torch.dtype], head_dim: int, tokens: int
+def _refusals(op: str, dtype: Optional[torch.dtype], head_dim: int, tokens: int, grad: bool
               ) -> Tuple[Refusal, ...]:
     found = []
     for backend in FUSED_BACKENDS:
@@ -134,6 +143,11 @@ def _refusals(op: str, dtype: Optional[torch.dtype], head_dim: int, tokens: int
             found.append(Refusal(backend, "BackendUnavailableError", f"has no kernel for {op}"))
         elif dtype is None:
             continue
+        elif grad:
+            found.append(Refusal(backend, "ValueError",
+                                 f"runs {op} for inference only (it computes no gradient), "
+                                 "and a gradient may be taken here (grad mode on, an input "
+                                 "requiring one); call it under torch.no_grad()"))
         elif dtype not in FUSED_DTYPES:
             found.append(Refusal(backend, "TypeError",
                                  f"runs float32, float16 and bfloat16, got {dtype}"))

@@ -187,6 +187,12 @@ def _op_case(op: str, gen: torch.Generator):
         tensors = [randn(2, 2, 6, 8), randn(2, 2, 6, 8), randn(2, 2, 6, 8), randn(2, 81)]
         return (lambda t, bns, training, backend:
                 pk.rpe_attention(t[0], t[1], t[2], t[3], bucket, backend=backend)), tensors, []
+    if op == "pointwise_mlp":
+        tensors = [randn(2, 12, 5, 6), randn(24, 12, 1, 1, scale=0.3), randn(24),
+                   randn(12, 24, 1, 1, scale=0.2), randn(2, 12, 5, 6)]
+        return (lambda t, bns, training, backend: pk.pointwise_mlp(
+            t[0], t[1], t[2], t[3], residual=t[4], activation="gelu", backend=backend)), \
+            tensors, []
     assert op == "self_mixer_output"
     tensors = [randn(2, 12, 2, 3), randn(3, 3, 3, 3, scale=0.2), randn(2, 6, 9),
                randn(9, 9, scale=0.3), randn(9)]
@@ -194,9 +200,16 @@ def _op_case(op: str, gen: torch.Generator):
         t[0], t[1], t[2], t[3], t[4], backend=backend)), tensors, []
 
 
-def _call(fn, tensors, bns, training, backend, dtype, under_autocast):
+def _call(fn, tensors, bns, training, backend, dtype, under_autocast, grad=True):
     """Output, the float32 leaves' gradients and the BN state after one call: under autocast,
-    or outside it with the tensors cast to ``dtype`` explicitly (a differentiable cast)."""
+    or outside it with the tensors cast to ``dtype`` explicitly (a differentiable cast).
+    ``grad=False`` (an inference op): no gradient, under torch.no_grad()."""
+    if not grad:
+        with torch.no_grad():
+            if under_autocast:
+                with torch.autocast(DEVICE.type, dtype=dtype):
+                    return fn(tensors, bns, training, backend), [], []
+            return fn([t.to(dtype) for t in tensors], bns, training, backend), [], []
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     bns = [BatchNormParams(bn.weight.detach().clone().requires_grad_(),
                            bn.bias.detach().clone().requires_grad_(),
@@ -228,9 +241,12 @@ def test_op_under_autocast_is_the_explicitly_cast_op(backend, op, dtype):
     if backend != "torch":
         require_fused_backend(backend)
     fn, tensors, bns = _op_case(op, torch.Generator().manual_seed(0))
+    grad = not registry.OPS[op].inference
     for training in ((False, True) if op in BN_OPS else (False,)):
-        y_auto, grads_auto, state_auto = _call(fn, tensors, bns, training, backend, dtype, True)
-        y_cast, grads_cast, state_cast = _call(fn, tensors, bns, training, backend, dtype, False)
+        y_auto, grads_auto, state_auto = _call(fn, tensors, bns, training, backend, dtype, True,
+                                               grad)
+        y_cast, grads_cast, state_cast = _call(fn, tensors, bns, training, backend, dtype, False,
+                                               grad)
         assert y_auto.dtype == dtype, f"{op} under autocast returned {y_auto.dtype}"
         assert torch.equal(y_auto, y_cast), f"{op} (training={training}): outputs differ"
         for index, (a, c) in enumerate(zip(grads_auto, grads_cast)):

@@ -19,7 +19,7 @@ import torch
 
 import patnet_kernels as pk
 from benchmarks import bench_channel_attention, bench_partial_conv, bench_rpe_attention
-from benchmarks import bench_spatial_attention, op_cli
+from benchmarks import bench_pointwise_mlp, bench_spatial_attention, op_cli
 from benchmarks.op_cases import run_case
 from benchmarks.op_family import MODES
 from benchmarks.op_tables import check_targets
@@ -34,6 +34,7 @@ SCRIPTS = {
     "spatial_attention": (bench_spatial_attention, []),
     # two shapes (7 x 7 at batch 2, 5 x 9 at batch 1: batches per shape); flex skipped
     "rpe_attention": (bench_rpe_attention, []),
+    "pointwise_mlp": (bench_pointwise_mlp, []),  # (fwd only: an inference op)
 }
 QUICK = ["--quick", "--device", "cpu", "--warmup", "0", "--runs", "2"]
 STATUSES = {"ok", "n/a", "unavailable", "skipped"}
@@ -56,14 +57,14 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
     assert report["torch"] and report["git_commit"] and report["device"].startswith("CPU")
     copy_gbps = report["copy_bandwidth"]["gbps"]
     assert copy_gbps > 0
-    assert set(report["byte_formulas"]) == set(MODES)
+    assert set(report["byte_formulas"]) == set(family.modes)
     if family.flops is not None:
-        assert set(report["flop_formulas"]) == set(MODES)
+        assert set(report["flop_formulas"]) == set(family.modes)
 
     shapes = family.shapes(True)
     batches = {s.name: ([1, 2] if extra else family.batches_of(s, True)) for s in shapes}
     expected = {(s.name, b, "fp32", m) for s in shapes for b in batches[s.name]
-                for m in MODES}
+                for m in family.modes}
     rows = {(r["shape"], r["batch"], r["dtype"], r["mode"]): r for r in report["rows"]}
     assert set(rows) == expected and len(report["rows"]) == len(expected)
 
@@ -99,10 +100,11 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
                                                                         base_ms / entry["ms"])
             assert entry["speedup_vs_eager"] is not None
             assert entry["max_rel_error"] <= 1e-3, (key, provider, entry["max_rel_error"])
-        if name == "partial_conv":  # its Triton kernels exist: they must have run
+        if name in ("partial_conv", "pointwise_mlp"):  # its Triton kernel exists: it ran
             assert row["providers"]["triton"]["status"] == "ok", key
-            inplace = row["providers"]["triton inplace"]["status"]
-            assert inplace == ("ok" if row["mode"] == "fwd" else "n/a"), key
+            if name == "partial_conv":
+                inplace = row["providers"]["triton inplace"]["status"]
+                assert inplace == ("ok" if row["mode"] == "fwd" else "n/a"), key
         elif name == "rpe_attention":
             for provider in ("triton", "sdpa"):
                 assert row["providers"][provider]["status"] == "ok", (key, provider)
@@ -119,7 +121,7 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
     for column in columns:
         assert column in header
     assert ("TFLOP/s" in header) == (family.flops is not None)
-    for word in family.providers + [s.name for s in shapes] + list(MODES):
+    for word in family.providers + [s.name for s in shapes] + list(family.modes):
         assert word in table, word
     for row in report["rows"]:
         for entry in row["providers"].values():
@@ -176,8 +178,13 @@ def test_stage_shapes_are_those_of_the_real_networks():
     assert table(bench_spatial_attention.FAMILY) == [
         ("patnet_t2.s1", 64, 56, 32, 2), ("patnet_t2.s2", 128, 28, 64, 2),
         ("patnet_t2.s3", 256, 14, 128, 6), ("patnet_t2.s4", 512, 7, 256, 4)]
+    assert table(bench_pointwise_mlp.FAMILY) == [  # (split: the hidden width, 2C)
+        ("patnet_t2.s1", 64, 56, 128, 2), ("patnet_t2.s2", 128, 28, 256, 2),
+        ("patnet_t2.s3", 256, 14, 512, 6), ("patnet_t2.s4", 512, 7, 1024, 4),
+        ("fasternet_t2.s1", 96, 56, 192, 1), ("fasternet_t2.s2", 192, 28, 384, 2),
+        ("fasternet_t2.s3", 384, 14, 768, 8), ("fasternet_t2.s4", 768, 7, 1536, 2)]
     for family in (bench_partial_conv.FAMILY, bench_channel_attention.FAMILY,
-                   bench_spatial_attention.FAMILY):
+                   bench_spatial_attention.FAMILY, bench_pointwise_mlp.FAMILY):
         assert all(s.width == s.height for s in family.shapes(False))
 
 

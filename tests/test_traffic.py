@@ -23,12 +23,12 @@ PINNED = {
     "patnet_t2": {
         "eager": dict(kernels=236, fused_kernels=0, act_read=4708736, act_written=4082080),
         "torch": dict(kernels=322, fused_kernels=0, act_read=4168960, act_written=3315360),
-        "triton": dict(kernels=122, fused_kernels=38, act_read=3262976, act_written=2636576),
+        "triton": dict(kernels=80, fused_kernels=52, act_read=1624576, act_written=998176),
     },
     "fasternet_t2": {
         "eager": dict(kernels=103, fused_kernels=0, act_read=4713472, act_written=4250528),
-        "torch": dict(kernels=125, fused_kernels=0, act_read=3589120, act_written=3126176),
-        "triton": dict(kernels=112, fused_kernels=13, act_read=3484672, act_written=3021728),
+        "torch": dict(kernels=86, fused_kernels=0, act_read=3693568, act_written=3230624),
+        "triton": dict(kernels=34, fused_kernels=26, act_read=1500160, act_written=1037216),
     },
 }
 FLOOR = {"patnet_t2": dict(kernels=20, bytes=964512),
@@ -118,19 +118,25 @@ def test_pinned_numbers(reports, name):
 
 
 def test_inference_path_moves_less_than_eager(reports):
-    """The fused path moves fewer bytes than eager, and since PAT_ch's eval gate is one kernel
-    (it was some twenty torch ops: 272 kernels per PATNet-T2 forward) PATNet's launches about
-    half of eager's kernels too."""
+    """The fused path moves fewer bytes than eager, and more than the floor."""
     for name, report in reports.items():
         rows = report["providers"]
         floor = report["floor"]["bytes"]
         assert floor < rows["eager"]["act_bytes"]
         if "triton" in rows:
             assert floor < rows["triton"]["act_bytes"] < rows["eager"]["act_bytes"]
-    rows = reports["patnet_t2"]["providers"]
-    if "triton" in rows:
-        assert rows["triton"]["kernels"] < 0.6 * rows["eager"]["kernels"]
-        assert 0.6 < rows["triton"]["act_bytes"] / rows["eager"]["act_bytes"] < 0.75
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_cpu_proxy_targets_at_128(name):
+    """The kernel issue's CPU proxy, at 128 x 128: the Triton inference path launches at most
+    0.6x eager's kernels and moves at most 0.5x its activation bytes. Met since each block's
+    MLP is one kernel (pointwise_mlp; PATNet-T2 was 0.52x and 0.67x with the MLP unfused)."""
+    if not _available("triton"):
+        pytest.skip("the Triton backend cannot run here")
+    rows = traffic.measure(name, 128, ("eager", "triton"), run_kernels=False)["providers"]
+    assert rows["triton"]["kernels"] <= 0.6 * rows["eager"]["kernels"]
+    assert rows["triton"]["act_bytes"] <= 0.5 * rows["eager"]["act_bytes"]
 
 
 # ------------------------------------------------------------------- table, JSON, command line
@@ -204,13 +210,11 @@ def test_main_exits_1_on_error(monkeypatch, capsys):
 @pytest.mark.slow
 def test_running_the_kernels_counts_the_same():
     """The pins are taken with the Triton launches counted, not run: running them (under the
-    interpreter, slow) must give the same numbers, and the CUDA backend the same as Triton."""
-    providers = [p for p in ("triton", "cuda") if _available(p)]
-    if not providers:
-        pytest.skip("no fused backend can run here")
-    report = traffic.measure("patnet_t2", SIZE, providers, run_kernels=True)
-    for provider in providers:
-        row = report["providers"][provider]
-        assert row["status"] == "ok", row
-        pinned = PINNED["patnet_t2"]["triton"]
-        assert {k: row[k] for k in pinned} == pinned
+    interpreter, slow) must give the same numbers. (The CUDA backend's path differs: it has
+    neither PAT_ch's gate kernel nor the MLP's.)"""
+    if not _available("triton"):
+        pytest.skip("the Triton backend cannot run here")
+    row = traffic.measure("patnet_t2", SIZE, ("triton",), run_kernels=True)["providers"]["triton"]
+    assert row["status"] == "ok", row
+    pinned = PINNED["patnet_t2"]["triton"]
+    assert {k: row[k] for k in pinned} == pinned

@@ -1,0 +1,47 @@
+"""The block's MLP for inference: its op, for every fused backend that has it.
+
+The op (registered as ``patnet_triton::pointwise_mlp`` by
+:mod:`patnet_kernels.ops.triton.pointwise_mlp`), with the fake below so that torch.compile
+traces through it:
+
+* ``pointwise_mlp(x, w1, b1, w2, b2, residual, activation) -> y``: W2 . act(W1 . X + b1) + b2
+  [+ R] in one pass, y in x's memory format.
+
+An inference op (its BatchNorm folded into W1 and b1): it has no backward, and the registry
+refuses a call through which a gradient may be taken (:func:`patnet_kernels.registry.refusals`),
+so autograd never meets it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._layout import empty_activation
+
+Tensor = torch.Tensor
+
+
+def output_shape(x: Tensor, w2: Tensor):
+    """(B, C_OUT, H, W): the shape of the MLP's output."""
+    return (x.shape[0], w2.shape[0], x.shape[2], x.shape[3])
+
+
+def _forward_fake(x, w1, b1, w2, b2, residual, activation):
+    return empty_activation(x, output_shape(x, w2))
+
+
+# The op's fake (shape, dtype and strides of its output), shared by every backend that
+# registers the op under its own namespace.
+FAKES = {"pointwise_mlp": _forward_fake}
+
+
+def backend_function(ops):
+    """The backend function of :func:`patnet_kernels.pointwise_mlp` over ``ops``."""
+
+    def pointwise_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                      b2: Optional[Tensor], residual: Optional[Tensor], activation: str) -> Tensor:
+        """The MLP with this backend's kernel (inputs checked; no gradient taken)."""
+        return ops.pointwise_mlp(x, w1, b1, w2, b2, residual, activation)
+
+    return pointwise_mlp

@@ -1,0 +1,175 @@
+"""Triton kernel of the block's MLP in inference, hidden activation kept on chip.
+
+Y = W2 . act(W1 . X + b1) + b2 [+ R] over (B, C, H, W) activations (NCHW, channels_last, or any
+strides whose H and W merge into one pixel stride). Each program takes a tile of pixels of one
+sample and a block of output channels and runs the hidden dimension in chunks: a chunk of
+act(W1 . X + b1) is computed (a [pixels x C] x [C x chunk] GEMM), cast to the input dtype and at
+once multiplied into the output accumulator ([pixels x chunk] x [chunk x out]), flash-MLP style,
+so the hidden activation (2C channels in the released models) is never written to memory. Bias,
+activation and residual are epilogues: X is read once, R once, Y written once.
+
+* :func:`pointwise_mlp` -- the launcher; :func:`aot_kernels` -- its shipped configurations.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
+                      block, to_compute, upcast_dot)
+
+# The activation constexpr of the kernel, by the reference's name.
+ACTIVATION_CODES = {"relu": 0, "gelu": 1}
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """ReLU (0) or the exact GELU (1), 0.5 z (1 + erf(z / sqrt 2)), on an fp32 tile."""
+    if ACTIVATION == 0:
+        return tl.maximum(z, 0.0)
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _pointwise_mlp_kernel(
+    x_ptr,  # (B, C, H, W) input, any strides with a flattened pixel stride x_sp
+    w1_ptr,  # (HIDDEN, C) contiguous, [hidden, in channel], x dtype
+    b1_ptr,  # (HIDDEN,) bias of the first conv (its BatchNorm folded); unread unless HAS_B1
+    w2_ptr,  # (C_OUT, HIDDEN) contiguous, [out channel, hidden], x dtype
+    b2_ptr,  # (C_OUT,) bias of the second conv; unread unless HAS_B2
+    r_ptr,  # (B, C_OUT, H, W) residual, any strides as x; unread unless HAS_RESIDUAL
+    y_ptr,  # (B, C_OUT, H, W) output, any strides as x
+    C, HIDDEN, C_OUT,
+    P,  # pixels per sample, H * W
+    x_sb, x_sc, x_sp,  # sample, channel and pixel strides of x (elements)
+    r_sb, r_sc, r_sp,  # strides of the residual (elements)
+    y_sb, y_sc, y_sp,  # strides of y (elements)
+    ACTIVATION: tl.constexpr,  # 0: ReLU, 1: exact GELU (ACTIVATION_CODES)
+    HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_P: tl.constexpr,  # pixels per program
+    BLOCK_K: tl.constexpr,  # input channels per step of the first GEMM
+    BLOCK_H: tl.constexpr,  # hidden channels per chunk
+    BLOCK_N: tl.constexpr,  # output channels per program
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_OUT
+    x = x_ptr + pid_b * x_sb + offs_p[:, None] * x_sp  # (BLOCK_P, 1) pixel rows of x
+
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for h0 in range(0, HIDDEN, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < HIDDEN
+        hidden = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < C
+            xt = tl.load(x + offs_k[None, :] * x_sc, mask=p_ok[:, None] & k_ok[None, :],
+                         other=0.0)  # (BLOCK_P, BLOCK_K)
+            w1t = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
+                          mask=k_ok[:, None] & h_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
+            if UPCAST:
+                hidden = tl.dot(to_compute(xt, UPCAST), to_compute(w1t, UPCAST), hidden,
+                                input_precision="ieee")
+            else:
+                hidden = tl.dot(xt, w1t, hidden)
+        if HAS_B1:
+            hidden += tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        # (hidden channels past HIDDEN are act(0) = 0 and meet zero rows of W2)
+        hidden = _activation(hidden, ACTIVATION).to(x_ptr.dtype.element_ty)
+        w2t = tl.load(w2_ptr + offs_n[None, :] * HIDDEN + offs_h[:, None],
+                      mask=h_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_N)
+        if UPCAST:
+            acc = tl.dot(to_compute(hidden, UPCAST), to_compute(w2t, UPCAST), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(hidden, w2t, acc)
+
+    ok = p_ok[:, None] & n_ok[None, :]
+    if HAS_B2:
+        acc += tl.load(b2_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp + offs_n[None, :] * r_sc,
+                    mask=ok, other=0.0)
+        acc += r.to(tl.float32)
+    tl.store(y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp + offs_n[None, :] * y_sc,
+             acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _blocks(channels: int, hidden: int, out_channels: int, interpret: bool = INTERPRET):
+    """(BLOCK_P, BLOCK_K, BLOCK_H, BLOCK_N, num_warps) for these widths. On a GPU the output
+    block covers C_OUT up to 256 (no hidden chunk computed twice); wider outputs take several
+    programs per pixel tile, each recomputing the hidden activation."""
+    if interpret:  # few, big programs: the interpreter pays per program and per operation
+        return (128, block(channels, high=128), block(hidden, high=128),
+                block(out_channels, high=256), 4)
+    block_n = block(out_channels, high=256)
+    return 64, block(channels, high=64), 64, block_n, 8 if block_n >= 128 else 4
+
+
+def _pixel_strides(t: torch.Tensor):
+    """(sample, channel, pixel) strides of a (B, C, H, W) tensor whose H and W merge."""
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+                  w2: torch.Tensor, b2: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                  activation: str, y: torch.Tensor) -> torch.Tensor:
+    """y = W2 . act(W1 . x + b1) + b2 [+ residual]; returns y.
+
+    x: (B, C, H, W); residual and y: (B, C_OUT, H, W); each with H and W merging into one pixel
+    stride (stride(2) == W * stride(3): NCHW, channels_last, channel slices of either). w1:
+    (HIDDEN, C) contiguous; w2: (C_OUT, HIDDEN) contiguous; b1 (HIDDEN,), b2 (C_OUT,) or None;
+    all in x's dtype. activation: "relu" or "gelu". y must not overlap x or the residual.
+    """
+    b, c, h, w = x.shape
+    hidden, c_out = w1.shape[0], w2.shape[0]
+    block_p, block_k, block_h, block_n, warps = _blocks(c, hidden, c_out)
+    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c_out, block_n))
+    r = residual if residual is not None else y
+    _pointwise_mlp_kernel[grid](
+        x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, r, y,
+        c, hidden, c_out, h * w, *_pixel_strides(x), *_pixel_strides(r), *_pixel_strides(y),
+        ACTIVATION=ACTIVATION_CODES[activation], HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+        HAS_RESIDUAL=residual is not None, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_H=block_h,
+        BLOCK_N=block_n, UPCAST=upcast_dot(x.dtype), num_warps=warps)
+    return y
+
+
+# (activation, with a residual) of the released models' MLPs: ReLU (T2 ... L) and GELU (T0, T1)
+# with the block's residual; GELU without one (PATNet-T1, whose PAT_sp follows the MLP).
+_RELEASED_EPILOGUES = (("relu", True), ("gelu", True), ("gelu", False))
+
+
+def aot_kernels() -> List[AotKernel]:
+    """Every kernel configuration this file launches on a GPU, for the ahead-of-time check: the
+    MLP widths (C -> 2C -> C) of every released stage with the epilogues of the released
+    models (:data:`_RELEASED_EPILOGUES`; b1 from the folded BatchNorm, no b2)."""
+    kernels, seen, fn = [], set(), _pointwise_mlp_kernel
+    for c in (32, 40, 48, 64, 96, 128, 144, 160, 192, 256, 320, 384, 512, 640, 768, 1536):
+        blocks = _blocks(c, 2 * c, c, interpret=False)
+        if blocks in seen:
+            continue
+        seen.add(blocks)
+        block_p, block_k, block_h, block_n, warps = blocks
+        for (dtype, tname), (activation, residual) in itertools.product(
+                TRITON_DTYPE.items(), _RELEASED_EPILOGUES):
+            kernels.append(AotKernel(
+                f"pointwise_mlp[{tname}, K={block_k}, N={block_n}, {activation}, "
+                f"residual={residual}]", fn,
+                aot_signature(fn, {name: "*" + tname for name in fn.arg_names
+                                   if name.endswith("_ptr")}),
+                dict(ACTIVATION=ACTIVATION_CODES[activation], HAS_B1=True, HAS_B2=False,
+                     HAS_RESIDUAL=residual, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_H=block_h,
+                     BLOCK_N=block_n, UPCAST=upcast_dot(dtype, interpret=False)),
+                num_warps=warps, launches=activation_launches("x", "r", "y", pixel="sp")))
+    return kernels

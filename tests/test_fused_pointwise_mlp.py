@@ -1,0 +1,173 @@
+"""The block's MLP for inference (pointwise_mlp) on each fused backend that has it (Triton):
+against the float64 reference in every dtype and layout, with and without biases and residual,
+at widths that are not powers of two; strided inputs; the gradient refusal; bad input; opcheck;
+torch.compile; and the inference path of a model running it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import patnet
+import patnet_kernels as pk
+from patnet.testing import randomize_norms
+from patnet_kernels import registry
+
+from conftest import DEVICE, assert_within_budget, fused_ops, rel_error, require_fused_backend
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = registry.OPS["pointwise_mlp"].backends
+
+
+@pytest.fixture(params=BACKENDS)
+def mlp_backend(request) -> str:
+    """Each fused backend with a kernel for the MLP, skipped where it cannot run on DEVICE."""
+    return require_fused_backend(request.param)
+
+
+def _inputs(b, c, hidden, c_out, h, w, dtype, channels_last=False, seed=0):
+    """[x, w1, b1, w2, b2, residual] in ``dtype`` on DEVICE (unit-gain weights)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    t = [randn(b, c, h, w), randn(hidden, c, 1, 1, scale=c ** -0.5), randn(hidden, scale=0.3),
+         randn(c_out, hidden, 1, 1, scale=hidden ** -0.5), randn(c_out, scale=0.3),
+         randn(b, c_out, h, w)]
+    t = [v.to(DEVICE, dtype) for v in t]
+    if channels_last:
+        t[0], t[5] = (v.contiguous(memory_format=torch.channels_last) for v in (t[0], t[5]))
+    return t
+
+
+def _call(inputs, backend, activation, bias1=True, bias2=True, residual=True):
+    x, w1, b1, w2, b2, r = inputs
+    with torch.no_grad():
+        return pk.pointwise_mlp(x, w1, b1 if bias1 else None, w2, b2 if bias2 else None,
+                                residual=r if residual else None, activation=activation,
+                                backend=backend)
+
+
+SHAPES = {  # (B, C, hidden, C_out, H, W)
+    "2x8-16-8x5x7": (2, 8, 16, 8, 5, 7),
+    "1x40-80-40x3x3": (1, 40, 80, 40, 3, 3),
+    "2x20-33-17x1x5": (2, 20, 33, 17, 1, 5),    # no power of two anywhere, H = 1
+    "1x96-192-96x4x1": (1, 96, 192, 96, 4, 1),  # W = 1
+    "1x24-48-300x2x2": (1, 24, 48, 300, 2, 2),  # C_out over one output block (256)
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_matches_float64_reference(shape, channels_last, dtype, mlp_backend):
+    inputs = _inputs(*shape, dtype, channels_last)
+    for activation, bias1, bias2, residual in (("relu", True, False, True),
+                                               ("gelu", True, True, False),
+                                               ("gelu", False, True, True)):
+        options = dict(activation=activation, bias1=bias1, bias2=bias2, residual=residual)
+        ours = _call(inputs, mlp_backend, **options)
+        exact = _call([v.double() for v in inputs], "torch", **options)
+        in_dtype = _call(inputs, "torch", **options)
+        assert ours.dtype == dtype
+        assert_within_budget(f"y ({options})", ours, exact, in_dtype, dtype)
+        assert ours.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_strided_inputs(mlp_backend):
+    """A channel slice as x, a residual with its H and W transposed in memory (copied for the
+    kernel), the output in x's layout."""
+    big = _inputs(2, 24, 32, 16, 5, 6, torch.float32, channels_last=True)
+    x = big[0][:, 4:20]  # (2, 16, 5, 6), channels_last strides of a 24-channel tensor
+    residual = big[5].double().transpose(2, 3).contiguous().transpose(2, 3).float()
+    w1 = big[1][:, :16].contiguous()
+    args = (x, w1, big[2], big[3], big[4])
+    with torch.no_grad():
+        ours = pk.pointwise_mlp(*args, residual=residual, backend=mlp_backend)
+        exact = pk.pointwise_mlp(*(a.double() for a in args), residual=residual.double(),
+                                 backend="torch")
+    assert rel_error(ours, exact) < 1e-6
+
+
+def test_a_gradient_is_refused_by_name_and_taken_by_auto(mlp_backend):
+    x, w1, b1, w2, b2, r = _inputs(2, 8, 16, 8, 3, 3, torch.float32)
+    w1.requires_grad_()
+    with pytest.raises(ValueError, match=r"for inference only .* torch.no_grad\(\)"):
+        pk.pointwise_mlp(x, w1, b1, w2, b2, residual=r, backend=mlp_backend)
+    y = pk.pointwise_mlp(x, w1, b1, w2, b2, residual=r, backend="auto")  # the reference
+    y.sum().backward()
+    assert w1.grad is not None and torch.isfinite(w1.grad).all()
+
+
+def _bad(name):
+    x, w1, b1, w2, b2, r = _inputs(2, 8, 16, 6, 3, 3, torch.float32)
+    calls = {
+        "w1 shape": ((x, w1[:, :4], b1, w2, b2), {}, ValueError, r"w1 must have shape \(16, 8"),
+        "w1 not 1x1": ((x, w1.expand(16, 8, 3, 3), b1, w2, b2), {}, ValueError, r"1x1 conv"),
+        "w2 hidden": ((x, w1, b1, w2[:, :8], b2), {}, ValueError, r"w2 must have shape \(6, 16"),
+        "b1": ((x, w1, b1[:3], w2, b2), {}, ValueError, r"b1 must have shape \(16,\)"),
+        "b2": ((x, w1, b1, w2, b1), {}, ValueError, r"b2 must have shape \(6,\)"),
+        "residual": ((x, w1, b1, w2, b2), dict(residual=x), ValueError,
+                     r"residual must have shape \(2, 6, 3, 3\)"),
+        "activation": ((x, w1, b1, w2, b2), dict(activation="silu"), ValueError,
+                       r"activation must be one of relu, gelu, got 'silu'"),
+        "dtype": ((x, w1.double(), b1, w2, b2), {}, TypeError, r"w1 is torch.float64"),
+        "x 3-D": ((x[0], w1, b1, w2, b2), {}, ValueError, r"x must be \(B, C, H, W\)"),
+    }
+    return calls[name]
+
+
+@pytest.mark.parametrize("case", ["w1 shape", "w1 not 1x1", "w2 hidden", "b1", "b2",
+                                  "residual", "activation", "dtype", "x 3-D"])
+@pytest.mark.parametrize("backend", ("torch",) + BACKENDS)
+def test_bad_input_is_refused_before_any_kernel(case, backend):
+    args, kwargs, error, message = _bad(case)
+    with torch.no_grad(), pytest.raises(error, match=message):
+        pk.pointwise_mlp(*args, backend=backend, **kwargs)
+
+
+def test_float64_is_refused_by_the_fused_backends(mlp_backend):
+    x, w1, b1, w2, b2, r = (v.double() for v in _inputs(1, 8, 16, 8, 2, 2, torch.float32))
+    with torch.no_grad(), pytest.raises(TypeError, match=r"runs float32, float16 and bfloat16"):
+        pk.pointwise_mlp(x, w1, b1, w2, b2, residual=r, backend=mlp_backend)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "none"])
+def test_opcheck(channels_last, residual, mlp_backend):
+    x, w1, b1, w2, b2, r = _inputs(2, 8, 16, 8, 3, 5, torch.float32, channels_last)
+    torch.library.opcheck(fused_ops(mlp_backend).pointwise_mlp.default,
+                          (x, w1, b1, w2, None, r if residual else None, "gelu"))
+
+
+def _inference_model(name, backend, channels_last=False):
+    torch.manual_seed(0)
+    model = patnet.create_model(name, embed_dim=16, depths=(1, 1, 2, 1), drop_path_rate=0.0)
+    model = randomize_norms(model, seed=1).eval().to(DEVICE)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, patnet.optimize_for_inference(model, backend=backend)
+
+
+@pytest.mark.parametrize("name", ["fasternet_t0", "patnet_t1", "patnet_t2"])
+def test_inference_path_runs_every_mlp_as_the_fused_op(name, mlp_backend):
+    """Each block's MLP is one call of the op (PATNet-T1: before its PAT_sp), and the model
+    equals the eval model."""
+    model, fast = _inference_model(name, mlp_backend, channels_last=name == "patnet_t2")
+    calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
+    blocks = sum(1 for m in fast.modules() if isinstance(m, patnet.inference.InferenceMLP))
+    assert calls.count("pointwise_mlp") == blocks == 5
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) < 1e-5
+
+
+def test_compiled_inference_model_is_one_graph(mlp_backend):
+    torch._dynamo.reset()
+    model, fast = _inference_model("fasternet_t0", mlp_backend)
+    x = torch.randn(2, 3, 64, 32, device=DEVICE)
+    with torch.no_grad():
+        eager = fast(x)
+        compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)(x)
+    assert rel_error(compiled, eager) < 1e-6
