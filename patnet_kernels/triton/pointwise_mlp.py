@@ -13,7 +13,7 @@ activation and residual are epilogues: X is read once, R once, Y written once.
 from __future__ import annotations
 
 import itertools
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import triton
@@ -105,15 +105,30 @@ def _pointwise_mlp_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _blocks(channels: int, hidden: int, out_channels: int, interpret: bool = INTERPRET):
-    """(BLOCK_P, BLOCK_K, BLOCK_H, BLOCK_N, num_warps) for these widths. On a GPU the output
-    block covers C_OUT up to 256 (no hidden chunk computed twice); wider outputs take several
-    programs per pixel tile, each recomputing the hidden activation."""
+class _Config(NamedTuple):
+    """Tile sizes and launch options of the kernel for one call."""
+    block_p: int
+    block_k: int
+    block_h: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+def _config(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
+            interpret: bool = INTERPRET) -> _Config:
+    """The kernel's configuration for these widths and dtype. On a GPU the output block covers
+    C_OUT up to 256 (no hidden chunk computed twice); wider outputs take several programs per
+    pixel tile, each recomputing the hidden activation. float32 (its dots as IEEE FMAs, no
+    tensor cores) takes smaller tiles: the fp16/bf16 ones spill registers there (read off
+    the sm_80/sm_90 machine code, ``python -m patnet_kernels.triton.aot``)."""
     if interpret:  # few, big programs: the interpreter pays per program and per operation
-        return (128, block(channels, high=128), block(hidden, high=128),
-                block(out_channels, high=256), 4)
+        return _Config(128, block(channels, high=128), block(hidden, high=128),
+                       block(out_channels, high=256), 4, 1)
     block_n = block(out_channels, high=256)
-    return 64, block(channels, high=64), 64, block_n, 8 if block_n >= 128 else 4
+    if upcast_dot(dtype, interpret=False):
+        return _Config(32, 16, 32, block_n, 8, 2)
+    return _Config(64, block(channels, high=64), 64, block_n, 8 if block_n >= 128 else 4, 3)
 
 
 def _pixel_strides(t: torch.Tensor):
@@ -133,15 +148,16 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     """
     b, c, h, w = x.shape
     hidden, c_out = w1.shape[0], w2.shape[0]
-    block_p, block_k, block_h, block_n, warps = _blocks(c, hidden, c_out)
-    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c_out, block_n))
+    config = _config(c, hidden, c_out, x.dtype)
+    grid = (triton.cdiv(h * w, config.block_p), b, triton.cdiv(c_out, config.block_n))
     r = residual if residual is not None else y
     _pointwise_mlp_kernel[grid](
         x, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, r, y,
         c, hidden, c_out, h * w, *_pixel_strides(x), *_pixel_strides(r), *_pixel_strides(y),
         ACTIVATION=ACTIVATION_CODES[activation], HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-        HAS_RESIDUAL=residual is not None, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_H=block_h,
-        BLOCK_N=block_n, UPCAST=upcast_dot(x.dtype), num_warps=warps)
+        HAS_RESIDUAL=residual is not None, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
+        BLOCK_H=config.block_h, BLOCK_N=config.block_n, UPCAST=upcast_dot(x.dtype),
+        num_warps=config.warps, num_stages=config.stages)
     return y
 
 
@@ -155,21 +171,23 @@ def aot_kernels() -> List[AotKernel]:
     MLP widths (C -> 2C -> C) of every released stage with the epilogues of the released
     models (:data:`_RELEASED_EPILOGUES`; b1 from the folded BatchNorm, no b2)."""
     kernels, seen, fn = [], set(), _pointwise_mlp_kernel
-    for c in (32, 40, 48, 64, 96, 128, 144, 160, 192, 256, 320, 384, 512, 640, 768, 1536):
-        blocks = _blocks(c, 2 * c, c, interpret=False)
-        if blocks in seen:
+    for c, (dtype, tname) in itertools.product(
+            (32, 40, 48, 64, 96, 128, 144, 160, 192, 256, 320, 384, 512, 640, 768, 1536),
+            TRITON_DTYPE.items()):
+        config = _config(c, 2 * c, c, dtype, interpret=False)
+        if (config, dtype) in seen:
             continue
-        seen.add(blocks)
-        block_p, block_k, block_h, block_n, warps = blocks
-        for (dtype, tname), (activation, residual) in itertools.product(
-                TRITON_DTYPE.items(), _RELEASED_EPILOGUES):
+        seen.add((config, dtype))
+        for activation, residual in _RELEASED_EPILOGUES:
             kernels.append(AotKernel(
-                f"pointwise_mlp[{tname}, K={block_k}, N={block_n}, {activation}, "
+                f"pointwise_mlp[{tname}, K={config.block_k}, N={config.block_n}, {activation}, "
                 f"residual={residual}]", fn,
                 aot_signature(fn, {name: "*" + tname for name in fn.arg_names
                                    if name.endswith("_ptr")}),
                 dict(ACTIVATION=ACTIVATION_CODES[activation], HAS_B1=True, HAS_B2=False,
-                     HAS_RESIDUAL=residual, BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_H=block_h,
-                     BLOCK_N=block_n, UPCAST=upcast_dot(dtype, interpret=False)),
-                num_warps=warps, launches=activation_launches("x", "r", "y", pixel="sp")))
+                     HAS_RESIDUAL=residual, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
+                     BLOCK_H=config.block_h, BLOCK_N=config.block_n,
+                     UPCAST=upcast_dot(dtype, interpret=False)),
+                num_warps=config.warps, num_stages=config.stages,
+                launches=activation_launches("x", "r", "y", pixel="sp")))
     return kernels
