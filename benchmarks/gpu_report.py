@@ -63,6 +63,8 @@ OP_FAMILIES = {
     "channel_attention": ("bench_channel_attention", "PAT_ch, pk.channel_attention"),
     "rpe_attention": ("bench_rpe_attention", "PAT_sf's attention, pk.rpe_attention"),
     "spatial_attention": ("bench_spatial_attention", "PAT_sp, pk.spatial_attention"),
+    "pointwise_mlp": ("bench_pointwise_mlp", "the block's MLP, pk.pointwise_mlp"),
+    "partial_block": ("bench_partial_block", "a FasterNet / PAT_ch block, pk.partial_block"),
 }
 TEST_PHASES = {"triton": "Triton", "cuda": "CUDA"}
 CUT_RCS = ("124", "137")          # timeout(1): limit reached (SIGINT sent), then killed

@@ -31,7 +31,8 @@ at its logical size (numel x element size; a dimension of stride 0, an ``expand`
 once). In-place ops read and write their ``self`` (``relu_``: 2 N), except the overwriting ones
 (``copy_``, ``fill_``, ``zero_``, which only write it); an ``out=`` argument is written, not
 read. Views move nothing. A fused kernel is counted by what it must move: its tensor inputs read
-once and outputs written once, except where it touches part of a tensor: the statistics of
+once (one passed twice, as the block's input and its residual, once) and outputs written once,
+except where it touches part of a tensor: the statistics of
 PAT_ch read X2 only, in-place PConv reads the saved X1 and writes Y1 into X, PAT_sf's output
 kernel reads X1 and writes Y1 (its projection is the ``bmm`` beside it), the attention reads its
 bucket ids as int32. Halo re-reads, register spills and caches are not modelled.
@@ -183,7 +184,11 @@ def aten_op(func, args, kwargs, out) -> Op:
 
 def fused_bytes(op: str, args, out) -> Tuple[int, int]:
     """What a fused op's kernels must move: (read, written) (rules in the module docstring)."""
-    read = sum(nbytes(t) for t in _tensors(args))
+    inputs: List[torch.Tensor] = []
+    for t in _tensors(args):  # (a tensor passed twice is read once: the block's x, its residual)
+        if not any(_same_view(t, seen) for seen in inputs):
+            inputs.append(t)
+    read = sum(nbytes(t) for t in inputs)
     written = sum(nbytes(t) for t in _tensors(out))
     if op == "channel_attention_stats":  # reads X2 only
         x, c1 = args[0], int(args[1])

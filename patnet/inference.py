@@ -13,7 +13,10 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
 4. runs each block's MLP as one op (:class:`InferenceMLP`, ``pk.pointwise_mlp``: both 1x1
    convs, the folded BN's bias, the activation and the block's residual in one pass, the 2C
    hidden activation kept on chip by the fused kernel); under ``backend="cuda"``, which has no
-   kernel for it, the MLP's modules run one by one as before folding;
+   kernel for it, the MLP's modules run one by one as before folding. Under
+   ``backend="triton"`` a FasterNet or PAT_ch block (no PAT_sp) runs as one op,
+   ``pk.partial_block``, whose MLP kernel reads the mixer's output in parts (its conv half and
+   X2 with PAT_ch's gate applied as it is read), so that output is never written whole;
 5. writes the stage-4 blocks' first residual sum into the mixer's output (no new tensor).
 
 Its outputs equal the eval model's within float rounding (tests/test_inference.py checks every
@@ -30,13 +33,15 @@ from torch import nn
 import patnet_kernels as pk
 
 from .fuse import fuse_for_inference
-from .layers import FasterNetBlock, PATNetBlock
+from .layers import FasterNetBlock, PATChannelMixer, PATNetBlock, bn_params
 from .model import set_backend
 
 # The activation modules of the MLP, by the name pk.pointwise_mlp gives them.
 _ACTIVATION_NAMES = {nn.ReLU: "relu", nn.GELU: "gelu"}
 # The backends under which the MLP runs as the fused op (the others have no kernel for it).
 _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
+# The backends that, named, run a whole FasterNet or PAT_ch block as one op (pk.partial_block).
+_BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
 
 
 class InferenceMLP(nn.Sequential):
@@ -62,25 +67,46 @@ class InferenceMLP(nn.Sequential):
             y = module(y)
         return y if residual is None else y.add_(residual)
 
+    def after_mixer(self, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x + MLP(mixer(x)) for a PConv or PAT_ch mixer: as one op, ``pk.partial_block``
+        (the mixer's output never written whole), where no PAT_sp sits between the MLP and the
+        residual and the backend is one named for it, or "auto" where a measurement on this
+        GPU shows the block op faster than the reference; else the mixer's op, then this
+        MLP's, each decided per call (so "auto" on the CPU, and ``backend_calls`` under
+        "auto", compose)."""
+        fused = (self.backend in _BLOCK_BACKENDS
+                 or self.backend == "auto" and pk.backends.auto_runs_fused("partial_block", x))
+        if not fused or len(self) > 4:
+            return self(mixer(x), residual=x)
+        first, _, activation, second = self
+        gate = {}
+        if isinstance(mixer, PATChannelMixer):
+            attn = mixer.attn
+            gate = dict(cfc_weight=attn.cfc1.weight, cfc_bias=attn.cfc1.bias,
+                        bn_a=bn_params(attn.bn, False), bn_b=bn_params(mixer.norm, False))
+        return pk.partial_block(x, mixer.partial_conv3.weight, first.weight, first.bias,
+                                second.weight, second.bias,
+                                activation=_ACTIVATION_NAMES[type(activation)],
+                                backend=self.backend, **gate)
+
 
 class InferenceFasterNetBlock(FasterNetBlock):
-    """X + MLP(PConv(X)), the residual added in the MLP's epilogue."""
+    """X + MLP(PConv(X)), as one op where it can (:meth:`InferenceMLP.after_mixer`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.spatial_mixing
-        return self.mlp(pk.partial_conv3x3(x, conv.partial_conv3.weight, backend=conv.backend),
-                        residual=x)
+        return self.mlp.after_mixer(self.spatial_mixing, x)
 
 
 class InferencePATNetBlock(PATNetBlock):
-    """The PATNet block with its residual sums in the MLP's epilogue (stage 4: the first
-    written into the mixer's output)."""
+    """Stages 1-3: X + MLP(PAT_ch(X)), as one op where it can (:meth:`InferenceMLP.after_mixer`).
+    Stage 4: the first residual sum written into the mixer's output, the second in the MLP's
+    epilogue."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.self_attention:
             x = self.spatial_mixing(x).add_(x)
             return self.mlp(x, residual=x)
-        return self.mlp(self.spatial_mixing(x), residual=x)
+        return self.mlp.after_mixer(self.spatial_mixing, x)
 
 
 _INFERENCE_CLASSES = {FasterNetBlock: InferenceFasterNetBlock,

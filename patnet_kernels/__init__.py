@@ -9,6 +9,8 @@ Public API::
     rpe_attention(q, k, v, table, bucket, scale=None, dropout_p=0.0, backend="auto")
     self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias, dropout_p, backend)
     pointwise_mlp(x, w1, b1, w2, b2=None, *, residual=None, activation="relu", backend="auto")
+    partial_block(x, conv_weight, w1, b1, w2, b2=None, *, cfc_weight=None, cfc_bias=None,
+                  bn_a=None, bn_b=None, activation="relu", backend="auto")
     info()
 
 ``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op;
@@ -19,14 +21,14 @@ from ._types import BatchNormParams
 from .backends import (BACKENDS, OPS, BackendUnavailableError, backend_plan, check_backend_name,
                        check_backend_usable, choose_backend, info, recording_calls,
                        resolve_backend)
-from .functional import (channel_attention, partial_conv3x3, pointwise_mlp, rpe_attention,
-                         rpe_buckets, self_mixer_output, spatial_attention)
+from .functional import (channel_attention, partial_block, partial_conv3x3, pointwise_mlp,
+                         rpe_attention, rpe_buckets, self_mixer_output, spatial_attention)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "OPS", "BackendUnavailableError", "BatchNormParams", "backend_plan",
     "channel_attention", "check_backend_name", "check_backend_usable", "choose_backend", "info",
-    "partial_conv3x3", "pointwise_mlp", "recording_calls", "registry", "resolve_backend", "rpe_attention",
+    "partial_block", "partial_conv3x3", "pointwise_mlp", "recording_calls", "registry", "resolve_backend", "rpe_attention",
     "rpe_buckets", "self_mixer_output", "spatial_attention",
 ]

@@ -126,6 +126,20 @@ def choose_implementation(op: str, backend: str, x: torch.Tensor,
     return registry.implementation(op, name)
 
 
+def auto_runs_fused(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether ``"auto"`` would run a fused backend for a call of ``op`` whose main input is
+    ``x`` (as :func:`choose_implementation` decides it, without running or recording it): how
+    a layer that can run either one fused op or a composition of other ops decides under
+    "auto" (``patnet.inference``'s blocks). Never on the CPU or the meta device."""
+    if x.device.type != "cuda":
+        return False
+    needs_grad = registry.OPS[op].inference and _needs_grad(x, *others)
+    refused = tuple(tuple(r) for r in registry.refusals(op, x, needs_grad))
+    name, _, _ = _decide("auto", x.device.type, x.device.index, op, refused,
+                         tuple(describe_call(op, x, *others)), False)
+    return name != "torch"
+
+
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a gradient may be taken through a call on ``tensors``."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

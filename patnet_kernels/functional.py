@@ -86,6 +86,15 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     (BN_a then needs a batch of at least 2). ``eval_form``: see :func:`rpe_attention`.
     Returns (B, C, H, W).
     """
+    _check_channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
+    return choose_implementation("channel_attention", backend, x, conv_weight, cfc_weight,
+                                 eval_form=eval_form and not training)(
+        x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
+
+
+def _check_channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b,
+                             training: bool) -> None:
+    """The checks of :func:`channel_attention`'s arguments."""
     check_activation("x", x)
     c1 = check_conv_weight("conv_weight", conv_weight, x.shape[1], 3, min_rest=1)
     c2 = x.shape[1] - c1
@@ -100,9 +109,6 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
         if bn_a is not None:  # (over the (B, C2, 1, 1) logits)
             check_batch_values(b, (b, c2, 1, 1))
         check_batch_values(b * h * w, (b, c2, h, w))
-    return choose_implementation("channel_attention", backend, x, conv_weight, cfc_weight,
-                                 eval_form=eval_form and not training)(
-        x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
 
 
 @autocast_aware
@@ -305,6 +311,13 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     no gradient, so where one may be taken (grad mode on and an input requiring one) a fused
     backend named here raises and "auto" runs the reference, which has one.
     """
+    _check_mlp(x, w1, b1, w2, b2, residual, activation)
+    return choose_implementation("pointwise_mlp", backend, x, w1, b1, w2, b2, residual)(
+        x, w1, b1, w2, b2, residual, activation)
+
+
+def _check_mlp(x, w1, b1, w2, b2, residual, activation) -> None:
+    """The checks of :func:`pointwise_mlp`'s arguments."""
     check_activation("x", x)
     b, c, h, w = x.shape
     for name, weight in (("w1", w1), ("w2", w2)):
@@ -326,5 +339,42 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     if activation not in MLP_ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}, got "
                          f"{activation!r}")
-    return choose_implementation("pointwise_mlp", backend, x, w1, b1, w2, b2, residual)(
-        x, w1, b1, w2, b2, residual, activation)
+
+
+@autocast_aware
+def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
+                  b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor] = None,
+                  *, cfc_weight: Optional[torch.Tensor] = None,
+                  cfc_bias: Optional[torch.Tensor] = None, bn_a: Optional[BatchNormParams] = None,
+                  bn_b: Optional[BatchNormParams] = None, activation: str = "relu",
+                  backend: str = "auto") -> torch.Tensor:
+    """A FasterNet block or a PATNet PAT_ch block in inference: x + MLP(mixer(x)).
+
+    The mixer is PConv, [conv3x3(X1) | X2] (:func:`partial_conv3x3`), or, given ``cfc_weight``
+    and ``bn_b``, PAT_ch in eval (:func:`channel_attention` with its running statistics; its
+    ``cfc_bias`` and ``bn_a`` as there). The MLP: see :func:`pointwise_mlp` (its output has
+    x's C channels, the block adding x back). x: (B, C, H, W), NCHW or channels_last;
+    conv_weight: (C1, C1, 3, 3). Returns a new (B, C, H, W) tensor in x's memory format.
+
+    The Triton backend never writes the mixer's output: the MLP kernel reads its input as
+    [conv3x3(X1) | X2 * scale + shift] (:mod:`patnet_kernels.ops.partial_block`). An
+    inference op, as :func:`pointwise_mlp`.
+    """
+    if cfc_weight is None:
+        given = [name for name, t in (("cfc_bias", cfc_bias), ("bn_a", bn_a), ("bn_b", bn_b))
+                 if t is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} belong to PAT_ch: pass its cfc_weight too "
+                             "(or none of them for a FasterNet block)")
+        check_activation("x", x)
+        check_conv_weight("conv_weight", conv_weight, x.shape[1], 3)
+        check_same("x", x, conv_weight=conv_weight)
+    else:
+        _check_channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, False)
+    if isinstance(w2, torch.Tensor) and w2.dim() == 4 and w2.shape[0] != x.shape[1]:
+        raise ValueError(f"w2 must have C = {x.shape[1]} output channels (the block adds x "
+                         f"back), got {tuple(w2.shape)}")
+    _check_mlp(x, w1, b1, w2, b2, None, activation)
+    return choose_implementation("partial_block", backend, x, conv_weight, cfc_weight,
+                                 cfc_bias, w1, b1, w2, b2)(
+        x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation)

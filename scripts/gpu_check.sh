@@ -18,7 +18,8 @@
 #   4. CUDA tests   the same with -k cuda, once the build has succeeded; otherwise only
 #                   collected, and counted as not run
 #   5. op benches   benchmarks/bench_{partial_conv,channel_attention,rpe_attention,
-#                   spatial_attention}.py at batch 256, fp16 and bf16, fwd and fwd+bwd: eager vs
+#                   spatial_attention,pointwise_mlp,partial_block}.py at batch 256, fp16 and
+#                   bf16, fwd and fwd+bwd (the last two: fwd, inference ops): eager vs
 #                   the fused backends, then (time permitting) torch.compile / FlexAttention on
 #                   one shape per op; their JSON is rewritten after every case
 #   6. models       benchmarks/bench_models.py: PATNet-T2 and FasterNet-T2, eager vs ours,
@@ -358,22 +359,26 @@ if [ "$RUN_BENCH" = 1 ]; then
       ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m "benchmarks.bench_$family" --json "$WORK/ops/$family.json" "${OPS_COMMON[@]}" "$@"
   }
   FUSED_SPAN=$(( OPS_SPAN * 85 / 100 ))
-  run_family partial_conv $(( OPS_START + FUSED_SPAN * 30 / 100 )) \
+  run_family partial_conv $(( OPS_START + FUSED_SPAN * 24 / 100 )) \
     --providers "torch,triton${CUDA_P},triton inplace${CUDA_P:+,cuda inplace}"
-  run_family channel_attention $(( OPS_START + FUSED_SPAN * 55 / 100 )) --providers "torch,triton${CUDA_P}"
-  run_family rpe_attention $(( OPS_START + FUSED_SPAN * 80 / 100 )) --shapes cls --providers "torch,sdpa,triton${CUDA_P}"
-  run_family spatial_attention $(( OPS_START + FUSED_SPAN )) --providers torch,triton
+  run_family channel_attention $(( OPS_START + FUSED_SPAN * 44 / 100 )) --providers "torch,triton${CUDA_P}"
+  run_family rpe_attention $(( OPS_START + FUSED_SPAN * 64 / 100 )) --shapes cls --providers "torch,sdpa,triton${CUDA_P}"
+  run_family spatial_attention $(( OPS_START + FUSED_SPAN * 74 / 100 )) --providers torch,triton
+  # the inference-only ops (fwd only): the block's MLP and the whole FasterNet / PAT_ch block
+  run_family pointwise_mlp $(( OPS_START + FUSED_SPAN * 87 / 100 )) --modes fwd --providers torch,triton
+  run_family partial_block $(( OPS_START + FUSED_SPAN )) --modes fwd --providers torch,triton
   # torch.compile (FlexAttention for the attention) on one shape per op, fp16, with what is left
-  compile_family() {  # compile_family FAMILY SHAPE PROVIDERS
-    local family=$1 shape=$2 providers=$3
+  compile_family() {  # compile_family FAMILY SHAPE PROVIDERS [ARGS...]
+    local family=$1 shape=$2 providers=$3; shift 3
     NOTE="" run_limited "ops $family compile" ops "$(left_until "$END_OPS")" "$WORK/console/ops-$family-compile.txt" - \
       ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m "benchmarks.bench_$family" --json "$WORK/ops/$family.compile.json" --batches 256 \
-      --dtypes float16 --modes fwd,fwd+bwd --warmup-ms 10 --rep-ms 40 --shapes "$shape" --providers "$providers"
+      --dtypes float16 --modes fwd,fwd+bwd --warmup-ms 10 --rep-ms 40 --shapes "$shape" --providers "$providers" "$@"
   }
   compile_family channel_attention patnet_t2.s1 "torch,torch.compile,triton${CUDA_P}"
   compile_family partial_conv fasternet_t2.s1 "torch,torch.compile,triton${CUDA_P}"
   compile_family rpe_attention patnet_t2.s4.cls "torch,flex,triton${CUDA_P}"
   compile_family spatial_attention patnet_t2.s1 "torch,torch.compile,triton"
+  compile_family partial_block patnet_t2.s1 "torch,torch.compile,triton" --modes fwd
   # channels_last (the layout of AMP inference) for the ops that have one, fp16, with what is
   # left: without it backend="auto" runs the reference on every channels_last call
   channels_last_family() {  # channels_last_family FAMILY PROVIDERS
@@ -384,6 +389,8 @@ if [ "$RUN_BENCH" = 1 ]; then
   }
   channels_last_family partial_conv "torch,triton${CUDA_P}"
   channels_last_family channel_attention "torch,triton${CUDA_P}"
+  channels_last_family partial_block "torch,triton"
+  channels_last_family pointwise_mlp "torch,triton"
   summary --partial
   # ---------------------------------------------------------------------------- 6. models
   [ "$DRY" = 1 ] && echo "  6. model benchmark, until ${END_MODELS}s:"

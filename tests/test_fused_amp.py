@@ -193,6 +193,12 @@ def _op_case(op: str, gen: torch.Generator):
         return (lambda t, bns, training, backend: pk.pointwise_mlp(
             t[0], t[1], t[2], t[3], residual=t[4], activation="gelu", backend=backend)), \
             tensors, []
+    if op == "partial_block":
+        tensors = [randn(2, 12, 5, 6), randn(3, 3, 3, 3, scale=0.2), randn(24, 12, 1, 1, scale=0.3),
+                   randn(24), randn(12, 24, 1, 1, scale=0.2), randn(9, 9, 1, 2, scale=0.3)]
+        return (lambda t, bns, training, backend: pk.partial_block(
+            t[0], t[1], t[2], t[3], t[4], cfc_weight=t[5], bn_b=bns[0], backend=backend)), \
+            tensors, [_bn(9, gen)]
     assert op == "self_mixer_output"
     tensors = [randn(2, 12, 2, 3), randn(3, 3, 3, 3, scale=0.2), randn(2, 6, 9),
                randn(9, 9, scale=0.3), randn(9)]

@@ -138,7 +138,8 @@ def test_float64_is_refused_by_the_fused_backends(mlp_backend):
 def test_opcheck(channels_last, residual, mlp_backend):
     x, w1, b1, w2, b2, r = _inputs(2, 8, 16, 8, 3, 5, torch.float32, channels_last)
     torch.library.opcheck(fused_ops(mlp_backend).pointwise_mlp.default,
-                          (x, w1, b1, w2, None, r if residual else None, "gelu"))
+                          (x, None, None, None, w1, b1, w2, None, r if residual else None,
+                           "gelu"))
 
 
 def _inference_model(name, backend, channels_last=False):
@@ -150,11 +151,10 @@ def _inference_model(name, backend, channels_last=False):
     return model, patnet.optimize_for_inference(model, backend=backend)
 
 
-@pytest.mark.parametrize("name", ["fasternet_t0", "patnet_t1", "patnet_t2"])
-def test_inference_path_runs_every_mlp_as_the_fused_op(name, mlp_backend):
-    """Each block's MLP is one call of the op (PATNet-T1: before its PAT_sp), and the model
-    equals the eval model."""
-    model, fast = _inference_model(name, mlp_backend, channels_last=name == "patnet_t2")
+def test_inference_path_runs_every_mlp_as_the_fused_op(mlp_backend):
+    """PATNet-T1's MLPs (PAT_sp after each, so no whole-block op) are one call of the op each,
+    and the model equals the eval model. (The other variants: tests/test_fused_partial_block.py.)"""
+    model, fast = _inference_model("patnet_t1", mlp_backend)
     calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
     blocks = sum(1 for m in fast.modules() if isinstance(m, patnet.inference.InferenceMLP))
     assert calls.count("pointwise_mlp") == blocks == 5
@@ -165,9 +165,19 @@ def test_inference_path_runs_every_mlp_as_the_fused_op(name, mlp_backend):
 
 def test_compiled_inference_model_is_one_graph(mlp_backend):
     torch._dynamo.reset()
-    model, fast = _inference_model("fasternet_t0", mlp_backend)
+    model, fast = _inference_model("patnet_t1", mlp_backend)
     x = torch.randn(2, 3, 64, 32, device=DEVICE)
     with torch.no_grad():
         eager = fast(x)
         compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)(x)
     assert rel_error(compiled, eager) < 1e-6
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_nan_propagates_as_in_the_reference(activation, mlp_backend):
+    """A NaN input pixel gives NaN outputs at that pixel only (ReLU keeps NaN, as torch's)."""
+    x, w1, b1, w2, b2, r = _inputs(1, 8, 16, 8, 2, 3, torch.float32)
+    x[0, 3, 1, 2] = float("nan")
+    ours = _call([x, w1, b1, w2, b2, r], mlp_backend, activation)
+    reference = _call([x, w1, b1, w2, b2, r], "torch", activation)
+    assert torch.equal(ours.isnan(), reference.isnan()) and ours.isnan().sum() == 8

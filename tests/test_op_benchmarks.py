@@ -19,7 +19,7 @@ import torch
 
 import patnet_kernels as pk
 from benchmarks import bench_channel_attention, bench_partial_conv, bench_rpe_attention
-from benchmarks import bench_pointwise_mlp, bench_spatial_attention, op_cli
+from benchmarks import bench_partial_block, bench_pointwise_mlp, bench_spatial_attention, op_cli
 from benchmarks.op_cases import run_case
 from benchmarks.op_family import MODES
 from benchmarks.op_tables import check_targets
@@ -35,6 +35,7 @@ SCRIPTS = {
     # two shapes (7 x 7 at batch 2, 5 x 9 at batch 1: batches per shape); flex skipped
     "rpe_attention": (bench_rpe_attention, []),
     "pointwise_mlp": (bench_pointwise_mlp, []),  # (fwd only: an inference op)
+    "partial_block": (bench_partial_block, []),  # (fwd only: an inference op)
 }
 QUICK = ["--quick", "--device", "cpu", "--warmup", "0", "--runs", "2"]
 STATUSES = {"ok", "n/a", "unavailable", "skipped"}
@@ -100,7 +101,7 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
                                                                         base_ms / entry["ms"])
             assert entry["speedup_vs_eager"] is not None
             assert entry["max_rel_error"] <= 1e-3, (key, provider, entry["max_rel_error"])
-        if name in ("partial_conv", "pointwise_mlp"):  # its Triton kernel exists: it ran
+        if name in ("partial_conv", "pointwise_mlp", "partial_block"):  # (Triton kernels: ran)
             assert row["providers"]["triton"]["status"] == "ok", key
             if name == "partial_conv":
                 inplace = row["providers"]["triton inplace"]["status"]
@@ -183,8 +184,14 @@ def test_stage_shapes_are_those_of_the_real_networks():
         ("patnet_t2.s3", 256, 14, 512, 6), ("patnet_t2.s4", 512, 7, 1024, 4),
         ("fasternet_t2.s1", 96, 56, 192, 1), ("fasternet_t2.s2", 192, 28, 384, 2),
         ("fasternet_t2.s3", 384, 14, 768, 8), ("fasternet_t2.s4", 768, 7, 1536, 2)]
+    assert table(bench_partial_block.FAMILY) == [
+        ("fasternet_t2.s1", 96, 56, 24, 1), ("fasternet_t2.s2", 192, 28, 48, 2),
+        ("fasternet_t2.s3", 384, 14, 96, 8), ("fasternet_t2.s4", 768, 7, 192, 2),
+        ("patnet_t2.s1", 64, 56, 16, 2), ("patnet_t2.s2", 128, 28, 32, 2),
+        ("patnet_t2.s3", 256, 14, 64, 6)]
     for family in (bench_partial_conv.FAMILY, bench_channel_attention.FAMILY,
-                   bench_spatial_attention.FAMILY, bench_pointwise_mlp.FAMILY):
+                   bench_spatial_attention.FAMILY, bench_pointwise_mlp.FAMILY,
+                   bench_partial_block.FAMILY):
         assert all(s.width == s.height for s in family.shapes(False))
 
 

@@ -23,12 +23,12 @@ PINNED = {
     "patnet_t2": {
         "eager": dict(kernels=236, fused_kernels=0, act_read=4708736, act_written=4082080),
         "torch": dict(kernels=322, fused_kernels=0, act_read=4168960, act_written=3315360),
-        "triton": dict(kernels=80, fused_kernels=52, act_read=1624576, act_written=998176),
+        "triton": dict(kernels=80, fused_kernels=52, act_read=1149440, act_written=776992),
     },
     "fasternet_t2": {
         "eager": dict(kernels=103, fused_kernels=0, act_read=4713472, act_written=4250528),
         "torch": dict(kernels=86, fused_kernels=0, act_read=3693568, act_written=3230624),
-        "triton": dict(kernels=34, fused_kernels=26, act_read=1500160, act_written=1037216),
+        "triton": dict(kernels=34, fused_kernels=26, act_read=873472, act_written=723872),
     },
 }
 FLOOR = {"patnet_t2": dict(kernels=20, bytes=964512),

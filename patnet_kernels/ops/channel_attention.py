@@ -32,7 +32,7 @@ the unbiased batch variance), after the autograd Function, from statistics it re
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -265,6 +265,20 @@ def make_functions(ops):
     return ChannelAttention
 
 
+def eval_gate(ops, x: Tensor, c1: int, cfc_weight: Tensor, cfc_bias: Optional[Tensor],
+              bn_a: Optional[BatchNormParams], bn_b: BatchNormParams) -> Tuple[Tensor, Tensor]:
+    """PAT_ch's eval gate as two kernels of a namespace with the ``channel_attention_stats``
+    and ``channel_attention_gate`` ops (Triton): the statistics of X2 = x[:, c1:], then the
+    per-(sample, channel) affine map (scale, shift), each (B, C2) fp32, with Y2 = X2 * scale +
+    shift (BN_b folded in; BN_a from running statistics unless folded into W_ch)."""
+    a = bn_a if bn_a is not None else BatchNormParams(None, None, None, None)
+    mean, std = ops.channel_attention_stats(x, c1)
+    return ops.channel_attention_gate(mean, std, cfc_weight, cfc_bias, a.weight, a.bias,
+                                      a.running_mean, a.running_var, float(a.eps), bn_b.weight,
+                                      bn_b.bias, bn_b.running_mean, bn_b.running_var,
+                                      float(bn_b.eps), bn_a is not None)
+
+
 def backend_function(ops):
     """The backend function of :func:`patnet_kernels.channel_attention` over ``ops``.
 
@@ -273,21 +287,18 @@ def backend_function(ops):
     and the apply pass (three launches in all), not as the autograd Function's torch ops.
     """
     ChannelAttention = make_functions(ops)
-    gate = getattr(ops, "channel_attention_gate", None)
+    has_gate = hasattr(ops, "channel_attention_gate")
 
     def channel_attention(x: Tensor, conv_weight: Tensor, cfc_weight: Tensor,
                           cfc_bias: Optional[Tensor], bn_a: Optional[BatchNormParams],
                           bn_b: BatchNormParams, training: bool) -> Tensor:
         """PAT_ch with this backend's kernels (inputs already checked by the functional API)."""
         a = bn_a if bn_a is not None else BatchNormParams(None, None, None, None)
-        if gate is not None and not training and not (torch.is_grad_enabled() and any(
+        if has_gate and not training and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad
                 for t in (x, conv_weight, cfc_weight, cfc_bias, *a[:2], *bn_b[:2]))):
-            mean, std = ops.channel_attention_stats(x, conv_weight.shape[0])
-            scale, shift = gate(mean, std, cfc_weight, cfc_bias, a.weight, a.bias,
-                                a.running_mean, a.running_var, float(a.eps), bn_b.weight,
-                                bn_b.bias, bn_b.running_mean, bn_b.running_var,
-                                float(bn_b.eps), bn_a is not None)
+            scale, shift = eval_gate(ops, x, conv_weight.shape[0], cfc_weight, cfc_bias, bn_a,
+                                     bn_b)
             return ops.channel_attention_apply(x, conv_weight, scale, shift)
         y, stats = ChannelAttention.apply(
             x, conv_weight, cfc_weight, cfc_bias, a.weight, a.bias, a.running_mean,

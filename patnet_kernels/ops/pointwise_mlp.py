@@ -4,8 +4,12 @@ The op (registered as ``patnet_triton::pointwise_mlp`` by
 :mod:`patnet_kernels.ops.triton.pointwise_mlp`), with the fake below so that torch.compile
 traces through it:
 
-* ``pointwise_mlp(x, w1, b1, w2, b2, residual, activation) -> y``: W2 . act(W1 . X + b1) + b2
-  [+ R] in one pass, y in x's memory format.
+* ``pointwise_mlp(x, head, scale, shift, w1, b1, w2, b2, residual, activation) -> y``:
+  W2 . act(W1 . M + b1) + b2 [+ R] in one pass, y in x's memory format, where the MLP's input
+  M is x, or, given a (B, C_HEAD, H, W) ``head`` and/or a (B, C - C_HEAD) fp32 ``scale`` and
+  ``shift``, [head | x[:, C_HEAD:] * scale + shift]: a block's mixer output taken in parts
+  (its conv half, and X2 with PAT_ch's gate applied as it is read; see
+  :mod:`patnet_kernels.ops.partial_block`).
 
 An inference op (its BatchNorm folded into W1 and b1): it has no backward, and the registry
 refuses a call through which a gradient may be taken (:func:`patnet_kernels.registry.refusals`),
@@ -27,7 +31,7 @@ def output_shape(x: Tensor, w2: Tensor):
     return (x.shape[0], w2.shape[0], x.shape[2], x.shape[3])
 
 
-def _forward_fake(x, w1, b1, w2, b2, residual, activation):
+def _forward_fake(x, head, scale, shift, w1, b1, w2, b2, residual, activation):
     return empty_activation(x, output_shape(x, w2))
 
 
@@ -42,6 +46,6 @@ def backend_function(ops):
     def pointwise_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                       b2: Optional[Tensor], residual: Optional[Tensor], activation: str) -> Tensor:
         """The MLP with this backend's kernel (inputs checked; no gradient taken)."""
-        return ops.pointwise_mlp(x, w1, b1, w2, b2, residual, activation)
+        return ops.pointwise_mlp(x, None, None, None, w1, b1, w2, b2, residual, activation)
 
     return pointwise_mlp

@@ -6,6 +6,7 @@ inputs: the functional API in :mod:`patnet_kernels` does that once for every bac
 """
 from .batch_norm import batch_norm
 from .channel_attention import channel_attention, channel_statistics
+from .partial_block import partial_block
 from .partial_conv import partial_conv3x3
 from .pointwise_mlp import pointwise_mlp
 from .rpe_attention import ALPHA, BETA, GAMMA, NUM_BUCKETS, compute_rpe_buckets, rpe_attention
@@ -14,6 +15,6 @@ from .spatial_attention import spatial_attention
 
 __all__ = [
     "ALPHA", "BETA", "GAMMA", "NUM_BUCKETS", "batch_norm", "channel_attention",
-    "channel_statistics", "compute_rpe_buckets", "partial_conv3x3", "pointwise_mlp",
-    "rpe_attention", "self_mixer_output", "spatial_attention",
+    "channel_statistics", "compute_rpe_buckets", "partial_block", "partial_conv3x3",
+    "pointwise_mlp", "rpe_attention", "self_mixer_output", "spatial_attention",
 ]

@@ -29,13 +29,19 @@ def _matrix(weight: Tensor) -> Tensor:
 
 @torch.library.custom_op("patnet_triton::pointwise_mlp", mutates_args=())
 @on_tensor_device
-def _forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+def _forward(x: Tensor, head: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+             w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
              residual: Optional[Tensor], activation: str) -> Tensor:
     x = _with_pixel_stride(x)
     y = empty_activation(x, spec.output_shape(x, w2))
+
+    def optional(t, make):
+        return None if t is None else make(t)
+
     return kernels.pointwise_mlp(
-        x, _matrix(w1), b1, _matrix(w2), b2,
-        None if residual is None else _with_pixel_stride(residual), activation, y)
+        x, _matrix(w1), b1, _matrix(w2), b2, optional(residual, _with_pixel_stride), activation,
+        y, head=optional(head, _with_pixel_stride), scale=optional(scale, Tensor.contiguous),
+        shift=optional(shift, Tensor.contiguous))
 
 
 register_fakes("patnet_triton", spec.FAKES)

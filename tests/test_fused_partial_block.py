@@ -1,0 +1,214 @@
+"""A FasterNet or PAT_ch block in inference (partial_block) on each fused backend that has it
+(Triton): against the float64 reference in every dtype and layout (PConv and PAT_ch mixers,
+BN_a folded or not, H * W = 1 NaNs, channel splits that straddle the kernel's channel
+blocks), the MLP op's split input (opcheck), bad input, the gradient refusal, and the inference
+path of every variant running its blocks through it, also compiled."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import patnet
+import patnet_kernels as pk
+from patnet.testing import randomize_norms
+from patnet_kernels import BatchNormParams, registry
+
+from conftest import DEVICE, assert_within_budget, fused_ops, rel_error, require_fused_backend
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = registry.OPS["partial_block"].backends
+
+
+@pytest.fixture(params=BACKENDS)
+def block_backend(request) -> str:
+    """Each fused backend with a kernel for the block, skipped where it cannot run on DEVICE."""
+    return require_fused_backend(request.param)
+
+
+def _bn(channels, gen):
+    def rand(scale, shift):
+        return torch.rand(channels, generator=gen, dtype=torch.float64) * scale + shift
+    return BatchNormParams(rand(1.0, 0.5), rand(0.6, -0.3), rand(0.6, -0.3), rand(1.0, 0.5),
+                           0.1, 1e-5)
+
+
+def _inputs(b, c, c1, h, w, pat_ch, bn_a, seed=0):
+    """float64 (args, kwargs) of one block call on the CPU: PConv, or PAT_ch with or without
+    BN_a (folded into W_ch and cfc_bias)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    hidden, c2 = 2 * c, c - c1
+    args = [randn(b, c, h, w), randn(c1, c1, 3, 3, scale=(9 * c1) ** -0.5),
+            randn(hidden, c, 1, 1, scale=c ** -0.5), randn(hidden, scale=0.3),
+            randn(c, hidden, 1, 1, scale=hidden ** -0.5), None]
+    kwargs = {}
+    if pat_ch:
+        kwargs = dict(cfc_weight=randn(c2, c2, 1, 2, scale=0.3),
+                      cfc_bias=None if bn_a else randn(c2, scale=0.2),
+                      bn_a=_bn(c2, gen) if bn_a else None, bn_b=_bn(c2, gen))
+    return args, kwargs
+
+
+def _cast(args, kwargs, dtype, channels_last=False):
+    def cast(v):
+        if isinstance(v, BatchNormParams):  # (float32 under low precision, as autocast keeps)
+            keep = dtype if dtype == torch.float64 else torch.float32
+            return BatchNormParams(*(t.to(DEVICE, keep) for t in v[:4]), v.momentum, v.eps)
+        return None if v is None else v.to(DEVICE, dtype)
+    args = [cast(a) for a in args]
+    if channels_last:
+        args[0] = args[0].contiguous(memory_format=torch.channels_last)
+    return args, {k: cast(v) for k, v in kwargs.items()}
+
+
+def _run(args, kwargs, dtype, backend, activation="relu", channels_last=False):
+    args, kwargs = _cast(args, kwargs, dtype, channels_last)
+    with torch.no_grad():
+        return pk.partial_block(*args, activation=activation, backend=backend, **kwargs)
+
+
+CASES = {  # (B, C, C1, H, W), PAT_ch, BN_a unfolded
+    "pconv-2x16x5x7": ((2, 16, 4, 5, 7), False, False),
+    "pconv-1x40x3x3": ((1, 40, 10, 3, 3), False, False),   # C1 = 10: a channel block straddles
+    "pat_ch-2x24x4x6": ((2, 24, 6, 4, 6), True, False),
+    "pat_ch-bn_a-3x40x3x5": ((3, 40, 10, 3, 5), True, True),
+    "pat_ch-2x12x1x1": ((2, 12, 3, 1, 1), True, False),     # H * W = 1: sigma NaN, all NaN
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(case, channels_last, dtype, block_backend):
+    shape, pat_ch, bn_a = CASES[case]
+    args, kwargs = _inputs(*shape, pat_ch, bn_a)
+    activation = "gelu" if shape[1] % 3 else "relu"
+    ours = _run(args, kwargs, dtype, block_backend, activation, channels_last)
+    exact = _run(args, kwargs, torch.float64, "torch", activation)
+    in_dtype = _run(args, kwargs, dtype, "torch", activation, channels_last)
+    assert ours.dtype == dtype
+    assert_within_budget("y", ours, exact, in_dtype, dtype)
+    assert ours.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck_of_the_mlp_with_a_split_input(channels_last, block_backend):
+    """The MLP op as the block calls it: a head for channels [0, C1), X2 through an affine."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 12, 3, 5, generator=gen).to(DEVICE)
+    head = torch.randn(2, 3, 3, 5, generator=gen).to(DEVICE)
+    if channels_last:
+        x, head = (t.contiguous(memory_format=torch.channels_last) for t in (x, head))
+    scale, shift = (torch.randn(2, 9, generator=gen).to(DEVICE) for _ in range(2))
+    w1 = torch.randn(24, 12, 1, 1, generator=gen).to(DEVICE) / 4
+    w2 = torch.randn(12, 24, 1, 1, generator=gen).to(DEVICE) / 5
+    torch.library.opcheck(fused_ops(block_backend).pointwise_mlp.default,
+                          (x, head, scale, shift, w1, None, w2, None, x, "relu"))
+
+
+def _bad(name):
+    args, kwargs = _cast(*_inputs(2, 16, 4, 3, 3, True, False), torch.float32)
+    x, conv_w, w1, b1, w2, _ = args
+    calls = {
+        "w2 out": ((x, conv_w, w1, b1, w2[:8]), {}, ValueError, r"w2 must have C = 16 output"),
+        "bn_b alone": ((x, conv_w, w1, b1, w2), dict(bn_b=kwargs["bn_b"]), ValueError,
+                       r"bn_b belong to PAT_ch: pass its cfc_weight too"),
+        "cfc shape": ((x, conv_w, w1, b1, w2), dict(kwargs, cfc_weight=w1), ValueError,
+                      r"cfc_weight must have shape \(12, 12, 1, 2\)"),
+        "no bn_b": ((x, conv_w, w1, b1, w2), dict(kwargs, bn_b=None), ValueError,
+                    r"bn_b is required"),
+        "conv": ((x, w1, w1, b1, w2), {}, ValueError, r"conv_weight must be \(C1, C1, 3, 3\)"),
+        "w1": ((x, conv_w, w2, b1, w2), {}, ValueError, r"w1 must have shape \(16, 16"),
+    }
+    return calls[name]
+
+
+@pytest.mark.parametrize("case", ["w2 out", "bn_b alone", "cfc shape", "no bn_b", "conv", "w1"])
+@pytest.mark.parametrize("backend", ("torch",) + BACKENDS)
+def test_bad_input_is_refused_before_any_kernel(case, backend):
+    args, kwargs, error, message = _bad(case)
+    with torch.no_grad(), pytest.raises(error, match=message):
+        pk.partial_block(*args, backend=backend, **kwargs)
+
+
+def test_a_gradient_is_refused_by_name(block_backend):
+    args, kwargs = _cast(*_inputs(2, 16, 4, 3, 3, False, False), torch.float32)
+    args[2].requires_grad_()
+    with pytest.raises(ValueError, match=r"for inference only"):
+        pk.partial_block(*args, backend=block_backend)
+
+
+# PATNet-T1 is not here: its PAT_sp sits between MLP and residual (tests/test_fused_pointwise_mlp).
+VARIANTS = ["fasternet_t0", "fasternet_t2", "patnet_t0", "patnet_t2"]
+
+
+def _inference_model(name, backend, channels_last=False):
+    torch.manual_seed(0)
+    model = patnet.create_model(name, embed_dim=16, depths=(1, 1, 2, 1), drop_path_rate=0.0)
+    model = randomize_norms(model, seed=1).eval().to(DEVICE)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, patnet.optimize_for_inference(model, backend=backend)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_inference_path_runs_every_block_as_one_op(name, block_backend):
+    """Every FasterNet block, and PATNet's stage 1-3 blocks, is one call of the block op (stage
+    4: the MLP op after PAT_sf); the model equals the eval model, NCHW and channels_last."""
+    channels_last = name.endswith("t2")
+    model, fast = _inference_model(name, block_backend, channels_last)
+    calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
+    if name.startswith("fasternet"):
+        assert calls.count("partial_block") == 5 and "pointwise_mlp" not in calls
+    else:
+        assert calls.count("partial_block") == 4 and calls.count("pointwise_mlp") == 1
+    assert "channel_attention" not in calls and "partial_conv3x3" not in calls
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) < 1e-5
+
+
+def test_auto_composes_the_block_from_its_ops():
+    """Under "auto" the block runs as its mixer's op then the MLP op, each decided per call
+    (on the CPU: the reference, and PAT_ch's eval form)."""
+    _, fast = _inference_model("patnet_t0", "auto")
+    calls = [op for op, *_ in fast.backend_calls(torch.device("cpu"), (2, 3, 64, 64))]
+    assert "partial_block" not in calls
+    assert calls.count("channel_attention") == 4 and calls.count("pointwise_mlp") == 5
+
+
+def test_compiled_inference_model_is_one_graph(block_backend):
+    torch._dynamo.reset()
+    _, fast = _inference_model("patnet_t0", block_backend)
+    x = torch.randn(2, 3, 64, 32, device=DEVICE)
+    with torch.no_grad():
+        eager = fast(x)
+        compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)(x)
+    assert rel_error(compiled, eager) < 1e-6
+
+
+def test_auto_runs_the_block_only_where_measured(monkeypatch):
+    """``auto_runs_fused`` asks auto's decision for the call (here stubbed: "triton" measured
+    faster for the block op) on a GPU tensor (a fake one: no GPU needed); on the CPU, never."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    decided = []
+
+    def decide(backend, device_type, device_index, op, refused, call, load):
+        decided.append((backend, device_type, op, call[2]))
+        return ("triton", "measured faster", "") if op == "partial_block" else ("torch", "", "")
+
+    monkeypatch.setattr(pk.backends, "_decide", decide)
+    assert not pk.backends.auto_runs_fused("partial_block", torch.zeros(2, 16, 4, 4))
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 8, 8, device="cuda")
+        assert pk.backends.auto_runs_fused("partial_block", x)
+        assert not pk.backends.auto_runs_fused("pointwise_mlp", x)
+    assert decided == [("auto", "cuda", "partial_block", "fwd"),
+                       ("auto", "cuda", "pointwise_mlp", "fwd")]
