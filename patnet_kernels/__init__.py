@@ -29,6 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "OPS", "BackendUnavailableError", "BatchNormParams", "backend_plan",
     "channel_attention", "check_backend_name", "check_backend_usable", "choose_backend", "info",
-    "partial_block", "partial_conv3x3", "pointwise_mlp", "recording_calls", "registry", "resolve_backend", "rpe_attention",
-    "rpe_buckets", "self_mixer_output", "spatial_attention",
+    "partial_block", "partial_conv3x3", "pointwise_mlp", "recording_calls", "registry",
+    "resolve_backend", "rpe_attention", "rpe_buckets", "self_mixer_output", "spatial_attention",
 ]

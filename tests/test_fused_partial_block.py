@@ -12,6 +12,7 @@ import patnet
 import patnet_kernels as pk
 from patnet.testing import randomize_norms
 from patnet_kernels import BatchNormParams, registry
+from patnet_kernels.ops.channel_attention import eval_gate
 
 from conftest import DEVICE, assert_within_budget, fused_ops, rel_error, require_fused_backend
 
@@ -76,6 +77,8 @@ CASES = {  # (B, C, C1, H, W), PAT_ch, BN_a unfolded
     "pat_ch-2x24x4x6": ((2, 24, 6, 4, 6), True, False),
     "pat_ch-bn_a-3x40x3x5": ((3, 40, 10, 3, 5), True, True),
     "pat_ch-2x12x1x1": ((2, 12, 3, 1, 1), True, False),     # H * W = 1: sigma NaN, all NaN
+    # 323 pixels: the statistics in several unequal chunks merged (on every backend config)
+    "pat_ch-1x8x17x19": ((1, 8, 2, 17, 19), True, False),
 }
 
 
@@ -108,6 +111,38 @@ def test_opcheck_of_the_mlp_with_a_split_input(channels_last, block_backend):
     w2 = torch.randn(12, 24, 1, 1, generator=gen).to(DEVICE) / 5
     torch.library.opcheck(fused_ops(block_backend).pointwise_mlp.default,
                           (x, head, scale, shift, w1, None, w2, None, x, "relu"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_conv_with_statistics(channels_last, block_backend):
+    """``partial_conv3x3_stats``: conv3x3(X1) as PConv's kernel computes it, and per-chunk
+    statistics of X2 that the gate op merges into the mean and std of the statistics op;
+    opcheck of both ops as the block calls them."""
+    ops = fused_ops(block_backend)
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 12, 17, 19, generator=gen) * 3 + 1).to(DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(3, 3, 3, 3, generator=gen).to(DEVICE) / 9
+    y1, mean, m2 = ops.partial_conv3x3_stats(x, weight)
+    assert torch.equal(y1, ops.partial_conv3x3(x[:, :3], weight))
+    assert mean.shape[:1] == (2,) and mean.shape[2] == 9 and mean.shape == m2.shape
+    bn_b = BatchNormParams(None, None, torch.zeros(9, device=DEVICE),
+                           torch.ones(9, device=DEVICE), 0.1, 0.0)
+    cfc = torch.zeros(9, 9, 1, 2, device=DEVICE)
+    bias = torch.full((9,), 3.0, device=DEVICE)  # hsig(3) = 1: scale 1, shift 0
+    scale, shift = eval_gate(ops, mean, m2, 17 * 19, cfc, bias, None, bn_b)
+    assert torch.equal(scale, torch.ones_like(scale))
+    assert torch.equal(shift, torch.zeros_like(shift))
+    # the merged statistics through the mix: W_ch picking the mean, then the std
+    exact_mean, exact_std = ops.channel_attention_stats(x, 3)
+    for j, exact in enumerate((exact_mean, exact_std)):
+        pick = torch.zeros(9, 9, 1, 2, device=DEVICE)
+        pick[:, :, 0, j] = torch.eye(9, device=DEVICE) / 100  # (inside hsig's linear range)
+        got, _ = eval_gate(ops, mean, m2, 17 * 19, pick, None, None, bn_b)
+        want, _ = eval_gate(ops, exact_mean, exact_std, 0, pick, None, None, bn_b)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.library.opcheck(ops.partial_conv3x3_stats.default, (x, weight))
 
 
 def _bad(name):

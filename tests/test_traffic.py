@@ -23,7 +23,7 @@ PINNED = {
     "patnet_t2": {
         "eager": dict(kernels=236, fused_kernels=0, act_read=4708736, act_written=4082080),
         "torch": dict(kernels=322, fused_kernels=0, act_read=4168960, act_written=3315360),
-        "triton": dict(kernels=80, fused_kernels=52, act_read=1149440, act_written=776992),
+        "triton": dict(kernels=70, fused_kernels=42, act_read=1149440, act_written=776992),
     },
     "fasternet_t2": {
         "eager": dict(kernels=103, fused_kernels=0, act_read=4713472, act_written=4250528),
@@ -129,14 +129,19 @@ def test_inference_path_moves_less_than_eager(reports):
 
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_cpu_proxy_targets_at_128(name):
-    """The kernel issue's CPU proxy, at 128 x 128: the Triton inference path launches at most
-    0.6x eager's kernels and moves at most 0.5x its activation bytes. Met since each block's
-    MLP is one kernel (pointwise_mlp; PATNet-T2 was 0.52x and 0.67x with the MLP unfused)."""
+    """The CPU proxies of the issues, at 128 x 128, on the Triton inference path. The kernel
+    issue: at most 0.6x eager's kernels and 0.5x its activation bytes (met since each block's
+    MLP is one kernel; PATNet-T2 was 0.52x and 0.67x before). The fused-block issue, for
+    PATNet-T2: at most 0.3x and 0.25x (met since a PAT_ch block is 3 launches reading its
+    mixer's output in parts: 70 kernels, 0.21x the bytes)."""
     if not _available("triton"):
         pytest.skip("the Triton backend cannot run here")
     rows = traffic.measure(name, 128, ("eager", "triton"), run_kernels=False)["providers"]
-    assert rows["triton"]["kernels"] <= 0.6 * rows["eager"]["kernels"]
-    assert rows["triton"]["act_bytes"] <= 0.5 * rows["eager"]["act_bytes"]
+    kernels = rows["triton"]["kernels"] / rows["eager"]["kernels"]
+    act_bytes = rows["triton"]["act_bytes"] / rows["eager"]["act_bytes"]
+    assert kernels <= 0.6 and act_bytes <= 0.5
+    if name == "patnet_t2":
+        assert kernels <= 0.3 and act_bytes <= 0.25
 
 
 # ------------------------------------------------------------------- table, JSON, command line

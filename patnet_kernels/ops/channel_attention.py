@@ -265,15 +265,16 @@ def make_functions(ops):
     return ChannelAttention
 
 
-def eval_gate(ops, x: Tensor, c1: int, cfc_weight: Tensor, cfc_bias: Optional[Tensor],
-              bn_a: Optional[BatchNormParams], bn_b: BatchNormParams) -> Tuple[Tensor, Tensor]:
-    """PAT_ch's eval gate as two kernels of a namespace with the ``channel_attention_stats``
-    and ``channel_attention_gate`` ops (Triton): the statistics of X2 = x[:, c1:], then the
+def eval_gate(ops, mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
+              cfc_bias: Optional[Tensor], bn_a: Optional[BatchNormParams],
+              bn_b: BatchNormParams) -> Tuple[Tensor, Tensor]:
+    """PAT_ch's eval gate as one kernel of a namespace with the ``channel_attention_gate`` op
+    (Triton): from the statistics of X2, (B, C2) fp32 mean and std (``pixels`` 0), or per pixel
+    chunk (B, T, C2) means and sums of squared deviations over ``pixels`` = H * W, the
     per-(sample, channel) affine map (scale, shift), each (B, C2) fp32, with Y2 = X2 * scale +
     shift (BN_b folded in; BN_a from running statistics unless folded into W_ch)."""
     a = bn_a if bn_a is not None else BatchNormParams(None, None, None, None)
-    mean, std = ops.channel_attention_stats(x, c1)
-    return ops.channel_attention_gate(mean, std, cfc_weight, cfc_bias, a.weight, a.bias,
+    return ops.channel_attention_gate(mean, std, pixels, cfc_weight, cfc_bias, a.weight, a.bias,
                                       a.running_mean, a.running_var, float(a.eps), bn_b.weight,
                                       bn_b.bias, bn_b.running_mean, bn_b.running_var,
                                       float(bn_b.eps), bn_a is not None)
@@ -297,8 +298,8 @@ def backend_function(ops):
         if has_gate and not training and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad
                 for t in (x, conv_weight, cfc_weight, cfc_bias, *a[:2], *bn_b[:2]))):
-            scale, shift = eval_gate(ops, x, conv_weight.shape[0], cfc_weight, cfc_bias, bn_a,
-                                     bn_b)
+            mean, std = ops.channel_attention_stats(x, conv_weight.shape[0])
+            scale, shift = eval_gate(ops, mean, std, 0, cfc_weight, cfc_bias, bn_a, bn_b)
             return ops.channel_attention_apply(x, conv_weight, scale, shift)
         y, stats = ChannelAttention.apply(
             x, conv_weight, cfc_weight, cfc_bias, a.weight, a.bias, a.running_mean,

@@ -62,6 +62,7 @@ KNOWN_SPILLS: Dict[str, int] = {
     "conv3x3_weight_grad[fp32, CI=32, CO=32]": 408,
     "conv3x3_passthrough[fp32, CI=32, CO=64, copy=True]": 264,
     "conv3x3_passthrough[fp32, CI=32, CO=64, copy=False]": 264,
+    "conv3x3_passthrough[fp32, CI=32, CO=64, stats=True]": 256,
     "conv3x3_weight_grad[fp32, CI=32, CO=64]": 1784,
     "conv3x3_affine[fp32, CI=32, CO=64, aux=False]": 264,
     "conv3x3_affine[fp32, CI=32, CO=64, aux=True]": 264,

@@ -95,9 +95,35 @@ def _batch_norm_affine(w_ptr, b_ptr, mean_ptr, var_ptr, eps, offs, ok, HAS_W: tl
 
 
 @triton.jit
+def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS):
+    """(mean, unbiased std), each (BLOCK_B, BLOCK_I) fp32 (0 where not ``ok``), of the samples
+    ``offs_b`` and channels ``offs_i`` from per-chunk (mean, sum of squared deviations), each
+    (B, CHUNKS, C2) contiguous, over CHUNKS equal chunks of ceil(PIXELS / CHUNKS) pixels,
+    merged as the statistics kernel merges its tiles (Chan et al.)."""
+    size = tl.cdiv(PIXELS, CHUNKS)
+    seen = ok.to(tl.float32) * 0.0
+    mean = seen
+    m2 = seen
+    for t in range(0, CHUNKS):
+        count = tl.minimum(size, PIXELS - t * size).to(tl.float32)
+        at = (offs_b[:, None] * CHUNKS + t) * C2 + offs_i[None, :]
+        chunk_mean = tl.load(mean_ptr + at, mask=ok, other=0.0)
+        chunk_m2 = tl.load(m2_ptr + at, mask=ok, other=0.0)
+        total = seen + count
+        delta = chunk_mean - mean
+        mean = mean + delta * (count / total)
+        m2 = m2 + chunk_m2 + delta * delta * (seen * (count / total))
+        seen = total
+    # H * W = 1: m2 = 0 and the divisor 0, so std = NaN (as Tensor.std with correction 1).
+    return mean, tl.where(ok, tl.sqrt(m2 / (seen - 1.0)), 0.0)
+
+
+@triton.jit
 def _channel_gate_kernel(
-    mean_ptr,  # (B, C2) fp32 contiguous: per (b, c) mean of X2
-    std_ptr,  # (B, C2) fp32 contiguous: per (b, c) unbiased std of X2
+    mean_ptr,  # (B, C2) fp32 contiguous: per (b, c) mean of X2; with CHUNKS > 0 (B, CHUNKS,
+               # C2): the mean of each of CHUNKS equal pixel chunks (partial_conv's STATS)
+    std_ptr,  # (B, C2) fp32 contiguous: per (b, c) unbiased std of X2; with CHUNKS > 0
+              # (B, CHUNKS, C2): each chunk's sum of squared deviations from its mean
     w_ptr,  # (C2, C2, 1, 2) W_ch, contiguous: w[o, i, 0, j] mixes (mean, std)[j] of channel i
     bias_ptr,  # (C2,) W_ch's bias (read if HAS_BIAS)
     a_w_ptr, a_b_ptr,  # (C2,) BN_a weight, bias (read if HAS_A_W / HAS_A_B)
@@ -107,6 +133,8 @@ def _channel_gate_kernel(
     scale_ptr,  # (B, C2) fp32 contiguous, written: a = hsig(z) * gamma_b / sqrt(var_b + eps_b)
     shift_ptr,  # (B, C2) fp32 contiguous, written: d = beta_b - mean_b * gamma_b / sqrt(...)
     B, C2,
+    CHUNKS,  # 0, or the pixel chunks of mean_ptr / std_ptr, ceil(PIXELS / CHUNKS) pixels each
+    PIXELS,  # H * W (read with CHUNKS > 0)
     eps_a, eps_b,  # fp32: the BatchNorms' eps
     HAS_BIAS: tl.constexpr, HAS_BN_A: tl.constexpr, HAS_A_W: tl.constexpr,
     HAS_A_B: tl.constexpr, HAS_B_W: tl.constexpr, HAS_B_B: tl.constexpr,
@@ -123,10 +151,14 @@ def _channel_gate_kernel(
     for i0 in range(0, C2, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
         i_ok = offs_i < C2
-        bi = offs_b[:, None] * C2 + offs_i[None, :]
         bi_ok = b_ok[:, None] & i_ok[None, :]
-        mean = tl.load(mean_ptr + bi, mask=bi_ok, other=0.0)
-        std = tl.load(std_ptr + bi, mask=bi_ok, other=0.0)
+        if CHUNKS > 0:
+            mean, std = _merged_statistics(mean_ptr, std_ptr, offs_b, offs_i, bi_ok, C2,
+                                           CHUNKS, PIXELS)
+        else:
+            bi = offs_b[:, None] * C2 + offs_i[None, :]
+            mean = tl.load(mean_ptr + bi, mask=bi_ok, other=0.0)
+            std = tl.load(std_ptr + bi, mask=bi_ok, other=0.0)
         io = (offs_o[None, :] * C2 + offs_i[:, None]) * 2  # (BLOCK_I, BLOCK_O): w[o, i, 0, 0]
         io_ok = i_ok[:, None] & o_ok[None, :]
         w_mean = tl.load(w_ptr + io, mask=io_ok, other=0.0).to(tl.float32)
@@ -298,24 +330,29 @@ def channel_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]
 
 
 def channel_gate(mean: torch.Tensor, std: torch.Tensor, cfc_weight: torch.Tensor,
-                 cfc_bias: Optional[torch.Tensor], bn_a: Optional[tuple], bn_b: tuple
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+                 cfc_bias: Optional[torch.Tensor], bn_a: Optional[tuple], bn_b: tuple,
+                 pixels: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """The eval gate: (scale a, shift d), each (B, C2) fp32 contiguous, of Y2 = X2 * a + d.
 
-    mean, std: (B, C2) fp32 contiguous (:func:`channel_stats`); cfc_weight: (C2, C2, 1, 2)
-    contiguous; cfc_bias: (C2,) or None; bn_a: None (folded into W_ch) or (weight, bias,
-    running_mean, running_var, eps) and bn_b the same, weight / bias None without affine,
-    every tensor (C2,) contiguous.
+    mean, std: (B, C2) fp32 contiguous (:func:`channel_stats`), or, with ``pixels`` = H * W,
+    (B, T, C2) per-chunk means and sums of squared deviations (the STATS of
+    :func:`patnet_kernels.triton.partial_conv.conv3x3_passthrough`), merged here; cfc_weight:
+    (C2, C2, 1, 2) contiguous; cfc_bias: (C2,) or None; bn_a: None (folded into W_ch) or
+    (weight, bias, running_mean, running_var, eps) and bn_b the same, weight / bias None
+    without affine, every tensor (C2,) contiguous.
     """
-    b, c2 = mean.shape
-    _check_coefficients(b, c2, mean, std)
-    scale = torch.empty_like(mean)
-    shift = torch.empty_like(mean)
+    b, c2 = mean.shape[0], mean.shape[-1]
+    chunks = mean.shape[1] if pixels else 0
+    if not pixels:
+        _check_coefficients(b, c2, mean, std)
+    scale = torch.empty((b, c2), device=mean.device, dtype=torch.float32)
+    shift = torch.empty_like(scale)
     a = bn_a if bn_a is not None else (None, None, None, None, 0.0)
     present = [t if t is not None else mean for t in (cfc_bias, *a[:4], *bn_b[:4])]
     block_b, block_o, block_i, warps = _gate_blocks(b, c2)
     _channel_gate_kernel[(triton.cdiv(c2, block_o), triton.cdiv(b, block_b))](
-        mean, std, cfc_weight, *present, scale, shift, b, c2, float(a[4]), float(bn_b[4]),
+        mean, std, cfc_weight, *present, scale, shift, b, c2, chunks, pixels, float(a[4]),
+        float(bn_b[4]),
         HAS_BIAS=cfc_bias is not None, HAS_BN_A=bn_a is not None, HAS_A_W=a[0] is not None,
         HAS_A_B=a[1] is not None, HAS_B_W=bn_b[0] is not None, HAS_B_B=bn_b[1] is not None,
         BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, num_stages=1)

@@ -233,9 +233,10 @@ def aot_kernels() -> List[AotKernel]:
             kernels.append(AotKernel(
                 f"pointwise_mlp[{tname}, K={config.block_k}, N={config.block_n}, {activation}, "
                 f"residual={residual}, affine={affine}]", fn,
-                aot_signature(fn, {name: "*" + tname for name in fn.arg_names
-                                   if name.endswith("_ptr")}
-                              | {"scale_ptr": "*fp32", "shift_ptr": "*fp32"}),
+                # (without the affine the launcher passes w1 as the unused scale and shift)
+                aot_signature(fn, {name: "*fp32" if affine and name in ("scale_ptr", "shift_ptr")
+                                   else "*" + tname
+                                   for name in fn.arg_names if name.endswith("_ptr")}),
                 dict(ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=affine, HAS_B1=True,
                      HAS_B2=False, HAS_RESIDUAL=residual, BLOCK_P=config.block_p,
                      BLOCK_K=config.block_k, BLOCK_H=config.block_h, BLOCK_N=config.block_n,

@@ -27,24 +27,26 @@ def _stats(x: Tensor, c1: int) -> Tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("patnet_triton::channel_attention_gate", mutates_args=())
 @on_tensor_device
-def _gate(mean: Tensor, std: Tensor, cfc_weight: Tensor, cfc_bias: Optional[Tensor],
-          a_weight: Optional[Tensor], a_bias: Optional[Tensor], a_mean: Optional[Tensor],
-          a_var: Optional[Tensor], eps_a: float, b_weight: Optional[Tensor],
-          b_bias: Optional[Tensor], b_mean: Tensor, b_var: Tensor, eps_b: float,
-          has_a: bool) -> Tuple[Tensor, Tensor]:
+def _gate(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
+          cfc_bias: Optional[Tensor], a_weight: Optional[Tensor], a_bias: Optional[Tensor],
+          a_mean: Optional[Tensor], a_var: Optional[Tensor], eps_a: float,
+          b_weight: Optional[Tensor], b_bias: Optional[Tensor], b_mean: Tensor, b_var: Tensor,
+          eps_b: float, has_a: bool) -> Tuple[Tensor, Tensor]:
     def vector(t):
         return None if t is None else t.contiguous()
 
     bn_a = (tuple(map(vector, (a_weight, a_bias, a_mean, a_var))) + (eps_a,)) if has_a else None
     bn_b = tuple(map(vector, (b_weight, b_bias, b_mean, b_var))) + (eps_b,)
-    return kernels.channel_gate(mean, std, cfc_weight.contiguous(), vector(cfc_bias), bn_a, bn_b)
+    return kernels.channel_gate(mean.contiguous(), std.contiguous(), cfc_weight.contiguous(),
+                                vector(cfc_bias), bn_a, bn_b, pixels)
 
 
 @_gate.register_fake
-def _gate_fake(mean, std, cfc_weight, cfc_bias, a_weight, a_bias, a_mean, a_var, eps_a,
-               b_weight, b_bias, b_mean, b_var, eps_b, has_a):
+def _gate_fake(mean, std, pixels, cfc_weight, cfc_bias, a_weight, a_bias, a_mean, a_var,
+               eps_a, b_weight, b_bias, b_mean, b_var, eps_b, has_a):
     # (Triton only: the CUDA extension has no gate op, so this fake is not in spec.FAKES)
-    return torch.empty_like(mean), torch.empty_like(mean)
+    shape = (mean.shape[0], mean.shape[-1])
+    return mean.new_empty(shape), mean.new_empty(shape)
 
 
 @torch.library.custom_op("patnet_triton::channel_attention_apply", mutates_args=())
