@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import patnet  # noqa: E402
+import patnet_kernels as pk  # noqa: E402
 from benchmarks import env  # noqa: E402
 from benchmarks.model_measure import LAYOUTS, PRECISIONS, PROVIDERS, run_mode  # noqa: E402
 from benchmarks.model_report import (  # noqa: E402
@@ -79,6 +80,10 @@ def parse_args(argv) -> argparse.Namespace:
                         help="warm-up calls (default: 50 on GPU, 10 on CPU)")
     parser.add_argument("--runs", type=int, default=200, help="timed calls (default 200)")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1)")
+    parser.add_argument("--ours-backend", default="auto", choices=list(pk.BACKENDS),
+                        help="the backend of \"ours\", patnet.optimize_for_inference(model, "
+                             "backend) (default auto; triton: every fused kernel, measured "
+                             "or not)")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -147,7 +152,7 @@ def _measure(args: argparse.Namespace, device: torch.device, models: List[str],
             "compile_backend": args.compile_backend,
             "compile_mode": args.compile_mode if args.compile_backend == "inductor" else None,
             "seed": args.seed,
-            "ours": "patnet.optimize_for_inference(model)",
+            "ours": f"patnet.optimize_for_inference(model, backend={args.ours_backend!r})",
             "timing": ("time_cuda: warm-up calls, then the timed calls between two "
                        "synchronisations (mean); median and min of per-call CUDA events"
                        if gpu else "time_cpu: warm-up calls, then per-call wall time"),

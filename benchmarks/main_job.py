@@ -83,7 +83,8 @@ def gpu_throughput(names, args) -> dict:
 
     torch.backends.cudnn.benchmark = True
     settings = argparse.Namespace(warmup=args.warmup or 50, runs=args.runs,
-                                  compile_backend="inductor", compile_mode="default")
+                                  compile_backend="inductor", compile_mode="default",
+                                  ours_backend="auto")
     providers = ["eager", "ours"] if args.no_compile else ["eager", "compile", "ours"]
     image = torch.randn(args.gpu_batch, 3, 224, 224, device="cuda")
     rows = {}

@@ -59,7 +59,8 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
                                     **({"mode": args.compile_mode}
                                        if args.compile_backend == "inductor" else {}))
             elif provider == "ours":
-                net = patnet.optimize_for_inference(reference).to(memory_format=LAYOUTS[layout])
+                net = patnet.optimize_for_inference(
+                    reference, backend=args.ours_backend).to(memory_format=LAYOUTS[layout])
                 entry["backends"] = net.backend_plan()
             else:
                 net = reference

@@ -23,7 +23,8 @@
 #                   the fused backends, then (time permitting) torch.compile / FlexAttention on
 #                   one shape per op; their JSON is rewritten after every case
 #   6. models       benchmarks/bench_models.py: PATNet-T2 and FasterNet-T2, eager vs ours,
-#                   fp32 NCHW and AMP fp16 channels_last, images/s at batch 256
+#                   fp32 NCHW (ours: backend auto) and AMP fp16 channels_last (ours: backend
+#                   triton, every fused kernel, the MLP and block ones too), images/s at batch 256
 #   7. summary      benchmarks/gpu_report.py writes SUMMARY.md (also during the run)
 #
 # It writes ONE folder, benchmarks/results/<gpu>-<date>/ (e.g. h200-2026-12-05), of 8 files:
@@ -402,7 +403,7 @@ if [ "$RUN_BENCH" = 1 ]; then
     ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m benchmarks.bench_models "${MODEL_ARGS[@]}" --precisions fp32 --layouts nchw --out "$WORK/models/fp32"
   NOTE="" run_limited "models amp channels_last" models "$(left_until "$END_MODELS")" "$WORK/console/models-amp.txt" - \
     ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m benchmarks.bench_models "${MODEL_ARGS[@]}" --precisions amp --amp-dtype float16 \
-    --layouts channels_last --out "$WORK/models/amp"
+    --layouts channels_last --ours-backend triton --out "$WORK/models/amp"
 else
   [ "$DRY" = 1 ] && echo "  5-6. benchmarks: skipped (--no-bench)"
   phase_row "benchmarks" ops - "$SECONDS" 0 - "not run: --no-bench"

@@ -56,6 +56,7 @@ def test_smoke_run_writes_json_csv_and_plot(smoke):
     assert (settings["batch"], settings["image_size"], settings["threads"]) == (1, 64, 1)
     assert (settings["warmup"], settings["runs"]) == (1, 2)
     assert settings["precisions"] == ["fp32"] and settings["layouts"] == ["nchw"]
+    assert settings["ours"] == "patnet.optimize_for_inference(model, backend='auto')"
     assert [(r["model"], r["precision"], r["layout"]) for r in report["rows"]] == \
         [(m, "fp32", "nchw") for m in MODELS]
     for row in report["rows"]:
@@ -103,7 +104,7 @@ def test_failing_provider_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch)
     """An exception reads "error: ..." (exit 1, the other providers measured); a backend that
     cannot run reads "unavailable: <reason>" (exit 0); where eager fails, the others read
     "skipped"."""
-    def broken(model):
+    def broken(model, backend):
         raise RuntimeError("kernel crashed (test)")
 
     monkeypatch.setattr(patnet, "optimize_for_inference", broken)
@@ -119,7 +120,7 @@ def test_failing_provider_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch)
     assert "ours: error: RuntimeError: kernel crashed (test)" in printed
     assert report["complete"] and Path(f"{prefix}.png").is_file()
 
-    def unavailable(model):
+    def unavailable(model, backend):
         raise pk.BackendUnavailableError("no kernel here (test)")
 
     monkeypatch.setattr(patnet, "optimize_for_inference", unavailable)
@@ -170,3 +171,18 @@ def test_local_results_are_ignored_by_git():
     ignored = (bench_models.REPO / ".gitignore").read_text().split()
     for ext in ("json", "csv", "png"):
         assert f"/benchmarks/results/*.local.{ext}" in ignored
+
+
+def test_ours_backend_is_the_inference_models(tmp_path):
+    """``--ours-backend NAME`` builds "ours" as optimize_for_inference(model, NAME) (here
+    "torch", fast on the CPU; gpu_check.sh asks for "triton"): the settings and its backend
+    plan say so."""
+    prefix = tmp_path / "named"
+    code, printed = _run(["--models", "fasternet_t0", "--providers", "eager,ours",
+                          "--ours-backend", "torch", "--out", str(prefix)] + TINY)
+    assert code == 0, printed
+    report = json.loads(Path(f"{prefix}.json").read_text())
+    assert report["settings"]["ours"] == \
+        "patnet.optimize_for_inference(model, backend='torch')"
+    ours = report["rows"][0]["providers"]["ours"]
+    assert ours["status"] == "ok" and set(ours["backends"].values()) == {"torch"}
