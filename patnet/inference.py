@@ -32,6 +32,7 @@ from torch import nn
 
 import patnet_kernels as pk
 
+from .cuda_graph import GraphedModel, check_example_input
 from .fuse import fuse_for_inference
 from .layers import FasterNetBlock, PATChannelMixer, PATNetBlock, bn_params
 from .model import set_backend
@@ -114,15 +115,20 @@ _INFERENCE_CLASSES = {FasterNetBlock: InferenceFasterNetBlock,
 
 
 @torch.no_grad()
-def optimize_for_inference(model: nn.Module, backend: str = "auto") -> nn.Module:
+def optimize_for_inference(model: nn.Module, backend: str = "auto",
+                           example_input: Optional[torch.Tensor] = None) -> nn.Module:
     """An eval-mode copy of a PATNet or FasterNet for the fastest inference (see module doc).
 
     model: a PATNet or FasterNet (trained or not, any device and dtype; already folded is fine).
     backend: "auto" (default: per call, a fused backend only where measured faster than the
     reference on this kind of GPU, else the reference), "torch", "triton" or "cuda" for every
-    fused op. Returns the copy; ``model`` is unchanged.
-    The copy's parameters do not require gradients.
+    fused op. example_input: a CUDA tensor shaped like every input to come: the copy's forward
+    is then captured once as a CUDA graph and replayed per call
+    (:class:`patnet.cuda_graph.GraphedModel`; build it under the autocast you will call it in).
+    Returns the copy; ``model`` is unchanged. The copy's parameters do not require gradients.
     """
+    if example_input is not None:
+        check_example_input(example_input)  # (before any copy is made)
     optimized = (copy.deepcopy(model).eval() if getattr(model, "fused_for_inference", False)
                  else fuse_for_inference(model))
     optimized.requires_grad_(False)
@@ -136,4 +142,6 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto") -> nn.Module
         if hasattr(module, "eval_forms"):
             module.eval_forms = True
     optimized.optimized_for_inference = True
+    if example_input is not None:
+        return GraphedModel(optimized, example_input)
     return optimized

@@ -247,3 +247,17 @@ def test_auto_runs_the_block_only_where_measured(monkeypatch):
         assert not pk.backends.auto_runs_fused("pointwise_mlp", x)
     assert decided == [("auto", "cuda", "partial_block", "fwd"),
                        ("auto", "cuda", "pointwise_mlp", "fwd")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", patnet.list_models())
+def test_every_variant_at_its_real_widths(name, block_backend):
+    """Every variant, at its released widths (C up to 1536: output blocks split, several
+    hidden chunks), through the Triton inference path (the block, MLP and attention kernels)
+    equals its eval model; a 32 x 32 input keeps it to minutes under the interpreter."""
+    torch.manual_seed(0)
+    model = randomize_norms(patnet.create_model(name), seed=1).eval().to(DEVICE)
+    fast = patnet.optimize_for_inference(model, backend=block_backend)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) < 1e-5

@@ -217,3 +217,35 @@ def test_backend_plan_of_fused_backends(fused_backend):
         DEVICE)
     assert plan == {op: fused_backend for op in ("channel_attention", "rpe_attention",
                                                  "self_mixer_output")}
+
+
+def test_cuda_graph_needs_a_cuda_example_input():
+    model = _eval_model("fasternet_t0", embed_dim=16, depths=(1, 1, 1, 1))
+    for bad, what in ((torch.zeros(1, 3, 32, 32), "cpu"), ("x", "str")):
+        with pytest.raises(ValueError, match=rf"example_input must be a CUDA tensor .*got {what}"):
+            patnet.optimize_for_inference(model, example_input=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_replays_the_inference_model(backend):
+    """The graphed copy equals the plain one for fresh inputs (fp16 autocast, channels_last),
+    returns a new tensor per call, and refuses another shape or autocast state."""
+    model = _eval_model("patnet_t0").cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.float16):
+        plain = patnet.optimize_for_inference(model, backend)
+        graphed = patnet.optimize_for_inference(model, backend, example_input=x)
+        for seed in (1, 2):
+            fresh = torch.randn(x.shape, device="cuda",
+                                generator=torch.Generator("cuda").manual_seed(seed))
+            fresh = fresh.contiguous(memory_format=torch.channels_last)
+            first = graphed(fresh)
+            assert torch.equal(first, graphed(fresh)) and first is not graphed(fresh)
+            assert rel_error(first, plain(fresh)) < 1e-3
+        with pytest.raises(ValueError, match="captured for"):
+            graphed(x[:2])
+    with pytest.raises(ValueError, match="autocast"):
+        graphed(x)
+    assert graphed.backend_plan() == plain.backend_plan()
