@@ -287,3 +287,22 @@ def test_targets_filter_rows_and_show_each_dtype():
     assert "worst per dtype: fp16 2.00x, fp32 1.20x" in lines[0]
     assert "met: worst 3.50x" in lines[1] and "NOT" not in lines[1]
     assert len(lines) == 2  # on an H100: no "for information only" line
+
+
+def test_pointwise_mlp_sweep_smoke_run(tmp_path, capsys):
+    """The MLP kernel's tuning sweep (a GPU tool) runs on the CPU with --quick: every shape
+    with the shipped configuration and one other, checked and timed, in its table and JSON."""
+    from benchmarks import sweep_pointwise_mlp as sweep
+
+    path = tmp_path / "sweep.json"
+    assert sweep.main(["--quick", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    shapes = {s.name for s in bench_pointwise_mlp.FAMILY.shapes(True)}
+    assert {r["shape"] for r in rows} == shapes and len(rows) == 2 * len(shapes)
+    assert all(r["status"] == "ok" and r["max_rel_error"] < 1e-2 for r in rows)
+    assert sum(r["shipped"] for r in rows) == len(shapes)
+    out = capsys.readouterr().out
+    assert "% of best" in out and "  * P" in out and str(path) in out
+    # the GPU grids: no output block wider than the output needs
+    assert len(sweep.grid("small", 768)) == 16 and len(sweep.grid("full", 768)) == 216
+    assert all(c.block_n <= 64 for c in sweep.grid("full", 40))

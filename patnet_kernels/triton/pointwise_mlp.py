@@ -145,7 +145,7 @@ def _pointwise_mlp_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-class _Config(NamedTuple):
+class Config(NamedTuple):
     """Tile sizes and launch options of the kernel for one call."""
     block_p: int
     block_k: int
@@ -155,20 +155,20 @@ class _Config(NamedTuple):
     stages: int
 
 
-def _config(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
-            interpret: bool = INTERPRET) -> _Config:
+def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
+                   interpret: bool = INTERPRET) -> Config:
     """The kernel's configuration for these widths and dtype. On a GPU the output block covers
     C_OUT up to 256 (no hidden chunk computed twice); wider outputs take several programs per
     pixel tile, each recomputing the hidden activation. float32 (its dots as IEEE FMAs, no
     tensor cores) takes smaller tiles: the fp16/bf16 ones spill registers there (read off
     the sm_80/sm_90 machine code, ``python -m patnet_kernels.triton.aot``)."""
     if interpret:  # few, big programs: the interpreter pays per program and per operation
-        return _Config(128, block(channels, high=128), block(hidden, high=128),
+        return Config(128, block(channels, high=128), block(hidden, high=128),
                        block(out_channels, high=256), 4, 1)
     block_n = block(out_channels, high=256)
     if upcast_dot(dtype, interpret=False):
-        return _Config(32, 16, 32, block_n, 8, 2)
-    return _Config(64, block(channels, high=64), 64, block_n, 8, 3)  # (4 warps spill on sm_80)
+        return Config(32, 16, 32, block_n, 8, 2)
+    return Config(64, block(channels, high=64), 64, block_n, 8, 3)  # (4 warps spill on sm_80)
 
 
 def _pixel_strides(t: torch.Tensor):
@@ -179,8 +179,8 @@ def _pixel_strides(t: torch.Tensor):
 def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   w2: torch.Tensor, b2: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   activation: str, y: torch.Tensor, head: Optional[torch.Tensor] = None,
-                  scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
+                  scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
+                  config: Optional[Config] = None) -> torch.Tensor:
     """y = W2 . act(W1 . M + b1) + b2 [+ residual] with M = [head | x[:, C_HEAD:] * scale +
     shift] (no head: C_HEAD = 0; no scale and shift: x as it is); returns y.
 
@@ -189,11 +189,12 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     channels_last, channel slices of either). scale, shift: (B, C - C_HEAD) fp32 contiguous,
     both or neither. w1: (HIDDEN, C) contiguous; w2: (C_OUT, HIDDEN) contiguous; b1 (HIDDEN,),
     b2 (C_OUT,) or None; all in x's dtype. activation: "relu" or "gelu". y must not overlap
-    x, the head or the residual.
+    x, the head or the residual. ``config``: tiles and launch options (default:
+    :func:`default_config`; benchmarks/sweep_pointwise_mlp.py times others).
     """
     b, c, h, w = x.shape
     hidden, c_out = w1.shape[0], w2.shape[0]
-    config = _config(c, hidden, c_out, x.dtype)
+    config = config or default_config(c, hidden, c_out, x.dtype)
     grid = (triton.cdiv(h * w, config.block_p), b, triton.cdiv(c_out, config.block_n))
     r = residual if residual is not None else y
     m1 = head if head is not None else x
@@ -225,7 +226,7 @@ def aot_kernels() -> List[AotKernel]:
     for c, (dtype, tname) in itertools.product(
             (32, 40, 48, 64, 96, 128, 144, 160, 192, 256, 320, 384, 512, 640, 768, 1536),
             TRITON_DTYPE.items()):
-        config = _config(c, 2 * c, c, dtype, interpret=False)
+        config = default_config(c, 2 * c, c, dtype, interpret=False)
         if (config, dtype) in seen:
             continue
         seen.add((config, dtype))

@@ -1,0 +1,157 @@
+"""Time many configurations of the MLP kernel in one run: the tuning sweep of a GPU session.
+
+    python -m benchmarks.sweep_pointwise_mlp [--dtypes float16] [--batch 256]
+        [--shapes patnet_t2.s1,fasternet_t2] [--grid small|full] [--json out.json] [--quick]
+
+For each stage shape of ``bench_pointwise_mlp`` (PATNet-T2 and FasterNet-T2, hidden 2C, ReLU,
+the block's residual), every configuration of the grid (pixels, input-channel and hidden
+chunks, output block, warps, stages; see :func:`grid`) is launched once, checked against the
+reference in fp32 on the same inputs, then timed with the op benchmarks' timer (GPU:
+``do_bench``, L2 flushed before every call). Prints per shape the configurations from fastest,
+the shipped one (``default_config``) marked ``*``, with GB/s of the op's bytes (read X and the
+residual, write Y, the weights) and the share of the fastest; a configuration that does not
+compile or launch (shared memory, registers) reads ``error``. JSON: every row. On the CPU
+(``--quick``): the Triton interpreter, shrunk shapes, two configurations: a smoke run.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import env  # noqa: E402
+
+if not torch.cuda.is_available():  # (before anything imports triton: its interpreter, --quick)
+    env.use_cpu_emulation(cuda=False)
+
+from benchmarks.bench_pointwise_mlp import FAMILY  # noqa: E402
+from benchmarks.report import split_list, write_json  # noqa: E402
+from benchmarks.timer import Timer  # noqa: E402
+from benchmarks.tolerance import MISMATCH  # noqa: E402
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def grid(kind: str, out_channels: int):
+    """The configurations of a sweep (``pointwise_mlp.Config``): "small" (16: the pixel tile,
+    the hidden chunk, the output block, warps) or "full" (96); output blocks above the next
+    power of two of C_out are left out (pure waste)."""
+    from patnet_kernels.triton._common import block
+    from patnet_kernels.triton.pointwise_mlp import Config
+
+    widest = block(out_channels, high=256)
+    if kind == "small":
+        space = itertools.product((64, 128), (64,), (64, 128), (128, 256), (4, 8), (3,))
+    else:
+        space = itertools.product((32, 64, 128), (32, 64), (64, 128), (64, 128, 256), (4, 8),
+                                  (2, 3, 4))
+    return [Config(*c) for c in space if c[3] <= widest]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.sweep_pointwise_mlp",
+        description="Time many configurations of the MLP kernel (pk.pointwise_mlp) per stage "
+                    "shape, checked against the reference.")
+    parser.add_argument("--dtypes", default="float16", help="comma list of float16, bfloat16")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--shapes", default=None,
+                        help="comma list of substrings of shape names, e.g. patnet_t2.s1")
+    parser.add_argument("--grid", default="small", choices=["small", "full"])
+    parser.add_argument("--warmup-ms", type=float, default=10.0)
+    parser.add_argument("--rep-ms", type=float, default=40.0)
+    parser.add_argument("--json", default=None, help="write every row here")
+    parser.add_argument("--quick", action="store_true",
+                        help="shrunk shapes, batch 2, two configurations (the CPU smoke run)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        if not args.quick:
+            print("sweep_pointwise_mlp: no GPU here; timing configurations under the Triton "
+                  "interpreter says nothing, run with --quick for a smoke run", file=sys.stderr)
+            return 2
+    from patnet_kernels.reference import pointwise_mlp as reference
+    from patnet_kernels.triton import pointwise_mlp as kernels
+
+    batch = 2 if args.quick else args.batch
+    shapes = FAMILY.shapes(args.quick)
+    if args.shapes:
+        wanted = split_list(args.shapes)
+        shapes = [s for s in shapes if any(w in s.name for w in wanted)]
+    timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, warmup=1, runs=2)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows, failures = [], 0
+    for dtype_name in split_list(args.dtypes):
+        dtype = DTYPES[dtype_name]
+        for shape in shapes:
+            problem = FAMILY.build(shape, batch, dtype, device, "fwd", gen)
+            x, w1, b1, w2, _, residual, activation = problem.args
+            exact = reference(*(a.float() if isinstance(a, torch.Tensor) else a
+                                for a in problem.args))
+            mats = (w1.reshape(w1.shape[0], -1).contiguous(),
+                    w2.reshape(w2.shape[0], -1).contiguous())
+            y = torch.empty_like(x)
+            shipped = kernels.default_config(shape.channels, shape.split, shape.channels, dtype)
+            configs = grid(args.grid, shape.channels)
+            if args.quick:  # (the shipped one and one with half its pixel tile)
+                configs = [shipped, shipped._replace(block_p=max(16, shipped.block_p // 2))]
+            nbytes = FAMILY.bytes_moved(shape, batch, x.element_size(), "fwd")
+            print(f"{shape.name} B={batch} C={shape.channels} {shape.height}x{shape.width} "
+                  f"{dtype_name}: {len(configs)} configurations", flush=True)
+            found = []
+            for config in dict.fromkeys(configs):
+                row = dict(shape=shape.name, dtype=dtype_name, batch=batch,
+                           config=config._asdict(), shipped=config == shipped)
+
+                def call(config=config):
+                    return kernels.pointwise_mlp(x, mats[0], b1, mats[1], None, residual,
+                                                 activation, y, config=config)
+                try:
+                    error = (call().float() - exact).abs().max().item() / \
+                        exact.abs().max().item()
+                    if not error <= MISMATCH[dtype]:
+                        raise RuntimeError(f"max rel error {error:.2g} vs the reference")
+                    row.update(status="ok", max_rel_error=error, **timer(call))
+                    row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
+                except Exception as exc:  # noqa: BLE001 - one failing config must not end it
+                    row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+                    failures += row["shipped"]
+                found.append(row)
+            _print_shape(found)
+            rows.extend(found)
+    if args.json:
+        write_json(Path(args.json), {"benchmark": "sweep_pointwise_mlp",
+                                     **env.run_info(device), "grid": args.grid,
+                                     "timing": timer.method, "rows": rows})
+        print(f"Report written to {args.json}")
+    return 1 if failures else 0
+
+
+def _print_shape(rows: List[dict]) -> None:
+    timed = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["ms"])
+    best = timed[0]["ms"] if timed else None
+    for r in timed + [r for r in rows if r["status"] != "ok"]:
+        c = r["config"]
+        name = (f"P{c['block_p']} K{c['block_k']} H{c['block_h']} N{c['block_n']} "
+                f"w{c['warps']} s{c['stages']}")
+        mark = "*" if r["shipped"] else " "
+        if r["status"] == "ok":
+            print(f"  {mark} {name:<28} {r['ms'] * 1e3:10.1f} us {r['gbps']:9.1f} GB/s "
+                  f"{100 * best / r['ms']:6.1f}% of best")
+        else:
+            print(f"  {mark} {name:<28} error: {r['reason']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
