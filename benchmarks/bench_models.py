@@ -37,7 +37,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import patnet  # noqa: E402
 import patnet_kernels as pk  # noqa: E402
 from benchmarks import env  # noqa: E402
-from benchmarks.model_measure import LAYOUTS, PRECISIONS, PROVIDERS, run_mode  # noqa: E402
+from benchmarks.model_measure import (DEFAULT_PROVIDERS, LAYOUTS, PRECISIONS,  # noqa: E402
+                                      PROVIDERS, run_mode)
 from benchmarks.model_report import (  # noqa: E402
     default_prefix as _default_prefix, finish, format_table, merge, write_files)
 from benchmarks.report import pretty, split_list  # noqa: E402
@@ -63,9 +64,10 @@ def parse_args(argv) -> argparse.Namespace:
                     "the fused inference model, side by side in one run.")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"comma list of {', '.join(patnet.list_models())} (default: all)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS),
-                        help="comma list of eager, compile, ours (default: all; eager, the "
-                             "reference of the check, always runs)")
+    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
+                        help="comma list of eager, compile, compile-max (torch.compile "
+                             "mode='max-autotune', GPU only), ours (default: eager,compile,"
+                             "ours; eager, the reference of the check, always runs)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there)")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on GPU, 1 on CPU")
     parser.add_argument("--size", type=int, default=224, help="image height and width")

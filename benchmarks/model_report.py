@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from benchmarks import env
-from benchmarks.model_measure import PROVIDERS, plan_text
+from benchmarks.model_measure import BASES, PROVIDERS, plan_text
 from benchmarks.report import columns, write_csv, write_json
 
 CSV_FIELDS = ["date", "device", "git_commit", "torch", "triton", "cuda", "model", "precision",
               "layout", "batch", "image_size", "provider", "status", "reason", "mean_ms",
               "median_ms", "min_ms", "images_per_s", "speedup_vs_eager", "speedup_vs_compile",
-              "max_rel_error", "compile_s", "first_call_s", "backends", "warmup", "runs",
+              "speedup_vs_compile-max", "max_rel_error", "compile_s", "first_call_s", "backends", "warmup", "runs",
               "threads"]
 FAILED = ("error", "mismatch")
 
@@ -24,7 +24,7 @@ def format_table(report: dict) -> str:
     providers = report["settings"]["providers"]
     unit = "img/s" if gpu else "ms"
     headers = ["model", "precision", "layout"] + [f"{p} {unit}" for p in providers]
-    ratios = [(p, base) for p in providers for base in ("eager", "compile")
+    ratios = [(p, base) for p in providers for base in BASES
               if base in providers and providers.index(base) < providers.index(p)]
     headers += [f"{p} vs {base}" for p, base in ratios]
     headers += [f"{p} err" for p in providers if p != "eager"]
@@ -82,7 +82,8 @@ def csv_rows(report: dict) -> List[dict]:
                 "status": entry["status"], "reason": entry.get("reason", ""),
                 **{k: entry.get(k, "") for k in
                    ("mean_ms", "median_ms", "min_ms", "images_per_s", "speedup_vs_eager",
-                    "speedup_vs_compile", "max_rel_error", "compile_s", "first_call_s")},
+                    "speedup_vs_compile", "speedup_vs_compile-max", "max_rel_error",
+                    "compile_s", "first_call_s")},
                 "backends": " ".join(f"{op}={backend}"
                                      for op, backend in entry.get("backends", {}).items()),
                 "warmup": row["warmup"], "runs": row["runs"], "threads": row["threads"]})

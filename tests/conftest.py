@@ -140,6 +140,20 @@ def assert_within_budget(name: str, ours: torch.Tensor, exact: torch.Tensor,
                                 f"{dtype} + floor {BUDGET_FLOOR[dtype]:.1g})")
 
 
+def small_inference_model(name: str, backend: str, channels_last: bool = False):
+    """(eval model, its ``optimize_for_inference`` copy on ``backend``) of a shrunk variant
+    (embed_dim 16, depths 1, 1, 2, 1; random BatchNorm statistics) on DEVICE."""
+    import patnet
+    from patnet.testing import randomize_norms
+
+    torch.manual_seed(0)
+    model = patnet.create_model(name, embed_dim=16, depths=(1, 1, 2, 1), drop_path_rate=0.0)
+    model = randomize_norms(model, seed=1).eval().to(DEVICE)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, patnet.optimize_for_inference(model, backend=backend)
+
+
 # ------------------------------------------------- torch.compile on the oldest supported torch
 # The GPU machines run torch 2.11, CI torch 2.13, and dynamo traces more C builtins in newer
 # versions: torch 2.11 cannot trace torch._C._is_autocast_available, which 2.13 can, and that

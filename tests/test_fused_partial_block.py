@@ -14,7 +14,8 @@ from patnet.testing import randomize_norms
 from patnet_kernels import BatchNormParams, registry
 from patnet_kernels.ops.channel_attention import eval_gate
 
-from conftest import DEVICE, assert_within_budget, fused_ops, rel_error, require_fused_backend
+from conftest import (DEVICE, assert_within_budget, fused_ops, rel_error, require_fused_backend,
+                      small_inference_model)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = registry.OPS["partial_block"].backends
@@ -181,21 +182,12 @@ def test_a_gradient_is_refused_by_name(block_backend):
 VARIANTS = ["fasternet_t0", "fasternet_t2", "patnet_t0", "patnet_t2"]
 
 
-def _inference_model(name, backend, channels_last=False):
-    torch.manual_seed(0)
-    model = patnet.create_model(name, embed_dim=16, depths=(1, 1, 2, 1), drop_path_rate=0.0)
-    model = randomize_norms(model, seed=1).eval().to(DEVICE)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, patnet.optimize_for_inference(model, backend=backend)
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_inference_path_runs_every_block_as_one_op(name, block_backend):
     """Every FasterNet block, and PATNet's stage 1-3 blocks, is one call of the block op (stage
     4: the MLP op after PAT_sf); the model equals the eval model, NCHW and channels_last."""
     channels_last = name.endswith("t2")
-    model, fast = _inference_model(name, block_backend, channels_last)
+    model, fast = small_inference_model(name, block_backend, channels_last)
     calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
     if name.startswith("fasternet"):
         assert calls.count("partial_block") == 5 and "pointwise_mlp" not in calls
@@ -212,15 +204,18 @@ def test_inference_path_runs_every_block_as_one_op(name, block_backend):
 def test_auto_composes_the_block_from_its_ops():
     """Under "auto" the block runs as its mixer's op then the MLP op, each decided per call
     (on the CPU: the reference, and PAT_ch's eval form)."""
-    _, fast = _inference_model("patnet_t0", "auto")
+    _, fast = small_inference_model("patnet_t0", "auto")
     calls = [op for op, *_ in fast.backend_calls(torch.device("cpu"), (2, 3, 64, 64))]
     assert "partial_block" not in calls
     assert calls.count("channel_attention") == 4 and calls.count("pointwise_mlp") == 5
 
 
-def test_compiled_inference_model_is_one_graph(block_backend):
+@pytest.mark.parametrize("name", ["patnet_t0", "patnet_t1"])
+def test_compiled_inference_model_is_one_graph(name, block_backend):
+    """One graph (fullgraph) through the block op (PATNet-T0) and the MLP op before PAT_sp
+    (PATNet-T1), equal to eager."""
     torch._dynamo.reset()
-    _, fast = _inference_model("patnet_t0", block_backend)
+    _, fast = small_inference_model(name, block_backend)
     x = torch.randn(2, 3, 64, 32, device=DEVICE)
     with torch.no_grad():
         eager = fast(x)

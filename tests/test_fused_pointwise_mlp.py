@@ -9,10 +9,10 @@ import torch
 
 import patnet
 import patnet_kernels as pk
-from patnet.testing import randomize_norms
 from patnet_kernels import registry
 
-from conftest import DEVICE, assert_within_budget, fused_ops, rel_error, require_fused_backend
+from conftest import (DEVICE, assert_within_budget, fused_ops, rel_error, require_fused_backend,
+                      small_inference_model)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = registry.OPS["pointwise_mlp"].backends
@@ -142,35 +142,17 @@ def test_opcheck(channels_last, residual, mlp_backend):
                            "gelu"))
 
 
-def _inference_model(name, backend, channels_last=False):
-    torch.manual_seed(0)
-    model = patnet.create_model(name, embed_dim=16, depths=(1, 1, 2, 1), drop_path_rate=0.0)
-    model = randomize_norms(model, seed=1).eval().to(DEVICE)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, patnet.optimize_for_inference(model, backend=backend)
-
-
 def test_inference_path_runs_every_mlp_as_the_fused_op(mlp_backend):
     """PATNet-T1's MLPs (PAT_sp after each, so no whole-block op) are one call of the op each,
-    and the model equals the eval model. (The other variants: tests/test_fused_partial_block.py.)"""
-    model, fast = _inference_model("patnet_t1", mlp_backend)
+    and the model equals the eval model. (The other variants, and the compiled inference
+    model: tests/test_fused_partial_block.py.)"""
+    model, fast = small_inference_model("patnet_t1", mlp_backend)
     calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
     blocks = sum(1 for m in fast.modules() if isinstance(m, patnet.inference.InferenceMLP))
     assert calls.count("pointwise_mlp") == blocks == 5
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         assert rel_error(fast(x), model(x)) < 1e-5
-
-
-def test_compiled_inference_model_is_one_graph(mlp_backend):
-    torch._dynamo.reset()
-    model, fast = _inference_model("patnet_t1", mlp_backend)
-    x = torch.randn(2, 3, 64, 32, device=DEVICE)
-    with torch.no_grad():
-        eager = fast(x)
-        compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)(x)
-    assert rel_error(compiled, eager) < 1e-6
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])

@@ -186,3 +186,16 @@ def test_ours_backend_is_the_inference_models(tmp_path):
         "patnet.optimize_for_inference(model, backend='torch')"
     ours = report["rows"][0]["providers"]["ours"]
     assert ours["status"] == "ok" and set(ours["backends"].values()) == {"torch"}
+
+
+def test_compile_max_autotune_is_a_gpu_provider(tmp_path):
+    """``compile-max`` (torch.compile mode="max-autotune") runs when asked for; on the CPU it
+    reads "skipped" with the reason, and the run goes on."""
+    prefix = tmp_path / "max"
+    code, printed = _run(["--models", "fasternet_t0", "--providers", "eager,compile-max",
+                          "--out", str(prefix)] + TINY)
+    assert code == 0, printed
+    report = json.loads(Path(f"{prefix}.json").read_text())
+    assert report["settings"]["providers"] == ["eager", "compile-max"]
+    entry = report["rows"][0]["providers"]["compile-max"]
+    assert entry["status"] == "skipped" and "max-autotune tunes GPU kernels" in entry["reason"]

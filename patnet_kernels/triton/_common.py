@@ -63,11 +63,12 @@ def block(n: int, low: int = 16, high: int = 1 << 30) -> int:
 
 
 @triton.jit
-def to_compute(x, UPCAST: tl.constexpr):
-    """A loaded tile in the dtype a tl.dot takes it: fp32 when UPCAST, else as loaded."""
+def dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b (fp32 accumulator): with UPCAST in fp32 with IEEE precision (no TF32; see
+    :func:`upcast_dot`), else on the operands as loaded (fp16 / bf16: tensor cores)."""
     if UPCAST:
-        return x.to(tl.float32)
-    return x
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit

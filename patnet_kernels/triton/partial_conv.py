@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, to_compute, upcast_dot)
+                      block, dot, upcast_dot)
 
 
 @triton.jit
@@ -53,11 +53,7 @@ def conv3x3_tile(
                         mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
             wt = tl.load(w_ptr + tap * C1 * C1 + offs_ci[:, None] * C1 + offs_co[None, :],
                          mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-            if UPCAST:
-                acc = tl.dot(to_compute(x, UPCAST), to_compute(wt, UPCAST), acc,
-                             input_precision="ieee")
-            else:
-                acc = tl.dot(x, wt, acc)
+            acc = dot(x, wt, acc, UPCAST)
     return acc
 
 
@@ -173,11 +169,7 @@ def _conv3x3_weight_grad_kernel(
                     mask=ci_ok[:, None] & pix_ok[None, :], other=0.0)  # (CI, P)
         g = tl.load(gy_ptr + b * g_sb + (h * g_sh + w * g_sw)[:, None] + offs_co[None, :] * g_sc,
                     mask=p_ok[:, None] & co_ok[None, :], other=0.0)  # (P, CO)
-        if UPCAST:
-            acc = tl.dot(to_compute(x, UPCAST), to_compute(g, UPCAST), acc,
-                         input_precision="ieee")
-        else:
-            acc = tl.dot(x, g, acc)
+        acc = dot(x, g, acc, UPCAST)
     out = partial_ptr + ((pid_s * 9 + tap) * C1 + offs_ci[:, None]) * C1 + offs_co[None, :]
     tl.store(out, acc, mask=ci_ok[:, None] & co_ok[None, :])
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, to_compute, upcast_dot)
+                      block, dot, upcast_dot)
 
 # The activation constexpr of the kernel, by the reference's name.
 ACTIVATION_CODES = {"relu": 0, "gelu": 1}
@@ -63,11 +63,7 @@ def _accumulate_input_chunk(
                          m.to(tl.float32) * a[None, :] + d[None, :], 0.0).to(m.dtype)
         w1t = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
                       mask=k_ok[:, None] & h_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
-        if UPCAST:
-            hidden = tl.dot(to_compute(m, UPCAST), to_compute(w1t, UPCAST), hidden,
-                            input_precision="ieee")
-        else:
-            hidden = tl.dot(m, w1t, hidden)
+        hidden = dot(m, w1t, hidden, UPCAST)
     return hidden
 
 
@@ -128,11 +124,7 @@ def _pointwise_mlp_kernel(
         hidden = _activation(hidden, ACTIVATION).to(x_ptr.dtype.element_ty)
         w2t = tl.load(w2_ptr + offs_n[None, :] * HIDDEN + offs_h[:, None],
                       mask=h_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_N)
-        if UPCAST:
-            acc = tl.dot(to_compute(hidden, UPCAST), to_compute(w2t, UPCAST), acc,
-                         input_precision="ieee")
-        else:
-            acc = tl.dot(hidden, w2t, acc)
+        acc = dot(hidden, w2t, acc, UPCAST)
 
     ok = p_ok[:, None] & n_ok[None, :]
     if HAS_B2:
