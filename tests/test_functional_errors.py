@@ -504,6 +504,7 @@ def test_rpe_buckets_bad_size(h, w, bad):
 # --------------------------------------------------------------------------------------------
 def _calls():
     x, w = pconv_args()
+    mlp = _mlp_weights(x.shape[1])
     return {
         "partial_conv3x3": lambda backend: pk.partial_conv3x3(x, w, backend=backend),
         "partial_conv3x3_inplace": lambda backend: pk.partial_conv3x3(x, w, inplace=True,
@@ -511,11 +512,21 @@ def _calls():
         "channel_attention": lambda backend: call_ca(ca_args(), backend=backend),
         "spatial_attention": lambda backend: call_sa(sa_args(), backend=backend),
         "rpe_attention": lambda backend: call_rpe(rpe_args(), backend=backend),
+        "pointwise_mlp": lambda backend: pk.pointwise_mlp(x, *mlp, residual=x, backend=backend),
+        "partial_block": lambda backend: pk.partial_block(x, w, *mlp, backend=backend),
     }, x
 
 
+def _mlp_weights(c: int):
+    """(w1, b1, w2) of a C -> 2C -> C MLP, float64 like pconv_args."""
+    gen = torch.Generator().manual_seed(3)
+    return (torch.randn(2 * c, c, 1, 1, generator=gen, dtype=F64) / c ** 0.5,
+            torch.randn(2 * c, generator=gen, dtype=F64),
+            torch.randn(c, 2 * c, 1, 1, generator=gen, dtype=F64) / (2 * c) ** 0.5)
+
+
 OPS = ["partial_conv3x3", "partial_conv3x3_inplace", "channel_attention", "spatial_attention",
-       "rpe_attention"]
+       "rpe_attention", "pointwise_mlp", "partial_block"]
 
 
 @pytest.mark.parametrize("op", OPS)
