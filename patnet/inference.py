@@ -37,8 +37,16 @@ from .fuse import fuse_for_inference
 from .layers import FasterNetBlock, PATChannelMixer, PATNetBlock, bn_params
 from .model import set_backend
 
-# The activation modules of the MLP, by the name pk.pointwise_mlp gives them.
-_ACTIVATION_NAMES = {nn.ReLU: "relu", nn.GELU: "gelu"}
+def _activation_name(module: nn.Module) -> str:
+    """The name pk.pointwise_mlp gives the MLP's activation module (the models' two)."""
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.GELU) and module.approximate == "none":
+        return "gelu"
+    raise ValueError(f"the MLP's activation {module} has no fused form (ReLU and the exact "
+                     "GELU have); run the model without optimize_for_inference")
+
+
 # The backends under which the MLP runs as the fused op (the others have no kernel for it).
 _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
 # The backends that, named, run a whole FasterNet or PAT_ch block as one op (pk.partial_block).
@@ -61,7 +69,7 @@ class InferenceMLP(nn.Sequential):
             y = pk.pointwise_mlp(
                 x, first.weight, first.bias, second.weight, second.bias,
                 residual=None if spatial else residual,
-                activation=_ACTIVATION_NAMES[type(activation)], backend=self.backend)
+                activation=_activation_name(activation), backend=self.backend)
             if not spatial:
                 return y
         for module in spatial:
@@ -87,7 +95,7 @@ class InferenceMLP(nn.Sequential):
                         bn_a=bn_params(attn.bn, False), bn_b=bn_params(mixer.norm, False))
         return pk.partial_block(x, mixer.partial_conv3.weight, first.weight, first.bias,
                                 second.weight, second.bias,
-                                activation=_ACTIVATION_NAMES[type(activation)],
+                                activation=_activation_name(activation),
                                 backend=self.backend, **gate)
 
 

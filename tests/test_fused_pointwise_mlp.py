@@ -163,3 +163,13 @@ def test_nan_propagates_as_in_the_reference(activation, mlp_backend):
     ours = _call([x, w1, b1, w2, b2, r], mlp_backend, activation)
     reference = _call([x, w1, b1, w2, b2, r], "torch", activation)
     assert torch.equal(ours.isnan(), reference.isnan()) and ours.isnan().sum() == 8
+
+
+def test_an_activation_without_a_fused_form_is_refused():
+    """A GELU with the tanh approximation (no released model has one) is not silently run as
+    the exact GELU."""
+    model, fast = small_inference_model("fasternet_t0", "torch")
+    mlp = fast.stages[0].blocks[0].mlp
+    mlp[2] = torch.nn.GELU(approximate="tanh")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"has no fused form"):
+        fast(torch.randn(1, 3, 32, 32, device=DEVICE))
