@@ -1,10 +1,10 @@
 """The inference path (``patnet.optimize_for_inference``) and the backend plan of a model.
 
 Every variant's inference copy equals its eval model (float32, random BatchNorm statistics) on
-the CPU path (the reference ops, PAT_ch and PAT_sf in their eval forms, in-place PConv); the
-fused backends' inference copies on small models under the Triton interpreter / CUDA
-emulation; the eval forms of PAT_ch and PAT_sf against the reference ops, odd shapes and
-H * W = 1 included.
+the CPU path (the reference ops, PAT_ch and PAT_sf in their eval forms, the MLP op with the
+residual); the fused backends' inference copies on small models under the Triton interpreter /
+CUDA emulation; the eval forms of PAT_ch and PAT_sf against the reference ops, odd shapes and
+H * W = 1 included; CUDA-graph capture (its input checks here, its replay a gpu test).
 """
 from __future__ import annotations
 
