@@ -117,8 +117,7 @@ def choose_implementation(op: str, backend: str, x: torch.Tensor,
     # on the CPU it runs the reference whatever the call)
     call = (describe_call(op, x, *others) if backend == "auto" and x.device.type != "cpu"
             else None)
-    needs_grad = registry.OPS[op].inference and _needs_grad(x, *others)
-    name, _ = choose_backend(backend, x.device, op, registry.refusals(op, x, needs_grad), call,
+    name, _ = choose_backend(backend, x.device, op, _refusals_of_call(op, x, others), call,
                              load=True)
     if name == "torch" and eval_form and _RECORDED_CALLS is None \
             and registry.eval_form_refusal(op, x, _needs_grad(x, *others)) is None:
@@ -133,11 +132,17 @@ def auto_runs_fused(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -
     "auto" (``patnet.inference``'s blocks). Never on the CPU or the meta device."""
     if x.device.type != "cuda":
         return False
-    needs_grad = registry.OPS[op].inference and _needs_grad(x, *others)
-    refused = tuple(tuple(r) for r in registry.refusals(op, x, needs_grad))
+    refused = tuple(tuple(r) for r in _refusals_of_call(op, x, others))
     name, _, _ = _decide("auto", x.device.type, x.device.index, op, refused,
                          tuple(describe_call(op, x, *others)), False)
     return name != "torch"
+
+
+def _refusals_of_call(op: str, x: torch.Tensor, others: tuple) -> Tuple[Refusal, ...]:
+    """The registry's refusals of a call of ``op`` on ``x`` and ``others`` (an inference op's
+    fused backends refuse a call through which a gradient may be taken)."""
+    needs_grad = registry.OPS[op].inference and _needs_grad(x, *others)
+    return registry.refusals(op, x, needs_grad)
 
 
 def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:

@@ -35,6 +35,13 @@ FUSED_BACKENDS = ("triton", "cuda")
 TRITON_ONLY = pytest.mark.parametrize("fused_backend", ["triton"], indirect=True)
 
 
+def backends_of(op: str):
+    """Parametrise a test's ``fused_backend`` over the fused backends with kernels for ``op``
+    (patnet_kernels.registry), instead of all of them."""
+    from patnet_kernels import registry
+    return pytest.mark.parametrize("fused_backend", registry.OPS[op].backends, indirect=True)
+
+
 def fused_backend_unavailable(backend: str) -> Optional[str]:
     """None if ``backend`` can run on DEVICE, else why not (patnet_kernels.backends' reason)."""
     from patnet_kernels.backends import BackendUnavailableError, resolve_backend

@@ -14,17 +14,14 @@ from patnet.testing import randomize_norms
 from patnet_kernels import BatchNormParams, registry
 from patnet_kernels.ops.channel_attention import eval_gate
 
-from conftest import (DEVICE, assert_within_budget, fused_ops, rel_error, require_fused_backend,
+from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops, rel_error,
                       small_inference_model)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = registry.OPS["partial_block"].backends
+# (tests taking ``fused_backend``: each of them, skipped where it cannot run on DEVICE)
+ON_ITS_BACKENDS = backends_of("partial_block")
 
-
-@pytest.fixture(params=BACKENDS)
-def block_backend(request) -> str:
-    """Each fused backend with a kernel for the block, skipped where it cannot run on DEVICE."""
-    return require_fused_backend(request.param)
 
 
 def _bn(channels, gen):
@@ -83,14 +80,15 @@ CASES = {  # (B, C, C1, H, W), PAT_ch, BN_a unfolded
 }
 
 
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(case, channels_last, dtype, block_backend):
+def test_matches_float64_reference(case, channels_last, dtype, fused_backend):
     shape, pat_ch, bn_a = CASES[case]
     args, kwargs = _inputs(*shape, pat_ch, bn_a)
     activation = "gelu" if shape[1] % 3 else "relu"
-    ours = _run(args, kwargs, dtype, block_backend, activation, channels_last)
+    ours = _run(args, kwargs, dtype, fused_backend, activation, channels_last)
     exact = _run(args, kwargs, torch.float64, "torch", activation)
     in_dtype = _run(args, kwargs, dtype, "torch", activation, channels_last)
     assert ours.dtype == dtype
@@ -99,8 +97,9 @@ def test_matches_float64_reference(case, channels_last, dtype, block_backend):
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_opcheck_of_the_mlp_with_a_split_input(channels_last, block_backend):
+def test_opcheck_of_the_mlp_with_a_split_input(channels_last, fused_backend):
     """The MLP op as the block calls it: a head for channels [0, C1), X2 through an affine."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 12, 3, 5, generator=gen).to(DEVICE)
@@ -110,16 +109,17 @@ def test_opcheck_of_the_mlp_with_a_split_input(channels_last, block_backend):
     scale, shift = (torch.randn(2, 9, generator=gen).to(DEVICE) for _ in range(2))
     w1 = torch.randn(24, 12, 1, 1, generator=gen).to(DEVICE) / 4
     w2 = torch.randn(12, 24, 1, 1, generator=gen).to(DEVICE) / 5
-    torch.library.opcheck(fused_ops(block_backend).pointwise_mlp.default,
+    torch.library.opcheck(fused_ops(fused_backend).pointwise_mlp.default,
                           (x, head, scale, shift, w1, None, w2, None, x, "relu"))
 
 
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_conv_with_statistics(channels_last, block_backend):
+def test_conv_with_statistics(channels_last, fused_backend):
     """``partial_conv3x3_stats``: conv3x3(X1) as PConv's kernel computes it, and per-chunk
     statistics of X2 that the gate op merges into the mean and std of the statistics op;
     opcheck of both ops as the block calls them."""
-    ops = fused_ops(block_backend)
+    ops = fused_ops(fused_backend)
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 12, 17, 19, generator=gen) * 3 + 1).to(DEVICE)
     if channels_last:
@@ -171,23 +171,25 @@ def test_bad_input_is_refused_before_any_kernel(case, backend):
         pk.partial_block(*args, backend=backend, **kwargs)
 
 
-def test_a_gradient_is_refused_by_name(block_backend):
+@ON_ITS_BACKENDS
+def test_a_gradient_is_refused_by_name(fused_backend):
     args, kwargs = _cast(*_inputs(2, 16, 4, 3, 3, False, False), torch.float32)
     args[2].requires_grad_()
     with pytest.raises(ValueError, match=r"for inference only"):
-        pk.partial_block(*args, backend=block_backend)
+        pk.partial_block(*args, backend=fused_backend)
 
 
 # PATNet-T1 is not here: its PAT_sp sits between MLP and residual (tests/test_fused_pointwise_mlp).
 VARIANTS = ["fasternet_t0", "fasternet_t2", "patnet_t0", "patnet_t2"]
 
 
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("name", VARIANTS)
-def test_inference_path_runs_every_block_as_one_op(name, block_backend):
+def test_inference_path_runs_every_block_as_one_op(name, fused_backend):
     """Every FasterNet block, and PATNet's stage 1-3 blocks, is one call of the block op (stage
     4: the MLP op after PAT_sf); the model equals the eval model, NCHW and channels_last."""
     channels_last = name.endswith("t2")
-    model, fast = small_inference_model(name, block_backend, channels_last)
+    model, fast = small_inference_model(name, fused_backend, channels_last)
     calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
     if name.startswith("fasternet"):
         assert calls.count("partial_block") == 5 and "pointwise_mlp" not in calls
@@ -210,12 +212,13 @@ def test_auto_composes_the_block_from_its_ops():
     assert calls.count("channel_attention") == 4 and calls.count("pointwise_mlp") == 5
 
 
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("name", ["patnet_t0", "patnet_t1"])
-def test_compiled_inference_model_is_one_graph(name, block_backend):
+def test_compiled_inference_model_is_one_graph(name, fused_backend):
     """One graph (fullgraph) through the block op (PATNet-T0) and the MLP op before PAT_sp
     (PATNet-T1), equal to eager."""
     torch._dynamo.reset()
-    _, fast = small_inference_model(name, block_backend)
+    _, fast = small_inference_model(name, fused_backend)
     x = torch.randn(2, 3, 64, 32, device=DEVICE)
     with torch.no_grad():
         eager = fast(x)
@@ -244,15 +247,16 @@ def test_auto_runs_the_block_only_where_measured(monkeypatch):
                        ("auto", "cuda", "pointwise_mlp", "fwd")]
 
 
+@ON_ITS_BACKENDS
 @pytest.mark.slow
 @pytest.mark.parametrize("name", patnet.list_models())
-def test_every_variant_at_its_real_widths(name, block_backend):
+def test_every_variant_at_its_real_widths(name, fused_backend):
     """Every variant, at its released widths (C up to 1536: output blocks split, several
     hidden chunks), through the Triton inference path (the block, MLP and attention kernels)
     equals its eval model; a 32 x 32 input keeps it to minutes under the interpreter."""
     torch.manual_seed(0)
     model = randomize_norms(patnet.create_model(name), seed=1).eval().to(DEVICE)
-    fast = patnet.optimize_for_inference(model, backend=block_backend)
+    fast = patnet.optimize_for_inference(model, backend=fused_backend)
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
         assert rel_error(fast(x), model(x)) < 1e-5

@@ -11,17 +11,14 @@ import patnet
 import patnet_kernels as pk
 from patnet_kernels import registry
 
-from conftest import (DEVICE, assert_within_budget, fused_ops, rel_error, require_fused_backend,
+from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops, rel_error,
                       small_inference_model)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = registry.OPS["pointwise_mlp"].backends
+# (tests taking ``fused_backend``: each of them, skipped where it cannot run on DEVICE)
+ON_ITS_BACKENDS = backends_of("pointwise_mlp")
 
-
-@pytest.fixture(params=BACKENDS)
-def mlp_backend(request) -> str:
-    """Each fused backend with a kernel for the MLP, skipped where it cannot run on DEVICE."""
-    return require_fused_backend(request.param)
 
 
 def _inputs(b, c, hidden, c_out, h, w, dtype, channels_last=False, seed=0):
@@ -57,16 +54,17 @@ SHAPES = {  # (B, C, hidden, C_out, H, W)
 }
 
 
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_matches_float64_reference(shape, channels_last, dtype, mlp_backend):
+def test_matches_float64_reference(shape, channels_last, dtype, fused_backend):
     inputs = _inputs(*shape, dtype, channels_last)
     for activation, bias1, bias2, residual in (("relu", True, False, True),
                                                ("gelu", True, True, False),
                                                ("gelu", False, True, True)):
         options = dict(activation=activation, bias1=bias1, bias2=bias2, residual=residual)
-        ours = _call(inputs, mlp_backend, **options)
+        ours = _call(inputs, fused_backend, **options)
         exact = _call([v.double() for v in inputs], "torch", **options)
         in_dtype = _call(inputs, "torch", **options)
         assert ours.dtype == dtype
@@ -75,7 +73,8 @@ def test_matches_float64_reference(shape, channels_last, dtype, mlp_backend):
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_strided_inputs(mlp_backend):
+@ON_ITS_BACKENDS
+def test_strided_inputs(fused_backend):
     """A channel slice as x, a residual with its H and W transposed in memory (copied for the
     kernel), the output in x's layout."""
     big = _inputs(2, 24, 32, 16, 5, 6, torch.float32, channels_last=True)
@@ -84,17 +83,18 @@ def test_strided_inputs(mlp_backend):
     w1 = big[1][:, :16].contiguous()
     args = (x, w1, big[2], big[3], big[4])
     with torch.no_grad():
-        ours = pk.pointwise_mlp(*args, residual=residual, backend=mlp_backend)
+        ours = pk.pointwise_mlp(*args, residual=residual, backend=fused_backend)
         exact = pk.pointwise_mlp(*(a.double() for a in args), residual=residual.double(),
                                  backend="torch")
     assert rel_error(ours, exact) < 1e-6
 
 
-def test_a_gradient_is_refused_by_name_and_taken_by_auto(mlp_backend):
+@ON_ITS_BACKENDS
+def test_a_gradient_is_refused_by_name_and_taken_by_auto(fused_backend):
     x, w1, b1, w2, b2, r = _inputs(2, 8, 16, 8, 3, 3, torch.float32)
     w1.requires_grad_()
     with pytest.raises(ValueError, match=r"for inference only .* torch.no_grad\(\)"):
-        pk.pointwise_mlp(x, w1, b1, w2, b2, residual=r, backend=mlp_backend)
+        pk.pointwise_mlp(x, w1, b1, w2, b2, residual=r, backend=fused_backend)
     y = pk.pointwise_mlp(x, w1, b1, w2, b2, residual=r, backend="auto")  # the reference
     y.sum().backward()
     assert w1.grad is not None and torch.isfinite(w1.grad).all()
@@ -127,26 +127,29 @@ def test_bad_input_is_refused_before_any_kernel(case, backend):
         pk.pointwise_mlp(*args, backend=backend, **kwargs)
 
 
-def test_float64_is_refused_by_the_fused_backends(mlp_backend):
+@ON_ITS_BACKENDS
+def test_float64_is_refused_by_the_fused_backends(fused_backend):
     x, w1, b1, w2, b2, r = (v.double() for v in _inputs(1, 8, 16, 8, 2, 2, torch.float32))
     with torch.no_grad(), pytest.raises(TypeError, match=r"runs float32, float16 and bfloat16"):
-        pk.pointwise_mlp(x, w1, b1, w2, b2, residual=r, backend=mlp_backend)
+        pk.pointwise_mlp(x, w1, b1, w2, b2, residual=r, backend=fused_backend)
 
 
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "none"])
-def test_opcheck(channels_last, residual, mlp_backend):
+def test_opcheck(channels_last, residual, fused_backend):
     x, w1, b1, w2, b2, r = _inputs(2, 8, 16, 8, 3, 5, torch.float32, channels_last)
-    torch.library.opcheck(fused_ops(mlp_backend).pointwise_mlp.default,
+    torch.library.opcheck(fused_ops(fused_backend).pointwise_mlp.default,
                           (x, None, None, None, w1, b1, w2, None, r if residual else None,
                            "gelu"))
 
 
-def test_inference_path_runs_every_mlp_as_the_fused_op(mlp_backend):
+@ON_ITS_BACKENDS
+def test_inference_path_runs_every_mlp_as_the_fused_op(fused_backend):
     """PATNet-T1's MLPs (PAT_sp after each, so no whole-block op) are one call of the op each,
     and the model equals the eval model. (The other variants, and the compiled inference
     model: tests/test_fused_partial_block.py.)"""
-    model, fast = small_inference_model("patnet_t1", mlp_backend)
+    model, fast = small_inference_model("patnet_t1", fused_backend)
     calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
     blocks = sum(1 for m in fast.modules() if isinstance(m, patnet.inference.InferenceMLP))
     assert calls.count("pointwise_mlp") == blocks == 5
@@ -155,12 +158,13 @@ def test_inference_path_runs_every_mlp_as_the_fused_op(mlp_backend):
         assert rel_error(fast(x), model(x)) < 1e-5
 
 
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_nan_propagates_as_in_the_reference(activation, mlp_backend):
+def test_nan_propagates_as_in_the_reference(activation, fused_backend):
     """A NaN input pixel gives NaN outputs at that pixel only (ReLU keeps NaN, as torch's)."""
     x, w1, b1, w2, b2, r = _inputs(1, 8, 16, 8, 2, 3, torch.float32)
     x[0, 3, 1, 2] = float("nan")
-    ours = _call([x, w1, b1, w2, b2, r], mlp_backend, activation)
+    ours = _call([x, w1, b1, w2, b2, r], fused_backend, activation)
     reference = _call([x, w1, b1, w2, b2, r], "torch", activation)
     assert torch.equal(ours.isnan(), reference.isnan()) and ours.isnan().sum() == 8
 
