@@ -86,8 +86,9 @@ FAMILY = Family(
     formulas={"fwd": "(2N + P) * e: the block's floor, read X and write Y once (N = B*C*H*W "
                      "elements, P = the folded parameters: 9 C1^2 conv, 2 C2^2 + 5 C2 PAT_ch "
                      "gate, 4 C^2 + 2C MLP; e = bytes per element). The Triton path moves "
-                     "about 1.75N more (PAT_ch's statistics read X2; conv3x3(X1) written and "
-                     "read back; X read again for the residual)"},
+                     "this for a FasterNet block (one kernel; the conv's one-pixel halo of X1 "
+                     "re-read from cache) and 0.75N more for a PAT_ch block (its statistics "
+                     "read X2 first)"},
     mode_text={"fwd": "eval forward under torch.no_grad()"},
     modes=("fwd",),  # (an inference op: no backward)
     flops=flops,

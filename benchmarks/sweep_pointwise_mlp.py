@@ -1,17 +1,21 @@
 """Time many configurations of the MLP kernel in one run: the tuning sweep of a GPU session.
 
-    python -m benchmarks.sweep_pointwise_mlp [--dtypes float16] [--batch 256]
+    python -m benchmarks.sweep_pointwise_mlp [--op mlp|block] [--dtypes float16] [--batch 256]
         [--shapes patnet_t2.s1,fasternet_t2] [--grid small|full] [--json out.json] [--quick]
 
-For each stage shape of ``bench_pointwise_mlp`` (PATNet-T2 and FasterNet-T2, hidden 2C, ReLU,
-the block's residual), every configuration of the grid (pixels, input-channel and hidden
-chunks, output block, warps, stages; see :func:`grid`) is launched once, checked against the
-reference in fp32 on the same inputs, then timed with the op benchmarks' timer (GPU:
-``do_bench``, L2 flushed before every call). Prints per shape the configurations from fastest,
-the shipped one (``default_config``) marked ``*``, with GB/s of the op's bytes (read X and the
-residual, write Y, the weights) and the share of the fastest; a configuration that does not
-compile or launch (shared memory, registers) reads ``error``. JSON: every row. On the CPU
-(``--quick``): the Triton interpreter, shrunk shapes, two configurations: a smoke run.
+``--op mlp`` (default): for each stage shape of ``bench_pointwise_mlp`` (PATNet-T2 and
+FasterNet-T2, hidden 2C, ReLU, the block's residual) the kernel as ``pk.pointwise_mlp`` runs
+it. ``--op block``: for each shape of ``bench_partial_block`` the kernel as a whole block runs
+it, computing conv3x3(X1) for its tile and, for PAT_ch shapes, applying a per-(sample, channel)
+affine map to X2 (random: the gate's values do not change the kernel's cost). Every
+configuration of the grid (pixels, input-channel and hidden chunks, output block, warps,
+stages; see :func:`grid`) is launched once, checked against the reference in fp32 on the same
+inputs, then timed with the op benchmarks' timer (GPU: ``do_bench``, L2 flushed before every
+call). Prints per shape the configurations from fastest, the shipped one (``default_config``)
+marked ``*``, with GB/s of the op's floor bytes (read X, write Y, the weights) and the share of
+the fastest; a configuration that does not compile or launch (shared memory, registers) reads
+``error``. JSON: every row. On the CPU (``--quick``): the Triton interpreter, shrunk shapes,
+two configurations: a smoke run.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from benchmarks import env  # noqa: E402
 if not torch.cuda.is_available():  # (before anything imports triton: its interpreter, --quick)
     env.use_cpu_emulation(cuda=False)
 
-from benchmarks.bench_pointwise_mlp import FAMILY  # noqa: E402
+from benchmarks import bench_partial_block, bench_pointwise_mlp  # noqa: E402
 from benchmarks.report import split_list, write_json  # noqa: E402
 from benchmarks.timer import Timer  # noqa: E402
 from benchmarks.tolerance import MISMATCH  # noqa: E402
@@ -40,9 +44,10 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 def grid(kind: str, out_channels: int):
-    """The configurations of a sweep (``pointwise_mlp.Config``): "small" (16: the pixel tile,
-    the hidden chunk, the output block, warps) or "full" (96); output blocks above the next
-    power of two of C_out are left out (pure waste)."""
+    """The configurations of a sweep (``pointwise_mlp.Config``; a conv head's input-channel
+    step stays 32): "small" (16: the pixel tile, the hidden chunk, the output block, warps) or
+    "full" (216); output blocks above the next power of two of C_out are left out (pure
+    waste)."""
     from patnet_kernels.triton._common import block
     from patnet_kernels.triton.pointwise_mlp import Config
 
@@ -60,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m benchmarks.sweep_pointwise_mlp",
         description="Time many configurations of the MLP kernel (pk.pointwise_mlp) per stage "
                     "shape, checked against the reference.")
+    parser.add_argument("--op", default="mlp", choices=["mlp", "block"],
+                        help="the kernel as the MLP op runs it, or as a whole block (conv "
+                             "head, PAT_ch's affine)")
     parser.add_argument("--dtypes", default="float16", help="comma list of float16, bfloat16")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--shapes", default=None,
@@ -73,6 +81,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Case:
+    """One shape's kernel call with a given configuration, its fp32 reference and the
+    shipped configuration."""
+
+    def __init__(self, op: str, shape, batch: int, dtype, device, gen):
+        from patnet_kernels.reference import pointwise_mlp as mlp_reference
+        from patnet_kernels.triton import partial_conv, pointwise_mlp as kernels
+
+        family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
+        args = family.build(shape, batch, dtype, device, "fwd", gen).args
+        self.nbytes = family.bytes_moved(shape, batch, args[0].element_size(), "fwd")
+        if op == "block":
+            x, conv, cfc_weight, _, _, _, w1, b1, w2, _, activation = args
+            c1 = conv.shape[0]
+            taps = partial_conv.forward_taps(conv)
+            scale = shift = None
+            if cfc_weight is not None:
+                scale, shift = (torch.rand(x.shape[0], x.shape[1] - c1, device=device,
+                                           generator=gen) + 0.5 for _ in range(2))
+            f32 = x.float()
+            m2 = f32[:, c1:] if scale is None else f32[:, c1:] * scale[..., None, None] + \
+                shift[..., None, None]
+            m = torch.cat([torch.nn.functional.conv2d(f32[:, :c1], conv.float(), padding=1),
+                           m2], 1)
+            self.exact = mlp_reference(m, w1.float(), b1.float(), w2.float(), None, f32,
+                                       activation)
+            residual, extra = x, dict(conv_taps=taps, scale=scale, shift=shift)
+        else:
+            x, w1, b1, w2, _, residual, activation = args
+            c1, extra = 0, {}
+            self.exact = mlp_reference(*(a.float() if isinstance(a, torch.Tensor) else a
+                                         for a in args))
+        mats = (w1.reshape(w1.shape[0], -1).contiguous(), w2.reshape(w2.shape[0], -1).contiguous())
+        y = torch.empty_like(x)
+        self.shipped = kernels.default_config(x.shape[1], w1.shape[0], w2.shape[0], dtype, c1)
+        self.call = lambda config: kernels.pointwise_mlp(
+            x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,11 +128,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("sweep_pointwise_mlp: no GPU here; timing configurations under the Triton "
                   "interpreter says nothing, run with --quick for a smoke run", file=sys.stderr)
             return 2
-    from patnet_kernels.reference import pointwise_mlp as reference
-    from patnet_kernels.triton import pointwise_mlp as kernels
-
     batch = 2 if args.quick else args.batch
-    shapes = FAMILY.shapes(args.quick)
+    family = bench_partial_block.FAMILY if args.op == "block" else bench_pointwise_mlp.FAMILY
+    shapes = family.shapes(args.quick)
     if args.shapes:
         wanted = split_list(args.shapes)
         shapes = [s for s in shapes if any(w in s.name for w in wanted)]
@@ -95,35 +140,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     for dtype_name in split_list(args.dtypes):
         dtype = DTYPES[dtype_name]
         for shape in shapes:
-            problem = FAMILY.build(shape, batch, dtype, device, "fwd", gen)
-            x, w1, b1, w2, _, residual, activation = problem.args
-            exact = reference(*(a.float() if isinstance(a, torch.Tensor) else a
-                                for a in problem.args))
-            mats = (w1.reshape(w1.shape[0], -1).contiguous(),
-                    w2.reshape(w2.shape[0], -1).contiguous())
-            y = torch.empty_like(x)
-            shipped = kernels.default_config(shape.channels, shape.split, shape.channels, dtype)
+            case = Case(args.op, shape, batch, dtype, device, gen)
             configs = grid(args.grid, shape.channels)
             if args.quick:  # (the shipped one and one with half its pixel tile)
-                configs = [shipped, shipped._replace(block_p=max(16, shipped.block_p // 2))]
-            nbytes = FAMILY.bytes_moved(shape, batch, x.element_size(), "fwd")
+                configs = [case.shipped,
+                           case.shipped._replace(block_p=max(16, case.shipped.block_p // 2))]
             print(f"{shape.name} B={batch} C={shape.channels} {shape.height}x{shape.width} "
-                  f"{dtype_name}: {len(configs)} configurations", flush=True)
+                  f"{dtype_name}, {args.op}: {len(configs)} configurations", flush=True)
             found = []
             for config in dict.fromkeys(configs):
-                row = dict(shape=shape.name, dtype=dtype_name, batch=batch,
-                           config=config._asdict(), shipped=config == shipped)
-
-                def call(config=config):
-                    return kernels.pointwise_mlp(x, mats[0], b1, mats[1], None, residual,
-                                                 activation, y, config=config)
+                row = dict(op=args.op, shape=shape.name, dtype=dtype_name, batch=batch,
+                           config=config._asdict(), shipped=config == case.shipped)
                 try:
-                    error = (call().float() - exact).abs().max().item() / \
-                        exact.abs().max().item()
+                    error = (case.call(config).float() - case.exact).abs().max().item() / \
+                        case.exact.abs().max().item()
                     if not error <= MISMATCH[dtype]:
                         raise RuntimeError(f"max rel error {error:.2g} vs the reference")
-                    row.update(status="ok", max_rel_error=error, **timer(call))
-                    row["gbps"] = nbytes / (row["ms"] * 1e-3) / 1e9
+                    row.update(status="ok", max_rel_error=error,
+                               **timer(lambda config=config: case.call(config)))
+                    row["gbps"] = case.nbytes / (row["ms"] * 1e-3) / 1e9
                 except Exception as exc:  # noqa: BLE001 - one failing config must not end it
                     row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
                     failures += row["shipped"]
@@ -131,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _print_shape(found)
             rows.extend(found)
     if args.json:
-        write_json(Path(args.json), {"benchmark": "sweep_pointwise_mlp",
+        write_json(Path(args.json), {"benchmark": "sweep_pointwise_mlp", "op": args.op,
                                      **env.run_info(device), "grid": args.grid,
                                      "timing": timer.method, "rows": rows})
         print(f"Report written to {args.json}")

@@ -2,9 +2,11 @@
 
     python -m benchmarks.traffic                                   # every model, 64 x 64
     python -m benchmarks.traffic --models patnet_t2,fasternet_t2 --size 128 --json out.json
+    python -m benchmarks.traffic --models patnet_t2 --autocast      # under bfloat16 autocast
 
 For each model and provider, one eval forward under ``torch.no_grad()`` (fp32, NCHW, random
-weights) is recorded with a ``TorchDispatchMode``, after one untraced warm-up forward (so caches
+weights; with ``--autocast`` under bfloat16 autocast, whose weight casts are kernels too) is
+recorded with a ``TorchDispatchMode``, after one untraced warm-up forward (so caches
 such as PAT_sf's bucket map are built: the steady state is counted). Providers:
 
 - ``eager``: the reference model, ``patnet.create_model(name, backend="torch")`` (BatchNorms
@@ -33,7 +35,7 @@ once). In-place ops read and write their ``self`` (``relu_``: 2 N), except the o
 read. Views move nothing. A fused kernel is counted by what it must move: its tensor inputs read
 once (one passed twice, as the block's input and its residual, once) and outputs written once,
 except where it touches part of a tensor: the statistics of
-PAT_ch read X2 only, in-place PConv reads the saved X1 and writes Y1 into X, PAT_sf's output
+PAT_ch read X2 only (both forms), in-place PConv reads the saved X1 and writes Y1 into X, PAT_sf's output
 kernel reads X1 and writes Y1 (its projection is the ``bmm`` beside it), the attention reads its
 bucket ids as int32. Halo re-reads, register spills and caches are not modelled.
 
@@ -190,7 +192,7 @@ def fused_bytes(op: str, args, out) -> Tuple[int, int]:
             inputs.append(t)
     read = sum(nbytes(t) for t in inputs)
     written = sum(nbytes(t) for t in _tensors(out))
-    if op == "channel_attention_stats":  # reads X2 only
+    if op in ("channel_attention_stats", "channel_attention_chunk_stats"):  # reads X2 only
         x, c1 = args[0], int(args[1])
         read = nbytes(x[:, c1:])
     elif op == "partial_conv3x3_":  # the conv reads the saved X1 and writes Y1 into x
@@ -304,17 +306,26 @@ def summarize(ops: Iterable[Op]) -> Count:
                  sum(o.read for o in ops), sum(o.written for o in ops))
 
 
+def precision(autocast: bool):
+    """The context a forward is counted in: bfloat16 autocast (the CPU's autocast dtype; on a
+    GPU, fp16 autocast casts the same tensors) or none (float32)."""
+    return (torch.autocast("cpu", dtype=torch.bfloat16) if autocast
+            else contextlib.nullcontext())
+
+
 def record_forward(model: torch.nn.Module, x: torch.Tensor, warmup: bool = True,
-                   run_kernels: bool = True) -> List[Op]:
+                   run_kernels: bool = True, autocast: bool = False) -> List[Op]:
     """The ops of one eval forward of ``model`` on ``x`` (after an untraced warm-up forward,
-    at batch 1, unless ``warmup`` is False); ``run_kernels``: see :func:`triton_launches`."""
+    at batch 1, unless ``warmup`` is False); ``run_kernels``: see :func:`triton_launches`;
+    ``autocast``: see :func:`precision`."""
     skip = contextlib.nullcontext() if run_kernels else triton_launches([], run_kernels=False)
     with torch.no_grad(), skip:
         if warmup:
-            model(x[:1].clone())
+            with precision(autocast):  # (each forward in its own autocast region, as a caller
+                model(x[:1].clone())   # would run it: autocast's cache lasts one region)
         x = x.clone()  # (the model may overwrite its input)
         recorder = TrafficRecorder(run_kernels=run_kernels)
-        with recorder:
+        with recorder, precision(autocast):
             model(x)
     return recorder.ops
 
@@ -329,7 +340,7 @@ def build(name: str, provider: str, seed: int = 0, **overrides) -> torch.nn.Modu
     return patnet.optimize_for_inference(model, backend=provider)
 
 
-def floor(name: str, size: int, **overrides) -> Dict[str, int]:
+def floor(name: str, size: int, autocast: bool = False, **overrides) -> Dict[str, int]:
     """Per-image activation bytes of each layer's input read once and output written once,
     the layer count (one kernel per layer) and the folded model's parameter bytes."""
     torch.manual_seed(0)
@@ -346,7 +357,7 @@ def floor(name: str, size: int, **overrides) -> Dict[str, int]:
 
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), precision(autocast):
             model(torch.randn(batch, 3, size, size))
     finally:
         for handle in handles:
@@ -372,7 +383,7 @@ def _breakdown(ops: Sequence[Op]) -> Dict[str, Dict[str, int]]:
 
 
 def measure_provider(name: str, provider: str, size: int, seed: int = 0,
-                     run_kernels: bool = True, **overrides) -> dict:
+                     run_kernels: bool = True, autocast: bool = False, **overrides) -> dict:
     """Kernels and bytes of one provider on one model: a dict (see :func:`measure`)."""
     start = time.perf_counter()
     try:
@@ -381,7 +392,7 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
         for batch in BATCHES:
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
             # one warm-up, at batch 1 (the caches it fills depend on H and W, not the batch)
-            runs[batch] = record_forward(model, x, batch == BATCHES[0], run_kernels)
+            runs[batch] = record_forward(model, x, batch == BATCHES[0], run_kernels, autocast)
     except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
         from patnet_kernels import BackendUnavailableError
         status = "unavailable" if isinstance(exc, BackendUnavailableError) else "error"
@@ -405,18 +416,21 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
 
 
 def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROVIDERS,
-            seed: int = 0, run_kernels: bool = True, **overrides) -> dict:
+            seed: int = 0, run_kernels: bool = True, autocast: bool = False,
+            **overrides) -> dict:
     """The traffic report of one model: floor and, per provider, kernels per forward
     (``kernels``, of which ``fused_kernels``), activation bytes per image (``act_read``,
     ``act_written``, ``act_bytes``), per-batch bytes (``batch_bytes``: weights and other
     batch-independent tensors), the op breakdown at batch 3 (``ops``), or ``status`` /
-    ``reason`` where the provider cannot run."""
-    report = {"model": name, "size": size, "dtype": "float32", "batches": list(BATCHES),
+    ``reason`` where the provider cannot run; ``autocast``: counted under bfloat16 autocast
+    (:func:`precision`)."""
+    report = {"model": name, "size": size,
+              "dtype": "bfloat16 autocast" if autocast else "float32", "batches": list(BATCHES),
               "run_kernels": run_kernels,
-              "floor": floor(name, size, **overrides), "providers": {}}
+              "floor": floor(name, size, autocast, **overrides), "providers": {}}
     for provider in providers:
         report["providers"][provider] = measure_provider(name, provider, size, seed,
-                                                         run_kernels, **overrides)
+                                                         run_kernels, autocast, **overrides)
     return report
 
 
@@ -428,7 +442,7 @@ def format_table(report: dict) -> str:
     """A readable table of one model's report."""
     fl = report["floor"]
     size = report["size"]
-    title = (f"{pretty(report['model'])} at {size} x {size}, fp32, eval forward "
+    title = (f"{pretty(report['model'])} at {size} x {size}, {report['dtype']}, eval forward "
              f"(no_grad); bytes per image (batch {BATCHES[1]} - batch {BATCHES[0]}), "
              "MB = 1e6 bytes")
     header = (f"{'provider':<22}{'kernels':>8}{'fused':>7}{'read MB':>10}{'write MB':>10}"
@@ -481,6 +495,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"input height and width, >= 32 (default {DEFAULT_SIZE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the reports here")
+    parser.add_argument("--autocast", action="store_true",
+                        help="count under bfloat16 autocast (the mixed-precision inference a "
+                             "GPU benchmark runs in fp16 autocast): casts included")
     parser.add_argument("--count-only", action="store_true",
                         help="count the Triton launches without running them (much faster "
                              "under the interpreter; the counts are the same)")
@@ -503,13 +520,14 @@ def main(argv=None) -> int:
     reports = []
     for name in args.models:
         report = measure(name, args.size, args.providers, args.seed,
-                         run_kernels=not args.count_only)
+                         run_kernels=not args.count_only, autocast=args.autocast)
         reports.append(report)
         print(format_table(report) + "\n", flush=True)
         if args.json is not None:  # rewritten after every model: a cut run keeps what it had
             write_json(reports, args.json, {"size": args.size, "providers": args.providers,
                                             "seed": args.seed, "models": args.models,
-                                            "count_only": args.count_only})
+                                            "count_only": args.count_only,
+                                            "autocast": args.autocast})
     failed = [(r["model"], p) for r in reports for p, row in r["providers"].items()
               if row.get("status") == "error"]
     return 1 if failed else 0

@@ -15,8 +15,10 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    hidden activation kept on chip by the fused kernel); under ``backend="cuda"``, which has no
    kernel for it, the MLP's modules run one by one as before folding. Under
    ``backend="triton"`` a FasterNet or PAT_ch block (no PAT_sp) runs as one op,
-   ``pk.partial_block``, whose MLP kernel reads the mixer's output in parts (its conv half and
-   X2 with PAT_ch's gate applied as it is read), so that output is never written whole;
+   ``pk.partial_block``, whose MLP kernel computes the mixer as it reads its input (conv3x3(X1)
+   for its pixel tile, X2 with PAT_ch's gate applied), so that output is never written: one
+   launch per FasterNet block, three per PAT_ch block (statistics, gate, the kernel); and each
+   PConv weight is stored in the kernels' [tap, in, out] order, so no call re-lays it out;
 5. writes the stage-4 blocks' first residual sum into the mixer's output (no new tensor).
 
 Its outputs equal the eval model's within float rounding (tests/test_inference.py checks every
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 import patnet_kernels as pk
+from patnet_kernels.triton.partial_conv import tap_major
 
 from .cuda_graph import GraphedModel, check_example_input
 from .fuse import fuse_for_inference
@@ -149,6 +152,9 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
             module.mlp.backend = backend
         if hasattr(module, "eval_forms"):
             module.eval_forms = True
+        if hasattr(module, "partial_conv3") and backend == "triton":
+            weight = module.partial_conv3.weight  # (the Triton kernels read it with no copy)
+            weight.data = tap_major(weight.data)
     optimized.optimized_for_inference = True
     if example_input is not None:
         return GraphedModel(optimized, example_input)

@@ -10,6 +10,8 @@ import functools
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference, registry
 from ._checks import (check_activation, check_batch_norm, check_batch_values,
@@ -22,14 +24,39 @@ from .reference.pointwise_mlp import ACTIVATIONS as MLP_ACTIVATIONS
 AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
 
 
+# Casts of frozen parameters under autocast, kept per (parameter, dtype) with the parameter's
+# version and storage at the time: see :func:`_autocast_copy`.
+_FROZEN_CASTS = WeakIdKeyDictionary()
+
+
+def _autocast_copy(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """value in ``dtype``. A frozen parameter (an ``nn.Parameter`` that requires no gradient:
+    those of ``patnet.optimize_for_inference``'s copies) is cast once and the copy reused
+    while the parameter is unchanged (same version counter and storage), instead of once per
+    call as autocast casts weights (its own cache keeps only casts of tensors requiring
+    gradients, and only within one autocast region): under fp16 autocast that is a cast
+    kernel per weight per forward saved. Not while torch.compile traces (it sees plain casts
+    and hoists or fuses them itself)."""
+    if (not isinstance(value, nn.Parameter) or value.requires_grad
+            or torch.compiler.is_compiling()):
+        return value.to(dtype)
+    key = (value._version, value.data_ptr())
+    casts = _FROZEN_CASTS.setdefault(value, {})
+    cached = casts.get(dtype)
+    if cached is None or cached[0] != key:
+        cached = casts[dtype] = (key, value.detach().to(dtype))
+    return cached[1]
+
+
 def autocast_aware(op: Callable) -> Callable:
     """Run ``op`` under ``torch.autocast`` as PyTorch runs a convolution there.
 
     Where autocast is enabled for the device of the op's first tensor, every float32, float16
     or bfloat16 tensor argument (activations and weights; not the BatchNorm parameters, which
     stay float32 as ``nn.BatchNorm2d``'s do under autocast, nor integer bucket ids) is cast to
-    the autocast dtype, and the op runs with autocast off, so that its own float32 arithmetic
-    (statistics, gates) stays float32. Outside autocast the op runs unchanged.
+    the autocast dtype (a frozen parameter's cast kept for the next call, see
+    :func:`_autocast_copy`), and the op runs with autocast off, so that its own float32
+    arithmetic (statistics, gates) stays float32. Outside autocast the op runs unchanged.
     """
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
@@ -46,7 +73,7 @@ def autocast_aware(op: Callable) -> Callable:
         def cast(value):  # (no call at all for a tensor already in the autocast dtype)
             if (isinstance(value, torch.Tensor) and value.dtype != dtype
                     and value.dtype in registry.FUSED_DTYPES):
-                return value.to(dtype)
+                return _autocast_copy(value, dtype)
             return value
 
         args = [cast(a) for a in args]

@@ -99,35 +99,34 @@ def test_matches_float64_reference(case, channels_last, dtype, fused_backend):
 
 @ON_ITS_BACKENDS
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_opcheck_of_the_mlp_with_a_split_input(channels_last, fused_backend):
-    """The MLP op as the block calls it: a head for channels [0, C1), X2 through an affine."""
+def test_opcheck_of_the_mlp_with_a_conv_head(channels_last, fused_backend):
+    """The MLP op as the block calls it: conv3x3 of channels [0, C1), X2 through an affine."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(2, 12, 3, 5, generator=gen).to(DEVICE)
-    head = torch.randn(2, 3, 3, 5, generator=gen).to(DEVICE)
     if channels_last:
-        x, head = (t.contiguous(memory_format=torch.channels_last) for t in (x, head))
+        x = x.contiguous(memory_format=torch.channels_last)
+    conv = torch.randn(3, 3, 3, 3, generator=gen).to(DEVICE) / 9
     scale, shift = (torch.randn(2, 9, generator=gen).to(DEVICE) for _ in range(2))
     w1 = torch.randn(24, 12, 1, 1, generator=gen).to(DEVICE) / 4
     w2 = torch.randn(12, 24, 1, 1, generator=gen).to(DEVICE) / 5
     torch.library.opcheck(fused_ops(fused_backend).pointwise_mlp.default,
-                          (x, head, scale, shift, w1, None, w2, None, x, "relu"))
+                          (x, conv, scale, shift, w1, None, w2, None, x, "relu"))
 
 
 @ON_ITS_BACKENDS
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_conv_with_statistics(channels_last, fused_backend):
-    """``partial_conv3x3_stats``: conv3x3(X1) as PConv's kernel computes it, and per-chunk
-    statistics of X2 that the gate op merges into the mean and std of the statistics op;
-    opcheck of both ops as the block calls them."""
+def test_chunked_statistics(channels_last, fused_backend):
+    """``channel_attention_chunk_stats``: per-chunk statistics of X2 (several chunks, the last
+    one shorter) that the gate op merges into the mean and std of the statistics op; opcheck
+    of the op as the block calls it."""
     ops = fused_ops(fused_backend)
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 12, 17, 19, generator=gen) * 3 + 1).to(DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(3, 3, 3, 3, generator=gen).to(DEVICE) / 9
-    y1, mean, m2 = ops.partial_conv3x3_stats(x, weight)
-    assert torch.equal(y1, ops.partial_conv3x3(x[:, :3], weight))
-    assert mean.shape[:1] == (2,) and mean.shape[2] == 9 and mean.shape == m2.shape
+    mean, m2 = ops.channel_attention_chunk_stats(x, 3)
+    assert mean.shape[0] == 2 and mean.shape[1] > 1 and mean.shape[2] == 9
+    assert m2.shape == mean.shape and (17 * 19) % mean.shape[1]
     bn_b = BatchNormParams(None, None, torch.zeros(9, device=DEVICE),
                            torch.ones(9, device=DEVICE), 0.1, 0.0)
     cfc = torch.zeros(9, 9, 1, 2, device=DEVICE)
@@ -143,7 +142,7 @@ def test_conv_with_statistics(channels_last, fused_backend):
         got, _ = eval_gate(ops, mean, m2, 17 * 19, pick, None, None, bn_b)
         want, _ = eval_gate(ops, exact_mean, exact_std, 0, pick, None, None, bn_b)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    torch.library.opcheck(ops.partial_conv3x3_stats.default, (x, weight))
+    torch.library.opcheck(ops.channel_attention_chunk_stats.default, (x, 3))
 
 
 def _bad(name):

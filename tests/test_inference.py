@@ -85,6 +85,13 @@ def test_inference_path_on_fused_backend(name, fused_backend):
     assert set(fast.backend_plan().values()) == {fused_backend}
     with torch.no_grad():
         assert rel_error(fast(x), model(x)) < 1e-5
+    if fused_backend == "triton":  # PConv weights stored as the kernels read them: no copy
+        from patnet_kernels.triton.partial_conv import forward_taps
+        state = model.state_dict()
+        for key, weight in fast.state_dict().items():
+            if key.endswith("partial_conv3.weight"):
+                assert torch.equal(weight, state[key])
+                assert forward_taps(weight).data_ptr() == weight.data_ptr()
 
 
 def test_inference_path_channels_last():
@@ -249,3 +256,24 @@ def test_cuda_graph_replays_the_inference_model(backend):
     with pytest.raises(ValueError, match="autocast"):
         graphed(x)
     assert graphed.backend_plan() == plain.backend_plan()
+
+
+def test_frozen_parameters_are_cast_once_under_autocast():
+    """The functional API's autocast casts a frozen parameter (an inference copy's) once and
+    reuses the copy until the parameter changes; other tensors are cast per call."""
+    from patnet_kernels.functional import _autocast_copy
+
+    half = torch.bfloat16
+    frozen = torch.nn.Parameter(torch.randn(4, 4, 1, 1), requires_grad=False)
+    first = _autocast_copy(frozen, half)
+    assert first.dtype == half and torch.equal(first, frozen.to(half))
+    assert _autocast_copy(frozen, half) is first
+    with torch.no_grad():
+        frozen.mul_(2)  # (an in-place change: a new version)
+    again = _autocast_copy(frozen, half)
+    assert again is not first and torch.equal(again, frozen.to(half))
+    frozen.data = torch.randn(4, 4, 1, 1)  # (new storage)
+    assert torch.equal(_autocast_copy(frozen, half), frozen.to(half))
+    trained, plain = torch.nn.Parameter(torch.randn(3)), torch.randn(3)
+    for t in (trained, plain):
+        assert _autocast_copy(t, half) is not _autocast_copy(t, half)

@@ -289,15 +289,18 @@ def test_targets_filter_rows_and_show_each_dtype():
     assert len(lines) == 2  # on an H100: no "for information only" line
 
 
-def test_pointwise_mlp_sweep_smoke_run(tmp_path, capsys):
-    """The MLP kernel's tuning sweep (a GPU tool) runs on the CPU with --quick: every shape
-    with the shipped configuration and one other, checked and timed, in its table and JSON."""
-    from benchmarks import sweep_pointwise_mlp as sweep
+@pytest.mark.parametrize("op", ["mlp", "block"])
+def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
+    """The MLP kernel's tuning sweep (a GPU tool) runs on the CPU with --quick, as the MLP op
+    and as a whole block runs the kernel: every shape with the shipped configuration and one
+    other, checked and timed, in its table and JSON."""
+    from benchmarks import bench_partial_block, sweep_pointwise_mlp as sweep
 
     path = tmp_path / "sweep.json"
-    assert sweep.main(["--quick", "--json", str(path)]) == 0
+    assert sweep.main(["--quick", "--op", op, "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
-    shapes = {s.name for s in bench_pointwise_mlp.FAMILY.shapes(True)}
+    family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
+    shapes = {s.name for s in family.shapes(True)}
     assert {r["shape"] for r in rows} == shapes and len(rows) == 2 * len(shapes)
     assert all(r["status"] == "ok" and r["max_rel_error"] < 1e-2 for r in rows)
     assert sum(r["shipped"] for r in rows) == len(shapes)

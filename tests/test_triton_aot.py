@@ -88,12 +88,12 @@ _SPECIALISATION_CHECK = textwrap.dedent("""
         y = torch.empty_like(x)
         check(partial_conv, "_conv3x3_passthrough_kernel", kind,
               lambda: partial_conv.conv3x3_passthrough(x, w, y, True))
-        # the MLP as a FasterNet block calls it: a head, the residual, ReLU, b1, no b2
-        head = torch.randn(2, 16, 32, 32, dtype=half).contiguous(memory_format=fmt)
+        # the MLP as a FasterNet-T1 block calls it: a conv head, the residual, GELU, b1, no b2
         w1, b1, w2 = torch.randn(128, 64, dtype=half), torch.randn(128, dtype=half), \
             torch.randn(64, 128, dtype=half)
         check(pointwise_mlp, "_pointwise_mlp_kernel", kind,
-              lambda: pointwise_mlp.pointwise_mlp(x, w1, b1, w2, None, x, "relu", y, head=head))
+              lambda: pointwise_mlp.pointwise_mlp(x, w1, b1, w2, None, x, "gelu", y,
+                                                  conv_taps=w))
 """)
 
 

@@ -4,12 +4,12 @@ The op (registered as ``patnet_triton::pointwise_mlp`` by
 :mod:`patnet_kernels.ops.triton.pointwise_mlp`), with the fake below so that torch.compile
 traces through it:
 
-* ``pointwise_mlp(x, head, scale, shift, w1, b1, w2, b2, residual, activation) -> y``:
+* ``pointwise_mlp(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation) -> y``:
   W2 . act(W1 . M + b1) + b2 [+ R] in one pass, y in x's memory format, where the MLP's input
-  M is x, or, given a (B, C_HEAD, H, W) ``head`` and/or a (B, C - C_HEAD) fp32 ``scale`` and
-  ``shift``, [head | x[:, C_HEAD:] * scale + shift]: a block's mixer output taken in parts
-  (its conv half, and X2 with PAT_ch's gate applied as it is read; see
-  :mod:`patnet_kernels.ops.partial_block`).
+  M is x, or, given a (C_HEAD, C_HEAD, 3, 3) ``conv_weight`` and/or a (B, C - C_HEAD) fp32
+  ``scale`` and ``shift``, [conv3x3(x[:, :C_HEAD]) | x[:, C_HEAD:] * scale + shift]: a
+  FasterNet or PAT_ch block's mixer computed as the MLP reads it (its conv half, and X2 with
+  PAT_ch's gate applied; see :mod:`patnet_kernels.ops.partial_block`).
 
 An inference op (its BatchNorm folded into W1 and b1): it has no backward, and the registry
 refuses a call through which a gradient may be taken (:func:`patnet_kernels.registry.refusals`),
@@ -31,7 +31,7 @@ def output_shape(x: Tensor, w2: Tensor):
     return (x.shape[0], w2.shape[0], x.shape[2], x.shape[3])
 
 
-def _forward_fake(x, head, scale, shift, w1, b1, w2, b2, residual, activation):
+def _forward_fake(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation):
     return empty_activation(x, output_shape(x, w2))
 
 

@@ -8,6 +8,9 @@ have any strides (NCHW, channels_last): every kernel takes the four strides of e
 * :func:`channel_stats` -- one pass over X2: per (b, c) mean and unbiased std over H * W, in
   fp32, from per-tile means and centred sums of squares combined with Chan's formula (no
   E[x^2] - E[x]^2 cancellation). H * W = 1 gives std = 0 / 0 = NaN, as ``Tensor.std``.
+  :func:`channel_chunk_stats` -- the same kernel with H * W split into chunks, for parallelism
+  when the batch is small: per chunk the mean and the sum of squared deviations, which the
+  gate kernel merges (Chan's formula again).
 * :func:`conv3x3_affine` -- one pass over X writing the whole output: each program computes
   conv3x3 of its pixel tile for a block of output channels (the implicit GEMM of
   :func:`~patnet_kernels.triton.partial_conv.conv3x3_tile`) and the affine map of its share of
@@ -39,26 +42,33 @@ from .partial_conv import _conv_blocks, _strides, conv3x3_tile
 @triton.jit
 def _channel_stats_kernel(
     x_ptr,  # (B, C1 + C2, H, W) any strides; channels [C1, C1 + C2) read
-    mean_ptr,  # (B, C2) fp32 contiguous: mean over the H * W pixels
-    std_ptr,  # (B, C2) fp32 contiguous: unbiased std over the H * W pixels (NaN if H * W = 1)
+    mean_ptr,  # (B, T, C2) fp32 contiguous: the mean of each of T equal pixel chunks
+    dev_ptr,  # (B, T, C2) fp32 contiguous: per chunk, the unbiased std if T = 1 and not
+              # SUM_OF_SQUARES (NaN if H * W = 1), else the sum of squared deviations
     C1, C2, H, W,
     x_sb, x_sc, x_sh, x_sw,  # strides of x (elements)
+    SUM_OF_SQUARES: tl.constexpr,  # write each chunk's sum of squared deviations, not std
     BLOCK_P: tl.constexpr,  # pixels per step (flattened h * W + w)
     BLOCK_C: tl.constexpr,  # channels per program
 ):
-    # grid: (ceil(C2 / BLOCK_C), B)
+    # grid: (ceil(C2 / BLOCK_C), B, T); chunk t holds pixels [t S, min((t + 1) S, H W)),
+    # S = ceil(H W / T) (every chunk but the last has S pixels: what the gate's merge assumes)
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_t = tl.program_id(2)
+    chunks = tl.num_programs(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C2
     base = x_ptr + pid_b * x_sb + (C1 + offs_c) * x_sc  # (BLOCK_C,) pointers
     n = H * W
+    size = tl.cdiv(n, chunks)
+    end = tl.minimum(n, (pid_t + 1) * size)
     seen = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for p0 in range(0, n, BLOCK_P):
+    for p0 in range(pid_t * size, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = offs_p < n
+        p_ok = offs_p < end
         pix = (offs_p // W) * x_sh + (offs_p % W) * x_sw
         ok = p_ok[:, None] & c_ok[None, :]
         x = tl.load(base[None, :] + pix[:, None], mask=ok, other=0.0).to(tl.float32)
@@ -72,11 +82,13 @@ def _channel_stats_kernel(
         mean = mean + delta * (count / total)
         m2 = m2 + tile_m2 + delta * delta * (seen * (count / total))
         seen = total
-    # H * W = 1: m2 = 0 and the divisor 0, so std = NaN (as Tensor.std with correction 1).
-    std = tl.sqrt(m2 / (seen - 1.0))
-    out = pid_b * C2 + offs_c
+    out = (pid_b * chunks + pid_t) * C2 + offs_c
     tl.store(mean_ptr + out, mean, mask=c_ok)
-    tl.store(std_ptr + out, std, mask=c_ok)
+    if SUM_OF_SQUARES:
+        tl.store(dev_ptr + out, m2, mask=c_ok)
+    else:
+        # H * W = 1: m2 = 0 and the divisor 0, so std = NaN (as Tensor.std with correction 1).
+        tl.store(dev_ptr + out, tl.sqrt(m2 / (seen - 1.0)), mask=c_ok)
 
 
 @triton.jit
@@ -121,7 +133,7 @@ def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS)
 @triton.jit
 def _channel_gate_kernel(
     mean_ptr,  # (B, C2) fp32 contiguous: per (b, c) mean of X2; with CHUNKS > 0 (B, CHUNKS,
-               # C2): the mean of each of CHUNKS equal pixel chunks (partial_conv's STATS)
+               # C2): the mean of each of CHUNKS equal pixel chunks (channel_chunk_stats)
     std_ptr,  # (B, C2) fp32 contiguous: per (b, c) unbiased std of X2; with CHUNKS > 0
               # (B, CHUNKS, C2): each chunk's sum of squared deviations from its mean
     w_ptr,  # (C2, C2, 1, 2) W_ch, contiguous: w[o, i, 0, j] mixes (mean, std)[j] of channel i
@@ -316,17 +328,50 @@ def _check_coefficients(b: int, c2: int, *coefs: torch.Tensor) -> None:
             f"coefficients must be ({b}, {c2}) contiguous fp32, got {t.dtype} {tuple(t.shape)}"
 
 
-def channel_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per (b, c) mean and unbiased std over H * W of x[:, c1:], each (B, C2) fp32 contiguous."""
+def _stats(x: torch.Tensor, c1: int, chunks: int, sum_of_squares: bool
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
     b, c, h, w = x.shape
     c2 = c - c1
-    mean = torch.empty((b, c2), device=x.device, dtype=torch.float32)
-    std = torch.empty((b, c2), device=x.device, dtype=torch.float32)
+    mean = torch.empty((b, chunks, c2), device=x.device, dtype=torch.float32)
+    dev = torch.empty_like(mean)
     block_p, block_c, warps = _reduce_blocks(c2, h * w)
-    _channel_stats_kernel[(triton.cdiv(c2, block_c), b)](
-        x, mean, std, c1, c2, h, w, *_strides(x),
+    _channel_stats_kernel[(triton.cdiv(c2, block_c), b, chunks)](
+        x, mean, dev, c1, c2, h, w, *_strides(x), SUM_OF_SQUARES=sum_of_squares,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
-    return mean, std
+    return mean, dev
+
+
+def channel_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per (b, c) mean and unbiased std over H * W of x[:, c1:], each (B, C2) fp32 contiguous."""
+    mean, std = _stats(x, c1, 1, sum_of_squares=False)
+    return mean.squeeze(1), std.squeeze(1)
+
+
+# The programs the chunked statistics aim for (B x channel blocks x chunks): enough to fill
+# the 132 SMs of an H100 / H200 several times over when the batch alone does not.
+_STATS_PROGRAMS = 1024
+# Pixels per chunk under the interpreter: small, so that the tests' maps take several chunks
+# (the last one shorter) and the gate's merge is exercised.
+_INTERPRET_CHUNK_PIXELS = 32
+
+
+def stats_chunks(b: int, c2: int, pixels: int, interpret: bool = INTERPRET) -> int:
+    """T, the pixel chunks :func:`channel_chunk_stats` splits each (sample, channel block)'s
+    H * W pixels into: on a GPU as many as bring the programs to about _STATS_PROGRAMS, at
+    most one per BLOCK_P pixels; a function of the shape alone (the op's fake uses it)."""
+    if interpret:
+        return triton.cdiv(pixels, _INTERPRET_CHUNK_PIXELS)
+    block_p, block_c, _ = _reduce_blocks(c2, pixels, interpret=False)
+    wanted = triton.cdiv(_STATS_PROGRAMS, b * triton.cdiv(c2, block_c))
+    return max(1, min(wanted, triton.cdiv(pixels, block_p)))
+
+
+def channel_chunk_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The statistics of X2 = x[:, c1:] per pixel chunk, split over H * W for parallelism:
+    (mean, sum of squared deviations from it), each (B, T, C2) fp32 contiguous, T =
+    :func:`stats_chunks` equal chunks (the last one shorter), merged by :func:`channel_gate`."""
+    b, c, h, w = x.shape
+    return _stats(x, c1, stats_chunks(b, c - c1, h * w), sum_of_squares=True)
 
 
 def channel_gate(mean: torch.Tensor, std: torch.Tensor, cfc_weight: torch.Tensor,
@@ -335,8 +380,8 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, cfc_weight: torch.Tensor
     """The eval gate: (scale a, shift d), each (B, C2) fp32 contiguous, of Y2 = X2 * a + d.
 
     mean, std: (B, C2) fp32 contiguous (:func:`channel_stats`), or, with ``pixels`` = H * W,
-    (B, T, C2) per-chunk means and sums of squared deviations (the STATS of
-    :func:`patnet_kernels.triton.partial_conv.conv3x3_passthrough`), merged here; cfc_weight:
+    (B, T, C2) per-chunk means and sums of squared deviations (:func:`channel_chunk_stats`),
+    merged here; cfc_weight:
     (C2, C2, 1, 2) contiguous; cfc_bias: (C2,) or None; bn_a: None (folded into W_ch) or
     (weight, bias, running_mean, running_var, eps) and bn_b the same, weight / bias None
     without affine, every tensor (C2,) contiguous.
@@ -413,11 +458,12 @@ def aot_kernels() -> List[AotKernel]:
     for dtype, tname in TRITON_DTYPE.items():
         ptr = "*" + tname
         fn = _channel_stats_kernel
-        kernels.append(AotKernel(
-            f"channel_stats[{tname}]", fn,
-            aot_signature(fn, {"x_ptr": ptr, "mean_ptr": "*fp32", "std_ptr": "*fp32"}),
-            dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps,
-            launches=activation_launches("x")))
+        for sum_of_squares in (False, True):
+            kernels.append(AotKernel(
+                f"channel_stats[{tname}, chunked={sum_of_squares}]", fn,
+                aot_signature(fn, {"x_ptr": ptr, "mean_ptr": "*fp32", "dev_ptr": "*fp32"}),
+                dict(SUM_OF_SQUARES=sum_of_squares, BLOCK_P=block_p, BLOCK_C=block_c),
+                num_warps=warps, launches=activation_launches("x")))
         fn = _channel_grad_sums_kernel
         kernels.append(AotKernel(
             f"channel_grad_sums[{tname}]", fn,

@@ -15,7 +15,7 @@ channel slice of a bigger tensor): every kernel takes the four strides of each a
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List
 
 import torch
 import triton
@@ -66,14 +66,11 @@ def _conv3x3_passthrough_kernel(
     H, W,
     src_sb, src_sc, src_sh, src_sw,  # strides of src (elements)
     dst_sb, dst_sc, dst_sh, dst_sw,  # strides of dst (elements)
-    mean_ptr, m2_ptr,  # (B, T, C_total - C1) fp32 contiguous, written if STATS: per pixel
-                       # chunk t of src[:, C1:C_total], its mean and sum of squared deviations
     BLOCK_P: tl.constexpr,  # pixels per program (flattened h * W + w)
     BLOCK_CI: tl.constexpr,  # input channels per tl.dot
     BLOCK_CO: tl.constexpr,  # output channels per program
-    BLOCK_COPY: tl.constexpr,  # passthrough channels per copy (or statistics) step
+    BLOCK_COPY: tl.constexpr,  # passthrough channels per copy step
     COPY_REST: tl.constexpr,  # copy src[:, C1:C_total] to dst[:, C1:C_total]
-    STATS: tl.constexpr,  # the statistics of src[:, C1:C_total] instead (PAT_ch's X2)
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
     pid_p = tl.program_id(0)
@@ -103,29 +100,6 @@ def _conv3x3_passthrough_kernel(
             ok = p_ok[:, None] & (offs_c < C_total)[None, :]
             v = tl.load(src + in_pix[:, None] + offs_c[None, :] * src_sc, mask=ok)
             tl.store(dst + out_pix[:, None] + offs_c[None, :] * dst_sc, v, mask=ok)
-
-    if STATS:
-        # Chunk t = pid_p of the T = num_programs(0) chunks of S = ceil(H * W / T) pixels (not
-        # this program's conv tile: equal chunks, so the count of each follows from T and H * W)
-        # takes channel blocks pid_co, pid_co + n_co, ... of C2 = C_total - C1.
-        chunks = tl.num_programs(0)
-        size = tl.cdiv(H * W, chunks)
-        offs_s = pid_p * size + tl.arange(0, BLOCK_P)
-        s_ok = (offs_s < (pid_p + 1) * size) & (offs_s < H * W)
-        count = tl.sum(s_ok.to(tl.float32), 0)
-        s_pix = (offs_s // W) * src_sh + (offs_s % W) * src_sw
-        c2 = C_total - C1
-        step = tl.num_programs(2) * BLOCK_COPY
-        for c0 in range(C1 + pid_co * BLOCK_COPY, C_total, step):
-            offs_c = c0 + tl.arange(0, BLOCK_COPY)
-            ok = s_ok[:, None] & (offs_c < C_total)[None, :]
-            v = tl.load(src + s_pix[:, None] + offs_c[None, :] * src_sc, mask=ok,
-                        other=0.0).to(tl.float32)
-            chunk_mean = tl.sum(v, 0) / count
-            centred = tl.where(ok, v - chunk_mean[None, :], 0.0)
-            out = (pid_b * chunks + pid_p) * c2 + offs_c - C1
-            tl.store(mean_ptr + out, chunk_mean, mask=offs_c < C_total)
-            tl.store(m2_ptr + out, tl.sum(centred * centred, 0), mask=offs_c < C_total)
 
 
 @triton.jit
@@ -194,40 +168,34 @@ def _strides(t: torch.Tensor):
 
 
 def conv3x3_passthrough(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch.Tensor,
-                        copy_rest: bool, stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-                        ) -> torch.Tensor:
+                        copy_rest: bool) -> torch.Tensor:
     """dst[:, :C1] = conv3x3(src[:, :C1]) and, if ``copy_rest``, dst[:, C1:] = src[:, C1:].
 
     src: (B, C_src, H, W), dst: (B, C_dst, H, W), any strides, same dtype; weight_taps:
     (9, C1, C1) contiguous, [tap, in, out] (see :func:`forward_taps`). dst must not overlap
-    the pixels of src[:, :C1] that the conv reads. ``stats``: (mean, m2), each
-    (B, :func:`stats_chunks`, C_src - C1) fp32 contiguous, filled with the statistics of
-    src[:, C1:] per pixel chunk (PAT_ch's X2; then ``copy_rest`` is False). Returns dst.
+    the pixels of src[:, :C1] that the conv reads. Returns dst.
     """
-    b, c_src, h, w = src.shape
+    b, _, h, w = src.shape
     c1 = weight_taps.shape[1]
     block_p, block_ci, block_co, warps = _conv_blocks(c1)
-    c_total = c_src if stats is not None else dst.shape[1]
-    block_copy = _copy_block(c_total - c1, copy_rest or stats is not None)
+    block_copy = _copy_block(dst.shape[1] - c1, copy_rest)
     grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c1, block_co))
-    mean, m2 = stats if stats is not None else (dst, dst)
     _conv3x3_passthrough_kernel[grid](
-        src, dst, weight_taps, c1, c_total, h, w, *_strides(src), *_strides(dst), mean, m2,
+        src, dst, weight_taps, c1, dst.shape[1], h, w, *_strides(src), *_strides(dst),
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_COPY=block_copy,
-        COPY_REST=copy_rest, STATS=stats is not None, UPCAST=upcast_dot(src.dtype),
-        num_warps=warps)
+        COPY_REST=copy_rest, UPCAST=upcast_dot(src.dtype), num_warps=warps)
     return dst
-
-
-def stats_chunks(c1: int, height: int, width: int) -> int:
-    """T, the pixel chunks of :func:`conv3x3_passthrough`'s statistics (one per program row,
-    ceil(H * W / T) pixels each)."""
-    return triton.cdiv(height * width, _conv_blocks(c1)[0])
 
 
 def forward_taps(weight: torch.Tensor) -> torch.Tensor:
     """(C1, C1, 3, 3) conv weight -> (9, C1, C1) [tap, in, out] for the forward conv."""
     return weight.permute(2, 3, 1, 0).reshape(9, weight.shape[1], weight.shape[0]).contiguous()
+
+
+def tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """A (C1, C1, 3, 3) conv weight with the same values, stored [ky, kx, in, out], so that
+    :func:`forward_taps` of it is a view (no copy per call): for weights fixed at inference."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def transposed_taps(weight: torch.Tensor) -> torch.Tensor:
@@ -279,17 +247,14 @@ def aot_kernels() -> List[AotKernel]:
         for dtype, tname in TRITON_DTYPE.items():
             upcast, ptr = upcast_dot(dtype, interpret=False), "*" + tname
             fn = _conv3x3_passthrough_kernel
-            for copy_rest, stats in ((True, False), (False, False), (False, True)):
-                kind = "stats=True" if stats else f"copy={copy_rest}"
+            for copy_rest in (True, False):
                 kernels.append(AotKernel(
-                    f"conv3x3_passthrough[{tname}, CI={block_ci}, CO={block_co}, {kind}]", fn,
-                    # (without statistics the launcher passes dst as the unused mean_ptr, m2_ptr)
-                    aot_signature(fn, {"src_ptr": ptr, "dst_ptr": ptr, "w_ptr": ptr,
-                                       "mean_ptr": "*fp32" if stats else ptr,
-                                       "m2_ptr": "*fp32" if stats else ptr}),
+                    f"conv3x3_passthrough[{tname}, CI={block_ci}, CO={block_co}, "
+                    f"copy={copy_rest}]", fn,
+                    aot_signature(fn, {"src_ptr": ptr, "dst_ptr": ptr, "w_ptr": ptr}),
                     dict(BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co,
-                         BLOCK_COPY=_copy_block(3 * c1, copy_rest or stats),
-                         COPY_REST=copy_rest, STATS=stats, UPCAST=upcast), num_warps=warps,
+                         BLOCK_COPY=_copy_block(3 * c1, copy_rest), COPY_REST=copy_rest,
+                         UPCAST=upcast), num_warps=warps,
                     launches=activation_launches("src", "dst")))
             fn = _conv3x3_weight_grad_kernel
             kernels.append(AotKernel(

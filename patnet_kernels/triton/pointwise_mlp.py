@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
                       block, dot, upcast_dot)
+from .partial_conv import conv3x3_tile
 
 # The activation constexpr of the kernel, by the reference's name.
 ACTIVATION_CODES = {"relu": 0, "gelu": 1}
@@ -36,63 +37,35 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_input_chunk(
-    hidden,  # (BLOCK_P, BLOCK_H) fp32 accumulator of W1 . M for one hidden chunk
-    src,  # (BLOCK_P, 1) pointers to this tile's pixels of the tensor holding channels [LO, HI)
-    src_sc,  # its channel stride (elements)
-    LO, HI,  # the MLP input channels [LO, HI) taken from src (src channel c - SRC_FIRST)
-    SRC_FIRST,  # the MLP input channel of src's channel 0
-    scale_row, shift_row,  # pointers to this sample's (C - C_HEAD,) fp32 affine, or unused
-    AFFINE_FIRST,  # the MLP input channel of the affine's entry 0
-    w1_ptr, C,  # (HIDDEN, C) contiguous first-conv weight
-    offs_h, h_ok, p_ok,  # (BLOCK_H,) hidden channels of the chunk; (BLOCK_P,) pixels that exist
-    HAS_AFFINE: tl.constexpr,  # M = src * scale + shift on these channels
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """hidden += M[:, LO:HI] . W1[chunk, LO:HI]^T, M read from src (affine applied in fp32 and
-    rounded to src's dtype, as PAT_ch's apply pass writes it)."""
-    for k0 in range(LO, HI, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < HI
-        m = tl.load(src + (offs_k - SRC_FIRST)[None, :] * src_sc,
-                    mask=p_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_K)
-        if HAS_AFFINE:
-            a = tl.load(scale_row + offs_k - AFFINE_FIRST, mask=k_ok, other=0.0)
-            d = tl.load(shift_row + offs_k - AFFINE_FIRST, mask=k_ok, other=0.0)
-            m = tl.where(p_ok[:, None] & k_ok[None, :],
-                         m.to(tl.float32) * a[None, :] + d[None, :], 0.0).to(m.dtype)
-        w1t = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
-                      mask=k_ok[:, None] & h_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
-        hidden = dot(m, w1t, hidden, UPCAST)
-    return hidden
-
-
-@triton.jit
 def _pointwise_mlp_kernel(
-    x_ptr,  # (B, C, H, W) input, any strides with a flattened pixel stride x_sp; channels
-            # [C_HEAD, C) of the MLP input M (all of M when C_HEAD = 0)
-    head_ptr,  # (B, C_HEAD, H, W) channels [0, C_HEAD) of M, strides as x; unread if C_HEAD = 0
+    x_ptr,  # (B, C, H, W) input, any strides with a flattened pixel stride x_sp
     scale_ptr, shift_ptr,  # (B, C - C_HEAD) fp32 contiguous: M = x * scale + shift on
                            # channels [C_HEAD, C); unread unless HAS_AFFINE
+    wc_ptr,  # (9, C_HEAD, C_HEAD) contiguous 3x3 conv taps, [tap = 3 * ky + kx, in channel,
+             # out channel], x dtype; unread unless CONV_HEAD
     w1_ptr,  # (HIDDEN, C) contiguous, [hidden, in channel], x dtype
     b1_ptr,  # (HIDDEN,) bias of the first conv (its BatchNorm folded); unread unless HAS_B1
     w2_ptr,  # (C_OUT, HIDDEN) contiguous, [out channel, hidden], x dtype
     b2_ptr,  # (C_OUT,) bias of the second conv; unread unless HAS_B2
     r_ptr,  # (B, C_OUT, H, W) residual, any strides as x; unread unless HAS_RESIDUAL
     y_ptr,  # (B, C_OUT, H, W) output, any strides as x
-    C, C_HEAD, HIDDEN, C_OUT,
+    C, C_HEAD, HIDDEN, C_OUT,  # C_HEAD: channels [0, C_HEAD) of M are the conv (0: none)
     P,  # pixels per sample, H * W
+    W,  # image width: pixel p is at row p // W, column p % W (read if CONV_HEAD)
     x_sb, x_sc, x_sp,  # sample, channel and pixel strides of x (elements)
-    h_sb, h_sc, h_sp,  # strides of the head (elements)
     r_sb, r_sc, r_sp,  # strides of the residual (elements)
     y_sb, y_sc, y_sp,  # strides of y (elements)
     ACTIVATION: tl.constexpr,  # 0: ReLU, 1: exact GELU (ACTIVATION_CODES)
     HAS_AFFINE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    CONV_HEAD: tl.constexpr,  # M[:, :C_HEAD] = conv3x3(x[:, :C_HEAD]) (padding 1), computed
+                              # once per tile and kept on chip
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_K: tl.constexpr,  # input channels per step of the first GEMM
     BLOCK_H: tl.constexpr,  # hidden channels per chunk
     BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_CI: tl.constexpr,  # conv input channels per tl.dot (CONV_HEAD)
+    BLOCK_C1: tl.constexpr,  # C_HEAD rounded up to a power of two (CONV_HEAD): the whole head
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
     pid_p = tl.program_id(0)
@@ -103,21 +76,38 @@ def _pointwise_mlp_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_OUT
     x = x_ptr + pid_b * x_sb + offs_p[:, None] * x_sp  # (BLOCK_P, 1) pixel rows of x
-    head = head_ptr + pid_b * h_sb + offs_p[:, None] * h_sp
-    scale_row = scale_ptr + pid_b * (C - C_HEAD)
-    shift_row = shift_ptr + pid_b * (C - C_HEAD)
+    scale_row = scale_ptr + pid_b * (C - C_HEAD) - C_HEAD  # (indexed by input channel)
+    shift_row = shift_ptr + pid_b * (C - C_HEAD) - C_HEAD
+    if CONV_HEAD:  # (rounded to x's dtype, as a conv writing its output would)
+        offs_c1 = tl.arange(0, BLOCK_C1)
+        c1_ok = offs_c1 < C_HEAD
+        conv = conv3x3_tile(x_ptr + pid_b * x_sb, wc_ptr, C_HEAD, P // W, W, x_sc, W * x_sp,
+                            x_sp, offs_p // W, offs_p % W, p_ok, offs_c1, c1_ok, BLOCK_P,
+                            BLOCK_CI, BLOCK_C1, UPCAST).to(x_ptr.dtype.element_ty)
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for h0 in range(0, HIDDEN, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < HIDDEN
         hidden = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
-        hidden = _accumulate_input_chunk(hidden, head, h_sc, 0, C_HEAD, 0, scale_row,
-                                         shift_row, C_HEAD, w1_ptr, C, offs_h, h_ok, p_ok,
-                                         False, BLOCK_K, UPCAST)
-        hidden = _accumulate_input_chunk(hidden, x, x_sc, C_HEAD, C, 0, scale_row, shift_row,
-                                         C_HEAD, w1_ptr, C, offs_h, h_ok, p_ok, HAS_AFFINE,
-                                         BLOCK_K, UPCAST)
+        if CONV_HEAD:
+            w1_head = tl.load(w1_ptr + offs_h[None, :] * C + offs_c1[:, None],
+                              mask=c1_ok[:, None] & h_ok[None, :],
+                              other=0.0)  # (BLOCK_C1, BLOCK_H)
+            hidden = dot(conv, w1_head, hidden, UPCAST)
+        for k0 in range(C_HEAD, C, BLOCK_K):  # hidden += M[:, k0:k0 + BLOCK_K] . W1^T
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < C
+            m = tl.load(x + offs_k[None, :] * x_sc, mask=p_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # (BLOCK_P, BLOCK_K)
+            if HAS_AFFINE:  # (in fp32, rounded to x's dtype as PAT_ch's apply pass writes it)
+                a = tl.load(scale_row + offs_k, mask=k_ok, other=0.0)
+                d = tl.load(shift_row + offs_k, mask=k_ok, other=0.0)
+                m = tl.where(p_ok[:, None] & k_ok[None, :],
+                             m.to(tl.float32) * a[None, :] + d[None, :], 0.0).to(m.dtype)
+            w1t = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
+                          mask=k_ok[:, None] & h_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
+            hidden = dot(m, w1t, hidden, UPCAST)
         if HAS_B1:
             hidden += tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
         # (hidden channels past HIDDEN are act(0) = 0 and meet zero rows of W2)
@@ -145,22 +135,27 @@ class Config(NamedTuple):
     block_n: int
     warps: int
     stages: int
+    block_ci: int = 32  # conv input channels per tl.dot, when the kernel computes a conv head
 
 
 def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
-                   interpret: bool = INTERPRET) -> Config:
-    """The kernel's configuration for these widths and dtype. On a GPU the output block covers
-    C_OUT up to 256 (no hidden chunk computed twice); wider outputs take several programs per
-    pixel tile, each recomputing the hidden activation. float32 (its dots as IEEE FMAs, no
-    tensor cores) takes smaller tiles: the fp16/bf16 ones spill registers there (read off
-    the sm_80/sm_90 machine code, ``python -m patnet_kernels.triton.aot``)."""
+                   conv_channels: int = 0, interpret: bool = INTERPRET) -> Config:
+    """The kernel's configuration for these widths and dtype (``conv_channels``: C_HEAD of a
+    conv head, 0 for none). On a GPU the output block covers C_OUT up to 256 (no hidden chunk
+    computed twice); wider outputs take several programs per pixel tile, each recomputing the
+    hidden activation (and the conv head). float32 (its dots as IEEE FMAs, no tensor cores)
+    takes smaller tiles, and in fp16 / bf16 a conv head over 256 channels takes 32 pixels per
+    program: the bigger tiles spill registers there (read off the sm_80 / sm_90 machine code,
+    ``python -m patnet_kernels.triton.aot``; fp32 conv heads over 64 channels still do)."""
+    conv_block = block(conv_channels)
     if interpret:  # few, big programs: the interpreter pays per program and per operation
         return Config(128, block(channels, high=128), block(hidden, high=128),
-                       block(out_channels, high=256), 4, 1)
+                      block(out_channels, high=256), 4, 1, block(conv_channels, high=64))
     block_n = block(out_channels, high=256)
     if upcast_dot(dtype, interpret=False):
-        return Config(32, 16, 32, block_n, 8, 2)
-    return Config(64, block(channels, high=64), 64, block_n, 8, 3)  # (4 warps spill on sm_80)
+        return Config(32, 16, 32, block_n, 8, 2, 16)
+    return Config(64 if conv_block <= 256 else 32, block(channels, high=64), 64, block_n, 8, 3,
+                  min(conv_block, 32))  # (4 warps spill on sm_80)
 
 
 def _pixel_strides(t: torch.Tensor):
@@ -170,70 +165,98 @@ def _pixel_strides(t: torch.Tensor):
 
 def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   w2: torch.Tensor, b2: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                  activation: str, y: torch.Tensor, head: Optional[torch.Tensor] = None,
+                  activation: str, y: torch.Tensor, conv_taps: Optional[torch.Tensor] = None,
                   scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
                   config: Optional[Config] = None) -> torch.Tensor:
-    """y = W2 . act(W1 . M + b1) + b2 [+ residual] with M = [head | x[:, C_HEAD:] * scale +
-    shift] (no head: C_HEAD = 0; no scale and shift: x as it is); returns y.
+    """y = W2 . act(W1 . M + b1) + b2 [+ residual] with M = [conv3x3(x[:, :C_HEAD]) |
+    x[:, C_HEAD:] * scale + shift] (no conv taps: C_HEAD = 0; no scale and shift: x as it is);
+    returns y.
 
-    x: (B, C, H, W); head: (B, C_HEAD, H, W) or None; residual and y: (B, C_OUT, H, W); each
-    with H and W merging into one pixel stride (stride(2) == W * stride(3): NCHW,
-    channels_last, channel slices of either). scale, shift: (B, C - C_HEAD) fp32 contiguous,
-    both or neither. w1: (HIDDEN, C) contiguous; w2: (C_OUT, HIDDEN) contiguous; b1 (HIDDEN,),
-    b2 (C_OUT,) or None; all in x's dtype. activation: "relu" or "gelu". y must not overlap
-    x, the head or the residual. ``config``: tiles and launch options (default:
-    :func:`default_config`; benchmarks/sweep_pointwise_mlp.py times others).
+    x: (B, C, H, W); residual and y: (B, C_OUT, H, W); each with H and W merging into one pixel
+    stride (stride(2) == W * stride(3): NCHW, channels_last, channel slices of either).
+    conv_taps: (9, C_HEAD, C_HEAD) contiguous, [tap, in, out]
+    (:func:`patnet_kernels.triton.partial_conv.forward_taps`), or None. scale, shift:
+    (B, C - C_HEAD) fp32 contiguous, both or neither. w1: (HIDDEN, C) contiguous; w2: (C_OUT,
+    HIDDEN) contiguous; b1 (HIDDEN,), b2 (C_OUT,) or None; all in x's dtype. activation:
+    "relu" or "gelu". y must not overlap x or the residual. ``config``: tiles and launch
+    options (default: :func:`default_config`; benchmarks/sweep_pointwise_mlp.py times others).
     """
     b, c, h, w = x.shape
     hidden, c_out = w1.shape[0], w2.shape[0]
-    config = config or default_config(c, hidden, c_out, x.dtype)
+    c_head = conv_taps.shape[1] if conv_taps is not None else 0
+    config = config or default_config(c, hidden, c_out, x.dtype, c_head)
     grid = (triton.cdiv(h * w, config.block_p), b, triton.cdiv(c_out, config.block_n))
     r = residual if residual is not None else y
-    m1 = head if head is not None else x
+    unused = w1  # (any pointer in x's dtype for the arguments not read)
     _pointwise_mlp_kernel[grid](
-        x, m1, scale if scale is not None else w1, shift if shift is not None else w1,
-        w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, r, y,
-        c, 0 if head is None else head.shape[1], hidden, c_out, h * w,
-        *_pixel_strides(x), *_pixel_strides(m1), *_pixel_strides(r), *_pixel_strides(y),
+        x, scale if scale is not None else unused, shift if shift is not None else unused,
+        conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
+        w2, b2 if b2 is not None else unused, r, y, c, c_head, hidden, c_out, h * w, w,
+        *_pixel_strides(x), *_pixel_strides(r), *_pixel_strides(y),
         ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=scale is not None,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-        BLOCK_N=config.block_n, UPCAST=upcast_dot(x.dtype), num_warps=config.warps,
+        CONV_HEAD=conv_taps is not None, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
+        BLOCK_H=config.block_h, BLOCK_N=config.block_n, BLOCK_CI=config.block_ci,
+        BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype), num_warps=config.warps,
         num_stages=config.stages)
     return y
 
 
-# (activation, residual, affine) of the released models' MLPs: ReLU (T2 ... L) and GELU (T0,
-# T1) with the block's residual (FasterNet blocks, and MLPs after PAT_sf); the same after
-# PAT_ch's gate (PAT_ch blocks); GELU without a residual (PATNet-T1, whose PAT_sp follows).
-_RELEASED_EPILOGUES = (("relu", True, False), ("gelu", True, False), ("relu", True, True),
-                       ("gelu", True, True), ("gelu", False, False))
+def aot_kernel(config: Config, dtype: torch.dtype, activation: str, residual: bool,
+               affine: bool, conv_channels: int = 0) -> AotKernel:
+    """The kernel as launched with ``config`` on ``dtype`` activations, b1 from the folded
+    BatchNorm and no b2, with this epilogue and a conv head of ``conv_channels`` (0: none)."""
+    fn, tname = _pointwise_mlp_kernel, TRITON_DTYPE[dtype]
+    conv_block = block(conv_channels)
+    head = f", conv<={conv_block}" if conv_channels else ""
+    return AotKernel(
+        f"pointwise_mlp[{tname}, P={config.block_p}, K={config.block_k}, N={config.block_n}"
+        f"{head}, {activation}, residual={residual}, affine={affine}]", fn,
+        # (the launcher passes w1, in x's dtype, for every pointer not read)
+        aot_signature(fn, {name: "*fp32" if affine and name in ("scale_ptr", "shift_ptr")
+                           else "*" + tname for name in fn.arg_names if name.endswith("_ptr")}),
+        dict(ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=affine, HAS_B1=True,
+             HAS_B2=False, HAS_RESIDUAL=residual, CONV_HEAD=bool(conv_channels),
+             BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
+             BLOCK_N=config.block_n, BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
+             UPCAST=upcast_dot(dtype, interpret=False)),
+        num_warps=config.warps, num_stages=config.stages,
+        launches=activation_launches("x", "r", "y", pixel="sp"))
+
+
+# The released models by stem width E and activation (SPEC.md section 5).
+_FASTERNET = ((40, "gelu"), (64, "gelu"), (96, "relu"), (128, "relu"), (144, "relu"),
+              (192, "relu"))
+_PATNET = ((32, "gelu"), (64, "relu"), (96, "relu"), (128, "relu"), (160, "relu"))
+_PATNET_T1 = (48, "gelu")
+
+
+def released_launches():
+    """(C, activation, residual, affine, conv head) of each MLP launch of the released models'
+    inference path (:mod:`patnet.inference`), C -> 2C -> C: FasterNet blocks (conv head, no
+    gate) at widths E, 2E, 4E, 8E; PATNet's PAT_ch blocks (conv head and the gate's affine) at
+    E, 2E, 4E and its MLPs after PAT_sf (no head) at 8E; PATNet-T1's MLPs before PAT_sp (no
+    head, no residual: PAT_ch runs as its own op there) at every stage."""
+    for e, activation in _FASTERNET:
+        for c in (e, 2 * e, 4 * e, 8 * e):
+            yield c, activation, True, False, True
+    for e, activation in _PATNET:
+        for c in (e, 2 * e, 4 * e):
+            yield c, activation, True, True, True
+        yield 8 * e, activation, True, False, False
+    e, activation = _PATNET_T1
+    for c in (e, 2 * e, 4 * e, 8 * e):
+        yield c, activation, False, False, False
 
 
 def aot_kernels() -> List[AotKernel]:
-    """Every kernel configuration this file launches on a GPU, for the ahead-of-time check: the
-    MLP widths (C -> 2C -> C) of every released stage with the epilogues of the released
-    models (:data:`_RELEASED_EPILOGUES`; b1 from the folded BatchNorm, no b2)."""
-    kernels, seen, fn = [], set(), _pointwise_mlp_kernel
-    for c, (dtype, tname) in itertools.product(
-            (32, 40, 48, 64, 96, 128, 144, 160, 192, 256, 320, 384, 512, 640, 768, 1536),
-            TRITON_DTYPE.items()):
-        config = default_config(c, 2 * c, c, dtype, interpret=False)
-        if (config, dtype) in seen:
-            continue
-        seen.add((config, dtype))
-        for activation, residual, affine in _RELEASED_EPILOGUES:
-            kernels.append(AotKernel(
-                f"pointwise_mlp[{tname}, K={config.block_k}, N={config.block_n}, {activation}, "
-                f"residual={residual}, affine={affine}]", fn,
-                # (without the affine the launcher passes w1 as the unused scale and shift)
-                aot_signature(fn, {name: "*fp32" if affine and name in ("scale_ptr", "shift_ptr")
-                                   else "*" + tname
-                                   for name in fn.arg_names if name.endswith("_ptr")}),
-                dict(ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=affine, HAS_B1=True,
-                     HAS_B2=False, HAS_RESIDUAL=residual, BLOCK_P=config.block_p,
-                     BLOCK_K=config.block_k, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-                     UPCAST=upcast_dot(dtype, interpret=False)),
-                num_warps=config.warps, num_stages=config.stages,
-                launches=activation_launches("x", "h", "r", "y", pixel="sp")))
-    return kernels
+    """Every kernel configuration this file launches on a GPU for the released models
+    (:func:`released_launches`), for the ahead-of-time check."""
+    kernels = {}
+    for (c, activation, residual, affine, conv), dtype in itertools.product(
+            released_launches(), TRITON_DTYPE):
+        c_head = c // 4 if conv else 0
+        config = default_config(c, 2 * c, c, dtype, c_head, interpret=False)
+        kernel = aot_kernel(config, dtype, activation, residual, affine, c_head)
+        kernels.setdefault(kernel.name, kernel)
+    return list(kernels.values())

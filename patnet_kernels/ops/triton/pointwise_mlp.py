@@ -8,6 +8,7 @@ import torch
 
 from ...triton import pointwise_mlp as kernels
 from ...triton._common import on_tensor_device
+from ...triton.partial_conv import forward_taps
 from .. import pointwise_mlp as spec, register_fakes
 from .._layout import empty_activation, memory_format_of
 
@@ -29,9 +30,9 @@ def _matrix(weight: Tensor) -> Tensor:
 
 @torch.library.custom_op("patnet_triton::pointwise_mlp", mutates_args=())
 @on_tensor_device
-def _forward(x: Tensor, head: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
-             w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-             residual: Optional[Tensor], activation: str) -> Tensor:
+def _forward(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
+             shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+             b2: Optional[Tensor], residual: Optional[Tensor], activation: str) -> Tensor:
     x = _with_pixel_stride(x)
     y = empty_activation(x, spec.output_shape(x, w2))
 
@@ -40,7 +41,7 @@ def _forward(x: Tensor, head: Optional[Tensor], scale: Optional[Tensor], shift: 
 
     return kernels.pointwise_mlp(
         x, _matrix(w1), b1, _matrix(w2), b2, optional(residual, _with_pixel_stride), activation,
-        y, head=optional(head, _with_pixel_stride), scale=optional(scale, Tensor.contiguous),
+        y, conv_taps=optional(conv_weight, forward_taps), scale=optional(scale, Tensor.contiguous),
         shift=optional(shift, Tensor.contiguous))
 
 
