@@ -19,6 +19,9 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    for its pixel tile, X2 with PAT_ch's gate applied), so that output is never written: one
    launch per FasterNet block, three per PAT_ch block (statistics, gate, the kernel); and each
    PConv weight is stored in the kernels' [tap, in, out] order, so no call re-lays it out;
+   a PAT_ch block followed by another in its stage hands it the statistics of its output's X2
+   channels, taken in its MLP kernel's epilogue (:class:`InferenceStage`), so that block does
+   not read X2 for them (two launches instead of three);
 5. writes the stage-4 blocks' first residual sum into the mixer's output (no new tensor).
 
 Its outputs equal the eval model's within float rounding (tests/test_inference.py checks every
@@ -37,7 +40,7 @@ from patnet_kernels.triton.partial_conv import tap_major
 
 from .cuda_graph import GraphedModel, check_example_input
 from .fuse import fuse_for_inference
-from .layers import FasterNetBlock, PATChannelMixer, PATNetBlock, bn_params
+from .layers import BasicStage, FasterNetBlock, PATChannelMixer, PATNetBlock, bn_params
 from .model import set_backend
 
 def _activation_name(module: nn.Module) -> str:
@@ -79,23 +82,28 @@ class InferenceMLP(nn.Sequential):
             y = module(y)
         return y if residual is None else y.add_(residual)
 
-    def after_mixer(self, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def after_mixer(self, mixer: nn.Module, x: torch.Tensor, statistics=None,
+                    return_statistics: bool = False):
         """x + MLP(mixer(x)) for a PConv or PAT_ch mixer: as one op, ``pk.partial_block``
-        (the mixer's output never written whole), where no PAT_sp sits between the MLP and the
+        (the mixer's output never written), where no PAT_sp sits between the MLP and the
         residual and the backend is one named for it, or "auto" where a measurement on this
         GPU shows the block op faster than the reference; else the mixer's op, then this
         MLP's, each decided per call (so "auto" on the CPU, and ``backend_calls`` under
-        "auto", compose)."""
+        "auto", compose). PAT_ch only: ``statistics`` of x's X2 from the previous block (or
+        None) and, with ``return_statistics``, (y, the statistics of y for the next block, or
+        None where the block was composed), see ``pk.partial_block``."""
         fused = (self.backend in _BLOCK_BACKENDS
                  or self.backend == "auto" and pk.backends.auto_runs_fused("partial_block", x))
         if not fused or len(self) > 4:
-            return self(mixer(x), residual=x)
+            y = self(mixer(x), residual=x)
+            return (y, None) if return_statistics else y
         first, _, activation, second = self
         gate = {}
         if isinstance(mixer, PATChannelMixer):
             attn = mixer.attn
             gate = dict(cfc_weight=attn.cfc1.weight, cfc_bias=attn.cfc1.bias,
-                        bn_a=bn_params(attn.bn, False), bn_b=bn_params(mixer.norm, False))
+                        bn_a=bn_params(attn.bn, False), bn_b=bn_params(mixer.norm, False),
+                        statistics=statistics, return_statistics=return_statistics)
         return pk.partial_block(x, mixer.partial_conv3.weight, first.weight, first.bias,
                                 second.weight, second.bias,
                                 activation=_activation_name(activation),
@@ -120,9 +128,36 @@ class InferencePATNetBlock(PATNetBlock):
             return self.mlp(x, residual=x)
         return self.mlp.after_mixer(self.spatial_mixing, x)
 
+    def with_statistics(self, x: torch.Tensor, statistics, return_statistics: bool):
+        """A PAT_ch block given its X2 statistics from the block before (or None): (y, the
+        statistics of y for the next, or None)."""
+        if return_statistics:
+            return self.mlp.after_mixer(self.spatial_mixing, x, statistics, True)
+        return self.mlp.after_mixer(self.spatial_mixing, x, statistics), None
+
+
+def _reads_statistics(block: nn.Module) -> bool:
+    return isinstance(block, InferencePATNetBlock) and not block.self_attention
+
+
+class InferenceStage(BasicStage):
+    """The blocks in order; each PAT_ch block followed by another hands it the statistics of
+    its output's X2 channels (taken in its MLP kernel's epilogue on Triton), so that block does
+    not read X2 again for them."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks, statistics = list(self.blocks), None
+        for block, following in zip(blocks, blocks[1:] + [None]):
+            if _reads_statistics(block):
+                x, statistics = block.with_statistics(x, statistics,
+                                                      _reads_statistics(following))
+            else:
+                x, statistics = block(x), None
+        return x
+
 
 _INFERENCE_CLASSES = {FasterNetBlock: InferenceFasterNetBlock,
-                      PATNetBlock: InferencePATNetBlock}
+                      PATNetBlock: InferencePATNetBlock, BasicStage: InferenceStage}
 
 
 @torch.no_grad()
@@ -148,6 +183,7 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
         inference_class = _INFERENCE_CLASSES.get(type(module))
         if inference_class is not None:
             module.__class__ = inference_class
+        if isinstance(module, (InferenceFasterNetBlock, InferencePATNetBlock)):
             module.mlp.__class__ = InferenceMLP
             module.mlp.backend = backend
         if hasattr(module, "eval_forms"):

@@ -10,7 +10,8 @@ Public API::
     self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias, dropout_p, backend)
     pointwise_mlp(x, w1, b1, w2, b2=None, *, residual=None, activation="relu", backend="auto")
     partial_block(x, conv_weight, w1, b1, w2, b2=None, *, cfc_weight=None, cfc_bias=None,
-                  bn_a=None, bn_b=None, activation="relu", backend="auto")
+                  bn_a=None, bn_b=None, activation="relu", statistics=None,
+                  return_statistics=False, backend="auto")
     info()
 
 ``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op;

@@ -11,6 +11,15 @@ from torch import nn
 DROPOUT_SEED_RANGE = (1 << 32, 1 << 62)
 
 
+def chunk_pixels(pixels: int, chunks: int) -> int:
+    """S, the pixels per chunk of PAT_ch statistics taken in ``chunks`` chunks of H * W =
+    ``pixels`` (``partial_block``'s ``statistics``): chunk t holds pixels [t S, min((t + 1) S,
+    H W)), S a power of two, so S is the one in [ceil(P / T), 2 ceil(P / T)) (unique for T > 1;
+    for T = 1 any S >= P gives the same single chunk)."""
+    need = -(-pixels // chunks)
+    return 1 << max(0, need - 1).bit_length()
+
+
 class BatchNormParams(NamedTuple):
     """The tensors and settings of one ``BatchNorm2d`` over C channels, passed to a fused op.
 

@@ -16,7 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import reference, registry
 from ._checks import (check_activation, check_batch_norm, check_batch_values,
                       check_conv_weight, check_device, check_same, check_shape)
-from ._types import BatchNormParams
+from ._types import BatchNormParams, chunk_pixels
 from .backends import choose_implementation
 from .reference.pointwise_mlp import ACTIVATIONS as MLP_ACTIVATIONS
 
@@ -374,7 +374,8 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
                   *, cfc_weight: Optional[torch.Tensor] = None,
                   cfc_bias: Optional[torch.Tensor] = None, bn_a: Optional[BatchNormParams] = None,
                   bn_b: Optional[BatchNormParams] = None, activation: str = "relu",
-                  backend: str = "auto") -> torch.Tensor:
+                  statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                  return_statistics: bool = False, backend: str = "auto"):
     """A FasterNet block or a PATNet PAT_ch block in inference: x + MLP(mixer(x)).
 
     The mixer is PConv, [conv3x3(X1) | X2] (:func:`partial_conv3x3`), or, given ``cfc_weight``
@@ -383,9 +384,17 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
     x's C channels, the block adding x back). x: (B, C, H, W), NCHW or channels_last;
     conv_weight: (C1, C1, 3, 3). Returns a new (B, C, H, W) tensor in x's memory format.
 
-    The Triton backend never writes the mixer's output: the MLP kernel reads its input as
-    [conv3x3(X1) | X2 * scale + shift] (:mod:`patnet_kernels.ops.partial_block`). An
-    inference op, as :func:`pointwise_mlp`.
+    The Triton backend never writes the mixer's output: the MLP kernel computes its input,
+    [conv3x3(X1) | X2 * scale + shift], as it reads X (:mod:`patnet_kernels.ops.partial_block`).
+    An inference op, as :func:`pointwise_mlp`.
+
+    PAT_ch's statistics of X2 can come from the block before (blocks of one stage share C and
+    C1): ``return_statistics=True`` returns (y, statistics) with the statistics of y[:, C1:]
+    that the next PAT_ch block reads, and ``statistics=`` hands them to it, which then does
+    not read X2 for them (on Triton: 2 launches instead of 3). The form: (mean, sum of squared
+    deviations), each (B, T, C - C1) float32, per chunk of a power-of-two number of pixels
+    (:func:`patnet_kernels._types.chunk_pixels`); they must be those of this x, as the
+    previous call returned them (a cache: the reference computes its own).
     """
     if cfc_weight is None:
         given = [name for name, t in (("cfc_bias", cfc_bias), ("bn_a", bn_a), ("bn_b", bn_b))
@@ -402,6 +411,32 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
         raise ValueError(f"w2 must have C = {x.shape[1]} output channels (the block adds x "
                          f"back), got {tuple(w2.shape)}")
     _check_mlp(x, w1, b1, w2, b2, None, activation)
+    if statistics is not None:
+        if cfc_weight is None:
+            raise ValueError("statistics belong to PAT_ch (its gate reads them): pass "
+                             "cfc_weight too, or no statistics for a FasterNet block")
+        _check_statistics(statistics, x, conv_weight.shape[0])
     return choose_implementation("partial_block", backend, x, conv_weight, cfc_weight,
                                  cfc_bias, w1, b1, w2, b2)(
-        x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation)
+        x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation,
+        statistics, bool(return_statistics))
+
+
+def _check_statistics(statistics, x: torch.Tensor, c1: int) -> None:
+    """The checks of :func:`partial_block`'s ``statistics``."""
+    b, c, h, w = x.shape
+    if not (isinstance(statistics, (tuple, list)) and len(statistics) == 2
+            and all(isinstance(t, torch.Tensor) for t in statistics)):
+        raise ValueError("statistics must be the (mean, m2) pair a previous partial_block "
+                         "returned with return_statistics=True")
+    mean, m2 = statistics
+    chunks = mean.shape[1] if mean.dim() == 3 else 0
+    if (mean.dim() != 3 or mean.shape[0] != b or mean.shape[2] != c - c1 or chunks < 1
+            or -(-h * w // chunk_pixels(h * w, chunks)) != chunks or m2.shape != mean.shape):
+        raise ValueError(f"statistics must be two (B, T, C2) = ({b}, T, {c - c1}) tensors with "
+                         f"T chunks of a power-of-two number of the {h * w} pixels (as "
+                         f"partial_block returns them for this x), got {tuple(mean.shape)} "
+                         f"and {tuple(m2.shape)}")
+    if mean.dtype != torch.float32 or m2.dtype != torch.float32:
+        raise ValueError(f"statistics must be float32, got {mean.dtype} and {m2.dtype}")
+    check_device("x", x, statistics_mean=mean, statistics_m2=m2)

@@ -12,7 +12,9 @@ import patnet
 import patnet_kernels as pk
 from patnet.testing import randomize_norms
 from patnet_kernels import BatchNormParams, registry
+from patnet_kernels._types import chunk_pixels
 from patnet_kernels.ops.channel_attention import eval_gate
+from patnet_kernels.reference.partial_block import output_statistics
 
 from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops, rel_error,
                       small_inference_model)
@@ -109,8 +111,12 @@ def test_opcheck_of_the_mlp_with_a_conv_head(channels_last, fused_backend):
     scale, shift = (torch.randn(2, 9, generator=gen).to(DEVICE) for _ in range(2))
     w1 = torch.randn(24, 12, 1, 1, generator=gen).to(DEVICE) / 4
     w2 = torch.randn(12, 24, 1, 1, generator=gen).to(DEVICE) / 5
-    torch.library.opcheck(fused_ops(fused_backend).pointwise_mlp.default,
+    ops = fused_ops(fused_backend)
+    torch.library.opcheck(ops.pointwise_mlp.default,
                           (x, conv, scale, shift, w1, None, w2, None, x, "relu"))
+    # with the output's statistics, as a PAT_ch block followed by another calls it
+    torch.library.opcheck(ops.pointwise_mlp_stats.default,
+                          (x, conv, scale, shift, w1, None, w2, None, x, "relu", 3))
 
 
 @ON_ITS_BACKENDS
@@ -145,9 +151,51 @@ def test_chunked_statistics(channels_last, fused_backend):
     torch.library.opcheck(ops.channel_attention_chunk_stats.default, (x, 3))
 
 
+def _merged(mean, m2, pixels):
+    """The (mean, unbiased std) over all pixels of per-chunk statistics, each (B, C2)."""
+    size = chunk_pixels(pixels, mean.shape[1])
+    counts = torch.tensor([min(size, pixels - t * size) for t in range(mean.shape[1])],
+                          dtype=torch.float64)[None, :, None]
+    mean, m2 = mean.double(), m2.double()
+    total = (counts * mean).sum(1) / pixels
+    m2_total = m2.sum(1) + (counts * (mean - total[:, None]) ** 2).sum(1)
+    return total, (m2_total / (pixels - 1)).sqrt()
+
+
+@ON_ITS_BACKENDS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_statistics_handed_to_the_next_block(channels_last, dtype, fused_backend):
+    """Two PAT_ch blocks of a stage: the first returns the statistics of its output's X2 (on
+    Triton from its MLP kernel's epilogue, per tile of pixels: 17 x 19 takes several, the last
+    shorter), which merge to those of y; the second reads them instead of X2 and matches the
+    float64 reference, as it does computing its own or given the reference's one-chunk form."""
+    first, first_kw = _cast(*_inputs(2, 16, 4, 17, 19, True, False, seed=1), dtype,
+                            channels_last)
+    second, second_kw = _inputs(2, 16, 4, 17, 19, True, True, seed=2)
+    with torch.no_grad():
+        y, (mean, m2) = pk.partial_block(*first, activation="relu", return_statistics=True,
+                                         backend=fused_backend, **first_kw)
+        assert mean.dtype == m2.dtype == torch.float32 and mean.shape == m2.shape
+        assert mean.shape[0] == 2 and mean.shape[1] > 1 and mean.shape[2] == 12
+        exact_mean, exact_std = _merged(*output_statistics(y, 4), 323)
+        got_mean, got_std = _merged(mean, m2, 323)
+        torch.testing.assert_close(got_mean, exact_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_std, exact_std, rtol=1e-5, atol=1e-5)
+        second[0] = y.double()
+        exact = _run(second, second_kw, torch.float64, "torch")
+        in_dtype = _run(second, second_kw, dtype, "torch", channels_last=channels_last)
+        args, kwargs = _cast(second, second_kw, dtype, channels_last)
+        for statistics in ((mean, m2), None, output_statistics(y, 4)):
+            ours = pk.partial_block(*args, activation="relu", statistics=statistics,
+                                    backend=fused_backend, **kwargs)
+            assert_within_budget("y", ours, exact, in_dtype, dtype)
+
+
 def _bad(name):
     args, kwargs = _cast(*_inputs(2, 16, 4, 3, 3, True, False), torch.float32)
     x, conv_w, w1, b1, w2, _ = args
+    stats = torch.zeros(2, 1, 12, device=DEVICE)
     calls = {
         "w2 out": ((x, conv_w, w1, b1, w2[:8]), {}, ValueError, r"w2 must have C = 16 output"),
         "bn_b alone": ((x, conv_w, w1, b1, w2), dict(bn_b=kwargs["bn_b"]), ValueError,
@@ -158,11 +206,24 @@ def _bad(name):
                     r"bn_b is required"),
         "conv": ((x, w1, w1, b1, w2), {}, ValueError, r"conv_weight must be \(C1, C1, 3, 3\)"),
         "w1": ((x, conv_w, w2, b1, w2), {}, ValueError, r"w1 must have shape \(16, 16"),
+        "statistics alone": ((x, conv_w, w1, b1, w2), dict(statistics=(stats, stats)),
+                             ValueError, r"statistics belong to PAT_ch"),
+        "statistics shape": ((x, conv_w, w1, b1, w2),
+                             dict(kwargs, statistics=(stats[:, :, :5], stats[:, :, :5])),
+                             ValueError, r"statistics must be two \(B, T, C2\) = \(2, T, 12\)"),
+        "statistics chunks": ((x, conv_w, w1, b1, w2),
+                              dict(kwargs, statistics=(stats.expand(2, 7, 12),) * 2),
+                              ValueError, r"T chunks of a power-of-two number of the 9 pixels"),
+        "statistics dtype": ((x, conv_w, w1, b1, w2),
+                             dict(kwargs, statistics=(stats.double(), stats.double())),
+                             ValueError, r"statistics must be float32"),
     }
     return calls[name]
 
 
-@pytest.mark.parametrize("case", ["w2 out", "bn_b alone", "cfc shape", "no bn_b", "conv", "w1"])
+@pytest.mark.parametrize("case", ["w2 out", "bn_b alone", "cfc shape", "no bn_b", "conv", "w1",
+                                  "statistics alone", "statistics shape", "statistics chunks",
+                                  "statistics dtype"])
 @pytest.mark.parametrize("backend", ("torch",) + BACKENDS)
 def test_bad_input_is_refused_before_any_kernel(case, backend):
     args, kwargs, error, message = _bad(case)

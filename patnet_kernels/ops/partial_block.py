@@ -12,11 +12,14 @@ is never written:
    with the 2C hidden activation, reads X2 (applying the gate) and adds x back.
 
 So a FasterNet block is one launch that reads X once and writes the output once; a PAT_ch
-block three, reading X2 once more for the statistics.
+block three, reading X2 once more for the statistics, or two where the previous block of the
+stage gave them: with ``return_statistics`` the MLP's kernel also writes the statistics of its
+output's last C2 channels per pixel tile (``pointwise_mlp_stats``), which the next PAT_ch
+block's gate merges instead of reading X2 again.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -36,13 +39,21 @@ def backend_function(ops):
     def partial_block(x: Tensor, conv_weight: Tensor, cfc_weight: Optional[Tensor],
                       cfc_bias: Optional[Tensor], bn_a: Optional[BatchNormParams],
                       bn_b: Optional[BatchNormParams], w1: Tensor, b1: Optional[Tensor],
-                      w2: Tensor, b2: Optional[Tensor], activation: str) -> Tensor:
+                      w2: Tensor, b2: Optional[Tensor], activation: str,
+                      statistics: Optional[Tuple[Tensor, Tensor]] = None,
+                      return_statistics: bool = False):
         """The block with this backend's kernels (inputs checked; no gradient taken)."""
+        c1 = conv_weight.shape[0]
         scale = shift = None
         if cfc_weight is not None:
-            mean, m2 = ops.channel_attention_chunk_stats(x, conv_weight.shape[0])
+            mean, m2 = (statistics if statistics is not None
+                        else ops.channel_attention_chunk_stats(x, c1))
             scale, shift = eval_gate(ops, mean, m2, x.shape[2] * x.shape[3], cfc_weight,
                                      cfc_bias, bn_a, bn_b)
+        if return_statistics:
+            y, mean, m2 = ops.pointwise_mlp_stats(x, conv_weight, scale, shift, w1, b1, w2, b2,
+                                                  x, activation, c1)
+            return y, (mean, m2)
         return ops.pointwise_mlp(x, conv_weight, scale, shift, w1, b1, w2, b2, x, activation)
 
     return partial_block

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._types import chunk_pixels
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
                       block, hardsigmoid, upcast_dot)
 from .partial_conv import _conv_blocks, _strides, conv3x3_tile
@@ -42,17 +43,17 @@ from .partial_conv import _conv_blocks, _strides, conv3x3_tile
 @triton.jit
 def _channel_stats_kernel(
     x_ptr,  # (B, C1 + C2, H, W) any strides; channels [C1, C1 + C2) read
-    mean_ptr,  # (B, T, C2) fp32 contiguous: the mean of each of T equal pixel chunks
+    mean_ptr,  # (B, T, C2) fp32 contiguous: the mean of each of T pixel chunks
     dev_ptr,  # (B, T, C2) fp32 contiguous: per chunk, the unbiased std if T = 1 and not
               # SUM_OF_SQUARES (NaN if H * W = 1), else the sum of squared deviations
     C1, C2, H, W,
+    CHUNK_PIXELS,  # S: chunk t holds pixels [t S, min((t + 1) S, H W)) (T = ceil(H W / S))
     x_sb, x_sc, x_sh, x_sw,  # strides of x (elements)
     SUM_OF_SQUARES: tl.constexpr,  # write each chunk's sum of squared deviations, not std
     BLOCK_P: tl.constexpr,  # pixels per step (flattened h * W + w)
     BLOCK_C: tl.constexpr,  # channels per program
 ):
-    # grid: (ceil(C2 / BLOCK_C), B, T); chunk t holds pixels [t S, min((t + 1) S, H W)),
-    # S = ceil(H W / T) (every chunk but the last has S pixels: what the gate's merge assumes)
+    # grid: (ceil(C2 / BLOCK_C), B, T)
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_t = tl.program_id(2)
@@ -61,12 +62,11 @@ def _channel_stats_kernel(
     c_ok = offs_c < C2
     base = x_ptr + pid_b * x_sb + (C1 + offs_c) * x_sc  # (BLOCK_C,) pointers
     n = H * W
-    size = tl.cdiv(n, chunks)
-    end = tl.minimum(n, (pid_t + 1) * size)
+    end = tl.minimum(n, (pid_t + 1) * CHUNK_PIXELS)
     seen = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for p0 in range(pid_t * size, end, BLOCK_P):
+    for p0 in range(pid_t * CHUNK_PIXELS, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_ok = offs_p < end
         pix = (offs_p // W) * x_sh + (offs_p % W) * x_sw
@@ -107,12 +107,11 @@ def _batch_norm_affine(w_ptr, b_ptr, mean_ptr, var_ptr, eps, offs, ok, HAS_W: tl
 
 
 @triton.jit
-def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS):
+def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS, size):
     """(mean, unbiased std), each (BLOCK_B, BLOCK_I) fp32 (0 where not ``ok``), of the samples
     ``offs_b`` and channels ``offs_i`` from per-chunk (mean, sum of squared deviations), each
-    (B, CHUNKS, C2) contiguous, over CHUNKS equal chunks of ceil(PIXELS / CHUNKS) pixels,
-    merged as the statistics kernel merges its tiles (Chan et al.)."""
-    size = tl.cdiv(PIXELS, CHUNKS)
+    (B, CHUNKS, C2) contiguous, over CHUNKS chunks of ``size`` pixels (the last one the rest of
+    PIXELS), merged as the statistics kernel merges its tiles (Chan et al.)."""
     seen = ok.to(tl.float32) * 0.0
     mean = seen
     m2 = seen
@@ -145,8 +144,9 @@ def _channel_gate_kernel(
     scale_ptr,  # (B, C2) fp32 contiguous, written: a = hsig(z) * gamma_b / sqrt(var_b + eps_b)
     shift_ptr,  # (B, C2) fp32 contiguous, written: d = beta_b - mean_b * gamma_b / sqrt(...)
     B, C2,
-    CHUNKS,  # 0, or the pixel chunks of mean_ptr / std_ptr, ceil(PIXELS / CHUNKS) pixels each
+    CHUNKS,  # 0, or the pixel chunks of mean_ptr / std_ptr
     PIXELS,  # H * W (read with CHUNKS > 0)
+    CHUNK_PIXELS,  # pixels per chunk, the last one the rest (read with CHUNKS > 0)
     eps_a, eps_b,  # fp32: the BatchNorms' eps
     HAS_BIAS: tl.constexpr, HAS_BN_A: tl.constexpr, HAS_A_W: tl.constexpr,
     HAS_A_B: tl.constexpr, HAS_B_W: tl.constexpr, HAS_B_B: tl.constexpr,
@@ -166,7 +166,7 @@ def _channel_gate_kernel(
         bi_ok = b_ok[:, None] & i_ok[None, :]
         if CHUNKS > 0:
             mean, std = _merged_statistics(mean_ptr, std_ptr, offs_b, offs_i, bi_ok, C2,
-                                           CHUNKS, PIXELS)
+                                           CHUNKS, PIXELS, CHUNK_PIXELS)
         else:
             bi = offs_b[:, None] * C2 + offs_i[None, :]
             mean = tl.load(mean_ptr + bi, mask=bi_ok, other=0.0)
@@ -328,22 +328,23 @@ def _check_coefficients(b: int, c2: int, *coefs: torch.Tensor) -> None:
             f"coefficients must be ({b}, {c2}) contiguous fp32, got {t.dtype} {tuple(t.shape)}"
 
 
-def _stats(x: torch.Tensor, c1: int, chunks: int, sum_of_squares: bool
+def _stats(x: torch.Tensor, c1: int, chunk_pixels: int, sum_of_squares: bool
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     b, c, h, w = x.shape
     c2 = c - c1
+    chunks = triton.cdiv(h * w, chunk_pixels)
     mean = torch.empty((b, chunks, c2), device=x.device, dtype=torch.float32)
     dev = torch.empty_like(mean)
     block_p, block_c, warps = _reduce_blocks(c2, h * w)
     _channel_stats_kernel[(triton.cdiv(c2, block_c), b, chunks)](
-        x, mean, dev, c1, c2, h, w, *_strides(x), SUM_OF_SQUARES=sum_of_squares,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+        x, mean, dev, c1, c2, h, w, chunk_pixels, *_strides(x),
+        SUM_OF_SQUARES=sum_of_squares, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return mean, dev
 
 
 def channel_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per (b, c) mean and unbiased std over H * W of x[:, c1:], each (B, C2) fp32 contiguous."""
-    mean, std = _stats(x, c1, 1, sum_of_squares=False)
+    mean, std = _stats(x, c1, max(1, x.shape[2] * x.shape[3]), sum_of_squares=False)
     return mean.squeeze(1), std.squeeze(1)
 
 
@@ -355,23 +356,23 @@ _STATS_PROGRAMS = 1024
 _INTERPRET_CHUNK_PIXELS = 32
 
 
-def stats_chunks(b: int, c2: int, pixels: int, interpret: bool = INTERPRET) -> int:
-    """T, the pixel chunks :func:`channel_chunk_stats` splits each (sample, channel block)'s
-    H * W pixels into: on a GPU as many as bring the programs to about _STATS_PROGRAMS, at
-    most one per BLOCK_P pixels; a function of the shape alone (the op's fake uses it)."""
+def stats_chunk_pixels(b: int, c2: int, pixels: int, interpret: bool = INTERPRET) -> int:
+    """S, the pixels per chunk :func:`channel_chunk_stats` takes (a power of two): on a GPU
+    enough chunks to bring the programs to about _STATS_PROGRAMS, at least BLOCK_P pixels
+    each; a function of the shape alone (the op's fake uses it)."""
     if interpret:
-        return triton.cdiv(pixels, _INTERPRET_CHUNK_PIXELS)
+        return _INTERPRET_CHUNK_PIXELS
     block_p, block_c, _ = _reduce_blocks(c2, pixels, interpret=False)
     wanted = triton.cdiv(_STATS_PROGRAMS, b * triton.cdiv(c2, block_c))
-    return max(1, min(wanted, triton.cdiv(pixels, block_p)))
+    return max(block_p, chunk_pixels(pixels, wanted))
 
 
 def channel_chunk_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The statistics of X2 = x[:, c1:] per pixel chunk, split over H * W for parallelism:
-    (mean, sum of squared deviations from it), each (B, T, C2) fp32 contiguous, T =
-    :func:`stats_chunks` equal chunks (the last one shorter), merged by :func:`channel_gate`."""
+    (mean, sum of squared deviations from it), each (B, T, C2) fp32 contiguous, in T chunks of
+    :func:`stats_chunk_pixels` pixels (the last one the rest), merged by :func:`channel_gate`."""
     b, c, h, w = x.shape
-    return _stats(x, c1, stats_chunks(b, c - c1, h * w), sum_of_squares=True)
+    return _stats(x, c1, stats_chunk_pixels(b, c - c1, h * w), sum_of_squares=True)
 
 
 def channel_gate(mean: torch.Tensor, std: torch.Tensor, cfc_weight: torch.Tensor,
@@ -380,7 +381,9 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, cfc_weight: torch.Tensor
     """The eval gate: (scale a, shift d), each (B, C2) fp32 contiguous, of Y2 = X2 * a + d.
 
     mean, std: (B, C2) fp32 contiguous (:func:`channel_stats`), or, with ``pixels`` = H * W,
-    (B, T, C2) per-chunk means and sums of squared deviations (:func:`channel_chunk_stats`),
+    (B, T, C2) per-chunk means and sums of squared deviations in chunks of
+    :func:`patnet_kernels._types.chunk_pixels` pixels (:func:`channel_chunk_stats`, or the
+    block's MLP kernel),
     merged here; cfc_weight:
     (C2, C2, 1, 2) contiguous; cfc_bias: (C2,) or None; bn_a: None (folded into W_ch) or
     (weight, bias, running_mean, running_var, eps) and bn_b the same, weight / bias None
@@ -396,7 +399,8 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, cfc_weight: torch.Tensor
     present = [t if t is not None else mean for t in (cfc_bias, *a[:4], *bn_b[:4])]
     block_b, block_o, block_i, warps = _gate_blocks(b, c2)
     _channel_gate_kernel[(triton.cdiv(c2, block_o), triton.cdiv(b, block_b))](
-        mean, std, cfc_weight, *present, scale, shift, b, c2, chunks, pixels, float(a[4]),
+        mean, std, cfc_weight, *present, scale, shift, b, c2, chunks, pixels,
+        chunk_pixels(pixels, chunks) if chunks else 0, float(a[4]),
         float(bn_b[4]),
         HAS_BIAS=cfc_bias is not None, HAS_BN_A=bn_a is not None, HAS_A_W=a[0] is not None,
         HAS_A_B=a[1] is not None, HAS_B_W=bn_b[0] is not None, HAS_B_B=bn_b[1] is not None,

@@ -13,7 +13,7 @@ activation and residual are epilogues: X is read once, R once, Y written once.
 from __future__ import annotations
 
 import itertools
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -49,7 +49,12 @@ def _pointwise_mlp_kernel(
     b2_ptr,  # (C_OUT,) bias of the second conv; unread unless HAS_B2
     r_ptr,  # (B, C_OUT, H, W) residual, any strides as x; unread unless HAS_RESIDUAL
     y_ptr,  # (B, C_OUT, H, W) output, any strides as x
+    stats_mean_ptr, stats_m2_ptr,  # (B, T, C_OUT - STATS_FIRST) fp32 contiguous, T the pixel
+                                   # tiles (grid axis 0), written if STATS: per tile the mean
+                                   # and sum of squared deviations of y[:, STATS_FIRST:] as
+                                   # stored (the next PAT_ch block's X2 statistics)
     C, C_HEAD, HIDDEN, C_OUT,  # C_HEAD: channels [0, C_HEAD) of M are the conv (0: none)
+    STATS_FIRST,  # the first output channel whose statistics are taken (if STATS)
     P,  # pixels per sample, H * W
     W,  # image width: pixel p is at row p // W, column p % W (read if CONV_HEAD)
     x_sb, x_sc, x_sp,  # sample, channel and pixel strides of x (elements)
@@ -60,6 +65,7 @@ def _pointwise_mlp_kernel(
     HAS_RESIDUAL: tl.constexpr,
     CONV_HEAD: tl.constexpr,  # M[:, :C_HEAD] = conv3x3(x[:, :C_HEAD]) (padding 1), computed
                               # once per tile and kept on chip
+    STATS: tl.constexpr,  # write the statistics of y's channels [STATS_FIRST, C_OUT)
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_K: tl.constexpr,  # input channels per step of the first GEMM
     BLOCK_H: tl.constexpr,  # hidden channels per chunk
@@ -123,8 +129,18 @@ def _pointwise_mlp_kernel(
         r = tl.load(r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp + offs_n[None, :] * r_sc,
                     mask=ok, other=0.0)
         acc += r.to(tl.float32)
-    tl.store(y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp + offs_n[None, :] * y_sc,
-             acc.to(y_ptr.dtype.element_ty), mask=ok)
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp + offs_n[None, :] * y_sc, out,
+             mask=ok)
+    if STATS:  # of the tile's pixels (a chunk of BLOCK_P, the last one shorter), as stored
+        n_stats = n_ok & (offs_n >= STATS_FIRST)
+        s_ok = p_ok[:, None] & n_stats[None, :]
+        v = out.to(tl.float32)
+        tile_mean = tl.sum(tl.where(s_ok, v, 0.0), 0) / tl.sum(p_ok.to(tl.float32), 0)
+        centred = tl.where(s_ok, v - tile_mean[None, :], 0.0)
+        at = (pid_b * tl.num_programs(0) + pid_p) * (C_OUT - STATS_FIRST) + offs_n - STATS_FIRST
+        tl.store(stats_mean_ptr + at, tile_mean, mask=n_stats)
+        tl.store(stats_m2_ptr + at, tl.sum(centred * centred, 0), mask=n_stats)
 
 
 class Config(NamedTuple):
@@ -158,6 +174,16 @@ def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.d
                   min(conv_block, 32))  # (4 warps spill on sm_80)
 
 
+def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_channels: int,
+                 config: Optional[Config] = None) -> int:
+    """T, the pixel tiles of the kernel on x (B, C, H, W) with these weights, (HIDDEN, C) and
+    (C_OUT, HIDDEN): the chunks of its output statistics (BLOCK_P pixels each, a power of
+    two, as :func:`patnet_kernels._types.chunk_pixels` assumes)."""
+    config = config or default_config(x.shape[1], w1.shape[0], w2.shape[0], x.dtype,
+                                      conv_channels)
+    return triton.cdiv(x.shape[2] * x.shape[3], config.block_p)
+
+
 def _pixel_strides(t: torch.Tensor):
     """(sample, channel, pixel) strides of a (B, C, H, W) tensor whose H and W merge."""
     return t.stride(0), t.stride(1), t.stride(3)
@@ -167,7 +193,8 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   w2: torch.Tensor, b2: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   activation: str, y: torch.Tensor, conv_taps: Optional[torch.Tensor] = None,
                   scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
-                  config: Optional[Config] = None) -> torch.Tensor:
+                  statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                  stats_first: int = 0, config: Optional[Config] = None) -> torch.Tensor:
     """y = W2 . act(W1 . M + b1) + b2 [+ residual] with M = [conv3x3(x[:, :C_HEAD]) |
     x[:, C_HEAD:] * scale + shift] (no conv taps: C_HEAD = 0; no scale and shift: x as it is);
     returns y.
@@ -178,8 +205,11 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     (:func:`patnet_kernels.triton.partial_conv.forward_taps`), or None. scale, shift:
     (B, C - C_HEAD) fp32 contiguous, both or neither. w1: (HIDDEN, C) contiguous; w2: (C_OUT,
     HIDDEN) contiguous; b1 (HIDDEN,), b2 (C_OUT,) or None; all in x's dtype. activation:
-    "relu" or "gelu". y must not overlap x or the residual. ``config``: tiles and launch
-    options (default: :func:`default_config`; benchmarks/sweep_pointwise_mlp.py times others).
+    "relu" or "gelu". y must not overlap x or the residual. ``statistics``: (mean, m2), each
+    (B, :func:`stats_chunks`, C_OUT - ``stats_first``) fp32 contiguous, filled with the mean
+    and sum of squared deviations of y[:, stats_first:] per chunk of BLOCK_P pixels (the last
+    one the rest), or None. ``config``: tiles and launch options (default:
+    :func:`default_config`; benchmarks/sweep_pointwise_mlp.py times others).
     """
     b, c, h, w = x.shape
     hidden, c_out = w1.shape[0], w2.shape[0]
@@ -188,14 +218,16 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     grid = (triton.cdiv(h * w, config.block_p), b, triton.cdiv(c_out, config.block_n))
     r = residual if residual is not None else y
     unused = w1  # (any pointer in x's dtype for the arguments not read)
+    stats_mean, stats_m2 = statistics if statistics is not None else (unused, unused)
     _pointwise_mlp_kernel[grid](
         x, scale if scale is not None else unused, shift if shift is not None else unused,
         conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
-        w2, b2 if b2 is not None else unused, r, y, c, c_head, hidden, c_out, h * w, w,
+        w2, b2 if b2 is not None else unused, r, y, stats_mean, stats_m2, c, c_head, hidden,
+        c_out, stats_first, h * w, w,
         *_pixel_strides(x), *_pixel_strides(r), *_pixel_strides(y),
         ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=scale is not None,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
-        CONV_HEAD=conv_taps is not None, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
+        CONV_HEAD=conv_taps is not None, STATS=statistics is not None, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
         BLOCK_H=config.block_h, BLOCK_N=config.block_n, BLOCK_CI=config.block_ci,
         BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype), num_warps=config.warps,
         num_stages=config.stages)
@@ -203,20 +235,24 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
 
 
 def aot_kernel(config: Config, dtype: torch.dtype, activation: str, residual: bool,
-               affine: bool, conv_channels: int = 0) -> AotKernel:
+               affine: bool, conv_channels: int = 0, stats: bool = False) -> AotKernel:
     """The kernel as launched with ``config`` on ``dtype`` activations, b1 from the folded
-    BatchNorm and no b2, with this epilogue and a conv head of ``conv_channels`` (0: none)."""
+    BatchNorm and no b2, with this epilogue, a conv head of ``conv_channels`` (0: none) and
+    the output's statistics if ``stats``."""
     fn, tname = _pointwise_mlp_kernel, TRITON_DTYPE[dtype]
     conv_block = block(conv_channels)
     head = f", conv<={conv_block}" if conv_channels else ""
+    fp32 = (("scale_ptr", "shift_ptr") if affine else ()) + (
+        ("stats_mean_ptr", "stats_m2_ptr") if stats else ())
     return AotKernel(
         f"pointwise_mlp[{tname}, P={config.block_p}, K={config.block_k}, N={config.block_n}"
-        f"{head}, {activation}, residual={residual}, affine={affine}]", fn,
+        f"{head}, {activation}, residual={residual}, affine={affine}"
+        f"{', stats' if stats else ''}]", fn,
         # (the launcher passes w1, in x's dtype, for every pointer not read)
-        aot_signature(fn, {name: "*fp32" if affine and name in ("scale_ptr", "shift_ptr")
-                           else "*" + tname for name in fn.arg_names if name.endswith("_ptr")}),
+        aot_signature(fn, {name: "*fp32" if name in fp32 else "*" + tname
+                           for name in fn.arg_names if name.endswith("_ptr")}),
         dict(ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=affine, HAS_B1=True,
-             HAS_B2=False, HAS_RESIDUAL=residual, CONV_HEAD=bool(conv_channels),
+             HAS_B2=False, HAS_RESIDUAL=residual, CONV_HEAD=bool(conv_channels), STATS=stats,
              BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
              BLOCK_N=config.block_n, BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
              UPCAST=upcast_dot(dtype, interpret=False)),
@@ -232,31 +268,32 @@ _PATNET_T1 = (48, "gelu")
 
 
 def released_launches():
-    """(C, activation, residual, affine, conv head) of each MLP launch of the released models'
-    inference path (:mod:`patnet.inference`), C -> 2C -> C: FasterNet blocks (conv head, no
-    gate) at widths E, 2E, 4E, 8E; PATNet's PAT_ch blocks (conv head and the gate's affine) at
-    E, 2E, 4E and its MLPs after PAT_sf (no head) at 8E; PATNet-T1's MLPs before PAT_sp (no
-    head, no residual: PAT_ch runs as its own op there) at every stage."""
+    """(C, activation, residual, affine, conv head, stats) of each MLP launch of the released
+    models' inference path (:mod:`patnet.inference`), C -> 2C -> C: FasterNet blocks (conv
+    head, no gate) at widths E, 2E, 4E, 8E; PATNet's PAT_ch blocks (conv head and the gate's
+    affine; with the output's statistics where another PAT_ch block follows) at E, 2E, 4E and
+    its MLPs after PAT_sf (no head) at 8E; PATNet-T1's MLPs before PAT_sp (no head, no
+    residual: PAT_ch runs as its own op there) at every stage."""
     for e, activation in _FASTERNET:
         for c in (e, 2 * e, 4 * e, 8 * e):
-            yield c, activation, True, False, True
+            yield c, activation, True, False, True, False
     for e, activation in _PATNET:
-        for c in (e, 2 * e, 4 * e):
-            yield c, activation, True, True, True
-        yield 8 * e, activation, True, False, False
+        for c, stats in itertools.product((e, 2 * e, 4 * e), (False, True)):
+            yield c, activation, True, True, True, stats
+        yield 8 * e, activation, True, False, False, False
     e, activation = _PATNET_T1
     for c in (e, 2 * e, 4 * e, 8 * e):
-        yield c, activation, False, False, False
+        yield c, activation, False, False, False, False
 
 
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU for the released models
     (:func:`released_launches`), for the ahead-of-time check."""
     kernels = {}
-    for (c, activation, residual, affine, conv), dtype in itertools.product(
+    for (c, activation, residual, affine, conv, stats), dtype in itertools.product(
             released_launches(), TRITON_DTYPE):
         c_head = c // 4 if conv else 0
         config = default_config(c, 2 * c, c, dtype, c_head, interpret=False)
-        kernel = aot_kernel(config, dtype, activation, residual, affine, c_head)
+        kernel = aot_kernel(config, dtype, activation, residual, affine, c_head, stats)
         kernels.setdefault(kernel.name, kernel)
     return list(kernels.values())

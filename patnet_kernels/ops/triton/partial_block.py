@@ -1,8 +1,8 @@
 """The block's ops in the Triton backend (see :mod:`..partial_block`): importing this module
 registers the ``patnet_triton`` ops it composes, and its own,
 ``channel_attention_chunk_stats(x, c1) -> (mean, m2)``: the statistics of X2 = x[:, c1:] split
-over H x W, per pixel chunk its mean and sum of squared deviations, each (B, T, C2) fp32 (T from
-:func:`patnet_kernels.triton.channel_attention.stats_chunks`; merged by
+over H x W, per pixel chunk its mean and sum of squared deviations, each (B, T, C2) fp32 (chunks
+of :func:`patnet_kernels.triton.channel_attention.stats_chunk_pixels`; merged by
 ``channel_attention_gate``)."""
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ Tensor = torch.Tensor
 
 def _chunk_stats_shape(x: Tensor, c1: int):
     b, c, h, w = x.shape
-    return (b, kernels.stats_chunks(b, c - c1, h * w), c - c1)
+    chunks = -(-h * w // kernels.stats_chunk_pixels(b, c - c1, h * w))
+    return (b, chunks, c - c1)
 
 
 @torch.library.custom_op("patnet_triton::channel_attention_chunk_stats", mutates_args=())

@@ -1,8 +1,12 @@
-"""The MLP's op in the Triton backend (``patnet_triton``): a body that launches the kernel of
-:mod:`patnet_kernels.triton.pointwise_mlp`; the fake in :mod:`..pointwise_mlp`."""
+"""The MLP's ops in the Triton backend (``patnet_triton``): bodies that launch the kernel of
+:mod:`patnet_kernels.triton.pointwise_mlp`; the fake of ``pointwise_mlp`` in
+:mod:`..pointwise_mlp`. Triton's own, ``pointwise_mlp_stats(..., stats_first) -> (y, mean,
+m2)``: the same with the statistics of y[:, stats_first:] per tile of pixels, each (B, T,
+C_OUT - stats_first) fp32 (T from :func:`patnet_kernels.triton.pointwise_mlp.stats_chunks`;
+what the next PAT_ch block's gate reads, see :mod:`..partial_block`)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -28,11 +32,10 @@ def _matrix(weight: Tensor) -> Tensor:
     return weight.reshape(weight.shape[0], weight.shape[1]).contiguous()
 
 
-@torch.library.custom_op("patnet_triton::pointwise_mlp", mutates_args=())
-@on_tensor_device
-def _forward(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
-             shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-             b2: Optional[Tensor], residual: Optional[Tensor], activation: str) -> Tensor:
+def _run(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
+         shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+         b2: Optional[Tensor], residual: Optional[Tensor], activation: str,
+         statistics: Optional[Tuple[Tensor, Tensor]] = None, stats_first: int = 0) -> Tensor:
     x = _with_pixel_stride(x)
     y = empty_activation(x, spec.output_shape(x, w2))
 
@@ -42,7 +45,43 @@ def _forward(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
     return kernels.pointwise_mlp(
         x, _matrix(w1), b1, _matrix(w2), b2, optional(residual, _with_pixel_stride), activation,
         y, conv_taps=optional(conv_weight, forward_taps), scale=optional(scale, Tensor.contiguous),
-        shift=optional(shift, Tensor.contiguous))
+        shift=optional(shift, Tensor.contiguous), statistics=statistics, stats_first=stats_first)
+
+
+@torch.library.custom_op("patnet_triton::pointwise_mlp", mutates_args=())
+@on_tensor_device
+def _forward(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
+             shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+             b2: Optional[Tensor], residual: Optional[Tensor], activation: str) -> Tensor:
+    return _run(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation)
+
+
+def _stats_shape(x: Tensor, conv_weight: Optional[Tensor], w1: Tensor, w2: Tensor,
+                 stats_first: int):
+    conv_channels = 0 if conv_weight is None else conv_weight.shape[0]
+    return (x.shape[0], kernels.stats_chunks(x, w1, w2, conv_channels), w2.shape[0] - stats_first)
+
+
+@torch.library.custom_op("patnet_triton::pointwise_mlp_stats", mutates_args=())
+@on_tensor_device
+def _forward_stats(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
+                   shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                   b2: Optional[Tensor], residual: Optional[Tensor], activation: str,
+                   stats_first: int) -> Tuple[Tensor, Tensor, Tensor]:
+    shape = _stats_shape(x, conv_weight, w1, w2, stats_first)
+    mean = torch.empty(shape, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    y = _run(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation, (mean, m2),
+             stats_first)
+    return y, mean, m2
+
+
+@_forward_stats.register_fake
+def _forward_stats_fake(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation,
+                        stats_first):
+    shape = _stats_shape(x, conv_weight, w1, w2, stats_first)
+    return (empty_activation(x, spec.output_shape(x, w2)),
+            x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32))
 
 
 register_fakes("patnet_triton", spec.FAKES)
