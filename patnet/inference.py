@@ -14,7 +14,8 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    convs, the folded BN's bias, the activation and the block's residual in one pass, the 2C
    hidden activation kept on chip by the fused kernel); under ``backend="cuda"``, which has no
    kernel for it, the MLP's modules run one by one as before folding. Under
-   ``backend="triton"`` a FasterNet or PAT_ch block (no PAT_sp) runs as one op,
+   ``backend="triton"`` a FasterNet or PAT_ch block (with PAT_sp, PATNet-T1: up to its MLP;
+   PAT_sp and the residual follow) runs as one op,
    ``pk.partial_block``, whose MLP kernel computes the mixer as it reads its input (conv3x3(X1)
    for its pixel tile, X2 with PAT_ch's gate applied), so that output is never written: one
    launch per FasterNet block, three per PAT_ch block (statistics, gate, the kernel); and each
@@ -84,30 +85,37 @@ class InferenceMLP(nn.Sequential):
 
     def after_mixer(self, mixer: nn.Module, x: torch.Tensor, statistics=None,
                     return_statistics: bool = False):
-        """x + MLP(mixer(x)) for a PConv or PAT_ch mixer: as one op, ``pk.partial_block``
-        (the mixer's output never written), where no PAT_sp sits between the MLP and the
-        residual and the backend is one named for it, or "auto" where a measurement on this
+        """x + MLP(mixer(x)) (with PAT_sp: x + PAT_sp(MLP(mixer(x)))) for a PConv or PAT_ch
+        mixer: mixer and MLP as one op, ``pk.partial_block`` (the mixer's output never
+        written), where the backend is one named for it, or "auto" where a measurement on this
         GPU shows the block op faster than the reference; else the mixer's op, then this
         MLP's, each decided per call (so "auto" on the CPU, and ``backend_calls`` under
         "auto", compose). PAT_ch only: ``statistics`` of x's X2 from the previous block (or
         None) and, with ``return_statistics``, (y, the statistics of y for the next block, or
-        None where the block was composed), see ``pk.partial_block``."""
+        None where there are none: the block composed, or PAT_sp after its MLP), see
+        ``pk.partial_block``."""
         fused = (self.backend in _BLOCK_BACKENDS
                  or self.backend == "auto" and pk.backends.auto_runs_fused("partial_block", x))
-        if not fused or len(self) > 4:
+        if not fused:
             y = self(mixer(x), residual=x)
             return (y, None) if return_statistics else y
-        first, _, activation, second = self
+        first, _, activation, second, *spatial = self
         gate = {}
         if isinstance(mixer, PATChannelMixer):
             attn = mixer.attn
             gate = dict(cfc_weight=attn.cfc1.weight, cfc_bias=attn.cfc1.bias,
                         bn_a=bn_params(attn.bn, False), bn_b=bn_params(mixer.norm, False),
-                        statistics=statistics, return_statistics=return_statistics)
-        return pk.partial_block(x, mixer.partial_conv3.weight, first.weight, first.bias,
-                                second.weight, second.bias,
-                                activation=_activation_name(activation),
-                                backend=self.backend, **gate)
+                        statistics=statistics,
+                        return_statistics=return_statistics and not spatial)
+        y = pk.partial_block(x, mixer.partial_conv3.weight, first.weight, first.bias,
+                             second.weight, second.bias, activation=_activation_name(activation),
+                             residual=not spatial, backend=self.backend, **gate)
+        if not spatial:
+            return y
+        for module in spatial:  # (PATNet-T1: PAT_sp, then the residual)
+            y = module(y)
+        y = y.add_(x)
+        return (y, None) if return_statistics else y
 
 
 class InferenceFasterNetBlock(FasterNetBlock):

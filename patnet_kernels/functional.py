@@ -375,8 +375,10 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
                   cfc_bias: Optional[torch.Tensor] = None, bn_a: Optional[BatchNormParams] = None,
                   bn_b: Optional[BatchNormParams] = None, activation: str = "relu",
                   statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                  return_statistics: bool = False, backend: str = "auto"):
-    """A FasterNet block or a PATNet PAT_ch block in inference: x + MLP(mixer(x)).
+                  return_statistics: bool = False, residual: bool = True,
+                  backend: str = "auto"):
+    """A FasterNet block or a PATNet PAT_ch block in inference: x + MLP(mixer(x)); with
+    ``residual=False`` MLP(mixer(x)) alone (PATNet-T1, whose PAT_sp and residual follow).
 
     The mixer is PConv, [conv3x3(X1) | X2] (:func:`partial_conv3x3`), or, given ``cfc_weight``
     and ``bn_b``, PAT_ch in eval (:func:`channel_attention` with its running statistics; its
@@ -411,6 +413,9 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
         raise ValueError(f"w2 must have C = {x.shape[1]} output channels (the block adds x "
                          f"back), got {tuple(w2.shape)}")
     _check_mlp(x, w1, b1, w2, b2, None, activation)
+    if return_statistics and not residual:
+        raise ValueError("return_statistics gives the statistics of the block's output: with "
+                         "residual=False (PAT_sp and the residual still to come) there is none")
     if statistics is not None:
         if cfc_weight is None:
             raise ValueError("statistics belong to PAT_ch (its gate reads them): pass "
@@ -419,7 +424,7 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
     return choose_implementation("partial_block", backend, x, conv_weight, cfc_weight,
                                  cfc_bias, w1, b1, w2, b2)(
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation,
-        statistics, bool(return_statistics))
+        statistics, bool(return_statistics), bool(residual))
 
 
 def _check_statistics(statistics, x: torch.Tensor, c1: int) -> None:

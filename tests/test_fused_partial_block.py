@@ -58,7 +58,7 @@ def _cast(args, kwargs, dtype, channels_last=False):
         if isinstance(v, BatchNormParams):  # (float32 under low precision, as autocast keeps)
             keep = dtype if dtype == torch.float64 else torch.float32
             return BatchNormParams(*(t.to(DEVICE, keep) for t in v[:4]), v.momentum, v.eps)
-        return None if v is None else v.to(DEVICE, dtype)
+        return v.to(DEVICE, dtype) if isinstance(v, torch.Tensor) else v
     args = [cast(a) for a in args]
     if channels_last:
         args[0] = args[0].contiguous(memory_format=torch.channels_last)
@@ -151,6 +151,22 @@ def test_chunked_statistics(channels_last, fused_backend):
     torch.library.opcheck(ops.channel_attention_chunk_stats.default, (x, 3))
 
 
+@ON_ITS_BACKENDS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_without_the_residual(channels_last, dtype, fused_backend):
+    """``residual=False`` (PATNet-T1's blocks, PAT_sp and the residual after): MLP(mixer(x)),
+    against the float64 reference."""
+    args, kwargs = _inputs(2, 24, 6, 5, 7, True, False, seed=3)
+    kwargs["residual"] = False
+    ours = _run(args, kwargs, dtype, fused_backend, "gelu", channels_last)
+    exact = _run(args, kwargs, torch.float64, "torch", "gelu")
+    in_dtype = _run(args, kwargs, dtype, "torch", "gelu", channels_last)
+    assert_within_budget("y", ours, exact, in_dtype, dtype)
+    with_x = _run(args, dict(kwargs, residual=True), torch.float64, "torch", "gelu")
+    assert torch.allclose(with_x - args[0], exact, atol=1e-12)
+
+
 def _merged(mean, m2, pixels):
     """The (mean, unbiased std) over all pixels of per-chunk statistics, each (B, C2)."""
     size = chunk_pixels(pixels, mean.shape[1])
@@ -214,6 +230,9 @@ def _bad(name):
         "statistics chunks": ((x, conv_w, w1, b1, w2),
                               dict(kwargs, statistics=(stats.expand(2, 7, 12),) * 2),
                               ValueError, r"T chunks of a power-of-two number of the 9 pixels"),
+        "statistics, no residual": ((x, conv_w, w1, b1, w2),
+                                    dict(kwargs, return_statistics=True, residual=False),
+                                    ValueError, r"with residual=False .* there is none"),
         "statistics dtype": ((x, conv_w, w1, b1, w2),
                              dict(kwargs, statistics=(stats.double(), stats.double())),
                              ValueError, r"statistics must be float32"),
@@ -223,7 +242,7 @@ def _bad(name):
 
 @pytest.mark.parametrize("case", ["w2 out", "bn_b alone", "cfc shape", "no bn_b", "conv", "w1",
                                   "statistics alone", "statistics shape", "statistics chunks",
-                                  "statistics dtype"])
+                                  "statistics dtype", "statistics, no residual"])
 @pytest.mark.parametrize("backend", ("torch",) + BACKENDS)
 def test_bad_input_is_refused_before_any_kernel(case, backend):
     args, kwargs, error, message = _bad(case)
@@ -239,15 +258,16 @@ def test_a_gradient_is_refused_by_name(fused_backend):
         pk.partial_block(*args, backend=fused_backend)
 
 
-# PATNet-T1 is not here: its PAT_sp sits between MLP and residual (tests/test_fused_pointwise_mlp).
-VARIANTS = ["fasternet_t0", "fasternet_t2", "patnet_t0", "patnet_t2"]
+# (PATNet-T1: its blocks run the op up to the MLP, PAT_sp and the residual after it)
+VARIANTS = ["fasternet_t0", "fasternet_t2", "patnet_t0", "patnet_t1", "patnet_t2"]
 
 
 @ON_ITS_BACKENDS
 @pytest.mark.parametrize("name", VARIANTS)
 def test_inference_path_runs_every_block_as_one_op(name, fused_backend):
     """Every FasterNet block, and PATNet's stage 1-3 blocks, is one call of the block op (stage
-    4: the MLP op after PAT_sf); the model equals the eval model, NCHW and channels_last."""
+    4: the MLP op after PAT_sf; PATNet-T1: PAT_sp after each); the model equals the eval
+    model, NCHW and channels_last."""
     channels_last = name.endswith("t2")
     model, fast = small_inference_model(name, fused_backend, channels_last)
     calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
@@ -256,6 +276,7 @@ def test_inference_path_runs_every_block_as_one_op(name, fused_backend):
     else:
         assert calls.count("partial_block") == 4 and calls.count("pointwise_mlp") == 1
     assert "channel_attention" not in calls and "partial_conv3x3" not in calls
+    assert calls.count("spatial_attention") == (5 if name == "patnet_t1" else 0)
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -275,8 +296,8 @@ def test_auto_composes_the_block_from_its_ops():
 @ON_ITS_BACKENDS
 @pytest.mark.parametrize("name", ["patnet_t0", "patnet_t1"])
 def test_compiled_inference_model_is_one_graph(name, fused_backend):
-    """One graph (fullgraph) through the block op (PATNet-T0) and the MLP op before PAT_sp
-    (PATNet-T1), equal to eager."""
+    """One graph (fullgraph) through the block op (PATNet-T0: with the statistics handed
+    between blocks; PATNet-T1: up to PAT_sp), equal to eager."""
     torch._dynamo.reset()
     _, fast = small_inference_model(name, fused_backend)
     x = torch.randn(2, 3, 64, 32, device=DEVICE)

@@ -1,13 +1,12 @@
 """The block's MLP for inference (pointwise_mlp) on each fused backend that has it (Triton):
 against the float64 reference in every dtype and layout, with and without biases and residual,
 at widths that are not powers of two; strided inputs; the gradient refusal; bad input; opcheck;
-torch.compile; and the inference path of a model running it."""
+torch.compile. (The inference path of the models running it: tests/test_fused_partial_block.py.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import patnet
 import patnet_kernels as pk
 from patnet_kernels import registry
 
@@ -142,20 +141,6 @@ def test_opcheck(channels_last, residual, fused_backend):
     torch.library.opcheck(fused_ops(fused_backend).pointwise_mlp.default,
                           (x, None, None, None, w1, b1, w2, None, r if residual else None,
                            "gelu"))
-
-
-@ON_ITS_BACKENDS
-def test_inference_path_runs_every_mlp_as_the_fused_op(fused_backend):
-    """PATNet-T1's MLPs (PAT_sp after each, so no whole-block op) are one call of the op each,
-    and the model equals the eval model. (The other variants, and the compiled inference
-    model: tests/test_fused_partial_block.py.)"""
-    model, fast = small_inference_model("patnet_t1", fused_backend)
-    calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
-    blocks = sum(1 for m in fast.modules() if isinstance(m, patnet.inference.InferenceMLP))
-    assert calls.count("pointwise_mlp") == blocks == 5
-    x = torch.randn(2, 3, 64, 64, device=DEVICE)
-    with torch.no_grad():
-        assert rel_error(fast(x), model(x)) < 1e-5
 
 
 @ON_ITS_BACKENDS

@@ -24,8 +24,8 @@ from patnet_kernels import reference as ref
 from patnet_kernels.ops import rpe_attention as rpe_ops
 from patnet_kernels.triton import rpe_attention as kernels
 
-from conftest import (BUDGET_FLOOR, DEVICE, TRITON_ONLY, assert_within_budget,
-                      authors_reference_dir, fused_ops, rel_error)
+from conftest import (DEVICE, TRITON_ONLY, assert_within_budget, authors_reference_dir,
+                      fused_ops)
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 GRADS = ("out", "grad_q", "grad_k", "grad_v", "grad_table")

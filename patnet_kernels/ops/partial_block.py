@@ -9,7 +9,8 @@ is never written:
    BN_b folded in;
 3. ``pointwise_mlp(x, conv_weight, scale, shift, ..., residual=x)``: the MLP's kernel computes
    conv3x3(X1) for its pixel tile (one-pixel halo of X1 re-read from cache), keeps it on chip
-   with the 2C hidden activation, reads X2 (applying the gate) and adds x back.
+   with the 2C hidden activation, reads X2 (applying the gate) and adds x back (unless
+   ``residual`` is False: PATNet-T1, whose PAT_sp comes before the residual).
 
 So a FasterNet block is one launch that reads X once and writes the output once; a PAT_ch
 block three, reading X2 once more for the statistics, or two where the previous block of the
@@ -41,7 +42,7 @@ def backend_function(ops):
                       bn_b: Optional[BatchNormParams], w1: Tensor, b1: Optional[Tensor],
                       w2: Tensor, b2: Optional[Tensor], activation: str,
                       statistics: Optional[Tuple[Tensor, Tensor]] = None,
-                      return_statistics: bool = False):
+                      return_statistics: bool = False, residual: bool = True):
         """The block with this backend's kernels (inputs checked; no gradient taken)."""
         c1 = conv_weight.shape[0]
         scale = shift = None
@@ -50,10 +51,15 @@ def backend_function(ops):
                         else ops.channel_attention_chunk_stats(x, c1))
             scale, shift = eval_gate(ops, mean, m2, x.shape[2] * x.shape[3], cfc_weight,
                                      cfc_bias, bn_a, bn_b)
-        if return_statistics:
+        residual_input = x if residual else None
+        if return_statistics or cfc_weight is not None:
+            # (a PAT_ch block's kernel always takes its output's statistics, the last block of
+            # a stage dropping them: one kernel variant fewer to ship, for about 2% more
+            # traffic in those blocks)
             y, mean, m2 = ops.pointwise_mlp_stats(x, conv_weight, scale, shift, w1, b1, w2, b2,
-                                                  x, activation, c1)
-            return y, (mean, m2)
-        return ops.pointwise_mlp(x, conv_weight, scale, shift, w1, b1, w2, b2, x, activation)
+                                                  residual_input, activation, c1)
+            return (y, (mean, m2)) if return_statistics else y
+        return ops.pointwise_mlp(x, conv_weight, scale, shift, w1, b1, w2, b2, residual_input,
+                                 activation)
 
     return partial_block

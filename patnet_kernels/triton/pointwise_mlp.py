@@ -271,19 +271,21 @@ def released_launches():
     """(C, activation, residual, affine, conv head, stats) of each MLP launch of the released
     models' inference path (:mod:`patnet.inference`), C -> 2C -> C: FasterNet blocks (conv
     head, no gate) at widths E, 2E, 4E, 8E; PATNet's PAT_ch blocks (conv head and the gate's
-    affine; with the output's statistics where another PAT_ch block follows) at E, 2E, 4E and
-    its MLPs after PAT_sf (no head) at 8E; PATNet-T1's MLPs before PAT_sp (no head, no
-    residual: PAT_ch runs as its own op there) at every stage."""
+    affine, and the output's statistics, which the next PAT_ch block reads) at E, 2E, 4E and
+    its MLPs after PAT_sf (no head) at 8E; PATNet-T1's MLPs before PAT_sp (no residual: it
+    comes after PAT_sp), with the PAT_ch block's conv head, affine and statistics at E, 2E,
+    4E, after PAT_sf at 8E."""
     for e, activation in _FASTERNET:
         for c in (e, 2 * e, 4 * e, 8 * e):
             yield c, activation, True, False, True, False
     for e, activation in _PATNET:
-        for c, stats in itertools.product((e, 2 * e, 4 * e), (False, True)):
-            yield c, activation, True, True, True, stats
+        for c in (e, 2 * e, 4 * e):
+            yield c, activation, True, True, True, True
         yield 8 * e, activation, True, False, False, False
     e, activation = _PATNET_T1
-    for c in (e, 2 * e, 4 * e, 8 * e):
-        yield c, activation, False, False, False, False
+    for c in (e, 2 * e, 4 * e):
+        yield c, activation, False, True, True, True
+    yield 8 * e, activation, False, False, False, False
 
 
 def aot_kernels() -> List[AotKernel]:
