@@ -8,7 +8,15 @@ once multiplied into the output accumulator ([pixels x chunk] x [chunk x out]), 
 so the hidden activation (2C channels in the released models) is never written to memory. Bias,
 activation and residual are epilogues: X is read once, R once, Y written once.
 
-* :func:`pointwise_mlp` -- the launcher; :func:`aot_kernels` -- its shipped configurations.
+As a whole FasterNet or PAT_ch block runs it, the MLP's input is the mixer's output computed on
+the fly: channels [0, C1) are conv3x3(X1) of the program's pixel tile, computed once before the
+hidden loop (``partial_conv.conv3x3_tile``, the one-pixel halo re-read from cache) and kept on
+chip; channels [C1, C) are X2, through PAT_ch's per-(sample, channel) affine map where given.
+The epilogue can also take the statistics of the output's last channels per pixel tile (mean
+and sum of squared deviations): the next PAT_ch block's gate reads them instead of X2.
+
+* :func:`pointwise_mlp` -- the launcher; :func:`stats_chunks` -- the tiles of its statistics;
+  :func:`aot_kernels` -- its shipped configurations (:func:`released_launches`).
 """
 from __future__ import annotations
 
