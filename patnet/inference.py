@@ -60,6 +60,13 @@ _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
 _BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
 
 
+def _spatial_then_residual(spatial, y: torch.Tensor, residual: Optional[torch.Tensor]):
+    """PAT_sp's modules on the MLP's output, then the block's residual added (if any)."""
+    for module in spatial:
+        y = module(y)
+    return y if residual is None else y.add_(residual)
+
+
 class InferenceMLP(nn.Sequential):
     """The folded MLP [conv1x1 + bias, Identity (its folded BN), act, conv1x1[, PAT_sp]] as one
     op, ``pk.pointwise_mlp``, with the block's residual added in its epilogue (after PAT_sp
@@ -79,9 +86,7 @@ class InferenceMLP(nn.Sequential):
                 activation=_activation_name(activation), backend=self.backend)
             if not spatial:
                 return y
-        for module in spatial:
-            y = module(y)
-        return y if residual is None else y.add_(residual)
+        return _spatial_then_residual(spatial, y, residual)
 
     def after_mixer(self, mixer: nn.Module, x: torch.Tensor, statistics=None,
                     return_statistics: bool = False):
@@ -111,10 +116,8 @@ class InferenceMLP(nn.Sequential):
                              second.weight, second.bias, activation=_activation_name(activation),
                              residual=not spatial, backend=self.backend, **gate)
         if not spatial:
-            return y
-        for module in spatial:  # (PATNet-T1: PAT_sp, then the residual)
-            y = module(y)
-        y = y.add_(x)
+            return y  # (with return_statistics, already the pair (y, statistics))
+        y = _spatial_then_residual(spatial, y, x)  # (PATNet-T1: PAT_sp, then the residual)
         return (y, None) if return_statistics else y
 
 

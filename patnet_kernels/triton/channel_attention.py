@@ -367,6 +367,12 @@ def stats_chunk_pixels(b: int, c2: int, pixels: int, interpret: bool = INTERPRET
     return max(block_p, chunk_pixels(pixels, wanted))
 
 
+def chunk_stats_shape(x: torch.Tensor, c1: int) -> Tuple[int, int, int]:
+    """(B, T, C2): the shape of each of :func:`channel_chunk_stats`'s outputs (the op's fake)."""
+    b, c, h, w = x.shape
+    return b, triton.cdiv(h * w, stats_chunk_pixels(b, c - c1, h * w)), c - c1
+
+
 def channel_chunk_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The statistics of X2 = x[:, c1:] per pixel chunk, split over H * W for parallelism:
     (mean, sum of squared deviations from it), each (B, T, C2) fp32 contiguous, in T chunks of

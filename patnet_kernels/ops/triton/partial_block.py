@@ -17,12 +17,6 @@ from . import channel_attention, partial_conv, pointwise_mlp  # noqa: F401 - reg
 Tensor = torch.Tensor
 
 
-def _chunk_stats_shape(x: Tensor, c1: int):
-    b, c, h, w = x.shape
-    chunks = -(-h * w // kernels.stats_chunk_pixels(b, c - c1, h * w))
-    return (b, chunks, c - c1)
-
-
 @torch.library.custom_op("patnet_triton::channel_attention_chunk_stats", mutates_args=())
 @on_tensor_device
 def _chunk_stats(x: Tensor, c1: int) -> Tuple[Tensor, Tensor]:
@@ -31,5 +25,5 @@ def _chunk_stats(x: Tensor, c1: int) -> Tuple[Tensor, Tensor]:
 
 @_chunk_stats.register_fake
 def _chunk_stats_fake(x, c1):
-    shape = _chunk_stats_shape(x, c1)
+    shape = kernels.chunk_stats_shape(x, c1)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
