@@ -1,7 +1,7 @@
 """Small value types shared by the functional API and every backend."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,11 +49,25 @@ class BatchNormParams(NamedTuple):
             momentum = 1.0 / (seen + 1) if training else 0.0
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
 
-    def update_running(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        """Move the running statistics (where present) towards a batch's, as
-        ``F.batch_norm`` does in training: ``running = (1 - momentum) running + momentum
-        batch``, the variance unbiased; computed in float32, stored in the buffers' dtype."""
-        with torch.no_grad():
-            for running, batch in ((self.running_mean, mean), (self.running_var, unbiased_var)):
-                if running is not None:
-                    running.copy_(running.float() * (1.0 - self.momentum) + batch * self.momentum)
+
+def update_running_statistics(*updates: Tuple[BatchNormParams, torch.Tensor, torch.Tensor]
+                              ) -> None:
+    """For each (BatchNorm, batch mean, unbiased batch variance), fp32 (C,), move its running
+    statistics (where present) towards the batch's, as ``F.batch_norm`` does in training:
+    ``running = (1 - momentum) running + momentum batch``, written ``running + momentum (batch -
+    running)``, in float32 and stored in the buffers' dtype. The float32 buffers of one momentum
+    take one ``torch._foreach_lerp_`` (one launch on a GPU), others one op each."""
+    together: Dict[float, Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+    with torch.no_grad():
+        for bn, mean, unbiased_var in updates:
+            for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased_var)):
+                if running is None:
+                    continue
+                if running.dtype == batch.dtype:
+                    lists = together.setdefault(bn.momentum, ([], []))
+                    lists[0].append(running)
+                    lists[1].append(batch)
+                else:
+                    running.copy_(torch.lerp(running.float(), batch, bn.momentum))
+        for momentum, (running, batch) in together.items():
+            torch._foreach_lerp_(running, batch, momentum)

@@ -220,6 +220,120 @@ def test_inference_gate_is_one_kernel(monkeypatch):
                       "channel_attention_apply"]
 
 
+class GateCase(NamedTuple):
+    b: int
+    c2: int
+    training: bool
+    bn_a: bool = True  # False: BN_a folded into W_ch, with a cfc bias
+    affine: bool = True
+    nan: bool = False  # one sample's std NaN (H * W = 1)
+
+    def __str__(self):
+        return "-".join([f"B{self.b}", f"C2_{self.c2}", "train" if self.training else "eval",
+                         "bn_a" if self.bn_a else "folded"]
+                        + (["no_affine"] if not self.affine else [])
+                        + (["nan"] if self.nan else []))
+
+
+# Under the interpreter the gate kernels take blocks of up to 64 samples and channels: 70 of
+# either spans two (the last one partial).
+GATE_CASES = [GateCase(3, 12, True), GateCase(70, 9, True), GateCase(5, 70, True, affine=False),
+              GateCase(4, 11, True, bn_a=False), GateCase(70, 70, False),
+              GateCase(2, 10, False, bn_a=False), GateCase(3, 12, True, nan=True)]
+
+
+def _gate_args(case: GateCase):
+    """The gate ops' arguments of one case, fp32 on DEVICE: (forward's, backward's inputs)."""
+    gen = torch.Generator().manual_seed(case.b * 100 + case.c2)
+    b, c2 = case.b, case.c2
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen) * scale + shift).to(DEVICE)
+
+    mean, std = randn(b, c2, shift=0.3), randn(b, c2, scale=0.2, shift=1.0).abs()
+    if case.nan:
+        std[1] = float("nan")
+    bn_a = _bn(c2, gen, case.affine, True, 0.1, 1e-5) if case.bn_a else None
+    bn_b = _bn(c2, gen, case.affine, True, 0.25, 1e-3)
+
+    def f32(t):
+        return None if t is None else t.to(DEVICE, torch.float32)
+
+    a = bn_a if bn_a is not None else BatchNormParams(None, None, None, None)
+    forward = (mean, std, 49, randn(c2, c2, 1, 2, scale=1.5 / c2 ** 0.5),
+               None if case.bn_a else randn(c2, scale=0.5), *map(f32, a[:4]), 1e-5,
+               *map(f32, bn_b[:4]), 1e-3, case.bn_a, case.training)
+    backward = (randn(b, c2), randn(b, c2, scale=3.0))  # sum_xg, sum_g
+    return forward, backward
+
+
+@pytest.mark.parametrize("case", GATE_CASES, ids=str)
+def test_gate_kernels_match_torch_gate(case):
+    """Triton's gate ops (one kernel forward, three backward) against the torch functions of
+    the same signature that the CUDA backend runs (:func:`ca_ops.gate_forward`,
+    :func:`ca_ops.gate_backward`): every output, NaNs in the same places."""
+    require_fused_backend("triton")
+    ops = fused_ops("triton")
+    forward, (sum_xg, sum_g) = _gate_args(case)
+    ours = ops.channel_attention_gate(*forward)
+    torch_gate = ca_ops.gate_forward(*forward)
+    names = ("scale", "shift", "z", "moments", "batch statistics")
+    for name, got, want in zip(names, ours, torch_gate):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6, equal_nan=True, msg=name)
+    mean, std, pixels, cfc_weight, _, a_weight, a_bias, *_ = forward
+    b_weight = forward[10]
+    backward = (sum_xg, sum_g, mean, std, pixels, ours[2], ours[3], cfc_weight, a_weight,
+                a_bias, b_weight, case.bn_a, case.training)
+    names = ("slope", "offset", "grad cfc_weight", "grad vectors")
+    for name, got, want in zip(names, ops.channel_attention_gate_backward(*backward),
+                               ca_ops.gate_backward(*backward)):
+        # (atol: with BN_a in training the bias gradient is 0 up to rounding of sums of ~10)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gate_opcheck(training):
+    require_fused_backend("triton")
+    ops = fused_ops("triton")
+    forward, (sum_xg, sum_g) = _gate_args(GateCase(3, 12, training))
+    torch.library.opcheck(ops.channel_attention_gate.default, forward)
+    _, _, z, moments, _ = ops.channel_attention_gate(*forward)
+    mean, std, pixels, cfc_weight, _, a_weight, a_bias, *_ = forward
+    torch.library.opcheck(ops.channel_attention_gate_backward.default,
+                          (sum_xg, sum_g, mean, std, pixels, z, moments, cfc_weight, a_weight,
+                           a_bias, forward[10], True, training))
+
+
+def test_training_step_launches():
+    """A Triton training step of PAT_ch is its kernels and the running statistics' update:
+    forward statistics, gate, apply; backward the weight gradient, the gradient sums, the
+    gate's backward (three kernels) and the input gradient; no torch op of the gate."""
+    require_fused_backend("triton")
+    from benchmarks import traffic
+    case = Case(3, 20, 5, 7, 13, F32, False, True)
+    inputs = _inputs(case)
+    x = inputs["x"].to(DEVICE, F32).requires_grad_()
+    conv_weight, cfc_weight = (inputs[name].to(DEVICE, F32).requires_grad_()
+                               for name in ("conv_weight", "cfc_weight"))
+    bn_a, bn_b = _cast_bn(inputs["bn_a"], F32), _cast_bn(inputs["bn_b"], F32)
+    grad = inputs["grad"].to(DEVICE, F32)
+    recorder = traffic.TrafficRecorder()
+    with recorder:
+        y = pk.channel_attention(x, conv_weight, cfc_weight, None, bn_a, bn_b, training=True,
+                                 backend="triton")
+        y.backward(grad)
+    fused = [(op.name.split("::")[1], op.kernels) for op in recorder.ops
+             if op.name.startswith("patnet_triton::")]
+    assert fused == [("channel_attention_stats", 1), ("channel_attention_gate", 1),
+                     ("channel_attention_apply", 1), ("conv3x3_weight_grad", 1),
+                     ("channel_attention_grad_sums", 1), ("channel_attention_gate_backward", 3),
+                     ("channel_attention_input_grad", 1)]
+    others = [op.name for op in recorder.ops if not op.inside and op.kernels
+              and not op.name.startswith("patnet_triton::")]
+    # the running statistics: one op per momentum (BN_a's 0.1, BN_b's 0.25 here)
+    assert others == ["aten::_foreach_lerp_"] * 2
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_large_mean_and_many_pixel_tiles(training, fused_backend):
     """X2 = 300 + N(0, 1): the statistics must not cancel (E[x^2] - E[x]^2 in fp32 loses

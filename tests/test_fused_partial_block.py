@@ -146,7 +146,7 @@ def test_chunked_statistics(channels_last, fused_backend):
         pick = torch.zeros(9, 9, 1, 2, device=DEVICE)
         pick[:, :, 0, j] = torch.eye(9, device=DEVICE) / 100  # (inside hsig's linear range)
         got, _ = eval_gate(ops, mean, m2, 17 * 19, pick, None, None, bn_b)
-        want, _ = eval_gate(ops, exact_mean, exact_std, 0, pick, None, None, bn_b)
+        want, _ = eval_gate(ops, exact_mean, exact_std, 17 * 19, pick, None, None, bn_b)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     torch.library.opcheck(ops.channel_attention_chunk_stats.default, (x, 3))
 

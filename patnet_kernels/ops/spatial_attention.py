@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .._types import BatchNormParams
+from .._types import BatchNormParams, update_running_statistics
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -126,9 +126,9 @@ def backend_function(ops):
             bn_c.running_var, d.weight, d.bias, d.running_mean, d.running_var,
             float(bn_c.eps), float(d.eps), has_bn_d, training)
         if training:  # (the kernels' variances are biased; the running ones take unbiased)
-            bn_c.update_running(c_stats[0], c_stats[1] * (n / (n - 1)))
-            if has_bn_d:
-                d.update_running(d_stats[0], d_stats[1] * (n / (n - 1)))
+            update_running_statistics(
+                (bn_c, c_stats[0], c_stats[1] * (n / (n - 1))),
+                *([(d, d_stats[0], d_stats[1] * (n / (n - 1)))] if has_bn_d else []))
         return y
 
     return spatial_attention

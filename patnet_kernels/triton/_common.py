@@ -137,3 +137,25 @@ def activation_launches(*tensors: str, pixel: str = "sw", **more: Sequence[str]
         return base
     return {f"{layout}, {kind}": ones + tuple(extra)
             for layout, ones in base.items() for kind, extra in more.items()}
+
+
+# (Kernel helpers appended below, not inserted above: a jit function's line numbers are part
+# of the cache key of every kernel that calls it, so inserting would recompile them all.)
+@triton.jit
+def tile_moments(x, ok):
+    """(count, mean, sum of squared deviations from the mean) of each column of the 2-D ``x``
+    over its rows where ``ok``: three vectors, fp32 (a column with no entry: 0, 0, 0)."""
+    count = tl.sum(ok.to(tl.float32), 0)
+    mean = tl.sum(tl.where(ok, x, 0.0), 0) / tl.maximum(count, 1.0)
+    centred = tl.where(ok, x - mean[None, :], 0.0)
+    return count, mean, tl.sum(centred * centred, 0)
+
+
+@triton.jit
+def merge_moments(seen, mean, m2, count, other_mean, other_m2):
+    """(count, mean, sum of squared deviations) of two disjoint sets given each one's, merged
+    with Chan et al.'s formula (no E[x^2] - E[x]^2 cancellation)."""
+    total = seen + count
+    delta = other_mean - mean
+    share = count / tl.maximum(total, 1.0)
+    return total, mean + delta * share, m2 + other_m2 + delta * delta * (seen * share)

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .._types import chunk_pixels
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, hardsigmoid, upcast_dot)
+                      block, hardsigmoid, merge_moments, tile_moments, upcast_dot)
 from .partial_conv import _conv_blocks, _strides, conv3x3_tile
 
 
@@ -72,16 +72,8 @@ def _channel_stats_kernel(
         pix = (offs_p // W) * x_sh + (offs_p % W) * x_sw
         ok = p_ok[:, None] & c_ok[None, :]
         x = tl.load(base[None, :] + pix[:, None], mask=ok, other=0.0).to(tl.float32)
-        count = tl.sum(p_ok.to(tl.float32), 0)
-        tile_mean = tl.sum(x, 0) / count
-        centred = tl.where(ok, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(centred * centred, 0)
-        # Chan et al.: merge (seen, mean, m2) with (count, tile_mean, tile_m2).
-        total = seen + count
-        delta = tile_mean - mean
-        mean = mean + delta * (count / total)
-        m2 = m2 + tile_m2 + delta * delta * (seen * (count / total))
-        seen = total
+        count, tile_mean, tile_m2 = tile_moments(x, ok)
+        seen, mean, m2 = merge_moments(seen, mean, m2, count, tile_mean, tile_m2)
     out = (pid_b * chunks + pid_t) * C2 + offs_c
     tl.store(mean_ptr + out, mean, mask=c_ok)
     if SUM_OF_SQUARES:
@@ -92,18 +84,13 @@ def _channel_stats_kernel(
 
 
 @triton.jit
-def _batch_norm_affine(w_ptr, b_ptr, mean_ptr, var_ptr, eps, offs, ok, HAS_W: tl.constexpr,
-                       HAS_B: tl.constexpr):
-    """(scale, shift) of the channels ``offs`` of an eval BatchNorm, BN(x) = scale x + shift:
-    scale = weight / sqrt(var + eps), shift = bias - mean scale (reference.batch_norm_affine);
-    every pointer (C,), read as fp32."""
-    scale = 1.0 / tl.sqrt_rn(tl.load(var_ptr + offs, mask=ok, other=1.0).to(tl.float32) + eps)
-    if HAS_W:
-        scale *= tl.load(w_ptr + offs, mask=ok, other=1.0).to(tl.float32)
-    shift = -tl.load(mean_ptr + offs, mask=ok, other=0.0).to(tl.float32) * scale
-    if HAS_B:
-        shift += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    return scale, shift
+def _channel_vector(ptr, offs, ok, PRESENT: tl.constexpr, default: tl.constexpr):
+    """The (C2,) parameter at ``ptr`` for the channels ``offs``, as fp32; ``default`` where
+    absent (not PRESENT) or not ``ok``."""
+    v = offs.to(tl.float32) * 0.0 + default
+    if PRESENT:
+        v = tl.load(ptr + offs, mask=ok, other=default).to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -120,45 +107,18 @@ def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS,
         at = (offs_b[:, None] * CHUNKS + t) * C2 + offs_i[None, :]
         chunk_mean = tl.load(mean_ptr + at, mask=ok, other=0.0)
         chunk_m2 = tl.load(m2_ptr + at, mask=ok, other=0.0)
-        total = seen + count
-        delta = chunk_mean - mean
-        mean = mean + delta * (count / total)
-        m2 = m2 + chunk_m2 + delta * delta * (seen * (count / total))
-        seen = total
+        seen, mean, m2 = merge_moments(seen, mean, m2, count, chunk_mean, chunk_m2)
     # H * W = 1: m2 = 0 and the divisor 0, so std = NaN (as Tensor.std with correction 1).
     return mean, tl.where(ok, tl.sqrt(m2 / (seen - 1.0)), 0.0)
 
 
 @triton.jit
-def _channel_gate_kernel(
-    mean_ptr,  # (B, C2) fp32 contiguous: per (b, c) mean of X2; with CHUNKS > 0 (B, CHUNKS,
-               # C2): the mean of each of CHUNKS equal pixel chunks (channel_chunk_stats)
-    std_ptr,  # (B, C2) fp32 contiguous: per (b, c) unbiased std of X2; with CHUNKS > 0
-              # (B, CHUNKS, C2): each chunk's sum of squared deviations from its mean
-    w_ptr,  # (C2, C2, 1, 2) W_ch, contiguous: w[o, i, 0, j] mixes (mean, std)[j] of channel i
-    bias_ptr,  # (C2,) W_ch's bias (read if HAS_BIAS)
-    a_w_ptr, a_b_ptr,  # (C2,) BN_a weight, bias (read if HAS_A_W / HAS_A_B)
-    a_mean_ptr, a_var_ptr,  # (C2,) BN_a running mean, variance (read if HAS_BN_A)
-    b_w_ptr, b_b_ptr,  # (C2,) BN_b weight, bias (read if HAS_B_W / HAS_B_B)
-    b_mean_ptr, b_var_ptr,  # (C2,) BN_b running mean, variance
-    scale_ptr,  # (B, C2) fp32 contiguous, written: a = hsig(z) * gamma_b / sqrt(var_b + eps_b)
-    shift_ptr,  # (B, C2) fp32 contiguous, written: d = beta_b - mean_b * gamma_b / sqrt(...)
-    B, C2,
-    CHUNKS,  # 0, or the pixel chunks of mean_ptr / std_ptr
-    PIXELS,  # H * W (read with CHUNKS > 0)
-    CHUNK_PIXELS,  # pixels per chunk, the last one the rest (read with CHUNKS > 0)
-    eps_a, eps_b,  # fp32: the BatchNorms' eps
-    HAS_BIAS: tl.constexpr, HAS_BN_A: tl.constexpr, HAS_A_W: tl.constexpr,
-    HAS_A_B: tl.constexpr, HAS_B_W: tl.constexpr, HAS_B_B: tl.constexpr,
-    BLOCK_B: tl.constexpr,  # samples per program
-    BLOCK_O: tl.constexpr,  # output channels per program
-    BLOCK_I: tl.constexpr,  # input channels per step of the mix
-):
-    # grid: (ceil(C2 / BLOCK_O), ceil(B / BLOCK_B))
-    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    o_ok = offs_o < C2
-    b_ok = offs_b < B
+def _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, b_ok, offs_o, o_ok, C2, CHUNKS,
+              PIXELS, CHUNK_PIXELS, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+              BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """z = W_ch . [mean, std] (+ W_ch's bias) of the samples ``offs_b`` and output channels
+    ``offs_o``, (BLOCK_B, BLOCK_O) fp32, on the tensor cores in IEEE fp32; the statistics
+    read, or merged from CHUNKS chunks (see :func:`_channel_gate_kernel`)."""
     z = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
     for i0 in range(0, C2, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
@@ -179,18 +139,340 @@ def _channel_gate_kernel(
         z = tl.dot(std, w_std, z, input_precision="ieee")
     if HAS_BIAS:
         z += tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit
+def _gate_value(z, mu_a, inv_a, gamma_a, beta_a, HAS_BN_A: tl.constexpr):
+    """(z_n, z_hat, g) of a (BLOCK_B, BLOCK_O) block of the mix z: BN_a's input normalised,
+    z_hat = (z - mu_a) inv_a, its output z_n = z_hat gamma_a + beta_a (without BN_a both are
+    z), and the gate g = hsig(z_n), NaN where z_n is (as torch); the rest (BLOCK_O,) vectors."""
     if HAS_BN_A:
-        a_scale, a_shift = _batch_norm_affine(a_w_ptr, a_b_ptr, a_mean_ptr, a_var_ptr, eps_a,
-                                              offs_o, o_ok, HAS_A_W, HAS_A_B)
-        z = z * a_scale[None, :] + a_shift[None, :]
-    k, shift = _batch_norm_affine(b_w_ptr, b_b_ptr, b_mean_ptr, b_var_ptr, eps_b, offs_o, o_ok,
-                                  HAS_B_W, HAS_B_B)
-    out = offs_b[:, None] * C2 + offs_o[None, :]
-    out_ok = b_ok[:, None] & o_ok[None, :]
-    gate = tl.where(z != z, z, hardsigmoid(z))  # NaN stays NaN (std of H * W = 1), as in torch
-    tl.store(scale_ptr + out, gate * k[None, :], mask=out_ok)
-    tl.store(shift_ptr + out, tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32) + shift[None, :],
-             mask=out_ok)
+        z_hat = (z - mu_a[None, :]) * inv_a[None, :]
+        z_n = z_hat * gamma_a[None, :] + beta_a[None, :]
+    else:
+        z_hat = z
+        z_n = z
+    return z_n, z_hat, tl.where(z_n != z_n, z_n, hardsigmoid(z_n))
+
+
+@triton.jit
+def _channel_gate_kernel(
+    mean_ptr,  # (B, C2) fp32 contiguous: per (b, c) mean of X2; with CHUNKS > 0 (B, CHUNKS,
+               # C2): the mean of each of CHUNKS equal pixel chunks (channel_chunk_stats)
+    std_ptr,  # (B, C2) fp32 contiguous: per (b, c) unbiased std of X2; with CHUNKS > 0
+              # (B, CHUNKS, C2): each chunk's sum of squared deviations from its mean
+    w_ptr,  # (C2, C2, 1, 2) W_ch, contiguous: w[o, i, 0, j] mixes (mean, std)[j] of channel i
+    bias_ptr,  # (C2,) W_ch's bias (read if HAS_BIAS)
+    a_w_ptr, a_b_ptr,  # (C2,) BN_a weight, bias (read if HAS_A_W / HAS_A_B)
+    a_mean_ptr, a_var_ptr,  # (C2,) BN_a running mean, variance (read if HAS_BN_A, in eval)
+    b_w_ptr, b_b_ptr,  # (C2,) BN_b weight, bias (read if HAS_B_W / HAS_B_B)
+    b_mean_ptr, b_var_ptr,  # (C2,) BN_b running mean, variance (read in eval)
+    scale_ptr,  # (B, C2) fp32 contiguous, written: a = g * gamma_b / sqrt(var_b + eps_b)
+    shift_ptr,  # (B, C2) fp32 contiguous, written: d = beta_b - mean_b * gamma_b / sqrt(...)
+    z_ptr,  # (B, C2) fp32 contiguous, written: the mix z = W_ch . [mean, std] + bias
+    moments_ptr,  # (4, C2) fp32 contiguous, written: the mean and 1 / sqrt(var + eps) BN_a
+                  # normalised with (0 and 1 without BN_a), then BN_b's
+    batch_ptr,  # (4, C2) fp32 contiguous, written if TRAINING: BN_a's batch mean and unbiased
+                # variance (0 and 0 without BN_a), then BN_b's (for the running statistics)
+    B, C2,
+    CHUNKS,  # 0, or the pixel chunks of mean_ptr / std_ptr (eval only)
+    PIXELS,  # H * W
+    CHUNK_PIXELS,  # pixels per chunk, the last one the rest (read with CHUNKS > 0)
+    eps_a, eps_b,  # fp32: the BatchNorms' eps
+    HAS_BIAS: tl.constexpr, HAS_BN_A: tl.constexpr, HAS_A_W: tl.constexpr,
+    HAS_A_B: tl.constexpr, HAS_B_W: tl.constexpr, HAS_B_B: tl.constexpr,
+    TRAINING: tl.constexpr,  # BN_a and BN_b normalise with the batch's statistics (taken
+                             # over all samples by each program), else the running ones
+    BLOCK_B: tl.constexpr,  # samples per step
+    BLOCK_O: tl.constexpr,  # output channels per program
+    BLOCK_I: tl.constexpr,  # input channels per step of the mix
+):
+    # grid: (ceil(C2 / BLOCK_O), 1 if TRAINING else ceil(B / BLOCK_B))
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = offs_o < C2
+    gamma_a = _channel_vector(a_w_ptr, offs_o, o_ok, HAS_A_W, 1.0)
+    beta_a = _channel_vector(a_b_ptr, offs_o, o_ok, HAS_A_B, 0.0)
+    gamma_b = _channel_vector(b_w_ptr, offs_o, o_ok, HAS_B_W, 1.0)
+    beta_b = _channel_vector(b_b_ptr, offs_o, o_ok, HAS_B_B, 0.0)
+    zero = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    if TRAINING:
+        # Pass 1: z of every sample (kept for the passes below and the backward) and BN_a's
+        # batch moments, merged over blocks of samples.
+        seen, mu_a, m2_a = zero, zero, zero
+        for b0 in range(0, B, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            ok = (offs_b < B)[:, None] & o_ok[None, :]
+            z = _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, offs_b < B, offs_o, o_ok,
+                          C2, 0, PIXELS, 0, HAS_BIAS, BLOCK_B, BLOCK_O, BLOCK_I)
+            tl.store(z_ptr + offs_b[:, None] * C2 + offs_o[None, :], z, mask=ok)
+            # (every column over the batch's samples: those past C2 hold zeros)
+            rows = tl.broadcast_to((offs_b < B)[:, None], (BLOCK_B, BLOCK_O))
+            count, tile_mean, tile_m2 = tile_moments(z, rows)
+            seen, mu_a, m2_a = merge_moments(seen, mu_a, m2_a, count, tile_mean, tile_m2)
+        if HAS_BN_A:
+            inv_a = 1.0 / tl.sqrt_rn(m2_a / seen + eps_a)
+            tl.store(batch_ptr + offs_o, mu_a, mask=o_ok)
+            tl.store(batch_ptr + C2 + offs_o, m2_a / (seen - 1.0), mask=o_ok)
+        else:
+            mu_a, inv_a = zero, zero + 1.0
+            tl.store(batch_ptr + offs_o, zero, mask=o_ok)
+            tl.store(batch_ptr + C2 + offs_o, zero, mask=o_ok)
+        # Pass 2: BN_b's batch moments of X2 * g. Sample b's X2 * g has mean t = g mean and
+        # sum of squared deviations g^2 std^2 (H W - 1); the t merged over the samples.
+        seen, center_b, m2_t, m2_within = zero, zero, zero, zero
+        for b0 in range(0, B, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            ok = (offs_b < B)[:, None] & o_ok[None, :]
+            at = offs_b[:, None] * C2 + offs_o[None, :]
+            z = tl.load(z_ptr + at, mask=ok, other=0.0)
+            _, _, g = _gate_value(z, mu_a, inv_a, gamma_a, beta_a, HAS_BN_A)
+            t = g * tl.load(mean_ptr + at, mask=ok, other=0.0)
+            spread = tl.where(ok, g * tl.load(std_ptr + at, mask=ok, other=0.0), 0.0)
+            m2_within += tl.sum(spread * spread, 0)
+            rows = tl.broadcast_to((offs_b < B)[:, None], (BLOCK_B, BLOCK_O))
+            count, tile_mean, tile_m2 = tile_moments(t, rows)
+            seen, center_b, m2_t = merge_moments(seen, center_b, m2_t, count, tile_mean, tile_m2)
+        m2_b = m2_within * (PIXELS - 1.0) + m2_t * PIXELS
+        count_b = seen * PIXELS
+        inv_b = 1.0 / tl.sqrt_rn(m2_b / count_b + eps_b)
+        tl.store(batch_ptr + 2 * C2 + offs_o, center_b, mask=o_ok)
+        tl.store(batch_ptr + 3 * C2 + offs_o, m2_b / (count_b - 1.0), mask=o_ok)
+        b_first = 0
+        b_stop = B
+    else:
+        if HAS_BN_A:
+            mu_a = tl.load(a_mean_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+            inv_a = 1.0 / tl.sqrt_rn(
+                tl.load(a_var_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32) + eps_a)
+        else:
+            mu_a, inv_a = zero, zero + 1.0
+        center_b = tl.load(b_mean_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+        inv_b = 1.0 / tl.sqrt_rn(
+            tl.load(b_var_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32) + eps_b)
+        b_first = tl.program_id(1) * BLOCK_B
+        b_stop = tl.minimum(B, b_first + BLOCK_B)
+    if tl.program_id(1) == 0:  # the normalisations used, for the backward
+        tl.store(moments_ptr + offs_o, mu_a, mask=o_ok)
+        tl.store(moments_ptr + C2 + offs_o, inv_a, mask=o_ok)
+        tl.store(moments_ptr + 2 * C2 + offs_o, center_b, mask=o_ok)
+        tl.store(moments_ptr + 3 * C2 + offs_o, inv_b, mask=o_ok)
+    k = gamma_b * inv_b
+    shift = beta_b - center_b * k
+    # Pass 3 (in eval the only one, over this program's samples): Y2 = X2 * scale + shift.
+    for b0 in range(b_first, b_stop, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        ok = (offs_b < b_stop)[:, None] & o_ok[None, :]
+        at = offs_b[:, None] * C2 + offs_o[None, :]
+        if TRAINING:
+            z = tl.load(z_ptr + at, mask=ok, other=0.0)
+        else:
+            z = _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, offs_b < b_stop, offs_o,
+                          o_ok, C2, CHUNKS, PIXELS, CHUNK_PIXELS, HAS_BIAS, BLOCK_B, BLOCK_O,
+                          BLOCK_I)
+            tl.store(z_ptr + at, z, mask=ok)
+        _, _, g = _gate_value(z, mu_a, inv_a, gamma_a, beta_a, HAS_BN_A)
+        tl.store(scale_ptr + at, g * k[None, :], mask=ok)
+        tl.store(shift_ptr + at, tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32) + shift[None, :],
+                 mask=ok)
+
+
+@triton.jit
+def _channel_gate_grad_kernel(
+    sum_xg_ptr,  # (B, C2) fp32 contiguous: sum over H * W of dY2 * (X2 - mean)
+    sum_g_ptr,  # (B, C2) fp32 contiguous: sum over H * W of dY2
+    mean_ptr, std_ptr,  # (B, C2) fp32 contiguous: the statistics of X2
+    z_ptr,  # (B, C2) fp32 contiguous: the gate's mix z (written by the forward)
+    moments_ptr,  # (4, C2) fp32 contiguous: the normalisations of the forward (its moments)
+    a_w_ptr, a_b_ptr,  # (C2,) BN_a weight, bias (read if HAS_A_W / HAS_A_B)
+    b_w_ptr,  # (C2,) BN_b weight (read if HAS_B_W)
+    dz_ptr,  # (B, C2) fp32 contiguous, written: dL/dz
+    d_mean_ptr, d_std_ptr,  # (B, C2) fp32 contiguous, written if TRAINING: dL/dmean and
+                            # dL/dstd through BN_b's batch statistics (the mix's part follows)
+    grads_ptr,  # (5, C2) fp32 contiguous, written: dL/d W_ch's bias, BN_a's weight and bias,
+                # BN_b's weight and bias
+    B, C2,
+    PIXELS,  # H * W
+    HAS_BN_A: tl.constexpr, HAS_A_W: tl.constexpr, HAS_A_B: tl.constexpr,
+    HAS_B_W: tl.constexpr,
+    TRAINING: tl.constexpr,  # the forward normalised with the batch's statistics
+    BLOCK_B: tl.constexpr,  # samples per step
+    BLOCK_O: tl.constexpr,  # channels per program
+):
+    # grid: (ceil(C2 / BLOCK_O),): each program over every sample of its channels (the
+    # BatchNorms' gradients are sums over the batch).
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = offs_o < C2
+    gamma_a = _channel_vector(a_w_ptr, offs_o, o_ok, HAS_A_W, 1.0)
+    beta_a = _channel_vector(a_b_ptr, offs_o, o_ok, HAS_A_B, 0.0)
+    gamma_b = _channel_vector(b_w_ptr, offs_o, o_ok, HAS_B_W, 1.0)
+    mu_a = tl.load(moments_ptr + offs_o, mask=o_ok, other=0.0)
+    inv_a = tl.load(moments_ptr + C2 + offs_o, mask=o_ok, other=1.0)
+    center_b = tl.load(moments_ptr + 2 * C2 + offs_o, mask=o_ok, other=0.0)
+    inv_b = tl.load(moments_ptr + 3 * C2 + offs_o, mask=o_ok, other=1.0)
+    k = gamma_b * inv_b
+    n = PIXELS * 1.0
+    zero = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    # Pass 1: the gradients of BN_b (scale = g k, shift = beta_b - center_b k), written in the
+    # centred sums: dot = sum_b (sum_hw dY2 X2) g - grad_beta center_b, without the
+    # cancellation of two large terms when |mean| >> std.
+    grad_beta_b, dot = zero, zero
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        ok = (offs_b < B)[:, None] & o_ok[None, :]
+        at = offs_b[:, None] * C2 + offs_o[None, :]
+        _, _, g = _gate_value(tl.load(z_ptr + at, mask=ok, other=0.0), mu_a, inv_a, gamma_a,
+                              beta_a, HAS_BN_A)
+        sum_g = tl.load(sum_g_ptr + at, mask=ok, other=0.0)
+        t_c = g * tl.load(mean_ptr + at, mask=ok, other=0.0) - center_b[None, :]
+        grad_beta_b += tl.sum(sum_g, 0)
+        dot += tl.sum(tl.where(ok, tl.load(sum_xg_ptr + at, mask=ok, other=0.0) * g
+                               + t_c * sum_g, 0.0), 0)
+    # (training: var_b = M2 / (B n), M2 = sum_b g^2 std^2 (n - 1) + n sum_b t_c^2, and
+    # center_b = mean_b g mean: d_m2 is dL/dM2)
+    d_m2 = dot * gamma_b * (-0.5) * inv_b * inv_b * inv_b / (B * n)
+    # Pass 2: down to dL/dz_n and BN_a's gradients (in training, with BN_a, dz_ptr keeps dL/dz_hat
+    # for pass 3).
+    grad_bias, grad_gamma_a, grad_beta_a, sum_dzh, sum_dzh_zhat = zero, zero, zero, zero, zero
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        ok = (offs_b < B)[:, None] & o_ok[None, :]
+        at = offs_b[:, None] * C2 + offs_o[None, :]
+        z_n, z_hat, g = _gate_value(tl.load(z_ptr + at, mask=ok, other=0.0), mu_a, inv_a,
+                                    gamma_a, beta_a, HAS_BN_A)
+        sum_xg = tl.load(sum_xg_ptr + at, mask=ok, other=0.0)
+        sum_g = tl.load(sum_g_ptr + at, mask=ok, other=0.0)
+        mean = tl.load(mean_ptr + at, mask=ok, other=0.0)
+        if TRAINING:
+            std = tl.load(std_ptr + at, mask=ok, other=0.0)
+            t_c = g * mean - center_b[None, :]
+            mean_shift = (grad_beta_b * k / B)[None, :]
+            d_t = d_m2[None, :] * (2.0 * n) * t_c - mean_shift
+            d_g = (sum_xg * k[None, :] + mean * (sum_g * k[None, :] - mean_shift)
+                   + d_m2[None, :] * (2.0 * (n - 1.0) * g * std * std + (2.0 * n) * t_c * mean))
+            tl.store(d_std_ptr + at, d_m2[None, :] * 2.0 * (n - 1.0) * g * g * std, mask=ok)
+            tl.store(d_mean_ptr + at, d_t * g, mask=ok)
+        else:
+            d_g = (sum_xg + mean * sum_g) * k[None, :]
+        d_zn = tl.where(ok & (z_n > -3.0) & (z_n < 3.0), d_g / 6.0, 0.0)  # (hsig's backward)
+        if HAS_BN_A:
+            grad_gamma_a += tl.sum(d_zn * z_hat, 0)
+            grad_beta_a += tl.sum(d_zn, 0)
+            d_zh = d_zn * gamma_a[None, :]
+            if TRAINING:
+                sum_dzh += tl.sum(d_zh, 0)
+                sum_dzh_zhat += tl.sum(d_zh * z_hat, 0)
+                d_z = d_zh  # (dL/dz_hat, for pass 3)
+            else:
+                d_z = d_zh * inv_a[None, :]
+                grad_bias += tl.sum(d_z, 0)
+        else:
+            d_z = d_zn
+            grad_bias += tl.sum(d_z, 0)
+        tl.store(dz_ptr + at, d_z, mask=ok)
+    if HAS_BN_A and TRAINING:
+        # Pass 3: through BN_a's batch statistics,
+        # dz = inv_a (dz_hat - mean_b dz_hat - z_hat mean_b(dz_hat z_hat)).
+        for b0 in range(0, B, BLOCK_B):
+            offs_b = b0 + tl.arange(0, BLOCK_B)
+            ok = (offs_b < B)[:, None] & o_ok[None, :]
+            at = offs_b[:, None] * C2 + offs_o[None, :]
+            _, z_hat, _ = _gate_value(tl.load(z_ptr + at, mask=ok, other=0.0), mu_a, inv_a,
+                                      gamma_a, beta_a, HAS_BN_A)
+            d_zh = tl.load(dz_ptr + at, mask=ok, other=0.0)
+            d_z = inv_a[None, :] * (d_zh - (sum_dzh / B)[None, :]
+                                    - z_hat * (sum_dzh_zhat / B)[None, :])
+            d_z = tl.where(ok, d_z, 0.0)
+            grad_bias += tl.sum(d_z, 0)
+            tl.store(dz_ptr + at, d_z, mask=ok)
+    tl.store(grads_ptr + offs_o, grad_bias, mask=o_ok)
+    tl.store(grads_ptr + C2 + offs_o, grad_gamma_a, mask=o_ok)
+    tl.store(grads_ptr + 2 * C2 + offs_o, grad_beta_a, mask=o_ok)
+    tl.store(grads_ptr + 3 * C2 + offs_o, dot * inv_b, mask=o_ok)
+    tl.store(grads_ptr + 4 * C2 + offs_o, grad_beta_b, mask=o_ok)
+
+
+@triton.jit
+def _channel_gate_input_grad_kernel(
+    dz_ptr,  # (B, C2) fp32 contiguous: dL/dz
+    w_ptr,  # (C2, C2, 1, 2) W_ch, contiguous: w[o, i, 0, j] mixes (mean, std)[j] of channel i
+    std_ptr,  # (B, C2) fp32 contiguous: the unbiased std of X2
+    d_mean_ptr, d_std_ptr,  # (B, C2) fp32 contiguous: the gradients through BN_b's batch
+                            # statistics (read if TRAINING)
+    slope_ptr,  # (B, C2) fp32 contiguous, written: dstd / ((H W - 1) std), 0 where std = 0
+    offset_ptr,  # (B, C2) fp32 contiguous, written: dmean / (H W)
+    B, C2,
+    PIXELS,  # H * W
+    TRAINING: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # samples per program
+    BLOCK_O: tl.constexpr,  # channels of z per step
+    BLOCK_I: tl.constexpr,  # channels of the statistics per program
+):
+    # grid: (ceil(C2 / BLOCK_I), ceil(B / BLOCK_B)): dL/d[mean, std] = dz . W_ch (+ the
+    # BatchNorm's part), as the input gradient's per-(b, c) slope and offset.
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    i_ok = offs_i < C2
+    b_ok = offs_b < B
+    ok = b_ok[:, None] & i_ok[None, :]
+    at = offs_b[:, None] * C2 + offs_i[None, :]
+    if TRAINING:
+        d_mean = tl.load(d_mean_ptr + at, mask=ok, other=0.0)
+        d_std = tl.load(d_std_ptr + at, mask=ok, other=0.0)
+    else:
+        d_mean = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
+        d_std = tl.zeros((BLOCK_B, BLOCK_I), dtype=tl.float32)
+    for o0 in range(0, C2, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        o_ok = offs_o < C2
+        d_z = tl.load(dz_ptr + offs_b[:, None] * C2 + offs_o[None, :],
+                      mask=b_ok[:, None] & o_ok[None, :], other=0.0)
+        oi = (offs_o[:, None] * C2 + offs_i[None, :]) * 2  # (BLOCK_O, BLOCK_I): w[o, i, 0, 0]
+        oi_ok = o_ok[:, None] & i_ok[None, :]
+        w_mean = tl.load(w_ptr + oi, mask=oi_ok, other=0.0).to(tl.float32)
+        w_std = tl.load(w_ptr + oi + 1, mask=oi_ok, other=0.0).to(tl.float32)
+        d_mean = tl.dot(d_z, w_mean, d_mean, input_precision="ieee")
+        d_std = tl.dot(d_z, w_std, d_std, input_precision="ieee")
+    n = PIXELS * 1.0
+    std = tl.load(std_ptr + at, mask=ok, other=1.0)
+    # Tensor.std's backward: d std / d x = (x - mean) / ((n - 1) std), and 0 where std = 0.
+    slope = d_std / ((n - 1.0) * tl.where(std == 0.0, 1.0, std))  # (std NaN: NaN, as torch)
+    tl.store(slope_ptr + at, tl.where(std == 0.0, 0.0, slope), mask=ok)
+    tl.store(offset_ptr + at, d_mean / n, mask=ok)
+
+
+@triton.jit
+def _channel_gate_weight_grad_kernel(
+    dz_ptr,  # (B, C2) fp32 contiguous: dL/dz
+    mean_ptr, std_ptr,  # (B, C2) fp32 contiguous: the statistics of X2
+    grad_w_ptr,  # (C2, C2, 1, 2) fp32 contiguous, written: sum_b dz[b, o] [mean, std][b, i]
+    B, C2,
+    BLOCK_B: tl.constexpr,  # samples per step
+    BLOCK_O: tl.constexpr,  # output channels (of z) per program
+    BLOCK_I: tl.constexpr,  # input channels (of the statistics) per program
+):
+    # grid: (ceil(C2 / BLOCK_O), ceil(C2 / BLOCK_I))
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    o_ok = offs_o < C2
+    i_ok = offs_i < C2
+    grad_mean = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    grad_std = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        b_ok = offs_b < B
+        d_z_t = tl.load(dz_ptr + offs_b[None, :] * C2 + offs_o[:, None],
+                        mask=o_ok[:, None] & b_ok[None, :], other=0.0)  # (BLOCK_O, BLOCK_B)
+        bi = offs_b[:, None] * C2 + offs_i[None, :]
+        bi_ok = b_ok[:, None] & i_ok[None, :]
+        grad_mean = tl.dot(d_z_t, tl.load(mean_ptr + bi, mask=bi_ok, other=0.0), grad_mean,
+                           input_precision="ieee")
+        grad_std = tl.dot(d_z_t, tl.load(std_ptr + bi, mask=bi_ok, other=0.0), grad_std,
+                          input_precision="ieee")
+    oi = (offs_o[:, None] * C2 + offs_i[None, :]) * 2
+    oi_ok = o_ok[:, None] & i_ok[None, :]
+    tl.store(grad_w_ptr + oi, grad_mean, mask=oi_ok)
+    tl.store(grad_w_ptr + oi + 1, grad_std, mask=oi_ok)
 
 
 @triton.jit
@@ -381,37 +663,86 @@ def channel_chunk_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.T
     return _stats(x, c1, stats_chunk_pixels(b, c - c1, h * w), sum_of_squares=True)
 
 
-def channel_gate(mean: torch.Tensor, std: torch.Tensor, cfc_weight: torch.Tensor,
+def channel_gate(mean: torch.Tensor, std: torch.Tensor, pixels: int, cfc_weight: torch.Tensor,
                  cfc_bias: Optional[torch.Tensor], bn_a: Optional[tuple], bn_b: tuple,
-                 pixels: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The eval gate: (scale a, shift d), each (B, C2) fp32 contiguous, of Y2 = X2 * a + d.
+                 training: bool = False) -> Tuple[torch.Tensor, ...]:
+    """The gate, one kernel: (scale a, shift d) of Y2 = X2 * a + d and what the backward needs.
 
-    mean, std: (B, C2) fp32 contiguous (:func:`channel_stats`), or, with ``pixels`` = H * W,
-    (B, T, C2) per-chunk means and sums of squared deviations in chunks of
+    mean, std: (B, C2) fp32 contiguous (:func:`channel_stats`), or in eval (B, T, C2) per-chunk
+    means and sums of squared deviations in chunks of
     :func:`patnet_kernels._types.chunk_pixels` pixels (:func:`channel_chunk_stats`, or the
-    block's MLP kernel),
-    merged here; cfc_weight:
-    (C2, C2, 1, 2) contiguous; cfc_bias: (C2,) or None; bn_a: None (folded into W_ch) or
-    (weight, bias, running_mean, running_var, eps) and bn_b the same, weight / bias None
-    without affine, every tensor (C2,) contiguous.
+    block's MLP kernel), merged here; pixels: H * W; cfc_weight: (C2, C2, 1, 2) contiguous;
+    cfc_bias: (C2,) or None; bn_a: None (folded into W_ch) or (weight, bias, running_mean,
+    running_var, eps), bn_b the same (weight / bias None without affine, running statistics
+    None if absent: read in eval only), every tensor (C2,) contiguous; training: normalise
+    with the batch's statistics (one program per channel block then, over every sample).
+
+    Returns fp32 contiguous (scale (B, C2), shift (B, C2), z (B, C2): the mix W_ch . [mean,
+    std] + bias, moments (4, C2): the mean and 1 / sqrt(var + eps) BN_a normalised with (0 and 1
+    without BN_a) then BN_b's, batch (4, C2) in training: BN_a's batch mean and unbiased
+    variance (zeros without BN_a) then BN_b's; (0, C2) in eval).
     """
     b, c2 = mean.shape[0], mean.shape[-1]
-    chunks = mean.shape[1] if pixels else 0
-    if not pixels:
+    chunks = mean.shape[1] if mean.dim() == 3 else 0
+    assert not (chunks and training), "the training gate takes whole-map statistics"
+    if not chunks:
         _check_coefficients(b, c2, mean, std)
-    scale = torch.empty((b, c2), device=mean.device, dtype=torch.float32)
-    shift = torch.empty_like(scale)
+    scale, shift, z = (torch.empty((b, c2), device=mean.device, dtype=torch.float32)
+                       for _ in range(3))
+    moments = torch.empty((4, c2), device=mean.device, dtype=torch.float32)
+    batch = torch.empty((4 if training else 0, c2), device=mean.device, dtype=torch.float32)
     a = bn_a if bn_a is not None else (None, None, None, None, 0.0)
     present = [t if t is not None else mean for t in (cfc_bias, *a[:4], *bn_b[:4])]
     block_b, block_o, block_i, warps = _gate_blocks(b, c2)
-    _channel_gate_kernel[(triton.cdiv(c2, block_o), triton.cdiv(b, block_b))](
-        mean, std, cfc_weight, *present, scale, shift, b, c2, chunks, pixels,
-        chunk_pixels(pixels, chunks) if chunks else 0, float(a[4]),
+    grid = (triton.cdiv(c2, block_o), 1 if training else triton.cdiv(b, block_b))
+    _channel_gate_kernel[grid](
+        mean, std, cfc_weight, *present, scale, shift, z, moments, batch if training else z,
+        b, c2, chunks, pixels, chunk_pixels(pixels, chunks) if chunks else 0, float(a[4]),
         float(bn_b[4]),
         HAS_BIAS=cfc_bias is not None, HAS_BN_A=bn_a is not None, HAS_A_W=a[0] is not None,
         HAS_A_B=a[1] is not None, HAS_B_W=bn_b[0] is not None, HAS_B_B=bn_b[1] is not None,
+        TRAINING=training, BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i,
+        num_warps=warps, num_stages=1)
+    return scale, shift, z, moments, batch
+
+
+def channel_gate_backward(sum_xg: torch.Tensor, sum_g: torch.Tensor, mean: torch.Tensor,
+                          std: torch.Tensor, pixels: int, z: torch.Tensor,
+                          moments: torch.Tensor, cfc_weight: torch.Tensor,
+                          a_weight: Optional[torch.Tensor], a_bias: Optional[torch.Tensor],
+                          b_weight: Optional[torch.Tensor], has_a: bool, training: bool
+                          ) -> Tuple[torch.Tensor, ...]:
+    """The gate's backward, three kernels: from sum_xg = sum_hw dY2 (X2 - mean) and sum_g =
+    sum_hw dY2 (:func:`channel_grad_sums`), each (B, C2) fp32 contiguous, and what
+    :func:`channel_gate` returned (z, moments; mean, std (B, C2) its input), with cfc_weight
+    (C2, C2, 1, 2) and the BatchNorms' weights (C2,) or None, all contiguous.
+
+    Returns fp32 contiguous (slope (B, C2), offset (B, C2): the input gradient's terms
+    through the statistics, see :func:`conv3x3_affine`; the gradient of cfc_weight (C2, C2,
+    1, 2); grads (5, C2): those of W_ch's bias, BN_a's weight and bias (zeros without BN_a),
+    BN_b's weight and bias).
+    """
+    b, c2 = mean.shape
+    _check_coefficients(b, c2, sum_xg, sum_g, mean, std, z)
+    dz, slope, offset = (torch.empty((b, c2), device=mean.device, dtype=torch.float32)
+                         for _ in range(3))
+    d_mean, d_std = ((torch.empty_like(dz), torch.empty_like(dz)) if training else (dz, dz))
+    grads = torch.empty((5, c2), device=mean.device, dtype=torch.float32)
+    grad_w = torch.empty((c2, c2, 1, 2), device=mean.device, dtype=torch.float32)
+    present = [t if t is not None else mean for t in (a_weight, a_bias, b_weight)]
+    block_b, block_o, block_i, warps = _gate_blocks(b, c2)
+    _channel_gate_grad_kernel[(triton.cdiv(c2, block_o),)](
+        sum_xg, sum_g, mean, std, z, moments, *present, dz, d_mean, d_std, grads, b, c2, pixels,
+        HAS_BN_A=has_a, HAS_A_W=a_weight is not None, HAS_A_B=a_bias is not None,
+        HAS_B_W=b_weight is not None, TRAINING=training, BLOCK_B=block_b, BLOCK_O=block_o,
+        num_warps=warps, num_stages=1)
+    _channel_gate_input_grad_kernel[(triton.cdiv(c2, block_i), triton.cdiv(b, block_b))](
+        dz, cfc_weight, std, d_mean, d_std, slope, offset, b, c2, pixels, TRAINING=training,
         BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, num_stages=1)
-    return scale, shift
+    _channel_gate_weight_grad_kernel[(triton.cdiv(c2, block_o), triton.cdiv(c2, block_i))](
+        dz, mean, std, grad_w, b, c2, BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i,
+        num_warps=warps, num_stages=1)
+    return slope, offset, grad_w, grads
 
 
 def channel_grad_sums(x: torch.Tensor, grad_y: torch.Tensor, center: torch.Tensor
@@ -481,21 +812,44 @@ def aot_kernels() -> List[AotKernel]:
                                "sum_xg_ptr": "*fp32", "sum_g_ptr": "*fp32"}),
             dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps,
             launches=activation_launches("x", "g")))
+    g_b, g_o, g_i, g_warps = _GPU_GATE_BLOCKS
+    gate_blocks = dict(BLOCK_B=g_b, BLOCK_O=g_o)
     for wname in ("fp32", "fp16", "bf16"):  # W_ch in the activations' dtype, BN fp32
         fn = _channel_gate_kernel
         vectors = ("bias_ptr", "a_w_ptr", "a_b_ptr", "a_mean_ptr", "a_var_ptr", "b_w_ptr",
                    "b_b_ptr", "b_mean_ptr", "b_var_ptr")
         sig = aot_signature(fn, {"mean_ptr": "*fp32", "std_ptr": "*fp32", "w_ptr": "*" + wname,
-                                 "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                                 "scale_ptr": "*fp32", "shift_ptr": "*fp32", "z_ptr": "*fp32",
+                                 "moments_ptr": "*fp32", "batch_ptr": "*fp32",
                                  **{v: "*fp32" for v in vectors}},
                             {"eps_a": "fp32", "eps_b": "fp32"})
-        g_b, g_o, g_i, g_warps = _GPU_GATE_BLOCKS
-        for has_bn_a in (False, True):
+        # inference (BN_a folded into W_ch, or not), and training
+        for has_bn_a, training in ((False, False), (True, False), (True, True)):
             kernels.append(AotKernel(
-                f"channel_gate[{wname}, bn_a={has_bn_a}]", fn, sig,
+                f"channel_gate[{wname}, bn_a={has_bn_a}, training={training}]", fn, sig,
                 dict(HAS_BIAS=not has_bn_a, HAS_BN_A=has_bn_a, HAS_A_W=has_bn_a,
-                     HAS_A_B=has_bn_a, HAS_B_W=True, HAS_B_B=True, BLOCK_B=g_b, BLOCK_O=g_o,
-                     BLOCK_I=g_i), num_warps=g_warps, num_stages=1))
+                     HAS_A_B=has_bn_a, HAS_B_W=True, HAS_B_B=True, TRAINING=training,
+                     BLOCK_I=g_i, **gate_blocks), num_warps=g_warps, num_stages=1))
+        fn = _channel_gate_input_grad_kernel
+        sig = aot_signature(fn, {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")}
+                            | {"w_ptr": "*" + wname})
+        for training in (False, True):
+            kernels.append(AotKernel(
+                f"channel_gate_input_grad[{wname}, training={training}]", fn, sig,
+                dict(TRAINING=training, BLOCK_I=g_i, **gate_blocks), num_warps=g_warps,
+                num_stages=1))
+    fn = _channel_gate_grad_kernel  # (every tensor fp32, as the training BatchNorms')
+    sig = aot_signature(fn, {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")})
+    for training in (False, True):
+        kernels.append(AotKernel(
+            f"channel_gate_grad[training={training}]", fn, sig,
+            dict(HAS_BN_A=True, HAS_A_W=True, HAS_A_B=True, HAS_B_W=True, TRAINING=training,
+                 **gate_blocks), num_warps=g_warps, num_stages=1))
+    fn = _channel_gate_weight_grad_kernel
+    kernels.append(AotKernel(
+        "channel_gate_weight_grad", fn,
+        aot_signature(fn, {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")}),
+        dict(BLOCK_I=g_i, **gate_blocks), num_warps=g_warps, num_stages=1))
     for c1 in (8, 16, 24, 32, 40, 80, 160):  # C1 = C / 4 of stages 1-3 of every released width
         p, ci, co, warps = _conv_blocks(c1, interpret=False)
         if (ci, co) in seen:

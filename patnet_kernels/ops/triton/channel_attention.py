@@ -1,8 +1,8 @@
 """PAT_ch's ops in the Triton backend (``patnet_triton``): bodies that launch the kernels of
 :mod:`patnet_kernels.triton.channel_attention`; fakes, gate and autograd in
-:mod:`..channel_attention`. ``channel_attention_gate`` (the eval gate as one kernel) is
-Triton's alone. The backward also needs ``conv3x3_weight_grad``, registered by
-:mod:`.partial_conv` (imported here)."""
+:mod:`..channel_attention`. The gate ops (``channel_attention_gate``, forward in eval and
+training, and ``channel_attention_gate_backward``) are Triton's alone. The backward also needs
+``conv3x3_weight_grad``, registered by :mod:`.partial_conv` (imported here)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -25,28 +25,34 @@ def _stats(x: Tensor, c1: int) -> Tuple[Tensor, Tensor]:
     return kernels.channel_stats(x, c1)
 
 
+def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
 @torch.library.custom_op("patnet_triton::channel_attention_gate", mutates_args=())
 @on_tensor_device
 def _gate(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
           cfc_bias: Optional[Tensor], a_weight: Optional[Tensor], a_bias: Optional[Tensor],
           a_mean: Optional[Tensor], a_var: Optional[Tensor], eps_a: float,
-          b_weight: Optional[Tensor], b_bias: Optional[Tensor], b_mean: Tensor, b_var: Tensor,
-          eps_b: float, has_a: bool) -> Tuple[Tensor, Tensor]:
-    def vector(t):
-        return None if t is None else t.contiguous()
-
-    bn_a = (tuple(map(vector, (a_weight, a_bias, a_mean, a_var))) + (eps_a,)) if has_a else None
-    bn_b = tuple(map(vector, (b_weight, b_bias, b_mean, b_var))) + (eps_b,)
-    return kernels.channel_gate(mean.contiguous(), std.contiguous(), cfc_weight.contiguous(),
-                                vector(cfc_bias), bn_a, bn_b, pixels)
+          b_weight: Optional[Tensor], b_bias: Optional[Tensor], b_mean: Optional[Tensor],
+          b_var: Optional[Tensor], eps_b: float, has_a: bool, training: bool
+          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    bn_a = (tuple(map(_vector, (a_weight, a_bias, a_mean, a_var))) + (eps_a,)) if has_a else None
+    bn_b = tuple(map(_vector, (b_weight, b_bias, b_mean, b_var))) + (eps_b,)
+    return kernels.channel_gate(mean.contiguous(), std.contiguous(), pixels,
+                                cfc_weight.contiguous(), _vector(cfc_bias), bn_a, bn_b, training)
 
 
-@_gate.register_fake
-def _gate_fake(mean, std, pixels, cfc_weight, cfc_bias, a_weight, a_bias, a_mean, a_var,
-               eps_a, b_weight, b_bias, b_mean, b_var, eps_b, has_a):
-    # (Triton only: the CUDA extension has no gate op, so this fake is not in spec.FAKES)
-    shape = (mean.shape[0], mean.shape[-1])
-    return mean.new_empty(shape), mean.new_empty(shape)
+@torch.library.custom_op("patnet_triton::channel_attention_gate_backward", mutates_args=())
+@on_tensor_device
+def _gate_backward(sum_xg: Tensor, sum_g: Tensor, mean: Tensor, std: Tensor, pixels: int,
+                   z: Tensor, moments: Tensor, cfc_weight: Tensor, a_weight: Optional[Tensor],
+                   a_bias: Optional[Tensor], b_weight: Optional[Tensor], has_a: bool,
+                   training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return kernels.channel_gate_backward(
+        *(t.contiguous() for t in (sum_xg, sum_g, mean, std)), pixels, z.contiguous(),
+        moments.contiguous(), cfc_weight.contiguous(), _vector(a_weight), _vector(a_bias),
+        _vector(b_weight), has_a, training)
 
 
 @torch.library.custom_op("patnet_triton::channel_attention_apply", mutates_args=())
@@ -73,4 +79,4 @@ def _input_grad(grad_y: Tensor, x: Tensor, conv_weight: Tensor, scale: Tensor, c
                                   slope=slope.contiguous())
 
 
-register_fakes("patnet_triton", spec.FAKES)
+register_fakes("patnet_triton", {**spec.FAKES, **spec.GATE_FAKES})
