@@ -36,8 +36,8 @@ read. Views move nothing. A fused kernel is counted by what it must move: its te
 once (one passed twice, as the block's input and its residual, once) and outputs written once,
 except where it touches part of a tensor: the statistics of
 PAT_ch read X2 only (both forms), in-place PConv reads the saved X1 and writes Y1 into X, PAT_sf's output
-kernel reads X1 and writes Y1 (its projection is the ``bmm`` beside it), the attention reads its
-bucket ids as int32. Halo re-reads, register spills and caches are not modelled.
+reads X1, not X2 (unless it adds the residual X; CUDA's conv kernel writes Y1 only, its
+projection is the ``bmm`` beside it), the attention reads its bucket ids as int32. Halo re-reads, register spills and caches are not modelled.
 
 **Per image.** Every provider runs at batch 2 and batch 3: per-image bytes = bytes(batch 3) -
 bytes(batch 2), so whatever does not scale with the batch (weights, their re-laid-out copies,
@@ -184,7 +184,7 @@ def aten_op(func, args, kwargs, out) -> Op:
     return nothing._replace(kernels=1, read=read, written=written)
 
 
-def fused_bytes(op: str, args, out) -> Tuple[int, int]:
+def fused_bytes(op: str, args, out, namespace: str = "patnet_triton") -> Tuple[int, int]:
     """What a fused op's kernels must move: (read, written) (rules in the module docstring)."""
     inputs: List[torch.Tensor] = []
     for t in _tensors(args):  # (a tensor passed twice is read once: the block's x, its residual)
@@ -199,10 +199,15 @@ def fused_bytes(op: str, args, out) -> Tuple[int, int]:
         x, weight = args[0], args[1]
         x1 = x[:, :weight.shape[0]]
         read, written = nbytes(x1) + nbytes(weight), nbytes(x1)
-    elif op == "self_mixer_output":  # the conv of X1 into Y1; tokens -> Y2 is the bmm beside it
+    elif op == "self_mixer_output" and namespace == "patnet_cuda":
+        # the conv of X1 into Y1; tokens -> Y2 is the bmm beside it, the residual its add_
         x, weight = args[0], args[1]
         x1 = x[:, :weight.shape[0]]
         read, written = nbytes(x1) + nbytes(weight), nbytes(x1)
+    elif op == "self_mixer_output":  # one kernel: X1 (all of X with the residual) and tokens
+        x, weight, residual = args[0], args[1], args[6]
+        if not residual:
+            read -= nbytes(x) - nbytes(x[:, :weight.shape[0]])
     elif op == "rpe_attention_fwd":  # bucket ids read as int32
         bucket = args[4]
         read += bucket.numel() * 4 - nbytes(bucket)
@@ -279,7 +284,7 @@ class TrafficRecorder(TorchDispatchMode):
                 kernels = CUDA_LAUNCHES[name]
             else:
                 kernels = len(launched)
-            read, written = fused_bytes(name, args, out)
+            read, written = fused_bytes(name, args, out, func.namespace)
             self.ops.append(Op(full, kernels, read, written, self.inside))
             self.ops.extend(inner.ops)
             return out

@@ -354,7 +354,8 @@ std::tuple<Tensor, Tensor> rpe_attention_fwd(const Tensor& q, const Tensor& k, c
   const c10::DeviceGuard guard(q.device());
   const Tensor table_f = table.to(at::kFloat).contiguous();
   const Tensor ids = bucket.to(at::kInt).contiguous();
-  Tensor out = at::empty(q.sizes(), q.options());
+  // O laid out as (batch, n, heads, head_dim) contiguous: merging its heads is a view
+  Tensor out = at::empty({s.batch, s.n, s.heads, s.head_dim}, q.options()).transpose(1, 2);
   Tensor lse = at::empty({s.batch, s.heads, s.n}, q.options().dtype(at::kFloat));
   check_launch(patnet::rpe_attention_forward(
                    dtype_of(q, "q"), heads(q), heads(k), heads(v), heads(out),
@@ -381,7 +382,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rpe_attention_bwd(
   const c10::DeviceGuard guard(q.device());
   const Tensor table_f = table.to(at::kFloat).contiguous();
   const Tensor ids = bucket.to(at::kInt).contiguous();
-  const Tensor out_c = out.contiguous(), lse_c = lse.contiguous();
+  const Tensor lse_c = lse.contiguous();  // (out: read through its strides)
   Tensor grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty_like(grad_q),
          grad_v = at::empty_like(grad_q);
   Tensor grad_table = at::empty({s.heads, s.num_buckets}, table_f.options());
@@ -389,7 +390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rpe_attention_bwd(
                                                                  s.head_dim, s.num_buckets);
   Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
   check_launch(patnet::rpe_attention_backward(
-                   dtype_of(q, "q"), heads(grad_out), heads(q), heads(k), heads(v), heads(out_c),
+                   dtype_of(q, "q"), heads(grad_out), heads(q), heads(k), heads(v), heads(out),
                    lse_c.data_ptr<float>(), table_f.data_ptr<float>(), ids.data_ptr<int32_t>(),
                    heads(grad_q), heads(grad_k), heads(grad_v), grad_table.data_ptr<float>(),
                    workspace.data_ptr(), s.batch, s.heads, s.n, s.head_dim, s.num_buckets,
@@ -426,7 +427,7 @@ void check_mixer_inputs(const Tensor& x, int64_t c1, const Tensor& tokens,
 // [conv3x3(X1) | proj(tokens)] (* keep on the second half), both written into one buffer.
 Tensor self_mixer_output(const Tensor& x, const Tensor& conv_weight, const Tensor& tokens,
                          const Tensor& proj_weight, const std::optional<Tensor>& proj_bias,
-                         const std::optional<Tensor>& keep) {
+                         const std::optional<Tensor>& keep, bool residual) {
   const int64_t c1 = check_conv(x, conv_weight, "x");
   check_mixer_inputs(x, c1, tokens, proj_weight, proj_bias, keep);
   const c10::DeviceGuard guard(x.device());
@@ -441,6 +442,7 @@ Tensor self_mixer_output(const Tensor& x, const Tensor& conv_weight, const Tenso
     at::bmm_out(y2, tokens, weight_t);
   }
   if (present(keep)) y2.mul_(*keep);
+  if (residual) y.add_(x);  // (PAT_sf's first residual sum)
   return y;
 }
 
@@ -481,7 +483,7 @@ TORCH_LIBRARY(patnet_cuda, m) {
         "Tensor lse, Tensor table, Tensor bucket, float scale, float dropout_p, Tensor? seed, "
         "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("self_mixer_output(Tensor x, Tensor conv_weight, Tensor tokens, Tensor proj_weight, "
-        "Tensor? proj_bias, Tensor? keep) -> Tensor");
+        "Tensor? proj_bias, Tensor? keep, bool residual) -> Tensor");
   m.def("self_mixer_output_backward(Tensor grad_y, Tensor x, Tensor conv_weight, Tensor tokens, "
         "Tensor proj_weight, Tensor? keep) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -23,7 +23,9 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    a PAT_ch block followed by another in its stage hands it the statistics of its output's X2
    channels, taken in its MLP kernel's epilogue (:class:`InferenceStage`), so that block does
    not read X2 for them (two launches instead of three);
-5. writes the stage-4 blocks' first residual sum into the mixer's output (no new tensor).
+5. takes the stage-4 blocks' first residual sum in the mixer's output op
+   (``pk.self_mixer_output(residual=True)``; on Triton one kernel writes x + [conv3x3(X1) |
+   proj(attention)], the attention's output read in place: its heads merged by a view).
 
 Its outputs equal the eval model's within float rounding (tests/test_inference.py checks every
 variant). The copy is for inference only: it refuses ``train()``.
@@ -130,12 +132,12 @@ class InferenceFasterNetBlock(FasterNetBlock):
 
 class InferencePATNetBlock(PATNetBlock):
     """Stages 1-3: X + MLP(PAT_ch(X)), as one op where it can (:meth:`InferenceMLP.after_mixer`).
-    Stage 4: the first residual sum written into the mixer's output, the second in the MLP's
-    epilogue."""
+    Stage 4: the first residual sum taken by the mixer's output op (on Triton in its kernel),
+    the second in the MLP's epilogue."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.self_attention:
-            x = self.spatial_mixing(x).add_(x)
+            x = self.spatial_mixing(x, residual=True)
             return self.mlp(x, residual=x)
         return self.mlp.after_mixer(self.spatial_mixing, x)
 

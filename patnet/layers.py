@@ -271,12 +271,13 @@ class PATSelfMixer(nn.Module):
         self.norm = LayerNorm2d(self.dim_untouched)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        """PAT_sf(x), or with ``residual`` x + PAT_sf(x) (on Triton in the same pass)."""
         tokens = self.attn(self.norm(x[:, self.dim_conv3:]))  # (B, N, C2), not yet projected
         return pk.self_mixer_output(
             x, self.partial_conv3.weight, tokens, self.attn.proj.weight, self.attn.proj.bias,
             dropout_p=self.attn.proj_drop.p if self.training else 0.0, backend=self.backend,
-            eval_form=self.eval_forms)
+            eval_form=self.eval_forms, residual=residual)
 
 
 class PartialSpatialAttention(nn.Module):

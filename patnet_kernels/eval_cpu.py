@@ -75,9 +75,11 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
 
 def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.Tensor,
                       proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
-                      keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[conv3x3(X1) | proj(tokens) as a map] without dropout (``keep`` must be None), the
-    projection written channel-major straight into the output (no concatenation).
+                      keep: Optional[torch.Tensor] = None,
+                      residual: bool = False) -> torch.Tensor:
+    """[conv3x3(X1) | proj(tokens) as a map] (+ x with ``residual``) without dropout (``keep``
+    must be None), the projection written channel-major straight into the output (no
+    concatenation).
 
     x: (B, C, H, W), NCHW-contiguous; tokens (B, N, C2); proj_weight (C2, C2), proj_bias (C2,)
     or None. Returns (B, C, H, W).
@@ -92,4 +94,4 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
     else:
         torch.baddbmm(proj_bias.view(1, c2, 1), proj_weight.expand(b, c2, c2),
                       tokens.transpose(1, 2), out=out)
-    return y
+    return y.add_(x) if residual else y

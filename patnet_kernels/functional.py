@@ -290,8 +290,9 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
 def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.Tensor,
                       proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor] = None,
                       dropout_p: float = 0.0, backend: str = "auto", *,
-                      eval_form: bool = False) -> torch.Tensor:
-    """The output of PAT_sf: [conv3x3(X1) | dropout(tokens @ proj_weight^T + proj_bias)].
+                      eval_form: bool = False, residual: bool = False) -> torch.Tensor:
+    """The output of PAT_sf: [conv3x3(X1) | dropout(tokens @ proj_weight^T + proj_bias)], or
+    with ``residual`` x plus it (the stage-4 block's first residual sum).
 
     x: (B, C, H, W), X1 = x[:, :C1], C1 = conv_weight.shape[0]; tokens: (B, N, C2), N = H * W
     in row-major order, C2 = C - C1 (the attention output with its heads merged);
@@ -299,7 +300,7 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
     applied to the projection (pass 0 in eval); its mask is drawn like ``F.dropout`` on a
     (B, N, C2) tensor, so every backend sees the same mask. ``eval_form``: see
     :func:`rpe_attention`. Returns (B, C, H, W); the fused backends write both halves straight
-    into it (no concatenation).
+    into it (no concatenation; Triton in one kernel, the residual sum included).
     """
     check_activation("x", x)
     c1 = check_conv_weight("conv_weight", conv_weight, x.shape[1], 3, min_rest=1)
@@ -319,7 +320,7 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
     if dropout_p > 0.0:  # as F.dropout: bernoulli(1 - p) / (1 - p), same generator calls
         keep = torch.empty((b, h * w, c2), dtype=x.dtype, device=x.device)
         keep.bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-    return implementation(x, conv_weight, tokens, proj_weight, proj_bias, keep)
+    return implementation(x, conv_weight, tokens, proj_weight, proj_bias, keep, residual)
 
 
 @autocast_aware

@@ -207,16 +207,17 @@ CHECKED = {
     "rpe_bwd-no_seed": ("rpe_attention_bwd", lambda: _rpe_bwd(*_attention(), p=0.2),
                         "patnet_cuda: rpe_attention with dropout_p > 0 needs a seed"),
     # PAT_sf: the mixer output
-    "mixer-float64": ("self_mixer_output", lambda: tuple(t.double() for t in _mixer()) + (None,),
+    "mixer-float64": ("self_mixer_output",
+                      lambda: tuple(t.double() for t in _mixer()) + (None, False),
                       "patnet_cuda: x must be float32, float16 or bfloat16, got Double"),
     "mixer-conv_weight_shape": ("self_mixer_output",
-                                lambda: _replace(_mixer(), 1, _randn(2, 2, 1, 1)) + (None,),
+                                lambda: _replace(_mixer(), 1, _randn(2, 2, 1, 1)) + (None, False),
                                 "must be (C1, C1, 3, 3) with 1 <= C1 <= C = 8, got [2, 2, 1, 1]"),
     "mixer-tokens_dims": ("self_mixer_output",
-                          lambda: _replace(_mixer(), 2, _mixer()[2][0]) + (None,),
+                          lambda: _replace(_mixer(), 2, _mixer()[2][0]) + (None, False),
                           "patnet_cuda: tokens must have 3 dimensions, got [30, 6]"),
     "mixer-proj_weight_dims": ("self_mixer_output",
-                               lambda: _replace(_mixer(), 3, _randn(36)) + (None,),
+                               lambda: _replace(_mixer(), 3, _randn(36)) + (None, False),
                                "patnet_cuda: proj_weight must have 2 dimensions, got [36]"),
     "mixer_bwd-float64": ("self_mixer_output_backward",
                           lambda: (_conv()[0].double(),) + tuple(
@@ -230,15 +231,15 @@ CHECKED.update({
                              0.35, 0.0, None),
                          "patnet_cuda: bucket must be"),
     "mixer-tokens_shape": ("self_mixer_output",
-                           lambda: _replace(_mixer(), 2, _mixer()[2][:, :-1]) + (None,),
+                           lambda: _replace(_mixer(), 2, _mixer()[2][:, :-1]) + (None, False),
                            "patnet_cuda: tokens must be"),
     "mixer-proj_weight_shape": ("self_mixer_output",
-                                lambda: _replace(_mixer(), 3, _randn(6, 5)) + (None,),
+                                lambda: _replace(_mixer(), 3, _randn(6, 5)) + (None, False),
                                 "patnet_cuda: proj_weight must be"),
     "mixer-tokens_dtype": ("self_mixer_output",
-                           lambda: _replace(_mixer(), 2, _mixer()[2].half()) + (None,),
+                           lambda: _replace(_mixer(), 2, _mixer()[2].half()) + (None, False),
                            "patnet_cuda: tokens"),
-    "mixer-keep_shape": ("self_mixer_output", lambda: _mixer() + (_randn(2, 30, 5),),
+    "mixer-keep_shape": ("self_mixer_output", lambda: _mixer() + (_randn(2, 30, 5), False),
                          "patnet_cuda: keep"),
 })
 
@@ -289,7 +290,7 @@ CHECKED.update({
                                            torch.zeros(1, 2, 6, device=DEVICE).half()),
                           "patnet_cuda: lse must be the forward's float32 (B, heads, N)"),
     "mixer-bias_shape": ("self_mixer_output",
-                         lambda: _replace(_mixer(), 4, _randn(5)) + (None,),
+                         lambda: _replace(_mixer(), 4, _randn(5)) + (None, False),
                          "patnet_cuda: proj_bias must be (C2,) = [6] (C2 = C - C1), got [5]"),
     "mixer_bwd-keep_dtype": ("self_mixer_output_backward",
                              lambda: (_conv()[0],) + _mixer()[:4]
@@ -323,7 +324,7 @@ def test_op_refuses_a_cpu_argument_with_cuda_input(ops):
     with pytest.raises(RuntimeError, match="patnet_cuda: mean must be a CUDA tensor"):
         ops.channel_attention_grad_sums(x, x, _coef(2, 6).cpu())
     with pytest.raises(RuntimeError, match="patnet_cuda: keep must be a CUDA tensor"):
-        ops.self_mixer_output(*_mixer(), _randn(2, 30, 6).cpu())
+        ops.self_mixer_output(*_mixer(), _randn(2, 30, 6).cpu(), False)
     with pytest.raises(RuntimeError, match="patnet_cuda: x must be a CUDA tensor"):
         ops.channel_attention_stats(x.cpu(), 2)
 

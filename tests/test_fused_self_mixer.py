@@ -27,12 +27,13 @@ def _inputs(b, c, c1, h, w, dtype, channels_last, seed=0):
     return t
 
 
-def _run(inputs, backend, dropout_p=0.0, bias=True, seed=1):
+def _run(inputs, backend, dropout_p=0.0, bias=True, seed=1, residual=False):
     x, conv_w, tokens, proj_w, proj_b, grad = inputs
     leaves = [v.detach().clone().requires_grad_() for v in (x, conv_w, tokens, proj_w, proj_b)]
     torch.manual_seed(seed)
     y = pk.self_mixer_output(leaves[0], leaves[1], leaves[2], leaves[3],
-                             leaves[4] if bias else None, dropout_p=dropout_p, backend=backend)
+                             leaves[4] if bias else None, dropout_p=dropout_p, backend=backend,
+                             residual=residual)
     y.backward(grad)
     return [y.detach()] + [v.grad for v in leaves[:4 + bias]]
 
@@ -41,15 +42,21 @@ NAMES = ("y", "grad_x", "grad_conv_weight", "grad_tokens", "grad_proj_weight", "
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape, channels_last, bias", [
-    ((2, 20, 5, 7, 7), False, True), ((1, 12, 3, 1, 1), True, True),
-    ((3, 36, 9, 5, 9), True, False), ((1, 24, 6, 2, 13), False, True)],
-    ids=["2x20x7x7", "1x12x1x1-nhwc", "3x36x5x9-nhwc-nobias", "1x24x2x13"])
-def test_matches_float64_reference(shape, channels_last, bias, dtype, fused_backend):
+@pytest.mark.parametrize("shape, channels_last, bias, residual", [
+    ((2, 20, 5, 7, 7), False, True, False), ((1, 12, 3, 1, 1), True, True, True),
+    ((3, 36, 9, 5, 9), True, False, False), ((1, 24, 6, 2, 13), False, True, True),
+    ((2, 100, 20, 9, 9), True, True, True)],  # (several pixel tiles and channel blocks)
+    ids=["2x20x7x7", "1x12x1x1-nhwc-residual", "3x36x5x9-nhwc-nobias", "1x24x2x13-residual",
+         "2x100x9x9-nhwc-residual"])
+def test_matches_float64_reference(shape, channels_last, bias, residual, dtype, fused_backend):
+    """Output and every gradient; with ``residual`` (x + the output, the inference path's
+    first residual sum) the tokens are also given in a transposed layout (any strides)."""
     inputs = _inputs(*shape, dtype, channels_last)
-    ours = _run(inputs, fused_backend, bias=bias)
-    exact = _run([v.double() for v in inputs], "torch", bias=bias)
-    in_dtype = _run(inputs, "torch", bias=bias)
+    if residual:
+        inputs[2] = inputs[2].transpose(1, 2).contiguous().transpose(1, 2)
+    ours = _run(inputs, fused_backend, bias=bias, residual=residual)
+    exact = _run([v.double() for v in inputs], "torch", bias=bias, residual=residual)
+    in_dtype = _run(inputs, "torch", bias=bias, residual=residual)
     for name, o, e, r in zip(NAMES, ours, exact, in_dtype):
         assert o.dtype == dtype, name
         assert_within_budget(name, o, e, r, dtype)
@@ -74,8 +81,10 @@ def test_opcheck_and_compile(fused_backend):
     x, conv_w, tokens, proj_w, proj_b, grad = _inputs(2, 12, 3, 4, 5, torch.float32, True)
     keep = torch.ones_like(tokens) * 2
     ops = fused_ops(fused_backend)
-    torch.library.opcheck(ops.self_mixer_output.default, (x, conv_w, tokens, proj_w, proj_b, keep))
-    torch.library.opcheck(ops.self_mixer_output.default, (x, conv_w, tokens, proj_w, None, None))
+    torch.library.opcheck(ops.self_mixer_output.default,
+                          (x, conv_w, tokens, proj_w, proj_b, keep, False))
+    torch.library.opcheck(ops.self_mixer_output.default,
+                          (x, conv_w, tokens, proj_w, None, None, True))
     torch.library.opcheck(ops.self_mixer_output_backward.default,
                           (grad, x, conv_w, tokens, proj_w, keep))
 

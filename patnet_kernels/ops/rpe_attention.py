@@ -3,7 +3,9 @@ backend (the ops: ``patnet_triton::*`` from :mod:`patnet_kernels.ops.triton.rpe_
 ``patnet_cuda::*`` from csrc/), each with a fake so torch.compile traces through them:
 
 * ``rpe_attention_fwd(q, k, v, table, bucket, scale, dropout_p, seed) -> (out, lse)``: out
-  (B, heads, N, d) contiguous in q's dtype, lse (B, heads, N) fp32 (for the backward).
+  (B, heads, N, d) in q's dtype, laid out as (B, N, heads, d) contiguous, so that merging the
+  heads into (B, N, heads * d) tokens (what PAT_sf's projection takes) is a view, not a copy;
+  lse (B, heads, N) fp32 (for the backward).
 * ``rpe_attention_bwd(grad_out, q, k, v, out, lse, table, bucket, scale, dropout_p, seed,
   deterministic) -> (grad_q, grad_k, grad_v, grad_table)``.
 
@@ -46,7 +48,8 @@ def use_atomics() -> bool:
 
 def _forward_fake(q, k, v, table, bucket, scale, dropout_p, seed):
     b, heads, n, d = q.shape
-    return q.new_empty((b, heads, n, d)), q.new_empty((b, heads, n), dtype=torch.float32)
+    return (q.new_empty((b, n, heads, d)).transpose(1, 2),
+            q.new_empty((b, heads, n), dtype=torch.float32))
 
 
 def _backward_fake(grad_out, q, k, v, out, lse, table, bucket, scale, dropout_p, seed,

@@ -2,14 +2,17 @@
 backend (the ops: ``patnet_triton::*`` from :mod:`patnet_kernels.ops.triton.self_mixer`,
 ``patnet_cuda::*`` from csrc/).
 
-Both halves are written straight into one output buffer: the conv kernel fills
+Both halves are written straight into one output buffer (no concatenation copy). Triton: one
+kernel whose programs compute either conv3x3(X1) or the projection for their channels
+(:func:`patnet_kernels.triton.partial_conv.self_mixer_output`); CUDA: the conv kernel fills
 y[:, :C1], and one batched GEMM (``torch.baddbmm`` with ``out=``) writes the projection into
 y[:, C1:] seen as a (B, N, C2) view, whose strides the BLAS takes as they are (NCHW: column-major
-per sample; channels_last: row-major with leading dimension C). No concatenation copy.
+per sample; channels_last: row-major with leading dimension C). With ``residual`` the op returns
+x + the output (PAT_sf's first residual sum: on Triton in the same pass).
 
 The ops:
 
-* ``self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias, keep) -> y``
+* ``self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias, keep, residual) -> y``
 * ``self_mixer_output_backward(grad_y, x, conv_weight, tokens, proj_weight, keep)
   -> (grad_x, grad_conv_weight, grad_tokens, grad_proj_weight, grad_proj_bias)``;
   grad_x is [conv3x3^T(dY1) | 0] (the X2 half reaches the mixer output only through the
@@ -26,7 +29,7 @@ from ._layout import empty_activation
 Tensor = torch.Tensor
 
 
-def _forward_fake(x, conv_weight, tokens, proj_weight, proj_bias, keep):
+def _forward_fake(x, conv_weight, tokens, proj_weight, proj_bias, keep, residual):
     return empty_activation(x, x.shape)
 
 
@@ -51,13 +54,15 @@ def make_function(ops):
 
     class SelfMixerOutput(torch.autograd.Function):
         """x (B, C, H, W), conv_weight (C1, C1, 3, 3), tokens (B, N, C2), proj_weight
-        (C2, C2), proj_bias (C2,) or None, keep (B, N, C2) or None -> (B, C, H, W)."""
+        (C2, C2), proj_bias (C2,) or None, keep (B, N, C2) or None, residual (add x) ->
+        (B, C, H, W)."""
 
         @staticmethod
-        def forward(ctx, x, conv_weight, tokens, proj_weight, proj_bias, keep):
+        def forward(ctx, x, conv_weight, tokens, proj_weight, proj_bias, keep, residual):
             ctx.save_for_backward(x, conv_weight, tokens, proj_weight, keep)
-            ctx.has_bias = proj_bias is not None
-            return ops.self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias, keep)
+            ctx.has_bias, ctx.residual = proj_bias is not None, residual
+            return ops.self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias, keep,
+                                         residual)
 
         @staticmethod
         def backward(ctx, grad_y):
@@ -65,8 +70,10 @@ def make_function(ops):
             grads = ops.self_mixer_output_backward(grad_y, x, conv_weight, tokens, proj_weight,
                                                    keep)
             grad_x, grad_conv, grad_tokens, grad_proj, grad_bias = grads
+            if ctx.residual:
+                grad_x = grad_x.add_(grad_y)
             return (grad_x, grad_conv, grad_tokens, grad_proj,
-                    grad_bias if ctx.has_bias else None, None)
+                    grad_bias if ctx.has_bias else None, None, None)
 
     return SelfMixerOutput
 
@@ -76,9 +83,11 @@ def backend_function(ops):
     SelfMixerOutput = make_function(ops)
 
     def self_mixer_output(x: Tensor, conv_weight: Tensor, tokens: Tensor, proj_weight: Tensor,
-                          proj_bias: Optional[Tensor], keep: Optional[Tensor]) -> Tensor:
+                          proj_bias: Optional[Tensor], keep: Optional[Tensor],
+                          residual: bool = False) -> Tensor:
         """The PAT_sf output with this backend's kernels (inputs checked)."""
-        return SelfMixerOutput.apply(x, conv_weight, tokens, proj_weight, proj_bias, keep)
+        return SelfMixerOutput.apply(x, conv_weight, tokens, proj_weight, proj_bias, keep,
+                                     residual)
 
     return self_mixer_output
 

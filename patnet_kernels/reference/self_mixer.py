@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.Tensor,
                       proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
-                      keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """[conv3x3(X1) | proj(tokens) as a map], X1 = x[:, :C1], C1 = conv_weight.shape[0].
+                      keep: Optional[torch.Tensor], residual: bool = False) -> torch.Tensor:
+    """[conv3x3(X1) | proj(tokens) as a map] (+ x with ``residual``), X1 = x[:, :C1],
+    C1 = conv_weight.shape[0].
 
     x: (B, C, H, W); conv_weight: (C1, C1, 3, 3); tokens: (B, N, C2) with N = H * W in row-major
     order and C2 = C - C1 (the merged heads of the attention); proj_weight: (C2, C2);
@@ -23,4 +24,5 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
     y2 = F.linear(tokens, proj_weight, proj_bias)
     if keep is not None:
         y2 = y2 * keep
-    return torch.cat([y1, y2.transpose(1, 2).reshape(b, -1, h, w)], dim=1)
+    y = torch.cat([y1, y2.transpose(1, 2).reshape(b, -1, h, w)], dim=1)
+    return y + x if residual else y

@@ -1,17 +1,17 @@
-"""Triton kernels of PConv, the partial 3x3 convolution with channel passthrough.
+"""Triton kernels of PConv (the partial 3x3 conv with channel passthrough) and PAT_sf's output.
 
-Y = [conv3x3(X1) | X2], X1 = X[:, :C1]. Tensors may have any strides (NCHW, channels_last, or a
-channel slice of a bigger tensor): every kernel takes the four strides of each activation.
+Y = [conv3x3(X1) | X2], X1 = X[:, :C1]; tensors of any strides (NCHW, channels_last, a channel
+slice of a bigger tensor): every kernel takes the four strides of each activation.
 
 * :func:`conv3x3_passthrough` -- one pass over X: each program computes conv3x3 of its pixel tile
   for a block of output channels (an implicit GEMM, nine shifted [pixels x C1] x [C1 x C1]
-  products) and copies its share of the passthrough channels, so X is read once and Y written
-  once. The same kernel gives the input gradient (a 3x3 conv of dY1 with the transposed, flipped
-  weight, identity on the passthrough channels) and writes the in-place result (from a saved
-  copy of X1, so no program reads a halo another program has overwritten).
-* :func:`conv3x3_weight_grad` -- dW[o, i, ky, kx] = sum_{b, h, w} dY1[b, o, h, w] *
-  X1[b, i, h + ky - 1, w + kx - 1], as per-program fp32 partials summed afterwards in a fixed
-  order (deterministic, no atomics).
+  products) and copies its share of X2: X read once, Y written once. Also the input gradient
+  (the conv of dY1 with the transposed, flipped weight) and the in-place form (from a copy of X1).
+* :func:`conv3x3_weight_grad` -- dW[o, i, ky, kx] = sum_{b, h, w} dY1[b, o, h, w] X1[b, i, h +
+  ky - 1, w + kx - 1], per-program fp32 partials summed in a fixed order (deterministic).
+* :func:`self_mixer_output` -- PAT_sf's output [conv3x3(X1) | tokens proj^T + bias (times the
+  dropout multiplier)] (+ X) in one pass: each program computes a block of the conv's output
+  channels or one of the projection's, written straight into Y.
 """
 from __future__ import annotations
 
@@ -148,6 +148,73 @@ def _conv3x3_weight_grad_kernel(
     tl.store(out, acc, mask=ci_ok[:, None] & co_ok[None, :])
 
 
+@triton.jit
+def _self_mixer_output_kernel(
+    x_ptr,  # (B, C1 + C2, H, W) X, any strides: the conv reads X1, the residual all of X
+    w_ptr,  # (9, C1, C1) contiguous, [tap = 3 * ky + kx, in channel, out channel], x's dtype
+    t_ptr,  # (B, N, C2) any strides, x's dtype: the attention's tokens, N = H * W row-major
+    pw_ptr,  # (C2, C2) contiguous, [out, in], x's dtype: the output projection's weight
+    pb_ptr,  # (C2,) x's dtype: the projection's bias (read if HAS_BIAS)
+    keep_ptr,  # (B, N, C2) contiguous, x's dtype: the dropout multiplier (read if HAS_KEEP)
+    y_ptr,  # (B, C1 + C2, H, W) output, any strides: [conv3x3(X1) | proj(tokens)] (+ X)
+    C1, C2, H, W,
+    x_sb, x_sc, x_sh, x_sw,  # strides of x (elements)
+    t_sb, t_sn, t_sc,  # strides of the tokens
+    y_sb, y_sc, y_sh, y_sw,  # strides of y
+    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
+    RESIDUAL: tl.constexpr,  # add X (PAT_sf's first residual sum)
+    BLOCK_P: tl.constexpr,  # pixels (tokens) per program
+    BLOCK_CI: tl.constexpr,  # conv input channels per tl.dot
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # token channels per step of the projection
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+):
+    # grid: (ceil(H * W / BLOCK_P), B, ceil(C1 / BLOCK_N) + ceil(C2 / BLOCK_N)): the first
+    # programs of axis 2 compute the conv's output channels, the others the projection's.
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < H * W
+    h = offs_p // W
+    w = offs_p % W
+    out_ty = y_ptr.dtype.element_ty
+    conv_blocks = tl.cdiv(C1, BLOCK_N)
+    if pid_n < conv_blocks:
+        channel = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = channel < C1
+        acc = conv3x3_tile(x_ptr + pid_b * x_sb, w_ptr, C1, H, W, x_sc, x_sh, x_sw, h, w, p_ok,
+                           channel, c_ok, BLOCK_P, BLOCK_CI, BLOCK_N, UPCAST)
+    else:
+        offs_o = (pid_n - conv_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = offs_o < C2
+        channel = C1 + offs_o
+        tokens = t_ptr + pid_b * t_sb + offs_p[:, None] * t_sn
+        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C2, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < C2
+            t = tl.load(tokens + offs_k[None, :] * t_sc, mask=p_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            wt = tl.load(pw_ptr + offs_o[None, :] * C2 + offs_k[:, None],
+                         mask=k_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+            acc = dot(t, wt, acc, UPCAST)
+        if HAS_BIAS:
+            acc += tl.load(pb_ptr + offs_o, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_KEEP:  # (the projection rounded to the dtype, then the dropout's multiply)
+            keep = tl.load(keep_ptr + (pid_b * H * W + offs_p[:, None]) * C2 + offs_o[None, :],
+                           mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = acc.to(out_ty).to(tl.float32) * keep.to(tl.float32)
+    ok = p_ok[:, None] & c_ok[None, :]
+    y = acc.to(out_ty)  # (each half rounded as its own op writes it)
+    if RESIDUAL:
+        x = tl.load(x_ptr + pid_b * x_sb + (h * x_sh + w * x_sw)[:, None]
+                    + channel[None, :] * x_sc, mask=ok, other=0.0)
+        y = (y.to(tl.float32) + x.to(tl.float32)).to(out_ty)
+    tl.store(y_ptr + pid_b * y_sb + (h * y_sh + w * y_sw)[:, None] + channel[None, :] * y_sc,
+             y, mask=ok)
+
+
 def _conv_blocks(c1: int, interpret: bool = INTERPRET):
     """(BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps) of the conv kernels for C1 conv channels."""
     if interpret:  # few, big programs: the interpreter pays per program and per operation
@@ -185,6 +252,40 @@ def conv3x3_passthrough(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_COPY=block_copy,
         COPY_REST=copy_rest, UPCAST=upcast_dot(src.dtype), num_warps=warps)
     return dst
+
+
+def _self_mixer_blocks(c1: int, c2: int, dtype: torch.dtype, interpret: bool = INTERPRET):
+    """(BLOCK_P, BLOCK_CI, BLOCK_N, BLOCK_K, num_warps) of the PAT_sf output kernel: fp32
+    (IEEE FMAs) in half the pixels (64 spilled 280 B per thread on sm_80, AOT report)."""
+    if interpret:
+        return 64, block(c1, high=64), block(max(c1, c2), high=64), block(c2, high=64), 4
+    if dtype == torch.float32:
+        return 32, block(c1, high=16), 64, 16, 4
+    return 64, block(c1, high=32), 64, 32, 4
+
+
+def self_mixer_output(x: torch.Tensor, weight_taps: torch.Tensor, tokens: torch.Tensor,
+                      proj_weight: torch.Tensor, proj_bias, keep, y: torch.Tensor,
+                      residual: bool) -> torch.Tensor:
+    """y = [conv3x3(X1) | tokens proj_weight^T + proj_bias, times keep] (+ x), one kernel.
+
+    x, y: (B, C, H, W), any strides, same dtype, not overlapping; weight_taps: (9, C1, C1)
+    [tap, in, out] contiguous (see :func:`forward_taps`); tokens: (B, H * W, C2), any strides
+    (C2 = C - C1); proj_weight: (C2, C2) contiguous; proj_bias: (C2,) or None; keep: (B, H * W,
+    C2) contiguous or None (the dropout multiplier); residual: add x. Returns y.
+    """
+    b, c, h, w = x.shape
+    c1 = weight_taps.shape[1]
+    c2 = c - c1
+    block_p, block_ci, block_n, block_k, warps = _self_mixer_blocks(c1, c2, x.dtype)
+    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c1, block_n) + triton.cdiv(c2, block_n))
+    _self_mixer_output_kernel[grid](
+        x, weight_taps, tokens, proj_weight, proj_weight if proj_bias is None else proj_bias,
+        tokens if keep is None else keep, y, c1, c2, h, w, *_strides(x), *_strides(tokens),
+        *_strides(y), HAS_BIAS=proj_bias is not None, HAS_KEEP=keep is not None,
+        RESIDUAL=residual, BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_N=block_n,
+        BLOCK_K=block_k, UPCAST=upcast_dot(x.dtype), num_warps=warps)
+    return y
 
 
 def forward_taps(weight: torch.Tensor) -> torch.Tensor:
@@ -263,4 +364,19 @@ def aot_kernels() -> List[AotKernel]:
                 dict(BLOCK_P=_WGRAD_BLOCK_P, BLOCK_CI=block_ci, BLOCK_CO=block_co,
                      UPCAST=upcast), num_warps=warps,
                 launches=activation_launches("x", "g")))
+    # PAT_sf's output (stage 4; C1 >= 32 in every released variant: one configuration a dtype)
+    fn = _self_mixer_output_kernel
+    for dtype, tname in TRITON_DTYPE.items():
+        block_p, block_ci, block_n, block_k, warps = _self_mixer_blocks(128, 384, dtype,
+                                                                        interpret=False)
+        ptr = "*" + tname
+        sig = aot_signature(fn, {name: ptr for name in fn.arg_names if name.endswith("_ptr")})
+        # training (dropout or none), and the inference path's first residual sum
+        for keep, residual in ((True, False), (False, False), (False, True)):
+            kernels.append(AotKernel(
+                f"self_mixer_output[{tname}, keep={keep}, residual={residual}]", fn, sig,
+                dict(HAS_BIAS=True, HAS_KEEP=keep, RESIDUAL=residual, BLOCK_P=block_p,
+                     BLOCK_CI=block_ci, BLOCK_N=block_n, BLOCK_K=block_k,
+                     UPCAST=upcast_dot(dtype, interpret=False)), num_warps=warps,
+                launches=activation_launches("x", "y", tokens=("t_sc",))))
     return kernels

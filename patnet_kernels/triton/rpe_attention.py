@@ -73,12 +73,13 @@ def _rpe_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, heads, N, D) each, any strides (given below), same dtype
     table_ptr,  # (heads, NB) fp32 contiguous: the bias table
     bucket_ptr,  # (N, N) int32 contiguous: bucket ids in [0, NB)
-    o_ptr,  # (B, heads, N, D) contiguous, q's dtype: the output
+    o_ptr,  # (B, heads, N, D) q's dtype, unit stride over D: the output
     lse_ptr,  # (B, heads, N) fp32 contiguous: natural log-sum-exp of each row of logits
     heads, N, D, NB,
     sq_b, sq_h, sq_n, sq_d,  # strides of q (elements)
     sk_b, sk_h, sk_n, sk_d,  # strides of k
     sv_b, sv_h, sv_n, sv_d,  # strides of v
+    so_b, so_h, so_n,  # strides of o over B, heads, N
     scale,  # fp32 logit scale
     seed,  # int64 Philox key (used only when dropping)
     dropping,  # int: 1 to apply dropout, 0 not
@@ -131,16 +132,15 @@ def _rpe_fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
         m_i = m_new
     out = acc / l_i[:, None]
-    row = bh.to(tl.int64) * N + offs_m
-    tl.store(o_ptr + row[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(lse_ptr + row, m_i + tl.log(l_i), mask=m_ok)
+    tl.store(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_m, m_i + tl.log(l_i), mask=m_ok)
 
 
 @triton.jit
 def _rpe_bwd_kv_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, heads, N, D) each, any strides, same dtype
-    o_ptr,  # (B, heads, N, D) contiguous: the forward output
+    o_ptr,  # (B, heads, N, D), unit stride over D: the forward output
     do_ptr,  # (B, heads, N, D) any strides: dL/dO
     lse_ptr,  # (B, heads, N) fp32 contiguous: from the forward
     table_ptr,  # (heads, NB) fp32 contiguous
@@ -155,6 +155,7 @@ def _rpe_bwd_kv_kernel(
     sk_b, sk_h, sk_n, sk_d,  # strides of k
     sv_b, sv_h, sv_n, sv_d,  # strides of v
     sd_b, sd_h, sd_n, sd_d,  # strides of do
+    so_b, so_h, so_n,  # strides of o over B, heads, N
     scale, seed, dropping, drop_threshold, drop_scale,  # as in the forward
     one_kblock,  # int 1: N <= BLOCK_N, this program sees every key: write dQ, delta from P.dP
     atomic,  # int 1: accumulate dS and dQ (when not one_kblock) with fp32 atomics
@@ -225,7 +226,8 @@ def _rpe_bwd_kv_kernel(
             if one_kblock:  # rowsum(P * dP) over every key, exact for this program
                 delta = tl.sum(p * dp, 1)
             else:  # the same sum as rowsum(dO * O)
-                o = tl.load(o_ptr + row[:, None] * D + offs_d[None, :], mask=md_ok, other=0.0)
+                o = tl.load(o_ptr + b64 * so_b + h * so_h + offs_m[:, None] * so_n
+                            + offs_d[None, :], mask=md_ok, other=0.0)
                 delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
             ds = p * (dp - delta[:, None])  # dL/d(logits), (BLOCK_M, BLOCK_N) fp32
             dv += _dot(tl.trans(pd).to(do.dtype), do, UPCAST)
@@ -253,7 +255,7 @@ def _rpe_bwd_kv_kernel(
 @triton.jit
 def _rpe_bwd_q_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, heads, N, D) each, any strides, same dtype
-    o_ptr,  # (B, heads, N, D) contiguous: the forward output
+    o_ptr,  # (B, heads, N, D), unit stride over D: the forward output
     do_ptr,  # (B, heads, N, D) any strides: dL/dO
     lse_ptr,  # (B, heads, N) fp32 contiguous
     table_ptr,  # (heads, NB) fp32 contiguous
@@ -264,6 +266,7 @@ def _rpe_bwd_q_kernel(
     sk_b, sk_h, sk_n, sk_d,  # strides of k
     sv_b, sv_h, sv_n, sv_d,  # strides of v
     sd_b, sd_h, sd_n, sd_d,  # strides of do
+    so_b, so_h, so_n,  # strides of o over B, heads, N
     scale, seed, dropping, drop_threshold, drop_scale,  # as in the forward
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per step
@@ -285,7 +288,8 @@ def _rpe_bwd_q_kernel(
                 mask=md_ok, other=0.0)
     do = tl.load(do_ptr + b * sd_b + h * sd_h + offs_m[:, None] * sd_n + offs_d[None, :] * sd_d,
                  mask=md_ok, other=0.0)
-    o = tl.load(o_ptr + row[:, None] * D + offs_d[None, :], mask=md_ok, other=0.0)
+    o = tl.load(o_ptr + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :],
+                mask=md_ok, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     if UPCAST:
         q = q.to(tl.float32)
@@ -417,19 +421,21 @@ def _strides4(t: torch.Tensor):
 def rpe_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           table32: torch.Tensor, ids32: torch.Tensor, scale: float,
                           dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(O, lse): O (B, heads, N, d) contiguous in q's dtype, lse (B, heads, N) fp32.
+    """(O, lse): O (B, heads, N, d) in q's dtype, laid out as (B, N, heads, d) contiguous (so
+    that merging its heads, ``O.transpose(1, 2).reshape(B, N, heads * d)``, is a view), lse
+    (B, heads, N) fp32 contiguous.
 
     q, k, v: (B, heads, N, d), any strides; table32: (heads, NB) fp32 contiguous; ids32: (N, N)
     int32 contiguous, ids in [0, NB); seed: see :func:`draw_seed` (ignored when dropout_p == 0).
     """
     bsz, heads, n, d = q.shape
     block_m, block_n, block_d, warps, stages = _config(d, q.dtype, "fwd")
-    out = torch.empty((bsz, heads, n, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((bsz, n, heads, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
     seed, dropping, threshold, drop_scale = _dropout_args(dropout_p, seed)
     _rpe_fwd_kernel[(triton.cdiv(n, block_m), bsz * heads)](
         q, k, v, table32, ids32, out, lse, heads, n, d, table32.shape[1],
-        *_strides4(q), *_strides4(k), *_strides4(v),
+        *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out)[:3],
         float(scale), seed, dropping, threshold, drop_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast_dot(q.dtype),
         num_warps=warps, num_stages=stages)
@@ -483,7 +489,9 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     if atomic and not one_kblock:
         dq_acc = torch.zeros((bsz, heads, n, d), dtype=torch.float32, device=q.device)
     upcast = upcast_dot(q.dtype)
-    strides = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(grad_out))
+    assert out.stride(3) == 1, "the forward output has unit stride over the head dim"
+    strides = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(grad_out),
+               *_strides4(out)[:3])
     _rpe_bwd_kv_kernel[(kblocks, heads * splits)](
         q, k, v, out, grad_out, lse, table32, ids32, dq, dq_acc, dk, dv, ds,
         bsz, heads, n, d, nb, *strides, float(scale), seed, dropping, threshold, drop_scale,

@@ -1,6 +1,6 @@
-"""The PAT_sf output's ops in the Triton backend (``patnet_triton``): the conv kernel of
-:mod:`patnet_kernels.triton.partial_conv` and a batched GEMM; fakes and autograd in
-:mod:`..self_mixer`."""
+"""The PAT_sf output's ops in the Triton backend (``patnet_triton``): the forward is one kernel
+of :mod:`patnet_kernels.triton.partial_conv` (conv and projection); the backward its conv
+kernels and torch GEMMs; fakes and autograd in :mod:`..self_mixer`."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -23,20 +23,11 @@ def _tokens_view(y: Tensor, c1: int) -> Tensor:
 @torch.library.custom_op("patnet_triton::self_mixer_output", mutates_args=())
 @on_tensor_device
 def _forward(x: Tensor, conv_weight: Tensor, tokens: Tensor, proj_weight: Tensor,
-             proj_bias: Optional[Tensor], keep: Optional[Tensor]) -> Tensor:
-    c1 = conv_weight.shape[0]
-    y = empty_activation(x, x.shape)
-    kernels.conv3x3_passthrough(x, kernels.forward_taps(conv_weight), y, copy_rest=False)
-    y2 = _tokens_view(y, c1)
-    b, n, c2 = y2.shape
-    weight_t = proj_weight.t().expand(b, c2, c2)
-    if proj_bias is None:
-        torch.bmm(tokens, weight_t, out=y2)
-    else:
-        torch.baddbmm(proj_bias.expand(b, n, c2), tokens, weight_t, out=y2)
-    if keep is not None:
-        y2.mul_(keep)
-    return y
+             proj_bias: Optional[Tensor], keep: Optional[Tensor], residual: bool) -> Tensor:
+    return kernels.self_mixer_output(
+        x, kernels.forward_taps(conv_weight), tokens, proj_weight.contiguous(),
+        None if proj_bias is None else proj_bias.contiguous(),
+        None if keep is None else keep.contiguous(), empty_activation(x, x.shape), residual)
 
 
 @torch.library.custom_op("patnet_triton::self_mixer_output_backward", mutates_args=())
