@@ -88,14 +88,16 @@ def gate_forward(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
                  a_bias: Optional[Tensor], a_mean: Optional[Tensor], a_var: Optional[Tensor],
                  eps_a: float, b_weight: Optional[Tensor], b_bias: Optional[Tensor],
                  b_mean: Optional[Tensor], b_var: Optional[Tensor], eps_b: float, has_a: bool,
-                 training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 training: bool, save: bool = True
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gate: the affine map Y2 = X2 * scale + shift and what the backward needs.
 
     mean, std: (B, C2) fp32, the statistics of X2 (H * W = ``pixels``; the Triton op also takes
     per-chunk statistics in eval, see :func:`eval_gate`); cfc_weight (C2, C2, 1, 2), cfc_bias
     (C2,) or None; BN_a's weight, bias, running mean and variance (C2,) (or None) and eps, read
     if ``has_a`` (else BN_a is folded into W_ch); BN_b's the same; ``training``: normalise with
-    the batch's statistics (the running ones are then not read).
+    the batch's statistics (the running ones are then not read); ``save``: whether a backward
+    will need the moments (else a (0, C2) tensor stands for them; the op always writes them).
 
     Returns fp32 (scale (B, C2), shift (B, C2), z (B, C2): the mix W_ch . [mean, std] + bias,
     moments (4, C2): the mean and 1 / sqrt(var + eps) BN_a normalised with (0 and 1 without
@@ -111,7 +113,7 @@ def gate_forward(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
     z = mean @ w[:, :, 0, 0].t() + std @ w[:, :, 0, 1].t()
     if cfc_bias is not None:
         z = z + cfc_bias.float()
-    zero = torch.zeros_like(mean[0])
+    mu_a = inv_a = None
     batch_stats = []
     if has_a:
         if training:
@@ -121,9 +123,9 @@ def gate_forward(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
         else:
             mu_a, var = a_mean.float(), a_var.float()
         inv_a = torch.rsqrt(var + eps_a)
-    else:
-        mu_a, inv_a = zero, zero + 1.0
-        batch_stats += [zero, zero]
+    elif training or save:
+        mu_a, inv_a = torch.zeros_like(mean[0]), torch.ones_like(mean[0])
+        batch_stats += [mu_a, mu_a]
     g = _gate_value(z, mu_a, inv_a, a_weight, a_bias, has_a)[2]
     if training:
         t = g * mean  # per-(b, c) mean of X2 * g
@@ -139,8 +141,8 @@ def gate_forward(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
     shift = -center * k
     shift = shift if b_bias is None else shift + b_bias.float()
     stats = torch.stack(batch_stats) if training else mean.new_empty((0, c2))
-    return (g * k, shift.expand_as(z).contiguous(), z,
-            torch.stack([mu_a, inv_a, center, inv_b]), stats)
+    moments = torch.stack([mu_a, inv_a, center, inv_b]) if save else mean.new_empty((0, c2))
+    return g * k, shift.expand_as(z).contiguous(), z, moments, stats
 
 
 def gate_backward(sum_xg: Tensor, sum_g: Tensor, mean: Tensor, std: Tensor, pixels: int,
@@ -238,7 +240,10 @@ def make_functions(ops):
     (same schemas), and the two gate ops of :data:`GATE_FAKES` where the backend has them (else
     the gate runs as :func:`gate_forward` / :func:`gate_backward`); returns ChannelAttention.
     """
-    gate = getattr(ops, "channel_attention_gate", gate_forward)
+    gate = gate_forward  # (save: whether the moments are needed)
+    if hasattr(ops, "channel_attention_gate"):
+        def gate(*args, save: bool):
+            return ops.channel_attention_gate(*args)  # (the kernel writes them anyway)
     gate_grad = getattr(ops, "channel_attention_gate_backward", gate_backward)
 
     class ChannelAttention(torch.autograd.Function):
@@ -259,7 +264,8 @@ def make_functions(ops):
             mean, std = ops.channel_attention_stats(x, conv_weight.shape[0])
             scale, shift, z, moments, stats = gate(
                 mean, std, n, cfc_weight, cfc_bias, a_weight, a_bias, a_mean, a_var, eps_a,
-                b_weight, b_bias, b_mean, b_var, eps_b, has_a, training)
+                b_weight, b_bias, b_mean, b_var, eps_b, has_a, training,
+                save=any(ctx.needs_input_grad))
             y = ops.channel_attention_apply(x, conv_weight, scale, shift)
             ctx.save_for_backward(x, conv_weight, cfc_weight, a_weight, a_bias, b_weight, mean,
                                   std, z, moments, scale)
