@@ -240,7 +240,9 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     O = dropout(softmax(scale * q k^T + table[h, bucket[i, j]])) v.
     q, k, v: (B, heads, N, d); table: (heads, num_buckets); bucket: (N, N) integer ids in
     [0, num_buckets), for example ``rpe_buckets(H, W)``; scale defaults to d ** -0.5.
-    Dropout is applied whenever ``dropout_p > 0``: pass 0 in eval. Returns (B, heads, N, d).
+    Dropout is applied whenever ``dropout_p > 0``: pass 0 in eval. Returns (B, heads, N, d)
+    (the fused backends lay it out as (B, N, heads, d) contiguous, so that merging the heads,
+    ``out.transpose(1, 2).reshape(B, N, heads * d)``, is a view).
 
     The ids are checked against the table before anything runs. For the maps of
     :func:`rpe_buckets` their range is known; for any other tensor reading it costs a device
