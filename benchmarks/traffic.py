@@ -3,10 +3,12 @@
     python -m benchmarks.traffic                                   # every model, 64 x 64
     python -m benchmarks.traffic --models patnet_t2,fasternet_t2 --size 128 --json out.json
     python -m benchmarks.traffic --models patnet_t2 --autocast      # under bfloat16 autocast
+    python -m benchmarks.traffic --models patnet_t2 --train         # one training step
 
 For each model and provider, one eval forward under ``torch.no_grad()`` (fp32, NCHW, random
-weights; with ``--autocast`` under bfloat16 autocast, whose weight casts are kernels too) is
-recorded with a ``TorchDispatchMode``, after one untraced warm-up forward (so caches
+weights; with ``--autocast`` under bfloat16 autocast, whose weight casts are kernels too; with
+``--train`` one training step's forward and backward of the training model instead, see
+:func:`record_step`) is recorded with a ``TorchDispatchMode``, after one untraced warm-up forward (so caches
 such as PAT_sf's bucket map are built: the steady state is counted). Providers:
 
 - ``eager``: the reference model, ``patnet.create_model(name, backend="torch")`` (BatchNorms
@@ -84,6 +86,7 @@ from benchmarks.report import write_json as write_json_file  # noqa: E402
 from patnet.layers import FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock  # noqa: E402
 
 PROVIDERS = ("eager", "torch", "triton", "cuda")
+TRAIN_PROVIDERS = ("eager", "triton")  # (--train: the training model on a backend)
 PROVIDER_LABELS = {"eager": "eager reference", "torch": "ours, backend=torch",
                    "triton": "ours, backend=triton", "cuda": "ours, backend=cuda"}
 FUSED_NAMESPACES = ("patnet_triton", "patnet_cuda")
@@ -335,13 +338,41 @@ def record_forward(model: torch.nn.Module, x: torch.Tensor, warmup: bool = True,
     return recorder.ops
 
 
-def build(name: str, provider: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """The model a provider runs: eager reference, or our inference path on a backend."""
+def record_step(model: torch.nn.Module, x: torch.Tensor, warmup: bool = True,
+                run_kernels: bool = True, autocast: bool = False) -> List[Op]:
+    """The ops of one training step's forward and backward of ``model`` (in train mode) on
+    ``x``, the output's gradient all ones (made outside the count), after an untraced warm-up
+    step at batch 2 unless ``warmup`` is False; no optimizer step."""
+    skip = contextlib.nullcontext() if run_kernels else triton_launches([], run_kernels=False)
+    with skip:
+        if warmup:
+            with precision(autocast):
+                out = model(x[:2].clone())
+            out.float().sum().backward()
+        model.zero_grad(set_to_none=True)  # (the step's gradients written, not accumulated)
+        x = x.clone()
+        recorder = TrafficRecorder(run_kernels=run_kernels)
+        with recorder:
+            with precision(autocast):
+                out = model(x)
+            with _disable_current_modes():  # (not counted)
+                grad = torch.ones_like(out)
+            out.backward(grad)
+    return recorder.ops
+
+
+def build(name: str, provider: str, seed: int = 0, train: bool = False,
+          **overrides) -> torch.nn.Module:
+    """The model a provider runs: eager reference, or our inference path on a backend; with
+    ``train`` the training model (in train mode) on that backend (eager: the reference)."""
     torch.manual_seed(seed)
-    model = patnet.create_model(name, backend="torch", **overrides).eval()
+    backend = "torch" if provider == "eager" or not train else provider
+    model = patnet.create_model(name, backend=backend, **overrides)
     patnet.testing.randomize_norms(model, seed)
+    if train:
+        return model.train()
     if provider == "eager":
-        return model
+        return model.eval()
     return patnet.optimize_for_inference(model, backend=provider)
 
 
@@ -388,16 +419,18 @@ def _breakdown(ops: Sequence[Op]) -> Dict[str, Dict[str, int]]:
 
 
 def measure_provider(name: str, provider: str, size: int, seed: int = 0,
-                     run_kernels: bool = True, autocast: bool = False, **overrides) -> dict:
+                     run_kernels: bool = True, autocast: bool = False, train: bool = False,
+                     **overrides) -> dict:
     """Kernels and bytes of one provider on one model: a dict (see :func:`measure`)."""
     start = time.perf_counter()
+    record = record_step if train else record_forward
     try:
-        model = build(name, provider, seed, **overrides)
+        model = build(name, provider, seed, train, **overrides)
         runs = {}
         for batch in BATCHES:
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-            # one warm-up, at batch 1 (the caches it fills depend on H and W, not the batch)
-            runs[batch] = record_forward(model, x, batch == BATCHES[0], run_kernels, autocast)
+            # one warm-up (the caches it fills depend on H and W, not the batch)
+            runs[batch] = record(model, x, batch == BATCHES[0], run_kernels, autocast)
     except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
         from patnet_kernels import BackendUnavailableError
         status = "unavailable" if isinstance(exc, BackendUnavailableError) else "error"
@@ -422,20 +455,24 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
 
 def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROVIDERS,
             seed: int = 0, run_kernels: bool = True, autocast: bool = False,
-            **overrides) -> dict:
+            train: bool = False, **overrides) -> dict:
     """The traffic report of one model: floor and, per provider, kernels per forward
     (``kernels``, of which ``fused_kernels``), activation bytes per image (``act_read``,
     ``act_written``, ``act_bytes``), per-batch bytes (``batch_bytes``: weights and other
     batch-independent tensors), the op breakdown at batch 3 (``ops``), or ``status`` /
     ``reason`` where the provider cannot run; ``autocast``: counted under bfloat16 autocast
-    (:func:`precision`)."""
+    (:func:`precision`); ``train``: one training step's forward and backward (train mode, no
+    optimizer step) of the training model, eager against ours on each fused backend (no floor:
+    ``floor`` is None)."""
     report = {"model": name, "size": size,
               "dtype": "bfloat16 autocast" if autocast else "float32", "batches": list(BATCHES),
-              "run_kernels": run_kernels,
-              "floor": floor(name, size, autocast, **overrides), "providers": {}}
+              "run_kernels": run_kernels, "train": train,
+              "floor": None if train else floor(name, size, autocast, **overrides),
+              "providers": {}}
     for provider in providers:
         report["providers"][provider] = measure_provider(name, provider, size, seed,
-                                                         run_kernels, autocast, **overrides)
+                                                         run_kernels, autocast, train,
+                                                         **overrides)
     return report
 
 
@@ -447,9 +484,10 @@ def format_table(report: dict) -> str:
     """A readable table of one model's report."""
     fl = report["floor"]
     size = report["size"]
-    title = (f"{pretty(report['model'])} at {size} x {size}, {report['dtype']}, eval forward "
-             f"(no_grad); bytes per image (batch {BATCHES[1]} - batch {BATCHES[0]}), "
-             "MB = 1e6 bytes")
+    what = ("training step (forward and backward)" if report.get("train")
+            else "eval forward (no_grad)")
+    title = (f"{pretty(report['model'])} at {size} x {size}, {report['dtype']}, {what}; bytes "
+             f"per image (batch {BATCHES[1]} - batch {BATCHES[0]}), MB = 1e6 bytes")
     header = (f"{'provider':<22}{'kernels':>8}{'fused':>7}{'read MB':>10}{'write MB':>10}"
               f"{'act MB':>10}{'x eager':>9}{'x floor':>9}{'batch MB':>10}")
     lines = [title, header, "-" * len(header)]
@@ -464,13 +502,15 @@ def format_table(report: dict) -> str:
         lines.append(
             f"{label:<22}{row['kernels']:>8}{row['fused_kernels']:>7}{_mb(row['act_read']):>10}"
             f"{_mb(row['act_written']):>10}{_mb(row['act_bytes']):>10}{vs_eager:>9}"
-            f"{row['act_bytes'] / fl['bytes']:>9.2f}{_mb(row['batch_bytes']):>10}")
-    lines.append(
-        f"{'floor (per layer)':<22}{fl['kernels']:>8}{'-':>7}{_mb(fl['read']):>10}"
-        f"{_mb(fl['written']):>10}{_mb(fl['bytes']):>10}"
-        + (f"{fl['bytes'] / eager['act_bytes']:>9.2f}" if eager.get("status") == "ok"
-           else f"{'-':>9}")
-        + f"{1.0:>9.2f}{_mb(fl['weights']):>10}")
+            + (f"{row['act_bytes'] / fl['bytes']:>9.2f}" if fl else f"{'-':>9}")
+            + f"{_mb(row['batch_bytes']):>10}")
+    if fl:
+        lines.append(
+            f"{'floor (per layer)':<22}{fl['kernels']:>8}{'-':>7}{_mb(fl['read']):>10}"
+            f"{_mb(fl['written']):>10}{_mb(fl['bytes']):>10}"
+            + (f"{fl['bytes'] / eager['act_bytes']:>9.2f}" if eager.get("status") == "ok"
+               else f"{'-':>9}")
+            + f"{1.0:>9.2f}{_mb(fl['weights']):>10}")
     if eager.get("status") == "ok":
         ratios = [f"{p}: {r['kernels'] / eager['kernels']:.2f}"
                   for p, r in report["providers"].items()
@@ -494,8 +534,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "per model and provider, beside the floor (counts, not times).")
     parser.add_argument("--models", type=split_list, default=patnet.list_models(),
                         help="comma list (default: all 12)")
-    parser.add_argument("--providers", type=split_list, default=list(PROVIDERS),
-                        help=f"comma list of {','.join(PROVIDERS)} (default: all)")
+    parser.add_argument("--providers", type=split_list, default=None,
+                        help=f"comma list of {','.join(PROVIDERS)} (default: all; with "
+                             f"--train {','.join(TRAIN_PROVIDERS)})")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
                         help=f"input height and width, >= 32 (default {DEFAULT_SIZE})")
     parser.add_argument("--seed", type=int, default=0)
@@ -503,6 +544,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--autocast", action="store_true",
                         help="count under bfloat16 autocast (the mixed-precision inference a "
                              "GPU benchmark runs in fp16 autocast): casts included")
+    parser.add_argument("--train", action="store_true",
+                        help="count one training step (forward and backward, train mode) of "
+                             "the training model: eager against ours on Triton (default "
+                             "providers eager,triton)")
     parser.add_argument("--count-only", action="store_true",
                         help="count the Triton launches without running them (much faster "
                              "under the interpreter; the counts are the same)")
@@ -510,9 +555,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in patnet.list_models()]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {patnet.list_models()}")
-    bad = [p for p in args.providers if p not in PROVIDERS]
+    choices = TRAIN_PROVIDERS if args.train else PROVIDERS
+    args.providers = list(choices) if args.providers is None else args.providers
+    bad = [p for p in args.providers if p not in choices]
     if bad:
-        parser.error(f"unknown provider(s) {bad}; choose from {list(PROVIDERS)}")
+        parser.error(f"unknown provider(s) {bad}{' with --train' if args.train else ''}; "
+                     f"choose from {list(choices)}"
+                     + (" (the reference is 'eager'; the CUDA backend's backward ops have no "
+                        "launch counts)" if args.train else ""))
     if not args.providers:
         parser.error("no provider given")
     if args.size < 32:
@@ -525,14 +575,15 @@ def main(argv=None) -> int:
     reports = []
     for name in args.models:
         report = measure(name, args.size, args.providers, args.seed,
-                         run_kernels=not args.count_only, autocast=args.autocast)
+                         run_kernels=not args.count_only, autocast=args.autocast,
+                         train=args.train)
         reports.append(report)
         print(format_table(report) + "\n", flush=True)
         if args.json is not None:  # rewritten after every model: a cut run keeps what it had
             write_json(reports, args.json, {"size": args.size, "providers": args.providers,
                                             "seed": args.seed, "models": args.models,
                                             "count_only": args.count_only,
-                                            "autocast": args.autocast})
+                                            "autocast": args.autocast, "train": args.train})
     failed = [(r["model"], p) for r in reports for p, row in r["providers"].items()
               if row.get("status") == "error"]
     return 1 if failed else 0

@@ -171,6 +171,37 @@ def test_autocast_inference_path(name):
     assert rows["triton"]["act_bytes"] <= 0.25 * rows["eager"]["act_bytes"]
 
 
+# One training step (forward and backward, train mode, fp32) at 64 x 64: kernels (exact).
+# PATNet-T2's Triton step was 1732 kernels (2.28x eager) before PAT_ch's gate ran as kernels.
+PINNED_TRAIN = {"patnet_t2": dict(eager=758, triton=500),
+                "fasternet_t2": dict(eager=299, triton=286)}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_TRAIN))
+def test_training_step_counts(name):
+    """``--train``: the training model's forward and backward, eager against ours on Triton
+    (no floor); the counts pinned so that a change that adds launches to training fails."""
+    if not _available("triton"):
+        pytest.skip("the Triton backend cannot run here")
+    report = traffic.measure(name, SIZE, ("eager", "triton"), run_kernels=False, train=True)
+    assert report["train"] and report["floor"] is None
+    for provider, kernels in PINNED_TRAIN[name].items():
+        row = report["providers"][provider]
+        assert row["status"] == "ok", row
+        assert row["kernels"] == kernels, (
+            f"{name}, {provider}: {row['kernels']} kernels per training step, pinned "
+            f"{kernels}; the biggest: {list(row['ops'].items())[:8]}")
+    assert report["providers"]["triton"]["act_bytes"] < report["providers"]["eager"]["act_bytes"]
+    assert "training step (forward and backward)" in traffic.format_table(report)
+
+
+def test_training_providers_refused():
+    with pytest.raises(SystemExit):
+        traffic.parse_args(["--train", "--providers", "cuda"])
+    assert traffic.parse_args(["--train"]).providers == list(traffic.TRAIN_PROVIDERS)
+    assert traffic.parse_args([]).providers == list(traffic.PROVIDERS)
+
+
 # ------------------------------------------------------------------- table, JSON, command line
 def _fake_report(name="patnet_t2"):
     row = dict(status="ok", kernels=10, fused_kernels=2, act_read=3_000_000,
@@ -213,8 +244,10 @@ def test_cli_arguments():
 def test_main_prints_and_writes_json(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_measure(name, size, providers, seed, run_kernels=True, autocast=False):
+    def fake_measure(name, size, providers, seed, run_kernels=True, autocast=False,
+                     train=False):
         calls.append((name, size, tuple(providers), run_kernels, autocast))
+        assert not train
         return _fake_report(name)
 
     monkeypatch.setattr(traffic, "measure", fake_measure)
