@@ -62,8 +62,7 @@ def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     ids32, order, seg, low, _ = _segments(bucket, table.shape[1])
     dq, dk, dv, dtable = kernels.rpe_attention_backward(
-        grad_out, q, k, v, out if out.stride(3) == 1 else out.contiguous(), lse.contiguous(),
-        table.float().contiguous(),
+        grad_out, q, k, v, out, lse.contiguous(), table.float().contiguous(),
         ids32, order, seg, low, scale, dropout_p, _seed_value(seed, dropout_p), deterministic)
     return dq, dk, dv, dtable.to(table.dtype)
 
