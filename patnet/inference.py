@@ -15,7 +15,7 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    hidden activation kept on chip by the fused kernel); under ``backend="cuda"``, which has no
    kernel for it, the MLP's modules run one by one as before folding. Under
    ``backend="triton"`` a FasterNet or PAT_ch block (with PAT_sp, PATNet-T1: up to its MLP;
-   PAT_sp and the residual follow) runs as one op,
+   PAT_sp follows, one kernel on Triton that adds the residual) runs as one op,
    ``pk.partial_block``, whose MLP kernel computes the mixer as it reads its input (conv3x3(X1)
    for its pixel tile, X2 with PAT_ch's gate applied), so that output is never written: one
    launch per FasterNet block, three per PAT_ch block (statistics, gate, the kernel); and each
@@ -63,10 +63,10 @@ _BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
 
 
 def _spatial_then_residual(spatial, y: torch.Tensor, residual: Optional[torch.Tensor]):
-    """PAT_sp's modules on the MLP's output, then the block's residual added (if any)."""
-    for module in spatial:
-        y = module(y)
-    return y if residual is None else y.add_(residual)
+    """PAT_sp's module on the MLP's output, the block's residual (if any) added by its op (on
+    Triton in its one kernel)."""
+    (module,) = spatial
+    return module(y, residual=residual)
 
 
 class InferenceMLP(nn.Sequential):

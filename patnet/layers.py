@@ -298,14 +298,16 @@ class PartialSpatialAttention(nn.Module):
         self.norm2 = nn.BatchNorm2d(self.dim_conv)
         self.backend = backend
 
-    def forward(self, m: torch.Tensor) -> torch.Tensor:
-        """m: (B, C, H, W) -> (B, C, H, W)."""
+    def forward(self, m: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """m: (B, C, H, W) -> (B, C, H, W); with ``residual`` (B, C, H, W) that plus it (on
+        Triton in the same kernel)."""
         if syncs_statistics(self.training, self.norm, self.norm2):
-            return self._forward_syncing(m)
+            y = self._forward_syncing(m)
+            return y if residual is None else y + residual
         y = pk.spatial_attention(
             m, self.conv_attn.weight, self.conv.weight, self.conv.bias,
             bn_params(self.norm, self.training), bn_params(self.norm2, self.training),
-            training=self.training, backend=self.backend)
+            training=self.training, residual=residual, backend=self.backend)
         count_batches(self.training, self.norm, self.norm2)
         return y
 

@@ -142,12 +142,14 @@ def _check_channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b,
 def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: torch.Tensor,
                       conv_bias: Optional[torch.Tensor], bn_c: BatchNormParams,
                       bn_d: Optional[BatchNormParams], *, training: bool = False,
+                      residual: Optional[torch.Tensor] = None,
                       backend: str = "auto") -> torch.Tensor:
     """PAT_sp: [BN_c(Ma * hsig(w . Ma)) | conv1x1(BN_d(Mb))], Ma = m[:, :Q], Mb = m[:, Q:].
 
     m: (B, C, H, W); gate_weight: (1, Q, 1, 1); conv_weight: (P, P, 1, 1) with P = C - Q;
     conv_bias: (P,) or None; bn_c over Q channels; bn_d over P channels or None (folded into
-    the conv). Returns (B, C, H, W).
+    the conv); residual: (B, C, H, W) or None, added to the output (PATNet-T1's block
+    residual; on Triton in the same kernel). Returns (B, C, H, W).
     """
     check_activation("m", m)
     p = check_conv_weight("conv_weight", conv_weight, m.shape[1], 1, min_rest=1)
@@ -155,14 +157,18 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     check_shape("gate_weight", gate_weight, (1, q, 1, 1), f"Q = C - P = {q}")
     if conv_bias is not None:
         check_shape("conv_bias", conv_bias, (p,))
-    check_same("m", m, gate_weight=gate_weight, conv_weight=conv_weight, conv_bias=conv_bias)
+    if residual is not None:
+        check_activation("residual", residual)
+        check_shape("residual", residual, tuple(m.shape), "m's shape")
+    check_same("m", m, gate_weight=gate_weight, conv_weight=conv_weight, conv_bias=conv_bias,
+               residual=residual)
     check_batch_norm("bn_c", bn_c, q, m, training)
     check_batch_norm("bn_d", bn_d, p, m, training, optional=True)
     if training:
         b, _, h, w = m.shape
         check_batch_values(b * h * w, (b, q, h, w))
     return choose_implementation("spatial_attention", backend, m, gate_weight, conv_weight)(
-        m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training)
+        m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training, residual)
 
 
 # (height, width, device) -> bucket ids; and, by id() of those tensors, their (min, max), known

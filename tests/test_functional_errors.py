@@ -82,7 +82,8 @@ def sa_args():
 
 def call_sa(a, training=False, backend="torch"):
     return pk.spatial_attention(a["m"], a["gate_weight"], a["conv_weight"], a["conv_bias"],
-                                a["bn_c"], a["bn_d"], training=training, backend=backend)
+                                a["bn_c"], a["bn_d"], training=training,
+                                residual=a.get("residual"), backend=backend)
 
 
 # rpe attention: B = 2, heads = 4, 3 x 4 map (N = 12), d = 5
@@ -282,13 +283,28 @@ def test_sa_bad_gate_and_bias_change_nothing(training):
     assert_unchanged(before, a["bn_c"], a["bn_d"])
 
 
-@pytest.mark.parametrize("name", ["gate_weight", "conv_weight", "conv_bias"])
+@pytest.mark.parametrize("residual,error,match", [
+    (torch.zeros(3, 13, 4, 4, dtype=F64), ValueError,
+     r"residual must have shape \(3, 13, 4, 5\) \(m's shape\), got \(3, 13, 4, 4\)"),
+    (torch.zeros(3, 13, 4, 5), TypeError, r"residual is torch.float32 but m is torch.float64"),
+    (torch.zeros(3, 13, 20, dtype=F64), ValueError, r"residual must be \(B, C, H, W\)"),
+], ids=["shape", "dtype", "dims"])
+def test_sa_bad_residual(residual, error, match):
+    a = sa_args()
+    a["residual"] = residual
+    with pytest.raises(error, match=match):
+        call_sa(a)
+
+
+@pytest.mark.parametrize("name", ["gate_weight", "conv_weight", "conv_bias", "residual"])
 def test_sa_dtype_and_device_mismatch(name):
     a = sa_args()
+    a["residual"] = a["m"].flip(0)
     a[name] = a[name].float()
     with pytest.raises(TypeError, match=rf"{name} is torch.float32 but m is torch.float64"):
         call_sa(a)
     a = sa_args()
+    a["residual"] = a["m"].flip(0)
     a[name] = a[name].to(META)
     with pytest.raises(ValueError, match=rf"{name} is on meta but m is on cpu"):
         call_sa(a)

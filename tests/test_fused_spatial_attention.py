@@ -63,10 +63,11 @@ def _make(shape, with_bn_d, seed=0, affine=True, running=True):
     return tensors, bn(q), (bn(p) if with_bn_d else None), randn(b, c, h, w)
 
 
-def _run(inputs, dtype, channels_last, training, backend, momentum=0.2):
+def _run(inputs, dtype, channels_last, training, backend, momentum=0.2, residual=None):
     """y, every gradient (None where the input is None) and the running statistics after.
 
-    ``channels_last``: a bool, or a function making the op's input m from the leaf."""
+    ``channels_last``: a bool, or a function making the op's input m from the leaf;
+    ``residual``: None or a float64 tensor added by the op (its gradient is returned too)."""
     tensors, bn_c, bn_d, grad = inputs
 
     def make(values, grad_too):
@@ -84,14 +85,18 @@ def _run(inputs, dtype, channels_last, training, backend, momentum=0.2):
         m = channels_last(leaves[0])
     else:
         m = leaves[0].to(memory_format=torch.channels_last) if channels_last else leaves[0] * 1
+    if residual is not None:
+        residual = residual.to(DEVICE, dtype, copy=True).requires_grad_()
     y = pk.spatial_attention(m, leaves[1], leaves[2], leaves[3], bnc, bnd, training=training,
-                             backend=backend)
+                             residual=residual, backend=backend)
     y.backward(grad.to(DEVICE, dtype))
     names = ["grad_m", "grad_gate_weight", "grad_conv_weight", "grad_conv_bias",
              "grad_bn_c_weight", "grad_bn_c_bias", "grad_bn_d_weight", "grad_bn_d_bias"]
     grads = [t.grad if t is not None else None for t in leaves + c_params + d_params]
     out = {"y": y.detach()}
     out.update({n: g for n, g in zip(names, grads)})
+    if residual is not None:
+        out["grad_residual"] = residual.grad
     out.update({"bn_c_running_mean": c_stats[0], "bn_c_running_var": c_stats[1]})
     if d_stats:
         out.update({"bn_d_running_mean": d_stats[0], "bn_d_running_var": d_stats[1]})
@@ -124,6 +129,28 @@ def test_matches_float64_reference(case):
             if name in ours:
                 bn = inputs[1] if name.startswith("bn_c") else inputs[2]
                 assert torch.equal(ours[name], bn[2 if "mean" in name else 3].to(dtype))
+
+
+# (dtype, channels_last, training): eval with BN_d folded (the inference copy's call), training
+# with BN_d
+RESIDUAL_CASES = [(torch.float32, False, False), (torch.float16, True, False),
+                  (torch.bfloat16, False, True), (torch.float32, True, True)]
+
+
+@pytest.mark.parametrize("dtype, channels_last, training", RESIDUAL_CASES,
+                         ids=["fp32-nchw-eval", "fp16-nhwc-eval", "bf16-nchw-train",
+                              "fp32-nhwc-train"])
+def test_residual(dtype, channels_last, training):
+    """residual + PAT_sp(m), the sum taken in the op's kernel; the residual's gradient is dY.
+    A shape with several pixel tiles and GEMM blocks."""
+    inputs = _make((2, 140, 9, 31), training, seed=17)
+    residual = torch.randn(inputs[0][0].shape, generator=torch.Generator().manual_seed(18),
+                           dtype=torch.float64)
+    ours, exact, in_dtype = (_run(inputs, t, channels_last, training, backend, residual=residual)
+                             for t, backend in ((dtype, "triton"), (torch.float64, "torch"),
+                                                (dtype, "torch")))
+    _check(ours, exact, in_dtype, dtype, training)
+    assert torch.equal(ours["grad_residual"], inputs[3].to(DEVICE, dtype))
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -200,27 +227,35 @@ def test_deterministic_and_no_concatenation():
     assert not copies, copies
 
 
-def _op_inputs(training, with_bn_d, channels_last, seed=12):
+def _op_inputs(training, with_bn_d, channels_last, residual, seed=12):
     tensors, bn_c, bn_d, grad = _make((2, 10, 3, 5), with_bn_d, seed=seed)
     f = [None if t is None else t.float() for t in tensors + bn_c + (bn_d or [None] * 4)]
     m, grad = f[0], grad.float()
     if channels_last:
         m, grad = (t.to(memory_format=torch.channels_last) for t in (m, grad))
-    return [m] + f[1:8] + [1e-5] + f[8:12] + [1e-3, with_bn_d, training], grad
+    return [m] + f[1:8] + [1e-5] + f[8:12] + [1e-3, with_bn_d, training,
+                                              grad.flip(0) if residual else None], grad
 
 
-OP_CASES = [(True, True, False), (False, False, True), (True, False, True), (False, True, False)]
+OP_CASES = [(True, True, False, False), (False, False, True, True), (True, False, True, True),
+            (False, True, False, False)]
 
 
-@pytest.mark.parametrize("training, with_bn_d, channels_last", OP_CASES,
-                         ids=["train-bn_d-nchw", "eval-folded-nhwc", "train-folded-nhwc",
-                              "eval-bn_d-nchw"])
-def test_opcheck(training, with_bn_d, channels_last):
-    args, grad = _op_inputs(training, with_bn_d, channels_last)
+@pytest.mark.parametrize("training, with_bn_d, channels_last, residual", OP_CASES,
+                         ids=["train-bn_d-nchw", "eval-folded-nhwc-residual",
+                              "train-folded-nhwc-residual", "eval-bn_d-nchw"])
+def test_opcheck(training, with_bn_d, channels_last, residual):
+    args, grad = _op_inputs(training, with_bn_d, channels_last, residual)
     ops = torch.ops.patnet_triton
     torch.library.opcheck(ops.spatial_attention.default, args)
     m, gate, conv_w = args[:3]
     _, z, c_stats, d_stats = ops.spatial_attention(*args)
+    if training:
+        assert c_stats.shape == (2, 10 // 2) and d_stats.shape == (2, 5 if with_bn_d else 0)
+    else:  # (eval: the running statistics, which the backward is given)
+        assert c_stats.shape == d_stats.shape == (2, 0)
+        c_stats = torch.stack(args[6:8])
+        d_stats = torch.stack(args[11:13]) if with_bn_d else d_stats
     backward_args = (grad, m, z, gate, conv_w, c_stats, args[4], args[8], d_stats, args[9],
                      args[10], args[13], with_bn_d, training)
     torch.library.opcheck(ops.spatial_attention_backward.default, backward_args)

@@ -8,18 +8,20 @@ the bias in its epilogue) fills y[:, Q:]. No concatenation copy, no BN_d output 
 The ops, each with a fake so torch.compile traces through them:
 
 * ``spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c..., bn_d..., has_bn_d,
-  training) -> (y, z, c_stats, d_stats)``: z = w . Ma (B, H*W) fp32, kept for the backward;
-  c_stats (2, Q) and d_stats (2, P, or 2, 0 without BN_d) fp32 are the [mean; biased variance]
-  each BatchNorm normalised with (the batch's in training, the running ones in eval). Running
-  statistics are not touched by the op: :func:`spatial_attention` updates them from the
-  returned batch statistics, as ``F.batch_norm`` would.
+  training, residual) -> (y, z, c_stats, d_stats)``: y (+ residual, when one is given);
+  z = w . Ma (B, H*W) fp32, kept for the backward; in training c_stats (2, Q) and d_stats
+  (2, P, or 2, 0 without BN_d) fp32 are the batch's [mean; biased variance] each BatchNorm
+  normalised with; in eval both are (2, 0) (the running statistics were used: the autograd
+  Function hands those to the backward). Running statistics are not touched by the op:
+  :func:`spatial_attention` updates them from the returned batch statistics, as
+  ``F.batch_norm`` would.
 * ``spatial_attention_backward(grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, c_eps,
   d_stats, d_weight, d_bias, d_eps, has_bn_d, training) -> (grad_m, grad_gate_weight,
   grad_conv_weight, grad_conv_bias, grad_c_weight, grad_c_bias, grad_d_weight, grad_d_bias)``;
   the BN_d gradients are empty (0,) without BN_d.
 
 Passes over M: training forward 2 (statistics of U = Ma * s and of Mb; then both halves of Y),
-eval forward 1; training backward 2 per half (a reduction, then dM), eval backward: 1 for the
+eval forward 1 (one kernel, and no torch op with BN_d folded); training backward 2 per half (a reduction, then dM), eval backward: 1 for the
 Ma half, 2 for the Mb half (the conv weight gradient, then dMb).
 
 The autograd Function is made by :func:`make_functions` over a ``torch.ops`` namespace, so that
@@ -39,12 +41,13 @@ Tensor = torch.Tensor
 
 def _forward_fake(m, gate_weight, conv_weight, conv_bias, c_weight, c_bias, c_running_mean,
                   c_running_var, c_eps, d_weight, d_bias, d_running_mean, d_running_var, d_eps,
-                  has_bn_d, training):
+                  has_bn_d, training, residual):
     b, c, h, w = m.shape
     p = conv_weight.shape[0]
     f32 = torch.float32
     return (empty_activation(m, m.shape), m.new_empty((b, h * w), dtype=f32),
-            m.new_empty((2, c - p), dtype=f32), m.new_empty((2, p if has_bn_d else 0), dtype=f32))
+            m.new_empty((2, c - p if training else 0), dtype=f32),
+            m.new_empty((2, p if has_bn_d and training else 0), dtype=f32))
 
 
 def _backward_fake(grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, c_eps, d_stats,
@@ -70,22 +73,26 @@ def make_functions(ops):
 
     ``ops`` is a ``torch.ops`` namespace with the two ops above (same schemas); returns
     SpatialAttention, whose ``apply(m, gate_weight, conv_weight, conv_bias, c_weight, c_bias,
-    c_running_mean, c_running_var, d_weight, d_bias, d_running_mean, d_running_var, c_eps,
-    d_eps, has_bn_d, training)`` returns (y, c_stats, d_stats), the statistics not
-    differentiable.
+    c_running_mean, c_running_var, d_weight, d_bias, d_running_mean, d_running_var, residual,
+    c_eps, d_eps, has_bn_d, training)`` returns (y, c_stats, d_stats), the statistics not
+    differentiable (in eval empty, see the forward op).
     """
 
     class SpatialAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, m, gate_weight, conv_weight, conv_bias, c_weight, c_bias,
                     c_running_mean, c_running_var, d_weight, d_bias, d_running_mean,
-                    d_running_var, c_eps, d_eps, has_bn_d, training):
+                    d_running_var, residual, c_eps, d_eps, has_bn_d, training):
             y, z, c_stats, d_stats = ops.spatial_attention(
                 m, gate_weight, conv_weight, conv_bias, c_weight, c_bias, c_running_mean,
                 c_running_var, c_eps, d_weight, d_bias, d_running_mean, d_running_var, d_eps,
-                has_bn_d, training)
-            ctx.save_for_backward(m, z, gate_weight, conv_weight, c_stats, c_weight, d_stats,
-                                  d_weight, d_bias)
+                has_bn_d, training, residual)
+            # The statistics the BatchNorms normalised with, for the backward: the batch's
+            # [mean; var], or in eval the running mean and variance (stacked there).
+            moments = ((c_stats, d_stats) if training else
+                       (c_running_mean, c_running_var, d_running_mean, d_running_var))
+            ctx.save_for_backward(m, z, gate_weight, conv_weight, c_weight, d_weight, d_bias,
+                                  *moments)
             ctx.c_eps, ctx.d_eps = c_eps, d_eps
             ctx.has_bn_d, ctx.training = has_bn_d, training
             ctx.mark_non_differentiable(c_stats, d_stats)
@@ -93,17 +100,27 @@ def make_functions(ops):
 
         @staticmethod
         def backward(ctx, grad_y, grad_c_stats, grad_d_stats):
-            m, z, gate_weight, conv_weight, c_stats, c_weight, d_stats, d_weight, d_bias = \
+            m, z, gate_weight, conv_weight, c_weight, d_weight, d_bias, *moments = \
                 ctx.saved_tensors
+            if ctx.training:
+                c_stats, d_stats = moments
+            else:
+                c_stats = _stacked(*moments[:2])
+                d_stats = _stacked(*moments[2:]) if ctx.has_bn_d else c_stats.new_empty((2, 0))
             grads = ops.spatial_attention_backward(
                 grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, ctx.c_eps, d_stats,
                 d_weight, d_bias, ctx.d_eps, ctx.has_bn_d, ctx.training)
             gm, gg, gw, gb, gcw, gcb, gdw, gdb = grads
             needs = ctx.needs_input_grad
-            wanted = (gm, gg, gw, gb, gcw, gcb, None, None, gdw, gdb, None, None)
+            wanted = (gm, gg, gw, gb, gcw, gcb, None, None, gdw, gdb, None, None, grad_y)
             return tuple(g if need else None for g, need in zip(wanted, needs)) + (None,) * 4
 
     return SpatialAttention
+
+
+def _stacked(mean: Tensor, var: Tensor) -> Tensor:
+    """[mean; var] as one fp32 (2, C) tensor, as the backward op takes them."""
+    return torch.stack([mean, var]).float()
 
 
 _NO_BN = BatchNormParams(None, None, None, None, 0.0, 0.0)
@@ -115,7 +132,8 @@ def backend_function(ops):
 
     def spatial_attention(m: Tensor, gate_weight: Tensor, conv_weight: Tensor,
                           conv_bias: Optional[Tensor], bn_c: BatchNormParams,
-                          bn_d: Optional[BatchNormParams], training: bool) -> Tensor:
+                          bn_d: Optional[BatchNormParams], training: bool,
+                          residual: Optional[Tensor] = None) -> Tensor:
         """PAT_sp with this backend's kernels (inputs already checked by the functional API)."""
         b, c, h, w = m.shape
         n = b * h * w
@@ -123,7 +141,7 @@ def backend_function(ops):
         d = bn_d if has_bn_d else _NO_BN
         y, c_stats, d_stats = SpatialAttention.apply(
             m, gate_weight, conv_weight, conv_bias, bn_c.weight, bn_c.bias, bn_c.running_mean,
-            bn_c.running_var, d.weight, d.bias, d.running_mean, d.running_var,
+            bn_c.running_var, d.weight, d.bias, d.running_mean, d.running_var, residual,
             float(bn_c.eps), float(d.eps), has_bn_d, training)
         if training:  # (the kernels' variances are biased; the running ones take unbiased)
             update_running_statistics(

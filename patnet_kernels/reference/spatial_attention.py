@@ -12,12 +12,15 @@ from .batch_norm import batch_norm
 
 def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: torch.Tensor,
                       conv_bias: Optional[torch.Tensor], bn_c: BatchNormParams,
-                      bn_d: Optional[BatchNormParams], training: bool) -> torch.Tensor:
-    """[BN_c(Ma * hsig(w . Ma)) | conv1x1(BN_d(Mb))] with Ma = m[:, :Q], Mb = m[:, Q:].
+                      bn_d: Optional[BatchNormParams], training: bool,
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[BN_c(Ma * hsig(w . Ma)) | conv1x1(BN_d(Mb))] (+ residual) with Ma = m[:, :Q],
+    Mb = m[:, Q:].
 
     m: (B, C, H, W); gate_weight: (1, Q, 1, 1), the per-pixel gate w; conv_weight: (P, P, 1, 1)
     with P = C - Q; conv_bias: (P,) or None (a bias appears once BN_d is folded into the conv);
-    bn_c over Q channels; bn_d over P channels, or None once folded. Returns (B, C, H, W).
+    bn_c over Q channels; bn_d over P channels, or None once folded; residual: (B, C, H, W) or
+    None. Returns (B, C, H, W).
     """
     p = conv_weight.shape[0]
     q = m.shape[1] - p
@@ -27,4 +30,5 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     if bn_d is not None:
         mb = batch_norm(mb, bn_d, training)
     yb = F.conv2d(mb, conv_weight, conv_bias)
-    return torch.cat([ya, yb], dim=1)
+    y = torch.cat([ya, yb], dim=1)
+    return y if residual is None else y + residual

@@ -13,13 +13,15 @@ Kernels (program = one pixel tile of one sample unless said otherwise):
   the mean and centred sum of squares of U = Ma * hsig(z) (channels [0, Q)) and of Mb (channels
   [Q, C), when BN_d has batch statistics). The tiles are combined with Chan's formula in a fixed
   order (deterministic, no atomics).
-* :func:`gate_apply` -- Ya = (Ma * s - mean) * gamma * rstd + beta straight into y[:, :Q]; in
-  eval it first computes (and stores) z itself, so the eval forward of this half is one pass.
-* :func:`pointwise_gemm` -- out[p, n] = sum_k A'[p, k] W[k, n], A' = (A - pm) * ps + ph per
-  input channel (BN_d applied to the tile as it is loaded), epilogue acc * ea + eb (+ (X - em) *
-  ec). Forward: Yb = conv1x1(BN_d(Mb)) + bias written straight into y[:, Q:]. Backward: the
-  input gradient of the conv through BN_d (its batch-statistics terms in the epilogue) written
-  straight into grad_m[:, Q:].
+* :func:`apply` -- the forward's output in one launch: the programs of each pixel tile write
+  either Ya = (Ma * s - mean) * gamma * rstd + beta into y[:, :Q] (in eval computing z first:
+  one kernel for the whole eval forward) or a block of Yb = conv1x1(BN_d(Mb)) + bias into
+  y[:, Q:] (BN_d applied to the GEMM's input tile as it is loaded), either with an optional
+  residual added.
+* :func:`pointwise_gemm` (backward) -- out[p, n] = sum_k A'[p, k] W[k, n], A' = (A - pm) * ps +
+  ph per input channel, epilogue acc * ea + eb (+ (X - em) * ec): the input gradient of the
+  conv through BN_d (its batch-statistics terms in the epilogue) written straight into
+  grad_m[:, Q:].
 * :func:`pointwise_weight_grad` -- G[o, i] = sum dYb[o] * xhat_d[i] and sum dYb[o] over (b, h,
   w), as per-split fp32 partials summed in a fixed order; dW, d_bias and BN_d's parameter and
   reduction terms all follow from G and the sum.
@@ -36,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, hardsigmoid, hardsigmoid_grad, upcast_dot)
+                      block, dot, hardsigmoid, hardsigmoid_grad, upcast_dot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,51 +87,98 @@ def _gate_stats_kernel(
 
 
 @triton.jit
-def _gate_apply_kernel(
-    m_ptr,  # (B, C, H, W) M, any strides with flattenable pixels; channels [0, Q) read
+def _apply_kernel(
+    m_ptr,  # (B, C, H, W) M, any strides with flattenable pixels
     g_ptr,  # (Q,) gate weight w, M's dtype, contiguous (read only if COMPUTE_Z)
-    z_ptr,  # (B, H * W) fp32 contiguous: z, read, or written if COMPUTE_Z
-    y_ptr,  # (B, C, H, W) output Y, any strides with flattenable pixels; channels [0, Q) written
-    mean_ptr,  # (Q,) fp32: BN_c mean (batch or running)
-    scale_ptr,  # (Q,) fp32: gamma_c * rstd_c
-    shift_ptr,  # (Q,) fp32: beta_c
-    Q, HW,
+    z_ptr,  # (B, H * W) fp32 contiguous: z = w . Ma, written if COMPUTE_Z, else read
+    w_ptr,  # (P, P) conv weight [out, in], M's dtype, any strides (w_so, w_si)
+    bias_ptr,  # (P,) conv bias, M's dtype (read only if HAS_BIAS)
+    cm_ptr, cv_ptr,  # (Q,) fp32 each: BN_c mean and variance (the batch's or the running)
+    cw_ptr, cb_ptr,  # (Q,) fp32 each: BN_c weight and bias
+    dm_ptr, dv_ptr,  # (P,) fp32 each: BN_d mean and variance (read only if HAS_BN_D)
+    dw_ptr, db_ptr,  # (P,) fp32 each: BN_d weight and bias (read only if HAS_BN_D)
+    r_ptr,  # (B, C, H, W) residual, any strides with flattenable pixels (read if RESIDUAL)
+    y_ptr,  # (B, C, H, W) output Y, any strides with flattenable pixels
+    c_eps, d_eps,  # the BatchNorms' eps (fp32)
+    Q, P, HW,  # gated channels Q; conv channels P = C - Q; pixels H * W
     m_sb, m_sc, m_sp,  # strides of M (elements)
+    r_sb, r_sc, r_sp,  # strides of the residual (elements)
     y_sb, y_sc, y_sp,  # strides of Y (elements)
+    w_so, w_si,  # strides of the conv weight (elements)
     BLOCK_P: tl.constexpr,  # pixels per program
-    BLOCK_C: tl.constexpr,  # channels per step
-    COMPUTE_Z: tl.constexpr,  # compute z = w . Ma here (eval) instead of loading it
+    BLOCK_C: tl.constexpr,  # gate half: channels per step
+    BLOCK_K: tl.constexpr,  # conv half: input channels per tl.dot
+    BLOCK_N: tl.constexpr,  # conv half: output channels per program
+    COMPUTE_Z: tl.constexpr,  # compute z here (eval) instead of loading it (training)
+    HAS_BN_D: tl.constexpr,  # BN_d on the conv's input tile as it is loaded (else folded)
+    HAS_BIAS: tl.constexpr,  # the conv has a bias
+    RESIDUAL: tl.constexpr,  # add the residual to Y
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    # grid: (TILES, B). Ya = (Ma * hsig(z) - mean) * scale + shift.
+    # grid: (TILES, B, 1 + cdiv(P, BLOCK_N)). Program 0 of axis 2 writes Y[:, :Q] =
+    # BN_c(Ma * hsig(z)); program n > 0 writes the output channels Q + (n - 1) * BLOCK_N ... of
+    # Y[:, Q:] = conv1x1(BN_d(Mb)) + bias. Each adds the residual where there is one.
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
     offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < HW
     m_pix = m_ptr + pid_b * m_sb + offs_p[:, None] * m_sp
+    r_pix = r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp
     y_pix = y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp
-    if COMPUTE_Z:
-        z = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    if pid_n == 0:
+        if COMPUTE_Z:
+            z = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            for c0 in range(0, Q, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                c_ok = offs_c < Q
+                x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=p_ok[:, None] & c_ok[None, :],
+                            other=0.0).to(tl.float32)
+                wv = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+                z += tl.sum(x * wv[None, :], axis=1)
+            tl.store(z_ptr + pid_b * HW + offs_p, z, mask=p_ok)
+        else:
+            z = tl.load(z_ptr + pid_b * HW + offs_p, mask=p_ok, other=0.0)
+        s = hardsigmoid(z)
         for c0 in range(0, Q, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < Q
-            x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=p_ok[:, None] & c_ok[None, :],
-                        other=0.0).to(tl.float32)
-            wv = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-            z += tl.sum(x * wv[None, :], axis=1)
-        tl.store(z_ptr + pid_b * HW + offs_p, z, mask=p_ok)
+            ok = p_ok[:, None] & c_ok[None, :]
+            x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
+            mu = tl.load(cm_ptr + offs_c, mask=c_ok, other=0.0)
+            sc = tl.load(cw_ptr + offs_c, mask=c_ok, other=0.0) * tl.rsqrt(
+                tl.load(cv_ptr + offs_c, mask=c_ok, other=1.0) + c_eps)
+            sh = tl.load(cb_ptr + offs_c, mask=c_ok, other=0.0)
+            y = (x * s[:, None] - mu[None, :]) * sc[None, :] + sh[None, :]
+            if RESIDUAL:
+                y += tl.load(r_pix + offs_c[None, :] * r_sc, mask=ok, other=0.0).to(tl.float32)
+            tl.store(y_pix + offs_c[None, :] * y_sc, y.to(y_ptr.dtype.element_ty), mask=ok)
     else:
-        z = tl.load(z_ptr + pid_b * HW + offs_p, mask=p_ok, other=0.0)
-    s = hardsigmoid(z)
-    for c0 in range(0, Q, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < Q
-        ok = p_ok[:, None] & c_ok[None, :]
-        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
-        mu = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
-        sc = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
-        sh = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
-        y = (x * s[:, None] - mu[None, :]) * sc[None, :] + sh[None, :]
-        tl.store(y_pix + offs_c[None, :] * y_sc, y.to(y_ptr.dtype.element_ty), mask=ok)
+        offs_n = (pid_n - 1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < P
+        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, P, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < P
+            a = tl.load(m_pix + (Q + offs_k[None, :]) * m_sc, mask=p_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if HAS_BN_D:  # 0 for k >= P (the weight tile's rows there are 0 too)
+                mu = tl.load(dm_ptr + offs_k, mask=k_ok, other=0.0)
+                sc = tl.load(dw_ptr + offs_k, mask=k_ok, other=0.0) * tl.rsqrt(
+                    tl.load(dv_ptr + offs_k, mask=k_ok, other=1.0) + d_eps)
+                sh = tl.load(db_ptr + offs_k, mask=k_ok, other=0.0)
+                a = ((a.to(tl.float32) - mu[None, :]) * sc[None, :] + sh[None, :]).to(
+                    m_ptr.dtype.element_ty)
+            wt = tl.load(w_ptr + offs_k[:, None] * w_si + offs_n[None, :] * w_so,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = dot(a, wt, acc, UPCAST)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        ok = p_ok[:, None] & n_ok[None, :]
+        out_c = Q + offs_n[None, :]
+        if RESIDUAL:
+            acc += tl.load(r_pix + out_c * r_sc, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_pix + out_c * y_sc, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -366,6 +415,15 @@ def _gate_blocks(q: int, interpret: bool = INTERPRET) -> Tuple[int, int, int]:
     return 64, 32, 4
 
 
+def _apply_blocks(q: int, p: int, interpret: bool = INTERPRET
+                  ) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, BLOCK_K, BLOCK_N, num_warps) of the forward's one kernel (the gate
+    half's pixels and channel step, the conv half's reduction and output blocks)."""
+    if interpret:
+        return 256, block(q, high=64), block(p, high=64), block(p, high=64), 4
+    return 64, 32, 32, 64, 8  # (4 warps spill in fp32 on sm_80)
+
+
 def _gemm_blocks(k: int, n: int, interpret: bool = INTERPRET) -> Tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_K, BLOCK_N, num_warps) of the pointwise GEMM."""
     if interpret:
@@ -435,20 +493,36 @@ def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool
     return z, mean, var
 
 
-def gate_apply(m: torch.Tensor, gate_weight: torch.Tensor, z: Optional[torch.Tensor],
-               y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
-               ) -> torch.Tensor:
-    """y[:, :Q] = (Ma * hsig(z) - mean) * scale + shift, Q = mean.numel(). Returns z: the
-    given one, or when ``z`` is None one computed here (B, H*W) fp32."""
-    b, _, h, w = m.shape
-    q = mean.shape[0]
+def apply(m: torch.Tensor, gate_weight: torch.Tensor, z: Optional[torch.Tensor],
+          conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor], y: torch.Tensor,
+          bn_c: Tuple[torch.Tensor, ...], c_eps: float,
+          bn_d: Optional[Tuple[torch.Tensor, ...]], d_eps: float,
+          residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = [BN_c(Ma * hsig(z)) | conv1x1(BN_d(Mb)) + bias] (+ residual) in one launch.
+
+    m, y, residual: (B, C, H, W), any flattenable strides; gate_weight: (Q,) contiguous;
+    conv_weight: (P, P) [out, in], any strides; conv_bias: (P,) or None; bn_c: (mean, var,
+    weight, bias), fp32 (Q,) each; bn_d: the same over P, or None (folded into the conv).
+    ``z``: (B, H*W) fp32 from :func:`gate_stats` (training), or None: computed here, and
+    returned either way.
+    """
+    b, c, h, w = m.shape
+    p = conv_weight.shape[0]
+    q = c - p
     compute_z = z is None
     if compute_z:
         z = torch.empty((b, h * w), device=m.device, dtype=torch.float32)
-    block_p, block_c, warps = _gate_blocks(q)
-    _gate_apply_kernel[(triton.cdiv(h * w, block_p), b)](
-        m, gate_weight, z, y, mean, scale, shift, q, h * w, *_strides(m), *_strides(y),
-        BLOCK_P=block_p, BLOCK_C=block_c, COMPUTE_Z=compute_z, num_warps=warps)
+    block_p, block_c, block_k, block_n, warps = _apply_blocks(q, p)
+    residual_arg = y if residual is None else residual  # (not read without RESIDUAL)
+    grid = (triton.cdiv(h * w, block_p), b, 1 + triton.cdiv(p, block_n))
+    _apply_kernel[grid](
+        m, gate_weight, z, conv_weight, conv_weight if conv_bias is None else conv_bias,
+        *bn_c, *(bn_c if bn_d is None else bn_d), residual_arg, y, c_eps, d_eps, q, p, h * w,
+        *_strides(m), *_strides(residual_arg), *_strides(y), conv_weight.stride(0),
+        conv_weight.stride(1), BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
+        BLOCK_N=block_n, COMPUTE_Z=compute_z, HAS_BN_D=bn_d is not None,
+        HAS_BIAS=conv_bias is not None, RESIDUAL=residual is not None,
+        UPCAST=upcast_dot(m.dtype), num_warps=warps)
     return z
 
 
@@ -559,6 +633,7 @@ def aot_kernels() -> List[AotKernel]:
     block_p, block_c, gate_warps = _gate_blocks(0, interpret=False)
     gemm_p, gemm_k, gemm_n, gemm_warps = _gemm_blocks(0, 0, interpret=False)
     wg_p, wg_o, wg_i, wg_warps = _wgrad_blocks(0, 0, interpret=False)
+    apply_p, apply_c, apply_k, apply_n, apply_warps = _apply_blocks(0, 0, interpret=False)
     gate = dict(BLOCK_P=block_p, BLOCK_C=block_c)
     f32 = "*fp32"
     for dtype, tname in TRITON_DTYPE.items():
@@ -569,14 +644,23 @@ def aot_kernels() -> List[AotKernel]:
             aot_signature(fn, {"m_ptr": ptr, "g_ptr": ptr, "z_ptr": f32, "mean_ptr": f32,
                                "m2_ptr": f32}), dict(gate), num_warps=gate_warps,
             launches=activation_launches("m", pixel="sp")))
-        fn = _gate_apply_kernel
-        for compute_z in (True, False):
+        fn = _apply_kernel
+        # (COMPUTE_Z, HAS_BN_D, HAS_BIAS, RESIDUAL) of the models' calls: the inference copy's
+        # (BN_d folded into the conv, the block's residual), eval's and training's.
+        for compute_z, bn_d, bias, residual in ((True, False, True, True),
+                                                (True, True, False, False),
+                                                (False, True, False, False)):
             kernels.append(AotKernel(
-                f"sa_gate_apply[{tname}, compute_z={compute_z}]", fn,
-                aot_signature(fn, {"m_ptr": ptr, "g_ptr": ptr, "z_ptr": f32, "y_ptr": ptr,
-                                   "mean_ptr": f32, "scale_ptr": f32, "shift_ptr": f32}),
-                dict(gate, COMPUTE_Z=compute_z), num_warps=gate_warps,
-                launches=activation_launches("m", "y", pixel="sp")))
+                f"sa_apply[{tname}, compute_z={compute_z}, bn_d={bn_d}, bias={bias}, "
+                f"residual={residual}]", fn,
+                aot_signature(fn, dict({name: f32 for name in (
+                    "z_ptr", "cm_ptr", "cv_ptr", "cw_ptr", "cb_ptr", "dm_ptr", "dv_ptr",
+                    "dw_ptr", "db_ptr")}, m_ptr=ptr, g_ptr=ptr, w_ptr=ptr, bias_ptr=ptr,
+                    r_ptr=ptr, y_ptr=ptr), {"c_eps": "fp32", "d_eps": "fp32"}),
+                dict(BLOCK_P=apply_p, BLOCK_C=apply_c, BLOCK_K=apply_k, BLOCK_N=apply_n,
+                     COMPUTE_Z=compute_z, HAS_BN_D=bn_d, HAS_BIAS=bias, RESIDUAL=residual,
+                     UPCAST=upcast), num_warps=apply_warps,
+                launches=activation_launches("m", "r", "y", pixel="sp", conv=("w_si",))))
         fn = _gate_grad_reduce_kernel
         kernels.append(AotKernel(
             f"sa_gate_grad_reduce[{tname}]", fn,
@@ -597,15 +681,13 @@ def aot_kernels() -> List[AotKernel]:
         vectors = {name: f32 for name in ("pm_ptr", "ps_ptr", "ph_ptr", "ea_ptr", "eb_ptr",
                                           "em_ptr", "ec_ptr")}
         for epi_x in (False, True):
-            # The weight is (K, N) = W^T (w_sk = 1) in the forward, W (w_sn = 1) in the backward
-            # (the only user of EPI_X).
-            weight = {"bwd": ("w_sn",)} if epi_x else {"fwd": ("w_sk",), "bwd": ("w_sn",)}
+            # (the backward's: the weight is W itself, (K, N) with w_sn = 1)
             kernels.append(AotKernel(
                 f"sa_pointwise_gemm[{tname}, epi_x={epi_x}]", fn,
                 aot_signature(fn, dict(vectors, a_ptr=ptr, w_ptr=ptr, out_ptr=ptr, x_ptr=ptr)),
                 dict(BLOCK_P=gemm_p, BLOCK_K=gemm_k, BLOCK_N=gemm_n, EPI_X=epi_x,
                      UPCAST=upcast), num_warps=gemm_warps,
-                launches=activation_launches("a", "o", "x", pixel="sp", **weight)))
+                launches=activation_launches("a", "o", "x", pixel="sp", bwd=("w_sn",))))
         fn = _pointwise_weight_grad_kernel
         kernels.append(AotKernel(
             f"sa_pointwise_weight_grad[{tname}]", fn,

@@ -37,7 +37,8 @@ def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Opt
              c_running_mean: Optional[Tensor], c_running_var: Optional[Tensor], c_eps: float,
              d_weight: Optional[Tensor], d_bias: Optional[Tensor],
              d_running_mean: Optional[Tensor], d_running_var: Optional[Tensor], d_eps: float,
-             has_bn_d: bool, training: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             has_bn_d: bool, training: bool, residual: Optional[Tensor]
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     y = empty_activation(m, m.shape)
     m = _flat_pixels(m)
     p = conv_weight.shape[0]
@@ -45,23 +46,19 @@ def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Opt
     gate = gate_weight.reshape(q).contiguous()
     if training:
         z, mean, var = kernels.gate_stats(m, gate, q, with_mb=has_bn_d)
-        c_stats = torch.stack([mean[:q], var[:q]])
-        d_stats = torch.stack([mean[q:], var[q:]]) if has_bn_d else mean.new_empty((2, 0))
-    else:
+        c_moments, d_moments = (mean[:q], var[:q]), (mean[q:], var[q:])
+        c_stats = torch.stack(c_moments)
+        d_stats = torch.stack(d_moments) if has_bn_d else mean.new_empty((2, 0))
+    else:  # (the backward takes the running statistics from the autograd Function)
         z = None
-        c_stats = torch.stack([c_running_mean, c_running_var]).float()
-        d_stats = (torch.stack([d_running_mean, d_running_var]).float() if has_bn_d
-                   else c_stats.new_empty((2, 0)))
-    scale_c = _vector(c_weight, 1.0, q, m) * torch.rsqrt(c_stats[1] + c_eps)
-    z = kernels.gate_apply(m, gate, z, y, c_stats[0], scale_c, _vector(c_bias, 0.0, q, m))
-    if has_bn_d:  # BN_d on the GEMM's input tile: (Mb - mean) * gamma * rstd + beta
-        pm = d_stats[0]
-        ps = _vector(d_weight, 1.0, p, m) * torch.rsqrt(d_stats[1] + d_eps)
-        ph = _vector(d_bias, 0.0, p, m)
-    else:
-        pm, ps, ph = _identity(p, m)
-    kernels.pointwise_gemm(m[:, q:], conv_weight.reshape(p, p).t(), y[:, q:], pm, ps, ph,
-                           _vector(None, 1.0, p, m), _vector(conv_bias, 0.0, p, m))
+        c_moments = (c_running_mean.float(), c_running_var.float())
+        d_moments = (d_running_mean.float(), d_running_var.float()) if has_bn_d else None
+        c_stats, d_stats = (m.new_empty((2, 0), dtype=torch.float32) for _ in range(2))
+    bn_c = c_moments + (_vector(c_weight, 1.0, q, m), _vector(c_bias, 0.0, q, m))
+    bn_d = (d_moments + (_vector(d_weight, 1.0, p, m), _vector(d_bias, 0.0, p, m))
+            if has_bn_d else None)
+    z = kernels.apply(m, gate, z, conv_weight.reshape(p, p), conv_bias, y, bn_c, c_eps, bn_d,
+                      d_eps, None if residual is None else _flat_pixels(residual))
     return y, z, c_stats, d_stats
 
 
