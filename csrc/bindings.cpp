@@ -459,9 +459,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> self_mixer_output_backward(
   Tensor grad_conv_weight = conv3x3_weight_grad(x.narrow(1, 0, c1), grad_y);
   Tensor grad_proj_out = tokens_view(grad_y, c1);
   if (present(keep)) grad_proj_out = grad_proj_out * *keep;
-  Tensor grad_tokens = at::matmul(grad_proj_out, proj_weight);
-  Tensor grad_proj_weight = at::bmm(grad_proj_out.transpose(1, 2), tokens).sum(0);
-  Tensor grad_proj_bias = grad_proj_out.sum(at::IntArrayRef{0, 1});
+  // GEMMs over all B * N tokens (no per-sample (C2, C2) products to sum): views of the tokens,
+  // and of dY in channels_last (one copy of it in NCHW).
+  const int64_t b = grad_proj_out.size(0), n = grad_proj_out.size(1), c2 = grad_proj_out.size(2);
+  Tensor grad_rows = grad_proj_out.reshape({b * n, c2});
+  Tensor grad_tokens = at::mm(grad_rows, proj_weight).view({b, n, c2});
+  Tensor grad_proj_weight = at::mm(grad_rows.t(), tokens.reshape({b * n, c2}));
+  Tensor grad_proj_bias = grad_rows.sum(0);
   return {grad_x, grad_conv_weight, grad_tokens, grad_proj_weight, grad_proj_bias};
 }
 

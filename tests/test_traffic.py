@@ -173,8 +173,11 @@ def test_autocast_inference_path(name):
 
 # One training step (forward and backward, train mode, fp32) at 64 x 64: kernels (exact).
 # PATNet-T2's Triton step was 1732 kernels (2.28x eager) before PAT_ch's gate ran as kernels.
-PINNED_TRAIN = {"patnet_t2": dict(eager=758, triton=500),
+PINNED_TRAIN = {"patnet_t2": dict(eager=758, triton=496),
                 "fasternet_t2": dict(eager=299, triton=286)}
+# The most activation bytes of the Triton step, as a fraction of eager's (measured: 0.765 and
+# 0.931; PATNet-T2's was 0.94 while PAT_sf's projection gradient summed per-sample products).
+TRAIN_BYTES_VS_EAGER = {"patnet_t2": 0.77, "fasternet_t2": 0.935}
 
 
 @pytest.mark.parametrize("name", sorted(PINNED_TRAIN))
@@ -191,7 +194,8 @@ def test_training_step_counts(name):
         assert row["kernels"] == kernels, (
             f"{name}, {provider}: {row['kernels']} kernels per training step, pinned "
             f"{kernels}; the biggest: {list(row['ops'].items())[:8]}")
-    assert report["providers"]["triton"]["act_bytes"] < report["providers"]["eager"]["act_bytes"]
+    ratio = report["providers"]["triton"]["act_bytes"] / report["providers"]["eager"]["act_bytes"]
+    assert ratio <= TRAIN_BYTES_VS_EAGER[name], ratio
     assert "training step (forward and backward)" in traffic.format_table(report)
 
 

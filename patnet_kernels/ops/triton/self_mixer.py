@@ -44,9 +44,13 @@ def _backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, tokens: Tensor,
     grad_proj_out = _tokens_view(grad_y, c1)  # (B, N, C2)
     if keep is not None:
         grad_proj_out = grad_proj_out * keep
-    grad_tokens = torch.matmul(grad_proj_out, proj_weight)
-    grad_proj_weight = torch.bmm(grad_proj_out.transpose(1, 2), tokens).sum(0)
-    grad_proj_bias = grad_proj_out.sum((0, 1))
+    # As GEMMs over all B * N tokens (no per-sample (C2, C2) products to sum): the tokens are
+    # (B * N, C2) views; dY's are a view in channels_last, one copy of them in NCHW.
+    b, n, c2 = grad_proj_out.shape
+    grad_rows = grad_proj_out.reshape(b * n, c2)
+    grad_tokens = torch.mm(grad_rows, proj_weight).view(b, n, c2)
+    grad_proj_weight = torch.mm(grad_rows.t(), tokens.reshape(b * n, c2))
+    grad_proj_bias = grad_rows.sum(0)
     return grad_x, grad_conv_weight, grad_tokens, grad_proj_weight, grad_proj_bias
 
 
