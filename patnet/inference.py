@@ -62,11 +62,13 @@ _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
 _BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
 
 
-def _spatial_then_residual(spatial, y: torch.Tensor, residual: Optional[torch.Tensor]):
+def _spatial_then_residual(spatial, y: torch.Tensor, residual: Optional[torch.Tensor],
+                           statistics_of: Optional[int] = None):
     """PAT_sp's module on the MLP's output, the block's residual (if any) added by its op (on
-    Triton in its one kernel)."""
+    Triton in its one kernel); with ``statistics_of`` = C1 the pair (y, the statistics of
+    y[:, C1:] for the next PAT_ch block, taken by the same kernel on Triton)."""
     (module,) = spatial
-    return module(y, residual=residual)
+    return module(y, residual=residual, statistics_of=statistics_of)
 
 
 class InferenceMLP(nn.Sequential):
@@ -99,8 +101,8 @@ class InferenceMLP(nn.Sequential):
         MLP's, each decided per call (so "auto" on the CPU, and ``backend_calls`` under
         "auto", compose). PAT_ch only: ``statistics`` of x's X2 from the previous block (or
         None) and, with ``return_statistics``, (y, the statistics of y for the next block, or
-        None where there are none: the block composed, or PAT_sp after its MLP), see
-        ``pk.partial_block``."""
+        None where there are none: the block composed), see ``pk.partial_block`` (with PAT_sp
+        after the MLP: ``pk.spatial_attention``'s ``statistics_of``)."""
         fused = (self.backend in _BLOCK_BACKENDS
                  or self.backend == "auto" and pk.backends.auto_runs_fused("partial_block", x))
         if not fused:
@@ -119,8 +121,9 @@ class InferenceMLP(nn.Sequential):
                              residual=not spatial, backend=self.backend, **gate)
         if not spatial:
             return y  # (with return_statistics, already the pair (y, statistics))
-        y = _spatial_then_residual(spatial, y, x)  # (PATNet-T1: PAT_sp, then the residual)
-        return (y, None) if return_statistics else y
+        # (PATNet-T1: PAT_sp with the residual, and the next block's statistics if asked for)
+        c1 = mixer.partial_conv3.weight.shape[0]
+        return _spatial_then_residual(spatial, y, x, c1 if return_statistics else None)
 
 
 class InferenceFasterNetBlock(FasterNetBlock):

@@ -298,18 +298,22 @@ class PartialSpatialAttention(nn.Module):
         self.norm2 = nn.BatchNorm2d(self.dim_conv)
         self.backend = backend
 
-    def forward(self, m: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, m: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                statistics_of: Optional[int] = None):
         """m: (B, C, H, W) -> (B, C, H, W); with ``residual`` (B, C, H, W) that plus it (on
-        Triton in the same kernel)."""
+        Triton in the same kernel); with ``statistics_of`` (the inference path's) the pair
+        (y, statistics of y[:, statistics_of:]), see ``pk.spatial_attention``."""
         if syncs_statistics(self.training, self.norm, self.norm2):
             y = self._forward_syncing(m)
-            return y if residual is None else y + residual
-        y = pk.spatial_attention(
+            y = y if residual is None else y + residual
+            return y if statistics_of is None else (y, None)
+        out = pk.spatial_attention(
             m, self.conv_attn.weight, self.conv.weight, self.conv.bias,
             bn_params(self.norm, self.training), bn_params(self.norm2, self.training),
-            training=self.training, residual=residual, backend=self.backend)
+            training=self.training, residual=residual, statistics_of=statistics_of,
+            backend=self.backend)
         count_batches(self.training, self.norm, self.norm2)
-        return y
+        return out
 
     def _forward_syncing(self, m: torch.Tensor) -> torch.Tensor:
         """The op of ``patnet_kernels.reference.spatial_attention`` with the BatchNorm modules

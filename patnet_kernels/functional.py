@@ -143,13 +143,16 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
                       conv_bias: Optional[torch.Tensor], bn_c: BatchNormParams,
                       bn_d: Optional[BatchNormParams], *, training: bool = False,
                       residual: Optional[torch.Tensor] = None,
-                      backend: str = "auto") -> torch.Tensor:
+                      statistics_of: Optional[int] = None, backend: str = "auto"):
     """PAT_sp: [BN_c(Ma * hsig(w . Ma)) | conv1x1(BN_d(Mb))], Ma = m[:, :Q], Mb = m[:, Q:].
 
     m: (B, C, H, W); gate_weight: (1, Q, 1, 1); conv_weight: (P, P, 1, 1) with P = C - Q;
     conv_bias: (P,) or None; bn_c over Q channels; bn_d over P channels or None (folded into
     the conv); residual: (B, C, H, W) or None, added to the output (PATNet-T1's block
-    residual; on Triton in the same kernel). Returns (B, C, H, W).
+    residual; on Triton in the same kernel). Returns (B, C, H, W); with ``statistics_of`` = C1
+    (0 <= C1 < C) the pair (y, statistics of y[:, C1:]) in :func:`partial_block`'s
+    ``statistics`` form, for the PAT_ch block that follows (conv on C1 channels): on Triton
+    taken by the same kernel, so that block does not read its X2 for them.
     """
     check_activation("m", m)
     p = check_conv_weight("conv_weight", conv_weight, m.shape[1], 1, min_rest=1)
@@ -160,6 +163,11 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     if residual is not None:
         check_activation("residual", residual)
         check_shape("residual", residual, tuple(m.shape), "m's shape")
+    if statistics_of is not None and (isinstance(statistics_of, bool)
+                                      or not isinstance(statistics_of, int)
+                                      or not 0 <= statistics_of < m.shape[1]):
+        raise ValueError(f"statistics_of must be the first channel of the statistics, an int in "
+                         f"[0, {m.shape[1]}) (the next PAT_ch block's C1), got {statistics_of!r}")
     check_same("m", m, gate_weight=gate_weight, conv_weight=conv_weight, conv_bias=conv_bias,
                residual=residual)
     check_batch_norm("bn_c", bn_c, q, m, training)
@@ -168,7 +176,7 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
         b, _, h, w = m.shape
         check_batch_values(b * h * w, (b, q, h, w))
     return choose_implementation("spatial_attention", backend, m, gate_weight, conv_weight)(
-        m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training, residual)
+        m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training, residual, statistics_of)
 
 
 # (height, width, device) -> bucket ids; and, by id() of those tensors, their (min, max), known

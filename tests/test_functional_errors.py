@@ -296,6 +296,15 @@ def test_sa_bad_residual(residual, error, match):
         call_sa(a)
 
 
+@pytest.mark.parametrize("statistics_of", [13, -1, True, 2.0])
+def test_sa_bad_statistics_of(statistics_of):
+    a = sa_args()
+    with pytest.raises(ValueError, match=r"statistics_of must be the first channel of the "
+                                         r"statistics, an int in \[0, 13\)"):
+        pk.spatial_attention(a["m"], a["gate_weight"], a["conv_weight"], a["conv_bias"],
+                             a["bn_c"], a["bn_d"], statistics_of=statistics_of)
+
+
 @pytest.mark.parametrize("name", ["gate_weight", "conv_weight", "conv_bias", "residual"])
 def test_sa_dtype_and_device_mismatch(name):
     a = sa_args()

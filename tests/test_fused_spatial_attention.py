@@ -15,6 +15,7 @@ import torch
 
 import patnet_kernels as pk
 from patnet_kernels import BatchNormParams
+from patnet_kernels._types import chunk_pixels
 
 from conftest import DEVICE, assert_within_budget
 
@@ -153,6 +154,39 @@ def test_residual(dtype, channels_last, training):
     assert torch.equal(ours["grad_residual"], inputs[3].to(DEVICE, dtype))
 
 
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-nchw", "bf16-nhwc"])
+def test_statistics_for_the_next_block(dtype, channels_last):
+    """``statistics_of=C1`` (the inference copy's call, BN_d folded, with the residual): per
+    pixel chunk the mean and sum of squared deviations of y[:, C1:] as stored, in
+    partial_block's ``statistics`` form (several chunks here, the last one shorter); y as
+    without them."""
+    tensors, bn_c, _, _ = _make((2, 140, 9, 31), False, seed=19)
+    m, gate, conv_w, conv_b = (t.to(DEVICE, dtype) for t in tensors)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    bnc = BatchNormParams(*(t.to(DEVICE, dtype) for t in bn_c), 0.1, 1e-5)
+    residual = m.flip(0)
+    args = (m, gate, conv_w, conv_b, bnc, None)
+    y, (mean, m2) = pk.spatial_attention(*args, residual=residual, statistics_of=35,
+                                         backend="triton")
+    assert torch.equal(y, pk.spatial_attention(*args, residual=residual, backend="triton"))
+    b, c, h, w = y.shape
+    chunks = mean.shape[1]
+    assert chunks > 1 and mean.shape == m2.shape == (b, chunks, c - 35)
+    size = chunk_pixels(h * w, chunks)
+    y2 = y[:, 35:].float().flatten(2)
+    for t in range(chunks):
+        part = y2[..., t * size:(t + 1) * size]
+        expected = part.mean(-1)
+        torch.testing.assert_close(mean[:, t], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m2[:, t], (part - expected[..., None]).square().sum(-1),
+                                   rtol=1e-4, atol=1e-4)
+    y_ref, (mean_ref, _) = pk.spatial_attention(*args, residual=residual, statistics_of=35,
+                                                backend="torch")  # (one chunk)
+    assert mean_ref.shape == (b, 1, c - 35)
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_without_affine_or_running_stats(training):
     """BN weight/bias None; in training also no running statistics."""
@@ -227,29 +261,32 @@ def test_deterministic_and_no_concatenation():
     assert not copies, copies
 
 
-def _op_inputs(training, with_bn_d, channels_last, residual, seed=12):
+def _op_inputs(training, with_bn_d, channels_last, residual, stats_first=-1, seed=12):
     tensors, bn_c, bn_d, grad = _make((2, 10, 3, 5), with_bn_d, seed=seed)
     f = [None if t is None else t.float() for t in tensors + bn_c + (bn_d or [None] * 4)]
     m, grad = f[0], grad.float()
     if channels_last:
         m, grad = (t.to(memory_format=torch.channels_last) for t in (m, grad))
     return [m] + f[1:8] + [1e-5] + f[8:12] + [1e-3, with_bn_d, training,
-                                              grad.flip(0) if residual else None], grad
+                                              grad.flip(0) if residual else None,
+                                              stats_first], grad
 
 
-OP_CASES = [(True, True, False, False), (False, False, True, True), (True, False, True, True),
-            (False, True, False, False)]
+# (training, with_bn_d, channels_last, residual, stats_first)
+OP_CASES = [(True, True, False, False, -1), (False, False, True, True, 3),
+            (True, False, True, True, 0), (False, True, False, False, -1)]
 
 
-@pytest.mark.parametrize("training, with_bn_d, channels_last, residual", OP_CASES,
-                         ids=["train-bn_d-nchw", "eval-folded-nhwc-residual",
-                              "train-folded-nhwc-residual", "eval-bn_d-nchw"])
-def test_opcheck(training, with_bn_d, channels_last, residual):
-    args, grad = _op_inputs(training, with_bn_d, channels_last, residual)
+@pytest.mark.parametrize("training, with_bn_d, channels_last, residual, stats_first", OP_CASES,
+                         ids=["train-bn_d-nchw", "eval-folded-nhwc-residual-stats",
+                              "train-folded-nhwc-residual-stats", "eval-bn_d-nchw"])
+def test_opcheck(training, with_bn_d, channels_last, residual, stats_first):
+    args, grad = _op_inputs(training, with_bn_d, channels_last, residual, stats_first)
     ops = torch.ops.patnet_triton
     torch.library.opcheck(ops.spatial_attention.default, args)
     m, gate, conv_w = args[:3]
-    _, z, c_stats, d_stats = ops.spatial_attention(*args)
+    _, z, c_stats, d_stats, mean, m2 = ops.spatial_attention(*args)
+    assert mean.shape == m2.shape == ((2, 1, 10 - stats_first) if stats_first >= 0 else (2, 0, 0))
     if training:
         assert c_stats.shape == (2, 10 // 2) and d_stats.shape == (2, 5 if with_bn_d else 0)
     else:  # (eval: the running statistics, which the backward is given)

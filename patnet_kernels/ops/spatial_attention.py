@@ -8,7 +8,10 @@ the bias in its epilogue) fills y[:, Q:]. No concatenation copy, no BN_d output 
 The ops, each with a fake so torch.compile traces through them:
 
 * ``spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c..., bn_d..., has_bn_d,
-  training, residual) -> (y, z, c_stats, d_stats)``: y (+ residual, when one is given);
+  training, residual, stats_first) -> (y, z, c_stats, d_stats, mean, m2)``: y (+ residual,
+  when one is given); with ``stats_first`` >= 0 (mean, m2) the statistics of y[:, stats_first:]
+  for a following PAT_ch block (``partial_block``'s ``statistics`` form, chunks of the
+  backend's choosing), else both empty;
   z = w . Ma (B, H*W) fp32, kept for the backward; in training c_stats (2, Q) and d_stats
   (2, P, or 2, 0 without BN_d) fp32 are the batch's [mean; biased variance] each BatchNorm
   normalised with; in eval both are (2, 0) (the running statistics were used: the autograd
@@ -29,7 +32,7 @@ another backend registering the same schemas reuses it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -39,15 +42,24 @@ from ._layout import empty_activation
 Tensor = torch.Tensor
 
 
-def _forward_fake(m, gate_weight, conv_weight, conv_bias, c_weight, c_bias, c_running_mean,
-                  c_running_var, c_eps, d_weight, d_bias, d_running_mean, d_running_var, d_eps,
-                  has_bn_d, training, residual):
+def statistics_buffers(m: Tensor, stats_first: int, chunks: int) -> Tuple[Tensor, Tensor]:
+    """The forward op's (mean, m2) outputs, empty: (B, chunks, C - stats_first) fp32 each, or
+    (B, 0, 0) when stats_first < 0."""
+    b, c = m.shape[:2]
+    shape = (b, chunks, c - stats_first) if stats_first >= 0 else (b, 0, 0)
+    return m.new_empty(shape, dtype=torch.float32), m.new_empty(shape, dtype=torch.float32)
+
+
+def forward_fake(m, conv_weight, has_bn_d, training, stats_first, chunks):
+    """The forward op's outputs (see the module doc) as empty tensors, its statistics in
+    ``chunks`` chunks (the backend's): its fake."""
     b, c, h, w = m.shape
     p = conv_weight.shape[0]
     f32 = torch.float32
     return (empty_activation(m, m.shape), m.new_empty((b, h * w), dtype=f32),
             m.new_empty((2, c - p if training else 0), dtype=f32),
-            m.new_empty((2, p if has_bn_d and training else 0), dtype=f32))
+            m.new_empty((2, p if has_bn_d and training else 0), dtype=f32),
+            *statistics_buffers(m, stats_first, chunks))
 
 
 def _backward_fake(grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, c_eps, d_stats,
@@ -61,9 +73,9 @@ def _backward_fake(grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, c_
 
 
 # Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
-# registers the op under its own namespace.
+# registers the op under its own namespace (the forward's: :func:`forward_fake` with the
+# backend's statistics chunks).
 FAKES = {
-    "spatial_attention": _forward_fake,
     "spatial_attention_backward": _backward_fake,
 }
 
@@ -74,19 +86,19 @@ def make_functions(ops):
     ``ops`` is a ``torch.ops`` namespace with the two ops above (same schemas); returns
     SpatialAttention, whose ``apply(m, gate_weight, conv_weight, conv_bias, c_weight, c_bias,
     c_running_mean, c_running_var, d_weight, d_bias, d_running_mean, d_running_var, residual,
-    c_eps, d_eps, has_bn_d, training)`` returns (y, c_stats, d_stats), the statistics not
-    differentiable (in eval empty, see the forward op).
+    c_eps, d_eps, has_bn_d, training, stats_first)`` returns (y, c_stats, d_stats, mean, m2),
+    the statistics not differentiable (see the forward op).
     """
 
     class SpatialAttention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, m, gate_weight, conv_weight, conv_bias, c_weight, c_bias,
                     c_running_mean, c_running_var, d_weight, d_bias, d_running_mean,
-                    d_running_var, residual, c_eps, d_eps, has_bn_d, training):
-            y, z, c_stats, d_stats = ops.spatial_attention(
+                    d_running_var, residual, c_eps, d_eps, has_bn_d, training, stats_first):
+            y, z, c_stats, d_stats, mean, m2 = ops.spatial_attention(
                 m, gate_weight, conv_weight, conv_bias, c_weight, c_bias, c_running_mean,
                 c_running_var, c_eps, d_weight, d_bias, d_running_mean, d_running_var, d_eps,
-                has_bn_d, training, residual)
+                has_bn_d, training, residual, stats_first)
             # The statistics the BatchNorms normalised with, for the backward: the batch's
             # [mean; var], or in eval the running mean and variance (stacked there).
             moments = ((c_stats, d_stats) if training else
@@ -95,11 +107,11 @@ def make_functions(ops):
                                   *moments)
             ctx.c_eps, ctx.d_eps = c_eps, d_eps
             ctx.has_bn_d, ctx.training = has_bn_d, training
-            ctx.mark_non_differentiable(c_stats, d_stats)
-            return y, c_stats, d_stats
+            ctx.mark_non_differentiable(c_stats, d_stats, mean, m2)
+            return y, c_stats, d_stats, mean, m2
 
         @staticmethod
-        def backward(ctx, grad_y, grad_c_stats, grad_d_stats):
+        def backward(ctx, grad_y, *_):  # (the statistics' gradients: none)
             m, z, gate_weight, conv_weight, c_weight, d_weight, d_bias, *moments = \
                 ctx.saved_tensors
             if ctx.training:
@@ -113,7 +125,7 @@ def make_functions(ops):
             gm, gg, gw, gb, gcw, gcb, gdw, gdb = grads
             needs = ctx.needs_input_grad
             wanted = (gm, gg, gw, gb, gcw, gcb, None, None, gdw, gdb, None, None, grad_y)
-            return tuple(g if need else None for g, need in zip(wanted, needs)) + (None,) * 4
+            return tuple(g if need else None for g, need in zip(wanted, needs)) + (None,) * 5
 
     return SpatialAttention
 
@@ -133,20 +145,23 @@ def backend_function(ops):
     def spatial_attention(m: Tensor, gate_weight: Tensor, conv_weight: Tensor,
                           conv_bias: Optional[Tensor], bn_c: BatchNormParams,
                           bn_d: Optional[BatchNormParams], training: bool,
-                          residual: Optional[Tensor] = None) -> Tensor:
-        """PAT_sp with this backend's kernels (inputs already checked by the functional API)."""
+                          residual: Optional[Tensor] = None,
+                          statistics_of: Optional[int] = None):
+        """PAT_sp with this backend's kernels (inputs already checked by the functional API):
+        y, or with ``statistics_of`` (y, the statistics of y[:, statistics_of:])."""
         b, c, h, w = m.shape
         n = b * h * w
         has_bn_d = bn_d is not None
         d = bn_d if has_bn_d else _NO_BN
-        y, c_stats, d_stats = SpatialAttention.apply(
+        y, c_stats, d_stats, mean, m2 = SpatialAttention.apply(
             m, gate_weight, conv_weight, conv_bias, bn_c.weight, bn_c.bias, bn_c.running_mean,
             bn_c.running_var, d.weight, d.bias, d.running_mean, d.running_var, residual,
-            float(bn_c.eps), float(d.eps), has_bn_d, training)
+            float(bn_c.eps), float(d.eps), has_bn_d, training,
+            -1 if statistics_of is None else statistics_of)
         if training:  # (the kernels' variances are biased; the running ones take unbiased)
             update_running_statistics(
                 (bn_c, c_stats[0], c_stats[1] * (n / (n - 1))),
                 *([(d, d_stats[0], d_stats[1] * (n / (n - 1)))] if has_bn_d else []))
-        return y
+        return y if statistics_of is None else (y, (mean, m2))
 
     return spatial_attention

@@ -159,3 +159,16 @@ def merge_moments(seen, mean, m2, count, other_mean, other_m2):
     delta = other_mean - mean
     share = count / tl.maximum(total, 1.0)
     return total, mean + delta * share, m2 + other_m2 + delta * delta * (seen * share)
+
+
+@triton.jit
+def store_tile_moments(v, p_ok, offs_c, c_ok, mean_ptr, m2_ptr, row, FIRST, C):
+    """Store the mean and sum of squared deviations over the valid pixels (``p_ok``) of each
+    column of ``v`` (pixels x channels ``offs_c``, fp32) whose channel is in [FIRST, C), at
+    ``row`` of (rows, C - FIRST) fp32 tensors: one pixel tile's statistics of a map's channels
+    [FIRST, C) (a PAT_ch block's chunked statistics)."""
+    keep = c_ok & (offs_c >= FIRST)
+    _, mean, m2 = tile_moments(v, p_ok[:, None] & keep[None, :])
+    at = row * (C - FIRST) + offs_c - FIRST
+    tl.store(mean_ptr + at, mean, mask=keep)
+    tl.store(m2_ptr + at, m2, mask=keep)

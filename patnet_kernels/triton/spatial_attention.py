@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, dot, hardsigmoid, hardsigmoid_grad, upcast_dot)
+                      block, dot, hardsigmoid, hardsigmoid_grad, store_tile_moments,
+                      upcast_dot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,8 +100,11 @@ def _apply_kernel(
     dw_ptr, db_ptr,  # (P,) fp32 each: BN_d weight and bias (read only if HAS_BN_D)
     r_ptr,  # (B, C, H, W) residual, any strides with flattenable pixels (read if RESIDUAL)
     y_ptr,  # (B, C, H, W) output Y, any strides with flattenable pixels
+    mean_ptr, m2_ptr,  # (B, TILES, C - STATS_FIRST) fp32 contiguous, written if STATS: per
+                       # pixel tile the mean and sum of squared deviations of Y[:, STATS_FIRST:]
     c_eps, d_eps,  # the BatchNorms' eps (fp32)
     Q, P, HW,  # gated channels Q; conv channels P = C - Q; pixels H * W
+    STATS_FIRST,  # the first channel of Y whose statistics are taken (if STATS)
     m_sb, m_sc, m_sp,  # strides of M (elements)
     r_sb, r_sc, r_sp,  # strides of the residual (elements)
     y_sb, y_sc, y_sp,  # strides of Y (elements)
@@ -113,13 +117,16 @@ def _apply_kernel(
     HAS_BN_D: tl.constexpr,  # BN_d on the conv's input tile as it is loaded (else folded)
     HAS_BIAS: tl.constexpr,  # the conv has a bias
     RESIDUAL: tl.constexpr,  # add the residual to Y
+    STATS: tl.constexpr,  # write the statistics of Y's channels [STATS_FIRST, C) per tile
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
     # grid: (TILES, B, 1 + cdiv(P, BLOCK_N)). Program 0 of axis 2 writes Y[:, :Q] =
     # BN_c(Ma * hsig(z)); program n > 0 writes the output channels Q + (n - 1) * BLOCK_N ... of
-    # Y[:, Q:] = conv1x1(BN_d(Mb)) + bias. Each adds the residual where there is one.
+    # Y[:, Q:] = conv1x1(BN_d(Mb)) + bias. Each adds the residual where there is one, and
+    # takes the statistics of what it stored (for a following PAT_ch block's gate).
     pid_t = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    stats_row = pid_b * tl.num_programs(0) + pid_t
     pid_n = tl.program_id(2)
     offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < HW
@@ -152,7 +159,11 @@ def _apply_kernel(
             y = (x * s[:, None] - mu[None, :]) * sc[None, :] + sh[None, :]
             if RESIDUAL:
                 y += tl.load(r_pix + offs_c[None, :] * r_sc, mask=ok, other=0.0).to(tl.float32)
-            tl.store(y_pix + offs_c[None, :] * y_sc, y.to(y_ptr.dtype.element_ty), mask=ok)
+            out = y.to(y_ptr.dtype.element_ty)
+            tl.store(y_pix + offs_c[None, :] * y_sc, out, mask=ok)
+            if STATS:
+                store_tile_moments(out.to(tl.float32), p_ok, offs_c, c_ok, mean_ptr, m2_ptr,
+                                   stats_row, STATS_FIRST, Q + P)
     else:
         offs_n = (pid_n - 1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < P
@@ -178,7 +189,11 @@ def _apply_kernel(
         out_c = Q + offs_n[None, :]
         if RESIDUAL:
             acc += tl.load(r_pix + out_c * r_sc, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_pix + out_c * y_sc, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        out = acc.to(y_ptr.dtype.element_ty)
+        tl.store(y_pix + out_c * y_sc, out, mask=ok)
+        if STATS:
+            store_tile_moments(out.to(tl.float32), p_ok, Q + offs_n, n_ok, mean_ptr, m2_ptr,
+                               stats_row, STATS_FIRST, Q + P)
 
 
 @triton.jit
@@ -497,14 +512,18 @@ def apply(m: torch.Tensor, gate_weight: torch.Tensor, z: Optional[torch.Tensor],
           conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor], y: torch.Tensor,
           bn_c: Tuple[torch.Tensor, ...], c_eps: float,
           bn_d: Optional[Tuple[torch.Tensor, ...]], d_eps: float,
-          residual: Optional[torch.Tensor]) -> torch.Tensor:
+          residual: Optional[torch.Tensor],
+          statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+          stats_first: int = 0) -> torch.Tensor:
     """y = [BN_c(Ma * hsig(z)) | conv1x1(BN_d(Mb)) + bias] (+ residual) in one launch.
 
     m, y, residual: (B, C, H, W), any flattenable strides; gate_weight: (Q,) contiguous;
     conv_weight: (P, P) [out, in], any strides; conv_bias: (P,) or None; bn_c: (mean, var,
     weight, bias), fp32 (Q,) each; bn_d: the same over P, or None (folded into the conv).
     ``z``: (B, H*W) fp32 from :func:`gate_stats` (training), or None: computed here, and
-    returned either way.
+    returned either way. ``statistics``: (mean, m2), each (B, :func:`statistics_chunks`,
+    C - ``stats_first``) fp32 contiguous, filled with the mean and sum of squared deviations of
+    y[:, stats_first:] (as stored) per pixel tile, or None.
     """
     b, c, h, w = m.shape
     p = conv_weight.shape[0]
@@ -514,16 +533,25 @@ def apply(m: torch.Tensor, gate_weight: torch.Tensor, z: Optional[torch.Tensor],
         z = torch.empty((b, h * w), device=m.device, dtype=torch.float32)
     block_p, block_c, block_k, block_n, warps = _apply_blocks(q, p)
     residual_arg = y if residual is None else residual  # (not read without RESIDUAL)
+    mean, m2 = statistics if statistics is not None else (z, z)  # (not written without STATS)
     grid = (triton.cdiv(h * w, block_p), b, 1 + triton.cdiv(p, block_n))
     _apply_kernel[grid](
         m, gate_weight, z, conv_weight, conv_weight if conv_bias is None else conv_bias,
-        *bn_c, *(bn_c if bn_d is None else bn_d), residual_arg, y, c_eps, d_eps, q, p, h * w,
-        *_strides(m), *_strides(residual_arg), *_strides(y), conv_weight.stride(0),
+        *bn_c, *(bn_c if bn_d is None else bn_d), residual_arg, y, mean, m2, c_eps, d_eps, q, p,
+        h * w, stats_first, *_strides(m), *_strides(residual_arg), *_strides(y),
+        conv_weight.stride(0),
         conv_weight.stride(1), BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
         BLOCK_N=block_n, COMPUTE_Z=compute_z, HAS_BN_D=bn_d is not None,
         HAS_BIAS=conv_bias is not None, RESIDUAL=residual is not None,
-        UPCAST=upcast_dot(m.dtype), num_warps=warps)
+        STATS=statistics is not None, UPCAST=upcast_dot(m.dtype), num_warps=warps)
     return z
+
+
+def statistics_chunks(pixels: int) -> int:
+    """T, the pixel tiles of :func:`apply` on a map of ``pixels`` = H * W: the chunks of the
+    statistics it takes (BLOCK_P pixels each, a power of two, as
+    :func:`patnet_kernels._types.chunk_pixels` assumes)."""
+    return triton.cdiv(pixels, _apply_blocks(0, 0)[0])
 
 
 def gate_grad_reduce(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
@@ -645,21 +673,23 @@ def aot_kernels() -> List[AotKernel]:
                                "m2_ptr": f32}), dict(gate), num_warps=gate_warps,
             launches=activation_launches("m", pixel="sp")))
         fn = _apply_kernel
-        # (COMPUTE_Z, HAS_BN_D, HAS_BIAS, RESIDUAL) of the models' calls: the inference copy's
-        # (BN_d folded into the conv, the block's residual), eval's and training's.
-        for compute_z, bn_d, bias, residual in ((True, False, True, True),
-                                                (True, True, False, False),
-                                                (False, True, False, False)):
+        # (COMPUTE_Z, HAS_BN_D, HAS_BIAS, RESIDUAL, STATS) of the models' calls: the inference
+        # copy's (BN_d folded into the conv, the block's residual, the statistics for the next
+        # PAT_ch block or none after the stage's last), eval's and training's.
+        for compute_z, bn_d, bias, residual, stats in ((True, False, True, True, True),
+                                                       (True, False, True, True, False),
+                                                       (True, True, False, False, False),
+                                                       (False, True, False, False, False)):
             kernels.append(AotKernel(
                 f"sa_apply[{tname}, compute_z={compute_z}, bn_d={bn_d}, bias={bias}, "
-                f"residual={residual}]", fn,
+                f"residual={residual}, stats={stats}]", fn,
                 aot_signature(fn, dict({name: f32 for name in (
                     "z_ptr", "cm_ptr", "cv_ptr", "cw_ptr", "cb_ptr", "dm_ptr", "dv_ptr",
-                    "dw_ptr", "db_ptr")}, m_ptr=ptr, g_ptr=ptr, w_ptr=ptr, bias_ptr=ptr,
-                    r_ptr=ptr, y_ptr=ptr), {"c_eps": "fp32", "d_eps": "fp32"}),
+                    "dw_ptr", "db_ptr", "mean_ptr", "m2_ptr")}, m_ptr=ptr, g_ptr=ptr, w_ptr=ptr,
+                    bias_ptr=ptr, r_ptr=ptr, y_ptr=ptr), {"c_eps": "fp32", "d_eps": "fp32"}),
                 dict(BLOCK_P=apply_p, BLOCK_C=apply_c, BLOCK_K=apply_k, BLOCK_N=apply_n,
                      COMPUTE_Z=compute_z, HAS_BN_D=bn_d, HAS_BIAS=bias, RESIDUAL=residual,
-                     UPCAST=upcast), num_warps=apply_warps,
+                     STATS=stats, UPCAST=upcast), num_warps=apply_warps,
                 launches=activation_launches("m", "r", "y", pixel="sp", conv=("w_si",))))
         fn = _gate_grad_reduce_kernel
         kernels.append(AotKernel(

@@ -37,8 +37,8 @@ def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Opt
              c_running_mean: Optional[Tensor], c_running_var: Optional[Tensor], c_eps: float,
              d_weight: Optional[Tensor], d_bias: Optional[Tensor],
              d_running_mean: Optional[Tensor], d_running_var: Optional[Tensor], d_eps: float,
-             has_bn_d: bool, training: bool, residual: Optional[Tensor]
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             has_bn_d: bool, training: bool, residual: Optional[Tensor], stats_first: int
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     y = empty_activation(m, m.shape)
     m = _flat_pixels(m)
     p = conv_weight.shape[0]
@@ -57,9 +57,20 @@ def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Opt
     bn_c = c_moments + (_vector(c_weight, 1.0, q, m), _vector(c_bias, 0.0, q, m))
     bn_d = (d_moments + (_vector(d_weight, 1.0, p, m), _vector(d_bias, 0.0, p, m))
             if has_bn_d else None)
+    mean, m2 = spec.statistics_buffers(m, stats_first,
+                                       kernels.statistics_chunks(m.shape[2] * m.shape[3]))
     z = kernels.apply(m, gate, z, conv_weight.reshape(p, p), conv_bias, y, bn_c, c_eps, bn_d,
-                      d_eps, None if residual is None else _flat_pixels(residual))
-    return y, z, c_stats, d_stats
+                      d_eps, None if residual is None else _flat_pixels(residual),
+                      (mean, m2) if stats_first >= 0 else None, stats_first)
+    return y, z, c_stats, d_stats, mean, m2
+
+
+@_forward.register_fake
+def _forward_fake(m, gate_weight, conv_weight, conv_bias, c_weight, c_bias, c_running_mean,
+                  c_running_var, c_eps, d_weight, d_bias, d_running_mean, d_running_var, d_eps,
+                  has_bn_d, training, residual, stats_first):
+    chunks = kernels.statistics_chunks(m.shape[2] * m.shape[3])
+    return spec.forward_fake(m, conv_weight, has_bn_d, training, stats_first, chunks)
 
 
 @torch.library.custom_op("patnet_triton::spatial_attention_backward", mutates_args=())
