@@ -70,7 +70,8 @@ BUILD_FILES = ("tests/test_cuda_backend.py", "tests/test_triton_backend.py",
                "tests/test_functional_errors.py")
 OP_FILES = ("tests/test_fused_partial_conv.py", "tests/test_fused_channel_attention.py",
             "tests/test_fused_rpe_attention.py", "tests/test_fused_self_mixer.py",
-            "tests/test_fused_spatial_attention.py", "tests/test_cuda_vs_triton.py")
+            "tests/test_fused_spatial_attention.py", "tests/test_fused_batch_norm_act.py",
+            "tests/test_cuda_vs_triton.py")
 MODEL_FILES = ("tests/test_fused_models.py", "tests/test_fused_amp.py", "tests/test_inference.py",
                "tests/test_sync_batchnorm.py", "tests/test_authors_reference.py",
                "tests/test_ddp.py")

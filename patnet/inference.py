@@ -43,18 +43,9 @@ from patnet_kernels.triton.partial_conv import tap_major
 
 from .cuda_graph import GraphedModel, check_example_input
 from .fuse import fuse_for_inference
-from .layers import BasicStage, FasterNetBlock, PATChannelMixer, PATNetBlock, bn_params
+from .layers import (MLP, BasicStage, FasterNetBlock, PATChannelMixer, PATNetBlock,
+                     activation_name, bn_params)
 from .model import set_backend
-
-def _activation_name(module: nn.Module) -> str:
-    """The name pk.pointwise_mlp gives the MLP's activation module (the models' two)."""
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, nn.GELU) and module.approximate == "none":
-        return "gelu"
-    raise ValueError(f"the MLP's activation {module} has no fused form (ReLU and the exact "
-                     "GELU have); run the model without optimize_for_inference")
-
 
 # The backends under which the MLP runs as the fused op (the others have no kernel for it).
 _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
@@ -64,14 +55,16 @@ _BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
 
 def _spatial_then_residual(spatial, y: torch.Tensor, residual: Optional[torch.Tensor],
                            statistics_of: Optional[int] = None):
-    """PAT_sp's module on the MLP's output, the block's residual (if any) added by its op (on
-    Triton in its one kernel); with ``statistics_of`` = C1 the pair (y, the statistics of
-    y[:, C1:] for the next PAT_ch block, taken by the same kernel on Triton)."""
+    """PAT_sp's module (if any) on the MLP's output, the block's residual (if any) added by its
+    op (on Triton in its one kernel); with ``statistics_of`` = C1 the pair (y, the statistics
+    of y[:, C1:] for the next PAT_ch block, taken by the same kernel on Triton)."""
+    if not spatial:
+        return y if residual is None else y.add_(residual)
     (module,) = spatial
     return module(y, residual=residual, statistics_of=statistics_of)
 
 
-class InferenceMLP(nn.Sequential):
+class InferenceMLP(MLP):
     """The folded MLP [conv1x1 + bias, Identity (its folded BN), act, conv1x1[, PAT_sp]] as one
     op, ``pk.pointwise_mlp``, with the block's residual added in its epilogue (after PAT_sp
     where there is one). Same children, so the same state_dict keys. Under a backend with no
@@ -87,7 +80,7 @@ class InferenceMLP(nn.Sequential):
             y = pk.pointwise_mlp(
                 x, first.weight, first.bias, second.weight, second.bias,
                 residual=None if spatial else residual,
-                activation=_activation_name(activation), backend=self.backend)
+                activation=activation_name(activation), backend=self.backend)
             if not spatial:
                 return y
         return _spatial_then_residual(spatial, y, residual)
@@ -117,7 +110,7 @@ class InferenceMLP(nn.Sequential):
                         statistics=statistics,
                         return_statistics=return_statistics and not spatial)
         y = pk.partial_block(x, mixer.partial_conv3.weight, first.weight, first.bias,
-                             second.weight, second.bias, activation=_activation_name(activation),
+                             second.weight, second.bias, activation=activation_name(activation),
                              residual=not spatial, backend=self.backend, **gate)
         if not spatial:
             return y  # (with return_statistics, already the pair (y, statistics))

@@ -323,14 +323,52 @@ class PartialSpatialAttention(nn.Module):
         return torch.cat([self.norm(ma * s), self.conv(self.norm2(mb))], dim=1)
 
 
-def make_mlp(dim: int, mlp_ratio: float, act_layer: str, spatial_attn: bool,
-             backend: str) -> nn.Sequential:
+def activation_name(module: nn.Module) -> str:
+    """The name the fused ops give the MLP's activation module (the models' two)."""
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.GELU) and module.approximate == "none":
+        return "gelu"
+    raise ValueError(f"the MLP's activation {module} has no fused form (ReLU and the exact "
+                     "GELU have); run the model with backend='torch'")
+
+
+# The backends under which the MLP's BatchNorm and activation run as one op
+# (pk.batch_norm_act; "auto" decides per call); under the others its modules run one by one.
+_BN_ACT_BACKENDS = ("auto",) + pk.registry.OPS["batch_norm_act"].backends
+
+
+class MLP(nn.Sequential):
     """conv1x1 C -> hidden, BN, act, conv1x1 hidden -> C[, PAT_sp] (indices 0..4 as the authors).
 
-    A ReLU runs in place on the BatchNorm's output, as the authors' ``nn.ReLU(inplace=True)``
-    (no second hidden-width tensor per block; autograd keeps what it needs: BatchNorm's backward
-    reads its input, ReLU's its output). GELU has no in-place form.
+    The BatchNorm and the activation run as one op, ``pk.batch_norm_act`` (its output written
+    once, the BN's never), under "auto" and the backends with a kernel for it; under the others
+    (``torch``: the authors' modules one by one), with a SyncBatchNorm syncing over several
+    ranks, or once the BN is folded, the modules run in order. There a ReLU runs in place on
+    the BatchNorm's output, as the authors' ``nn.ReLU(inplace=True)`` (no second hidden-width
+    tensor per block; autograd keeps what it needs: BatchNorm's backward reads its input,
+    ReLU's its output). GELU has no in-place form.
     """
+
+    backend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, norm, activation, second, *spatial = self
+        if (self.backend not in _BN_ACT_BACKENDS or isinstance(norm, nn.Identity)
+                or syncs_statistics(self.training, norm)):
+            return super().forward(x)
+        y = second(pk.batch_norm_act(first(x), bn_params(norm, self.training),
+                                     activation_name(activation), training=self.training,
+                                     backend=self.backend))
+        count_batches(self.training, norm)
+        for module in spatial:
+            y = module(y)
+        return y
+
+
+def make_mlp(dim: int, mlp_ratio: float, act_layer: str, spatial_attn: bool,
+             backend: str) -> MLP:
+    """The block's :class:`MLP` on ``backend``."""
     hidden = int(dim * mlp_ratio)
     layers: List[nn.Module] = [
         nn.Conv2d(dim, hidden, 1, bias=False),
@@ -340,7 +378,9 @@ def make_mlp(dim: int, mlp_ratio: float, act_layer: str, spatial_attn: bool,
     ]
     if spatial_attn:
         layers.append(PartialSpatialAttention(dim, backend))
-    return nn.Sequential(*layers)
+    mlp = MLP(*layers)
+    mlp.backend = backend
+    return mlp
 
 
 class FasterNetBlock(nn.Module):

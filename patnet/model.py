@@ -365,10 +365,18 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Switch every fused layer of ``model`` to ``backend``; returns the model."""
+    """Switch every fused layer of ``model`` to ``backend``; returns the model. Refused (the
+    model unchanged) where a layer would call an op the backend has no kernel for; a layer
+    that composes other ops where the backend lacks its fused one (the MLP's) is served."""
     check_backend_usable(backend)
-    _check_ops_served(model, backend)
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = backend
+    layers = [module for module in model.modules() if hasattr(module, "backend")]
+    previous = [module.backend for module in layers]
+    for module in layers:
+        module.backend = backend
+    try:  # (the calls the layers make under the new backend)
+        _check_ops_served(model, backend)
+    except BackendUnavailableError:
+        for module, name in zip(layers, previous):
+            module.backend = name
+        raise
     return model

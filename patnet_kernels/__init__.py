@@ -22,14 +22,15 @@ from ._types import BatchNormParams
 from .backends import (BACKENDS, OPS, BackendUnavailableError, backend_plan, check_backend_name,
                        check_backend_usable, choose_backend, info, recording_calls,
                        resolve_backend)
-from .functional import (channel_attention, partial_block, partial_conv3x3, pointwise_mlp,
-                         rpe_attention, rpe_buckets, self_mixer_output, spatial_attention)
+from .functional import (batch_norm_act, channel_attention, partial_block, partial_conv3x3,
+                         pointwise_mlp, rpe_attention, rpe_buckets, self_mixer_output,
+                         spatial_attention)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "OPS", "BackendUnavailableError", "BatchNormParams", "backend_plan",
-    "channel_attention", "check_backend_name", "check_backend_usable", "choose_backend", "info",
+    "batch_norm_act", "channel_attention", "check_backend_name", "check_backend_usable", "choose_backend", "info",
     "partial_block", "partial_conv3x3", "pointwise_mlp", "recording_calls", "registry",
     "resolve_backend", "rpe_attention", "rpe_buckets", "self_mixer_output", "spatial_attention",
 ]

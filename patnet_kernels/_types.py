@@ -20,6 +20,19 @@ def chunk_pixels(pixels: int, chunks: int) -> int:
     return 1 << max(0, need - 1).bit_length()
 
 
+def pixel_stride(t: torch.Tensor) -> Optional[int]:
+    """The one stride of the flattened pixel index h * W + w of a (B, C, H, W) tensor (NCHW,
+    channels_last, channel slices of either), or None when its (h, w) strides do not flatten
+    (no layout PyTorch makes; a crop of H or W does)."""
+    _, _, h, w = t.shape
+    _, _, sh, sw = t.stride()
+    if h == 1:
+        return sw
+    if w == 1:
+        return sh
+    return sw if sh == w * sw else None
+
+
 class BatchNormParams(NamedTuple):
     """The tensors and settings of one ``BatchNorm2d`` over C channels, passed to a fused op.
 

@@ -179,6 +179,31 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
         m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training, residual, statistics_of)
 
 
+@autocast_aware
+def batch_norm_act(x: torch.Tensor, bn: BatchNormParams, activation: str = "relu", *,
+                   training: bool = False, backend: str = "auto") -> torch.Tensor:
+    """act(BatchNorm(x)): the block MLP's BatchNorm and activation (between its 1x1 convs) as
+    one op, the BN's output never written (the Triton backward recomputes it from x).
+
+    x: (B, C, H, W); bn over C channels (in training its batch statistics, the running ones
+    updated as ``F.batch_norm`` does); activation: "relu" or "gelu" (exact, erf). Returns a
+    new (B, C, H, W) tensor in x's memory format.
+    """
+    check_activation("x", x)
+    check_batch_norm("bn", bn, x.shape[1], x, training)
+    _check_activation_name(activation)
+    if training:
+        b, c, h, w = x.shape
+        check_batch_values(b * h * w, (b, c, h, w))
+    return choose_implementation("batch_norm_act", backend, x)(x, bn, activation, training)
+
+
+def _check_activation_name(activation: str) -> None:
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}, got "
+                         f"{activation!r}")
+
+
 # (height, width, device) -> bucket ids; and, by id() of those tensors, their (min, max), known
 # when they are made so that validating them later costs no device synchronisation.
 _BUCKET_CACHE: Dict[tuple, torch.Tensor] = {}
@@ -380,9 +405,7 @@ def _check_mlp(x, w1, b1, w2, b2, residual, activation) -> None:
         check_activation("residual", residual)
         check_shape("residual", residual, (b, c_out, h, w), "the MLP's output shape")
     check_same("x", x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
-    if activation not in MLP_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}, got "
-                         f"{activation!r}")
+    _check_activation_name(activation)
 
 
 @autocast_aware

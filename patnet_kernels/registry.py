@@ -68,6 +68,8 @@ OPS: Dict[str, Op] = {op.name: op for op in (
        ("triton", "cuda"), eval_form=True),
     Op("spatial_attention", "PAT_sp", "map", "spatial_attention", "spatial_attention",
        ("triton",)),
+    Op("batch_norm_act", "the block MLP's BatchNorm and activation", "map", "batch_norm_act",
+       "batch_norm_act", ("triton",)),
     Op("rpe_attention", "PAT_sf's attention", "heads", "rpe_attention", "rpe_attention",
        ("triton", "cuda"), eval_form=True),
     # (its kernels: the conv of partial_conv and a batched GEMM)

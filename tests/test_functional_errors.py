@@ -320,6 +320,25 @@ def test_sa_dtype_and_device_mismatch(name):
 
 
 # --------------------------------------------------------------------------------------------
+# batch_norm_act
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change,error,match", [
+    (dict(activation="silu"), ValueError, r"activation must be one of relu, gelu, got 'silu'"),
+    (dict(bn=make_bn(5)), ValueError, r"bn\.weight must have shape \(6,\)"),
+    (dict(x=torch.zeros(2, 6, 3)), ValueError, r"x must be \(B, C, H, W\)"),
+    (dict(x=torch.zeros(2, 6, 3, 3)), TypeError,
+     r"bn.weight is torch.float64 but the input is torch.float32"),
+], ids=["activation", "bn_channels", "dims", "dtype"])
+def test_bn_act_bad_arguments_change_nothing(change, error, match):
+    args = dict(x=torch.randn(2, 6, 3, 3, dtype=F64), bn=make_bn(6), activation="relu")
+    args.update(change)
+    before = snapshot(args["bn"])
+    with pytest.raises(error, match=match):
+        pk.batch_norm_act(args["x"], args["bn"], args["activation"], training=True)
+    assert_unchanged(before, args["bn"])
+
+
+# --------------------------------------------------------------------------------------------
 # checks shared by channel_attention and spatial_attention (the two ops that carry BatchNorms)
 # --------------------------------------------------------------------------------------------
 BN_OPS = {
@@ -539,6 +558,8 @@ def _calls():
         "rpe_attention": lambda backend: call_rpe(rpe_args(), backend=backend),
         "pointwise_mlp": lambda backend: pk.pointwise_mlp(x, *mlp, residual=x, backend=backend),
         "partial_block": lambda backend: pk.partial_block(x, w, *mlp, backend=backend),
+        "batch_norm_act": lambda backend: pk.batch_norm_act(x, make_bn(x.shape[1], 3),
+                                                            backend=backend),
     }, x
 
 
@@ -551,7 +572,7 @@ def _mlp_weights(c: int):
 
 
 OPS = ["partial_conv3x3", "partial_conv3x3_inplace", "channel_attention", "spatial_attention",
-       "rpe_attention", "pointwise_mlp", "partial_block"]
+       "rpe_attention", "pointwise_mlp", "partial_block", "batch_norm_act"]
 
 
 @pytest.mark.parametrize("op", OPS)

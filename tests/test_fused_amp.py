@@ -182,6 +182,10 @@ def _op_case(op: str, gen: torch.Generator):
         return (lambda t, bns, training, backend: pk.spatial_attention(
             t[0], t[1], t[2], None, bns[0], bns[1], training=training, backend=backend)), \
             tensors, [_bn(6, gen), _bn(6, gen)]
+    if op == "batch_norm_act":
+        return (lambda t, bns, training, backend: pk.batch_norm_act(
+            t[0], bns[0], "gelu", training=training, backend=backend)), \
+            [randn(3, 12, 5, 6)], [_bn(12, gen)]
     if op == "rpe_attention":
         bucket = pk.rpe_buckets(2, 3, DEVICE)
         tensors = [randn(2, 2, 6, 8), randn(2, 2, 6, 8), randn(2, 2, 6, 8), randn(2, 81)]
@@ -232,7 +236,7 @@ def _call(fn, tensors, bns, training, backend, dtype, under_autocast, grad=True)
     return y.detach(), [t.grad for t in leaves], state
 
 
-BN_OPS = ("channel_attention", "spatial_attention")
+BN_OPS = ("channel_attention", "spatial_attention", "batch_norm_act")
 
 
 # Every op of every backend that has kernels for it (patnet_kernels.registry).

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import patnet
-from patnet.layers import PartialSpatialAttention
+from patnet.layers import MLP, PartialSpatialAttention
 from patnet.testing import randomize_norms
 from patnet_kernels import BackendUnavailableError
 
@@ -38,7 +38,8 @@ SMALL = dict(drop_path_rate=0.0)
 # One ReLU kink: in this case one pre-activation of stage 1's MLP is 3.3e-7 (float64) and the
 # CUDA kernels' float32 rounding (as accurate as the reference's: PAT_ch output 5e-7) makes it
 # -1.6e-7, so ReLU drops its gradient: input gradient 4.5e-4 off, over the authors' 2e-5 budget.
-# Which fp32 implementation meets a kink is chance (Triton's and torch's do not here).
+# Which fp32 implementation meets a kink is chance: torch's does not here; Triton's does since
+# its MLP computes BN + ReLU in one kernel (pk.batch_norm_act: the same 4.5e-4).
 RELU_KINK = ("a ReLU sign flip at a pre-activation of 3e-7 in fp32 (rounding, not a kernel "
              "error) puts the input gradient over the authors' fp32 budget")
 
@@ -75,11 +76,17 @@ def _relu_pieces(model: nn.Module, masks: dict, record: bool):
     measures rounding only.
     """
     handles, patched = [], []
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if not isinstance(module, nn.ReLU):
             continue
         if record:
-            handles.append(module.register_forward_pre_hook(
+            # (an MLP's ReLU runs inside pk.batch_norm_act on the fused backends: its pattern
+            # is that of the next conv's input, act(Z) > 0 where Z > 0)
+            parent, _, index = name.rpartition(".")
+            watched = (modules[parent][int(index) + 1] if isinstance(modules.get(parent), MLP)
+                       else module)
+            handles.append(watched.register_forward_pre_hook(
                 lambda _, args, name=name: masks.__setitem__(name, args[0].detach() > 0)))
         else:
             module.forward = lambda x, mask=masks[name]: x * mask.to(x.dtype)
@@ -207,7 +214,7 @@ def test_fused_model_reproduces_authors_vectors(vectors, name, mode, fused_backe
     model = build(case, mode, torch.float32)
     if _refused(fused_backend, model, lambda: patnet.set_backend(model, fused_backend)):
         return
-    if (fused_backend, name, mode) == ("cuda", "patnet_tiny_relu_224", "train"):
+    if (name, mode) == ("patnet_tiny_relu_224", "train"):
         request.applymarker(pytest.mark.xfail(strict=False, reason=RELU_KINK))
     model = patnet.set_backend(model, fused_backend).to(DEVICE)
     check_against_authors(model, case, mode, torch.float32, DEVICE)

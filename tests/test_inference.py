@@ -207,23 +207,29 @@ def test_eval_forms_run_only_where_asked_and_applicable(monkeypatch):
 def test_backend_plan_names_each_op_and_is_logged(caplog):
     model = patnet.create_model("patnet_t1", embed_dim=16, depths=(1, 1, 1, 1)).eval()
     plan = model.backend_plan()
-    assert plan == {"channel_attention": "torch", "spatial_attention": "torch",
-                    "rpe_attention": "torch", "self_mixer_output": "torch"}
-    assert patnet.create_model("fasternet_t0").backend_plan() == {"partial_conv3x3": "torch"}
+    assert plan == {"channel_attention": "torch", "batch_norm_act": "torch",
+                    "spatial_attention": "torch", "rpe_attention": "torch",
+                    "self_mixer_output": "torch"}
+    assert patnet.create_model("fasternet_t0").backend_plan() == {"partial_conv3x3": "torch",
+                                                                   "batch_norm_act": "torch"}
     with caplog.at_level(logging.INFO, logger="patnet"):
         model(torch.randn(1, 3, 32, 32))
         model(torch.randn(1, 3, 32, 32))
     lines = [r.getMessage() for r in caplog.records if r.name == "patnet"]
-    assert lines == ["PATNet on cpu runs channel_attention -> torch, spatial_attention -> "
-                     "torch, rpe_attention -> torch, self_mixer_output -> torch"]
+    assert lines == ["PATNet on cpu runs channel_attention -> torch, batch_norm_act -> torch, "
+                     "spatial_attention -> torch, rpe_attention -> torch, self_mixer_output -> "
+                     "torch"]
 
 
 def test_backend_plan_of_fused_backends(fused_backend):
     options = dict(embed_dim=16, depths=(1, 1, 1, 1))
     plan = patnet.create_model("patnet_t0", backend=fused_backend, **options).backend_plan(
         DEVICE)
-    assert plan == {op: fused_backend for op in ("channel_attention", "rpe_attention",
-                                                 "self_mixer_output")}
+    # (the MLP's BatchNorm + activation: one op where the backend has it, else its modules)
+    ops = ("channel_attention", "rpe_attention", "self_mixer_output") + (
+        ("batch_norm_act",) if fused_backend in pk.registry.OPS["batch_norm_act"].backends
+        else ())
+    assert plan == {op: fused_backend for op in ops}
 
 
 def test_cuda_graph_needs_a_cuda_example_input():

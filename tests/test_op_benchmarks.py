@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import patnet_kernels as pk
-from benchmarks import bench_channel_attention, bench_partial_conv, bench_rpe_attention
-from benchmarks import bench_partial_block, bench_pointwise_mlp, bench_spatial_attention, op_cli
+from benchmarks import bench_batch_norm_act, bench_channel_attention, bench_partial_conv
+from benchmarks import bench_partial_block, bench_pointwise_mlp, bench_rpe_attention
+from benchmarks import bench_spatial_attention, op_cli
 from benchmarks.op_cases import run_case
 from benchmarks.op_family import MODES
 from benchmarks.op_tables import check_targets
@@ -32,6 +33,7 @@ SCRIPTS = {
     # batch 1 too: training PAT_ch needs a batch of 2, so fwd+bwd at batch 1 must read "n/a"
     "channel_attention": (bench_channel_attention, ["--batches", "1,2"]),
     "spatial_attention": (bench_spatial_attention, []),
+    "batch_norm_act": (bench_batch_norm_act, []),
     # two shapes (7 x 7 at batch 2, 5 x 9 at batch 1: batches per shape); flex skipped
     "rpe_attention": (bench_rpe_attention, []),
     "pointwise_mlp": (bench_pointwise_mlp, []),  # (fwd only: an inference op)

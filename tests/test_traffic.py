@@ -172,12 +172,17 @@ def test_autocast_inference_path(name):
 
 
 # One training step (forward and backward, train mode, fp32) at 64 x 64: kernels (exact).
-# PATNet-T2's Triton step was 1732 kernels (2.28x eager) before PAT_ch's gate ran as kernels.
-PINNED_TRAIN = {"patnet_t2": dict(eager=758, triton=496),
-                "fasternet_t2": dict(eager=299, triton=286)}
-# The most activation bytes of the Triton step, as a fraction of eager's (measured: 0.765 and
-# 0.931; PATNet-T2's was 0.94 while PAT_sf's projection gradient summed per-sample products).
-TRAIN_BYTES_VS_EAGER = {"patnet_t2": 0.77, "fasternet_t2": 0.935}
+# PATNet-T2's Triton step was 1732 kernels (2.28x eager) before PAT_ch's gate ran as kernels;
+# the MLP's BatchNorm + activation as one op (pk.batch_norm_act) takes 8 launches per block
+# (forward: statistics, their merge, the output, the running statistics' two; backward: the
+# sums, their reduction, dX) where eager takes 4 (496 -> 552, FasterNet-T2 286 -> 338), for a
+# sixth fewer bytes.
+PINNED_TRAIN = {"patnet_t2": dict(eager=758, triton=552),
+                "fasternet_t2": dict(eager=299, triton=338)}
+# The most activation bytes of the Triton step, as a fraction of eager's (measured: 0.645 and
+# 0.762; PATNet-T2's was 0.94 while PAT_sf's projection gradient summed per-sample products,
+# 0.765 before the MLP's BatchNorm + activation ran as one op).
+TRAIN_BYTES_VS_EAGER = {"patnet_t2": 0.65, "fasternet_t2": 0.77}
 
 
 @pytest.mark.parametrize("name", sorted(PINNED_TRAIN))

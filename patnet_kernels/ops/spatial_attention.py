@@ -24,8 +24,9 @@ The ops, each with a fake so torch.compile traces through them:
   the BN_d gradients are empty (0,) without BN_d.
 
 Passes over M: training forward 2 (statistics of U = Ma * s and of Mb; then both halves of Y),
-eval forward 1 (one kernel, and no torch op with BN_d folded); training backward 2 per half (a reduction, then dM), eval backward: 1 for the
-Ma half, 2 for the Mb half (the conv weight gradient, then dMb).
+eval forward 1 (one kernel, and no torch op with BN_d folded); training backward 2 per half (a
+reduction, then dM), eval backward: 1 for the Ma half, 2 for the Mb half (the conv weight
+gradient, then dMb).
 
 The autograd Function is made by :func:`make_functions` over a ``torch.ops`` namespace, so that
 another backend registering the same schemas reuses it.
@@ -108,10 +109,13 @@ def make_functions(ops):
             ctx.c_eps, ctx.d_eps = c_eps, d_eps
             ctx.has_bn_d, ctx.training = has_bn_d, training
             ctx.mark_non_differentiable(c_stats, d_stats, mean, m2)
+            ctx.set_materialize_grads(False)  # (no zero gradients made for the statistics)
             return y, c_stats, d_stats, mean, m2
 
         @staticmethod
         def backward(ctx, grad_y, *_):  # (the statistics' gradients: none)
+            if grad_y is None:
+                return (None,) * 18
             m, z, gate_weight, conv_weight, c_weight, d_weight, d_bias, *moments = \
                 ctx.saved_tensors
             if ctx.training:

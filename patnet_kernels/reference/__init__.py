@@ -5,6 +5,7 @@ float64 run reproduces the authors' float64 vectors to rounding. They do not val
 inputs: the functional API in :mod:`patnet_kernels` does that once for every backend.
 """
 from .batch_norm import batch_norm
+from .batch_norm_act import batch_norm_act
 from .channel_attention import channel_attention, channel_statistics
 from .partial_block import partial_block
 from .partial_conv import partial_conv3x3
@@ -14,7 +15,7 @@ from .self_mixer import self_mixer_output
 from .spatial_attention import spatial_attention
 
 __all__ = [
-    "ALPHA", "BETA", "GAMMA", "NUM_BUCKETS", "batch_norm", "channel_attention",
+    "ALPHA", "BETA", "GAMMA", "NUM_BUCKETS", "batch_norm", "batch_norm_act", "channel_attention",
     "channel_statistics", "compute_rpe_buckets", "partial_block", "partial_conv3x3",
     "pointwise_mlp", "rpe_attention", "self_mixer_output", "spatial_attention",
 ]

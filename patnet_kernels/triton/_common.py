@@ -172,3 +172,14 @@ def store_tile_moments(v, p_ok, offs_c, c_ok, mean_ptr, m2_ptr, row, FIRST, C):
     at = row * (C - FIRST) + offs_c - FIRST
     tl.store(mean_ptr + at, mean, mask=keep)
     tl.store(m2_ptr + at, m2, mask=keep)
+
+
+def pixel_strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    """(batch, channel, pixel) strides of a (B, C, H, W) tensor whose (h, w) flatten to one
+    pixel stride (see :func:`patnet_kernels._types.pixel_stride`; the ops copy others first)."""
+    from .._types import pixel_stride  # (here: an import above would move every jit helper)
+    sp = pixel_stride(t)
+    if sp is None:
+        raise ValueError(f"the pixels of a tensor with strides {t.stride()} do not flatten to "
+                         "one stride; copy it to NCHW or channels_last first")
+    return t.stride(0), t.stride(1), sp

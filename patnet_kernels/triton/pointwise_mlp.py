@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, dot, upcast_dot)
+                      block, dot, pixel_strides, upcast_dot)
 from .partial_conv import conv3x3_tile
 
 # The activation constexpr of the kernel, by the reference's name.
@@ -192,11 +192,6 @@ def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_chann
     return triton.cdiv(x.shape[2] * x.shape[3], config.block_p)
 
 
-def _pixel_strides(t: torch.Tensor):
-    """(sample, channel, pixel) strides of a (B, C, H, W) tensor whose H and W merge."""
-    return t.stride(0), t.stride(1), t.stride(3)
-
-
 def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   w2: torch.Tensor, b2: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   activation: str, y: torch.Tensor, conv_taps: Optional[torch.Tensor] = None,
@@ -232,7 +227,7 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
         w2, b2 if b2 is not None else unused, r, y, stats_mean, stats_m2, c, c_head, hidden,
         c_out, stats_first, h * w, w,
-        *_pixel_strides(x), *_pixel_strides(r), *_pixel_strides(y),
+        *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
         ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=scale is not None,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
         CONV_HEAD=conv_taps is not None, STATS=statistics is not None, BLOCK_P=config.block_p, BLOCK_K=config.block_k,

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, dot, hardsigmoid, hardsigmoid_grad, store_tile_moments,
-                      upcast_dot)
+                      block, dot, hardsigmoid, hardsigmoid_grad, pixel_strides,
+                      store_tile_moments, upcast_dot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,27 +456,6 @@ def _wgrad_blocks(n: int, k: int, interpret: bool = INTERPRET) -> Tuple[int, int
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def pixel_stride(t: torch.Tensor) -> Optional[int]:
-    """The one stride of the flattened pixel index h * W + w of a (B, C, H, W) tensor, or None
-    when its (h, w) strides do not flatten (no layout PyTorch makes; a crop of H or W does)."""
-    _, _, h, w = t.shape
-    _, _, sh, sw = t.stride()
-    if h == 1:
-        return sw
-    if w == 1:
-        return sh
-    return sw if sh == w * sw else None
-
-
-def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
-    """(batch, channel, pixel) strides of a (B, C, H, W) tensor whose pixels flatten."""
-    sp = pixel_stride(t)
-    if sp is None:
-        raise ValueError(f"the pixels of a tensor with strides {t.stride()} do not flatten to "
-                         "one stride; copy it to NCHW or channels_last first")
-    return t.stride(0), t.stride(1), sp
-
-
 def _tile_counts(hw: int, block_p: int, device) -> torch.Tensor:
     """Pixels in each tile of a map of hw pixels, fp32 (TILES,)."""
     starts = torch.arange(0, hw, block_p, device=device, dtype=torch.float32)
@@ -498,7 +477,7 @@ def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool
     z = torch.empty((b, hw), device=m.device, dtype=torch.float32)
     part = torch.empty((2, b * tiles, cs), device=m.device, dtype=torch.float32)
     _gate_stats_kernel[(tiles, b)](
-        m, gate_weight, z, part[0], part[1], q, cs, hw, tiles, *_strides(m),
+        m, gate_weight, z, part[0], part[1], q, cs, hw, tiles, *pixel_strides(m),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     counts = _tile_counts(hw, block_p, m.device).repeat(b)[:, None]  # (B * TILES, 1)
     n = float(b * hw)
@@ -538,7 +517,7 @@ def apply(m: torch.Tensor, gate_weight: torch.Tensor, z: Optional[torch.Tensor],
     _apply_kernel[grid](
         m, gate_weight, z, conv_weight, conv_weight if conv_bias is None else conv_bias,
         *bn_c, *(bn_c if bn_d is None else bn_d), residual_arg, y, mean, m2, c_eps, d_eps, q, p,
-        h * w, stats_first, *_strides(m), *_strides(residual_arg), *_strides(y),
+        h * w, stats_first, *pixel_strides(m), *pixel_strides(residual_arg), *pixel_strides(y),
         conv_weight.stride(0),
         conv_weight.stride(1), BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
         BLOCK_N=block_n, COMPUTE_Z=compute_z, HAS_BN_D=bn_d is not None,
@@ -563,8 +542,8 @@ def gate_grad_reduce(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor, mea
     tiles = triton.cdiv(h * w, block_p)
     part = torch.empty((2, b * tiles, q), device=m.device, dtype=torch.float32)
     _gate_grad_reduce_kernel[(tiles, b)](
-        m, grad_y, z, mean, rstd, part[0], part[1], q, h * w, tiles, *_strides(m),
-        *_strides(grad_y), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+        m, grad_y, z, mean, rstd, part[0], part[1], q, h * w, tiles, *pixel_strides(m),
+        *pixel_strides(grad_y), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return part[0].sum(0), part[1].sum(0)
 
 
@@ -589,7 +568,7 @@ def gate_grad_apply(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor,
     sums = (part[0], part[0]) if train else (part[1], part[2])
     _gate_grad_apply_kernel[(tiles, b)](
         m, grad_y, z, gate_weight, grad_m, mean, rstd, a, k1, k2, part[0], *sums,
-        q, h * w, tiles, *_strides(m), *_strides(grad_y), *_strides(grad_m),
+        q, h * w, tiles, *pixel_strides(m), *pixel_strides(grad_y), *pixel_strides(grad_m),
         BLOCK_P=block_p, BLOCK_C=block_c, TRAIN=train, num_warps=warps)
     if train:
         return part[0].sum(0), None, None
@@ -615,8 +594,8 @@ def pointwise_gemm(a: torch.Tensor, weight_kn: torch.Tensor, out: torch.Tensor,
         x, em, ec = out, ea, ea  # not read
     grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(n, block_n))
     _pointwise_gemm_kernel[grid](
-        a, weight_kn, out, x, pm, ps, ph, ea, eb, em, ec, k, n, h * w, *_strides(a),
-        weight_kn.stride(0), weight_kn.stride(1), *_strides(out), *_strides(x),
+        a, weight_kn, out, x, pm, ps, ph, ea, eb, em, ec, k, n, h * w, *pixel_strides(a),
+        weight_kn.stride(0), weight_kn.stride(1), *pixel_strides(out), *pixel_strides(x),
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_N=block_n, EPI_X=epi_x,
         UPCAST=upcast_dot(a.dtype), num_warps=warps)
     return out
@@ -642,7 +621,8 @@ def pointwise_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, pm: torch.Tenso
     g = torch.empty((splits, n, k), device=x.device, dtype=torch.float32)
     bsum = torch.empty((splits, n), device=x.device, dtype=torch.float32)
     _pointwise_weight_grad_kernel[(splits, n_o, n_i)](
-        grad_y, x, pm, ps, g, bsum, b, n, k, h * w, tiles, *_strides(grad_y), *_strides(x),
+        grad_y, x, pm, ps, g, bsum, b, n, k, h * w, tiles, *pixel_strides(grad_y),
+        *pixel_strides(x),
         BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i, UPCAST=upcast_dot(x.dtype),
         num_warps=warps)
     return g.sum(0), bsum.sum(0)

@@ -14,17 +14,9 @@ from ...triton import pointwise_mlp as kernels
 from ...triton._common import on_tensor_device
 from ...triton.partial_conv import forward_taps
 from .. import pointwise_mlp as spec, register_fakes
-from .._layout import empty_activation, memory_format_of
+from .._layout import empty_activation, with_pixel_stride
 
 Tensor = torch.Tensor
-
-
-def _with_pixel_stride(t: Tensor) -> Tensor:
-    """t, or a copy in its memory format where H and W do not merge into one pixel stride
-    (the kernel addresses pixels as h * W + w)."""
-    if t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3):
-        return t
-    return t.contiguous(memory_format=memory_format_of(t))
 
 
 def _matrix(weight: Tensor) -> Tensor:
@@ -36,14 +28,14 @@ def _run(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
          shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
          b2: Optional[Tensor], residual: Optional[Tensor], activation: str,
          statistics: Optional[Tuple[Tensor, Tensor]] = None, stats_first: int = 0) -> Tensor:
-    x = _with_pixel_stride(x)
+    x = with_pixel_stride(x)
     y = empty_activation(x, spec.output_shape(x, w2))
 
     def optional(t, make):
         return None if t is None else make(t)
 
     return kernels.pointwise_mlp(
-        x, _matrix(w1), b1, _matrix(w2), b2, optional(residual, _with_pixel_stride), activation,
+        x, _matrix(w1), b1, _matrix(w2), b2, optional(residual, with_pixel_stride), activation,
         y, conv_taps=optional(conv_weight, forward_taps), scale=optional(scale, Tensor.contiguous),
         shift=optional(shift, Tensor.contiguous), statistics=statistics, stats_first=stats_first)
 

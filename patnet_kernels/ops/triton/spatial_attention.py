@@ -10,17 +10,9 @@ import torch
 from ...triton import spatial_attention as kernels
 from ...triton._common import on_tensor_device
 from .. import register_fakes, spatial_attention as spec
-from .._layout import empty_activation, memory_format_of
+from .._layout import empty_activation, with_pixel_stride
 
 Tensor = torch.Tensor
-
-
-def _flat_pixels(t: Tensor) -> Tensor:
-    """t itself when its (h, w) flatten to one pixel stride (NCHW, channels_last, channel
-    slices of those), else a copy in its memory format."""
-    if kernels.pixel_stride(t) is not None:
-        return t
-    return t.contiguous(memory_format=memory_format_of(t))
 
 
 def _vector(t: Optional[Tensor], fill: float, n: int, like: Tensor) -> Tensor:
@@ -40,7 +32,7 @@ def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Opt
              has_bn_d: bool, training: bool, residual: Optional[Tensor], stats_first: int
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     y = empty_activation(m, m.shape)
-    m = _flat_pixels(m)
+    m = with_pixel_stride(m)
     p = conv_weight.shape[0]
     q = m.shape[1] - p
     gate = gate_weight.reshape(q).contiguous()
@@ -60,7 +52,7 @@ def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Opt
     mean, m2 = spec.statistics_buffers(m, stats_first,
                                        kernels.statistics_chunks(m.shape[2] * m.shape[3]))
     z = kernels.apply(m, gate, z, conv_weight.reshape(p, p), conv_bias, y, bn_c, c_eps, bn_d,
-                      d_eps, None if residual is None else _flat_pixels(residual),
+                      d_eps, None if residual is None else with_pixel_stride(residual),
                       (mean, m2) if stats_first >= 0 else None, stats_first)
     return y, z, c_stats, d_stats, mean, m2
 
@@ -81,7 +73,7 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
               has_bn_d: bool, training: bool
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad_m = empty_activation(m, m.shape)
-    m, grad_y = _flat_pixels(m), _flat_pixels(grad_y)
+    m, grad_y = with_pixel_stride(m), with_pixel_stride(grad_y)
     b, c, h, w = m.shape
     p = conv_weight.shape[0]
     q = c - p

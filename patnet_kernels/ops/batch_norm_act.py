@@ -1,0 +1,101 @@
+"""The ops and autograd Function of a BatchNorm followed by an activation, act(BN(x)) (the ops:
+``patnet_triton::*`` from :mod:`patnet_kernels.ops.triton.batch_norm_act`; the CUDA backend has
+none).
+
+The BN output Z is never stored: the forward writes Y = act(Z) only, and the backward
+recomputes Z from X and the statistics. The ops, each with a fake so torch.compile traces
+through them:
+
+* ``batch_norm_act(x, weight, bias, running_mean, running_var, eps, activation, training)
+  -> (y, mean, var)``: in training mean and var (C,) fp32 are the batch's mean and biased
+  variance, normalised with; in eval both are empty (0,) (the running statistics were used:
+  the autograd Function hands those to the backward). Running statistics are not touched by
+  the op: :func:`backend_function`'s op updates them from the returned batch statistics, as
+  ``F.batch_norm`` would.
+* ``batch_norm_act_backward(grad_y, x, mean, var, weight, bias, eps, activation, training)
+  -> (grad_x, grad_affine)``, grad_affine = [grad_bias; grad_weight] fp32 (2, C).
+
+Passes over the activation: training forward 2 (the statistics; then Y), eval forward 1;
+backward 2 (the two sums; then dX).
+
+The autograd Function is made by :func:`make_function` over a ``torch.ops`` namespace, so that
+another backend registering the same schemas reuses it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._types import BatchNormParams, update_running_statistics
+from ._layout import empty_activation
+
+Tensor = torch.Tensor
+
+
+def _forward_fake(x, weight, bias, running_mean, running_var, eps, activation, training):
+    c = x.shape[1] if training else 0
+    return (empty_activation(x, x.shape), x.new_empty((c,), dtype=torch.float32),
+            x.new_empty((c,), dtype=torch.float32))
+
+
+def _backward_fake(grad_y, x, mean, var, weight, bias, eps, activation, training):
+    return empty_activation(x, x.shape), x.new_empty((2, x.shape[1]), dtype=torch.float32)
+
+
+# Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
+# registers the op under its own namespace.
+FAKES = {
+    "batch_norm_act": _forward_fake,
+    "batch_norm_act_backward": _backward_fake,
+}
+
+
+def make_function(ops):
+    """The autograd Function over ``ops``, a ``torch.ops`` namespace with the two ops above:
+    ``apply(x, weight, bias, running_mean, running_var, eps, activation, training)`` returns
+    (y, mean, var), the statistics not differentiable (see the forward op)."""
+
+    class BatchNormAct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, running_mean, running_var, eps, activation, training):
+            y, mean, var = ops.batch_norm_act(x, weight, bias, running_mean, running_var, eps,
+                                              activation, training)
+            # (normalised with: the batch's statistics, or in eval the running ones)
+            moments = (mean, var) if training else (running_mean, running_var)
+            ctx.save_for_backward(x, weight, bias, *moments)
+            ctx.eps, ctx.activation, ctx.training = eps, activation, training
+            ctx.mark_non_differentiable(mean, var)
+            ctx.set_materialize_grads(False)  # (no zero gradients made for the statistics)
+            return y, mean, var
+
+        @staticmethod
+        def backward(ctx, grad_y, *_):  # (the statistics' gradients: none)
+            if grad_y is None:
+                return (None,) * 8
+            x, weight, bias, mean, var = ctx.saved_tensors
+            grad_x, grad_affine = ops.batch_norm_act_backward(
+                grad_y, x, mean.float(), var.float(), weight, bias, ctx.eps, ctx.activation,
+                ctx.training)
+            needs = ctx.needs_input_grad
+            return (grad_x if needs[0] else None,
+                    grad_affine[1].to(weight.dtype) if needs[1] else None,
+                    grad_affine[0].to(bias.dtype) if needs[2] else None) + (None,) * 5
+
+    return BatchNormAct
+
+
+def backend_function(ops):
+    """The backend function of :func:`patnet_kernels.batch_norm_act` over ``ops``."""
+    BatchNormAct = make_function(ops)
+
+    def batch_norm_act(x: Tensor, bn: BatchNormParams, activation: str,
+                       training: bool) -> Tensor:
+        """act(BN(x)) with this backend's kernels (inputs already checked by the functional
+        API); updates the running statistics in training."""
+        y, mean, var = BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean,
+                                          bn.running_var, float(bn.eps), activation, training)
+        if training:  # (the kernels' variance is biased; the running one takes the unbiased)
+            n = x.numel() // x.shape[1]
+            update_running_statistics((bn, mean, var * (n / (n - 1))))
+        return y
+
+    return batch_norm_act

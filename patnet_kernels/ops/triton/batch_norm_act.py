@@ -1,0 +1,57 @@
+"""act(BN(x))'s ops in the Triton backend (``patnet_triton``): bodies that launch the kernels of
+:mod:`patnet_kernels.triton.batch_norm_act`; fakes and autograd in :mod:`..batch_norm_act`."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ...triton import batch_norm_act as kernels
+from ...triton._common import on_tensor_device
+from .. import batch_norm_act as spec, register_fakes
+from .._layout import empty_activation, with_pixel_stride
+
+Tensor = torch.Tensor
+
+
+def _affine(weight: Optional[Tensor], bias: Optional[Tensor], like: Tensor
+            ) -> Tuple[Tensor, Tensor]:
+    """(gamma, beta) fp32 (C,): the BatchNorm's affine, or 1 and 0 where it has none."""
+    c = like.shape[1]
+    gamma = weight.float() if weight is not None else like.new_ones((c,), dtype=torch.float32)
+    beta = bias.float() if bias is not None else like.new_zeros((c,), dtype=torch.float32)
+    return gamma, beta
+
+
+@torch.library.custom_op("patnet_triton::batch_norm_act", mutates_args=())
+@on_tensor_device
+def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+             running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+             activation: str, training: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    y = empty_activation(x, x.shape)
+    x = with_pixel_stride(x)
+    if training:
+        mean, var = kernels.batch_moments(x)
+        normalised = mean, var
+    else:  # (the backward takes the running statistics from the autograd Function)
+        normalised = running_mean.float(), running_var.float()
+        mean, var = (x.new_empty((0,), dtype=torch.float32) for _ in range(2))
+    kernels.apply(x, y, *normalised, *_affine(weight, bias, x), eps, activation)
+    return y, mean, var
+
+
+@torch.library.custom_op("patnet_triton::batch_norm_act_backward", mutates_args=())
+@on_tensor_device
+def _backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+              bias: Optional[Tensor], eps: float, activation: str, training: bool
+              ) -> Tuple[Tensor, Tensor]:
+    grad_x = empty_activation(x, x.shape)
+    x, grad_y = with_pixel_stride(x), with_pixel_stride(grad_y)
+    gamma, beta = _affine(weight, bias, x)
+    sums = kernels.grad_sums(x, grad_y, mean, var, gamma, beta, eps, activation)
+    kernels.grad_input(x, grad_y, grad_x, mean, var, gamma, beta, sums if training else None,
+                       eps, activation)
+    return grad_x, sums  # ([d beta; d gamma] = [sum dZ; sum dZ xhat])
+
+
+register_fakes("patnet_triton", spec.FAKES)
