@@ -205,18 +205,20 @@ def test_the_call_is_described_by_dtype_mode_layout_and_shape():
 # ------------------------------------------------------------------- what the model reports
 def test_model_backend_plan_on_a_measured_gpu(monkeypatch):
     """FasterNet-T2 at batch 256, fp16, inference on the (simulated) H200: Triton's PConv in
-    stages 1-3 (1 + 2 + 8 blocks), the reference in stage 4 (2 blocks), as measured."""
+    stages 1-3 (1 + 2 + 8 blocks), the reference in stage 4 (2 blocks), as measured; the MLP's
+    BatchNorm + activation, never measured, the reference."""
     model = patnet.create_model("fasternet_t2").eval()
     with simulated_gpu(monkeypatch):
         plan = model.backend_plan(GPU, (256, 3, 224, 224), torch.float16)
         calls = model.backend_calls(GPU, (256, 3, 224, 224), torch.float16)
-    assert plan == {"partial_conv3x3": "triton x11, torch x2"}
-    assert [c[1] for c in calls] == ["triton"] * 11 + ["torch"] * 2
-    assert "measured faster" in calls[0][2] and "no fused backend measured faster" in calls[-1][2]
+    assert plan == {"partial_conv3x3": "triton x11, torch x2", "batch_norm_act": "torch"}
+    conv = [c for c in calls if c[0] == "partial_conv3x3"]
+    assert [c[1] for c in conv] == ["triton"] * 11 + ["torch"] * 2
+    assert "measured faster" in conv[0][2] and "no fused backend measured faster" in conv[-1][2]
     # batch 1 was never measured: the reference everywhere, saying why
     with simulated_gpu(monkeypatch):
         assert model.backend_plan(GPU, (1, 3, 224, 224), torch.float16) == {
-            "partial_conv3x3": "torch"}
+            "partial_conv3x3": "torch", "batch_norm_act": "torch"}
 
 
 def test_model_backend_plan_of_an_explicit_backend_needs_no_shapes(monkeypatch):
@@ -224,7 +226,7 @@ def test_model_backend_plan_of_an_explicit_backend_needs_no_shapes(monkeypatch):
     with simulated_gpu(monkeypatch):
         patnet.model.set_backend(model, "triton")
         assert model.backend_plan(GPU) == {op: "triton" for op in (
-            "channel_attention", "rpe_attention", "self_mixer_output")}
+            "channel_attention", "batch_norm_act", "rpe_attention", "self_mixer_output")}
 
 
 def test_info_reports_the_rule(monkeypatch):
