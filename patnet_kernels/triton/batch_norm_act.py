@@ -56,6 +56,25 @@ def _channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, eps, offs_c, c_ok):
 
 
 @triton.jit
+def _normalised_and_grad(x, dy, mean, rstd, gamma, beta, ACTIVATION: tl.constexpr):
+    """(xhat, dZ) of a (pixels x channels) tile, fp32: xhat = (x - mean) * rstd and dZ = dY *
+    act'(Z) with Z = xhat * gamma + beta recomputed (the forward never stored it)."""
+    xhat = (x - mean[None, :]) * rstd[None, :]
+    return xhat, dy * _activation_grad(xhat * gamma[None, :] + beta[None, :], ACTIVATION)
+
+
+@triton.jit
+def _tile(C, HW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(sample, pixel offsets, channel offsets, channel mask, tile mask) of this program of a
+    grid (cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C))."""
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    return pid_b, offs_p, offs_c, c_ok, (offs_p < HW)[:, None] & c_ok[None, :]
+
+
+@triton.jit
 def _moments_kernel(
     x_ptr,  # (B, C, H, W) X, any strides with flattenable pixels
     mean_ptr,  # (B * SPLITS, C) fp32 contiguous, out: per (sample, pixel chunk) channel means
@@ -123,11 +142,7 @@ def _apply_kernel(
     ACTIVATION: tl.constexpr,  # 0 ReLU, 1 exact GELU
 ):
     # grid: (cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C))
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    ok = (offs_p < HW)[:, None] & c_ok[None, :]
+    pid_b, offs_p, offs_c, c_ok, ok = _tile(C, HW, BLOCK_P, BLOCK_C)
     mean, rstd, gamma, beta = _channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, eps, offs_c, c_ok)
     x = tl.load(x_ptr + pid_b * x_sb + offs_c[None, :] * x_sc + offs_p[:, None] * x_sp, mask=ok,
                 other=0.0).to(tl.float32)
@@ -167,8 +182,7 @@ def _grad_sums_kernel(
         ok = (offs_p < HW)[:, None] & c_ok[None, :]
         x = tl.load(x_base + offs_p[:, None] * x_sp, mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(g_base + offs_p[:, None] * g_sp, mask=ok, other=0.0).to(tl.float32)
-        xhat = (x - mean[None, :]) * rstd[None, :]
-        dz = dy * _activation_grad(xhat * gamma[None, :] + beta[None, :], ACTIVATION)
+        xhat, dz = _normalised_and_grad(x, dy, mean, rstd, gamma, beta, ACTIVATION)
         sum_dz += tl.sum(dz, 0)  # (dY, so dZ, is 0 outside the tile)
         sum_dz_xhat += tl.sum(dz * xhat, 0)
     row = pid_b * tl.num_programs(2) + pid_s
@@ -196,18 +210,13 @@ def _grad_input_kernel(
     TRAIN: tl.constexpr,  # batch statistics (their gradient terms) or running ones
 ):
     # grid: (cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C))
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    ok = (offs_p < HW)[:, None] & c_ok[None, :]
+    pid_b, offs_p, offs_c, c_ok, ok = _tile(C, HW, BLOCK_P, BLOCK_C)
     mean, rstd, gamma, beta = _channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, eps, offs_c, c_ok)
     x = tl.load(x_ptr + pid_b * x_sb + offs_c[None, :] * x_sc + offs_p[:, None] * x_sp, mask=ok,
                 other=0.0).to(tl.float32)
     dy = tl.load(gy_ptr + pid_b * g_sb + offs_c[None, :] * g_sc + offs_p[:, None] * g_sp,
                  mask=ok, other=0.0).to(tl.float32)
-    xhat = (x - mean[None, :]) * rstd[None, :]
-    dz = dy * _activation_grad(xhat * gamma[None, :] + beta[None, :], ACTIVATION)
+    xhat, dz = _normalised_and_grad(x, dy, mean, rstd, gamma, beta, ACTIVATION)
     if TRAIN:
         mean_dz = tl.load(sums_ptr + offs_c, mask=c_ok, other=0.0) * inv_n
         mean_dz_xhat = tl.load(sums_ptr + C + offs_c, mask=c_ok, other=0.0) * inv_n

@@ -46,6 +46,21 @@ from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, a
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _gate_logits(m_pix, m_sc, g_ptr, p_ok, Q, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """z = w . Ma for a tile of pixels, fp32 (BLOCK_P,): ``m_pix`` (BLOCK_P, 1) pointers to
+    channel 0 of each pixel of M (channel stride ``m_sc``), the gate weight w (Q,) at g_ptr."""
+    z = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, Q, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < Q
+        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=p_ok[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)
+        wv = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+        z += tl.sum(x * wv[None, :], axis=1)
+    return z
+
+
+@triton.jit
 def _gate_stats_kernel(
     m_ptr,  # (B, C, H, W) M, any strides with flattenable pixels; Ma = channels [0, Q)
     g_ptr,  # (Q,) gate weight w, M's dtype, contiguous
@@ -63,14 +78,7 @@ def _gate_stats_kernel(
     offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < HW
     m_pix = m_ptr + pid_b * m_sb + offs_p[:, None] * m_sp
-    z = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    for c0 in range(0, Q, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < Q
-        x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=p_ok[:, None] & c_ok[None, :],
-                    other=0.0).to(tl.float32)
-        wv = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-        z += tl.sum(x * wv[None, :], axis=1)
+    z = _gate_logits(m_pix, m_sc, g_ptr, p_ok, Q, BLOCK_P, BLOCK_C)
     tl.store(z_ptr + pid_b * HW + offs_p, z, mask=p_ok)
     s = hardsigmoid(z)
     count = tl.minimum(HW - pid_t * BLOCK_P, BLOCK_P).to(tl.float32)
@@ -135,14 +143,7 @@ def _apply_kernel(
     y_pix = y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp
     if pid_n == 0:
         if COMPUTE_Z:
-            z = tl.zeros((BLOCK_P,), dtype=tl.float32)
-            for c0 in range(0, Q, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                c_ok = offs_c < Q
-                x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=p_ok[:, None] & c_ok[None, :],
-                            other=0.0).to(tl.float32)
-                wv = tl.load(g_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-                z += tl.sum(x * wv[None, :], axis=1)
+            z = _gate_logits(m_pix, m_sc, g_ptr, p_ok, Q, BLOCK_P, BLOCK_C)
             tl.store(z_ptr + pid_b * HW + offs_p, z, mask=p_ok)
         else:
             z = tl.load(z_ptr + pid_b * HW + offs_p, mask=p_ok, other=0.0)
