@@ -9,6 +9,7 @@ import torch
 from ...triton import batch_norm_act as kernels
 from ...triton._common import on_tensor_device
 from .. import batch_norm_act as spec, register_fakes
+from . import fp32_vector
 from .._layout import empty_activation, with_pixel_stride
 
 Tensor = torch.Tensor
@@ -18,9 +19,7 @@ def _affine(weight: Optional[Tensor], bias: Optional[Tensor], like: Tensor
             ) -> Tuple[Tensor, Tensor]:
     """(gamma, beta) fp32 (C,): the BatchNorm's affine, or 1 and 0 where it has none."""
     c = like.shape[1]
-    gamma = weight.float() if weight is not None else like.new_ones((c,), dtype=torch.float32)
-    beta = bias.float() if bias is not None else like.new_zeros((c,), dtype=torch.float32)
-    return gamma, beta
+    return fp32_vector(weight, 1.0, c, like), fp32_vector(bias, 0.0, c, like)
 
 
 @torch.library.custom_op("patnet_triton::batch_norm_act", mutates_args=())

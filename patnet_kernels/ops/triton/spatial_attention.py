@@ -10,16 +10,10 @@ import torch
 from ...triton import spatial_attention as kernels
 from ...triton._common import on_tensor_device
 from .. import register_fakes, spatial_attention as spec
+from . import fp32_vector
 from .._layout import empty_activation, with_pixel_stride
 
 Tensor = torch.Tensor
-
-
-def _vector(t: Optional[Tensor], fill: float, n: int, like: Tensor) -> Tensor:
-    """t as fp32, or an fp32 vector of ``fill`` when t is None (no affine parameter)."""
-    if t is not None:
-        return t.float()
-    return torch.full((n,), fill, dtype=torch.float32, device=like.device)
 
 
 @torch.library.custom_op("patnet_triton::spatial_attention", mutates_args=())
@@ -46,8 +40,8 @@ def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Opt
         c_moments = (c_running_mean.float(), c_running_var.float())
         d_moments = (d_running_mean.float(), d_running_var.float()) if has_bn_d else None
         c_stats, d_stats = (m.new_empty((2, 0), dtype=torch.float32) for _ in range(2))
-    bn_c = c_moments + (_vector(c_weight, 1.0, q, m), _vector(c_bias, 0.0, q, m))
-    bn_d = (d_moments + (_vector(d_weight, 1.0, p, m), _vector(d_bias, 0.0, p, m))
+    bn_c = c_moments + (fp32_vector(c_weight, 1.0, q, m), fp32_vector(c_bias, 0.0, q, m))
+    bn_d = (d_moments + (fp32_vector(d_weight, 1.0, p, m), fp32_vector(d_bias, 0.0, p, m))
             if has_bn_d else None)
     mean, m2 = spec.statistics_buffers(m, stats_first,
                                        kernels.statistics_chunks(m.shape[2] * m.shape[3]))
@@ -83,7 +77,7 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
     # Ma half: BN_c, the product Ma * s and the gate.
     mean_c = c_stats[0]
     rstd_c = torch.rsqrt(c_stats[1] + c_eps)
-    a = _vector(c_weight, 1.0, q, m) * rstd_c
+    a = fp32_vector(c_weight, 1.0, q, m) * rstd_c
     gate = gate_weight.reshape(q).contiguous()
     if training:
         sum_dy, sum_dyx = kernels.gate_grad_reduce(m, grad_y, z, mean_c, rstd_c)
@@ -98,9 +92,9 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
     if has_bn_d:
         mean_d = d_stats[0]
         rstd_d = torch.rsqrt(d_stats[1] + d_eps)
-        gamma_d, beta_d = _vector(d_weight, 1.0, p, m), _vector(d_bias, 0.0, p, m)
+        gamma_d, beta_d = fp32_vector(d_weight, 1.0, p, m), fp32_vector(d_bias, 0.0, p, m)
     else:
-        mean_d, rstd_d = _vector(None, 0.0, p, m), _vector(None, 1.0, p, m)
+        mean_d, rstd_d = fp32_vector(None, 0.0, p, m), fp32_vector(None, 1.0, p, m)
     g, sum_dyb = kernels.pointwise_weight_grad(grad_y[:, q:], m[:, q:], mean_d, rstd_d)
     if has_bn_d:
         grad_w = g * gamma_d + sum_dyb[:, None] * beta_d
@@ -114,12 +108,12 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
                                    ec=-ea * rstd_d * grad_gamma_d / n)
         else:
             kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m), ea,
-                                   _vector(None, 0.0, p, m))
+                                   fp32_vector(None, 0.0, p, m))
         grad_d = (grad_gamma_d.to(dtype), grad_beta_d.to(dtype))
     else:
         grad_w = g
         kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m),
-                               _vector(None, 1.0, p, m), _vector(None, 0.0, p, m))
+                               fp32_vector(None, 1.0, p, m), fp32_vector(None, 0.0, p, m))
         grad_d = (m.new_empty((0,)), m.new_empty((0,)))
     return (grad_m, dw.to(dtype).reshape(1, q, 1, 1), grad_w.to(dtype).reshape(p, p, 1, 1),
             sum_dyb.to(dtype), sum_dyx.to(dtype), sum_dy.to(dtype)) + grad_d
@@ -127,7 +121,7 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
 
 def _identity(p: int, like: Tensor):
     """The prologue vectors (pm, ps, ph) of a GEMM that takes its input as it is."""
-    return _vector(None, 0.0, p, like), _vector(None, 1.0, p, like), _vector(None, 0.0, p, like)
+    return fp32_vector(None, 0.0, p, like), fp32_vector(None, 1.0, p, like), fp32_vector(None, 0.0, p, like)
 
 
 register_fakes("patnet_triton", spec.FAKES)
