@@ -373,18 +373,21 @@ MAX_HEAD_DIM = 256
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by padded head dim, for fp16 / bf16
 # and for fp32 (whose IEEE tl.dot runs on FMA units and stages every operand through shared
 # memory: smaller tiles, no software pipelining, to fit an A100's 163 KiB and compile in seconds).
-# The key block of the dK/dV kernel is 64 wherever it fits, so that at N <= 64 (7 x 7 = 49 tokens)
-# one program holds every key of a head and writes dQ too.
+# The key block of the dK/dV kernel is 64 wherever it fits (not fp32 at D = 256), so that at
+# N <= 64 (7 x 7 = 49 tokens) one program holds every key of a head and writes dQ too; its
+# query step is the smallest that keeps that program's dK, dV, K, V and dS tiles out of local
+# memory (read off the machine code of `python -m patnet_kernels.triton.aot`: at D = 64 fp16 a
+# 64-query step spilled 200 B per thread on sm_90, a 32-query step none).
 _CONFIGS = {
     False: {  # fp16 / bf16
-        64: {"fwd": (64, 64, 4, 2), "kv": (64, 64, 4, 2), "q": (64, 64, 4, 2)},
-        128: {"fwd": (64, 64, 4, 2), "kv": (64, 64, 8, 1), "q": (64, 64, 8, 2)},
-        256: {"fwd": (64, 64, 8, 2), "kv": (32, 64, 8, 2), "q": (64, 64, 8, 1)},
+        64: {"fwd": (64, 64, 4, 2), "kv": (32, 64, 4, 2), "q": (64, 64, 4, 2)},
+        128: {"fwd": (64, 64, 4, 2), "kv": (32, 64, 8, 2), "q": (64, 64, 8, 2)},
+        256: {"fwd": (64, 32, 8, 2), "kv": (16, 64, 8, 1), "q": (64, 64, 8, 1)},
     },
     True: {  # fp32
-        64: {"fwd": (64, 64, 8, 1), "kv": (32, 64, 8, 1), "q": (64, 64, 8, 1)},
-        128: {"fwd": (32, 64, 8, 1), "kv": (32, 64, 8, 1), "q": (32, 64, 8, 1)},
-        256: {"fwd": (32, 32, 8, 1), "kv": (16, 32, 8, 1), "q": (32, 32, 8, 1)},
+        64: {"fwd": (64, 32, 8, 1), "kv": (16, 64, 8, 1), "q": (32, 64, 8, 1)},
+        128: {"fwd": (32, 32, 8, 1), "kv": (16, 64, 8, 1), "q": (16, 64, 8, 1)},
+        256: {"fwd": (32, 32, 8, 1), "kv": (16, 32, 8, 1), "q": (16, 32, 8, 1)},
     },
 }
 
