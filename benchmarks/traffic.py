@@ -415,7 +415,25 @@ def _breakdown(ops: Sequence[Op]) -> Dict[str, Dict[str, int]]:
         row["kernels"] += op.kernels
         row["read"] += op.read
         row["written"] += op.written
-    return dict(sorted(out.items(), key=lambda kv: (-kv[1]["kernels"], kv[0])))
+    return out
+
+
+def op_breakdown(runs: Dict[int, Sequence[Op]]) -> Dict[str, Dict[str, int]]:
+    """Per op (``aten::name``, ``patnet_triton::name``, or ``name (in fused op)`` for an aten op
+    that a fused op runs): ``calls`` and ``kernels`` per forward, activation bytes per image
+    (``act_read``, ``act_written``, ``act_bytes``: the difference of the two batches, as for the
+    totals) and per-batch bytes (``batch_bytes``: weights, ...), the most activation bytes
+    first. ``runs``: the ops recorded at each of BATCHES."""
+    small, large = (_breakdown(runs[b]) for b in BATCHES)
+    rows = {}
+    for key, row in large.items():
+        base = small.get(key, {"read": 0, "written": 0})
+        read, written = row["read"] - base["read"], row["written"] - base["written"]
+        rows[key] = {"calls": row["calls"], "kernels": row["kernels"], "act_read": read,
+                     "act_written": written, "act_bytes": read + written,
+                     "batch_bytes": base["read"] + base["written"] - BATCHES[0] * (read + written)}
+    return dict(sorted(rows.items(), key=lambda kv: (-kv[1]["act_bytes"], -kv[1]["kernels"],
+                                                     kv[0])))
 
 
 def measure_provider(name: str, provider: str, size: int, seed: int = 0,
@@ -448,7 +466,7 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
         "act_written": written,
         "act_bytes": read + written,
         "batch_bytes": (one.read + one.written) - BATCHES[0] * (read + written),
-        "ops": _breakdown(runs[BATCHES[1]]),
+        "ops": op_breakdown(runs),
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -459,7 +477,7 @@ def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROV
     """The traffic report of one model: floor and, per provider, kernels per forward
     (``kernels``, of which ``fused_kernels``), activation bytes per image (``act_read``,
     ``act_written``, ``act_bytes``), per-batch bytes (``batch_bytes``: weights and other
-    batch-independent tensors), the op breakdown at batch 3 (``ops``), or ``status`` /
+    batch-independent tensors), the same per op (``ops``: :func:`op_breakdown`), or ``status`` /
     ``reason`` where the provider cannot run; ``autocast``: counted under bfloat16 autocast
     (:func:`precision`); ``train``: one training step's forward and backward (train mode, no
     optimizer step) of the training model, eager against ours on each fused backend (no floor:
@@ -480,8 +498,9 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f}"
 
 
-def format_table(report: dict) -> str:
-    """A readable table of one model's report."""
+def format_table(report: dict, top_ops: int = 0) -> str:
+    """A readable table of one model's report; with ``top_ops`` also each provider's ops that
+    move the most activation bytes per image (that many, with their kernels and share)."""
     fl = report["floor"]
     size = report["size"]
     what = ("training step (forward and backward)" if report.get("train")
@@ -517,6 +536,15 @@ def format_table(report: dict) -> str:
                   if p != "eager" and r.get("status") == "ok"]
         if ratios:
             lines.append("kernels x eager: " + ", ".join(ratios))
+    for provider, row in report["providers"].items():
+        if top_ops <= 0 or row.get("status") != "ok":
+            continue
+        lines.append(f"the {top_ops} ops of {PROVIDER_LABELS.get(provider, provider)} that "
+                     f"move the most (act MB per image, share of its {_mb(row['act_bytes'])}):")
+        for name, op in list(row["ops"].items())[:top_ops]:
+            share = op["act_bytes"] / row["act_bytes"] if row["act_bytes"] else 0.0
+            lines.append(f"  {name:<58}{op['kernels']:>5} kernels{_mb(op['act_bytes']):>9}"
+                         f"{100 * share:>6.1f}%")
     return "\n".join(lines)
 
 
@@ -548,6 +576,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="count one training step (forward and backward, train mode) of "
                              "the training model: eager against ours on Triton (default "
                              "providers eager,triton)")
+    parser.add_argument("--top-ops", type=int, default=0, metavar="N",
+                        help="also list each provider's N ops that move the most activation "
+                             "bytes per image")
     parser.add_argument("--count-only", action="store_true",
                         help="count the Triton launches without running them (much faster "
                              "under the interpreter; the counts are the same)")
@@ -565,6 +596,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "launch counts)" if args.train else ""))
     if not args.providers:
         parser.error("no provider given")
+    if args.top_ops < 0:
+        parser.error(f"--top-ops must be 0 or more, got {args.top_ops}")
     if args.size < 32:
         parser.error(f"--size must be at least 32 (the models' smallest input), got {args.size}")
     return args
@@ -578,7 +611,7 @@ def main(argv=None) -> int:
                          run_kernels=not args.count_only, autocast=args.autocast,
                          train=args.train)
         reports.append(report)
-        print(format_table(report) + "\n", flush=True)
+        print(format_table(report, args.top_ops) + "\n", flush=True)
         if args.json is not None:  # rewritten after every model: a cut run keeps what it had
             write_json(reports, args.json, {"size": args.size, "providers": args.providers,
                                             "seed": args.seed, "models": args.models,

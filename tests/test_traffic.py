@@ -112,6 +112,11 @@ def test_pinned_numbers(reports, name):
             f"{name}, {provider}: {row['kernels']} kernels per forward, pinned "
             f"{pinned['kernels']}; the biggest: {list(row['ops'].items())[:8]}")
         assert row["fused_kernels"] == pinned["fused_kernels"], (provider, row["fused_kernels"])
+        # The per-op breakdown adds up to the totals.
+        ops = row["ops"].values()
+        assert sum(op["kernels"] for op in ops) == row["kernels"]
+        for key in ("act_read", "act_written", "batch_bytes"):
+            assert sum(op[key] for op in ops) == row[key], (provider, key)
         for key in ("act_read", "act_written"):
             assert row[key] == pytest.approx(pinned[key], rel=0.01), (
                 f"{name}, {provider}: {key} {row[key]} bytes per image, pinned {pinned[key]}")
@@ -234,6 +239,17 @@ def test_table():
     floor = next(l for l in lines if l.startswith("floor"))
     assert floor.split()[3:] == ["4", "-", "0.500", "0.500", "1.000", "0.12", "1.00", "4.000"]
     assert lines[-1] == "kernels x eager: triton: 1.25"
+    report = _fake_report()
+    report["providers"]["triton"]["ops"] = {
+        "patnet_triton::pointwise_mlp": dict(calls=2, kernels=2, act_read=2_000_000,
+                                             act_written=1_000_000, act_bytes=3_000_000,
+                                             batch_bytes=0),
+        "aten::add": dict(calls=1, kernels=1, act_read=600_000, act_written=400_000,
+                          act_bytes=1_000_000, batch_bytes=0)}
+    lines = traffic.format_table(report, top_ops=1).splitlines()
+    assert lines[-2].startswith("the 1 ops of ours, backend=triton that move the most")
+    assert lines[-1].split() == ["patnet_triton::pointwise_mlp", "2", "kernels", "3.000", "75.0%"]
+    assert traffic.format_table(report) == table  # (none listed by default)
 
 
 def test_cli_arguments():
@@ -244,8 +260,9 @@ def test_cli_arguments():
     defaults = traffic.parse_args([])
     assert len(defaults.models) == 12 and defaults.size == traffic.DEFAULT_SIZE
     assert defaults.providers == list(traffic.PROVIDERS) and not defaults.count_only
+    assert defaults.top_ops == 0 and traffic.parse_args(["--top-ops", "5"]).top_ops == 5
     for bad in (["--models", "patnet_x"], ["--providers", "eager,tpu"], ["--size", "16"],
-                ["--providers", ","]):
+                ["--providers", ","], ["--top-ops", "-1"]):
         with pytest.raises(SystemExit):
             traffic.parse_args(bad)
 
