@@ -121,3 +121,30 @@ def test_machine_code_problems():
     name, pinned = next(iter(aot.KNOWN_SPILLS.items()))
     assert aot.machine_code_problems(name, clean._replace(stack=pinned)) == []
     assert "more than the" in aot.machine_code_problems(name, clean._replace(stack=pinned + 8))[0]
+
+
+def test_machine_code_reads_each_cubin_once(tmp_path, monkeypatch):
+    """The disassembly of a cubin is read once and kept (a warm rerun disassembles nothing);
+    another cubin is read anew; a reading is kept whole or not at all."""
+    from patnet_kernels.triton import aot
+
+    sass = ("Function : k\n REG:40 STACK:16 SHARED:0\n"
+            "  HGMMA.64x64x16.F32 R0, gdesc[UR4], R0 ;\n  LDL R2, [R1] ;\n  STL [R1], R2 ;\n"
+            "  LDG.E.128 R4, desc[UR6][R2.64] ;\n  LDG.E.U16 R5, desc[UR6][R2.64] ;\n")
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout=sass, stderr="")
+
+    monkeypatch.setattr(aot, "machine_code_cache", lambda: tmp_path / "readings")
+    monkeypatch.setattr(aot.subprocess, "run", fake_run)
+    ttir = "%0 = tt.dot %a, %b, %c : tensor<64x64xf16> * tensor<64x64xf16> -> tensor<64x64xf32>"
+    first = aot.machine_code(b"cubin one", ttir)
+    assert first == aot.MachineCode(registers=40, stack=16, spills=2, mma=1, half_dot=True,
+                                    wide_loads=1, narrow_loads=1)
+    assert aot.machine_code(b"cubin one", "") == first._replace(half_dot=False)
+    assert len(calls) == 1
+    aot.machine_code(b"cubin two", ttir)
+    assert len(calls) == 2
+    assert sorted(p.suffix for p in (tmp_path / "readings").iterdir()) == [".json", ".json"]

@@ -28,13 +28,16 @@ listed).
 
 With ``--no-generic`` this is 760 compiles (more with the generic variants); with an empty
 Triton cache they take minutes on 2 cores (the PConv, PAT_ch and MLP families' 492 took 419 s
-on the shared development machine). Triton caches each compile (~/.triton/cache), so a rerun
-takes seconds and only kernels whose source changed are compiled again.
+on the shared development machine). Triton caches each compile (~/.triton/cache) and this
+module each cubin's machine-code reading beside it (:func:`machine_code_cache`), so a rerun
+takes seconds and only kernels whose source changed are compiled and read again.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -170,10 +173,30 @@ class MachineCode(NamedTuple):
 _SASS = re.compile(r"\b(LDL|STL|HGMMA|HMMA|LDG\.E\.128|LDG\.E\.(?:U16|S16|U8|S8))\b")
 
 
-def machine_code(cubin: bytes, ttir: str) -> MachineCode:
-    """Read registers, stack, spill and tensor-core instructions and load widths off a cubin
-    with the cuobjdump of Triton's wheel (no GPU needed); ``ttir``: the kernel's Triton IR,
-    for whether it multiplies fp16 / bf16 matrices."""
+# Bump when what :func:`machine_code` reads off the disassembly changes (old readings ignored).
+_READING_VERSION = 1
+
+
+def machine_code_cache() -> Path:
+    """Where the readings of :func:`machine_code` are kept, one file per cubin, beside Triton's
+    compile cache (``cuobjdump -sass`` takes about 0.4 s per cubin on a 2-core machine: with
+    Triton's cache warm, the disassembly was most of a rerun's time)."""
+    import triton
+    base = getattr(getattr(getattr(triton, "knobs", None), "cache", None), "dir", None)
+    base = base or os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache"
+    return Path(base) / "patnet_machine_code"
+
+
+def _disassembly_counts(cubin: bytes) -> Dict[str, int]:
+    """Registers, stack and the instruction counts of one cubin (``cuobjdump -res-usage
+    -sass`` of Triton's wheel; no GPU needed), read once per distinct cubin
+    (:func:`machine_code_cache`)."""
+    key = hashlib.sha256(f"v{_READING_VERSION}:".encode() + cubin).hexdigest()
+    cached = machine_code_cache() / f"{key}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass
     import triton
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
@@ -182,13 +205,28 @@ def machine_code(cubin: bytes, ttir: str) -> MachineCode:
         out = subprocess.run([str(tool), "-res-usage", "-sass", file.name], check=True,
                              capture_output=True, text=True).stdout
     usage = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    counts: Dict[str, int] = {}
+    counts = {"registers": int(usage.group(1)), "stack": int(usage.group(2))}
     for op in _SASS.findall(out):
-        key = "narrow" if op.startswith("LDG.E.") and not op.endswith("128") else op
-        counts[key] = counts.get(key, 0) + 1
+        key_op = "narrow" if op.startswith("LDG.E.") and not op.endswith("128") else op
+        counts[key_op] = counts.get(key_op, 0) + 1
+    try:  # (written whole, then renamed: a parallel run never reads half a file)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(counts))
+        os.replace(partial, cached)
+    except OSError:  # (a read-only cache: the reading is only not kept)
+        pass
+    return counts
+
+
+def machine_code(cubin: bytes, ttir: str) -> MachineCode:
+    """Read registers, stack, spill and tensor-core instructions and load widths off a cubin
+    with the cuobjdump of Triton's wheel (no GPU needed); ``ttir``: the kernel's Triton IR,
+    for whether it multiplies fp16 / bf16 matrices."""
+    counts = _disassembly_counts(cubin)
     half_dot = any("tt.dot" in line and ("xf16>" in line or "xbf16>" in line)
                    for line in ttir.splitlines())
-    return MachineCode(int(usage.group(1)), int(usage.group(2)),
+    return MachineCode(counts["registers"], counts["stack"],
                        counts.get("LDL", 0) + counts.get("STL", 0),
                        counts.get("HGMMA", 0) + counts.get("HMMA", 0), half_dot,
                        counts.get("LDG.E.128", 0), counts.get("narrow", 0))
