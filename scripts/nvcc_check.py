@@ -9,7 +9,10 @@ The CI step that makes a syntax or type error in CUDA code fail on a machine wit
 - kernels: each .cu is compiled with ``nvcc -c`` exactly as the extension builds it (plus -Werror
   for cross-execution-space calls), and ptxas's resource report gives one line per kernel and
   target: registers, spilled bytes, static shared memory. launchers.h is also compiled by the
-  host C++ compiler alone, as bindings.cpp includes it in the CUDA build.
+  host C++ compiler alone, as bindings.cpp includes it in the CUDA build. A successful compile is
+  remembered (~/.cache/patnet_kernels/nvcc_check, keyed by nvcc's version, the flags, the
+  targets and the contents of csrc/kernels): a rerun with nothing of that changed reports it
+  again ("as compiled before, unchanged") instead of spending a minute in nvcc.
 - bindings: ``bindings.cpp`` as the CUDA build compiles it (``-fsyntax-only``: torch's include
   paths and defines, CUDA's runtime headers, PATNET_EMULATE *not* defined), which the test
   suite's CPU emulation build never does. A CPU wheel of torch ships ATen/cuda but not the CUDA
@@ -22,6 +25,8 @@ Exits non-zero if any check fails.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import runpy
@@ -62,9 +67,38 @@ def _demangle(names):
     return out.stdout.splitlines() if out.returncode == 0 else names
 
 
-def compile_file(nvcc: str, source: Path, archs) -> tuple:
-    """(source, ok, seconds, compiler output, [(kernel, arch, registers, spill, smem)])."""
+def _cache_dir() -> Path:
+    """Where successful kernel compiles are remembered (see :func:`compile_file`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "patnet_kernels" / "nvcc_check"
+
+
+def _compile_key(nvcc_version: str, command: List[str], source: Path) -> str:
+    """What decides a compile's outcome: nvcc's version, the command's flags and targets, the
+    source and every file of csrc/kernels it may include."""
+    digest = hashlib.sha256("\0".join([nvcc_version, *command]).encode())
+    for path in [source, *sorted(p for p in KERNELS.iterdir() if p.is_file())]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def compile_file(nvcc: str, source: Path, archs, nvcc_version: str = "") -> tuple:
+    """(source, ok, seconds, compiler output, [(kernel, arch, registers, spill, smem)]).
+
+    With ``nvcc_version`` (``nvcc --version``'s output) a successful compile is remembered
+    (:func:`_cache_dir`) and, while the toolkit, flags, targets, source and csrc/kernels' files
+    are the same, its outcome is reported again without compiling (seconds: -1); a failure is
+    never remembered."""
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    cached = None
+    if nvcc_version:
+        key = _compile_key(nvcc_version, [nvcc, *FLAGS, *gencode], source)
+        cached = _cache_dir() / f"{key}.json"
+        try:
+            text, rows = json.loads(cached.read_text())
+            return source, True, -1.0, text, [tuple(r) for r in rows]
+        except (OSError, ValueError):
+            pass
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         proc = subprocess.run([nvcc, "-c", *FLAGS, *gencode, f"-I{KERNELS}", str(source), "-o",
@@ -88,6 +122,14 @@ def compile_file(nvcc: str, source: Path, archs) -> tuple:
             current = None
     names = _demangle([r[0] for r in rows])
     rows = [(n,) + r[1:] for n, r in zip(names, rows)]
+    if cached is not None and proc.returncode == 0:
+        try:  # (written whole, then renamed: a parallel run never reads half a file)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps([text, rows]))
+            os.replace(partial, cached)
+        except OSError:  # (nowhere to keep it: the next run compiles again)
+            pass
     return source, proc.returncode == 0, seconds, text, rows
 
 
@@ -186,8 +228,9 @@ def check_kernels(archs, jobs: int) -> int:
         print(text[-4000:])
     with ThreadPoolExecutor(jobs) as pool:
         for source, ok, seconds, text, rows in pool.map(
-                lambda s: compile_file(nvcc, s, archs), sources):
-            print(f"{source.name}: {'ok' if ok else 'FAILED'} ({seconds:.1f} s)", flush=True)
+                lambda s: compile_file(nvcc, s, archs, version), sources):
+            took = "as compiled before, unchanged" if seconds < 0 else f"{seconds:.1f} s"
+            print(f"{source.name}: {'ok' if ok else 'FAILED'} ({took})", flush=True)
             if not ok:
                 failures += 1
                 print(text[-8000:])

@@ -123,6 +123,46 @@ def test_every_cuda_file_compiles_for_sm80_and_sm90():
     assert "sm_80" in report and "sm_90" in report
 
 
+def test_nvcc_check_remembers_only_unchanged_successes(tmp_path, monkeypatch):
+    """A successful compile is reported again without nvcc while nothing that decides it has
+    changed; a changed header, other flags or another nvcc compile anew; a failure is never
+    remembered."""
+    check = runpy.run_path(str(REPO / "scripts" / "nvcc_check.py"))
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    source = kernels / "op.cu"
+    source.write_text('#include "common.cuh"\n')
+    (kernels / "common.cuh").write_text("// v1\n")
+    ptxas = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_90'\n"
+             "ptxas info    : Used 40 registers, 1024 bytes smem\n")
+    calls, returncode = [], [0]
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        if cmd[0] == "c++filt":
+            return subprocess.CompletedProcess(cmd, 0, stdout=kwargs["input"], stderr="")
+        return subprocess.CompletedProcess(cmd, returncode[0], stdout="", stderr=ptxas)
+
+    monkeypatch.setitem(check["compile_file"].__globals__, "KERNELS", kernels)
+    monkeypatch.setitem(check["compile_file"].__globals__, "_cache_dir",
+                        lambda: tmp_path / "cache")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # (no c++filt: names as they are)
+
+    def compile_(version="nvcc 13.0", archs=(90,)):
+        before = len(calls)
+        _, ok, seconds, _, rows = check["compile_file"]("nvcc", source, archs, version)
+        return ok, seconds < 0, len(calls) > before, rows
+
+    assert compile_() == (True, False, True, [("_Z1kv", "sm_90", 40, 0, 1024)])
+    assert compile_() == (True, True, False, [("_Z1kv", "sm_90", 40, 0, 1024)])
+    assert compile_(archs=(80, 90))[2] and compile_(version="nvcc 13.1")[2]
+    (kernels / "common.cuh").write_text("// v2\n")
+    returncode[0] = 1
+    assert compile_()[:3] == (False, False, True)
+    assert compile_()[:3] == (False, False, True)  # (the failure ran nvcc again)
+
+
 # ------------------------------------------------------------------ bindings.cpp, CUDA form
 # The emulation build (PATNET_CUDA_EMULATE=1) every other test runs compiles bindings.cpp with
 # PATNET_EMULATE defined, so its real CUDA form was first compiled on a GPU machine, where it
