@@ -21,6 +21,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import eval_cpu, reference as reference_ops
+from .ops import DirectOps
 
 # The fused backends, in the order "auto" prefers them when both are measured equal.
 FUSED_BACKENDS = ("triton", "cuda")
@@ -205,8 +206,9 @@ def load(op: str, backend: str) -> None:
         registering = f"ops.triton.{OPS[op].module}" if backend == "triton" else "ops.cuda"
         importlib.import_module(f"{__package__}.{registering}")
         module = importlib.import_module(f"{__package__}.ops.{OPS[op].module}")
+        namespace = NAMESPACES[backend]
         _IMPLEMENTATIONS[(op, backend)] = module.backend_function(
-            getattr(torch.ops, NAMESPACES[backend]))
+            DirectOps(namespace) if backend == "triton" else getattr(torch.ops, namespace))
 
 
 def implementation(op: str, backend: str) -> Callable:

@@ -11,12 +11,91 @@ the extension, and the CUDA backend does not import Triton.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
+from torch import nn
 
 
 def register_fakes(namespace: str, fakes: Dict[str, Callable]) -> None:
     """Register each fake of ``fakes`` (op name -> fake) for ``namespace::name``."""
     for name, fake in fakes.items():
         torch.library.register_fake(f"{namespace}::{name}")(fake)
+
+
+# Registered ops whose body is Python (the Triton backend's), "namespace::name" -> the body,
+# or None for an op that mutates an argument (always dispatched: the dispatcher bumps the
+# argument's version counter, which autograd's saved-tensor checks read).
+PYTHON_BODIES: Dict[str, Optional[Callable]] = {}
+
+
+def custom_op(qualname: str, mutates_args: Sequence[str] = ()) -> Callable:
+    """``torch.library.custom_op(qualname, mutates_args=...)`` that also records the body for
+    :class:`DirectOps`."""
+    def register(body: Callable):
+        PYTHON_BODIES[qualname] = None if mutates_args else body
+        return torch.library.custom_op(qualname, mutates_args=tuple(mutates_args))(body)
+    return register
+
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+_PLAIN_VALUES = (int, float, bool, str, type(None), torch.dtype)
+
+
+def _plain(values, grad_enabled: bool) -> bool:
+    for value in values:
+        kind = type(value)
+        if kind in _PLAIN_TENSORS:
+            if grad_enabled and value.requires_grad:
+                return False
+        elif kind in (list, tuple):
+            if not _plain(value, grad_enabled):
+                return False
+        elif kind not in _PLAIN_VALUES:
+            return False
+    return True
+
+
+def calls_body_directly(args) -> bool:
+    """Whether a registered op with a Python body may run that body itself on ``args``: the
+    dispatcher would add nothing. Not while torch.compile or torch.jit traces, not under a
+    dispatch mode (FakeTensorMode, the traffic model's recorder, export's modes) or the
+    profiler (it names the op), and only for plain tensors (no subclass, none needing a
+    gradient) and plain Python values."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._autograd._profiler_enabled()
+            and torch._C._get_tracing_state() is None
+            and _plain(args, torch.is_grad_enabled()))
+
+
+def _direct_or_dispatched(op: Callable, body: Callable) -> Callable:
+    def call(*args):
+        if calls_body_directly(args):
+            return body(*args)
+        return op(*args)
+    call.__name__ = getattr(body, "__name__", "op")
+    call.__doc__ = getattr(body, "__doc__", None)
+    return call
+
+
+class DirectOps:
+    """A backend's ``torch.ops`` namespace whose Python-bodied ops run their bodies where the
+    dispatcher would add nothing (:func:`calls_body_directly`): PyTorch's dispatch of a
+    ``torch.library.custom_op`` through its autograd, fake-tensor and dynamo layers costs
+    about 12 us per call on a 2-core CPU (our launchers themselves about 18 us), and an
+    inference forward makes dozens. The mutating ops are the registered ops. What
+    :func:`patnet_kernels.registry.load` hands to the Triton ops' ``backend_function`` (the
+    CUDA extension's ops are C++: their dispatch has no Python layers)."""
+
+    def __init__(self, namespace: str):
+        self._ops = getattr(torch.ops, namespace)
+        prefix = f"{namespace}::"
+        for qualname, body in PYTHON_BODIES.items():
+            if qualname.startswith(prefix):
+                name = qualname[len(prefix):]
+                op = getattr(self._ops, name)
+                setattr(self, name, op if body is None else _direct_or_dispatched(op, body))
+
+    def __getattr__(self, name: str):  # (an op registered after this was made)
+        return getattr(self._ops, name)

@@ -59,7 +59,7 @@ def upcast_dot(dtype: torch.dtype, interpret: bool = INTERPRET) -> bool:
 
 def block(n: int, low: int = 16, high: int = 1 << 30) -> int:
     """The power of two >= n, clamped to [low, high] (tl.dot needs every dimension >= 16)."""
-    return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
+    return max(low, min(high, 1 << (max(int(n), 1) - 1).bit_length()))
 
 
 @triton.jit
@@ -174,12 +174,21 @@ def store_tile_moments(v, p_ok, offs_c, c_ok, mean_ptr, m2_ptr, row, FIRST, C):
     tl.store(m2_ptr + at, m2, mask=keep)
 
 
+# (imported here, below the jit functions: a line added above them changes their cache keys)
+from .._types import pixel_stride  # noqa: E402
+
+
 def pixel_strides(t: torch.Tensor) -> Tuple[int, int, int]:
     """(batch, channel, pixel) strides of a (B, C, H, W) tensor whose (h, w) flatten to one
     pixel stride (see :func:`patnet_kernels._types.pixel_stride`; the ops copy others first)."""
-    from .._types import pixel_stride  # (here: an import above would move every jit helper)
     sp = pixel_stride(t)
     if sp is None:
         raise ValueError(f"the pixels of a tensor with strides {t.stride()} do not flatten to "
                          "one stride; copy it to NCHW or channels_last first")
     return t.stride(0), t.stride(1), sp
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of two positive ints, for the launchers' grids (``triton.cdiv`` is a
+    constexpr function: about 2 us a call from Python, dozens of calls per model forward)."""
+    return -(-a // b)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, merge_moments, pixel_strides, tile_moments)
+                      block, cdiv, merge_moments, pixel_strides, tile_moments)
 from .pointwise_mlp import ACTIVATION_CODES, _activation as activation
 
 
@@ -238,7 +238,7 @@ def _blocks(c: int, interpret: bool = INTERPRET) -> Tuple[int, int, int]:
 def _chunk(hw: int, block_p: int, interpret: bool = INTERPRET) -> int:
     """Pixels per chunk of the reductions: enough per program to amortise its start and its
     row of partial sums (the rows are 1 / CHUNK of the activation's size)."""
-    return block_p if interpret else max(block_p, min(1024, triton.cdiv(hw, block_p) * block_p))
+    return block_p if interpret else max(block_p, min(1024, cdiv(hw, block_p) * block_p))
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def _reduction_grid(x: torch.Tensor) -> Tuple[Tuple[int, int, int], int, int, in
     b, c, h, w = x.shape
     block_p, block_c, _ = _blocks(c)
     chunk = _chunk(h * w, block_p)
-    return (triton.cdiv(c, block_c), b, triton.cdiv(h * w, chunk)), chunk, block_p, block_c
+    return (cdiv(c, block_c), b, cdiv(h * w, chunk)), chunk, block_p, block_c
 
 
 def batch_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +272,7 @@ def apply(x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, var: torch.Tenso
     flattenable pixels, the vectors fp32 (C,)."""
     b, c, h, w = x.shape
     block_p, block_c, warps = _blocks(c)
-    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c, block_c))
+    grid = (cdiv(h * w, block_p), b, cdiv(c, block_c))
     _apply_kernel[grid](x, y, mean, var, weight, bias, eps, c, h * w, *pixel_strides(x),
                         *pixel_strides(y), BLOCK_P=block_p, BLOCK_C=block_c,
                         ACTIVATION=ACTIVATION_CODES[activation_name], num_warps=warps)
@@ -298,7 +298,7 @@ def grad_input(x: torch.Tensor, grad_y: torch.Tensor, grad_x: torch.Tensor, mean
     """grad_x = dX; ``sums``: :func:`grad_sums` in training (batch statistics), None in eval."""
     b, c, h, w = x.shape
     block_p, block_c, warps = _blocks(c)
-    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c, block_c))
+    grid = (cdiv(h * w, block_p), b, cdiv(c, block_c))
     _grad_input_kernel[grid](
         x, grad_y, grad_x, mean, var, weight, bias, mean if sums is None else sums, eps,
         1.0 / (b * h * w),

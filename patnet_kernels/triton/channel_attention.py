@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .._types import chunk_pixels
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, hardsigmoid, merge_moments, tile_moments, upcast_dot)
+                      block, cdiv, hardsigmoid, merge_moments, tile_moments, upcast_dot)
 from .partial_conv import _conv_blocks, _strides, conv3x3_tile
 
 
@@ -614,11 +614,11 @@ def _stats(x: torch.Tensor, c1: int, chunk_pixels: int, sum_of_squares: bool
            ) -> Tuple[torch.Tensor, torch.Tensor]:
     b, c, h, w = x.shape
     c2 = c - c1
-    chunks = triton.cdiv(h * w, chunk_pixels)
+    chunks = cdiv(h * w, chunk_pixels)
     mean = torch.empty((b, chunks, c2), device=x.device, dtype=torch.float32)
     dev = torch.empty_like(mean)
     block_p, block_c, warps = _reduce_blocks(c2, h * w)
-    _channel_stats_kernel[(triton.cdiv(c2, block_c), b, chunks)](
+    _channel_stats_kernel[(cdiv(c2, block_c), b, chunks)](
         x, mean, dev, c1, c2, h, w, chunk_pixels, *_strides(x),
         SUM_OF_SQUARES=sum_of_squares, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return mean, dev
@@ -645,14 +645,14 @@ def stats_chunk_pixels(b: int, c2: int, pixels: int, interpret: bool = INTERPRET
     if interpret:
         return _INTERPRET_CHUNK_PIXELS
     block_p, block_c, _ = _reduce_blocks(c2, pixels, interpret=False)
-    wanted = triton.cdiv(_STATS_PROGRAMS, b * triton.cdiv(c2, block_c))
+    wanted = cdiv(_STATS_PROGRAMS, b * cdiv(c2, block_c))
     return max(block_p, chunk_pixels(pixels, wanted))
 
 
 def chunk_stats_shape(x: torch.Tensor, c1: int) -> Tuple[int, int, int]:
     """(B, T, C2): the shape of each of :func:`channel_chunk_stats`'s outputs (the op's fake)."""
     b, c, h, w = x.shape
-    return b, triton.cdiv(h * w, stats_chunk_pixels(b, c - c1, h * w)), c - c1
+    return b, cdiv(h * w, stats_chunk_pixels(b, c - c1, h * w)), c - c1
 
 
 def channel_chunk_stats(x: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -694,7 +694,7 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, pixels: int, cfc_weight:
     a = bn_a if bn_a is not None else (None, None, None, None, 0.0)
     present = [t if t is not None else mean for t in (cfc_bias, *a[:4], *bn_b[:4])]
     block_b, block_o, block_i, warps = _gate_blocks(b, c2)
-    grid = (triton.cdiv(c2, block_o), 1 if training else triton.cdiv(b, block_b))
+    grid = (cdiv(c2, block_o), 1 if training else cdiv(b, block_b))
     _channel_gate_kernel[grid](
         mean, std, cfc_weight, *present, scale, shift, z, moments, batch if training else z,
         b, c2, chunks, pixels, chunk_pixels(pixels, chunks) if chunks else 0, float(a[4]),
@@ -731,15 +731,15 @@ def channel_gate_backward(sum_xg: torch.Tensor, sum_g: torch.Tensor, mean: torch
     grad_w = torch.empty((c2, c2, 1, 2), device=mean.device, dtype=torch.float32)
     present = [t if t is not None else mean for t in (a_weight, a_bias, b_weight)]
     block_b, block_o, block_i, warps = _gate_blocks(b, c2)
-    _channel_gate_grad_kernel[(triton.cdiv(c2, block_o),)](
+    _channel_gate_grad_kernel[(cdiv(c2, block_o),)](
         sum_xg, sum_g, mean, std, z, moments, *present, dz, d_mean, d_std, grads, b, c2, pixels,
         HAS_BN_A=has_a, HAS_A_W=a_weight is not None, HAS_A_B=a_bias is not None,
         HAS_B_W=b_weight is not None, TRAINING=training, BLOCK_B=block_b, BLOCK_O=block_o,
         num_warps=warps, num_stages=1)
-    _channel_gate_input_grad_kernel[(triton.cdiv(c2, block_i), triton.cdiv(b, block_b))](
+    _channel_gate_input_grad_kernel[(cdiv(c2, block_i), cdiv(b, block_b))](
         dz, cfc_weight, std, d_mean, d_std, slope, offset, b, c2, pixels, TRAINING=training,
         BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, num_stages=1)
-    _channel_gate_weight_grad_kernel[(triton.cdiv(c2, block_o), triton.cdiv(c2, block_i))](
+    _channel_gate_weight_grad_kernel[(cdiv(c2, block_o), cdiv(c2, block_i))](
         dz, mean, std, grad_w, b, c2, BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i,
         num_warps=warps, num_stages=1)
     return slope, offset, grad_w, grads
@@ -758,7 +758,7 @@ def channel_grad_sums(x: torch.Tensor, grad_y: torch.Tensor, center: torch.Tenso
     sum_xg = torch.empty((b, c2), device=x.device, dtype=torch.float32)
     sum_g = torch.empty((b, c2), device=x.device, dtype=torch.float32)
     block_p, block_c, warps = _reduce_blocks(c2, h * w)
-    _channel_grad_sums_kernel[(triton.cdiv(c2, block_c), b)](
+    _channel_grad_sums_kernel[(cdiv(c2, block_c), b)](
         x, grad_y, center, sum_xg, sum_g, c1, c2, h, w, *_strides(x), *_strides(grad_y),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return sum_xg, sum_g
@@ -783,7 +783,7 @@ def conv3x3_affine(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch.Tens
     if not has_aux:  # never read: any valid pointer
         aux, center, slope = src, scale, scale
     block_p, block_ci, block_co, warps = _conv_blocks(c1)
-    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c1, block_co))
+    grid = (cdiv(h * w, block_p), b, cdiv(c1, block_co))
     _conv3x3_affine_kernel[grid](
         src, aux, dst, weight_taps, scale, offset, center, slope, c1, c2, h, w,
         *_strides(src), *_strides(aux), *_strides(dst),

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, dot, upcast_dot)
+                      block, cdiv, dot, upcast_dot)
 
 
 @triton.jit
@@ -246,7 +246,7 @@ def conv3x3_passthrough(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch
     c1 = weight_taps.shape[1]
     block_p, block_ci, block_co, warps = _conv_blocks(c1)
     block_copy = _copy_block(dst.shape[1] - c1, copy_rest)
-    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c1, block_co))
+    grid = (cdiv(h * w, block_p), b, cdiv(c1, block_co))
     _conv3x3_passthrough_kernel[grid](
         src, dst, weight_taps, c1, dst.shape[1], h, w, *_strides(src), *_strides(dst),
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_COPY=block_copy,
@@ -278,7 +278,7 @@ def self_mixer_output(x: torch.Tensor, weight_taps: torch.Tensor, tokens: torch.
     c1 = weight_taps.shape[1]
     c2 = c - c1
     block_p, block_ci, block_n, block_k, warps = _self_mixer_blocks(c1, c2, x.dtype)
-    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(c1, block_n) + triton.cdiv(c2, block_n))
+    grid = (cdiv(h * w, block_p), b, cdiv(c1, block_n) + cdiv(c2, block_n))
     _self_mixer_output_kernel[grid](
         x, weight_taps, tokens, proj_weight, proj_weight if proj_bias is None else proj_bias,
         tokens if keep is None else keep, y, c1, c2, h, w, *_strides(x), *_strides(tokens),
@@ -325,8 +325,8 @@ def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     b, c1, h, w = x1.shape
     block_p, block_ci, block_co, warps = _conv_blocks(c1)
     block_p = block_p if INTERPRET else _WGRAD_BLOCK_P
-    tiles = triton.cdiv(h * w, block_p)
-    n_ci, n_co = triton.cdiv(c1, block_ci), triton.cdiv(c1, block_co)
+    tiles = cdiv(h * w, block_p)
+    n_ci, n_co = cdiv(c1, block_ci), cdiv(c1, block_co)
     splits = _weight_grad_splits(b * tiles, 9 * n_ci * n_co)
     partial = torch.empty((splits, 9, c1, c1), device=x1.device, dtype=torch.float32)
     _conv3x3_weight_grad_kernel[(splits, 9 * n_ci, n_co)](

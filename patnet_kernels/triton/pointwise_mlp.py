@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, dot, pixel_strides, upcast_dot)
+                      block, cdiv, dot, pixel_strides, upcast_dot)
 from .partial_conv import conv3x3_tile
 
 # The activation constexpr of the kernel, by the reference's name.
@@ -189,7 +189,7 @@ def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_chann
     two, as :func:`patnet_kernels._types.chunk_pixels` assumes)."""
     config = config or default_config(x.shape[1], w1.shape[0], w2.shape[0], x.dtype,
                                       conv_channels)
-    return triton.cdiv(x.shape[2] * x.shape[3], config.block_p)
+    return cdiv(x.shape[2] * x.shape[3], config.block_p)
 
 
 def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
@@ -218,7 +218,7 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     hidden, c_out = w1.shape[0], w2.shape[0]
     c_head = conv_taps.shape[1] if conv_taps is not None else 0
     config = config or default_config(c, hidden, c_out, x.dtype, c_head)
-    grid = (triton.cdiv(h * w, config.block_p), b, triton.cdiv(c_out, config.block_n))
+    grid = (cdiv(h * w, config.block_p), b, cdiv(c_out, config.block_n))
     r = residual if residual is not None else y
     unused = w1  # (any pointer in x's dtype for the arguments not read)
     stats_mean, stats_m2 = statistics if statistics is not None else (unused, unused)

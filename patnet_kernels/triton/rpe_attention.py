@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .._types import DROPOUT_SEED_RANGE
-from ._common import INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, upcast_dot
+from ._common import INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, cdiv, upcast_dot
 
 # Dropout seeds lie in [SEED_LOW, SEED_HIGH) (see DROPOUT_SEED_RANGE).
 SEED_LOW, SEED_HIGH = DROPOUT_SEED_RANGE
@@ -436,7 +436,7 @@ def rpe_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty((bsz, n, heads, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
     seed, dropping, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    _rpe_fwd_kernel[(triton.cdiv(n, block_m), bsz * heads)](
+    _rpe_fwd_kernel[(cdiv(n, block_m), bsz * heads)](
         q, k, v, table32, ids32, out, lse, heads, n, d, table32.shape[1],
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out)[:3],
         float(scale), seed, dropping, threshold, drop_scale,
@@ -458,7 +458,7 @@ def _splits(bsz: int, programs_per_split: int, atomic: bool) -> int:
     if INTERPRET:
         return min(bsz, 2)
     sms = _multiprocessors(torch.cuda.current_device())
-    return max(1, min(bsz, triton.cdiv(2 * sms, programs_per_split)))
+    return max(1, min(bsz, cdiv(2 * sms, programs_per_split)))
 
 
 def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -477,7 +477,7 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     nb = table32.shape[1]
     kv_m, kv_n, block_d, kv_warps, kv_stages = _config(d, q.dtype, "kv")
     seed, dropping, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    kblocks = triton.cdiv(n, kv_n)
+    kblocks = cdiv(n, kv_n)
     one_kblock = kblocks == 1
     atomic = not deterministic
     splits = _splits(bsz, kblocks * heads, atomic)
@@ -506,7 +506,7 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
             dq.copy_(dq_acc)
         else:
             q_m, q_n, _, q_warps, q_stages = _config(d, q.dtype, "q")
-            _rpe_bwd_q_kernel[(triton.cdiv(n, q_m), bsz * heads)](
+            _rpe_bwd_q_kernel[(cdiv(n, q_m), bsz * heads)](
                 q, k, v, out, grad_out, lse, table32, ids32, dq, heads, n, d, nb, *strides,
                 float(scale), seed, dropping, threshold, drop_scale, BLOCK_M=q_m, BLOCK_N=q_n,
                 BLOCK_D=block_d, UPCAST=upcast, num_warps=q_warps, num_stages=q_stages)
@@ -539,7 +539,7 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, n: int, dropout_p: floa
     (the mask the forward and backward apply; for tests)."""
     seed, _, threshold, _ = _dropout_args(dropout_p, seed)
     keep = torch.empty((batch, heads, n, n), dtype=torch.int8, device=device)
-    grid = (triton.cdiv(n, _MASK_BLOCK), triton.cdiv(n, _MASK_BLOCK), batch * heads)
+    grid = (cdiv(n, _MASK_BLOCK), cdiv(n, _MASK_BLOCK), batch * heads)
     _dropout_mask_kernel[grid](keep, n, seed, threshold, BLOCK_M=_MASK_BLOCK,
                                BLOCK_N=_MASK_BLOCK, num_warps=4)
     return keep.bool()

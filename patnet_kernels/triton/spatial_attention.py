@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, dot, hardsigmoid, hardsigmoid_grad, pixel_strides,
+                      block, cdiv, dot, hardsigmoid, hardsigmoid_grad, pixel_strides,
                       store_tile_moments, upcast_dot)
 
 
@@ -474,7 +474,7 @@ def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool
     hw = h * w
     cs = c if with_mb else q
     block_p, block_c, warps = _gate_blocks(q)
-    tiles = triton.cdiv(hw, block_p)
+    tiles = cdiv(hw, block_p)
     z = torch.empty((b, hw), device=m.device, dtype=torch.float32)
     part = torch.empty((2, b * tiles, cs), device=m.device, dtype=torch.float32)
     _gate_stats_kernel[(tiles, b)](
@@ -514,7 +514,7 @@ def apply(m: torch.Tensor, gate_weight: torch.Tensor, z: Optional[torch.Tensor],
     block_p, block_c, block_k, block_n, warps = _apply_blocks(q, p)
     residual_arg = y if residual is None else residual  # (not read without RESIDUAL)
     mean, m2 = statistics if statistics is not None else (z, z)  # (not written without STATS)
-    grid = (triton.cdiv(h * w, block_p), b, 1 + triton.cdiv(p, block_n))
+    grid = (cdiv(h * w, block_p), b, 1 + cdiv(p, block_n))
     _apply_kernel[grid](
         m, gate_weight, z, conv_weight, conv_weight if conv_bias is None else conv_bias,
         *bn_c, *(bn_c if bn_d is None else bn_d), residual_arg, y, mean, m2, c_eps, d_eps, q, p,
@@ -531,7 +531,7 @@ def statistics_chunks(pixels: int) -> int:
     """T, the pixel tiles of :func:`apply` on a map of ``pixels`` = H * W: the chunks of the
     statistics it takes (BLOCK_P pixels each, a power of two, as
     :func:`patnet_kernels._types.chunk_pixels` assumes)."""
-    return triton.cdiv(pixels, _apply_blocks(0, 0)[0])
+    return cdiv(pixels, _apply_blocks(0, 0)[0])
 
 
 def gate_grad_reduce(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor,
@@ -540,7 +540,7 @@ def gate_grad_reduce(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor, mea
     b, _, h, w = m.shape
     q = mean.shape[0]
     block_p, block_c, warps = _gate_blocks(q)
-    tiles = triton.cdiv(h * w, block_p)
+    tiles = cdiv(h * w, block_p)
     part = torch.empty((2, b * tiles, q), device=m.device, dtype=torch.float32)
     _gate_grad_reduce_kernel[(tiles, b)](
         m, grad_y, z, mean, rstd, part[0], part[1], q, h * w, tiles, *pixel_strides(m),
@@ -562,7 +562,7 @@ def gate_grad_apply(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor,
     q = mean.shape[0]
     train = k1 is not None
     block_p, block_c, warps = _gate_blocks(q)
-    tiles = triton.cdiv(h * w, block_p)
+    tiles = cdiv(h * w, block_p)
     part = torch.empty((1 if train else 3, b * tiles, q), device=m.device, dtype=torch.float32)
     k1 = a if k1 is None else k1
     k2 = a if k2 is None else k2
@@ -593,7 +593,7 @@ def pointwise_gemm(a: torch.Tensor, weight_kn: torch.Tensor, out: torch.Tensor,
     epi_x = x is not None
     if not epi_x:
         x, em, ec = out, ea, ea  # not read
-    grid = (triton.cdiv(h * w, block_p), b, triton.cdiv(n, block_n))
+    grid = (cdiv(h * w, block_p), b, cdiv(n, block_n))
     _pointwise_gemm_kernel[grid](
         a, weight_kn, out, x, pm, ps, ph, ea, eb, em, ec, k, n, h * w, *pixel_strides(a),
         weight_kn.stride(0), weight_kn.stride(1), *pixel_strides(out), *pixel_strides(x),
@@ -616,8 +616,8 @@ def pointwise_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, pm: torch.Tenso
     b, n, h, w = grad_y.shape
     k = x.shape[1]
     block_p, block_o, block_i, warps = _wgrad_blocks(n, k)
-    tiles = triton.cdiv(h * w, block_p)
-    n_o, n_i = triton.cdiv(n, block_o), triton.cdiv(k, block_i)
+    tiles = cdiv(h * w, block_p)
+    n_o, n_i = cdiv(n, block_o), cdiv(k, block_i)
     splits = _weight_grad_splits(b * tiles, n_o * n_i)
     g = torch.empty((splits, n, k), device=x.device, dtype=torch.float32)
     bsum = torch.empty((splits, n), device=x.device, dtype=torch.float32)

@@ -8,7 +8,7 @@ import torch
 
 from ...triton import batch_norm_act as kernels
 from ...triton._common import on_tensor_device
-from .. import batch_norm_act as spec, register_fakes
+from .. import custom_op, register_fakes, batch_norm_act as spec
 from . import fp32_vector
 from .._layout import empty_activation, with_pixel_stride
 
@@ -22,7 +22,7 @@ def _affine(weight: Optional[Tensor], bias: Optional[Tensor], like: Tensor
     return fp32_vector(weight, 1.0, c, like), fp32_vector(bias, 0.0, c, like)
 
 
-@torch.library.custom_op("patnet_triton::batch_norm_act", mutates_args=())
+@custom_op("patnet_triton::batch_norm_act", mutates_args=())
 @on_tensor_device
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
              running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
@@ -39,7 +39,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     return y, mean, var
 
 
-@torch.library.custom_op("patnet_triton::batch_norm_act_backward", mutates_args=())
+@custom_op("patnet_triton::batch_norm_act_backward", mutates_args=())
 @on_tensor_device
 def _backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
               bias: Optional[Tensor], eps: float, activation: str, training: bool

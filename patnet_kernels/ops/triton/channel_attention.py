@@ -12,14 +12,14 @@ import torch
 from ...triton import channel_attention as kernels
 from ...triton import partial_conv as conv_kernels
 from ...triton._common import on_tensor_device
-from .. import channel_attention as spec, register_fakes
+from .. import custom_op, register_fakes, channel_attention as spec
 from .._layout import empty_activation
 from . import partial_conv as _conv_ops  # noqa: F401 (registers conv3x3_weight_grad)
 
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_stats", mutates_args=())
+@custom_op("patnet_triton::channel_attention_stats", mutates_args=())
 @on_tensor_device
 def _stats(x: Tensor, c1: int) -> Tuple[Tensor, Tensor]:
     return kernels.channel_stats(x, c1)
@@ -29,7 +29,7 @@ def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_gate", mutates_args=())
+@custom_op("patnet_triton::channel_attention_gate", mutates_args=())
 @on_tensor_device
 def _gate(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
           cfc_bias: Optional[Tensor], a_weight: Optional[Tensor], a_bias: Optional[Tensor],
@@ -43,7 +43,7 @@ def _gate(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
                                 cfc_weight.contiguous(), _vector(cfc_bias), bn_a, bn_b, training)
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_gate_backward", mutates_args=())
+@custom_op("patnet_triton::channel_attention_gate_backward", mutates_args=())
 @on_tensor_device
 def _gate_backward(sum_xg: Tensor, sum_g: Tensor, mean: Tensor, std: Tensor, pixels: int,
                    z: Tensor, moments: Tensor, cfc_weight: Tensor, a_weight: Optional[Tensor],
@@ -55,7 +55,7 @@ def _gate_backward(sum_xg: Tensor, sum_g: Tensor, mean: Tensor, std: Tensor, pix
         _vector(b_weight), has_a, training)
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_apply", mutates_args=())
+@custom_op("patnet_triton::channel_attention_apply", mutates_args=())
 @on_tensor_device
 def _apply(x: Tensor, conv_weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return kernels.conv3x3_affine(x, conv_kernels.forward_taps(conv_weight),
@@ -63,13 +63,13 @@ def _apply(x: Tensor, conv_weight: Tensor, scale: Tensor, shift: Tensor) -> Tens
                                   shift.contiguous())
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_grad_sums", mutates_args=())
+@custom_op("patnet_triton::channel_attention_grad_sums", mutates_args=())
 @on_tensor_device
 def _grad_sums(x: Tensor, grad_y: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
     return kernels.channel_grad_sums(x, grad_y, mean.contiguous())
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_input_grad", mutates_args=())
+@custom_op("patnet_triton::channel_attention_input_grad", mutates_args=())
 @on_tensor_device
 def _input_grad(grad_y: Tensor, x: Tensor, conv_weight: Tensor, scale: Tensor, center: Tensor,
                 slope: Tensor, offset: Tensor) -> Tensor:

@@ -12,12 +12,13 @@ import torch
 
 from ...triton import channel_attention as kernels
 from ...triton._common import on_tensor_device
+from .. import custom_op
 from . import channel_attention, partial_conv, pointwise_mlp  # noqa: F401 - registers them
 
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("patnet_triton::channel_attention_chunk_stats", mutates_args=())
+@custom_op("patnet_triton::channel_attention_chunk_stats", mutates_args=())
 @on_tensor_device
 def _chunk_stats(x: Tensor, c1: int) -> Tuple[Tensor, Tensor]:
     return kernels.channel_chunk_stats(x, c1)

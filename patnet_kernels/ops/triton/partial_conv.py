@@ -6,20 +6,20 @@ import torch
 
 from ...triton import partial_conv as kernels
 from ...triton._common import on_tensor_device
-from .. import partial_conv as spec, register_fakes
+from .. import custom_op, register_fakes, partial_conv as spec
 from .._layout import empty_activation
 
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("patnet_triton::partial_conv3x3", mutates_args=())
+@custom_op("patnet_triton::partial_conv3x3", mutates_args=())
 @on_tensor_device
 def _forward(x: Tensor, weight: Tensor) -> Tensor:
     return kernels.conv3x3_passthrough(x, kernels.forward_taps(weight),
                                        empty_activation(x, x.shape), copy_rest=True)
 
 
-@torch.library.custom_op("patnet_triton::partial_conv3x3_", mutates_args=("x",))
+@custom_op("patnet_triton::partial_conv3x3_", mutates_args=("x",))
 @on_tensor_device
 def _forward_inplace(x: Tensor, weight: Tensor) -> Tensor:
     x1 = empty_activation(x, spec._x1_shape(x, weight))
@@ -29,14 +29,14 @@ def _forward_inplace(x: Tensor, weight: Tensor) -> Tensor:
     return x1
 
 
-@torch.library.custom_op("patnet_triton::partial_conv3x3_input_grad", mutates_args=())
+@custom_op("patnet_triton::partial_conv3x3_input_grad", mutates_args=())
 @on_tensor_device
 def _input_grad(grad_y: Tensor, weight: Tensor) -> Tensor:
     return kernels.conv3x3_passthrough(grad_y, kernels.transposed_taps(weight),
                                        empty_activation(grad_y, grad_y.shape), copy_rest=True)
 
 
-@torch.library.custom_op("patnet_triton::conv3x3_weight_grad", mutates_args=())
+@custom_op("patnet_triton::conv3x3_weight_grad", mutates_args=())
 @on_tensor_device
 def _weight_grad(x1: Tensor, grad_y: Tensor) -> Tensor:
     return kernels.conv3x3_weight_grad(x1, grad_y)

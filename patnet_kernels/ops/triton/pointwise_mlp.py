@@ -13,7 +13,7 @@ import torch
 from ...triton import pointwise_mlp as kernels
 from ...triton._common import on_tensor_device
 from ...triton.partial_conv import forward_taps
-from .. import pointwise_mlp as spec, register_fakes
+from .. import custom_op, register_fakes, pointwise_mlp as spec
 from .._layout import empty_activation, with_pixel_stride
 
 Tensor = torch.Tensor
@@ -40,7 +40,7 @@ def _run(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
         shift=optional(shift, Tensor.contiguous), statistics=statistics, stats_first=stats_first)
 
 
-@torch.library.custom_op("patnet_triton::pointwise_mlp", mutates_args=())
+@custom_op("patnet_triton::pointwise_mlp", mutates_args=())
 @on_tensor_device
 def _forward(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
              shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
@@ -54,7 +54,7 @@ def _stats_shape(x: Tensor, conv_weight: Optional[Tensor], w1: Tensor, w2: Tenso
     return (x.shape[0], kernels.stats_chunks(x, w1, w2, conv_channels), w2.shape[0] - stats_first)
 
 
-@torch.library.custom_op("patnet_triton::pointwise_mlp_stats", mutates_args=())
+@custom_op("patnet_triton::pointwise_mlp_stats", mutates_args=())
 @on_tensor_device
 def _forward_stats(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
                    shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,

@@ -9,7 +9,7 @@ import torch
 
 from ...triton import rpe_attention as kernels
 from ...triton._common import on_tensor_device
-from .. import register_fakes, rpe_attention as spec
+from .. import custom_op, register_fakes, rpe_attention as spec
 
 Tensor = torch.Tensor
 
@@ -45,7 +45,7 @@ def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
     return int(seed.item())  # a CPU tensor: no device synchronisation
 
 
-@torch.library.custom_op("patnet_triton::rpe_attention_fwd", mutates_args=())
+@custom_op("patnet_triton::rpe_attention_fwd", mutates_args=())
 @on_tensor_device
 def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, bucket: Tensor, scale: float,
              dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -54,7 +54,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, bucket: Tensor, sca
                                          dropout_p, _seed_value(seed, dropout_p))
 
 
-@torch.library.custom_op("patnet_triton::rpe_attention_bwd", mutates_args=())
+@custom_op("patnet_triton::rpe_attention_bwd", mutates_args=())
 @on_tensor_device
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
               table: Tensor, bucket: Tensor, scale: float, dropout_p: float,

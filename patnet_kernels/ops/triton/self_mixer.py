@@ -9,7 +9,7 @@ import torch
 
 from ...triton import partial_conv as kernels
 from ...triton._common import on_tensor_device
-from .. import register_fakes, self_mixer as spec
+from .. import custom_op, register_fakes, self_mixer as spec
 from .._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -20,7 +20,7 @@ def _tokens_view(y: Tensor, c1: int) -> Tensor:
     return y[:, c1:].flatten(2).transpose(1, 2)
 
 
-@torch.library.custom_op("patnet_triton::self_mixer_output", mutates_args=())
+@custom_op("patnet_triton::self_mixer_output", mutates_args=())
 @on_tensor_device
 def _forward(x: Tensor, conv_weight: Tensor, tokens: Tensor, proj_weight: Tensor,
              proj_bias: Optional[Tensor], keep: Optional[Tensor], residual: bool) -> Tensor:
@@ -30,7 +30,7 @@ def _forward(x: Tensor, conv_weight: Tensor, tokens: Tensor, proj_weight: Tensor
         None if keep is None else keep.contiguous(), empty_activation(x, x.shape), residual)
 
 
-@torch.library.custom_op("patnet_triton::self_mixer_output_backward", mutates_args=())
+@custom_op("patnet_triton::self_mixer_output_backward", mutates_args=())
 @on_tensor_device
 def _backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, tokens: Tensor,
               proj_weight: Tensor, keep: Optional[Tensor]

@@ -9,14 +9,14 @@ import torch
 
 from ...triton import spatial_attention as kernels
 from ...triton._common import on_tensor_device
-from .. import register_fakes, spatial_attention as spec
+from .. import custom_op, register_fakes, spatial_attention as spec
 from . import fp32_vector
 from .._layout import empty_activation, with_pixel_stride
 
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("patnet_triton::spatial_attention", mutates_args=())
+@custom_op("patnet_triton::spatial_attention", mutates_args=())
 @on_tensor_device
 def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
              c_weight: Optional[Tensor], c_bias: Optional[Tensor],
@@ -59,7 +59,7 @@ def _forward_fake(m, gate_weight, conv_weight, conv_bias, c_weight, c_bias, c_ru
     return spec.forward_fake(m, conv_weight, has_bn_d, training, stats_first, chunks)
 
 
-@torch.library.custom_op("patnet_triton::spatial_attention_backward", mutates_args=())
+@custom_op("patnet_triton::spatial_attention_backward", mutates_args=())
 @on_tensor_device
 def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_weight: Tensor,
               c_stats: Tensor, c_weight: Optional[Tensor], c_eps: float, d_stats: Tensor,

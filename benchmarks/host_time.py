@@ -1,0 +1,170 @@
+"""Host time of one eval forward, per model and provider: what the CPU spends issuing a
+forward's kernels (our Python layers, PyTorch's dispatch, Triton's launcher).
+
+    python -m benchmarks.host_time [--models patnet_t2,fasternet_t2] [--providers eager,triton]
+                                   [--batch 1] [--size 32] [--repeat 50] [--json PATH]
+
+A GPU runs a forward no faster than its host issues it: at 51 launches per PATNet-T2 forward,
+tens of microseconds of Python per launch are milliseconds per batch, as much as the kernels
+of a whole batch at the speed targets. This measures it.
+
+* On a machine without a GPU the Triton kernels are launched but not run (the call stops at
+  Triton's launcher, as the traffic model's ``--count-only`` does; Triton's own launch cost is
+  not in the figure): the time is that of our layers (functional API, backend choice,
+  registered ops, launchers) plus the path's few aten ops, which do run, on the CPU at this
+  size (the stem's and the merges' convolutions, PAT_sf's linear layers, the head: most of
+  eager's time here). Eager's row is context, not eager's host time on a GPU: all of its
+  kernels run on the CPU.
+* On a GPU every kernel is launched and runs; each forward is timed on the host without a
+  synchronisation (then one outside the timing, so the launch queue never fills): the host
+  time per forward with real launches. Where it is above the forward's GPU time, the model is
+  host-bound (CUDA graphs: ``patnet.optimize_for_inference(model, example_input=x)``).
+
+Median and 20th/80th percentiles of ``--repeat`` forwards after 3 untimed ones, and the
+kernels per forward (the traffic model's count). Times on a shared machine are noisy: compare
+rows of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import traffic  # noqa: E402  (sets up the CPU emulation first where needed)
+from benchmarks.report import pretty, split_list  # noqa: E402
+from benchmarks.report import write_json as write_json_file  # noqa: E402
+
+import patnet  # noqa: E402
+
+PROVIDERS = ("eager", "torch", "triton", "cuda")
+DEFAULT_PROVIDERS = ("eager", "triton")
+WARMUP = 3
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int) -> List[float]:
+    """Seconds of host time of each of ``repeat`` eval forwards of ``model`` on ``x`` (after
+    WARMUP untimed ones); without a GPU with the Triton kernels launched but not run."""
+    stub = (contextlib.nullcontext() if _on_gpu()
+            else traffic.triton_launches([], run_kernels=False))
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    times = []
+    with torch.no_grad(), stub:
+        for _ in range(WARMUP):
+            model(x)
+        sync()
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+            sync()
+    return times
+
+
+def measure_provider(name: str, provider: str, batch: int, size: int, repeat: int) -> dict:
+    """One row: kernels per forward and host milliseconds (median, p20, p80), or ``status`` /
+    ``reason`` where the provider cannot run."""
+    try:
+        model = traffic.build(name, provider)
+        device = "cuda" if _on_gpu() else "cpu"
+        model = model.to(device)
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        x = x.to(device)
+        times = sorted(host_times(model, x, repeat))
+        kernels = traffic.summarize(traffic.record_forward(  # (warm: its caches are built)
+            model, x, warmup=False, run_kernels=_on_gpu())).kernels
+    except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
+        from patnet_kernels import BackendUnavailableError
+        status = "unavailable" if isinstance(exc, BackendUnavailableError) else "error"
+        return {"status": status, "reason": f"{type(exc).__name__}: {exc}"}
+    ms = [t * 1e3 for t in times]
+    median = statistics.median(ms)
+    return {"status": "ok", "kernels": kernels, "ms": median,
+            "ms_p20": ms[int(0.2 * (len(ms) - 1))], "ms_p80": ms[int(0.8 * (len(ms) - 1))],
+            "us_per_kernel": 1e3 * median / kernels}
+
+
+def measure(name: str, providers: Sequence[str], batch: int = 1, size: int = 32,
+            repeat: int = 50) -> dict:
+    """The host-time report of one model: a row per provider (see :func:`measure_provider`)."""
+    return {"model": name, "batch": batch, "size": size, "repeat": repeat,
+            "device": torch.cuda.get_device_name() if _on_gpu() else "cpu",
+            "kernels_run": _on_gpu(),
+            "providers": {p: measure_provider(name, p, batch, size, repeat) for p in providers}}
+
+
+def format_table(report: dict) -> str:
+    where = (f"on {report['device']}" if report["kernels_run"]
+             else "on the CPU, Triton kernels launched but not run")
+    lines = [f"{pretty(report['model'])}, batch {report['batch']} at {report['size']} x "
+             f"{report['size']}, eval forward, {where}: host time per forward",
+             f"{'provider':<22}{'kernels':>8}{'host ms':>10}{'p20-p80':>16}{'us/kernel':>11}"]
+    lines.append("-" * len(lines[-1]))
+    for provider, row in report["providers"].items():
+        label = traffic.PROVIDER_LABELS.get(provider, provider)
+        if row.get("status") != "ok":
+            lines.append(f"{label:<22}{row.get('status')}: {row.get('reason', '')[:90]}")
+            continue
+        spread = f"{row['ms_p20']:.2f}-{row['ms_p80']:.2f}"
+        lines.append(f"{label:<22}{row['kernels']:>8}{row['ms']:>10.2f}{spread:>16}"
+                     f"{row['us_per_kernel']:>11.1f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.host_time",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=split_list, default=["patnet_t2", "fasternet_t2"],
+                        help="comma list (default patnet_t2,fasternet_t2)")
+    parser.add_argument("--providers", type=split_list, default=list(DEFAULT_PROVIDERS),
+                        help=f"comma list of {','.join(PROVIDERS)} (default "
+                             f"{','.join(DEFAULT_PROVIDERS)})")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=32, help="image side, >= 32 (default 32)")
+    parser.add_argument("--repeat", type=int, default=50, help="timed forwards (default 50)")
+    parser.add_argument("--json", type=Path, default=None, help="write the reports here")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.models if m not in patnet.list_models()]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {patnet.list_models()}")
+    bad = [p for p in args.providers if p not in PROVIDERS]
+    if bad or not args.providers:
+        parser.error(f"unknown provider(s) {bad}; choose from {list(PROVIDERS)}")
+    if args.batch < 1 or args.repeat < 1:
+        parser.error("--batch and --repeat must be at least 1")
+    if args.size < 32:
+        parser.error(f"--size must be at least 32 (the models' smallest input), got {args.size}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    reports = []
+    for name in args.models:
+        report = measure(name, args.providers, args.batch, args.size, args.repeat)
+        reports.append(report)
+        print(format_table(report) + "\n", flush=True)
+        if args.json is not None:  # rewritten after every model: a cut run keeps what it had
+            write_json_file(args.json, {
+                "what": "host time per eval forward (benchmarks/host_time.py)",
+                "torch": torch.__version__, "settings": vars(args) | {"json": str(args.json)},
+                "models": {r["model"]: r for r in reports}})
+    failed = [(r["model"], p) for r in reports for p, row in r["providers"].items()
+              if row.get("status") == "error"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

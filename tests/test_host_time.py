@@ -1,0 +1,39 @@
+"""benchmarks/host_time.py on the CPU: a table and JSON per model with each provider's host
+time per forward (Triton's kernels launched, not run) and kernels per forward."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import host_time
+
+
+def test_smoke_run_writes_table_and_json(tmp_path, capsys):
+    path = tmp_path / "sub" / "host.json"
+    assert host_time.main(["--models", "patnet_t0", "--repeat", "3", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "PATNet-T0, batch 1 at 32 x 32, eval forward" in out
+    assert "Triton kernels launched but not run" in out
+    doc = json.loads(path.read_text())
+    rows = doc["models"]["patnet_t0"]["providers"]
+    assert set(rows) == {"eager", "triton"}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert 0 < row["ms_p20"] <= row["ms"] <= row["ms_p80"]
+        assert row["us_per_kernel"] == pytest.approx(1e3 * row["ms"] / row["kernels"])
+    assert 0 < rows["triton"]["kernels"] < rows["eager"]["kernels"]
+    assert doc["settings"]["repeat"] == 3
+
+
+def test_cli_arguments():
+    args = host_time.parse_args(["--models", "patnet_t2", "--providers", "triton", "--batch",
+                                 "2", "--size", "64", "--repeat", "5"])
+    assert (args.models, args.providers, args.batch, args.size, args.repeat) == (
+        ["patnet_t2"], ["triton"], 2, 64, 5)
+    defaults = host_time.parse_args([])
+    assert defaults.providers == list(host_time.DEFAULT_PROVIDERS) and defaults.json is None
+    for bad in (["--models", "patnet_x"], ["--providers", "tpu"], ["--size", "16"],
+                ["--repeat", "0"], ["--batch", "0"], ["--providers", ","]):
+        with pytest.raises(SystemExit):
+            host_time.parse_args(bad)
