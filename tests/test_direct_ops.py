@@ -2,7 +2,6 @@
 body itself only where PyTorch's dispatcher would add nothing, and gives the same result."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
