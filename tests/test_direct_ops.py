@@ -41,6 +41,9 @@ def test_when_the_body_runs_itself():
         assert not calls_body_directly((x,))
     with torch.profiler.profile():
         assert not calls_body_directly((x,))
+    seen = []
+    torch.vmap(lambda row: seen.append(calls_body_directly((row,))) or row)(x)
+    assert seen == [False]
 
 
 def test_direct_call_equals_the_registered_op_and_modes_still_see_it():

@@ -59,11 +59,12 @@ def _plain(values, grad_enabled: bool) -> bool:
 def calls_body_directly(args) -> bool:
     """Whether a registered op with a Python body may run that body itself on ``args``: the
     dispatcher would add nothing. Not while torch.compile or torch.jit traces, not under a
-    dispatch mode (FakeTensorMode, the traffic model's recorder, export's modes) or the
-    profiler (it names the op), and only for plain tensors (no subclass, none needing a
-    gradient) and plain Python values."""
+    dispatch mode (FakeTensorMode, the traffic model's recorder, export's modes), a functorch
+    transform (vmap, grad) or the profiler (it names the op), and only for plain tensors (no
+    subclass, none needing a gradient) and plain Python values."""
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._functorch.maybe_current_level() is None
             and not torch._C._autograd._profiler_enabled()
             and torch._C._get_tracing_state() is None
             and _plain(args, torch.is_grad_enabled()))
