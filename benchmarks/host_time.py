@@ -1,8 +1,8 @@
-"""Host time of one eval forward, per model and provider: what the CPU spends issuing a
-forward's kernels (our Python layers, PyTorch's dispatch, Triton's launcher).
+"""Host time of one eval forward (or training step), per model and provider: what the CPU
+spends issuing its kernels (our Python layers, PyTorch's dispatch, Triton's launcher).
 
     python -m benchmarks.host_time [--models patnet_t2,fasternet_t2] [--providers eager,triton]
-                                   [--batch 1] [--size 32] [--repeat 50] [--json PATH]
+                                   [--batch N] [--size 32] [--repeat 50] [--train] [--json PATH]
 
 A GPU runs a forward no faster than its host issues it: at 51 launches per PATNet-T2 forward,
 tens of microseconds of Python per launch are milliseconds per batch, as much as the kernels
@@ -19,6 +19,10 @@ of a whole batch at the speed targets. This measures it.
   synchronisation (then one outside the timing, so the launch queue never fills): the host
   time per forward with real launches. Where it is above the forward's GPU time, the model is
   host-bound (CUDA graphs: ``patnet.optimize_for_inference(model, example_input=x)``).
+
+With ``--train``: the training model's step, forward and backward (the output's gradient all
+ones, made once; the gradients set to None between steps, untimed; no optimizer step), eager
+against ours on Triton. Without a GPU its values are garbage (kernels not run), its time not.
 
 Median and 20th/80th percentiles of ``--repeat`` forwards after 3 untimed ones, and the
 kernels per forward (the traffic model's count). Times on a shared machine are noisy: compare
@@ -54,36 +58,50 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int) -> List[float]:
-    """Seconds of host time of each of ``repeat`` eval forwards of ``model`` on ``x`` (after
-    WARMUP untimed ones); without a GPU with the Triton kernels launched but not run."""
+def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int,
+               train: bool = False) -> List[float]:
+    """Seconds of host time of each of ``repeat`` eval forwards of ``model`` on ``x`` (with
+    ``train``: forward and backward steps), after WARMUP untimed ones; without a GPU with the
+    Triton kernels launched but not run."""
     stub = (contextlib.nullcontext() if _on_gpu()
             else traffic.triton_launches([], run_kernels=False))
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    grad = None
+    if train:
+        with torch.no_grad():
+            grad = torch.ones_like(model(x))
+
+    def step():
+        if grad is None:
+            model(x)
+            return
+        model(x).backward(grad)
+
     times = []
-    with torch.no_grad(), stub:
-        for _ in range(WARMUP):
-            model(x)
-        sync()
-        for _ in range(repeat):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
+    with torch.set_grad_enabled(train), stub:
+        for _ in range(WARMUP + repeat):
+            model.zero_grad(set_to_none=True)
             sync()
-    return times
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    sync()
+    return times[WARMUP:]
 
 
-def measure_provider(name: str, provider: str, batch: int, size: int, repeat: int) -> dict:
-    """One row: kernels per forward and host milliseconds (median, p20, p80), or ``status`` /
-    ``reason`` where the provider cannot run."""
+def measure_provider(name: str, provider: str, batch: int, size: int, repeat: int,
+                     train: bool = False) -> dict:
+    """One row: kernels per forward (step) and host milliseconds (median, p20, p80), or
+    ``status`` / ``reason`` where the provider cannot run."""
     try:
-        model = traffic.build(name, provider)
+        model = traffic.build(name, provider, train=train)
         device = "cuda" if _on_gpu() else "cpu"
         model = model.to(device)
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         x = x.to(device)
-        times = sorted(host_times(model, x, repeat))
-        kernels = traffic.summarize(traffic.record_forward(  # (warm: its caches are built)
+        times = sorted(host_times(model, x, repeat, train))
+        record = traffic.record_step if train else traffic.record_forward
+        kernels = traffic.summarize(record(  # (warm: its caches are built)
             model, x, warmup=False, run_kernels=_on_gpu())).kernels
     except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
         from patnet_kernels import BackendUnavailableError
@@ -97,19 +115,21 @@ def measure_provider(name: str, provider: str, batch: int, size: int, repeat: in
 
 
 def measure(name: str, providers: Sequence[str], batch: int = 1, size: int = 32,
-            repeat: int = 50) -> dict:
+            repeat: int = 50, train: bool = False) -> dict:
     """The host-time report of one model: a row per provider (see :func:`measure_provider`)."""
-    return {"model": name, "batch": batch, "size": size, "repeat": repeat,
+    return {"model": name, "batch": batch, "size": size, "repeat": repeat, "train": train,
             "device": torch.cuda.get_device_name() if _on_gpu() else "cpu",
             "kernels_run": _on_gpu(),
-            "providers": {p: measure_provider(name, p, batch, size, repeat) for p in providers}}
+            "providers": {p: measure_provider(name, p, batch, size, repeat, train)
+                          for p in providers}}
 
 
 def format_table(report: dict) -> str:
     where = (f"on {report['device']}" if report["kernels_run"]
              else "on the CPU, Triton kernels launched but not run")
+    what = "training step" if report.get("train") else "eval forward"
     lines = [f"{pretty(report['model'])}, batch {report['batch']} at {report['size']} x "
-             f"{report['size']}, eval forward, {where}: host time per forward",
+             f"{report['size']}, {what}, {where}: host time per {what.split()[-1]}",
              f"{'provider':<22}{'kernels':>8}{'host ms':>10}{'p20-p80':>16}{'us/kernel':>11}"]
     lines.append("-" * len(lines[-1]))
     for provider, row in report["providers"].items():
@@ -131,9 +151,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--providers", type=split_list, default=list(DEFAULT_PROVIDERS),
                         help=f"comma list of {','.join(PROVIDERS)} (default "
                              f"{','.join(DEFAULT_PROVIDERS)})")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per forward (default 1; with --train 2, BatchNorm's least)")
     parser.add_argument("--size", type=int, default=32, help="image side, >= 32 (default 32)")
     parser.add_argument("--repeat", type=int, default=50, help="timed forwards (default 50)")
+    parser.add_argument("--train", action="store_true",
+                        help="time training steps (forward and backward) of the training "
+                             "model instead (providers eager, triton)")
     parser.add_argument("--json", type=Path, default=None, help="write the reports here")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if m not in patnet.list_models()]
@@ -142,6 +166,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [p for p in args.providers if p not in PROVIDERS]
     if bad or not args.providers:
         parser.error(f"unknown provider(s) {bad}; choose from {list(PROVIDERS)}")
+    if args.train and [p for p in args.providers if p not in traffic.TRAIN_PROVIDERS]:
+        parser.error(f"--train takes the providers {list(traffic.TRAIN_PROVIDERS)}")
+    if args.batch is None:
+        args.batch = 2 if args.train else 1
     if args.batch < 1 or args.repeat < 1:
         parser.error("--batch and --repeat must be at least 1")
     if args.size < 32:
@@ -153,7 +181,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     reports = []
     for name in args.models:
-        report = measure(name, args.providers, args.batch, args.size, args.repeat)
+        report = measure(name, args.providers, args.batch, args.size, args.repeat, args.train)
         reports.append(report)
         print(format_table(report) + "\n", flush=True)
         if args.json is not None:  # rewritten after every model: a cut run keeps what it had

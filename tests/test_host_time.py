@@ -26,6 +26,16 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
     assert doc["settings"]["repeat"] == 3
 
 
+def test_training_steps(capsys):
+    report = host_time.measure("patnet_t0", ("eager", "triton"), batch=2, repeat=2, train=True)
+    rows = report["providers"]
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["ms"] > 0
+    assert 0 < rows["triton"]["kernels"] < rows["eager"]["kernels"]
+    assert "training step" in host_time.format_table(report)
+
+
 def test_cli_arguments():
     args = host_time.parse_args(["--models", "patnet_t2", "--providers", "triton", "--batch",
                                  "2", "--size", "64", "--repeat", "5"])
@@ -33,7 +43,9 @@ def test_cli_arguments():
         ["patnet_t2"], ["triton"], 2, 64, 5)
     defaults = host_time.parse_args([])
     assert defaults.providers == list(host_time.DEFAULT_PROVIDERS) and defaults.json is None
+    assert defaults.batch == 1 and host_time.parse_args(["--train"]).batch == 2
     for bad in (["--models", "patnet_x"], ["--providers", "tpu"], ["--size", "16"],
-                ["--repeat", "0"], ["--batch", "0"], ["--providers", ","]):
+                ["--repeat", "0"], ["--batch", "0"], ["--providers", ","],
+                ["--train", "--providers", "cuda"]):
         with pytest.raises(SystemExit):
             host_time.parse_args(bad)
