@@ -63,10 +63,14 @@ OP_FAMILIES = {
     "channel_attention": ("bench_channel_attention", "PAT_ch, pk.channel_attention"),
     "rpe_attention": ("bench_rpe_attention", "PAT_sf's attention, pk.rpe_attention"),
     "spatial_attention": ("bench_spatial_attention", "PAT_sp, pk.spatial_attention"),
+    "batch_norm_act": ("bench_batch_norm_act", "the MLP's BatchNorm + activation, "
+                       "pk.batch_norm_act"),
     "pointwise_mlp": ("bench_pointwise_mlp", "the block's MLP, pk.pointwise_mlp"),
     "partial_block": ("bench_partial_block", "a FasterNet / PAT_ch block, pk.partial_block"),
 }
 TEST_PHASES = {"triton": "Triton", "cuda": "CUDA"}
+# The model phase that times the host's share of a forward (its JSON: models/host_time.json).
+HOST_PHASE = "models host time"
 CUT_RCS = ("124", "137")          # timeout(1): limit reached (SIGINT sent), then killed
 INTERRUPTED_RCS = ("130", "143")  # the script was interrupted (SIGINT, SIGTERM)
 FAILURE_LINES = 3                 # lines of each failure's message in SUMMARY.md
@@ -499,17 +503,23 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
 
     ops = op_reports(work)
     merged_models, model_parts = model_reports(work)
+    host = read_json(work / "models" / "host_time.json")
     bench_errors: List[str] = []
     for name, report in ops.items():
         bench_errors += [f"ops {name}: {p}" for p in bench_problems(report.get("rows", []))]
     for part in model_parts:
         bench_errors += [f"models: {p}" for p in bench_problems(part.get("rows", []))]
+    for name, report in ((host or {}).get("models") or {}).items():
+        bench_errors += [f"host time {name}, {provider}: {row.get('reason', '')[:200]}"
+                         for provider, row in report.get("providers", {}).items()
+                         if row.get("status") == "error"]
     for phase in phases:
         if (phase.kind not in ("ops", "models") or phase.rc in ("0", "-") or phase.cut
                 or phase.interrupted):
             continue
         stem = phase.name.split(" ", 1)[1].replace(" ", ".") if phase.kind == "ops" else ""
-        has_json = stem in ops if phase.kind == "ops" else bool(model_parts)
+        has_json = (stem in ops if phase.kind == "ops" else host is not None
+                    if phase.name == HOST_PHASE else bool(model_parts))
         if phase.rc == "1" and has_json:
             continue  # a provider errored or mismatched: listed from its JSON
         tail = console_tail(work, phase)
@@ -654,6 +664,17 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
                     out += ["(cut: some modes did not finish)", ""]
         except Exception as exc:  # noqa: BLE001
             out += [f"(table not made: {type(exc).__name__}: {exc}; see models.json)", ""]
+    if host is not None:
+        out += ["### Host time per forward", "",
+                "Host milliseconds to issue one eval forward's kernels (no synchronisation "
+                "inside the timing; `benchmarks/host_time.py`): where they exceed the "
+                "forward's GPU time above, the model is host-bound.", ""]
+        try:
+            from benchmarks.host_time import format_table as host_table
+            for report in (host.get("models") or {}).values():
+                out += ["```", host_table(report), "```", ""]
+        except Exception as exc:  # noqa: BLE001
+            out += [f"(table not made: {type(exc).__name__}: {exc}; see models.json)", ""]
 
     # ---------------------------------------------------------------- files
     out += ["## Files", "",
@@ -666,10 +687,12 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
     # the joined raw reports
     if ops:
         write_compact(results / "ops.json", {"reports": ops})
-    if merged_models is not None:
-        write_compact(results / "models.json", merged_models)
-    elif model_parts:
-        write_compact(results / "models.json", {"parts": model_parts})
+    models = (dict(merged_models) if merged_models is not None
+              else {"parts": model_parts} if model_parts else {})
+    if host is not None:
+        models["host_time"] = host
+    if models:
+        write_compact(results / "models.json", models)
     return "\n".join(out).rstrip() + "\n", verdict
 
 

@@ -142,6 +142,43 @@ def test_plugin_records_a_run_cut_by_its_deadline(tmp_path):
 
 
 # --------------------------------------------------------------------------- the report
+def test_every_op_family_the_script_runs_reaches_the_report():
+    """Each family `run_family` benchmarks has its entry in OP_FAMILIES: the report joins only
+    those into ops.json, which `update_auto_rule` reads (a family missing there would never
+    reach backend="auto")."""
+    families = re.findall(r"^\s*run_family (\w+) ", SCRIPT.read_text(), re.M)
+    assert "batch_norm_act" in families
+    assert set(families) == set(gpu_report.OP_FAMILIES), (families, list(gpu_report.OP_FAMILIES))
+
+
+def test_report_shows_the_host_time(tmp_path):
+    """The model phase's host time: a table per model in SUMMARY.md, its JSON in models.json;
+    an error of a provider is a benchmark error."""
+    from benchmarks import host_time
+
+    case = _case(tmp_path, "cut_run")
+    row = {"status": "ok", "kernels": 51, "ms": 2.5, "ms_p20": 2.4, "ms_p80": 2.7,
+           "us_per_kernel": 49.0}
+    report = {"model": "patnet_t2", "batch": 256, "size": 224, "repeat": 20, "train": False,
+              "device": "NVIDIA H200", "kernels_run": True,
+              "providers": {"eager": dict(row, kernels=220, ms=1.9), "triton": row}}
+    (case / "work" / "models" / "host_time.json").write_text(
+        json.dumps({"models": {"patnet_t2": report}}))
+    with (case / "work" / "phases.tsv").open("a") as phases:
+        phases.write("models host time\tmodels\t0\t438\t5\t12\t\n")
+    text, _ = gpu_report.summarize(case / "work", case / "results")
+    assert "### Host time per forward" in text
+    assert host_time.format_table(report) in text
+    models = json.loads((case / "results" / "models.json").read_text())
+    assert models["host_time"]["models"]["patnet_t2"]["providers"]["triton"]["ms"] == 2.5
+    report["providers"]["triton"] = {"status": "error", "reason": "RuntimeError: boom"}
+    (case / "work" / "models" / "host_time.json").write_text(
+        json.dumps({"models": {"patnet_t2": report}}))
+    text, verdict = gpu_report.summarize(case / "work", case / "results")
+    assert "host time patnet_t2, triton: RuntimeError: boom" in text
+    assert "benchmark errors" in verdict.text
+
+
 def test_report_of_a_run_cut_by_its_time_limits(tmp_path):
     case = _case(tmp_path, "cut_run")
     text, verdict = gpu_report.summarize(case / "work", case / "results")
@@ -308,6 +345,8 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert "--shapes cls --providers torch\\,sdpa\\,triton\\,cuda" in out
     assert "--precisions fp32 --layouts nchw" in out
     assert "--precisions amp --amp-dtype float16 --layouts channels_last" in out
+    assert "benchmarks.host_time --models patnet_t2\\,fasternet_t2" in out
+    assert "benchmarks.bench_batch_norm_act --json" in out
     quick = _script("--dry-run", "--quick", "--no-tests").stdout
     assert "budget 240s" in quick and "bfloat16" not in quick and "3. Triton" not in quick
 
@@ -345,6 +384,11 @@ def test_the_planned_benchmark_commands_are_valid():
             continue
         assert argv[0] == sys.executable and argv[1] == "-m", name
         module = importlib.import_module(argv[2])
+        if argv[2] == "benchmarks.host_time":
+            from benchmarks import host_time
+            args = host_time.parse_args(argv[3:])  # (exits on a bad option or name)
+            assert args.json is not None and args.json.name == "host_time.json", name
+            continue
         if argv[2] == "benchmarks.bench_models":
             args = bench_models.parse_args(argv[3:])
             bench_models._choose(args.models, patnet.list_models(), "models")
