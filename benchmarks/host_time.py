@@ -94,9 +94,8 @@ def measure_provider(name: str, provider: str, batch: int, size: int, repeat: in
     """One row: kernels per forward (step) and host milliseconds (median, p20, p80), or
     ``status`` / ``reason`` where the provider cannot run."""
     try:
-        model = traffic.build(name, provider, train=train)
         device = "cuda" if _on_gpu() else "cpu"
-        model = model.to(device)
+        model = traffic.build(name, provider, train=train, device=device)
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         x = x.to(device)
         times = sorted(host_times(model, x, repeat, train))

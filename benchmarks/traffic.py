@@ -362,12 +362,13 @@ def record_step(model: torch.nn.Module, x: torch.Tensor, warmup: bool = True,
 
 
 def build(name: str, provider: str, seed: int = 0, train: bool = False,
-          **overrides) -> torch.nn.Module:
-    """The model a provider runs: eager reference, or our inference path on a backend; with
-    ``train`` the training model (in train mode) on that backend (eager: the reference)."""
+          device: str = "cpu", **overrides) -> torch.nn.Module:
+    """The model a provider runs on ``device``: eager reference, or our inference path on a
+    backend (made from the model on that device); with ``train`` the training model (in train
+    mode) on that backend (eager: the reference)."""
     torch.manual_seed(seed)
     backend = "torch" if provider == "eager" or not train else provider
-    model = patnet.create_model(name, backend=backend, **overrides)
+    model = patnet.create_model(name, backend=backend, **overrides).to(device)
     patnet.testing.randomize_norms(model, seed)
     if train:
         return model.train()
