@@ -69,8 +69,6 @@ OP_FAMILIES = {
     "partial_block": ("bench_partial_block", "a FasterNet / PAT_ch block, pk.partial_block"),
 }
 TEST_PHASES = {"triton": "Triton", "cuda": "CUDA"}
-# The model phase that times the host's share of a forward (its JSON: models/host_time.json).
-HOST_PHASE = "models host time"
 CUT_RCS = ("124", "137")          # timeout(1): limit reached (SIGINT sent), then killed
 INTERRUPTED_RCS = ("130", "143")  # the script was interrupted (SIGINT, SIGTERM)
 FAILURE_LINES = 3                 # lines of each failure's message in SUMMARY.md
@@ -106,7 +104,7 @@ def read_json(path: Path) -> Optional[dict]:
 @dataclass
 class Phase:
     name: str
-    kind: str          # preflight, build, tests, ops, models
+    kind: str          # preflight, build, tests, ops, models, host (the host time: optional)
     rc: str            # exit status, or "-" if it did not run
     start: int         # seconds after the script started
     seconds: int
@@ -514,12 +512,12 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
                          for provider, row in report.get("providers", {}).items()
                          if row.get("status") == "error"]
     for phase in phases:
-        if (phase.kind not in ("ops", "models") or phase.rc in ("0", "-") or phase.cut
-                or phase.interrupted):
+        if (phase.kind not in ("ops", "models", "host") or phase.rc in ("0", "-")
+                or phase.cut or phase.interrupted):
             continue
         stem = phase.name.split(" ", 1)[1].replace(" ", ".") if phase.kind == "ops" else ""
         has_json = (stem in ops if phase.kind == "ops" else host is not None
-                    if phase.name == HOST_PHASE else bool(model_parts))
+                    if phase.kind == "host" else bool(model_parts))
         if phase.rc == "1" and has_json:
             continue  # a provider errored or mismatched: listed from its JSON
         tail = console_tail(work, phase)

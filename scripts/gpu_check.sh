@@ -26,7 +26,8 @@
 #   6. models       benchmarks/bench_models.py: PATNet-T2 and FasterNet-T2, eager vs ours,
 #                   fp32 NCHW (ours: backend auto) and AMP fp16 channels_last (ours: backend
 #                   triton, every fused kernel, the MLP and block ones too), images/s at batch
-#                   256; then benchmarks/host_time.py: host ms to issue one forward, batch 256
+#                   256; then, with the time they leave, benchmarks/host_time.py: host ms to
+#                   issue one forward at batch 256
 #   7. summary      benchmarks/gpu_report.py writes SUMMARY.md (also during the run)
 #
 # It writes ONE folder, benchmarks/results/<gpu>-<date>/ (e.g. h200-2026-12-05), of 8 files:
@@ -399,8 +400,8 @@ if [ "$RUN_BENCH" = 1 ]; then
   # ---------------------------------------------------------------------------- 6. models
   [ "$DRY" = 1 ] && echo "  6. model benchmark, until ${END_MODELS}s:"
   MODELS_START=$SECONDS; [ "$DRY" = 1 ] && MODELS_START=$END_OPS
-  MODELS_MID=$(( MODELS_START + (END_MODELS - MODELS_START) * 45 / 100 ))
-  MODELS_AMP=$(( MODELS_START + (END_MODELS - MODELS_START) * 88 / 100 ))
+  MODELS_MID=$(( MODELS_START + (END_MODELS - MODELS_START) * 42 / 100 ))
+  MODELS_AMP=$(( MODELS_START + (END_MODELS - MODELS_START) * 80 / 100 ))
   # shellcheck disable=SC2054
   MODEL_ARGS=(--models patnet_t2,fasternet_t2 --providers eager,ours --warmup 10 --runs 50)
   NOTE="" run_limited "models fp32 nchw" models "$(left_until "$MODELS_MID")" "$WORK/console/models-fp32.txt" - \
@@ -408,8 +409,9 @@ if [ "$RUN_BENCH" = 1 ]; then
   NOTE="" run_limited "models amp channels_last" models "$(left_until "$MODELS_AMP")" "$WORK/console/models-amp.txt" - \
     ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m benchmarks.bench_models "${MODEL_ARGS[@]}" --precisions amp --amp-dtype float16 \
     --layouts channels_last --ours-backend triton --out "$WORK/models/amp"
-  # the host's share: milliseconds to issue one forward's kernels (is the model host-bound?)
-  NOTE="" run_limited "models host time" models "$(left_until "$END_MODELS")" "$WORK/console/models-host.txt" - \
+  # the host's share: milliseconds to issue one forward's kernels (is the model host-bound?),
+  # with the time the model benchmark leaves (kind "host": not run is no incomplete run)
+  NOTE="" run_limited "models host time" host "$(left_until "$END_MODELS")" "$WORK/console/models-host.txt" - \
     ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m benchmarks.host_time --models patnet_t2,fasternet_t2 --providers eager,triton \
     --batch 256 --size 224 --repeat 20 --json "$WORK/models/host_time.json"
 else

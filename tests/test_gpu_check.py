@@ -157,6 +157,15 @@ def test_report_shows_the_host_time(tmp_path):
     from benchmarks import host_time
 
     case = _case(tmp_path, "cut_run")
+    with (case / "work" / "phases.tsv").open() as phases:
+        recorded = phases.read()
+    with (case / "work" / "phases.tsv").open("a") as phases:  # skipped: no time was left
+        phases.write("models host time\thost\t-\t438\t0\t12\tnot run: no time left in the "
+                     "budget\n")
+    text, verdict = gpu_report.summarize(case / "work", case / "results")
+    assert "models host time" not in verdict.text and "### Host time" not in text
+    assert "| models host time | not run | 0 | 12 | not run: no time left in the budget |" in text
+    (case / "work" / "phases.tsv").write_text(recorded)
     row = {"status": "ok", "kernels": 51, "ms": 2.5, "ms_p20": 2.4, "ms_p80": 2.7,
            "us_per_kernel": 49.0}
     report = {"model": "patnet_t2", "batch": 256, "size": 224, "repeat": 20, "train": False,
@@ -165,7 +174,7 @@ def test_report_shows_the_host_time(tmp_path):
     (case / "work" / "models" / "host_time.json").write_text(
         json.dumps({"models": {"patnet_t2": report}}))
     with (case / "work" / "phases.tsv").open("a") as phases:
-        phases.write("models host time\tmodels\t0\t438\t5\t12\t\n")
+        phases.write("models host time\thost\t0\t438\t5\t12\t\n")
     text, _ = gpu_report.summarize(case / "work", case / "results")
     assert "### Host time per forward" in text
     assert host_time.format_table(report) in text
