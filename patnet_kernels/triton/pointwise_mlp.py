@@ -168,15 +168,20 @@ def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.d
     conv head, 0 for none). On a GPU the output block covers C_OUT up to 256 (no hidden chunk
     computed twice); wider outputs take several programs per pixel tile, each recomputing the
     hidden activation (and the conv head). float32 (its dots as IEEE FMAs, no tensor cores)
-    takes smaller tiles, and in fp16 / bf16 a conv head over 256 channels takes 32 pixels per
-    program: the bigger tiles spill registers there (read off the sm_80 / sm_90 machine code,
-    ``python -m patnet_kernels.triton.aot``; fp32 conv heads over 64 channels still do)."""
+    takes smaller tiles, and under a conv head of 64 channels or more 16 pixels per program
+    without software pipelining; in fp16 / bf16 a conv head over 256 channels takes 32 pixels
+    per program: the bigger tiles spill registers there (read off the sm_80 / sm_90 machine
+    code, ``python -m patnet_kernels.triton.aot``: fp32 conv heads of 128 to 512 channels kept
+    400 B to 3.8 KB of stack per thread with 32 pixels and two stages, none now; one stage
+    with 32 pixels spills at 64 channels)."""
     conv_block = block(conv_channels)
     if interpret:  # few, big programs: the interpreter pays per program and per operation
         return Config(128, block(channels, high=128), block(hidden, high=128),
                       block(out_channels, high=256), 4, 1, block(conv_channels, high=64))
     block_n = block(out_channels, high=256)
     if upcast_dot(dtype, interpret=False):
+        if conv_block >= 64:
+            return Config(16, 16, 32, block_n, 8, 1, 16)
         return Config(32, 16, 32, block_n, 8, 2, 16)
     return Config(64 if conv_block <= 256 else 32, block(channels, high=64), 64, block_n, 8, 3,
                   min(conv_block, 32))  # (4 warps spill on sm_80)
