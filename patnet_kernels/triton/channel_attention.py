@@ -782,7 +782,7 @@ def conv3x3_affine(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch.Tens
     _check_coefficients(b, c2, scale, offset, *((center, slope) if has_aux else ()))
     if not has_aux:  # never read: any valid pointer
         aux, center, slope = src, scale, scale
-    block_p, block_ci, block_co, warps = _conv_blocks(c1)
+    block_p, block_ci, block_co, warps = _conv_blocks(c1, src.dtype)
     grid = (cdiv(h * w, block_p), b, cdiv(c1, block_co))
     _conv3x3_affine_kernel[grid](
         src, aux, dst, weight_taps, scale, offset, center, slope, c1, c2, h, w,
@@ -851,11 +851,11 @@ def aot_kernels() -> List[AotKernel]:
         aot_signature(fn, {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")}),
         dict(BLOCK_I=g_i, **gate_blocks), num_warps=g_warps, num_stages=1))
     for c1 in (8, 16, 24, 32, 40, 80, 160):  # C1 = C / 4 of stages 1-3 of every released width
-        p, ci, co, warps = _conv_blocks(c1, interpret=False)
-        if (ci, co) in seen:
-            continue
-        seen.add((ci, co))
         for dtype, tname in TRITON_DTYPE.items():
+            p, ci, co, warps = _conv_blocks(c1, dtype, interpret=False)
+            if (ci, co, dtype) in seen:
+                continue
+            seen.add((ci, co, dtype))
             ptr = "*" + tname
             fn = _conv3x3_affine_kernel
             sig = aot_signature(fn, {"src_ptr": ptr, "aux_ptr": ptr, "dst_ptr": ptr,

@@ -215,15 +215,20 @@ def _self_mixer_output_kernel(
              y, mask=ok)
 
 
-def _conv_blocks(c1: int, interpret: bool = INTERPRET):
-    """(BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps) of the conv kernels for C1 conv channels."""
+def _conv_blocks(c1: int, dtype: torch.dtype, interpret: bool = INTERPRET):
+    """(BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps) of the conv kernels for C1 conv channels of
+    ``dtype``: fp32 (its dots as IEEE FMAs) in 8 warps (4 spilled up to 256 B per thread on
+    sm_80, read off the AOT machine code)."""
     if interpret:  # few, big programs: the interpreter pays per program and per operation
         return 256, block(c1, high=64), block(c1, high=64), 4
-    return 64, block(c1, high=32), block(c1, high=64), 4
+    warps = 8 if upcast_dot(dtype, interpret=False) else 4
+    return 64, block(c1, high=32), block(c1, high=64), warps
 
 
-# Pixels per step of the weight-gradient kernel on a GPU (under the interpreter: BLOCK_P above).
-_WGRAD_BLOCK_P = 128
+def _wgrad_block_p(dtype: torch.dtype) -> int:
+    """Pixels per step of the weight-gradient kernel on a GPU (under the interpreter: the conv
+    kernels' BLOCK_P): fp32 half as many (128 spilled up to 1.8 KB per thread on sm_80)."""
+    return 64 if upcast_dot(dtype, interpret=False) else 128
 
 
 def _copy_block(rest_channels: int, copy_rest: bool) -> int:
@@ -244,7 +249,7 @@ def conv3x3_passthrough(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch
     """
     b, _, h, w = src.shape
     c1 = weight_taps.shape[1]
-    block_p, block_ci, block_co, warps = _conv_blocks(c1)
+    block_p, block_ci, block_co, warps = _conv_blocks(c1, src.dtype)
     block_copy = _copy_block(dst.shape[1] - c1, copy_rest)
     grid = (cdiv(h * w, block_p), b, cdiv(c1, block_co))
     _conv3x3_passthrough_kernel[grid](
@@ -323,8 +328,8 @@ def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     x1 carries extra channels; pass ``x1`` sliced to C1 channels. Accumulates in fp32.
     """
     b, c1, h, w = x1.shape
-    block_p, block_ci, block_co, warps = _conv_blocks(c1)
-    block_p = block_p if INTERPRET else _WGRAD_BLOCK_P
+    block_p, block_ci, block_co, warps = _conv_blocks(c1, x1.dtype)
+    block_p = block_p if INTERPRET else _wgrad_block_p(x1.dtype)
     tiles = cdiv(h * w, block_p)
     n_ci, n_co = cdiv(c1, block_ci), cdiv(c1, block_co)
     splits = _weight_grad_splits(b * tiles, 9 * n_ci * n_co)
@@ -341,11 +346,11 @@ def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU, for the ahead-of-time check."""
     kernels, seen = [], set()
     for c1 in (16, 24, 48, 96, 192, 320):  # C1 = C / 4 of every released width
-        block_p, block_ci, block_co, warps = _conv_blocks(c1, interpret=False)
-        if (block_ci, block_co) in seen:
-            continue
-        seen.add((block_ci, block_co))
         for dtype, tname in TRITON_DTYPE.items():
+            block_p, block_ci, block_co, warps = _conv_blocks(c1, dtype, interpret=False)
+            if (block_ci, block_co, dtype) in seen:
+                continue
+            seen.add((block_ci, block_co, dtype))
             upcast, ptr = upcast_dot(dtype, interpret=False), "*" + tname
             fn = _conv3x3_passthrough_kernel
             for copy_rest in (True, False):
@@ -361,7 +366,7 @@ def aot_kernels() -> List[AotKernel]:
             kernels.append(AotKernel(
                 f"conv3x3_weight_grad[{tname}, CI={block_ci}, CO={block_co}]", fn,
                 aot_signature(fn, {"x_ptr": ptr, "gy_ptr": ptr, "partial_ptr": "*fp32"}),
-                dict(BLOCK_P=_WGRAD_BLOCK_P, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+                dict(BLOCK_P=_wgrad_block_p(dtype), BLOCK_CI=block_ci, BLOCK_CO=block_co,
                      UPCAST=upcast), num_warps=warps,
                 launches=activation_launches("x", "g")))
     # PAT_sf's output (stage 4; C1 >= 32 in every released variant: one configuration a dtype)
