@@ -4,7 +4,9 @@
 shapes, dtypes and strides, so that torch.compile traces through them), the autograd Function
 over a backend's ``torch.ops`` namespace and ``backend_function(ops)``, the op with the
 reference's signature. ``ops/triton/<op>.py`` registers the ``patnet_triton`` ops (bodies that
-launch the kernels of :mod:`patnet_kernels.triton`); :mod:`.cuda` loads the CUDA extension,
+launch the kernels of :mod:`patnet_kernels.triton`) with :func:`custom_op`, which also keeps
+each body for :class:`DirectOps` (the body called without PyTorch's dispatcher where that
+would add nothing but host time); :mod:`.cuda` loads the CUDA extension,
 whose ``patnet_cuda`` ops have the same schemas, and registers the same fakes for them.
 Modules are imported on first use, so importing patnet_kernels imports neither Triton nor
 the extension, and the CUDA backend does not import Triton.
