@@ -2,7 +2,9 @@
 spends issuing its kernels (our Python layers, PyTorch's dispatch, Triton's launcher).
 
     python -m benchmarks.host_time [--models patnet_t2,fasternet_t2] [--providers eager,triton]
-                                   [--batch N] [--size 32] [--repeat 50] [--train] [--json PATH]
+                                   [--batch N] [--size 32] [--repeat 50] [--train]
+                                   [--amp float16|bfloat16] [--layout nchw|channels_last]
+                                   [--json PATH]
 
 A GPU runs a forward no faster than its host issues it: at 51 launches per PATNet-T2 forward,
 tens of microseconds of Python per launch are milliseconds per batch, as much as the kernels
@@ -20,6 +22,10 @@ of a whole batch at the speed targets. This measures it.
   time per forward with real launches. Where it is above the forward's GPU time, the model is
   host-bound (CUDA graphs: ``patnet.optimize_for_inference(model, example_input=x)``).
 
+``--amp DTYPE`` runs each forward under ``torch.autocast`` in that dtype, ``--layout
+channels_last`` takes the input and the model in channels_last (the model benchmark's AMP
+mode: fp16, channels_last, whose kernels a GPU run has compiled by then).
+
 With ``--train``: the training model's step, forward and backward (the output's gradient all
 ones, made once; the gradients set to None between steps, untimed; no optimizer step), eager
 against ours on Triton. Without a GPU its values are garbage (kernels not run), its time not.
@@ -36,7 +42,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -51,6 +57,8 @@ import patnet  # noqa: E402
 
 PROVIDERS = ("eager", "torch", "triton", "cuda")
 DEFAULT_PROVIDERS = ("eager", "triton")
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 WARMUP = 3
 
 
@@ -58,11 +66,16 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int,
-               train: bool = False) -> List[float]:
+def _autocast(x: torch.Tensor, amp: Optional[torch.dtype]):
+    return (torch.autocast(x.device.type, dtype=amp) if amp is not None
+            else contextlib.nullcontext())
+
+
+def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool = False,
+               amp: Optional[torch.dtype] = None) -> List[float]:
     """Seconds of host time of each of ``repeat`` eval forwards of ``model`` on ``x`` (with
-    ``train``: forward and backward steps), after WARMUP untimed ones; without a GPU with the
-    Triton kernels launched but not run."""
+    ``train``: forward and backward steps; with ``amp``: under autocast in that dtype), after
+    WARMUP untimed ones; without a GPU with the Triton kernels launched but not run."""
     stub = (contextlib.nullcontext() if _on_gpu()
             else traffic.triton_launches([], run_kernels=False))
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
@@ -72,10 +85,10 @@ def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int,
             grad = torch.ones_like(model(x))
 
     def step():
-        if grad is None:
-            model(x)
-            return
-        model(x).backward(grad)
+        with _autocast(x, amp):
+            out = model(x)
+        if grad is not None:
+            out.backward(grad)
 
     times = []
     with torch.set_grad_enabled(train), stub:
@@ -90,18 +103,21 @@ def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int,
 
 
 def measure_provider(name: str, provider: str, batch: int, size: int, repeat: int,
-                     train: bool = False) -> dict:
+                     train: bool = False, amp: Optional[torch.dtype] = None,
+                     layout: str = "nchw") -> dict:
     """One row: kernels per forward (step) and host milliseconds (median, p20, p80), or
     ``status`` / ``reason`` where the provider cannot run."""
     try:
         device = "cuda" if _on_gpu() else "cpu"
         model = traffic.build(name, provider, train=train, device=device)
+        model = model.to(memory_format=LAYOUTS[layout])
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-        x = x.to(device)
-        times = sorted(host_times(model, x, repeat, train))
+        x = x.to(device).contiguous(memory_format=LAYOUTS[layout])
+        times = sorted(host_times(model, x, repeat, train, amp))
         record = traffic.record_step if train else traffic.record_forward
-        kernels = traffic.summarize(record(  # (warm: its caches are built)
-            model, x, warmup=False, run_kernels=_on_gpu())).kernels
+        with _autocast(x, amp):  # (warm: its caches are built)
+            kernels = traffic.summarize(record(model, x, warmup=False,
+                                               run_kernels=_on_gpu())).kernels
     except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
         from patnet_kernels import BackendUnavailableError
         status = "unavailable" if isinstance(exc, BackendUnavailableError) else "error"
@@ -114,12 +130,16 @@ def measure_provider(name: str, provider: str, batch: int, size: int, repeat: in
 
 
 def measure(name: str, providers: Sequence[str], batch: int = 1, size: int = 32,
-            repeat: int = 50, train: bool = False) -> dict:
+            repeat: int = 50, train: bool = False, amp: Optional[torch.dtype] = None,
+            layout: str = "nchw") -> dict:
     """The host-time report of one model: a row per provider (see :func:`measure_provider`)."""
+    if train and amp is not None:
+        raise ValueError("training steps are timed in fp32 only (amp=None)")
     return {"model": name, "batch": batch, "size": size, "repeat": repeat, "train": train,
+            "amp": None if amp is None else str(amp).replace("torch.", ""), "layout": layout,
             "device": torch.cuda.get_device_name() if _on_gpu() else "cpu",
             "kernels_run": _on_gpu(),
-            "providers": {p: measure_provider(name, p, batch, size, repeat, train)
+            "providers": {p: measure_provider(name, p, batch, size, repeat, train, amp, layout)
                           for p in providers}}
 
 
@@ -127,8 +147,10 @@ def format_table(report: dict) -> str:
     where = (f"on {report['device']}" if report["kernels_run"]
              else "on the CPU, Triton kernels launched but not run")
     what = "training step" if report.get("train") else "eval forward"
+    mode = (f"{report['amp']} autocast" if report.get("amp") else "fp32") + (
+        ", channels_last" if report.get("layout") == "channels_last" else "")
     lines = [f"{pretty(report['model'])}, batch {report['batch']} at {report['size']} x "
-             f"{report['size']}, {what}, {where}: host time per {what.split()[-1]}",
+             f"{report['size']}, {what}, {mode}, {where}: host time per {what.split()[-1]}",
              f"{'provider':<22}{'kernels':>8}{'host ms':>10}{'p20-p80':>16}{'us/kernel':>11}"]
     lines.append("-" * len(lines[-1]))
     for provider, row in report["providers"].items():
@@ -157,6 +179,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train", action="store_true",
                         help="time training steps (forward and backward) of the training "
                              "model instead (providers eager, triton)")
+    parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
+                        help="run under torch.autocast in this dtype (default: fp32)")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="nchw",
+                        help="memory format of the input and the model (default nchw)")
     parser.add_argument("--json", type=Path, default=None, help="write the reports here")
     args = parser.parse_args(argv)
     unknown = [m for m in args.models if m not in patnet.list_models()]
@@ -167,6 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"unknown provider(s) {bad}; choose from {list(PROVIDERS)}")
     if args.train and [p for p in args.providers if p not in traffic.TRAIN_PROVIDERS]:
         parser.error(f"--train takes the providers {list(traffic.TRAIN_PROVIDERS)}")
+    if args.train and args.amp:
+        parser.error("--train times fp32 steps; leave out --amp")
     if args.batch is None:
         args.batch = 2 if args.train else 1
     if args.batch < 1 or args.repeat < 1:
@@ -180,7 +208,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     reports = []
     for name in args.models:
-        report = measure(name, args.providers, args.batch, args.size, args.repeat, args.train)
+        report = measure(name, args.providers, args.batch, args.size, args.repeat, args.train,
+                         AMP_DTYPES.get(args.amp), args.layout)
         reports.append(report)
         print(format_table(report) + "\n", flush=True)
         if args.json is not None:  # rewritten after every model: a cut run keeps what it had

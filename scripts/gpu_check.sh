@@ -27,7 +27,7 @@
 #                   fp32 NCHW (ours: backend auto) and AMP fp16 channels_last (ours: backend
 #                   triton, every fused kernel, the MLP and block ones too), images/s at batch
 #                   256; then, with the time they leave, benchmarks/host_time.py: host ms to
-#                   issue one forward at batch 256
+#                   issue one forward at batch 256 (AMP fp16 channels_last, as the AMP run)
 #   7. summary      benchmarks/gpu_report.py writes SUMMARY.md (also during the run)
 #
 # It writes ONE folder, benchmarks/results/<gpu>-<date>/ (e.g. h200-2026-12-05), of 8 files:
@@ -413,7 +413,7 @@ if [ "$RUN_BENCH" = 1 ]; then
   # with the time the model benchmark leaves (kind "host": not run is no incomplete run)
   NOTE="" run_limited "models host time" host "$(left_until "$END_MODELS")" "$WORK/console/models-host.txt" - \
     ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m benchmarks.host_time --models patnet_t2,fasternet_t2 --providers eager,triton \
-    --batch 256 --size 224 --repeat 20 --json "$WORK/models/host_time.json"
+    --batch 256 --size 224 --amp float16 --layout channels_last --repeat 20 --json "$WORK/models/host_time.json"
 else
   [ "$DRY" = 1 ] && echo "  5-6. benchmarks: skipped (--no-bench)"
   phase_row "benchmarks" ops - "$SECONDS" 0 - "not run: --no-bench"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from benchmarks import host_time
 
@@ -36,6 +37,15 @@ def test_training_steps(capsys):
     assert "training step" in host_time.format_table(report)
 
 
+def test_autocast_and_channels_last():
+    report = host_time.measure("patnet_t0", ("triton",), repeat=2, amp=torch.bfloat16,
+                               layout="channels_last")
+    assert report["providers"]["triton"]["status"] == "ok", report
+    assert "bfloat16 autocast, channels_last" in host_time.format_table(report)
+    with pytest.raises(ValueError):
+        host_time.measure("patnet_t0", ("triton",), train=True, amp=torch.bfloat16)
+
+
 def test_cli_arguments():
     args = host_time.parse_args(["--models", "patnet_t2", "--providers", "triton", "--batch",
                                  "2", "--size", "64", "--repeat", "5"])
@@ -44,8 +54,12 @@ def test_cli_arguments():
     defaults = host_time.parse_args([])
     assert defaults.providers == list(host_time.DEFAULT_PROVIDERS) and defaults.json is None
     assert defaults.batch == 1 and host_time.parse_args(["--train"]).batch == 2
+    assert defaults.amp is None and defaults.layout == "nchw"
+    amp = host_time.parse_args(["--amp", "float16", "--layout", "channels_last"])
+    assert (amp.amp, amp.layout) == ("float16", "channels_last")
     for bad in (["--models", "patnet_x"], ["--providers", "tpu"], ["--size", "16"],
                 ["--repeat", "0"], ["--batch", "0"], ["--providers", ","],
-                ["--train", "--providers", "cuda"]):
+                ["--train", "--providers", "cuda"], ["--train", "--amp", "float16"],
+                ["--amp", "float32"], ["--layout", "nhwc"]):
         with pytest.raises(SystemExit):
             host_time.parse_args(bad)
