@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import traffic  # noqa: E402  (sets up the CPU emulation first where needed)
-from benchmarks.report import pretty, split_list  # noqa: E402
+from benchmarks.report import pretty, run_models, split_list  # noqa: E402
 from benchmarks.report import write_json as write_json_file  # noqa: E402
 
 import patnet  # noqa: E402
@@ -206,20 +206,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    reports = []
-    for name in args.models:
-        report = measure(name, args.providers, args.batch, args.size, args.repeat, args.train,
-                         AMP_DTYPES.get(args.amp), args.layout)
-        reports.append(report)
-        print(format_table(report) + "\n", flush=True)
-        if args.json is not None:  # rewritten after every model: a cut run keeps what it had
-            write_json_file(args.json, {
-                "what": "host time per eval forward (benchmarks/host_time.py)",
-                "torch": torch.__version__, "settings": vars(args) | {"json": str(args.json)},
-                "models": {r["model"]: r for r in reports}})
-    failed = [(r["model"], p) for r in reports for p, row in r["providers"].items()
-              if row.get("status") == "error"]
-    return 1 if failed else 0
+
+    def write(reports):
+        write_json_file(args.json, {
+            "what": "host time per eval forward (benchmarks/host_time.py)",
+            "torch": torch.__version__, "settings": vars(args) | {"json": str(args.json)},
+            "models": {r["model"]: r for r in reports}})
+
+    return run_models(
+        args.models,
+        lambda name: measure(name, args.providers, args.batch, args.size, args.repeat,
+                             args.train, AMP_DTYPES.get(args.amp), args.layout),
+        format_table, None if args.json is None else write)
 
 
 if __name__ == "__main__":

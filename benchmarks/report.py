@@ -67,3 +67,23 @@ def columns(headers: Sequence[str], rows: Sequence[Sequence[str]], left: Set[int
 
     header = render(headers)
     return [header, "-" * len(header)], render
+
+
+def run_models(models: Sequence[str], measure: Callable[[str], dict],
+               table: Callable[[dict], str],
+               write: Optional[Callable[[List[dict]], None]] = None) -> int:
+    """The model loop of the per-model entry scripts (traffic.py, host_time.py): each model's
+    report made by ``measure(name)``, its table printed, and all reports so far handed to
+    ``write`` after each model (a cut run keeps what it had). Exit status: 1 if any provider
+    of any model errored, else 0. Each report has ``model`` and ``providers`` (name -> row
+    with a ``status``)."""
+    reports: List[dict] = []
+    for name in models:
+        report = measure(name)
+        reports.append(report)
+        print(table(report) + "\n", flush=True)
+        if write is not None:
+            write(reports)
+    failed = [(r["model"], p) for r in reports for p, row in r["providers"].items()
+              if row.get("status") == "error"]
+    return 1 if failed else 0

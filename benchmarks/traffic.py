@@ -81,7 +81,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import patnet  # noqa: E402
 import patnet.testing  # noqa: E402
-from benchmarks.report import pretty, split_list  # noqa: E402
+from benchmarks.report import pretty, run_models, split_list  # noqa: E402
 from benchmarks.report import write_json as write_json_file  # noqa: E402
 from patnet.layers import FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock  # noqa: E402
 
@@ -606,21 +606,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    reports = []
-    for name in args.models:
-        report = measure(name, args.size, args.providers, args.seed,
-                         run_kernels=not args.count_only, autocast=args.autocast,
-                         train=args.train)
-        reports.append(report)
-        print(format_table(report, args.top_ops) + "\n", flush=True)
-        if args.json is not None:  # rewritten after every model: a cut run keeps what it had
-            write_json(reports, args.json, {"size": args.size, "providers": args.providers,
-                                            "seed": args.seed, "models": args.models,
-                                            "count_only": args.count_only,
-                                            "autocast": args.autocast, "train": args.train})
-    failed = [(r["model"], p) for r in reports for p, row in r["providers"].items()
-              if row.get("status") == "error"]
-    return 1 if failed else 0
+    settings = {"size": args.size, "providers": args.providers, "seed": args.seed,
+                "models": args.models, "count_only": args.count_only,
+                "autocast": args.autocast, "train": args.train}
+    return run_models(
+        args.models,
+        lambda name: measure(name, args.size, args.providers, args.seed,
+                             run_kernels=not args.count_only, autocast=args.autocast,
+                             train=args.train),
+        lambda report: format_table(report, args.top_ops),
+        None if args.json is None else lambda reports: write_json(reports, args.json, settings))
 
 
 if __name__ == "__main__":
