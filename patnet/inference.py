@@ -14,11 +14,11 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    convs, the folded BN's bias, the activation and the block's residual in one pass, the 2C
    hidden activation kept on chip by the fused kernel); under ``backend="cuda"``, which has no
    kernel for it, the MLP's modules run one by one as before folding. Under
-   ``backend="triton"`` a FasterNet or PAT_ch block (with PAT_sp, PATNet-T1: up to its MLP;
-   PAT_sp follows, one kernel on Triton that adds the residual) runs as one op,
-   ``pk.partial_block``, whose MLP kernel computes the mixer as it reads its input (conv3x3(X1)
-   for its pixel tile, X2 with PAT_ch's gate applied), so that output is never written: one
-   launch per FasterNet block, three per PAT_ch block (statistics, gate, the kernel); and each
+   ``backend="triton"`` a FasterNet or PAT_ch block (PATNet-T1's with its PAT_sp) runs as one
+   op, ``pk.partial_block``, whose MLP kernel computes the mixer as it reads its input
+   (conv3x3(X1) for its pixel tile, X2 with PAT_ch's gate applied; PAT_sp on its output before
+   the residual), so neither is written: one launch per FasterNet block, three per PAT_ch
+   block (statistics, gate, the kernel); and each
    PConv weight is stored in the kernels' [tap, in, out] order, so no call re-lays it out;
    a PAT_ch block followed by another in its stage hands it the statistics of its output's X2
    channels, taken in its MLP kernel's epilogue (:class:`InferenceStage`), so that block does
@@ -53,17 +53,6 @@ _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
 _BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
 
 
-def _spatial_then_residual(spatial, y: torch.Tensor, residual: Optional[torch.Tensor],
-                           statistics_of: Optional[int] = None):
-    """PAT_sp's module (if any) on the MLP's output, the block's residual (if any) added by its
-    op (on Triton in its one kernel); with ``statistics_of`` = C1 the pair (y, the statistics
-    of y[:, C1:] for the next PAT_ch block, taken by the same kernel on Triton)."""
-    if not spatial:
-        return y if residual is None else y.add_(residual)
-    (module,) = spatial
-    return module(y, residual=residual, statistics_of=statistics_of)
-
-
 class InferenceMLP(MLP):
     """The folded MLP [conv1x1 + bias, Identity (its folded BN), act, conv1x1[, PAT_sp]] as one
     op, ``pk.pointwise_mlp``, with the block's residual added in its epilogue (after PAT_sp
@@ -74,28 +63,31 @@ class InferenceMLP(MLP):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         first, _, activation, second, *spatial = self
-        if self.backend not in _MLP_BACKENDS:
-            y = second(activation(first(x)))
-        else:
+        if self.backend in _MLP_BACKENDS:
             y = pk.pointwise_mlp(
                 x, first.weight, first.bias, second.weight, second.bias,
                 residual=None if spatial else residual,
                 activation=activation_name(activation), backend=self.backend)
             if not spatial:
                 return y
-        return _spatial_then_residual(spatial, y, residual)
+        else:
+            y = second(activation(first(x)))
+            if not spatial:
+                return y if residual is None else y.add_(residual)
+        (module,) = spatial  # (PAT_sp, its op adding the residual: one kernel on Triton)
+        return module(y, residual=residual)
 
     def after_mixer(self, mixer: nn.Module, x: torch.Tensor, statistics=None,
                     return_statistics: bool = False):
         """x + MLP(mixer(x)) (with PAT_sp: x + PAT_sp(MLP(mixer(x)))) for a PConv or PAT_ch
         mixer: mixer and MLP as one op, ``pk.partial_block`` (the mixer's output never
-        written), where the backend is one named for it, or "auto" where a measurement on this
-        GPU shows the block op faster than the reference; else the mixer's op, then this
-        MLP's, each decided per call (so "auto" on the CPU, and ``backend_calls`` under
-        "auto", compose). PAT_ch only: ``statistics`` of x's X2 from the previous block (or
-        None) and, with ``return_statistics``, (y, the statistics of y for the next block, or
-        None where there are none: the block composed), see ``pk.partial_block`` (with PAT_sp
-        after the MLP: ``pk.spatial_attention``'s ``statistics_of``)."""
+        written; with PAT_sp, its ``spatial`` form: PAT_sp in the same kernel), where the
+        backend is one named for it, or "auto" where a measurement on this GPU shows the block
+        op faster than the reference; else the mixer's op, then this MLP's (and PAT_sp's),
+        each decided per call (so "auto" on the CPU, and ``backend_calls`` under "auto",
+        compose). PAT_ch only: ``statistics`` of x's X2 from the previous block (or None)
+        and, with ``return_statistics``, (y, the statistics of y for the next block, or None
+        where there are none: the block composed), see ``pk.partial_block``."""
         fused = (self.backend in _BLOCK_BACKENDS
                  or self.backend == "auto" and pk.backends.auto_runs_fused("partial_block", x))
         if not fused:
@@ -107,16 +99,17 @@ class InferenceMLP(MLP):
             attn = mixer.attn
             gate = dict(cfc_weight=attn.cfc1.weight, cfc_bias=attn.cfc1.bias,
                         bn_a=bn_params(attn.bn, False), bn_b=bn_params(mixer.norm, False),
-                        statistics=statistics,
-                        return_statistics=return_statistics and not spatial)
-        y = pk.partial_block(x, mixer.partial_conv3.weight, first.weight, first.bias,
-                             second.weight, second.bias, activation=activation_name(activation),
-                             residual=not spatial, backend=self.backend, **gate)
-        if not spatial:
-            return y  # (with return_statistics, already the pair (y, statistics))
-        # (PATNet-T1: PAT_sp with the residual, and the next block's statistics if asked for)
-        c1 = mixer.partial_conv3.weight.shape[0]
-        return _spatial_then_residual(spatial, y, x, c1 if return_statistics else None)
+                        statistics=statistics, return_statistics=return_statistics)
+        if spatial:  # (PATNet-T1: x + PAT_sp(MLP(mixer(x))), PAT_sp in the same kernel)
+            (module,) = spatial
+            gate["spatial"] = pk.SpatialAttentionParams(
+                module.conv_attn.weight, module.conv.weight, module.conv.bias,
+                bn_params(module.norm, False), bn_params(module.norm2, False))
+        # (with return_statistics, the pair (y, statistics))
+        return pk.partial_block(x, mixer.partial_conv3.weight, first.weight, first.bias,
+                                second.weight, second.bias,
+                                activation=activation_name(activation), backend=self.backend,
+                                **gate)
 
 
 class InferenceFasterNetBlock(FasterNetBlock):

@@ -11,14 +11,15 @@ Public API::
     pointwise_mlp(x, w1, b1, w2, b2=None, *, residual=None, activation="relu", backend="auto")
     partial_block(x, conv_weight, w1, b1, w2, b2=None, *, cfc_weight=None, cfc_bias=None,
                   bn_a=None, bn_b=None, activation="relu", statistics=None,
-                  return_statistics=False, backend="auto")
+                  return_statistics=False, residual=True, spatial=None, backend="auto")
+    batch_norm_act(x, bn, activation="relu", *, training=False, backend="auto")
     info()
 
 ``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op;
 ``patnet_kernels.registry`` declares every op once (its backends and their limits).
 """
 from . import registry
-from ._types import BatchNormParams
+from ._types import BatchNormParams, SpatialAttentionParams
 from .backends import (BACKENDS, OPS, BackendUnavailableError, backend_plan, check_backend_name,
                        check_backend_usable, choose_backend, info, recording_calls,
                        resolve_backend)
@@ -33,4 +34,5 @@ __all__ = [
     "batch_norm_act", "channel_attention", "check_backend_name", "check_backend_usable", "choose_backend", "info",
     "partial_block", "partial_conv3x3", "pointwise_mlp", "recording_calls", "registry",
     "resolve_backend", "rpe_attention", "rpe_buckets", "self_mixer_output", "spatial_attention",
+    "SpatialAttentionParams",
 ]

@@ -63,6 +63,27 @@ class BatchNormParams(NamedTuple):
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps)
 
 
+class SpatialAttentionParams(NamedTuple):
+    """PAT_sp's tensors (SPEC.md section 3) for a block op in inference that runs it after its
+    MLP (``partial_block``'s ``spatial``): Q gated channels, P = C - Q conv channels.
+
+    ``bn_c`` and ``bn_d`` take their running statistics (eval); ``bn_d`` is None once folded
+    into the conv (its weight and ``conv_bias``), as in ``patnet.optimize_for_inference``.
+    """
+
+    gate_weight: torch.Tensor  # (1, Q, 1, 1): the per-pixel gate w
+    conv_weight: torch.Tensor  # (P, P, 1, 1)
+    conv_bias: Optional[torch.Tensor]  # (P,) or None
+    bn_c: BatchNormParams  # over Q channels
+    bn_d: Optional[BatchNormParams] = None  # over P channels, or None (folded)
+
+    def with_weights(self, cast) -> "SpatialAttentionParams":
+        """These parameters with ``cast`` applied to the gate and conv tensors (not the
+        BatchNorms': they stay float32 under autocast, as ``nn.BatchNorm2d``'s do)."""
+        return self._replace(gate_weight=cast(self.gate_weight),
+                             conv_weight=cast(self.conv_weight), conv_bias=cast(self.conv_bias))
+
+
 def update_running_statistics(*updates: Tuple[BatchNormParams, torch.Tensor, torch.Tensor]
                               ) -> None:
     """For each (BatchNorm, batch mean, unbiased batch variance), fp32 (C,), move its running

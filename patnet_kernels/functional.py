@@ -16,7 +16,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import reference, registry
 from ._checks import (check_activation, check_batch_norm, check_batch_values,
                       check_conv_weight, check_device, check_same, check_shape)
-from ._types import BatchNormParams, chunk_pixels
+from ._types import BatchNormParams, SpatialAttentionParams, chunk_pixels
 from .backends import choose_implementation
 from .reference.pointwise_mlp import ACTIVATIONS as MLP_ACTIVATIONS
 
@@ -53,7 +53,8 @@ def autocast_aware(op: Callable) -> Callable:
 
     Where autocast is enabled for the device of the op's first tensor, every float32, float16
     or bfloat16 tensor argument (activations and weights; not the BatchNorm parameters, which
-    stay float32 as ``nn.BatchNorm2d``'s do under autocast, nor integer bucket ids) is cast to
+    stay float32 as ``nn.BatchNorm2d``'s do under autocast, nor integer bucket ids; PAT_sp's
+    gate and conv tensors in :class:`SpatialAttentionParams` too) is cast to
     the autocast dtype (a frozen parameter's cast kept for the next call, see
     :func:`_autocast_copy`), and the op runs with autocast off, so that its own float32
     arithmetic (statistics, gates) stays float32. Outside autocast the op runs unchanged.
@@ -74,6 +75,8 @@ def autocast_aware(op: Callable) -> Callable:
             if (isinstance(value, torch.Tensor) and value.dtype != dtype
                     and value.dtype in registry.FUSED_DTYPES):
                 return _autocast_copy(value, dtype)
+            if isinstance(value, SpatialAttentionParams):
+                return value.with_weights(cast)
             return value
 
         args = [cast(a) for a in args]
@@ -154,29 +157,39 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     ``statistics`` form, for the PAT_ch block that follows (conv on C1 channels): on Triton
     taken by the same kernel, so that block does not read its X2 for them.
     """
-    check_activation("m", m)
-    p = check_conv_weight("conv_weight", conv_weight, m.shape[1], 1, min_rest=1)
-    q = m.shape[1] - p
-    check_shape("gate_weight", gate_weight, (1, q, 1, 1), f"Q = C - P = {q}")
-    if conv_bias is not None:
-        check_shape("conv_bias", conv_bias, (p,))
+    _check_spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training)
     if residual is not None:
         check_activation("residual", residual)
         check_shape("residual", residual, tuple(m.shape), "m's shape")
+        check_same("m", m, residual=residual)
     if statistics_of is not None and (isinstance(statistics_of, bool)
                                       or not isinstance(statistics_of, int)
                                       or not 0 <= statistics_of < m.shape[1]):
         raise ValueError(f"statistics_of must be the first channel of the statistics, an int in "
                          f"[0, {m.shape[1]}) (the next PAT_ch block's C1), got {statistics_of!r}")
-    check_same("m", m, gate_weight=gate_weight, conv_weight=conv_weight, conv_bias=conv_bias,
-               residual=residual)
-    check_batch_norm("bn_c", bn_c, q, m, training)
-    check_batch_norm("bn_d", bn_d, p, m, training, optional=True)
+    return choose_implementation("spatial_attention", backend, m, gate_weight, conv_weight)(
+        m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training, residual, statistics_of)
+
+
+def _check_spatial_attention(m: torch.Tensor, gate_weight, conv_weight, conv_bias, bn_c, bn_d,
+                             training: bool, m_name: str = "m", prefix: str = "") -> None:
+    """The checks of PAT_sp's arguments on its input m (B, C, H, W): :func:`spatial_attention`'s,
+    and :func:`partial_block`'s ``spatial`` (m the block's x, named ``m_name``; the arguments
+    named with ``prefix``)."""
+    check_activation(m_name, m)
+    p = check_conv_weight(prefix + "conv_weight", conv_weight, m.shape[1], 1, min_rest=1)
+    q = m.shape[1] - p
+    check_shape(prefix + "gate_weight", gate_weight, (1, q, 1, 1), f"Q = C - P = {q}")
+    if conv_bias is not None:
+        check_shape(prefix + "conv_bias", conv_bias, (p,))
+    check_same(m_name, m, **{prefix + "gate_weight": gate_weight,
+                             prefix + "conv_weight": conv_weight,
+                             prefix + "conv_bias": conv_bias})
+    check_batch_norm(prefix + "bn_c", bn_c, q, m, training)
+    check_batch_norm(prefix + "bn_d", bn_d, p, m, training, optional=True)
     if training:
         b, _, h, w = m.shape
         check_batch_values(b * h * w, (b, q, h, w))
-    return choose_implementation("spatial_attention", backend, m, gate_weight, conv_weight)(
-        m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training, residual, statistics_of)
 
 
 @autocast_aware
@@ -416,9 +429,11 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
                   bn_b: Optional[BatchNormParams] = None, activation: str = "relu",
                   statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                   return_statistics: bool = False, residual: bool = True,
-                  backend: str = "auto"):
+                  spatial: Optional[SpatialAttentionParams] = None, backend: str = "auto"):
     """A FasterNet block or a PATNet PAT_ch block in inference: x + MLP(mixer(x)); with
-    ``residual=False`` MLP(mixer(x)) alone (PATNet-T1, whose PAT_sp and residual follow).
+    ``spatial``, PAT_sp's tensors (:class:`patnet_kernels.SpatialAttentionParams`, its
+    BatchNorms' running statistics), x + PAT_sp(MLP(mixer(x))) (PATNet-T1's block); with
+    ``residual=False`` the same without x added.
 
     The mixer is PConv, [conv3x3(X1) | X2] (:func:`partial_conv3x3`), or, given ``cfc_weight``
     and ``bn_b``, PAT_ch in eval (:func:`channel_attention` with its running statistics; its
@@ -428,7 +443,9 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
 
     The Triton backend never writes the mixer's output: the MLP kernel computes its input,
     [conv3x3(X1) | X2 * scale + shift], as it reads X (:mod:`patnet_kernels.ops.partial_block`).
-    An inference op, as :func:`pointwise_mlp`.
+    With ``spatial`` the Triton kernel also runs PAT_sp on the MLP's output before adding x
+    back (one program holding all C output channels of its pixel tile), so neither output is
+    written. An inference op, as :func:`pointwise_mlp`.
 
     PAT_ch's statistics of X2 can come from the block before (blocks of one stage share C and
     C1): ``return_statistics=True`` returns (y, statistics) with the statistics of y[:, C1:]
@@ -461,10 +478,18 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
             raise ValueError("statistics belong to PAT_ch (its gate reads them): pass "
                              "cfc_weight too, or no statistics for a FasterNet block")
         _check_statistics(statistics, x, conv_weight.shape[0])
+    spatial_tensors = ()
+    if spatial is not None:
+        if not isinstance(spatial, SpatialAttentionParams):
+            raise ValueError("spatial must be a patnet_kernels.SpatialAttentionParams (PAT_sp's "
+                             f"gate_weight, conv_weight, conv_bias, bn_c, bn_d), got "
+                             f"{type(spatial).__name__}")
+        _check_spatial_attention(x, *spatial, False, "x", "spatial.")
+        spatial_tensors = (spatial.gate_weight, spatial.conv_weight, spatial.conv_bias)
     return choose_implementation("partial_block", backend, x, conv_weight, cfc_weight,
-                                 cfc_bias, w1, b1, w2, b2)(
+                                 cfc_bias, w1, b1, w2, b2, *spatial_tensors)(
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation,
-        statistics, bool(return_statistics), bool(residual))
+        statistics, bool(return_statistics), bool(residual), spatial)
 
 
 def _check_statistics(statistics, x: torch.Tensor, c1: int) -> None:

@@ -79,7 +79,7 @@ OPS: Dict[str, Op] = {op.name: op for op in (
     Op("pointwise_mlp", "the block's MLP (BatchNorm folded)", "map", "pointwise_mlp",
        "pointwise_mlp", ("triton",), inference=True),
     # (its kernels: PConv's conv, PAT_ch's statistics and gate, and the MLP's)
-    Op("partial_block", "a FasterNet or PAT_ch block (inference)", "map", "partial_block",
+    Op("partial_block", "a FasterNet or PAT_ch block, with PAT_sp or not (inference)", "map", "partial_block",
        "pointwise_mlp", ("triton",), inference=True),
 )}
 

@@ -1,8 +1,9 @@
 """A FasterNet or PAT_ch block in inference (partial_block) on each fused backend that has it
 (Triton): against the float64 reference in every dtype and layout (PConv and PAT_ch mixers,
 BN_a folded or not, H * W = 1 NaNs, channel splits that straddle the kernel's channel
-blocks), the MLP op's split input (opcheck), bad input, the gradient refusal, and the inference
-path of every variant running its blocks through it, also compiled."""
+blocks; with PAT_sp after the MLP, PATNet-T1's block), the MLP op's split input (opcheck), bad
+input, the gradient refusal, and the inference path of every variant running its blocks
+through it, also compiled."""
 from __future__ import annotations
 
 import pytest
@@ -11,10 +12,10 @@ import torch
 import patnet
 import patnet_kernels as pk
 from patnet.testing import randomize_norms
-from patnet_kernels import BatchNormParams, registry
+from patnet_kernels import BatchNormParams, SpatialAttentionParams, registry
 from patnet_kernels._types import chunk_pixels
 from patnet_kernels.ops.channel_attention import eval_gate
-from patnet_kernels.reference.partial_block import output_statistics
+from patnet_kernels.reference.channel_attention import output_statistics
 
 from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops, rel_error,
                       small_inference_model)
@@ -33,9 +34,10 @@ def _bn(channels, gen):
                            0.1, 1e-5)
 
 
-def _inputs(b, c, c1, h, w, pat_ch, bn_a, seed=0):
+def _inputs(b, c, c1, h, w, pat_ch, bn_a, seed=0, spatial=None):
     """float64 (args, kwargs) of one block call on the CPU: PConv, or PAT_ch with or without
-    BN_a (folded into W_ch and cfc_bias)."""
+    BN_a (folded into W_ch and cfc_bias); ``spatial`` "folded" or "bn_d": with PAT_sp after the
+    MLP, BN_d folded into its conv (a bias) or not."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -50,6 +52,14 @@ def _inputs(b, c, c1, h, w, pat_ch, bn_a, seed=0):
         kwargs = dict(cfc_weight=randn(c2, c2, 1, 2, scale=0.3),
                       cfc_bias=None if bn_a else randn(c2, scale=0.2),
                       bn_a=_bn(c2, gen) if bn_a else None, bn_b=_bn(c2, gen))
+    if spatial:
+        p = int(0.5 * c)
+        q = c - p
+        folded = spatial == "folded"
+        kwargs["spatial"] = SpatialAttentionParams(
+            randn(1, q, 1, 1, scale=q ** -0.5), randn(p, p, 1, 1, scale=p ** -0.5),
+            randn(p, scale=0.2) if folded else None, _bn(q, gen),
+            None if folded else _bn(p, gen))
     return args, kwargs
 
 
@@ -58,6 +68,8 @@ def _cast(args, kwargs, dtype, channels_last=False):
         if isinstance(v, BatchNormParams):  # (float32 under low precision, as autocast keeps)
             keep = dtype if dtype == torch.float64 else torch.float32
             return BatchNormParams(*(t.to(DEVICE, keep) for t in v[:4]), v.momentum, v.eps)
+        if isinstance(v, SpatialAttentionParams):
+            return v.with_weights(cast)._replace(bn_c=cast(v.bn_c), bn_d=cast(v.bn_d))
         return v.to(DEVICE, dtype) if isinstance(v, torch.Tensor) else v
     args = [cast(a) for a in args]
     if channels_last:
@@ -167,6 +179,67 @@ def test_without_the_residual(channels_last, dtype, fused_backend):
     assert torch.allclose(with_x - args[0], exact, atol=1e-12)
 
 
+SPATIAL_CASES = {  # (B, C, C1, H, W), PAT_ch, PAT_sp's BN_d
+    "pat_ch-folded-2x24x6x4x6": ((2, 24, 6, 4, 6), True, "folded"),  # PATNet-T1's form
+    "pconv-bn_d-1x21x5x3x4": ((1, 21, 5, 3, 4), False, "bn_d"),  # odd C: Q = 11, P = 10
+    # P = 68: PAT_sp's conv in two steps of output channels (64 + 4)
+    "pat_ch-folded-1x136x34x3x3": ((1, 136, 34, 3, 3), True, "folded"),
+}
+
+
+@ON_ITS_BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(SPATIAL_CASES))
+def test_with_spatial_attention(case, channels_last, dtype, fused_backend):
+    """PAT_sp after the MLP (``spatial``; PATNet-T1's block, x + PAT_sp(MLP(mixer(x))), one
+    kernel on Triton), against the float64 reference, with and without the residual."""
+    shape, pat_ch, spatial = SPATIAL_CASES[case]
+    args, kwargs = _inputs(*shape, pat_ch, False, seed=6, spatial=spatial)
+    for residual in (True, False):
+        kwargs["residual"] = residual
+        ours = _run(args, kwargs, dtype, fused_backend, "gelu", channels_last)
+        exact = _run(args, kwargs, torch.float64, "torch", "gelu")
+        in_dtype = _run(args, kwargs, dtype, "torch", "gelu", channels_last)
+        assert ours.dtype == dtype
+        assert_within_budget("y", ours, exact, in_dtype, dtype)
+        assert ours.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    composed = pk.spatial_attention(
+        _run(args, dict(kwargs, spatial=None), torch.float64, "torch", "gelu"),
+        *kwargs["spatial"][:4], kwargs["spatial"].bn_d, backend="torch")
+    torch.testing.assert_close(exact, composed, rtol=0, atol=0)
+
+
+@ON_ITS_BACKENDS
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_spatial_attention_statistics_and_opcheck(channels_last, fused_backend):
+    """PATNet-T1's block followed by another: the statistics of its output (after PAT_sp and
+    the residual) from the kernel's epilogue merge to those of y; opcheck of the op."""
+    args, kwargs = _cast(*_inputs(2, 16, 4, 17, 19, True, False, seed=7, spatial="folded"),
+                         torch.float32, channels_last)
+    with torch.no_grad():
+        y, (mean, m2) = pk.partial_block(*args, activation="gelu", return_statistics=True,
+                                         backend=fused_backend, **kwargs)
+    exact = _run(*_inputs(2, 16, 4, 17, 19, True, False, seed=7, spatial="folded"),
+                 torch.float64, "torch", "gelu")
+    assert_within_budget("y", y, exact, _run(args, kwargs, torch.float32, "torch", "gelu"),
+                         torch.float32)
+    assert mean.shape[:2] == (2, mean.shape[1]) and mean.shape[1] > 1 and mean.shape[2] == 12
+    exact_mean, exact_std = _merged(*output_statistics(y, 4), 323)
+    got_mean, got_std = _merged(mean, m2, 323)
+    torch.testing.assert_close(got_mean, exact_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_std, exact_std, rtol=1e-5, atol=1e-5)
+    x, conv, w1, b1, w2, _ = args
+    sp = kwargs["spatial"]
+    scale, shift = (torch.rand(2, 12, device=DEVICE) + 0.5 for _ in range(2))
+    ops = fused_ops(fused_backend)
+    torch.library.opcheck(ops.pointwise_mlp_spatial.default,
+                          (x, conv, scale, shift, w1, b1, w2, None, x, "gelu", 4,
+                           sp.gate_weight, sp.conv_weight, sp.conv_bias, *sp.bn_c[:4],
+                           sp.bn_c.eps, None, None, None, None, 0.0))
+
+
 def _merged(mean, m2, pixels):
     """The (mean, unbiased std) over all pixels of per-chunk statistics, each (B, C2)."""
     size = chunk_pixels(pixels, mean.shape[1])
@@ -209,7 +282,8 @@ def test_statistics_handed_to_the_next_block(channels_last, dtype, fused_backend
 
 
 def _bad(name):
-    args, kwargs = _cast(*_inputs(2, 16, 4, 3, 3, True, False), torch.float32)
+    args, kwargs = _cast(*_inputs(2, 16, 4, 3, 3, True, False, spatial="folded"), torch.float32)
+    sp = kwargs.pop("spatial")
     x, conv_w, w1, b1, w2, _ = args
     stats = torch.zeros(2, 1, 12, device=DEVICE)
     calls = {
@@ -236,13 +310,25 @@ def _bad(name):
         "statistics dtype": ((x, conv_w, w1, b1, w2),
                              dict(kwargs, statistics=(stats.double(), stats.double())),
                              ValueError, r"statistics must be float32"),
+        "spatial type": ((x, conv_w, w1, b1, w2), dict(kwargs, spatial=(sp.gate_weight,)),
+                         ValueError, r"spatial must be a patnet_kernels.SpatialAttentionParams"),
+        "spatial conv": ((x, conv_w, w1, b1, w2),
+                         dict(kwargs, spatial=sp._replace(conv_weight=sp.conv_weight[:, :4])),
+                         ValueError, r"spatial.conv_weight must be"),
+        "spatial gate": ((x, conv_w, w1, b1, w2),
+                         dict(kwargs, spatial=sp._replace(gate_weight=sp.conv_weight)),
+                         ValueError, r"spatial.gate_weight must have shape \(1, 8, 1, 1\)"),
+        "spatial bn_c": ((x, conv_w, w1, b1, w2),
+                         dict(kwargs, spatial=sp._replace(bn_c=kwargs["bn_b"])),
+                         ValueError, r"spatial.bn_c"),
     }
     return calls[name]
 
 
 @pytest.mark.parametrize("case", ["w2 out", "bn_b alone", "cfc shape", "no bn_b", "conv", "w1",
                                   "statistics alone", "statistics shape", "statistics chunks",
-                                  "statistics dtype", "statistics, no residual"])
+                                  "statistics dtype", "statistics, no residual", "spatial type",
+                                  "spatial conv", "spatial gate", "spatial bn_c"])
 @pytest.mark.parametrize("backend", ("torch",) + BACKENDS)
 def test_bad_input_is_refused_before_any_kernel(case, backend):
     args, kwargs, error, message = _bad(case)
@@ -265,9 +351,9 @@ VARIANTS = ["fasternet_t0", "fasternet_t2", "patnet_t0", "patnet_t1", "patnet_t2
 @ON_ITS_BACKENDS
 @pytest.mark.parametrize("name", VARIANTS)
 def test_inference_path_runs_every_block_as_one_op(name, fused_backend):
-    """Every FasterNet block, and PATNet's stage 1-3 blocks, is one call of the block op (stage
-    4: the MLP op after PAT_sf; PATNet-T1: PAT_sp after each); the model equals the eval
-    model, NCHW and channels_last."""
+    """Every FasterNet block, and PATNet's stage 1-3 blocks, is one call of the block op
+    (PATNet-T1's with its PAT_sp; stage 4: the MLP op after PAT_sf, then PAT_sp's op in T1);
+    the model equals the eval model, NCHW and channels_last."""
     channels_last = name.endswith("t2")
     model, fast = small_inference_model(name, fused_backend, channels_last)
     calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
@@ -276,7 +362,7 @@ def test_inference_path_runs_every_block_as_one_op(name, fused_backend):
     else:
         assert calls.count("partial_block") == 4 and calls.count("pointwise_mlp") == 1
     assert "channel_attention" not in calls and "partial_conv3x3" not in calls
-    assert calls.count("spatial_attention") == (5 if name == "patnet_t1" else 0)
+    assert calls.count("spatial_attention") == (1 if name == "patnet_t1" else 0)
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -297,7 +383,7 @@ def test_auto_composes_the_block_from_its_ops():
 @pytest.mark.parametrize("name", ["patnet_t0", "patnet_t1"])
 def test_compiled_inference_model_is_one_graph(name, fused_backend):
     """One graph (fullgraph) through the block op (PATNet-T0: with the statistics handed
-    between blocks; PATNet-T1: up to PAT_sp), equal to eager."""
+    between blocks; PATNet-T1: with PAT_sp), equal to eager."""
     torch._dynamo.reset()
     _, fast = small_inference_model(name, fused_backend)
     x = torch.randn(2, 3, 64, 32, device=DEVICE)

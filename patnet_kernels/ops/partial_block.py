@@ -10,7 +10,9 @@ is never written:
 3. ``pointwise_mlp(x, conv_weight, scale, shift, ..., residual=x)``: the MLP's kernel computes
    conv3x3(X1) for its pixel tile (one-pixel halo of X1 re-read from cache), keeps it on chip
    with the 2C hidden activation, reads X2 (applying the gate) and adds x back (unless
-   ``residual`` is False: PATNet-T1, whose PAT_sp comes before the residual).
+   ``residual`` is False); with PAT_sp after the MLP (PATNet-T1's blocks),
+   ``pointwise_mlp_spatial(...)`` instead: the same kernel also runs PAT_sp on the MLP's
+   output before adding x back, so that output is never written either.
 
 So a FasterNet block is one launch that reads X once and writes the output once; a PAT_ch
 block three, reading X2 once more for the statistics, or two where the previous block of the
@@ -24,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._types import BatchNormParams
+from .._types import BatchNormParams, SpatialAttentionParams
 from .channel_attention import eval_gate
 
 Tensor = torch.Tensor
@@ -42,7 +44,8 @@ def backend_function(ops):
                       bn_b: Optional[BatchNormParams], w1: Tensor, b1: Optional[Tensor],
                       w2: Tensor, b2: Optional[Tensor], activation: str,
                       statistics: Optional[Tuple[Tensor, Tensor]] = None,
-                      return_statistics: bool = False, residual: bool = True):
+                      return_statistics: bool = False, residual: bool = True,
+                      spatial: Optional[SpatialAttentionParams] = None):
         """The block with this backend's kernels (inputs checked; no gradient taken)."""
         c1 = conv_weight.shape[0]
         scale = shift = None
@@ -52,6 +55,15 @@ def backend_function(ops):
             scale, shift = eval_gate(ops, mean, m2, x.shape[2] * x.shape[3], cfc_weight,
                                      cfc_bias, bn_a, bn_b)
         residual_input = x if residual else None
+        if spatial is not None:  # (its statistics always taken, as a PAT_ch block's below)
+            bn_c, bn_d = spatial.bn_c, spatial.bn_d
+            d = ((bn_d.weight, bn_d.bias, bn_d.running_mean, bn_d.running_var, bn_d.eps)
+                 if bn_d is not None else (None,) * 4 + (0.0,))
+            y, mean, m2 = ops.pointwise_mlp_spatial(
+                x, conv_weight, scale, shift, w1, b1, w2, b2, residual_input, activation, c1,
+                spatial.gate_weight, spatial.conv_weight, spatial.conv_bias, bn_c.weight,
+                bn_c.bias, bn_c.running_mean, bn_c.running_var, bn_c.eps, *d)
+            return (y, (mean, m2)) if return_statistics else y
         if return_statistics or cfc_weight is not None:
             # (a PAT_ch block's kernel always takes its output's statistics, the last block of
             # a stage dropping them: one kernel variant fewer to ship, for about 2% more

@@ -48,3 +48,12 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     g = F.hardsigmoid(z)
     y2 = batch_norm(x2 * g, bn_b, training)
     return torch.cat([y1, y2], dim=1)
+
+
+def output_statistics(y: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The statistics a PAT_ch block reads of its input's X2 = y[:, c1:], in the chunked form
+    of ``partial_block``'s ``statistics`` with one chunk: (mean, sum of squared deviations over
+    H * W), each (B, 1, C2) fp32."""
+    y2 = y[:, c1:].float().flatten(2)
+    mean = y2.mean(-1, keepdim=True)
+    return mean.transpose(1, 2), (y2 - mean).square().sum(-1, keepdim=True).transpose(1, 2)

@@ -11,19 +11,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._types import BatchNormParams
-from .channel_attention import channel_attention
+from .._types import BatchNormParams, SpatialAttentionParams
+from .channel_attention import channel_attention, output_statistics
 from .partial_conv import partial_conv3x3
 from .pointwise_mlp import pointwise_mlp
-
-
-def output_statistics(y: torch.Tensor, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The statistics a PAT_ch block reads of its input's X2 = y[:, c1:], in the chunked form
-    of ``partial_block``'s ``statistics`` with one chunk: (mean, sum of squared deviations over
-    H * W), each (B, 1, C2) fp32."""
-    y2 = y[:, c1:].float().flatten(2)
-    mean = y2.mean(-1, keepdim=True)
-    return mean.transpose(1, 2), (y2 - mean).square().sum(-1, keepdim=True).transpose(1, 2)
+from .spatial_attention import spatial_attention
 
 
 def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: Optional[torch.Tensor],
@@ -31,17 +23,24 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: Option
                   bn_b: Optional[BatchNormParams], w1: torch.Tensor, b1: Optional[torch.Tensor],
                   w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str,
                   statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                  return_statistics: bool = False, residual: bool = True):
+                  return_statistics: bool = False, residual: bool = True,
+                  spatial: Optional[SpatialAttentionParams] = None):
     """x: (B, C, H, W); conv_weight: (C1, C1, 3, 3); cfc_weight (C2, C2, 1, 2), cfc_bias,
     bn_a, bn_b: PAT_ch's (see :func:`channel_attention`), or cfc_weight None for PConv;
     w1, b1, w2, b2, activation: the MLP's (see :func:`pointwise_mlp`, C_out = C). Returns a new
     (B, C, H, W) tensor, or with ``return_statistics`` (y, :func:`output_statistics` of y).
     ``statistics`` (those of x's X2, from the previous block) are a cache the fused kernels
-    read; the reference computes its own. ``residual`` False: MLP(mixer(x)) without x added
-    (PATNet-T1's block up to its PAT_sp)."""
+    read; the reference computes its own. ``residual`` False: MLP(mixer(x)) without x added.
+    ``spatial``: PAT_sp in eval on the MLP's output, before the residual (PATNet-T1's block:
+    x + PAT_sp(MLP(mixer(x))))."""
     if cfc_weight is None:
         mixed = partial_conv3x3(x, conv_weight)
     else:
         mixed = channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, False)
-    y = pointwise_mlp(mixed, w1, b1, w2, b2, x if residual else None, activation)
+    if spatial is None:
+        y = pointwise_mlp(mixed, w1, b1, w2, b2, x if residual else None, activation)
+    else:
+        y = spatial_attention(pointwise_mlp(mixed, w1, b1, w2, b2, None, activation),
+                              spatial.gate_weight, spatial.conv_weight, spatial.conv_bias,
+                              spatial.bn_c, spatial.bn_d, False, x if residual else None)
     return (y, output_statistics(y, conv_weight.shape[0])) if return_statistics else y

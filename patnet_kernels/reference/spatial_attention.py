@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .._types import BatchNormParams
 from .batch_norm import batch_norm
-from .partial_block import output_statistics
+from .channel_attention import output_statistics
 
 
 def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: torch.Tensor,
@@ -23,7 +23,7 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     with P = C - Q; conv_bias: (P,) or None (a bias appears once BN_d is folded into the conv);
     bn_c over Q channels; bn_d over P channels, or None once folded; residual: (B, C, H, W) or
     None. Returns (B, C, H, W), or with ``statistics_of`` = C1 (y, the statistics of y[:, C1:]
-    that a following PAT_ch block reads: :func:`.partial_block.output_statistics`).
+    that a following PAT_ch block reads: :func:`.channel_attention.output_statistics`).
     """
     p = conv_weight.shape[0]
     q = m.shape[1] - p

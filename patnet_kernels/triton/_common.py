@@ -174,6 +174,18 @@ def store_tile_moments(v, p_ok, offs_c, c_ok, mean_ptr, m2_ptr, row, FIRST, C):
     tl.store(m2_ptr + at, m2, mask=keep)
 
 
+@triton.jit
+def batch_norm_tile(x, offs_c, c_ok, mean_ptr, var_ptr, weight_ptr, bias_ptr, eps):
+    """(x - mean) * weight / sqrt(var + eps) + bias over the columns of ``x`` (pixels x channels
+    ``offs_c``, fp32): a BatchNorm of given statistics on a tile, each vector (C,) fp32 (a
+    column outside ``c_ok``: 0)."""
+    mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+    scale = tl.load(weight_ptr + offs_c, mask=c_ok, other=0.0) * tl.rsqrt(
+        tl.load(var_ptr + offs_c, mask=c_ok, other=1.0) + eps)
+    shift = tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0)
+    return (x - mean[None, :]) * scale[None, :] + shift[None, :]
+
+
 # (imported here, below the jit functions: a line added above them changes their cache keys)
 from .._types import pixel_stride  # noqa: E402
 

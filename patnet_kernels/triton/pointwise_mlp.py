@@ -13,7 +13,10 @@ the fly: channels [0, C1) are conv3x3(X1) of the program's pixel tile, computed 
 hidden loop (``partial_conv.conv3x3_tile``, the one-pixel halo re-read from cache) and kept on
 chip; channels [C1, C) are X2, through PAT_ch's per-(sample, channel) affine map where given.
 The epilogue can also take the statistics of the output's last channels per pixel tile (mean
-and sum of squared deviations): the next PAT_ch block's gate reads them instead of X2.
+and sum of squared deviations): the next PAT_ch block's gate reads them instead of X2. And it
+can run PAT_sp on the MLP's output M before the residual (PATNet-T1's blocks): one program then
+holds the whole output in two accumulators, Ma and Mb, and writes [BN_c(Ma * hsig(w . Ma)) |
+conv1x1(BN_d(Mb)) + bias], PAT_sp's conv a third GEMM on the tile, so M is never written.
 
 * :func:`pointwise_mlp` -- the launcher; :func:`stats_chunks` -- the tiles of its statistics;
   :func:`aot_kernels` -- its shipped configurations (:func:`released_launches`).
@@ -28,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, dot, pixel_strides, upcast_dot)
+                      batch_norm_tile, block, cdiv, dot, hardsigmoid, pixel_strides,
+                      store_tile_moments, upcast_dot)
 from .partial_conv import conv3x3_tile
 
 # The activation constexpr of the kernel, by the reference's name.
@@ -61,7 +65,16 @@ def _pointwise_mlp_kernel(
                                    # tiles (grid axis 0), written if STATS: per tile the mean
                                    # and sum of squared deviations of y[:, STATS_FIRST:] as
                                    # stored (the next PAT_ch block's X2 statistics)
+    sg_ptr,  # (Q,) PAT_sp's gate weight w, x dtype contiguous; read if SPATIAL
+    sw_ptr,  # (C_OUT - Q, C_OUT - Q) PAT_sp's 1x1 conv weight, [out, in] contiguous, x dtype;
+             # read if SPATIAL
+    sbias_ptr,  # (C_OUT - Q,) that conv's bias, x dtype; read if SPATIAL and SP_BIAS
+    cm_ptr, cv_ptr, cw_ptr, cb_ptr,  # (Q,) fp32 each: BN_c's mean, variance, weight, bias
+                                     # (SPATIAL)
+    dm_ptr, dv_ptr, dw_ptr, db_ptr,  # (C_OUT - Q,) fp32 each: BN_d's (SPATIAL and SP_BN_D)
+    c_eps, d_eps,  # BN_c's and BN_d's eps (SPATIAL)
     C, C_HEAD, HIDDEN, C_OUT,  # C_HEAD: channels [0, C_HEAD) of M are the conv (0: none)
+    Q,  # SPATIAL: PAT_sp's gated channels, the first Q of the MLP's output (the rest its conv's)
     STATS_FIRST,  # the first output channel whose statistics are taken (if STATS)
     P,  # pixels per sample, H * W
     W,  # image width: pixel p is at row p // W, column p % W (read if CONV_HEAD)
@@ -74,10 +87,15 @@ def _pointwise_mlp_kernel(
     CONV_HEAD: tl.constexpr,  # M[:, :C_HEAD] = conv3x3(x[:, :C_HEAD]) (padding 1), computed
                               # once per tile and kept on chip
     STATS: tl.constexpr,  # write the statistics of y's channels [STATS_FIRST, C_OUT)
+    SPATIAL: tl.constexpr,  # PAT_sp on the MLP's output M before the residual: y = [BN_c(Ma *
+                            # hsig(w . Ma)) | conv1x1(BN_d(Mb)) + bias], Ma = M[:, :Q] and
+                            # Mb = M[:, Q:] each in one block of BLOCK_N channels
+    SP_BIAS: tl.constexpr, SP_BN_D: tl.constexpr,  # PAT_sp's conv has a bias; BN_d not folded
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_K: tl.constexpr,  # input channels per step of the first GEMM
     BLOCK_H: tl.constexpr,  # hidden channels per chunk
-    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_N: tl.constexpr,  # output channels per program (SPATIAL: per half, Ma and Mb)
+    BLOCK_O: tl.constexpr,  # SPATIAL: output channels per step of PAT_sp's conv
     BLOCK_CI: tl.constexpr,  # conv input channels per tl.dot (CONV_HEAD)
     BLOCK_C1: tl.constexpr,  # C_HEAD rounded up to a power of two (CONV_HEAD): the whole head
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
@@ -88,7 +106,7 @@ def _pointwise_mlp_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < P
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < C_OUT
+    n_ok = offs_n < (Q if SPATIAL else C_OUT)  # (SPATIAL: one program holds Ma and Mb)
     x = x_ptr + pid_b * x_sb + offs_p[:, None] * x_sp  # (BLOCK_P, 1) pixel rows of x
     scale_row = scale_ptr + pid_b * (C - C_HEAD) - C_HEAD  # (indexed by input channel)
     shift_row = shift_ptr + pid_b * (C - C_HEAD) - C_HEAD
@@ -100,6 +118,8 @@ def _pointwise_mlp_kernel(
                             BLOCK_CI, BLOCK_C1, UPCAST).to(x_ptr.dtype.element_ty)
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # SPATIAL: Mb, channels Q + offs_n
+    nb_ok = offs_n < C_OUT - Q
     for h0 in range(0, HIDDEN, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < HIDDEN
@@ -129,26 +149,59 @@ def _pointwise_mlp_kernel(
         w2t = tl.load(w2_ptr + offs_n[None, :] * HIDDEN + offs_h[:, None],
                       mask=h_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_N)
         acc = dot(hidden, w2t, acc, UPCAST)
+        if SPATIAL:
+            w2t_b = tl.load(w2_ptr + (Q + offs_n[None, :]) * HIDDEN + offs_h[:, None],
+                            mask=h_ok[:, None] & nb_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_N)
+            acc_b = dot(hidden, w2t_b, acc_b, UPCAST)
 
-    ok = p_ok[:, None] & n_ok[None, :]
     if HAS_B2:
         acc += tl.load(b2_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SPATIAL:
+            acc_b += tl.load(b2_ptr + Q + offs_n, mask=nb_ok, other=0.0).to(tl.float32)[None, :]
+    r_pix = r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp  # (BLOCK_P, 1) pixel rows
+    y_pix = y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp
+    stats_row = pid_b * tl.num_programs(0) + pid_p  # (statistics of a chunk of BLOCK_P pixels)
+    if SPATIAL:  # (M rounded to x's dtype, as the MLP writing it would)
+        ma = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        g = tl.load(sg_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        s = hardsigmoid(tl.sum(ma * g[None, :], axis=1))  # (BLOCK_P,) the gate
+        ya = batch_norm_tile(ma * s[:, None], offs_n, n_ok, cm_ptr, cv_ptr, cw_ptr, cb_ptr, c_eps)
+        _store_output(ya, offs_n, n_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
+                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS)
+        mb = acc_b.to(x_ptr.dtype.element_ty)
+        if SP_BN_D:  # (0 past C_OUT - Q, where the weight's rows are 0 too)
+            mb = batch_norm_tile(mb.to(tl.float32), offs_n, nb_ok, dm_ptr, dv_ptr, dw_ptr,
+                                 db_ptr, d_eps).to(x_ptr.dtype.element_ty)
+        for o0 in range(0, C_OUT - Q, BLOCK_O):  # Yb, BLOCK_O output channels at a time
+            offs_o = o0 + tl.arange(0, BLOCK_O)
+            o_ok = offs_o < C_OUT - Q
+            wt = tl.load(sw_ptr + offs_o[None, :] * (C_OUT - Q) + offs_n[:, None],
+                         mask=nb_ok[:, None] & o_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_O)
+            yb = dot(mb, wt, tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32), UPCAST)
+            if SP_BIAS:
+                yb += tl.load(sbias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+            _store_output(yb, Q + offs_o, o_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
+                          stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS)
+    else:
+        _store_output(acc, offs_n, n_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
+                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS)
+
+
+@triton.jit
+def _store_output(acc, offs_c, c_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
+                  stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL: tl.constexpr,
+                  STATS: tl.constexpr):
+    """Store a tile of the output, y[pixels, offs_c] = acc (+ the residual), ``r_pix`` and
+    ``y_pix`` the (BLOCK_P, 1) pixel rows of r and y; with STATS also the tile's statistics of
+    its channels in [STATS_FIRST, C_OUT) as stored (row ``stats_row``)."""
+    ok = p_ok[:, None] & c_ok[None, :]
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp + offs_n[None, :] * r_sc,
-                    mask=ok, other=0.0)
-        acc += r.to(tl.float32)
-    out = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp + offs_n[None, :] * y_sc, out,
-             mask=ok)
-    if STATS:  # of the tile's pixels (a chunk of BLOCK_P, the last one shorter), as stored
-        n_stats = n_ok & (offs_n >= STATS_FIRST)
-        s_ok = p_ok[:, None] & n_stats[None, :]
-        v = out.to(tl.float32)
-        tile_mean = tl.sum(tl.where(s_ok, v, 0.0), 0) / tl.sum(p_ok.to(tl.float32), 0)
-        centred = tl.where(s_ok, v - tile_mean[None, :], 0.0)
-        at = (pid_b * tl.num_programs(0) + pid_p) * (C_OUT - STATS_FIRST) + offs_n - STATS_FIRST
-        tl.store(stats_mean_ptr + at, tile_mean, mask=n_stats)
-        tl.store(stats_m2_ptr + at, tl.sum(centred * centred, 0), mask=n_stats)
+        acc += tl.load(r_pix + offs_c[None, :] * r_sc, mask=ok, other=0.0).to(tl.float32)
+    out = acc.to(y_pix.dtype.element_ty)
+    tl.store(y_pix + offs_c[None, :] * y_sc, out, mask=ok)
+    if STATS:
+        store_tile_moments(out.to(tl.float32), p_ok, offs_c, c_ok, stats_mean_ptr, stats_m2_ptr,
+                           stats_row, STATS_FIRST, C_OUT)
 
 
 class Config(NamedTuple):
@@ -160,40 +213,58 @@ class Config(NamedTuple):
     warps: int
     stages: int
     block_ci: int = 32  # conv input channels per tl.dot, when the kernel computes a conv head
+    block_o: int = 64  # output channels per step of PAT_sp's conv, when it follows
+
+
+class SpatialAttention(NamedTuple):
+    """PAT_sp after the MLP (SPEC.md section 3) as the kernel takes it; Q gated channels and
+    P = C_OUT - Q conv channels."""
+    gate: torch.Tensor  # (Q,) the gate weight w, contiguous, in x's dtype
+    weight: torch.Tensor  # (P, P) the 1x1 conv's [out, in], contiguous, in x's dtype
+    bias: Optional[torch.Tensor]  # (P,) in x's dtype, or None
+    bn_c: Tuple[torch.Tensor, ...]  # BN_c's (mean, var, weight, bias), fp32 (Q,) each
+    c_eps: float
+    bn_d: Optional[Tuple[torch.Tensor, ...]]  # BN_d's, fp32 (P,) each, or None (folded)
+    d_eps: float
 
 
 def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
-                   conv_channels: int = 0, interpret: bool = INTERPRET) -> Config:
+                   conv_channels: int = 0, gated: int = 0,
+                   interpret: bool = INTERPRET) -> Config:
     """The kernel's configuration for these widths and dtype (``conv_channels``: C_HEAD of a
-    conv head, 0 for none). On a GPU the output block covers C_OUT up to 256 (no hidden chunk
-    computed twice); wider outputs take several programs per pixel tile, each recomputing the
-    hidden activation (and the conv head). float32 (its dots as IEEE FMAs, no tensor cores)
-    takes smaller tiles, and under a conv head of 64 channels or more 16 pixels per program
-    without software pipelining; in fp16 / bf16 a conv head over 256 channels takes 32 pixels
-    per program: the bigger tiles spill registers there (read off the sm_80 / sm_90 machine
-    code, ``python -m patnet_kernels.triton.aot``: fp32 conv heads of 128 to 512 channels kept
-    400 B to 3.8 KB of stack per thread with 32 pixels and two stages, none now; one stage
-    with 32 pixels spills at 64 channels)."""
+    conv head, 0 for none; ``gated``: Q of a PAT_sp that follows, 0 for none). On a GPU the
+    output block covers C_OUT up to 256 (no hidden chunk computed twice); wider outputs take
+    several programs per pixel tile, each recomputing the hidden activation (and the conv
+    head). With PAT_sp one program holds the whole output, a block of block(Q) channels for
+    each half (16 pixels per program past 256). float32 (its dots as IEEE FMAs, no tensor
+    cores) takes smaller tiles, and under a conv head of 64 channels or more 16 pixels per
+    program without software pipelining; in fp16 / bf16 a conv head over 256 channels takes
+    32 pixels per program: the bigger tiles spill registers there (read off the sm_80 / sm_90
+    machine code, ``python -m patnet_kernels.triton.aot``: fp32 conv heads of 128 to 512
+    channels kept 400 B to 3.8 KB of stack per thread with 32 pixels and two stages, none now;
+    one stage with 32 pixels spills at 64 channels)."""
     conv_block = block(conv_channels)
+    block_n = block(gated) if gated else block(out_channels, high=256)
     if interpret:  # few, big programs: the interpreter pays per program and per operation
-        return Config(128, block(channels, high=128), block(hidden, high=128),
-                      block(out_channels, high=256), 4, 1, block(conv_channels, high=64))
-    block_n = block(out_channels, high=256)
+        return Config(128, block(channels, high=128), block(hidden, high=128), block_n, 4, 1,
+                      block(conv_channels, high=64))
     if upcast_dot(dtype, interpret=False):
-        if conv_block >= 64:
+        if conv_block >= 64 or block_n > 256:
             return Config(16, 16, 32, block_n, 8, 1, 16)
         return Config(32, 16, 32, block_n, 8, 2, 16)
-    return Config(64 if conv_block <= 256 else 32, block(channels, high=64), 64, block_n, 8, 3,
+    block_p = 64 if conv_block <= 256 and block_n <= 256 else 32 if block_n <= 256 else 16
+    return Config(block_p, block(channels, high=64), 64, block_n, 8, 3,
                   min(conv_block, 32))  # (4 warps spill on sm_80)
 
 
 def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_channels: int,
-                 config: Optional[Config] = None) -> int:
+                 gated: int = 0, config: Optional[Config] = None) -> int:
     """T, the pixel tiles of the kernel on x (B, C, H, W) with these weights, (HIDDEN, C) and
-    (C_OUT, HIDDEN): the chunks of its output statistics (BLOCK_P pixels each, a power of
-    two, as :func:`patnet_kernels._types.chunk_pixels` assumes)."""
+    (C_OUT, HIDDEN), the conv head and PAT_sp (``gated`` = its Q, 0 for none): the chunks of
+    its output statistics (BLOCK_P pixels each, a power of two, as
+    :func:`patnet_kernels._types.chunk_pixels` assumes)."""
     config = config or default_config(x.shape[1], w1.shape[0], w2.shape[0], x.dtype,
-                                      conv_channels)
+                                      conv_channels, gated)
     return cdiv(x.shape[2] * x.shape[3], config.block_p)
 
 
@@ -202,10 +273,11 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   activation: str, y: torch.Tensor, conv_taps: Optional[torch.Tensor] = None,
                   scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None,
                   statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                  stats_first: int = 0, config: Optional[Config] = None) -> torch.Tensor:
+                  stats_first: int = 0, spatial: Optional[SpatialAttention] = None,
+                  config: Optional[Config] = None) -> torch.Tensor:
     """y = W2 . act(W1 . M + b1) + b2 [+ residual] with M = [conv3x3(x[:, :C_HEAD]) |
     x[:, C_HEAD:] * scale + shift] (no conv taps: C_HEAD = 0; no scale and shift: x as it is);
-    returns y.
+    with ``spatial``, y = PAT_sp(W2 . act(W1 . M + b1) + b2) [+ residual]; returns y.
 
     x: (B, C, H, W); residual and y: (B, C_OUT, H, W); each with H and W merging into one pixel
     stride (stride(2) == W * stride(3): NCHW, channels_last, channel slices of either).
@@ -216,53 +288,71 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     "relu" or "gelu". y must not overlap x or the residual. ``statistics``: (mean, m2), each
     (B, :func:`stats_chunks`, C_OUT - ``stats_first``) fp32 contiguous, filled with the mean
     and sum of squared deviations of y[:, stats_first:] per chunk of BLOCK_P pixels (the last
-    one the rest), or None. ``config``: tiles and launch options (default:
-    :func:`default_config`; benchmarks/sweep_pointwise_mlp.py times others).
+    one the rest), or None. ``spatial``: PAT_sp's tensors (:class:`SpatialAttention`), or None.
+    ``config``: tiles and launch options (default: :func:`default_config`;
+    benchmarks/sweep_pointwise_mlp.py times others).
     """
     b, c, h, w = x.shape
     hidden, c_out = w1.shape[0], w2.shape[0]
     c_head = conv_taps.shape[1] if conv_taps is not None else 0
-    config = config or default_config(c, hidden, c_out, x.dtype, c_head)
-    grid = (cdiv(h * w, config.block_p), b, cdiv(c_out, config.block_n))
+    q = c_out - spatial.weight.shape[0] if spatial is not None else 0
+    config = config or default_config(c, hidden, c_out, x.dtype, c_head, q)
+    if config.block_n < q:
+        raise ValueError(f"with PAT_sp one program holds all {q} gated channels: the output "
+                         f"block must be at least block({q}), got {config.block_n}")
+    grid = (cdiv(h * w, config.block_p), b,
+            1 if spatial is not None else cdiv(c_out, config.block_n))
     r = residual if residual is not None else y
     unused = w1  # (any pointer in x's dtype for the arguments not read)
     stats_mean, stats_m2 = statistics if statistics is not None else (unused, unused)
+    sp = spatial or SpatialAttention(unused, unused, None, (unused,) * 4, 0.0, None, 0.0)
+    bn_d = sp.bn_d or sp.bn_c
     _pointwise_mlp_kernel[grid](
         x, scale if scale is not None else unused, shift if shift is not None else unused,
         conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
-        w2, b2 if b2 is not None else unused, r, y, stats_mean, stats_m2, c, c_head, hidden,
-        c_out, stats_first, h * w, w,
+        w2, b2 if b2 is not None else unused, r, y, stats_mean, stats_m2, sp.gate, sp.weight,
+        sp.bias if sp.bias is not None else unused, *sp.bn_c, *bn_d, sp.c_eps, sp.d_eps, c,
+        c_head, hidden, c_out, q, stats_first, h * w, w,
         *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
         ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=scale is not None,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
-        CONV_HEAD=conv_taps is not None, STATS=statistics is not None, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
-        BLOCK_H=config.block_h, BLOCK_N=config.block_n, BLOCK_CI=config.block_ci,
-        BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype), num_warps=config.warps,
-        num_stages=config.stages)
+        CONV_HEAD=conv_taps is not None, STATS=statistics is not None,
+        SPATIAL=spatial is not None, SP_BIAS=sp.bias is not None, SP_BN_D=sp.bn_d is not None,
+        BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
+        BLOCK_N=config.block_n, BLOCK_O=min(config.block_o, config.block_n),
+        BLOCK_CI=config.block_ci, BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype),
+        num_warps=config.warps, num_stages=config.stages)
     return y
 
 
 def aot_kernel(config: Config, dtype: torch.dtype, activation: str, residual: bool,
-               affine: bool, conv_channels: int = 0, stats: bool = False) -> AotKernel:
+               affine: bool, conv_channels: int = 0, stats: bool = False,
+               spatial: bool = False) -> AotKernel:
     """The kernel as launched with ``config`` on ``dtype`` activations, b1 from the folded
-    BatchNorm and no b2, with this epilogue, a conv head of ``conv_channels`` (0: none) and
-    the output's statistics if ``stats``."""
+    BatchNorm and no b2, with this epilogue, a conv head of ``conv_channels`` (0: none), the
+    output's statistics if ``stats`` and PAT_sp if ``spatial`` (BN_d folded into its conv's
+    weight and bias, as the inference copy has it)."""
     fn, tname = _pointwise_mlp_kernel, TRITON_DTYPE[dtype]
     conv_block = block(conv_channels)
     head = f", conv<={conv_block}" if conv_channels else ""
     fp32 = (("scale_ptr", "shift_ptr") if affine else ()) + (
-        ("stats_mean_ptr", "stats_m2_ptr") if stats else ())
+        ("stats_mean_ptr", "stats_m2_ptr") if stats else ()) + (
+        ("cm_ptr", "cv_ptr", "cw_ptr", "cb_ptr", "dm_ptr", "dv_ptr", "dw_ptr", "db_ptr")
+        if spatial else ())
     return AotKernel(
         f"pointwise_mlp[{tname}, P={config.block_p}, K={config.block_k}, N={config.block_n}"
         f"{head}, {activation}, residual={residual}, affine={affine}"
-        f"{', stats' if stats else ''}]", fn,
+        f"{', stats' if stats else ''}{', PAT_sp' if spatial else ''}]", fn,
         # (the launcher passes w1, in x's dtype, for every pointer not read)
         aot_signature(fn, {name: "*fp32" if name in fp32 else "*" + tname
-                           for name in fn.arg_names if name.endswith("_ptr")}),
+                           for name in fn.arg_names if name.endswith("_ptr")},
+                      {"c_eps": "fp32", "d_eps": "fp32"}),
         dict(ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=affine, HAS_B1=True,
              HAS_B2=False, HAS_RESIDUAL=residual, CONV_HEAD=bool(conv_channels), STATS=stats,
+             SPATIAL=spatial, SP_BIAS=spatial, SP_BN_D=False,
              BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-             BLOCK_N=config.block_n, BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
+             BLOCK_N=config.block_n, BLOCK_O=min(config.block_o, config.block_n),
+             BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
              UPCAST=upcast_dot(dtype, interpret=False)),
         num_warps=config.warps, num_stages=config.stages,
         launches=activation_launches("x", "r", "y", pixel="sp"))
@@ -276,34 +366,35 @@ _PATNET_T1 = (48, "gelu")
 
 
 def released_launches():
-    """(C, activation, residual, affine, conv head, stats) of each MLP launch of the released
-    models' inference path (:mod:`patnet.inference`), C -> 2C -> C: FasterNet blocks (conv
-    head, no gate) at widths E, 2E, 4E, 8E; PATNet's PAT_ch blocks (conv head and the gate's
-    affine, and the output's statistics, which the next PAT_ch block reads) at E, 2E, 4E and
-    its MLPs after PAT_sf (no head) at 8E; PATNet-T1's MLPs before PAT_sp (no residual: it
-    comes after PAT_sp), with the PAT_ch block's conv head, affine and statistics at E, 2E,
-    4E, after PAT_sf at 8E."""
+    """(C, activation, residual, affine, conv head, stats, PAT_sp) of each MLP launch of the
+    released models' inference path (:mod:`patnet.inference`), C -> 2C -> C: FasterNet blocks
+    (conv head, no gate) at widths E, 2E, 4E, 8E; PATNet's PAT_ch blocks (conv head and the
+    gate's affine, and the output's statistics, which the next PAT_ch block reads) at E, 2E,
+    4E and its MLPs after PAT_sf (no head) at 8E; PATNet-T1's PAT_ch blocks the same with
+    PAT_sp before the residual at E, 2E, 4E, its MLPs after PAT_sf (no residual: PAT_sp's
+    own kernel adds it) at 8E."""
     for e, activation in _FASTERNET:
         for c in (e, 2 * e, 4 * e, 8 * e):
-            yield c, activation, True, False, True, False
+            yield c, activation, True, False, True, False, False
     for e, activation in _PATNET:
         for c in (e, 2 * e, 4 * e):
-            yield c, activation, True, True, True, True
-        yield 8 * e, activation, True, False, False, False
+            yield c, activation, True, True, True, True, False
+        yield 8 * e, activation, True, False, False, False, False
     e, activation = _PATNET_T1
     for c in (e, 2 * e, 4 * e):
-        yield c, activation, False, True, True, True
-    yield 8 * e, activation, False, False, False, False
+        yield c, activation, True, True, True, True, True
+    yield 8 * e, activation, False, False, False, False, False
 
 
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU for the released models
     (:func:`released_launches`), for the ahead-of-time check."""
     kernels = {}
-    for (c, activation, residual, affine, conv, stats), dtype in itertools.product(
+    for (c, activation, residual, affine, conv, stats, spatial), dtype in itertools.product(
             released_launches(), TRITON_DTYPE):
         c_head = c // 4 if conv else 0
-        config = default_config(c, 2 * c, c, dtype, c_head, interpret=False)
-        kernel = aot_kernel(config, dtype, activation, residual, affine, c_head, stats)
+        gated = c - c // 2 if spatial else 0  # (Q = C - int(C / 2))
+        config = default_config(c, 2 * c, c, dtype, c_head, gated, interpret=False)
+        kernel = aot_kernel(config, dtype, activation, residual, affine, c_head, stats, spatial)
         kernels.setdefault(kernel.name, kernel)
     return list(kernels.values())

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, dot, hardsigmoid, hardsigmoid_grad, pixel_strides,
-                      store_tile_moments, upcast_dot)
+                      batch_norm_tile, block, cdiv, dot, hardsigmoid, hardsigmoid_grad,
+                      pixel_strides, store_tile_moments, upcast_dot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,11 +153,8 @@ def _apply_kernel(
             c_ok = offs_c < Q
             ok = p_ok[:, None] & c_ok[None, :]
             x = tl.load(m_pix + offs_c[None, :] * m_sc, mask=ok, other=0.0).to(tl.float32)
-            mu = tl.load(cm_ptr + offs_c, mask=c_ok, other=0.0)
-            sc = tl.load(cw_ptr + offs_c, mask=c_ok, other=0.0) * tl.rsqrt(
-                tl.load(cv_ptr + offs_c, mask=c_ok, other=1.0) + c_eps)
-            sh = tl.load(cb_ptr + offs_c, mask=c_ok, other=0.0)
-            y = (x * s[:, None] - mu[None, :]) * sc[None, :] + sh[None, :]
+            y = batch_norm_tile(x * s[:, None], offs_c, c_ok, cm_ptr, cv_ptr, cw_ptr, cb_ptr,
+                                c_eps)
             if RESIDUAL:
                 y += tl.load(r_pix + offs_c[None, :] * r_sc, mask=ok, other=0.0).to(tl.float32)
             out = y.to(y_ptr.dtype.element_ty)
@@ -175,12 +172,8 @@ def _apply_kernel(
             a = tl.load(m_pix + (Q + offs_k[None, :]) * m_sc, mask=p_ok[:, None] & k_ok[None, :],
                         other=0.0)
             if HAS_BN_D:  # 0 for k >= P (the weight tile's rows there are 0 too)
-                mu = tl.load(dm_ptr + offs_k, mask=k_ok, other=0.0)
-                sc = tl.load(dw_ptr + offs_k, mask=k_ok, other=0.0) * tl.rsqrt(
-                    tl.load(dv_ptr + offs_k, mask=k_ok, other=1.0) + d_eps)
-                sh = tl.load(db_ptr + offs_k, mask=k_ok, other=0.0)
-                a = ((a.to(tl.float32) - mu[None, :]) * sc[None, :] + sh[None, :]).to(
-                    m_ptr.dtype.element_ty)
+                a = batch_norm_tile(a.to(tl.float32), offs_k, k_ok, dm_ptr, dv_ptr, dw_ptr,
+                                    db_ptr, d_eps).to(m_ptr.dtype.element_ty)
             wt = tl.load(w_ptr + offs_k[:, None] * w_si + offs_n[None, :] * w_so,
                          mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = dot(a, wt, acc, UPCAST)

@@ -3,7 +3,10 @@
 :mod:`..pointwise_mlp`. Triton's own, ``pointwise_mlp_stats(..., stats_first) -> (y, mean,
 m2)``: the same with the statistics of y[:, stats_first:] per tile of pixels, each (B, T,
 C_OUT - stats_first) fp32 (T from :func:`patnet_kernels.triton.pointwise_mlp.stats_chunks`;
-what the next PAT_ch block's gate reads, see :mod:`..partial_block`)."""
+what the next PAT_ch block's gate reads, see :mod:`..partial_block`); and
+``pointwise_mlp_spatial(..., stats_first, gate_weight, sp_conv_weight, sp_conv_bias, bn_c...,
+bn_d...) -> (y, mean, m2)``: that with PAT_sp in eval on the MLP's output before the residual
+(PATNet-T1's block; BN_d's tensors all None where it is folded into the conv)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -15,6 +18,7 @@ from ...triton._common import on_tensor_device
 from ...triton.partial_conv import forward_taps
 from .. import custom_op, register_fakes, pointwise_mlp as spec
 from .._layout import empty_activation, with_pixel_stride
+from . import fp32_vector
 
 Tensor = torch.Tensor
 
@@ -27,7 +31,8 @@ def _matrix(weight: Tensor) -> Tensor:
 def _run(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
          shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
          b2: Optional[Tensor], residual: Optional[Tensor], activation: str,
-         statistics: Optional[Tuple[Tensor, Tensor]] = None, stats_first: int = 0) -> Tensor:
+         statistics: Optional[Tuple[Tensor, Tensor]] = None, stats_first: int = 0,
+         spatial: Optional[kernels.SpatialAttention] = None) -> Tensor:
     x = with_pixel_stride(x)
     y = empty_activation(x, spec.output_shape(x, w2))
 
@@ -37,7 +42,8 @@ def _run(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
     return kernels.pointwise_mlp(
         x, _matrix(w1), b1, _matrix(w2), b2, optional(residual, with_pixel_stride), activation,
         y, conv_taps=optional(conv_weight, forward_taps), scale=optional(scale, Tensor.contiguous),
-        shift=optional(shift, Tensor.contiguous), statistics=statistics, stats_first=stats_first)
+        shift=optional(shift, Tensor.contiguous), statistics=statistics, stats_first=stats_first,
+        spatial=spatial)
 
 
 @custom_op("patnet_triton::pointwise_mlp", mutates_args=())
@@ -49,9 +55,10 @@ def _forward(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
 
 
 def _stats_shape(x: Tensor, conv_weight: Optional[Tensor], w1: Tensor, w2: Tensor,
-                 stats_first: int):
+                 stats_first: int, gated: int = 0):
     conv_channels = 0 if conv_weight is None else conv_weight.shape[0]
-    return (x.shape[0], kernels.stats_chunks(x, w1, w2, conv_channels), w2.shape[0] - stats_first)
+    return (x.shape[0], kernels.stats_chunks(x, w1, w2, conv_channels, gated),
+            w2.shape[0] - stats_first)
 
 
 @custom_op("patnet_triton::pointwise_mlp_stats", mutates_args=())
@@ -72,6 +79,46 @@ def _forward_stats(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Ten
 def _forward_stats_fake(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation,
                         stats_first):
     shape = _stats_shape(x, conv_weight, w1, w2, stats_first)
+    return (empty_activation(x, spec.output_shape(x, w2)),
+            x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32))
+
+
+@custom_op("patnet_triton::pointwise_mlp_spatial", mutates_args=())
+@on_tensor_device
+def _forward_spatial(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
+                     shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                     b2: Optional[Tensor], residual: Optional[Tensor], activation: str,
+                     stats_first: int, gate_weight: Tensor, sp_conv_weight: Tensor,
+                     sp_conv_bias: Optional[Tensor], c_weight: Optional[Tensor],
+                     c_bias: Optional[Tensor], c_running_mean: Tensor, c_running_var: Tensor,
+                     c_eps: float, d_weight: Optional[Tensor], d_bias: Optional[Tensor],
+                     d_running_mean: Optional[Tensor], d_running_var: Optional[Tensor],
+                     d_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    p = sp_conv_weight.shape[0]
+    q = w2.shape[0] - p
+    shape = _stats_shape(x, conv_weight, w1, w2, stats_first, q)
+    mean = torch.empty(shape, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+
+    def bn(running_mean, running_var, weight, bias, n):  # (what the kernel reads: fp32)
+        return (running_mean.float(), running_var.float(), fp32_vector(weight, 1.0, n, x),
+                fp32_vector(bias, 0.0, n, x))
+
+    spatial = kernels.SpatialAttention(
+        gate_weight.reshape(q).contiguous(), sp_conv_weight.reshape(p, p).contiguous(),
+        sp_conv_bias, bn(c_running_mean, c_running_var, c_weight, c_bias, q), c_eps,
+        None if d_running_mean is None else bn(d_running_mean, d_running_var, d_weight, d_bias,
+                                                p), d_eps)
+    y = _run(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation, (mean, m2),
+             stats_first, spatial)
+    return y, mean, m2
+
+
+@_forward_spatial.register_fake
+def _forward_spatial_fake(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation,
+                          stats_first, gate_weight, sp_conv_weight, *_):
+    shape = _stats_shape(x, conv_weight, w1, w2, stats_first,
+                         w2.shape[0] - sp_conv_weight.shape[0])
     return (empty_activation(x, spec.output_shape(x, w2)),
             x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32))
 
