@@ -1,10 +1,11 @@
-"""Benchmark a whole FasterNet or PAT_ch block in inference: eager reference vs torch.compile vs
-Triton.
+"""Benchmark a whole FasterNet or PAT_ch block in inference (PATNet-T1's with its PAT_sp): eager
+reference vs torch.compile vs Triton.
 
     python -m benchmarks.bench_partial_block [--dtypes float16] [--batches 256] [--quick] ...
 
 pk.partial_block: x + MLP(mixer(x)) with the mixer PConv (FasterNet-T2's blocks) or PAT_ch in
-eval (PATNet-T2's stage 1-3 blocks), BatchNorms folded, ReLU: what
+eval (PATNet-T2's stage 1-3 blocks), BatchNorms folded, ReLU; x + PAT_sp(MLP(PAT_ch(x))) with
+GELU (PATNet-T1's stage 1-3 blocks, PAT_sp's BN_d folded into its conv): what
 ``patnet.optimize_for_inference(model, backend="triton")`` runs per block. Shapes read off the
 model code at 224 x 224. Mode: fwd only (an inference op: it has no backward).
 See benchmarks/README.md (its layout section: the harness modules).
@@ -29,16 +30,24 @@ from patnet.layers import FasterNetBlock, PATNetBlock  # noqa: E402
 def shapes(quick: bool):
     c1 = lambda block: block.spatial_mixing.dim_conv3  # noqa: E731 - the conv channels
     return (stage_shapes("fasternet_t2", (FasterNetBlock,), c1, quick)
-            + stage_shapes("patnet_t2", (PATNetBlock,), c1, quick, stages=(1, 2, 3)))
+            + stage_shapes("patnet_t2", (PATNetBlock,), c1, quick, stages=(1, 2, 3))
+            + stage_shapes("patnet_t1", (PATNetBlock,), c1, quick, stages=(1, 2, 3)))
 
 
 def _pat_ch(shape: StageShape) -> bool:
     return shape.model.startswith("patnet")
 
 
+def _spatial(shape: StageShape) -> bool:
+    """PAT_sp after the MLP: PATNet-T1's blocks."""
+    return shape.model == "patnet_t1"
+
+
 def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Problem:
     """The reference's arguments as the inference path passes them: PAT_ch with BN_a folded
-    (W_ch and a bias) and BN_b from running statistics; the MLP's W1 and b1 folded, W2."""
+    (W_ch and a bias) and BN_b from running statistics; the MLP's W1 and b1 folded, W2; for
+    PATNet-T1 then (statistics, return_statistics, residual) as by default and PAT_sp's
+    tensors (BN_d folded: a conv bias; BN_c from running statistics)."""
     c, c1 = shape.channels, shape.split
     c2, hidden = c - c1, 2 * c
     x = stage_activation(shape, batch, dtype, device, gen)
@@ -51,20 +60,31 @@ def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Probl
     w1 = random_weight((hidden, c, 1, 1), dtype, device, gen)
     b1 = random_activation((hidden,), dtype, device, gen) * 0.1
     w2 = random_weight((c, hidden, 1, 1), dtype, device, gen)
-    return Problem((x, conv, *gate, w1, b1, w2, None, "relu"))
+    if not _spatial(shape):
+        return Problem((x, conv, *gate, w1, b1, w2, None, "relu"))
+    p = c // 2
+    spatial = pk.SpatialAttentionParams(
+        random_weight((1, c - p, 1, 1), dtype, device, gen),
+        random_weight((p, p, 1, 1), dtype, device, gen),
+        random_activation((p,), dtype, device, gen) * 0.1,
+        random_batch_norm(c - p, dtype, device, gen, training=False))
+    return Problem((x, conv, *gate, w1, b1, w2, None, "gelu", None, False, True, spatial))
 
 
 def functional(args, backend: str):
-    x, conv, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation = args
+    x, conv, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation, *rest = args
     return pk.partial_block(x, conv, w1, b1, w2, b2, cfc_weight=cfc_weight, cfc_bias=cfc_bias,
-                            bn_a=bn_a, bn_b=bn_b, activation=activation, backend=backend)
+                            bn_a=bn_a, bn_b=bn_b, activation=activation,
+                            spatial=rest[-1] if rest else None, backend=backend)
 
 
 def _parameters(shape: StageShape) -> int:
     c, c1 = shape.channels, shape.split
     c2, hidden = c - c1, 2 * c
     gate = 2 * c2 * c2 + c2 + 4 * c2 if _pat_ch(shape) else 0
-    return 9 * c1 * c1 + gate + 2 * c * hidden + hidden
+    p = c // 2
+    spatial = (c - p) * 5 + p * p + p if _spatial(shape) else 0
+    return 9 * c1 * c1 + gate + 2 * c * hidden + hidden + spatial
 
 
 def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
@@ -74,7 +94,9 @@ def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
 
 def flops(shape: StageShape, batch: int, mode: str) -> int:
     c, c1 = shape.channels, shape.split
-    return 2 * batch * shape.height * shape.width * (9 * c1 * c1 + 4 * c * c)
+    p = c // 2
+    spatial = p * p + c - p if _spatial(shape) else 0
+    return 2 * batch * shape.height * shape.width * (9 * c1 * c1 + 4 * c * c + spatial)
 
 
 FAMILY = Family(
@@ -85,15 +107,16 @@ FAMILY = Family(
     reference=pk.reference.partial_block, bytes_moved=bytes_moved,
     formulas={"fwd": "(2N + P) * e: the block's floor, read X and write Y once (N = B*C*H*W "
                      "elements, P = the folded parameters: 9 C1^2 conv, 2 C2^2 + 5 C2 PAT_ch "
-                     "gate, 4 C^2 + 2C MLP; e = bytes per element). The Triton path moves "
-                     "this for a FasterNet block (one kernel; the conv's one-pixel halo of X1 "
-                     "re-read from cache) and 0.75N more for a PAT_ch block (its statistics "
-                     "read X2 first)"},
+                     "gate, 4 C^2 + 2C MLP, P^2 + P + 5Q PAT_sp (T1, P = C/2 = C - Q); e = "
+                     "bytes per element). The Triton path moves this for a FasterNet block "
+                     "(one kernel; the conv's one-pixel halo of X1 re-read from cache) and "
+                     "0.75N more for a PAT_ch block (its statistics read X2 first)"},
     mode_text={"fwd": "eval forward under torch.no_grad()"},
     modes=("fwd",),  # (an inference op: no backward)
     flops=flops,
-    flop_formulas={"fwd": "2 B H W (9 C1^2 + 4 C^2): the 3x3 conv on C1 channels and the two "
-                          "1x1 convs (C -> 2C -> C); the gate's (B, C2) math is not counted"},
+    flop_formulas={"fwd": "2 B H W (9 C1^2 + 4 C^2 [+ P^2 + Q]): the 3x3 conv on C1 channels, "
+                          "the two 1x1 convs (C -> 2C -> C) [and PAT_sp's conv and gate]; the "
+                          "PAT_ch gate's (B, C2) math is not counted"},
     targets=[Target("triton", "fwd", 256, "speedup_vs_compile", 1.5,
                     "fused block >= 1.5x torch.compile of the reference at batch 256 (fwd)")],
 )

@@ -7,7 +7,8 @@
 FasterNet-T2, hidden 2C, ReLU, the block's residual) the kernel as ``pk.pointwise_mlp`` runs
 it. ``--op block``: for each shape of ``bench_partial_block`` the kernel as a whole block runs
 it, computing conv3x3(X1) for its tile and, for PAT_ch shapes, applying a per-(sample, channel)
-affine map to X2 (random: the gate's values do not change the kernel's cost). Every
+affine map to X2 (random: the gate's values do not change the kernel's cost), and for
+PATNet-T1's shapes running PAT_sp on the MLP's output before the residual. Every
 configuration of the grid (pixels, input-channel and hidden chunks, output block, warps,
 stages; see :func:`grid`) is launched once, checked against the reference in fp32 on the same
 inputs, then timed with the op benchmarks' timer (GPU: ``do_bench``, L2 flushed before every
@@ -87,13 +88,15 @@ class Case:
 
     def __init__(self, op: str, shape, batch: int, dtype, device, gen):
         from patnet_kernels.reference import pointwise_mlp as mlp_reference
+        from patnet_kernels.reference import spatial_attention as spatial_reference
         from patnet_kernels.triton import partial_conv, pointwise_mlp as kernels
 
         family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
         args = family.build(shape, batch, dtype, device, "fwd", gen).args
         self.nbytes = family.bytes_moved(shape, batch, args[0].element_size(), "fwd")
+        gated = 0
         if op == "block":
-            x, conv, cfc_weight, _, _, _, w1, b1, w2, _, activation = args
+            x, conv, cfc_weight, _, _, _, w1, b1, w2, _, activation, *rest = args
             c1 = conv.shape[0]
             taps = partial_conv.forward_taps(conv)
             scale = shift = None
@@ -105,9 +108,25 @@ class Case:
                 shift[..., None, None]
             m = torch.cat([torch.nn.functional.conv2d(f32[:, :c1], conv.float(), padding=1),
                            m2], 1)
-            self.exact = mlp_reference(m, w1.float(), b1.float(), w2.float(), None, f32,
-                                       activation)
             residual, extra = x, dict(conv_taps=taps, scale=scale, shift=shift)
+            if rest:  # PATNet-T1: PAT_sp after the MLP, before the residual
+                sp = rest[-1]
+                p = sp.conv_weight.shape[0]
+                gated = x.shape[1] - p
+                bn_c = tuple(t.float() for t in sp.bn_c[2:4] + sp.bn_c[:2])  # (mean, var, w, b)
+                extra["spatial"] = kernels.SpatialAttention(
+                    sp.gate_weight.reshape(gated).contiguous(),
+                    sp.conv_weight.reshape(p, p).contiguous(), sp.conv_bias, bn_c,
+                    sp.bn_c.eps, None, 0.0)
+                mlp = mlp_reference(m, w1.float(), b1.float(), w2.float(), None, None,
+                                    activation)
+                self.exact = spatial_reference(
+                    mlp, sp.gate_weight.float(), sp.conv_weight.float(), sp.conv_bias.float(),
+                    sp.bn_c._replace(**{k: getattr(sp.bn_c, k).float() for k in (
+                        "weight", "bias", "running_mean", "running_var")}), None, False, f32)
+            else:
+                self.exact = mlp_reference(m, w1.float(), b1.float(), w2.float(), None, f32,
+                                           activation)
         else:
             x, w1, b1, w2, _, residual, activation = args
             c1, extra = 0, {}
@@ -115,7 +134,9 @@ class Case:
                                          for a in args))
         mats = (w1.reshape(w1.shape[0], -1).contiguous(), w2.reshape(w2.shape[0], -1).contiguous())
         y = torch.empty_like(x)
-        self.shipped = kernels.default_config(x.shape[1], w1.shape[0], w2.shape[0], dtype, c1)
+        self.gated = gated
+        self.shipped = kernels.default_config(x.shape[1], w1.shape[0], w2.shape[0], dtype, c1,
+                                              gated)
         self.call = lambda config: kernels.pointwise_mlp(
             x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
 
@@ -142,6 +163,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for shape in shapes:
             case = Case(args.op, shape, batch, dtype, device, gen)
             configs = grid(args.grid, shape.channels)
+            if case.gated:  # (PAT_sp: one program holds both halves, block(Q) channels each)
+                configs = [c._replace(block_n=case.shipped.block_n) for c in configs]
             if args.quick:  # (the shipped one and one with half its pixel tile)
                 configs = [case.shipped,
                            case.shipped._replace(block_p=max(16, case.shipped.block_p // 2))]

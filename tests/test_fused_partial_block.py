@@ -167,8 +167,7 @@ def test_chunked_statistics(channels_last, fused_backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_without_the_residual(channels_last, dtype, fused_backend):
-    """``residual=False`` (PATNet-T1's blocks, PAT_sp and the residual after): MLP(mixer(x)),
-    against the float64 reference."""
+    """``residual=False``: MLP(mixer(x)) without x added, against the float64 reference."""
     args, kwargs = _inputs(2, 24, 6, 5, 7, True, False, seed=3)
     kwargs["residual"] = False
     ours = _run(args, kwargs, dtype, fused_backend, "gelu", channels_last)
@@ -342,9 +341,14 @@ def test_a_gradient_is_refused_by_name(fused_backend):
     args[2].requires_grad_()
     with pytest.raises(ValueError, match=r"for inference only"):
         pk.partial_block(*args, backend=fused_backend)
+    args, kwargs = _cast(*_inputs(2, 16, 4, 3, 3, False, False, spatial="folded"),
+                         torch.float32)
+    kwargs["spatial"].gate_weight.requires_grad_()
+    with pytest.raises(ValueError, match=r"for inference only"):
+        pk.partial_block(*args, backend=fused_backend, **kwargs)
 
 
-# (PATNet-T1: its blocks run the op up to the MLP, PAT_sp and the residual after it)
+# (PATNet-T1: its stage 1-3 blocks run the op with their PAT_sp)
 VARIANTS = ["fasternet_t0", "fasternet_t2", "patnet_t0", "patnet_t1", "patnet_t2"]
 
 
