@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import pytest
 import torch
@@ -228,3 +230,57 @@ def _compiled_code_traces_on_oldest_torch():
                     "(the GPU machines' version); avoid the call on compiled paths, or check it "
                     "on torch 2.11 and add it to TRACEABLE_ON_OLDEST_TORCH in tests/conftest.py",
                     pytrace=False)
+
+
+# ------------------------------------------------------------------ the ahead-of-time compile
+# tests/test_triton_aot.py compiles every shipped kernel configuration for sm_90 and sm_80
+# (``python -m patnet_kernels.triton.aot``): seconds with a warm Triton cache, many minutes for
+# a changed kernel family on 2 cores. Where that test is collected (and not under pytest-xdist,
+# whose workers each collect it), the compile starts in the background as collection ends, at
+# a lower priority, so that it runs on the CPU time the interpreter tests (one core, mostly)
+# leave; the test waits for it and judges its report.
+AOT_CHECK_TEST = "test_triton_aot.py::test_every_kernel_compiles_for_sm90_and_sm80"
+AOT_CHECK_COMMAND = (sys.executable, "-m", "patnet_kernels.triton.aot", "--arch", "90", "80",
+                     "--no-generic")
+_AOT_CHECK = {}  # "process" and "output" (its file) of the background run, once started
+
+
+def compile_env() -> dict:
+    """The environment of a real (not interpreted) Triton compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def pytest_collection_finish(session):
+    if (os.environ.get("PYTEST_XDIST_WORKER") is None
+            and any(item.nodeid.endswith(AOT_CHECK_TEST) for item in session.items)):
+        output = tempfile.TemporaryFile(mode="w+")
+        _AOT_CHECK["output"] = output
+        _AOT_CHECK["process"] = subprocess.Popen(
+            AOT_CHECK_COMMAND, cwd=REPO, env=compile_env(), stdout=output,
+            stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: os.nice(10))
+
+
+def aot_check_report(timeout: float = 3600) -> Tuple[int, str]:
+    """(exit status, output) of the ahead-of-time compile: the background run's where one was
+    started for this session, else a run now."""
+    process = _AOT_CHECK.pop("process", None)
+    if process is None:
+        proc = subprocess.run(AOT_CHECK_COMMAND, cwd=REPO, env=compile_env(),
+                              capture_output=True, text=True, timeout=timeout)
+        return proc.returncode, proc.stdout + proc.stderr
+    try:
+        code = process.wait(timeout=timeout)
+    finally:
+        process.kill()
+    output = _AOT_CHECK.pop("output")
+    output.seek(0)
+    return code, output.read()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    process = _AOT_CHECK.pop("process", None)  # (the test did not run: -x, an interrupt)
+    if process is not None:
+        process.kill()
+        process.wait()

@@ -5,32 +5,24 @@ real compiler rejects, or that needs more shared memory than an H100 / A100 bloc
 pass them. This runs ``python -m patnet_kernels.triton.aot`` in a process without
 TRITON_INTERPRET: each kernel for each target as a real launch specialises it (one compile per
 kind of launch; ``--no-generic`` leaves out the plain signature, which needs a few KiB more only
-in fp32 attention kernels far below the limits), about 5 minutes on a 2-core CPU with an empty
-Triton cache and seconds with a warm one. A second test checks that specialisation against Triton's own
-for real launches.
+in fp32 attention kernels far below the limits), tens of minutes of CPU time with an empty
+Triton cache and seconds with a warm one; run in the background from the end of collection
+(``conftest.pytest_collection_finish``), beside the interpreter tests. A second test checks
+that specialisation against Triton's own for real launches.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 
-from conftest import REPO
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return env
+from conftest import REPO, aot_check_report, compile_env
 
 
 def test_every_kernel_compiles_for_sm90_and_sm80():
-    proc = subprocess.run([sys.executable, "-m", "patnet_kernels.triton.aot", "--arch", "90", "80",
-                           "--no-generic"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=3600)
-    report = proc.stdout + proc.stderr
-    assert proc.returncode == 0, report[-6000:]
+    # (started in the background when the tests were collected: conftest.aot_check_report)
+    code, report = aot_check_report()
+    assert code == 0, report[-6000:]
     assert " 0 failed" in report and "FAILED" not in report, report[-6000:]
     # Every kernel was compiled as launched (NCHW / channels_last / contiguous q, k, v), not only
     # from its plain signature.
@@ -98,7 +90,7 @@ _SPECIALISATION_CHECK = textwrap.dedent("""
 
 
 def test_aot_specialisation_matches_triton_launches():
-    proc = subprocess.run([sys.executable, "-c", _SPECIALISATION_CHECK], cwd=REPO, env=_env(),
+    proc = subprocess.run([sys.executable, "-c", _SPECIALISATION_CHECK], cwd=REPO, env=compile_env(),
                           capture_output=True, text=True, timeout=600)
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, report[-6000:]

@@ -236,23 +236,24 @@ def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.d
     output block covers C_OUT up to 256 (no hidden chunk computed twice); wider outputs take
     several programs per pixel tile, each recomputing the hidden activation (and the conv
     head). With PAT_sp one program holds the whole output, a block of block(Q) channels for
-    each half (16 pixels per program past 256). float32 (its dots as IEEE FMAs, no tensor
-    cores) takes smaller tiles, and under a conv head of 64 channels or more 16 pixels per
-    program without software pipelining; in fp16 / bf16 a conv head over 256 channels takes
-    32 pixels per program: the bigger tiles spill registers there (read off the sm_80 / sm_90
-    machine code, ``python -m patnet_kernels.triton.aot``: fp32 conv heads of 128 to 512
-    channels kept 400 B to 3.8 KB of stack per thread with 32 pixels and two stages, none now;
-    one stage with 32 pixels spills at 64 channels)."""
+    each half, in 32 pixels (16 past 256 channels). float32 (its dots as IEEE FMAs, no tensor
+    cores) takes smaller tiles, and under a conv head of 64 channels or more, or with PAT_sp,
+    16 pixels per program without software pipelining; in fp16 / bf16 a conv head over 256
+    channels takes 32 pixels per program: the bigger tiles spill registers there (read off the
+    sm_80 / sm_90 machine code, ``python -m patnet_kernels.triton.aot``: fp32 conv heads of
+    128 to 512 channels kept 400 B to 3.8 KB of stack per thread with 32 pixels and two
+    stages, none now; one stage with 32 pixels spills at 64 channels; PATNet-T1's blocks with
+    PAT_sp kept 64-88 B on sm_80 at 64 pixels in fp16 / bf16, 72-192 B in fp32 at 32)."""
     conv_block = block(conv_channels)
     block_n = block(gated) if gated else block(out_channels, high=256)
     if interpret:  # few, big programs: the interpreter pays per program and per operation
         return Config(128, block(channels, high=128), block(hidden, high=128), block_n, 4, 1,
                       block(conv_channels, high=64))
     if upcast_dot(dtype, interpret=False):
-        if conv_block >= 64 or block_n > 256:
+        if conv_block >= 64 or block_n > 256 or gated:
             return Config(16, 16, 32, block_n, 8, 1, 16)
         return Config(32, 16, 32, block_n, 8, 2, 16)
-    block_p = 64 if conv_block <= 256 and block_n <= 256 else 32 if block_n <= 256 else 16
+    block_p = (16 if block_n > 256 else 32 if gated or conv_block > 256 else 64)
     return Config(block_p, block(channels, high=64), 64, block_n, 8, 3,
                   min(conv_block, 32))  # (4 warps spill on sm_80)
 
