@@ -190,7 +190,8 @@ def test_stage_shapes_are_those_of_the_real_networks():
         ("fasternet_t2.s1", 96, 56, 24, 1), ("fasternet_t2.s2", 192, 28, 48, 2),
         ("fasternet_t2.s3", 384, 14, 96, 8), ("fasternet_t2.s4", 768, 7, 192, 2),
         ("patnet_t2.s1", 64, 56, 16, 2), ("patnet_t2.s2", 128, 28, 32, 2),
-        ("patnet_t2.s3", 256, 14, 64, 6)]
+        ("patnet_t2.s3", 256, 14, 64, 6), ("patnet_t1.s1", 48, 56, 12, 1),
+        ("patnet_t1.s2", 96, 28, 24, 2), ("patnet_t1.s3", 192, 14, 48, 8)]
     for family in (bench_partial_conv.FAMILY, bench_channel_attention.FAMILY,
                    bench_spatial_attention.FAMILY, bench_pointwise_mlp.FAMILY,
                    bench_partial_block.FAMILY):
