@@ -53,28 +53,34 @@ _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
 _BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
 
 
+def _spatial_params(module: nn.Module) -> pk.SpatialAttentionParams:
+    """The tensors of a PAT_sp module (its BatchNorms' running statistics; BN_d folded into the
+    conv in the inference copy) as the fused MLP and block ops take them."""
+    return pk.SpatialAttentionParams(module.conv_attn.weight, module.conv.weight,
+                                     module.conv.bias, bn_params(module.norm, False),
+                                     bn_params(module.norm2, False))
+
+
 class InferenceMLP(MLP):
     """The folded MLP [conv1x1 + bias, Identity (its folded BN), act, conv1x1[, PAT_sp]] as one
-    op, ``pk.pointwise_mlp``, with the block's residual added in its epilogue (after PAT_sp
-    where there is one). Same children, so the same state_dict keys. Under a backend with no
-    kernel for it (``cuda``) the modules run one by one, as before folding."""
+    op, ``pk.pointwise_mlp`` (PAT_sp, where there is one, in the same op: its ``spatial``),
+    with the block's residual added in its epilogue. Same children, so the same state_dict
+    keys. Under a backend with no kernel for it (``cuda``) the modules run one by one, as
+    before folding."""
 
     backend = "auto"
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         first, _, activation, second, *spatial = self
-        if self.backend in _MLP_BACKENDS:
-            y = pk.pointwise_mlp(
-                x, first.weight, first.bias, second.weight, second.bias,
-                residual=None if spatial else residual,
-                activation=activation_name(activation), backend=self.backend)
-            if not spatial:
-                return y
-        else:
-            y = second(activation(first(x)))
-            if not spatial:
-                return y if residual is None else y.add_(residual)
-        (module,) = spatial  # (PAT_sp, its op adding the residual: one kernel on Triton)
+        if self.backend in _MLP_BACKENDS:  # (PATNet-T1: with PAT_sp, in the same kernel)
+            return pk.pointwise_mlp(
+                x, first.weight, first.bias, second.weight, second.bias, residual=residual,
+                activation=activation_name(activation),
+                spatial=_spatial_params(spatial[0]) if spatial else None, backend=self.backend)
+        y = second(activation(first(x)))
+        if not spatial:
+            return y if residual is None else y.add_(residual)
+        (module,) = spatial  # (PAT_sp's op adding the residual)
         return module(y, residual=residual)
 
     def after_mixer(self, mixer: nn.Module, x: torch.Tensor, statistics=None,
@@ -101,10 +107,7 @@ class InferenceMLP(MLP):
                         bn_a=bn_params(attn.bn, False), bn_b=bn_params(mixer.norm, False),
                         statistics=statistics, return_statistics=return_statistics)
         if spatial:  # (PATNet-T1: x + PAT_sp(MLP(mixer(x))), PAT_sp in the same kernel)
-            (module,) = spatial
-            gate["spatial"] = pk.SpatialAttentionParams(
-                module.conv_attn.weight, module.conv.weight, module.conv.bias,
-                bn_params(module.norm, False), bn_params(module.norm2, False))
+            gate["spatial"] = _spatial_params(spatial[0])
         # (with return_statistics, the pair (y, statistics))
         return pk.partial_block(x, mixer.partial_conv3.weight, first.weight, first.bias,
                                 second.weight, second.bias,

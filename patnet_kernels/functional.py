@@ -172,13 +172,16 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
 
 
 def _check_spatial_attention(m: torch.Tensor, gate_weight, conv_weight, conv_bias, bn_c, bn_d,
-                             training: bool, m_name: str = "m", prefix: str = "") -> None:
+                             training: bool, m_name: str = "m", prefix: str = "",
+                             channels: Optional[int] = None) -> None:
     """The checks of PAT_sp's arguments on its input m (B, C, H, W): :func:`spatial_attention`'s,
-    and :func:`partial_block`'s ``spatial`` (m the block's x, named ``m_name``; the arguments
-    named with ``prefix``)."""
+    and those of a fused op's ``spatial`` (:func:`_check_spatial`: m the op's input, named
+    ``m_name``, PAT_sp's input having ``channels`` channels; the arguments named with
+    ``prefix``)."""
     check_activation(m_name, m)
-    p = check_conv_weight(prefix + "conv_weight", conv_weight, m.shape[1], 1, min_rest=1)
-    q = m.shape[1] - p
+    channels = m.shape[1] if channels is None else channels
+    p = check_conv_weight(prefix + "conv_weight", conv_weight, channels, 1, min_rest=1)
+    q = channels - p
     check_shape(prefix + "gate_weight", gate_weight, (1, q, 1, 1), f"Q = C - P = {q}")
     if conv_bias is not None:
         check_shape(prefix + "conv_bias", conv_bias, (p,))
@@ -190,6 +193,19 @@ def _check_spatial_attention(m: torch.Tensor, gate_weight, conv_weight, conv_bia
     if training:
         b, _, h, w = m.shape
         check_batch_values(b * h * w, (b, q, h, w))
+
+
+def _check_spatial(spatial, x: torch.Tensor, channels: int) -> tuple:
+    """The checks of a fused op's ``spatial`` (PAT_sp in eval after its MLP, whose output has
+    ``channels`` channels); returns the tensors a gradient may flow to (none without it)."""
+    if spatial is None:
+        return ()
+    if not isinstance(spatial, SpatialAttentionParams):
+        raise ValueError("spatial must be a patnet_kernels.SpatialAttentionParams (PAT_sp's "
+                         f"gate_weight, conv_weight, conv_bias, bn_c, bn_d), got "
+                         f"{type(spatial).__name__}")
+    _check_spatial_attention(x, *spatial, False, "x", "spatial.", channels)
+    return spatial.gate_weight, spatial.conv_weight, spatial.conv_bias
 
 
 @autocast_aware
@@ -381,8 +397,12 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
 def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   w2: torch.Tensor, b2: Optional[torch.Tensor] = None, *,
                   residual: Optional[torch.Tensor] = None, activation: str = "relu",
+                  spatial: Optional[SpatialAttentionParams] = None,
                   backend: str = "auto") -> torch.Tensor:
-    """The block's MLP in inference: W2 . act(W1 . X + b1) + b2 [+ residual].
+    """The block's MLP in inference: W2 . act(W1 . X + b1) + b2 [+ residual]; with ``spatial``
+    (PAT_sp's tensors, :class:`patnet_kernels.SpatialAttentionParams`, its BatchNorms' running
+    statistics) PAT_sp(W2 . act(W1 . X + b1) + b2) [+ residual] (PATNet-T1's MLPs; on Triton
+    in the same kernel, the MLP's output never written).
 
     x: (B, C, H, W), NCHW or channels_last; w1: (hidden, C, 1, 1) (the first 1x1 conv with its
     BatchNorm folded, ``patnet.fuse_for_inference``); b1: (hidden,) or None; w2:
@@ -394,8 +414,10 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     backend named here raises and "auto" runs the reference, which has one.
     """
     _check_mlp(x, w1, b1, w2, b2, residual, activation)
-    return choose_implementation("pointwise_mlp", backend, x, w1, b1, w2, b2, residual)(
-        x, w1, b1, w2, b2, residual, activation)
+    spatial_tensors = _check_spatial(spatial, x, w2.shape[0])
+    return choose_implementation("pointwise_mlp", backend, x, w1, b1, w2, b2, residual,
+                                 *spatial_tensors)(
+        x, w1, b1, w2, b2, residual, activation, spatial)
 
 
 def _check_mlp(x, w1, b1, w2, b2, residual, activation) -> None:
@@ -478,14 +500,7 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
             raise ValueError("statistics belong to PAT_ch (its gate reads them): pass "
                              "cfc_weight too, or no statistics for a FasterNet block")
         _check_statistics(statistics, x, conv_weight.shape[0])
-    spatial_tensors = ()
-    if spatial is not None:
-        if not isinstance(spatial, SpatialAttentionParams):
-            raise ValueError("spatial must be a patnet_kernels.SpatialAttentionParams (PAT_sp's "
-                             f"gate_weight, conv_weight, conv_bias, bn_c, bn_d), got "
-                             f"{type(spatial).__name__}")
-        _check_spatial_attention(x, *spatial, False, "x", "spatial.")
-        spatial_tensors = (spatial.gate_weight, spatial.conv_weight, spatial.conv_bias)
+    spatial_tensors = _check_spatial(spatial, x, x.shape[1])
     return choose_implementation("partial_block", backend, x, conv_weight, cfc_weight,
                                  cfc_bias, w1, b1, w2, b2, *spatial_tensors)(
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation,

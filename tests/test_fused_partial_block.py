@@ -348,7 +348,7 @@ def test_a_gradient_is_refused_by_name(fused_backend):
         pk.partial_block(*args, backend=fused_backend, **kwargs)
 
 
-# (PATNet-T1: its stage 1-3 blocks run the op with their PAT_sp)
+# (PATNet-T1: its blocks run the ops with their PAT_sp)
 VARIANTS = ["fasternet_t0", "fasternet_t2", "patnet_t0", "patnet_t1", "patnet_t2"]
 
 
@@ -356,8 +356,8 @@ VARIANTS = ["fasternet_t0", "fasternet_t2", "patnet_t0", "patnet_t1", "patnet_t2
 @pytest.mark.parametrize("name", VARIANTS)
 def test_inference_path_runs_every_block_as_one_op(name, fused_backend):
     """Every FasterNet block, and PATNet's stage 1-3 blocks, is one call of the block op
-    (PATNet-T1's with its PAT_sp; stage 4: the MLP op after PAT_sf, then PAT_sp's op in T1);
-    the model equals the eval model, NCHW and channels_last."""
+    (stage 4: the MLP op after PAT_sf; PATNet-T1's with their PAT_sp, which never runs as
+    its own op); the model equals the eval model, NCHW and channels_last."""
     channels_last = name.endswith("t2")
     model, fast = small_inference_model(name, fused_backend, channels_last)
     calls = [op for op, *_ in fast.backend_calls(DEVICE, (2, 3, 64, 64))]
@@ -366,7 +366,7 @@ def test_inference_path_runs_every_block_as_one_op(name, fused_backend):
     else:
         assert calls.count("partial_block") == 4 and calls.count("pointwise_mlp") == 1
     assert "channel_attention" not in calls and "partial_conv3x3" not in calls
-    assert calls.count("spatial_attention") == (1 if name == "patnet_t1" else 0)
+    assert "spatial_attention" not in calls
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -1,14 +1,14 @@
 """The block's MLP for inference (pointwise_mlp) on each fused backend that has it (Triton):
 against the float64 reference in every dtype and layout, with and without biases and residual,
-at widths that are not powers of two; strided inputs; the gradient refusal; bad input; opcheck;
-torch.compile. (The inference path of the models running it: tests/test_fused_partial_block.py.)"""
+at widths that are not powers of two; with PAT_sp after it (PATNet-T1's stage-4 MLPs);
+strided inputs; the gradient refusal; bad input; opcheck; torch.compile. (The inference path of the models running it: tests/test_fused_partial_block.py.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import patnet_kernels as pk
-from patnet_kernels import registry
+from patnet_kernels import BatchNormParams, SpatialAttentionParams, registry
 
 from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops, rel_error,
                       small_inference_model)
@@ -72,6 +72,62 @@ def test_matches_float64_reference(shape, channels_last, dtype, fused_backend):
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def _spatial(c_out, dtype, folded, seed=1):
+    """PAT_sp's tensors for an MLP of ``c_out`` output channels, BN_d folded into its conv (a
+    bias) or not; BatchNorm tensors fp32 (as autocast keeps a module's)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = c_out // 2
+    q = c_out - p
+
+    def rand(*shape, scale=1.0, shift=0.0, to=dtype):
+        return (torch.rand(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(
+            DEVICE, to)
+
+    def bn(n):
+        keep = dtype if dtype == torch.float64 else torch.float32
+        return BatchNormParams(rand(n, shift=0.5, to=keep), rand(n, shift=-0.5, to=keep),
+                               rand(n, shift=-0.5, to=keep), rand(n, shift=0.5, to=keep))
+
+    return SpatialAttentionParams(rand(1, q, 1, 1, scale=2 * q ** -0.5, shift=-q ** -0.5),
+                                  rand(p, p, 1, 1, scale=2 * p ** -0.5, shift=-p ** -0.5),
+                                  rand(p, scale=0.4, shift=-0.2) if folded else None, bn(q),
+                                  None if folded else bn(p))
+
+
+@ON_ITS_BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 24, 48, 24, 3, 2), (1, 20, 33, 17, 2, 3)],
+                         ids=["2x24-48-24x3x2", "1x20-33-17x2x3"])
+def test_with_spatial_attention(shape, channels_last, dtype, fused_backend):
+    """PAT_sp after the MLP (``spatial``, PATNet-T1's stage-4 MLPs; on Triton in the MLP's
+    kernel), BN_d folded or not, an odd C_out (Q = 9, P = 8), with and without the residual,
+    against the float64 reference."""
+    inputs = _inputs(*shape, dtype, channels_last)
+    x, w1, b1, w2, b2, r = inputs
+    for folded, residual in ((True, True), (False, False)):
+        spatial = _spatial(shape[3], dtype, folded)
+        exact_spatial = _spatial(shape[3], torch.float64, folded)
+
+        def run(tensors, sp, backend):
+            x, w1, b1, w2, b2, r = tensors
+            with torch.no_grad():
+                return pk.pointwise_mlp(x, w1, b1, w2, b2, residual=r if residual else None,
+                                        activation="gelu", spatial=sp, backend=backend)
+
+        ours = run(inputs, spatial, fused_backend)
+        exact = run([v.double() for v in inputs], exact_spatial, "torch")
+        assert_within_budget(f"y (BN_d folded {folded})", ours, exact,
+                             run(inputs, spatial, "torch"), dtype)
+        assert ours.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.library.opcheck(
+        fused_ops(fused_backend).pointwise_mlp_spatial.default,
+        (x, None, None, None, w1, b1, w2, b2, r, "gelu", -1, spatial.gate_weight,
+         spatial.conv_weight, spatial.conv_bias, *spatial.bn_c[:4], 1e-5,
+         *spatial.bn_d[:4], 1e-5))
+
+
 @ON_ITS_BACKENDS
 def test_strided_inputs(fused_backend):
     """A channel slice as x, a residual with its H and W transposed in memory (copied for the
@@ -113,12 +169,18 @@ def _bad(name):
                        r"activation must be one of relu, gelu, got 'silu'"),
         "dtype": ((x, w1.double(), b1, w2, b2), {}, TypeError, r"w1 is torch.float64"),
         "x 3-D": ((x[0], w1, b1, w2, b2), {}, ValueError, r"x must be \(B, C, H, W\)"),
+        "spatial type": ((x, w1, b1, w2, b2), dict(spatial=w1), ValueError,
+                         r"spatial must be a patnet_kernels.SpatialAttentionParams"),
+        "spatial conv": ((x, w1, b1, w2, b2),
+                         dict(spatial=_spatial(12, torch.float32, True)), ValueError,
+                         r"spatial.conv_weight covers C1=6 channels but the input has C=6"),
     }
     return calls[name]
 
 
 @pytest.mark.parametrize("case", ["w1 shape", "w1 not 1x1", "w2 hidden", "b1", "b2",
-                                  "residual", "activation", "dtype", "x 3-D"])
+                                  "residual", "activation", "dtype", "x 3-D", "spatial type",
+                                  "spatial conv"])
 @pytest.mark.parametrize("backend", ("torch",) + BACKENDS)
 def test_bad_input_is_refused_before_any_kernel(case, backend):
     args, kwargs, error, message = _bad(case)

@@ -28,6 +28,7 @@ import torch
 
 from .._types import BatchNormParams, SpatialAttentionParams
 from .channel_attention import eval_gate
+from .pointwise_mlp import spatial_arguments
 
 Tensor = torch.Tensor
 
@@ -56,13 +57,9 @@ def backend_function(ops):
                                      cfc_bias, bn_a, bn_b)
         residual_input = x if residual else None
         if spatial is not None:  # (its statistics always taken, as a PAT_ch block's below)
-            bn_c, bn_d = spatial.bn_c, spatial.bn_d
-            d = ((bn_d.weight, bn_d.bias, bn_d.running_mean, bn_d.running_var, bn_d.eps)
-                 if bn_d is not None else (None,) * 4 + (0.0,))
             y, mean, m2 = ops.pointwise_mlp_spatial(
                 x, conv_weight, scale, shift, w1, b1, w2, b2, residual_input, activation, c1,
-                spatial.gate_weight, spatial.conv_weight, spatial.conv_bias, bn_c.weight,
-                bn_c.bias, bn_c.running_mean, bn_c.running_var, bn_c.eps, *d)
+                *spatial_arguments(spatial))
             return (y, (mean, m2)) if return_statistics else y
         if return_statistics or cfc_weight is not None:
             # (a PAT_ch block's kernel always takes its output's statistics, the last block of

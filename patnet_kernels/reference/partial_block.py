@@ -15,7 +15,6 @@ from .._types import BatchNormParams, SpatialAttentionParams
 from .channel_attention import channel_attention, output_statistics
 from .partial_conv import partial_conv3x3
 from .pointwise_mlp import pointwise_mlp
-from .spatial_attention import spatial_attention
 
 
 def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: Optional[torch.Tensor],
@@ -37,10 +36,5 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: Option
         mixed = partial_conv3x3(x, conv_weight)
     else:
         mixed = channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, False)
-    if spatial is None:
-        y = pointwise_mlp(mixed, w1, b1, w2, b2, x if residual else None, activation)
-    else:
-        y = spatial_attention(pointwise_mlp(mixed, w1, b1, w2, b2, None, activation),
-                              spatial.gate_weight, spatial.conv_weight, spatial.conv_bias,
-                              spatial.bn_c, spatial.bn_d, False, x if residual else None)
+    y = pointwise_mlp(mixed, w1, b1, w2, b2, x if residual else None, activation, spatial)
     return (y, output_statistics(y, conv_weight.shape[0])) if return_statistics else y

@@ -236,25 +236,29 @@ def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.d
     output block covers C_OUT up to 256 (no hidden chunk computed twice); wider outputs take
     several programs per pixel tile, each recomputing the hidden activation (and the conv
     head). With PAT_sp one program holds the whole output, a block of block(Q) channels for
-    each half, in 32 pixels (16 past 256 channels). float32 (its dots as IEEE FMAs, no tensor
+    each half, in 32 pixels (16 past 256 channels), hidden chunks of 32 channels from 256 on
+    (fp32: 16, and PAT_sp's conv in 16-channel steps). float32 (its dots as IEEE FMAs, no tensor
     cores) takes smaller tiles, and under a conv head of 64 channels or more, or with PAT_sp,
     16 pixels per program without software pipelining; in fp16 / bf16 a conv head over 256
     channels takes 32 pixels per program: the bigger tiles spill registers there (read off the
     sm_80 / sm_90 machine code, ``python -m patnet_kernels.triton.aot``: fp32 conv heads of
     128 to 512 channels kept 400 B to 3.8 KB of stack per thread with 32 pixels and two
     stages, none now; one stage with 32 pixels spills at 64 channels; PATNet-T1's blocks with
-    PAT_sp kept 64-88 B on sm_80 at 64 pixels in fp16 / bf16, 72-192 B in fp32 at 32)."""
+    PAT_sp kept 64-88 B on sm_80 at 64 pixels in fp16 / bf16, 72-192 B in fp32 at 32, and its
+    stage-4 MLP (Q = 192) 56 B on sm_90 with 64-channel hidden chunks, 1.3-4.3 KB in fp32)."""
     conv_block = block(conv_channels)
     block_n = block(gated) if gated else block(out_channels, high=256)
     if interpret:  # few, big programs: the interpreter pays per program and per operation
         return Config(128, block(channels, high=128), block(hidden, high=128), block_n, 4, 1,
                       block(conv_channels, high=64))
+    wide_gated = gated and block_n >= 256  # (PAT_sp's two accumulators of 256+ channels)
     if upcast_dot(dtype, interpret=False):
         if conv_block >= 64 or block_n > 256 or gated:
-            return Config(16, 16, 32, block_n, 8, 1, 16)
+            return Config(16, 16, 16 if wide_gated else 32, block_n, 8, 1, 16,
+                          16 if wide_gated else 64)
         return Config(32, 16, 32, block_n, 8, 2, 16)
     block_p = (16 if block_n > 256 else 32 if gated or conv_block > 256 else 64)
-    return Config(block_p, block(channels, high=64), 64, block_n, 8, 3,
+    return Config(block_p, block(channels, high=64), 32 if wide_gated else 64, block_n, 8, 3,
                   min(conv_block, 32))  # (4 warps spill on sm_80)
 
 
@@ -371,9 +375,8 @@ def released_launches():
     released models' inference path (:mod:`patnet.inference`), C -> 2C -> C: FasterNet blocks
     (conv head, no gate) at widths E, 2E, 4E, 8E; PATNet's PAT_ch blocks (conv head and the
     gate's affine, and the output's statistics, which the next PAT_ch block reads) at E, 2E,
-    4E and its MLPs after PAT_sf (no head) at 8E; PATNet-T1's PAT_ch blocks the same with
-    PAT_sp before the residual at E, 2E, 4E, its MLPs after PAT_sf (no residual: PAT_sp's
-    own kernel adds it) at 8E."""
+    4E and its MLPs after PAT_sf (no head) at 8E; PATNet-T1's the same, each with PAT_sp
+    before the residual."""
     for e, activation in _FASTERNET:
         for c in (e, 2 * e, 4 * e, 8 * e):
             yield c, activation, True, False, True, False, False
@@ -384,7 +387,7 @@ def released_launches():
     e, activation = _PATNET_T1
     for c in (e, 2 * e, 4 * e):
         yield c, activation, True, True, True, True, True
-    yield 8 * e, activation, False, False, False, False, False
+    yield 8 * e, activation, True, False, False, False, True
 
 
 def aot_kernels() -> List[AotKernel]:

@@ -6,7 +6,8 @@ C_OUT - stats_first) fp32 (T from :func:`patnet_kernels.triton.pointwise_mlp.sta
 what the next PAT_ch block's gate reads, see :mod:`..partial_block`); and
 ``pointwise_mlp_spatial(..., stats_first, gate_weight, sp_conv_weight, sp_conv_bias, bn_c...,
 bn_d...) -> (y, mean, m2)``: that with PAT_sp in eval on the MLP's output before the residual
-(PATNet-T1's block; BN_d's tensors all None where it is folded into the conv)."""
+(PATNet-T1's blocks; BN_d's tensors all None where it is folded into the conv; stats_first < 0:
+no statistics, both (B, 0, 0))."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -96,7 +97,7 @@ def _forward_spatial(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[T
                      d_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     p = sp_conv_weight.shape[0]
     q = w2.shape[0] - p
-    shape = _stats_shape(x, conv_weight, w1, w2, stats_first, q)
+    shape = _spatial_stats_shape(x, conv_weight, w1, w2, stats_first, q)
     mean = torch.empty(shape, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
 
@@ -109,16 +110,24 @@ def _forward_spatial(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[T
         sp_conv_bias, bn(c_running_mean, c_running_var, c_weight, c_bias, q), c_eps,
         None if d_running_mean is None else bn(d_running_mean, d_running_var, d_weight, d_bias,
                                                 p), d_eps)
-    y = _run(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation, (mean, m2),
-             stats_first, spatial)
+    y = _run(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation,
+             (mean, m2) if stats_first >= 0 else None, max(stats_first, 0), spatial)
     return y, mean, m2
+
+
+def _spatial_stats_shape(x, conv_weight, w1, w2, stats_first: int, gated: int):
+    """The statistics' shape of ``pointwise_mlp_spatial``: (B, 0, 0) without (stats_first <
+    0)."""
+    if stats_first < 0:
+        return (x.shape[0], 0, 0)
+    return _stats_shape(x, conv_weight, w1, w2, stats_first, gated)
 
 
 @_forward_spatial.register_fake
 def _forward_spatial_fake(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation,
                           stats_first, gate_weight, sp_conv_weight, *_):
-    shape = _stats_shape(x, conv_weight, w1, w2, stats_first,
-                         w2.shape[0] - sp_conv_weight.shape[0])
+    shape = _spatial_stats_shape(x, conv_weight, w1, w2, stats_first,
+                                 w2.shape[0] - sp_conv_weight.shape[0])
     return (empty_activation(x, spec.output_shape(x, w2)),
             x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32))
 
