@@ -19,8 +19,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import patnet_kernels as pk  # noqa: E402
 from benchmarks.op_cli import main_of  # noqa: E402
 from benchmarks.op_family import Family, Target  # noqa: E402
-from benchmarks.op_inputs import (Problem, random_activation, random_weight,  # noqa: E402
-                                  stage_activation)
+from benchmarks.op_inputs import (Problem, random_activation, random_batch_norm,  # noqa: E402
+                                  random_weight, stage_activation)
 from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from patnet.layers import FasterNetBlock, PATNetBlock  # noqa: E402
 
@@ -28,35 +28,55 @@ from patnet.layers import FasterNetBlock, PATNetBlock  # noqa: E402
 def shapes(quick: bool):
     hidden = lambda block: block.mlp[0].out_channels  # noqa: E731 - kept in ``split``
     return (stage_shapes("patnet_t2", (PATNetBlock,), hidden, quick)
-            + stage_shapes("fasternet_t2", (FasterNetBlock,), hidden, quick))
+            + stage_shapes("fasternet_t2", (FasterNetBlock,), hidden, quick)
+            + stage_shapes("patnet_t1", (PATNetBlock,), hidden, quick, stages=(4,)))
+
+
+def _spatial(shape: StageShape) -> bool:
+    """PAT_sp after the MLP: PATNet-T1's (its stage-4 MLPs run this op with it)."""
+    return shape.model == "patnet_t1"
 
 
 def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Problem:
     """The arguments the inference path passes: x, the folded W1 and b1, W2 (no bias: the
-    model's second conv has none), the block's input as the residual, ReLU (T2)."""
+    model's second conv has none), the block's input as the residual, ReLU (T2); for
+    PATNet-T1, GELU and PAT_sp's tensors (BN_d folded: a conv bias; BN_c's running
+    statistics)."""
     c, hidden = shape.channels, shape.split
     x = stage_activation(shape, batch, dtype, device, gen)
     w1 = random_weight((hidden, c, 1, 1), dtype, device, gen)
     b1 = random_activation((hidden,), dtype, device, gen) * 0.1
     w2 = random_weight((c, hidden, 1, 1), dtype, device, gen)
     residual = stage_activation(shape, batch, dtype, device, gen)
-    return Problem((x, w1, b1, w2, None, residual, "relu"))
+    if not _spatial(shape):
+        return Problem((x, w1, b1, w2, None, residual, "relu"))
+    p = c // 2
+    spatial = pk.SpatialAttentionParams(
+        random_weight((1, c - p, 1, 1), dtype, device, gen),
+        random_weight((p, p, 1, 1), dtype, device, gen),
+        random_activation((p,), dtype, device, gen) * 0.1,
+        random_batch_norm(c - p, dtype, device, gen, training=False))
+    return Problem((x, w1, b1, w2, None, residual, "gelu", spatial))
 
 
 def functional(args, backend: str):
-    x, w1, b1, w2, b2, residual, activation = args
+    x, w1, b1, w2, b2, residual, activation, *spatial = args
     return pk.pointwise_mlp(x, w1, b1, w2, b2, residual=residual, activation=activation,
-                            backend=backend)
+                            spatial=spatial[0] if spatial else None, backend=backend)
 
 
 def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
     n = batch * shape.channels * shape.height * shape.width
     c, hidden = shape.channels, shape.split
-    return (3 * n + 2 * c * hidden + hidden) * elem
+    p = c // 2
+    spatial = (c - p) * 5 + p * p + p if _spatial(shape) else 0
+    return (3 * n + 2 * c * hidden + hidden + spatial) * elem
 
 
 def flops(shape: StageShape, batch: int, mode: str) -> int:
-    return 4 * batch * shape.height * shape.width * shape.channels * shape.split
+    c, p = shape.channels, shape.channels // 2
+    spatial = 2 * (p * p + c - p) if _spatial(shape) else 0
+    return batch * shape.height * shape.width * (4 * c * shape.split + spatial)
 
 
 FAMILY = Family(
@@ -65,13 +85,15 @@ FAMILY = Family(
     title="the block's MLP for inference (BN folded, residual): pk.pointwise_mlp",
     shapes=shapes, build=build, functional=functional,
     reference=pk.reference.pointwise_mlp, bytes_moved=bytes_moved,
-    formulas={"fwd": "(3N + 2 C Hd + Hd) * e: read X and the residual, write Y (N = B*C*H*W "
-                     "elements; the hidden B*Hd*H*W activation stays on chip), read W1, b1, "
-                     "W2 (Hd = 2C hidden channels, e = bytes per element)"},
+    formulas={"fwd": "(3N + 2 C Hd + Hd [+ P^2 + P + 5Q]) * e: read X and the residual, write "
+                     "Y (N = B*C*H*W elements; the hidden B*Hd*H*W activation stays on chip), "
+                     "read W1, b1, W2 [and PATNet-T1's PAT_sp: P = C/2 = C - Q] (Hd = 2C hidden "
+                     "channels, e = bytes per element)"},
     mode_text={"fwd": "eval forward under torch.no_grad()"},
     modes=("fwd",),  # (an inference op: no backward)
     flops=flops,
-    flop_formulas={"fwd": "4 B H W C Hd: the two 1x1 convs (multiply-add = 2 FLOPs)"},
+    flop_formulas={"fwd": "4 B H W C Hd [+ 2 B H W (P^2 + Q)]: the two 1x1 convs (multiply-add "
+                          "= 2 FLOPs) [and PAT_sp's conv and gate]"},
     targets=[Target("triton", "fwd", 256, "speedup_vs_compile", 1.3,
                     "fused MLP >= 1.3x torch.compile of the reference at batch 256 (fwd)")],
     notes=["the eager reference writes the 2C hidden activation and reads it back twice (ReLU "

@@ -82,19 +82,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _kernel_spatial(kernels, spatial):
+    """PAT_sp's tensors (a SpatialAttentionParams, BN_d folded) as the kernel's launcher takes
+    them."""
+    p = spatial.conv_weight.shape[0]
+    q = spatial.gate_weight.shape[1]
+    bn_c = spatial.bn_c
+    return kernels.SpatialAttention(
+        spatial.gate_weight.reshape(q).contiguous(), spatial.conv_weight.reshape(p, p).contiguous(),
+        spatial.conv_bias, tuple(t.float() for t in (bn_c.running_mean, bn_c.running_var,
+                                                      bn_c.weight, bn_c.bias)),
+        bn_c.eps, None, 0.0)
+
+
+def _float(spatial):
+    """PAT_sp's tensors in fp32 (the reference's)."""
+    return spatial.with_weights(lambda t: None if t is None else t.float())._replace(
+        bn_c=spatial.bn_c._replace(**{k: getattr(spatial.bn_c, k).float() for k in (
+            "weight", "bias", "running_mean", "running_var")}))
+
+
 class Case:
     """One shape's kernel call with a given configuration, its fp32 reference and the
     shipped configuration."""
 
     def __init__(self, op: str, shape, batch: int, dtype, device, gen):
         from patnet_kernels.reference import pointwise_mlp as mlp_reference
-        from patnet_kernels.reference import spatial_attention as spatial_reference
         from patnet_kernels.triton import partial_conv, pointwise_mlp as kernels
 
         family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
         args = family.build(shape, batch, dtype, device, "fwd", gen).args
         self.nbytes = family.bytes_moved(shape, batch, args[0].element_size(), "fwd")
-        gated = 0
         if op == "block":
             x, conv, cfc_weight, _, _, _, w1, b1, w2, _, activation, *rest = args
             c1 = conv.shape[0]
@@ -109,34 +127,21 @@ class Case:
             m = torch.cat([torch.nn.functional.conv2d(f32[:, :c1], conv.float(), padding=1),
                            m2], 1)
             residual, extra = x, dict(conv_taps=taps, scale=scale, shift=shift)
-            if rest:  # PATNet-T1: PAT_sp after the MLP, before the residual
-                sp = rest[-1]
-                p = sp.conv_weight.shape[0]
-                gated = x.shape[1] - p
-                bn_c = tuple(t.float() for t in sp.bn_c[2:4] + sp.bn_c[:2])  # (mean, var, w, b)
-                extra["spatial"] = kernels.SpatialAttention(
-                    sp.gate_weight.reshape(gated).contiguous(),
-                    sp.conv_weight.reshape(p, p).contiguous(), sp.conv_bias, bn_c,
-                    sp.bn_c.eps, None, 0.0)
-                mlp = mlp_reference(m, w1.float(), b1.float(), w2.float(), None, None,
-                                    activation)
-                self.exact = spatial_reference(
-                    mlp, sp.gate_weight.float(), sp.conv_weight.float(), sp.conv_bias.float(),
-                    sp.bn_c._replace(**{k: getattr(sp.bn_c, k).float() for k in (
-                        "weight", "bias", "running_mean", "running_var")}), None, False, f32)
-            else:
-                self.exact = mlp_reference(m, w1.float(), b1.float(), w2.float(), None, f32,
-                                           activation)
         else:
-            x, w1, b1, w2, _, residual, activation = args
-            c1, extra = 0, {}
-            self.exact = mlp_reference(*(a.float() if isinstance(a, torch.Tensor) else a
-                                         for a in args))
+            x, w1, b1, w2, _, residual, activation, *rest = args
+            c1, extra, m = 0, {}, x.float()
+        spatial = rest[-1] if rest else None  # (PATNet-T1's PAT_sp after the MLP)
+        self.gated = 0
+        if spatial is not None:
+            self.gated = x.shape[1] - spatial.conv_weight.shape[0]
+            extra["spatial"] = _kernel_spatial(kernels, spatial)
+            spatial = _float(spatial)
+        self.exact = mlp_reference(m, w1.float(), b1.float(), w2.float(), None,
+                                   residual.float(), activation, spatial)
         mats = (w1.reshape(w1.shape[0], -1).contiguous(), w2.reshape(w2.shape[0], -1).contiguous())
         y = torch.empty_like(x)
-        self.gated = gated
         self.shipped = kernels.default_config(x.shape[1], w1.shape[0], w2.shape[0], dtype, c1,
-                                              gated)
+                                              self.gated)
         self.call = lambda config: kernels.pointwise_mlp(
             x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
 

@@ -185,7 +185,8 @@ def test_stage_shapes_are_those_of_the_real_networks():
         ("patnet_t2.s1", 64, 56, 128, 2), ("patnet_t2.s2", 128, 28, 256, 2),
         ("patnet_t2.s3", 256, 14, 512, 6), ("patnet_t2.s4", 512, 7, 1024, 4),
         ("fasternet_t2.s1", 96, 56, 192, 1), ("fasternet_t2.s2", 192, 28, 384, 2),
-        ("fasternet_t2.s3", 384, 14, 768, 8), ("fasternet_t2.s4", 768, 7, 1536, 2)]
+        ("fasternet_t2.s3", 384, 14, 768, 8), ("fasternet_t2.s4", 768, 7, 1536, 2),
+        ("patnet_t1.s4", 384, 7, 768, 2)]
     assert table(bench_partial_block.FAMILY) == [
         ("fasternet_t2.s1", 96, 56, 24, 1), ("fasternet_t2.s2", 192, 28, 48, 2),
         ("fasternet_t2.s3", 384, 14, 96, 8), ("fasternet_t2.s4", 768, 7, 192, 2),

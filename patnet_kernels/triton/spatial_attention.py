@@ -652,12 +652,11 @@ def aot_kernels() -> List[AotKernel]:
                                "m2_ptr": f32}), dict(gate), num_warps=gate_warps,
             launches=activation_launches("m", pixel="sp")))
         fn = _apply_kernel
-        # (COMPUTE_Z, HAS_BN_D, HAS_BIAS, RESIDUAL, STATS) of the models' calls: the inference
-        # copy's (BN_d folded into the conv, the block's residual, the statistics for the next
-        # PAT_ch block or none after the stage's last), eval's and training's.
-        for compute_z, bn_d, bias, residual, stats in ((True, False, True, True, True),
-                                                       (True, False, True, True, False),
-                                                       (True, True, False, False, False),
+        # (COMPUTE_Z, HAS_BN_D, HAS_BIAS, RESIDUAL, STATS) of the models' calls: eval's and
+        # training's (the inference copy runs PAT_sp inside its MLP kernels, see
+        # pointwise_mlp.py; its residual, folded BN_d and statistics forms of this kernel are
+        # for direct calls of pk.spatial_attention, compiled as launched)
+        for compute_z, bn_d, bias, residual, stats in ((True, True, False, False, False),
                                                        (False, True, False, False, False)):
             kernels.append(AotKernel(
                 f"sa_apply[{tname}, compute_z={compute_z}, bn_d={bn_d}, bias={bias}, "
