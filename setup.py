@@ -63,7 +63,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["patnet_kernels", "patnet_kernels.*", "patnet", "patnet.*"]),
     # The GPU measurements behind backend="auto" (patnet_kernels/auto_rule.py).
-    package_data={"patnet_kernels": ["measured_speed.json"]},
+    package_data={"patnet_kernels": ["measured_speed.json", "triton/tuned_configs.json"]},
     python_requires=">=3.9",
     # Any torch >= 2.4 works; an installed CUDA build is kept. Install torch before this package
     # (scripts/install.sh does) so that pip never pulls a CUDA build by itself.

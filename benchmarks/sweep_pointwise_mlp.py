@@ -12,11 +12,13 @@ PATNet-T1's shapes running PAT_sp on the MLP's output before the residual. Every
 configuration of the grid (pixels, input-channel and hidden chunks, output block, warps,
 stages; see :func:`grid`) is launched once, checked against the reference in fp32 on the same
 inputs, then timed with the op benchmarks' timer (GPU: ``do_bench``, L2 flushed before every
-call). Prints per shape the configurations from fastest, the shipped one (``default_config``)
+call). Prints per shape the configurations from fastest, the untuned default (``default_config``)
 marked ``*``, with GB/s of the op's floor bytes (read X, write Y, the weights) and the share of
 the fastest; a configuration that does not compile or launch (shared memory, registers) reads
 ``error``. JSON: every row. On the CPU (``--quick``): the Triton interpreter, shrunk shapes,
-two configurations: a smoke run.
+two configurations: a smoke run. A report committed under benchmarks/results/ is what
+``python -m benchmarks.update_tuned_configs`` turns into the configurations the launcher takes
+on that GPU architecture (patnet_kernels/triton/tuned_configs.json).
 """
 from __future__ import annotations
 
@@ -108,7 +110,7 @@ class Case:
 
     def __init__(self, op: str, shape, batch: int, dtype, device, gen):
         from patnet_kernels.reference import pointwise_mlp as mlp_reference
-        from patnet_kernels.triton import partial_conv, pointwise_mlp as kernels
+        from patnet_kernels.triton import partial_conv, pointwise_mlp as kernels, tuned
 
         family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
         args = family.build(shape, batch, dtype, device, "fwd", gen).args
@@ -140,8 +142,11 @@ class Case:
                                    residual.float(), activation, spatial)
         mats = (w1.reshape(w1.shape[0], -1).contiguous(), w2.reshape(w2.shape[0], -1).contiguous())
         y = torch.empty_like(x)
-        self.shipped = kernels.default_config(x.shape[1], w1.shape[0], w2.shape[0], dtype, c1,
-                                              self.gated)
+        # (the call's key in patnet_kernels/triton/tuned_configs.json; the untuned default)
+        self.key = (x.shape[1], w1.shape[0], w2.shape[0], c1, self.gated)
+        self.shipped = kernels.default_config(*self.key[:3], dtype, *self.key[3:])
+        self.tuned = [kernels.Config(*fields) for fields in tuned.listed(
+            "pointwise_mlp", dtype, self.key)]
         self.call = lambda config: kernels.pointwise_mlp(
             x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
 
@@ -170,7 +175,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             configs = grid(args.grid, shape.channels)
             if case.gated:  # (PAT_sp: one program holds both halves, block(Q) channels each)
                 configs = [c._replace(block_n=case.shipped.block_n) for c in configs]
-            if args.quick:  # (the shipped one and one with half its pixel tile)
+            # (the default and the configurations already tuned for this call first)
+            configs = [case.shipped] + case.tuned + configs
+            if args.quick:  # (the default and one with half its pixel tile)
                 configs = [case.shipped,
                            case.shipped._replace(block_p=max(16, case.shipped.block_p // 2))]
             print(f"{shape.name} B={batch} C={shape.channels} {shape.height}x{shape.width} "
@@ -178,7 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             found = []
             for config in dict.fromkeys(configs):
                 row = dict(op=args.op, shape=shape.name, dtype=dtype_name, batch=batch,
-                           config=config._asdict(), shipped=config == case.shipped)
+                           key=list(case.key), config=config._asdict(),
+                           shipped=config == case.shipped)
                 try:
                     error = (case.call(config).float() - case.exact).abs().max().item() / \
                         case.exact.abs().max().item()
@@ -194,8 +202,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             _print_shape(found)
             rows.extend(found)
     if args.json:
+        arch = (10 * torch.cuda.get_device_capability(device)[0]
+                + torch.cuda.get_device_capability(device)[1]) if device.type == "cuda" else None
         write_json(Path(args.json), {"benchmark": "sweep_pointwise_mlp", "op": args.op,
-                                     **env.run_info(device), "grid": args.grid,
+                                     **env.run_info(device), "arch": arch, "grid": args.grid,
                                      "timing": timer.method, "rows": rows})
         print(f"Report written to {args.json}")
     return 1 if failures else 0

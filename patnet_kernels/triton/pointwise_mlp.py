@@ -18,8 +18,8 @@ can run PAT_sp on the MLP's output M before the residual (PATNet-T1's blocks): o
 holds the whole output in two accumulators, Ma and Mb, and writes [BN_c(Ma * hsig(w . Ma)) |
 conv1x1(BN_d(Mb)) + bias], PAT_sp's conv a third GEMM on the tile, so M is never written.
 
-* :func:`pointwise_mlp` -- the launcher; :func:`stats_chunks` -- the tiles of its statistics;
-  :func:`aot_kernels` -- its shipped configurations (:func:`released_launches`).
+* :func:`pointwise_mlp` -- the launcher; :func:`stats_chunks` -- its statistics' tiles;
+  :func:`config_for` -- a launch's configuration; :func:`aot_kernels` -- the shipped ones.
 """
 from __future__ import annotations
 
@@ -204,6 +204,10 @@ def _store_output(acc, offs_c, c_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_
                            stats_row, STATS_FIRST, C_OUT)
 
 
+# (imported here, below the jit functions: a line added above them changes their cache keys)
+from .tuned import listed as tuned_listed, lookup as tuned_lookup  # noqa: E402
+
+
 class Config(NamedTuple):
     """Tile sizes and launch options of the kernel for one call."""
     block_p: int
@@ -228,11 +232,24 @@ class SpatialAttention(NamedTuple):
     d_eps: float
 
 
+def config_for(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
+               conv_channels: int = 0, gated: int = 0,
+               device: Optional[torch.device] = None) -> Config:
+    """The configuration a launch on ``device`` takes: the one tuned for its GPU architecture
+    where a sweep found one faster (:mod:`patnet_kernels.triton.tuned`), else
+    :func:`default_config`."""
+    tuned = tuned_lookup("pointwise_mlp", dtype,
+                         (channels, hidden, out_channels, conv_channels, gated), device)
+    if tuned is not None:
+        return Config(*tuned)
+    return default_config(channels, hidden, out_channels, dtype, conv_channels, gated)
+
+
 def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
                    conv_channels: int = 0, gated: int = 0,
                    interpret: bool = INTERPRET) -> Config:
     """The kernel's configuration for these widths and dtype (``conv_channels``: C_HEAD of a
-    conv head, 0 for none; ``gated``: Q of a PAT_sp that follows, 0 for none). On a GPU the
+    conv head, 0 for none; ``gated``: Q of a PAT_sp that follows, 0 for none), untuned. On a GPU the
     output block covers C_OUT up to 256 (no hidden chunk computed twice); wider outputs take
     several programs per pixel tile, each recomputing the hidden activation (and the conv
     head). With PAT_sp one program holds the whole output, a block of block(Q) channels for
@@ -268,8 +285,8 @@ def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_chann
     (C_OUT, HIDDEN), the conv head and PAT_sp (``gated`` = its Q, 0 for none): the chunks of
     its output statistics (BLOCK_P pixels each, a power of two, as
     :func:`patnet_kernels._types.chunk_pixels` assumes)."""
-    config = config or default_config(x.shape[1], w1.shape[0], w2.shape[0], x.dtype,
-                                      conv_channels, gated)
+    config = config or config_for(x.shape[1], w1.shape[0], w2.shape[0], x.dtype,
+                                  conv_channels, gated, x.device)
     return cdiv(x.shape[2] * x.shape[3], config.block_p)
 
 
@@ -294,14 +311,14 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     (B, :func:`stats_chunks`, C_OUT - ``stats_first``) fp32 contiguous, filled with the mean
     and sum of squared deviations of y[:, stats_first:] per chunk of BLOCK_P pixels (the last
     one the rest), or None. ``spatial``: PAT_sp's tensors (:class:`SpatialAttention`), or None.
-    ``config``: tiles and launch options (default: :func:`default_config`;
+    ``config``: tiles and launch options (default: :func:`config_for` x's device;
     benchmarks/sweep_pointwise_mlp.py times others).
     """
     b, c, h, w = x.shape
     hidden, c_out = w1.shape[0], w2.shape[0]
     c_head = conv_taps.shape[1] if conv_taps is not None else 0
     q = c_out - spatial.weight.shape[0] if spatial is not None else 0
-    config = config or default_config(c, hidden, c_out, x.dtype, c_head, q)
+    config = config or config_for(c, hidden, c_out, x.dtype, c_head, q, x.device)
     if config.block_n < q:
         raise ValueError(f"with PAT_sp one program holds all {q} gated channels: the output "
                          f"block must be at least block({q}), got {config.block_n}")
@@ -392,13 +409,18 @@ def released_launches():
 
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU for the released models
-    (:func:`released_launches`), for the ahead-of-time check."""
+    (:func:`released_launches`; the default and any tuned one), for the ahead-of-time
+    check."""
     kernels = {}
     for (c, activation, residual, affine, conv, stats, spatial), dtype in itertools.product(
             released_launches(), TRITON_DTYPE):
         c_head = c // 4 if conv else 0
         gated = c - c // 2 if spatial else 0  # (Q = C - int(C / 2))
-        config = default_config(c, 2 * c, c, dtype, c_head, gated, interpret=False)
-        kernel = aot_kernel(config, dtype, activation, residual, affine, c_head, stats, spatial)
-        kernels.setdefault(kernel.name, kernel)
+        configs = [default_config(c, 2 * c, c, dtype, c_head, gated, interpret=False)] + [
+            Config(*fields) for fields in tuned_listed(
+                "pointwise_mlp", dtype, (c, 2 * c, c, c_head, gated))]
+        for config in configs:
+            kernel = aot_kernel(config, dtype, activation, residual, affine, c_head, stats,
+                                spatial)
+            kernels.setdefault(kernel.name, kernel)
     return list(kernels.values())
