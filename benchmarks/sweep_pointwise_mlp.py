@@ -133,9 +133,10 @@ class Case:
             x, w1, b1, w2, _, residual, activation, *rest = args
             c1, extra, m = 0, {}, x.float()
         spatial = rest[-1] if rest else None  # (PATNet-T1's PAT_sp after the MLP)
-        self.gated = 0
+        self.spatial_half = 0  # (PAT_sp's wider half, max(Q, P))
         if spatial is not None:
-            self.gated = x.shape[1] - spatial.conv_weight.shape[0]
+            p = spatial.conv_weight.shape[0]
+            self.spatial_half = max(x.shape[1] - p, p)
             extra["spatial"] = _kernel_spatial(kernels, spatial)
             spatial = _float(spatial)
         self.exact = mlp_reference(m, w1.float(), b1.float(), w2.float(), None,
@@ -143,7 +144,7 @@ class Case:
         mats = (w1.reshape(w1.shape[0], -1).contiguous(), w2.reshape(w2.shape[0], -1).contiguous())
         y = torch.empty_like(x)
         # (the call's key in patnet_kernels/triton/tuned_configs.json; the untuned default)
-        self.key = (x.shape[1], w1.shape[0], w2.shape[0], c1, self.gated)
+        self.key = (x.shape[1], w1.shape[0], w2.shape[0], c1, self.spatial_half)
         self.shipped = kernels.default_config(*self.key[:3], dtype, *self.key[3:])
         self.tuned = [kernels.Config(*fields) for fields in tuned.listed(
             "pointwise_mlp", dtype, self.key)]
@@ -173,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for shape in shapes:
             case = Case(args.op, shape, batch, dtype, device, gen)
             configs = grid(args.grid, shape.channels)
-            if case.gated:  # (PAT_sp: one program holds both halves, block(Q) channels each)
+            if case.spatial_half:  # (PAT_sp: one program holds both halves, block(max(Q, P)))
                 configs = [c._replace(block_n=case.shipped.block_n) for c in configs]
             # (the default and the configurations already tuned for this call first)
             configs = [case.shipped] + case.tuned + configs

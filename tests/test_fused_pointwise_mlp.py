@@ -72,11 +72,12 @@ def test_matches_float64_reference(shape, channels_last, dtype, fused_backend):
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _spatial(c_out, dtype, folded, seed=1):
-    """PAT_sp's tensors for an MLP of ``c_out`` output channels, BN_d folded into its conv (a
-    bias) or not; BatchNorm tensors fp32 (as autocast keeps a module's)."""
+def _spatial(c_out, dtype, folded, seed=1, p=None):
+    """PAT_sp's tensors for an MLP of ``c_out`` output channels (P = C_out // 2 conv channels
+    as released, or ``p``), BN_d folded into its conv (a bias) or not; BatchNorm tensors fp32
+    (as autocast keeps a module's)."""
     gen = torch.Generator().manual_seed(seed)
-    p = c_out // 2
+    p = c_out // 2 if p is None else p
     q = c_out - p
 
     def rand(*shape, scale=1.0, shift=0.0, to=dtype):
@@ -126,6 +127,24 @@ def test_with_spatial_attention(shape, channels_last, dtype, fused_backend):
         (x, None, None, None, w1, b1, w2, b2, r, "gelu", -1, spatial.gate_weight,
          spatial.conv_weight, spatial.conv_bias, *spatial.bn_c[:4], 1e-5,
          *spatial.bn_d[:4], 1e-5))
+
+
+@ON_ITS_BACKENDS
+def test_spatial_attention_with_more_conv_than_gated_channels(fused_backend):
+    """A split the released models do not use, P = 30 > Q = 10: the kernel's channel block
+    covers the wider half."""
+    inputs = _inputs(1, 16, 32, 40, 3, 4, torch.float32)
+    spatial, exact_spatial = (_spatial(40, dtype, True, p=30)
+                              for dtype in (torch.float32, torch.float64))
+    with torch.no_grad():
+        ours = pk.pointwise_mlp(*inputs[:5], residual=inputs[5], activation="relu",
+                                spatial=spatial, backend=fused_backend)
+        exact = pk.pointwise_mlp(*(v.double() for v in inputs[:5]),
+                                 residual=inputs[5].double(), activation="relu",
+                                 spatial=exact_spatial, backend="torch")
+        in_dtype = pk.pointwise_mlp(*inputs[:5], residual=inputs[5], activation="relu",
+                                    spatial=spatial, backend="torch")
+    assert_within_budget("y", ours, exact, in_dtype, torch.float32)
 
 
 @ON_ITS_BACKENDS

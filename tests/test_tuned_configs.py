@@ -15,7 +15,8 @@ import torch
 from benchmarks import update_tuned_configs
 from patnet_kernels.triton import pointwise_mlp, tuned
 
-KEY = [64, 128, 64, 16, 0]  # (C, hidden, C_out, conv head, gated): PATNet-T2's stage 1 block
+# (C, hidden, C_out, conv head, PAT_sp's wider half): PATNet-T2's stage-1 block
+KEY = [64, 128, 64, 16, 0]
 
 
 def _report(path, rows, arch=90, date="2026-12-05T10:00:00"):

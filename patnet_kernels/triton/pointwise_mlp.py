@@ -233,27 +233,28 @@ class SpatialAttention(NamedTuple):
 
 
 def config_for(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
-               conv_channels: int = 0, gated: int = 0,
+               conv_channels: int = 0, spatial_half: int = 0,
                device: Optional[torch.device] = None) -> Config:
     """The configuration a launch on ``device`` takes: the one tuned for its GPU architecture
     where a sweep found one faster (:mod:`patnet_kernels.triton.tuned`), else
     :func:`default_config`."""
     tuned = tuned_lookup("pointwise_mlp", dtype,
-                         (channels, hidden, out_channels, conv_channels, gated), device)
+                         (channels, hidden, out_channels, conv_channels, spatial_half), device)
     if tuned is not None:
         return Config(*tuned)
-    return default_config(channels, hidden, out_channels, dtype, conv_channels, gated)
+    return default_config(channels, hidden, out_channels, dtype, conv_channels, spatial_half)
 
 
 def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
-                   conv_channels: int = 0, gated: int = 0,
+                   conv_channels: int = 0, spatial_half: int = 0,
                    interpret: bool = INTERPRET) -> Config:
     """The kernel's configuration for these widths and dtype (``conv_channels``: C_HEAD of a
-    conv head, 0 for none; ``gated``: Q of a PAT_sp that follows, 0 for none), untuned. On a GPU the
+    conv head, 0 for none; ``spatial_half``: the wider of the two halves of a PAT_sp that
+    follows, max(Q, P) (Q in the released split), 0 for none), untuned. On a GPU the
     output block covers C_OUT up to 256 (no hidden chunk computed twice); wider outputs take
     several programs per pixel tile, each recomputing the hidden activation (and the conv
-    head). With PAT_sp one program holds the whole output, a block of block(Q) channels for
-    each half, in 32 pixels (16 past 256 channels), hidden chunks of 32 channels from 256 on
+    head). With PAT_sp one program holds the whole output, a block of block(max(Q, P))
+    channels for each half, in 32 pixels (16 past 256 channels), hidden chunks of 32 channels from 256 on
     (fp32: 16, and PAT_sp's conv in 16-channel steps). float32 (its dots as IEEE FMAs, no tensor
     cores) takes smaller tiles, and under a conv head of 64 channels or more, or with PAT_sp,
     16 pixels per program without software pipelining; in fp16 / bf16 a conv head over 256
@@ -264,29 +265,29 @@ def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.d
     PAT_sp kept 64-88 B on sm_80 at 64 pixels in fp16 / bf16, 72-192 B in fp32 at 32, and its
     stage-4 MLP (Q = 192) 56 B on sm_90 with 64-channel hidden chunks, 1.3-4.3 KB in fp32)."""
     conv_block = block(conv_channels)
-    block_n = block(gated) if gated else block(out_channels, high=256)
+    block_n = block(spatial_half) if spatial_half else block(out_channels, high=256)
     if interpret:  # few, big programs: the interpreter pays per program and per operation
         return Config(128, block(channels, high=128), block(hidden, high=128), block_n, 4, 1,
                       block(conv_channels, high=64))
-    wide_gated = gated and block_n >= 256  # (PAT_sp's two accumulators of 256+ channels)
+    wide_gated = spatial_half and block_n >= 256  # (PAT_sp's two accumulators of 256+)
     if upcast_dot(dtype, interpret=False):
-        if conv_block >= 64 or block_n > 256 or gated:
+        if conv_block >= 64 or block_n > 256 or spatial_half:
             return Config(16, 16, 16 if wide_gated else 32, block_n, 8, 1, 16,
                           16 if wide_gated else 64)
         return Config(32, 16, 32, block_n, 8, 2, 16)
-    block_p = (16 if block_n > 256 else 32 if gated or conv_block > 256 else 64)
+    block_p = (16 if block_n > 256 else 32 if spatial_half or conv_block > 256 else 64)
     return Config(block_p, block(channels, high=64), 32 if wide_gated else 64, block_n, 8, 3,
                   min(conv_block, 32))  # (4 warps spill on sm_80)
 
 
 def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_channels: int,
-                 gated: int = 0, config: Optional[Config] = None) -> int:
+                 spatial_half: int = 0, config: Optional[Config] = None) -> int:
     """T, the pixel tiles of the kernel on x (B, C, H, W) with these weights, (HIDDEN, C) and
-    (C_OUT, HIDDEN), the conv head and PAT_sp (``gated`` = its Q, 0 for none): the chunks of
+    (C_OUT, HIDDEN), the conv head and PAT_sp (``spatial_half`` = max(Q, P), 0 for none): the chunks of
     its output statistics (BLOCK_P pixels each, a power of two, as
     :func:`patnet_kernels._types.chunk_pixels` assumes)."""
     config = config or config_for(x.shape[1], w1.shape[0], w2.shape[0], x.dtype,
-                                  conv_channels, gated, x.device)
+                                  conv_channels, spatial_half, x.device)
     return cdiv(x.shape[2] * x.shape[3], config.block_p)
 
 
@@ -318,10 +319,12 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     hidden, c_out = w1.shape[0], w2.shape[0]
     c_head = conv_taps.shape[1] if conv_taps is not None else 0
     q = c_out - spatial.weight.shape[0] if spatial is not None else 0
-    config = config or config_for(c, hidden, c_out, x.dtype, c_head, q, x.device)
-    if config.block_n < q:
-        raise ValueError(f"with PAT_sp one program holds all {q} gated channels: the output "
-                         f"block must be at least block({q}), got {config.block_n}")
+    half = max(q, c_out - q) if spatial is not None else 0
+    config = config or config_for(c, hidden, c_out, x.dtype, c_head, half, x.device)
+    if config.block_n < half:
+        raise ValueError(f"with PAT_sp one program holds both halves of the output, {q} and "
+                         f"{c_out - q} channels: the output block must be at least "
+                         f"block({half}), got {config.block_n}")
     grid = (cdiv(h * w, config.block_p), b,
             1 if spatial is not None else cdiv(c_out, config.block_n))
     r = residual if residual is not None else y
@@ -415,10 +418,10 @@ def aot_kernels() -> List[AotKernel]:
     for (c, activation, residual, affine, conv, stats, spatial), dtype in itertools.product(
             released_launches(), TRITON_DTYPE):
         c_head = c // 4 if conv else 0
-        gated = c - c // 2 if spatial else 0  # (Q = C - int(C / 2))
-        configs = [default_config(c, 2 * c, c, dtype, c_head, gated, interpret=False)] + [
+        half = c - c // 2 if spatial else 0  # (Q = C - int(C / 2) >= P)
+        configs = [default_config(c, 2 * c, c, dtype, c_head, half, interpret=False)] + [
             Config(*fields) for fields in tuned_listed(
-                "pointwise_mlp", dtype, (c, 2 * c, c, c_head, gated))]
+                "pointwise_mlp", dtype, (c, 2 * c, c, c_head, half))]
         for config in configs:
             kernel = aot_kernel(config, dtype, activation, residual, affine, c_head, stats,
                                 spatial)

@@ -56,9 +56,9 @@ def _forward(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
 
 
 def _stats_shape(x: Tensor, conv_weight: Optional[Tensor], w1: Tensor, w2: Tensor,
-                 stats_first: int, gated: int = 0):
+                 stats_first: int, spatial_half: int = 0):
     conv_channels = 0 if conv_weight is None else conv_weight.shape[0]
-    return (x.shape[0], kernels.stats_chunks(x, w1, w2, conv_channels, gated),
+    return (x.shape[0], kernels.stats_chunks(x, w1, w2, conv_channels, spatial_half),
             w2.shape[0] - stats_first)
 
 
@@ -97,7 +97,7 @@ def _forward_spatial(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[T
                      d_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     p = sp_conv_weight.shape[0]
     q = w2.shape[0] - p
-    shape = _spatial_stats_shape(x, conv_weight, w1, w2, stats_first, q)
+    shape = _spatial_stats_shape(x, conv_weight, w1, w2, stats_first, max(q, p))
     mean = torch.empty(shape, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
 
@@ -115,19 +115,19 @@ def _forward_spatial(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[T
     return y, mean, m2
 
 
-def _spatial_stats_shape(x, conv_weight, w1, w2, stats_first: int, gated: int):
+def _spatial_stats_shape(x, conv_weight, w1, w2, stats_first: int, spatial_half: int):
     """The statistics' shape of ``pointwise_mlp_spatial``: (B, 0, 0) without (stats_first <
     0)."""
     if stats_first < 0:
         return (x.shape[0], 0, 0)
-    return _stats_shape(x, conv_weight, w1, w2, stats_first, gated)
+    return _stats_shape(x, conv_weight, w1, w2, stats_first, spatial_half)
 
 
 @_forward_spatial.register_fake
 def _forward_spatial_fake(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation,
                           stats_first, gate_weight, sp_conv_weight, *_):
-    shape = _spatial_stats_shape(x, conv_weight, w1, w2, stats_first,
-                                 w2.shape[0] - sp_conv_weight.shape[0])
+    p = sp_conv_weight.shape[0]
+    shape = _spatial_stats_shape(x, conv_weight, w1, w2, stats_first, max(w2.shape[0] - p, p))
     return (empty_activation(x, spec.output_shape(x, w2)),
             x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32))
 
