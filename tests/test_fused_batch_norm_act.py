@@ -133,7 +133,7 @@ def test_opcheck(training, channels_last, activation):
         x, grad = (t.to(memory_format=torch.channels_last) for t in (x, grad))
     params = [t.float() for t in bn]
     ops = torch.ops.patnet_triton
-    args = (x, *params, 1e-5, activation, training)
+    args = (x, *params, 0.1, 1e-5, activation, training)
     torch.library.opcheck(ops.batch_norm_act.default, args)
     _, mean, var = ops.batch_norm_act(*args)
     if not training:

@@ -6,12 +6,12 @@ The BN output Z is never stored: the forward writes Y = act(Z) only, and the bac
 recomputes Z from X and the statistics. The ops, each with a fake so torch.compile traces
 through them:
 
-* ``batch_norm_act(x, weight, bias, running_mean, running_var, eps, activation, training)
-  -> (y, mean, var)``: in training mean and var (C,) fp32 are the batch's mean and biased
-  variance, normalised with; in eval both are empty (0,) (the running statistics were used:
-  the autograd Function hands those to the backward). Running statistics are not touched by
-  the op: :func:`backend_function`'s op updates them from the returned batch statistics, as
-  ``F.batch_norm`` would.
+* ``batch_norm_act(x, weight, bias, running_mean, running_var, momentum, eps, activation,
+  training) -> (y, mean, var)``: in training mean and var (C,) fp32 are the batch's mean and
+  biased variance, normalised with, and the running statistics (where given) are updated in
+  place as ``F.batch_norm`` does (momentum, the unbiased variance; a mutating op); in eval
+  both outputs are empty (0,) (the running statistics were used: the autograd Function hands
+  those to the backward).
 * ``batch_norm_act_backward(grad_y, x, mean, var, weight, bias, eps, activation, training)
   -> (grad_x, grad_affine)``, grad_affine = [grad_bias; grad_weight] fp32 (2, C).
 
@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import torch
 
-from .._types import BatchNormParams, update_running_statistics
+from .._types import BatchNormParams
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
 
 
-def _forward_fake(x, weight, bias, running_mean, running_var, eps, activation, training):
+def _forward_fake(x, weight, bias, running_mean, running_var, momentum, eps, activation,
+                  training):
     c = x.shape[1] if training else 0
     return (empty_activation(x, x.shape), x.new_empty((c,), dtype=torch.float32),
             x.new_empty((c,), dtype=torch.float32))
@@ -51,14 +52,16 @@ FAKES = {
 
 def make_function(ops):
     """The autograd Function over ``ops``, a ``torch.ops`` namespace with the two ops above:
-    ``apply(x, weight, bias, running_mean, running_var, eps, activation, training)`` returns
-    (y, mean, var), the statistics not differentiable (see the forward op)."""
+    ``apply(x, weight, bias, running_mean, running_var, momentum, eps, activation,
+    training)`` returns (y, mean, var), the statistics not differentiable (see the forward
+    op)."""
 
     class BatchNormAct(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, weight, bias, running_mean, running_var, eps, activation, training):
-            y, mean, var = ops.batch_norm_act(x, weight, bias, running_mean, running_var, eps,
-                                              activation, training)
+        def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, activation,
+                    training):
+            y, mean, var = ops.batch_norm_act(x, weight, bias, running_mean, running_var,
+                                              momentum, eps, activation, training)
             # (normalised with: the batch's statistics, or in eval the running ones)
             moments = (mean, var) if training else (running_mean, running_var)
             ctx.save_for_backward(x, weight, bias, *moments)
@@ -70,7 +73,7 @@ def make_function(ops):
         @staticmethod
         def backward(ctx, grad_y, *_):  # (the statistics' gradients: none)
             if grad_y is None:
-                return (None,) * 8
+                return (None,) * 9
             x, weight, bias, mean, var = ctx.saved_tensors
             grad_x, grad_affine = ops.batch_norm_act_backward(
                 grad_y, x, mean.float(), var.float(), weight, bias, ctx.eps, ctx.activation,
@@ -78,7 +81,7 @@ def make_function(ops):
             needs = ctx.needs_input_grad
             return (grad_x if needs[0] else None,
                     grad_affine[1].to(weight.dtype) if needs[1] else None,
-                    grad_affine[0].to(bias.dtype) if needs[2] else None) + (None,) * 5
+                    grad_affine[0].to(bias.dtype) if needs[2] else None) + (None,) * 6
 
     return BatchNormAct
 
@@ -90,12 +93,9 @@ def backend_function(ops):
     def batch_norm_act(x: Tensor, bn: BatchNormParams, activation: str,
                        training: bool) -> Tensor:
         """act(BN(x)) with this backend's kernels (inputs already checked by the functional
-        API); updates the running statistics in training."""
-        y, mean, var = BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean,
-                                          bn.running_var, float(bn.eps), activation, training)
-        if training:  # (the kernels' variance is biased; the running one takes the unbiased)
-            n = x.numel() // x.shape[1]
-            update_running_statistics((bn, mean, var * (n / (n - 1))))
+        API); the op updates the running statistics in training."""
+        y, _, _ = BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                     float(bn.momentum), float(bn.eps), activation, training)
         return y
 
     return batch_norm_act

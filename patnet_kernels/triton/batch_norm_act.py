@@ -11,7 +11,8 @@ Kernels:
 * :func:`batch_moments` (training forward) -- per (channel block, sample, pixel chunk) the
   count-weighted mean and sum of squared deviations of X (``_moments_kernel``, tiles merged
   with Chan's formula), then one program per channel block merges those rows in a fixed order
-  (``_merge_kernel``): the batch mean and biased variance. Deterministic, no atomics.
+  (``_merge_kernel``): the batch mean and biased variance, and the running statistics updated
+  in the same launch. Deterministic, no atomics.
 * :func:`apply` -- Y = act(Z) with the batch's or the running statistics: one pass.
 * :func:`grad_sums` (backward) -- per channel sum dZ and sum dZ * xhat with dZ = dY * act'(Z), Z
   recomputed from X (the BN output is never stored): the gradients of beta and gamma, and the
@@ -109,8 +110,12 @@ def _moments_kernel(
 def _merge_kernel(
     part_mean_ptr, part_m2_ptr,  # (ROWS, C) fp32 contiguous: _moments_kernel's rows
     mean_ptr, var_ptr,  # (C,) fp32, out: the batch mean and biased variance
+    run_mean_ptr, run_var_ptr,  # (C,) the running mean and variance (any float dtype),
+                                # updated in place if UPDATE (see _update_running)
+    momentum,  # fp32: the running statistics' momentum (UPDATE)
     C, HW, CHUNK, SPLITS, ROWS,  # row r covers pixels of chunk r % SPLITS of one sample
     BLOCK_C: tl.constexpr,  # channels per program
+    UPDATE: tl.constexpr,  # update the running statistics
 ):
     # grid: (cdiv(C, BLOCK_C),). Rows merged in order (deterministic).
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -125,6 +130,9 @@ def _merge_kernel(
         seen, mean, m2 = merge_moments(seen, mean, m2, count, row_mean, row_m2)
     tl.store(mean_ptr + offs_c, mean, mask=c_ok)
     tl.store(var_ptr + offs_c, m2 / seen, mask=c_ok)
+    if UPDATE:  # (the variance's batch value unbiased, as F.batch_norm; training has N > 1)
+        _update_running(run_mean_ptr, mean, momentum, offs_c, c_ok)
+        _update_running(run_var_ptr, m2 / (seen - 1.0), momentum, offs_c, c_ok)
 
 
 @triton.jit
@@ -225,6 +233,15 @@ def _grad_input_kernel(
              (dz * (gamma * rstd)[None, :]).to(gx_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _update_running(run_ptr, batch, momentum, offs_c, c_ok):
+    """running = running + momentum * (batch - running) in fp32 (torch's lerp), stored in the
+    running buffer's dtype: a BatchNorm's running statistic (C,) moved towards ``batch``."""
+    running = tl.load(run_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(run_ptr + offs_c, (running + momentum * (batch - running)).to(
+        run_ptr.dtype.element_ty), mask=c_ok)
+
+
 # --------------------------------------------------------------------------------------------
 # Block sizes
 # --------------------------------------------------------------------------------------------
@@ -252,8 +269,13 @@ def _reduction_grid(x: torch.Tensor) -> Tuple[Tuple[int, int, int], int, int, in
     return (cdiv(c, block_c), b, cdiv(h * w, chunk)), chunk, block_p, block_c
 
 
-def batch_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) of each channel of x (B, C, H, W) over (B, H, W), fp32 (C,)."""
+def batch_moments(x: torch.Tensor,
+                  running: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                  momentum: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) of each channel of x (B, C, H, W) over (B, H, W), fp32 (C,);
+    ``running``: the BatchNorm's (running mean, running var), each (C,) contiguous, moved
+    towards the batch's (the variance's unbiased) by ``momentum`` in the same launch, as
+    ``F.batch_norm`` does in training; or None."""
     b, c, h, w = x.shape
     grid, chunk, block_p, block_c = _reduction_grid(x)
     rows = b * grid[2]
@@ -261,8 +283,10 @@ def batch_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     _moments_kernel[grid](x, part[0], part[1], c, h * w, chunk, *pixel_strides(x),
                           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_blocks(c)[2])
     mean, var = (torch.empty((c,), device=x.device, dtype=torch.float32) for _ in range(2))
-    _merge_kernel[(grid[0],)](part[0], part[1], mean, var, c, h * w, chunk, grid[2], rows,
-                              BLOCK_C=block_c)
+    run_mean, run_var = running if running is not None else (mean, var)
+    _merge_kernel[(grid[0],)](part[0], part[1], mean, var, run_mean, run_var, float(momentum),
+                              c, h * w, chunk, grid[2], rows, BLOCK_C=block_c,
+                              UPDATE=running is not None)
     return mean, var
 
 
@@ -319,10 +343,12 @@ def aot_kernels() -> List[AotKernel]:
     f32 = "*fp32"
     vectors = {name: f32 for name in ("mean_ptr", "var_ptr", "w_ptr", "b_ptr")}
     scalars = {"eps": "fp32", "inv_n": "fp32"}
-    kernels = [AotKernel("bn_act_merge", _merge_kernel,
+    # (the models' training: running statistics kept, float32 buffers; without them)
+    kernels = [AotKernel(f"bn_act_merge[update={update}]", _merge_kernel,
                          aot_signature(_merge_kernel, {n: f32 for n in (
-                             "part_mean_ptr", "part_m2_ptr", "mean_ptr", "var_ptr")}),
-                         dict(BLOCK_C=block_c))]
+                             "part_mean_ptr", "part_m2_ptr", "mean_ptr", "var_ptr",
+                             "run_mean_ptr", "run_var_ptr")}, {"momentum": "fp32"}),
+                         dict(BLOCK_C=block_c, UPDATE=update)) for update in (True, False)]
     for dtype, tname in TRITON_DTYPE.items():
         ptr = "*" + tname
         kernels.append(AotKernel(

@@ -22,15 +22,16 @@ def _affine(weight: Optional[Tensor], bias: Optional[Tensor], like: Tensor
     return fp32_vector(weight, 1.0, c, like), fp32_vector(bias, 0.0, c, like)
 
 
-@custom_op("patnet_triton::batch_norm_act", mutates_args=())
+@custom_op("patnet_triton::batch_norm_act", mutates_args=("running_mean", "running_var"))
 @on_tensor_device
 def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-             running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
-             activation: str, training: bool) -> Tuple[Tensor, Tensor, Tensor]:
+             running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+             eps: float, activation: str, training: bool) -> Tuple[Tensor, Tensor, Tensor]:
     y = empty_activation(x, x.shape)
     x = with_pixel_stride(x)
-    if training:
-        mean, var = kernels.batch_moments(x)
+    if training:  # (the running statistics updated by the same kernels)
+        running = None if running_mean is None else (running_mean, running_var)
+        mean, var = kernels.batch_moments(x, running, momentum)
         normalised = mean, var
     else:  # (the backward takes the running statistics from the autograd Function)
         normalised = running_mean.float(), running_var.float()
