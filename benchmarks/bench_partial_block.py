@@ -22,7 +22,8 @@ import patnet_kernels as pk  # noqa: E402
 from benchmarks.op_cli import main_of  # noqa: E402
 from benchmarks.op_family import Family, Target  # noqa: E402
 from benchmarks.op_inputs import (Problem, random_activation, random_batch_norm,  # noqa: E402
-                                  random_weight, stage_activation)
+                                  random_spatial_attention, random_weight,
+                                  spatial_attention_size, stage_activation)
 from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from patnet.layers import FasterNetBlock, PATNetBlock  # noqa: E402
 
@@ -62,12 +63,7 @@ def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Probl
     w2 = random_weight((c, hidden, 1, 1), dtype, device, gen)
     if not _spatial(shape):
         return Problem((x, conv, *gate, w1, b1, w2, None, "relu"))
-    p = c // 2
-    spatial = pk.SpatialAttentionParams(
-        random_weight((1, c - p, 1, 1), dtype, device, gen),
-        random_weight((p, p, 1, 1), dtype, device, gen),
-        random_activation((p,), dtype, device, gen) * 0.1,
-        random_batch_norm(c - p, dtype, device, gen, training=False))
+    spatial = random_spatial_attention(c, dtype, device, gen)
     return Problem((x, conv, *gate, w1, b1, w2, None, "gelu", None, False, True, spatial))
 
 
@@ -82,8 +78,7 @@ def _parameters(shape: StageShape) -> int:
     c, c1 = shape.channels, shape.split
     c2, hidden = c - c1, 2 * c
     gate = 2 * c2 * c2 + c2 + 4 * c2 if _pat_ch(shape) else 0
-    p = c // 2
-    spatial = (c - p) * 5 + p * p + p if _spatial(shape) else 0
+    spatial = spatial_attention_size(c)[0] if _spatial(shape) else 0
     return 9 * c1 * c1 + gate + 2 * c * hidden + hidden + spatial
 
 
@@ -94,9 +89,8 @@ def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
 
 def flops(shape: StageShape, batch: int, mode: str) -> int:
     c, c1 = shape.channels, shape.split
-    p = c // 2
-    spatial = p * p + c - p if _spatial(shape) else 0
-    return 2 * batch * shape.height * shape.width * (9 * c1 * c1 + 4 * c * c + spatial)
+    spatial = spatial_attention_size(c)[1] if _spatial(shape) else 0
+    return batch * shape.height * shape.width * (2 * (9 * c1 * c1 + 4 * c * c) + spatial)
 
 
 FAMILY = Family(

@@ -19,8 +19,9 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import patnet_kernels as pk  # noqa: E402
 from benchmarks.op_cli import main_of  # noqa: E402
 from benchmarks.op_family import Family, Target  # noqa: E402
-from benchmarks.op_inputs import (Problem, random_activation, random_batch_norm,  # noqa: E402
-                                  random_weight, stage_activation)
+from benchmarks.op_inputs import (Problem, random_activation,  # noqa: E402
+                                  random_spatial_attention, random_weight,
+                                  spatial_attention_size, stage_activation)
 from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from patnet.layers import FasterNetBlock, PATNetBlock  # noqa: E402
 
@@ -50,12 +51,7 @@ def build(shape: StageShape, batch: int, dtype, device, mode: str, gen) -> Probl
     residual = stage_activation(shape, batch, dtype, device, gen)
     if not _spatial(shape):
         return Problem((x, w1, b1, w2, None, residual, "relu"))
-    p = c // 2
-    spatial = pk.SpatialAttentionParams(
-        random_weight((1, c - p, 1, 1), dtype, device, gen),
-        random_weight((p, p, 1, 1), dtype, device, gen),
-        random_activation((p,), dtype, device, gen) * 0.1,
-        random_batch_norm(c - p, dtype, device, gen, training=False))
+    spatial = random_spatial_attention(c, dtype, device, gen)
     return Problem((x, w1, b1, w2, None, residual, "gelu", spatial))
 
 
@@ -68,15 +64,13 @@ def functional(args, backend: str):
 def bytes_moved(shape: StageShape, batch: int, elem: int, mode: str) -> int:
     n = batch * shape.channels * shape.height * shape.width
     c, hidden = shape.channels, shape.split
-    p = c // 2
-    spatial = (c - p) * 5 + p * p + p if _spatial(shape) else 0
+    spatial = spatial_attention_size(c)[0] if _spatial(shape) else 0
     return (3 * n + 2 * c * hidden + hidden + spatial) * elem
 
 
 def flops(shape: StageShape, batch: int, mode: str) -> int:
-    c, p = shape.channels, shape.channels // 2
-    spatial = 2 * (p * p + c - p) if _spatial(shape) else 0
-    return batch * shape.height * shape.width * (4 * c * shape.split + spatial)
+    spatial = spatial_attention_size(shape.channels)[1] if _spatial(shape) else 0
+    return batch * shape.height * shape.width * (4 * shape.channels * shape.split + spatial)
 
 
 FAMILY = Family(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -111,3 +111,24 @@ def two_norm_functional(op):
         *tensors, training = args
         return op(*tensors, training=training, backend=backend)
     return functional
+
+
+def random_spatial_attention(channels: int, dtype: torch.dtype, device: torch.device,
+                             gen: torch.Generator) -> pk.SpatialAttentionParams:
+    """PAT_sp's tensors after an MLP of ``channels`` outputs as the inference copy passes them
+    (P = channels // 2 conv channels, BN_d folded into the conv: a bias; BN_c's running
+    statistics)."""
+    p = channels // 2
+    return pk.SpatialAttentionParams(
+        random_weight((1, channels - p, 1, 1), dtype, device, gen),
+        random_weight((p, p, 1, 1), dtype, device, gen),
+        random_activation((p,), dtype, device, gen) * 0.1,
+        random_batch_norm(channels - p, dtype, device, gen, training=False))
+
+
+def spatial_attention_size(channels: int) -> Tuple[int, int]:
+    """(parameters, FLOPs per pixel) of PAT_sp after an MLP of ``channels`` outputs: the gate
+    (Q), the conv (P^2 + P), BN_c (4Q); the gate's and the conv's multiply-adds."""
+    p = channels // 2
+    q = channels - p
+    return 5 * q + p * p + p, 2 * (p * p + q)

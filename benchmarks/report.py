@@ -87,3 +87,36 @@ def run_models(models: Sequence[str], measure: Callable[[str], dict],
     failed = [(r["model"], p) for r in reports for p, row in r["providers"].items()
               if row.get("status") == "error"]
     return 1 if failed else 0
+
+
+def rewrite_from_reports(argv, description: str, default_out: Path, default_reports: Path,
+                         render: Callable[[List[Path]], str], command: str) -> int:
+    """The command line of a file derived from committed GPU reports (``update_auto_rule``,
+    ``update_tuned_configs``): ``[REPORTS ...] [--out PATH] [--check]``. Writes
+    ``render(report paths)`` to --out, or with --check writes nothing and returns 1 (saying to
+    run ``command``) where the file is not that; a missing report path exits with status 2."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=f"python -m {command}", description=description)
+    parser.add_argument("paths", nargs="*", type=Path, default=[default_reports],
+                        help=f"report folders or JSON files (default: {default_reports.name})")
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if --out differs from the reports")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"no such report folder or file: {', '.join(missing)}")
+    text = render([p.resolve() for p in args.paths])
+    if args.check:
+        current = args.out.read_text() if args.out.is_file() else ""
+        if current != text:
+            print(f"{args.out} is not what the reports give; run python -m {command} and "
+                  "commit it", file=sys.stderr)
+            return 1
+        print(f"{args.out} matches the reports")
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0

@@ -12,7 +12,6 @@ what the reports give (CI runs it, so the rule never drifts from the committed r
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.env import REPO, RESULTS  # noqa: E402
+from benchmarks.report import rewrite_from_reports  # noqa: E402
 from patnet_kernels import auto_rule, registry  # noqa: E402
 # Benchmark name (the reports' "benchmark": bench_<ops module>.py) -> the op it times.
 OPS = {op.module: name for name, op in registry.OPS.items()}
@@ -100,29 +100,9 @@ def render(points: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="*", type=Path, default=[RESULTS],
-                        help="report folders or JSON files (default: benchmarks/results)")
-    parser.add_argument("--out", type=Path, default=auto_rule.DATA)
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if --out differs from the reports")
-    args = parser.parse_args(argv)
-    missing = [str(p) for p in args.paths if not p.exists()]
-    if missing:
-        parser.error(f"no such report folder or file: {', '.join(missing)}")
-    text = render(collect(p.resolve() for p in args.paths))
-    if args.check:
-        current = args.out.read_text() if args.out.is_file() else ""
-        if current != text:
-            print(f"{args.out} is not what the reports give; run python -m "
-                  "benchmarks.update_auto_rule and commit it", file=sys.stderr)
-            return 1
-        print(f"{args.out} matches the reports")
-        return 0
-    args.out.write_text(text)
-    count = text.count('"gpu"')
-    print(f"wrote {count} measured points to {args.out}")
-    return 0
+    return rewrite_from_reports(argv, __doc__.split("\n\n")[0], auto_rule.DATA, RESULTS,
+                                lambda paths: render(collect(paths)),
+                                "benchmarks.update_auto_rule")
 
 
 if __name__ == "__main__":

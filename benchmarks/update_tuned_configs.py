@@ -15,7 +15,6 @@ without spills (the AOT check compiles every one).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.env import REPO, RESULTS  # noqa: E402
+from benchmarks.report import rewrite_from_reports  # noqa: E402
 from patnet_kernels.triton import tuned  # noqa: E402
 
 SWEEPS = {"sweep_pointwise_mlp": "pointwise_mlp"}  # report "benchmark" -> kernel family
@@ -89,31 +89,9 @@ def render(table: Dict[str, List[dict]]) -> str:
 
 
 def main(argv: List[str] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.update_tuned_configs",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="*", type=Path, default=[RESULTS],
-                        help="report files or folders (default: benchmarks/results)")
-    parser.add_argument("--out", type=Path, default=tuned.DATA)
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if the file differs from the reports")
-    args = parser.parse_args(argv)
-    missing = [str(p) for p in args.paths if not p.exists()]
-    if missing:
-        print(f"update_tuned_configs: no such report or folder: {', '.join(missing)}",
-              file=sys.stderr)
-        return 2
-    text = render(collect(args.paths))
-    if args.check:
-        if args.out.read_text() != text:
-            print(f"update_tuned_configs: {args.out} is not what the sweep reports give; run "
-                  "python -m benchmarks.update_tuned_configs and commit it", file=sys.stderr)
-            return 1
-        print(f"{args.out}: matches the sweep reports")
-        return 0
-    args.out.write_text(text)
-    count = sum(len(entries) for entries in json.loads(text).values() if isinstance(entries, list))
-    print(f"{args.out}: {count} tuned configuration(s)")
-    return 0
+    return rewrite_from_reports(argv, __doc__.splitlines()[0], tuned.DATA, RESULTS,
+                                lambda paths: render(collect(paths)),
+                                "benchmarks.update_tuned_configs")
 
 
 if __name__ == "__main__":
