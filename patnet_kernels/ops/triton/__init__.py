@@ -2,7 +2,7 @@
 :mod:`patnet_kernels.ops`: bodies that launch the kernels of :mod:`patnet_kernels.triton`."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -14,3 +14,9 @@ def fp32_vector(t: Optional[torch.Tensor], fill: float, n: int, like: torch.Tens
     if t is not None:
         return t.float()
     return torch.full((n,), fill, dtype=torch.float32, device=like.device)
+
+
+def fp32_affine(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], n: int,
+                like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(gamma, beta) fp32 (n,): a BatchNorm's affine, or 1 and 0 where it has none."""
+    return fp32_vector(weight, 1.0, n, like), fp32_vector(bias, 0.0, n, like)

@@ -9,17 +9,10 @@ import torch
 from ...triton import batch_norm_act as kernels
 from ...triton._common import on_tensor_device
 from .. import custom_op, register_fakes, batch_norm_act as spec
-from . import fp32_vector
+from . import fp32_affine
 from .._layout import empty_activation, with_pixel_stride
 
 Tensor = torch.Tensor
-
-
-def _affine(weight: Optional[Tensor], bias: Optional[Tensor], like: Tensor
-            ) -> Tuple[Tensor, Tensor]:
-    """(gamma, beta) fp32 (C,): the BatchNorm's affine, or 1 and 0 where it has none."""
-    c = like.shape[1]
-    return fp32_vector(weight, 1.0, c, like), fp32_vector(bias, 0.0, c, like)
 
 
 @custom_op("patnet_triton::batch_norm_act", mutates_args=("running_mean", "running_var"))
@@ -36,7 +29,7 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     else:  # (the backward takes the running statistics from the autograd Function)
         normalised = running_mean.float(), running_var.float()
         mean, var = (x.new_empty((0,), dtype=torch.float32) for _ in range(2))
-    kernels.apply(x, y, *normalised, *_affine(weight, bias, x), eps, activation)
+    kernels.apply(x, y, *normalised, *fp32_affine(weight, bias, x.shape[1], x), eps, activation)
     return y, mean, var
 
 
@@ -47,7 +40,7 @@ def _backward(grad_y: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Opti
               ) -> Tuple[Tensor, Tensor]:
     grad_x = empty_activation(x, x.shape)
     x, grad_y = with_pixel_stride(x), with_pixel_stride(grad_y)
-    gamma, beta = _affine(weight, bias, x)
+    gamma, beta = fp32_affine(weight, bias, x.shape[1], x)
     sums = kernels.grad_sums(x, grad_y, mean, var, gamma, beta, eps, activation)
     kernels.grad_input(x, grad_y, grad_x, mean, var, gamma, beta, sums if training else None,
                        eps, activation)

@@ -19,7 +19,7 @@ from ...triton._common import on_tensor_device
 from ...triton.partial_conv import forward_taps
 from .. import custom_op, register_fakes, pointwise_mlp as spec
 from .._layout import empty_activation, with_pixel_stride
-from . import fp32_vector
+from . import fp32_affine
 
 Tensor = torch.Tensor
 
@@ -102,8 +102,7 @@ def _forward_spatial(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[T
     m2 = torch.empty_like(mean)
 
     def bn(running_mean, running_var, weight, bias, n):  # (what the kernel reads: fp32)
-        return (running_mean.float(), running_var.float(), fp32_vector(weight, 1.0, n, x),
-                fp32_vector(bias, 0.0, n, x))
+        return (running_mean.float(), running_var.float()) + fp32_affine(weight, bias, n, x)
 
     spatial = kernels.SpatialAttention(
         gate_weight.reshape(q).contiguous(), sp_conv_weight.reshape(p, p).contiguous(),

@@ -10,7 +10,7 @@ import torch
 from ...triton import spatial_attention as kernels
 from ...triton._common import on_tensor_device
 from .. import custom_op, register_fakes, spatial_attention as spec
-from . import fp32_vector
+from . import fp32_affine, fp32_vector
 from .._layout import empty_activation, with_pixel_stride
 
 Tensor = torch.Tensor
@@ -40,9 +40,8 @@ def _forward(m: Tensor, gate_weight: Tensor, conv_weight: Tensor, conv_bias: Opt
         c_moments = (c_running_mean.float(), c_running_var.float())
         d_moments = (d_running_mean.float(), d_running_var.float()) if has_bn_d else None
         c_stats, d_stats = (m.new_empty((2, 0), dtype=torch.float32) for _ in range(2))
-    bn_c = c_moments + (fp32_vector(c_weight, 1.0, q, m), fp32_vector(c_bias, 0.0, q, m))
-    bn_d = (d_moments + (fp32_vector(d_weight, 1.0, p, m), fp32_vector(d_bias, 0.0, p, m))
-            if has_bn_d else None)
+    bn_c = c_moments + fp32_affine(c_weight, c_bias, q, m)
+    bn_d = d_moments + fp32_affine(d_weight, d_bias, p, m) if has_bn_d else None
     mean, m2 = spec.statistics_buffers(m, stats_first,
                                        kernels.statistics_chunks(m.shape[2] * m.shape[3]))
     z = kernels.apply(m, gate, z, conv_weight.reshape(p, p), conv_bias, y, bn_c, c_eps, bn_d,
@@ -92,7 +91,7 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
     if has_bn_d:
         mean_d = d_stats[0]
         rstd_d = torch.rsqrt(d_stats[1] + d_eps)
-        gamma_d, beta_d = fp32_vector(d_weight, 1.0, p, m), fp32_vector(d_bias, 0.0, p, m)
+        gamma_d, beta_d = fp32_affine(d_weight, d_bias, p, m)
     else:
         mean_d, rstd_d = fp32_vector(None, 0.0, p, m), fp32_vector(None, 1.0, p, m)
     g, sum_dyb = kernels.pointwise_weight_grad(grad_y[:, q:], m[:, q:], mean_d, rstd_d)
