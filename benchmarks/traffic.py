@@ -22,8 +22,9 @@ such as PAT_sf's bucket map are built: the steady state is counted). Providers:
 **Kernels.** Every aten op the dispatcher sees counts as one kernel launch, except views (an op
 whose every return aliases an input, by its schema: ``view``, ``permute``, ``slice``,
 ``expand``, ...) and allocations and metadata ops that launch nothing (``empty*``,
-``new_empty*``, ``detach``, ``lift_fresh``, ``resize_``). A fused op (``patnet_triton::*`` or
-``patnet_cuda::*``) counts as the kernels it launches: for Triton the launches themselves,
+``new_empty*``, ``detach``, ``lift_fresh``, ``resize_``) and host work (``.item()``, a copy to
+the host; the attention's dropout seed, drawn from the CPU generator on every device). A fused
+op (``patnet_triton::*`` or ``patnet_cuda::*``) counts as the kernels it launches: for Triton the launches themselves,
 seen by wrapping Triton's launcher (``JITFunction.run`` / the interpreter's
 ``InterpretedFunction.run``) while the op runs; for CUDA one per launcher call in
 ``csrc/bindings.cpp`` (every forward op calls one), plus, for both, the aten ops the op runs
@@ -95,7 +96,8 @@ BATCHES = (2, 3)  # batch 1 is special: some reshapes are views there, copies ab
 
 # aten ops that launch no kernel (allocation, metadata); views are found by their schema.
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-             "detach", "lift_fresh", "resize_", "_reshape_alias", "alias", "_unsafe_view"}
+             "detach", "lift_fresh", "resize_", "_reshape_alias", "alias", "_unsafe_view",
+             "_local_scalar_dense"}
 # In-place ops that overwrite ``self`` without reading it.
 WRITE_ONLY_SELF = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_",
                    "exponential_"}
@@ -159,6 +161,13 @@ def _same_view(a, b) -> bool:
             and a.shape == b.shape and a.stride() == b.stride())
 
 
+def _host_seed(name: str, out) -> bool:
+    """Whether the op draws a random integer into a 0-dim int64 tensor: the attention's dropout
+    seed (``ops.rpe_attention.draw_seed``), drawn from the CPU generator on every device."""
+    return (name == "randint" and isinstance(out, torch.Tensor) and out.dim() == 0
+            and out.dtype == torch.int64)
+
+
 def aten_op(func, args, kwargs, out) -> Op:
     """The kernels and bytes of one aten op (rules in the module docstring)."""
     schema = func._schema
@@ -166,7 +175,7 @@ def aten_op(func, args, kwargs, out) -> Op:
     returns_alias = bool(schema.returns) and all(r.alias_info is not None for r in schema.returns)
     view = returns_alias and not schema.is_mutable
     nothing = Op(f"aten::{name}", 0, 0, 0, view=view, mutates=schema.is_mutable)
-    if view or name in NO_KERNEL:
+    if view or name in NO_KERNEL or _host_seed(name, out):
         return nothing
     if name == "copy_" and _same_view(args[0], args[1]):  # copy_ returns at once: no kernel
         return nothing

@@ -66,18 +66,31 @@ def make_activation(name: str, inplace: bool = False) -> nn.Module:
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (timm's drop_path, scaled by 1 / keep probability)."""
+    """Stochastic depth per sample (timm's drop_path, scaled by 1 / keep probability); inactive
+    in eval or with p = 0. A block adds its branch to the residual with :meth:`add_to`."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = float(p)
 
+    def _active(self) -> bool:
+        return self.training and self.p > 0.0
+
+    def _keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """1 (kept) or 0 per sample, shaped (B, 1, ..., 1) in x's dtype."""
+        return x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self._active():
             return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        return x * self._keep_mask(x).div_(1.0 - self.p)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """residual + self(x) as one op (``torch.addcmul`` with the per-sample mask and the
+        1 / keep scale: no scaled copy of x is written), residual + x where inactive."""
+        if not self._active():
+            return residual + x
+        return torch.addcmul(residual, x, self._keep_mask(x), value=1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -389,12 +402,12 @@ class FasterNetBlock(nn.Module):
     def __init__(self, dim: int, n_div: int, mlp_ratio: float, drop_path: float,
                  act_layer: str, backend: str = "auto"):
         super().__init__()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.mlp = make_mlp(dim, mlp_ratio, act_layer, False, backend)
         self.spatial_mixing = PartialConv3(dim, n_div, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.mlp(self.spatial_mixing(x)))
+        return self.drop_path.add_to(x, self.mlp(self.spatial_mixing(x)))
 
 
 class PATNetBlock(nn.Module):
@@ -405,7 +418,7 @@ class PATNetBlock(nn.Module):
                  attn_drop: float, proj_drop: float, backend: str = "auto"):
         super().__init__()
         self.self_attention = self_attention
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         if self_attention:
             self.spatial_mixing = PATSelfMixer(dim, n_div, num_heads, attn_drop, proj_drop,
                                                backend)
@@ -415,9 +428,9 @@ class PATNetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.self_attention:
-            x = x + self.spatial_mixing(x)
-            return x + self.drop_path(self.mlp(x))
-        return x + self.drop_path(self.mlp(self.spatial_mixing(x)))
+            x = self.spatial_mixing(x, residual=True)  # (x + PAT_sf(x): one op)
+            return self.drop_path.add_to(x, self.mlp(x))
+        return self.drop_path.add_to(x, self.mlp(self.spatial_mixing(x)))
 
 
 class BasicStage(nn.Module):

@@ -276,3 +276,31 @@ def test_cumulative_momentum_matches_batchnorm():
     assert torch.allclose(block.norm2.running_mean, reference.running_mean, atol=1e-6)
     assert torch.allclose(block.norm2.running_var, reference.running_var, atol=1e-6)
     assert int(block.norm2.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_drop_path_add_to_is_residual_plus_drop_path(channels_last):
+    """add_to(residual, x) is residual + DropPath(x) (the same mask from the same generator
+    state: a dropped sample gets the residual exactly, a kept one residual + x / keep) in one
+    op that keeps the residual's layout; inactive (eval, p = 0) it is residual + x."""
+    drop = DropPath(0.5).train()
+    residual, x = torch.randn(8, 4, 3, 5), torch.randn(8, 4, 3, 5)
+    if channels_last:
+        residual = residual.to(memory_format=torch.channels_last)
+    torch.manual_seed(3)
+    got = drop.add_to(residual, x)
+    torch.manual_seed(3)
+    expected = residual + drop(x)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    dropped = (got - residual).flatten(1).abs().amax(1) == 0
+    assert 0 < int(dropped.sum()) < 8  # (seed 3 drops some samples and keeps others)
+    assert torch.allclose(got[~dropped], residual[~dropped] + 2 * x[~dropped], atol=1e-6)
+    for inactive in (DropPath(0.5).eval(), DropPath(0.0).train()):
+        assert torch.equal(inactive.add_to(residual, x), residual + x)
+        assert inactive(x) is x
+    x.requires_grad_(True)
+    torch.manual_seed(3)
+    drop.add_to(residual, x).sum().backward()
+    assert torch.equal(x.grad[dropped], torch.zeros_like(x[dropped]))
+    assert torch.allclose(x.grad[~dropped], torch.full_like(x[~dropped], 2.0))

@@ -190,13 +190,17 @@ def test_autocast_inference_path(name):
 # the MLP's BatchNorm + activation as one op (pk.batch_norm_act) took 8 launches per block
 # where eager takes 4 (496 -> 552, FasterNet-T2 286 -> 338), for a sixth fewer bytes; 6 since
 # its statistics' merge kernel also updates the running statistics (forward: statistics, their
-# merge, the output; backward: the sums, their reduction, dX): 552 -> 524, 338 -> 312.
-PINNED_TRAIN = {"patnet_t2": dict(eager=758, triton=524),
-                "fasternet_t2": dict(eager=299, triton=312)}
-# The most activation bytes of the Triton step, as a fraction of eager's (measured: 0.645 and
-# 0.762; PATNet-T2's was 0.94 while PAT_sf's projection gradient summed per-sample products,
-# 0.765 before the MLP's BatchNorm + activation ran as one op).
-TRAIN_BYTES_VS_EAGER = {"patnet_t2": 0.65, "fasternet_t2": 0.77}
+# merge, the output; backward: the sums, their reduction, dX): 552 -> 524, 338 -> 312. DropPath
+# and its residual as one torch.addcmul (no scaled copy, no scaling of the mask), PAT_sf's
+# first residual sum in its output op in training too, the attention's dropout seed not counted
+# (a host draw): 524 -> 503, 312 -> 300; eager (our modules on the reference backend) 758 ->
+# 745, 299 -> 287.
+PINNED_TRAIN = {"patnet_t2": dict(eager=745, triton=503),
+                "fasternet_t2": dict(eager=287, triton=300)}
+# The most activation bytes of the Triton step, as a fraction of eager's (measured: 0.636 and
+# 0.756; PATNet-T2's was 0.94 while PAT_sf's projection gradient summed per-sample products,
+# 0.765 before the MLP's BatchNorm + activation ran as one op, 0.645 before DropPath's addcmul).
+TRAIN_BYTES_VS_EAGER = {"patnet_t2": 0.64, "fasternet_t2": 0.76}
 
 
 @pytest.mark.parametrize("name", sorted(PINNED_TRAIN))
