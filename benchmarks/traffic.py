@@ -2,7 +2,8 @@
 
     python -m benchmarks.traffic                                   # every model, 64 x 64
     python -m benchmarks.traffic --models patnet_t2,fasternet_t2 --size 128 --json out.json
-    python -m benchmarks.traffic --models patnet_t2 --autocast      # under bfloat16 autocast
+    python -m benchmarks.traffic --models patnet_t2 --autocast      # under bfloat16 autocast,
+                                                                    # with the roofline
     python -m benchmarks.traffic --models patnet_t2 --train         # one training step
 
 For each model and provider, one eval forward under ``torch.no_grad()`` (fp32, NCHW, random
@@ -55,6 +56,18 @@ so batch 1 launches fewer kernels than the general case.
 one layer) and the classifier; one kernel per layer is the launch floor, and the folded model's
 parameters read once the weight floor.
 
+**Roofline** (eval under ``--autocast`` only: 2-byte activations, and the matmul rate is
+fp16's). Each op's multiply-adds are counted too (aten ops by :func:`patnet.flops.op_macs`,
+fvcore's convention; fused ops from their arguments, ``FUSED_MACS``), and each kernel is given
+the longer of its bytes at the copy bandwidth and its FLOPs (2 per multiply-add) at the
+matmul rate, at batch 256 (its per-image bytes and multiply-adds times the batch, its
+per-batch bytes once), the kernels one after the other: a lower bound on a provider's time per
+batch, no launch gaps, every kernel perfect. The floor's: each layer one such kernel (its input
+and output, its parameters once, its multiply-adds). The rates default to the H200's measured
+4,244 GB/s copy and 790 TFLOP/s fp16 matmul (``--copy-gbps``, ``--matmul-tflops``). It
+says where the time must go (how much of it is arithmetic no fusion removes), not what a GPU
+will measure.
+
 Everything is counted at the size run (``--size``, default 64; H, W >= 32), never scaled: the
 activation bytes scale as H x W for every layer, but at sizes other than 224 PAT_sf's attention
 is on another grid (2 x 2 at 64, 7 x 7 at 224), so the figures at 224 are not exactly 12.25x.
@@ -84,6 +97,7 @@ import patnet  # noqa: E402
 import patnet.testing  # noqa: E402
 from benchmarks.report import pretty, run_models, split_list  # noqa: E402
 from benchmarks.report import write_json as write_json_file  # noqa: E402
+from patnet.flops import op_macs  # noqa: E402
 from patnet.layers import FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock  # noqa: E402
 
 PROVIDERS = ("eager", "torch", "triton", "cuda")
@@ -101,6 +115,57 @@ NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_str
 # In-place ops that overwrite ``self`` without reading it.
 WRITE_ONLY_SELF = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_",
                    "exponential_"}
+# The roofline's rates: the H200's measured copy bandwidth (read + write,
+# results/h200-2026-12-04/README.md) and the fp16 matmul rate measured there (issue 13);
+# --copy-gbps / --matmul-tflops for another GPU.
+COPY_GBPS = 4244.0
+MATMUL_TFLOPS = 790.0
+ROOFLINE_BATCH = 256
+
+
+def _weights_macs(*names: str):
+    """MACs of a fused op that applies the named weights at every pixel of its (B, C, H, W)
+    first argument (a missing optional weight counts 0)."""
+    def count(bound: dict) -> int:
+        x = next(iter(bound.values()))
+        pixels = x.shape[0] * x.shape[2] * x.shape[3]
+        return pixels * sum(bound[n].numel() for n in names if bound.get(n) is not None)
+    return count
+
+
+def _attention_macs(bound: dict) -> int:
+    q = bound["q"]  # (B, heads, N, d): q k^T and the probabilities times v
+    return 2 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]
+
+
+def _gate_macs(bound: dict) -> int:
+    return bound["mean"].shape[0] * bound["cfc_weight"].numel()  # (B, C2) x (C2, C2, 1, 2)
+
+
+def _no_macs(bound: dict) -> int:
+    return 0
+
+
+# Multiply-adds of each fused op of the inference paths (its matrix products and convolutions,
+# as patnet.flops counts the reference's), from its arguments by name; an op not listed has no
+# count, and a run with one has no roofline. CUDA's PAT_sf output runs its projection as the
+# aten bmm beside its kernel (counted there).
+FUSED_MACS = {
+    "partial_conv3x3": _weights_macs("weight"),
+    "partial_conv3x3_": _weights_macs("weight"),
+    "channel_attention_stats": _no_macs,
+    "channel_attention_chunk_stats": _no_macs,
+    "channel_attention_gate": _gate_macs,
+    "channel_attention_apply": _weights_macs("conv_weight"),
+    "pointwise_mlp": _weights_macs("conv_weight", "w1", "w2"),
+    "pointwise_mlp_stats": _weights_macs("conv_weight", "w1", "w2"),
+    "pointwise_mlp_spatial": _weights_macs("conv_weight", "w1", "w2", "gate_weight",
+                                           "sp_conv_weight"),
+    "self_mixer_output": _weights_macs("conv_weight", "proj_weight"),
+    "rpe_attention_fwd": _attention_macs,
+}
+CUDA_MACS = {**FUSED_MACS, "self_mixer_output": _weights_macs("conv_weight")}
+
 # Kernels each fused CUDA op launches in eval (one launcher call each, csrc/bindings.cpp).
 CUDA_LAUNCHES = {"partial_conv3x3": 1, "partial_conv3x3_": 1, "channel_attention_stats": 1,
                  "channel_attention_apply": 1, "rpe_attention_fwd": 1, "self_mixer_output": 1}
@@ -123,7 +188,8 @@ class Op(NamedTuple):
     """One recorded op: name ("aten::convolution", "patnet_triton::channel_attention_apply"),
     kernels launched, bytes read and written, and the fused op it ran inside ("" if none);
     whether its schema makes it a view (it returns only aliases of its inputs) or in place;
-    with TrafficRecorder(describe=True) its tensor inputs and outputs (TensorInfo)."""
+    with TrafficRecorder(describe=True) its tensor inputs and outputs (TensorInfo); ``macs``:
+    its multiply-adds (None: not known, see FUSED_MACS)."""
     name: str
     kernels: int
     read: int
@@ -133,6 +199,7 @@ class Op(NamedTuple):
     mutates: bool = False
     inputs: Tuple[TensorInfo, ...] = ()
     outputs: Tuple[TensorInfo, ...] = ()
+    macs: Optional[int] = 0
 
     @property
     def short_name(self) -> str:
@@ -193,7 +260,8 @@ def aten_op(func, args, kwargs, out) -> Op:
                 continue
         read += sum(nbytes(t) for t in _tensors(value))
     written = sum(nbytes(t) for t in _tensors(out))
-    return nothing._replace(kernels=1, read=read, written=written)
+    return nothing._replace(kernels=1, read=read, written=written,
+                            macs=op_macs(func, args, out))
 
 
 def fused_bytes(op: str, args, out, namespace: str = "patnet_triton") -> Tuple[int, int]:
@@ -297,7 +365,11 @@ class TrafficRecorder(TorchDispatchMode):
             else:
                 kernels = len(launched)
             read, written = fused_bytes(name, args, out, func.namespace)
-            self.ops.append(Op(full, kernels, read, written, self.inside))
+            macs = (CUDA_MACS if func.namespace == "patnet_cuda" else FUSED_MACS).get(name)
+            if macs is not None:
+                bound = {a.name: v for a, v in zip(func._schema.arguments, args)}
+                macs = macs({**bound, **kwargs})
+            self.ops.append(Op(full, kernels, read, written, self.inside, macs=macs))
             self.ops.extend(inner.ops)
             return out
         out = func(*args, **kwargs)
@@ -386,32 +458,137 @@ def build(name: str, provider: str, seed: int = 0, train: bool = False,
     return patnet.optimize_for_inference(model, backend=provider)
 
 
-def floor(name: str, size: int, autocast: bool = False, **overrides) -> Dict[str, int]:
+class _LayerMacs(TorchDispatchMode):
+    """Multiply-adds (patnet.flops.op_macs) of the ops run while ``layer`` is set, per layer."""
+
+    def __init__(self, layers: int):
+        super().__init__()
+        self.layer: Optional[int] = None
+        self.macs = [0] * layers
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.layer is not None:
+            self.macs[self.layer] += op_macs(func, args, out)
+        return out
+
+
+def floor(name: str, size: int, autocast: bool = False, **overrides) -> Dict[str, object]:
     """Per-image activation bytes of each layer's input read once and output written once,
-    the layer count (one kernel per layer) and the folded model's parameter bytes."""
+    the layer count (one kernel per layer) and the folded model's parameter bytes; ``layers``:
+    per layer (its name, input + output bytes per image, multiply-adds per image, parameter
+    bytes) for the roofline."""
     torch.manual_seed(0)
     model = patnet.create_model(name, backend="torch", **overrides).eval()
+    names = {m: n for n, m in model.named_modules()}
     layers = [m for m in model.modules()
               if isinstance(m, (PatchEmbed, PatchMerging, PATNetBlock, FasterNetBlock))]
     layers += [model.avgpool_pre_head, model.head]
+    rows = [{"name": names[m], "bytes": 0, "macs": 0,
+             "weights": sum(nbytes(p) for p in m.parameters())} for m in layers]
     totals = {"read": 0, "written": 0}
     batch = 1
+    counter = _LayerMacs(len(layers))
 
-    def hook(module, inputs, output):
-        totals["read"] += nbytes(inputs[0]) // batch
-        totals["written"] += nbytes(output) // batch
+    def enter(index):
+        def hook(module, inputs):
+            counter.layer = index
+        return hook
 
-    handles = [m.register_forward_hook(hook) for m in layers]
+    def leave(index):
+        def hook(module, inputs, output):
+            counter.layer = None
+            read, written = nbytes(inputs[0]) // batch, nbytes(output) // batch
+            totals["read"] += read
+            totals["written"] += written
+            rows[index]["bytes"] = read + written
+        return hook
+
+    handles = [h for i, m in enumerate(layers)
+               for h in (m.register_forward_pre_hook(enter(i)),
+                         m.register_forward_hook(leave(i)))]
     try:
-        with torch.no_grad(), precision(autocast):
+        with torch.no_grad(), precision(autocast), counter:
             model(torch.randn(batch, 3, size, size))
     finally:
         for handle in handles:
             handle.remove()
+    for row, macs in zip(rows, counter.macs):
+        row["macs"] = macs // batch
     folded = patnet.fuse_for_inference(model)
     weights = sum(nbytes(p) for p in folded.parameters())
     return {"kernels": len(layers), "read": totals["read"], "written": totals["written"],
-            "bytes": totals["read"] + totals["written"], "weights": weights}
+            "bytes": totals["read"] + totals["written"], "weights": weights, "layers": rows}
+
+
+class Rates(NamedTuple):
+    """What the roofline assumes of the GPU: copy bandwidth (read + write, GB/s), matmul rate
+    (TFLOP/s; 2 FLOPs per multiply-add) and the batch it times."""
+    copy_gbps: float = COPY_GBPS
+    matmul_tflops: float = MATMUL_TFLOPS
+    batch: int = ROOFLINE_BATCH
+
+    def seconds(self, nbytes_: float, macs: float) -> float:
+        """The lower bound of one kernel: its bytes at the copy bandwidth or its multiply-adds
+        at the matmul rate, whichever takes longer."""
+        return max(nbytes_ / (self.copy_gbps * 1e9), 2 * macs / (self.matmul_tflops * 1e12))
+
+
+def _roofline_row(seconds: float, compute_bound: float, rates: Rates) -> dict:
+    return {"ms": 1e3 * seconds, "compute_bound_ms": 1e3 * compute_bound,
+            "images_per_s": rates.batch / seconds if seconds else None}
+
+
+def _roofline_calls(runs: Dict[int, Sequence[Op]], rates: Rates
+                    ) -> Optional[List[Tuple[str, float, bool]]]:
+    """Per op call that launches kernels: (its op_breakdown key, its roofline seconds at
+    ``rates.batch``, whether the matmul rate binds); its bytes and multiply-adds scaled from
+    the two batches counted (per image the difference, per batch the rest). None if an op's
+    multiply-adds are unknown or the two batches' ops do not pair up."""
+    small, large = runs[BATCHES[0]], runs[BATCHES[1]]
+    if len(small) != len(large):
+        return None
+    calls = []
+    for a, b in zip(small, large):
+        if not b.kernels:
+            continue
+        if a.macs is None or b.macs is None or a.name != b.name:
+            return None
+        act = (b.read + b.written) - (a.read + a.written)
+        fixed = (a.read + a.written) - BATCHES[0] * act
+        macs = rates.batch * (b.macs - a.macs)
+        seconds = rates.seconds(fixed + rates.batch * act, macs)
+        calls.append((_key(b), seconds, seconds == rates.seconds(0, macs)))
+    return calls
+
+
+def provider_roofline(runs: Dict[int, Sequence[Op]], rates: Rates) -> Optional[dict]:
+    """The provider's time per batch of ``rates.batch`` if every op it launches ran at the
+    roofline (:meth:`Rates.seconds`), one after the other: ``ms``, ``compute_bound_ms`` (the
+    part in ops bound by the matmul rate), ``images_per_s``; None where
+    :func:`_roofline_calls` is."""
+    calls = _roofline_calls(runs, rates)
+    if calls is None:
+        return None
+    return _roofline_row(sum(t for _, t, _ in calls),
+                         sum(t for _, t, bound in calls if bound), rates)
+
+
+def floor_roofline(fl: dict, rates: Rates) -> dict:
+    """The floor's time per batch: each layer as one kernel at the roofline (its input and
+    output per image, its parameters once per batch; its multiply-adds)."""
+    total = compute_bound = 0.0
+    for layer in fl["layers"]:
+        macs = rates.batch * layer["macs"]
+        seconds = rates.seconds(rates.batch * layer["bytes"] + layer["weights"], macs)
+        total += seconds
+        if seconds == rates.seconds(0, macs):
+            compute_bound += seconds
+    return _roofline_row(total, compute_bound, rates)
+
+
+def _key(op: Op) -> str:
+    return f"{op.name} (in {op.inside})" if op.inside else op.name
 
 
 def _breakdown(ops: Sequence[Op]) -> Dict[str, Dict[str, int]]:
@@ -419,7 +596,7 @@ def _breakdown(ops: Sequence[Op]) -> Dict[str, Dict[str, int]]:
     for op in ops:
         if not op.kernels:
             continue
-        key = f"{op.name} (in {op.inside})" if op.inside else op.name
+        key = _key(op)
         row = out.setdefault(key, {"calls": 0, "kernels": 0, "read": 0, "written": 0})
         row["calls"] += 1
         row["kernels"] += op.kernels
@@ -428,13 +605,16 @@ def _breakdown(ops: Sequence[Op]) -> Dict[str, Dict[str, int]]:
     return out
 
 
-def op_breakdown(runs: Dict[int, Sequence[Op]]) -> Dict[str, Dict[str, int]]:
+def op_breakdown(runs: Dict[int, Sequence[Op]], rates: Optional[Rates] = None
+                 ) -> Dict[str, Dict[str, int]]:
     """Per op (``aten::name``, ``patnet_triton::name``, or ``name (in fused op)`` for an aten op
     that a fused op runs): ``calls`` and ``kernels`` per forward, activation bytes per image
     (``act_read``, ``act_written``, ``act_bytes``: the difference of the two batches, as for the
-    totals) and per-batch bytes (``batch_bytes``: weights, ...), the most activation bytes
-    first. ``runs``: the ops recorded at each of BATCHES."""
+    totals) and per-batch bytes (``batch_bytes``: weights, ...), with ``rates`` its calls'
+    roofline time (``roofline_ms``, see :func:`provider_roofline`; None where unknown), the
+    most activation bytes first. ``runs``: the ops recorded at each of BATCHES."""
     small, large = (_breakdown(runs[b]) for b in BATCHES)
+    calls = None if rates is None else _roofline_calls(runs, rates)
     rows = {}
     for key, row in large.items():
         base = small.get(key, {"read": 0, "written": 0})
@@ -442,13 +622,28 @@ def op_breakdown(runs: Dict[int, Sequence[Op]]) -> Dict[str, Dict[str, int]]:
         rows[key] = {"calls": row["calls"], "kernels": row["kernels"], "act_read": read,
                      "act_written": written, "act_bytes": read + written,
                      "batch_bytes": base["read"] + base["written"] - BATCHES[0] * (read + written)}
+        if rates is not None:
+            rows[key]["roofline_ms"] = (None if calls is None else
+                                        1e3 * sum(t for k, t, _ in calls if k == key))
     return dict(sorted(rows.items(), key=lambda kv: (-kv[1]["act_bytes"], -kv[1]["kernels"],
                                                      kv[0])))
 
 
+def _macs_per_image(runs: Dict[int, Sequence[Op]]) -> Optional[int]:
+    """Multiply-adds per image (the difference of the two batches), None where an op's are
+    unknown."""
+    totals = []
+    for batch in BATCHES:
+        macs = [op.macs for op in runs[batch] if op.kernels]
+        if any(m is None for m in macs):
+            return None
+        totals.append(sum(macs))
+    return totals[1] - totals[0]
+
+
 def measure_provider(name: str, provider: str, size: int, seed: int = 0,
                      run_kernels: bool = True, autocast: bool = False, train: bool = False,
-                     **overrides) -> dict:
+                     rates: Optional[Rates] = None, **overrides) -> dict:
     """Kernels and bytes of one provider on one model: a dict (see :func:`measure`)."""
     start = time.perf_counter()
     record = record_step if train else record_forward
@@ -476,14 +671,16 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
         "act_written": written,
         "act_bytes": read + written,
         "batch_bytes": (one.read + one.written) - BATCHES[0] * (read + written),
-        "ops": op_breakdown(runs),
+        "macs": _macs_per_image(runs),
+        "ops": op_breakdown(runs, rates),
+        "roofline": None if rates is None else provider_roofline(runs, rates),
         "seconds": round(time.perf_counter() - start, 2),
     }
 
 
 def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROVIDERS,
             seed: int = 0, run_kernels: bool = True, autocast: bool = False,
-            train: bool = False, **overrides) -> dict:
+            train: bool = False, rates: Optional[Rates] = None, **overrides) -> dict:
     """The traffic report of one model: floor and, per provider, kernels per forward
     (``kernels``, of which ``fused_kernels``), activation bytes per image (``act_read``,
     ``act_written``, ``act_bytes``), per-batch bytes (``batch_bytes``: weights and other
@@ -491,16 +688,22 @@ def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROV
     ``reason`` where the provider cannot run; ``autocast``: counted under bfloat16 autocast
     (:func:`precision`); ``train``: one training step's forward and backward (train mode, no
     optimizer step) of the training model, eager against ours on each fused backend (no floor:
-    ``floor`` is None)."""
+    ``floor`` is None). ``roofline`` (eval under autocast only, where activations have the 2
+    bytes and matmuls the rate that ``rates`` assume; else None): the rates, and the floor's
+    time per batch at them; each provider's in its row (:func:`provider_roofline`)."""
+    rates = rates or Rates()
+    timed = autocast and not train
     report = {"model": name, "size": size,
               "dtype": "bfloat16 autocast" if autocast else "float32", "batches": list(BATCHES),
               "run_kernels": run_kernels, "train": train,
               "floor": None if train else floor(name, size, autocast, **overrides),
               "providers": {}}
+    report["roofline"] = ({"rates": rates._asdict(),
+                           "floor": floor_roofline(report["floor"], rates)} if timed else None)
     for provider in providers:
         report["providers"][provider] = measure_provider(name, provider, size, seed,
                                                          run_kernels, autocast, train,
-                                                         **overrides)
+                                                         rates if timed else None, **overrides)
     return report
 
 
@@ -546,6 +749,8 @@ def format_table(report: dict, top_ops: int = 0) -> str:
                   if p != "eager" and r.get("status") == "ok"]
         if ratios:
             lines.append("kernels x eager: " + ", ".join(ratios))
+    if report.get("roofline"):
+        lines.extend(_roofline_lines(report))
     for provider, row in report["providers"].items():
         if top_ops <= 0 or row.get("status") != "ok":
             continue
@@ -553,9 +758,28 @@ def format_table(report: dict, top_ops: int = 0) -> str:
                      f"move the most (act MB per image, share of its {_mb(row['act_bytes'])}):")
         for name, op in list(row["ops"].items())[:top_ops]:
             share = op["act_bytes"] / row["act_bytes"] if row["act_bytes"] else 0.0
+            roofline = op.get("roofline_ms")
             lines.append(f"  {name:<58}{op['kernels']:>5} kernels{_mb(op['act_bytes']):>9}"
-                         f"{100 * share:>6.1f}%")
+                         f"{100 * share:>6.1f}%"
+                         + (f"{roofline:>9.3f} ms roofline" if roofline is not None else ""))
     return "\n".join(lines)
+
+
+def _roofline_lines(report: dict) -> List[str]:
+    rates = Rates(**report["roofline"]["rates"])
+    lines = [f"roofline (a lower bound, not a measurement): each kernel at {rates.copy_gbps:,.0f}"
+             f" GB/s copy or {rates.matmul_tflops:,.0f} TFLOP/s matmul, one after the other, "
+             f"no launch gaps; batch {rates.batch}, {report['size']} x {report['size']}:"]
+    rows = [(PROVIDER_LABELS.get(p, p), r.get("roofline")) for p, r in
+            report["providers"].items() if r.get("status") == "ok"]
+    rows.append(("floor (per layer)", report["roofline"]["floor"]))
+    for label, row in rows:
+        if row is None:
+            lines.append(f"  {label:<22}-  (an op without a multiply-add count)")
+            continue
+        lines.append(f"  {label:<22}{row['ms']:>8.3f} ms{row['images_per_s']:>12,.0f} img/s"
+                     f"{100 * row['compute_bound_ms'] / row['ms']:>6.0f}% of it compute-bound")
+    return lines
 
 
 def write_json(reports: Sequence[dict], path: Path, settings: Optional[dict] = None) -> None:
@@ -589,6 +813,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-ops", type=int, default=0, metavar="N",
                         help="also list each provider's N ops that move the most activation "
                              "bytes per image")
+    parser.add_argument("--copy-gbps", type=float, default=COPY_GBPS,
+                        help="the roofline's copy bandwidth, read + write (default: the H200's "
+                             f"measured {COPY_GBPS:,.0f}); the roofline is printed with "
+                             "--autocast, for an eval forward")
+    parser.add_argument("--matmul-tflops", type=float, default=MATMUL_TFLOPS,
+                        help=f"the roofline's fp16 matmul rate (default {MATMUL_TFLOPS:,.0f}, "
+                             "measured on the H200)")
+    parser.add_argument("--roofline-batch", type=int, default=ROOFLINE_BATCH,
+                        help=f"the batch the roofline times (default {ROOFLINE_BATCH})")
     parser.add_argument("--count-only", action="store_true",
                         help="count the Triton launches without running them (much faster "
                              "under the interpreter; the counts are the same)")
@@ -608,6 +841,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("no provider given")
     if args.top_ops < 0:
         parser.error(f"--top-ops must be 0 or more, got {args.top_ops}")
+    if args.copy_gbps <= 0 or args.matmul_tflops <= 0 or args.roofline_batch < 1:
+        parser.error("--copy-gbps and --matmul-tflops must be positive, --roofline-batch >= 1")
     if args.size < 32:
         parser.error(f"--size must be at least 32 (the models' smallest input), got {args.size}")
     return args
@@ -618,11 +853,12 @@ def main(argv=None) -> int:
     settings = {"size": args.size, "providers": args.providers, "seed": args.seed,
                 "models": args.models, "count_only": args.count_only,
                 "autocast": args.autocast, "train": args.train}
+    rates = Rates(args.copy_gbps, args.matmul_tflops, args.roofline_batch)
     return run_models(
         args.models,
         lambda name: measure(name, args.size, args.providers, args.seed,
                              run_kernels=not args.count_only, autocast=args.autocast,
-                             train=args.train),
+                             train=args.train, rates=rates),
         lambda report: format_table(report, args.top_ops),
         None if args.json is None else lambda reports: write_json(reports, args.json, settings))
 

@@ -4,6 +4,9 @@ Counted as fvcore's ``FlopCountAnalysis`` counts them: convolutions and matrix p
 (multiply-adds, biases not counted), BatchNorm (eval: 2 per element with affine, 1 without;
 training: 5 / 4), LayerNorm (5 per element with affine, 4 without) and adaptive average pooling
 (1 per input element). Element-wise ops, softmax, means and stds are not counted, as in fvcore.
+Fused attention (``scaled_dot_product_attention``'s kernels), which the authors' code does not
+call, counts as its two matrix products. :func:`op_macs` counts one op (the traffic model's
+roofline uses it).
 The model runs on the "meta" device when built there, so counting a large model costs nothing.
 """
 from __future__ import annotations
@@ -52,6 +55,11 @@ def _bmm(args, out) -> int:
     return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
 
 
+def _attention(args, out) -> int:
+    q, k, v = args[0], args[1], args[2]  # (..., N, d), (..., N_k, d), (..., N_k, d_v)
+    return math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
 def _layer_norm(args, out) -> int:
     return _numel(args[0]) * (5 if len(args) > 2 and args[2] is not None else 4)
 
@@ -66,7 +74,26 @@ _COUNTERS = {
     aten._native_batch_norm_legit.no_stats: _batch_norm(3),
     aten._native_batch_norm_legit_no_training.default: _batch_norm(None),
     aten.native_layer_norm.default: _layer_norm,
+    aten.baddbmm.default: lambda args, out: _bmm(args[1:], out),
+    **{getattr(aten, name).default: _attention for name in (
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+       if hasattr(aten, name)},
 }
+
+
+# The matrix products' and convolutions' other overloads (``out=``: CUDA's PAT_sf projection)
+# take the same leading arguments.
+_BY_PACKET = {op.overloadpacket: _COUNTERS[op] for op in (
+    aten.convolution.default, aten.mm.default, aten.addmm.default, aten.bmm.default,
+    aten.baddbmm.default)}
+
+
+def op_macs(func, args, out) -> int:
+    """Multiply-adds of one call of the aten op ``func`` (an OpOverload) by the counters above;
+    0 for the ops they do not count."""
+    counter = _COUNTERS.get(func) or _BY_PACKET.get(func.overloadpacket)
+    return counter(args, out) if counter is not None else 0
 
 
 class _FlopCounter(TorchDispatchMode):
@@ -76,9 +103,7 @@ class _FlopCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        counter = _COUNTERS.get(func)
-        if counter is not None:
-            self.total += counter(args, out)
+        self.total += op_macs(func, args, out)
         return out
 
 

@@ -183,6 +183,84 @@ def test_autocast_inference_path(name):
             f"{kernels}; the biggest: {list(rows[provider]['ops'].items())[:8]}")
     assert rows["triton"]["kernels"] <= 0.3 * rows["eager"]["kernels"]
     assert rows["triton"]["act_bytes"] <= 0.25 * rows["eager"]["act_bytes"]
+    _check_roofline(report)
+
+
+def _check_roofline(report):
+    """Every op of each path has its multiply-adds (the fused ones by FUSED_MACS): the same
+    arithmetic as eager's, less the folded BatchNorms' (2 per element by fvcore's convention:
+    under 1.5%, PATNet-T1's PAT_sp BatchNorms included); the floor's layers count eager's; the
+    roofline orders floor <= ours < eager, and the table prints it."""
+    rows, roofline = report["providers"], report["roofline"]
+    eager_macs = rows["eager"]["macs"]
+    assert sum(layer["macs"] for layer in report["floor"]["layers"]) == eager_macs
+    for provider, row in rows.items():
+        if row["status"] != "ok":
+            continue
+        assert row["roofline"] is not None, provider
+        assert 0.985 * eager_macs <= row["macs"] <= eager_macs, (provider, row["macs"])
+        assert all(op["roofline_ms"] is not None for op in row["ops"].values())
+        assert sum(op["roofline_ms"] for op in row["ops"].values()) == pytest.approx(
+            row["roofline"]["ms"])
+        assert 0 <= row["roofline"]["compute_bound_ms"] <= row["roofline"]["ms"]
+    assert roofline["floor"]["ms"] <= rows["triton"]["roofline"]["ms"]
+    assert rows["triton"]["roofline"]["ms"] < rows["eager"]["roofline"]["ms"]
+    assert roofline["rates"] == traffic.Rates()._asdict()
+    table = traffic.format_table(report)
+    assert "roofline (a lower bound, not a measurement)" in table
+    assert sum(" img/s" in line for line in table.splitlines()) == len(
+        [r for r in rows.values() if r["status"] == "ok"]) + 1
+
+
+def test_roofline_of_patnet_t1_and_the_cuda_path():
+    """PAT_sp inside the MLP kernel (PATNet-T1) and the CUDA backend's ops (its PAT_sf
+    projection an aten GEMM with out=) are counted too; an fp32 count has no roofline (its
+    rates are fp16's)."""
+    if not _available("triton"):
+        pytest.skip("the Triton backend cannot run here")
+    providers = ("eager", "triton") + (("cuda",) if _available("cuda") else ())
+    for name in ("patnet_t1", "patnet_t2"):
+        report = traffic.measure(name, SIZE, providers, run_kernels=False, autocast=True)
+        _check_roofline(report)
+        if "cuda" in providers and name == "patnet_t2":
+            assert report["providers"]["cuda"]["macs"] == report["providers"]["triton"]["macs"]
+    fp32 = traffic.measure("fasternet_t2", SIZE, ("triton",), run_kernels=False)
+    assert fp32["roofline"] is None and fp32["providers"]["triton"]["roofline"] is None
+    assert "roofline" not in traffic.format_table(fp32)
+
+
+def test_roofline_arithmetic():
+    """Each call at its bytes over the copy bandwidth or its multiply-adds (2 FLOPs each) over
+    the matmul rate, whichever is longer, at the roofline's batch: per image the difference of
+    the two batches counted, per batch the rest (weights); an op without a count: no roofline."""
+    rates = traffic.Rates(copy_gbps=1000.0, matmul_tflops=100.0, batch=10)
+    small, large = traffic.BATCHES
+
+    def run(batch):
+        macs = 1_000_000_000
+        return [traffic.Op("aten::add", 1, read=batch * 2_000_000 + 500_000, written=0),
+                traffic.Op("patnet_triton::pointwise_mlp", 1, read=batch * 1000, written=0,
+                           macs=batch * macs),
+                traffic.Op("aten::view", 0, 0, 0, view=True, macs=None)]
+
+    runs = {b: run(b) for b in (small, large)}
+    memory = (10 * 2_000_000 + 500_000) / 1e12  # 20.5 us
+    compute = 2 * 10 * 1_000_000_000 / 1e14  # 200 us
+    got = traffic.provider_roofline(runs, rates)
+    assert got["ms"] == pytest.approx(1e3 * (memory + compute))
+    assert got["compute_bound_ms"] == pytest.approx(1e3 * compute)
+    assert got["images_per_s"] == pytest.approx(10 / (memory + compute))
+    ops = traffic.op_breakdown(runs, rates)
+    assert ops["aten::add"]["roofline_ms"] == pytest.approx(1e3 * memory)
+    unknown = {b: run(b) for b in (small, large)}
+    for b in (small, large):
+        unknown[b][1] = unknown[b][1]._replace(macs=None)
+    assert traffic.provider_roofline(unknown, rates) is None
+    assert traffic.op_breakdown(unknown, rates)["aten::add"]["roofline_ms"] is None
+    floor = {"layers": [{"name": "a", "bytes": 2_000_000, "macs": 0, "weights": 500_000},
+                        {"name": "b", "bytes": 100, "macs": 1_000_000_000, "weights": 0}]}
+    assert traffic.floor_roofline(floor, rates)["ms"] == pytest.approx(
+        1e3 * (memory + max(compute, 10 * 100 / 1e12)))
 
 
 # One training step (forward and backward, train mode, fp32) at 64 x 64: kernels (exact).
@@ -274,8 +352,11 @@ def test_cli_arguments():
     assert len(defaults.models) == 12 and defaults.size == traffic.DEFAULT_SIZE
     assert defaults.providers == list(traffic.PROVIDERS) and not defaults.count_only
     assert defaults.top_ops == 0 and traffic.parse_args(["--top-ops", "5"]).top_ops == 5
+    assert (defaults.copy_gbps, defaults.matmul_tflops, defaults.roofline_batch) == (
+        traffic.COPY_GBPS, traffic.MATMUL_TFLOPS, traffic.ROOFLINE_BATCH)
     for bad in (["--models", "patnet_x"], ["--providers", "eager,tpu"], ["--size", "16"],
-                ["--providers", ","], ["--top-ops", "-1"]):
+                ["--providers", ","], ["--top-ops", "-1"], ["--copy-gbps", "0"],
+                ["--matmul-tflops", "-1"], ["--roofline-batch", "0"]):
         with pytest.raises(SystemExit):
             traffic.parse_args(bad)
 
@@ -284,15 +365,16 @@ def test_main_prints_and_writes_json(tmp_path, monkeypatch, capsys):
     calls = []
 
     def fake_measure(name, size, providers, seed, run_kernels=True, autocast=False,
-                     train=False):
+                     train=False, rates=None):
         calls.append((name, size, tuple(providers), run_kernels, autocast))
-        assert not train
+        assert not train and rates == traffic.Rates(2000.0, 500.0, 64)
         return _fake_report(name)
 
     monkeypatch.setattr(traffic, "measure", fake_measure)
     path = tmp_path / "sub" / "traffic.json"
     assert traffic.main(["--models", "patnet_t2,fasternet_t2", "--size", "32", "--json",
-                         str(path), "--count-only", "--autocast"]) == 0
+                         str(path), "--count-only", "--autocast", "--copy-gbps", "2000",
+                         "--matmul-tflops", "500", "--roofline-batch", "64"]) == 0
     assert calls == [("patnet_t2", 32, traffic.PROVIDERS, False, True),
                      ("fasternet_t2", 32, traffic.PROVIDERS, False, True)]
     out = capsys.readouterr().out
