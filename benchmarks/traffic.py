@@ -54,7 +54,7 @@ so batch 1 launches fewer kernels than the general case.
 **Floor.** Each layer's input read once and output written once, per image: the stem
 (``patch_embed``), every block, every merging layer, the pre-head (pool, 1x1 conv, activation:
 one layer) and the classifier; one kernel per layer is the launch floor, and the folded model's
-parameters read once the weight floor.
+parameters read once the weight floor (2 bytes each under ``--autocast``).
 
 **Roofline** (eval under ``--autocast`` only: 2-byte activations, and the matmul rate is
 fp16's). Each op's multiply-adds are counted too (aten ops by :func:`patnet.flops.op_macs`,
@@ -138,6 +138,12 @@ def _attention_macs(bound: dict) -> int:
     return 2 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]
 
 
+def _patch_macs(bound: dict) -> int:
+    x, weight = bound["x"], bound["weight"]  # (B, C_IN, H, W), (C_OUT, C_IN, k, k)
+    k = weight.shape[-1]
+    return x.shape[0] * (x.shape[2] // k) * (x.shape[3] // k) * weight.numel()
+
+
 def _gate_macs(bound: dict) -> int:
     return bound["mean"].shape[0] * bound["cfc_weight"].numel()  # (B, C2) x (C2, C2, 1, 2)
 
@@ -163,6 +169,7 @@ FUSED_MACS = {
                                            "sp_conv_weight"),
     "self_mixer_output": _weights_macs("conv_weight", "proj_weight"),
     "rpe_attention_fwd": _attention_macs,
+    "patch_conv": _patch_macs,
 }
 CUDA_MACS = {**FUSED_MACS, "self_mixer_output": _weights_macs("conv_weight")}
 
@@ -475,17 +482,22 @@ class _LayerMacs(TorchDispatchMode):
 
 def floor(name: str, size: int, autocast: bool = False, **overrides) -> Dict[str, object]:
     """Per-image activation bytes of each layer's input read once and output written once,
-    the layer count (one kernel per layer) and the folded model's parameter bytes; ``layers``:
+    the layer count (one kernel per layer) and the folded model's parameter bytes (2 per
+    parameter under autocast, as the fused path casts them once); ``layers``:
     per layer (its name, input + output bytes per image, multiply-adds per image, parameter
     bytes) for the roofline."""
     torch.manual_seed(0)
     model = patnet.create_model(name, backend="torch", **overrides).eval()
     names = {m: n for n, m in model.named_modules()}
+
+    def weight_bytes(p: torch.Tensor) -> int:  # (under autocast the weights run in bfloat16)
+        return p.numel() * (2 if autocast else p.element_size())
+
     layers = [m for m in model.modules()
               if isinstance(m, (PatchEmbed, PatchMerging, PATNetBlock, FasterNetBlock))]
     layers += [model.avgpool_pre_head, model.head]
     rows = [{"name": names[m], "bytes": 0, "macs": 0,
-             "weights": sum(nbytes(p) for p in m.parameters())} for m in layers]
+             "weights": sum(weight_bytes(p) for p in m.parameters())} for m in layers]
     totals = {"read": 0, "written": 0}
     batch = 1
     counter = _LayerMacs(len(layers))
@@ -516,7 +528,7 @@ def floor(name: str, size: int, autocast: bool = False, **overrides) -> Dict[str
     for row, macs in zip(rows, counter.macs):
         row["macs"] = macs // batch
     folded = patnet.fuse_for_inference(model)
-    weights = sum(nbytes(p) for p in folded.parameters())
+    weights = sum(weight_bytes(p) for p in folded.parameters())
     return {"kernels": len(layers), "read": totals["read"], "written": totals["written"],
             "bytes": totals["read"] + totals["written"], "weights": weights, "layers": rows}
 

@@ -25,7 +25,13 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    not read X2 for them (two launches instead of three);
 5. takes the stage-4 blocks' first residual sum in the mixer's output op
    (``pk.self_mixer_output(residual=True)``; on Triton one kernel writes x + [conv3x3(X1) |
-   proj(attention)], the attention's output read in place: its heads merged by a view).
+   proj(attention)], the attention's output read in place: its heads merged by a view);
+6. runs the stem and the merging layers (their BatchNorm folded into the conv) as
+   ``pk.patch_conv`` (under a backend with no kernel for it, ``cuda``, the conv module): on
+   Triton one kernel that reads the image in its own dtype (under autocast no cast pass of
+   the float32 input) and, where the next stage's first block is a PAT_ch block, takes the
+   statistics of its output's X2 in its epilogue and hands them to that block
+   (:class:`StageInput`), which then does not read X2 for them.
 
 Its outputs equal the eval model's within float rounding (tests/test_inference.py checks every
 variant). The copy is for inference only: it refuses ``train()``.
@@ -33,7 +39,7 @@ variant). The copy is for inference only: it refuses ``train()``.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -43,14 +49,16 @@ from patnet_kernels.triton.partial_conv import tap_major
 
 from .cuda_graph import GraphedModel, check_example_input
 from .fuse import fuse_for_inference
-from .layers import (MLP, BasicStage, FasterNetBlock, PATChannelMixer, PATNetBlock,
-                     activation_name, bn_params)
+from .layers import (MLP, BasicStage, FasterNetBlock, PATChannelMixer, PatchEmbed,
+                     PatchMerging, PATNetBlock, activation_name, bn_params)
 from .model import set_backend
 
 # The backends under which the MLP runs as the fused op (the others have no kernel for it).
 _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
 # The backends that, named, run a whole FasterNet or PAT_ch block as one op (pk.partial_block).
 _BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
+# The backends under which the stem and the merging layers run as the fused op.
+_PATCH_BACKENDS = ("auto", "torch") + pk.registry.OPS["patch_conv"].backends
 
 
 def _spatial_params(module: nn.Module) -> pk.SpatialAttentionParams:
@@ -145,13 +153,49 @@ def _reads_statistics(block: nn.Module) -> bool:
     return isinstance(block, InferencePATNetBlock) and not block.self_attention
 
 
+class StageInput(NamedTuple):
+    """A stage's input with the statistics of its X2 for its first block (a PAT_ch block), as
+    the stem or the merging layer before it took them (``pk.patch_conv``'s)."""
+    x: torch.Tensor
+    statistics: Tuple[torch.Tensor, torch.Tensor]
+
+
+class InferencePatchLayer(nn.Module):
+    """The stem or a merging layer with its BatchNorm folded: ``pk.patch_conv`` (its conv's
+    weight and bias), returning a :class:`StageInput` with the statistics the next stage's
+    first block reads where ``statistics_of`` (that block's C1) is set; the conv module
+    under a backend with no kernel for it. Same children as the layer, so the same
+    state_dict keys."""
+
+    backend = "auto"
+    statistics_of: Optional[int] = None
+
+    def forward(self, x: torch.Tensor):
+        conv = self.proj if isinstance(self, PatchEmbed) else self.reduction
+        if self.backend not in _PATCH_BACKENDS:
+            return conv(x)
+        out = pk.patch_conv(x, conv.weight, conv.bias, statistics_of=self.statistics_of,
+                            backend=self.backend)
+        return out if self.statistics_of is None else StageInput(*out)
+
+
+class InferencePatchEmbed(InferencePatchLayer, PatchEmbed):
+    pass
+
+
+class InferencePatchMerging(InferencePatchLayer, PatchMerging):
+    pass
+
+
 class InferenceStage(BasicStage):
     """The blocks in order; each PAT_ch block followed by another hands it the statistics of
     its output's X2 channels (taken in its MLP kernel's epilogue on Triton), so that block does
-    not read X2 again for them."""
+    not read X2 again for them; the first takes those of a :class:`StageInput`."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
         blocks, statistics = list(self.blocks), None
+        if isinstance(x, StageInput):
+            x, statistics = x
         for block, following in zip(blocks, blocks[1:] + [None]):
             if _reads_statistics(block):
                 x, statistics = block.with_statistics(x, statistics,
@@ -162,7 +206,18 @@ class InferenceStage(BasicStage):
 
 
 _INFERENCE_CLASSES = {FasterNetBlock: InferenceFasterNetBlock,
-                      PATNetBlock: InferencePATNetBlock, BasicStage: InferenceStage}
+                      PATNetBlock: InferencePATNetBlock, BasicStage: InferenceStage,
+                      PatchEmbed: InferencePatchEmbed, PatchMerging: InferencePatchMerging}
+
+
+def _hand_statistics(model: nn.Module) -> None:
+    """Set ``statistics_of`` on the stem and each merging layer whose next stage starts with a
+    PAT_ch block (which then reads their statistics, not its X2)."""
+    layers = [getattr(model, "patch_embed", None)] + list(getattr(model, "stages", ()))
+    for layer, following in zip(layers, layers[1:]):
+        if isinstance(layer, InferencePatchLayer) and isinstance(following, InferenceStage) \
+                and len(following.blocks) and _reads_statistics(following.blocks[0]):
+            layer.statistics_of = following.blocks[0].spatial_mixing.dim_conv3
 
 
 @torch.no_grad()
@@ -191,11 +246,18 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
         if isinstance(module, (InferenceFasterNetBlock, InferencePATNetBlock)):
             module.mlp.__class__ = InferenceMLP
             module.mlp.backend = backend
+        if isinstance(module, InferencePatchLayer):
+            module.backend = backend
         if hasattr(module, "eval_forms"):
             module.eval_forms = True
         if hasattr(module, "partial_conv3") and backend == "triton":
             weight = module.partial_conv3.weight  # (the Triton kernels read it with no copy)
             weight.data = tap_major(weight.data)
+        if isinstance(module, InferencePatchLayer) and backend == "triton":
+            conv = module.proj if isinstance(module, PatchEmbed) else module.reduction
+            conv.weight.data = tap_major(conv.weight.data)  # (read along the output channels)
+    if backend in pk.registry.OPS["partial_block"].backends:  # (its blocks take statistics)
+        _hand_statistics(optimized)
     optimized.optimized_for_inference = True
     if example_input is not None:
         return GraphedModel(optimized, example_input)

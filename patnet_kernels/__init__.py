@@ -13,6 +13,7 @@ Public API::
                   bn_a=None, bn_b=None, activation="relu", statistics=None,
                   return_statistics=False, residual=True, spatial=None, backend="auto")
     batch_norm_act(x, bn, activation="relu", *, training=False, backend="auto")
+    patch_conv(x, weight, bias=None, *, statistics_of=None, backend="auto")
     info()
 
 ``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op;
@@ -24,7 +25,7 @@ from .backends import (BACKENDS, OPS, BackendUnavailableError, backend_plan, che
                        check_backend_usable, choose_backend, info, recording_calls,
                        resolve_backend)
 from .functional import (batch_norm_act, channel_attention, partial_block, partial_conv3x3,
-                         pointwise_mlp, rpe_attention, rpe_buckets, self_mixer_output,
+                         patch_conv, pointwise_mlp, rpe_attention, rpe_buckets, self_mixer_output,
                          spatial_attention)
 
 __version__ = "0.1.0"
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "OPS", "BackendUnavailableError", "BatchNormParams", "backend_plan",
     "batch_norm_act", "channel_attention", "check_backend_name", "check_backend_usable", "choose_backend", "info",
-    "partial_block", "partial_conv3x3", "pointwise_mlp", "recording_calls", "registry",
+    "partial_block", "partial_conv3x3", "patch_conv", "pointwise_mlp", "recording_calls", "registry",
     "resolve_backend", "rpe_attention", "rpe_buckets", "self_mixer_output", "spatial_attention",
     "SpatialAttentionParams",
 ]

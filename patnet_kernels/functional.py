@@ -48,7 +48,7 @@ def _autocast_copy(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cached[1]
 
 
-def autocast_aware(op: Callable) -> Callable:
+def autocast_aware(op: Optional[Callable] = None, *, cast_input: bool = True) -> Callable:
     """Run ``op`` under ``torch.autocast`` as PyTorch runs a convolution there.
 
     Where autocast is enabled for the device of the op's first tensor, every float32, float16
@@ -58,7 +58,12 @@ def autocast_aware(op: Callable) -> Callable:
     the autocast dtype (a frozen parameter's cast kept for the next call, see
     :func:`_autocast_copy`), and the op runs with autocast off, so that its own float32
     arithmetic (statistics, gates) stays float32. Outside autocast the op runs unchanged.
+    ``cast_input=False`` (``@autocast_aware(cast_input=False)``): the first argument is passed
+    as it is, for an op that reads its input in any dtype (no cast pass).
     """
+    if op is None:
+        return functools.partial(autocast_aware, cast_input=cast_input)
+
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -79,7 +84,7 @@ def autocast_aware(op: Callable) -> Callable:
                 return value.with_weights(cast)
             return value
 
-        args = [cast(a) for a in args]
+        args = [a if i == 0 and not cast_input else cast(a) for i, a in enumerate(args)]
         kwargs = {key: cast(value) for key, value in kwargs.items()}
         with torch.autocast(device_type, enabled=False):
             return op(*args, **kwargs)
@@ -505,6 +510,43 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
                                  cfc_bias, w1, b1, w2, b2, *spatial_tensors)(
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation,
         statistics, bool(return_statistics), bool(residual), spatial)
+
+
+@autocast_aware(cast_input=False)
+def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               statistics_of: Optional[int] = None, backend: str = "auto"):
+    """The stem or a merging layer in inference (BatchNorm folded): conv(x, weight, bias) with
+    kernel size = stride = k, no padding (non-overlapping k x k patches).
+
+    x: (B, C_IN, H, W) with H, W >= k, NCHW or channels_last, in any floating dtype: it is
+    read as it is and converted to the weight's dtype (under autocast the weight is cast and
+    x is not: the fused kernel reads a float32 image itself, no cast pass). weight: (C_OUT,
+    C_IN, k, k); bias: (C_OUT,) or None, the weight's dtype. Returns (B, C_OUT, H // k, W // k)
+    in the weight's dtype and x's memory format; with ``statistics_of`` = C1 (the next PAT_ch
+    block's split), (y, statistics): those of y[:, C1:] in :func:`partial_block`'s form, which
+    that block takes as its ``statistics`` instead of reading its X2 for them. An inference
+    op, as :func:`pointwise_mlp`.
+    """
+    check_activation("x", x)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 \
+            or weight.shape[2] != weight.shape[3] or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be (C_OUT, C_IN, k, k) with C_IN = {x.shape[1]} (x's "
+                         f"channels), got {tuple(getattr(weight, 'shape', ()))}")
+    check_activation("weight", weight, "(C_OUT, C_IN, k, k)")
+    k = weight.shape[-1]
+    if x.shape[2] < k or x.shape[3] < k:
+        raise ValueError(f"x's H x W = {x.shape[2]} x {x.shape[3]} is smaller than the "
+                         f"{k} x {k} patch")
+    if bias is not None:
+        check_shape("bias", bias, (weight.shape[0],))
+    check_same("weight", weight, bias=bias)
+    check_device("weight", weight, x=x)
+    if statistics_of is not None and not (isinstance(statistics_of, int)
+                                          and 0 <= statistics_of < weight.shape[0]):
+        raise ValueError(f"statistics_of must be the C1 of the next PAT_ch block, an int in "
+                         f"[0, {weight.shape[0]}), got {statistics_of!r}")
+    return choose_implementation("patch_conv", backend, x, weight, bias)(
+        x, weight, bias, statistics_of)
 
 
 def _check_statistics(statistics, x: torch.Tensor, c1: int) -> None:

@@ -78,6 +78,8 @@ OPS: Dict[str, Op] = {op.name: op for op in (
        ("triton", "cuda"), eval_form=True),
     Op("pointwise_mlp", "the block's MLP (BatchNorm folded)", "map", "pointwise_mlp",
        "pointwise_mlp", ("triton",), inference=True),
+    Op("patch_conv", "the stem or a merging layer (BatchNorm folded; inference)", "map",
+       "patch_conv", "patch_conv", ("triton",), inference=True),
     # (its kernels: PConv's conv, PAT_ch's statistics and gate, and the MLP's)
     Op("partial_block", "a FasterNet or PAT_ch block, with PAT_sp or not (inference)", "map", "partial_block",
        "pointwise_mlp", ("triton",), inference=True),

@@ -203,6 +203,13 @@ def _op_case(op: str, gen: torch.Generator):
         return (lambda t, bns, training, backend: pk.partial_block(
             t[0], t[1], t[2], t[3], t[4], cfc_weight=t[5], bn_b=bns[0], backend=backend)), \
             tensors, [_bn(9, gen)]
+    if op == "patch_conv":  # (under autocast it reads its float32 input as it is, converted in
+        # the kernel: values exact in bfloat16 and float16, since Triton's interpreter truncates
+        # to bfloat16 where a GPU and torch round to nearest)
+        tensors = [randn(2, 3, 9, 12).bfloat16().float(), randn(16, 3, 4, 4, scale=0.2),
+                   randn(16)]
+        return (lambda t, bns, training, backend: pk.patch_conv(
+            t[0], t[1], t[2], statistics_of=4, backend=backend)[0]), tensors, []
     assert op == "self_mixer_output"
     tensors = [randn(2, 12, 2, 3), randn(3, 3, 3, 3, scale=0.2), randn(2, 6, 9),
                randn(9, 9, scale=0.3), randn(9)]

@@ -20,7 +20,7 @@ from patnet.testing import randomize_norms
 from patnet_kernels import reference
 from patnet_kernels import eval_cpu, registry
 
-from conftest import DEVICE, rel_error
+from conftest import DEVICE, rel_error, require_fused_backend
 
 INFERENCE_TOLERANCE = 1e-5  # max |inference - eval| / max |eval|, float32 (folding's own bound)
 
@@ -92,6 +92,41 @@ def test_inference_path_on_fused_backend(name, fused_backend):
             if key.endswith("partial_conv3.weight"):
                 assert torch.equal(weight, state[key])
                 assert forward_taps(weight).data_ptr() == weight.data_ptr()
+
+
+def test_stem_and_merging_layers_hand_their_statistics(monkeypatch):
+    """On Triton the stem and each merging layer run pk.patch_conv (weights stored [ky, kx,
+    in, out]), and those before a stage that starts with a PAT_ch block take its statistics,
+    so no block reads its X2 for them; features mode still returns each stage's map. Not for
+    FasterNet, nor under a backend whose blocks take no statistics."""
+    require_fused_backend("triton")
+    from patnet_kernels.triton import channel_attention as channel_kernels
+
+    model = _eval_model("patnet_t0", embed_dim=16, depths=(1, 1, 2, 1)).to(DEVICE)
+    fast = patnet.optimize_for_inference(model, backend="triton")
+    c1 = [stage.blocks[0].spatial_mixing.dim_conv3 for stage in fast.stages[::2]]
+    assert fast.patch_embed.statistics_of == c1[0]
+    assert [layer.statistics_of for layer in fast.stages[1::2]] == [c1[1], c1[2], None]
+    weight = fast.patch_embed.proj.weight
+    assert weight.permute(2, 3, 1, 0).is_contiguous()
+    calls = []
+    monkeypatch.setattr(channel_kernels, "channel_chunk_stats",
+                        lambda *a: calls.append(a) or pytest.fail("X2 read for statistics"))
+    x = torch.randn(2, 3, 64, 64).to(DEVICE)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) < 1e-5
+    features = _eval_model("patnet_t0", embed_dim=16, depths=(1, 1, 2, 1),
+                           features_only=True).to(DEVICE)
+    fast_features = patnet.optimize_for_inference(features, backend="triton")
+    with torch.no_grad():
+        for got, want in zip(fast_features(x), features(x)):
+            assert rel_error(got, want) < 1e-5
+    assert not calls
+    for name, backend in (("fasternet_t0", "triton"), ("patnet_t0", "torch")):
+        other = patnet.optimize_for_inference(
+            _eval_model(name, embed_dim=16, depths=(1, 1, 2, 1)), backend=backend)
+        layers = [other.patch_embed] + list(other.stages[1::2])
+        assert all(layer.statistics_of is None for layer in layers)
 
 
 def test_inference_path_channels_last():

@@ -9,6 +9,7 @@ from .batch_norm_act import batch_norm_act
 from .channel_attention import channel_attention, channel_statistics
 from .partial_block import partial_block
 from .partial_conv import partial_conv3x3
+from .patch_conv import patch_conv
 from .pointwise_mlp import pointwise_mlp
 from .rpe_attention import ALPHA, BETA, GAMMA, NUM_BUCKETS, compute_rpe_buckets, rpe_attention
 from .self_mixer import self_mixer_output
@@ -17,5 +18,5 @@ from .spatial_attention import spatial_attention
 __all__ = [
     "ALPHA", "BETA", "GAMMA", "NUM_BUCKETS", "batch_norm", "batch_norm_act", "channel_attention",
     "channel_statistics", "compute_rpe_buckets", "partial_block", "partial_conv3x3",
-    "pointwise_mlp", "rpe_attention", "self_mixer_output", "spatial_attention",
+    "patch_conv", "pointwise_mlp", "rpe_attention", "self_mixer_output", "spatial_attention",
 ]

@@ -299,8 +299,10 @@ def forward_taps(weight: torch.Tensor) -> torch.Tensor:
 
 
 def tap_major(weight: torch.Tensor) -> torch.Tensor:
-    """A (C1, C1, 3, 3) conv weight with the same values, stored [ky, kx, in, out], so that
-    :func:`forward_taps` of it is a view (no copy per call): for weights fixed at inference."""
+    """A (C_OUT, C_IN, k, k) conv weight with the same values, stored [ky, kx, in, out], so
+    that :func:`forward_taps` of a 3 x 3 one is a view (no copy per call), and the patch conv
+    (:mod:`.patch_conv`) reads a stem's or merging layer's along its output channels: for
+    weights fixed at inference."""
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 

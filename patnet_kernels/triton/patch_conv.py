@@ -1,0 +1,193 @@
+"""Triton kernel of a non-overlapping k x k, stride-k convolution with bias: the stem (4 x 4) and
+the merging layers (2 x 2) of PATNet and FasterNet in inference, their BatchNorm folded.
+
+Y[b, :, i, j] = W . patch(b, i, j) + bias, patch(b, i, j) the k x k x C_IN input values under
+output pixel (i, j): an implicit GEMM of [pixels x K] x [K x C_OUT], K = k * k * C_IN, whose
+A operand is gathered from X as it is read (no im2col written). X is read in its own dtype and
+converted to the weight's in the kernel: under autocast the stem reads the float32 image itself
+(no cast pass), and any layout (NCHW, channels_last, strided) is read as it is. The epilogue can
+take the statistics of the output's last channels per tile of pixels (mean and sum of squared
+deviations, as the MLP kernel's, :mod:`.pointwise_mlp`): the next stage's first PAT_ch block
+reads them instead of reading its X2 for them.
+
+* :func:`patch_conv` -- the launcher; :func:`stats_chunks` -- its statistics' tiles;
+  :func:`config_for` -- a launch's tiles; :func:`aot_kernels` -- the shipped configurations.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, cdiv, dot,
+                      pixel_strides, store_tile_moments, upcast_dot)
+
+
+@triton.jit
+def _patch_conv_kernel(
+    x_ptr,  # (B, C_IN, H, W) input, any strides (below), any float dtype (converted to w's)
+    w_ptr,  # (C_OUT, C_IN, KS, KS) weight, any strides (below), y's dtype
+    b_ptr,  # (C_OUT,) bias, y's dtype; unread unless HAS_BIAS
+    y_ptr,  # (B, C_OUT, HO, WO) output, HO = H // KS, WO = W // KS, pixels flattened to one
+            # stride y_sp (NCHW, channels_last)
+    stats_mean_ptr, stats_m2_ptr,  # (B, T, C_OUT - STATS_FIRST) fp32 contiguous, T the pixel
+                                   # tiles (grid axis 0), written if STATS: per tile the mean
+                                   # and sum of squared deviations of y[:, STATS_FIRST:] as
+                                   # stored (the next PAT_ch block's X2 statistics)
+    C_IN, C_OUT, KS,  # input and output channels, patch size (kernel size and stride)
+    STATS_FIRST,  # the first output channel whose statistics are taken (if STATS)
+    P,  # output pixels per sample, HO * WO
+    WO,  # output width: output pixel p is at row p // WO, column p % WO
+    x_sb, x_sc, x_sh, x_sw,  # strides of x (elements)
+    w_so, w_si, w_sy, w_sx,  # strides of the weight over out, in, ky, kx
+    y_sb, y_sc, y_sp,  # sample, channel and flattened pixel strides of y
+    HAS_BIAS: tl.constexpr,
+    STATS: tl.constexpr,  # write the statistics of y's channels [STATS_FIRST, C_OUT)
+    BLOCK_P: tl.constexpr,  # output pixels per program
+    BLOCK_K: tl.constexpr,  # patch values (ky, kx, input channel) per step
+    BLOCK_N: tl.constexpr,  # output channels per program
+    UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the weight's dtype
+):
+    # grid: (cdiv(P, BLOCK_P), B, cdiv(C_OUT, BLOCK_N))
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_OUT
+    # (BLOCK_P, 1) the top-left input value of each output pixel's patch
+    x_pix = (x_ptr + pid_b * x_sb + ((offs_p // WO) * KS * x_sh)[:, None]
+             + ((offs_p % WO) * KS * x_sw)[:, None])
+    row = KS * C_IN  # patch values per patch row: K = (ky, kx, c) in that order
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, KS * row, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < KS * row
+        ky = offs_k // row
+        kx = (offs_k % row) // C_IN
+        c = offs_k % C_IN
+        a = tl.load(x_pix + (ky * x_sh + kx * x_sw + c * x_sc)[None, :],
+                    mask=p_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_K)
+        wt = tl.load(w_ptr + (offs_n * w_so)[None, :] + (ky * w_sy + kx * w_sx + c * w_si)[:, None],
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+        acc = dot(a.to(w_ptr.dtype.element_ty), wt, acc, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp + offs_n[None, :] * y_sc, out,
+             mask=p_ok[:, None] & n_ok[None, :])
+    if STATS:
+        store_tile_moments(out.to(tl.float32), p_ok, offs_n, n_ok, stats_mean_ptr,
+                           stats_m2_ptr, pid_b * tl.num_programs(0) + pid_p, STATS_FIRST, C_OUT)
+
+
+class Config(NamedTuple):
+    """Tile sizes and launch options of the kernel for one call."""
+    block_p: int
+    block_k: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+def config_for(in_channels: int, out_channels: int, patch: int, dtype: torch.dtype,
+               interpret: bool = INTERPRET) -> Config:
+    """The tiles of a launch on ``dtype`` (the weight's and output's): output channels in one
+    block up to 128 (wider outputs take several programs per pixel tile, each reading the
+    patches again, from cache); the patch values in steps of up to 64 (the stem's 4 x 4 x 3 =
+    48 in one). float32 (IEEE dots on FMA units) takes smaller tiles."""
+    k = patch * patch * in_channels
+    block_n = block(out_channels, low=16, high=128)
+    if interpret:  # few, big programs: the interpreter pays per program and per operation
+        return Config(128, block(k, low=16, high=128), block_n, 4, 1)
+    if upcast_dot(dtype, interpret=False):
+        return Config(32, block(k, low=16, high=16), min(block_n, 64), 4, 2)
+    # (128 output channels in 4 warps took 255 registers on sm_80: 8 warps, read off the AOT
+    # check's machine code)
+    return Config(64, block(k, low=16, high=64), block_n, 8 if block_n >= 128 else 4, 3)
+
+
+def stats_chunks(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """T, the pixel tiles of the kernel on x (B, C_IN, H, W) with this (C_OUT, C_IN, k, k)
+    weight: the chunks of its output statistics (BLOCK_P pixels each, a power of two, as
+    :func:`patnet_kernels._types.chunk_pixels` assumes)."""
+    k = weight.shape[-1]
+    config = config_for(weight.shape[1], weight.shape[0], k, weight.dtype)
+    return cdiv((x.shape[2] // k) * (x.shape[3] // k), config.block_p)
+
+
+def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               y: torch.Tensor, statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+               stats_first: int = 0) -> torch.Tensor:
+    """y = conv(x, weight, bias, stride = kernel size k), written into y; returns y.
+
+    x: (B, C_IN, H, W), any strides and float dtype; weight: (C_OUT, C_IN, k, k), any strides
+    (stored [ky, kx, in, out], as ``patnet.optimize_for_inference`` keeps it, its loads are
+    contiguous over the output channels); bias: (C_OUT,) or None, y's dtype; y: (B, C_OUT,
+    H // k, W // k) in the weight's dtype, its pixels flattened to one stride. statistics:
+    (mean, m2), each (B, :func:`stats_chunks`, C_OUT - stats_first) fp32 contiguous, filled
+    with those of y[:, stats_first:] per tile of pixels, or None.
+    """
+    bsz, c_in, _, _ = x.shape
+    c_out, _, k, _ = weight.shape
+    _, _, ho, wo = y.shape
+    config = config_for(c_in, c_out, k, weight.dtype)
+    grid = (cdiv(ho * wo, config.block_p), bsz, cdiv(c_out, config.block_n))
+    stats_mean, stats_m2 = statistics if statistics is not None else (weight, weight)
+    _patch_conv_kernel[grid](
+        x, weight, bias if bias is not None else weight, y, stats_mean, stats_m2,
+        c_in, c_out, k, stats_first, ho * wo, wo, *x.stride(), *weight.stride(),
+        *pixel_strides(y), HAS_BIAS=bias is not None, STATS=statistics is not None,
+        BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
+        UPCAST=upcast_dot(weight.dtype), num_warps=config.warps, num_stages=config.stages)
+    return y
+
+
+# ------------------------------------------------------------------------------------------
+# The released models' stems and merging layers (SPEC.md section 5): the stem 4 x 4 from 3
+# channels to E, the merging layers 2 x 2 from C to 2C at C = E, 2E, 4E.
+_STEM_WIDTHS = (32, 40, 48, 64, 96, 128, 144, 160, 192)
+
+
+def released_launches():
+    """(C_IN, C_OUT, k, stats, reads float32) of each launch of the released models' inference
+    path: the stem (from the float32 image under autocast, which it reads as it is, or from
+    an image in the model's dtype), with the statistics where a PAT_ch block follows, and each
+    merging layer, in the model's dtype, with them before stages 2 and 3 of PATNet (stage 4's
+    first block is PAT_sf's)."""
+    for e in _STEM_WIDTHS:
+        for stats, from_fp32 in itertools.product((False, True), (False, True)):
+            yield 3, e, 4, stats, from_fp32
+        for c, stats in ((e, True), (2 * e, True), (4 * e, False), (e, False), (2 * e, False)):
+            yield c, 2 * c, 2, stats, False
+
+
+def aot_kernels() -> List[AotKernel]:
+    """Every kernel configuration this file launches on a GPU for the released models
+    (:func:`released_launches` per dtype; NCHW and channels_last, the weight stored [ky, kx,
+    in, out]), for the ahead-of-time check."""
+    kernels = {}
+    fn = _patch_conv_kernel
+    for (c_in, c_out, k, stats, from_fp32), dtype in itertools.product(
+            released_launches(), TRITON_DTYPE):
+        config = config_for(c_in, c_out, k, dtype, interpret=False)
+        tname = TRITON_DTYPE[dtype]
+        xname = "fp32" if from_fp32 else tname
+        name = (f"patch_conv[{xname} -> {tname}, P={config.block_p}, K={config.block_k}, "
+                f"N={config.block_n}{', stats' if stats else ''}]")
+        if name in kernels:
+            continue
+        pointers = {p: "*" + tname for p in fn.arg_names if p.endswith("_ptr")}
+        pointers.update(x_ptr="*" + xname, stats_mean_ptr="*fp32", stats_m2_ptr="*fp32")
+        kernels[name] = AotKernel(
+            name, fn, aot_signature(fn, pointers),
+            dict(HAS_BIAS=True, STATS=stats, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
+                 BLOCK_N=config.block_n, UPCAST=upcast_dot(dtype, interpret=False)),
+            num_warps=config.warps, num_stages=config.stages,
+            launches={"NCHW": ("x_sw", "w_so", "y_sp"),
+                      "channels_last": ("x_sc", "w_so", "y_sc")})
+    return list(kernels.values())
