@@ -24,7 +24,10 @@ such as PAT_sf's bucket map are built: the steady state is counted). Providers:
 whose every return aliases an input, by its schema: ``view``, ``permute``, ``slice``,
 ``expand``, ...) and allocations and metadata ops that launch nothing (``empty*``,
 ``new_empty*``, ``detach``, ``lift_fresh``, ``resize_``) and host work (``.item()``, a copy to
-the host; the attention's dropout seed, drawn from the CPU generator on every device). A fused
+the host; the attention's dropout seed, drawn from the CPU generator on every device). An op
+known to copy a non-contiguous input inside its kernel first (``native_layer_norm``, as PAT_sf's
+LayerNorm gets its channel slice: the profiler shows the ``clone``, a dispatch mode does not)
+counts that copy as a kernel of its own. A fused
 op (``patnet_triton::*`` or ``patnet_cuda::*``) counts as the kernels it launches: for Triton the launches themselves,
 seen by wrapping Triton's launcher (``JITFunction.run`` / the interpreter's
 ``InterpretedFunction.run``) while the op runs; for CUDA one per launcher call in
@@ -112,6 +115,9 @@ BATCHES = (2, 3)  # batch 1 is special: some reshapes are views there, copies ab
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
              "detach", "lift_fresh", "resize_", "_reshape_alias", "alias", "_unsafe_view",
              "_local_scalar_dense"}
+# Ops whose kernels (CPU and CUDA alike) copy a non-contiguous input to a contiguous one first,
+# a copy no dispatch mode sees: counted as one more kernel that reads and writes the input.
+COPIES_INPUT = {"native_layer_norm"}
 # In-place ops that overwrite ``self`` without reading it.
 WRITE_ONLY_SELF = {"copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_",
                    "exponential_"}
@@ -267,7 +273,10 @@ def aten_op(func, args, kwargs, out) -> Op:
                 continue
         read += sum(nbytes(t) for t in _tensors(value))
     written = sum(nbytes(t) for t in _tensors(out))
-    return nothing._replace(kernels=1, read=read, written=written,
+    kernels = 1
+    if name in COPIES_INPUT and not args[0].is_contiguous():  # (its hidden contiguous copy)
+        kernels, read, written = 2, read + nbytes(args[0]), written + nbytes(args[0])
+    return nothing._replace(kernels=kernels, read=read, written=written,
                             macs=op_macs(func, args, out))
 
 
