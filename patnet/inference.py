@@ -170,8 +170,13 @@ class InferencePatchLayer(nn.Module):
     backend = "auto"
     statistics_of: Optional[int] = None
 
+    @property
+    def conv(self) -> nn.Conv2d:
+        """The layer's conv (its BatchNorm folded into it)."""
+        return self.proj if isinstance(self, PatchEmbed) else self.reduction
+
     def forward(self, x: torch.Tensor):
-        conv = self.proj if isinstance(self, PatchEmbed) else self.reduction
+        conv = self.conv
         if self.backend not in _PATCH_BACKENDS:
             return conv(x)
         out = pk.patch_conv(x, conv.weight, conv.bias, statistics_of=self.statistics_of,
@@ -254,9 +259,9 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
             weight = module.partial_conv3.weight  # (the Triton kernels read it with no copy)
             weight.data = tap_major(weight.data)
         if isinstance(module, InferencePatchLayer) and backend == "triton":
-            conv = module.proj if isinstance(module, PatchEmbed) else module.reduction
-            conv.weight.data = tap_major(conv.weight.data)  # (read along the output channels)
-    if backend in pk.registry.OPS["partial_block"].backends:  # (its blocks take statistics)
+            weight = module.conv.weight  # (read along the output channels)
+            weight.data = tap_major(weight.data)
+    if backend in _BLOCK_BACKENDS:  # (its blocks run as one op and take statistics)
         _hand_statistics(optimized)
     optimized.optimized_for_inference = True
     if example_input is not None:

@@ -541,6 +541,10 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         check_shape("bias", bias, (weight.shape[0],))
     check_same("weight", weight, bias=bias)
     check_device("weight", weight, x=x)
+    if weight.dtype != x.dtype and weight.dtype not in registry.FUSED_DTYPES:
+        raise TypeError(f"weight is {weight.dtype} but x is {x.dtype}: x is read in its own "
+                        f"dtype only into float32, float16 or bfloat16 weights; cast x to "
+                        f"{weight.dtype}")
     if statistics_of is not None and not (isinstance(statistics_of, int)
                                           and 0 <= statistics_of < weight.shape[0]):
         raise ValueError(f"statistics_of must be the C1 of the next PAT_ch block, an int in "

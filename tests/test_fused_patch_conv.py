@@ -153,12 +153,15 @@ def _bad(name):
                           r"statistics_of must be the C1 of the next PAT_ch block"),
         "integer weight": ((x, weight.long(), None), {}, TypeError,
                            r"weight must be floating point"),
+        "float64 weight": ((x, weight.double(), None), {}, TypeError,
+                           r"weight is torch.float64 but x is torch.float32"),
     }
     return calls[name]
 
 
 @pytest.mark.parametrize("case", ["weight in", "weight not square", "bias", "bias dtype",
-                                  "x 3-D", "too small", "statistics_of", "integer weight"])
+                                  "x 3-D", "too small", "statistics_of", "integer weight",
+                                  "float64 weight"])
 @pytest.mark.parametrize("backend", ("torch",) + BACKENDS)
 def test_bad_input_is_refused_before_any_kernel(case, backend):
     args, kwargs, error, message = _bad(case)

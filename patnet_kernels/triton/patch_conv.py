@@ -181,8 +181,11 @@ def aot_kernels() -> List[AotKernel]:
                 f"N={config.block_n}{', stats' if stats else ''}]")
         if name in kernels:
             continue
+        # (the launcher passes the weight for the statistics' pointers when it takes none)
         pointers = {p: "*" + tname for p in fn.arg_names if p.endswith("_ptr")}
-        pointers.update(x_ptr="*" + xname, stats_mean_ptr="*fp32", stats_m2_ptr="*fp32")
+        pointers["x_ptr"] = "*" + xname
+        if stats:
+            pointers.update(stats_mean_ptr="*fp32", stats_m2_ptr="*fp32")
         kernels[name] = AotKernel(
             name, fn, aot_signature(fn, pointers),
             dict(HAS_BIAS=True, STATS=stats, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
