@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from benchmarks import env as bench_env  # noqa: E402 - no torch import
 from benchmarks import gpu_check_plugin as plugin  # noqa: E402 - no torch import
-from benchmarks.report import fmt  # noqa: E402 - no torch import
+from benchmarks.report import fmt, read_json  # noqa: E402 - no torch import
 
 REPO = bench_env.REPO
 # Everything the results folder holds (the device tool copies back at most 8 files).
@@ -93,13 +93,6 @@ def read_jsonl(path: Path) -> List[dict]:
         except ValueError:
             continue
     return records
-
-
-def read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass

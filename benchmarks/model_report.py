@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 from benchmarks import env
 from benchmarks.model_measure import BASES, PROVIDERS, plan_text
-from benchmarks.report import columns, write_csv, write_json
+from benchmarks.report import columns, read_json, write_csv, write_json
 
 CSV_FIELDS = ["date", "device", "git_commit", "torch", "triton", "cuda", "model", "precision",
               "layout", "batch", "image_size", "provider", "status", "reason", "mean_ms",
@@ -16,6 +16,10 @@ CSV_FIELDS = ["date", "device", "git_commit", "torch", "triton", "cuda", "model"
               "speedup_vs_compile-max", "max_rel_error", "compile_s", "first_call_s", "backends", "warmup", "runs",
               "threads"]
 FAILED = ("error", "mismatch")
+# The traffic model's roofline of every variant (benchmarks/traffic.py, counted on the CPU:
+# a lower bound at the H200's measured rates, fp16-like activations, batch 256 at 224 x 224).
+ROOFLINE_REPORT = Path(__file__).resolve().parent / "results" / \
+    "traffic.cpu.roofline.224.autocast.json"
 
 
 def format_table(report: dict) -> str:
@@ -65,9 +69,41 @@ def format_table(report: dict) -> str:
              for row in report["rows"] if "backends" in row["providers"].get("ours", {})}
     if plans:
         text += [""] + [f"ours on {model}: {plan}" for model, plan in plans.items()]
+    if gpu:
+        text += roofline_lines(report)
     if notes:
         text += ["", "Not measured or flagged:"] + notes
     return "\n".join(text)
+
+
+def roofline_lines(report: dict, path: Path = ROOFLINE_REPORT) -> List[str]:
+    """Each mixed-precision row at the roofline's batch and size beside the traffic model's
+    lower bound (:data:`ROOFLINE_REPORT`): the measured time of eager and of ours as a multiple
+    of their roofline (ours' roofline is the Triton path's; under backend "auto" some of ours
+    may run the reference), and the floor's. None where the report or the model is not
+    there."""
+    models = (read_json(path) or {}).get("models", {})
+    lines = []
+    for row in report["rows"]:
+        roofline = models.get(row["model"], {})
+        rates = (roofline.get("roofline") or {}).get("rates", {})
+        if (row["precision"] != "amp" or not rates or row.get("batch") != rates.get("batch")
+                or row.get("image_size") != roofline.get("size")):
+            continue
+        cells = []
+        for provider, label in (("eager", "eager"), ("ours", "triton")):
+            bound = roofline["providers"].get(label, {}).get("roofline")
+            measured = row["providers"].get(provider, {}).get("mean_ms")
+            if bound and measured:
+                cells.append(f"{provider} {measured:.2f} ms = {measured / bound['ms']:.1f}x its "
+                             f"{bound['ms']:.3f}")
+        floor = roofline["roofline"]["floor"]["ms"]
+        lines.append(f"  {row['model_name']} {row['precision']} {row['layout']}: "
+                     + "; ".join(cells + [f"floor {floor:.3f} ms"]))
+    if not lines:
+        return []
+    return ["", "Against the traffic model's roofline (a lower bound counted on the CPU, "
+                f"{path.name}; ms per batch):"] + lines
 
 
 def csv_rows(report: dict) -> List[dict]:

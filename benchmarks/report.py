@@ -19,6 +19,14 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON document at ``path``, or None where there is none (or it does not parse)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def write_csv(path: Path, fields: Sequence[str], rows: Iterable[dict]) -> None:
     """``rows`` (dicts) under a header of ``fields``."""
     with open(path, "w", newline="") as f:
