@@ -13,7 +13,10 @@ BatchNorm / LayerNorm statistics and RPE tables, eval mode, under torch.no_grad(
   ``torch._dynamo.reset()``; the compiling first call is not timed (``compile_s``);
 * ``ours``: the fused inference path, ``patnet.optimize_for_inference(model)`` (BatchNorms
   folded, each op on the fastest backend usable on the device, in-place and buffer-reusing
-  blocks); which backend runs each op is recorded (``backends``).
+  blocks); which backend runs each op is recorded (``backends``);
+* ``ours-graph`` (GPU only, when named): the same captured once as a CUDA graph for the
+  benchmark's input (``patnet.cuda_graph.GraphedModel``, what
+  ``optimize_for_inference(..., example_input=x)`` returns): one launch per forward.
 
 On a GPU: images/s at batch 256, fp32 and AMP (``torch.autocast``, fp16 or bf16), NCHW and
 channels_last, cudnn.benchmark on, 50 warm-up + 200 timed calls between two synchronisations
@@ -66,8 +69,9 @@ def parse_args(argv) -> argparse.Namespace:
                         help=f"comma list of {', '.join(patnet.list_models())} (default: all)")
     parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
                         help="comma list of eager, compile, compile-max (torch.compile "
-                             "mode='max-autotune', GPU only), ours (default: eager,compile,"
-                             "ours; eager, the reference of the check, always runs)")
+                             "mode='max-autotune', GPU only), ours, ours-graph (ours as one "
+                             "CUDA graph, GPU only) (default: eager,compile,ours; eager, the "
+                             "reference of the check, always runs)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there)")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on GPU, 1 on CPU")
     parser.add_argument("--size", type=int, default=224, help="image height and width")

@@ -13,13 +13,14 @@ import torch
 
 import patnet
 import patnet_kernels as pk
+from patnet.cuda_graph import GraphedModel
 from benchmarks import env
 from benchmarks.providers import Unavailable, compile_settings
 from benchmarks.report import pretty
 from benchmarks.timer import time_cpu, time_cuda
 from benchmarks.tolerance import MISMATCH, rel_max_error
 
-PROVIDERS = ("eager", "compile", "compile-max", "ours")
+PROVIDERS = ("eager", "compile", "compile-max", "ours", "ours-graph")
 # What runs when no provider is named: compile-max (torch.compile mode="max-autotune", what a
 # user tries first for speed) tunes its GEMMs for minutes, so it runs when asked for.
 DEFAULT_PROVIDERS = ("eager", "compile", "ours")
@@ -69,10 +70,15 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
                                                  "it only costs minutes)")
                 compile_settings().reset()
                 net = torch.compile(reference, mode="max-autotune")
-            elif provider == "ours":
+            elif provider in ("ours", "ours-graph"):
                 net = patnet.optimize_for_inference(
                     reference, backend=args.ours_backend).to(memory_format=LAYOUTS[layout])
                 entry["backends"] = net.backend_plan()
+                if provider == "ours-graph":  # (its forward captured once as a CUDA graph)
+                    if device.type != "cuda":
+                        raise Unavailable("skipped", "CUDA graphs need a CUDA device")
+                    with torch.no_grad(), _autocast(device, amp_dtype):
+                        net = GraphedModel(net, x)
             else:
                 net = reference
 

@@ -25,8 +25,8 @@
 #                   one shape per op; their JSON is rewritten after every case
 #   6. models       benchmarks/bench_models.py: PATNet-T2 and FasterNet-T2, eager vs ours,
 #                   fp32 NCHW (ours: backend auto) and AMP fp16 channels_last (ours: backend
-#                   triton, every fused kernel, the MLP and block ones too), images/s at batch
-#                   256; then, with the time they leave, benchmarks/host_time.py: host ms to
+#                   triton, every fused kernel, the MLP and block ones too; and ours as one
+#                   CUDA graph), images/s at batch 256; then, with the time they leave, benchmarks/host_time.py: host ms to
 #                   issue one forward at batch 256 (AMP fp16 channels_last, as the AMP run)
 #   7. summary      benchmarks/gpu_report.py writes SUMMARY.md (also during the run)
 #
@@ -410,7 +410,7 @@ if [ "$RUN_BENCH" = 1 ]; then
     ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m benchmarks.bench_models "${MODEL_ARGS[@]}" --precisions fp32 --layouts nchw --out "$WORK/models/fp32"
   NOTE="" run_limited "models amp channels_last" models "$(left_until "$MODELS_AMP")" "$WORK/console/models-amp.txt" - \
     ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "$PY" -m benchmarks.bench_models "${MODEL_ARGS[@]}" --precisions amp --amp-dtype float16 \
-    --layouts channels_last --ours-backend triton --out "$WORK/models/amp"
+    --layouts channels_last --ours-backend triton --providers eager,ours,ours-graph --out "$WORK/models/amp"
   # the host's share: milliseconds to issue one forward's kernels (is the model host-bound?),
   # with the time the model benchmark leaves (kind "host": not run is no incomplete run)
   NOTE="" run_limited "models host time" host "$(left_until "$END_MODELS")" "$WORK/console/models-host.txt" - \
