@@ -78,9 +78,9 @@ def format_table(report: dict) -> str:
 
 def roofline_lines(report: dict, path: Path = ROOFLINE_REPORT) -> List[str]:
     """Each mixed-precision row at the roofline's batch and size beside the traffic model's
-    lower bound (:data:`ROOFLINE_REPORT`): the measured time of eager and of ours as a multiple
-    of their roofline (ours' roofline is the Triton path's; under backend "auto" some of ours
-    may run the reference), and the floor's. None where the report or the model is not
+    lower bound (:data:`ROOFLINE_REPORT`): the measured time of eager and of ours (and of ours
+    as a CUDA graph) as a multiple of their roofline (ours' roofline is the Triton path's;
+    under backend "auto" some of ours may run the reference), and the floor's. None where the report or the model is not
     there."""
     models = (read_json(path) or {}).get("models", {})
     lines = []
@@ -91,7 +91,8 @@ def roofline_lines(report: dict, path: Path = ROOFLINE_REPORT) -> List[str]:
                 or row.get("image_size") != roofline.get("size")):
             continue
         cells = []
-        for provider, label in (("eager", "eager"), ("ours", "triton")):
+        for provider, label in (("eager", "eager"), ("ours", "triton"),
+                                ("ours-graph", "triton")):
             bound = roofline["providers"].get(label, {}).get("roofline")
             measured = row["providers"].get(provider, {}).get("mean_ms")
             if bound and measured:
