@@ -22,12 +22,11 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch  # noqa: E402
 
-import patnet  # noqa: E402
 import patnet_kernels as pk  # noqa: E402
 from benchmarks.op_cli import main_of  # noqa: E402
 from benchmarks.op_family import Family, Target  # noqa: E402
 from benchmarks.op_inputs import Problem, random_activation, random_weight  # noqa: E402
-from benchmarks.op_shapes import FULL_CONFIG, QUICK_CONFIG, StageShape  # noqa: E402
+from benchmarks.op_shapes import StageShape, meta_network  # noqa: E402
 from patnet.layers import PatchEmbed, PatchMerging  # noqa: E402
 
 MODELS = ("patnet_t2", "fasternet_t2")
@@ -43,10 +42,7 @@ def shapes(quick: bool) -> List[StageShape]:
     feeds, ``split`` its output channels (read off the models built on the meta device)."""
     found = []
     for name in MODELS:
-        config = dict(QUICK_CONFIG if quick else FULL_CONFIG)
-        size = config.pop("input_size")
-        with torch.device("meta"):
-            model = patnet.create_model(name, backend="torch", **config).eval()
+        model, size = meta_network(name, quick)
         layers = [m for m in model.modules() if isinstance(m, (PatchEmbed, PatchMerging))]
         seen = []
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 import patnet
 from patnet.layers import BasicStage
@@ -40,6 +41,16 @@ class StageShape:
         return f"{self.model}.s{self.stage}" + (f".{self.tag}" if self.tag else "")
 
 
+def meta_network(model_name: str, quick: bool = False, **overrides) -> Tuple[nn.Module, int]:
+    """The network on the "meta" device (no memory, no compute), in eval mode, and its input
+    size: the real one at 224 x 224, or with ``quick`` the shrunk one of QUICK_CONFIG."""
+    config = dict(QUICK_CONFIG if quick else FULL_CONFIG)
+    size = config.pop("input_size")
+    config.update(overrides)
+    with torch.device("meta"):
+        return patnet.create_model(model_name, backend="torch", **config).eval(), size
+
+
 def stage_shapes(model_name: str, module_types: tuple, split_of: Callable[[object], int],
                  quick: bool = False, input_hw: Optional[Tuple[int, int]] = None,
                  tag: str = "", stages: Optional[Sequence[int]] = None,
@@ -53,12 +64,8 @@ def stage_shapes(model_name: str, module_types: tuple, split_of: Callable[[objec
     the family keeps in ``split``). Returns one StageShape per distinct (stage, shape, split),
     in stage order, named with ``tag`` if given; ``stages`` keeps only those stages.
     """
-    config = dict(QUICK_CONFIG if quick else FULL_CONFIG)
-    size = config.pop("input_size")
+    model, size = meta_network(model_name, quick, **overrides)
     height, width = input_hw if input_hw is not None else (size, size)
-    config.update(overrides)
-    with torch.device("meta"):
-        model = patnet.create_model(model_name, backend="torch", **config).eval()
     found: Dict[tuple, int] = {}
     handles = []
     stage = 0

@@ -130,36 +130,30 @@ ROOFLINE_BATCH = 256
 
 
 def _weights_macs(*names: str):
-    """MACs of a fused op that applies the named weights at every pixel of its (B, C, H, W)
-    first argument (a missing optional weight counts 0)."""
-    def count(bound: dict) -> int:
-        x = next(iter(bound.values()))
-        pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    """MACs of a fused op that applies the named weights at every pixel of its (B, C', H', W')
+    output, its first (a missing optional weight counts 0)."""
+    def count(bound: dict, out) -> int:
+        y = _tensors(out)[0]
+        pixels = y.shape[0] * y.shape[2] * y.shape[3]
         return pixels * sum(bound[n].numel() for n in names if bound.get(n) is not None)
     return count
 
 
-def _attention_macs(bound: dict) -> int:
+def _attention_macs(bound: dict, out) -> int:
     q = bound["q"]  # (B, heads, N, d): q k^T and the probabilities times v
     return 2 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]
 
 
-def _patch_macs(bound: dict) -> int:
-    x, weight = bound["x"], bound["weight"]  # (B, C_IN, H, W), (C_OUT, C_IN, k, k)
-    k = weight.shape[-1]
-    return x.shape[0] * (x.shape[2] // k) * (x.shape[3] // k) * weight.numel()
-
-
-def _gate_macs(bound: dict) -> int:
+def _gate_macs(bound: dict, out) -> int:
     return bound["mean"].shape[0] * bound["cfc_weight"].numel()  # (B, C2) x (C2, C2, 1, 2)
 
 
-def _no_macs(bound: dict) -> int:
+def _no_macs(bound: dict, out) -> int:
     return 0
 
 
 # Multiply-adds of each fused op of the inference paths (its matrix products and convolutions,
-# as patnet.flops counts the reference's), from its arguments by name; an op not listed has no
+# as patnet.flops counts the reference's), from its arguments by name and its output; an op not listed has no
 # count, and a run with one has no roofline. CUDA's PAT_sf output runs its projection as the
 # aten bmm beside its kernel (counted there).
 FUSED_MACS = {
@@ -175,7 +169,7 @@ FUSED_MACS = {
                                            "sp_conv_weight"),
     "self_mixer_output": _weights_macs("conv_weight", "proj_weight"),
     "rpe_attention_fwd": _attention_macs,
-    "patch_conv": _patch_macs,
+    "patch_conv": _weights_macs("weight"),
 }
 CUDA_MACS = {**FUSED_MACS, "self_mixer_output": _weights_macs("conv_weight")}
 
@@ -384,7 +378,7 @@ class TrafficRecorder(TorchDispatchMode):
             macs = (CUDA_MACS if func.namespace == "patnet_cuda" else FUSED_MACS).get(name)
             if macs is not None:
                 bound = {a.name: v for a, v in zip(func._schema.arguments, args)}
-                macs = macs({**bound, **kwargs})
+                macs = macs({**bound, **kwargs}, out)
             self.ops.append(Op(full, kernels, read, written, self.inside, macs=macs))
             self.ops.extend(inner.ops)
             return out
@@ -549,14 +543,20 @@ class Rates(NamedTuple):
     matmul_tflops: float = MATMUL_TFLOPS
     batch: int = ROOFLINE_BATCH
 
-    def seconds(self, nbytes_: float, macs: float) -> float:
+    def seconds(self, nbytes_: float, macs: float) -> Tuple[float, bool]:
         """The lower bound of one kernel: its bytes at the copy bandwidth or its multiply-adds
-        at the matmul rate, whichever takes longer."""
-        return max(nbytes_ / (self.copy_gbps * 1e9), 2 * macs / (self.matmul_tflops * 1e12))
+        at the matmul rate, whichever takes longer; and whether the matmul rate binds."""
+        memory = nbytes_ / (self.copy_gbps * 1e9)
+        compute = 2 * macs / (self.matmul_tflops * 1e12)
+        return max(memory, compute), compute >= memory and compute > 0
 
 
-def _roofline_row(seconds: float, compute_bound: float, rates: Rates) -> dict:
-    return {"ms": 1e3 * seconds, "compute_bound_ms": 1e3 * compute_bound,
+def _roofline_row(kernels: Sequence[Tuple[float, bool]], rates: Rates) -> dict:
+    """The sum of kernels' (seconds, matmul-bound) as ms per batch, the matmul-bound part and
+    images/s."""
+    seconds = sum(t for t, _ in kernels)
+    return {"ms": 1e3 * seconds,
+            "compute_bound_ms": 1e3 * sum(t for t, bound in kernels if bound),
             "images_per_s": rates.batch / seconds if seconds else None}
 
 
@@ -577,9 +577,8 @@ def _roofline_calls(runs: Dict[int, Sequence[Op]], rates: Rates
             return None
         act = (b.read + b.written) - (a.read + a.written)
         fixed = (a.read + a.written) - BATCHES[0] * act
-        macs = rates.batch * (b.macs - a.macs)
-        seconds = rates.seconds(fixed + rates.batch * act, macs)
-        calls.append((_key(b), seconds, seconds == rates.seconds(0, macs)))
+        calls.append((_key(b),) + rates.seconds(fixed + rates.batch * act,
+                                                rates.batch * (b.macs - a.macs)))
     return calls
 
 
@@ -591,21 +590,15 @@ def provider_roofline(runs: Dict[int, Sequence[Op]], rates: Rates) -> Optional[d
     calls = _roofline_calls(runs, rates)
     if calls is None:
         return None
-    return _roofline_row(sum(t for _, t, _ in calls),
-                         sum(t for _, t, bound in calls if bound), rates)
+    return _roofline_row([(t, bound) for _, t, bound in calls], rates)
 
 
 def floor_roofline(fl: dict, rates: Rates) -> dict:
     """The floor's time per batch: each layer as one kernel at the roofline (its input and
     output per image, its parameters once per batch; its multiply-adds)."""
-    total = compute_bound = 0.0
-    for layer in fl["layers"]:
-        macs = rates.batch * layer["macs"]
-        seconds = rates.seconds(rates.batch * layer["bytes"] + layer["weights"], macs)
-        total += seconds
-        if seconds == rates.seconds(0, macs):
-            compute_bound += seconds
-    return _roofline_row(total, compute_bound, rates)
+    return _roofline_row([rates.seconds(rates.batch * layer["bytes"] + layer["weights"],
+                                        rates.batch * layer["macs"])
+                          for layer in fl["layers"]], rates)
 
 
 def _key(op: Op) -> str:

@@ -125,6 +125,21 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) 
     return diff / max(expected.norm().item(), floor, 1e-300)
 
 
+def merged_statistics(mean: torch.Tensor, m2: torch.Tensor, pixels: int
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, sum of squared deviations) over all ``pixels`` of per-chunk statistics in
+    partial_block's form ((B, T, C2) each, chunks of patnet_kernels._types.chunk_pixels
+    pixels, the last shorter): (B, C2) float64 each, on the CPU (Chan's parallel merge)."""
+    from patnet_kernels._types import chunk_pixels
+
+    size = chunk_pixels(pixels, mean.shape[1])
+    counts = torch.tensor([min(size, pixels - t * size) for t in range(mean.shape[1])],
+                          dtype=torch.float64)[None, :, None]
+    mean, m2 = (t.detach().to("cpu", torch.float64) for t in (mean, m2))
+    total = (counts * mean).sum(1) / pixels
+    return total, m2.sum(1) + (counts * (mean - total[:, None]) ** 2).sum(1)
+
+
 def assert_within_budget(name: str, ours: torch.Tensor, exact: torch.Tensor,
                          reference_in_dtype: torch.Tensor, dtype: torch.dtype,
                          factor: float = BUDGET_FACTOR) -> None:

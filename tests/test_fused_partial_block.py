@@ -13,12 +13,11 @@ import patnet
 import patnet_kernels as pk
 from patnet.testing import randomize_norms
 from patnet_kernels import BatchNormParams, SpatialAttentionParams, registry
-from patnet_kernels._types import chunk_pixels
 from patnet_kernels.ops.channel_attention import eval_gate
 from patnet_kernels.reference.channel_attention import output_statistics
 
-from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops, rel_error,
-                      small_inference_model)
+from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops, merged_statistics,
+                      rel_error, small_inference_model)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = registry.OPS["partial_block"].backends
@@ -241,12 +240,7 @@ def test_spatial_attention_statistics_and_opcheck(channels_last, fused_backend):
 
 def _merged(mean, m2, pixels):
     """The (mean, unbiased std) over all pixels of per-chunk statistics, each (B, C2)."""
-    size = chunk_pixels(pixels, mean.shape[1])
-    counts = torch.tensor([min(size, pixels - t * size) for t in range(mean.shape[1])],
-                          dtype=torch.float64)[None, :, None]
-    mean, m2 = mean.double(), m2.double()
-    total = (counts * mean).sum(1) / pixels
-    m2_total = m2.sum(1) + (counts * (mean - total[:, None]) ** 2).sum(1)
+    total, m2_total = merged_statistics(mean, m2, pixels)
     return total, (m2_total / (pixels - 1)).sqrt()
 
 

@@ -14,7 +14,8 @@ import patnet_kernels as pk
 from patnet_kernels import registry
 from patnet_kernels.reference.channel_attention import output_statistics
 
-from conftest import DEVICE, assert_within_budget, backends_of, fused_ops, rel_error
+from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops, merged_statistics,
+                      rel_error)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = registry.OPS["patch_conv"].backends
@@ -97,12 +98,7 @@ def test_statistics_are_those_partial_block_takes(channels_last, fused_backend):
     assert torch.equal(y, _call(inputs, fused_backend))
     b, chunks, c2 = mean.shape
     assert (b, c2) == (2, 12) and m2.shape == mean.shape
-    pixels = y.shape[2] * y.shape[3]
-    size = pk._types.chunk_pixels(pixels, chunks)
-    counts = torch.tensor([min(size, pixels - t * size) for t in range(chunks)],
-                          dtype=torch.float64, device=mean.device).view(1, -1, 1)
-    merged_mean = (mean.double() * counts).sum(1) / pixels
-    merged_m2 = (m2.double() + counts * (mean.double() - merged_mean[:, None]) ** 2).sum(1)
+    merged_mean, merged_m2 = merged_statistics(mean, m2, y.shape[2] * y.shape[3])
     ref_mean, ref_m2 = output_statistics(y.double(), 4)
     assert rel_error(merged_mean, ref_mean[:, 0]) < 1e-6
     assert rel_error(merged_m2, ref_m2[:, 0]) < 1e-6
