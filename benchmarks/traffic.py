@@ -139,6 +139,11 @@ def _weights_macs(*names: str):
     return count
 
 
+def _tokens_macs(bound: dict, out) -> int:
+    y = _tensors(out)[0]  # (B, N, C_OUT) tokens, each the weight's products
+    return y.shape[0] * y.shape[1] * bound["weight"].numel()
+
+
 def _attention_macs(bound: dict, out) -> int:
     q = bound["q"]  # (B, heads, N, d): q k^T and the probabilities times v
     return 2 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]
@@ -170,6 +175,7 @@ FUSED_MACS = {
     "self_mixer_output": _weights_macs("conv_weight", "proj_weight"),
     "rpe_attention_fwd": _attention_macs,
     "patch_conv": _weights_macs("weight"),
+    "layer_norm_linear": _tokens_macs,
 }
 CUDA_MACS = {**FUSED_MACS, "self_mixer_output": _weights_macs("conv_weight")}
 

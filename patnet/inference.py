@@ -25,7 +25,11 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    not read X2 for them (two launches instead of three);
 5. takes the stage-4 blocks' first residual sum in the mixer's output op
    (``pk.self_mixer_output(residual=True)``; on Triton one kernel writes x + [conv3x3(X1) |
-   proj(attention)], the attention's output read in place: its heads merged by a view);
+   proj(attention)], the attention's output read in place: its heads merged by a view), and
+   runs PAT_sf's LayerNorm and qkv projection as one op, ``pk.layer_norm_linear`` (on Triton
+   one kernel that reads X2 where it lies, normalises each pixel as it reads it and writes the
+   tokens' q, k, v: no copy of the slice, no normalised map written; under "cuda", which has
+   no kernel for it, the modules);
 6. runs the stem and the merging layers (their BatchNorm folded into the conv) as
    ``pk.patch_conv`` (under a backend with no kernel for it, ``cuda``, the conv module): on
    Triton one kernel that reads the image in its own dtype (under autocast no cast pass of
@@ -50,7 +54,7 @@ from patnet_kernels.triton.partial_conv import tap_major
 from .cuda_graph import GraphedModel, check_example_input
 from .fuse import fuse_for_inference
 from .layers import (MLP, BasicStage, FasterNetBlock, PATChannelMixer, PatchEmbed,
-                     PatchMerging, PATNetBlock, activation_name, bn_params)
+                     PatchMerging, PATNetBlock, PATSelfMixer, activation_name, bn_params)
 from .model import set_backend
 
 # The backends under which the MLP runs as the fused op (the others have no kernel for it).
@@ -59,6 +63,8 @@ _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
 _BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
 # The backends under which the stem and the merging layers run as the fused op.
 _PATCH_BACKENDS = ("auto", "torch") + pk.registry.OPS["patch_conv"].backends
+# The backends under which PAT_sf's LayerNorm and qkv projection run as the fused op.
+_NORM_LINEAR_BACKENDS = ("auto", "torch") + pk.registry.OPS["layer_norm_linear"].backends
 
 
 def _spatial_params(module: nn.Module) -> pk.SpatialAttentionParams:
@@ -149,6 +155,19 @@ class InferencePATNetBlock(PATNetBlock):
         return self.mlp.after_mixer(self.spatial_mixing, x, statistics), None
 
 
+class InferencePATSelfMixer(PATSelfMixer):
+    """PAT_sf with its LayerNorm and qkv projection as one op, ``pk.layer_norm_linear`` (under
+    a backend with no kernel for it, ``cuda``, the modules, as before)."""
+
+    def forward(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        if self.backend not in _NORM_LINEAR_BACKENDS:
+            return super().forward(x, residual)
+        # (the LayerNorm's affine is folded into qkv: fuse_for_inference)
+        qkv = pk.layer_norm_linear(x[:, self.dim_conv3:], self.attn.qkv.weight,
+                                   self.attn.qkv.bias, eps=self.norm.eps, backend=self.backend)
+        return self.output(x, self.attn.attend(qkv, x.shape[2], x.shape[3]), residual)
+
+
 def _reads_statistics(block: nn.Module) -> bool:
     return isinstance(block, InferencePATNetBlock) and not block.self_attention
 
@@ -212,7 +231,8 @@ class InferenceStage(BasicStage):
 
 _INFERENCE_CLASSES = {FasterNetBlock: InferenceFasterNetBlock,
                       PATNetBlock: InferencePATNetBlock, BasicStage: InferenceStage,
-                      PatchEmbed: InferencePatchEmbed, PatchMerging: InferencePatchMerging}
+                      PatchEmbed: InferencePatchEmbed, PatchMerging: InferencePatchMerging,
+                      PATSelfMixer: InferencePATSelfMixer}
 
 
 def _hand_statistics(model: nn.Module) -> None:

@@ -245,11 +245,16 @@ class RPESelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, N, C) tokens, N = H * W in row-major order, not projected."""
         b, c, h, w = x.shape
-        n = h * w
-        tokens = x.reshape(b, c, n).transpose(1, 2)  # (B, N, C)
-        qkv = self.qkv(tokens).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        return self.attend(self.qkv(x.reshape(b, c, h * w).transpose(1, 2)), h, w)
+
+    def attend(self, qkv: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The attention of the projected tokens qkv (B, N, 3C) of a height x width grid
+        (``self.qkv``'s output) -> (B, N, C), the heads merged, not projected."""
+        b, n, _ = qkv.shape
+        c = qkv.shape[2] // 3
+        qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, d)
-        bucket, bucket_range = self.buckets(h, w, x.device)
+        bucket, bucket_range = self.buckets(height, width, qkv.device)
         out = pk.rpe_attention(q, k, v, self.rpe_k.lookup_table_bias, bucket, scale=self.scale,
                                dropout_p=self.attn_drop if self.training else 0.0,
                                backend=self.backend, bucket_range=bucket_range,
@@ -287,6 +292,11 @@ class PATSelfMixer(nn.Module):
     def forward(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
         """PAT_sf(x), or with ``residual`` x + PAT_sf(x) (on Triton in the same pass)."""
         tokens = self.attn(self.norm(x[:, self.dim_conv3:]))  # (B, N, C2), not yet projected
+        return self.output(x, tokens, residual)
+
+    def output(self, x: torch.Tensor, tokens: torch.Tensor, residual: bool) -> torch.Tensor:
+        """[conv3x3(X1) | proj(tokens)] (B, C, H, W), with ``residual`` plus x: the mixer's
+        output from the attention's (B, N, C2) tokens, not yet projected."""
         return pk.self_mixer_output(
             x, self.partial_conv3.weight, tokens, self.attn.proj.weight, self.attn.proj.bias,
             dropout_p=self.attn.proj_drop.p if self.training else 0.0, backend=self.backend,

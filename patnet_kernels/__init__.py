@@ -14,6 +14,7 @@ Public API::
                   return_statistics=False, residual=True, spatial=None, backend="auto")
     batch_norm_act(x, bn, activation="relu", *, training=False, backend="auto")
     patch_conv(x, weight, bias=None, *, statistics_of=None, backend="auto")
+    layer_norm_linear(x, weight, bias=None, *, eps=1e-5, backend="auto")
     info()
 
 ``patnet_kernels.reference`` holds the pure-PyTorch ground truth of every op;
@@ -24,16 +25,16 @@ from ._types import BatchNormParams, SpatialAttentionParams
 from .backends import (BACKENDS, OPS, BackendUnavailableError, backend_plan, check_backend_name,
                        check_backend_usable, choose_backend, info, recording_calls,
                        resolve_backend)
-from .functional import (batch_norm_act, channel_attention, partial_block, partial_conv3x3,
-                         patch_conv, pointwise_mlp, rpe_attention, rpe_buckets, self_mixer_output,
-                         spatial_attention)
+from .functional import (batch_norm_act, channel_attention, layer_norm_linear, partial_block,
+                         partial_conv3x3, patch_conv, pointwise_mlp, rpe_attention, rpe_buckets,
+                         self_mixer_output, spatial_attention)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "OPS", "BackendUnavailableError", "BatchNormParams", "backend_plan",
-    "batch_norm_act", "channel_attention", "check_backend_name", "check_backend_usable", "choose_backend", "info",
-    "partial_block", "partial_conv3x3", "patch_conv", "pointwise_mlp", "recording_calls", "registry",
-    "resolve_backend", "rpe_attention", "rpe_buckets", "self_mixer_output", "spatial_attention",
-    "SpatialAttentionParams",
+    "BACKENDS", "OPS", "BackendUnavailableError", "BatchNormParams", "SpatialAttentionParams",
+    "backend_plan", "batch_norm_act", "channel_attention", "check_backend_name", "check_backend_usable", "choose_backend", "info",
+    "layer_norm_linear", "partial_block", "partial_conv3x3", "patch_conv", "pointwise_mlp",
+    "recording_calls", "registry", "resolve_backend", "rpe_attention", "rpe_buckets",
+    "self_mixer_output", "spatial_attention",
 ]

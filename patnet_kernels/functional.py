@@ -553,6 +553,40 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         x, weight, bias, statistics_of)
 
 
+@autocast_aware(cast_input=False)
+def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      *, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+    """PAT_sf's LayerNorm and qkv projection in inference: Linear(LayerNorm(tokens of x)).
+
+    x: (B, C_IN, H, W) in any layout, a channel slice too (PAT_sf's X2, ``x[:, C1:]``), in any
+    floating dtype: its pixels are the tokens (B, N = H * W, C_IN), row-major, each normalised
+    over its C_IN values with ``eps`` and no affine (fold the LayerNorm's weight g and bias b
+    into the projection: weight * g, bias + weight @ b, as :func:`patnet.fuse_for_inference`
+    does) in float32 (as autocast runs layer_norm), then converted to the weight's dtype; x is
+    read as it is (no copy of the slice, no cast pass). weight: (C_OUT, C_IN) (``nn.Linear``'s),
+    bias: (C_OUT,) or None, the weight's dtype (under autocast both cast, x not). Returns
+    (B, N, C_OUT) contiguous in the weight's dtype. An inference op, as :func:`pointwise_mlp`.
+    """
+    check_activation("x", x)
+    c_in = x.shape[1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != c_in:
+        raise ValueError(f"weight must be (C_OUT, C_IN) with C_IN = {c_in} (x's channels), got "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    check_activation("weight", weight, "(C_OUT, C_IN)")
+    if bias is not None:
+        check_shape("bias", bias, (weight.shape[0],))
+    check_same("weight", weight, bias=bias)
+    check_device("weight", weight, x=x)
+    if weight.dtype != x.dtype and weight.dtype not in registry.FUSED_DTYPES:
+        raise TypeError(f"weight is {weight.dtype} but x is {x.dtype}: x is read in its own "
+                        f"dtype only into float32, float16 or bfloat16 weights; cast x to "
+                        f"{weight.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return choose_implementation("layer_norm_linear", backend, x, weight, bias)(
+        x, weight, bias, float(eps))
+
+
 def _check_statistics(statistics, x: torch.Tensor, c1: int) -> None:
     """The checks of :func:`partial_block`'s ``statistics``."""
     b, c, h, w = x.shape

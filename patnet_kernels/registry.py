@@ -80,6 +80,9 @@ OPS: Dict[str, Op] = {op.name: op for op in (
        "pointwise_mlp", ("triton",), inference=True),
     Op("patch_conv", "the stem or a merging layer (BatchNorm folded; inference)", "map",
        "patch_conv", "patch_conv", ("triton",), inference=True),
+    # (its kernel: the patch conv's, k = 1, with a LayerNorm prologue)
+    Op("layer_norm_linear", "PAT_sf's LayerNorm and qkv projection (inference)", "map",
+       "layer_norm_linear", "patch_conv", ("triton",), inference=True),
     # (its kernels: PConv's conv, PAT_ch's statistics and gate, and the MLP's)
     Op("partial_block", "a FasterNet or PAT_ch block, with PAT_sp or not (inference)", "map", "partial_block",
        "pointwise_mlp", ("triton",), inference=True),

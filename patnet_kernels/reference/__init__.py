@@ -7,6 +7,7 @@ inputs: the functional API in :mod:`patnet_kernels` does that once for every bac
 from .batch_norm import batch_norm
 from .batch_norm_act import batch_norm_act
 from .channel_attention import channel_attention, channel_statistics
+from .layer_norm_linear import layer_norm_linear
 from .partial_block import partial_block
 from .partial_conv import partial_conv3x3
 from .patch_conv import patch_conv
@@ -17,6 +18,6 @@ from .spatial_attention import spatial_attention
 
 __all__ = [
     "ALPHA", "BETA", "GAMMA", "NUM_BUCKETS", "batch_norm", "batch_norm_act", "channel_attention",
-    "channel_statistics", "compute_rpe_buckets", "partial_block", "partial_conv3x3",
+    "channel_statistics", "compute_rpe_buckets", "layer_norm_linear", "partial_block", "partial_conv3x3",
     "patch_conv", "pointwise_mlp", "rpe_attention", "self_mixer_output", "spatial_attention",
 ]

@@ -8,7 +8,10 @@ converted to the weight's in the kernel: under autocast the stem reads the float
 (no cast pass), and any layout (NCHW, channels_last, strided) is read as it is. The epilogue can
 take the statistics of the output's last channels per tile of pixels (mean and sum of squared
 deviations, as the MLP kernel's, :mod:`.pointwise_mlp`): the next stage's first PAT_ch block
-reads them instead of reading its X2 for them.
+reads them instead of reading its X2 for them. With k = 1 and a LayerNorm prologue it is PAT_sf's
+LayerNorm (its affine folded into the projection) and qkv projection (``pk.layer_norm_linear``):
+each pixel's C_IN values normalised in float32 as they are read, then the GEMM, the tokens
+written (B, N, C_OUT) contiguous.
 
 * :func:`patch_conv` -- the launcher; :func:`stats_chunks` -- its statistics' tiles;
   :func:`config_for` -- a launch's tiles; :func:`aot_kernels` -- the shipped configurations.
@@ -27,6 +30,29 @@ from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, 
 
 
 @triton.jit
+def _pixel_moments(x_pix, x_sc, p_ok, C_IN, EPS, BLOCK_K: tl.constexpr):
+    """(mean, 1 / sqrt(variance + EPS)) of each pixel's C_IN values (biased variance, as
+    LayerNorm's), fp32 vectors over the tile's pixels ``x_pix`` (BLOCK_P, 1) pointers: the mean,
+    then the squared deviations from it (two passes over the values, the second from cache;
+    no E[x^2] - E[x]^2 cancellation)."""
+    total = tl.zeros((x_pix.shape[0],), dtype=tl.float32)
+    for k0 in range(0, C_IN, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_pix + (offs_k * x_sc)[None, :],
+                    mask=p_ok[:, None] & (offs_k < C_IN)[None, :], other=0.0)
+        total += tl.sum(a.to(tl.float32), 1)
+    mean = total / C_IN
+    squares = tl.zeros((x_pix.shape[0],), dtype=tl.float32)
+    for k0 in range(0, C_IN, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        ok = p_ok[:, None] & (offs_k < C_IN)[None, :]
+        a = tl.load(x_pix + (offs_k * x_sc)[None, :], mask=ok, other=0.0)
+        centred = tl.where(ok, a.to(tl.float32) - mean[:, None], 0.0)
+        squares += tl.sum(centred * centred, 1)
+    return mean, tl.rsqrt(squares / C_IN + EPS)
+
+
+@triton.jit
 def _patch_conv_kernel(
     x_ptr,  # (B, C_IN, H, W) input, any strides (below), any float dtype (converted to w's)
     w_ptr,  # (C_OUT, C_IN, KS, KS) weight, any strides (below), y's dtype
@@ -38,6 +64,7 @@ def _patch_conv_kernel(
                                    # and sum of squared deviations of y[:, STATS_FIRST:] as
                                    # stored (the next PAT_ch block's X2 statistics)
     C_IN, C_OUT, KS,  # input and output channels, patch size (kernel size and stride)
+    EPS,  # LayerNorm's epsilon (fp32; if NORMALIZE)
     STATS_FIRST,  # the first output channel whose statistics are taken (if STATS)
     P,  # output pixels per sample, HO * WO
     WO,  # output width: output pixel p is at row p // WO, column p % WO
@@ -46,12 +73,15 @@ def _patch_conv_kernel(
     y_sb, y_sc, y_sp,  # sample, channel and flattened pixel strides of y
     HAS_BIAS: tl.constexpr,
     STATS: tl.constexpr,  # write the statistics of y's channels [STATS_FIRST, C_OUT)
+    NORMALIZE: tl.constexpr,  # (KS = 1 only) LayerNorm each pixel's C_IN values, no affine
+                              # (fp32, then in w's dtype) before the GEMM
     BLOCK_P: tl.constexpr,  # output pixels per program
     BLOCK_K: tl.constexpr,  # patch values (ky, kx, input channel) per step
     BLOCK_N: tl.constexpr,  # output channels per program
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the weight's dtype
 ):
-    # grid: (cdiv(P, BLOCK_P), B, cdiv(C_OUT, BLOCK_N))
+    # grid: (cdiv(P, BLOCK_P), B, cdiv(C_OUT, BLOCK_N)); the launcher may pass the samples
+    # as rows of one (B = 1, HO and P over all samples: see _samples_merge)
     pid_p = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_n = tl.program_id(2)
@@ -63,6 +93,8 @@ def _patch_conv_kernel(
     x_pix = (x_ptr + pid_b * x_sb + ((offs_p // WO) * KS * x_sh)[:, None]
              + ((offs_p % WO) * KS * x_sw)[:, None])
     row = KS * C_IN  # patch values per patch row: K = (ky, kx, c) in that order
+    if NORMALIZE:
+        mean, rstd = _pixel_moments(x_pix, x_sc, p_ok, C_IN, EPS, BLOCK_K)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, KS * row, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -74,6 +106,8 @@ def _patch_conv_kernel(
                     mask=p_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_K)
         wt = tl.load(w_ptr + (offs_n * w_so)[None, :] + (ky * w_sy + kx * w_sx + c * w_si)[:, None],
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+        if NORMALIZE:  # (the K values past C_IN meet zero weights)
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
         acc = dot(a.to(w_ptr.dtype.element_ty), wt, acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -120,9 +154,21 @@ def stats_chunks(x: torch.Tensor, weight: torch.Tensor) -> int:
     return cdiv((x.shape[2] // k) * (x.shape[3] // k), config.block_p)
 
 
+def _samples_merge(x: torch.Tensor, y: torch.Tensor, k: int) -> bool:
+    """Whether the samples of x and y can be tiled as more rows of one sample: each sample's
+    rows follow the last one's at the same row stride in both (channels_last, not NCHW), whole
+    patches, and every offset within int32. Then a pixel tile may span two samples (no
+    tile lost to a sample's last, partial one: 49 tokens in 64-pixel tiles)."""
+    bsz, _, h, _ = x.shape
+    _, _, ho, wo = y.shape
+    return (bsz > 1 and h % k == 0 and x.stride(0) == h * x.stride(2)
+            and y.stride(0) == ho * y.stride(2) and y.stride(2) == wo * y.stride(3)
+            and max(x.numel(), y.numel()) < 2 ** 31)
+
+
 def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                y: torch.Tensor, statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-               stats_first: int = 0) -> torch.Tensor:
+               stats_first: int = 0, eps: Optional[float] = None) -> torch.Tensor:
     """y = conv(x, weight, bias, stride = kernel size k), written into y; returns y.
 
     x: (B, C_IN, H, W), any strides and float dtype; weight: (C_OUT, C_IN, k, k), any strides
@@ -130,67 +176,92 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     contiguous over the output channels); bias: (C_OUT,) or None, y's dtype; y: (B, C_OUT,
     H // k, W // k) in the weight's dtype, its pixels flattened to one stride. statistics:
     (mean, m2), each (B, :func:`stats_chunks`, C_OUT - stats_first) fp32 contiguous, filled
-    with those of y[:, stats_first:] per tile of pixels, or None.
+    with those of y[:, stats_first:] per tile of pixels, or None. eps: each pixel's C_IN values
+    layer-normalised first with this epsilon, no affine (k = 1 only), or None.
     """
     bsz, c_in, _, _ = x.shape
     c_out, _, k, _ = weight.shape
     _, _, ho, wo = y.shape
     config = config_for(c_in, c_out, k, weight.dtype)
-    grid = (cdiv(ho * wo, config.block_p), bsz, cdiv(c_out, config.block_n))
+    samples = bsz
+    if statistics is None and _samples_merge(x, y, k):
+        samples, ho = 1, bsz * ho
+    grid = (cdiv(ho * wo, config.block_p), samples, cdiv(c_out, config.block_n))
     stats_mean, stats_m2 = statistics if statistics is not None else (weight, weight)
     _patch_conv_kernel[grid](
         x, weight, bias if bias is not None else weight, y, stats_mean, stats_m2,
-        c_in, c_out, k, stats_first, ho * wo, wo, *x.stride(), *weight.stride(),
-        *pixel_strides(y), HAS_BIAS=bias is not None, STATS=statistics is not None,
-        BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
-        UPCAST=upcast_dot(weight.dtype), num_warps=config.warps, num_stages=config.stages)
+        c_in, c_out, k, 0.0 if eps is None else eps, stats_first, ho * wo, wo, *x.stride(),
+        *weight.stride(), *pixel_strides(y), HAS_BIAS=bias is not None,
+        STATS=statistics is not None, NORMALIZE=eps is not None, BLOCK_P=config.block_p,
+        BLOCK_K=config.block_k, BLOCK_N=config.block_n, UPCAST=upcast_dot(weight.dtype),
+        num_warps=config.warps, num_stages=config.stages)
     return y
 
 
 # ------------------------------------------------------------------------------------------
 # The released models' stems and merging layers (SPEC.md section 5): the stem 4 x 4 from 3
-# channels to E, the merging layers 2 x 2 from C to 2C at C = E, 2E, 4E.
+# channels to E, the merging layers 2 x 2 from C to 2C at C = E, 2E, 4E; PATNet's PAT_sf
+# LayerNorm + qkv from C2 = 6E to 3 C2 (stage 4: 8E channels, C1 = 2E).
 _STEM_WIDTHS = (32, 40, 48, 64, 96, 128, 144, 160, 192)
+_PATNET_WIDTHS = (32, 48, 64, 96, 128, 160)
+
+
+class Launch(NamedTuple):
+    """One kind of launch of the released models' inference path."""
+    c_in: int
+    c_out: int
+    k: int
+    stats: bool = False      # with the next PAT_ch block's statistics
+    from_fp32: bool = False  # x float32 (the image under autocast), the weight not
+    norm: bool = False       # PAT_sf's LayerNorm first (k = 1, tokens out)
 
 
 def released_launches():
-    """(C_IN, C_OUT, k, stats, reads float32) of each launch of the released models' inference
-    path: the stem (from the float32 image under autocast, which it reads as it is, or from
-    an image in the model's dtype), with the statistics where a PAT_ch block follows, and each
-    merging layer, in the model's dtype, with them before stages 2 and 3 of PATNet (stage 4's
-    first block is PAT_sf's)."""
+    """Each :class:`Launch` of the released models' inference path: the stem (from the float32
+    image under autocast, which it reads as it is, or from an image in the model's dtype),
+    with the statistics where a PAT_ch block follows, and each merging layer, in the model's
+    dtype, with them before stages 2 and 3 of PATNet (stage 4's first block is PAT_sf's); and
+    PATNet's PAT_sf LayerNorm + qkv."""
     for e in _STEM_WIDTHS:
         for stats, from_fp32 in itertools.product((False, True), (False, True)):
-            yield 3, e, 4, stats, from_fp32
+            yield Launch(3, e, 4, stats, from_fp32)
         for c, stats in ((e, True), (2 * e, True), (4 * e, False), (e, False), (2 * e, False)):
-            yield c, 2 * c, 2, stats, False
+            yield Launch(c, 2 * c, 2, stats)
+    for e in _PATNET_WIDTHS:
+        yield Launch(6 * e, 18 * e, 1, norm=True)
 
 
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU for the released models
-    (:func:`released_launches` per dtype; NCHW and channels_last, the weight stored [ky, kx,
-    in, out]), for the ahead-of-time check."""
+    (:func:`released_launches` per dtype; NCHW and channels_last inputs, the weight stored
+    [ky, kx, in, out], PAT_sf's qkv weight as nn.Linear keeps it), for the ahead-of-time
+    check."""
     kernels = {}
     fn = _patch_conv_kernel
-    for (c_in, c_out, k, stats, from_fp32), dtype in itertools.product(
-            released_launches(), TRITON_DTYPE):
-        config = config_for(c_in, c_out, k, dtype, interpret=False)
+    for launch, dtype in itertools.product(released_launches(), TRITON_DTYPE):
+        config = config_for(launch.c_in, launch.c_out, launch.k, dtype, interpret=False)
         tname = TRITON_DTYPE[dtype]
-        xname = "fp32" if from_fp32 else tname
+        xname = "fp32" if launch.from_fp32 else tname
         name = (f"patch_conv[{xname} -> {tname}, P={config.block_p}, K={config.block_k}, "
-                f"N={config.block_n}{', stats' if stats else ''}]")
+                f"N={config.block_n}{', stats' if launch.stats else ''}"
+                f"{', layer norm' if launch.norm else ''}]")
         if name in kernels:
             continue
-        # (the launcher passes the weight for the statistics' pointers when it takes none)
+        # (the launcher passes the weight for the pointers of what it does not take)
         pointers = {p: "*" + tname for p in fn.arg_names if p.endswith("_ptr")}
         pointers["x_ptr"] = "*" + xname
-        if stats:
+        if launch.stats:
             pointers.update(stats_mean_ptr="*fp32", stats_m2_ptr="*fp32")
+        if launch.norm:
+            launches = {"NCHW": ("x_sw", "w_si", "w_sy", "w_sx", "y_sc"),
+                        "channels_last": ("x_sc", "w_si", "w_sy", "w_sx", "y_sc")}
+        else:
+            launches = {"NCHW": ("x_sw", "w_so", "y_sp"),
+                        "channels_last": ("x_sc", "w_so", "y_sc")}
         kernels[name] = AotKernel(
-            name, fn, aot_signature(fn, pointers),
-            dict(HAS_BIAS=True, STATS=stats, BLOCK_P=config.block_p, BLOCK_K=config.block_k,
-                 BLOCK_N=config.block_n, UPCAST=upcast_dot(dtype, interpret=False)),
-            num_warps=config.warps, num_stages=config.stages,
-            launches={"NCHW": ("x_sw", "w_so", "y_sp"),
-                      "channels_last": ("x_sc", "w_so", "y_sc")})
+            name, fn, aot_signature(fn, pointers, {"EPS": "fp32"}),
+            dict(HAS_BIAS=True, STATS=launch.stats, NORMALIZE=launch.norm,
+                 BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
+                 UPCAST=upcast_dot(dtype, interpret=False)),
+            num_warps=config.warps, num_stages=config.stages, launches=launches)
     return list(kernels.values())
