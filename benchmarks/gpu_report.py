@@ -68,6 +68,8 @@ OP_FAMILIES = {
     "pointwise_mlp": ("bench_pointwise_mlp", "the block's MLP, pk.pointwise_mlp"),
     "partial_block": ("bench_partial_block", "a FasterNet / PAT_ch block, pk.partial_block"),
     "patch_conv": ("bench_patch_conv", "the stem and the merging layers, pk.patch_conv"),
+    "layer_norm_linear": ("bench_layer_norm_linear", "PAT_sf's LayerNorm and qkv projection, "
+                          "pk.layer_norm_linear"),
 }
 TEST_PHASES = {"triton": "Triton", "cuda": "CUDA"}
 CUT_RCS = ("124", "137")          # timeout(1): limit reached (SIGINT sent), then killed

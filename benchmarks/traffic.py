@@ -139,9 +139,10 @@ def _weights_macs(*names: str):
     return count
 
 
-def _tokens_macs(bound: dict, out) -> int:
-    y = _tensors(out)[0]  # (B, N, C_OUT) tokens, each the weight's products
-    return y.shape[0] * y.shape[1] * bound["weight"].numel()
+def _layer_norm_linear_macs(bound: dict, out) -> int:
+    y = _tensors(out)[0]  # (B, N, C_OUT) tokens: each normalised (4 per value, patnet.flops's
+    weight = bound["weight"]  # count of a LayerNorm without affine), then the weight's products
+    return y.shape[0] * y.shape[1] * (weight.numel() + 4 * weight.shape[1])
 
 
 def _attention_macs(bound: dict, out) -> int:
@@ -175,7 +176,7 @@ FUSED_MACS = {
     "self_mixer_output": _weights_macs("conv_weight", "proj_weight"),
     "rpe_attention_fwd": _attention_macs,
     "patch_conv": _weights_macs("weight"),
-    "layer_norm_linear": _tokens_macs,
+    "layer_norm_linear": _layer_norm_linear_macs,
 }
 CUDA_MACS = {**FUSED_MACS, "self_mixer_output": _weights_macs("conv_weight")}
 

@@ -19,8 +19,8 @@
 #                   collected, and counted as not run
 #   5. op benches   benchmarks/bench_{partial_conv,channel_attention,rpe_attention,
 #                   spatial_attention,batch_norm_act,pointwise_mlp,partial_block,
-#                   patch_conv}.py at batch 256, fp16 and bf16, fwd and fwd+bwd (the last
-#                   three: fwd, inference ops): eager vs
+#                   patch_conv,layer_norm_linear}.py at batch 256, fp16 and bf16, fwd and
+#                   fwd+bwd (the last four: fwd, inference ops): eager vs
 #                   the fused backends, then (time permitting) torch.compile / FlexAttention on
 #                   one shape per op; their JSON is rewritten after every case
 #   6. models       benchmarks/bench_models.py: PATNet-T2 and FasterNet-T2, eager vs ours,
@@ -369,10 +369,12 @@ if [ "$RUN_BENCH" = 1 ]; then
   run_family rpe_attention $(( OPS_START + FUSED_SPAN * 64 / 100 )) --shapes cls --providers "torch,sdpa,triton${CUDA_P}"
   run_family spatial_attention $(( OPS_START + FUSED_SPAN * 72 / 100 )) --providers torch,triton
   run_family batch_norm_act $(( OPS_START + FUSED_SPAN * 79 / 100 )) --providers torch,triton
-  # the inference-only ops (fwd only): the block's MLP and the whole FasterNet / PAT_ch block
+  # the inference-only ops (fwd only): the block's MLP, the whole FasterNet / PAT_ch block, the
+  # stem and merging layers, PAT_sf's LayerNorm + qkv projection
   run_family pointwise_mlp $(( OPS_START + FUSED_SPAN * 88 / 100 )) --modes fwd --providers torch,triton
-  run_family partial_block $(( OPS_START + FUSED_SPAN * 96 / 100 )) --modes fwd --providers torch,triton
-  run_family patch_conv $(( OPS_START + FUSED_SPAN )) --modes fwd --providers torch,triton
+  run_family partial_block $(( OPS_START + FUSED_SPAN * 95 / 100 )) --modes fwd --providers torch,triton
+  run_family patch_conv $(( OPS_START + FUSED_SPAN * 98 / 100 )) --modes fwd --providers torch,triton
+  run_family layer_norm_linear $(( OPS_START + FUSED_SPAN )) --modes fwd --providers torch,triton
   # torch.compile (FlexAttention for the attention) on one shape per op, fp16, with what is left
   compile_family() {  # compile_family FAMILY SHAPE PROVIDERS [ARGS...]
     local family=$1 shape=$2 providers=$3; shift 3
@@ -398,6 +400,7 @@ if [ "$RUN_BENCH" = 1 ]; then
   channels_last_family partial_block "torch,triton"
   channels_last_family pointwise_mlp "torch,triton"
   channels_last_family patch_conv "torch,triton"
+  channels_last_family layer_norm_linear "torch,triton"
   summary --partial
   # ---------------------------------------------------------------------------- 6. models
   [ "$DRY" = 1 ] && echo "  6. model benchmark, until ${END_MODELS}s:"

@@ -210,6 +210,11 @@ def _op_case(op: str, gen: torch.Generator):
                    randn(16)]
         return (lambda t, bns, training, backend: pk.patch_conv(
             t[0], t[1], t[2], statistics_of=4, backend=backend)[0]), tensors, []
+    if op == "layer_norm_linear":  # (reads its input as it is: values exact in both dtypes)
+        tensors = [randn(2, 12, 3, 4).bfloat16().float()[:, 4:], randn(18, 8, scale=0.3),
+                   randn(18)]
+        return (lambda t, bns, training, backend: pk.layer_norm_linear(
+            t[0], t[1], t[2], eps=1e-6, backend=backend)), tensors, []
     assert op == "self_mixer_output"
     tensors = [randn(2, 12, 2, 3), randn(3, 3, 3, 3, scale=0.2), randn(2, 6, 9),
                randn(9, 9, scale=0.3), randn(9)]

@@ -129,6 +129,36 @@ def test_stem_and_merging_layers_hand_their_statistics(monkeypatch):
         assert all(layer.statistics_of is None for layer in layers)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_self_attention_normalises_inside_its_projection(channels_last, monkeypatch):
+    """On Triton each PAT_sf block's LayerNorm and qkv projection run as pk.layer_norm_linear,
+    one launch of the patch conv's kernel with its LayerNorm prologue (no layer_norm op, no
+    copy of X2), exact on both layouts."""
+    require_fused_backend("triton")
+    from patnet_kernels.triton import patch_conv as patch_kernels
+
+    model = _eval_model("patnet_t0", embed_dim=16, depths=(1, 1, 2, 2)).to(DEVICE)
+    x = torch.randn(2, 3, 64, 64).to(DEVICE)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fast = patnet.optimize_for_inference(model, backend="triton")
+    with torch.no_grad():
+        want = model(x)
+    launch, normalised = patch_kernels.patch_conv, []
+
+    def counted(*args, **kwargs):
+        normalised.append(kwargs.get("eps") is not None)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(patch_kernels, "patch_conv", counted)
+    monkeypatch.setattr(torch.nn.functional, "layer_norm",
+                        lambda *a, **k: pytest.fail("a LayerNorm ran on its own"))
+    with torch.no_grad():
+        assert rel_error(fast(x), want) < 1e-5
+    assert sum(normalised) == 2  # (stage 4's two blocks)
+
+
 def test_inference_path_channels_last():
     model = _eval_model("fasternet_t0").to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)

@@ -19,7 +19,8 @@ import torch
 
 import patnet_kernels as pk
 from benchmarks import bench_batch_norm_act, bench_channel_attention, bench_partial_conv
-from benchmarks import bench_partial_block, bench_pointwise_mlp, bench_rpe_attention
+from benchmarks import bench_layer_norm_linear, bench_partial_block, bench_pointwise_mlp
+from benchmarks import bench_rpe_attention
 from benchmarks import bench_spatial_attention, op_cli
 from benchmarks.op_cases import run_case
 from benchmarks.op_family import MODES
@@ -38,6 +39,7 @@ SCRIPTS = {
     "rpe_attention": (bench_rpe_attention, []),
     "pointwise_mlp": (bench_pointwise_mlp, []),  # (fwd only: an inference op)
     "partial_block": (bench_partial_block, []),  # (fwd only: an inference op)
+    "layer_norm_linear": (bench_layer_norm_linear, []),  # (fwd only: an inference op)
 }
 QUICK = ["--quick", "--device", "cpu", "--warmup", "0", "--runs", "2"]
 STATUSES = {"ok", "n/a", "unavailable", "skipped"}
@@ -103,7 +105,8 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
                                                                         base_ms / entry["ms"])
             assert entry["speedup_vs_eager"] is not None
             assert entry["max_rel_error"] <= 1e-3, (key, provider, entry["max_rel_error"])
-        if name in ("partial_conv", "pointwise_mlp", "partial_block"):  # (Triton kernels: ran)
+        if name in ("partial_conv", "pointwise_mlp", "partial_block",
+                    "layer_norm_linear"):  # (Triton kernels: ran)
             assert row["providers"]["triton"]["status"] == "ok", key
             if name == "partial_conv":
                 inplace = row["providers"]["triton inplace"]["status"]
@@ -221,6 +224,43 @@ def test_rpe_attention_shapes_and_counts():
     assert family.bytes_moved(t2, 256, 2, "fwd") == (4 * x + 4 * 81) * 2 + 4 * 49 ** 2
     assert family.bytes_moved(t2, 256, 2, "fwd+bwd") == (11 * x + 3 * 81 * 4) * 2 + 8 * 49 ** 2
     assert family.providers == ["torch", "sdpa", "flex", "triton", "cuda"]
+
+
+def test_layer_norm_linear_shapes_counts_and_slice(monkeypatch):
+    """The PAT_sf blocks of stage 4 of PATNet-T0, T2, L (C = C2 = 3/4 of the block's channels:
+    the op's input; split = C1); the byte and FLOP formulas of the README; every provider is
+    given the block input and the op gets X2 = x[:, C1:], a view of it, in either layout
+    (--layout channels_last lays the block input out channels_last), matching the reference."""
+    family = bench_layer_norm_linear.FAMILY
+    assert [(s.name, s.channels, s.height, s.width, s.split, s.blocks)
+            for s in family.shapes(False)] == [
+        ("patnet_t0.s4", 192, 7, 7, 64, 2), ("patnet_t2.s4", 384, 7, 7, 128, 4),
+        ("patnet_l.s4", 960, 7, 7, 320, 4)]
+    t2 = family.shapes(False)[1]
+    assert family.flops(t2, 256, "fwd") == 2 * 256 * 49 * 1152 * 384
+    assert family.bytes_moved(t2, 256, 2, "fwd") == (256 * 49 * (384 + 1152) + 1152 * 385) * 2
+    assert family.providers == ["torch", "torch.compile", "triton"] and family.modes == ("fwd",)
+
+    seen = []
+    op = pk.layer_norm_linear
+
+    def recording(x, *args, **kwargs):
+        seen.append((x.shape, x.stride(), x._base is not None))
+        return op(x, *args, **kwargs)
+
+    monkeypatch.setattr(pk, "layer_norm_linear", recording)
+    shape = family.shapes(True)[0]  # C1 = 16, C2 = 48 on 7 x 7
+    c, n = shape.split + shape.channels, shape.height * shape.width
+    timer = Timer(torch.device("cpu"), warmup=0, runs=1)
+    strides = {"nchw": (c * n, n, shape.width, 1), "channels_last": (c * n, 1, shape.width * c, c)}
+    for layout, stride in strides.items():
+        seen.clear()
+        row = run_case(family, shape, 2, torch.float32, "fwd", ["torch", "triton"], timer,
+                       1.0, {}, "default", 0, layout)
+        for provider in ("torch", "triton"):
+            entry = row["providers"][provider]
+            assert entry["status"] == "ok" and entry["max_rel_error"] <= 1e-4, (layout, entry)
+        assert seen and set(seen) == {((2, shape.channels, 7, 7), stride, True)}, (layout, seen)
 
 
 def _rpe_problem(mode, dtype=torch.float32, quick_shape=0, batch=2):

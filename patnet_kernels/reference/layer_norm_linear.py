@@ -16,7 +16,7 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     (float64 for a float64 x), as autocast runs layer_norm, then converted to the weight's
     dtype; weight (C_OUT, C_IN), bias (C_OUT,) or None. Returns (B, N, C_OUT) in the weight's
     dtype."""
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     tokens = x.flatten(2).transpose(1, 2).to(compute)
     normed = F.layer_norm(tokens, (x.shape[1],), eps=eps)
     return F.linear(normed.to(weight.dtype), weight, bias)

@@ -163,7 +163,12 @@ def _samples_merge(x: torch.Tensor, y: torch.Tensor, k: int) -> bool:
     _, _, ho, wo = y.shape
     return (bsz > 1 and h % k == 0 and x.stride(0) == h * x.stride(2)
             and y.stride(0) == ho * y.stride(2) and y.stride(2) == wo * y.stride(3)
-            and max(x.numel(), y.numel()) < 2 ** 31)
+            and max(_last_offset(x), _last_offset(y)) < 2 ** 31)
+
+
+def _last_offset(t: torch.Tensor) -> int:
+    """The offset of t's last element from its first (a slice's reach into its parent)."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
 
 
 def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -173,7 +178,8 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
     x: (B, C_IN, H, W), any strides and float dtype; weight: (C_OUT, C_IN, k, k), any strides
     (stored [ky, kx, in, out], as ``patnet.optimize_for_inference`` keeps it, its loads are
-    contiguous over the output channels); bias: (C_OUT,) or None, y's dtype; y: (B, C_OUT,
+    contiguous over the output channels); bias: (C_OUT,) or None, y's dtype (any stride: the
+    kernel reads a contiguous one, copied if need be); y: (B, C_OUT,
     H // k, W // k) in the weight's dtype, its pixels flattened to one stride. statistics:
     (mean, m2), each (B, :func:`stats_chunks`, C_OUT - stats_first) fp32 contiguous, filled
     with those of y[:, stats_first:] per tile of pixels, or None. eps: each pixel's C_IN values
@@ -189,7 +195,7 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     grid = (cdiv(ho * wo, config.block_p), samples, cdiv(c_out, config.block_n))
     stats_mean, stats_m2 = statistics if statistics is not None else (weight, weight)
     _patch_conv_kernel[grid](
-        x, weight, bias if bias is not None else weight, y, stats_mean, stats_m2,
+        x, weight, bias.contiguous() if bias is not None else weight, y, stats_mean, stats_m2,
         c_in, c_out, k, 0.0 if eps is None else eps, stats_first, ho * wo, wo, *x.stride(),
         *weight.stride(), *pixel_strides(y), HAS_BIAS=bias is not None,
         STATS=statistics is not None, NORMALIZE=eps is not None, BLOCK_P=config.block_p,
