@@ -99,12 +99,19 @@ def _patch_conv_kernel(
     for k0 in range(0, KS * row, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < KS * row
-        ky = offs_k // row
-        kx = (offs_k % row) // C_IN
-        c = offs_k % C_IN
-        a = tl.load(x_pix + (ky * x_sh + kx * x_sw + c * x_sc)[None, :],
-                    mask=p_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_K)
-        wt = tl.load(w_ptr + (offs_n * w_so)[None, :] + (ky * w_sy + kx * w_sx + c * w_si)[:, None],
+        if NORMALIZE:  # (KS = 1: the patch values are the channels; no division, which
+            # would hide their contiguity from the compiler)
+            x_off = offs_k * x_sc
+            w_off = offs_k * w_si
+        else:
+            ky = offs_k // row
+            kx = (offs_k % row) // C_IN
+            c = offs_k % C_IN
+            x_off = ky * x_sh + kx * x_sw + c * x_sc
+            w_off = ky * w_sy + kx * w_sx + c * w_si
+        a = tl.load(x_pix + x_off[None, :], mask=p_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # (BLOCK_P, BLOCK_K)
+        wt = tl.load(w_ptr + (offs_n * w_so)[None, :] + w_off[:, None],
                      mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
         if NORMALIZE:  # (the K values past C_IN meet zero weights)
             a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
@@ -259,8 +266,8 @@ def aot_kernels() -> List[AotKernel]:
         if launch.stats:
             pointers.update(stats_mean_ptr="*fp32", stats_m2_ptr="*fp32")
         if launch.norm:
-            launches = {"NCHW": ("x_sw", "w_si", "w_sy", "w_sx", "y_sc"),
-                        "channels_last": ("x_sc", "w_si", "w_sy", "w_sx", "y_sc")}
+            launches = {"NCHW": ("x_sw", "w_si", "w_sy", "w_sx", "y_sc", "KS"),
+                        "channels_last": ("x_sc", "w_si", "w_sy", "w_sx", "y_sc", "KS")}
         else:
             launches = {"NCHW": ("x_sw", "w_so", "y_sp"),
                         "channels_last": ("x_sc", "w_so", "y_sc")}
