@@ -198,8 +198,22 @@ def refusal_error(refusal: Refusal, refused: Tuple[Refusal, ...]) -> Exception:
     return ERRORS[refusal.error](f"backend={refusal.backend!r} {refusal.reason}; use {way_out}")
 
 
-# (op, fused backend) -> the function that runs it; filled by load(), read by implementation().
-_IMPLEMENTATIONS: Dict[Tuple[str, str], Callable] = {}
+class _Loaded:
+    """Where :func:`load` keeps a fused backend's function for one op (None until loaded). One
+    holder per (op, backend), made with the registry, so that the dictionary holding them never
+    changes: torch.compile reads a dictionary once per trace, and one filled during the trace
+    (the backend decision loads an op's backend the first time the op is met) would be read
+    stale; a holder's attribute is read as it is when the call is traced."""
+    __slots__ = ("function",)
+
+    def __init__(self):
+        self.function: Optional[Callable] = None
+
+
+# (op, fused backend) -> the holder of the function that runs it: filled by load(), read by
+# implementation().
+_IMPLEMENTATIONS: Dict[Tuple[str, str], _Loaded] = {
+    (name, backend): _Loaded() for name, op in OPS.items() for backend in op.backends}
 
 
 def load(op: str, backend: str) -> None:
@@ -207,12 +221,13 @@ def load(op: str, backend: str) -> None:
     registering the op's Triton ops, or the CUDA extension (loaded, or built on first use).
     Called where the backend is chosen, outside any traced code; the caller has checked that
     the backend has kernels for ``op`` (:func:`refusals`)."""
-    if backend in FUSED_BACKENDS and (op, backend) not in _IMPLEMENTATIONS:
+    loaded = _IMPLEMENTATIONS.get((op, backend))
+    if loaded is not None and loaded.function is None:
         registering = f"ops.triton.{OPS[op].module}" if backend == "triton" else "ops.cuda"
         importlib.import_module(f"{__package__}.{registering}")
         module = importlib.import_module(f"{__package__}.ops.{OPS[op].module}")
         namespace = NAMESPACES[backend]
-        _IMPLEMENTATIONS[(op, backend)] = module.backend_function(
+        loaded.function = module.backend_function(
             DirectOps(namespace) if backend == "triton" else getattr(torch.ops, namespace))
 
 
@@ -224,4 +239,4 @@ def implementation(op: str, backend: str) -> Callable:
         return getattr(reference_ops, op)
     if backend == EVAL_FORM:
         return getattr(eval_cpu, op)
-    return _IMPLEMENTATIONS[(op, backend)]
+    return _IMPLEMENTATIONS[(op, backend)].function

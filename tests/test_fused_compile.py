@@ -174,3 +174,29 @@ def test_inductor_compiled_model_matches_eager(fused_backend):
                   + BUDGET_FLOOR[torch.float32])
         assert error <= budget, f"tensor {index}: {error:.3g} vs float64, budget {budget:.3g}"
     _assert_second_batch_reuses_the_graph(counter, compiled, "train")
+
+
+@pytest.mark.parametrize("fused_backend", ["triton"], indirect=True)
+def test_inference_copy_compiled_on_its_first_call(fused_backend, monkeypatch):
+    """torch.compile(fullgraph=True) of ``patnet.optimize_for_inference``'s copy (PATNet-T1
+    with one block per stage: the patch convs, PAT_ch blocks with PAT_sp and the statistics
+    they hand on, PAT_sf's LayerNorm + qkv, attention and output, the MLP), its first call
+    traced before any eager one, with no op's backend loaded yet: each op's backend is loaded
+    while the trace runs (a registry dictionary filled during the trace used to be read stale:
+    KeyError); one graph, equal to the eager copy."""
+    from patnet_kernels import backends, registry
+
+    for loaded in registry._IMPLEMENTATIONS.values():
+        monkeypatch.setattr(loaded, "function", None)
+    backends.forget_decisions()
+    torch._dynamo.reset()
+    model = _whole_model("patnet_t1", fused_backend, "eval", depths=(1, 1, 1, 1))
+    fast = patnet.optimize_for_inference(model, backend=fused_backend)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fast, backend=counter, fullgraph=True)
+    x, _ = _batch(2, "eval")
+    with torch.no_grad():
+        ours = compiled(x)
+        assert rel_error(ours, fast(x)) < 1e-6
+    assert counter.frame_count == 1
+    backends.forget_decisions()
