@@ -6,7 +6,7 @@ spends issuing its kernels (our Python layers, PyTorch's dispatch, Triton's laun
                                    [--amp float16|bfloat16] [--layout nchw|channels_last]
                                    [--json PATH]
 
-A GPU runs a forward no faster than its host issues it: at 51 launches per PATNet-T2 forward,
+A GPU runs a forward no faster than its host issues it: at 44 launches per PATNet-T2 forward,
 tens of microseconds of Python per launch are milliseconds per batch, as much as the kernels
 of a whole batch at the speed targets. This measures it.
 
