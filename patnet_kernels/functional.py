@@ -537,14 +537,7 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if x.shape[2] < k or x.shape[3] < k:
         raise ValueError(f"x's H x W = {x.shape[2]} x {x.shape[3]} is smaller than the "
                          f"{k} x {k} patch")
-    if bias is not None:
-        check_shape("bias", bias, (weight.shape[0],))
-    check_same("weight", weight, bias=bias)
-    check_device("weight", weight, x=x)
-    if weight.dtype != x.dtype and weight.dtype not in registry.FUSED_DTYPES:
-        raise TypeError(f"weight is {weight.dtype} but x is {x.dtype}: x is read in its own "
-                        f"dtype only into float32, float16 or bfloat16 weights; cast x to "
-                        f"{weight.dtype}")
+    _check_weight_reading(x, weight, bias)
     if statistics_of is not None and not (isinstance(statistics_of, int)
                                           and 0 <= statistics_of < weight.shape[0]):
         raise ValueError(f"statistics_of must be the C1 of the next PAT_ch block, an int in "
@@ -573,6 +566,17 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f"weight must be (C_OUT, C_IN) with C_IN = {c_in} (x's channels), got "
                          f"{tuple(getattr(weight, 'shape', ()))}")
     check_activation("weight", weight, "(C_OUT, C_IN)")
+    _check_weight_reading(x, weight, bias)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    return choose_implementation("layer_norm_linear", backend, x, weight, bias)(
+        x, weight, bias, float(eps))
+
+
+def _check_weight_reading(x: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor]) -> None:
+    """The checks of an op whose weight (C_OUT, ...) and bias (C_OUT,) or None share a dtype and
+    whose input x is read in its own dtype (``patch_conv``, ``layer_norm_linear``)."""
     if bias is not None:
         check_shape("bias", bias, (weight.shape[0],))
     check_same("weight", weight, bias=bias)
@@ -581,10 +585,6 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise TypeError(f"weight is {weight.dtype} but x is {x.dtype}: x is read in its own "
                         f"dtype only into float32, float16 or bfloat16 weights; cast x to "
                         f"{weight.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    return choose_implementation("layer_norm_linear", backend, x, weight, bias)(
-        x, weight, bias, float(eps))
 
 
 def _check_statistics(statistics, x: torch.Tensor, c1: int) -> None:
