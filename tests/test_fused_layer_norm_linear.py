@@ -81,13 +81,13 @@ def test_matches_float64_reference(shape, channels_last, dtype, fused_backend):
 def test_the_shapes_above_take_both_tilings(shape, fused_backend):
     """(What the tests above cover) the launcher tiles channels_last samples as rows of one
     sample where B > 1 (a tile then spans samples), NCHW samples each on their own."""
-    from patnet_kernels.triton.patch_conv import _samples_merge
+    from patnet_kernels.triton._common import samples_as_rows
 
     b, _, _, c_out, h, w = shape
     y = torch.empty(b, h * w, c_out, device=DEVICE).view(b, h, w, c_out).permute(0, 3, 1, 2)
     for channels_last in (False, True):
         x = _inputs(*shape, torch.float32, channels_last)[0]
-        assert _samples_merge(x, y, 1) == (channels_last and b > 1)
+        assert samples_as_rows(x, y) == (channels_last and b > 1)
 
 
 @ON_ITS_BACKENDS

@@ -72,6 +72,23 @@ def test_matches_float64_reference(shape, channels_last, dtype, fused_backend):
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@ON_ITS_BACKENDS
+def test_channels_last_samples_share_pixel_tiles(fused_backend, monkeypatch):
+    """Without a conv head, a gate or statistics (PAT_sf's MLP) the launcher takes channels_last
+    samples as rows of one sample, so that its pixel tiles span samples (7 x 7 = 49 pixels
+    would fill 77% of a 64-pixel tile); NCHW samples each on their own; exact either way."""
+    from patnet_kernels.triton import pointwise_mlp as kernels
+
+    taken, original = [], kernels.samples_as_rows
+    monkeypatch.setattr(kernels, "samples_as_rows",
+                        lambda *t: taken.append(original(*t)) or taken[-1])
+    for channels_last in (False, True):
+        inputs = _inputs(3, 16, 32, 16, 7, 7, torch.float32, channels_last)
+        exact = _call([v.double() for v in inputs], "torch", "relu")
+        assert rel_error(_call(inputs, fused_backend, "relu"), exact) < 1e-5
+    assert taken == [False, True]
+
+
 def _spatial(c_out, dtype, folded, seed=1, p=None):
     """PAT_sp's tensors for an MLP of ``c_out`` output channels (P = C_out // 2 conv channels
     as released, or ``p``), BN_d folded into its conv (a bias) or not; BatchNorm tensors fp32

@@ -204,3 +204,20 @@ def cdiv(a: int, b: int) -> int:
     """ceil(a / b) of two positive ints, for the launchers' grids (``triton.cdiv`` is a
     constexpr function: about 2 us a call from Python, dozens of calls per model forward)."""
     return -(-a // b)
+
+
+def samples_as_rows(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel over the pixels of these (B, C, H, W) tensors may take their B samples
+    as B * H rows of one sample, so that its pixel tiles span samples (none lost to a sample's
+    last, partial tile: 49 pixels at 7 x 7 fill 77% of a 64-pixel tile): each one's samples
+    follow one another at its pixel stride (channels_last and its channel slices, not NCHW),
+    and every offset fits in int32. Only for kernels that treat each pixel alone (no
+    neighbours, nothing per sample)."""
+    for t in tensors:
+        sp = pixel_stride(t)
+        if (t.shape[0] < 2 or sp is None or t.stride(0) != t.shape[2] * t.shape[3] * sp
+                or sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+                >= 2 ** 31):
+            return False
+    return True
+

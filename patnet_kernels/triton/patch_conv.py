@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, cdiv, dot,
-                      pixel_strides, store_tile_moments, upcast_dot)
+                      pixel_strides, samples_as_rows, store_tile_moments, upcast_dot)
 
 
 @triton.jit
@@ -81,7 +81,7 @@ def _patch_conv_kernel(
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the weight's dtype
 ):
     # grid: (cdiv(P, BLOCK_P), B, cdiv(C_OUT, BLOCK_N)); the launcher may pass the samples
-    # as rows of one (B = 1, HO and P over all samples: see _samples_merge)
+    # as rows of one (B = 1, HO and P over all samples: _common.samples_as_rows)
     pid_p = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_n = tl.program_id(2)
@@ -161,23 +161,6 @@ def stats_chunks(x: torch.Tensor, weight: torch.Tensor) -> int:
     return cdiv((x.shape[2] // k) * (x.shape[3] // k), config.block_p)
 
 
-def _samples_merge(x: torch.Tensor, y: torch.Tensor, k: int) -> bool:
-    """Whether the samples of x and y can be tiled as more rows of one sample: each sample's
-    rows follow the last one's at the same row stride in both (channels_last, not NCHW), whole
-    patches, and every offset within int32. Then a pixel tile may span two samples (no
-    tile lost to a sample's last, partial one: 49 tokens in 64-pixel tiles)."""
-    bsz, _, h, _ = x.shape
-    _, _, ho, wo = y.shape
-    return (bsz > 1 and h % k == 0 and x.stride(0) == h * x.stride(2)
-            and y.stride(0) == ho * y.stride(2) and y.stride(2) == wo * y.stride(3)
-            and max(_last_offset(x), _last_offset(y)) < 2 ** 31)
-
-
-def _last_offset(t: torch.Tensor) -> int:
-    """The offset of t's last element from its first (a slice's reach into its parent)."""
-    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-
-
 def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                y: torch.Tensor, statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                stats_first: int = 0, eps: Optional[float] = None) -> torch.Tensor:
@@ -197,8 +180,8 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     _, _, ho, wo = y.shape
     config = config_for(c_in, c_out, k, weight.dtype)
     samples = bsz
-    if statistics is None and _samples_merge(x, y, k):
-        samples, ho = 1, bsz * ho
+    if statistics is None and x.shape[2] % k == 0 and samples_as_rows(x, y):
+        samples, ho = 1, bsz * ho  # (whole patches: rows of a sample's patches stay together)
     grid = (cdiv(ho * wo, config.block_p), samples, cdiv(c_out, config.block_n))
     stats_mean, stats_m2 = statistics if statistics is not None else (weight, weight)
     _patch_conv_kernel[grid](

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
                       batch_norm_tile, block, cdiv, dot, hardsigmoid, pixel_strides,
-                      store_tile_moments, upcast_dot)
+                      samples_as_rows, store_tile_moments, upcast_dot)
 from .partial_conv import conv3x3_tile
 
 # The activation constexpr of the kernel, by the reference's name.
@@ -325,9 +325,13 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         raise ValueError(f"with PAT_sp one program holds both halves of the output, {q} and "
                          f"{c_out - q} channels: the output block must be at least "
                          f"block({half}), got {config.block_n}")
-    grid = (cdiv(h * w, config.block_p), b,
-            1 if spatial is not None else cdiv(c_out, config.block_n))
     r = residual if residual is not None else y
+    samples, pixels = b, h * w
+    if conv_taps is None and scale is None and statistics is None \
+            and samples_as_rows(x, r, y):
+        samples, pixels = 1, b * h * w  # (1x1 convs, PAT_sp: each pixel alone)
+    grid = (cdiv(pixels, config.block_p), samples,
+            1 if spatial is not None else cdiv(c_out, config.block_n))
     unused = w1  # (any pointer in x's dtype for the arguments not read)
     stats_mean, stats_m2 = statistics if statistics is not None else (unused, unused)
     sp = spatial or SpatialAttention(unused, unused, None, (unused,) * 4, 0.0, None, 0.0)
@@ -337,7 +341,7 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
         w2, b2 if b2 is not None else unused, r, y, stats_mean, stats_m2, sp.gate, sp.weight,
         sp.bias if sp.bias is not None else unused, *sp.bn_c, *bn_d, sp.c_eps, sp.d_eps, c,
-        c_head, hidden, c_out, q, stats_first, h * w, w,
+        c_head, hidden, c_out, q, stats_first, pixels, w,
         *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
         ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=scale is not None,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
