@@ -111,6 +111,26 @@ def test_matches_float64_reference(case, channels_last, dtype, fused_backend):
 
 
 @ON_ITS_BACKENDS
+def test_channels_last_pconv_blocks_tile_across_samples(fused_backend, monkeypatch):
+    """A FasterNet block on a channels_last map takes its samples as rows of one sample (pixel
+    tiles spanning samples: stage 3's 14 x 14 = 196 pixels would leave 60 of four 64-pixel
+    tiles idle), each pixel's 3 x 3 window kept inside its own sample (zero padding at every
+    sample's edges: the first and last rows are neighbours in memory); a PAT_ch block (its
+    gate per sample, its statistics per tile of one sample) and NCHW maps do not. Exact."""
+    from patnet_kernels.triton import pointwise_mlp as kernels
+
+    taken, original = [], kernels.samples_as_rows
+    monkeypatch.setattr(kernels, "samples_as_rows",
+                        lambda *t: taken.append(original(*t)) or taken[-1])
+    for pat_ch, channels_last in ((False, False), (False, True), (True, True)):
+        args, kwargs = _inputs(3, 16, 4, 4, 5, pat_ch, False, seed=5)
+        ours = _run(args, kwargs, torch.float32, fused_backend, channels_last=channels_last)
+        exact = _run(args, kwargs, torch.float64, "torch")
+        assert rel_error(ours, exact) < 1e-5, (pat_ch, channels_last)
+    assert taken == [False, True]  # (the PAT_ch block, with its gate, is not even asked)
+
+
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_opcheck_of_the_mlp_with_a_conv_head(channels_last, fused_backend):
     """The MLP op as the block calls it: conv3x3 of channels [0, C1), X2 through an affine."""

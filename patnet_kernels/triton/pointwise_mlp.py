@@ -76,8 +76,10 @@ def _pointwise_mlp_kernel(
     C, C_HEAD, HIDDEN, C_OUT,  # C_HEAD: channels [0, C_HEAD) of M are the conv (0: none)
     Q,  # SPATIAL: PAT_sp's gated channels, the first Q of the MLP's output (the rest its conv's)
     STATS_FIRST,  # the first output channel whose statistics are taken (if STATS)
-    P,  # pixels per sample, H * W
-    W,  # image width: pixel p is at row p // W, column p % W (read if CONV_HEAD)
+    P,  # pixels: H * W per sample, or B * H * W with the samples taken as rows of one (the
+        # launcher's choice, _common.samples_as_rows: then no HAS_AFFINE, no STATS)
+    H, W,  # rows per sample and image width: pixel p is at row (p // W) % H of its sample,
+           # column p % W (read if CONV_HEAD)
     x_sb, x_sc, x_sp,  # sample, channel and pixel strides of x (elements)
     r_sb, r_sc, r_sp,  # strides of the residual (elements)
     y_sb, y_sc, y_sp,  # strides of y (elements)
@@ -113,9 +115,12 @@ def _pointwise_mlp_kernel(
     if CONV_HEAD:  # (rounded to x's dtype, as a conv writing its output would)
         offs_c1 = tl.arange(0, BLOCK_C1)
         c1_ok = offs_c1 < C_HEAD
-        conv = conv3x3_tile(x_ptr + pid_b * x_sb, wc_ptr, C_HEAD, P // W, W, x_sc, W * x_sp,
-                            x_sp, offs_p // W, offs_p % W, p_ok, offs_c1, c1_ok, BLOCK_P,
-                            BLOCK_CI, BLOCK_C1, UPCAST).to(x_ptr.dtype.element_ty)
+        rows = offs_p // W
+        h = rows % H  # (the tile's pixels' rows in their own sample, whose first row each
+        # conv's window is based on: no neighbour across two samples taken as rows of one)
+        conv = conv3x3_tile(x_ptr + pid_b * x_sb + ((rows - h) * W * x_sp)[:, None], wc_ptr,
+                            C_HEAD, H, W, x_sc, W * x_sp, x_sp, h, offs_p % W, p_ok, offs_c1,
+                            c1_ok, BLOCK_P, BLOCK_CI, BLOCK_C1, UPCAST).to(x_ptr.dtype.element_ty)
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # SPATIAL: Mb, channels Q + offs_n
@@ -327,9 +332,8 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                          f"block({half}), got {config.block_n}")
     r = residual if residual is not None else y
     samples, pixels = b, h * w
-    if conv_taps is None and scale is None and statistics is None \
-            and samples_as_rows(x, r, y):
-        samples, pixels = 1, b * h * w  # (1x1 convs, PAT_sp: each pixel alone)
+    if scale is None and statistics is None and samples_as_rows(x, r, y):
+        samples, pixels = 1, b * h * w  # (the conv head's window stays in its sample)
     grid = (cdiv(pixels, config.block_p), samples,
             1 if spatial is not None else cdiv(c_out, config.block_n))
     unused = w1  # (any pointer in x's dtype for the arguments not read)
@@ -341,7 +345,7 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
         w2, b2 if b2 is not None else unused, r, y, stats_mean, stats_m2, sp.gate, sp.weight,
         sp.bias if sp.bias is not None else unused, *sp.bn_c, *bn_d, sp.c_eps, sp.d_eps, c,
-        c_head, hidden, c_out, q, stats_first, pixels, w,
+        c_head, hidden, c_out, q, stats_first, pixels, h, w,
         *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
         ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=scale is not None,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
