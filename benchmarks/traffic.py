@@ -100,7 +100,7 @@ import patnet  # noqa: E402
 import patnet.testing  # noqa: E402
 from benchmarks.report import pretty, run_models, split_list  # noqa: E402
 from benchmarks.report import write_json as write_json_file  # noqa: E402
-from patnet.flops import op_macs  # noqa: E402
+from patnet.flops import layer_norm_macs, op_macs  # noqa: E402
 from patnet.layers import FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock  # noqa: E402
 
 PROVIDERS = ("eager", "torch", "triton", "cuda")
@@ -140,9 +140,10 @@ def _weights_macs(*names: str):
 
 
 def _layer_norm_linear_macs(bound: dict, out) -> int:
-    y = _tensors(out)[0]  # (B, N, C_OUT) tokens: each normalised (4 per value, patnet.flops's
-    weight = bound["weight"]  # count of a LayerNorm without affine), then the weight's products
-    return y.shape[0] * y.shape[1] * (weight.numel() + 4 * weight.shape[1])
+    y = _tensors(out)[0]  # (B, N, C_OUT) tokens: each normalised (no affine), then the
+    weight = bound["weight"]  # weight's products
+    tokens = y.shape[0] * y.shape[1]
+    return tokens * weight.numel() + layer_norm_macs(tokens * weight.shape[1], affine=False)
 
 
 def _attention_macs(bound: dict, out) -> int:

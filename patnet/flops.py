@@ -60,8 +60,13 @@ def _attention(args, out) -> int:
     return math.prod(q.shape[:-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
 
 
+def layer_norm_macs(values: int, affine: bool) -> int:
+    """A LayerNorm over ``values`` values: 4 per value, 5 with its affine (fvcore's count)."""
+    return values * (5 if affine else 4)
+
+
 def _layer_norm(args, out) -> int:
-    return _numel(args[0]) * (5 if len(args) > 2 and args[2] is not None else 4)
+    return layer_norm_macs(_numel(args[0]), len(args) > 2 and args[2] is not None)
 
 
 _COUNTERS = {
