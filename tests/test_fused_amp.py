@@ -278,3 +278,24 @@ def test_op_under_autocast_is_the_explicitly_cast_op(backend, op, dtype):
             assert a.dtype == torch.float32, f"{op}: BatchNorm tensor {index} is {a.dtype}"
             assert torch.equal(a, c), \
                 f"{op} (training={training}): BatchNorm tensor {index} differs"
+
+
+@pytest.mark.parametrize("backend, op", [case for case in OP_CASES if case.values[1] in BN_OPS])
+def test_batch_norm_gradients_under_fp16_autocast_stay_float32(backend, op):
+    """Under fp16 autocast with a GradScaler-sized loss scale (2^12 here), each BatchNorm's
+    parameter gradients, sums over every pixel of the batch, come back float32 and finite, as
+    nn.BatchNorm2d's do: past fp16's largest value (65504) in this case, where a gradient
+    rounded to the activations' dtype on its way would be inf (and GradScaler would skip the
+    step and shrink its scale, again and again)."""
+    if backend != "torch":
+        require_fused_backend(backend)
+    fn, tensors, bns = _op_case(op, torch.Generator().manual_seed(0))
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        y = fn(leaves, bns, True, backend)
+    y.backward(torch.full_like(y, 2.0 ** 12))
+    grads = [g for bn in bns for g in (bn.weight.grad, bn.bias.grad)]
+    for index, g in enumerate(grads):
+        assert g.dtype == torch.float32, f"{op}: BatchNorm gradient {index} is {g.dtype}"
+        assert torch.isfinite(g).all(), f"{op}: BatchNorm gradient {index} is not finite: {g}"
+    assert max(g.abs().max().item() for g in grads) > torch.finfo(torch.float16).max

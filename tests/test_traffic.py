@@ -292,6 +292,26 @@ PINNED_TRAIN = {"patnet_t2": dict(eager=749, triton=507),
 TRAIN_BYTES_VS_EAGER = {"patnet_t2": 0.64, "fasternet_t2": 0.76}
 
 
+# The same under bfloat16 autocast (kernels, exact): PATNet-T2's Triton step was 748 while
+# PAT_ch's autograd Function returned its BatchNorms' gradients in the activations' dtype (a
+# cast to bfloat16, then autograd's back to float32, per gradient: 80 kernels, and rounded).
+PINNED_TRAIN_AUTOCAST = {"patnet_t2": dict(eager=900, triton=668)}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_TRAIN_AUTOCAST))
+def test_training_step_counts_under_autocast(name):
+    if not _available("triton"):
+        pytest.skip("the Triton backend cannot run here")
+    report = traffic.measure(name, SIZE, ("eager", "triton"), run_kernels=False, train=True,
+                             autocast=True)
+    for provider, kernels in PINNED_TRAIN_AUTOCAST[name].items():
+        row = report["providers"][provider]
+        assert row["status"] == "ok", row
+        assert row["kernels"] == kernels, (
+            f"{name}, {provider}: {row['kernels']} kernels per training step under autocast, "
+            f"pinned {kernels}; the biggest: {list(row['ops'].items())[:8]}")
+
+
 @pytest.mark.parametrize("name", sorted(PINNED_TRAIN))
 def test_training_step_counts(name):
     """``--train``: the training model's forward and backward, eager against ours on Triton

@@ -25,6 +25,25 @@ def register_fakes(namespace: str, fakes: Dict[str, Callable]) -> None:
         torch.library.register_fake(f"{namespace}::{name}")(fake)
 
 
+def tensor_dtypes(inputs: Sequence) -> tuple:
+    """The dtype of each of an autograd Function's ``inputs`` that is a tensor (None for the
+    others and for absent tensors): what its forward keeps for :func:`in_input_dtypes`."""
+    return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in inputs)
+
+
+def in_input_dtypes(grads: Sequence[Optional[torch.Tensor]], dtypes: Sequence,
+                    needs: Sequence[bool]) -> tuple:
+    """An autograd Function's gradients, one per input (``needs``: its needs_input_grad; the
+    trailing non-tensor inputs may have no entry in ``grads``), each one needed in its input's
+    dtype (:func:`tensor_dtypes`), the others None. The ops return parameter gradients in float32
+    (their sums are float32), so a float32 parameter beside half activations (a BatchNorm's
+    under autocast) gets its gradient unrounded, without a cast kernel either way (rounded to
+    float16 a BatchNorm's bias gradient, a sum over every pixel of the batch, overflows at
+    GradScaler's loss scales)."""
+    return tuple(grads[i].to(dtypes[i]) if need and grads[i] is not None else None
+                 for i, need in enumerate(needs))
+
+
 # Registered ops whose body is Python (the Triton backend's), "namespace::name" -> the body,
 # or None for an op that mutates an argument (always dispatched: the dispatcher bumps the
 # argument's version counter, which autograd's saved-tensor checks read).

@@ -38,6 +38,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._types import BatchNormParams, update_running_statistics
+from . import in_input_dtypes, tensor_dtypes
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -270,6 +271,8 @@ def make_functions(ops):
             ctx.save_for_backward(x, conv_weight, cfc_weight, a_weight, a_bias, b_weight, mean,
                                   std, z, moments, scale)
             ctx.has_a, ctx.training = has_a, training
+            ctx.dtypes = tensor_dtypes((x, conv_weight, cfc_weight, cfc_bias, a_weight, a_bias,
+                                        a_mean, a_var, b_weight, b_bias))
             ctx.mark_non_differentiable(stats)
             ctx.set_materialize_grads(False)  # (no zeros made for the statistics' gradient)
             return y, stats
@@ -297,9 +300,7 @@ def make_functions(ops):
                 if needs[0]:
                     grads[0] = ops.channel_attention_input_grad(
                         grad_y, x, conv_weight, scale, mean, slope, offset)
-            # Every tensor input shares x's dtype (checked by the functional API).
-            return tuple(grad.to(x.dtype) if grad is not None and need else None
-                         for grad, need in zip(grads, needs))
+            return in_input_dtypes(grads, ctx.dtypes, needs)
 
     return ChannelAttention
 

@@ -20,8 +20,9 @@ The ops, each with a fake so torch.compile traces through them:
   ``F.batch_norm`` would.
 * ``spatial_attention_backward(grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, c_eps,
   d_stats, d_weight, d_bias, d_eps, has_bn_d, training) -> (grad_m, grad_gate_weight,
-  grad_conv_weight, grad_conv_bias, grad_c_weight, grad_c_bias, grad_d_weight, grad_d_bias)``;
-  the BN_d gradients are empty (0,) without BN_d.
+  grad_conv_weight, grad_conv_bias, grad_c_weight, grad_c_bias, grad_d_weight, grad_d_bias)``,
+  grad_m in m's dtype, every parameter gradient fp32 (the autograd Function returns each in its
+  parameter's dtype); the BN_d gradients are empty (0,) without BN_d.
 
 Passes over M: training forward 2 (statistics of U = Ma * s and of Mb; then both halves of Y),
 eval forward 1 (one kernel, and no torch op with BN_d folded); training backward 2 per half (a
@@ -38,6 +39,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._types import BatchNormParams, update_running_statistics
+from . import in_input_dtypes, tensor_dtypes
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -68,9 +70,9 @@ def _backward_fake(grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, c_
     p = conv_weight.shape[0]
     q = m.shape[1] - p
     pd = p if has_bn_d else 0
-    return (empty_activation(m, m.shape), m.new_empty((1, q, 1, 1)), m.new_empty((p, p, 1, 1)),
-            m.new_empty((p,)), m.new_empty((q,)), m.new_empty((q,)), m.new_empty((pd,)),
-            m.new_empty((pd,)))
+    shapes = ((1, q, 1, 1), (p, p, 1, 1), (p,), (q,), (q,), (pd,), (pd,))
+    return (empty_activation(m, m.shape),
+            *(m.new_empty(shape, dtype=torch.float32) for shape in shapes))
 
 
 # Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
@@ -108,6 +110,9 @@ def make_functions(ops):
                                   *moments)
             ctx.c_eps, ctx.d_eps = c_eps, d_eps
             ctx.has_bn_d, ctx.training = has_bn_d, training
+            ctx.dtypes = tensor_dtypes((m, gate_weight, conv_weight, conv_bias, c_weight, c_bias,
+                                        c_running_mean, c_running_var, d_weight, d_bias,
+                                        d_running_mean, d_running_var, residual))
             ctx.mark_non_differentiable(c_stats, d_stats, mean, m2)
             ctx.set_materialize_grads(False)  # (no zero gradients made for the statistics)
             return y, c_stats, d_stats, mean, m2
@@ -127,9 +132,8 @@ def make_functions(ops):
                 grad_y, m, z, gate_weight, conv_weight, c_stats, c_weight, ctx.c_eps, d_stats,
                 d_weight, d_bias, ctx.d_eps, ctx.has_bn_d, ctx.training)
             gm, gg, gw, gb, gcw, gcb, gdw, gdb = grads
-            needs = ctx.needs_input_grad
-            wanted = (gm, gg, gw, gb, gcw, gcb, None, None, gdw, gdb, None, None, grad_y)
-            return tuple(g if need else None for g, need in zip(wanted, needs)) + (None,) * 5
+            return in_input_dtypes((gm, gg, gw, gb, gcw, gcb, None, None, gdw, gdb, None, None,
+                                    grad_y), ctx.dtypes, ctx.needs_input_grad)
 
     return SpatialAttention
 

@@ -71,7 +71,6 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
     p = conv_weight.shape[0]
     q = c - p
     n = float(b * h * w)
-    dtype = m.dtype
 
     # Ma half: BN_c, the product Ma * s and the gate.
     mean_c = c_stats[0]
@@ -108,14 +107,14 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
         else:
             kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m), ea,
                                    fp32_vector(None, 0.0, p, m))
-        grad_d = (grad_gamma_d.to(dtype), grad_beta_d.to(dtype))
+        grad_d = (grad_gamma_d, grad_beta_d)
     else:
         grad_w = g
         kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m),
                                fp32_vector(None, 1.0, p, m), fp32_vector(None, 0.0, p, m))
-        grad_d = (m.new_empty((0,)), m.new_empty((0,)))
-    return (grad_m, dw.to(dtype).reshape(1, q, 1, 1), grad_w.to(dtype).reshape(p, p, 1, 1),
-            sum_dyb.to(dtype), sum_dyx.to(dtype), sum_dy.to(dtype)) + grad_d
+        grad_d = tuple(m.new_empty((0,), dtype=torch.float32) for _ in range(2))
+    return (grad_m, dw.reshape(1, q, 1, 1), grad_w.reshape(p, p, 1, 1), sum_dyb, sum_dyx,
+            sum_dy) + grad_d
 
 
 def _identity(p: int, like: Tensor):
