@@ -42,6 +42,21 @@ def check_same(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor
                             "cast them to one dtype")
 
 
+def check_same_or_float32(ref_name: str, ref: torch.Tensor,
+                          **others: Optional[torch.Tensor]) -> None:
+    """Every tensor in ``others`` on ``ref``'s device and in its dtype, or float32 beside
+    float16 / bfloat16 ``ref`` (a parameter the op reads in float32: under autocast it is not
+    cast, see :func:`patnet_kernels.functional.autocast_aware`)."""
+    half = ref.dtype in (torch.float16, torch.bfloat16)
+    for name, t in others.items():
+        if t is None:
+            continue
+        if half and t.dtype == torch.float32:
+            check_device(ref_name, ref, **{name: t})
+            continue
+        check_same(ref_name, ref, **{name: t})
+
+
 def check_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:

@@ -7,6 +7,7 @@ clear error before anything is computed or written, then runs the backend picked
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -15,7 +16,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference, registry
 from ._checks import (check_activation, check_batch_norm, check_batch_values,
-                      check_conv_weight, check_device, check_same, check_shape)
+                      check_conv_weight, check_device, check_same, check_same_or_float32,
+                      check_shape)
 from ._types import BatchNormParams, SpatialAttentionParams, chunk_pixels
 from .backends import choose_implementation
 from .reference.pointwise_mlp import ACTIVATIONS as MLP_ACTIVATIONS
@@ -48,7 +50,7 @@ def _autocast_copy(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cached[1]
 
 
-def autocast_aware(op: Optional[Callable] = None, *, cast_input: bool = True) -> Callable:
+def autocast_aware(op: Optional[Callable] = None, *, keep: Tuple[str, ...] = ()) -> Callable:
     """Run ``op`` under ``torch.autocast`` as PyTorch runs a convolution there.
 
     Where autocast is enabled for the device of the op's first tensor, every float32, float16
@@ -58,11 +60,18 @@ def autocast_aware(op: Optional[Callable] = None, *, cast_input: bool = True) ->
     the autocast dtype (a frozen parameter's cast kept for the next call, see
     :func:`_autocast_copy`), and the op runs with autocast off, so that its own float32
     arithmetic (statistics, gates) stays float32. Outside autocast the op runs unchanged.
-    ``cast_input=False`` (``@autocast_aware(cast_input=False)``): the first argument is passed
-    as it is, for an op that reads its input in any dtype (no cast pass).
+    ``keep`` (``@autocast_aware(keep=("table",))``): the names of the op's parameters passed as
+    they are: an input the op reads in any dtype (no cast pass), or a parameter it reads in
+    float32 anyway (PAT_ch's W_ch, the iRPE table), which so keeps its float32 values and
+    gets its gradient in float32, unrounded and without cast kernels, as the BatchNorms'.
     """
     if op is None:
-        return functools.partial(autocast_aware, cast_input=cast_input)
+        return functools.partial(autocast_aware, keep=keep)
+    names = list(inspect.signature(op).parameters)
+    unknown = set(keep) - set(names)
+    if unknown:
+        raise TypeError(f"autocast_aware: {op.__name__} has no parameter {sorted(unknown)}")
+    kept_positions = {names.index(name) for name in keep}
 
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
@@ -84,8 +93,8 @@ def autocast_aware(op: Optional[Callable] = None, *, cast_input: bool = True) ->
                 return value.with_weights(cast)
             return value
 
-        args = [a if i == 0 and not cast_input else cast(a) for i, a in enumerate(args)]
-        kwargs = {key: cast(value) for key, value in kwargs.items()}
+        args = [a if i in kept_positions else cast(a) for i, a in enumerate(args)]
+        kwargs = {key: value if key in keep else cast(value) for key, value in kwargs.items()}
         with torch.autocast(device_type, enabled=False):
             return op(*args, **kwargs)
     return wrapper
@@ -106,16 +115,18 @@ def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = Fa
     return choose_implementation("partial_conv3x3", backend, x, weight)(x, weight, inplace)
 
 
-@autocast_aware
+@autocast_aware(keep=("cfc_weight", "cfc_bias"))
 def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: torch.Tensor,
                       cfc_bias: Optional[torch.Tensor], bn_a: Optional[BatchNormParams],
                       bn_b: BatchNormParams, *, training: bool = False,
                       backend: str = "auto", eval_form: bool = False) -> torch.Tensor:
     """The PAT_ch token mixer: [conv3x3(X1) | BN_b(X2 * hsig(BN_a(W_ch . [mu, sigma])))].
 
-    x: (B, C, H, W); conv_weight: (C1, C1, 3, 3); cfc_weight: (C2, C2, 1, 2) with C2 = C - C1;
-    cfc_bias: (C2,) or None; bn_a: BatchNormParams over C2 or None (folded into W_ch);
-    bn_b: BatchNormParams over C2. mu and sigma are the per-(sample, channel) mean and unbiased
+    x: (B, C, H, W); conv_weight: (C1, C1, 3, 3), x's dtype; cfc_weight: (C2, C2, 1, 2) with
+    C2 = C - C1, and cfc_bias: (C2,) or None, in x's dtype, or in float32 beside float16 /
+    bfloat16 x (the gate runs in float32; under autocast they stay float32); bn_a:
+    BatchNormParams over C2 or None (folded into W_ch); bn_b: BatchNormParams over C2. mu and
+    sigma are the per-(sample, channel) mean and unbiased
     std of X2 over H * W; with H * W = 1, sigma is NaN (as ``Tensor.std``) and so is Y2.
     In training mode BN_a and BN_b use batch statistics and update their running statistics
     (BN_a then needs a batch of at least 2). ``eval_form``: see :func:`rpe_attention`.
@@ -136,7 +147,9 @@ def _check_channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b,
     check_shape("cfc_weight", cfc_weight, (c2, c2, 1, 2), f"C2 = C - C1 = {c2}")
     if cfc_bias is not None:
         check_shape("cfc_bias", cfc_bias, (c2,))
-    check_same("x", x, conv_weight=conv_weight, cfc_weight=cfc_weight, cfc_bias=cfc_bias)
+    check_same("x", x, conv_weight=conv_weight)
+    check_same_or_float32("x", x, cfc_weight=cfc_weight)
+    check_same("cfc_weight", cfc_weight, cfc_bias=cfc_bias)
     check_batch_norm("bn_a", bn_a, c2, x, training, optional=True)
     check_batch_norm("bn_b", bn_b, c2, x, training)
     if training:
@@ -302,7 +315,7 @@ def _given_bucket_range(bucket_range) -> Tuple[int, int]:
     return bucket_range
 
 
-@autocast_aware
+@autocast_aware(keep=("table",))
 def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor,
                   bucket: torch.Tensor, scale: Optional[float] = None, dropout_p: float = 0.0,
                   backend: str = "auto", *,
@@ -311,8 +324,10 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     """Attention with a relative-position bias gathered from a per-head table.
 
     O = dropout(softmax(scale * q k^T + table[h, bucket[i, j]])) v.
-    q, k, v: (B, heads, N, d); table: (heads, num_buckets); bucket: (N, N) integer ids in
-    [0, num_buckets), for example ``rpe_buckets(H, W)``; scale defaults to d ** -0.5.
+    q, k, v: (B, heads, N, d); table: (heads, num_buckets), q's dtype, or float32 beside
+    float16 / bfloat16 q (the bias is added in float32; under autocast the table stays
+    float32); bucket: (N, N) integer ids in [0, num_buckets), for example
+    ``rpe_buckets(H, W)``; scale defaults to d ** -0.5.
     Dropout is applied whenever ``dropout_p > 0``: pass 0 in eval. Returns (B, heads, N, d)
     (the fused backends lay it out as (B, N, heads, d) contiguous, so that merging the heads,
     ``out.transpose(1, 2).reshape(B, N, heads * d)``, is a view).
@@ -333,7 +348,8 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     check_activation("q", q, "(B, heads, N, d)")
     check_shape("k", k, q.shape, "k must match q")
     check_shape("v", v, q.shape, "v must match q")
-    check_same("q", q, k=k, v=v, table=table)
+    check_same("q", q, k=k, v=v)
+    check_same_or_float32("q", q, table=table)
     heads, n = q.shape[1], q.shape[2]
     if table.dim() != 2 or table.shape[0] != heads:
         raise ValueError(f"table must be (heads, num_buckets) = ({heads}, num_buckets), got "
@@ -448,7 +464,7 @@ def _check_mlp(x, w1, b1, w2, b2, residual, activation) -> None:
     _check_activation_name(activation)
 
 
-@autocast_aware
+@autocast_aware(keep=("cfc_weight", "cfc_bias"))
 def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
                   b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor] = None,
                   *, cfc_weight: Optional[torch.Tensor] = None,
@@ -512,7 +528,7 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
         statistics, bool(return_statistics), bool(residual), spatial)
 
 
-@autocast_aware(cast_input=False)
+@autocast_aware(keep=("x",))
 def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                statistics_of: Optional[int] = None, backend: str = "auto"):
     """The stem or a merging layer in inference (BatchNorm folded): conv(x, weight, bias) with
@@ -546,7 +562,7 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         x, weight, bias, statistics_of)
 
 
-@autocast_aware(cast_input=False)
+@autocast_aware(keep=("x",))
 def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                       *, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
     """PAT_sf's LayerNorm and qkv projection in inference: Linear(LayerNorm(tokens of x)).

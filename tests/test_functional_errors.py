@@ -206,6 +206,28 @@ def test_ca_bad_cfc_bias():
         call_ca(a)
 
 
+@pytest.mark.parametrize("x_dtype, cfc_dtype, bias_dtype, error", [
+    (torch.bfloat16, torch.float16, None, r"cfc_weight is torch.float16 but x is torch.bfloat16"),
+    (F64, torch.float32, None, r"cfc_weight is torch.float32 but x is torch.float64"),
+    (torch.float16, torch.float32, torch.float16,
+     r"cfc_bias is torch.float16 but cfc_weight is torch.float32"),
+    (torch.bfloat16, torch.float32, torch.float32, None),  # (the gate in float32)
+])
+def test_ca_cfc_dtype(x_dtype, cfc_dtype, bias_dtype, error):
+    """W_ch and its bias: x's dtype, or float32 beside half x (as autocast leaves them)."""
+    a = ca_args()
+    a["x"], a["conv_weight"] = a["x"].to(x_dtype), a["conv_weight"].to(x_dtype)
+    a["cfc_weight"] = a["cfc_weight"].to(cfc_dtype)
+    if bias_dtype is not None:
+        a["cfc_bias"] = torch.zeros(10, dtype=bias_dtype)
+    a["bn_a"], a["bn_b"] = make_bn(10, 3, torch.float32), make_bn(10, 4, torch.float32)
+    if error is None:
+        assert call_ca(a).dtype == x_dtype
+        return
+    with pytest.raises(TypeError, match=error):
+        call_ca(a)
+
+
 def test_ca_missing_or_wrong_bn():
     a = ca_args()
     a["bn_b"] = None
@@ -474,6 +496,23 @@ def test_rpe_bucket_other_integer_dtypes(dtype):
         assert "bucket" in str(e)
     else:
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("q_dtype, table_dtype, error", [
+    (torch.float16, torch.bfloat16, r"table is torch.bfloat16 but q is torch.float16"),
+    (torch.float32, F64, r"table is torch.float64 but q is torch.float32"),
+    (torch.bfloat16, torch.float32, None),  # (the bias added in float32)
+])
+def test_rpe_table_dtype(q_dtype, table_dtype, error):
+    """The table: q's dtype, or float32 beside half q (as autocast leaves it)."""
+    a = rpe_args()
+    q, k, v = (a[name].to(q_dtype) for name in "qkv")
+    table = a["table"].to(table_dtype)
+    if error is None:
+        assert pk.rpe_attention(q, k, v, table, a["bucket"], backend="torch").dtype == q_dtype
+        return
+    with pytest.raises(TypeError, match=error):
+        pk.rpe_attention(q, k, v, table, a["bucket"], backend="torch")
 
 
 def test_rpe_table_too_small_for_map():

@@ -1,8 +1,9 @@
 """Mixed precision (torch.autocast) and channels_last on each fused backend (Triton, CUDA).
 
 Under autocast the functional API casts activations and weights to the autocast dtype and runs
-the op with autocast off (``patnet_kernels.functional.autocast_aware``); BatchNorm tensors stay
-float32. So:
+the op with autocast off (``patnet_kernels.functional.autocast_aware``); BatchNorm tensors and
+the parameters an op reads in float32 (PAT_ch's W_ch, the iRPE table) stay float32, and on the
+fused backends get float32 gradients, not rounded to the autocast dtype. So:
 
 - each op under autocast returns the autocast dtype and is bit for bit the op called outside
   autocast with its activations and weights cast explicitly (same backend), forward, backward
@@ -222,7 +223,18 @@ def _op_case(op: str, gen: torch.Generator):
         t[0], t[1], t[2], t[3], t[4], backend=backend)), tensors, []
 
 
-def _call(fn, tensors, bns, training, backend, dtype, under_autocast, grad=True):
+# The tensors of each _op_case that autocast leaves float32 (the op reads them in float32:
+# patnet_kernels.functional.autocast_aware's ``keep``): PAT_ch's W_ch, the iRPE table.
+KEPT_FLOAT32 = {"channel_attention": {2}, "partial_block": {5}, "rpe_attention": {3}}
+
+
+def _cast(op, tensors, dtype):
+    """The tensors of ``op``'s case as autocast hands them to the op, cast explicitly."""
+    kept = KEPT_FLOAT32.get(op, set())
+    return [t if i in kept else t.to(dtype) for i, t in enumerate(tensors)]
+
+
+def _call(op, fn, tensors, bns, training, backend, dtype, under_autocast, grad=True):
     """Output, the float32 leaves' gradients and the BN state after one call: under autocast,
     or outside it with the tensors cast to ``dtype`` explicitly (a differentiable cast).
     ``grad=False`` (an inference op): no gradient, under torch.no_grad()."""
@@ -231,7 +243,7 @@ def _call(fn, tensors, bns, training, backend, dtype, under_autocast, grad=True)
             if under_autocast:
                 with torch.autocast(DEVICE.type, dtype=dtype):
                     return fn(tensors, bns, training, backend), [], []
-            return fn([t.to(dtype) for t in tensors], bns, training, backend), [], []
+            return fn(_cast(op, tensors, dtype), bns, training, backend), [], []
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     bns = [BatchNormParams(bn.weight.detach().clone().requires_grad_(),
                            bn.bias.detach().clone().requires_grad_(),
@@ -240,7 +252,7 @@ def _call(fn, tensors, bns, training, backend, dtype, under_autocast, grad=True)
         with torch.autocast(DEVICE.type, dtype=dtype):
             y = fn(leaves, bns, training, backend)
     else:
-        y = fn([t.to(dtype) for t in leaves], bns, training, backend)
+        y = fn(_cast(op, leaves, dtype), bns, training, backend)
     gen = torch.Generator().manual_seed(3)
     y.backward(torch.randn(y.shape, generator=gen).to(DEVICE, y.dtype))
     state = [t for bn in bns for t in (bn.weight.grad, bn.bias.grad, bn.running_mean,
@@ -265,15 +277,20 @@ def test_op_under_autocast_is_the_explicitly_cast_op(backend, op, dtype):
     fn, tensors, bns = _op_case(op, torch.Generator().manual_seed(0))
     grad = not registry.OPS[op].inference
     for training in ((False, True) if op in BN_OPS else (False,)):
-        y_auto, grads_auto, state_auto = _call(fn, tensors, bns, training, backend, dtype, True,
-                                               grad)
-        y_cast, grads_cast, state_cast = _call(fn, tensors, bns, training, backend, dtype, False,
-                                               grad)
+        y_auto, grads_auto, state_auto = _call(op, fn, tensors, bns, training, backend, dtype,
+                                               True, grad)
+        y_cast, grads_cast, state_cast = _call(op, fn, tensors, bns, training, backend, dtype,
+                                               False, grad)
         assert y_auto.dtype == dtype, f"{op} under autocast returned {y_auto.dtype}"
         assert torch.equal(y_auto, y_cast), f"{op} (training={training}): outputs differ"
         for index, (a, c) in enumerate(zip(grads_auto, grads_cast)):
             assert a.dtype == torch.float32, f"{op}: gradient {index} is {a.dtype}"
             assert torch.equal(a, c), f"{op} (training={training}): gradient {index} differs"
+            # (not rounded to the autocast dtype by the fused kernels; the reference casts W_ch
+            # to the activations' dtype, as eager autocast casts a conv's weight)
+            if backend != "torch" and index in KEPT_FLOAT32.get(op, ()):
+                assert not torch.equal(a, a.to(dtype).float()), \
+                    f"{op}: the float32 parameter {index}'s gradient was rounded to {dtype}"
         for index, (a, c) in enumerate(zip(state_auto, state_cast)):
             assert a.dtype == torch.float32, f"{op}: BatchNorm tensor {index} is {a.dtype}"
             assert torch.equal(a, c), \

@@ -166,8 +166,9 @@ def test_cpu_proxy_targets_at_128(name):
     assert kernels <= 0.3 and act_bytes <= 0.25
 
 
-# Under bfloat16 autocast, at 64 x 64: kernels per forward (exact), eager and Triton.
-PINNED_AUTOCAST = {"patnet_t2": dict(eager=316, triton=47),
+# Under bfloat16 autocast, at 64 x 64: kernels per forward (exact), eager and Triton. (Eager
+# PATNet-T2 316 -> 312 since autocast leaves the iRPE table float32: no cast of it per call.)
+PINNED_AUTOCAST = {"patnet_t2": dict(eager=312, triton=47),
                    "fasternet_t2": dict(eager=150, triton=24)}
 
 
@@ -295,7 +296,9 @@ TRAIN_BYTES_VS_EAGER = {"patnet_t2": 0.64, "fasternet_t2": 0.76}
 # The same under bfloat16 autocast (kernels, exact): PATNet-T2's Triton step was 748 while
 # PAT_ch's autograd Function returned its BatchNorms' gradients in the activations' dtype (a
 # cast to bfloat16, then autograd's back to float32, per gradient: 80 kernels, and rounded).
-PINNED_TRAIN_AUTOCAST = {"patnet_t2": dict(eager=900, triton=668)}
+# 668; 630 since autocast leaves PAT_ch's W_ch and its bias and the iRPE table float32 (read in
+# float32 anyway: no cast per forward, their gradients neither rounded nor cast; eager 896).
+PINNED_TRAIN_AUTOCAST = {"patnet_t2": dict(eager=896, triton=630)}
 
 
 @pytest.mark.parametrize("name", sorted(PINNED_TRAIN_AUTOCAST))

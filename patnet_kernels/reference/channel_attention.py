@@ -33,6 +33,7 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
 
     x: (B, C, H, W); conv_weight: (C1, C1, 3, 3); cfc_weight: (C2, C2, 1, 2), the dense mix of
     [mean, std]; cfc_bias: (C2,) or None (a bias appears only once BN_a is folded into W_ch);
+    both in x's dtype or float32 (cast to x's dtype here);
     bn_a: BN over the (B, C2, 1, 1) logits, or None once folded; bn_b: BN over X2 * g.
     Returns (B, C, H, W).
     """
@@ -42,7 +43,9 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     b, c2 = x2.shape[:2]
     mean, std = channel_statistics(x2)
     u = torch.cat([mean.view(b, c2, 1, 1), std.view(b, c2, 1, 1)], dim=-1)  # (B, C2, 1, 2)
-    z = F.conv2d(u, cfc_weight, cfc_bias)  # (B, C2, 1, 1)
+    # (float32 W_ch beside half x, as autocast leaves it: cast, as autocast casts a conv's)
+    z = F.conv2d(u, cfc_weight.to(x.dtype),
+                 None if cfc_bias is None else cfc_bias.to(x.dtype))  # (B, C2, 1, 1)
     if bn_a is not None:
         z = batch_norm(z, bn_a, training)
     g = F.hardsigmoid(z)
