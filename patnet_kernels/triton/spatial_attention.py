@@ -417,6 +417,10 @@ def _pointwise_weight_grad_kernel(
 # --------------------------------------------------------------------------------------------
 # Block sizes
 # --------------------------------------------------------------------------------------------
+# (imported here, below the jit functions: a line added above them changes their cache keys)
+from .batch_norm_act import merge_chunk_moments  # noqa: E402
+
+
 def _gate_blocks(q: int, interpret: bool = INTERPRET) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) of the gate kernels."""
     if interpret:  # few, big programs: the interpreter pays per program and per operation
@@ -455,18 +459,13 @@ def _wgrad_blocks(n: int, k: int, dtype: torch.dtype, interpret: bool = INTERPRE
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-def _tile_counts(hw: int, block_p: int, device) -> torch.Tensor:
-    """Pixels in each tile of a map of hw pixels, fp32 (TILES,)."""
-    starts = torch.arange(0, hw, block_p, device=device, dtype=torch.float32)
-    return (hw - starts).clamp(max=block_p)
-
-
 def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training statistics: (z (B, H*W) fp32, mean (CS,) fp32, biased var (CS,) fp32).
 
     Channels [0, Q) are those of U = Ma * hsig(z); with ``with_mb`` the Mb channels follow
-    (CS = C), else CS = Q. Per-tile means and M2 are combined with Chan's formula.
+    (CS = C), else CS = Q. Per-tile means and M2 are combined with Chan's formula in a second
+    launch (:func:`batch_norm_act.merge_chunk_moments`).
     """
     b, c, h, w = m.shape
     hw = h * w
@@ -478,11 +477,7 @@ def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool
     _gate_stats_kernel[(tiles, b)](
         m, gate_weight, z, part[0], part[1], q, cs, hw, tiles, *pixel_strides(m),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
-    counts = _tile_counts(hw, block_p, m.device).repeat(b)[:, None]  # (B * TILES, 1)
-    n = float(b * hw)
-    means, m2s = part[0], part[1]
-    mean = (means * counts).sum(0) / n
-    var = (m2s.sum(0) + (counts * (means - mean).square()).sum(0)) / n
+    mean, var = merge_chunk_moments(part[0], part[1], hw, block_p)
     return z, mean, var
 
 

@@ -79,47 +79,51 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
     gate = gate_weight.reshape(q).contiguous()
     if training:
         sum_dy, sum_dyx = kernels.gate_grad_reduce(m, grad_y, z, mean_c, rstd_c)
-        dw, _, _ = kernels.gate_grad_apply(m, grad_y, z, gate, grad_m, mean_c, rstd_c, a,
-                                           -a * sum_dy / n, -a * sum_dyx / n)
+        k = torch.stack([sum_dy, sum_dyx]) * (a * (-1.0 / n))  # -a sum dY / N, -a sum dY xhat / N
+        dw, _, _ = kernels.gate_grad_apply(m, grad_y, z, gate, grad_m, mean_c, rstd_c, a, k[0],
+                                           k[1])
     else:
         dw, sum_dy, sum_dyx = kernels.gate_grad_apply(m, grad_y, z, gate, grad_m, mean_c,
                                                       rstd_c, a, None, None)
 
     # Mb half: G[o, i] = sum dYb[o] xhat_d[i] and sum dYb give every parameter gradient.
     weight = conv_weight.reshape(p, p)
+    zeros, ones = _identity(p, m)
     if has_bn_d:
         mean_d = d_stats[0]
         rstd_d = torch.rsqrt(d_stats[1] + d_eps)
         gamma_d, beta_d = fp32_affine(d_weight, d_bias, p, m)
     else:
-        mean_d, rstd_d = fp32_vector(None, 0.0, p, m), fp32_vector(None, 1.0, p, m)
+        mean_d, rstd_d = zeros, ones
     g, sum_dyb = kernels.pointwise_weight_grad(grad_y[:, q:], m[:, q:], mean_d, rstd_d)
     if has_bn_d:
-        grad_w = g * gamma_d + sum_dyb[:, None] * beta_d
+        grad_w = torch.addr(g * gamma_d, sum_dyb, beta_d)  # G gamma_d + sum dYb (x) beta_d
         wf = weight.float()
         grad_beta_d = wf.t() @ sum_dyb  # sum over pixels of dX = W^T dYb
         grad_gamma_d = (wf * g).sum(0)  # sum over pixels of dX * xhat_d
         ea = gamma_d * rstd_d
         if training:  # dMb = ea (dX - sum dX / N - xhat sum dX xhat / N)
-            kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m), ea,
-                                   -ea * grad_beta_d / n, x=m[:, q:], em=mean_d,
-                                   ec=-ea * rstd_d * grad_gamma_d / n)
+            kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], zeros, ones, zeros, ea,
+                                   (ea * grad_beta_d).mul_(-1.0 / n), x=m[:, q:], em=mean_d,
+                                   ec=(ea * rstd_d).mul_(grad_gamma_d).mul_(-1.0 / n))
         else:
-            kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m), ea,
-                                   fp32_vector(None, 0.0, p, m))
+            kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], zeros, ones, zeros, ea,
+                                   zeros)
         grad_d = (grad_gamma_d, grad_beta_d)
     else:
         grad_w = g
-        kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], *_identity(p, m),
-                               fp32_vector(None, 1.0, p, m), fp32_vector(None, 0.0, p, m))
+        kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], zeros, ones, zeros, ones,
+                               zeros)
         grad_d = tuple(m.new_empty((0,), dtype=torch.float32) for _ in range(2))
     return (grad_m, dw.reshape(1, q, 1, 1), grad_w.reshape(p, p, 1, 1), sum_dyb, sum_dyx,
             sum_dy) + grad_d
 
 
-def _identity(p: int, like: Tensor):
-    """The prologue vectors (pm, ps, ph) of a GEMM that takes its input as it is."""
-    return fp32_vector(None, 0.0, p, like), fp32_vector(None, 1.0, p, like), fp32_vector(None, 0.0, p, like)
+def _identity(p: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+    """(zeros, ones), fp32 (p,) on ``like``'s device: the prologue vectors (pm, ps, ph) =
+    (zeros, ones, zeros) of a GEMM that takes its input as it is, and an epilogue's plain
+    scale and shift."""
+    return fp32_vector(None, 0.0, p, like), fp32_vector(None, 1.0, p, like)
 
 
 register_fakes("patnet_triton", spec.FAKES)
