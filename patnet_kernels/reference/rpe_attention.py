@@ -39,15 +39,15 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
                   dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(scale * q k^T + table[h, bucket[i, j]]), dropout, times v.
 
-    q, k, v: (B, heads, N, d); table: (heads, num_buckets), q's dtype or float32 (the bias
-    then added in float32 and rounded to q's dtype); bucket: (N, N) integer ids.
+    q, k, v: (B, heads, N, d); table: (heads, num_buckets), q's dtype or float32 (cast to q's
+    dtype, as autocast casts a weight); bucket: (N, N) integer ids.
     scale defaults to d ** -0.5. Dropout with probability ``dropout_p`` is applied to the
     attention weights whenever ``dropout_p > 0`` (pass 0 in eval). Returns (B, heads, N, d).
     The (heads, N, N) bias and the (B, heads, N, N) scores are materialised, as in the authors' code.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    bias = table[:, bucket]  # (heads, N, N)
+    bias = table.to(q.dtype)[:, bucket]  # (heads, N, N), in q's dtype (a float32 table cast)
     attn = (q * scale) @ k.transpose(-2, -1)
     attn += bias  # in place, as the authors' code (the scores are not needed by autograd)
     attn = attn.softmax(dim=-1)
