@@ -278,28 +278,15 @@ def batch_moments(x: torch.Tensor,
     ``F.batch_norm`` does in training; or None."""
     b, c, h, w = x.shape
     grid, chunk, block_p, block_c = _reduction_grid(x)
-    part = torch.empty((2, b * grid[2], c), device=x.device, dtype=torch.float32)
+    rows = b * grid[2]
+    part = torch.empty((2, rows, c), device=x.device, dtype=torch.float32)
     _moments_kernel[grid](x, part[0], part[1], c, h * w, chunk, *pixel_strides(x),
                           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_blocks(c)[2])
-    return merge_chunk_moments(part[0], part[1], h * w, chunk, running, momentum)
-
-
-def merge_chunk_moments(part_mean: torch.Tensor, part_m2: torch.Tensor, pixels: int,
-                        chunk: int, running: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                        momentum: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance), fp32 (C,), of per-(sample, pixel chunk) moments in one launch:
-    ``part_mean`` and ``part_m2`` (B * T, C) fp32 contiguous, row b T + t the mean and centred
-    sum of squares of chunk t of sample b (``chunk`` pixels each, the last the rest of the
-    ``pixels`` = H * W), merged in a fixed order (Chan's formula; deterministic);
-    ``running``, ``momentum``: as :func:`batch_moments`."""
-    rows, c = part_mean.shape
-    block_c = _blocks(c)[1]
-    mean, var = (torch.empty((c,), device=part_mean.device, dtype=torch.float32)
-                 for _ in range(2))
+    mean, var = (torch.empty((c,), device=x.device, dtype=torch.float32) for _ in range(2))
     run_mean, run_var = running if running is not None else (mean, var)
-    _merge_kernel[(cdiv(c, block_c),)](
-        part_mean, part_m2, mean, var, run_mean, run_var, float(momentum), c, pixels, chunk,
-        cdiv(pixels, chunk), rows, BLOCK_C=block_c, UPDATE=running is not None)
+    _merge_kernel[(grid[0],)](part[0], part[1], mean, var, run_mean, run_var, float(momentum),
+                              c, h * w, chunk, grid[2], rows, BLOCK_C=block_c,
+                              UPDATE=running is not None)
     return mean, var
 
 

@@ -24,7 +24,9 @@ Kernels (program = one pixel tile of one sample unless said otherwise):
   grad_m[:, Q:].
 * :func:`pointwise_weight_grad` -- G[o, i] = sum dYb[o] * xhat_d[i] and sum dYb[o] over (b, h,
   w), as per-split fp32 partials summed in a fixed order; dW, d_bias and BN_d's parameter and
-  reduction terms all follow from G and the sum.
+  reduction terms all follow from G and the sum: :func:`conv_grad_finish` (one program per
+  block of input channels) sums the partials and writes them all, and the dMb GEMM's epilogue
+  vectors.
 * :func:`gate_grad_reduce` (training) -- per channel sums of dYa and dYa * xhat_c (BN_c).
 * :func:`gate_grad_apply` -- dU (BN_c backward), dMa = dU * s + hsig'(z) (dU . Ma) w into
   grad_m[:, :Q], and per-tile partials of dw (and, in eval, of BN_c's two sums).
@@ -414,13 +416,67 @@ def _pointwise_weight_grad_kernel(
         tl.store(bsum_ptr + pid_s * N + offs_o, bsum, mask=o_ok)
 
 
+@triton.jit
+def _conv_grad_finish_kernel(
+    gp_ptr,  # (S, P, P) fp32 contiguous: per-split partials of G[o, i] = sum dYb[o] xhat_d[i]
+    bp_ptr,  # (S, P) fp32 contiguous: per-split partials of sum dYb[o]
+    w_ptr,  # (P, P) the conv weight [out o, in i], M's dtype, any strides (w_so, w_si)
+    gamma_ptr, beta_ptr, rstd_ptr,  # (P,) fp32 each: BN_d's affine and 1 / sqrt(var + eps)
+    gw_ptr,  # (P, P) fp32 contiguous, out: dW[o, i] = G[o, i] gamma[i] + sum dYb[o] beta[i]
+    sb_ptr,  # (P,) fp32, out: sum dYb, the conv bias's gradient (written by program 0)
+    gg_ptr, gb_ptr,  # (P,) fp32 each, out: BN_d's weight and bias gradients, sum_o W G and
+                     # sum_o W sum dYb (the sums over pixels of dX xhat_d and of dX, dX = W^T dYb)
+    ea_ptr, eb_ptr, ec_ptr,  # (P,) fp32 each, out: the dMb GEMM's epilogue, ea = gamma rstd,
+                             # eb = -ea gb / N and ec = -ea rstd gg / N (TRAINING; else eb = 0,
+                             # ec not written)
+    P, S,  # channels of Mb; splits of the partials
+    inv_n,  # 1 / (B H W)
+    w_so, w_si,  # strides of the weight (elements)
+    BLOCK_O: tl.constexpr,  # output channels o per step
+    BLOCK_I: tl.constexpr,  # input channels i per program
+    TRAINING: tl.constexpr,  # BN_d normalised with the batch's statistics
+):
+    # grid: (cdiv(P, BLOCK_I),). Partials summed in split order (deterministic, no atomics).
+    pid = tl.program_id(0)
+    offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = offs_i < P
+    gamma = tl.load(gamma_ptr + offs_i, mask=i_ok, other=0.0)
+    beta = tl.load(beta_ptr + offs_i, mask=i_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_i, mask=i_ok, other=0.0)
+    grad_gamma = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    grad_beta = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    for o0 in range(0, P, BLOCK_O):
+        offs_o = o0 + tl.arange(0, BLOCK_O)
+        o_ok = offs_o < P
+        ok = o_ok[:, None] & i_ok[None, :]
+        g = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        bsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for split in range(0, S):
+            g += tl.load(gp_ptr + (split * P + offs_o[:, None]) * P + offs_i[None, :], mask=ok,
+                         other=0.0)
+            bsum += tl.load(bp_ptr + split * P + offs_o, mask=o_ok, other=0.0)
+        tl.store(gw_ptr + offs_o[:, None] * P + offs_i[None, :],
+                 g * gamma[None, :] + bsum[:, None] * beta[None, :], mask=ok)
+        if pid == 0:
+            tl.store(sb_ptr + offs_o, bsum, mask=o_ok)
+        w = tl.load(w_ptr + offs_o[:, None] * w_so + offs_i[None, :] * w_si, mask=ok,
+                    other=0.0).to(tl.float32)
+        grad_gamma += tl.sum(w * g, axis=0)
+        grad_beta += tl.sum(w * bsum[:, None], axis=0)
+    tl.store(gg_ptr + offs_i, grad_gamma, mask=i_ok)
+    tl.store(gb_ptr + offs_i, grad_beta, mask=i_ok)
+    ea = gamma * rstd
+    tl.store(ea_ptr + offs_i, ea, mask=i_ok)
+    if TRAINING:
+        tl.store(eb_ptr + offs_i, -ea * grad_beta * inv_n, mask=i_ok)
+        tl.store(ec_ptr + offs_i, -ea * rstd * grad_gamma * inv_n, mask=i_ok)
+    else:
+        tl.store(eb_ptr + offs_i, tl.zeros((BLOCK_I,), dtype=tl.float32), mask=i_ok)
+
+
 # --------------------------------------------------------------------------------------------
 # Block sizes
 # --------------------------------------------------------------------------------------------
-# (imported here, below the jit functions: a line added above them changes their cache keys)
-from .batch_norm_act import merge_chunk_moments  # noqa: E402
-
-
 def _gate_blocks(q: int, interpret: bool = INTERPRET) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) of the gate kernels."""
     if interpret:  # few, big programs: the interpreter pays per program and per operation
@@ -459,13 +515,31 @@ def _wgrad_blocks(n: int, k: int, dtype: torch.dtype, interpret: bool = INTERPRE
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+# Pixels per tile of the gate statistics, (TILES, 1) fp32, per (H * W, BLOCK_P, device).
+_TILE_COUNTS: dict = {}
+
+
+def _tile_counts(hw: int, block_p: int, device) -> torch.Tensor:
+    """Pixels in each tile of a map of ``hw`` pixels, (TILES, 1) fp32 (made once per map size
+    and device: a training step's calls share it)."""
+    key = (hw, block_p, str(device))
+    counts = _TILE_COUNTS.get(key)
+    if counts is None:
+        if len(_TILE_COUNTS) >= 64:
+            _TILE_COUNTS.pop(next(iter(_TILE_COUNTS)))
+        starts = torch.arange(0, hw, block_p, device=device, dtype=torch.float32)
+        counts = _TILE_COUNTS[key] = (hw - starts).clamp(max=block_p)[:, None]
+    return counts
+
+
 def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training statistics: (z (B, H*W) fp32, mean (CS,) fp32, biased var (CS,) fp32).
 
     Channels [0, Q) are those of U = Ma * hsig(z); with ``with_mb`` the Mb channels follow
-    (CS = C), else CS = Q. Per-tile means and M2 are combined with Chan's formula in a second
-    launch (:func:`batch_norm_act.merge_chunk_moments`).
+    (CS = C), else CS = Q. Per-tile means and M2 are combined with Chan's formula by torch ops
+    over all tiles at once (a merge kernel walks the rows in sequence: B * H * W / BLOCK_P of
+    them, 6272 at 56 x 56 and batch 128, too long a chain).
     """
     b, c, h, w = m.shape
     hw = h * w
@@ -477,7 +551,12 @@ def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool
     _gate_stats_kernel[(tiles, b)](
         m, gate_weight, z, part[0], part[1], q, cs, hw, tiles, *pixel_strides(m),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
-    mean, var = merge_chunk_moments(part[0], part[1], hw, block_p)
+    counts = _tile_counts(hw, block_p, m.device)
+    n = float(b * hw)
+    means, m2s = part.view(2, b, tiles, cs)
+    mean = (means * counts).sum((0, 1)).div_(n)
+    # the sum over (sample, tile) of M2 + count (tile mean - mean)^2: Chan's formula
+    var = torch.addcmul(m2s, counts, (means - mean).square_()).sum((0, 1)).div_(n)
     return z, mean, var
 
 
@@ -603,9 +682,12 @@ def _weight_grad_splits(work_items: int, programs_per_split: int) -> int:
 
 
 def pointwise_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, pm: torch.Tensor,
-                          ps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                          ps: torch.Tensor, partials: bool = False
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(G (N, K), s (N,)) fp32: G[o, i] = sum dY[o] (x[i] - pm[i]) ps[i], s[o] = sum dY[o]
-    over (b, h, w). grad_y: (B, N, H, W), x: (B, K, H, W), any flattenable strides."""
+    over (b, h, w). grad_y: (B, N, H, W), x: (B, K, H, W), any flattenable strides. With
+    ``partials``, their per-split partials (S, N, K) and (S, N), for :func:`conv_grad_finish`
+    to sum."""
     b, n, h, w = grad_y.shape
     k = x.shape[1]
     block_p, block_o, block_i, warps = _wgrad_blocks(n, k, x.dtype)
@@ -619,7 +701,38 @@ def pointwise_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, pm: torch.Tenso
         *pixel_strides(x),
         BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_I=block_i, UPCAST=upcast_dot(x.dtype),
         num_warps=warps)
-    return g.sum(0), bsum.sum(0)
+    return (g, bsum) if partials else (g.sum(0), bsum.sum(0))
+
+
+def _finish_blocks(interpret: bool = INTERPRET) -> Tuple[int, int]:
+    """(BLOCK_O, BLOCK_I) of the conv gradient's finish: narrow column blocks, so that a
+    stage-4 PAT_sp (P = 192) spreads its partials' sums over 12 programs."""
+    return (64, 64) if interpret else (32, 16)
+
+
+def conv_grad_finish(g_part: torch.Tensor, bsum_part: torch.Tensor, weight: torch.Tensor,
+                     gamma: torch.Tensor, beta: torch.Tensor, rstd: torch.Tensor, pixels: int,
+                     training: bool) -> Tuple[torch.Tensor, ...]:
+    """PAT_sp's conv half's parameter gradients and dMb epilogue in one launch, from the
+    partials of :func:`pointwise_weight_grad` (``partials=True``; x_hat = BN_d's normalised
+    input): (dW (P, P), the conv bias's gradient (P,), BN_d's weight and bias gradients (P,),
+    ea, eb, ec (P,)), fp32, with dMb = ea (W^T dYb) + eb + (Mb - mean) ec in training (eb = 0,
+    no ec term in eval). weight: (P, P) [out, in], any strides; gamma, beta, rstd: BN_d's,
+    fp32 (P,); ``pixels``: B H W."""
+    splits, p, _ = g_part.shape
+
+    def empty(*shape):
+        return torch.empty(shape, device=g_part.device, dtype=torch.float32)
+
+    # (the gradients each their own tensor: an op's outputs must not share storage)
+    grads = (empty(p, p), empty(p), empty(p), empty(p))
+    epilogue = empty(3, p)  # (ea, eb, ec)
+    block_o, block_i = _finish_blocks()
+    _conv_grad_finish_kernel[(cdiv(p, block_i),)](
+        g_part, bsum_part, weight, gamma, beta, rstd, *grads, *epilogue, p, splits,
+        1.0 / pixels, weight.stride(0), weight.stride(1), BLOCK_O=block_o, BLOCK_I=block_i,
+        TRAINING=training)
+    return (*grads, *epilogue)
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,6 +748,7 @@ def aot_kernels() -> List[AotKernel]:
     block_p, block_c, gate_warps = _gate_blocks(0, interpret=False)
     gemm_p, gemm_k, gemm_n, gemm_warps = _gemm_blocks(0, 0, interpret=False)
     apply_p, apply_c, apply_k, apply_n, apply_warps = _apply_blocks(0, 0, interpret=False)
+    finish_o, finish_i = _finish_blocks(interpret=False)
     gate = dict(BLOCK_P=block_p, BLOCK_C=block_c)
     f32 = "*fp32"
     for dtype, tname in TRITON_DTYPE.items():
@@ -698,4 +812,13 @@ def aot_kernels() -> List[AotKernel]:
                                "g_ptr": f32, "bsum_ptr": f32}),
             dict(BLOCK_P=wg_p, BLOCK_O=wg_o, BLOCK_I=wg_i, UPCAST=upcast),
             num_warps=wg_warps, launches=activation_launches("g", "x", pixel="sp")))
+        fn = _conv_grad_finish_kernel
+        for training in (True, False):
+            kernels.append(AotKernel(
+                f"sa_conv_grad_finish[{tname}, training={training}]", fn,
+                aot_signature(fn, {name: ptr if name == "w_ptr" else f32
+                                   for name in fn.arg_names if name.endswith("_ptr")},
+                              {"inv_n": "fp32"}),
+                dict(BLOCK_O=finish_o, BLOCK_I=finish_i, TRAINING=training),
+                launches={"weight (P, P, 1, 1) contiguous": ("w_si",)}))
     return kernels

@@ -95,20 +95,17 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
         gamma_d, beta_d = fp32_affine(d_weight, d_bias, p, m)
     else:
         mean_d, rstd_d = zeros, ones
-    g, sum_dyb = kernels.pointwise_weight_grad(grad_y[:, q:], m[:, q:], mean_d, rstd_d)
-    if has_bn_d:
-        grad_w = torch.addr(g * gamma_d, sum_dyb, beta_d)  # G gamma_d + sum dYb (x) beta_d
-        wf = weight.float()
-        grad_beta_d = wf.t() @ sum_dyb  # sum over pixels of dX = W^T dYb
-        grad_gamma_d = (wf * g).sum(0)  # sum over pixels of dX * xhat_d
-        ea = gamma_d * rstd_d
-        if training:  # dMb = ea (dX - sum dX / N - xhat sum dX xhat / N)
+    g, sum_dyb = kernels.pointwise_weight_grad(grad_y[:, q:], m[:, q:], mean_d, rstd_d,
+                                               partials=has_bn_d)
+    if has_bn_d:  # dW, the bias's and BN_d's gradients, and dMb's epilogue: one launch
+        grad_w, sum_dyb, grad_gamma_d, grad_beta_d, ea, eb, ec = kernels.conv_grad_finish(
+            g, sum_dyb, weight, gamma_d, beta_d, rstd_d, b * h * w, training)
+        if training:  # dMb = ea (dX - sum dX / N - xhat sum dX xhat / N), dX = W^T dYb
             kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], zeros, ones, zeros, ea,
-                                   (ea * grad_beta_d).mul_(-1.0 / n), x=m[:, q:], em=mean_d,
-                                   ec=(ea * rstd_d).mul_(grad_gamma_d).mul_(-1.0 / n))
+                                   eb, x=m[:, q:], em=mean_d, ec=ec)
         else:
             kernels.pointwise_gemm(grad_y[:, q:], weight, grad_m[:, q:], zeros, ones, zeros, ea,
-                                   zeros)
+                                   eb)
         grad_d = (grad_gamma_d, grad_beta_d)
     else:
         grad_w = g
