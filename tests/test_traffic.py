@@ -297,12 +297,12 @@ TRAIN_BYTES_VS_EAGER = {"patnet_t2": 0.64, "fasternet_t2": 0.76}
 # cast to bfloat16, then autograd's back to float32, per gradient: 80 kernels, and rounded).
 # 668; 630 since autocast leaves PAT_ch's W_ch and its bias and the iRPE table float32 (read in
 # float32 anyway: no cast per forward, their gradients neither rounded nor cast).
-# PATNet-T1 (PAT_sp after every MLP) 1447 before, 1085 since PAT_sp's backward takes its conv
+# PATNet-T1 (PAT_sp after every MLP) 1447 before, 1059 since PAT_sp's backward takes its conv
 # half's parameter gradients and epilogue vectors in one kernel (spatial_attention.
 # conv_grad_finish; about 14 torch ops before), its other vector arithmetic and its statistics'
-# merge fewer torch ops (eager 1126).
+# merge fewer torch ops, its constant vectors made once (eager 1126).
 PINNED_TRAIN_AUTOCAST = {"patnet_t2": dict(eager=900, triton=630),
-                         "patnet_t1": dict(eager=1126, triton=1085)}
+                         "patnet_t1": dict(eager=1126, triton=1059)}
 
 
 def _training_step(name: str, pinned: dict, autocast: bool = False) -> dict:

@@ -116,11 +116,22 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
             sum_dy) + grad_d
 
 
+# (zeros, ones) fp32 (p,) per (p, device), read-only: see _identity.
+_IDENTITY: dict = {}
+
+
 def _identity(p: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-    """(zeros, ones), fp32 (p,) on ``like``'s device: the prologue vectors (pm, ps, ph) =
-    (zeros, ones, zeros) of a GEMM that takes its input as it is, and an epilogue's plain
-    scale and shift."""
-    return fp32_vector(None, 0.0, p, like), fp32_vector(None, 1.0, p, like)
+    """(zeros, ones), fp32 (p,) on ``like``'s device, made once per width and device (only
+    ever read): the prologue vectors (pm, ps, ph) = (zeros, ones, zeros) of a GEMM that takes
+    its input as it is, and an epilogue's plain scale and shift."""
+    key = (p, str(like.device))
+    vectors = _IDENTITY.get(key)
+    if vectors is None:
+        if len(_IDENTITY) >= 64:
+            _IDENTITY.pop(next(iter(_IDENTITY)))
+        vectors = _IDENTITY[key] = (fp32_vector(None, 0.0, p, like),
+                                    fp32_vector(None, 1.0, p, like))
+    return vectors
 
 
 register_fakes("patnet_triton", spec.FAKES)
