@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._types import BatchNormParams
+from . import in_input_dtypes, tensor_dtypes
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -78,10 +79,8 @@ def make_function(ops):
             grad_x, grad_affine = ops.batch_norm_act_backward(
                 grad_y, x, mean.float(), var.float(), weight, bias, ctx.eps, ctx.activation,
                 ctx.training)
-            needs = ctx.needs_input_grad
-            return (grad_x if needs[0] else None,
-                    grad_affine[1].to(weight.dtype) if needs[1] else None,
-                    grad_affine[0].to(bias.dtype) if needs[2] else None) + (None,) * 6
+            return in_input_dtypes((grad_x, grad_affine[1], grad_affine[0]),
+                                   tensor_dtypes((x, weight, bias)), ctx.needs_input_grad)
 
     return BatchNormAct
 

@@ -515,21 +515,16 @@ def _wgrad_blocks(n: int, k: int, dtype: torch.dtype, interpret: bool = INTERPRE
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-# Pixels per tile of the gate statistics, (TILES, 1) fp32, per (H * W, BLOCK_P, device).
-_TILE_COUNTS: dict = {}
+# (imported here, below the jit functions: a line added above them changes their cache keys)
+import functools  # noqa: E402
 
 
-def _tile_counts(hw: int, block_p: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _tile_counts(hw: int, block_p: int, device: torch.device) -> torch.Tensor:
     """Pixels in each tile of a map of ``hw`` pixels, (TILES, 1) fp32 (made once per map size
     and device: a training step's calls share it)."""
-    key = (hw, block_p, str(device))
-    counts = _TILE_COUNTS.get(key)
-    if counts is None:
-        if len(_TILE_COUNTS) >= 64:
-            _TILE_COUNTS.pop(next(iter(_TILE_COUNTS)))
-        starts = torch.arange(0, hw, block_p, device=device, dtype=torch.float32)
-        counts = _TILE_COUNTS[key] = (hw - starts).clamp(max=block_p)[:, None]
-    return counts
+    starts = torch.arange(0, hw, block_p, device=device, dtype=torch.float32)
+    return (hw - starts).clamp(max=block_p)[:, None]
 
 
 def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool

@@ -3,6 +3,7 @@
 :mod:`..spatial_attention`."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -88,7 +89,7 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
 
     # Mb half: G[o, i] = sum dYb[o] xhat_d[i] and sum dYb give every parameter gradient.
     weight = conv_weight.reshape(p, p)
-    zeros, ones = _identity(p, m)
+    zeros, ones = _identity(p, m.device)
     if has_bn_d:
         mean_d = d_stats[0]
         rstd_d = torch.rsqrt(d_stats[1] + d_eps)
@@ -116,22 +117,13 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
             sum_dy) + grad_d
 
 
-# (zeros, ones) fp32 (p,) per (p, device), read-only: see _identity.
-_IDENTITY: dict = {}
-
-
-def _identity(p: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-    """(zeros, ones), fp32 (p,) on ``like``'s device, made once per width and device (only
-    ever read): the prologue vectors (pm, ps, ph) = (zeros, ones, zeros) of a GEMM that takes
-    its input as it is, and an epilogue's plain scale and shift."""
-    key = (p, str(like.device))
-    vectors = _IDENTITY.get(key)
-    if vectors is None:
-        if len(_IDENTITY) >= 64:
-            _IDENTITY.pop(next(iter(_IDENTITY)))
-        vectors = _IDENTITY[key] = (fp32_vector(None, 0.0, p, like),
-                                    fp32_vector(None, 1.0, p, like))
-    return vectors
+@functools.lru_cache(maxsize=64)
+def _identity(p: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(zeros, ones), fp32 (p,) on ``device``, made once per width and device (only ever
+    read): the prologue vectors (pm, ps, ph) = (zeros, ones, zeros) of a GEMM that takes its
+    input as it is, and an epilogue's plain scale and shift."""
+    return (torch.zeros((p,), dtype=torch.float32, device=device),
+            torch.ones((p,), dtype=torch.float32, device=device))
 
 
 register_fakes("patnet_triton", spec.FAKES)
