@@ -20,14 +20,16 @@ from conftest import DEVICE, assert_within_budget
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (shape, dtype, channels_last, training, activation): every dtype, layout, mode and
-# activation, over two shapes; and the large shape once per mode.
+# activation, over two shapes; and the large shape once per mode (in training its statistics'
+# rows, 3 samples x 2 pixel chunks under the interpreter, take two steps of the merge, the
+# second partial, and its chunks are uneven: 256 + 43 pixels).
 CASES = [((3, 20, 9, 11),) + combo for combo in itertools.product(
     DTYPES, (False, True), (True, False), ("relu", "gelu"))
     if (DTYPES.index(combo[0]) + combo[1] + combo[2]) % 2 == 0]
 CASES += [((2, 20, 1, 7),) + combo for combo in itertools.product(
     DTYPES, (False, True), (True, False), ("relu", "gelu"))
     if (DTYPES.index(combo[0]) + combo[1] + combo[2]) % 2 == 1]
-CASES += [((2, 80, 23, 13), torch.bfloat16, True, True, "gelu"),
+CASES += [((3, 80, 23, 13), torch.bfloat16, True, True, "gelu"),
           ((2, 80, 23, 13), torch.float32, False, False, "relu")]
 
 

@@ -221,3 +221,34 @@ def samples_as_rows(*tensors: torch.Tensor) -> bool:
             return False
     return True
 
+
+
+@triton.jit
+def merge_rows(count, mean, m2):
+    """(count, mean, sum of squared deviations) of the union of disjoint sets along axis 0 of
+    ``count``, ``mean``, ``m2`` (each set's, same shape, 2-D or 3-D; a set of count 0 adds
+    nothing: give masked ones count 0 and mean 0): fp32, axis 0 reduced. The sets are merged
+    at once (their means weighted by count, then the spread of those means about the result),
+    so a reduction over many rows loads a block of them per step, not one row per memory round
+    trip."""
+    total = tl.sum(count, 0)
+    center = tl.sum(count * mean, 0) / tl.maximum(total, 1.0)
+    spread = mean - tl.expand_dims(center, 0)
+    return total, center, tl.sum(m2 + count * spread * spread, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def reduction_splits(work_items: int, programs_per_split: int, per_multiprocessor: int) -> int:
+    """How many splits a reduction over ``work_items`` (samples, pixel tiles) takes, each
+    writing its own partial that a later step sums in a fixed order (deterministic, no atomics):
+    about ``per_multiprocessor`` programs per multiprocessor of the current GPU, a split being
+    ``programs_per_split`` programs. 3 under the interpreter, so that sums over the splits in
+    blocks of 2 (their interpreter block) meet a partial block in the tests."""
+    if INTERPRET:
+        return min(work_items, 3)
+    sms = _multiprocessors(torch.cuda.current_device())
+    return max(1, min(work_items, cdiv(per_multiprocessor * sms, programs_per_split)))

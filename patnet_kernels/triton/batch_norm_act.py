@@ -10,9 +10,9 @@ Kernels:
 
 * :func:`batch_moments` (training forward) -- per (channel block, sample, pixel chunk) the
   count-weighted mean and sum of squared deviations of X (``_moments_kernel``, tiles merged
-  with Chan's formula), then one program per channel block merges those rows in a fixed order
-  (``_merge_kernel``): the batch mean and biased variance, and the running statistics updated
-  in the same launch. Deterministic, no atomics.
+  with Chan's formula), then one program per channel block merges those rows, a block a step,
+  in a fixed order (``_merge_kernel``): the batch mean and biased variance, and the running
+  statistics updated in the same launch. Deterministic, no atomics.
 * :func:`apply` -- Y = act(Z) with the batch's or the running statistics: one pass.
 * :func:`grad_sums` (backward) -- per channel sum dZ and sum dZ * xhat with dZ = dY * act'(Z), Z
   recomputed from X (the BN output is never stored): the gradients of beta and gamma, and the
@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, merge_moments, pixel_strides, tile_moments)
+                      block, cdiv, merge_moments, merge_rows, pixel_strides,
+                      tile_moments)
 from .pointwise_mlp import ACTIVATION_CODES, _activation as activation
 
 
@@ -114,20 +115,27 @@ def _merge_kernel(
                                 # updated in place if UPDATE (see _update_running)
     momentum,  # fp32: the running statistics' momentum (UPDATE)
     C, HW, CHUNK, SPLITS, ROWS,  # row r covers pixels of chunk r % SPLITS of one sample
+    BLOCK_R: tl.constexpr,  # rows per step (loaded together: one memory round trip a step)
     BLOCK_C: tl.constexpr,  # channels per program
     UPDATE: tl.constexpr,  # update the running statistics
 ):
-    # grid: (cdiv(C, BLOCK_C),). Rows merged in order (deterministic).
+    # grid: (cdiv(C, BLOCK_C),). Blocks of rows merged in order (deterministic).
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     seen = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for row in range(0, ROWS):
-        count = tl.minimum(CHUNK, HW - (row % SPLITS) * CHUNK).to(tl.float32)
-        row_mean = tl.load(part_mean_ptr + row * C + offs_c, mask=c_ok, other=0.0)
-        row_m2 = tl.load(part_m2_ptr + row * C + offs_c, mask=c_ok, other=0.0)
-        seen, mean, m2 = merge_moments(seen, mean, m2, count, row_mean, row_m2)
+    for r0 in range(0, ROWS, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rows < ROWS
+        count = tl.where(r_ok, tl.minimum(CHUNK, HW - (rows % SPLITS) * CHUNK), 0)
+        ok = r_ok[:, None] & c_ok[None, :]
+        at = rows[:, None] * C + offs_c[None, :]
+        rows_count, rows_mean, rows_m2 = merge_rows(
+            tl.broadcast_to(count.to(tl.float32)[:, None], (BLOCK_R, BLOCK_C)),
+            tl.load(part_mean_ptr + at, mask=ok, other=0.0),
+            tl.load(part_m2_ptr + at, mask=ok, other=0.0))
+        seen, mean, m2 = merge_moments(seen, mean, m2, rows_count, rows_mean, rows_m2)
     tl.store(mean_ptr + offs_c, mean, mask=c_ok)
     tl.store(var_ptr + offs_c, m2 / seen, mask=c_ok)
     if UPDATE:  # (the variance's batch value unbiased, as F.batch_norm; training has N > 1)
@@ -252,6 +260,14 @@ def _blocks(c: int, interpret: bool = INTERPRET) -> Tuple[int, int, int]:
     return 64, 64, 4
 
 
+def _merge_block_r(interpret: bool = INTERPRET) -> int:
+    """Rows per step of the merge. A step is one memory round trip (a row per step made the
+    merge a serial chain of B x SPLITS round trips: 1024 at batch 256 and 56 x 56, on one or
+    two programs); on a GPU 32 rows (x 64 channels, 16 values of each partial per thread).
+    Under the interpreter 4, so that the tests' few rows take several steps, one partial."""
+    return 4 if interpret else 32
+
+
 def _chunk(hw: int, block_p: int, interpret: bool = INTERPRET) -> int:
     """Pixels per chunk of the reductions: enough per program to amortise its start and its
     row of partial sums (the rows are 1 / CHUNK of the activation's size)."""
@@ -285,8 +301,8 @@ def batch_moments(x: torch.Tensor,
     mean, var = (torch.empty((c,), device=x.device, dtype=torch.float32) for _ in range(2))
     run_mean, run_var = running if running is not None else (mean, var)
     _merge_kernel[(grid[0],)](part[0], part[1], mean, var, run_mean, run_var, float(momentum),
-                              c, h * w, chunk, grid[2], rows, BLOCK_C=block_c,
-                              UPDATE=running is not None)
+                              c, h * w, chunk, grid[2], rows, BLOCK_R=_merge_block_r(),
+                              BLOCK_C=block_c, UPDATE=running is not None)
     return mean, var
 
 
@@ -348,7 +364,8 @@ def aot_kernels() -> List[AotKernel]:
                          aot_signature(_merge_kernel, {n: f32 for n in (
                              "part_mean_ptr", "part_m2_ptr", "mean_ptr", "var_ptr",
                              "run_mean_ptr", "run_var_ptr")}, {"momentum": "fp32"}),
-                         dict(BLOCK_C=block_c, UPDATE=update)) for update in (True, False)]
+                         dict(BLOCK_R=_merge_block_r(interpret=False), BLOCK_C=block_c,
+                              UPDATE=update)) for update in (True, False)]
     for dtype, tname in TRITON_DTYPE.items():
         ptr = "*" + tname
         kernels.append(AotKernel(

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from .._types import chunk_pixels
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, hardsigmoid, merge_moments, tile_moments, upcast_dot)
+                      block, cdiv, hardsigmoid, merge_moments, merge_rows, tile_moments,
+                      upcast_dot)
 from .partial_conv import _conv_blocks, _strides, conv3x3_tile
 
 
@@ -94,28 +95,35 @@ def _channel_vector(ptr, offs, ok, PRESENT: tl.constexpr, default: tl.constexpr)
 
 
 @triton.jit
-def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS, size):
+def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS, size,
+                       BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr):
     """(mean, unbiased std), each (BLOCK_B, BLOCK_I) fp32 (0 where not ``ok``), of the samples
     ``offs_b`` and channels ``offs_i`` from per-chunk (mean, sum of squared deviations), each
     (B, CHUNKS, C2) contiguous, over CHUNKS chunks of ``size`` pixels (the last one the rest of
-    PIXELS), merged as the statistics kernel merges its tiles (Chan et al.)."""
+    PIXELS): BLOCK_T chunks loaded per step and merged at once, the steps merged in order
+    (Chan et al.), so that the 49 chunks of a 56 x 56 map are 13 memory round trips, not 49."""
     seen = ok.to(tl.float32) * 0.0
     mean = seen
     m2 = seen
-    for t in range(0, CHUNKS):
-        count = tl.minimum(size, PIXELS - t * size).to(tl.float32)
-        at = (offs_b[:, None] * CHUNKS + t) * C2 + offs_i[None, :]
-        chunk_mean = tl.load(mean_ptr + at, mask=ok, other=0.0)
-        chunk_m2 = tl.load(m2_ptr + at, mask=ok, other=0.0)
-        seen, mean, m2 = merge_moments(seen, mean, m2, count, chunk_mean, chunk_m2)
+    for t0 in range(0, CHUNKS, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < CHUNKS
+        count = tl.where(t_ok, tl.minimum(size, PIXELS - t * size), 0).to(tl.float32)
+        at = (offs_b[None, :, None] * CHUNKS + t[:, None, None]) * C2 + offs_i[None, None, :]
+        t_b_i_ok = t_ok[:, None, None] & ok[None, :, :]
+        chunks_count, chunks_mean, chunks_m2 = merge_rows(
+            tl.broadcast_to(count[:, None, None], (BLOCK_T, BLOCK_B, BLOCK_I)),
+            tl.load(mean_ptr + at, mask=t_b_i_ok, other=0.0),
+            tl.load(m2_ptr + at, mask=t_b_i_ok, other=0.0))
+        seen, mean, m2 = merge_moments(seen, mean, m2, chunks_count, chunks_mean, chunks_m2)
     # H * W = 1: m2 = 0 and the divisor 0, so std = NaN (as Tensor.std with correction 1).
     return mean, tl.where(ok, tl.sqrt(m2 / (seen - 1.0)), 0.0)
 
 
 @triton.jit
 def _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, b_ok, offs_o, o_ok, C2, CHUNKS,
-              PIXELS, CHUNK_PIXELS, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
-              BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+              PIXELS, CHUNK_PIXELS, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     """z = W_ch . [mean, std] (+ W_ch's bias) of the samples ``offs_b`` and output channels
     ``offs_o``, (BLOCK_B, BLOCK_O) fp32, on the tensor cores in IEEE fp32; the statistics
     read, or merged from CHUNKS chunks (see :func:`_channel_gate_kernel`)."""
@@ -126,7 +134,8 @@ def _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, b_ok, offs_o, o_ok, C2
         bi_ok = b_ok[:, None] & i_ok[None, :]
         if CHUNKS > 0:
             mean, std = _merged_statistics(mean_ptr, std_ptr, offs_b, offs_i, bi_ok, C2,
-                                           CHUNKS, PIXELS, CHUNK_PIXELS)
+                                           CHUNKS, PIXELS, CHUNK_PIXELS, BLOCK_T, BLOCK_B,
+                                           BLOCK_I)
         else:
             bi = offs_b[:, None] * C2 + offs_i[None, :]
             mean = tl.load(mean_ptr + bi, mask=bi_ok, other=0.0)
@@ -184,6 +193,7 @@ def _channel_gate_kernel(
     HAS_A_B: tl.constexpr, HAS_B_W: tl.constexpr, HAS_B_B: tl.constexpr,
     TRAINING: tl.constexpr,  # BN_a and BN_b normalise with the batch's statistics (taken
                              # over all samples by each program), else the running ones
+    BLOCK_T: tl.constexpr,  # chunks of the statistics merged per step (CHUNKS > 0)
     BLOCK_B: tl.constexpr,  # samples per step
     BLOCK_O: tl.constexpr,  # output channels per program
     BLOCK_I: tl.constexpr,  # input channels per step of the mix
@@ -204,7 +214,7 @@ def _channel_gate_kernel(
             offs_b = b0 + tl.arange(0, BLOCK_B)
             ok = (offs_b < B)[:, None] & o_ok[None, :]
             z = _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, offs_b < B, offs_o, o_ok,
-                          C2, 0, PIXELS, 0, HAS_BIAS, BLOCK_B, BLOCK_O, BLOCK_I)
+                          C2, 0, PIXELS, 0, HAS_BIAS, BLOCK_T, BLOCK_B, BLOCK_O, BLOCK_I)
             tl.store(z_ptr + offs_b[:, None] * C2 + offs_o[None, :], z, mask=ok)
             # (every column over the batch's samples: those past C2 hold zeros)
             rows = tl.broadcast_to((offs_b < B)[:, None], (BLOCK_B, BLOCK_O))
@@ -268,8 +278,8 @@ def _channel_gate_kernel(
             z = tl.load(z_ptr + at, mask=ok, other=0.0)
         else:
             z = _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, offs_b < b_stop, offs_o,
-                          o_ok, C2, CHUNKS, PIXELS, CHUNK_PIXELS, HAS_BIAS, BLOCK_B, BLOCK_O,
-                          BLOCK_I)
+                          o_ok, C2, CHUNKS, PIXELS, CHUNK_PIXELS, HAS_BIAS, BLOCK_T, BLOCK_B,
+                          BLOCK_O, BLOCK_I)
             tl.store(z_ptr + at, z, mask=ok)
         _, _, g = _gate_value(z, mu_a, inv_a, gamma_a, beta_a, HAS_BN_A)
         tl.store(scale_ptr + at, g * k[None, :], mask=ok)
@@ -583,7 +593,17 @@ _GPU_REDUCE_BLOCKS = (64, 32, 4)
 _GPU_AFFINE_BLOCK_C2 = 32
 # (the loop over C2 / BLOCK_I is a few steps: one stage, no pipelining; with 3 stages the
 # fp16 / bf16 configuration spilled 1.4 KB per thread on sm_80, AOT machine-code report)
-_GPU_GATE_BLOCKS = (32, 32, 32, 4)
+_GPU_GATE_BLOCKS = (32, 32, 32, 8)
+# Chunks of the eval gate's statistics merged per step, one memory round trip each (one chunk
+# a step made 49 round trips in a row at 56 x 56 in 64-pixel tiles; now 7): 2 x 8 x 32 x 32
+# fp32 per step in 8 warps, 158-170 registers and no spill on sm_90 / sm_80 (4 warps took 255;
+# 4 chunks in 4 warps spilled 16 B on sm_90). 2 under the interpreter (the tests' 3 chunks
+# then take a full step and a partial one).
+_GPU_GATE_CHUNKS_PER_STEP = 8
+
+
+def _gate_chunks_per_step(interpret: bool = INTERPRET) -> int:
+    return 2 if interpret else _GPU_GATE_CHUNKS_PER_STEP
 
 
 def _reduce_blocks(c2: int, hw: int, interpret: bool = INTERPRET):
@@ -701,8 +721,8 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, pixels: int, cfc_weight:
         float(bn_b[4]),
         HAS_BIAS=cfc_bias is not None, HAS_BN_A=bn_a is not None, HAS_A_W=a[0] is not None,
         HAS_A_B=a[1] is not None, HAS_B_W=bn_b[0] is not None, HAS_B_B=bn_b[1] is not None,
-        TRAINING=training, BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i,
-        num_warps=warps, num_stages=1)
+        TRAINING=training, BLOCK_T=_gate_chunks_per_step(), BLOCK_B=block_b, BLOCK_O=block_o,
+        BLOCK_I=block_i, num_warps=warps, num_stages=1)
     return scale, shift, z, moments, batch
 
 
@@ -829,7 +849,8 @@ def aot_kernels() -> List[AotKernel]:
                 f"channel_gate[{wname}, bn_a={has_bn_a}, training={training}]", fn, sig,
                 dict(HAS_BIAS=not has_bn_a, HAS_BN_A=has_bn_a, HAS_A_W=has_bn_a,
                      HAS_A_B=has_bn_a, HAS_B_W=True, HAS_B_B=True, TRAINING=training,
-                     BLOCK_I=g_i, **gate_blocks), num_warps=g_warps, num_stages=1))
+                     BLOCK_T=_gate_chunks_per_step(interpret=False), BLOCK_I=g_i,
+                     **gate_blocks), num_warps=g_warps, num_stages=1))
         fn = _channel_gate_input_grad_kernel
         sig = aot_signature(fn, {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")}
                             | {"w_ptr": "*" + wname})

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, dot, upcast_dot)
+                      block, cdiv, dot, reduction_splits, upcast_dot)
 
 
 @triton.jit
@@ -316,13 +316,6 @@ def transposed_taps(weight: torch.Tensor) -> torch.Tensor:
                                                          weight.shape[1]).contiguous()
 
 
-def _weight_grad_splits(work_items: int, programs_per_split: int) -> int:
-    if INTERPRET:
-        return min(work_items, 2)
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return max(1, min(work_items, (4 * sms) // programs_per_split))
-
-
 def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     """dW (C1, C1, 3, 3) in x1's dtype, from X1 (B, >= C1, H, W) and dY (B, >= C1, H, W).
 
@@ -334,7 +327,7 @@ def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     block_p = block_p if INTERPRET else _wgrad_block_p(x1.dtype)
     tiles = cdiv(h * w, block_p)
     n_ci, n_co = cdiv(c1, block_ci), cdiv(c1, block_co)
-    splits = _weight_grad_splits(b * tiles, 9 * n_ci * n_co)
+    splits = reduction_splits(b * tiles, 9 * n_ci * n_co, 4)
     partial = torch.empty((splits, 9, c1, c1), device=x1.device, dtype=torch.float32)
     _conv3x3_weight_grad_kernel[(splits, 9 * n_ci, n_co)](
         x1, grad_y, partial, b, c1, h, w, *_strides(x1), *_strides(grad_y),

@@ -24,7 +24,6 @@ see _CONFIGS). Head dims are padded to a power of two (at least 64) and masked.
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Tuple
 
 import torch
@@ -32,7 +31,8 @@ import triton
 import triton.language as tl
 
 from .._types import DROPOUT_SEED_RANGE
-from ._common import INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, cdiv, upcast_dot
+from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, cdiv,
+                      reduction_splits, upcast_dot)
 
 # Dropout seeds lie in [SEED_LOW, SEED_HIGH) (see DROPOUT_SEED_RANGE).
 SEED_LOW, SEED_HIGH = DROPOUT_SEED_RANGE
@@ -329,23 +329,28 @@ def _rpe_table_grad_kernel(
     seg_ptr,  # (COUNT + 1,) int32: bucket LOW + t owns order[seg[t]:seg[t + 1]]
     dtable_ptr,  # (heads, NB) fp32 contiguous: receives column LOW + t of each head
     SPLITS, heads, NN, NB, LOW,
+    BLOCK_S: tl.constexpr,  # splits per step
     BLOCK: tl.constexpr,  # entries per step
 ):
-    # grid: (COUNT, heads). Lane l sums entries l, l + BLOCK, ... of every split in a fixed
-    # order, then the lanes are reduced: the same bits on every run.
+    # grid: (COUNT, heads). Lane (s, l) sums entries l, l + BLOCK, ... of splits s, s + BLOCK_S,
+    # ... in a fixed order, then the lanes are reduced: the same bits on every run. A step
+    # loads BLOCK_S splits at once (one memory round trip: the 66 splits of a 7 x 7 map's
+    # batch of 256 in 17 steps, not 66 of two dependent loads each).
     t = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(seg_ptr + t)
     end = tl.load(seg_ptr + t + 1)
-    acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(0, SPLITS):
-        base = ds_ptr + (s * heads + h).to(tl.int64) * NN
-        for i0 in range(start, end, BLOCK):
-            idx = i0 + tl.arange(0, BLOCK)
-            ok = idx < end
-            flat = tl.load(order_ptr + idx, mask=ok, other=0)
-            acc += tl.load(base + flat, mask=ok, other=0.0)
-    tl.store(dtable_ptr + h * NB + LOW + t, tl.sum(acc, 0))
+    acc = tl.zeros((BLOCK_S, BLOCK), tl.float32)
+    for i0 in range(start, end, BLOCK):
+        idx = i0 + tl.arange(0, BLOCK)
+        ok = idx < end
+        flat = tl.load(order_ptr + idx, mask=ok, other=0)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            split = s0 + tl.arange(0, BLOCK_S)
+            at = (split[:, None] * heads + h).to(tl.int64) * NN + flat[None, :]
+            acc += tl.load(ds_ptr + at, mask=(split < SPLITS)[:, None] & ok[None, :],
+                           other=0.0)
+    tl.store(dtable_ptr + h * NB + LOW + t, tl.sum(tl.sum(acc, 1), 0))
 
 
 @triton.jit
@@ -366,7 +371,6 @@ def _dropout_mask_kernel(
 # ------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------
-_TABLE_BLOCK = 1024
 _MASK_BLOCK = 64
 MAX_HEAD_DIM = 256
 
@@ -445,20 +449,17 @@ def rpe_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _table_blocks(interpret: bool = INTERPRET) -> dict:
+    """The table gradient's sum, splits and entries per step: 4 x 512 fp32 in flight a step;
+    2 splits under the interpreter (its 3 splits then take a full step and a partial one)."""
+    return dict(BLOCK_S=2 if interpret else 4, BLOCK=512)
 
 
 def _splits(bsz: int, programs_per_split: int, atomic: bool) -> int:
     """How many groups the batches are split into for the dK/dV kernel (one fp32 dS buffer of
-    (heads, N, N) each): enough programs for about two per multiprocessor."""
-    if atomic:
-        return bsz
-    if INTERPRET:
-        return min(bsz, 2)
-    sms = _multiprocessors(torch.cuda.current_device())
-    return max(1, min(bsz, cdiv(2 * sms, programs_per_split)))
+    (heads, N, N) each): enough programs for about two per multiprocessor; with atomics one
+    group per batch (they share one buffer)."""
+    return bsz if atomic else reduction_splits(bsz, programs_per_split, 2)
 
 
 def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -513,7 +514,7 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     dtable = torch.zeros((heads, nb), dtype=torch.float32, device=q.device)
     count = seg.numel() - 1
     _rpe_table_grad_kernel[(count, heads)](
-        ds, order, seg, dtable, ds.shape[0], heads, n * n, nb, low, BLOCK=_TABLE_BLOCK,
+        ds, order, seg, dtable, ds.shape[0], heads, n * n, nb, low, **_table_blocks(),
         num_warps=4)
     return dq, dk, dv, dtable
 
@@ -595,7 +596,7 @@ def aot_kernels() -> List[AotKernel]:
         "rpe_table_grad", fn,
         aot_signature(fn, {"ds_ptr": "*fp32", "order_ptr": "*i32", "seg_ptr": "*i32",
                            "dtable_ptr": "*fp32"}),
-        dict(BLOCK=_TABLE_BLOCK), num_warps=4))
+        _table_blocks(interpret=False), num_warps=4))
     fn = _dropout_mask_kernel
     kernels.append(AotKernel(
         "rpe_dropout_mask", fn, aot_signature(fn, {"keep_ptr": "*i8"}, {"seed": "i64"}),

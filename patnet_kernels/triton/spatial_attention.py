@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
                       batch_norm_tile, block, cdiv, dot, hardsigmoid, hardsigmoid_grad,
-                      pixel_strides, store_tile_moments, upcast_dot)
+                      pixel_strides, reduction_splits, store_tile_moments, upcast_dot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,11 +432,13 @@ def _conv_grad_finish_kernel(
     P, S,  # channels of Mb; splits of the partials
     inv_n,  # 1 / (B H W)
     w_so, w_si,  # strides of the weight (elements)
+    BLOCK_S: tl.constexpr,  # splits loaded per step (one memory round trip a step)
     BLOCK_O: tl.constexpr,  # output channels o per step
     BLOCK_I: tl.constexpr,  # input channels i per program
     TRAINING: tl.constexpr,  # BN_d normalised with the batch's statistics
 ):
-    # grid: (cdiv(P, BLOCK_I),). Partials summed in split order (deterministic, no atomics).
+    # grid: (cdiv(P, BLOCK_I),). Partials summed in blocks of splits, in order (deterministic,
+    # no atomics).
     pid = tl.program_id(0)
     offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
     i_ok = offs_i < P
@@ -451,10 +453,14 @@ def _conv_grad_finish_kernel(
         ok = o_ok[:, None] & i_ok[None, :]
         g = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         bsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        for split in range(0, S):
-            g += tl.load(gp_ptr + (split * P + offs_o[:, None]) * P + offs_i[None, :], mask=ok,
-                         other=0.0)
-            bsum += tl.load(bp_ptr + split * P + offs_o, mask=o_ok, other=0.0)
+        for s0 in range(0, S, BLOCK_S):
+            split = s0 + tl.arange(0, BLOCK_S)
+            s_ok = split < S
+            at = (split[:, None, None] * P + offs_o[None, :, None]) * P + offs_i[None, None, :]
+            g += tl.sum(tl.load(gp_ptr + at, mask=s_ok[:, None, None] & ok[None, :, :],
+                                other=0.0), axis=0)
+            bsum += tl.sum(tl.load(bp_ptr + split[:, None] * P + offs_o[None, :],
+                                   mask=s_ok[:, None] & o_ok[None, :], other=0.0), axis=0)
         tl.store(gw_ptr + offs_o[:, None] * P + offs_i[None, :],
                  g * gamma[None, :] + bsum[:, None] * beta[None, :], mask=ok)
         if pid == 0:
@@ -669,13 +675,6 @@ def pointwise_gemm(a: torch.Tensor, weight_kn: torch.Tensor, out: torch.Tensor,
     return out
 
 
-def _weight_grad_splits(work_items: int, programs_per_split: int) -> int:
-    if INTERPRET:
-        return min(work_items, 2)
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return max(1, min(work_items, (4 * sms) // programs_per_split))
-
-
 def pointwise_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, pm: torch.Tensor,
                           ps: torch.Tensor, partials: bool = False
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -688,7 +687,7 @@ def pointwise_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, pm: torch.Tenso
     block_p, block_o, block_i, warps = _wgrad_blocks(n, k, x.dtype)
     tiles = cdiv(h * w, block_p)
     n_o, n_i = cdiv(n, block_o), cdiv(k, block_i)
-    splits = _weight_grad_splits(b * tiles, n_o * n_i)
+    splits = reduction_splits(b * tiles, n_o * n_i, 4)
     g = torch.empty((splits, n, k), device=x.device, dtype=torch.float32)
     bsum = torch.empty((splits, n), device=x.device, dtype=torch.float32)
     _pointwise_weight_grad_kernel[(splits, n_o, n_i)](
@@ -699,10 +698,12 @@ def pointwise_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, pm: torch.Tenso
     return (g, bsum) if partials else (g.sum(0), bsum.sum(0))
 
 
-def _finish_blocks(interpret: bool = INTERPRET) -> Tuple[int, int]:
-    """(BLOCK_O, BLOCK_I) of the conv gradient's finish: narrow column blocks, so that a
-    stage-4 PAT_sp (P = 192) spreads its partials' sums over 12 programs."""
-    return (64, 64) if interpret else (32, 16)
+def _finish_blocks(interpret: bool = INTERPRET) -> Tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_O, BLOCK_I) of the conv gradient's finish: narrow column blocks, so that
+    a stage-4 PAT_sp (P = 192) spreads its partials' sums over 12 programs; 16 splits a step
+    (P = 24 at PATNet-T1's stage 1 has 528 splits on 132 multiprocessors, one at a time a
+    chain of 528 memory round trips; 33 now)."""
+    return (2, 64, 64) if interpret else (16, 32, 16)
 
 
 def conv_grad_finish(g_part: torch.Tensor, bsum_part: torch.Tensor, weight: torch.Tensor,
@@ -722,11 +723,11 @@ def conv_grad_finish(g_part: torch.Tensor, bsum_part: torch.Tensor, weight: torc
     # (the gradients each their own tensor: an op's outputs must not share storage)
     grads = (empty(p, p), empty(p), empty(p), empty(p))
     epilogue = empty(3, p)  # (ea, eb, ec)
-    block_o, block_i = _finish_blocks()
+    block_s, block_o, block_i = _finish_blocks()
     _conv_grad_finish_kernel[(cdiv(p, block_i),)](
         g_part, bsum_part, weight, gamma, beta, rstd, *grads, *epilogue, p, splits,
-        1.0 / pixels, weight.stride(0), weight.stride(1), BLOCK_O=block_o, BLOCK_I=block_i,
-        TRAINING=training)
+        1.0 / pixels, weight.stride(0), weight.stride(1), BLOCK_S=block_s, BLOCK_O=block_o,
+        BLOCK_I=block_i, TRAINING=training)
     return (*grads, *epilogue)
 
 
@@ -743,7 +744,7 @@ def aot_kernels() -> List[AotKernel]:
     block_p, block_c, gate_warps = _gate_blocks(0, interpret=False)
     gemm_p, gemm_k, gemm_n, gemm_warps = _gemm_blocks(0, 0, interpret=False)
     apply_p, apply_c, apply_k, apply_n, apply_warps = _apply_blocks(0, 0, interpret=False)
-    finish_o, finish_i = _finish_blocks(interpret=False)
+    finish_s, finish_o, finish_i = _finish_blocks(interpret=False)
     gate = dict(BLOCK_P=block_p, BLOCK_C=block_c)
     f32 = "*fp32"
     for dtype, tname in TRITON_DTYPE.items():
@@ -814,6 +815,6 @@ def aot_kernels() -> List[AotKernel]:
                 aot_signature(fn, {name: ptr if name == "w_ptr" else f32
                                    for name in fn.arg_names if name.endswith("_ptr")},
                               {"inv_n": "fp32"}),
-                dict(BLOCK_O=finish_o, BLOCK_I=finish_i, TRAINING=training),
+                dict(BLOCK_S=finish_s, BLOCK_O=finish_o, BLOCK_I=finish_i, TRAINING=training),
                 launches={"weight (P, P, 1, 1) contiguous": ("w_si",)}))
     return kernels
