@@ -46,13 +46,15 @@ from benchmarks.tolerance import MISMATCH  # noqa: E402
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def grid(kind: str, out_channels: int):
+def grid(kind: str, out_channels: int, spatial: bool = False):
     """The configurations of a sweep (``pointwise_mlp.Config``; a conv head's input-channel
     step stays 32): "small" (16: the pixel tile, the hidden chunk, the output block, warps) or
     "full" (216); output blocks above the next power of two of C_out are left out (pure
-    waste)."""
+    waste). Past 256 output channels, without PAT_sp (``spatial``), each configuration of
+    256-channel output blocks is also timed with a second accumulator
+    (``pointwise_mlp.wide_block_n2``: fewer programs per pixel tile): "small" 24, "full" 288."""
     from patnet_kernels.triton._common import block
-    from patnet_kernels.triton.pointwise_mlp import Config
+    from patnet_kernels.triton.pointwise_mlp import Config, wide_block_n2
 
     widest = block(out_channels, high=256)
     if kind == "small":
@@ -60,7 +62,9 @@ def grid(kind: str, out_channels: int):
     else:
         space = itertools.product((32, 64, 128), (32, 64), (64, 128), (64, 128, 256), (4, 8),
                                   (2, 3, 4))
-    return [Config(*c) for c in space if c[3] <= widest]
+    configs = [Config(*c) for c in space if c[3] <= widest]
+    second = 0 if spatial else wide_block_n2(out_channels, 256)
+    return configs + [c._replace(block_n2=second) for c in configs if second and c.block_n == 256]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -173,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         dtype = DTYPES[dtype_name]
         for shape in shapes:
             case = Case(args.op, shape, batch, dtype, device, gen)
-            configs = grid(args.grid, shape.channels)
+            configs = grid(args.grid, shape.channels, bool(case.spatial_half))
             if case.spatial_half:  # (PAT_sp: one program holds both halves, block(max(Q, P)))
                 configs = [c._replace(block_n=case.shipped.block_n) for c in configs]
             # (the default and the configurations already tuned for this call first)
@@ -217,7 +221,8 @@ def _print_shape(rows: List[dict]) -> None:
     best = timed[0]["ms"] if timed else None
     for r in timed + [r for r in rows if r["status"] != "ok"]:
         c = r["config"]
-        name = (f"P{c['block_p']} K{c['block_k']} H{c['block_h']} N{c['block_n']} "
+        second = f"+{c['block_n2']}" if c.get("block_n2") else ""
+        name = (f"P{c['block_p']} K{c['block_k']} H{c['block_h']} N{c['block_n']}{second} "
                 f"w{c['warps']} s{c['stages']}")
         mark = "*" if r["shipped"] else " "
         if r["status"] == "ok":

@@ -139,6 +139,25 @@ def _weights_macs(*names: str):
     return count
 
 
+def _mlp_macs(bound: dict, out) -> int:
+    """MACs the MLP kernel performs (``pointwise_mlp*``): at every output pixel its conv head
+    and first GEMM once per program its pixel tile takes on a GPU (the kernel's default
+    configuration: past 512 output channels two or more, each recomputing the hidden
+    activation; with PAT_sp one), its second GEMM and PAT_sp's once."""
+    from patnet_kernels.triton import pointwise_mlp as mlp_kernel
+    w1, w2, conv = bound["w1"], bound["w2"], bound.get("conv_weight")
+    y = _tensors(out)[0]
+    pixels = y.shape[0] * y.shape[2] * y.shape[3]
+    head = 0 if conv is None else conv.numel()
+    sp_conv, gate = bound.get("sp_conv_weight"), bound.get("gate_weight")
+    if sp_conv is not None:
+        return pixels * (head + w1.numel() + w2.numel() + sp_conv.numel() + gate.numel())
+    config = mlp_kernel.default_config(w1.shape[1], w1.shape[0], w2.shape[0], y.dtype,
+                                       0 if conv is None else conv.shape[0], interpret=False)
+    blocks = -(-w2.shape[0] // (config.block_n + config.block_n2))
+    return pixels * ((head + w1.numel()) * blocks + w2.numel())
+
+
 def _layer_norm_linear_macs(bound: dict, out) -> int:
     y = _tensors(out)[0]  # (B, N, C_OUT) tokens: each normalised (no affine), then the
     weight = bound["weight"]  # weight's products
@@ -170,10 +189,9 @@ FUSED_MACS = {
     "channel_attention_chunk_stats": _no_macs,
     "channel_attention_gate": _gate_macs,
     "channel_attention_apply": _weights_macs("conv_weight"),
-    "pointwise_mlp": _weights_macs("conv_weight", "w1", "w2"),
-    "pointwise_mlp_stats": _weights_macs("conv_weight", "w1", "w2"),
-    "pointwise_mlp_spatial": _weights_macs("conv_weight", "w1", "w2", "gate_weight",
-                                           "sp_conv_weight"),
+    "pointwise_mlp": _mlp_macs,
+    "pointwise_mlp_stats": _mlp_macs,
+    "pointwise_mlp_spatial": _mlp_macs,
     "self_mixer_output": _weights_macs("conv_weight", "proj_weight"),
     "rpe_attention_fwd": _attention_macs,
     "patch_conv": _weights_macs("weight"),

@@ -89,6 +89,42 @@ def test_channels_last_samples_share_pixel_tiles(fused_backend, monkeypatch):
     assert taken == [False, True]
 
 
+@ON_ITS_BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_second_accumulator_takes_more_output_channels(channels_last, dtype, fused_backend):
+    """A configuration with a second accumulator (``block_n2``: a program covers block_n +
+    block_n2 output channels, the hidden activation computed once for both; how wide layers
+    run on a GPU) gives the output and its statistics of one accumulator per program, as a
+    whole block runs it (conv head, PAT_ch's affine, residual, statistics), its programs'
+    channel spans partial (40 channels in 16 + 16 twice, in 32 + 16 once)."""
+    from patnet_kernels.triton import pointwise_mlp as kernels
+    from patnet_kernels.triton.partial_conv import forward_taps
+
+    b, c, c1, hidden, h, w = 2, 40, 10, 80, 5, 7
+    x, w1, b1, w2, _, r = _inputs(b, c, hidden, c, h, w, dtype, channels_last, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    taps = forward_taps(torch.randn(c1, c1, 3, 3, generator=gen) / 10).to(DEVICE, dtype)
+    scale = (torch.rand(b, c - c1, generator=gen) + 0.5).to(DEVICE)
+    shift = (torch.randn(b, c - c1, generator=gen) / 4).to(DEVICE)
+    mats = [m.reshape(m.shape[0], -1).contiguous() for m in (w1, w2)]
+
+    def run(config):
+        chunks = kernels.stats_chunks(x, *mats, c1, config=config)
+        stats = tuple(torch.empty(b, chunks, c - c1, device=DEVICE) for _ in range(2))
+        y = kernels.pointwise_mlp(x, mats[0], b1, mats[1], None, r, "gelu", torch.empty_like(r),
+                                  conv_taps=taps, scale=scale, shift=shift, statistics=stats,
+                                  stats_first=c1, config=config)
+        return (y, *stats)
+
+    one = kernels.Config(16, 16, 16, 16, 4, 1, 16, 16)  # (3 programs per pixel tile)
+    tol = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    expected = run(one)
+    for config in (one._replace(block_n2=16), one._replace(block_n=32, block_n2=16)):
+        for got, want in zip(run(config), expected):
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
 def _spatial(c_out, dtype, folded, seed=1, p=None):
     """PAT_sp's tensors for an MLP of ``c_out`` output channels (P = C_out // 2 conv channels
     as released, or ``p``), BN_d folded into its conv (a bias) or not; BatchNorm tensors fp32

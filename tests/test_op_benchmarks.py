@@ -351,5 +351,9 @@ def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "% of best" in out and "  * P" in out and str(path) in out
     # the GPU grids: no output block wider than the output needs
-    assert len(sweep.grid("small", 768)) == 16 and len(sweep.grid("full", 768)) == 216
+    assert len(sweep.grid("small", 256)) == 16 and len(sweep.grid("full", 256)) == 216
+    # (past 256 output channels those of 256-channel blocks again with a second accumulator)
+    assert len(sweep.grid("small", 768)) == 24 and len(sweep.grid("full", 768)) == 288
+    assert {c.block_n2 for c in sweep.grid("full", 768)} == {0, 128}
+    assert len(sweep.grid("full", 768, spatial=True)) == 216
     assert all(c.block_n <= 64 for c in sweep.grid("full", 40))

@@ -6,7 +6,10 @@ sample and a block of output channels and runs the hidden dimension in chunks: a
 act(W1 . X + b1) is computed (a [pixels x C] x [C x chunk] GEMM), cast to the input dtype and at
 once multiplied into the output accumulator ([pixels x chunk] x [chunk x out]), flash-MLP style,
 so the hidden activation (2C channels in the released models) is never written to memory. Bias,
-activation and residual are epilogues: X is read once, R once, Y written once.
+activation and residual are epilogues: X is read once, R once, Y written once. A program
+recomputes the hidden activation for its own block of output channels; a configuration can
+give it a second accumulator (``Config.block_n2``), so that a wide output takes fewer programs
+(a tuning option: see :func:`default_config`).
 
 As a whole FasterNet or PAT_ch block runs it, the MLP's input is the mixer's output computed on
 the fly: channels [0, C1) are conv3x3(X1) of the program's pixel tile, computed once before the
@@ -97,6 +100,10 @@ def _pointwise_mlp_kernel(
     BLOCK_K: tl.constexpr,  # input channels per step of the first GEMM
     BLOCK_H: tl.constexpr,  # hidden channels per chunk
     BLOCK_N: tl.constexpr,  # output channels per program (SPATIAL: per half, Ma and Mb)
+    WIDE: tl.constexpr,  # a second accumulator for the BLOCK_N2 output channels after the
+                         # first block's: a program covers BLOCK_N + BLOCK_N2 of them, the
+                         # hidden activation computed once for both (not with SPATIAL)
+    BLOCK_N2: tl.constexpr,  # the second accumulator's channels (SPATIAL: Mb's, = BLOCK_N)
     BLOCK_O: tl.constexpr,  # SPATIAL: output channels per step of PAT_sp's conv
     BLOCK_CI: tl.constexpr,  # conv input channels per tl.dot (CONV_HEAD)
     BLOCK_C1: tl.constexpr,  # C_HEAD rounded up to a power of two (CONV_HEAD): the whole head
@@ -107,8 +114,18 @@ def _pointwise_mlp_kernel(
     pid_n = tl.program_id(2)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < P
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if WIDE:
+        first = pid_n * (BLOCK_N + BLOCK_N2)
+    else:
+        first = pid_n * BLOCK_N
+    offs_n = first + tl.arange(0, BLOCK_N)
     n_ok = offs_n < (Q if SPATIAL else C_OUT)  # (SPATIAL: one program holds Ma and Mb)
+    local_b = tl.arange(0, BLOCK_N2)  # the second accumulator's channels: Mb's (SPATIAL) or
+    if SPATIAL:  # the BLOCK_N2 after the first block's (WIDE)
+        offs_nb = Q + local_b
+    else:
+        offs_nb = first + BLOCK_N + local_b
+    nb_ok = offs_nb < C_OUT
     x = x_ptr + pid_b * x_sb + offs_p[:, None] * x_sp  # (BLOCK_P, 1) pixel rows of x
     scale_row = scale_ptr + pid_b * (C - C_HEAD) - C_HEAD  # (indexed by input channel)
     shift_row = shift_ptr + pid_b * (C - C_HEAD) - C_HEAD
@@ -123,8 +140,7 @@ def _pointwise_mlp_kernel(
                             c1_ok, BLOCK_P, BLOCK_CI, BLOCK_C1, UPCAST).to(x_ptr.dtype.element_ty)
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # SPATIAL: Mb, channels Q + offs_n
-    nb_ok = offs_n < C_OUT - Q
+    acc_b = tl.zeros((BLOCK_P, BLOCK_N2), dtype=tl.float32)  # channels offs_nb
     for h0 in range(0, HIDDEN, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < HIDDEN
@@ -154,15 +170,15 @@ def _pointwise_mlp_kernel(
         w2t = tl.load(w2_ptr + offs_n[None, :] * HIDDEN + offs_h[:, None],
                       mask=h_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_N)
         acc = dot(hidden, w2t, acc, UPCAST)
-        if SPATIAL:
-            w2t_b = tl.load(w2_ptr + (Q + offs_n[None, :]) * HIDDEN + offs_h[:, None],
-                            mask=h_ok[:, None] & nb_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_N)
+        if SPATIAL or WIDE:
+            w2t_b = tl.load(w2_ptr + offs_nb[None, :] * HIDDEN + offs_h[:, None],
+                            mask=h_ok[:, None] & nb_ok[None, :], other=0.0)  # (BLOCK_H, BLOCK_N2)
             acc_b = dot(hidden, w2t_b, acc_b, UPCAST)
 
     if HAS_B2:
         acc += tl.load(b2_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if SPATIAL:
-            acc_b += tl.load(b2_ptr + Q + offs_n, mask=nb_ok, other=0.0).to(tl.float32)[None, :]
+        if SPATIAL or WIDE:
+            acc_b += tl.load(b2_ptr + offs_nb, mask=nb_ok, other=0.0).to(tl.float32)[None, :]
     r_pix = r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp  # (BLOCK_P, 1) pixel rows
     y_pix = y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp
     stats_row = pid_b * tl.num_programs(0) + pid_p  # (statistics of a chunk of BLOCK_P pixels)
@@ -175,12 +191,12 @@ def _pointwise_mlp_kernel(
                       stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS)
         mb = acc_b.to(x_ptr.dtype.element_ty)
         if SP_BN_D:  # (0 past C_OUT - Q, where the weight's rows are 0 too)
-            mb = batch_norm_tile(mb.to(tl.float32), offs_n, nb_ok, dm_ptr, dv_ptr, dw_ptr,
+            mb = batch_norm_tile(mb.to(tl.float32), local_b, nb_ok, dm_ptr, dv_ptr, dw_ptr,
                                  db_ptr, d_eps).to(x_ptr.dtype.element_ty)
         for o0 in range(0, C_OUT - Q, BLOCK_O):  # Yb, BLOCK_O output channels at a time
             offs_o = o0 + tl.arange(0, BLOCK_O)
             o_ok = offs_o < C_OUT - Q
-            wt = tl.load(sw_ptr + offs_o[None, :] * (C_OUT - Q) + offs_n[:, None],
+            wt = tl.load(sw_ptr + offs_o[None, :] * (C_OUT - Q) + local_b[:, None],
                          mask=nb_ok[:, None] & o_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_O)
             yb = dot(mb, wt, tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32), UPCAST)
             if SP_BIAS:
@@ -190,6 +206,10 @@ def _pointwise_mlp_kernel(
     else:
         _store_output(acc, offs_n, n_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
                       stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS)
+        if WIDE:
+            _store_output(acc_b, offs_nb, nb_ok, p_ok, r_pix, y_pix, r_sc, y_sc,
+                          stats_mean_ptr, stats_m2_ptr, stats_row, STATS_FIRST, C_OUT,
+                          HAS_RESIDUAL, STATS)
 
 
 @triton.jit
@@ -223,6 +243,15 @@ class Config(NamedTuple):
     stages: int
     block_ci: int = 32  # conv input channels per tl.dot, when the kernel computes a conv head
     block_o: int = 64  # output channels per step of PAT_sp's conv, when it follows
+    block_n2: int = 0  # a second accumulator's output channels, after the first block's: a
+                       # program covers block_n + block_n2 (0: none; not with PAT_sp)
+
+
+def second_block(config: Config, spatial: bool) -> dict:
+    """The kernel's WIDE and BLOCK_N2 for ``config`` (``spatial``: PAT_sp follows, whose Mb
+    takes the second accumulator, block_n wide)."""
+    wide = bool(config.block_n2) and not spatial
+    return dict(WIDE=wide, BLOCK_N2=config.block_n2 if wide else config.block_n)
 
 
 class SpatialAttention(NamedTuple):
@@ -258,7 +287,12 @@ def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.d
     follows, max(Q, P) (Q in the released split), 0 for none), untuned. On a GPU the
     output block covers C_OUT up to 256 (no hidden chunk computed twice); wider outputs take
     several programs per pixel tile, each recomputing the hidden activation (and the conv
-    head). With PAT_sp one program holds the whole output, a block of block(max(Q, P))
+    head): FasterNet-T2's 384-channel stage computes it twice, its 768-channel stage three
+    times. A second accumulator (:func:`wide_block_n2`) would compute it once per 512
+    channels, but it does not fit the registers at 64 pixels (sm_80 spills 280-490 B per thread
+    at 256 + 64 channels under a conv head, sm_80 and sm_90 at 256 + 256), and at 32 pixels
+    every program re-reads the weights from L2 for half the pixels: which costs more is for a
+    GPU sweep to say (``benchmarks/sweep_pointwise_mlp.py`` times both). With PAT_sp one program holds the whole output, a block of block(max(Q, P))
     channels for each half, in 32 pixels (16 past 256 channels), hidden chunks of 32 channels from 256 on
     (fp32: 16, and PAT_sp's conv in 16-channel steps). float32 (its dots as IEEE FMAs, no tensor
     cores) takes smaller tiles, and under a conv head of 64 channels or more, or with PAT_sp,
@@ -283,6 +317,15 @@ def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.d
     block_p = (16 if block_n > 256 else 32 if spatial_half or conv_block > 256 else 64)
     return Config(block_p, block(channels, high=64), 32 if wide_gated else 64, block_n, 8, 3,
                   min(conv_block, 32))  # (4 warps spill on sm_80)
+
+
+def wide_block_n2(out_channels: int, block_n: int) -> int:
+    """The second accumulator's width that covers ``out_channels`` in the fewest programs of at
+    most 2 ``block_n`` channels each (0 where one block holds them): 384 -> 128 (one program),
+    640 -> 64 (two of 320), 768 -> 128 (two of 384), 1536 -> 256 (three of 512)."""
+    if out_channels <= block_n:
+        return 0
+    return block(cdiv(out_channels, cdiv(out_channels, 2 * block_n)) - block_n)
 
 
 def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_channels: int,
@@ -326,6 +369,8 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     q = c_out - spatial.weight.shape[0] if spatial is not None else 0
     half = max(q, c_out - q) if spatial is not None else 0
     config = config or config_for(c, hidden, c_out, x.dtype, c_head, half, x.device)
+    if spatial is not None and config.block_n2:
+        raise ValueError("with PAT_sp the second accumulator holds Mb: no block_n2")
     if config.block_n < half:
         raise ValueError(f"with PAT_sp one program holds both halves of the output, {q} and "
                          f"{c_out - q} channels: the output block must be at least "
@@ -335,7 +380,7 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     if scale is None and statistics is None and samples_as_rows(x, r, y):
         samples, pixels = 1, b * h * w  # (the conv head's window stays in its sample)
     grid = (cdiv(pixels, config.block_p), samples,
-            1 if spatial is not None else cdiv(c_out, config.block_n))
+            1 if spatial is not None else cdiv(c_out, config.block_n + config.block_n2))
     unused = w1  # (any pointer in x's dtype for the arguments not read)
     stats_mean, stats_m2 = statistics if statistics is not None else (unused, unused)
     sp = spatial or SpatialAttention(unused, unused, None, (unused,) * 4, 0.0, None, 0.0)
@@ -352,7 +397,8 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         CONV_HEAD=conv_taps is not None, STATS=statistics is not None,
         SPATIAL=spatial is not None, SP_BIAS=sp.bias is not None, SP_BN_D=sp.bn_d is not None,
         BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-        BLOCK_N=config.block_n, BLOCK_O=min(config.block_o, config.block_n),
+        BLOCK_N=config.block_n, **second_block(config, spatial is not None),
+        BLOCK_O=min(config.block_o, config.block_n),
         BLOCK_CI=config.block_ci, BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype),
         num_warps=config.warps, num_stages=config.stages)
     return y
@@ -374,6 +420,7 @@ def aot_kernel(config: Config, dtype: torch.dtype, activation: str, residual: bo
         if spatial else ())
     return AotKernel(
         f"pointwise_mlp[{tname}, P={config.block_p}, K={config.block_k}, N={config.block_n}"
+        f"{f'+{config.block_n2}' if config.block_n2 else ''}"
         f"{head}, {activation}, residual={residual}, affine={affine}"
         f"{', stats' if stats else ''}{', PAT_sp' if spatial else ''}]", fn,
         # (the launcher passes w1, in x's dtype, for every pointer not read)
@@ -384,7 +431,8 @@ def aot_kernel(config: Config, dtype: torch.dtype, activation: str, residual: bo
              HAS_B2=False, HAS_RESIDUAL=residual, CONV_HEAD=bool(conv_channels), STATS=stats,
              SPATIAL=spatial, SP_BIAS=spatial, SP_BN_D=False,
              BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-             BLOCK_N=config.block_n, BLOCK_O=min(config.block_o, config.block_n),
+             BLOCK_N=config.block_n, **second_block(config, spatial),
+             BLOCK_O=min(config.block_o, config.block_n),
              BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
              UPCAST=upcast_dot(dtype, interpret=False)),
         num_warps=config.warps, num_stages=config.stages,

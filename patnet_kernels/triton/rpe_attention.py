@@ -371,6 +371,9 @@ def _dropout_mask_kernel(
 # ------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------
+# The table gradient's sum, splits and entries per step: 4 x 512 fp32 in flight a step (under
+# the interpreter its 2 splits take one partial step).
+_TABLE_BLOCKS = dict(BLOCK_S=4, BLOCK=512)
 _MASK_BLOCK = 64
 MAX_HEAD_DIM = 256
 
@@ -449,12 +452,6 @@ def rpe_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse
 
 
-def _table_blocks(interpret: bool = INTERPRET) -> dict:
-    """The table gradient's sum, splits and entries per step: 4 x 512 fp32 in flight a step;
-    2 splits under the interpreter (its 3 splits then take a full step and a partial one)."""
-    return dict(BLOCK_S=2 if interpret else 4, BLOCK=512)
-
-
 def _splits(bsz: int, programs_per_split: int, atomic: bool) -> int:
     """How many groups the batches are split into for the dK/dV kernel (one fp32 dS buffer of
     (heads, N, N) each): enough programs for about two per multiprocessor; with atomics one
@@ -514,7 +511,7 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     dtable = torch.zeros((heads, nb), dtype=torch.float32, device=q.device)
     count = seg.numel() - 1
     _rpe_table_grad_kernel[(count, heads)](
-        ds, order, seg, dtable, ds.shape[0], heads, n * n, nb, low, **_table_blocks(),
+        ds, order, seg, dtable, ds.shape[0], heads, n * n, nb, low, **_TABLE_BLOCKS,
         num_warps=4)
     return dq, dk, dv, dtable
 
@@ -596,7 +593,7 @@ def aot_kernels() -> List[AotKernel]:
         "rpe_table_grad", fn,
         aot_signature(fn, {"ds_ptr": "*fp32", "order_ptr": "*i32", "seg_ptr": "*i32",
                            "dtable_ptr": "*fp32"}),
-        _table_blocks(interpret=False), num_warps=4))
+        dict(_TABLE_BLOCKS), num_warps=4))
     fn = _dropout_mask_kernel
     kernels.append(AotKernel(
         "rpe_dropout_mask", fn, aot_signature(fn, {"keep_ptr": "*i8"}, {"seed": "i64"}),

@@ -702,8 +702,9 @@ def _finish_blocks(interpret: bool = INTERPRET) -> Tuple[int, int, int]:
     """(BLOCK_S, BLOCK_O, BLOCK_I) of the conv gradient's finish: narrow column blocks, so that
     a stage-4 PAT_sp (P = 192) spreads its partials' sums over 12 programs; 16 splits a step
     (P = 24 at PATNet-T1's stage 1 has 528 splits on 132 multiprocessors, one at a time a
-    chain of 528 memory round trips; 33 now)."""
-    return (2, 64, 64) if interpret else (16, 32, 16)
+    chain of 528 memory round trips; 33 now). Under the interpreter 4 (its 2 splits then take
+    a partial step)."""
+    return (4, 64, 64) if interpret else (16, 32, 16)
 
 
 def conv_grad_finish(g_part: torch.Tensor, bsum_part: torch.Tensor, weight: torch.Tensor,
