@@ -50,9 +50,11 @@ def grid(kind: str, out_channels: int, spatial: bool = False):
     """The configurations of a sweep (``pointwise_mlp.Config``; a conv head's input-channel
     step stays 32): "small" (16: the pixel tile, the hidden chunk, the output block, warps) or
     "full" (216); output blocks above the next power of two of C_out are left out (pure
-    waste). Past 256 output channels, without PAT_sp (``spatial``), each configuration of
-    256-channel output blocks is also timed with a second accumulator
-    (``pointwise_mlp.wide_block_n2``: fewer programs per pixel tile): "small" 24, "full" 288."""
+    waste). Past 256 output channels, without PAT_sp (``spatial``), the one-pass form (each
+    program a block of the outputs, recomputing the hidden activation) is timed beside the
+    two-pass form (``two_pass``, the default there: each configuration of output blocks up to
+    128) and a second accumulator (``pointwise_mlp.wide_block_n2``: each configuration of
+    256-channel output blocks): "small" 32, "full" 432."""
     from patnet_kernels.triton._common import block
     from patnet_kernels.triton.pointwise_mlp import Config, wide_block_n2
 
@@ -63,8 +65,11 @@ def grid(kind: str, out_channels: int, spatial: bool = False):
         space = itertools.product((32, 64, 128), (32, 64), (64, 128), (64, 128, 256), (4, 8),
                                   (2, 3, 4))
     configs = [Config(*c) for c in space if c[3] <= widest]
-    second = 0 if spatial else wide_block_n2(out_channels, 256)
-    return configs + [c._replace(block_n2=second) for c in configs if second and c.block_n == 256]
+    if spatial or out_channels <= 256:
+        return configs
+    second = wide_block_n2(out_channels, 256)
+    return (configs + [c._replace(two_pass=True) for c in configs if c.block_n <= 128]
+            + [c._replace(block_n2=second) for c in configs if c.block_n == 256])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -221,7 +226,8 @@ def _print_shape(rows: List[dict]) -> None:
     best = timed[0]["ms"] if timed else None
     for r in timed + [r for r in rows if r["status"] != "ok"]:
         c = r["config"]
-        second = f"+{c['block_n2']}" if c.get("block_n2") else ""
+        second = (f"+{c['block_n2']}" if c.get("block_n2") else "") + (
+            " 2-pass" if c.get("two_pass") else "")
         name = (f"P{c['block_p']} K{c['block_k']} H{c['block_h']} N{c['block_n']}{second} "
                 f"w{c['warps']} s{c['stages']}")
         mark = "*" if r["shipped"] else " "

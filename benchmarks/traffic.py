@@ -44,7 +44,8 @@ once (one passed twice, as the block's input and its residual, once) and outputs
 except where it touches part of a tensor: the statistics of
 PAT_ch read X2 only (both forms), in-place PConv reads the saved X1 and writes Y1 into X, PAT_sf's output
 reads X1, not X2 (unless it adds the residual X; CUDA's conv kernel writes Y1 only, its
-projection is the ``bmm`` beside it), the attention reads its bucket ids as int32. Halo re-reads, register spills and caches are not modelled.
+projection is the ``bmm`` beside it), the attention reads its bucket ids as int32, the MLP in
+two passes (its default past 256 output channels) also writes and reads its hidden activation. Halo re-reads, register spills and caches are not modelled.
 
 **Per image.** Every provider runs at batch 2 and batch 3: per-image bytes = bytes(batch 3) -
 bytes(batch 2), so whatever does not scale with the batch (weights, their re-laid-out copies,
@@ -64,8 +65,9 @@ fp16's). Each op's multiply-adds are counted too (aten ops by :func:`patnet.flop
 fvcore's convention; fused ops from their arguments, ``FUSED_MACS``), and each kernel is given
 the longer of its bytes at the copy bandwidth and its FLOPs (2 per multiply-add) at the
 matmul rate, at batch 256 (its per-image bytes and multiply-adds times the batch, its
-per-batch bytes once), the kernels one after the other: a lower bound on a provider's time per
-batch, no launch gaps, every kernel perfect. The floor's: each layer one such kernel (its input
+per-batch bytes once), the kernels one after the other (a fused op's launches as one: the
+two-pass MLP's passes taken together): a lower bound on a provider's time per batch, no launch
+gaps, every kernel perfect. The floor's: each layer one such kernel (its input
 and output, its parameters once, its multiply-adds). The rates default to the H200's measured
 4,244 GB/s copy and 790 TFLOP/s fp16 matmul (``--copy-gbps``, ``--matmul-tflops``). It
 says where the time must go (how much of it is arithmetic no fusion removes), not what a GPU
@@ -139,12 +141,24 @@ def _weights_macs(*names: str):
     return count
 
 
+def _mlp_config(bound: dict, out):
+    """The MLP kernel's configuration of a ``pointwise_mlp*`` call on a GPU (its default: the
+    same choice of one or two passes as under the interpreter)."""
+    from patnet_kernels.triton import pointwise_mlp as mlp_kernel
+    w1, w2, conv, sp_conv = (bound["w1"], bound["w2"], bound.get("conv_weight"),
+                             bound.get("sp_conv_weight"))
+    half = 0 if sp_conv is None else max(sp_conv.shape[0], w2.shape[0] - sp_conv.shape[0])
+    return mlp_kernel.default_config(w1.shape[1], w1.shape[0], w2.shape[0],
+                                     _tensors(out)[0].dtype, 0 if conv is None else
+                                     conv.shape[0], half, interpret=False)
+
+
 def _mlp_macs(bound: dict, out) -> int:
     """MACs the MLP kernel performs (``pointwise_mlp*``): at every output pixel its conv head
     and first GEMM once per program its pixel tile takes on a GPU (the kernel's default
-    configuration: past 512 output channels two or more, each recomputing the hidden
-    activation; with PAT_sp one), its second GEMM and PAT_sp's once."""
-    from patnet_kernels.triton import pointwise_mlp as mlp_kernel
+    configuration: one program per tile in one pass up to 256 output channels, or with PAT_sp,
+    and in each pass of the two-pass form; a one-pass configuration of wider outputs takes
+    several, each recomputing them), its second GEMM and PAT_sp's once."""
     w1, w2, conv = bound["w1"], bound["w2"], bound.get("conv_weight")
     y = _tensors(out)[0]
     pixels = y.shape[0] * y.shape[2] * y.shape[3]
@@ -152,9 +166,8 @@ def _mlp_macs(bound: dict, out) -> int:
     sp_conv, gate = bound.get("sp_conv_weight"), bound.get("gate_weight")
     if sp_conv is not None:
         return pixels * (head + w1.numel() + w2.numel() + sp_conv.numel() + gate.numel())
-    config = mlp_kernel.default_config(w1.shape[1], w1.shape[0], w2.shape[0], y.dtype,
-                                       0 if conv is None else conv.shape[0], interpret=False)
-    blocks = -(-w2.shape[0] // (config.block_n + config.block_n2))
+    config = _mlp_config(bound, out)
+    blocks = 1 if config.two_pass else -(-w2.shape[0] // (config.block_n + config.block_n2))
     return pixels * ((head + w1.numel()) * blocks + w2.numel())
 
 
@@ -300,8 +313,10 @@ def aten_op(func, args, kwargs, out) -> Op:
                             macs=op_macs(func, args, out))
 
 
-def fused_bytes(op: str, args, out, namespace: str = "patnet_triton") -> Tuple[int, int]:
-    """What a fused op's kernels must move: (read, written) (rules in the module docstring)."""
+def fused_bytes(op: str, args, out, namespace: str = "patnet_triton",
+                bound: Optional[dict] = None) -> Tuple[int, int]:
+    """What a fused op's kernels must move: (read, written) (rules in the module docstring);
+    ``bound``: the op's arguments by name (the MLP's rule reads them)."""
     inputs: List[torch.Tensor] = []
     for t in _tensors(args):  # (a tensor passed twice is read once: the block's x, its residual)
         if not any(_same_view(t, seen) for seen in inputs):
@@ -327,6 +342,10 @@ def fused_bytes(op: str, args, out, namespace: str = "patnet_triton") -> Tuple[i
     elif op == "rpe_attention_fwd":  # bucket ids read as int32
         bucket = args[4]
         read += bucket.numel() * 4 - nbytes(bucket)
+    elif op.startswith("pointwise_mlp") and _mlp_config(bound, out).two_pass:
+        y = _tensors(out)[0]  # the hidden activation written by the first pass, read by the
+        hidden = y.shape[0] * bound["w1"].shape[0] * y.shape[2] * y.shape[3] * y.element_size()
+        read, written = read + hidden, written + hidden  # second
     return read, written
 
 
@@ -400,11 +419,11 @@ class TrafficRecorder(TorchDispatchMode):
                 kernels = CUDA_LAUNCHES[name]
             else:
                 kernels = len(launched)
-            read, written = fused_bytes(name, args, out, func.namespace)
+            bound = {**{a.name: v for a, v in zip(func._schema.arguments, args)}, **kwargs}
+            read, written = fused_bytes(name, args, out, func.namespace, bound)
             macs = (CUDA_MACS if func.namespace == "patnet_cuda" else FUSED_MACS).get(name)
             if macs is not None:
-                bound = {a.name: v for a, v in zip(func._schema.arguments, args)}
-                macs = macs({**bound, **kwargs}, out)
+                macs = macs(bound, out)
             self.ops.append(Op(full, kernels, read, written, self.inside, macs=macs))
             self.ops.extend(inner.ops)
             return out

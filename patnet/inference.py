@@ -12,7 +12,8 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    attention by ``scaled_dot_product_attention``; both halves written into one buffer);
 4. runs each block's MLP as one op (:class:`InferenceMLP`, ``pk.pointwise_mlp``: both 1x1
    convs, the folded BN's bias, the activation and the block's residual in one pass, the 2C
-   hidden activation kept on chip by the fused kernel); under ``backend="cuda"``, which has no
+   hidden activation kept on chip by the fused kernel, past 256 output channels written once
+   by a first pass and read by a second); under ``backend="cuda"``, which has no
    kernel for it, the MLP's modules run one by one as before folding. Under
    ``backend="triton"`` a FasterNet or PAT_ch block (PATNet-T1's with its PAT_sp) runs as one
    op, ``pk.partial_block``, whose MLP kernel computes the mixer as it reads its input

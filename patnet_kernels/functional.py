@@ -430,7 +430,9 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     (C_out, hidden, 1, 1); b2: (C_out,) or None; residual: (B, C_out, H, W) or None (added
     last: the block's residual); activation: "relu" or "gelu" (exact, erf). Returns a new
     (B, C_out, H, W) tensor in x's memory format; the fused kernel keeps the hidden
-    activation on chip (never written to memory). An inference op: its fused kernels compute
+    activation on chip (never written to memory) up to 256 output channels, and past them runs
+    in two passes, the hidden activation written once (not recomputed per block of 256 output
+    channels). An inference op: its fused kernels compute
     no gradient, so where one may be taken (grad mode on and an input requiring one) a fused
     backend named here raises and "auto" runs the reference, which has one.
     """

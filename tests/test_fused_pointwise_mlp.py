@@ -92,12 +92,14 @@ def test_channels_last_samples_share_pixel_tiles(fused_backend, monkeypatch):
 @ON_ITS_BACKENDS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_second_accumulator_takes_more_output_channels(channels_last, dtype, fused_backend):
-    """A configuration with a second accumulator (``block_n2``: a program covers block_n +
-    block_n2 output channels, the hidden activation computed once for both; how wide layers
-    run on a GPU) gives the output and its statistics of one accumulator per program, as a
-    whole block runs it (conv head, PAT_ch's affine, residual, statistics), its programs'
-    channel spans partial (40 channels in 16 + 16 twice, in 32 + 16 once)."""
+def test_wide_output_forms_agree(channels_last, dtype, fused_backend):
+    """The forms of an output wider than one block of output channels give the same output and
+    statistics, as a whole block runs the kernel (conv head, PAT_ch's affine, residual,
+    statistics): one pass with a block per program, each recomputing the hidden activation;
+    with a second accumulator (``block_n2``: a program covers block_n + block_n2 output
+    channels, its spans partial: 40 channels in 16 + 16 twice, in 32 + 16 once); and two
+    passes (``two_pass``: the hidden activation written by the first, read by the second;
+    each program's outputs 16 at a time, the last block partial)."""
     from patnet_kernels.triton import pointwise_mlp as kernels
     from patnet_kernels.triton.partial_conv import forward_taps
 
@@ -120,7 +122,8 @@ def test_second_accumulator_takes_more_output_channels(channels_last, dtype, fus
     one = kernels.Config(16, 16, 16, 16, 4, 1, 16, 16)  # (3 programs per pixel tile)
     tol = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
     expected = run(one)
-    for config in (one._replace(block_n2=16), one._replace(block_n=32, block_n2=16)):
+    for config in (one._replace(block_n2=16), one._replace(block_n=32, block_n2=16),
+                   one._replace(two_pass=True)):
         for got, want in zip(run(config), expected):
             torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 

@@ -352,8 +352,9 @@ def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
     assert "% of best" in out and "  * P" in out and str(path) in out
     # the GPU grids: no output block wider than the output needs
     assert len(sweep.grid("small", 256)) == 16 and len(sweep.grid("full", 256)) == 216
-    # (past 256 output channels those of 256-channel blocks again with a second accumulator)
-    assert len(sweep.grid("small", 768)) == 24 and len(sweep.grid("full", 768)) == 288
-    assert {c.block_n2 for c in sweep.grid("full", 768)} == {0, 128}
+    # (past 256 output channels also in two passes, and with a second accumulator)
+    assert len(sweep.grid("small", 768)) == 32 and len(sweep.grid("full", 768)) == 432
+    assert {(c.block_n2, c.two_pass) for c in sweep.grid("full", 768)} == {
+        (0, False), (0, True), (128, False)}
     assert len(sweep.grid("full", 768, spatial=True)) == 216
     assert all(c.block_n <= 64 for c in sweep.grid("full", 40))

@@ -12,7 +12,10 @@ is never written:
    with the 2C hidden activation, reads X2 (applying the gate) and adds x back (unless
    ``residual`` is False); with PAT_sp after the MLP (PATNet-T1's blocks),
    ``pointwise_mlp_spatial(...)`` instead: the same kernel also runs PAT_sp on the MLP's
-   output before adding x back, so that output is never written either.
+   output before adding x back, so that output is never written either. Past 256 output
+   channels (no PAT_sp) the MLP runs in two launches, the first computing the mixer and
+   writing act(W1 . M + b1), the second reading it back (:mod:`patnet_kernels.triton.
+   pointwise_mlp`'s two-pass form).
 
 So a FasterNet block is one launch that reads X once and writes the output once; a PAT_ch
 block three, reading X2 once more for the statistics, or two where the previous block of the

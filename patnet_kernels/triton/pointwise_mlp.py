@@ -40,15 +40,50 @@ from .partial_conv import conv3x3_tile
 
 # The activation constexpr of the kernel, by the reference's name.
 ACTIVATION_CODES = {"relu": 0, "gelu": 1}
+IDENTITY = 2  # (no activation: the second pass of a two-pass MLP)
 
 
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr):
-    """ReLU (0) or the exact GELU (1), 0.5 z (1 + erf(z / sqrt 2)), on an fp32 tile; both keep
-    NaN, as torch's (tl.maximum(NaN, 0) would give 0)."""
+    """ReLU (0), the exact GELU (1), 0.5 z (1 + erf(z / sqrt 2)), or none (2) on an fp32 tile;
+    ReLU and GELU keep NaN, as torch's (tl.maximum(NaN, 0) would give 0)."""
     if ACTIVATION == 0:
         return tl.where(z < 0.0, 0.0, z)
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    if ACTIVATION == 1:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    return z
+
+
+@triton.jit
+def _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr, offs_h, h_ok,
+                 p_ok, C, C_HEAD, x_sc, HAS_AFFINE: tl.constexpr, HAS_B1: tl.constexpr,
+                 CONV_HEAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
+    """W1[offs_h] . M + b1[offs_h] on the program's pixel tile, (BLOCK_P, BLOCK_H) fp32, M =
+    [conv | x[:, C_HEAD:] * scale + shift]: ``conv`` the conv head's (BLOCK_P, BLOCK_C1) tile
+    (CONV_HEAD), ``x`` the tile's (BLOCK_P, 1) pixel rows, W1 (rows, C) contiguous. A chunk of
+    the hidden activation before it, or with ONE_LAYER a block of the output."""
+    hidden = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
+    if CONV_HEAD:
+        w1_head = tl.load(w1_ptr + offs_h[None, :] * C + offs_c1[:, None],
+                          mask=c1_ok[:, None] & h_ok[None, :], other=0.0)  # (BLOCK_C1, BLOCK_H)
+        hidden = dot(conv, w1_head, hidden, UPCAST)
+    for k0 in range(C_HEAD, C, BLOCK_K):  # hidden += M[:, k0:k0 + BLOCK_K] . W1^T
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < C
+        m = tl.load(x + offs_k[None, :] * x_sc, mask=p_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # (BLOCK_P, BLOCK_K)
+        if HAS_AFFINE:  # (in fp32, rounded to x's dtype as PAT_ch's apply pass writes it)
+            a = tl.load(scale_row + offs_k, mask=k_ok, other=0.0)
+            d = tl.load(shift_row + offs_k, mask=k_ok, other=0.0)
+            m = tl.where(p_ok[:, None] & k_ok[None, :],
+                         m.to(tl.float32) * a[None, :] + d[None, :], 0.0).to(m.dtype)
+        w1t = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
+                      mask=k_ok[:, None] & h_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
+        hidden = dot(m, w1t, hidden, UPCAST)
+    if HAS_B1:
+        hidden += tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+    return hidden
 
 
 @triton.jit
@@ -86,7 +121,7 @@ def _pointwise_mlp_kernel(
     x_sb, x_sc, x_sp,  # sample, channel and pixel strides of x (elements)
     r_sb, r_sc, r_sp,  # strides of the residual (elements)
     y_sb, y_sc, y_sp,  # strides of y (elements)
-    ACTIVATION: tl.constexpr,  # 0: ReLU, 1: exact GELU (ACTIVATION_CODES)
+    ACTIVATION: tl.constexpr,  # 0: ReLU, 1: exact GELU (ACTIVATION_CODES), 2: none
     HAS_AFFINE: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     CONV_HEAD: tl.constexpr,  # M[:, :C_HEAD] = conv3x3(x[:, :C_HEAD]) (padding 1), computed
@@ -96,6 +131,9 @@ def _pointwise_mlp_kernel(
                             # hsig(w . Ma)) | conv1x1(BN_d(Mb)) + bias], Ma = M[:, :Q] and
                             # Mb = M[:, Q:] each in one block of BLOCK_N channels
     SP_BIAS: tl.constexpr, SP_BN_D: tl.constexpr,  # PAT_sp's conv has a bias; BN_d not folded
+    ONE_LAYER: tl.constexpr,  # one 1x1 conv only, y = act(W1 . M + b1) (+ r), C_OUT = W1's
+                              # rows, all of them in each program (grid axis 2 of size 1): a
+                              # pass of a two-pass MLP; W2, HIDDEN, PAT_sp not read
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_K: tl.constexpr,  # input channels per step of the first GEMM
     BLOCK_H: tl.constexpr,  # hidden channels per chunk
@@ -129,42 +167,40 @@ def _pointwise_mlp_kernel(
     x = x_ptr + pid_b * x_sb + offs_p[:, None] * x_sp  # (BLOCK_P, 1) pixel rows of x
     scale_row = scale_ptr + pid_b * (C - C_HEAD) - C_HEAD  # (indexed by input channel)
     shift_row = shift_ptr + pid_b * (C - C_HEAD) - C_HEAD
+    offs_c1 = tl.arange(0, BLOCK_C1)
+    c1_ok = offs_c1 < C_HEAD
     if CONV_HEAD:  # (rounded to x's dtype, as a conv writing its output would)
-        offs_c1 = tl.arange(0, BLOCK_C1)
-        c1_ok = offs_c1 < C_HEAD
         rows = offs_p // W
         h = rows % H  # (the tile's pixels' rows in their own sample, whose first row each
         # conv's window is based on: no neighbour across two samples taken as rows of one)
         conv = conv3x3_tile(x_ptr + pid_b * x_sb + ((rows - h) * W * x_sp)[:, None], wc_ptr,
                             C_HEAD, H, W, x_sc, W * x_sp, x_sp, h, offs_p % W, p_ok, offs_c1,
                             c1_ok, BLOCK_P, BLOCK_CI, BLOCK_C1, UPCAST).to(x_ptr.dtype.element_ty)
+    else:
+        conv = tl.zeros((BLOCK_P, BLOCK_C1), dtype=x_ptr.dtype.element_ty)  # (not read)
+    r_pix = r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp  # (BLOCK_P, 1) pixel rows
+    y_pix = y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp
+    stats_row = pid_b * tl.num_programs(0) + pid_p  # (statistics of a chunk of BLOCK_P pixels)
+    if ONE_LAYER:  # y = act(W1 . M + b1) (+ r), every output channel, BLOCK_N at a time (the
+        for n0 in range(0, C_OUT, BLOCK_N):  # conv head computed once per pixel tile)
+            offs_o = n0 + tl.arange(0, BLOCK_N)
+            o_ok = offs_o < C_OUT
+            y1 = _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr,
+                              offs_o, o_ok, p_ok, C, C_HEAD, x_sc, HAS_AFFINE, HAS_B1, CONV_HEAD,
+                              BLOCK_P, BLOCK_K, BLOCK_N, UPCAST)
+            _store_output(_activation(y1, ACTIVATION), offs_o, o_ok, p_ok, r_pix, y_pix, r_sc,
+                          y_sc, stats_mean_ptr, stats_m2_ptr, stats_row, STATS_FIRST, C_OUT,
+                          HAS_RESIDUAL, STATS)
+        return
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_P, BLOCK_N2), dtype=tl.float32)  # channels offs_nb
     for h0 in range(0, HIDDEN, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < HIDDEN
-        hidden = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
-        if CONV_HEAD:
-            w1_head = tl.load(w1_ptr + offs_h[None, :] * C + offs_c1[:, None],
-                              mask=c1_ok[:, None] & h_ok[None, :],
-                              other=0.0)  # (BLOCK_C1, BLOCK_H)
-            hidden = dot(conv, w1_head, hidden, UPCAST)
-        for k0 in range(C_HEAD, C, BLOCK_K):  # hidden += M[:, k0:k0 + BLOCK_K] . W1^T
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < C
-            m = tl.load(x + offs_k[None, :] * x_sc, mask=p_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # (BLOCK_P, BLOCK_K)
-            if HAS_AFFINE:  # (in fp32, rounded to x's dtype as PAT_ch's apply pass writes it)
-                a = tl.load(scale_row + offs_k, mask=k_ok, other=0.0)
-                d = tl.load(shift_row + offs_k, mask=k_ok, other=0.0)
-                m = tl.where(p_ok[:, None] & k_ok[None, :],
-                             m.to(tl.float32) * a[None, :] + d[None, :], 0.0).to(m.dtype)
-            w1t = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
-                          mask=k_ok[:, None] & h_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
-            hidden = dot(m, w1t, hidden, UPCAST)
-        if HAS_B1:
-            hidden += tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)[None, :]
+        hidden = _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr,
+                              offs_h, h_ok, p_ok, C, C_HEAD, x_sc, HAS_AFFINE, HAS_B1, CONV_HEAD,
+                              BLOCK_P, BLOCK_K, BLOCK_H, UPCAST)
         # (hidden channels past HIDDEN are act(0) = 0 and meet zero rows of W2)
         hidden = _activation(hidden, ACTIVATION).to(x_ptr.dtype.element_ty)
         w2t = tl.load(w2_ptr + offs_n[None, :] * HIDDEN + offs_h[:, None],
@@ -179,9 +215,6 @@ def _pointwise_mlp_kernel(
         acc += tl.load(b2_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if SPATIAL or WIDE:
             acc_b += tl.load(b2_ptr + offs_nb, mask=nb_ok, other=0.0).to(tl.float32)[None, :]
-    r_pix = r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp  # (BLOCK_P, 1) pixel rows
-    y_pix = y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp
-    stats_row = pid_b * tl.num_programs(0) + pid_p  # (statistics of a chunk of BLOCK_P pixels)
     if SPATIAL:  # (M rounded to x's dtype, as the MLP writing it would)
         ma = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
         g = tl.load(sg_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -245,12 +278,16 @@ class Config(NamedTuple):
     block_o: int = 64  # output channels per step of PAT_sp's conv, when it follows
     block_n2: int = 0  # a second accumulator's output channels, after the first block's: a
                        # program covers block_n + block_n2 (0: none; not with PAT_sp)
+    two_pass: bool = False  # the hidden activation through memory: one launch writes
+                            # act(W1 . M + b1), a second W2 . it + b2 (+ residual), each
+                            # program all output channels of its pixel tile, block_n at a
+                            # time (not with PAT_sp)
 
 
-def second_block(config: Config, spatial: bool) -> dict:
-    """The kernel's WIDE and BLOCK_N2 for ``config`` (``spatial``: PAT_sp follows, whose Mb
-    takes the second accumulator, block_n wide)."""
-    wide = bool(config.block_n2) and not spatial
+def second_block(config: Config, single: bool) -> dict:
+    """The kernel's WIDE and BLOCK_N2 for ``config``; ``single``: no second output block (PAT_sp
+    follows, whose Mb takes the second accumulator, block_n wide; or one layer)."""
+    wide = bool(config.block_n2) and not single
     return dict(WIDE=wide, BLOCK_N2=config.block_n2 if wide else config.block_n)
 
 
@@ -284,15 +321,20 @@ def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.d
                    interpret: bool = INTERPRET) -> Config:
     """The kernel's configuration for these widths and dtype (``conv_channels``: C_HEAD of a
     conv head, 0 for none; ``spatial_half``: the wider of the two halves of a PAT_sp that
-    follows, max(Q, P) (Q in the released split), 0 for none), untuned. On a GPU the
-    output block covers C_OUT up to 256 (no hidden chunk computed twice); wider outputs take
-    several programs per pixel tile, each recomputing the hidden activation (and the conv
-    head): FasterNet-T2's 384-channel stage computes it twice, its 768-channel stage three
-    times. A second accumulator (:func:`wide_block_n2`) would compute it once per 512
-    channels, but it does not fit the registers at 64 pixels (sm_80 spills 280-490 B per thread
-    at 256 + 64 channels under a conv head, sm_80 and sm_90 at 256 + 256), and at 32 pixels
-    every program re-reads the weights from L2 for half the pixels: which costs more is for a
-    GPU sweep to say (``benchmarks/sweep_pointwise_mlp.py`` times both). With PAT_sp one program holds the whole output, a block of block(max(Q, P))
+    follows, max(Q, P) (Q in the released split), 0 for none), untuned. The output block
+    covers C_OUT up to 256 (no hidden chunk computed twice). A wider output in one pass would
+    take several programs per pixel tile, each recomputing the hidden activation and the conv
+    head (FasterNet-T2's 384-channel stage twice, its 768-channel stage three times: 1.5-2x
+    the MLP's arithmetic, which is most of these stages' time), so it runs in two passes
+    (``two_pass``): the hidden activation written once and read once, 8 C bytes per pixel more
+    in fp16, under the two GEMMs' arithmetic from 384 channels on (the traffic model's
+    roofline: each pass at its arithmetic), each pass's weights read once per pixel tile
+    (the one-pass form reads W1 once per output block). Chosen from that model, not measured:
+    ``benchmarks/sweep_pointwise_mlp.py`` times the one-pass form, and a second accumulator
+    (:func:`wide_block_n2`: the hidden activation once per 512 channels, but at 64 pixels it
+    spills, sm_80 280-490 B per thread at 256 + 64 channels under a conv head, sm_80 and sm_90
+    at 256 + 256; at 32 pixels the weights are read from L2 twice as often per pixel), beside
+    it. With PAT_sp one program holds the whole output, a block of block(max(Q, P))
     channels for each half, in 32 pixels (16 past 256 channels), hidden chunks of 32 channels from 256 on
     (fp32: 16, and PAT_sp's conv in 16-channel steps). float32 (its dots as IEEE FMAs, no tensor
     cores) takes smaller tiles, and under a conv head of 64 channels or more, or with PAT_sp,
@@ -303,6 +345,25 @@ def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.d
     stages, none now; one stage with 32 pixels spills at 64 channels; PATNet-T1's blocks with
     PAT_sp kept 64-88 B on sm_80 at 64 pixels in fp16 / bf16, 72-192 B in fp32 at 32, and its
     stage-4 MLP (Q = 192) 56 B on sm_90 with 64-channel hidden chunks, 1.3-4.3 KB in fp32)."""
+    tiles = _default_tiles(channels, hidden, out_channels, dtype, conv_channels, spatial_half,
+                           interpret)
+    if spatial_half or out_channels <= tiles.block_n:
+        return tiles
+    # Each pass's programs take their outputs 128 at a time (256 spilled 32-120 B per thread
+    # under a 96-channel conv head in channels_last, sm_90 and sm_80), 64 under a conv head of
+    # 256 or 512 channels in fp16 / bf16 (128 spilled 8-56 B on sm_80, 8-24 B on sm_90 at
+    # 512) and in fp32 under a conv head of 64 to 256 channels (32 spilled 32 B on sm_90 at
+    # 256), 32 in fp32 under one of 512 (128 needed 288 KB of shared memory).
+    conv_block = block(conv_channels)
+    if upcast_dot(dtype, interpret=False):
+        block_n = 128 if conv_block < 64 else 64 if conv_block <= 256 else 32
+    else:
+        block_n = 128 if conv_block < 256 else 64
+    return tiles._replace(two_pass=True, block_n=block_n)
+
+
+def _default_tiles(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
+                   conv_channels: int, spatial_half: int, interpret: bool) -> Config:
     conv_block = block(conv_channels)
     block_n = block(spatial_half) if spatial_half else block(out_channels, high=256)
     if interpret:  # few, big programs: the interpreter pays per program and per operation
@@ -369,18 +430,48 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     q = c_out - spatial.weight.shape[0] if spatial is not None else 0
     half = max(q, c_out - q) if spatial is not None else 0
     config = config or config_for(c, hidden, c_out, x.dtype, c_head, half, x.device)
-    if spatial is not None and config.block_n2:
-        raise ValueError("with PAT_sp the second accumulator holds Mb: no block_n2")
+    if spatial is not None and (config.block_n2 or config.two_pass):
+        raise ValueError("with PAT_sp one program holds the whole output: no block_n2, no "
+                         "two_pass")
     if config.block_n < half:
         raise ValueError(f"with PAT_sp one program holds both halves of the output, {q} and "
                          f"{c_out - q} channels: the output block must be at least "
                          f"block({half}), got {config.block_n}")
+    if not config.two_pass:
+        _launch(x, y, w1, b1, w2, b2, residual, ACTIVATION_CODES[activation], conv_taps, scale,
+                shift, statistics, stats_first, spatial, config)
+        return y
+    # The hidden activation through memory: act(W1 . M + b1), then W2 . it + b2 [+ residual].
+    layout = (torch.channels_last if x.stride(1) == 1 and c > 1 else torch.contiguous_format)
+    act = torch.empty((b, hidden, h, w), device=x.device, dtype=x.dtype, memory_format=layout)
+    _launch(x, act, w1, b1, None, None, None, ACTIVATION_CODES[activation], conv_taps, scale,
+            shift, None, 0, None, config, one_layer=True)
+    _launch(act, y, w2, b2, None, None, residual, IDENTITY, None, None, None, statistics,
+            stats_first, None, config, one_layer=True)
+    return y
+
+
+def _launch(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
+            w2: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+            residual: Optional[torch.Tensor], activation: int,
+            conv_taps: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+            shift: Optional[torch.Tensor], statistics: Optional[Tuple[torch.Tensor, ...]],
+            stats_first: int, spatial: Optional[SpatialAttention], config: Config,
+            one_layer: bool = False) -> None:
+    """One launch of the kernel (arguments as :func:`pointwise_mlp`'s; ``activation`` its
+    code); ``one_layer``: y = act(W1 . M + b1) [+ residual], no W2."""
+    b, c, h, w = x.shape
+    c_out = w1.shape[0] if one_layer else w2.shape[0]
+    hidden = w1.shape[0]
+    c_head = conv_taps.shape[1] if conv_taps is not None else 0
+    q = c_out - spatial.weight.shape[0] if spatial is not None else 0
     r = residual if residual is not None else y
     samples, pixels = b, h * w
     if scale is None and statistics is None and samples_as_rows(x, r, y):
         samples, pixels = 1, b * h * w  # (the conv head's window stays in its sample)
     grid = (cdiv(pixels, config.block_p), samples,
-            1 if spatial is not None else cdiv(c_out, config.block_n + config.block_n2))
+            1 if spatial is not None or one_layer else
+            cdiv(c_out, config.block_n + config.block_n2))
     unused = w1  # (any pointer in x's dtype for the arguments not read)
     stats_mean, stats_m2 = statistics if statistics is not None else (unused, unused)
     sp = spatial or SpatialAttention(unused, unused, None, (unused,) * 4, 0.0, None, 0.0)
@@ -388,29 +479,32 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     _pointwise_mlp_kernel[grid](
         x, scale if scale is not None else unused, shift if shift is not None else unused,
         conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
-        w2, b2 if b2 is not None else unused, r, y, stats_mean, stats_m2, sp.gate, sp.weight,
-        sp.bias if sp.bias is not None else unused, *sp.bn_c, *bn_d, sp.c_eps, sp.d_eps, c,
-        c_head, hidden, c_out, q, stats_first, pixels, h, w,
+        w2 if w2 is not None else unused, b2 if b2 is not None else unused, r, y, stats_mean,
+        stats_m2, sp.gate, sp.weight, sp.bias if sp.bias is not None else unused, *sp.bn_c,
+        *bn_d, sp.c_eps, sp.d_eps, c, c_head, hidden, c_out, q, stats_first, pixels, h, w,
         *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
-        ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=scale is not None,
+        ACTIVATION=activation, HAS_AFFINE=scale is not None,
         HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
         CONV_HEAD=conv_taps is not None, STATS=statistics is not None,
         SPATIAL=spatial is not None, SP_BIAS=sp.bias is not None, SP_BN_D=sp.bn_d is not None,
+        ONE_LAYER=one_layer,
         BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-        BLOCK_N=config.block_n, **second_block(config, spatial is not None),
+        BLOCK_N=config.block_n, **second_block(config, spatial is not None or one_layer),
         BLOCK_O=min(config.block_o, config.block_n),
         BLOCK_CI=config.block_ci, BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype),
         num_warps=config.warps, num_stages=config.stages)
-    return y
 
 
-def aot_kernel(config: Config, dtype: torch.dtype, activation: str, residual: bool,
+def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], residual: bool,
                affine: bool, conv_channels: int = 0, stats: bool = False,
-               spatial: bool = False) -> AotKernel:
+               spatial: bool = False, one_layer: bool = False, bias: bool = True
+               ) -> AotKernel:
     """The kernel as launched with ``config`` on ``dtype`` activations, b1 from the folded
     BatchNorm and no b2, with this epilogue, a conv head of ``conv_channels`` (0: none), the
     output's statistics if ``stats`` and PAT_sp if ``spatial`` (BN_d folded into its conv's
-    weight and bias, as the inference copy has it)."""
+    weight and bias, as the inference copy has it); ``one_layer``: a pass of the two-pass form
+    (``activation`` None: its second, no activation; ``bias`` False: no b1, as the second pass
+    takes the call's absent b2)."""
     fn, tname = _pointwise_mlp_kernel, TRITON_DTYPE[dtype]
     conv_block = block(conv_channels)
     head = f", conv<={conv_block}" if conv_channels else ""
@@ -418,25 +512,42 @@ def aot_kernel(config: Config, dtype: torch.dtype, activation: str, residual: bo
         ("stats_mean_ptr", "stats_m2_ptr") if stats else ()) + (
         ("cm_ptr", "cv_ptr", "cw_ptr", "cb_ptr", "dm_ptr", "dv_ptr", "dw_ptr", "db_ptr")
         if spatial else ())
+    second = f"+{config.block_n2}" if config.block_n2 and not one_layer else ""
     return AotKernel(
-        f"pointwise_mlp[{tname}, P={config.block_p}, K={config.block_k}, N={config.block_n}"
-        f"{f'+{config.block_n2}' if config.block_n2 else ''}"
-        f"{head}, {activation}, residual={residual}, affine={affine}"
+        f"pointwise_mlp{'_pass' if one_layer else ''}[{tname}, P={config.block_p}, "
+        f"K={config.block_k}, N={config.block_n}{second}{head}, {activation or 'none'}, "
+        f"residual={residual}, affine={affine}"
         f"{', stats' if stats else ''}{', PAT_sp' if spatial else ''}]", fn,
         # (the launcher passes w1, in x's dtype, for every pointer not read)
         aot_signature(fn, {name: "*fp32" if name in fp32 else "*" + tname
                            for name in fn.arg_names if name.endswith("_ptr")},
                       {"c_eps": "fp32", "d_eps": "fp32"}),
-        dict(ACTIVATION=ACTIVATION_CODES[activation], HAS_AFFINE=affine, HAS_B1=True,
-             HAS_B2=False, HAS_RESIDUAL=residual, CONV_HEAD=bool(conv_channels), STATS=stats,
-             SPATIAL=spatial, SP_BIAS=spatial, SP_BN_D=False,
+        dict(ACTIVATION=ACTIVATION_CODES[activation] if activation else IDENTITY,
+             HAS_AFFINE=affine, HAS_B1=bias, HAS_B2=False, HAS_RESIDUAL=residual,
+             CONV_HEAD=bool(conv_channels), STATS=stats, SPATIAL=spatial, SP_BIAS=spatial,
+             SP_BN_D=False, ONE_LAYER=one_layer,
              BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-             BLOCK_N=config.block_n, **second_block(config, spatial),
+             BLOCK_N=config.block_n, **second_block(config, spatial or one_layer),
              BLOCK_O=min(config.block_o, config.block_n),
              BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
              UPCAST=upcast_dot(dtype, interpret=False)),
         num_warps=config.warps, num_stages=config.stages,
         launches=activation_launches("x", "r", "y", pixel="sp"))
+
+
+def aot_launches(config: Config, dtype: torch.dtype, activation: str, residual: bool,
+                 affine: bool, conv_channels: int = 0, stats: bool = False,
+                 spatial: bool = False) -> List[AotKernel]:
+    """The kernels one call with ``config`` launches (:func:`aot_kernel`'s arguments): one, or
+    the two passes of the two-pass form (the first with the conv head, the affine, b1 and the
+    activation; the second with the residual and the statistics, and as its bias the call's
+    b2, which the folded models' MLPs do not have)."""
+    if not config.two_pass:
+        return [aot_kernel(config, dtype, activation, residual, affine, conv_channels, stats,
+                           spatial)]
+    return [aot_kernel(config, dtype, activation, False, affine, conv_channels, one_layer=True),
+            aot_kernel(config, dtype, None, residual, False, stats=stats, one_layer=True,
+                       bias=False)]
 
 
 # The released models by stem width E and activation (SPEC.md section 5).
@@ -479,7 +590,7 @@ def aot_kernels() -> List[AotKernel]:
             Config(*fields) for fields in tuned_listed(
                 "pointwise_mlp", dtype, (c, 2 * c, c, c_head, half))]
         for config in configs:
-            kernel = aot_kernel(config, dtype, activation, residual, affine, c_head, stats,
-                                spatial)
-            kernels.setdefault(kernel.name, kernel)
+            for kernel in aot_launches(config, dtype, activation, residual, affine, c_head,
+                                       stats, spatial):
+                kernels.setdefault(kernel.name, kernel)
     return list(kernels.values())
