@@ -299,6 +299,17 @@ def op_reports(work: Path) -> Dict[str, dict]:
     return reports
 
 
+def rates_line(rates: dict) -> str:
+    """The machine rates report (``benchmarks/machine_rates.py``) in one sentence."""
+    matmul = rates.get("matmul", {})
+    parts = [f"copy {rates['copy']['gbps']:,.0f} GB/s" if "copy" in rates else None] + [
+        f"{name} matmul {row['tflops']:,.0f} TFLOP/s" for name, row in matmul.items()] + [
+        f"L2 read {rates['l2_read']['gbps']:,.0f} GB/s" if "l2_read" in rates else None]
+    return ("Measured (benchmarks/machine_rates.py): " + ", ".join(p for p in parts if p)
+            + ". The traffic model's roofline takes them: python -m benchmarks.traffic --rates "
+            "ops.json.")
+
+
 def planned_cases(report: dict) -> int:
     """How many cases the run was asked for (its settings)."""
     settings = report.get("settings", {})
@@ -488,14 +499,15 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
         else:
             verdict.incomplete.append(f"{phase.name} ({phase.note or 'no record of them'})")
     for phase in phases:
-        if phase.kind in ("ops", "models") and phase.rc == "-":
+        if phase.kind in ("rates", "ops", "models") and phase.rc == "-":
             verdict.incomplete.append(f"{phase.name} ({phase.note})")
-        elif phase.kind in ("ops", "models") and (phase.cut or phase.interrupted):
+        elif phase.kind in ("rates", "ops", "models") and (phase.cut or phase.interrupted):
             verdict.incomplete.append(f"{phase.name} ({phase.status})")
     if final and not phases:
         verdict.failed.append("no phase ran (see log.txt)")
 
     ops = op_reports(work)
+    rates = read_json(work / "ops" / "machine_rates.json")
     merged_models, model_parts = model_reports(work)
     host = read_json(work / "models" / "host_time.json")
     bench_errors: List[str] = []
@@ -508,12 +520,13 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
                          for provider, row in report.get("providers", {}).items()
                          if row.get("status") == "error"]
     for phase in phases:
-        if (phase.kind not in ("ops", "models", "host") or phase.rc in ("0", "-")
+        if (phase.kind not in ("rates", "ops", "models", "host") or phase.rc in ("0", "-")
                 or phase.cut or phase.interrupted):
             continue
         stem = phase.name.split(" ", 1)[1].replace(" ", ".") if phase.kind == "ops" else ""
         has_json = (stem in ops if phase.kind == "ops" else host is not None
-                    if phase.kind == "host" else bool(model_parts))
+                    if phase.kind == "host" else rates is not None if phase.kind == "rates"
+                    else bool(model_parts))
         if phase.rc == "1" and has_json:
             continue  # a provider errored or mismatched: listed from its JSON
         tail = console_tail(work, phase)
@@ -639,6 +652,8 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
         if copy:
             out += [f"Copy bandwidth measured (the ceiling of a memory-bound op): "
                     f"{copy:,.0f} GB/s.", ""]
+    if rates is not None:
+        out += ["## Machine rates", "", rates_line(rates), ""]
     if bench_errors:
         out += ["### Benchmark errors and mismatches", ""]
         out += [f"- {line}" for line in bench_errors[:40]]
@@ -680,7 +695,8 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
 
     # the joined raw reports
     if ops:
-        write_compact(results / "ops.json", {"reports": ops})
+        write_compact(results / "ops.json", {"reports": ops, **(
+            {"machine_rates": rates} if rates is not None else {})})
     models = (dict(merged_models) if merged_models is not None
               else {"parts": model_parts} if model_parts else {})
     if host is not None:

@@ -69,7 +69,8 @@ per-batch bytes once), the kernels one after the other (a fused op's launches as
 two-pass MLP's passes taken together): a lower bound on a provider's time per batch, no launch
 gaps, every kernel perfect. The floor's: each layer one such kernel (its input
 and output, its parameters once, its multiply-adds). The rates default to the H200's measured
-4,244 GB/s copy and 790 TFLOP/s fp16 matmul (``--copy-gbps``, ``--matmul-tflops``). It
+4,244 GB/s copy and 790 TFLOP/s fp16 matmul (``--copy-gbps``, ``--matmul-tflops``, or
+``--rates`` with a GPU's report of ``python -m benchmarks.machine_rates``). It
 says where the time must go (how much of it is arithmetic no fusion removes), not what a GPU
 will measure.
 
@@ -81,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -879,6 +881,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--matmul-tflops", type=float, default=MATMUL_TFLOPS,
                         help=f"the roofline's fp16 matmul rate (default {MATMUL_TFLOPS:,.0f}, "
                              "measured on the H200)")
+    parser.add_argument("--rates", metavar="PATH",
+                        help="take the copy bandwidth and the fp16 matmul rate from this "
+                             "report of python -m benchmarks.machine_rates, or a GPU check's "
+                             "ops.json holding one (a GPU's measured rates), instead of "
+                             "--copy-gbps / --matmul-tflops")
     parser.add_argument("--roofline-batch", type=int, default=ROOFLINE_BATCH,
                         help=f"the batch the roofline times (default {ROOFLINE_BATCH})")
     parser.add_argument("--count-only", action="store_true",
@@ -900,6 +907,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("no provider given")
     if args.top_ops < 0:
         parser.error(f"--top-ops must be 0 or more, got {args.top_ops}")
+    if args.rates:
+        try:
+            measured = json.loads(Path(args.rates).read_text())
+            measured = measured.get("machine_rates", measured)  # (a GPU check's ops.json)
+            args.copy_gbps = float(measured["copy"]["gbps"])
+            args.matmul_tflops = float(measured["matmul"]["float16"]["tflops"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--rates {args.rates}: not a report of python -m "
+                         f"benchmarks.machine_rates ({type(exc).__name__}: {exc})")
     if args.copy_gbps <= 0 or args.matmul_tflops <= 0 or args.roofline_batch < 1:
         parser.error("--copy-gbps and --matmul-tflops must be positive, --roofline-batch >= 1")
     if args.size < 32:

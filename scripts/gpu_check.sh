@@ -17,7 +17,8 @@
 #                   arrives (tests.jsonl, failures.txt), so a cut run keeps them
 #   4. CUDA tests   the same with -k cuda, once the build has succeeded; otherwise only
 #                   collected, and counted as not run
-#   5. op benches   benchmarks/bench_{partial_conv,channel_attention,rpe_attention,
+#   5. op benches   benchmarks/machine_rates.py (copy, matmul and L2 rates: the roofline's),
+#                   then benchmarks/bench_{partial_conv,channel_attention,rpe_attention,
 #                   spatial_attention,batch_norm_act,pointwise_mlp,partial_block,
 #                   patch_conv,layer_norm_linear}.py at batch 256, fp16 and bf16, fwd and
 #                   fwd+bwd (the last four: fwd, inference ops): eager vs
@@ -352,7 +353,13 @@ if [ "$RUN_BENCH" = 1 ]; then
     BENCH_ENV=(env -u CUDA_HOME -u CUDA_PATH PATH="${NO_NVCC_PATH%:}")
     [ "$DRY" = 1 ] || log "benchmarks: the CUDA build failed, so no cuda provider, and the CUDA toolkit hidden from them"
   fi
-  OPS_START=$SECONDS; [ "$DRY" = 1 ] && OPS_START=$(( RUN_TESTS == 1 ? END_CUDA : 0 ))
+  # first the machine's rates (copy, fp16 / bf16 matmul, L2 read; seconds): the traffic
+  # model's roofline takes them (python -m benchmarks.traffic --rates .../machine_rates.json)
+  RATES_START=$SECONDS; [ "$DRY" = 1 ] && RATES_START=$(( RUN_TESTS == 1 ? END_CUDA : 0 ))
+  NOTE="" run_limited "machine rates" rates "$(left_until $(( RATES_START + 25 )))" \
+    "$WORK/console/machine-rates.txt" - ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} \
+    "$PY" -m benchmarks.machine_rates --json "$WORK/ops/machine_rates.json"
+  OPS_START=$SECONDS; [ "$DRY" = 1 ] && OPS_START=$(( RATES_START + 25 ))
   OPS_SPAN=$(( END_OPS - OPS_START ))
   # shellcheck disable=SC2054  # (commas inside arguments)
   OPS_COMMON=(--batches 256 --dtypes "$DTYPES" --modes fwd,fwd+bwd --warmup-ms 10 --rep-ms 40)

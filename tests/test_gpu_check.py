@@ -188,6 +188,31 @@ def test_report_shows_the_host_time(tmp_path):
     assert "benchmark errors" in verdict.text
 
 
+def test_report_shows_the_machine_rates(tmp_path):
+    """The machine rates (benchmarks/machine_rates.py, first in the benchmark phase): a line in
+    SUMMARY.md, the report in ops.json, which the traffic model's --rates reads; a rates step
+    that failed without its JSON is a benchmark error."""
+    from benchmarks import traffic
+
+    case = _case(tmp_path, "cut_run")
+    with (case / "work" / "phases.tsv").open("a") as phases:
+        phases.write("machine rates\trates\t1\t288\t9\t25\t\n")
+    text, verdict = gpu_report.summarize(case / "work", case / "results")
+    assert "machine rates: exited 1" in text and "## Machine rates" not in text
+    rates = {"benchmark": "machine_rates", "copy": {"gbps": 4244.2},
+             "matmul": {"float16": {"tflops": 790.4}, "bfloat16": {"tflops": 781.0}},
+             "l2_read": {"gbps": 10512.0}}
+    (case / "work" / "ops" / "machine_rates.json").write_text(json.dumps(rates))
+    text, _ = gpu_report.summarize(case / "work", case / "results")
+    assert ("Measured (benchmarks/machine_rates.py): copy 4,244 GB/s, float16 matmul 790 "
+            "TFLOP/s, bfloat16 matmul 781 TFLOP/s, L2 read 10,512 GB/s.") in text
+    assert "machine rates: exited 1" not in text  # (its JSON is there: it ran)
+    ops = case / "results" / "ops.json"
+    assert json.loads(ops.read_text())["machine_rates"] == rates
+    args = traffic.parse_args(["--models", "patnet_t2", "--rates", str(ops)])
+    assert (args.copy_gbps, args.matmul_tflops) == (4244.2, 790.4)
+
+
 def test_report_of_a_run_cut_by_its_time_limits(tmp_path):
     case = _case(tmp_path, "cut_run")
     text, verdict = gpu_report.summarize(case / "work", case / "results")
@@ -397,6 +422,10 @@ def test_the_planned_benchmark_commands_are_valid():
             from benchmarks import host_time
             args = host_time.parse_args(argv[3:])  # (exits on a bad option or name)
             assert args.json is not None and args.json.name == "host_time.json", name
+            continue
+        if argv[2] == "benchmarks.machine_rates":
+            args = module.parse_args(argv[3:])
+            assert args.json.endswith("/ops/machine_rates.json") and not args.quick, name
             continue
         if argv[2] == "benchmarks.bench_models":
             args = bench_models.parse_args(argv[3:])

@@ -358,3 +358,23 @@ def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
         (0, False), (0, True), (128, False)}
     assert len(sweep.grid("full", 768, spatial=True)) == 216
     assert all(c.block_n <= 64 for c in sweep.grid("full", 40))
+
+
+def test_machine_rates_smoke_run(tmp_path, capsys):
+    """The GPU check's first benchmark (the roofline's rates) runs on the CPU with --quick
+    (tiny sizes, figures meaningless) and refuses to run without it there."""
+    from benchmarks import machine_rates
+
+    if torch.cuda.is_available():
+        pytest.skip("a CPU check")
+    assert machine_rates.main([]) == 2
+    path = tmp_path / "rates.json"
+    assert machine_rates.main(["--quick", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["benchmark"] == "machine_rates" and report["quick"]
+    assert report["copy"]["gbps"] > 0 and report["l2_read"]["gbps"] > 0
+    assert set(report["matmul"]) == {"float16", "bfloat16"}
+    assert all(row["tflops"] > 0 and row["flops"] == 2 * row["n"] ** 3
+               for row in report["matmul"].values())
+    out = capsys.readouterr().out
+    assert "L2 read" in out and str(path) in out
