@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, merge_moments, merge_rows, pixel_strides,
-                      tile_moments)
+                      block, cdiv, merge_moments, merge_rows, pixel_strides, tile_moments)
 from .pointwise_mlp import ACTIVATION_CODES, _activation as activation
 
 

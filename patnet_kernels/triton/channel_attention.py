@@ -36,8 +36,7 @@ import triton.language as tl
 
 from .._types import chunk_pixels
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, hardsigmoid, merge_moments, merge_rows, tile_moments,
-                      upcast_dot)
+                      block, cdiv, hardsigmoid, merge_moments, merge_rows, tile_moments, upcast_dot)
 from .partial_conv import _conv_blocks, _strides, conv3x3_tile
 
 
