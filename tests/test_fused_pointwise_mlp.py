@@ -95,7 +95,8 @@ def test_channels_last_samples_share_pixel_tiles(fused_backend, monkeypatch):
 def test_wide_output_forms_agree(channels_last, dtype, fused_backend):
     """The forms of an output wider than one block of output channels give the same output and
     statistics, as a whole block runs the kernel (conv head, PAT_ch's affine, residual,
-    statistics): one pass with a block per program, each recomputing the hidden activation;
+    statistics; and as a FasterNet block runs it, no gate and no statistics): one pass with a
+    block per program, each recomputing the hidden activation;
     with a second accumulator (``block_n2``: a program covers block_n + block_n2 output
     channels, its spans partial: 40 channels in 16 + 16 twice, in 32 + 16 once); and two
     passes (``two_pass``: the hidden activation written by the first, read by the second;
@@ -111,21 +112,25 @@ def test_wide_output_forms_agree(channels_last, dtype, fused_backend):
     shift = (torch.randn(b, c - c1, generator=gen) / 4).to(DEVICE)
     mats = [m.reshape(m.shape[0], -1).contiguous() for m in (w1, w2)]
 
-    def run(config):
+    def run(config, pat_ch=True):
+        """(y, statistics) of the PAT_ch block form; (y,) of the FasterNet block form (no gate,
+        no statistics: in channels_last its pixel tiles span samples)."""
         chunks = kernels.stats_chunks(x, *mats, c1, config=config)
         stats = tuple(torch.empty(b, chunks, c - c1, device=DEVICE) for _ in range(2))
-        y = kernels.pointwise_mlp(x, mats[0], b1, mats[1], None, r, "gelu", torch.empty_like(r),
-                                  conv_taps=taps, scale=scale, shift=shift, statistics=stats,
-                                  stats_first=c1, config=config)
-        return (y, *stats)
+        y = kernels.pointwise_mlp(
+            x, mats[0], b1, mats[1], None, r, "gelu", torch.empty_like(r), conv_taps=taps,
+            scale=scale if pat_ch else None, shift=shift if pat_ch else None,
+            statistics=stats if pat_ch else None, stats_first=c1, config=config)
+        return (y, *stats) if pat_ch else (y,)
 
     one = kernels.Config(16, 16, 16, 16, 4, 1, 16, 16)  # (3 programs per pixel tile)
     tol = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
-    expected = run(one)
-    for config in (one._replace(block_n2=16), one._replace(block_n=32, block_n2=16),
-                   one._replace(two_pass=True)):
-        for got, want in zip(run(config), expected):
-            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    for pat_ch in (True, False):
+        expected = run(one, pat_ch)
+        for config in (one._replace(block_n2=16), one._replace(block_n=32, block_n2=16),
+                       one._replace(two_pass=True)):
+            for got, want in zip(run(config, pat_ch), expected):
+                torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 def _spatial(c_out, dtype, folded, seed=1, p=None):
