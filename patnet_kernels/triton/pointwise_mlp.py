@@ -7,9 +7,11 @@ act(W1 . X + b1) is computed (a [pixels x C] x [C x chunk] GEMM), cast to the in
 once multiplied into the output accumulator ([pixels x chunk] x [chunk x out]), flash-MLP style,
 so the hidden activation (2C channels in the released models) is never written to memory. Bias,
 activation and residual are epilogues: X is read once, R once, Y written once. A program
-recomputes the hidden activation for its own block of output channels; a configuration can
-give it a second accumulator (``Config.block_n2``), so that a wide output takes fewer programs
-(a tuning option: see :func:`default_config`).
+holds one block of output channels (up to 256) and computes the hidden activation for it, so
+past 256 output channels the default is two passes (``Config.two_pass``, the ONE_LAYER mode):
+the first writes act(W1 . M + b1), the mixer computed as below, the second reads it back for
+W2, its bias, the residual and the statistics. A second accumulator per program
+(``Config.block_n2``) is a tuning option (see :func:`default_config`).
 
 As a whole FasterNet or PAT_ch block runs it, the MLP's input is the mixer's output computed on
 the fly: channels [0, C1) are conv3x3(X1) of the program's pixel tile, computed once before the
@@ -158,8 +160,9 @@ def _pointwise_mlp_kernel(
         first = pid_n * BLOCK_N
     offs_n = first + tl.arange(0, BLOCK_N)
     n_ok = offs_n < (Q if SPATIAL else C_OUT)  # (SPATIAL: one program holds Ma and Mb)
-    local_b = tl.arange(0, BLOCK_N2)  # the second accumulator's channels: Mb's (SPATIAL) or
-    if SPATIAL:  # the BLOCK_N2 after the first block's (WIDE)
+    # The second accumulator's channels: Mb's (SPATIAL), or the BLOCK_N2 after the first block's
+    local_b = tl.arange(0, BLOCK_N2)  # (WIDE)
+    if SPATIAL:
         offs_nb = Q + local_b
     else:
         offs_nb = first + BLOCK_N + local_b
@@ -181,8 +184,8 @@ def _pointwise_mlp_kernel(
     r_pix = r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp  # (BLOCK_P, 1) pixel rows
     y_pix = y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp
     stats_row = pid_b * tl.num_programs(0) + pid_p  # (statistics of a chunk of BLOCK_P pixels)
-    if ONE_LAYER:  # y = act(W1 . M + b1) (+ r), every output channel, BLOCK_N at a time (the
-        for n0 in range(0, C_OUT, BLOCK_N):  # conv head computed once per pixel tile)
+    if ONE_LAYER:  # y = act(W1 . M + b1) (+ r), every output channel, BLOCK_N at a time
+        for n0 in range(0, C_OUT, BLOCK_N):  # (the conv head computed once per pixel tile)
             offs_o = n0 + tl.arange(0, BLOCK_N)
             o_ok = offs_o < C_OUT
             y1 = _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr,
