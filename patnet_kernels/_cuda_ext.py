@@ -9,7 +9,9 @@ In order:
 3. A JIT build of csrc/ with ninja and nvcc on first use (``torch.utils.cpp_extension.load``),
    cached under ``PATNET_CUDA_BUILD_DIR`` (default ``~/.cache/patnet_kernels``) and keyed by a
    hash of the sources and flags. torch's build lock makes two processes that start at once
-   build it once: the second waits and loads the first one's library.
+   build it once: the second waits and loads the first one's library. A build killed midway
+   leaves the lock behind, which torch would wait on for ever: a load waits for a lock it did
+   not take at most :data:`BUILD_LOCK_TIMEOUT_S`, with a warning naming it, then refuses.
 
 A failed build raises :class:`CudaBuildFailed` with the compiler's output and how to build by
 hand; nothing falls back to another backend.
@@ -21,6 +23,8 @@ import importlib.util
 import os
 import shutil
 import threading
+import time
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -67,6 +71,30 @@ def build_dir(name: str) -> Path:
     return root / name
 
 
+# How long a load waits for another process's build lock (a build takes one or two minutes).
+BUILD_LOCK_TIMEOUT_S = 900.0
+
+
+def wait_for_build_lock(directory: Path, timeout: float = BUILD_LOCK_TIMEOUT_S) -> None:
+    """Return once ``directory`` holds no build lock (torch's ``lock`` file), warning once if
+    it waits; raise :class:`CudaBuildFailed` naming the lock after ``timeout`` seconds."""
+    lock = directory / "lock"
+    start = time.monotonic()
+    warned = False
+    while lock.exists():
+        if time.monotonic() - start >= timeout:
+            raise CudaBuildFailed(
+                f"the build lock {lock} is still held after {timeout:.0f} s: another process is "
+                "building there, or a build killed midway left the lock behind; if no build "
+                "is running, delete it and retry")
+        if not warned:
+            warnings.warn(f"waiting for another process's build in {directory} (lock {lock}; a "
+                          "build killed midway leaves it: delete it if no build is running)",
+                          stacklevel=3)
+            warned = True
+        time.sleep(0.2)
+
+
 def jit_load(name: str, source_files: Sequence[Path], *, cuda: bool, extra_cflags=(),
              extra_cuda_cflags=(), verbose: bool = False) -> str:
     """Build (or reuse) and load a library of torch ops from ``source_files``; returns its
@@ -78,6 +106,7 @@ def jit_load(name: str, source_files: Sequence[Path], *, cuda: bool, extra_cflag
                               + HOW_TO_BUILD)
     directory = build_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
+    wait_for_build_lock(directory)
     try:
         cpp_extension.load(name=name, sources=[str(s) for s in source_files],
                            extra_cflags=list(extra_cflags),

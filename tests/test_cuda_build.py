@@ -325,3 +325,23 @@ def test_the_registry_limits_match_the_kernels():
     assert f"constexpr int kMaxTokens = {registry.CUDA_MAX_TOKENS};" in text
     assert f"constexpr int kMaxHeadDim = {registry.MAX_HEAD_DIM};" in text
     assert rpe_attention.MAX_HEAD_DIM == registry.MAX_HEAD_DIM
+
+
+def test_a_build_lock_left_behind_is_named_not_waited_on_for_ever(tmp_path):
+    """A build killed midway leaves torch's lock file in its build directory, on which torch
+    would wait for ever: a load waits for it at most its time limit, warning once and naming
+    it, then refuses, naming it; a lock that goes away ends the wait; no lock, no wait."""
+    import re
+    import threading
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    with pytest.warns(UserWarning, match="waiting for another process's build"), \
+            pytest.raises(_cuda_ext.CudaBuildFailed,
+                          match=f"the build lock {re.escape(str(lock))} is still held after"):
+        _cuda_ext.wait_for_build_lock(tmp_path, timeout=0.3)
+    threading.Timer(0.3, lock.unlink).start()
+    with pytest.warns(UserWarning, match=re.escape(str(lock))):
+        _cuda_ext.wait_for_build_lock(tmp_path, timeout=30)
+    assert not lock.exists()
+    _cuda_ext.wait_for_build_lock(tmp_path, timeout=0)
