@@ -47,6 +47,14 @@ reads X1, not X2 (unless it adds the residual X; CUDA's conv kernel writes Y1 on
 projection is the ``bmm`` beside it), the attention reads its bucket ids as int32, the MLP in
 two passes (its default past 256 output channels) also writes and reads its hidden activation. Halo re-reads, register spills and caches are not modelled.
 
+**Weight reads.** Each program of a fused kernel reads the weights its pixel tile needs, its
+own copy: from L2 after the first read from memory, at a rate the copy bandwidth does not bound.
+``weight_reads`` counts those bytes per image for the Triton backend's eval ops
+(``FUSED_WEIGHT_READS``, at each kernel's GPU configuration: the MLP kernel's 64-pixel tiles
+in fp16 read W1 and W2, 64 multiply-adds per weight read, so at 790 TFLOP/s they need over
+12 TB/s from L2); aten ops' (cuBLAS, cuDNN: their own tiles) and the CUDA backend's are not
+counted.
+
 **Per image.** Every provider runs at batch 2 and batch 3: per-image bytes = bytes(batch 3) -
 bytes(batch 2), so whatever does not scale with the batch (weights, their re-laid-out copies,
 per-channel constants) cancels; "per batch" = bytes(batch 2) - 2 x per image is that remainder,
@@ -70,9 +78,11 @@ two-pass MLP's passes taken together): a lower bound on a provider's time per ba
 gaps, every kernel perfect. The floor's: each layer one such kernel (its input
 and output, its parameters once, its multiply-adds). The rates default to the H200's measured
 4,244 GB/s copy and 790 TFLOP/s fp16 matmul (``--copy-gbps``, ``--matmul-tflops``, or
-``--rates`` with a GPU's report of ``python -m benchmarks.machine_rates``). It
-says where the time must go (how much of it is arithmetic no fusion removes), not what a GPU
-will measure.
+``--rates`` with a GPU's report of ``python -m benchmarks.machine_rates``). Weight reads are
+timed only at a measured L2 rate (``--l2-gbps``, or the report's ``l2_read``): then a kernel
+takes the longest of the three. Without one, the table gives the L2 rate each op would need
+to keep its roofline time. It says where the time must go (how much of it is arithmetic no
+fusion removes), not what a GPU will measure.
 
 Everything is counted at the size run (``--size``, default 64; H, W >= 32), never scaled: the
 activation bytes scale as H x W for every layer, but at sizes other than 224 PAT_sf's attention
@@ -189,7 +199,8 @@ def _gate_macs(bound: dict, out) -> int:
     return bound["mean"].shape[0] * bound["cfc_weight"].numel()  # (B, C2) x (C2, C2, 1, 2)
 
 
-def _no_macs(bound: dict, out) -> int:
+def _zero(bound: dict, out) -> int:
+    """An op with no multiply-adds, or whose programs read no weights."""
     return 0
 
 
@@ -200,8 +211,8 @@ def _no_macs(bound: dict, out) -> int:
 FUSED_MACS = {
     "partial_conv3x3": _weights_macs("weight"),
     "partial_conv3x3_": _weights_macs("weight"),
-    "channel_attention_stats": _no_macs,
-    "channel_attention_chunk_stats": _no_macs,
+    "channel_attention_stats": _zero,
+    "channel_attention_chunk_stats": _zero,
     "channel_attention_gate": _gate_macs,
     "channel_attention_apply": _weights_macs("conv_weight"),
     "pointwise_mlp": _mlp_macs,
@@ -213,6 +224,115 @@ FUSED_MACS = {
     "layer_norm_linear": _layer_norm_linear_macs,
 }
 CUDA_MACS = {**FUSED_MACS, "self_mixer_output": _weights_macs("conv_weight")}
+
+def _tiles(samples: int, pixels: int, block_p: int) -> int:
+    """Pixel tiles of a launch: ``samples`` rows of ``pixels`` each, ``block_p`` per tile."""
+    return samples * -(-pixels // block_p)
+
+
+def _mlp_weight_reads(bound: dict, out) -> int:
+    """Weight bytes the MLP kernel's programs read (``pointwise_mlp*``, its default
+    configuration on a GPU, :func:`_mlp_config`): per pixel tile, in one pass, the conv head's
+    taps and W1 once per output block and W2 once (with PAT_sp also PAT_sp's conv and gate);
+    in two, the first pass's programs the taps and W1 (its hidden activation, in x's layout,
+    tiled as x), the second's W2."""
+    from patnet_kernels.triton import pointwise_mlp as mlp_kernel
+    config = _mlp_config(bound, out)
+    x, y, residual = bound["x"], _tensors(out)[0], bound.get("residual")
+    r = y if residual is None else residual
+    w1, w2, conv = bound["w1"], bound["w2"], bound.get("conv_weight")
+    affine = bound.get("scale") is not None
+    stats = bound.get("stats_first", -1) >= 0
+    head = 0 if conv is None else conv.numel()
+    size = w1.element_size()
+    tiles = _tiles(*mlp_kernel.pixel_rows(x, r, y, affine or stats), config.block_p)
+    if config.two_pass:
+        first = _tiles(*mlp_kernel.pixel_rows(x, x, x, affine), config.block_p)
+        return size * (first * (head + w1.numel()) + tiles * w2.numel())
+    if bound.get("sp_conv_weight") is not None:
+        spatial = bound["sp_conv_weight"].numel() + bound["gate_weight"].numel()
+        return size * tiles * (head + w1.numel() + w2.numel() + spatial)
+    blocks = -(-w2.shape[0] // (config.block_n + config.block_n2))
+    return size * tiles * (blocks * (head + w1.numel()) + w2.numel())
+
+
+def _patch_conv_tiles(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                      statistics: bool) -> int:
+    """Pixel tiles of the patch conv's kernel on a GPU (x (B, C_IN, H, W), weight (C_OUT,
+    C_IN, k, k), y its (B, C_OUT, H // k, W // k) output)."""
+    from patnet_kernels.triton import patch_conv as kernel
+    k = weight.shape[-1]
+    config = kernel.config_for(weight.shape[1], weight.shape[0], k, weight.dtype,
+                               interpret=False)
+    samples, rows = kernel.pixel_rows(x, y, k, statistics)
+    return _tiles(samples, rows * y.shape[3], config.block_p)
+
+
+def _patch_conv_weight_reads(bound: dict, out) -> int:
+    """The patch conv's (stem, merging layers): per pixel tile the whole weight (each of its
+    programs its block of output channels)."""
+    weight = bound["weight"]
+    tiles = _patch_conv_tiles(bound["x"], weight, _tensors(out)[0], bound["stats_first"] >= 0)
+    return tiles * nbytes(weight)
+
+
+def _layer_norm_linear_weight_reads(bound: dict, out) -> int:
+    """PAT_sf's LayerNorm + qkv (the patch conv's kernel, k = 1, into the tokens (B, N, C_OUT)
+    as a channels_last map): per pixel tile the whole weight."""
+    x, weight, tokens = bound["x"], bound["weight"], _tensors(out)[0]
+    y = tokens.view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
+    return _patch_conv_tiles(x, weight[:, :, None, None], y, False) * nbytes(weight)
+
+
+def _conv_weight_reads(*names: str, pixels_per_tile=None):
+    """Ops whose programs tile each sample's pixels as the 3 x 3 conv kernels do and read the
+    named weights whole per tile (``pixels_per_tile(x, bound)``: the tile; default the conv
+    kernels' on a GPU)."""
+    def count(bound: dict, out) -> int:
+        from patnet_kernels.triton import partial_conv
+        x = bound["x"]
+        c1 = bound[names[0]].shape[0]
+        block_p = (pixels_per_tile(x, bound) if pixels_per_tile else
+                   partial_conv._conv_blocks(c1, x.dtype, interpret=False)[0])
+        tiles = _tiles(x.shape[0], x.shape[2] * x.shape[3], block_p)
+        return tiles * sum(nbytes(bound[n]) for n in names)
+    return count
+
+
+def _self_mixer_tile(x: torch.Tensor, bound: dict) -> int:
+    from patnet_kernels.triton import partial_conv
+    c1 = bound["conv_weight"].shape[0]
+    return partial_conv._self_mixer_blocks(c1, x.shape[1] - c1, x.dtype, interpret=False)[0]
+
+
+def _gate_weight_reads(bound: dict, out) -> int:
+    """PAT_ch's gate: W_ch once per group of samples (its programs' sample blocks)."""
+    from patnet_kernels.triton import channel_attention
+    block_b = channel_attention._gate_blocks(bound["mean"].shape[0], 0, interpret=False)[0]
+    return -(-bound["mean"].shape[0] // block_b) * nbytes(bound["cfc_weight"])
+
+
+# Weight bytes each fused op's programs read (the Triton backend's eval ops; see Op): a weight
+# every program tile reads again is read from L2 after its first read from memory, at a rate
+# the copy bandwidth does not bound. Not counted: biases and per-channel vectors, activation
+# halos and the inputs several output blocks' programs re-read. An op not listed has no count
+# (None), as have the CUDA backend's.
+FUSED_WEIGHT_READS = {
+    "partial_conv3x3": _conv_weight_reads("weight"),
+    "partial_conv3x3_": _conv_weight_reads("weight"),
+    "channel_attention_stats": _zero,
+    "channel_attention_chunk_stats": _zero,
+    "channel_attention_gate": _gate_weight_reads,
+    "channel_attention_apply": _conv_weight_reads("conv_weight"),
+    "pointwise_mlp": _mlp_weight_reads,
+    "pointwise_mlp_stats": _mlp_weight_reads,
+    "pointwise_mlp_spatial": _mlp_weight_reads,
+    "self_mixer_output": _conv_weight_reads("conv_weight", "proj_weight",
+                                            pixels_per_tile=_self_mixer_tile),
+    "rpe_attention_fwd": _zero,  # (its bias table: (2 * 7 - 1)^2 entries a head)
+    "patch_conv": _patch_conv_weight_reads,
+    "layer_norm_linear": _layer_norm_linear_weight_reads,
+}
 
 # Kernels each fused CUDA op launches in eval (one launcher call each, csrc/bindings.cpp).
 CUDA_LAUNCHES = {"partial_conv3x3": 1, "partial_conv3x3_": 1, "channel_attention_stats": 1,
@@ -237,7 +357,9 @@ class Op(NamedTuple):
     kernels launched, bytes read and written, and the fused op it ran inside ("" if none);
     whether its schema makes it a view (it returns only aliases of its inputs) or in place;
     with TrafficRecorder(describe=True) its tensor inputs and outputs (TensorInfo); ``macs``:
-    its multiply-adds (None: not known, see FUSED_MACS)."""
+    its multiply-adds (None: not known, see FUSED_MACS); ``weight_reads``: the bytes of
+    weights its programs read, each its own copy, from L2 after the first (a fused op's, see
+    FUSED_WEIGHT_READS; None: not known; 0 for aten ops: not modelled)."""
     name: str
     kernels: int
     read: int
@@ -248,6 +370,7 @@ class Op(NamedTuple):
     inputs: Tuple[TensorInfo, ...] = ()
     outputs: Tuple[TensorInfo, ...] = ()
     macs: Optional[int] = 0
+    weight_reads: Optional[int] = 0
 
     @property
     def short_name(self) -> str:
@@ -426,7 +549,10 @@ class TrafficRecorder(TorchDispatchMode):
             macs = (CUDA_MACS if func.namespace == "patnet_cuda" else FUSED_MACS).get(name)
             if macs is not None:
                 macs = macs(bound, out)
-            self.ops.append(Op(full, kernels, read, written, self.inside, macs=macs))
+            reads = (FUSED_WEIGHT_READS.get(name) if func.namespace == "patnet_triton"
+                     else None)
+            self.ops.append(Op(full, kernels, read, written, self.inside, macs=macs,
+                               weight_reads=None if reads is None else reads(bound, out)))
             self.ops.extend(inner.ops)
             return out
         out = func(*args, **kwargs)
@@ -585,32 +711,46 @@ def floor(name: str, size: int, autocast: bool = False, **overrides) -> Dict[str
 
 class Rates(NamedTuple):
     """What the roofline assumes of the GPU: copy bandwidth (read + write, GB/s), matmul rate
-    (TFLOP/s; 2 FLOPs per multiply-add) and the batch it times."""
+    (TFLOP/s; 2 FLOPs per multiply-add), the batch it times, and the rate at which programs
+    read from L2 (GB/s; None: weight reads not timed, as no rate was measured)."""
     copy_gbps: float = COPY_GBPS
     matmul_tflops: float = MATMUL_TFLOPS
     batch: int = ROOFLINE_BATCH
+    l2_gbps: Optional[float] = None
 
-    def seconds(self, nbytes_: float, macs: float) -> Tuple[float, bool]:
-        """The lower bound of one kernel: its bytes at the copy bandwidth or its multiply-adds
-        at the matmul rate, whichever takes longer; and whether the matmul rate binds."""
-        memory = nbytes_ / (self.copy_gbps * 1e9)
-        compute = 2 * macs / (self.matmul_tflops * 1e12)
-        return max(memory, compute), compute >= memory and compute > 0
+    def seconds(self, nbytes_: float, macs: float, weight_reads: float = 0.0
+                ) -> Tuple[float, str]:
+        """The lower bound of one kernel: the longest of its bytes at the copy bandwidth, its
+        multiply-adds at the matmul rate and (with ``l2_gbps``) the weights its programs read
+        at the L2 rate; and which binds ("copy", "matmul" or "l2")."""
+        times = {"copy": nbytes_ / (self.copy_gbps * 1e9),
+                 "matmul": 2 * macs / (self.matmul_tflops * 1e12),
+                 "l2": weight_reads / (self.l2_gbps * 1e9) if self.l2_gbps else 0.0}
+        bound = max(times, key=lambda k: (times[k], k == "copy"))
+        return times[bound], bound
 
 
-def _roofline_row(kernels: Sequence[Tuple[float, bool]], rates: Rates) -> dict:
-    """The sum of kernels' (seconds, matmul-bound) as ms per batch, the matmul-bound part and
-    images/s."""
+def _roofline_row(kernels: Sequence[Tuple[float, str]], rates: Rates) -> dict:
+    """The sum of kernels' (seconds, what binds) as ms per batch, the parts bound by the
+    matmul rate and by L2, and images/s."""
     seconds = sum(t for t, _ in kernels)
     return {"ms": 1e3 * seconds,
-            "compute_bound_ms": 1e3 * sum(t for t, bound in kernels if bound),
+            "compute_bound_ms": 1e3 * sum(t for t, bound in kernels if bound == "matmul"),
+            "l2_bound_ms": 1e3 * sum(t for t, bound in kernels if bound == "l2"),
             "images_per_s": rates.batch / seconds if seconds else None}
 
 
+def _per_batch(a: int, b: int, batch: int) -> int:
+    """A count at ``batch`` from its values a and b at the two BATCHES (per image the
+    difference, the rest per batch)."""
+    return (a - BATCHES[0] * (b - a)) + batch * (b - a)
+
+
 def _roofline_calls(runs: Dict[int, Sequence[Op]], rates: Rates
-                    ) -> Optional[List[Tuple[str, float, bool]]]:
+                    ) -> Optional[List[Tuple[str, float, str]]]:
     """Per op call that launches kernels: (its op_breakdown key, its roofline seconds at
-    ``rates.batch``, whether the matmul rate binds); its bytes and multiply-adds scaled from
+    ``rates.batch``, what binds: :meth:`Rates.seconds`); its bytes, multiply-adds and weight
+    reads (where ``rates.l2_gbps`` times them; an op without a count reads none) scaled from
     the two batches counted (per image the difference, per batch the rest). None if an op's
     multiply-adds are unknown or the two batches' ops do not pair up."""
     small, large = runs[BATCHES[0]], runs[BATCHES[1]]
@@ -622,18 +762,18 @@ def _roofline_calls(runs: Dict[int, Sequence[Op]], rates: Rates
             continue
         if a.macs is None or b.macs is None or a.name != b.name:
             return None
-        act = (b.read + b.written) - (a.read + a.written)
-        fixed = (a.read + a.written) - BATCHES[0] * act
-        calls.append((_key(b),) + rates.seconds(fixed + rates.batch * act,
-                                                rates.batch * (b.macs - a.macs)))
+        calls.append((_key(b),) + rates.seconds(
+            _per_batch(a.read + a.written, b.read + b.written, rates.batch),
+            rates.batch * (b.macs - a.macs),
+            _per_batch(a.weight_reads or 0, b.weight_reads or 0, rates.batch)))
     return calls
 
 
 def provider_roofline(runs: Dict[int, Sequence[Op]], rates: Rates) -> Optional[dict]:
     """The provider's time per batch of ``rates.batch`` if every op it launches ran at the
-    roofline (:meth:`Rates.seconds`), one after the other: ``ms``, ``compute_bound_ms`` (the
-    part in ops bound by the matmul rate), ``images_per_s``; None where
-    :func:`_roofline_calls` is."""
+    roofline (:meth:`Rates.seconds`), one after the other: ``ms``, ``compute_bound_ms`` and
+    ``l2_bound_ms`` (the parts in ops bound by the matmul rate, by L2), ``images_per_s``; None
+    where :func:`_roofline_calls` is."""
     calls = _roofline_calls(runs, rates)
     if calls is None:
         return None
@@ -658,11 +798,15 @@ def _breakdown(ops: Sequence[Op]) -> Dict[str, Dict[str, int]]:
         if not op.kernels:
             continue
         key = _key(op)
-        row = out.setdefault(key, {"calls": 0, "kernels": 0, "read": 0, "written": 0})
+        row = out.setdefault(key, {"calls": 0, "kernels": 0, "read": 0, "written": 0,
+                                   "weight_reads": 0})
         row["calls"] += 1
         row["kernels"] += op.kernels
         row["read"] += op.read
         row["written"] += op.written
+        if row["weight_reads"] is not None:
+            row["weight_reads"] = (None if op.weight_reads is None
+                                   else row["weight_reads"] + op.weight_reads)
     return out
 
 
@@ -671,18 +815,22 @@ def op_breakdown(runs: Dict[int, Sequence[Op]], rates: Optional[Rates] = None
     """Per op (``aten::name``, ``patnet_triton::name``, or ``name (in fused op)`` for an aten op
     that a fused op runs): ``calls`` and ``kernels`` per forward, activation bytes per image
     (``act_read``, ``act_written``, ``act_bytes``: the difference of the two batches, as for the
-    totals) and per-batch bytes (``batch_bytes``: weights, ...), with ``rates`` its calls'
+    totals) and per-batch bytes (``batch_bytes``: weights, ...), weight bytes its programs read
+    per image (``weight_reads``, see Op; None where unknown), with ``rates`` its calls'
     roofline time (``roofline_ms``, see :func:`provider_roofline`; None where unknown), the
     most activation bytes first. ``runs``: the ops recorded at each of BATCHES."""
     small, large = (_breakdown(runs[b]) for b in BATCHES)
     calls = None if rates is None else _roofline_calls(runs, rates)
     rows = {}
     for key, row in large.items():
-        base = small.get(key, {"read": 0, "written": 0})
+        base = small.get(key, {"read": 0, "written": 0, "weight_reads": 0})
         read, written = row["read"] - base["read"], row["written"] - base["written"]
+        reads = (None if row["weight_reads"] is None or base["weight_reads"] is None
+                 else row["weight_reads"] - base["weight_reads"])
         rows[key] = {"calls": row["calls"], "kernels": row["kernels"], "act_read": read,
                      "act_written": written, "act_bytes": read + written,
-                     "batch_bytes": base["read"] + base["written"] - BATCHES[0] * (read + written)}
+                     "batch_bytes": base["read"] + base["written"] - BATCHES[0] * (read + written),
+                     "weight_reads": reads}
         if rates is not None:
             rows[key]["roofline_ms"] = (None if calls is None else
                                         1e3 * sum(t for k, t, _ in calls if k == key))
@@ -690,15 +838,15 @@ def op_breakdown(runs: Dict[int, Sequence[Op]], rates: Optional[Rates] = None
                                                      kv[0])))
 
 
-def _macs_per_image(runs: Dict[int, Sequence[Op]]) -> Optional[int]:
-    """Multiply-adds per image (the difference of the two batches), None where an op's are
-    unknown."""
+def _per_image(runs: Dict[int, Sequence[Op]], field: str) -> Optional[int]:
+    """An Op count (``macs``, ``weight_reads``) per image (the difference of the two batches),
+    None where an op's is unknown."""
     totals = []
     for batch in BATCHES:
-        macs = [op.macs for op in runs[batch] if op.kernels]
-        if any(m is None for m in macs):
+        counts = [getattr(op, field) for op in runs[batch] if op.kernels]
+        if any(c is None for c in counts):
             return None
-        totals.append(sum(macs))
+        totals.append(sum(counts))
     return totals[1] - totals[0]
 
 
@@ -732,7 +880,8 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
         "act_written": written,
         "act_bytes": read + written,
         "batch_bytes": (one.read + one.written) - BATCHES[0] * (read + written),
-        "macs": _macs_per_image(runs),
+        "macs": _per_image(runs, "macs"),
+        "weight_reads": _per_image(runs, "weight_reads"),
         "ops": op_breakdown(runs, rates),
         "roofline": None if rates is None else provider_roofline(runs, rates),
         "seconds": round(time.perf_counter() - start, 2),
@@ -820,17 +969,35 @@ def format_table(report: dict, top_ops: int = 0) -> str:
         for name, op in list(row["ops"].items())[:top_ops]:
             share = op["act_bytes"] / row["act_bytes"] if row["act_bytes"] else 0.0
             roofline = op.get("roofline_ms")
+            rates = report.get("roofline") and Rates(**report["roofline"]["rates"])
+            need = (l2_rate_needed(op, rates.batch)
+                    if rates and not rates.l2_gbps else None)
             lines.append(f"  {name:<58}{op['kernels']:>5} kernels{_mb(op['act_bytes']):>9}"
                          f"{100 * share:>6.1f}%"
-                         + (f"{roofline:>9.3f} ms roofline" if roofline is not None else ""))
+                         + (f"{roofline:>9.3f} ms roofline" if roofline is not None else "")
+                         + (f"  weights {_mb(op['weight_reads'])} MB" if op.get("weight_reads")
+                            else "")
+                         + (f" (L2 {need / 1e3:,.1f} TB/s)" if need else ""))
     return "\n".join(lines)
+
+
+def l2_rate_needed(op: dict, batch: int) -> Optional[float]:
+    """The L2 read rate (GB/s) at which one op's weight reads, ``batch`` images' worth, take
+    as long as its roofline time (an op row of :func:`op_breakdown` with ``roofline_ms``);
+    None where either is unknown or zero. Below it, L2 binds the op before copy and matmul."""
+    reads, ms = op.get("weight_reads"), op.get("roofline_ms")
+    if not reads or not ms:
+        return None
+    return batch * reads / (ms * 1e-3) / 1e9
 
 
 def _roofline_lines(report: dict) -> List[str]:
     rates = Rates(**report["roofline"]["rates"])
+    l2 = (f" or weights read per program at {rates.l2_gbps:,.0f} GB/s from L2" if rates.l2_gbps
+          else "")
     lines = [f"roofline (a lower bound, not a measurement): each kernel at {rates.copy_gbps:,.0f}"
-             f" GB/s copy or {rates.matmul_tflops:,.0f} TFLOP/s matmul, one after the other, "
-             f"no launch gaps; batch {rates.batch}, {report['size']} x {report['size']}:"]
+             f" GB/s copy or {rates.matmul_tflops:,.0f} TFLOP/s matmul{l2}, one after the "
+             f"other, no launch gaps; batch {rates.batch}, {report['size']} x {report['size']}:"]
     rows = [(PROVIDER_LABELS.get(p, p), r.get("roofline")) for p, r in
             report["providers"].items() if r.get("status") == "ok"]
     rows.append(("floor (per layer)", report["roofline"]["floor"]))
@@ -839,7 +1006,25 @@ def _roofline_lines(report: dict) -> List[str]:
             lines.append(f"  {label:<22}-  (an op without a multiply-add count)")
             continue
         lines.append(f"  {label:<22}{row['ms']:>8.3f} ms{row['images_per_s']:>12,.0f} img/s"
-                     f"{100 * row['compute_bound_ms'] / row['ms']:>6.0f}% of it compute-bound")
+                     f"{100 * row['compute_bound_ms'] / row['ms']:>6.0f}% of it compute-bound"
+                     + (f", {100 * row.get('l2_bound_ms', 0.0) / row['ms']:.0f}% L2-bound"
+                        if rates.l2_gbps else ""))
+    for provider, row in report["providers"].items():
+        if row.get("status") != "ok" or not row.get("weight_reads"):
+            continue
+        reading = {key: op for key, op in row["ops"].items() if l2_rate_needed(op, 1)}
+        line = (f"  {PROVIDER_LABELS.get(provider, provider)}: its programs read "
+                f"{_mb(row['weight_reads'])} MB of weights per image"
+                + ("" if rates.l2_gbps else " (from L2; not timed: no L2 rate given)"))
+        if reading and not rates.l2_gbps:
+            overall = l2_rate_needed(
+                {"weight_reads": sum(op["weight_reads"] for op in reading.values()),
+                 "roofline_ms": sum(op["roofline_ms"] for op in reading.values())}, rates.batch)
+            key = max(reading, key=lambda k: l2_rate_needed(reading[k], rates.batch))
+            line += (f"; to keep their roofline time the ops that read them need "
+                     f"{overall / 1e3:,.1f} TB/s from L2 (the most, "
+                     f"{l2_rate_needed(reading[key], rates.batch) / 1e3:,.1f} TB/s: {key})")
+        lines.append(line)
     return lines
 
 
@@ -881,11 +1066,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--matmul-tflops", type=float, default=MATMUL_TFLOPS,
                         help=f"the roofline's fp16 matmul rate (default {MATMUL_TFLOPS:,.0f}, "
                              "measured on the H200)")
+    parser.add_argument("--l2-gbps", type=float, default=None,
+                        help="the rate at which programs read from L2 (GB/s): the roofline "
+                             "then times the weights each op's programs re-read (default: "
+                             "none, not timed; no rate has been measured)")
     parser.add_argument("--rates", metavar="PATH",
-                        help="take the copy bandwidth and the fp16 matmul rate from this "
-                             "report of python -m benchmarks.machine_rates, or a GPU check's "
-                             "ops.json holding one (a GPU's measured rates), instead of "
-                             "--copy-gbps / --matmul-tflops")
+                        help="take the copy bandwidth, the fp16 matmul rate and the L2 read "
+                             "rate from this report of python -m benchmarks.machine_rates, or "
+                             "a GPU check's ops.json holding one (a GPU's measured rates), "
+                             "instead of --copy-gbps / --matmul-tflops / --l2-gbps")
     parser.add_argument("--roofline-batch", type=int, default=ROOFLINE_BATCH,
                         help=f"the batch the roofline times (default {ROOFLINE_BATCH})")
     parser.add_argument("--count-only", action="store_true",
@@ -913,11 +1102,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             measured = measured.get("machine_rates", measured)  # (a GPU check's ops.json)
             args.copy_gbps = float(measured["copy"]["gbps"])
             args.matmul_tflops = float(measured["matmul"]["float16"]["tflops"])
+            if "l2_read" in measured:  # (absent: weight reads not timed)
+                args.l2_gbps = float(measured["l2_read"]["gbps"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             parser.error(f"--rates {args.rates}: not a report of python -m "
                          f"benchmarks.machine_rates ({type(exc).__name__}: {exc})")
-    if args.copy_gbps <= 0 or args.matmul_tflops <= 0 or args.roofline_batch < 1:
-        parser.error("--copy-gbps and --matmul-tflops must be positive, --roofline-batch >= 1")
+    if (args.copy_gbps <= 0 or args.matmul_tflops <= 0 or args.roofline_batch < 1
+            or (args.l2_gbps is not None and args.l2_gbps <= 0)):
+        parser.error("--copy-gbps, --matmul-tflops and --l2-gbps must be positive, "
+                     "--roofline-batch >= 1")
     if args.size < 32:
         parser.error(f"--size must be at least 32 (the models' smallest input), got {args.size}")
     return args
@@ -928,7 +1121,7 @@ def main(argv=None) -> int:
     settings = {"size": args.size, "providers": args.providers, "seed": args.seed,
                 "models": args.models, "count_only": args.count_only,
                 "autocast": args.autocast, "train": args.train}
-    rates = Rates(args.copy_gbps, args.matmul_tflops, args.roofline_batch)
+    rates = Rates(args.copy_gbps, args.matmul_tflops, args.roofline_batch, args.l2_gbps)
     return run_models(
         args.models,
         lambda name: measure(name, args.size, args.providers, args.seed,

@@ -210,7 +210,7 @@ def test_report_shows_the_machine_rates(tmp_path):
     ops = case / "results" / "ops.json"
     assert json.loads(ops.read_text())["machine_rates"] == rates
     args = traffic.parse_args(["--models", "patnet_t2", "--rates", str(ops)])
-    assert (args.copy_gbps, args.matmul_tflops) == (4244.2, 790.4)
+    assert (args.copy_gbps, args.matmul_tflops, args.l2_gbps) == (4244.2, 790.4, 10512.0)
 
 
 def test_report_of_a_run_cut_by_its_time_limits(tmp_path):

@@ -223,11 +223,19 @@ def _check_roofline(report):
         assert sum(op["roofline_ms"] for op in row["ops"].values()) == pytest.approx(
             row["roofline"]["ms"])
         assert 0 <= row["roofline"]["compute_bound_ms"] <= row["roofline"]["ms"]
+        assert row["roofline"]["l2_bound_ms"] == 0  # (no L2 rate: weight reads not timed)
+    # Every fused op of the Triton path has its weight reads (FUSED_WEIGHT_READS), none for
+    # eager (aten ops: not modelled).
+    triton = rows["triton"]
+    assert all(op["weight_reads"] is not None for op in triton["ops"].values())
+    assert triton["weight_reads"] == sum(op["weight_reads"] for op in triton["ops"].values()) > 0
+    assert rows["eager"]["weight_reads"] == 0
     assert roofline["floor"]["ms"] <= rows["triton"]["roofline"]["ms"]
     assert rows["triton"]["roofline"]["ms"] < rows["eager"]["roofline"]["ms"]
     assert roofline["rates"] == traffic.Rates()._asdict()
     table = traffic.format_table(report)
     assert "roofline (a lower bound, not a measurement)" in table
+    assert "MB of weights per image (from L2; not timed: no L2 rate given)" in table
     assert sum(" img/s" in line for line in table.splitlines()) == len(
         [r for r in rows.values() if r["status"] == "ok"]) + 1
 
@@ -247,6 +255,41 @@ def test_roofline_of_patnet_t1_and_the_cuda_path():
     fp32 = traffic.measure("fasternet_t2", SIZE, ("triton",), run_kernels=False)
     assert fp32["roofline"] is None and fp32["providers"]["triton"]["roofline"] is None
     assert "roofline" not in traffic.format_table(fp32)
+
+
+def test_weight_reads_per_pixel_tile():
+    """FUSED_WEIGHT_READS by hand, at the kernels' GPU configurations in fp16: the MLP kernel's
+    64-pixel tiles each read the conv head's taps and W1 per output block and W2 once (one
+    pass), or each pass its own weights (two, past 256 output channels); in channels_last its
+    tiles span samples (392 pixels: 7 tiles, not 2 x 4); the patch conv's tiles read its whole
+    weight."""
+    from patnet_kernels.triton import pointwise_mlp as mlp
+    half = torch.float16
+    reads = traffic.FUSED_WEIGHT_READS
+
+    def empty(*shape, layout=torch.contiguous_format):
+        return torch.empty(shape, dtype=half, memory_format=layout)
+
+    conv, w1, w2 = empty(16, 16, 3, 3), empty(128, 64), empty(64, 128)
+    assert mlp.default_config(64, 128, 64, half, 16, interpret=False)[:1] == (64,)
+    per_tile = 2 * (conv.numel() + w1.numel() + w2.numel())
+    x = empty(2, 64, 14, 14)  # (196 pixels a sample: 4 tiles)
+    bound = dict(x=x, conv_weight=conv, scale=None, w1=w1, w2=w2, residual=x)
+    assert reads["pointwise_mlp"](bound, x) == 8 * per_tile
+    x = empty(2, 64, 14, 14, layout=torch.channels_last)
+    assert reads["pointwise_mlp"](dict(bound, x=x, residual=x), x) == 7 * per_tile
+    assert reads["pointwise_mlp_stats"](dict(bound, x=x, residual=x, stats_first=16),
+                                        x) == 8 * per_tile  # (statistics: tiles per sample)
+
+    conv, w1, w2 = empty(96, 96, 3, 3), empty(768, 384), empty(384, 768)
+    assert mlp.default_config(384, 768, 384, half, 96, interpret=False).two_pass
+    x = empty(2, 384, 7, 7)  # (49 pixels: one tile a sample, in each pass)
+    bound = dict(x=x, conv_weight=conv, scale=None, w1=w1, w2=w2, residual=x)
+    assert reads["pointwise_mlp"](bound, x) == 2 * 2 * (conv.numel() + w1.numel() + w2.numel())
+
+    x, weight, y = empty(2, 64, 28, 28), empty(128, 64, 2, 2), empty(2, 128, 14, 14)
+    assert reads["patch_conv"](dict(x=x, weight=weight, stats_first=-1), (y,)) == (
+        8 * 2 * weight.numel())
 
 
 def test_roofline_arithmetic():
@@ -277,6 +320,21 @@ def test_roofline_arithmetic():
         unknown[b][1] = unknown[b][1]._replace(macs=None)
     assert traffic.provider_roofline(unknown, rates) is None
     assert traffic.op_breakdown(unknown, rates)["aten::add"]["roofline_ms"] is None
+    # With an L2 rate, the weights an op's programs read (per image the difference, per batch
+    # the rest) bind where they take longest: here the MLP's, 10 x 4 MB + 1 MB at 100 GB/s.
+    for b in (small, large):
+        runs[b][1] = runs[b][1]._replace(weight_reads=1_000_000 + b * 4_000_000)
+    with_l2 = traffic.Rates(copy_gbps=1000.0, matmul_tflops=100.0, batch=10, l2_gbps=100.0)
+    l2 = (1_000_000 + 10 * 4_000_000) / 1e11  # 410 us
+    got = traffic.provider_roofline(runs, with_l2)
+    assert got["ms"] == pytest.approx(1e3 * (memory + l2))
+    assert got["l2_bound_ms"] == pytest.approx(1e3 * l2) and got["compute_bound_ms"] == 0
+    assert traffic.provider_roofline(runs, rates)["ms"] == pytest.approx(1e3 * (memory + compute))
+    ops = traffic.op_breakdown(runs, rates)
+    assert ops["patnet_triton::pointwise_mlp"]["weight_reads"] == 4_000_000
+    assert traffic.l2_rate_needed(ops["patnet_triton::pointwise_mlp"], 10) == pytest.approx(
+        10 * 4_000_000 / compute / 1e9)  # (GB/s at which 40 MB take its 200 us)
+    assert traffic.l2_rate_needed(ops["aten::add"], 10) is None
     floor = {"layers": [{"name": "a", "bytes": 2_000_000, "macs": 0, "weights": 500_000},
                         {"name": "b", "bytes": 100, "macs": 1_000_000_000, "weights": 0}]}
     assert traffic.floor_roofline(floor, rates)["ms"] == pytest.approx(
@@ -401,9 +459,10 @@ def test_cli_arguments():
     assert defaults.top_ops == 0 and traffic.parse_args(["--top-ops", "5"]).top_ops == 5
     assert (defaults.copy_gbps, defaults.matmul_tflops, defaults.roofline_batch) == (
         traffic.COPY_GBPS, traffic.MATMUL_TFLOPS, traffic.ROOFLINE_BATCH)
+    assert defaults.l2_gbps is None and traffic.parse_args(["--l2-gbps", "9000"]).l2_gbps == 9000
     for bad in (["--models", "patnet_x"], ["--providers", "eager,tpu"], ["--size", "16"],
                 ["--providers", ","], ["--top-ops", "-1"], ["--copy-gbps", "0"],
-                ["--matmul-tflops", "-1"], ["--roofline-batch", "0"]):
+                ["--matmul-tflops", "-1"], ["--roofline-batch", "0"], ["--l2-gbps", "0"]):
         with pytest.raises(SystemExit):
             traffic.parse_args(bad)
 

@@ -161,6 +161,16 @@ def stats_chunks(x: torch.Tensor, weight: torch.Tensor) -> int:
     return cdiv((x.shape[2] // k) * (x.shape[3] // k), config.block_p)
 
 
+def pixel_rows(x: torch.Tensor, y: torch.Tensor, k: int, statistics: bool) -> Tuple[int, int]:
+    """(samples, output rows per sample) of a launch's pixel tiles (grid axes 1 and 0; each
+    row W // k pixels) on x (B, C_IN, H, W) into y (B, C_OUT, H // k, W // k): the B samples
+    as one sample of B * H // k rows where :func:`_common.samples_as_rows` allows, the input's
+    rows hold whole patches and no per-tile ``statistics`` are taken."""
+    if not statistics and x.shape[2] % k == 0 and samples_as_rows(x, y):
+        return 1, x.shape[0] * y.shape[2]
+    return x.shape[0], y.shape[2]
+
+
 def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                y: torch.Tensor, statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                stats_first: int = 0, eps: Optional[float] = None) -> torch.Tensor:
@@ -175,18 +185,16 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     with those of y[:, stats_first:] per tile of pixels, or None. eps: each pixel's C_IN values
     layer-normalised first with this epsilon, no affine (k = 1 only), or None.
     """
-    bsz, c_in, _, _ = x.shape
+    c_in = x.shape[1]
     c_out, _, k, _ = weight.shape
-    _, _, ho, wo = y.shape
+    wo = y.shape[3]
     config = config_for(c_in, c_out, k, weight.dtype)
-    samples = bsz
-    if statistics is None and x.shape[2] % k == 0 and samples_as_rows(x, y):
-        samples, ho = 1, bsz * ho  # (whole patches: rows of a sample's patches stay together)
-    grid = (cdiv(ho * wo, config.block_p), samples, cdiv(c_out, config.block_n))
+    samples, rows = pixel_rows(x, y, k, statistics is not None)
+    grid = (cdiv(rows * wo, config.block_p), samples, cdiv(c_out, config.block_n))
     stats_mean, stats_m2 = statistics if statistics is not None else (weight, weight)
     _patch_conv_kernel[grid](
         x, weight, bias.contiguous() if bias is not None else weight, y, stats_mean, stats_m2,
-        c_in, c_out, k, 0.0 if eps is None else eps, stats_first, ho * wo, wo, *x.stride(),
+        c_in, c_out, k, 0.0 if eps is None else eps, stats_first, rows * wo, wo, *x.stride(),
         *weight.stride(), *pixel_strides(y), HAS_BIAS=bias is not None,
         STATS=statistics is not None, NORMALIZE=eps is not None, BLOCK_P=config.block_p,
         BLOCK_K=config.block_k, BLOCK_N=config.block_n, UPCAST=upcast_dot(weight.dtype),

@@ -403,6 +403,18 @@ def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_chann
     return cdiv(x.shape[2] * x.shape[3], config.block_p)
 
 
+def pixel_rows(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, per_sample: bool
+               ) -> Tuple[int, int]:
+    """(samples, pixels per sample) of a launch's pixel tiles (grid axes 1 and 0) on x, its
+    residual r (or y) and y, each (B, C, H, W): the B samples as one row of B * H * W pixels
+    where :func:`_common.samples_as_rows` allows and nothing is per sample (``per_sample``:
+    PAT_ch's affine or per-tile statistics); the conv head's window stays in its sample."""
+    b, _, h, w = x.shape
+    if not per_sample and samples_as_rows(x, r, y):
+        return 1, b * h * w
+    return b, h * w
+
+
 def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   w2: torch.Tensor, b2: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   activation: str, y: torch.Tensor, conv_taps: Optional[torch.Tensor] = None,
@@ -469,9 +481,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: Optional[tor
     c_head = conv_taps.shape[1] if conv_taps is not None else 0
     q = c_out - spatial.weight.shape[0] if spatial is not None else 0
     r = residual if residual is not None else y
-    samples, pixels = b, h * w
-    if scale is None and statistics is None and samples_as_rows(x, r, y):
-        samples, pixels = 1, b * h * w  # (the conv head's window stays in its sample)
+    samples, pixels = pixel_rows(x, r, y, scale is not None or statistics is not None)
     grid = (cdiv(pixels, config.block_p), samples,
             1 if spatial is not None or one_layer else
             cdiv(c_out, config.block_n + config.block_n2))
