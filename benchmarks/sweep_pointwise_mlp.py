@@ -13,8 +13,10 @@ configuration of the grid (pixels, input-channel and hidden chunks, output block
 stages; see :func:`grid`) is launched once, checked against the reference in fp32 on the same
 inputs, then timed with the op benchmarks' timer (GPU: ``do_bench``, L2 flushed before every
 call). Prints per shape the configurations from fastest, the untuned default (``default_config``)
-marked ``*``, with GB/s of the op's floor bytes (read X, write Y, the weights) and the share of
-the fastest; a configuration that does not compile or launch (shared memory, registers) reads
+marked ``*``, with GB/s of the op's floor bytes (read X, write Y, the weights), GB/s of the
+weights its programs read (each pixel tile its own copy, from L2 after the first:
+:func:`benchmarks.traffic.mlp_weight_reads`; near the GPU's L2 rate, ``machine_rates.py``, L2
+binds the configuration) and the share of the fastest; a configuration that does not compile or launch (shared memory, registers) reads
 ``error``. JSON: every row. On the CPU (``--quick``): the Triton interpreter, shrunk shapes,
 two configurations: a smoke run. A report committed under benchmarks/results/ is what
 ``python -m benchmarks.update_tuned_configs`` turns into the configurations the launcher takes
@@ -38,7 +40,7 @@ from benchmarks import env  # noqa: E402
 if not torch.cuda.is_available():  # (before anything imports triton: its interpreter, --quick)
     env.use_cpu_emulation(cuda=False)
 
-from benchmarks import bench_partial_block, bench_pointwise_mlp  # noqa: E402
+from benchmarks import bench_partial_block, bench_pointwise_mlp, traffic  # noqa: E402
 from benchmarks.report import split_list, write_json  # noqa: E402
 from benchmarks.timer import Timer  # noqa: E402
 from benchmarks.tolerance import MISMATCH  # noqa: E402
@@ -50,11 +52,14 @@ def grid(kind: str, out_channels: int, spatial: bool = False):
     """The configurations of a sweep (``pointwise_mlp.Config``; a conv head's input-channel
     step stays 32): "small" (16: the pixel tile, the hidden chunk, the output block, warps) or
     "full" (216); output blocks above the next power of two of C_out are left out (pure
-    waste). Past 256 output channels, without PAT_sp (``spatial``), the one-pass form (each
-    program a block of the outputs, recomputing the hidden activation) is timed beside the
-    two-pass form (``two_pass``, the default there: each configuration of output blocks up to
-    128) and a second accumulator (``pointwise_mlp.wide_block_n2``: each configuration of
-    256-channel output blocks): "small" 32, "full" 432."""
+    waste). From 256 output channels, without PAT_sp (``spatial``), the one-pass form (past
+    256 each program a block of the outputs, recomputing the hidden activation) is timed beside
+    the two-pass form (``two_pass``, the default past 256: each configuration of output blocks
+    up to 128, and 256-pixel tiles of 64 outputs, which read each weight half as often per
+    pixel as 128, a quarter as often as the one-pass form's 64: the traffic model's weight
+    reads) and past 256 a second accumulator (``pointwise_mlp.wide_block_n2``: each
+    configuration of 256-channel output blocks): at 256 "small" 26, "full" 372; at 768
+    "small" 34, "full" 444."""
     from patnet_kernels.triton._common import block
     from patnet_kernels.triton.pointwise_mlp import Config, wide_block_n2
 
@@ -65,11 +70,16 @@ def grid(kind: str, out_channels: int, spatial: bool = False):
         space = itertools.product((32, 64, 128), (32, 64), (64, 128), (64, 128, 256), (4, 8),
                                   (2, 3, 4))
     configs = [Config(*c) for c in space if c[3] <= widest]
-    if spatial or out_channels <= 256:
+    if spatial or out_channels < 256:
         return configs
+    two_pass = [c._replace(two_pass=True) for c in configs if c.block_n <= 128]
+    # (a pass's program holds block_n of its outputs at a time: 256 pixels fit in 8 warps at
+    # 64 on sm_90, 205-246 registers, no spill; at 128 they spill, and on sm_80 at 64)
+    big_tiles = [c._replace(two_pass=True, block_p=256, block_n=64) for c in configs
+                 if c.block_p == 128 and c.warps == 8]
     second = wide_block_n2(out_channels, 256)
-    return (configs + [c._replace(two_pass=True) for c in configs if c.block_n <= 128]
-            + [c._replace(block_n2=second) for c in configs if c.block_n == 256])
+    wide = [c._replace(block_n2=second) for c in configs if c.block_n == 256 and second]
+    return list(dict.fromkeys(configs + two_pass + big_tiles + wide))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -142,11 +152,12 @@ class Case:
             x, w1, b1, w2, _, residual, activation, *rest = args
             c1, extra, m = 0, {}, x.float()
         spatial = rest[-1] if rest else None  # (PATNet-T1's PAT_sp after the MLP)
-        self.spatial_half = 0  # (PAT_sp's wider half, max(Q, P))
+        self.spatial_half = spatial_weights = 0  # (PAT_sp's wider half, max(Q, P))
         if spatial is not None:
             p = spatial.conv_weight.shape[0]
             self.spatial_half = max(x.shape[1] - p, p)
             extra["spatial"] = _kernel_spatial(kernels, spatial)
+            spatial_weights = extra["spatial"].gate.numel() + extra["spatial"].weight.numel()
             spatial = _float(spatial)
         self.exact = mlp_reference(m, w1.float(), b1.float(), w2.float(), None,
                                    residual.float(), activation, spatial)
@@ -159,6 +170,10 @@ class Case:
             "pointwise_mlp", dtype, self.key)]
         self.call = lambda config: kernels.pointwise_mlp(
             x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
+        affine = extra.get("scale") is not None
+        # (the weight bytes its programs read, from L2 after the first read: traffic's rule)
+        self.weight_reads = lambda config: traffic.mlp_weight_reads(
+            x, residual, y, *mats, 9 * c1 * c1, spatial_weights, affine, affine, config)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -205,6 +220,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     row.update(status="ok", max_rel_error=error,
                                **timer(lambda config=config: case.call(config)))
                     row["gbps"] = case.nbytes / (row["ms"] * 1e-3) / 1e9
+                    row["weight_gbps"] = case.weight_reads(config) / (row["ms"] * 1e-3) / 1e9
                 except Exception as exc:  # noqa: BLE001 - one failing config must not end it
                     row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
                     failures += row["shipped"]
@@ -233,7 +249,7 @@ def _print_shape(rows: List[dict]) -> None:
         mark = "*" if r["shipped"] else " "
         if r["status"] == "ok":
             print(f"  {mark} {name:<28} {r['ms'] * 1e3:10.1f} us {r['gbps']:9.1f} GB/s "
-                  f"{100 * best / r['ms']:6.1f}% of best")
+                  f"{r['weight_gbps']:9.1f} GB/s of weights {100 * best / r['ms']:6.1f}% of best")
         else:
             print(f"  {mark} {name:<28} error: {r['reason']}")
 

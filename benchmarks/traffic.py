@@ -230,30 +230,38 @@ def _tiles(samples: int, pixels: int, block_p: int) -> int:
     return samples * -(-pixels // block_p)
 
 
-def _mlp_weight_reads(bound: dict, out) -> int:
-    """Weight bytes the MLP kernel's programs read (``pointwise_mlp*``, its default
-    configuration on a GPU, :func:`_mlp_config`): per pixel tile, in one pass, the conv head's
-    taps and W1 once per output block and W2 once (with PAT_sp also PAT_sp's conv and gate);
-    in two, the first pass's programs the taps and W1 (its hidden activation, in x's layout,
-    tiled as x), the second's W2."""
+def mlp_weight_reads(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, w1: torch.Tensor,
+                     w2: torch.Tensor, head: int, spatial: int, per_sample: bool,
+                     affine: bool, config) -> int:
+    """Weight bytes the MLP kernel's programs read in one call with ``config`` (a
+    ``pointwise_mlp.Config``) on x (B, C, H, W) into y with residual r (or y): per pixel tile,
+    in one pass, the conv head's ``head`` taps and W1 once per output block and W2 once (with
+    PAT_sp also its ``spatial`` weights: conv and gate); in two, the first pass's programs the
+    taps and W1 (its hidden activation, in x's layout, tiled as x), the second's W2.
+    ``per_sample``: PAT_ch's affine or statistics (tiles per sample); ``affine``: the affine."""
     from patnet_kernels.triton import pointwise_mlp as mlp_kernel
-    config = _mlp_config(bound, out)
-    x, y, residual = bound["x"], _tensors(out)[0], bound.get("residual")
-    r = y if residual is None else residual
-    w1, w2, conv = bound["w1"], bound["w2"], bound.get("conv_weight")
-    affine = bound.get("scale") is not None
-    stats = bound.get("stats_first", -1) >= 0
-    head = 0 if conv is None else conv.numel()
     size = w1.element_size()
-    tiles = _tiles(*mlp_kernel.pixel_rows(x, r, y, affine or stats), config.block_p)
+    tiles = _tiles(*mlp_kernel.pixel_rows(x, r, y, per_sample), config.block_p)
     if config.two_pass:
         first = _tiles(*mlp_kernel.pixel_rows(x, x, x, affine), config.block_p)
         return size * (first * (head + w1.numel()) + tiles * w2.numel())
-    if bound.get("sp_conv_weight") is not None:
-        spatial = bound["sp_conv_weight"].numel() + bound["gate_weight"].numel()
+    if spatial:
         return size * tiles * (head + w1.numel() + w2.numel() + spatial)
     blocks = -(-w2.shape[0] // (config.block_n + config.block_n2))
     return size * tiles * (blocks * (head + w1.numel()) + w2.numel())
+
+
+def _mlp_weight_reads(bound: dict, out) -> int:
+    """:func:`mlp_weight_reads` of a ``pointwise_mlp*`` call at the kernel's default
+    configuration on a GPU (:func:`_mlp_config`)."""
+    y, residual, conv = _tensors(out)[0], bound.get("residual"), bound.get("conv_weight")
+    affine = bound.get("scale") is not None
+    spatial = (0 if bound.get("sp_conv_weight") is None else
+               bound["sp_conv_weight"].numel() + bound["gate_weight"].numel())
+    return mlp_weight_reads(bound["x"], y if residual is None else residual, y, bound["w1"],
+                            bound["w2"], 0 if conv is None else conv.numel(), spatial,
+                            affine or bound.get("stats_first", -1) >= 0, affine,
+                            _mlp_config(bound, out))
 
 
 def _patch_conv_tiles(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,

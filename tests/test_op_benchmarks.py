@@ -350,12 +350,19 @@ def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
     assert sum(r["shipped"] for r in rows) == len(shapes)
     out = capsys.readouterr().out
     assert "% of best" in out and "  * P" in out and str(path) in out
+    # each row's weight reads (traffic's rule) over its time: positive, and in the table
+    assert all(r["weight_gbps"] > 0 for r in rows) and "GB/s of weights" in out
     # the GPU grids: no output block wider than the output needs
-    assert len(sweep.grid("small", 256)) == 16 and len(sweep.grid("full", 256)) == 216
-    # (past 256 output channels also in two passes, and with a second accumulator)
-    assert len(sweep.grid("small", 768)) == 32 and len(sweep.grid("full", 768)) == 432
+    assert len(sweep.grid("small", 128)) == 8 and len(sweep.grid("full", 128)) == 144
+    # (from 256 output channels also in two passes, 256-pixel tiles among them; past 256 with
+    # a second accumulator)
+    assert len(sweep.grid("small", 256)) == 26 and len(sweep.grid("full", 256)) == 372
+    assert len(sweep.grid("small", 768)) == 34 and len(sweep.grid("full", 768)) == 444
     assert {(c.block_n2, c.two_pass) for c in sweep.grid("full", 768)} == {
         (0, False), (0, True), (128, False)}
+    assert {(c.block_n2, c.two_pass) for c in sweep.grid("full", 256)} == {(0, False), (0, True)}
+    assert all(c.two_pass and c.block_n == 64 for c in sweep.grid("full", 256)
+               if c.block_p == 256)
     assert len(sweep.grid("full", 768, spatial=True)) == 216
     assert all(c.block_n <= 64 for c in sweep.grid("full", 40))
 
