@@ -1,32 +1,42 @@
 """Time many configurations of the MLP kernel in one run: the tuning sweep of a GPU session.
 
     python -m benchmarks.sweep_pointwise_mlp [--op mlp|block] [--dtypes float16] [--batch 256]
-        [--shapes patnet_t2.s1,fasternet_t2] [--grid small|full] [--json out.json] [--quick]
+        [--shapes patnet_t2.s1,fasternet_t2] [--grid small|full] [--json out.json]
+        [--compile-workers N] [--budget SECONDS] [--quick]
 
 ``--op mlp`` (default): for each stage shape of ``bench_pointwise_mlp`` (PATNet-T2 and
 FasterNet-T2, hidden 2C, ReLU, the block's residual) the kernel as ``pk.pointwise_mlp`` runs
 it. ``--op block``: for each shape of ``bench_partial_block`` the kernel as a whole block runs
 it, computing conv3x3(X1) for its tile and, for PAT_ch shapes, applying a per-(sample, channel)
 affine map to X2 (random: the gate's values do not change the kernel's cost), and for
-PATNet-T1's shapes running PAT_sp on the MLP's output before the residual. Every
-configuration of the grid (pixels, input-channel and hidden chunks, output block, warps,
-stages; see :func:`grid`) is launched once, checked against the reference in fp32 on the same
-inputs, then timed with the op benchmarks' timer (GPU: ``do_bench``, L2 flushed before every
-call). Prints per shape the configurations from fastest, the untuned default (``default_config``)
-marked ``*``, with GB/s of the op's floor bytes (read X, write Y, the weights), GB/s of the
-weights its programs read (each pixel tile its own copy, from L2 after the first:
-:func:`benchmarks.traffic.mlp_weight_reads`; near the GPU's L2 rate, ``machine_rates.py``, L2
-binds the configuration) and the share of the fastest; a configuration that does not compile or launch (shared memory, registers) reads
-``error``. JSON: every row. On the CPU (``--quick``): the Triton interpreter, shrunk shapes,
-two configurations: a smoke run. A report committed under benchmarks/results/ is what
-``python -m benchmarks.update_tuned_configs`` turns into the configurations the launcher takes
-on that GPU architecture (patnet_kernels/triton/tuned_configs.json).
+PATNet-T1's shapes running PAT_sp on the MLP's output before the residual.
+
+Two phases. Compiling a configuration of this kernel takes seconds of one CPU, more than
+timing it: first every configuration of every shape is run once in ``--compile-workers``
+processes side by side (spawned, each on the GPU with the timing run's inputs, so that each
+compiles into Triton's disk cache), then, alone on the machine, each is launched once, checked
+against the reference in fp32 on the same inputs, and timed with the op benchmarks' timer
+(GPU: ``do_bench``, L2 flushed before every call). ``--budget``: the compile phase ends at half
+of it, and no configuration starts timing past it (the rest are recorded as skipped, and the
+exit status is 2). Prints per shape the configurations from fastest, the untuned default
+(``default_config``) marked ``*``, with GB/s of the op's floor bytes (read X, write Y, the
+weights), GB/s of the weights its programs read (each pixel tile its own copy, from L2 after
+the first: :func:`benchmarks.traffic.mlp_weight_reads`; near the GPU's L2 rate,
+``machine_rates.py``, L2 binds the configuration) and the share of the fastest; a
+configuration that does not compile or launch (shared memory, registers) reads ``error``.
+JSON: every row, rewritten after every shape. On the CPU (``--quick``): the Triton
+interpreter, shrunk shapes, two configurations: a smoke run. A report committed under
+benchmarks/results/ is what ``python -m benchmarks.update_tuned_configs`` turns into the
+configurations the launcher takes on that GPU architecture
+(patnet_kernels/triton/tuned_configs.json).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -97,10 +107,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grid", default="small", choices=["small", "full"])
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=40.0)
-    parser.add_argument("--json", default=None, help="write every row here")
+    parser.add_argument("--json", default=None,
+                        help="write every row here (rewritten after every shape)")
+    parser.add_argument("--compile-workers", type=int, default=None, metavar="N",
+                        help="first run every configuration once in N processes, in parallel, "
+                             "so that each compiles there (Triton's disk cache) and the timing "
+                             "that follows, alone on the machine, finds it compiled (default: "
+                             "the CPUs less 2, at most 16, on a GPU; 0 under --quick; 0: "
+                             "compile each as it is first timed)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="wall time of the whole run: the parallel compile stops at half "
+                             "of it, and no configuration starts timing after it (those left "
+                             "are recorded as skipped); default: no limit")
     parser.add_argument("--quick", action="store_true",
                         help="shrunk shapes, batch 2, two configurations (the CPU smoke run)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.compile_workers is not None and args.compile_workers < 0:
+        parser.error(f"--compile-workers must be 0 or more, got {args.compile_workers}")
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget must be positive, got {args.budget}")
+    return args
 
 
 def _kernel_spatial(kernels, spatial):
@@ -176,65 +202,161 @@ class Case:
             x, residual, y, *mats, 9 * c1 * c1, spatial_weights, affine, affine, config)
 
 
+def _shapes(op: str, quick: bool, wanted: Optional[str]):
+    family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
+    shapes = family.shapes(quick)
+    if wanted:
+        names = split_list(wanted)
+        shapes = [s for s in shapes if any(w in s.name for w in names)]
+    return shapes
+
+
+def _configs(case: "Case", kind: str, channels: int, quick: bool) -> list:
+    """The configurations timed for one case, the default and those already tuned first."""
+    if quick:  # (the default and one with half its pixel tile)
+        return [case.shipped, case.shipped._replace(block_p=max(16, case.shipped.block_p // 2))]
+    configs = grid(kind, channels, bool(case.spatial_half))
+    if case.spatial_half:  # (PAT_sp: one program holds both halves, block(max(Q, P)))
+        configs = [c._replace(block_n=case.shipped.block_n) for c in configs]
+    return list(dict.fromkeys([case.shipped] + case.tuned + configs))
+
+
+def _compile_job(op: str, quick: bool, shape_name: str, batch: int, dtype_name: str,
+                 configs: list) -> List[Optional[str]]:
+    """In a worker process: each configuration's call once on ``shape_name``'s case (the
+    inputs, and so the kernels' specialisation, of the timing run), which compiles it into
+    Triton's disk cache; per configuration None or its error."""
+    from patnet_kernels.triton.pointwise_mlp import Config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = next(s for s in _shapes(op, quick, None) if s.name == shape_name)
+    gen = torch.Generator(device=device).manual_seed(0)
+    case = Case(op, shape, batch, DTYPES[dtype_name], device, gen)
+    errors = []
+    for fields in configs:
+        try:
+            case.call(Config(**fields))
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - the timing run reports it
+            errors.append(f"{type(exc).__name__}: {exc}"[:200])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return errors
+
+
+def precompile(jobs: List[tuple], workers: int, deadline: Optional[float]) -> dict:
+    """Run :func:`_compile_job` over ``jobs`` ((op, quick, shape name, batch, dtype name,
+    [config dicts]) each) in ``workers`` spawned processes until ``deadline``
+    (time.monotonic(); None: all): counts of configurations compiled, failed and left."""
+    import concurrent.futures
+    import multiprocessing
+
+    counts = {"compiled": 0, "failed": 0, "left": sum(len(j[-1]) for j in jobs)}
+    if not jobs or workers <= 0:
+        return counts
+    start = time.monotonic()
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"))
+    futures = {pool.submit(_compile_job, *job): job for job in jobs}
+    try:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        for future in concurrent.futures.as_completed(futures, timeout=timeout):
+            try:
+                errors = future.result()
+            except Exception:  # noqa: BLE001 - a crashed worker: the timing run compiles
+                continue
+            counts["left"] -= len(errors)
+            counts["failed"] += sum(e is not None for e in errors)
+            counts["compiled"] += sum(e is None for e in errors)
+            print(f"  compiled {counts['compiled'] + counts['failed']} configurations "
+                  f"({counts['failed']} failed) in {time.monotonic() - start:.0f} s",
+                  flush=True)
+    except concurrent.futures.TimeoutError:
+        print(f"  compile: out of time, {counts['left']} configurations left to compile "
+              "as they are timed", flush=True)
+        # (workers still compiling would load the CPUs the timing's launches need)
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return counts
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    start = time.monotonic()
+    deadline = None if args.budget is None else start + args.budget
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         if not args.quick:
             print("sweep_pointwise_mlp: no GPU here; timing configurations under the Triton "
                   "interpreter says nothing, run with --quick for a smoke run", file=sys.stderr)
             return 2
+    workers = args.compile_workers
+    if workers is None:
+        workers = 0 if args.quick else max(1, min(16, (os.cpu_count() or 4) - 2))
     batch = 2 if args.quick else args.batch
-    family = bench_partial_block.FAMILY if args.op == "block" else bench_pointwise_mlp.FAMILY
-    shapes = family.shapes(args.quick)
-    if args.shapes:
-        wanted = split_list(args.shapes)
-        shapes = [s for s in shapes if any(w in s.name for w in wanted)]
+    shapes = _shapes(args.op, args.quick, args.shapes)
     timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, warmup=1, runs=2)
     gen = torch.Generator(device=device).manual_seed(0)
-    rows, failures = [], 0
+    cases = []
     for dtype_name in split_list(args.dtypes):
-        dtype = DTYPES[dtype_name]
         for shape in shapes:
-            case = Case(args.op, shape, batch, dtype, device, gen)
-            configs = grid(args.grid, shape.channels, bool(case.spatial_half))
-            if case.spatial_half:  # (PAT_sp: one program holds both halves, block(max(Q, P)))
-                configs = [c._replace(block_n=case.shipped.block_n) for c in configs]
-            # (the default and the configurations already tuned for this call first)
-            configs = [case.shipped] + case.tuned + configs
-            if args.quick:  # (the default and one with half its pixel tile)
-                configs = [case.shipped,
-                           case.shipped._replace(block_p=max(16, case.shipped.block_p // 2))]
-            print(f"{shape.name} B={batch} C={shape.channels} {shape.height}x{shape.width} "
-                  f"{dtype_name}, {args.op}: {len(configs)} configurations", flush=True)
-            found = []
-            for config in dict.fromkeys(configs):
-                row = dict(op=args.op, shape=shape.name, dtype=dtype_name, batch=batch,
-                           key=list(case.key), config=config._asdict(),
-                           shipped=config == case.shipped)
-                try:
-                    error = (case.call(config).float() - case.exact).abs().max().item() / \
-                        case.exact.abs().max().item()
-                    if not error <= MISMATCH[dtype]:
-                        raise RuntimeError(f"max rel error {error:.2g} vs the reference")
-                    row.update(status="ok", max_rel_error=error,
-                               **timer(lambda config=config: case.call(config)))
-                    row["gbps"] = case.nbytes / (row["ms"] * 1e-3) / 1e9
-                    row["weight_gbps"] = case.weight_reads(config) / (row["ms"] * 1e-3) / 1e9
-                except Exception as exc:  # noqa: BLE001 - one failing config must not end it
-                    row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
-                    failures += row["shipped"]
-                found.append(row)
-            _print_shape(found)
-            rows.extend(found)
+            case = Case(args.op, shape, batch, DTYPES[dtype_name], device, gen)
+            cases.append((dtype_name, shape, case,
+                          _configs(case, args.grid, shape.channels, args.quick)))
+    total = sum(len(c[-1]) for c in cases)
+    if workers:
+        print(f"compiling {total} configurations in {workers} processes", flush=True)
+        chunk = 4  # (configurations per job: each job builds its case's inputs once)
+        jobs = [(args.op, args.quick, shape.name, batch, dtype_name,
+                 [c._asdict() for c in configs[i:i + chunk]])
+                for dtype_name, shape, _, configs in cases for i in range(0, len(configs), chunk)]
+        precompile(jobs, workers, None if deadline is None else start + args.budget / 2)
+    rows, failures, report = [], 0, None
     if args.json:
         arch = (10 * torch.cuda.get_device_capability(device)[0]
                 + torch.cuda.get_device_capability(device)[1]) if device.type == "cuda" else None
-        write_json(Path(args.json), {"benchmark": "sweep_pointwise_mlp", "op": args.op,
-                                     **env.run_info(device), "arch": arch, "grid": args.grid,
-                                     "timing": timer.method, "rows": rows})
+        report = {"benchmark": "sweep_pointwise_mlp", "op": args.op, **env.run_info(device),
+                  "arch": arch, "grid": args.grid, "timing": timer.method, "budget_s": args.budget,
+                  "rows": rows}
+    for dtype_name, shape, case, configs in cases:
+        print(f"{shape.name} B={batch} C={shape.channels} {shape.height}x{shape.width} "
+              f"{dtype_name}, {args.op}: {len(configs)} configurations "
+              f"({time.monotonic() - start:.0f} s)", flush=True)
+        found = []
+        for config in configs:
+            row = dict(op=args.op, shape=shape.name, dtype=dtype_name, batch=batch,
+                       key=list(case.key), config=config._asdict(),
+                       shipped=config == case.shipped)
+            if deadline is not None and time.monotonic() > deadline:
+                row.update(status="skipped", reason=f"out of time (--budget {args.budget:g} s)")
+                found.append(row)
+                continue
+            try:
+                error = (case.call(config).float() - case.exact).abs().max().item() / \
+                    case.exact.abs().max().item()
+                if not error <= MISMATCH[DTYPES[dtype_name]]:
+                    raise RuntimeError(f"max rel error {error:.2g} vs the reference")
+                row.update(status="ok", max_rel_error=error,
+                           **timer(lambda config=config: case.call(config)))
+                row["gbps"] = case.nbytes / (row["ms"] * 1e-3) / 1e9
+                row["weight_gbps"] = case.weight_reads(config) / (row["ms"] * 1e-3) / 1e9
+            except Exception as exc:  # noqa: BLE001 - one failing config must not end it
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+                failures += row["shipped"]
+            found.append(row)
+        _print_shape(found)
+        rows.extend(found)
+        if report is not None:
+            write_json(Path(args.json), report)
+    if report is not None:
         print(f"Report written to {args.json}")
-    return 1 if failures else 0
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    if skipped:
+        print(f"{skipped} of {len(rows)} configurations not timed: out of time "
+              f"(--budget {args.budget:g} s)")
+    return 1 if failures else 2 if skipped else 0
 
 
 def _print_shape(rows: List[dict]) -> None:
@@ -251,7 +373,7 @@ def _print_shape(rows: List[dict]) -> None:
             print(f"  {mark} {name:<28} {r['ms'] * 1e3:10.1f} us {r['gbps']:9.1f} GB/s "
                   f"{r['weight_gbps']:9.1f} GB/s of weights {100 * best / r['ms']:6.1f}% of best")
         else:
-            print(f"  {mark} {name:<28} error: {r['reason']}")
+            print(f"  {mark} {name:<28} {r['status']}: {r['reason']}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -333,6 +334,28 @@ def test_targets_filter_rows_and_show_each_dtype():
     assert len(lines) == 2  # on an H100: no "for information only" line
 
 
+def test_pointwise_mlp_sweep_budget(tmp_path, capsys):
+    """Past --budget no configuration is timed: each is recorded as skipped, the report still
+    written, exit status 2; bad options are refused."""
+    from benchmarks import sweep_pointwise_mlp as sweep
+
+    path = tmp_path / "sweep.json"
+    assert sweep.main(["--quick", "--shapes", "patnet_t2.s1", "--budget", "1e-9", "--json",
+                       str(path)]) == 2
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 2 and all(r["status"] == "skipped" for r in rows)
+    assert "2 of 2 configurations not timed: out of time" in capsys.readouterr().out
+    # the parallel compile past its deadline: its workers stopped, every configuration left
+    config = rows[0]["config"]
+    job = ("mlp", True, "patnet_t2.s1", 2, "float16", [config])
+    assert sweep.precompile([job, job], 1, time.monotonic()) == dict(compiled=0, failed=0,
+                                                                      left=2)
+    assert "configurations left to compile as they are timed" in capsys.readouterr().out
+    for bad in (["--budget", "0"], ["--compile-workers", "-1"]):
+        with pytest.raises(SystemExit):
+            sweep.parse_args(bad)
+
+
 @pytest.mark.parametrize("op", ["mlp", "block"])
 def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
     """The MLP kernel's tuning sweep (a GPU tool) runs on the CPU with --quick, as the MLP op
@@ -341,7 +364,9 @@ def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
     from benchmarks import bench_partial_block, sweep_pointwise_mlp as sweep
 
     path = tmp_path / "sweep.json"
-    assert sweep.main(["--quick", "--op", op, "--json", str(path)]) == 0
+    # (the MLP's run first compiles its configurations in two spawned processes)
+    workers = ["--compile-workers", "2"] if op == "mlp" else []
+    assert sweep.main(["--quick", "--op", op, "--json", str(path)] + workers) == 0
     rows = json.loads(path.read_text())["rows"]
     family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
     shapes = {s.name for s in family.shapes(True)}
@@ -350,6 +375,7 @@ def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
     assert sum(r["shipped"] for r in rows) == len(shapes)
     out = capsys.readouterr().out
     assert "% of best" in out and "  * P" in out and str(path) in out
+    assert ("compiled 2 configurations (0 failed)" in out) == (op == "mlp")
     # each row's weight reads (traffic's rule) over its time: positive, and in the table
     assert all(r["weight_gbps"] > 0 for r in rows) and "GB/s of weights" in out
     # the GPU grids: no output block wider than the output needs
