@@ -16,10 +16,12 @@ CSV_FIELDS = ["date", "device", "git_commit", "torch", "triton", "cuda", "model"
               "speedup_vs_compile-max", "max_rel_error", "compile_s", "first_call_s", "backends", "warmup", "runs",
               "threads"]
 FAILED = ("error", "mismatch")
-# The traffic model's roofline of every variant (benchmarks/traffic.py, counted on the CPU:
-# a lower bound at the H200's measured rates, fp16-like activations, batch 256 at 224 x 224).
-ROOFLINE_REPORT = Path(__file__).resolve().parent / "results" / \
-    "traffic.cpu.roofline.224.autocast.json"
+# The traffic model's roofline of every variant per layout (benchmarks/traffic.py, counted on
+# the CPU: a lower bound at the H200's measured rates, fp16-like activations, batch 256 at
+# 224 x 224; in channels_last our kernels' pixel tiles span samples where they may).
+ROOFLINE_REPORTS = {layout: Path(__file__).resolve().parent / "results" / name for layout, name in (
+    ("nchw", "traffic.cpu.roofline.224.autocast.json"),
+    ("channels_last", "traffic.cpu.roofline.224.autocast.channels_last.json"))}
 
 
 def format_table(report: dict) -> str:
@@ -76,16 +78,17 @@ def format_table(report: dict) -> str:
     return "\n".join(text)
 
 
-def roofline_lines(report: dict, path: Path = ROOFLINE_REPORT) -> List[str]:
+def roofline_lines(report: dict, paths: Optional[Dict[str, Path]] = None) -> List[str]:
     """Each mixed-precision row at the roofline's batch and size beside the traffic model's
-    lower bound (:data:`ROOFLINE_REPORT`): the measured time of eager and of ours (and of ours
-    as a CUDA graph) as a multiple of their roofline (ours' roofline is the Triton path's;
-    under backend "auto" some of ours may run the reference), and the floor's. None where the report or the model is not
-    there."""
-    models = (read_json(path) or {}).get("models", {})
+    lower bound in its layout (``paths``, default :data:`ROOFLINE_REPORTS`): the measured time
+    of eager and of ours (and of ours as a CUDA graph) as a multiple of their roofline (ours'
+    roofline is the Triton path's; under backend "auto" some of ours may run the reference),
+    and the floor's. None where the report or the model is not there."""
+    paths = ROOFLINE_REPORTS if paths is None else paths
+    models = {layout: (read_json(path) or {}).get("models", {}) for layout, path in paths.items()}
     lines = []
     for row in report["rows"]:
-        roofline = models.get(row["model"], {})
+        roofline = models.get(row["layout"], {}).get(row["model"], {})
         rates = (roofline.get("roofline") or {}).get("rates", {})
         if (row["precision"] != "amp" or not rates or row.get("batch") != rates.get("batch")
                 or row.get("image_size") != roofline.get("size")):
@@ -103,8 +106,9 @@ def roofline_lines(report: dict, path: Path = ROOFLINE_REPORT) -> List[str]:
                      + "; ".join(cells + [f"floor {floor:.3f} ms"]))
     if not lines:
         return []
+    names = ", ".join(path.name for path in paths.values())
     return ["", "Against the traffic model's roofline (a lower bound counted on the CPU, "
-                f"{path.name}; ms per batch):"] + lines
+                f"{names}; ms per batch):"] + lines
 
 
 def csv_rows(report: dict) -> List[dict]:

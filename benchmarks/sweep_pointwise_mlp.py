@@ -21,7 +21,7 @@ of it, and no configuration starts timing past it (the rest are recorded as skip
 exit status is 2). Prints per shape the configurations from fastest, the untuned default
 (``default_config``) marked ``*``, with GB/s of the op's floor bytes (read X, write Y, the
 weights), GB/s of the weights its programs read (each pixel tile its own copy, from L2 after
-the first: :func:`benchmarks.traffic.mlp_weight_reads`; near the GPU's L2 rate,
+the first: :func:`benchmarks.traffic.mlp_tile_work`; near the GPU's L2 rate,
 ``machine_rates.py``, L2 binds the configuration) and the share of the fastest; a
 configuration that does not compile or launch (shared memory, registers) reads ``error``.
 JSON: every row, rewritten after every shape. On the CPU (``--quick``): the Triton
@@ -198,8 +198,8 @@ class Case:
             x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
         affine = extra.get("scale") is not None
         # (the weight bytes its programs read, from L2 after the first read: traffic's rule)
-        self.weight_reads = lambda config: traffic.mlp_weight_reads(
-            x, residual, y, *mats, 9 * c1 * c1, spatial_weights, affine, affine, config)
+        self.weight_reads = lambda config: traffic.weight_reads(traffic.mlp_tile_work(
+            x, residual, y, *mats, 9 * c1 * c1, spatial_weights, affine, affine, config))
 
 
 def _shapes(op: str, quick: bool, wanted: Optional[str]):

@@ -5,9 +5,11 @@
     python -m benchmarks.traffic --models patnet_t2 --autocast      # under bfloat16 autocast,
                                                                     # with the roofline
     python -m benchmarks.traffic --models patnet_t2 --train         # one training step
+    python -m benchmarks.traffic --autocast --channels-last --size 224  # as the GPU benchmarks
 
 For each model and provider, one eval forward under ``torch.no_grad()`` (fp32, NCHW, random
 weights; with ``--autocast`` under bfloat16 autocast, whose weight casts are kernels too; with
+``--channels-last`` the model and its input in channels_last, as the GPU benchmarks run AMP; with
 ``--train`` one training step's forward and backward of the training model instead, see
 :func:`record_step`) is recorded with a ``TorchDispatchMode``, after one untraced warm-up forward (so caches
 such as PAT_sf's bucket map are built: the steady state is counted). Providers:
@@ -70,7 +72,9 @@ parameters read once the weight floor (2 bytes each under ``--autocast``).
 
 **Roofline** (eval under ``--autocast`` only: 2-byte activations, and the matmul rate is
 fp16's). Each op's multiply-adds are counted too (aten ops by :func:`patnet.flops.op_macs`,
-fvcore's convention; fused ops from their arguments, ``FUSED_MACS``), and each kernel is given
+fvcore's convention; fused ops from their arguments, ``FUSED_MACS``: the Triton ops' as their
+kernels perform them on a GPU, per pixel tile, ``TILE_WORK``, a tile's rows past its map's
+last pixel included; the CUDA ops' the arithmetic they must do), and each kernel is given
 the longer of its bytes at the copy bandwidth and its FLOPs (2 per multiply-add) at the
 matmul rate, at batch 256 (its per-image bytes and multiply-adds times the batch, its
 per-batch bytes once), the kernels one after the other (a fused op's launches as one: the
@@ -145,7 +149,7 @@ ROOFLINE_BATCH = 256
 
 def _weights_macs(*names: str):
     """MACs of a fused op that applies the named weights at every pixel of its (B, C', H', W')
-    output, its first (a missing optional weight counts 0)."""
+    output, its first (a missing optional weight counts 0): the arithmetic it must do."""
     def count(bound: dict, out) -> int:
         y = _tensors(out)[0]
         pixels = y.shape[0] * y.shape[2] * y.shape[3]
@@ -165,29 +169,150 @@ def _mlp_config(bound: dict, out):
                                      conv.shape[0], half, interpret=False)
 
 
-def _mlp_macs(bound: dict, out) -> int:
-    """MACs the MLP kernel performs (``pointwise_mlp*``): at every output pixel its conv head
-    and first GEMM once per program its pixel tile takes on a GPU (the kernel's default
-    configuration: one program per tile in one pass up to 256 output channels, or with PAT_sp,
-    and in each pass of the two-pass form; a one-pass configuration of wider outputs takes
-    several, each recomputing them), its second GEMM and PAT_sp's once."""
-    w1, w2, conv = bound["w1"], bound["w2"], bound.get("conv_weight")
-    y = _tensors(out)[0]
-    pixels = y.shape[0] * y.shape[2] * y.shape[3]
-    head = 0 if conv is None else conv.numel()
-    sp_conv, gate = bound.get("sp_conv_weight"), bound.get("gate_weight")
-    if sp_conv is not None:
-        return pixels * (head + w1.numel() + w2.numel() + sp_conv.numel() + gate.numel())
-    config = _mlp_config(bound, out)
-    blocks = 1 if config.two_pass else -(-w2.shape[0] // (config.block_n + config.block_n2))
-    return pixels * ((head + w1.numel()) * blocks + w2.numel())
+class TileWork(NamedTuple):
+    """Programs of a fused kernel over pixel tiles: ``tiles`` tiles of ``block_p`` pixels,
+    each applying ``weights`` weight elements (of ``element_size`` bytes) at every pixel of
+    its tile, the rows past the map's last pixel too (a tile's dot products run whole), and
+    reading them once (from L2 after their first read from memory)."""
+    tiles: float
+    block_p: int
+    weights: int
+    element_size: int
 
 
-def _layer_norm_linear_macs(bound: dict, out) -> int:
-    y = _tensors(out)[0]  # (B, N, C_OUT) tokens: each normalised (no affine), then the
-    weight = bound["weight"]  # weight's products
-    tokens = y.shape[0] * y.shape[1]
-    return tokens * weight.numel() + layer_norm_macs(tokens * weight.shape[1], affine=False)
+def _tiles(batch: int, samples: int, pixels: int, block_p: int) -> float:
+    """Pixel tiles of a launch on ``batch`` samples taken as ``samples`` rows of ``pixels``
+    each, ``block_p`` per tile: whole tiles per sample, or, where its tiles span samples (fewer
+    rows than samples), the pixels over the tile, the launch's one partial tile left out (per
+    image what a large batch sees: two or three samples would count it as a whole tile)."""
+    if samples < batch:
+        return pixels / block_p
+    return samples * -(-pixels // block_p)
+
+
+def mlp_tile_work(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, w1: torch.Tensor,
+                  w2: torch.Tensor, head: int, spatial: int, per_sample: bool, affine: bool,
+                  config) -> List[TileWork]:
+    """The MLP kernel's tile work in one call with ``config`` (a ``pointwise_mlp.Config``) on
+    x (B, C, H, W) into y with residual r (or y): per pixel tile, in one pass, the conv head's
+    ``head`` taps and W1 once per output block (each block's programs recompute them) and W2
+    once (with PAT_sp also its ``spatial`` weights: conv and gate); in two passes, the first
+    pass's tiles the taps and W1 (its hidden activation, in x's layout, tiled as x), the
+    second's W2. ``per_sample``: PAT_ch's affine or statistics (tiles per sample);
+    ``affine``: the affine."""
+    from patnet_kernels.triton import pointwise_mlp as mlp_kernel
+    size, block_p = w1.element_size(), config.block_p
+    tiles = _tiles(x.shape[0], *mlp_kernel.pixel_rows(x, r, y, per_sample), block_p)
+    if config.two_pass:
+        first = _tiles(x.shape[0], *mlp_kernel.pixel_rows(x, x, x, affine), block_p)
+        return [TileWork(first, block_p, head + w1.numel(), size),
+                TileWork(tiles, block_p, w2.numel(), size)]
+    if spatial:
+        return [TileWork(tiles, block_p, head + w1.numel() + w2.numel() + spatial, size)]
+    blocks = -(-w2.shape[0] // (config.block_n + config.block_n2))
+    return [TileWork(tiles, block_p, blocks * (head + w1.numel()) + w2.numel(), size)]
+
+
+def weight_reads(work: Sequence[TileWork]) -> int:
+    """Weight bytes the programs of ``work`` read."""
+    return sum(w.tiles * w.weights * w.element_size for w in work)
+
+
+def _mlp_work(bound: dict, out) -> List[TileWork]:
+    """:func:`mlp_tile_work` of a ``pointwise_mlp*`` call at the kernel's default
+    configuration on a GPU (:func:`_mlp_config`)."""
+    y, residual, conv = _tensors(out)[0], bound.get("residual"), bound.get("conv_weight")
+    affine = bound.get("scale") is not None
+    spatial = (0 if bound.get("sp_conv_weight") is None else
+               bound["sp_conv_weight"].numel() + bound["gate_weight"].numel())
+    return mlp_tile_work(bound["x"], y if residual is None else residual, y, bound["w1"],
+                         bound["w2"], 0 if conv is None else conv.numel(), spatial,
+                         affine or bound.get("stats_first", -1) >= 0, affine,
+                         _mlp_config(bound, out))
+
+
+def _patch_conv_tiles(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
+                      statistics: bool) -> List[TileWork]:
+    """The patch conv kernel's on a GPU (x (B, C_IN, H, W), weight (C_OUT, C_IN, k, k), y its
+    (B, C_OUT, H // k, W // k) output): per pixel tile the whole weight (each of its programs
+    its block of output channels)."""
+    from patnet_kernels.triton import patch_conv as kernel
+    k = weight.shape[-1]
+    config = kernel.config_for(weight.shape[1], weight.shape[0], k, weight.dtype,
+                               interpret=False)
+    samples, rows = kernel.pixel_rows(x, y, k, statistics)
+    return [TileWork(_tiles(x.shape[0], samples, rows * y.shape[3], config.block_p),
+                     config.block_p, weight.numel(), weight.element_size())]
+
+
+def _patch_conv_work(bound: dict, out) -> List[TileWork]:
+    """The stem's and merging layers' (``patch_conv``)."""
+    return _patch_conv_tiles(bound["x"], bound["weight"], _tensors(out)[0],
+                             bound["stats_first"] >= 0)
+
+
+def _layer_norm_linear_work(bound: dict, out) -> List[TileWork]:
+    """PAT_sf's LayerNorm + qkv (the patch conv's kernel, k = 1, into the tokens (B, N, C_OUT)
+    as a channels_last map)."""
+    x, weight, tokens = bound["x"], bound["weight"], _tensors(out)[0]
+    y = tokens.view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
+    return _patch_conv_tiles(x, weight[:, :, None, None], y, False)
+
+
+def _conv_work(*names: str, pixels_per_tile=None):
+    """Ops whose programs tile each sample's pixels as the 3 x 3 conv kernels do and apply the
+    named weights whole per tile (``pixels_per_tile(x, bound)``: the tile; default the conv
+    kernels' on a GPU)."""
+    def work(bound: dict, out) -> List[TileWork]:
+        from patnet_kernels.triton import partial_conv
+        x = bound["x"]
+        c1 = bound[names[0]].shape[0]
+        block_p = (pixels_per_tile(x, bound) if pixels_per_tile else
+                   partial_conv._conv_blocks(c1, x.dtype, interpret=False)[0])
+        tiles = _tiles(x.shape[0], x.shape[0], x.shape[2] * x.shape[3], block_p)
+        return [TileWork(tiles, block_p, sum(bound[n].numel() for n in names),
+                         bound[names[0]].element_size())]
+    return work
+
+
+def _self_mixer_tile(x: torch.Tensor, bound: dict) -> int:
+    from patnet_kernels.triton import partial_conv
+    c1 = bound["conv_weight"].shape[0]
+    return partial_conv._self_mixer_blocks(c1, x.shape[1] - c1, x.dtype, interpret=False)[0]
+
+
+# The tile work of each Triton eval op that applies weights per pixel tile (TileWork): where
+# its multiply-adds (as performed: the tiles' rows past the map's last pixel, and a one-pass
+# MLP's recomputed first layer, included) and its weight reads come from.
+TILE_WORK = {
+    "partial_conv3x3": _conv_work("weight"),
+    "partial_conv3x3_": _conv_work("weight"),
+    "channel_attention_apply": _conv_work("conv_weight"),
+    "pointwise_mlp": _mlp_work,
+    "pointwise_mlp_stats": _mlp_work,
+    "pointwise_mlp_spatial": _mlp_work,
+    "self_mixer_output": _conv_work("conv_weight", "proj_weight",
+                                    pixels_per_tile=_self_mixer_tile),
+    "patch_conv": _patch_conv_work,
+    "layer_norm_linear": _layer_norm_linear_work,
+}
+
+
+def _performed_macs(name: str):
+    def count(bound: dict, out) -> int:
+        macs = sum(w.tiles * w.block_p * w.weights for w in TILE_WORK[name](bound, out))
+        if name == "layer_norm_linear":  # (each token normalised, no affine, once)
+            tokens = _tensors(out)[0]
+            macs += layer_norm_macs(tokens.shape[0] * tokens.shape[1] * bound["weight"].shape[1],
+                                    affine=False)
+        return macs
+    return count
+
+
+def _tile_weight_reads(name: str):
+    def count(bound: dict, out) -> int:
+        return weight_reads(TILE_WORK[name](bound, out))
+    return count
 
 
 def _attention_macs(bound: dict, out) -> int:
@@ -199,120 +324,6 @@ def _gate_macs(bound: dict, out) -> int:
     return bound["mean"].shape[0] * bound["cfc_weight"].numel()  # (B, C2) x (C2, C2, 1, 2)
 
 
-def _zero(bound: dict, out) -> int:
-    """An op with no multiply-adds, or whose programs read no weights."""
-    return 0
-
-
-# Multiply-adds of each fused op of the inference paths (its matrix products and convolutions,
-# as patnet.flops counts the reference's), from its arguments by name and its output; an op not listed has no
-# count, and a run with one has no roofline. CUDA's PAT_sf output runs its projection as the
-# aten bmm beside its kernel (counted there).
-FUSED_MACS = {
-    "partial_conv3x3": _weights_macs("weight"),
-    "partial_conv3x3_": _weights_macs("weight"),
-    "channel_attention_stats": _zero,
-    "channel_attention_chunk_stats": _zero,
-    "channel_attention_gate": _gate_macs,
-    "channel_attention_apply": _weights_macs("conv_weight"),
-    "pointwise_mlp": _mlp_macs,
-    "pointwise_mlp_stats": _mlp_macs,
-    "pointwise_mlp_spatial": _mlp_macs,
-    "self_mixer_output": _weights_macs("conv_weight", "proj_weight"),
-    "rpe_attention_fwd": _attention_macs,
-    "patch_conv": _weights_macs("weight"),
-    "layer_norm_linear": _layer_norm_linear_macs,
-}
-CUDA_MACS = {**FUSED_MACS, "self_mixer_output": _weights_macs("conv_weight")}
-
-def _tiles(samples: int, pixels: int, block_p: int) -> int:
-    """Pixel tiles of a launch: ``samples`` rows of ``pixels`` each, ``block_p`` per tile."""
-    return samples * -(-pixels // block_p)
-
-
-def mlp_weight_reads(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, w1: torch.Tensor,
-                     w2: torch.Tensor, head: int, spatial: int, per_sample: bool,
-                     affine: bool, config) -> int:
-    """Weight bytes the MLP kernel's programs read in one call with ``config`` (a
-    ``pointwise_mlp.Config``) on x (B, C, H, W) into y with residual r (or y): per pixel tile,
-    in one pass, the conv head's ``head`` taps and W1 once per output block and W2 once (with
-    PAT_sp also its ``spatial`` weights: conv and gate); in two, the first pass's programs the
-    taps and W1 (its hidden activation, in x's layout, tiled as x), the second's W2.
-    ``per_sample``: PAT_ch's affine or statistics (tiles per sample); ``affine``: the affine."""
-    from patnet_kernels.triton import pointwise_mlp as mlp_kernel
-    size = w1.element_size()
-    tiles = _tiles(*mlp_kernel.pixel_rows(x, r, y, per_sample), config.block_p)
-    if config.two_pass:
-        first = _tiles(*mlp_kernel.pixel_rows(x, x, x, affine), config.block_p)
-        return size * (first * (head + w1.numel()) + tiles * w2.numel())
-    if spatial:
-        return size * tiles * (head + w1.numel() + w2.numel() + spatial)
-    blocks = -(-w2.shape[0] // (config.block_n + config.block_n2))
-    return size * tiles * (blocks * (head + w1.numel()) + w2.numel())
-
-
-def _mlp_weight_reads(bound: dict, out) -> int:
-    """:func:`mlp_weight_reads` of a ``pointwise_mlp*`` call at the kernel's default
-    configuration on a GPU (:func:`_mlp_config`)."""
-    y, residual, conv = _tensors(out)[0], bound.get("residual"), bound.get("conv_weight")
-    affine = bound.get("scale") is not None
-    spatial = (0 if bound.get("sp_conv_weight") is None else
-               bound["sp_conv_weight"].numel() + bound["gate_weight"].numel())
-    return mlp_weight_reads(bound["x"], y if residual is None else residual, y, bound["w1"],
-                            bound["w2"], 0 if conv is None else conv.numel(), spatial,
-                            affine or bound.get("stats_first", -1) >= 0, affine,
-                            _mlp_config(bound, out))
-
-
-def _patch_conv_tiles(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor,
-                      statistics: bool) -> int:
-    """Pixel tiles of the patch conv's kernel on a GPU (x (B, C_IN, H, W), weight (C_OUT,
-    C_IN, k, k), y its (B, C_OUT, H // k, W // k) output)."""
-    from patnet_kernels.triton import patch_conv as kernel
-    k = weight.shape[-1]
-    config = kernel.config_for(weight.shape[1], weight.shape[0], k, weight.dtype,
-                               interpret=False)
-    samples, rows = kernel.pixel_rows(x, y, k, statistics)
-    return _tiles(samples, rows * y.shape[3], config.block_p)
-
-
-def _patch_conv_weight_reads(bound: dict, out) -> int:
-    """The patch conv's (stem, merging layers): per pixel tile the whole weight (each of its
-    programs its block of output channels)."""
-    weight = bound["weight"]
-    tiles = _patch_conv_tiles(bound["x"], weight, _tensors(out)[0], bound["stats_first"] >= 0)
-    return tiles * nbytes(weight)
-
-
-def _layer_norm_linear_weight_reads(bound: dict, out) -> int:
-    """PAT_sf's LayerNorm + qkv (the patch conv's kernel, k = 1, into the tokens (B, N, C_OUT)
-    as a channels_last map): per pixel tile the whole weight."""
-    x, weight, tokens = bound["x"], bound["weight"], _tensors(out)[0]
-    y = tokens.view(x.shape[0], x.shape[2], x.shape[3], -1).permute(0, 3, 1, 2)
-    return _patch_conv_tiles(x, weight[:, :, None, None], y, False) * nbytes(weight)
-
-
-def _conv_weight_reads(*names: str, pixels_per_tile=None):
-    """Ops whose programs tile each sample's pixels as the 3 x 3 conv kernels do and read the
-    named weights whole per tile (``pixels_per_tile(x, bound)``: the tile; default the conv
-    kernels' on a GPU)."""
-    def count(bound: dict, out) -> int:
-        from patnet_kernels.triton import partial_conv
-        x = bound["x"]
-        c1 = bound[names[0]].shape[0]
-        block_p = (pixels_per_tile(x, bound) if pixels_per_tile else
-                   partial_conv._conv_blocks(c1, x.dtype, interpret=False)[0])
-        tiles = _tiles(x.shape[0], x.shape[2] * x.shape[3], block_p)
-        return tiles * sum(nbytes(bound[n]) for n in names)
-    return count
-
-
-def _self_mixer_tile(x: torch.Tensor, bound: dict) -> int:
-    from patnet_kernels.triton import partial_conv
-    c1 = bound["conv_weight"].shape[0]
-    return partial_conv._self_mixer_blocks(c1, x.shape[1] - c1, x.dtype, interpret=False)[0]
-
-
 def _gate_weight_reads(bound: dict, out) -> int:
     """PAT_ch's gate: W_ch once per group of samples (its programs' sample blocks)."""
     from patnet_kernels.triton import channel_attention
@@ -320,26 +331,36 @@ def _gate_weight_reads(bound: dict, out) -> int:
     return -(-bound["mean"].shape[0] // block_b) * nbytes(bound["cfc_weight"])
 
 
+def _zero(bound: dict, out) -> int:
+    """An op with no multiply-adds, or whose programs read no weights."""
+    return 0
+
+
+_NO_WEIGHTS = {"channel_attention_stats": _zero, "channel_attention_chunk_stats": _zero}
+# Multiply-adds each fused op of the Triton backend's inference path performs (its matrix
+# products and convolutions, as patnet.flops counts the reference's; per pixel tile, as the
+# kernel runs them on a GPU: TILE_WORK), from its arguments by name and its output; an op not
+# listed has no count, and a run with one has no roofline.
+FUSED_MACS = {**{name: _performed_macs(name) for name in TILE_WORK}, **_NO_WEIGHTS,
+              "channel_attention_gate": _gate_macs, "rpe_attention_fwd": _attention_macs}
+# The CUDA backend's: the arithmetic each op must do (its kernels' tiles are not modelled); its
+# PAT_sf output runs the projection as the aten bmm beside its kernel (counted there).
+CUDA_MACS = {"partial_conv3x3": _weights_macs("weight"),
+             "partial_conv3x3_": _weights_macs("weight"),
+             "channel_attention_stats": _zero,
+             "channel_attention_apply": _weights_macs("conv_weight"),
+             "rpe_attention_fwd": _attention_macs,
+             "self_mixer_output": _weights_macs("conv_weight")}
 # Weight bytes each fused op's programs read (the Triton backend's eval ops; see Op): a weight
 # every program tile reads again is read from L2 after its first read from memory, at a rate
 # the copy bandwidth does not bound. Not counted: biases and per-channel vectors, activation
-# halos and the inputs several output blocks' programs re-read. An op not listed has no count
-# (None), as have the CUDA backend's.
+# halos and the inputs several output blocks' programs, or one program's loops, re-read. An
+# op not listed has no count (None), as have the CUDA backend's.
 FUSED_WEIGHT_READS = {
-    "partial_conv3x3": _conv_weight_reads("weight"),
-    "partial_conv3x3_": _conv_weight_reads("weight"),
-    "channel_attention_stats": _zero,
-    "channel_attention_chunk_stats": _zero,
+    **{name: _tile_weight_reads(name) for name in TILE_WORK},
+    **_NO_WEIGHTS,
     "channel_attention_gate": _gate_weight_reads,
-    "channel_attention_apply": _conv_weight_reads("conv_weight"),
-    "pointwise_mlp": _mlp_weight_reads,
-    "pointwise_mlp_stats": _mlp_weight_reads,
-    "pointwise_mlp_spatial": _mlp_weight_reads,
-    "self_mixer_output": _conv_weight_reads("conv_weight", "proj_weight",
-                                            pixels_per_tile=_self_mixer_tile),
     "rpe_attention_fwd": _zero,  # (its bias table: (2 * 7 - 1)^2 entries a head)
-    "patch_conv": _patch_conv_weight_reads,
-    "layer_norm_linear": _layer_norm_linear_weight_reads,
 }
 
 # Kernels each fused CUDA op launches in eval (one launcher call each, csrc/bindings.cpp).
@@ -860,15 +881,18 @@ def _per_image(runs: Dict[int, Sequence[Op]], field: str) -> Optional[int]:
 
 def measure_provider(name: str, provider: str, size: int, seed: int = 0,
                      run_kernels: bool = True, autocast: bool = False, train: bool = False,
-                     rates: Optional[Rates] = None, **overrides) -> dict:
+                     rates: Optional[Rates] = None, channels_last: bool = False,
+                     **overrides) -> dict:
     """Kernels and bytes of one provider on one model: a dict (see :func:`measure`)."""
     start = time.perf_counter()
     record = record_step if train else record_forward
-    try:
-        model = build(name, provider, seed, train, **overrides)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    try:  # (the model and its input in the layout, as benchmarks/bench_models.py runs them)
+        model = build(name, provider, seed, train, **overrides).to(memory_format=layout)
         runs = {}
         for batch in BATCHES:
-            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)
+                            ).contiguous(memory_format=layout)
             # one warm-up (the caches it fills depend on H and W, not the batch)
             runs[batch] = record(model, x, batch == BATCHES[0], run_kernels, autocast)
     except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
@@ -898,7 +922,8 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
 
 def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROVIDERS,
             seed: int = 0, run_kernels: bool = True, autocast: bool = False,
-            train: bool = False, rates: Optional[Rates] = None, **overrides) -> dict:
+            train: bool = False, rates: Optional[Rates] = None, channels_last: bool = False,
+            **overrides) -> dict:
     """The traffic report of one model: floor and, per provider, kernels per forward
     (``kernels``, of which ``fused_kernels``), activation bytes per image (``act_read``,
     ``act_written``, ``act_bytes``), per-batch bytes (``batch_bytes``: weights and other
@@ -908,10 +933,11 @@ def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROV
     optimizer step) of the training model, eager against ours on each fused backend (no floor:
     ``floor`` is None). ``roofline`` (eval under autocast only, where activations have the 2
     bytes and matmuls the rate that ``rates`` assume; else None): the rates, and the floor's
-    time per batch at them; each provider's in its row (:func:`provider_roofline`)."""
+    time per batch at them; each provider's in its row (:func:`provider_roofline`).
+    ``channels_last``: the models and their input in channels_last (NCHW otherwise)."""
     rates = rates or Rates()
     timed = autocast and not train
-    report = {"model": name, "size": size,
+    report = {"model": name, "size": size, "channels_last": channels_last,
               "dtype": "bfloat16 autocast" if autocast else "float32", "batches": list(BATCHES),
               "run_kernels": run_kernels, "train": train,
               "floor": None if train else floor(name, size, autocast, **overrides),
@@ -921,7 +947,8 @@ def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROV
     for provider in providers:
         report["providers"][provider] = measure_provider(name, provider, size, seed,
                                                          run_kernels, autocast, train,
-                                                         rates if timed else None, **overrides)
+                                                         rates if timed else None,
+                                                         channels_last, **overrides)
     return report
 
 
@@ -936,8 +963,9 @@ def format_table(report: dict, top_ops: int = 0) -> str:
     size = report["size"]
     what = ("training step (forward and backward)" if report.get("train")
             else "eval forward (no_grad)")
-    title = (f"{pretty(report['model'])} at {size} x {size}, {report['dtype']}, {what}; bytes "
-             f"per image (batch {BATCHES[1]} - batch {BATCHES[0]}), MB = 1e6 bytes")
+    layout = ", channels_last" if report.get("channels_last") else ""
+    title = (f"{pretty(report['model'])} at {size} x {size}{layout}, {report['dtype']}, {what}; "
+             f"bytes per image (batch {BATCHES[1]} - batch {BATCHES[0]}), MB = 1e6 bytes")
     header = (f"{'provider':<22}{'kernels':>8}{'fused':>7}{'read MB':>10}{'write MB':>10}"
               f"{'act MB':>10}{'x eager':>9}{'x floor':>9}{'batch MB':>10}")
     lines = [title, header, "-" * len(header)]
@@ -1060,6 +1088,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--autocast", action="store_true",
                         help="count under bfloat16 autocast (the mixed-precision inference a "
                              "GPU benchmark runs in fp16 autocast): casts included")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the models and their input in channels_last, as the GPU "
+                             "benchmarks run them under AMP (default NCHW)")
     parser.add_argument("--train", action="store_true",
                         help="count one training step (forward and backward, train mode) of "
                              "the training model: eager against ours on Triton (default "
@@ -1128,13 +1159,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     settings = {"size": args.size, "providers": args.providers, "seed": args.seed,
                 "models": args.models, "count_only": args.count_only,
-                "autocast": args.autocast, "train": args.train}
+                "autocast": args.autocast, "train": args.train,
+                "channels_last": args.channels_last}
     rates = Rates(args.copy_gbps, args.matmul_tflops, args.roofline_batch, args.l2_gbps)
     return run_models(
         args.models,
         lambda name: measure(name, args.size, args.providers, args.seed,
                              run_kernels=not args.count_only, autocast=args.autocast,
-                             train=args.train, rates=rates),
+                             train=args.train, rates=rates, channels_last=args.channels_last),
         lambda report: format_table(report, args.top_ops),
         None if args.json is None else lambda reports: write_json(reports, args.json, settings))
 

@@ -203,8 +203,9 @@ def test_compile_max_autotune_is_a_gpu_provider(tmp_path):
 
 def test_gpu_rows_are_set_against_the_traffic_models_roofline(tmp_path):
     """On a GPU, each mixed-precision row at the roofline's batch and size is printed beside
-    the committed traffic model's lower bound (eager's and ours, the Triton path's, and the
-    floor's); other rows, and a report without that model, add nothing."""
+    the committed traffic model's lower bound in its layout (eager's and ours, the Triton
+    path's, and the floor's); other rows, and a report without that model or layout, add
+    nothing."""
     from benchmarks import model_report
 
     def row(precision="amp", batch=256, size=224, model="patnet_t2"):
@@ -217,11 +218,14 @@ def test_gpu_rows_are_set_against_the_traffic_models_roofline(tmp_path):
         "size": 224, "roofline": {"rates": {"batch": 256}, "floor": {"ms": 0.5}},
         "providers": {"eager": {"roofline": {"ms": 3.0}},
                       "triton": {"roofline": {"ms": 1.0}}}}}}))
-    lines = model_report.roofline_lines({"rows": [row()]}, roofline)
+    paths = {"channels_last": roofline, "nchw": tmp_path / "missing.json"}
+    lines = model_report.roofline_lines({"rows": [row()]}, paths)
     assert lines[-1] == ("  PATNet-T2 amp channels_last: eager 6.00 ms = 2.0x its 3.000; "
                          "ours 2.00 ms = 2.0x its 1.000; floor 0.500 ms")
     for other in (row("fp32"), row(batch=64), row(size=128), row(model="patnet_s")):
-        assert model_report.roofline_lines({"rows": [other]}, roofline) == []
-    assert model_report.roofline_lines({"rows": [row()]}, tmp_path / "missing.json") == []
-    committed = model_report.roofline_lines({"rows": [row()]})  # (the committed report)
-    assert committed and "PATNet-T2 amp channels_last: eager 6.00 ms" in committed[-1]
+        assert model_report.roofline_lines({"rows": [other]}, paths) == []
+    nchw = dict(row(), layout="nchw")  # (its layout's report is missing)
+    assert model_report.roofline_lines({"rows": [nchw]}, paths) == []
+    for layout in ("channels_last", "nchw"):  # (the committed reports, one per layout)
+        committed = model_report.roofline_lines({"rows": [dict(row(), layout=layout)]})
+        assert committed and f"PATNet-T2 amp {layout}: eager 6.00 ms" in committed[-1]

@@ -205,12 +205,15 @@ def test_autocast_inference_path(name):
     _check_roofline(report)
 
 
-def _check_roofline(report):
-    """Every op of each path has its multiply-adds (the fused ones by FUSED_MACS): the same
-    arithmetic as eager's, less the folded BatchNorms' (2 per element by fvcore's convention:
-    under 1.5%, PATNet-T1's PAT_sp BatchNorms included: no MLP kernel recomputes its hidden
-    activation, the wide ones run in two passes); the floor's layers count eager's; the
-    roofline orders floor <= ours < eager, and the table prints it."""
+def _check_roofline(report, beats_eager: bool = False):
+    """Every op of each path has its multiply-adds (the fused ones by FUSED_MACS / CUDA_MACS):
+    eager's and the CUDA path's the same arithmetic as eager's, less the folded BatchNorms' (2
+    per element by fvcore's convention: under 1.5%, PATNet-T1's PAT_sp BatchNorms included);
+    the Triton path's as its kernels perform it on a GPU (traffic.TILE_WORK): each pixel tile
+    whole, so more where a tile runs past a map's last pixel (at 64 x 64 the stage-4 maps have
+    4 pixels a sample, the MLP's tiles 64), never less; the floor's layers count eager's; the
+    roofline orders floor <= ours (and, ``beats_eager``, ours < eager), and the table prints
+    it."""
     rows, roofline = report["providers"], report["roofline"]
     eager_macs = rows["eager"]["macs"]
     assert sum(layer["macs"] for layer in report["floor"]["layers"]) == eager_macs
@@ -218,7 +221,8 @@ def _check_roofline(report):
         if row["status"] != "ok":
             continue
         assert row["roofline"] is not None, provider
-        assert 0.985 * eager_macs <= row["macs"] <= eager_macs, (provider, row["macs"])
+        assert 0.985 * eager_macs <= row["macs"], (provider, row["macs"])
+        assert provider == "triton" or row["macs"] <= eager_macs, (provider, row["macs"])
         assert all(op["roofline_ms"] is not None for op in row["ops"].values())
         assert sum(op["roofline_ms"] for op in row["ops"].values()) == pytest.approx(
             row["roofline"]["ms"])
@@ -231,13 +235,29 @@ def _check_roofline(report):
     assert triton["weight_reads"] == sum(op["weight_reads"] for op in triton["ops"].values()) > 0
     assert rows["eager"]["weight_reads"] == 0
     assert roofline["floor"]["ms"] <= rows["triton"]["roofline"]["ms"]
-    assert rows["triton"]["roofline"]["ms"] < rows["eager"]["roofline"]["ms"]
+    assert not beats_eager or rows["triton"]["roofline"]["ms"] < rows["eager"]["roofline"]["ms"]
     assert roofline["rates"] == traffic.Rates()._asdict()
     table = traffic.format_table(report)
     assert "roofline (a lower bound, not a measurement)" in table
     assert "MB of weights per image (from L2; not timed: no L2 rate given)" in table
     assert sum(" img/s" in line for line in table.splitlines()) == len(
         [r for r in rows.values() if r["status"] == "ok"]) + 1
+
+
+def test_roofline_at_224():
+    """At the models' input size the Triton path's roofline beats eager's, though its tiles
+    run past the maps' last pixels (a sample's 196 pixels at 14 x 14 in 4 tiles of 64, its 49
+    at 7 x 7 in one, 784 at 28 x 28 in 13; 3136 at 56 x 56 in exactly 49): 1.22x and 1.24x
+    the arithmetic the models need, PATNet-T2 and FasterNet-T2 (NCHW: the tiles do not span
+    samples there)."""
+    if not _available("triton"):
+        pytest.skip("the Triton backend cannot run here")
+    for name in ("patnet_t2", "fasternet_t2"):
+        report = traffic.measure(name, 224, ("eager", "triton"), run_kernels=False,
+                                 autocast=True)
+        _check_roofline(report, beats_eager=True)
+        rows = report["providers"]
+        assert 1.2 <= rows["triton"]["macs"] / rows["eager"]["macs"] <= 1.25
 
 
 def test_roofline_of_patnet_t1_and_the_cuda_path():
@@ -250,8 +270,9 @@ def test_roofline_of_patnet_t1_and_the_cuda_path():
     for name in ("patnet_t1", "patnet_t2"):
         report = traffic.measure(name, SIZE, providers, run_kernels=False, autocast=True)
         _check_roofline(report)
-        if "cuda" in providers and name == "patnet_t2":
-            assert report["providers"]["cuda"]["macs"] == report["providers"]["triton"]["macs"]
+        if "cuda" in providers and name == "patnet_t2":  # (the arithmetic it must do; the
+            # Triton path's as performed, per pixel tile)
+            assert report["providers"]["cuda"]["macs"] < report["providers"]["triton"]["macs"]
     fp32 = traffic.measure("fasternet_t2", SIZE, ("triton",), run_kernels=False)
     assert fp32["roofline"] is None and fp32["providers"]["triton"]["roofline"] is None
     assert "roofline" not in traffic.format_table(fp32)
@@ -261,8 +282,8 @@ def test_weight_reads_per_pixel_tile():
     """FUSED_WEIGHT_READS by hand, at the kernels' GPU configurations in fp16: the MLP kernel's
     64-pixel tiles each read the conv head's taps and W1 per output block and W2 once (one
     pass), or each pass its own weights (two, past 256 output channels); in channels_last its
-    tiles span samples (392 pixels: 7 tiles, not 2 x 4); the patch conv's tiles read its whole
-    weight."""
+    tiles span samples (392 pixels: 6.125 tiles, the launch's one partial tile left out, not
+    2 x 4); the patch conv's tiles read its whole weight."""
     from patnet_kernels.triton import pointwise_mlp as mlp
     half = torch.float16
     reads = traffic.FUSED_WEIGHT_READS
@@ -276,8 +297,10 @@ def test_weight_reads_per_pixel_tile():
     x = empty(2, 64, 14, 14)  # (196 pixels a sample: 4 tiles)
     bound = dict(x=x, conv_weight=conv, scale=None, w1=w1, w2=w2, residual=x)
     assert reads["pointwise_mlp"](bound, x) == 8 * per_tile
+    # (its multiply-adds as performed: every tile's 64 rows, 256 a sample for its 196 pixels)
+    assert traffic.FUSED_MACS["pointwise_mlp"](bound, x) == 8 * 64 * per_tile // 2
     x = empty(2, 64, 14, 14, layout=torch.channels_last)
-    assert reads["pointwise_mlp"](dict(bound, x=x, residual=x), x) == 7 * per_tile
+    assert reads["pointwise_mlp"](dict(bound, x=x, residual=x), x) == 392 / 64 * per_tile
     assert reads["pointwise_mlp_stats"](dict(bound, x=x, residual=x, stats_first=16),
                                         x) == 8 * per_tile  # (statistics: tiles per sample)
 
@@ -471,7 +494,7 @@ def test_main_prints_and_writes_json(tmp_path, monkeypatch, capsys):
     calls = []
 
     def fake_measure(name, size, providers, seed, run_kernels=True, autocast=False,
-                     train=False, rates=None):
+                     train=False, rates=None, channels_last=False):
         calls.append((name, size, tuple(providers), run_kernels, autocast))
         assert not train and rates == traffic.Rates(2000.0, 500.0, 64)
         return _fake_report(name)
