@@ -22,7 +22,9 @@ exit status is 2). Prints per shape the configurations from fastest, the untuned
 (``default_config``) marked ``*``, with GB/s of the op's floor bytes (read X, write Y, the
 weights), GB/s of the weights its programs read (each pixel tile its own copy, from L2 after
 the first: :func:`benchmarks.traffic.mlp_tile_work`; near the GPU's L2 rate,
-``machine_rates.py``, L2 binds the configuration) and the share of the fastest; a
+``machine_rates.py``, L2 binds the configuration), the TFLOP/s it performs (its tiles'
+multiply-adds, rows past a map's last pixel included: against the matmul rate) and the share
+of the fastest; a
 configuration that does not compile or launch (shared memory, registers) reads ``error``.
 JSON: every row, rewritten after every shape. On the CPU (``--quick``): the Triton
 interpreter, shrunk shapes, two configurations: a smoke run. A report committed under
@@ -197,9 +199,10 @@ class Case:
         self.call = lambda config: kernels.pointwise_mlp(
             x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
         affine = extra.get("scale") is not None
-        # (the weight bytes its programs read, from L2 after the first read: traffic's rule)
-        self.weight_reads = lambda config: traffic.weight_reads(traffic.mlp_tile_work(
-            x, residual, y, *mats, 9 * c1 * c1, spatial_weights, affine, affine, config))
+        # (its programs' tiles, traffic's rule: the weight bytes they read, from L2 after the
+        # first read, and the multiply-adds they perform)
+        self.tile_work = lambda config: traffic.mlp_tile_work(
+            x, residual, y, *mats, 9 * c1 * c1, spatial_weights, affine, affine, config)
 
 
 def _shapes(op: str, quick: bool, wanted: Optional[str]):
@@ -341,7 +344,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 row.update(status="ok", max_rel_error=error,
                            **timer(lambda config=config: case.call(config)))
                 row["gbps"] = case.nbytes / (row["ms"] * 1e-3) / 1e9
-                row["weight_gbps"] = case.weight_reads(config) / (row["ms"] * 1e-3) / 1e9
+                work = case.tile_work(config)
+                row["weight_gbps"] = traffic.weight_reads(work) / (row["ms"] * 1e-3) / 1e9
+                row["tflops"] = 2 * traffic.performed_macs(work) / (row["ms"] * 1e-3) / 1e12
             except Exception as exc:  # noqa: BLE001 - one failing config must not end it
                 row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
                 failures += row["shipped"]
@@ -371,7 +376,8 @@ def _print_shape(rows: List[dict]) -> None:
         mark = "*" if r["shipped"] else " "
         if r["status"] == "ok":
             print(f"  {mark} {name:<28} {r['ms'] * 1e3:10.1f} us {r['gbps']:9.1f} GB/s "
-                  f"{r['weight_gbps']:9.1f} GB/s of weights {100 * best / r['ms']:6.1f}% of best")
+                  f"{r['weight_gbps']:9.1f} GB/s of weights {r['tflops']:7.1f} TFLOP/s "
+                  f"{100 * best / r['ms']:6.1f}% of best")
         else:
             print(f"  {mark} {name:<28} {r['status']}: {r['reason']}")
 

@@ -213,9 +213,14 @@ def mlp_tile_work(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, w1: torch.T
     return [TileWork(tiles, block_p, blocks * (head + w1.numel()) + w2.numel(), size)]
 
 
-def weight_reads(work: Sequence[TileWork]) -> int:
+def weight_reads(work: Sequence[TileWork]) -> float:
     """Weight bytes the programs of ``work`` read."""
     return sum(w.tiles * w.weights * w.element_size for w in work)
+
+
+def performed_macs(work: Sequence[TileWork]) -> float:
+    """Multiply-adds the programs of ``work`` perform."""
+    return sum(w.tiles * w.block_p * w.weights for w in work)
 
 
 def _mlp_work(bound: dict, out) -> List[TileWork]:
@@ -300,7 +305,7 @@ TILE_WORK = {
 
 def _performed_macs(name: str):
     def count(bound: dict, out) -> int:
-        macs = sum(w.tiles * w.block_p * w.weights for w in TILE_WORK[name](bound, out))
+        macs = performed_macs(TILE_WORK[name](bound, out))
         if name == "layer_norm_linear":  # (each token normalised, no affine, once)
             tokens = _tensors(out)[0]
             macs += layer_norm_macs(tokens.shape[0] * tokens.shape[1] * bound["weight"].shape[1],

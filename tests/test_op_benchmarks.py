@@ -377,7 +377,8 @@ def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
     assert "% of best" in out and "  * P" in out and str(path) in out
     assert ("compiled 2 configurations (0 failed)" in out) == (op == "mlp")
     # each row's weight reads (traffic's rule) over its time: positive, and in the table
-    assert all(r["weight_gbps"] > 0 for r in rows) and "GB/s of weights" in out
+    assert all(r["weight_gbps"] > 0 and r["tflops"] > 0 for r in rows)
+    assert "GB/s of weights" in out and "TFLOP/s" in out
     # the GPU grids: no output block wider than the output needs
     assert len(sweep.grid("small", 128)) == 8 and len(sweep.grid("full", 128)) == 144
     # (from 256 output channels also in two passes, 256-pixel tiles among them; past 256 with
