@@ -305,13 +305,15 @@ TILE_WORK = {
 
 def _performed_macs(name: str):
     def count(bound: dict, out) -> int:
-        macs = performed_macs(TILE_WORK[name](bound, out))
-        if name == "layer_norm_linear":  # (each token normalised, no affine, once)
-            tokens = _tensors(out)[0]
-            macs += layer_norm_macs(tokens.shape[0] * tokens.shape[1] * bound["weight"].shape[1],
-                                    affine=False)
-        return macs
+        return performed_macs(TILE_WORK[name](bound, out))
     return count
+
+
+def _layer_norm_linear_macs(bound: dict, out) -> float:
+    """The qkv projection's per tile, and each token's normalisation (no affine) once."""
+    tokens = _tensors(out)[0]  # (B, N, C_OUT)
+    return _performed_macs("layer_norm_linear")(bound, out) + layer_norm_macs(
+        tokens.shape[0] * tokens.shape[1] * bound["weight"].shape[1], affine=False)
 
 
 def _tile_weight_reads(name: str):
@@ -347,6 +349,7 @@ _NO_WEIGHTS = {"channel_attention_stats": _zero, "channel_attention_chunk_stats"
 # kernel runs them on a GPU: TILE_WORK), from its arguments by name and its output; an op not
 # listed has no count, and a run with one has no roofline.
 FUSED_MACS = {**{name: _performed_macs(name) for name in TILE_WORK}, **_NO_WEIGHTS,
+              "layer_norm_linear": _layer_norm_linear_macs,
               "channel_attention_gate": _gate_macs, "rpe_attention_fwd": _attention_macs}
 # The CUDA backend's: the arithmetic each op must do (its kernels' tiles are not modelled); its
 # PAT_sf output runs the projection as the aten bmm beside its kernel (counted there).
