@@ -62,9 +62,9 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 def grid(kind: str, out_channels: int, spatial: bool = False):
     """The configurations of a sweep (``pointwise_mlp.Config``; a conv head's input-channel
-    step stays 32): "small" (16: the pixel tile, the hidden chunk, the output block, warps) or
-    "full" (216); output blocks above the next power of two of C_out are left out (pure
-    waste). From 256 output channels, without PAT_sp (``spatial``), the one-pass form (past
+    step stays 32): "small" (16: the pixel tile, the hidden chunk, the output block, warps;
+    8 up to 128 output channels, whose one block holds them all) or "full" (216); output
+    blocks above the next power of two of C_out are left out (pure waste). From 256 output channels, without PAT_sp (``spatial``), the one-pass form (past
     256 each program a block of the outputs, recomputing the hidden activation) is timed beside
     the two-pass form (``two_pass``, the default past 256: each configuration of output blocks
     up to 128, and 256-pixel tiles of 64 outputs, which read each weight half as often per
@@ -76,8 +76,9 @@ def grid(kind: str, out_channels: int, spatial: bool = False):
     from patnet_kernels.triton.pointwise_mlp import Config, wide_block_n2
 
     widest = block(out_channels, high=256)
-    if kind == "small":
-        space = itertools.product((64, 128), (64,), (64, 128), (128, 256), (4, 8), (3,))
+    if kind == "small":  # (output blocks of 128 and 256, or the whole output where narrower)
+        blocks = tuple(dict.fromkeys(min(n, widest) for n in (128, 256)))
+        space = itertools.product((64, 128), (64,), (64, 128), blocks, (4, 8), (3,))
     else:
         space = itertools.product((32, 64, 128), (32, 64), (64, 128), (64, 128, 256), (4, 8),
                                   (2, 3, 4))
@@ -199,6 +200,7 @@ class Case:
         self.call = lambda config: kernels.pointwise_mlp(
             x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
         affine = extra.get("scale") is not None
+        self.rows = kernels.pixel_rows(x, residual, y, affine)  # (samples, pixels) it tiles
         # (its programs' tiles, traffic's rule: the weight bytes they read, from L2 after the
         # first read, and the multiply-adds they perform)
         self.tile_work = lambda config: traffic.mlp_tile_work(
@@ -215,13 +217,19 @@ def _shapes(op: str, quick: bool, wanted: Optional[str]):
 
 
 def _configs(case: "Case", kind: str, channels: int, quick: bool) -> list:
-    """The configurations timed for one case, the default and those already tuned first."""
+    """The configurations timed for one case, the default and those already tuned first; each
+    also with packed tails (``Config.pack_tails``) where that packs the case's samples' last
+    partial tiles."""
+    from patnet_kernels.triton.pointwise_mlp import tile_launches
+
     if quick:  # (the default and one with half its pixel tile)
         return [case.shipped, case.shipped._replace(block_p=max(16, case.shipped.block_p // 2))]
     configs = grid(kind, channels, bool(case.spatial_half))
     if case.spatial_half:  # (PAT_sp: one program holds both halves, block(max(Q, P)))
         configs = [c._replace(block_n=case.shipped.block_n) for c in configs]
-    return list(dict.fromkeys([case.shipped] + case.tuned + configs))
+    packed = [c._replace(pack_tails=True) for c in configs
+              if any(t.pack for t in tile_launches(*case.rows, c._replace(pack_tails=True)))]
+    return list(dict.fromkeys([case.shipped] + case.tuned + configs + packed))
 
 
 def _compile_job(op: str, quick: bool, shape_name: str, batch: int, dtype_name: str,
@@ -370,7 +378,7 @@ def _print_shape(rows: List[dict]) -> None:
     for r in timed + [r for r in rows if r["status"] != "ok"]:
         c = r["config"]
         second = (f"+{c['block_n2']}" if c.get("block_n2") else "") + (
-            " 2-pass" if c.get("two_pass") else "")
+            " 2-pass" if c.get("two_pass") else "") + (" packed" if c.get("pack_tails") else "")
         name = (f"P{c['block_p']} K{c['block_k']} H{c['block_h']} N{c['block_n']}{second} "
                 f"w{c['warps']} s{c['stages']}")
         mark = "*" if r["shipped"] else " "

@@ -89,6 +89,21 @@ def test_channels_last_samples_share_pixel_tiles(fused_backend, monkeypatch):
     assert taken == [False, True]
 
 
+def _block_kernel_inputs(b, c, c1, hidden, h, w, dtype, channels_last, seed):
+    """What the MLP kernel takes as a whole PAT_ch block runs it: x, b1, the residual, [W1,
+    W2] as matrices, the conv head's taps (C1 channels) and the gate's affine (scale, shift:
+    (B, C - C1) fp32), on DEVICE."""
+    from patnet_kernels.triton.partial_conv import forward_taps
+
+    x, w1, b1, w2, _, r = _inputs(b, c, hidden, c, h, w, dtype, channels_last, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    taps = forward_taps(torch.randn(c1, c1, 3, 3, generator=gen) / 10).to(DEVICE, dtype)
+    scale = (torch.rand(b, c - c1, generator=gen) + 0.5).to(DEVICE)
+    shift = (torch.randn(b, c - c1, generator=gen) / 4).to(DEVICE)
+    mats = [m.reshape(m.shape[0], -1).contiguous() for m in (w1, w2)]
+    return x, b1, r, mats, taps, scale, shift
+
+
 @ON_ITS_BACKENDS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -102,15 +117,10 @@ def test_wide_output_forms_agree(channels_last, dtype, fused_backend):
     passes (``two_pass``: the hidden activation written by the first, read by the second;
     each program's outputs 16 at a time, the last block partial)."""
     from patnet_kernels.triton import pointwise_mlp as kernels
-    from patnet_kernels.triton.partial_conv import forward_taps
 
     b, c, c1, hidden, h, w = 2, 40, 10, 80, 5, 7
-    x, w1, b1, w2, _, r = _inputs(b, c, hidden, c, h, w, dtype, channels_last, seed=3)
-    gen = torch.Generator().manual_seed(4)
-    taps = forward_taps(torch.randn(c1, c1, 3, 3, generator=gen) / 10).to(DEVICE, dtype)
-    scale = (torch.rand(b, c - c1, generator=gen) + 0.5).to(DEVICE)
-    shift = (torch.randn(b, c - c1, generator=gen) / 4).to(DEVICE)
-    mats = [m.reshape(m.shape[0], -1).contiguous() for m in (w1, w2)]
+    x, b1, r, mats, taps, scale, shift = _block_kernel_inputs(b, c, c1, hidden, h, w, dtype,
+                                                              channels_last, seed=3)
 
     def run(config, pat_ch=True):
         """(y, statistics) of the PAT_ch block form; (y,) of the FasterNet block form (no gate,
@@ -131,6 +141,58 @@ def test_wide_output_forms_agree(channels_last, dtype, fused_backend):
                        one._replace(two_pass=True)):
             for got, want in zip(run(config, pat_ch), expected):
                 torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@ON_ITS_BACKENDS
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_packed_tails_agree(channels_last, dtype, fused_backend):
+    """``Config.pack_tails``: where the pixel tiles stay in their sample, each sample's last
+    partial tile packed with other samples' in a second launch (4 x 5 = 20 pixels in tiles of
+    16: each sample's last 4, four samples a tile, the last pack one sample) gives the output
+    and the statistics (each sample's last chunk taken over its own rows of the packed tile) of
+    the unpacked form, row for row the same arithmetic: as a whole PAT_ch block runs the kernel
+    (conv head, affine, statistics), in two passes, as a FasterNet block in NCHW, and with
+    PAT_sp after the MLP; a map that leaves tails of more than half a tile is not packed."""
+    from patnet_kernels.triton import pointwise_mlp as kernels
+
+    b, c, c1, hidden, h, w = 5, 40, 10, 80, 4, 5
+    x, b1, r, mats, taps, scale, shift = _block_kernel_inputs(b, c, c1, hidden, h, w, dtype,
+                                                              channels_last, seed=5)
+    params = _spatial(c, dtype, folded=True, seed=7)
+    p = params.conv_weight.shape[0]
+    spatial = kernels.SpatialAttention(
+        params.gate_weight.reshape(c - p).contiguous(), params.conv_weight.reshape(p, p),
+        params.conv_bias, (params.bn_c.running_mean, params.bn_c.running_var,
+                           params.bn_c.weight, params.bn_c.bias), 1e-5, None, 0.0)
+
+    def run(config, form):
+        pat_ch = form in ("pat_ch", "two_pass", "pat_sp")
+        chunks = kernels.stats_chunks(x, *mats, c1, config=config)
+        stats = tuple(torch.full((b, chunks, c - c1), float("nan"), device=DEVICE)
+                      for _ in range(2))
+        y = kernels.pointwise_mlp(
+            x, mats[0], b1, mats[1], None, r, "gelu", torch.empty_like(r), conv_taps=taps,
+            scale=scale if pat_ch else None, shift=shift if pat_ch else None,
+            statistics=stats if pat_ch else None, stats_first=c1,
+            spatial=spatial if form == "pat_sp" else None,
+            config=config._replace(two_pass=form == "two_pass"))
+        return (y, *stats) if pat_ch else (y,)
+
+    tiles = kernels.Config(16, 16, 16, 64, 4, 1, 16, 16)
+    packed = tiles._replace(pack_tails=True)
+    assert kernels.tile_launches(b, h * w, packed) == [
+        kernels.TileLaunch((1, b)), kernels.TileLaunch((2, 1), pack=4, rem=4)]
+    assert kernels.tile_launches(b, 7 * 4, packed) == [kernels.TileLaunch((2, b))]  # (tails 12)
+    assert kernels.tile_launches(1, h * w, packed) == [kernels.TileLaunch((2, 1))]
+    for form in ("pat_ch", "two_pass", "fasternet", "pat_sp"):
+        if form == "fasternet" and channels_last:  # (its tiles span samples there)
+            continue
+        expected = run(tiles, form)
+        got = run(packed, form)
+        assert not any(torch.isnan(t).any() for t in got), form
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0, msg=form)
 
 
 def _spatial(c_out, dtype, folded, seed=1, p=None):

@@ -381,6 +381,7 @@ def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
     assert "GB/s of weights" in out and "TFLOP/s" in out
     # the GPU grids: no output block wider than the output needs
     assert len(sweep.grid("small", 128)) == 8 and len(sweep.grid("full", 128)) == 144
+    assert len(sweep.grid("small", 48)) == 8 and {c.block_n for c in sweep.grid("small", 48)} == {64}
     # (from 256 output channels also in two passes, 256-pixel tiles among them; past 256 with
     # a second accumulator)
     assert len(sweep.grid("small", 256)) == 26 and len(sweep.grid("full", 256)) == 372

@@ -299,6 +299,11 @@ def test_weight_reads_per_pixel_tile():
     assert reads["pointwise_mlp"](bound, x) == 8 * per_tile
     # (its multiply-adds as performed: every tile's 64 rows, 256 a sample for its 196 pixels)
     assert traffic.FUSED_MACS["pointwise_mlp"](bound, x) == 8 * 64 * per_tile // 2
+    # (with packed tails, the samples' last 4 pixels 16 a tile: 3 tiles a sample and 1 / 16)
+    config = mlp.default_config(64, 128, 64, half, 16, interpret=False)._replace(
+        pack_tails=True)
+    work = traffic.mlp_tile_work(x, x, x, w1, w2, conv.numel(), 0, True, False, config)
+    assert traffic.weight_reads(work) == 2 * (3 + 1 / 16) * per_tile
     x = empty(2, 64, 14, 14, layout=torch.channels_last)
     assert reads["pointwise_mlp"](dict(bound, x=x, residual=x), x) == 392 / 64 * per_tile
     assert reads["pointwise_mlp_stats"](dict(bound, x=x, residual=x, stats_first=16),

@@ -23,6 +23,13 @@ can run PAT_sp on the MLP's output M before the residual (PATNet-T1's blocks): o
 holds the whole output in two accumulators, Ma and Mb, and writes [BN_c(Ma * hsig(w . Ma)) |
 conv1x1(BN_d(Mb)) + bias], PAT_sp's conv a third GEMM on the tile, so M is never written.
 
+Where the tiles stay in their sample (NCHW; PAT_ch's affine and statistics, which are per
+sample), each sample's last tile runs past its map (196 pixels at 14 x 14 in 4 tiles of 64:
+1.31x the arithmetic). ``Config.pack_tails``, a tuning option, packs those last partial tiles
+into a launch of their own, BLOCK_P // REM samples' a tile (the PACKED mode: each row its own
+sample, PAT_ch's affine gathered per row, each sample's last statistics chunk taken over its
+own rows: the statistics' chunks as before; :func:`tile_launches`).
+
 * :func:`pointwise_mlp` -- the launcher; :func:`stats_chunks` -- its statistics' tiles;
   :func:`config_for` -- a launch's configuration; :func:`aot_kernels` -- the shipped ones.
 """
@@ -63,8 +70,10 @@ def _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr, 
                  BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
     """W1[offs_h] . M + b1[offs_h] on the program's pixel tile, (BLOCK_P, BLOCK_H) fp32, M =
     [conv | x[:, C_HEAD:] * scale + shift]: ``conv`` the conv head's (BLOCK_P, BLOCK_C1) tile
-    (CONV_HEAD), ``x`` the tile's (BLOCK_P, 1) pixel rows, W1 (rows, C) contiguous. A chunk of
-    the hidden activation before it, or with ONE_LAYER a block of the output."""
+    (CONV_HEAD), ``x`` the tile's (BLOCK_P, 1) pixel rows, ``scale_row`` / ``shift_row`` the
+    sample's affine (one pointer, or (BLOCK_P, 1) of them: each row's sample's), W1 (rows, C)
+    contiguous. A chunk of the hidden activation before it, or with ONE_LAYER a block of the
+    output."""
     hidden = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
     if CONV_HEAD:
         w1_head = tl.load(w1_ptr + offs_h[None, :] * C + offs_c1[:, None],
@@ -76,10 +85,10 @@ def _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr, 
         m = tl.load(x + offs_k[None, :] * x_sc, mask=p_ok[:, None] & k_ok[None, :],
                     other=0.0)  # (BLOCK_P, BLOCK_K)
         if HAS_AFFINE:  # (in fp32, rounded to x's dtype as PAT_ch's apply pass writes it)
-            a = tl.load(scale_row + offs_k, mask=k_ok, other=0.0)
-            d = tl.load(shift_row + offs_k, mask=k_ok, other=0.0)
+            a = tl.load(scale_row + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            d = tl.load(shift_row + offs_k[None, :], mask=k_ok[None, :], other=0.0)
             m = tl.where(p_ok[:, None] & k_ok[None, :],
-                         m.to(tl.float32) * a[None, :] + d[None, :], 0.0).to(m.dtype)
+                         m.to(tl.float32) * a + d, 0.0).to(m.dtype)
         w1t = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
                       mask=k_ok[:, None] & h_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
         hidden = dot(m, w1t, hidden, UPCAST)
@@ -118,6 +127,8 @@ def _pointwise_mlp_kernel(
     STATS_FIRST,  # the first output channel whose statistics are taken (if STATS)
     P,  # pixels: H * W per sample, or B * H * W with the samples taken as rows of one (the
         # launcher's choice, _common.samples_as_rows: then no HAS_AFFINE, no STATS)
+    REM, PACK, SAMPLES,  # PACKED: each sample's last REM = P % BLOCK_P pixels, PACK of the
+                         # SAMPLES samples' a tile (grid axis 0: the packs; axis 1 of size 1)
     H, W,  # rows per sample and image width: pixel p is at row (p // W) % H of its sample,
            # column p % W (read if CONV_HEAD)
     x_sb, x_sc, x_sp,  # sample, channel and pixel strides of x (elements)
@@ -148,12 +159,24 @@ def _pointwise_mlp_kernel(
     BLOCK_CI: tl.constexpr,  # conv input channels per tl.dot (CONV_HEAD)
     BLOCK_C1: tl.constexpr,  # C_HEAD rounded up to a power of two (CONV_HEAD): the whole head
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+    PACKED: tl.constexpr,  # the tile's rows from PACK samples: their last partial tiles
 ):
     pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
     pid_n = tl.program_id(2)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < P
+    chunks = (P + BLOCK_P - 1) // BLOCK_P  # (a sample's statistics chunks, the last the rest)
+    lane = tl.arange(0, BLOCK_P)
+    if PACKED:
+        within = lane // REM  # (BLOCK_P,) each row's sample among the tile's PACK
+        first_sample = pid_p * PACK
+        sample = (first_sample + within).to(tl.int64)[:, None]  # (BLOCK_P, 1) each row's
+        offs_p = (chunks - 1) * BLOCK_P + lane % REM
+        p_ok = (within < PACK) & (first_sample + within < SAMPLES)
+    else:
+        within = lane  # (not read)
+        first_sample = pid_p
+        sample = tl.program_id(1).to(tl.int64)
+        offs_p = pid_p * BLOCK_P + lane
+        p_ok = offs_p < P
     if WIDE:
         first = pid_n * (BLOCK_N + BLOCK_N2)
     else:
@@ -167,23 +190,24 @@ def _pointwise_mlp_kernel(
     else:
         offs_nb = first + BLOCK_N + local_b
     nb_ok = offs_nb < C_OUT
-    x = x_ptr + pid_b * x_sb + offs_p[:, None] * x_sp  # (BLOCK_P, 1) pixel rows of x
-    scale_row = scale_ptr + pid_b * (C - C_HEAD) - C_HEAD  # (indexed by input channel)
-    shift_row = shift_ptr + pid_b * (C - C_HEAD) - C_HEAD
+    x = x_ptr + sample * x_sb + offs_p[:, None] * x_sp  # (BLOCK_P, 1) pixel rows of x
+    scale_row = scale_ptr + sample * (C - C_HEAD) - C_HEAD  # (indexed by input channel)
+    shift_row = shift_ptr + sample * (C - C_HEAD) - C_HEAD
     offs_c1 = tl.arange(0, BLOCK_C1)
     c1_ok = offs_c1 < C_HEAD
     if CONV_HEAD:  # (rounded to x's dtype, as a conv writing its output would)
         rows = offs_p // W
         h = rows % H  # (the tile's pixels' rows in their own sample, whose first row each
         # conv's window is based on: no neighbour across two samples taken as rows of one)
-        conv = conv3x3_tile(x_ptr + pid_b * x_sb + ((rows - h) * W * x_sp)[:, None], wc_ptr,
+        conv = conv3x3_tile(x_ptr + sample * x_sb + ((rows - h) * W * x_sp)[:, None], wc_ptr,
                             C_HEAD, H, W, x_sc, W * x_sp, x_sp, h, offs_p % W, p_ok, offs_c1,
                             c1_ok, BLOCK_P, BLOCK_CI, BLOCK_C1, UPCAST).to(x_ptr.dtype.element_ty)
     else:
         conv = tl.zeros((BLOCK_P, BLOCK_C1), dtype=x_ptr.dtype.element_ty)  # (not read)
-    r_pix = r_ptr + pid_b * r_sb + offs_p[:, None] * r_sp  # (BLOCK_P, 1) pixel rows
-    y_pix = y_ptr + pid_b * y_sb + offs_p[:, None] * y_sp
-    stats_row = pid_b * tl.num_programs(0) + pid_p  # (statistics of a chunk of BLOCK_P pixels)
+    r_pix = r_ptr + sample * r_sb + offs_p[:, None] * r_sp  # (BLOCK_P, 1) pixel rows
+    y_pix = y_ptr + sample * y_sb + offs_p[:, None] * y_sp
+    # (statistics of a chunk of BLOCK_P pixels: this tile's, or PACKED each sample's last)
+    stats_row = tl.program_id(1) * chunks + pid_p
     if ONE_LAYER:  # y = act(W1 . M + b1) (+ r), every output channel, BLOCK_N at a time
         for n0 in range(0, C_OUT, BLOCK_N):  # (the conv head computed once per pixel tile)
             offs_o = n0 + tl.arange(0, BLOCK_N)
@@ -193,7 +217,8 @@ def _pointwise_mlp_kernel(
                               BLOCK_P, BLOCK_K, BLOCK_N, UPCAST)
             _store_output(_activation(y1, ACTIVATION), offs_o, o_ok, p_ok, r_pix, y_pix, r_sc,
                           y_sc, stats_mean_ptr, stats_m2_ptr, stats_row, STATS_FIRST, C_OUT,
-                          HAS_RESIDUAL, STATS)
+                          HAS_RESIDUAL, STATS, within, first_sample, PACK, SAMPLES,
+                          chunks, PACKED)
         return
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
@@ -224,7 +249,8 @@ def _pointwise_mlp_kernel(
         s = hardsigmoid(tl.sum(ma * g[None, :], axis=1))  # (BLOCK_P,) the gate
         ya = batch_norm_tile(ma * s[:, None], offs_n, n_ok, cm_ptr, cv_ptr, cw_ptr, cb_ptr, c_eps)
         _store_output(ya, offs_n, n_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
-                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS)
+                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS, within,
+                      first_sample, PACK, SAMPLES, chunks, PACKED)
         mb = acc_b.to(x_ptr.dtype.element_ty)
         if SP_BN_D:  # (0 past C_OUT - Q, where the weight's rows are 0 too)
             mb = batch_norm_tile(mb.to(tl.float32), local_b, nb_ok, dm_ptr, dv_ptr, dw_ptr,
@@ -238,31 +264,45 @@ def _pointwise_mlp_kernel(
             if SP_BIAS:
                 yb += tl.load(sbias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
             _store_output(yb, Q + offs_o, o_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
-                          stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS)
+                          stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS,
+                          within, first_sample, PACK, SAMPLES, chunks, PACKED)
     else:
         _store_output(acc, offs_n, n_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
-                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS)
+                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS, within,
+                      first_sample, PACK, SAMPLES, chunks, PACKED)
         if WIDE:
             _store_output(acc_b, offs_nb, nb_ok, p_ok, r_pix, y_pix, r_sc, y_sc,
                           stats_mean_ptr, stats_m2_ptr, stats_row, STATS_FIRST, C_OUT,
-                          HAS_RESIDUAL, STATS)
+                          HAS_RESIDUAL, STATS, within, first_sample, PACK, SAMPLES,
+                          chunks, PACKED)
 
 
 @triton.jit
 def _store_output(acc, offs_c, c_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
                   stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL: tl.constexpr,
-                  STATS: tl.constexpr):
+                  STATS: tl.constexpr, within, first_sample, PACK, SAMPLES, chunks,
+                  PACKED: tl.constexpr):
     """Store a tile of the output, y[pixels, offs_c] = acc (+ the residual), ``r_pix`` and
     ``y_pix`` the (BLOCK_P, 1) pixel rows of r and y; with STATS also the tile's statistics of
-    its channels in [STATS_FIRST, C_OUT) as stored (row ``stats_row``)."""
+    its channels in [STATS_FIRST, C_OUT) as stored (row ``stats_row``), or PACKED those of
+    each of its samples' last chunk (``within``: each row's sample among the tile's PACK, from
+    ``first_sample`` of SAMPLES; ``chunks`` a sample)."""
     ok = p_ok[:, None] & c_ok[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(r_pix + offs_c[None, :] * r_sc, mask=ok, other=0.0).to(tl.float32)
     out = acc.to(y_pix.dtype.element_ty)
     tl.store(y_pix + offs_c[None, :] * y_sc, out, mask=ok)
     if STATS:
-        store_tile_moments(out.to(tl.float32), p_ok, offs_c, c_ok, stats_mean_ptr, stats_m2_ptr,
-                           stats_row, STATS_FIRST, C_OUT)
+        if PACKED:
+            for j in range(0, PACK):
+                if first_sample + j < SAMPLES:
+                    store_tile_moments(out.to(tl.float32), p_ok & (within == j), offs_c, c_ok,
+                                       stats_mean_ptr, stats_m2_ptr,
+                                       (first_sample + j) * chunks + chunks - 1, STATS_FIRST,
+                                       C_OUT)
+        else:
+            store_tile_moments(out.to(tl.float32), p_ok, offs_c, c_ok, stats_mean_ptr,
+                               stats_m2_ptr, stats_row, STATS_FIRST, C_OUT)
 
 
 # (imported here, below the jit functions: a line added above them changes their cache keys)
@@ -285,6 +325,9 @@ class Config(NamedTuple):
                             # act(W1 . M + b1), a second W2 . it + b2 (+ residual), each
                             # program all output channels of its pixel tile, block_n at a
                             # time (not with PAT_sp)
+    pack_tails: bool = False  # where tiles stay in their sample (NCHW, PAT_ch's affine or
+                              # statistics), each sample's last partial tile packed with other
+                              # samples' in a launch of its own (:func:`tile_launches`)
 
 
 def second_block(config: Config, single: bool) -> dict:
@@ -415,6 +458,29 @@ def pixel_rows(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, per_sample: bo
     return b, h * w
 
 
+class TileLaunch(NamedTuple):
+    """One launch over pixel tiles: ``grid`` its axes 0 and 1 (tiles, samples; packed: packs,
+    1), ``pack`` the samples whose last ``rem`` pixels share a tile (0: tiles of one sample)."""
+    grid: Tuple[int, int]
+    pack: int = 0
+    rem: int = 1
+
+
+def tile_launches(samples: int, pixels: int, config: Config) -> List[TileLaunch]:
+    """The launches that cover ``samples`` rows of ``pixels`` (:func:`pixel_rows`) in tiles of
+    config.block_p: one, whose each sample's last tile runs past its map where block_p does not
+    divide it (a 14 x 14 map's 196 pixels in 4 tiles of 64); with config.pack_tails, where two
+    or more of those partial tiles fit one, the whole tiles in one launch and the partial ones
+    packed in a second (196: 16 samples' last 4 pixels a tile)."""
+    rem = pixels % config.block_p
+    pack = config.block_p // rem if rem else 0
+    if not (config.pack_tails and samples > 1 and pack >= 2):
+        return [TileLaunch((cdiv(pixels, config.block_p), samples))]
+    full = pixels // config.block_p
+    return ([TileLaunch((full, samples))] if full else []) + [
+        TileLaunch((cdiv(samples, pack), 1), pack, rem)]
+
+
 def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   w2: torch.Tensor, b2: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                   activation: str, y: torch.Tensor, conv_taps: Optional[torch.Tensor] = None,
@@ -473,8 +539,9 @@ def _launch(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: Optional[tor
             shift: Optional[torch.Tensor], statistics: Optional[Tuple[torch.Tensor, ...]],
             stats_first: int, spatial: Optional[SpatialAttention], config: Config,
             one_layer: bool = False) -> None:
-    """One launch of the kernel (arguments as :func:`pointwise_mlp`'s; ``activation`` its
-    code); ``one_layer``: y = act(W1 . M + b1) [+ residual], no W2."""
+    """One pass of the kernel over the pixels (arguments as :func:`pointwise_mlp`'s;
+    ``activation`` its code; its launches :func:`tile_launches`); ``one_layer``: y = act(W1 .
+    M + b1) [+ residual], no W2."""
     b, c, h, w = x.shape
     c_out = w1.shape[0] if one_layer else w2.shape[0]
     hidden = w1.shape[0]
@@ -482,42 +549,44 @@ def _launch(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: Optional[tor
     q = c_out - spatial.weight.shape[0] if spatial is not None else 0
     r = residual if residual is not None else y
     samples, pixels = pixel_rows(x, r, y, scale is not None or statistics is not None)
-    grid = (cdiv(pixels, config.block_p), samples,
-            1 if spatial is not None or one_layer else
-            cdiv(c_out, config.block_n + config.block_n2))
+    blocks = (1 if spatial is not None or one_layer else
+              cdiv(c_out, config.block_n + config.block_n2))
     unused = w1  # (any pointer in x's dtype for the arguments not read)
     stats_mean, stats_m2 = statistics if statistics is not None else (unused, unused)
     sp = spatial or SpatialAttention(unused, unused, None, (unused,) * 4, 0.0, None, 0.0)
     bn_d = sp.bn_d or sp.bn_c
-    _pointwise_mlp_kernel[grid](
-        x, scale if scale is not None else unused, shift if shift is not None else unused,
-        conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
-        w2 if w2 is not None else unused, b2 if b2 is not None else unused, r, y, stats_mean,
-        stats_m2, sp.gate, sp.weight, sp.bias if sp.bias is not None else unused, *sp.bn_c,
-        *bn_d, sp.c_eps, sp.d_eps, c, c_head, hidden, c_out, q, stats_first, pixels, h, w,
-        *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
-        ACTIVATION=activation, HAS_AFFINE=scale is not None,
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
-        CONV_HEAD=conv_taps is not None, STATS=statistics is not None,
-        SPATIAL=spatial is not None, SP_BIAS=sp.bias is not None, SP_BN_D=sp.bn_d is not None,
-        ONE_LAYER=one_layer,
-        BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-        BLOCK_N=config.block_n, **second_block(config, spatial is not None or one_layer),
-        BLOCK_O=min(config.block_o, config.block_n),
-        BLOCK_CI=config.block_ci, BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype),
-        num_warps=config.warps, num_stages=config.stages)
+    for launch in tile_launches(samples, pixels, config):
+        _pointwise_mlp_kernel[launch.grid + (blocks,)](
+            x, scale if scale is not None else unused, shift if shift is not None else unused,
+            conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
+            w2 if w2 is not None else unused, b2 if b2 is not None else unused, r, y,
+            stats_mean, stats_m2, sp.gate, sp.weight, sp.bias if sp.bias is not None else unused,
+            *sp.bn_c, *bn_d, sp.c_eps, sp.d_eps, c, c_head, hidden, c_out, q, stats_first,
+            pixels, launch.rem, max(launch.pack, 1), samples, h, w,
+            *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
+            ACTIVATION=activation, HAS_AFFINE=scale is not None,
+            HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
+            CONV_HEAD=conv_taps is not None, STATS=statistics is not None,
+            SPATIAL=spatial is not None, SP_BIAS=sp.bias is not None,
+            SP_BN_D=sp.bn_d is not None, ONE_LAYER=one_layer,
+            BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
+            BLOCK_N=config.block_n, **second_block(config, spatial is not None or one_layer),
+            BLOCK_O=min(config.block_o, config.block_n),
+            BLOCK_CI=config.block_ci, BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype),
+            PACKED=launch.pack > 0, num_warps=config.warps, num_stages=config.stages)
 
 
 def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], residual: bool,
                affine: bool, conv_channels: int = 0, stats: bool = False,
-               spatial: bool = False, one_layer: bool = False, bias: bool = True
-               ) -> AotKernel:
+               spatial: bool = False, one_layer: bool = False, bias: bool = True,
+               packed: bool = False) -> AotKernel:
     """The kernel as launched with ``config`` on ``dtype`` activations, b1 from the folded
     BatchNorm and no b2, with this epilogue, a conv head of ``conv_channels`` (0: none), the
     output's statistics if ``stats`` and PAT_sp if ``spatial`` (BN_d folded into its conv's
     weight and bias, as the inference copy has it); ``one_layer``: a pass of the two-pass form
     (``activation`` None: its second, no activation; ``bias`` False: no b1, as the second pass
-    takes the call's absent b2)."""
+    takes the call's absent b2); ``packed``: the launch of samples' last partial tiles
+    (config.pack_tails)."""
     fn, tname = _pointwise_mlp_kernel, TRITON_DTYPE[dtype]
     conv_block = block(conv_channels)
     head = f", conv<={conv_block}" if conv_channels else ""
@@ -530,7 +599,8 @@ def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], re
         f"pointwise_mlp{'_pass' if one_layer else ''}[{tname}, P={config.block_p}, "
         f"K={config.block_k}, N={config.block_n}{second}{head}, {activation or 'none'}, "
         f"residual={residual}, affine={affine}"
-        f"{', stats' if stats else ''}{', PAT_sp' if spatial else ''}]", fn,
+        f"{', stats' if stats else ''}{', PAT_sp' if spatial else ''}"
+        f"{', packed tails' if packed else ''}]", fn,
         # (the launcher passes w1, in x's dtype, for every pointer not read)
         aot_signature(fn, {name: "*fp32" if name in fp32 else "*" + tname
                            for name in fn.arg_names if name.endswith("_ptr")},
@@ -543,7 +613,7 @@ def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], re
              BLOCK_N=config.block_n, **second_block(config, spatial or one_layer),
              BLOCK_O=min(config.block_o, config.block_n),
              BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
-             UPCAST=upcast_dot(dtype, interpret=False)),
+             UPCAST=upcast_dot(dtype, interpret=False), PACKED=packed),
         num_warps=config.warps, num_stages=config.stages,
         launches=activation_launches("x", "r", "y", pixel="sp"))
 
@@ -554,13 +624,19 @@ def aot_launches(config: Config, dtype: torch.dtype, activation: str, residual: 
     """The kernels one call with ``config`` launches (:func:`aot_kernel`'s arguments): one, or
     the two passes of the two-pass form (the first with the conv head, the affine, b1 and the
     activation; the second with the residual and the statistics, and as its bias the call's
-    b2, which the folded models' MLPs do not have)."""
-    if not config.two_pass:
-        return [aot_kernel(config, dtype, activation, residual, affine, conv_channels, stats,
-                           spatial)]
-    return [aot_kernel(config, dtype, activation, False, affine, conv_channels, one_layer=True),
-            aot_kernel(config, dtype, None, residual, False, stats=stats, one_layer=True,
-                       bias=False)]
+    b2, which the folded models' MLPs do not have); with config.pack_tails each also in its
+    packed form."""
+    kernels = []
+    for packed in (False, True) if config.pack_tails else (False,):
+        if not config.two_pass:
+            kernels.append(aot_kernel(config, dtype, activation, residual, affine,
+                                      conv_channels, stats, spatial, packed=packed))
+            continue
+        kernels += [aot_kernel(config, dtype, activation, False, affine, conv_channels,
+                               one_layer=True, packed=packed),
+                    aot_kernel(config, dtype, None, residual, False, stats=stats,
+                               one_layer=True, bias=False, packed=packed)]
+    return kernels
 
 
 # The released models by stem width E and activation (SPEC.md section 5).
