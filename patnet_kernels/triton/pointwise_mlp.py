@@ -67,12 +67,12 @@ def _activation(z, ACTIVATION: tl.constexpr):
 def _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr, offs_h, h_ok,
                  p_ok, C, C_HEAD, x_sc, HAS_AFFINE: tl.constexpr, HAS_B1: tl.constexpr,
                  CONV_HEAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PACKED: tl.constexpr):
     """W1[offs_h] . M + b1[offs_h] on the program's pixel tile, (BLOCK_P, BLOCK_H) fp32, M =
     [conv | x[:, C_HEAD:] * scale + shift]: ``conv`` the conv head's (BLOCK_P, BLOCK_C1) tile
     (CONV_HEAD), ``x`` the tile's (BLOCK_P, 1) pixel rows, ``scale_row`` / ``shift_row`` the
-    sample's affine (one pointer, or (BLOCK_P, 1) of them: each row's sample's), W1 (rows, C)
-    contiguous. A chunk of the hidden activation before it, or with ONE_LAYER a block of the
+    sample's affine (one pointer; PACKED (BLOCK_P, 1) of them, each row's sample's), W1 (rows,
+    C) contiguous. A chunk of the hidden activation before it, or with ONE_LAYER a block of the
     output."""
     hidden = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
     if CONV_HEAD:
@@ -85,8 +85,12 @@ def _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr, 
         m = tl.load(x + offs_k[None, :] * x_sc, mask=p_ok[:, None] & k_ok[None, :],
                     other=0.0)  # (BLOCK_P, BLOCK_K)
         if HAS_AFFINE:  # (in fp32, rounded to x's dtype as PAT_ch's apply pass writes it)
-            a = tl.load(scale_row + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-            d = tl.load(shift_row + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            if PACKED:  # (each row its sample's)
+                a = tl.load(scale_row + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+                d = tl.load(shift_row + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            else:
+                a = tl.load(scale_row + offs_k, mask=k_ok, other=0.0)[None, :]
+                d = tl.load(shift_row + offs_k, mask=k_ok, other=0.0)[None, :]
             m = tl.where(p_ok[:, None] & k_ok[None, :],
                          m.to(tl.float32) * a + d, 0.0).to(m.dtype)
         w1t = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
@@ -128,7 +132,8 @@ def _pointwise_mlp_kernel(
     P,  # pixels: H * W per sample, or B * H * W with the samples taken as rows of one (the
         # launcher's choice, _common.samples_as_rows: then no HAS_AFFINE, no STATS)
     REM, PACK, SAMPLES,  # PACKED: each sample's last REM = P % BLOCK_P pixels, PACK of the
-                         # SAMPLES samples' a tile (grid axis 0: the packs; axis 1 of size 1)
+                         # SAMPLES samples' a tile (grid axis 0: the packs; axis 1 of size 1);
+                         # 1 each otherwise
     H, W,  # rows per sample and image width: pixel p is at row (p // W) % H of its sample,
            # column p % W (read if CONV_HEAD)
     x_sb, x_sc, x_sp,  # sample, channel and pixel strides of x (elements)
@@ -214,7 +219,7 @@ def _pointwise_mlp_kernel(
             o_ok = offs_o < C_OUT
             y1 = _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr,
                               offs_o, o_ok, p_ok, C, C_HEAD, x_sc, HAS_AFFINE, HAS_B1, CONV_HEAD,
-                              BLOCK_P, BLOCK_K, BLOCK_N, UPCAST)
+                              BLOCK_P, BLOCK_K, BLOCK_N, UPCAST, PACKED)
             _store_output(_activation(y1, ACTIVATION), offs_o, o_ok, p_ok, r_pix, y_pix, r_sc,
                           y_sc, stats_mean_ptr, stats_m2_ptr, stats_row, STATS_FIRST, C_OUT,
                           HAS_RESIDUAL, STATS, within, first_sample, PACK, SAMPLES,
@@ -228,7 +233,7 @@ def _pointwise_mlp_kernel(
         h_ok = offs_h < HIDDEN
         hidden = _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr,
                               offs_h, h_ok, p_ok, C, C_HEAD, x_sc, HAS_AFFINE, HAS_B1, CONV_HEAD,
-                              BLOCK_P, BLOCK_K, BLOCK_H, UPCAST)
+                              BLOCK_P, BLOCK_K, BLOCK_H, UPCAST, PACKED)
         # (hidden channels past HIDDEN are act(0) = 0 and meet zero rows of W2)
         hidden = _activation(hidden, ACTIVATION).to(x_ptr.dtype.element_ty)
         w2t = tl.load(w2_ptr + offs_n[None, :] * HIDDEN + offs_h[:, None],
@@ -562,7 +567,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: Optional[tor
             w2 if w2 is not None else unused, b2 if b2 is not None else unused, r, y,
             stats_mean, stats_m2, sp.gate, sp.weight, sp.bias if sp.bias is not None else unused,
             *sp.bn_c, *bn_d, sp.c_eps, sp.d_eps, c, c_head, hidden, c_out, q, stats_first,
-            pixels, launch.rem, max(launch.pack, 1), samples, h, w,
+            pixels, launch.rem, max(launch.pack, 1), samples if launch.pack else 1, h, w,
             *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
             ACTIVATION=activation, HAS_AFFINE=scale is not None,
             HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
@@ -615,7 +620,8 @@ def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], re
              BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
              UPCAST=upcast_dot(dtype, interpret=False), PACKED=packed),
         num_warps=config.warps, num_stages=config.stages,
-        launches=activation_launches("x", "r", "y", pixel="sp"))
+        launches={kind: ones + (() if packed else ("REM", "PACK", "SAMPLES")) for kind, ones
+                  in activation_launches("x", "r", "y", pixel="sp").items()})
 
 
 def aot_launches(config: Config, dtype: torch.dtype, activation: str, residual: bool,
