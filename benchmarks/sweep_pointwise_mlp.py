@@ -200,7 +200,6 @@ class Case:
         self.call = lambda config: kernels.pointwise_mlp(
             x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
         affine = extra.get("scale") is not None
-        self.rows = kernels.pixel_rows(x, residual, y, affine)  # (samples, pixels) it tiles
         # (its programs' tiles, traffic's rule: the weight bytes they read, from L2 after the
         # first read, and the multiply-adds they perform)
         self.tile_work = lambda config: traffic.mlp_tile_work(
@@ -217,19 +216,13 @@ def _shapes(op: str, quick: bool, wanted: Optional[str]):
 
 
 def _configs(case: "Case", kind: str, channels: int, quick: bool) -> list:
-    """The configurations timed for one case, the default and those already tuned first; each
-    also with packed tails (``Config.pack_tails``) where that packs the case's samples' last
-    partial tiles."""
-    from patnet_kernels.triton.pointwise_mlp import tile_launches
-
+    """The configurations timed for one case, the default and those already tuned first."""
     if quick:  # (the default and one with half its pixel tile)
         return [case.shipped, case.shipped._replace(block_p=max(16, case.shipped.block_p // 2))]
     configs = grid(kind, channels, bool(case.spatial_half))
     if case.spatial_half:  # (PAT_sp: one program holds both halves, block(max(Q, P)))
         configs = [c._replace(block_n=case.shipped.block_n) for c in configs]
-    packed = [c._replace(pack_tails=True) for c in configs
-              if any(t.pack for t in tile_launches(*case.rows, c._replace(pack_tails=True)))]
-    return list(dict.fromkeys([case.shipped] + case.tuned + configs + packed))
+    return list(dict.fromkeys([case.shipped] + case.tuned + configs))
 
 
 def _compile_job(op: str, quick: bool, shape_name: str, batch: int, dtype_name: str,
@@ -378,7 +371,7 @@ def _print_shape(rows: List[dict]) -> None:
     for r in timed + [r for r in rows if r["status"] != "ok"]:
         c = r["config"]
         second = (f"+{c['block_n2']}" if c.get("block_n2") else "") + (
-            " 2-pass" if c.get("two_pass") else "") + (" packed" if c.get("pack_tails") else "")
+            " 2-pass" if c.get("two_pass") else "")
         name = (f"P{c['block_p']} K{c['block_k']} H{c['block_h']} N{c['block_n']}{second} "
                 f"w{c['warps']} s{c['stages']}")
         mark = "*" if r["shipped"] else " "

@@ -198,21 +198,19 @@ def mlp_tile_work(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, w1: torch.T
     ``head`` taps and W1 once per output block (each block's programs recompute them) and W2
     once (with PAT_sp also its ``spatial`` weights: conv and gate); in two passes, the first
     pass's tiles the taps and W1 (its hidden activation, in x's layout, tiled as x), the
-    second's W2. ``per_sample``: PAT_ch's affine or statistics (tiles per sample);
-    ``affine``: the affine. Packed tails (config.pack_tails) count as the samples over the
-    pack (per image, what a large batch sees)."""
+    second's W2. ``per_sample``: PAT_ch's affine or statistics; ``affine``: the affine (each
+    pass's tiles ``pointwise_mlp.tile_grid``'s)."""
     from patnet_kernels.triton import pointwise_mlp as mlp_kernel
     size, block_p = w1.element_size(), config.block_p
 
-    def tiles_of(samples: int, pixels: int) -> float:  # (its launches': tile_launches)
-        if samples < x.shape[0]:
-            return _tiles(x.shape[0], samples, pixels, block_p)
-        return sum(samples / t.pack if t.pack else t.grid[0] * t.grid[1]
-                   for t in mlp_kernel.tile_launches(samples, pixels, config))
+    def tiles_of(r: torch.Tensor, y: torch.Tensor, per_sample: bool) -> float:
+        grid = mlp_kernel.tile_grid(x, r, y, block_p, per_sample).grid
+        return _tiles(x.shape[0], grid[1], x.shape[2] * x.shape[3] * x.shape[0] // grid[1],
+                      block_p)
 
-    tiles = tiles_of(*mlp_kernel.pixel_rows(x, r, y, per_sample))
+    tiles = tiles_of(r, y, per_sample)
     if config.two_pass:
-        first = tiles_of(*mlp_kernel.pixel_rows(x, x, x, affine))
+        first = tiles_of(x, x, affine)
         return [TileWork(first, block_p, head + w1.numel(), size),
                 TileWork(tiles, block_p, w2.numel(), size)]
     if spatial:

@@ -20,6 +20,33 @@ def chunk_pixels(pixels: int, chunks: int) -> int:
     return 1 << max(0, need - 1).bit_length()
 
 
+def chunk_layout(pixels: int, chunks: int) -> Optional[Tuple[int, int]]:
+    """(S, shift) of PAT_ch statistics taken in ``chunks`` chunks a sample of H * W =
+    ``pixels`` (``partial_block``'s ``statistics``, (B, T, C2)), or None where no layout has
+    that many: chunk t of sample b holds its pixels [t S - o, (t + 1) S - o) within [0, P),
+    o = b shift mod S (empty chunks hold nothing to read). Taken in tiles of one sample each,
+    shift = 0 and T = ceil(P / S) (:func:`chunk_pixels`); in tiles of S pixels over the samples
+    one after another (the MLP kernel's where its tiles span samples), shift = P mod S and
+    T = ceil(P / S) + 1, taken only where P > 2 S and S does not divide P, so that the two
+    never have the same count."""
+    size = chunk_pixels(pixels, chunks)
+    if -(-pixels // size) == chunks:
+        return size, 0
+    if chunks > 2:
+        size = chunk_pixels(pixels, chunks - 1)
+        if -(-pixels // size) == chunks - 1 and pixels > 2 * size and pixels % size:
+            return size, pixels % size
+    return None
+
+
+def chunk_counts(pixels: int, chunks: int, sample: int) -> List[int]:
+    """The pixels of each of sample ``sample``'s ``chunks`` chunks in :func:`chunk_layout`."""
+    size, shift = chunk_layout(pixels, chunks)
+    offset = sample * shift % size
+    return [max(0, min((t + 1) * size - offset, pixels) - max(t * size - offset, 0))
+            for t in range(chunks)]
+
+
 def pixel_stride(t: torch.Tensor) -> Optional[int]:
     """The one stride of the flattened pixel index h * W + w of a (B, C, H, W) tensor (NCHW,
     channels_last, channel slices of either), or None when its (h, w) strides do not flatten

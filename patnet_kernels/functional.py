@@ -18,7 +18,7 @@ from . import reference, registry
 from ._checks import (check_activation, check_batch_norm, check_batch_values,
                       check_conv_weight, check_device, check_same, check_same_or_float32,
                       check_shape)
-from ._types import BatchNormParams, SpatialAttentionParams, chunk_pixels
+from ._types import BatchNormParams, SpatialAttentionParams, chunk_layout
 from .backends import choose_implementation
 from .reference.pointwise_mlp import ACTIVATIONS as MLP_ACTIVATIONS
 
@@ -496,8 +496,8 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
     C1): ``return_statistics=True`` returns (y, statistics) with the statistics of y[:, C1:]
     that the next PAT_ch block reads, and ``statistics=`` hands them to it, which then does
     not read X2 for them (on Triton: 2 launches instead of 3). The form: (mean, sum of squared
-    deviations), each (B, T, C - C1) float32, per chunk of a power-of-two number of pixels
-    (:func:`patnet_kernels._types.chunk_pixels`); they must be those of this x, as the
+    deviations), each (B, T, C - C1) float32, per chunk of pixels
+    (:func:`patnet_kernels._types.chunk_layout`); they must be those of this x, as the
     previous call returned them (a cache: the reference computes its own).
     """
     if cfc_weight is None:
@@ -615,11 +615,10 @@ def _check_statistics(statistics, x: torch.Tensor, c1: int) -> None:
     mean, m2 = statistics
     chunks = mean.shape[1] if mean.dim() == 3 else 0
     if (mean.dim() != 3 or mean.shape[0] != b or mean.shape[2] != c - c1 or chunks < 1
-            or -(-h * w // chunk_pixels(h * w, chunks)) != chunks or m2.shape != mean.shape):
+            or chunk_layout(h * w, chunks) is None or m2.shape != mean.shape):
         raise ValueError(f"statistics must be two (B, T, C2) = ({b}, T, {c - c1}) tensors with "
-                         f"T chunks of a power-of-two number of the {h * w} pixels (as "
-                         f"partial_block returns them for this x), got {tuple(mean.shape)} "
-                         f"and {tuple(m2.shape)}")
+                         f"T chunks of the {h * w} pixels a sample (as partial_block returns "
+                         f"them for this x), got {tuple(mean.shape)} and {tuple(m2.shape)}")
     if mean.dtype != torch.float32 or m2.dtype != torch.float32:
         raise ValueError(f"statistics must be float32, got {mean.dtype} and {m2.dtype}")
     check_device("x", x, statistics_mean=mean, statistics_m2=m2)

@@ -128,14 +128,14 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) 
 def merged_statistics(mean: torch.Tensor, m2: torch.Tensor, pixels: int
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The (mean, sum of squared deviations) over all ``pixels`` of per-chunk statistics in
-    partial_block's form ((B, T, C2) each, chunks of patnet_kernels._types.chunk_pixels
-    pixels, the last shorter): (B, C2) float64 each, on the CPU (Chan's parallel merge)."""
-    from patnet_kernels._types import chunk_pixels
+    partial_block's form ((B, T, C2) each, the chunks of patnet_kernels._types.chunk_layout;
+    an empty chunk not read): (B, C2) float64 each, on the CPU (Chan's parallel merge)."""
+    from patnet_kernels._types import chunk_counts
 
-    size = chunk_pixels(pixels, mean.shape[1])
-    counts = torch.tensor([min(size, pixels - t * size) for t in range(mean.shape[1])],
-                          dtype=torch.float64)[None, :, None]
-    mean, m2 = (t.detach().to("cpu", torch.float64) for t in (mean, m2))
+    counts = torch.tensor([chunk_counts(pixels, mean.shape[1], b) for b in range(mean.shape[0])],
+                          dtype=torch.float64)[:, :, None]
+    mean, m2 = (t.detach().to("cpu", torch.float64).masked_fill(counts == 0, 0.0)
+                for t in (mean, m2))
     total = (counts * mean).sum(1) / pixels
     return total, m2.sum(1) + (counts * (mean - total[:, None]) ** 2).sum(1)
 

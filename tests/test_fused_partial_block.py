@@ -183,6 +183,33 @@ def test_chunked_statistics(channels_last, fused_backend):
 
 
 @ON_ITS_BACKENDS
+def test_gate_merges_statistics_of_tiles_spanning_samples(fused_backend):
+    """A bf16 channels_last PAT_ch block's statistics from its MLP kernel, whose pixel tiles run
+    over the samples one after another (3 samples of 17 x 19 = 323 pixels in tiles of 128
+    under the interpreter: each sample's rows in 4 chunks at its own offset, 0, 67 and 6 rows
+    into a tile, some last chunks empty): the gate merges them into each sample's mean and std
+    of the stored output, as from the statistics op over the whole map."""
+    from patnet_kernels._types import chunk_layout
+
+    ops = fused_ops(fused_backend)
+    args, kwargs = _cast(*_inputs(3, 16, 4, 17, 19, True, False, seed=2), torch.bfloat16, True)
+    with torch.no_grad():
+        y, (mean, m2) = pk.partial_block(*args, activation="relu", return_statistics=True,
+                                         backend=fused_backend, **kwargs)
+    layout = chunk_layout(323, mean.shape[1])
+    assert layout is not None and layout[1] == 323 % layout[0], (mean.shape, layout)
+    bn_b = BatchNormParams(None, None, torch.zeros(12, device=DEVICE),
+                           torch.ones(12, device=DEVICE), 0.1, 0.0)
+    exact_mean, exact_std = ops.channel_attention_stats(y.float(), 4)
+    for j, exact in enumerate((exact_mean, exact_std)):  # (W_ch picking the mean, the std)
+        pick = torch.zeros(12, 12, 1, 2, device=DEVICE)
+        pick[:, :, 0, j] = torch.eye(12, device=DEVICE) / 100  # (inside hsig's linear range)
+        got, _ = eval_gate(ops, mean, m2, 323, pick, None, None, bn_b)
+        want, _ = eval_gate(ops, exact_mean, exact_std, 323, pick, None, None, bn_b)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@ON_ITS_BACKENDS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_without_the_residual(channels_last, dtype, fused_backend):
@@ -316,7 +343,7 @@ def _bad(name):
                              ValueError, r"statistics must be two \(B, T, C2\) = \(2, T, 12\)"),
         "statistics chunks": ((x, conv_w, w1, b1, w2),
                               dict(kwargs, statistics=(stats.expand(2, 7, 12),) * 2),
-                              ValueError, r"T chunks of a power-of-two number of the 9 pixels"),
+                              ValueError, r"T chunks of the 9 pixels a sample"),
         "statistics, no residual": ((x, conv_w, w1, b1, w2),
                                     dict(kwargs, return_statistics=True, residual=False),
                                     ValueError, r"with residual=False .* there is none"),

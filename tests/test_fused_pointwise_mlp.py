@@ -10,8 +10,8 @@ import torch
 import patnet_kernels as pk
 from patnet_kernels import BatchNormParams, SpatialAttentionParams, registry
 
-from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops, rel_error,
-                      small_inference_model)
+from conftest import (DEVICE, assert_within_budget, backends_of, fused_ops,
+                      merged_statistics, rel_error, small_inference_model)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = registry.OPS["pointwise_mlp"].backends
@@ -123,15 +123,16 @@ def test_wide_output_forms_agree(channels_last, dtype, fused_backend):
                                                               channels_last, seed=3)
 
     def run(config, pat_ch=True):
-        """(y, statistics) of the PAT_ch block form; (y,) of the FasterNet block form (no gate,
-        no statistics: in channels_last its pixel tiles span samples)."""
+        """(y, statistics merged over each sample) of the PAT_ch block form (in channels_last
+        its pixel tiles span samples, some samples' last chunk empty); (y,) of the FasterNet
+        block form (no gate, no statistics)."""
         chunks = kernels.stats_chunks(x, *mats, c1, config=config)
         stats = tuple(torch.empty(b, chunks, c - c1, device=DEVICE) for _ in range(2))
         y = kernels.pointwise_mlp(
             x, mats[0], b1, mats[1], None, r, "gelu", torch.empty_like(r), conv_taps=taps,
             scale=scale if pat_ch else None, shift=shift if pat_ch else None,
             statistics=stats if pat_ch else None, stats_first=c1, config=config)
-        return (y, *stats) if pat_ch else (y,)
+        return (y, *merged_statistics(*stats, h * w)) if pat_ch else (y,)
 
     one = kernels.Config(16, 16, 16, 16, 4, 1, 16, 16)  # (3 programs per pixel tile)
     tol = {torch.float32: 1e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
@@ -144,21 +145,22 @@ def test_wide_output_forms_agree(channels_last, dtype, fused_backend):
 
 
 @ON_ITS_BACKENDS
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_packed_tails_agree(channels_last, dtype, fused_backend):
-    """``Config.pack_tails``: where the pixel tiles stay in their sample, each sample's last
-    partial tile packed with other samples' in a second launch (4 x 5 = 20 pixels in tiles of
-    16: each sample's last 4, four samples a tile, the last pack one sample) gives the output
-    and the statistics (each sample's last chunk taken over its own rows of the packed tile) of
-    the unpacked form, row for row the same arithmetic: as a whole PAT_ch block runs the kernel
-    (conv head, affine, statistics), in two passes, as a FasterNet block in NCHW, and with
-    PAT_sp after the MLP; a map that leaves tails of more than half a tile is not packed."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tiles_spanning_samples_agree(dtype, fused_backend):
+    """Where the pixel tiles run over the samples one after another (channels_last, the SPAN
+    mode: 4 samples of 4 x 10 = 40 pixels in tiles of 16, two of them meeting two samples, at
+    8 rows into a tile), each row takes its own sample's affine and conv window, so the output
+    equals that of tiles of one sample each (NCHW) row for row; and each sample's statistics
+    (its rows in each tile it meets: 4 chunks a sample, the last empty for some, in the layout
+    _types.chunk_layout reads) merge to the same as the per-sample tiles' 3 chunks: as a whole
+    PAT_ch block runs the kernel (conv head, affine, statistics), in two passes, and with PAT_sp
+    after the MLP. (float32 keeps tiles of one sample: no speed target, its SPAN form spilled
+    registers.)"""
+    from patnet_kernels._types import chunk_layout
     from patnet_kernels.triton import pointwise_mlp as kernels
 
-    b, c, c1, hidden, h, w = 5, 40, 10, 80, 4, 5
-    x, b1, r, mats, taps, scale, shift = _block_kernel_inputs(b, c, c1, hidden, h, w, dtype,
-                                                              channels_last, seed=5)
+    b, c, c1, hidden, h, w = 4, 40, 10, 80, 4, 10
+    config = kernels.Config(16, 16, 16, 64, 4, 1, 16, 16)
     params = _spatial(c, dtype, folded=True, seed=7)
     p = params.conv_weight.shape[0]
     spatial = kernels.SpatialAttention(
@@ -166,33 +168,35 @@ def test_packed_tails_agree(channels_last, dtype, fused_backend):
         params.conv_bias, (params.bn_c.running_mean, params.bn_c.running_var,
                            params.bn_c.weight, params.bn_c.bias), 1e-5, None, 0.0)
 
-    def run(config, form):
-        pat_ch = form in ("pat_ch", "two_pass", "pat_sp")
+    def run(channels_last, form):
+        x, b1, r, mats, taps, scale, shift = _block_kernel_inputs(
+            b, c, c1, hidden, h, w, dtype, channels_last, seed=5)
         chunks = kernels.stats_chunks(x, *mats, c1, config=config)
         stats = tuple(torch.full((b, chunks, c - c1), float("nan"), device=DEVICE)
                       for _ in range(2))
         y = kernels.pointwise_mlp(
             x, mats[0], b1, mats[1], None, r, "gelu", torch.empty_like(r), conv_taps=taps,
-            scale=scale if pat_ch else None, shift=shift if pat_ch else None,
-            statistics=stats if pat_ch else None, stats_first=c1,
+            scale=scale, shift=shift, statistics=stats, stats_first=c1,
             spatial=spatial if form == "pat_sp" else None,
             config=config._replace(two_pass=form == "two_pass"))
-        return (y, *stats) if pat_ch else (y,)
+        return y, stats
 
-    tiles = kernels.Config(16, 16, 16, 64, 4, 1, 16, 16)
-    packed = tiles._replace(pack_tails=True)
-    assert kernels.tile_launches(b, h * w, packed) == [
-        kernels.TileLaunch((1, b)), kernels.TileLaunch((2, 1), pack=4, rem=4)]
-    assert kernels.tile_launches(b, 7 * 4, packed) == [kernels.TileLaunch((2, b))]  # (tails 12)
-    assert kernels.tile_launches(1, h * w, packed) == [kernels.TileLaunch((2, 1))]
-    for form in ("pat_ch", "two_pass", "fasternet", "pat_sp"):
-        if form == "fasternet" and channels_last:  # (its tiles span samples there)
-            continue
-        expected = run(tiles, form)
-        got = run(packed, form)
-        assert not any(torch.isnan(t).any() for t in got), form
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=0, atol=0, msg=form)
+    x = torch.empty(b, c, h, w, device=DEVICE, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    assert kernels.tile_grid(x, x, x, 16, True) == ((10, 1), 160, True)
+    assert kernels.tile_grid(x.contiguous(), x, x, 16, True) == ((3, 4), 40, False)
+    assert not kernels.tile_grid(x.float(), x.float(), x.float(), 16, True).span
+    assert kernels.tile_grid(x.float(), x.float(), x.float(), 16, False) == ((10, 1), 160, False)
+    assert chunk_layout(40, 4) == (16, 8) and chunk_layout(40, 3) == (16, 0)
+    for form in ("pat_ch", "two_pass", "pat_sp"):
+        y, stats = run(True, form)
+        want_y, want_stats = run(False, form)
+        assert stats[0].shape[1] == 4 and want_stats[0].shape[1] == 3
+        torch.testing.assert_close(y, want_y, rtol=0, atol=0, msg=form)
+        for got, want in zip(merged_statistics(*stats, h * w),
+                             merged_statistics(*want_stats, h * w)):
+            assert not got.isnan().any(), form
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=form)
 
 
 def _spatial(c_out, dtype, folded, seed=1, p=None):

@@ -283,7 +283,8 @@ def test_weight_reads_per_pixel_tile():
     64-pixel tiles each read the conv head's taps and W1 per output block and W2 once (one
     pass), or each pass its own weights (two, past 256 output channels); in channels_last its
     tiles span samples (392 pixels: 6.125 tiles, the launch's one partial tile left out, not
-    2 x 4); the patch conv's tiles read its whole weight."""
+    2 x 4), with PAT_ch's statistics too in fp16 (in fp32 tiles of one sample: 7 of 32 pixels
+    each); the patch conv's tiles read its whole weight."""
     from patnet_kernels.triton import pointwise_mlp as mlp
     half = torch.float16
     reads = traffic.FUSED_WEIGHT_READS
@@ -299,15 +300,17 @@ def test_weight_reads_per_pixel_tile():
     assert reads["pointwise_mlp"](bound, x) == 8 * per_tile
     # (its multiply-adds as performed: every tile's 64 rows, 256 a sample for its 196 pixels)
     assert traffic.FUSED_MACS["pointwise_mlp"](bound, x) == 8 * 64 * per_tile // 2
-    # (with packed tails, the samples' last 4 pixels 16 a tile: 3 tiles a sample and 1 / 16)
-    config = mlp.default_config(64, 128, 64, half, 16, interpret=False)._replace(
-        pack_tails=True)
-    work = traffic.mlp_tile_work(x, x, x, w1, w2, conv.numel(), 0, True, False, config)
-    assert traffic.weight_reads(work) == 2 * (3 + 1 / 16) * per_tile
     x = empty(2, 64, 14, 14, layout=torch.channels_last)
     assert reads["pointwise_mlp"](dict(bound, x=x, residual=x), x) == 392 / 64 * per_tile
-    assert reads["pointwise_mlp_stats"](dict(bound, x=x, residual=x, stats_first=16),
-                                        x) == 8 * per_tile  # (statistics: tiles per sample)
+    # (PAT_ch's statistics in fp16: its tiles span samples too, 196 > 2 x 64; in fp32 per
+    # sample)
+    stats = dict(bound, x=x, residual=x, stats_first=16)
+    assert reads["pointwise_mlp_stats"](stats, x) == 392 / 64 * per_tile
+    x32 = x.float()
+    assert mlp.default_config(64, 128, 64, torch.float32, 16, interpret=False)[:1] == (32,)
+    assert reads["pointwise_mlp_stats"](dict(stats, x=x32, residual=x32, w1=w1.float(),
+                                             w2=w2.float(), conv_weight=conv.float()),
+                                        x32) == 2 * 7 * 2 * per_tile
 
     conv, w1, w2 = empty(96, 96, 3, 3), empty(768, 384), empty(384, 768)
     assert mlp.default_config(384, 768, 384, half, 96, interpret=False).two_pass

@@ -311,7 +311,7 @@ def eval_gate(ops, mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
     """PAT_ch's eval gate as one kernel of a namespace with the ``channel_attention_gate`` op
     (Triton): from the statistics of X2 over ``pixels`` = H * W, (B, C2) fp32 mean and std, or
     per pixel chunk (B, T, C2) means and sums of squared deviations (chunks of
-    :func:`patnet_kernels._types.chunk_pixels` pixels), the per-(sample, channel) affine map
+    :func:`patnet_kernels._types.chunk_layout`), the per-(sample, channel) affine map
     (scale, shift), each (B, C2) fp32, with Y2 = X2 * scale + shift (BN_b folded in; BN_a from
     running statistics unless folded into W_ch)."""
     a = bn_a if bn_a is not None else BatchNormParams(None, None, None, None)

@@ -72,8 +72,8 @@ KNOWN_SPILLS: Dict[str, int] = {
     "sa_pointwise_weight_grad[fp32]": 24,  # (was 5.4 KB in 64-pixel steps and 4 warps)
     # PATNet-T1's stage-3 block with PAT_sp in fp32 (two 128-channel accumulators and a conv
     # head of 48 channels; 16 pixels, 16-channel hidden chunks or 32-channel PAT_sp output
-    # steps all kept 80-160 B; 176 on sm_90 in channels_last since the kernel has its packed
-    # form, 168 before)
+    # steps all kept 80-160 B; 176 on sm_90 in channels_last since commit 46e9446, 168
+    # before)
     "pointwise_mlp[fp32, P=16, K=16, N=128, conv<=64, gelu, residual=True, affine=True, "
     "stats, PAT_sp]": 176,
     # The attention's dK/dV kernel at N <= 64 (one key block, PAT_sf's 7 x 7 tokens) keeps

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._types import chunk_pixels
+from .._types import chunk_layout, chunk_pixels
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
                       block, cdiv, hardsigmoid, merge_moments, merge_rows, tile_moments, upcast_dot)
 from .partial_conv import _conv_blocks, _strides, conv3x3_tile
@@ -94,24 +94,28 @@ def _channel_vector(ptr, offs, ok, PRESENT: tl.constexpr, default: tl.constexpr)
 
 
 @triton.jit
-def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS, size,
+def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS, size, shift,
                        BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr):
     """(mean, unbiased std), each (BLOCK_B, BLOCK_I) fp32 (0 where not ``ok``), of the samples
     ``offs_b`` and channels ``offs_i`` from per-chunk (mean, sum of squared deviations), each
-    (B, CHUNKS, C2) contiguous, over CHUNKS chunks of ``size`` pixels (the last one the rest of
-    PIXELS): BLOCK_T chunks loaded per step and merged at once, the steps merged in order
-    (Chan et al.), so that the 49 chunks of a 56 x 56 map are 13 memory round trips, not 49."""
+    (B, CHUNKS, C2) contiguous, in the layout of :func:`patnet_kernels._types.chunk_layout`
+    (chunk t of sample b: its pixels [t size - o, (t + 1) size - o) within [0, PIXELS), o = b
+    ``shift`` mod size; an empty chunk not read): BLOCK_T chunks loaded per step and merged at
+    once, the steps merged in order (Chan et al.), so that the 49 chunks of a 56 x 56 map are
+    13 memory round trips, not 49."""
     seen = ok.to(tl.float32) * 0.0
     mean = seen
     m2 = seen
+    offset = (offs_b * shift) % size  # (BLOCK_B,) each sample's o
     for t0 in range(0, CHUNKS, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < CHUNKS
-        count = tl.where(t_ok, tl.minimum(size, PIXELS - t * size), 0).to(tl.float32)
+        start = tl.maximum(t[:, None] * size - offset[None, :], 0)
+        end = tl.minimum((t[:, None] + 1) * size - offset[None, :], PIXELS)
+        count = tl.where((t < CHUNKS)[:, None], tl.maximum(end - start, 0), 0)  # (T, B)
         at = (offs_b[None, :, None] * CHUNKS + t[:, None, None]) * C2 + offs_i[None, None, :]
-        t_b_i_ok = t_ok[:, None, None] & ok[None, :, :]
+        t_b_i_ok = (count > 0)[:, :, None] & ok[None, :, :]
         chunks_count, chunks_mean, chunks_m2 = merge_rows(
-            tl.broadcast_to(count[:, None, None], (BLOCK_T, BLOCK_B, BLOCK_I)),
+            tl.broadcast_to(count.to(tl.float32)[:, :, None], (BLOCK_T, BLOCK_B, BLOCK_I)),
             tl.load(mean_ptr + at, mask=t_b_i_ok, other=0.0),
             tl.load(m2_ptr + at, mask=t_b_i_ok, other=0.0))
         seen, mean, m2 = merge_moments(seen, mean, m2, chunks_count, chunks_mean, chunks_m2)
@@ -121,7 +125,8 @@ def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS,
 
 @triton.jit
 def _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, b_ok, offs_o, o_ok, C2, CHUNKS,
-              PIXELS, CHUNK_PIXELS, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+              PIXELS, CHUNK_PIXELS, CHUNK_SHIFT, HAS_BIAS: tl.constexpr,
+              BLOCK_T: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     """z = W_ch . [mean, std] (+ W_ch's bias) of the samples ``offs_b`` and output channels
     ``offs_o``, (BLOCK_B, BLOCK_O) fp32, on the tensor cores in IEEE fp32; the statistics
@@ -133,7 +138,8 @@ def _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, b_ok, offs_o, o_ok, C2
         bi_ok = b_ok[:, None] & i_ok[None, :]
         if CHUNKS > 0:
             mean, std = _merged_statistics(mean_ptr, std_ptr, offs_b, offs_i, bi_ok, C2,
-                                           CHUNKS, PIXELS, CHUNK_PIXELS, BLOCK_T, BLOCK_B,
+                                           CHUNKS, PIXELS, CHUNK_PIXELS, CHUNK_SHIFT,
+                                           BLOCK_T, BLOCK_B,
                                            BLOCK_I)
         else:
             bi = offs_b[:, None] * C2 + offs_i[None, :]
@@ -186,7 +192,9 @@ def _channel_gate_kernel(
     B, C2,
     CHUNKS,  # 0, or the pixel chunks of mean_ptr / std_ptr (eval only)
     PIXELS,  # H * W
-    CHUNK_PIXELS,  # pixels per chunk, the last one the rest (read with CHUNKS > 0)
+    CHUNK_PIXELS, CHUNK_SHIFT,  # S and shift: chunk t of sample b holds its pixels
+                                # [t S - o, (t + 1) S - o) within [0, H W), o = b shift mod S
+                                # (_types.chunk_layout; read with CHUNKS > 0)
     eps_a, eps_b,  # fp32: the BatchNorms' eps
     HAS_BIAS: tl.constexpr, HAS_BN_A: tl.constexpr, HAS_A_W: tl.constexpr,
     HAS_A_B: tl.constexpr, HAS_B_W: tl.constexpr, HAS_B_B: tl.constexpr,
@@ -213,7 +221,7 @@ def _channel_gate_kernel(
             offs_b = b0 + tl.arange(0, BLOCK_B)
             ok = (offs_b < B)[:, None] & o_ok[None, :]
             z = _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, offs_b < B, offs_o, o_ok,
-                          C2, 0, PIXELS, 0, HAS_BIAS, BLOCK_T, BLOCK_B, BLOCK_O, BLOCK_I)
+                          C2, 0, PIXELS, 0, 0, HAS_BIAS, BLOCK_T, BLOCK_B, BLOCK_O, BLOCK_I)
             tl.store(z_ptr + offs_b[:, None] * C2 + offs_o[None, :], z, mask=ok)
             # (every column over the batch's samples: those past C2 hold zeros)
             rows = tl.broadcast_to((offs_b < B)[:, None], (BLOCK_B, BLOCK_O))
@@ -277,8 +285,8 @@ def _channel_gate_kernel(
             z = tl.load(z_ptr + at, mask=ok, other=0.0)
         else:
             z = _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, offs_b < b_stop, offs_o,
-                          o_ok, C2, CHUNKS, PIXELS, CHUNK_PIXELS, HAS_BIAS, BLOCK_T, BLOCK_B,
-                          BLOCK_O, BLOCK_I)
+                          o_ok, C2, CHUNKS, PIXELS, CHUNK_PIXELS, CHUNK_SHIFT, HAS_BIAS,
+                          BLOCK_T, BLOCK_B, BLOCK_O, BLOCK_I)
             tl.store(z_ptr + at, z, mask=ok)
         _, _, g = _gate_value(z, mu_a, inv_a, gamma_a, beta_a, HAS_BN_A)
         tl.store(scale_ptr + at, g * k[None, :], mask=ok)
@@ -688,9 +696,9 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, pixels: int, cfc_weight:
     """The gate, one kernel: (scale a, shift d) of Y2 = X2 * a + d and what the backward needs.
 
     mean, std: (B, C2) fp32 contiguous (:func:`channel_stats`), or in eval (B, T, C2) per-chunk
-    means and sums of squared deviations in chunks of
-    :func:`patnet_kernels._types.chunk_pixels` pixels (:func:`channel_chunk_stats`, or the
-    block's MLP kernel), merged here; pixels: H * W; cfc_weight: (C2, C2, 1, 2) contiguous;
+    means and sums of squared deviations in the chunks of
+    :func:`patnet_kernels._types.chunk_layout` (:func:`channel_chunk_stats`, or the block's MLP
+    kernel), merged here; pixels: H * W; cfc_weight: (C2, C2, 1, 2) contiguous;
     cfc_bias: (C2,) or None; bn_a: None (folded into W_ch) or (weight, bias, running_mean,
     running_var, eps), bn_b the same (weight / bias None without affine, running statistics
     None if absent: read in eval only), every tensor (C2,) contiguous; training: normalise
@@ -704,6 +712,7 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, pixels: int, cfc_weight:
     b, c2 = mean.shape[0], mean.shape[-1]
     chunks = mean.shape[1] if mean.dim() == 3 else 0
     assert not (chunks and training), "the training gate takes whole-map statistics"
+    chunk_size, chunk_shift = chunk_layout(pixels, chunks) if chunks else (0, 0)
     if not chunks:
         _check_coefficients(b, c2, mean, std)
     scale, shift, z = (torch.empty((b, c2), device=mean.device, dtype=torch.float32)
@@ -716,8 +725,7 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, pixels: int, cfc_weight:
     grid = (cdiv(c2, block_o), 1 if training else cdiv(b, block_b))
     _channel_gate_kernel[grid](
         mean, std, cfc_weight, *present, scale, shift, z, moments, batch if training else z,
-        b, c2, chunks, pixels, chunk_pixels(pixels, chunks) if chunks else 0, float(a[4]),
-        float(bn_b[4]),
+        b, c2, chunks, pixels, chunk_size, chunk_shift, float(a[4]), float(bn_b[4]),
         HAS_BIAS=cfc_bias is not None, HAS_BN_A=bn_a is not None, HAS_A_W=a[0] is not None,
         HAS_A_B=a[1] is not None, HAS_B_W=bn_b[0] is not None, HAS_B_B=bn_b[1] is not None,
         TRAINING=training, BLOCK_T=_gate_chunks_per_step(), BLOCK_B=block_b, BLOCK_O=block_o,

@@ -23,12 +23,14 @@ can run PAT_sp on the MLP's output M before the residual (PATNet-T1's blocks): o
 holds the whole output in two accumulators, Ma and Mb, and writes [BN_c(Ma * hsig(w . Ma)) |
 conv1x1(BN_d(Mb)) + bias], PAT_sp's conv a third GEMM on the tile, so M is never written.
 
-Where the tiles stay in their sample (NCHW; PAT_ch's affine and statistics, which are per
-sample), each sample's last tile runs past its map (196 pixels at 14 x 14 in 4 tiles of 64:
-1.31x the arithmetic). ``Config.pack_tails``, a tuning option, packs those last partial tiles
-into a launch of their own, BLOCK_P // REM samples' a tile (the PACKED mode: each row its own
-sample, PAT_ch's affine gathered per row, each sample's last statistics chunk taken over its
-own rows: the statistics' chunks as before; :func:`tile_launches`).
+Tiles of one sample each would leave each sample's last tile partly empty where BLOCK_P does
+not divide its H * W pixels (196 pixels at 14 x 14 in 4 tiles of 64: 1.31x the arithmetic), so
+there, in channels_last, the tiles run over the samples taken as the rows of one
+(:func:`tile_grid`), each pixel's conv window in its own sample; with PAT_ch's per-sample
+affine and statistics (the SPAN mode, fp16 and bf16) where a tile meets at most two samples:
+each row takes its own sample's affine, and each sample's rows in a tile give that sample's
+statistics (in the chunk layout of :func:`patnet_kernels._types.chunk_layout`, which the gate
+reads).
 
 * :func:`pointwise_mlp` -- the launcher; :func:`stats_chunks` -- its statistics' tiles;
   :func:`config_for` -- a launch's configuration; :func:`aot_kernels` -- the shipped ones.
@@ -65,15 +67,16 @@ def _activation(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr, offs_h, h_ok,
-                 p_ok, C, C_HEAD, x_sc, HAS_AFFINE: tl.constexpr, HAS_B1: tl.constexpr,
-                 CONV_HEAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PACKED: tl.constexpr):
+                 p_ok, in_next, has_next, C, C_HEAD, x_sc, HAS_AFFINE: tl.constexpr,
+                 HAS_B1: tl.constexpr, CONV_HEAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+                 SPAN: tl.constexpr):
     """W1[offs_h] . M + b1[offs_h] on the program's pixel tile, (BLOCK_P, BLOCK_H) fp32, M =
     [conv | x[:, C_HEAD:] * scale + shift]: ``conv`` the conv head's (BLOCK_P, BLOCK_C1) tile
     (CONV_HEAD), ``x`` the tile's (BLOCK_P, 1) pixel rows, ``scale_row`` / ``shift_row`` the
-    sample's affine (one pointer; PACKED (BLOCK_P, 1) of them, each row's sample's), W1 (rows,
-    C) contiguous. A chunk of the hidden activation before it, or with ONE_LAYER a block of the
-    output."""
+    affine of the tile's (first) sample; SPAN: the rows ``in_next`` (BLOCK_P,) take the next
+    sample's, which follows at C - C_HEAD (read if ``has_next``). W1 (rows, C) contiguous. A
+    chunk of the hidden activation before it, or with ONE_LAYER a block of the output."""
     hidden = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
     if CONV_HEAD:
         w1_head = tl.load(w1_ptr + offs_h[None, :] * C + offs_c1[:, None],
@@ -85,14 +88,16 @@ def _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr, 
         m = tl.load(x + offs_k[None, :] * x_sc, mask=p_ok[:, None] & k_ok[None, :],
                     other=0.0)  # (BLOCK_P, BLOCK_K)
         if HAS_AFFINE:  # (in fp32, rounded to x's dtype as PAT_ch's apply pass writes it)
-            if PACKED:  # (each row its sample's)
-                a = tl.load(scale_row + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-                d = tl.load(shift_row + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-            else:
-                a = tl.load(scale_row + offs_k, mask=k_ok, other=0.0)[None, :]
-                d = tl.load(shift_row + offs_k, mask=k_ok, other=0.0)[None, :]
-            m = tl.where(p_ok[:, None] & k_ok[None, :],
-                         m.to(tl.float32) * a + d, 0.0).to(m.dtype)
+            a = tl.load(scale_row + offs_k, mask=k_ok, other=0.0)[None, :]
+            d = tl.load(shift_row + offs_k, mask=k_ok, other=0.0)[None, :]
+            mapped = m.to(tl.float32) * a + d
+            if SPAN:  # (the next sample's rows: its affine, one row of C - C_HEAD further)
+                if has_next:
+                    a_next = tl.load(scale_row + (C - C_HEAD) + offs_k, mask=k_ok, other=0.0)
+                    d_next = tl.load(shift_row + (C - C_HEAD) + offs_k, mask=k_ok, other=0.0)
+                    mapped = tl.where(in_next[:, None], m.to(tl.float32) * a_next[None, :]
+                                      + d_next[None, :], mapped)
+            m = tl.where(p_ok[:, None] & k_ok[None, :], mapped, 0.0).to(m.dtype)
         w1t = tl.load(w1_ptr + offs_h[None, :] * C + offs_k[:, None],
                       mask=k_ok[:, None] & h_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
         hidden = dot(m, w1t, hidden, UPCAST)
@@ -114,10 +119,12 @@ def _pointwise_mlp_kernel(
     b2_ptr,  # (C_OUT,) bias of the second conv; unread unless HAS_B2
     r_ptr,  # (B, C_OUT, H, W) residual, any strides as x; unread unless HAS_RESIDUAL
     y_ptr,  # (B, C_OUT, H, W) output, any strides as x
-    stats_mean_ptr, stats_m2_ptr,  # (B, T, C_OUT - STATS_FIRST) fp32 contiguous, T the pixel
-                                   # tiles (grid axis 0), written if STATS: per tile the mean
-                                   # and sum of squared deviations of y[:, STATS_FIRST:] as
-                                   # stored (the next PAT_ch block's X2 statistics)
+    stats_mean_ptr, stats_m2_ptr,  # (B, T, C_OUT - STATS_FIRST) fp32 contiguous, written if
+                                   # STATS: per pixel tile the mean and sum of squared
+                                   # deviations of y[:, STATS_FIRST:] as stored (the next PAT_ch
+                                   # block's X2 statistics), chunk t of a sample its rows in
+                                   # tile t (T = ceil(H W / BLOCK_P)), SPAN in its first tile +
+                                   # t (T one more; _types.chunk_layout)
     sg_ptr,  # (Q,) PAT_sp's gate weight w, x dtype contiguous; read if SPATIAL
     sw_ptr,  # (C_OUT - Q, C_OUT - Q) PAT_sp's 1x1 conv weight, [out, in] contiguous, x dtype;
              # read if SPATIAL
@@ -130,12 +137,10 @@ def _pointwise_mlp_kernel(
     Q,  # SPATIAL: PAT_sp's gated channels, the first Q of the MLP's output (the rest its conv's)
     STATS_FIRST,  # the first output channel whose statistics are taken (if STATS)
     P,  # pixels: H * W per sample, or B * H * W with the samples taken as rows of one (the
-        # launcher's choice, _common.samples_as_rows: then no HAS_AFFINE, no STATS)
-    REM, PACK, SAMPLES,  # PACKED: each sample's last REM = P % BLOCK_P pixels, PACK of the
-                         # SAMPLES samples' a tile (grid axis 0: the packs; axis 1 of size 1);
-                         # 1 each otherwise
+        # launcher's choice, tile_grid: then grid axis 1 of size 1, and PAT_ch's affine and
+        # statistics only with SPAN)
     H, W,  # rows per sample and image width: pixel p is at row (p // W) % H of its sample,
-           # column p % W (read if CONV_HEAD)
+           # column p % W
     x_sb, x_sc, x_sp,  # sample, channel and pixel strides of x (elements)
     r_sb, r_sc, r_sp,  # strides of the residual (elements)
     y_sb, y_sc, y_sp,  # strides of y (elements)
@@ -164,24 +169,33 @@ def _pointwise_mlp_kernel(
     BLOCK_CI: tl.constexpr,  # conv input channels per tl.dot (CONV_HEAD)
     BLOCK_C1: tl.constexpr,  # C_HEAD rounded up to a power of two (CONV_HEAD): the whole head
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
-    PACKED: tl.constexpr,  # the tile's rows from PACK samples: their last partial tiles
+    SPAN: tl.constexpr,  # PAT_ch's tiles over the samples taken as rows of one (tile_grid):
+                         # a tile's rows in two samples at most (H W > 2 BLOCK_P), each with
+                         # its sample's affine, each sample's statistics apart
 ):
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(2)
-    chunks = (P + BLOCK_P - 1) // BLOCK_P  # (a sample's statistics chunks, the last the rest)
-    lane = tl.arange(0, BLOCK_P)
-    if PACKED:
-        within = lane // REM  # (BLOCK_P,) each row's sample among the tile's PACK
-        first_sample = pid_p * PACK
-        sample = (first_sample + within).to(tl.int64)[:, None]  # (BLOCK_P, 1) each row's
-        offs_p = (chunks - 1) * BLOCK_P + lane % REM
-        p_ok = (within < PACK) & (first_sample + within < SAMPLES)
+    sample = tl.program_id(1).to(tl.int64)  # (0 where the samples are taken as rows of one)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
+    if SPAN:  # (the tile's first row's sample, and where the next one begins)
+        first_sample = (pid_p * BLOCK_P) // (H * W)
+        next_start = (first_sample + 1) * (H * W)
+        in_next = offs_p >= next_start  # (BLOCK_P,) the next sample's rows
+        has_next = next_start < tl.minimum(P, pid_p * BLOCK_P + BLOCK_P)
+        chunks = (H * W + BLOCK_P - 1) // BLOCK_P + 1  # (statistics' chunks a sample)
+        stats_row = first_sample * chunks + pid_p - (first_sample * H * W) // BLOCK_P
+        next_row = (first_sample + 1) * chunks  # (the next sample's first chunk)
+        # (a sample whose rows meet one tile fewer than it has chunks: its last chunk empty,
+        # cleared by the tile holding its last row, so that every chunk is written)
+        clear_after = (next_start <= pid_p * BLOCK_P + BLOCK_P) & (stats_row + 1 < next_row)
     else:
-        within = lane  # (not read)
-        first_sample = pid_p
-        sample = tl.program_id(1).to(tl.int64)
-        offs_p = pid_p * BLOCK_P + lane
-        p_ok = offs_p < P
+        first_sample = tl.program_id(1)
+        in_next = offs_p < 0  # (not read)
+        has_next = first_sample < 0
+        stats_row = first_sample * ((P + BLOCK_P - 1) // BLOCK_P) + pid_p
+        next_row = stats_row  # (not read)
+        clear_after = has_next
     if WIDE:
         first = pid_n * (BLOCK_N + BLOCK_N2)
     else:
@@ -196,8 +210,8 @@ def _pointwise_mlp_kernel(
         offs_nb = first + BLOCK_N + local_b
     nb_ok = offs_nb < C_OUT
     x = x_ptr + sample * x_sb + offs_p[:, None] * x_sp  # (BLOCK_P, 1) pixel rows of x
-    scale_row = scale_ptr + sample * (C - C_HEAD) - C_HEAD  # (indexed by input channel)
-    shift_row = shift_ptr + sample * (C - C_HEAD) - C_HEAD
+    scale_row = scale_ptr + first_sample * (C - C_HEAD) - C_HEAD  # (by input channel)
+    shift_row = shift_ptr + first_sample * (C - C_HEAD) - C_HEAD
     offs_c1 = tl.arange(0, BLOCK_C1)
     c1_ok = offs_c1 < C_HEAD
     if CONV_HEAD:  # (rounded to x's dtype, as a conv writing its output would)
@@ -211,19 +225,17 @@ def _pointwise_mlp_kernel(
         conv = tl.zeros((BLOCK_P, BLOCK_C1), dtype=x_ptr.dtype.element_ty)  # (not read)
     r_pix = r_ptr + sample * r_sb + offs_p[:, None] * r_sp  # (BLOCK_P, 1) pixel rows
     y_pix = y_ptr + sample * y_sb + offs_p[:, None] * y_sp
-    # (statistics of a chunk of BLOCK_P pixels: this tile's, or PACKED each sample's last)
-    stats_row = tl.program_id(1) * chunks + pid_p
     if ONE_LAYER:  # y = act(W1 . M + b1) (+ r), every output channel, BLOCK_N at a time
         for n0 in range(0, C_OUT, BLOCK_N):  # (the conv head computed once per pixel tile)
             offs_o = n0 + tl.arange(0, BLOCK_N)
             o_ok = offs_o < C_OUT
             y1 = _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr,
-                              offs_o, o_ok, p_ok, C, C_HEAD, x_sc, HAS_AFFINE, HAS_B1, CONV_HEAD,
-                              BLOCK_P, BLOCK_K, BLOCK_N, UPCAST, PACKED)
+                              offs_o, o_ok, p_ok, in_next, has_next, C, C_HEAD, x_sc, HAS_AFFINE,
+                              HAS_B1, CONV_HEAD, BLOCK_P, BLOCK_K, BLOCK_N, UPCAST, SPAN)
             _store_output(_activation(y1, ACTIVATION), offs_o, o_ok, p_ok, r_pix, y_pix, r_sc,
                           y_sc, stats_mean_ptr, stats_m2_ptr, stats_row, STATS_FIRST, C_OUT,
-                          HAS_RESIDUAL, STATS, within, first_sample, PACK, SAMPLES,
-                          chunks, PACKED)
+                          HAS_RESIDUAL, STATS, in_next, has_next, next_row,
+                          clear_after, SPAN)
         return
 
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
@@ -232,8 +244,8 @@ def _pointwise_mlp_kernel(
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < HIDDEN
         hidden = _first_layer(x, scale_row, shift_row, conv, offs_c1, c1_ok, w1_ptr, b1_ptr,
-                              offs_h, h_ok, p_ok, C, C_HEAD, x_sc, HAS_AFFINE, HAS_B1, CONV_HEAD,
-                              BLOCK_P, BLOCK_K, BLOCK_H, UPCAST, PACKED)
+                              offs_h, h_ok, p_ok, in_next, has_next, C, C_HEAD, x_sc, HAS_AFFINE,
+                              HAS_B1, CONV_HEAD, BLOCK_P, BLOCK_K, BLOCK_H, UPCAST, SPAN)
         # (hidden channels past HIDDEN are act(0) = 0 and meet zero rows of W2)
         hidden = _activation(hidden, ACTIVATION).to(x_ptr.dtype.element_ty)
         w2t = tl.load(w2_ptr + offs_n[None, :] * HIDDEN + offs_h[:, None],
@@ -254,8 +266,8 @@ def _pointwise_mlp_kernel(
         s = hardsigmoid(tl.sum(ma * g[None, :], axis=1))  # (BLOCK_P,) the gate
         ya = batch_norm_tile(ma * s[:, None], offs_n, n_ok, cm_ptr, cv_ptr, cw_ptr, cb_ptr, c_eps)
         _store_output(ya, offs_n, n_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
-                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS, within,
-                      first_sample, PACK, SAMPLES, chunks, PACKED)
+                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS, in_next,
+                      has_next, next_row, clear_after, SPAN)
         mb = acc_b.to(x_ptr.dtype.element_ty)
         if SP_BN_D:  # (0 past C_OUT - Q, where the weight's rows are 0 too)
             mb = batch_norm_tile(mb.to(tl.float32), local_b, nb_ok, dm_ptr, dv_ptr, dw_ptr,
@@ -270,41 +282,46 @@ def _pointwise_mlp_kernel(
                 yb += tl.load(sbias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
             _store_output(yb, Q + offs_o, o_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
                           stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS,
-                          within, first_sample, PACK, SAMPLES, chunks, PACKED)
+                          in_next, has_next, next_row, clear_after, SPAN)
     else:
         _store_output(acc, offs_n, n_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
-                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS, within,
-                      first_sample, PACK, SAMPLES, chunks, PACKED)
+                      stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL, STATS, in_next,
+                      has_next, next_row, clear_after, SPAN)
         if WIDE:
             _store_output(acc_b, offs_nb, nb_ok, p_ok, r_pix, y_pix, r_sc, y_sc,
                           stats_mean_ptr, stats_m2_ptr, stats_row, STATS_FIRST, C_OUT,
-                          HAS_RESIDUAL, STATS, within, first_sample, PACK, SAMPLES,
-                          chunks, PACKED)
+                          HAS_RESIDUAL, STATS, in_next, has_next, next_row,
+                          clear_after, SPAN)
 
 
 @triton.jit
 def _store_output(acc, offs_c, c_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_ptr,
                   stats_m2_ptr, stats_row, STATS_FIRST, C_OUT, HAS_RESIDUAL: tl.constexpr,
-                  STATS: tl.constexpr, within, first_sample, PACK, SAMPLES, chunks,
-                  PACKED: tl.constexpr):
+                  STATS: tl.constexpr, in_next, has_next, next_row, clear_after,
+                  SPAN: tl.constexpr):
     """Store a tile of the output, y[pixels, offs_c] = acc (+ the residual), ``r_pix`` and
     ``y_pix`` the (BLOCK_P, 1) pixel rows of r and y; with STATS also the tile's statistics of
-    its channels in [STATS_FIRST, C_OUT) as stored (row ``stats_row``), or PACKED those of
-    each of its samples' last chunk (``within``: each row's sample among the tile's PACK, from
-    ``first_sample`` of SAMPLES; ``chunks`` a sample)."""
+    its channels in [STATS_FIRST, C_OUT) as stored, at ``stats_row``: SPAN those of its first
+    sample's rows there, where the tile reaches into the next sample (``has_next``) those of
+    its rows ``in_next`` at ``next_row``, and where ``clear_after`` zeros at stats_row + 1 (an
+    empty chunk)."""
     ok = p_ok[:, None] & c_ok[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(r_pix + offs_c[None, :] * r_sc, mask=ok, other=0.0).to(tl.float32)
     out = acc.to(y_pix.dtype.element_ty)
     tl.store(y_pix + offs_c[None, :] * y_sc, out, mask=ok)
     if STATS:
-        if PACKED:
-            for j in range(0, PACK):
-                if first_sample + j < SAMPLES:
-                    store_tile_moments(out.to(tl.float32), p_ok & (within == j), offs_c, c_ok,
-                                       stats_mean_ptr, stats_m2_ptr,
-                                       (first_sample + j) * chunks + chunks - 1, STATS_FIRST,
-                                       C_OUT)
+        if SPAN:
+            store_tile_moments(out.to(tl.float32), p_ok & (in_next == 0), offs_c, c_ok,
+                               stats_mean_ptr, stats_m2_ptr, stats_row, STATS_FIRST, C_OUT)
+            if has_next:
+                store_tile_moments(out.to(tl.float32), p_ok & in_next, offs_c, c_ok,
+                                   stats_mean_ptr, stats_m2_ptr, next_row, STATS_FIRST, C_OUT)
+            if clear_after:
+                keep = c_ok & (offs_c >= STATS_FIRST)
+                at = (stats_row + 1) * (C_OUT - STATS_FIRST) + offs_c - STATS_FIRST
+                tl.store(stats_mean_ptr + at, 0.0, mask=keep)
+                tl.store(stats_m2_ptr + at, 0.0, mask=keep)
         else:
             store_tile_moments(out.to(tl.float32), p_ok, offs_c, c_ok, stats_mean_ptr,
                                stats_m2_ptr, stats_row, STATS_FIRST, C_OUT)
@@ -330,9 +347,6 @@ class Config(NamedTuple):
                             # act(W1 . M + b1), a second W2 . it + b2 (+ residual), each
                             # program all output channels of its pixel tile, block_n at a
                             # time (not with PAT_sp)
-    pack_tails: bool = False  # where tiles stay in their sample (NCHW, PAT_ch's affine or
-                              # statistics), each sample's last partial tile packed with other
-                              # samples' in a launch of its own (:func:`tile_launches`)
 
 
 def second_block(config: Config, single: bool) -> dict:
@@ -427,8 +441,12 @@ def _default_tiles(channels: int, hidden: int, out_channels: int, dtype: torch.d
                           16 if wide_gated else 64)
         return Config(32, 16, 32, block_n, 8, 2, 16)
     block_p = (16 if block_n > 256 else 32 if spatial_half or conv_block > 256 else 64)
-    return Config(block_p, block(channels, high=64), 32 if wide_gated else 64, block_n, 8, 3,
-                  min(conv_block, 32))  # (4 warps spill on sm_80)
+    # (input channels 32 a step under a 256-channel output block, and the conv head's 16 a
+    # step under one of 256 or more: at 64 and 32, PAT_ch's block and first pass spilled
+    # 16-104 B where their tiles span samples, sm_90 and sm_80; 4 warps spill on sm_80)
+    return Config(block_p, block(channels, high=32 if block_n >= 256 else 64),
+                  32 if wide_gated else 64, block_n, 8, 3,
+                  16 if conv_block >= 256 else min(conv_block, 32))
 
 
 def wide_block_n2(out_channels: int, block_n: int) -> int:
@@ -442,48 +460,40 @@ def wide_block_n2(out_channels: int, block_n: int) -> int:
 
 def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_channels: int,
                  spatial_half: int = 0, config: Optional[Config] = None) -> int:
-    """T, the pixel tiles of the kernel on x (B, C, H, W) with these weights, (HIDDEN, C) and
-    (C_OUT, HIDDEN), the conv head and PAT_sp (``spatial_half`` = max(Q, P), 0 for none): the chunks of
-    its output statistics (BLOCK_P pixels each, a power of two, as
-    :func:`patnet_kernels._types.chunk_pixels` assumes)."""
+    """T, the chunks of the kernel's output statistics on x (B, C, H, W) with these weights,
+    (HIDDEN, C) and (C_OUT, HIDDEN), the conv head and PAT_sp (``spatial_half`` = max(Q, P), 0
+    for none): a sample's pixel tiles, or where the tiles span samples (:func:`tile_grid`) one
+    more (:func:`patnet_kernels._types.chunk_layout`), of BLOCK_P pixels, a power of two."""
     config = config or config_for(x.shape[1], w1.shape[0], w2.shape[0], x.dtype,
                                   conv_channels, spatial_half, x.device)
-    return cdiv(x.shape[2] * x.shape[3], config.block_p)
+    return cdiv(x.shape[2] * x.shape[3], config.block_p) + tile_grid(
+        x, x, x, config.block_p, True).span
 
 
-def pixel_rows(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, per_sample: bool
-               ) -> Tuple[int, int]:
-    """(samples, pixels per sample) of a launch's pixel tiles (grid axes 1 and 0) on x, its
-    residual r (or y) and y, each (B, C, H, W): the B samples as one row of B * H * W pixels
-    where :func:`_common.samples_as_rows` allows and nothing is per sample (``per_sample``:
-    PAT_ch's affine or per-tile statistics); the conv head's window stays in its sample."""
-    b, _, h, w = x.shape
-    if not per_sample and samples_as_rows(x, r, y):
-        return 1, b * h * w
-    return b, h * w
-
-
-class TileLaunch(NamedTuple):
-    """One launch over pixel tiles: ``grid`` its axes 0 and 1 (tiles, samples; packed: packs,
-    1), ``pack`` the samples whose last ``rem`` pixels share a tile (0: tiles of one sample)."""
+class TileGrid(NamedTuple):
+    """A launch's pixel tiles: ``grid`` its axes 0 and 1, (tiles a sample, samples) or (tiles
+    over all pixels, 1); ``pixels`` the kernel's P; ``span``: its SPAN mode."""
     grid: Tuple[int, int]
-    pack: int = 0
-    rem: int = 1
+    pixels: int
+    span: bool
 
 
-def tile_launches(samples: int, pixels: int, config: Config) -> List[TileLaunch]:
-    """The launches that cover ``samples`` rows of ``pixels`` (:func:`pixel_rows`) in tiles of
-    config.block_p: one, whose each sample's last tile runs past its map where block_p does not
-    divide it (a 14 x 14 map's 196 pixels in 4 tiles of 64); with config.pack_tails, where two
-    or more of those partial tiles fit one, the whole tiles in one launch and the partial ones
-    packed in a second (196: 16 samples' last 4 pixels a tile)."""
-    rem = pixels % config.block_p
-    pack = config.block_p // rem if rem else 0
-    if not (config.pack_tails and samples > 1 and pack >= 2):
-        return [TileLaunch((cdiv(pixels, config.block_p), samples))]
-    full = pixels // config.block_p
-    return ([TileLaunch((full, samples))] if full else []) + [
-        TileLaunch((cdiv(samples, pack), 1), pack, rem)]
+def tile_grid(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, block_p: int,
+              per_sample: bool) -> TileGrid:
+    """The tiles of ``block_p`` pixels of a launch on x, its residual r (or y) and y, each (B,
+    C, H, W). Tiles of one sample leave part of each sample's last tile empty where block_p
+    does not divide H * W, so there, where :func:`_common.samples_as_rows` allows
+    (channels_last), they run over the samples taken as the rows of one; with ``per_sample``
+    (PAT_ch's affine or statistics) in the SPAN mode, and only where H * W > 2 block_p (a tile
+    meets two samples at most, and the statistics' chunk layout reads unambiguously from their
+    count, :func:`patnet_kernels._types.chunk_layout`), in fp16 and bf16 (in float32, no speed
+    target, the SPAN form's few more registers spilled 8-160 B on sm_90 and sm_80)."""
+    b, _, h, w = x.shape
+    pixels = h * w
+    if (b > 1 and pixels % block_p and samples_as_rows(x, r, y)
+            and (not per_sample or pixels > 2 * block_p and x.dtype != torch.float32)):
+        return TileGrid((cdiv(b * pixels, block_p), 1), b * pixels, per_sample)
+    return TileGrid((cdiv(pixels, block_p), b), pixels, False)
 
 
 def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
@@ -505,8 +515,9 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     HIDDEN) contiguous; b1 (HIDDEN,), b2 (C_OUT,) or None; all in x's dtype. activation:
     "relu" or "gelu". y must not overlap x or the residual. ``statistics``: (mean, m2), each
     (B, :func:`stats_chunks`, C_OUT - ``stats_first``) fp32 contiguous, filled with the mean
-    and sum of squared deviations of y[:, stats_first:] per chunk of BLOCK_P pixels (the last
-    one the rest), or None. ``spatial``: PAT_sp's tensors (:class:`SpatialAttention`), or None.
+    and sum of squared deviations of y[:, stats_first:] per chunk of pixels
+    (:func:`patnet_kernels._types.chunk_layout`), or None. ``spatial``: PAT_sp's tensors
+    (:class:`SpatialAttention`), or None.
     ``config``: tiles and launch options (default: :func:`config_for` x's device;
     benchmarks/sweep_pointwise_mlp.py times others).
     """
@@ -545,53 +556,57 @@ def _launch(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: Optional[tor
             stats_first: int, spatial: Optional[SpatialAttention], config: Config,
             one_layer: bool = False) -> None:
     """One pass of the kernel over the pixels (arguments as :func:`pointwise_mlp`'s;
-    ``activation`` its code; its launches :func:`tile_launches`); ``one_layer``: y = act(W1 .
-    M + b1) [+ residual], no W2."""
+    ``activation`` its code; its tiles :func:`tile_grid`); ``one_layer``: y = act(W1 . M + b1)
+    [+ residual], no W2."""
     b, c, h, w = x.shape
     c_out = w1.shape[0] if one_layer else w2.shape[0]
     hidden = w1.shape[0]
     c_head = conv_taps.shape[1] if conv_taps is not None else 0
     q = c_out - spatial.weight.shape[0] if spatial is not None else 0
     r = residual if residual is not None else y
-    samples, pixels = pixel_rows(x, r, y, scale is not None or statistics is not None)
+    tiles = tile_grid(x, r, y, config.block_p, scale is not None or statistics is not None)
+    chunks = cdiv(h * w, config.block_p) + tiles.span  # (the statistics' a sample)
+    if statistics is not None and statistics[0].shape[1] != chunks:
+        raise ValueError(f"statistics of {statistics[0].shape[1]} chunks a sample, where this "
+                         f"launch writes {chunks}: make them (B, stats_chunks(...), C_OUT - "
+                         "stats_first) for this x and config")
     blocks = (1 if spatial is not None or one_layer else
               cdiv(c_out, config.block_n + config.block_n2))
     unused = w1  # (any pointer in x's dtype for the arguments not read)
     stats_mean, stats_m2 = statistics if statistics is not None else (unused, unused)
     sp = spatial or SpatialAttention(unused, unused, None, (unused,) * 4, 0.0, None, 0.0)
     bn_d = sp.bn_d or sp.bn_c
-    for launch in tile_launches(samples, pixels, config):
-        _pointwise_mlp_kernel[launch.grid + (blocks,)](
-            x, scale if scale is not None else unused, shift if shift is not None else unused,
-            conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
-            w2 if w2 is not None else unused, b2 if b2 is not None else unused, r, y,
-            stats_mean, stats_m2, sp.gate, sp.weight, sp.bias if sp.bias is not None else unused,
-            *sp.bn_c, *bn_d, sp.c_eps, sp.d_eps, c, c_head, hidden, c_out, q, stats_first,
-            pixels, launch.rem, max(launch.pack, 1), samples if launch.pack else 1, h, w,
-            *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
-            ACTIVATION=activation, HAS_AFFINE=scale is not None,
-            HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
-            CONV_HEAD=conv_taps is not None, STATS=statistics is not None,
-            SPATIAL=spatial is not None, SP_BIAS=sp.bias is not None,
-            SP_BN_D=sp.bn_d is not None, ONE_LAYER=one_layer,
-            BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-            BLOCK_N=config.block_n, **second_block(config, spatial is not None or one_layer),
-            BLOCK_O=min(config.block_o, config.block_n),
-            BLOCK_CI=config.block_ci, BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype),
-            PACKED=launch.pack > 0, num_warps=config.warps, num_stages=config.stages)
+    _pointwise_mlp_kernel[tiles.grid + (blocks,)](
+        x, scale if scale is not None else unused, shift if shift is not None else unused,
+        conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
+        w2 if w2 is not None else unused, b2 if b2 is not None else unused, r, y,
+        stats_mean, stats_m2, sp.gate, sp.weight, sp.bias if sp.bias is not None else unused,
+        *sp.bn_c, *bn_d, sp.c_eps, sp.d_eps, c, c_head, hidden, c_out, q, stats_first,
+        tiles.pixels, h, w,
+        *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
+        ACTIVATION=activation, HAS_AFFINE=scale is not None,
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
+        CONV_HEAD=conv_taps is not None, STATS=statistics is not None,
+        SPATIAL=spatial is not None, SP_BIAS=sp.bias is not None,
+        SP_BN_D=sp.bn_d is not None, ONE_LAYER=one_layer,
+        BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
+        BLOCK_N=config.block_n, **second_block(config, spatial is not None or one_layer),
+        BLOCK_O=min(config.block_o, config.block_n),
+        BLOCK_CI=config.block_ci, BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype),
+        SPAN=tiles.span, num_warps=config.warps, num_stages=config.stages)
 
 
 def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], residual: bool,
                affine: bool, conv_channels: int = 0, stats: bool = False,
                spatial: bool = False, one_layer: bool = False, bias: bool = True,
-               packed: bool = False) -> AotKernel:
+               span: bool = False) -> AotKernel:
     """The kernel as launched with ``config`` on ``dtype`` activations, b1 from the folded
     BatchNorm and no b2, with this epilogue, a conv head of ``conv_channels`` (0: none), the
     output's statistics if ``stats`` and PAT_sp if ``spatial`` (BN_d folded into its conv's
     weight and bias, as the inference copy has it); ``one_layer``: a pass of the two-pass form
     (``activation`` None: its second, no activation; ``bias`` False: no b1, as the second pass
-    takes the call's absent b2); ``packed``: the launch of samples' last partial tiles
-    (config.pack_tails)."""
+    takes the call's absent b2); ``span``: PAT_ch's tiles spanning samples (SPAN,
+    :func:`tile_grid`: channels_last only)."""
     fn, tname = _pointwise_mlp_kernel, TRITON_DTYPE[dtype]
     conv_block = block(conv_channels)
     head = f", conv<={conv_block}" if conv_channels else ""
@@ -605,7 +620,7 @@ def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], re
         f"K={config.block_k}, N={config.block_n}{second}{head}, {activation or 'none'}, "
         f"residual={residual}, affine={affine}"
         f"{', stats' if stats else ''}{', PAT_sp' if spatial else ''}"
-        f"{', packed tails' if packed else ''}]", fn,
+        f"{', span' if span else ''}]", fn,
         # (the launcher passes w1, in x's dtype, for every pointer not read)
         aot_signature(fn, {name: "*fp32" if name in fp32 else "*" + tname
                            for name in fn.arg_names if name.endswith("_ptr")},
@@ -618,10 +633,10 @@ def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], re
              BLOCK_N=config.block_n, **second_block(config, spatial or one_layer),
              BLOCK_O=min(config.block_o, config.block_n),
              BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
-             UPCAST=upcast_dot(dtype, interpret=False), PACKED=packed),
+             UPCAST=upcast_dot(dtype, interpret=False), SPAN=span),
         num_warps=config.warps, num_stages=config.stages,
-        launches={kind: ones + (() if packed else ("REM", "PACK", "SAMPLES")) for kind, ones
-                  in activation_launches("x", "r", "y", pixel="sp").items()})
+        launches={kind: ones for kind, ones in activation_launches(
+            "x", "r", "y", pixel="sp").items() if kind == "channels_last" or not span})
 
 
 def aot_launches(config: Config, dtype: torch.dtype, activation: str, residual: bool,
@@ -630,19 +645,16 @@ def aot_launches(config: Config, dtype: torch.dtype, activation: str, residual: 
     """The kernels one call with ``config`` launches (:func:`aot_kernel`'s arguments): one, or
     the two passes of the two-pass form (the first with the conv head, the affine, b1 and the
     activation; the second with the residual and the statistics, and as its bias the call's
-    b2, which the folded models' MLPs do not have); with config.pack_tails each also in its
-    packed form."""
-    kernels = []
-    for packed in (False, True) if config.pack_tails else (False,):
-        if not config.two_pass:
-            kernels.append(aot_kernel(config, dtype, activation, residual, affine,
-                                      conv_channels, stats, spatial, packed=packed))
-            continue
-        kernels += [aot_kernel(config, dtype, activation, False, affine, conv_channels,
-                               one_layer=True, packed=packed),
-                    aot_kernel(config, dtype, None, residual, False, stats=stats,
-                               one_layer=True, bias=False, packed=packed)]
-    return kernels
+    b2, which the folded models' MLPs do not have); in fp16 and bf16 a pass with the affine or
+    the statistics (PAT_ch's) each also in its SPAN form (:func:`tile_grid`)."""
+    spans = (False, True) if dtype != torch.float32 else (False,)
+    if not config.two_pass:
+        return [aot_kernel(config, dtype, activation, residual, affine, conv_channels, stats,
+                           spatial, span=span) for span in spans[:1 + (affine or stats)]]
+    return ([aot_kernel(config, dtype, activation, False, affine, conv_channels, one_layer=True,
+                        span=span) for span in spans[:1 + affine]]
+            + [aot_kernel(config, dtype, None, residual, False, stats=stats, one_layer=True,
+                          bias=False, span=span) for span in spans[:1 + stats]])
 
 
 # The released models by stem width E and activation (SPEC.md section 5).
