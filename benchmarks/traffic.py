@@ -270,26 +270,31 @@ def _layer_norm_linear_work(bound: dict, out) -> List[TileWork]:
     return _patch_conv_tiles(x, weight[:, :, None, None], y, False)
 
 
-def _conv_work(*names: str, pixels_per_tile=None):
-    """Ops whose programs tile each sample's pixels as the 3 x 3 conv kernels do and apply the
-    named weights whole per tile (``pixels_per_tile(x, bound)``: the tile; default the conv
-    kernels' on a GPU)."""
+def _conv_work(*names: str):
+    """Ops whose programs tile each sample's pixels as the 3 x 3 conv kernels do on a GPU and
+    apply the named weights whole per tile."""
     def work(bound: dict, out) -> List[TileWork]:
         from patnet_kernels.triton import partial_conv
         x = bound["x"]
         c1 = bound[names[0]].shape[0]
-        block_p = (pixels_per_tile(x, bound) if pixels_per_tile else
-                   partial_conv._conv_blocks(c1, x.dtype, interpret=False)[0])
+        block_p = partial_conv._conv_blocks(c1, x.dtype, interpret=False)[0]
         tiles = _tiles(x.shape[0], x.shape[0], x.shape[2] * x.shape[3], block_p)
         return [TileWork(tiles, block_p, sum(bound[n].numel() for n in names),
                          bound[names[0]].element_size())]
     return work
 
 
-def _self_mixer_tile(x: torch.Tensor, bound: dict) -> int:
+def _self_mixer_work(bound: dict, out) -> List[TileWork]:
+    """PAT_sf's output kernel: per pixel tile the conv's taps and the projection's weight;
+    its tiles over the samples taken as rows of one where ``self_mixer_rows`` says."""
     from patnet_kernels.triton import partial_conv
-    c1 = bound["conv_weight"].shape[0]
-    return partial_conv._self_mixer_blocks(c1, x.shape[1] - c1, x.dtype, interpret=False)[0]
+    x, conv, proj = bound["x"], bound["conv_weight"], bound["proj_weight"]
+    c1 = conv.shape[0]
+    block_p = partial_conv._self_mixer_blocks(c1, x.shape[1] - c1, x.dtype, interpret=False)[0]
+    samples, pixels = partial_conv.self_mixer_rows(x, bound["tokens"], _tensors(out)[0],
+                                                   block_p)
+    return [TileWork(_tiles(x.shape[0], samples, pixels, block_p), block_p,
+                     conv.numel() + proj.numel(), conv.element_size())]
 
 
 # The tile work of each Triton eval op that applies weights per pixel tile (TileWork): where
@@ -302,8 +307,7 @@ TILE_WORK = {
     "pointwise_mlp": _mlp_work,
     "pointwise_mlp_stats": _mlp_work,
     "pointwise_mlp_spatial": _mlp_work,
-    "self_mixer_output": _conv_work("conv_weight", "proj_weight",
-                                    pixels_per_tile=_self_mixer_tile),
+    "self_mixer_output": _self_mixer_work,
     "patch_conv": _patch_conv_work,
     "layer_norm_linear": _layer_norm_linear_work,
 }

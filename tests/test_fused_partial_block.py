@@ -115,8 +115,9 @@ def test_channels_last_pconv_blocks_tile_across_samples(fused_backend, monkeypat
     """A FasterNet block on a channels_last map takes its samples as rows of one sample (pixel
     tiles spanning samples: stage 3's 14 x 14 = 196 pixels would leave 60 of four 64-pixel
     tiles idle), each pixel's 3 x 3 window kept inside its own sample (zero padding at every
-    sample's edges: the first and last rows are neighbours in memory); a PAT_ch block (its
-    gate per sample, its statistics per tile of one sample) and NCHW maps do not. Exact."""
+    sample's edges: the first and last rows are neighbours in memory); NCHW maps do not, nor
+    a float32 PAT_ch block (its gate and statistics per sample: only in fp16 / bf16 where its
+    map is more than two tiles, test_fused_pointwise_mlp.py). Exact."""
     from patnet_kernels.triton import pointwise_mlp as kernels
 
     taken, original = [], kernels.samples_as_rows

@@ -64,6 +64,32 @@ def test_matches_float64_reference(shape, channels_last, bias, residual, dtype, 
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tiles_spanning_samples_agree(dtype):
+    """Triton's kernel in channels_last takes the samples as rows of one where its pixel tile
+    leaves each sample's last tile partly empty (3 samples of 5 x 9 = 45 tokens in tiles of
+    64 under the interpreter), each conv window in its own sample: the same output as tiles of
+    one sample each (NCHW), row for row, with the residual and the dropout multiplier; tokens
+    not one sample after another keep tiles of one sample."""
+    from patnet_kernels.triton import partial_conv as kernels
+
+    x, conv_w, tokens, proj_w, proj_b, _ = _inputs(3, 36, 9, 5, 9, dtype, False)
+    keep = (torch.rand(tokens.shape, generator=torch.Generator().manual_seed(3)) * 2).to(
+        DEVICE, dtype)
+    taps = kernels.forward_taps(conv_w)
+
+    def run(x):
+        return kernels.self_mixer_output(x, taps, tokens, proj_w, proj_b, keep,
+                                         torch.empty_like(x), residual=True)
+
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert kernels.self_mixer_rows(nhwc, tokens, nhwc, 64) == (1, 135)
+    assert kernels.self_mixer_rows(x, tokens, x, 64) == (3, 45)
+    assert kernels.self_mixer_rows(nhwc, tokens.transpose(1, 2).contiguous().transpose(1, 2),
+                                   nhwc, 64) == (3, 45)
+    torch.testing.assert_close(run(nhwc), run(x), rtol=0, atol=0)
+
+
 def test_dropout_mask_is_the_functional_apis(fused_backend):
     """Every backend draws the same mask from the same generator state, as F.dropout would."""
     inputs = _inputs(2, 16, 4, 5, 5, torch.float32, False)

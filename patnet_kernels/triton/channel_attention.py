@@ -98,20 +98,16 @@ def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS,
                        BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr):
     """(mean, unbiased std), each (BLOCK_B, BLOCK_I) fp32 (0 where not ``ok``), of the samples
     ``offs_b`` and channels ``offs_i`` from per-chunk (mean, sum of squared deviations), each
-    (B, CHUNKS, C2) contiguous, in the layout of :func:`patnet_kernels._types.chunk_layout`
-    (chunk t of sample b: its pixels [t size - o, (t + 1) size - o) within [0, PIXELS), o = b
-    ``shift`` mod size; an empty chunk not read): BLOCK_T chunks loaded per step and merged at
-    once, the steps merged in order (Chan et al.), so that the 49 chunks of a 56 x 56 map are
-    13 memory round trips, not 49."""
-    seen = ok.to(tl.float32) * 0.0
-    mean = seen
-    m2 = seen
+    (B, CHUNKS, C2) contiguous, chunk t of sample b its pixels [t size - o, (t + 1) size - o) in
+    [0, PIXELS), o = b shift mod size (_types.chunk_layout; empty ones not read): BLOCK_T chunks
+    a step merged at once, the steps in order (Chan et al.; 56 x 56: 13 round trips, not 49)."""
+    seen, mean, m2 = (ok.to(tl.float32) * 0.0,) * 3
     offset = (offs_b * shift) % size  # (BLOCK_B,) each sample's o
     for t0 in range(0, CHUNKS, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        start = tl.maximum(t[:, None] * size - offset[None, :], 0)
-        end = tl.minimum((t[:, None] + 1) * size - offset[None, :], PIXELS)
-        count = tl.where((t < CHUNKS)[:, None], tl.maximum(end - start, 0), 0)  # (T, B)
+        end = tl.minimum((t[:, None] + 1) * size - offset[None, :], PIXELS)  # (T, B), and:
+        count = tl.where((t < CHUNKS)[:, None], tl.maximum(  # (T, B) its pixels
+            end - tl.maximum(t[:, None] * size - offset[None, :], 0), 0), 0)
         at = (offs_b[None, :, None] * CHUNKS + t[:, None, None]) * C2 + offs_i[None, None, :]
         t_b_i_ok = (count > 0)[:, :, None] & ok[None, :, :]
         chunks_count, chunks_mean, chunks_m2 = merge_rows(
@@ -125,8 +121,7 @@ def _merged_statistics(mean_ptr, m2_ptr, offs_b, offs_i, ok, C2, CHUNKS, PIXELS,
 
 @triton.jit
 def _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, b_ok, offs_o, o_ok, C2, CHUNKS,
-              PIXELS, CHUNK_PIXELS, CHUNK_SHIFT, HAS_BIAS: tl.constexpr,
-              BLOCK_T: tl.constexpr,
+              PIXELS, CHUNK_PIXELS, CHUNK_SHIFT, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     """z = W_ch . [mean, std] (+ W_ch's bias) of the samples ``offs_b`` and output channels
     ``offs_o``, (BLOCK_B, BLOCK_O) fp32, on the tensor cores in IEEE fp32; the statistics
@@ -139,8 +134,7 @@ def _gate_mix(mean_ptr, std_ptr, w_ptr, bias_ptr, offs_b, b_ok, offs_o, o_ok, C2
         if CHUNKS > 0:
             mean, std = _merged_statistics(mean_ptr, std_ptr, offs_b, offs_i, bi_ok, C2,
                                            CHUNKS, PIXELS, CHUNK_PIXELS, CHUNK_SHIFT,
-                                           BLOCK_T, BLOCK_B,
-                                           BLOCK_I)
+                                           BLOCK_T, BLOCK_B, BLOCK_I)
         else:
             bi = offs_b[:, None] * C2 + offs_i[None, :]
             mean = tl.load(mean_ptr + bi, mask=bi_ok, other=0.0)
@@ -192,9 +186,7 @@ def _channel_gate_kernel(
     B, C2,
     CHUNKS,  # 0, or the pixel chunks of mean_ptr / std_ptr (eval only)
     PIXELS,  # H * W
-    CHUNK_PIXELS, CHUNK_SHIFT,  # S and shift: chunk t of sample b holds its pixels
-                                # [t S - o, (t + 1) S - o) within [0, H W), o = b shift mod S
-                                # (_types.chunk_layout; read with CHUNKS > 0)
+    CHUNK_PIXELS, CHUNK_SHIFT,  # the chunks' _types.chunk_layout (read with CHUNKS > 0)
     eps_a, eps_b,  # fp32: the BatchNorms' eps
     HAS_BIAS: tl.constexpr, HAS_BN_A: tl.constexpr, HAS_A_W: tl.constexpr,
     HAS_A_B: tl.constexpr, HAS_B_W: tl.constexpr, HAS_B_B: tl.constexpr,

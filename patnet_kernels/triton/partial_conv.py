@@ -15,14 +15,14 @@ slice of a bigger tensor): every kernel takes the four strides of each activatio
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, dot, reduction_splits, upcast_dot)
+                      block, cdiv, dot, reduction_splits, samples_as_rows, upcast_dot)
 
 
 @triton.jit
@@ -158,6 +158,8 @@ def _self_mixer_output_kernel(
     keep_ptr,  # (B, N, C2) contiguous, x's dtype: the dropout multiplier (read if HAS_KEEP)
     y_ptr,  # (B, C1 + C2, H, W) output, any strides: [conv3x3(X1) | proj(tokens)] (+ X)
     C1, C2, H, W,
+    P,  # pixels: H * W per sample, or B * H * W with the samples taken as rows of one (then
+        # grid axis 1 of size 1: _common.samples_as_rows of x, y and the tokens)
     x_sb, x_sc, x_sh, x_sw,  # strides of x (elements)
     t_sb, t_sn, t_sc,  # strides of the tokens
     y_sb, y_sc, y_sh, y_sw,  # strides of y
@@ -169,22 +171,24 @@ def _self_mixer_output_kernel(
     BLOCK_K: tl.constexpr,  # token channels per step of the projection
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    # grid: (ceil(H * W / BLOCK_P), B, ceil(C1 / BLOCK_N) + ceil(C2 / BLOCK_N)): the first
+    # grid: (ceil(P / BLOCK_P), B or 1, ceil(C1 / BLOCK_N) + ceil(C2 / BLOCK_N)): the first
     # programs of axis 2 compute the conv's output channels, the others the projection's.
     pid_p = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     pid_n = tl.program_id(2)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < H * W
-    h = offs_p // W
+    p_ok = offs_p < P
+    rows = offs_p // W  # (over the samples taken as rows of one: h the row in its own sample,
+    h = rows % H  # whose first row each conv window is based on)
     w = offs_p % W
     out_ty = y_ptr.dtype.element_ty
     conv_blocks = tl.cdiv(C1, BLOCK_N)
     if pid_n < conv_blocks:
         channel = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = channel < C1
-        acc = conv3x3_tile(x_ptr + pid_b * x_sb, w_ptr, C1, H, W, x_sc, x_sh, x_sw, h, w, p_ok,
-                           channel, c_ok, BLOCK_P, BLOCK_CI, BLOCK_N, UPCAST)
+        acc = conv3x3_tile(x_ptr + pid_b * x_sb + ((rows - h) * x_sh)[:, None], w_ptr, C1, H, W,
+                           x_sc, x_sh, x_sw, h, w, p_ok, channel, c_ok, BLOCK_P, BLOCK_CI,
+                           BLOCK_N, UPCAST)
     else:
         offs_o = (pid_n - conv_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = offs_o < C2
@@ -208,10 +212,10 @@ def _self_mixer_output_kernel(
     ok = p_ok[:, None] & c_ok[None, :]
     y = acc.to(out_ty)  # (each half rounded as its own op writes it)
     if RESIDUAL:
-        x = tl.load(x_ptr + pid_b * x_sb + (h * x_sh + w * x_sw)[:, None]
+        x = tl.load(x_ptr + pid_b * x_sb + (rows * x_sh + w * x_sw)[:, None]
                     + channel[None, :] * x_sc, mask=ok, other=0.0)
         y = (y.to(tl.float32) + x.to(tl.float32)).to(out_ty)
-    tl.store(y_ptr + pid_b * y_sb + (h * y_sh + w * y_sw)[:, None] + channel[None, :] * y_sc,
+    tl.store(y_ptr + pid_b * y_sb + (rows * y_sh + w * y_sw)[:, None] + channel[None, :] * y_sc,
              y, mask=ok)
 
 
@@ -269,6 +273,19 @@ def _self_mixer_blocks(c1: int, c2: int, dtype: torch.dtype, interpret: bool = I
     return 64, block(c1, high=32), 64, 32, 4
 
 
+def self_mixer_rows(x: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor, block_p: int
+                    ) -> Tuple[int, int]:
+    """(samples, pixels a sample) the PAT_sf output kernel tiles for x and y (B, C, H, W) and
+    the tokens (B, H * W, C2): the B samples taken as rows of one where ``block_p`` leaves each
+    sample's last tile partly empty (PAT_sf's 7 x 7 = 49 tokens in a tile of 64) and
+    :func:`_common.samples_as_rows` allows (channels_last, the tokens one sample after
+    another), each conv window in its own sample; else tiles of one sample."""
+    b, _, h, w = x.shape
+    if b > 1 and (h * w) % block_p and samples_as_rows(x, y, tokens.transpose(1, 2)[..., None]):
+        return 1, b * h * w
+    return b, h * w
+
+
 def self_mixer_output(x: torch.Tensor, weight_taps: torch.Tensor, tokens: torch.Tensor,
                       proj_weight: torch.Tensor, proj_bias, keep, y: torch.Tensor,
                       residual: bool) -> torch.Tensor:
@@ -283,10 +300,12 @@ def self_mixer_output(x: torch.Tensor, weight_taps: torch.Tensor, tokens: torch.
     c1 = weight_taps.shape[1]
     c2 = c - c1
     block_p, block_ci, block_n, block_k, warps = _self_mixer_blocks(c1, c2, x.dtype)
-    grid = (cdiv(h * w, block_p), b, cdiv(c1, block_n) + cdiv(c2, block_n))
+    samples, pixels = self_mixer_rows(x, tokens, y, block_p)
+    grid = (cdiv(pixels, block_p), samples, cdiv(c1, block_n) + cdiv(c2, block_n))
     _self_mixer_output_kernel[grid](
         x, weight_taps, tokens, proj_weight, proj_weight if proj_bias is None else proj_bias,
-        tokens if keep is None else keep, y, c1, c2, h, w, *_strides(x), *_strides(tokens),
+        tokens if keep is None else keep, y, c1, c2, h, w, pixels, *_strides(x),
+        *_strides(tokens),
         *_strides(y), HAS_BIAS=proj_bias is not None, HAS_KEEP=keep is not None,
         RESIDUAL=residual, BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_N=block_n,
         BLOCK_K=block_k, UPCAST=upcast_dot(x.dtype), num_warps=warps)

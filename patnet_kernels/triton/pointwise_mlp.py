@@ -23,14 +23,12 @@ can run PAT_sp on the MLP's output M before the residual (PATNet-T1's blocks): o
 holds the whole output in two accumulators, Ma and Mb, and writes [BN_c(Ma * hsig(w . Ma)) |
 conv1x1(BN_d(Mb)) + bias], PAT_sp's conv a third GEMM on the tile, so M is never written.
 
-Tiles of one sample each would leave each sample's last tile partly empty where BLOCK_P does
-not divide its H * W pixels (196 pixels at 14 x 14 in 4 tiles of 64: 1.31x the arithmetic), so
-there, in channels_last, the tiles run over the samples taken as the rows of one
-(:func:`tile_grid`), each pixel's conv window in its own sample; with PAT_ch's per-sample
-affine and statistics (the SPAN mode, fp16 and bf16) where a tile meets at most two samples:
-each row takes its own sample's affine, and each sample's rows in a tile give that sample's
-statistics (in the chunk layout of :func:`patnet_kernels._types.chunk_layout`, which the gate
-reads).
+Tiles of one sample leave each sample's last tile partly empty where BLOCK_P does not divide
+its H * W (196 pixels at 14 x 14 in 4 tiles of 64: 1.31x the arithmetic), so there, in
+channels_last, the tiles run over the samples taken as rows of one (:func:`tile_grid`), each
+conv window in its own sample; with PAT_ch's per-sample affine and statistics (the SPAN mode,
+fp16 / bf16) where a tile meets two samples at most, each row with its sample's affine, each
+sample's rows giving its statistics (chunks: :func:`patnet_kernels._types.chunk_layout`).
 
 * :func:`pointwise_mlp` -- the launcher; :func:`stats_chunks` -- its statistics' tiles;
   :func:`config_for` -- a launch's configuration; :func:`aot_kernels` -- the shipped ones.
@@ -490,8 +488,9 @@ def tile_grid(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, block_p: int,
     target, the SPAN form's few more registers spilled 8-160 B on sm_90 and sm_80)."""
     b, _, h, w = x.shape
     pixels = h * w
-    if (b > 1 and pixels % block_p and samples_as_rows(x, r, y)
-            and (not per_sample or pixels > 2 * block_p and x.dtype != torch.float32)):
+    if (b > 1 and pixels % block_p
+            and (not per_sample or pixels > 2 * block_p and x.dtype != torch.float32)
+            and samples_as_rows(x, r, y)):
         return TileGrid((cdiv(b * pixels, block_p), 1), b * pixels, per_sample)
     return TileGrid((cdiv(pixels, block_p), b), pixels, False)
 
