@@ -1,15 +1,18 @@
 """Time many configurations of the MLP kernel in one run: the tuning sweep of a GPU session.
 
     python -m benchmarks.sweep_pointwise_mlp [--op mlp|block] [--dtypes float16] [--batch 256]
-        [--shapes patnet_t2.s1,fasternet_t2] [--grid small|full] [--json out.json]
-        [--compile-workers N] [--budget SECONDS] [--quick]
+        [--layout channels_last|nchw] [--shapes patnet_t2.s1,fasternet_t2] [--grid small|full]
+        [--json out.json] [--compile-workers N] [--budget SECONDS] [--quick]
 
 ``--op mlp`` (default): for each stage shape of ``bench_pointwise_mlp`` (PATNet-T2 and
 FasterNet-T2, hidden 2C, ReLU, the block's residual) the kernel as ``pk.pointwise_mlp`` runs
 it. ``--op block``: for each shape of ``bench_partial_block`` the kernel as a whole block runs
 it, computing conv3x3(X1) for its tile and, for PAT_ch shapes, applying a per-(sample, channel)
 affine map to X2 (random: the gate's values do not change the kernel's cost), and for
-PATNet-T1's shapes running PAT_sp on the MLP's output before the residual.
+PATNet-T1's shapes running PAT_sp on the MLP's output before the residual. ``--layout``: the
+activations (and the MLP op's residual) in channels_last (default: the layout the models run
+under AMP, where the tiles span samples, PAT_ch's included, ``pointwise_mlp.tile_grid``) or
+NCHW.
 
 Two phases. Compiling a configuration of this kernel takes seconds of one CPU, more than
 timing it: first every configuration of every shape is run once in ``--compile-workers``
@@ -105,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "head, PAT_ch's affine)")
     parser.add_argument("--dtypes", default="float16", help="comma list of float16, bfloat16")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"],
+                        help="the activations' layout (default channels_last, as the models "
+                             "run under AMP)")
     parser.add_argument("--shapes", default=None,
                         help="comma list of substrings of shape names, e.g. patnet_t2.s1")
     parser.add_argument("--grid", default="small", choices=["small", "full"])
@@ -156,12 +162,16 @@ class Case:
     """One shape's kernel call with a given configuration, its fp32 reference and the
     shipped configuration."""
 
-    def __init__(self, op: str, shape, batch: int, dtype, device, gen):
+    def __init__(self, op: str, shape, batch: int, dtype, device, gen, layout: str):
         from patnet_kernels.reference import pointwise_mlp as mlp_reference
         from patnet_kernels.triton import partial_conv, pointwise_mlp as kernels, tuned
 
         family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
         args = family.build(shape, batch, dtype, device, "fwd", gen).args
+        if layout == "channels_last":  # (the activation, and the MLP op's residual)
+            moved = (0,) if op == "block" else (0, 5)
+            args = tuple(a.contiguous(memory_format=torch.channels_last) if i in moved else a
+                         for i, a in enumerate(args))
         self.nbytes = family.bytes_moved(shape, batch, args[0].element_size(), "fwd")
         if op == "block":
             x, conv, cfc_weight, _, _, _, w1, b1, w2, _, activation, *rest = args
@@ -226,7 +236,7 @@ def _configs(case: "Case", kind: str, channels: int, quick: bool) -> list:
 
 
 def _compile_job(op: str, quick: bool, shape_name: str, batch: int, dtype_name: str,
-                 configs: list) -> List[Optional[str]]:
+                 layout: str, configs: list) -> List[Optional[str]]:
     """In a worker process: each configuration's call once on ``shape_name``'s case (the
     inputs, and so the kernels' specialisation, of the timing run), which compiles it into
     Triton's disk cache; per configuration None or its error."""
@@ -235,7 +245,7 @@ def _compile_job(op: str, quick: bool, shape_name: str, batch: int, dtype_name: 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = next(s for s in _shapes(op, quick, None) if s.name == shape_name)
     gen = torch.Generator(device=device).manual_seed(0)
-    case = Case(op, shape, batch, DTYPES[dtype_name], device, gen)
+    case = Case(op, shape, batch, DTYPES[dtype_name], device, gen, layout)
     errors = []
     for fields in configs:
         try:
@@ -250,7 +260,7 @@ def _compile_job(op: str, quick: bool, shape_name: str, batch: int, dtype_name: 
 
 def precompile(jobs: List[tuple], workers: int, deadline: Optional[float]) -> dict:
     """Run :func:`_compile_job` over ``jobs`` ((op, quick, shape name, batch, dtype name,
-    [config dicts]) each) in ``workers`` spawned processes until ``deadline``
+    layout, [config dicts]) each) in ``workers`` spawned processes until ``deadline``
     (time.monotonic(); None: all): counts of configurations compiled, failed and left."""
     import concurrent.futures
     import multiprocessing
@@ -306,14 +316,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = []
     for dtype_name in split_list(args.dtypes):
         for shape in shapes:
-            case = Case(args.op, shape, batch, DTYPES[dtype_name], device, gen)
+            case = Case(args.op, shape, batch, DTYPES[dtype_name], device, gen, args.layout)
             cases.append((dtype_name, shape, case,
                           _configs(case, args.grid, shape.channels, args.quick)))
     total = sum(len(c[-1]) for c in cases)
     if workers:
         print(f"compiling {total} configurations in {workers} processes", flush=True)
         chunk = 4  # (configurations per job: each job builds its case's inputs once)
-        jobs = [(args.op, args.quick, shape.name, batch, dtype_name,
+        jobs = [(args.op, args.quick, shape.name, batch, dtype_name, args.layout,
                  [c._asdict() for c in configs[i:i + chunk]])
                 for dtype_name, shape, _, configs in cases for i in range(0, len(configs), chunk)]
         precompile(jobs, workers, None if deadline is None else start + args.budget / 2)
@@ -321,12 +331,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         arch = (10 * torch.cuda.get_device_capability(device)[0]
                 + torch.cuda.get_device_capability(device)[1]) if device.type == "cuda" else None
-        report = {"benchmark": "sweep_pointwise_mlp", "op": args.op, **env.run_info(device),
+        report = {"benchmark": "sweep_pointwise_mlp", "op": args.op, "layout": args.layout,
+                  **env.run_info(device),
                   "arch": arch, "grid": args.grid, "timing": timer.method, "budget_s": args.budget,
                   "rows": rows}
     for dtype_name, shape, case, configs in cases:
         print(f"{shape.name} B={batch} C={shape.channels} {shape.height}x{shape.width} "
-              f"{dtype_name}, {args.op}: {len(configs)} configurations "
+              f"{dtype_name}, {args.layout}, {args.op}: {len(configs)} configurations "
               f"({time.monotonic() - start:.0f} s)", flush=True)
         found = []
         for config in configs:

@@ -347,7 +347,7 @@ def test_pointwise_mlp_sweep_budget(tmp_path, capsys):
     assert "2 of 2 configurations not timed: out of time" in capsys.readouterr().out
     # the parallel compile past its deadline: its workers stopped, every configuration left
     config = rows[0]["config"]
-    job = ("mlp", True, "patnet_t2.s1", 2, "float16", [config])
+    job = ("mlp", True, "patnet_t2.s1", 2, "float16", "channels_last", [config])
     assert sweep.precompile([job, job], 1, time.monotonic()) == dict(compiled=0, failed=0,
                                                                       left=2)
     assert "configurations left to compile as they are timed" in capsys.readouterr().out
@@ -359,15 +359,17 @@ def test_pointwise_mlp_sweep_budget(tmp_path, capsys):
 @pytest.mark.parametrize("op", ["mlp", "block"])
 def test_pointwise_mlp_sweep_smoke_run(op, tmp_path, capsys):
     """The MLP kernel's tuning sweep (a GPU tool) runs on the CPU with --quick, as the MLP op
-    and as a whole block runs the kernel: every shape with the shipped configuration and one
-    other, checked and timed, in its table and JSON."""
+    (channels_last, the default) and as a whole block (NCHW) runs the kernel: every shape with
+    the shipped configuration and one other, checked and timed, in its table and JSON."""
     from benchmarks import bench_partial_block, sweep_pointwise_mlp as sweep
 
     path = tmp_path / "sweep.json"
     # (the MLP's run first compiles its configurations in two spawned processes)
-    workers = ["--compile-workers", "2"] if op == "mlp" else []
-    assert sweep.main(["--quick", "--op", op, "--json", str(path)] + workers) == 0
-    rows = json.loads(path.read_text())["rows"]
+    extra = ["--compile-workers", "2"] if op == "mlp" else ["--layout", "nchw"]
+    assert sweep.main(["--quick", "--op", op, "--json", str(path)] + extra) == 0
+    report = json.loads(path.read_text())
+    assert report["layout"] == ("channels_last" if op == "mlp" else "nchw")
+    rows = report["rows"]
     family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
     shapes = {s.name for s in family.shapes(True)}
     assert {r["shape"] for r in rows} == shapes and len(rows) == 2 * len(shapes)
