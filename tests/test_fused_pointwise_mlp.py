@@ -154,8 +154,8 @@ def test_tiles_spanning_samples_agree(dtype, fused_backend):
     (its rows in each tile it meets: 4 chunks a sample, the last empty for some, in the layout
     _types.chunk_layout reads) merge to the same as the per-sample tiles' 3 chunks: as a whole
     PAT_ch block runs the kernel (conv head, affine, statistics), in two passes, and with PAT_sp
-    after the MLP. (float32 keeps tiles of one sample: no speed target, its SPAN form spilled
-    registers.)"""
+    after the MLP; a residual in NCHW keeps tiles of one sample (stats_chunks says so too).
+    (float32 keeps tiles of one sample: no speed target, its SPAN form spilled registers.)"""
     from patnet_kernels._types import chunk_layout
     from patnet_kernels.triton import pointwise_mlp as kernels
 
@@ -168,10 +168,12 @@ def test_tiles_spanning_samples_agree(dtype, fused_backend):
         params.conv_bias, (params.bn_c.running_mean, params.bn_c.running_var,
                            params.bn_c.weight, params.bn_c.bias), 1e-5, None, 0.0)
 
-    def run(channels_last, form):
+    def run(channels_last, form, residual_nchw=False):
         x, b1, r, mats, taps, scale, shift = _block_kernel_inputs(
             b, c, c1, hidden, h, w, dtype, channels_last, seed=5)
-        chunks = kernels.stats_chunks(x, *mats, c1, config=config)
+        if residual_nchw:  # (a residual in another layout: tiles of one sample)
+            r = r.contiguous()
+        chunks = kernels.stats_chunks(x, *mats, c1, config=config, residual=r)
         stats = tuple(torch.full((b, chunks, c - c1), float("nan"), device=DEVICE)
                       for _ in range(2))
         y = kernels.pointwise_mlp(
@@ -189,14 +191,16 @@ def test_tiles_spanning_samples_agree(dtype, fused_backend):
     assert kernels.tile_grid(x.float(), x.float(), x.float(), 16, False) == ((10, 1), 160, False)
     assert chunk_layout(40, 4) == (16, 8) and chunk_layout(40, 3) == (16, 0)
     for form in ("pat_ch", "two_pass", "pat_sp"):
-        y, stats = run(True, form)
         want_y, want_stats = run(False, form)
-        assert stats[0].shape[1] == 4 and want_stats[0].shape[1] == 3
-        torch.testing.assert_close(y, want_y, rtol=0, atol=0, msg=form)
-        for got, want in zip(merged_statistics(*stats, h * w),
-                             merged_statistics(*want_stats, h * w)):
-            assert not got.isnan().any(), form
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=form)
+        for residual_nchw in (False, True):
+            y, stats = run(True, form, residual_nchw)
+            assert stats[0].shape[1] == (3 if residual_nchw else 4)
+            assert want_stats[0].shape[1] == 3
+            torch.testing.assert_close(y, want_y, rtol=0, atol=0, msg=form)
+            for got, want in zip(merged_statistics(*stats, h * w),
+                                 merged_statistics(*want_stats, h * w)):
+                assert not got.isnan().any(), form
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=form)
 
 
 def _spatial(c_out, dtype, folded, seed=1, p=None):

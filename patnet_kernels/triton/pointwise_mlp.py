@@ -457,15 +457,17 @@ def wide_block_n2(out_channels: int, block_n: int) -> int:
 
 
 def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_channels: int,
-                 spatial_half: int = 0, config: Optional[Config] = None) -> int:
+                 spatial_half: int = 0, config: Optional[Config] = None,
+                 residual: Optional[torch.Tensor] = None) -> int:
     """T, the chunks of the kernel's output statistics on x (B, C, H, W) with these weights,
     (HIDDEN, C) and (C_OUT, HIDDEN), the conv head and PAT_sp (``spatial_half`` = max(Q, P), 0
-    for none): a sample's pixel tiles, or where the tiles span samples (:func:`tile_grid`) one
-    more (:func:`patnet_kernels._types.chunk_layout`), of BLOCK_P pixels, a power of two."""
+    for none), its output laid out as x and its ``residual`` given or not: a sample's pixel
+    tiles, or where the tiles span samples (:func:`tile_grid`) one more
+    (:func:`patnet_kernels._types.chunk_layout`), of BLOCK_P pixels, a power of two."""
     config = config or config_for(x.shape[1], w1.shape[0], w2.shape[0], x.dtype,
                                   conv_channels, spatial_half, x.device)
     return cdiv(x.shape[2] * x.shape[3], config.block_p) + tile_grid(
-        x, x, x, config.block_p, True).span
+        x, x if residual is None else residual, x, config.block_p, True).span
 
 
 class TileGrid(NamedTuple):

@@ -56,10 +56,10 @@ def _forward(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Tensor],
 
 
 def _stats_shape(x: Tensor, conv_weight: Optional[Tensor], w1: Tensor, w2: Tensor,
-                 stats_first: int, spatial_half: int = 0):
+                 residual: Optional[Tensor], stats_first: int, spatial_half: int = 0):
     conv_channels = 0 if conv_weight is None else conv_weight.shape[0]
-    return (x.shape[0], kernels.stats_chunks(x, w1, w2, conv_channels, spatial_half),
-            w2.shape[0] - stats_first)
+    return (x.shape[0], kernels.stats_chunks(x, w1, w2, conv_channels, spatial_half,
+                                             residual=residual), w2.shape[0] - stats_first)
 
 
 @custom_op("patnet_triton::pointwise_mlp_stats", mutates_args=())
@@ -68,7 +68,7 @@ def _forward_stats(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Ten
                    shift: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                    b2: Optional[Tensor], residual: Optional[Tensor], activation: str,
                    stats_first: int) -> Tuple[Tensor, Tensor, Tensor]:
-    shape = _stats_shape(x, conv_weight, w1, w2, stats_first)
+    shape = _stats_shape(x, conv_weight, w1, w2, residual, stats_first)
     mean = torch.empty(shape, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
     y = _run(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation, (mean, m2),
@@ -79,7 +79,7 @@ def _forward_stats(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[Ten
 @_forward_stats.register_fake
 def _forward_stats_fake(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation,
                         stats_first):
-    shape = _stats_shape(x, conv_weight, w1, w2, stats_first)
+    shape = _stats_shape(x, conv_weight, w1, w2, residual, stats_first)
     return (empty_activation(x, spec.output_shape(x, w2)),
             x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32))
 
@@ -97,7 +97,7 @@ def _forward_spatial(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[T
                      d_eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     p = sp_conv_weight.shape[0]
     q = w2.shape[0] - p
-    shape = _spatial_stats_shape(x, conv_weight, w1, w2, stats_first, max(q, p))
+    shape = _spatial_stats_shape(x, conv_weight, w1, w2, residual, stats_first, max(q, p))
     mean = torch.empty(shape, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
 
@@ -114,19 +114,21 @@ def _forward_spatial(x: Tensor, conv_weight: Optional[Tensor], scale: Optional[T
     return y, mean, m2
 
 
-def _spatial_stats_shape(x, conv_weight, w1, w2, stats_first: int, spatial_half: int):
+def _spatial_stats_shape(x, conv_weight, w1, w2, residual, stats_first: int,
+                         spatial_half: int):
     """The statistics' shape of ``pointwise_mlp_spatial``: (B, 0, 0) without (stats_first <
     0)."""
     if stats_first < 0:
         return (x.shape[0], 0, 0)
-    return _stats_shape(x, conv_weight, w1, w2, stats_first, spatial_half)
+    return _stats_shape(x, conv_weight, w1, w2, residual, stats_first, spatial_half)
 
 
 @_forward_spatial.register_fake
 def _forward_spatial_fake(x, conv_weight, scale, shift, w1, b1, w2, b2, residual, activation,
                           stats_first, gate_weight, sp_conv_weight, *_):
     p = sp_conv_weight.shape[0]
-    shape = _spatial_stats_shape(x, conv_weight, w1, w2, stats_first, max(w2.shape[0] - p, p))
+    shape = _spatial_stats_shape(x, conv_weight, w1, w2, residual, stats_first,
+                                 max(w2.shape[0] - p, p))
     return (empty_activation(x, spec.output_shape(x, w2)),
             x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32))
 
