@@ -183,6 +183,25 @@ def test_chunked_statistics(channels_last, fused_backend):
     torch.library.opcheck(ops.channel_attention_chunk_stats.default, (x, 3))
 
 
+def test_chunk_layout_reads_both_forms():
+    """_types.chunk_layout from the chunk count alone: tiles of one sample (shift 0) and tiles
+    over the samples (one chunk more, shift P mod S, where P > 2 S and S does not divide P)
+    never share a count; each sample's chunks hold its P pixels; other counts are refused."""
+    from patnet_kernels._types import chunk_counts, chunk_layout
+
+    for pixels in range(1, 1200):
+        for size in (16, 32, 64, 128, 256):
+            chunks = -(-pixels // size)
+            layout = chunk_layout(pixels, chunks)
+            assert layout[1] == 0 and -(-pixels // layout[0]) == chunks, (pixels, size)
+            if pixels > 2 * size and pixels % size:
+                assert chunk_layout(pixels, chunks + 1) == (size, pixels % size), (pixels, size)
+                assert all(sum(chunk_counts(pixels, chunks + 1, b)) == pixels
+                           for b in range(5))
+    assert chunk_counts(196, 5, 1) == [60, 64, 64, 8, 0]  # (sample 1 starts 4 rows in)
+    assert chunk_layout(40, 9) is None and chunk_layout(100, 2) == (64, 0)
+
+
 @ON_ITS_BACKENDS
 def test_gate_merges_statistics_of_tiles_spanning_samples(fused_backend):
     """A bf16 channels_last PAT_ch block's statistics from its MLP kernel, whose pixel tiles run
