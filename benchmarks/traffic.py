@@ -291,8 +291,7 @@ def _self_mixer_work(bound: dict, out) -> List[TileWork]:
     x, conv, proj = bound["x"], bound["conv_weight"], bound["proj_weight"]
     c1 = conv.shape[0]
     block_p = partial_conv._self_mixer_blocks(c1, x.shape[1] - c1, x.dtype, interpret=False)[0]
-    samples, pixels = partial_conv.self_mixer_rows(x, bound["tokens"], _tensors(out)[0],
-                                                   block_p)
+    samples, pixels = partial_conv.self_mixer_rows(x, bound["tokens"], _tensors(out)[0])
     return [TileWork(_tiles(x.shape[0], samples, pixels, block_p), block_p,
                      conv.numel() + proj.numel(), conv.element_size())]
 

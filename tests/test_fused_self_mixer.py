@@ -66,9 +66,8 @@ def test_matches_float64_reference(shape, channels_last, bias, residual, dtype, 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tiles_spanning_samples_agree(dtype):
-    """Triton's kernel in channels_last takes the samples as rows of one where its pixel tile
-    leaves each sample's last tile partly empty (3 samples of 5 x 9 = 45 tokens in tiles of
-    64 under the interpreter), each conv window in its own sample: the same output as tiles of
+    """Triton's kernel in channels_last takes the samples as rows of one (3 samples of 5 x 9 =
+    45 tokens: no sample's last tile of 64 partly empty), each conv window in its own sample: the same output as tiles of
     one sample each (NCHW), row for row, with the residual and the dropout multiplier; tokens
     not one sample after another keep tiles of one sample."""
     from patnet_kernels.triton import partial_conv as kernels
@@ -83,10 +82,10 @@ def test_tiles_spanning_samples_agree(dtype):
                                          torch.empty_like(x), residual=True)
 
     nhwc = x.contiguous(memory_format=torch.channels_last)
-    assert kernels.self_mixer_rows(nhwc, tokens, nhwc, 64) == (1, 135)
-    assert kernels.self_mixer_rows(x, tokens, x, 64) == (3, 45)
+    assert kernels.self_mixer_rows(nhwc, tokens, nhwc) == (1, 135)
+    assert kernels.self_mixer_rows(x, tokens, x) == (3, 45)
     assert kernels.self_mixer_rows(nhwc, tokens.transpose(1, 2).contiguous().transpose(1, 2),
-                                   nhwc, 64) == (3, 45)
+                                   nhwc) == (3, 45)
     torch.testing.assert_close(run(nhwc), run(x), rtol=0, atol=0)
 
 

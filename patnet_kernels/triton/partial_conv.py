@@ -273,15 +273,14 @@ def _self_mixer_blocks(c1: int, c2: int, dtype: torch.dtype, interpret: bool = I
     return 64, block(c1, high=32), 64, 32, 4
 
 
-def self_mixer_rows(x: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor, block_p: int
-                    ) -> Tuple[int, int]:
+def self_mixer_rows(x: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor) -> Tuple[int, int]:
     """(samples, pixels a sample) the PAT_sf output kernel tiles for x and y (B, C, H, W) and
-    the tokens (B, H * W, C2): the B samples taken as rows of one where ``block_p`` leaves each
-    sample's last tile partly empty (PAT_sf's 7 x 7 = 49 tokens in a tile of 64) and
+    the tokens (B, H * W, C2): the B samples taken as rows of one where
     :func:`_common.samples_as_rows` allows (channels_last, the tokens one sample after
-    another), each conv window in its own sample; else tiles of one sample."""
+    another), so that no sample's last tile runs partly empty (PAT_sf's 7 x 7 = 49 tokens in a
+    tile of 64), each conv window in its own sample; else tiles of one sample."""
     b, _, h, w = x.shape
-    if b > 1 and (h * w) % block_p and samples_as_rows(x, y, tokens.transpose(1, 2)[..., None]):
+    if samples_as_rows(x, y, tokens.transpose(1, 2)[..., None]):
         return 1, b * h * w
     return b, h * w
 
@@ -300,7 +299,7 @@ def self_mixer_output(x: torch.Tensor, weight_taps: torch.Tensor, tokens: torch.
     c1 = weight_taps.shape[1]
     c2 = c - c1
     block_p, block_ci, block_n, block_k, warps = _self_mixer_blocks(c1, c2, x.dtype)
-    samples, pixels = self_mixer_rows(x, tokens, y, block_p)
+    samples, pixels = self_mixer_rows(x, tokens, y)
     grid = (cdiv(pixels, block_p), samples, cdiv(c1, block_n) + cdiv(c2, block_n))
     _self_mixer_output_kernel[grid](
         x, weight_taps, tokens, proj_weight, proj_weight if proj_bias is None else proj_bias,

@@ -481,18 +481,17 @@ class TileGrid(NamedTuple):
 def tile_grid(x: torch.Tensor, r: torch.Tensor, y: torch.Tensor, block_p: int,
               per_sample: bool) -> TileGrid:
     """The tiles of ``block_p`` pixels of a launch on x, its residual r (or y) and y, each (B,
-    C, H, W). Tiles of one sample leave part of each sample's last tile empty where block_p
-    does not divide H * W, so there, where :func:`_common.samples_as_rows` allows
-    (channels_last), they run over the samples taken as the rows of one; with ``per_sample``
-    (PAT_ch's affine or statistics) in the SPAN mode, and only where H * W > 2 block_p (a tile
+    C, H, W): over the samples taken as the rows of one where :func:`_common.samples_as_rows`
+    allows (channels_last), as the other kernels' (so that no sample's last tile runs partly
+    empty); with ``per_sample`` (PAT_ch's affine or statistics) in the SPAN mode, and only
+    where that saves something (block_p does not divide H * W) and H * W > 2 block_p (a tile
     meets two samples at most, and the statistics' chunk layout reads unambiguously from their
     count, :func:`patnet_kernels._types.chunk_layout`), in fp16 and bf16 (in float32, no speed
     target, the SPAN form's few more registers spilled 8-160 B on sm_90 and sm_80)."""
     b, _, h, w = x.shape
     pixels = h * w
-    if (b > 1 and pixels % block_p
-            and (not per_sample or pixels > 2 * block_p and x.dtype != torch.float32)
-            and samples_as_rows(x, r, y)):
+    if ((not per_sample or pixels % block_p and pixels > 2 * block_p
+         and x.dtype != torch.float32) and samples_as_rows(x, r, y)):
         return TileGrid((cdiv(b * pixels, block_p), 1), b * pixels, per_sample)
     return TileGrid((cdiv(pixels, block_p), b), pixels, False)
 
