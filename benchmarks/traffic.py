@@ -25,7 +25,7 @@ such as PAT_sf's bucket map are built: the steady state is counted). Providers:
 **Kernels.** Every aten op the dispatcher sees counts as one kernel launch, except views (an op
 whose every return aliases an input, by its schema: ``view``, ``permute``, ``slice``,
 ``expand``, ...) and allocations and metadata ops that launch nothing (``empty*``,
-``new_empty*``, ``detach``, ``lift_fresh``, ``resize_``) and host work (``.item()``, a copy to
+``new_empty*``, ``detach``, ``lift_fresh``, ``resize_``, ``as_strided_``) and host work (``.item()``, a copy to
 the host; the attention's dropout seed, drawn from the CPU generator on every device). An op
 known to copy a non-contiguous input inside its kernel first (``native_layer_norm``, as PAT_sf's
 LayerNorm gets its channel slice: the profiler shows the ``clone``, a dispatch mode does not)
@@ -132,7 +132,8 @@ BATCHES = (2, 3)  # batch 1 is special: some reshapes are views there, copies ab
 # aten ops that launch no kernel (allocation, metadata); views are found by their schema.
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
              "detach", "lift_fresh", "resize_", "_reshape_alias", "alias", "_unsafe_view",
-             "_local_scalar_dense"}
+             "_local_scalar_dense", "as_strided_"}  # (as_strided_: restrides self, e.g. a
+# reduction's output to its input's channels_last; a mutating view by its schema)
 # Ops whose kernels (CPU and CUDA alike) copy a non-contiguous input to a contiguous one first,
 # a copy no dispatch mode sees: counted as one more kernel that reads and writes the input.
 COPIES_INPUT = {"native_layer_norm"}

@@ -36,7 +36,13 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    Triton one kernel that reads the image in its own dtype (under autocast no cast pass of
    the float32 input) and, where the next stage's first block is a PAT_ch block, takes the
    statistics of its output's X2 in its epilogue and hands them to that block
-   (:class:`StageInput`), which then does not read X2 for them.
+   (:class:`StageInput`), which then does not read X2 for them;
+7. under ``backend="triton"`` runs in channels_last whatever the input's layout: the stem
+   reads an NCHW image as it is and writes its output channels_last, so every op after it
+   runs there (its kernels' fast layout: tiles spanning samples, 16-byte loads in the 3 x 3
+   convs); the logits are the same, intermediate feature maps (hooks) are channels_last.
+   Under "auto" each op decides from measurements of its own layout, so the copy keeps the
+   input's.
 
 Its outputs equal the eval model's within float rounding (tests/test_inference.py checks every
 variant). The copy is for inference only: it refuses ``train()``.
@@ -66,6 +72,10 @@ _BLOCK_BACKENDS = pk.registry.OPS["partial_block"].backends
 _PATCH_BACKENDS = ("auto", "torch") + pk.registry.OPS["patch_conv"].backends
 # The backends under which PAT_sf's LayerNorm and qkv projection run as the fused op.
 _NORM_LINEAR_BACKENDS = ("auto", "torch") + pk.registry.OPS["layer_norm_linear"].backends
+# The backends that, named, run the copy in channels_last whatever its input's layout: the stem
+# writes it (its kernel reads an NCHW image as it is), as every op of the model has a kernel
+# that takes it, where the tiles span samples and the 3 x 3 convs' loads are 16 bytes wide.
+_CHANNELS_LAST_BACKENDS = _BLOCK_BACKENDS
 
 
 def _spatial_params(module: nn.Module) -> pk.SpatialAttentionParams:
@@ -200,6 +210,7 @@ class InferencePatchLayer(nn.Module):
         if self.backend not in _PATCH_BACKENDS:
             return conv(x)
         out = pk.patch_conv(x, conv.weight, conv.bias, statistics_of=self.statistics_of,
+                            channels_last=self.backend in _CHANNELS_LAST_BACKENDS or None,
                             backend=self.backend)
         return out if self.statistics_of is None else StageInput(*out)
 

@@ -3,17 +3,22 @@
 Public API::
 
     partial_conv3x3(x, weight, *, inplace=False, backend="auto")
-    channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, *, training, backend)
-    spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, *, training, backend)
+    channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, *, training=False,
+                      backend="auto")
+    spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, *, training=False,
+                      residual=None, statistics_of=None, backend="auto")
     rpe_buckets(height, width, device=None)
-    rpe_attention(q, k, v, table, bucket, scale=None, dropout_p=0.0, backend="auto")
-    self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias, dropout_p, backend)
-    pointwise_mlp(x, w1, b1, w2, b2=None, *, residual=None, activation="relu", backend="auto")
+    rpe_attention(q, k, v, table, bucket, scale=None, dropout_p=0.0, backend="auto", *,
+                  bucket_range=None)
+    self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias=None, dropout_p=0.0,
+                      backend="auto", *, residual=False)
+    pointwise_mlp(x, w1, b1, w2, b2=None, *, residual=None, activation="relu", spatial=None,
+                  backend="auto")
     partial_block(x, conv_weight, w1, b1, w2, b2=None, *, cfc_weight=None, cfc_bias=None,
                   bn_a=None, bn_b=None, activation="relu", statistics=None,
                   return_statistics=False, residual=True, spatial=None, backend="auto")
     batch_norm_act(x, bn, activation="relu", *, training=False, backend="auto")
-    patch_conv(x, weight, bias=None, *, statistics_of=None, backend="auto")
+    patch_conv(x, weight, bias=None, *, statistics_of=None, channels_last=None, backend="auto")
     layer_norm_linear(x, weight, bias=None, *, eps=1e-5, backend="auto")
     info()
 

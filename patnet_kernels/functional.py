@@ -20,6 +20,7 @@ from ._checks import (check_activation, check_batch_norm, check_batch_values,
                       check_shape)
 from ._types import BatchNormParams, SpatialAttentionParams, chunk_layout
 from .backends import choose_implementation
+from .ops._layout import memory_format_of
 from .reference.pointwise_mlp import ACTIVATIONS as MLP_ACTIVATIONS
 
 # The devices whose tensors the ops take and that have an autocast mode.
@@ -532,7 +533,8 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
 
 @autocast_aware(keep=("x",))
 def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-               statistics_of: Optional[int] = None, backend: str = "auto"):
+               statistics_of: Optional[int] = None, channels_last: Optional[bool] = None,
+               backend: str = "auto"):
     """The stem or a merging layer in inference (BatchNorm folded): conv(x, weight, bias) with
     kernel size = stride = k, no padding (non-overlapping k x k patches).
 
@@ -540,10 +542,12 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     read as it is and converted to the weight's dtype (under autocast the weight is cast and
     x is not: the fused kernel reads a float32 image itself, no cast pass). weight: (C_OUT,
     C_IN, k, k); bias: (C_OUT,) or None, the weight's dtype. Returns (B, C_OUT, H // k, W // k)
-    in the weight's dtype and x's memory format; with ``statistics_of`` = C1 (the next PAT_ch
-    block's split), (y, statistics): those of y[:, C1:] in :func:`partial_block`'s form, which
-    that block takes as its ``statistics`` instead of reading its X2 for them. An inference
-    op, as :func:`pointwise_mlp`.
+    in the weight's dtype, in channels_last if ``channels_last`` is True, NCHW if False, x's
+    memory format if None (the stem can take an NCHW image and write channels_last, with no
+    pass over either to convert it); with ``statistics_of`` = C1 (the next PAT_ch block's
+    split), (y, statistics): those of y[:, C1:] in :func:`partial_block`'s form, which that
+    block takes as its ``statistics`` instead of reading its X2 for them. An inference op, as
+    :func:`pointwise_mlp`.
     """
     check_activation("x", x)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 \
@@ -556,12 +560,18 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"x's H x W = {x.shape[2]} x {x.shape[3]} is smaller than the "
                          f"{k} x {k} patch")
     _check_weight_reading(x, weight, bias)
-    if statistics_of is not None and not (isinstance(statistics_of, int)
-                                          and 0 <= statistics_of < weight.shape[0]):
+    if statistics_of is not None and (isinstance(statistics_of, bool)
+                                      or not isinstance(statistics_of, int)
+                                      or not 0 <= statistics_of < weight.shape[0]):
         raise ValueError(f"statistics_of must be the C1 of the next PAT_ch block, an int in "
                          f"[0, {weight.shape[0]}), got {statistics_of!r}")
+    if channels_last is None:
+        channels_last = memory_format_of(x) == torch.channels_last
+    elif not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last must be True (write y channels_last), False (NCHW) or "
+                         f"None (x's memory format), got {channels_last!r}")
     return choose_implementation("patch_conv", backend, x, weight, bias)(
-        x, weight, bias, statistics_of)
+        x, weight, bias, statistics_of, channels_last)
 
 
 @autocast_aware(keep=("x",))

@@ -1,7 +1,8 @@
 """The stem and the merging layers for inference (patch_conv) on each fused backend that has it
 (Triton): against the float64 reference in every dtype and layout, with and without bias, the
 stem's 4 x 4 patches from 3 channels and the merging layers' 2 x 2, odd sizes (the last row and
-column dropped), wide outputs; the input read in its own dtype (a float32 image with half
+column dropped), wide outputs; the output in the layout asked (an NCHW image into
+channels_last); the input read in its own dtype (a float32 image with half
 weights, as under autocast, with no cast pass); its output statistics as partial_block takes
 them; strided inputs; the gradient refusal; bad input; opcheck. (The models' inference path
 running it: tests/test_inference.py and tests/test_fused_partial_block.py.)"""
@@ -65,6 +66,30 @@ def test_matches_float64_reference(shape, channels_last, dtype, fused_backend):
         assert_within_budget(f"y (bias={bias})", ours, exact, in_dtype, dtype)
         assert ours.is_contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@ON_ITS_BACKENDS
+@pytest.mark.parametrize("statistics_of", [None, 8], ids=["plain", "statistics"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_writes_the_layout_asked_whatever_x_has(channels_last, statistics_of, fused_backend):
+    """channels_last=True / False: y in that layout from an x in the other (the inference
+    copy's stem: an NCHW image in, channels_last out), the same values and statistics as
+    when y takes x's layout (the reference's statistics to float32 rounding)."""
+    inputs = _inputs(2, 3, 32, 4, 16, 20, torch.float16, channels_last=not channels_last)
+    x, weight, bias = inputs
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for backend in (fused_backend, "torch"):
+        with torch.no_grad():
+            ours = pk.patch_conv(x, weight, bias, statistics_of=statistics_of,
+                                 channels_last=channels_last, backend=backend)
+        own = _call(inputs, backend, statistics_of=statistics_of)
+        y, y_own = (ours, own) if statistics_of is None else (ours[0], own[0])
+        assert y.is_contiguous(memory_format=layout) and not y_own.is_contiguous(
+            memory_format=layout), backend
+        assert torch.equal(y, y_own), backend
+        if statistics_of is not None:  # (torch's reductions' order follows the layout)
+            assert all(torch.allclose(a, b, rtol=1e-6, atol=0) if backend == "torch"
+                       else torch.equal(a, b) for a, b in zip(ours[1], own[1])), backend
 
 
 @ON_ITS_BACKENDS
@@ -147,6 +172,10 @@ def _bad(name):
                       r"smaller than the 2 x 2 patch"),
         "statistics_of": ((x, weight, bias), dict(statistics_of=16), ValueError,
                           r"statistics_of must be the C1 of the next PAT_ch block"),
+        "statistics_of bool": ((x, weight, bias), dict(statistics_of=True), ValueError,
+                               r"statistics_of must be the C1 of the next PAT_ch block"),
+        "channels_last": ((x, weight, bias), dict(channels_last="nhwc"), ValueError,
+                          r"channels_last must be True \(write y channels_last\), False"),
         "integer weight": ((x, weight.long(), None), {}, TypeError,
                            r"weight must be floating point"),
         "float64 weight": ((x, weight.double(), None), {}, TypeError,
@@ -156,7 +185,9 @@ def _bad(name):
 
 
 @pytest.mark.parametrize("case", ["weight in", "weight not square", "bias", "bias dtype",
-                                  "x 3-D", "too small", "statistics_of", "integer weight",
+                                  "x 3-D", "too small", "statistics_of", "statistics_of bool",
+                                  "channels_last",
+                                  "integer weight",
                                   "float64 weight"])
 @pytest.mark.parametrize("backend", ("torch",) + BACKENDS)
 def test_bad_input_is_refused_before_any_kernel(case, backend):
@@ -174,8 +205,9 @@ def test_float64_is_refused_by_the_fused_backends(fused_backend):
 
 @ON_ITS_BACKENDS
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("y_channels_last", [False, True], ids=["y-nchw", "y-nhwc"])
 @pytest.mark.parametrize("stats_first", [-1, 4], ids=["plain", "statistics"])
-def test_opcheck(channels_last, stats_first, fused_backend):
+def test_opcheck(channels_last, y_channels_last, stats_first, fused_backend):
     x, weight, bias = _inputs(2, 8, 16, 2, 6, 4, torch.float32, channels_last)
     torch.library.opcheck(fused_ops(fused_backend).patch_conv.default,
-                          (x, weight, bias, stats_first))
+                          (x, weight, bias, stats_first, y_channels_last))

@@ -129,6 +129,26 @@ def test_stem_and_merging_layers_hand_their_statistics(monkeypatch):
         assert all(layer.statistics_of is None for layer in layers)
 
 
+@pytest.mark.parametrize("name", ["fasternet_t0", "patnet_t0", "patnet_t1"])
+def test_triton_copy_runs_channels_last_from_an_nchw_image(name):
+    """Under backend="triton" the stem writes channels_last from an NCHW image (no conversion
+    pass), so every stage runs in the kernels' fast layout: each stage's map (features mode)
+    is channels_last, the same values as the eval model's; the CPU path ("auto") keeps the
+    input's layout."""
+    require_fused_backend("triton")
+    small = dict(embed_dim=16, depths=(1, 1, 2, 1), features_only=True)
+    model = _eval_model(name, **small).to(DEVICE)
+    x = torch.randn(2, 3, 64, 64).to(DEVICE)
+    with torch.no_grad():
+        want = model(x)
+        for backend, layout in (("triton", torch.channels_last), ("auto", torch.contiguous_format)):
+            maps = patnet.optimize_for_inference(model, backend=backend)(x)
+            assert len(maps) == len(want) == 4
+            for got, expected in zip(maps, want):
+                assert got.is_contiguous(memory_format=layout), (backend, got.stride())
+                assert rel_error(got, expected) < 1e-5
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_self_attention_normalises_inside_its_projection(channels_last, monkeypatch):
     """On Triton each PAT_sf block's LayerNorm and qkv projection run as pk.layer_norm_linear,

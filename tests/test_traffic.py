@@ -82,6 +82,11 @@ def test_aten_rules():
     assert all(o.kernels == 0 and o.read == 0 and o.written == 0 for o in ops)
     ops = _record(lambda t: torch.empty(3, 3), x)
     assert sum(o.kernels for o in ops) == 0
+    # the global pool of a channels_last map restrides its mean (as_strided_): no kernel
+    ops = _record(lambda t: torch.nn.functional.adaptive_avg_pool2d(t, 1),
+                  torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last))
+    assert [(o.name, o.kernels) for o in ops if o.kernels or o.name == "aten::as_strided_"] \
+        == [("aten::mean", 1), ("aten::as_strided_", 0)]
     # copy_ only writes its self; a copy of a view onto itself launches nothing
     y = torch.empty(4, 8)
     ops = _record(lambda a, b: a.copy_(b), y, x)
@@ -245,11 +250,12 @@ def _check_roofline(report, beats_eager: bool = False):
 
 
 def test_roofline_at_224():
-    """At the models' input size the Triton path's roofline beats eager's, though its tiles
-    run past the maps' last pixels (a sample's 196 pixels at 14 x 14 in 4 tiles of 64, its 49
-    at 7 x 7 in one, 784 at 28 x 28 in 13; 3136 at 56 x 56 in exactly 49): 1.22x and 1.24x
-    the arithmetic the models need, PATNet-T2 and FasterNet-T2 (NCHW: the tiles do not span
-    samples there)."""
+    """At the models' input size the Triton path's roofline beats eager's, and from an NCHW
+    image its arithmetic is what the models need (within 1%): the stem writes channels_last,
+    where the tiles span samples (a sample's 196 pixels at 14 x 14 would take 4 tiles of 64,
+    its 49 at 7 x 7 one, 784 at 28 x 28 13: 1.22x and 1.24x the arithmetic in NCHW, PATNet-T2
+    and FasterNet-T2); PATNet-T2's merging layers that take statistics still tile per sample
+    (1.003x)."""
     if not _available("triton"):
         pytest.skip("the Triton backend cannot run here")
     for name in ("patnet_t2", "fasternet_t2"):
@@ -257,7 +263,7 @@ def test_roofline_at_224():
                                  autocast=True)
         _check_roofline(report, beats_eager=True)
         rows = report["providers"]
-        assert 1.2 <= rows["triton"]["macs"] / rows["eager"]["macs"] <= 1.25
+        assert 0.99 <= rows["triton"]["macs"] / rows["eager"]["macs"] <= 1.01
 
 
 def test_roofline_of_patnet_t1_and_the_cuda_path():

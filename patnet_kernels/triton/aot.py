@@ -26,7 +26,7 @@ A launch kind fails when a tl.dot on fp16/bf16 operands has no tensor-core instr
 back to FMA) or when it spills more than :data:`KNOWN_SPILLS` allows (nothing, for a kernel not
 listed).
 
-With ``--no-generic`` this is 760 compiles (more with the generic variants); with an empty
+With ``--no-generic`` this is 1140 compiles (more with the generic variants); with an empty
 Triton cache they take minutes on 2 cores (the PConv, PAT_ch and MLP families' 492 took 419 s
 on the shared development machine). Triton caches each compile (~/.triton/cache) and this
 module each cubin's machine-code reading beside it (:func:`machine_code_cache`), so a rerun

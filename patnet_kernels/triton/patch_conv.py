@@ -237,7 +237,8 @@ def released_launches():
 
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU for the released models
-    (:func:`released_launches` per dtype; NCHW and channels_last inputs, the weight stored
+    (:func:`released_launches` per dtype; NCHW and channels_last inputs, the stem also from an
+    NCHW image into a channels_last output, the weight stored
     [ky, kx, in, out], PAT_sf's qkv weight as nn.Linear keeps it), for the ahead-of-time
     check."""
     kernels = {}
@@ -259,9 +260,11 @@ def aot_kernels() -> List[AotKernel]:
         if launch.norm:
             launches = {"NCHW": ("x_sw", "w_si", "w_sy", "w_sx", "y_sc", "KS"),
                         "channels_last": ("x_sc", "w_si", "w_sy", "w_sx", "y_sc", "KS")}
-        else:
+        else:  # (the stem also from an NCHW image into channels_last: the inference copy's)
             launches = {"NCHW": ("x_sw", "w_so", "y_sp"),
-                        "channels_last": ("x_sc", "w_so", "y_sc")}
+                        "channels_last": ("x_sc", "w_so", "y_sc"),
+                        **({"NCHW -> channels_last": ("x_sw", "w_so", "y_sc")}
+                           if launch.c_in == 3 else {})}
         kernels[name] = AotKernel(
             name, fn, aot_signature(fn, pointers, {"EPS": "fp32"}),
             dict(HAS_BIAS=True, STATS=launch.stats, NORMALIZE=launch.norm,

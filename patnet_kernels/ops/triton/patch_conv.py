@@ -10,7 +10,6 @@ import torch
 from ...triton import patch_conv as kernels
 from ...triton._common import on_tensor_device
 from .. import custom_op, patch_conv as spec
-from .._layout import empty_activation
 
 Tensor = torch.Tensor
 
@@ -22,24 +21,20 @@ def _stats_shape(x: Tensor, weight: Tensor, stats_first: int):
     return (x.shape[0], kernels.stats_chunks(x, weight), weight.shape[0] - stats_first)
 
 
-def _output(x: Tensor, weight: Tensor) -> Tensor:
-    return empty_activation(x, spec.output_shape(x, weight), dtype=weight.dtype)
-
-
 @custom_op("patnet_triton::patch_conv", mutates_args=())
 @on_tensor_device
-def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stats_first: int
-             ) -> Tuple[Tensor, Tensor, Tensor]:
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stats_first: int,
+             channels_last: bool) -> Tuple[Tensor, Tensor, Tensor]:
     shape = _stats_shape(x, weight, stats_first)
     mean = torch.empty(shape, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
-    y = kernels.patch_conv(x, weight, bias, _output(x, weight),
+    y = kernels.patch_conv(x, weight, bias, spec.output(x, weight, channels_last),
                            (mean, m2) if stats_first >= 0 else None, max(stats_first, 0))
     return y, mean, m2
 
 
 @_forward.register_fake
-def _forward_fake(x, weight, bias, stats_first):
+def _forward_fake(x, weight, bias, stats_first, channels_last):
     shape = _stats_shape(x, weight, stats_first)
-    return (_output(x, weight), x.new_empty(shape, dtype=torch.float32),
+    return (spec.output(x, weight, channels_last), x.new_empty(shape, dtype=torch.float32),
             x.new_empty(shape, dtype=torch.float32))
