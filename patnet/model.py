@@ -123,9 +123,13 @@ class _PartialNetwork(nn.Module):
         if x.device != param.device:
             raise ValueError(f"input is on {x.device} but the model is on {param.device}; "
                              f"call model.to({str(x.device)!r}) or move the input")
+        if not x.is_floating_point():
+            raise TypeError(f"input is {x.dtype} but the model takes {param.dtype} images; "
+                            f"convert them, e.g. x.to({param.dtype}) (8-bit pixels: divide by "
+                            f"255 and normalise as the model was trained)")
         if x.dtype != param.dtype:
             raise TypeError(f"input is {x.dtype} but the model is {param.dtype}; cast one to the "
-                            f"other, e.g. model.to({x.dtype})")
+                            f"other, e.g. x.to({param.dtype}) or model.to({x.dtype})")
         min_batch = self._min_train_batch(x)
         if self.training and x.shape[0] < min_batch:
             raise ValueError(f"training mode needs a batch of at least {min_batch} here "

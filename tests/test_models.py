@@ -240,6 +240,8 @@ def test_unknown_option_lists_valid_ones():
     (torch.randn(2, 4, 64, 64), ValueError, "expects 3 input channels, got 4"),
     (torch.randn(2, 3, 64, 16), ValueError, "too small"),
     (torch.randn(2, 3, 64, 64, dtype=torch.float64), TypeError, "model is torch.float32"),
+    (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), TypeError,
+     r"takes torch.float32 images; convert them, e.g. x.to\(torch.float32\)"),
     (torch.randn(2, 3, 64, 64, device="meta"), ValueError, "is on meta but the model is on cpu"),
     (torch.randn(1, 3, 64, 64), ValueError, "batch of at least 2"),
 ])
