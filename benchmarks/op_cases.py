@@ -63,7 +63,8 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
              providers: List[str], timer: Timer, copy_gbps: float, skipped: Dict[str, str],
              compile_mode: str, seed: int, layout: str = "nchw") -> dict:
     """Time every provider on one case; returns the JSON row. ``layout="channels_last"`` lays
-    the case's main activation (its first argument) out channels_last."""
+    the case's activations (its first argument and any of that shape, a residual) and, in
+    fwd+bwd, the output's gradient out channels_last, as a channels_last network has them."""
     elem = torch.empty((), dtype=dtype).element_size()
     nbytes = family.bytes_moved(shape, batch, elem, mode)
     flops = family.flops(shape, batch, mode) if family.flops is not None else None
@@ -83,8 +84,11 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
         problem = family.build(shape, batch, dtype, timer.device, mode, gen)
         if layout == "channels_last":
             problem = channels_last(problem)
-        if mode == "fwd+bwd":  # every op returns a tensor shaped like its first input
+        if mode == "fwd+bwd":  # every op returns a tensor shaped like its first input, in
+            # its layout (a channels_last network's gradients are channels_last too)
             grad_out = random_activation(problem.args[0].shape, dtype, timer.device, gen)
+            if layout == "channels_last":
+                grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         row["reference"] = f"eager ({DTYPE_NAMES.get(dtype, str(dtype))})"
         if family.fp32_reference and dtype != torch.float32:
             try:
@@ -116,7 +120,10 @@ def run_case(family: Family, shape: StageShape, batch: int, dtype: torch.dtype, 
             first_s = time.perf_counter() - start
             if provider == "torch" and expected is None:
                 expected = out
-            err = max_rel_error(out, expected) if expected is not None else None
+            if expected is None:  # (neither the fp32 reference nor eager gave one)
+                raise Unavailable("skipped", "no reference output to check it against (the "
+                                  "eager reference failed)")
+            err = max_rel_error(out, expected)
             del out
             t = timer(timed_call(mode, impl, grad_out), problem.leaves if mode != "fwd" else ())
             entry.update(status="ok", ms=t["ms"], ms_p20=t["ms_p20"], ms_p80=t["ms_p80"],

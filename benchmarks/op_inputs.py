@@ -27,13 +27,21 @@ class Problem:
 
 
 def channels_last(problem: Problem) -> Problem:
-    """The problem with its first argument (the activation) laid out channels_last, still a
-    leaf that requires a gradient where it did."""
-    x = problem.args[0]
-    moved = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(
-        x.requires_grad)
-    leaves = [moved if leaf is x else leaf for leaf in problem.leaves]
-    return Problem((moved,) + tuple(problem.args[1:]), leaves)
+    """The problem with its activations laid out channels_last, as a channels_last network
+    passes them: the first argument and every other 4-D tensor of its shape (a residual),
+    each still a leaf that requires a gradient where it did."""
+    shape = problem.args[0].shape
+    moved = {}
+
+    def move(arg):
+        if not (isinstance(arg, torch.Tensor) and arg.dim() == 4 and arg.shape == shape):
+            return arg
+        moved[id(arg)] = arg.detach().contiguous(memory_format=torch.channels_last) \
+            .requires_grad_(arg.requires_grad)
+        return moved[id(arg)]
+
+    args = tuple(move(arg) for arg in problem.args)
+    return Problem(args, [moved.get(id(leaf), leaf) for leaf in problem.leaves])
 
 
 def param_bytes(tensors: Sequence[Optional[object]], elem: int) -> int:

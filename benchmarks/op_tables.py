@@ -55,6 +55,7 @@ def check_targets(family: Family, rows: List[dict], cuda_name: Optional[str]) ->
             entry = row["providers"].get(target.provider, {})
             if (row["mode"] == target.mode and row["batch"] == target.batch
                     and (target.where is None or target.where(row))
+                    and entry.get("status") == "ok"  # (a mismatching kernel meets nothing)
                     and entry.get(target.metric) is not None):
                 values.append((entry[target.metric], row))
         head = f"  {target.text}: "
@@ -92,7 +93,8 @@ def summary_lines(rows: List[dict], providers: List[str],
         for mode, dtype, batch in keys:
             entries = [r["providers"][provider] for r in rows
                        if (r["mode"], r["dtype"], r["batch"]) == (mode, dtype, batch)
-                       and r["providers"].get(provider, {}).get("ms") is not None]
+                       and r["providers"].get(provider, {}).get("status") == "ok"
+                       and r["providers"][provider].get("ms") is not None]
             if not entries:
                 continue
             pct = [e["pct_copy"] for e in entries if e.get("pct_copy") is not None]

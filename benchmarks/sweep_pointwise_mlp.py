@@ -207,9 +207,35 @@ class Case:
         self.shipped = kernels.default_config(*self.key[:3], dtype, *self.key[3:])
         self.tuned = [kernels.Config(*fields) for fields in tuned.listed(
             "pointwise_mlp", dtype, self.key)]
-        self.call = lambda config: kernels.pointwise_mlp(
-            x, mats[0], b1, mats[1], None, residual, activation, y, config=config, **extra)
         affine = extra.get("scale") is not None
+        # (a PAT_ch block followed by another, as most are, takes the statistics of its
+        # output's X2 in its epilogue: timed in that form, their chunks per configuration)
+        statistics = {}
+
+        def statistics_of(config):
+            if not affine:
+                return None
+            chunks = kernels.stats_chunks(x, *mats, c1, self.spatial_half, config, residual)
+            if chunks not in statistics:
+                statistics[chunks] = tuple(torch.empty(
+                    (x.shape[0], chunks, mats[1].shape[0] - c1), device=device,
+                    dtype=torch.float32) for _ in range(2))
+            return statistics[chunks]
+
+        self.call = lambda config: kernels.pointwise_mlp(
+            x, mats[0], b1, mats[1], None, residual, activation, y, config=config,
+            statistics=statistics_of(config), stats_first=c1, **extra)
+
+        def clear_outputs():
+            """Before a configuration's check: NaN in every output, so that one that leaves
+            some of it unwritten fails instead of showing the previous configuration's."""
+            for out in (y, *(t for pair in statistics.values() for t in pair)):
+                out.fill_(float("nan"))
+
+        self.clear_outputs = clear_outputs
+        # (every statistics chunk written: their values are the kernel tests' to check)
+        self.statistics_written = lambda config: affine is False or all(
+            bool(t.isfinite().all()) for t in statistics_of(config))
         # (its programs' tiles, traffic's rule: the weight bytes they read, from L2 after the
         # first read, and the multiply-adds they perform)
         self.tile_work = lambda config: traffic.mlp_tile_work(
@@ -349,8 +375,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 found.append(row)
                 continue
             try:
+                case.clear_outputs()
                 error = (case.call(config).float() - case.exact).abs().max().item() / \
                     case.exact.abs().max().item()
+                if not case.statistics_written(config):
+                    raise RuntimeError("statistics chunks left unwritten")
                 if not error <= MISMATCH[DTYPES[dtype_name]]:
                     raise RuntimeError(f"max rel error {error:.2g} vs the reference")
                 row.update(status="ok", max_rel_error=error,

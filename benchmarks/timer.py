@@ -7,7 +7,8 @@ Two ways of timing, each on the CPU and on a GPU:
   ``rep_ms`` and before **every** timed call writes a 256 MB buffer, so the inputs come from
   device memory, not L2 (cold-L2 timing); on the CPU a plain loop of ``warmup`` + ``runs``
   calls (time.perf_counter), no cache flush. Gradients given in ``grad_to_none`` are reset to
-  None before each call, untimed.
+  None before each call, untimed. :meth:`Timer.warm` times without the flush (what stays in
+  L2 between calls stays there: the L2 read rate).
 * :func:`time_cuda` / :func:`time_cpu` / :func:`time_cpu_round_robin`, throughput and latency
   (the whole-model benchmarks, the authors' way): the mean, median and minimum per call. On a
   GPU the timed calls run between two synchronisations (the mean) with CUDA events around each
@@ -113,6 +114,22 @@ class Timer:
             for t in grad_to_none:
                 t.grad = None
         return quantiles(cpu_loop({0: fn}, self.warmup, self.runs, reset)[0])
+
+    def warm(self, fn: Callable[[], object], runs: int = 20) -> dict:
+        """As calling the timer, but on a GPU with no L2 flush: one warm-up call, then
+        ``runs`` calls each between CUDA events (on the CPU: the timer's own loop)."""
+        if self.device.type != "cuda":
+            return self(fn)
+        fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(runs)]
+        torch.cuda.synchronize()
+        for begin, end in events:
+            begin.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return quantiles([begin.elapsed_time(end) for begin, end in events])
 
 
 def measure_copy_bandwidth(timer: Timer, nbytes: int) -> dict:

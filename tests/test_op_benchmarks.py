@@ -316,17 +316,75 @@ def test_rpe_low_precision_is_checked_against_the_fp32_reference(tmp_path):
         assert row["providers"]["torch"]["speedup_vs_flex"] is None
 
 
+def test_channels_last_cases_lay_out_every_activation(monkeypatch):
+    """--layout channels_last: the activation and a residual of its shape (the MLP op's), each
+    a leaf where it was one, and the output's gradient in fwd+bwd, as a channels_last network
+    has them; the weights as they are."""
+    from benchmarks import op_cases
+    from benchmarks.op_inputs import channels_last
+
+    cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(0)
+    shape = bench_pointwise_mlp.shapes(True)[0]
+    problem = bench_pointwise_mlp.build(shape, 2, torch.float32, cpu, "fwd", gen)
+    moved = channels_last(problem)
+    x, w1, _, _, _, residual, _ = moved.args[:7]
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert residual.is_contiguous(memory_format=torch.channels_last)
+    assert w1 is problem.args[1] and torch.equal(residual, problem.args[5])
+    shape = bench_partial_conv.shapes(True)[0]
+    problem = bench_partial_conv.FAMILY.build(shape, 2, torch.float32, cpu, "fwd+bwd", gen)
+    moved = channels_last(problem)
+    assert moved.leaves[0] is moved.args[0] and moved.args[0].requires_grad
+    layouts = []
+    outputs = op_cases.op_parity.outputs
+
+    def recorded(mode, impl, leaves, grad_out):
+        layouts.append(grad_out.is_contiguous(memory_format=torch.channels_last))
+        return outputs(mode, impl, leaves, grad_out)
+
+    monkeypatch.setattr(op_cases.op_parity, "outputs", recorded)
+    row = run_case(bench_partial_conv.FAMILY, shape, 2, torch.float32, "fwd+bwd", ["torch"],
+                   Timer(cpu, warmup=0, runs=1), 1.0, {}, "default", 0, "channels_last")
+    assert row["providers"]["torch"]["status"] == "ok" and layouts == [True]
+
+
+def test_providers_are_not_timed_unchecked(monkeypatch):
+    """Where the eager reference fails (and no fp32 reference is taken), the other providers
+    are skipped, not reported ok with nothing checked."""
+    from benchmarks import op_cases
+
+    make_impl = op_cases.make_impl
+
+    def failing_eager(family, provider, *args):
+        if provider == "torch":
+            def fail():
+                raise RuntimeError("eager failed")
+            return fail
+        return make_impl(family, provider, *args)
+
+    monkeypatch.setattr(op_cases, "make_impl", failing_eager)
+    shape = bench_partial_conv.shapes(True)[0]
+    row = run_case(bench_partial_conv.FAMILY, shape, 2, torch.float32, "fwd",
+                   ["torch", "triton"], Timer(torch.device("cpu"), warmup=0, runs=1), 1.0, {},
+                   "default", 0)
+    assert row["providers"]["torch"]["status"] == "error", row
+    assert row["providers"]["triton"]["status"] == "skipped", row
+    assert "eager reference failed" in row["providers"]["triton"]["reason"]
+
+
 def test_targets_filter_rows_and_show_each_dtype():
     """Target.where keeps only its rows (N = 49 for the attention); with several dtypes the
-    worst row of each is shown too."""
+    worst row of each is shown too; a mismatching kernel's row counts for nothing."""
     family = bench_rpe_attention.FAMILY
 
-    def row(dtype, h, w, flex_x, eager_x):
+    def row(dtype, h, w, flex_x, eager_x, status="ok"):
         return {"mode": "fwd+bwd", "batch": 256, "dtype": dtype, "height": h, "width": w,
                 "shape": f"s{h}", "providers": {"triton": {"speedup_vs_flex": flex_x,
-                                                           "speedup_vs_eager": eager_x}}}
+                                                           "speedup_vs_eager": eager_x,
+                                                           "status": status}}}
     rows = [row("fp16", 7, 7, 2.0, 4.0), row("fp32", 7, 7, 1.2, 3.5),
-            row("fp16", 25, 42, 0.1, 0.1)]  # not N = 49: ignored
+            row("fp16", 25, 42, 0.1, 0.1),  # not N = 49: ignored
+            row("bf16", 7, 7, 9.0, 9.0, status="mismatch")]  # wrong output: ignored
     lines = check_targets(family, rows, "NVIDIA H100 80GB HBM3")
     assert "NOT met: worst 1.20x (s7 fp32, 2 rows" in lines[0]
     assert "worst per dtype: fp16 2.00x, fp32 1.20x" in lines[0]
@@ -354,6 +412,32 @@ def test_pointwise_mlp_sweep_budget(tmp_path, capsys):
     for bad in (["--budget", "0"], ["--compile-workers", "-1"]):
         with pytest.raises(SystemExit):
             sweep.parse_args(bad)
+
+
+def test_pointwise_mlp_sweep_checks_every_output(monkeypatch):
+    """A PAT_ch block's case runs the kernel as the model's blocks do, taking its output's X2
+    statistics in the epilogue (each configuration its own chunks); before a configuration's
+    check every output is NaN, so one that writes nothing fails rather than passing on the
+    previous configuration's values."""
+    from benchmarks import sweep_pointwise_mlp as sweep
+    from patnet_kernels.triton import pointwise_mlp as kernels
+
+    shape = next(s for s in bench_partial_block.shapes(True) if s.model == "patnet_t2")
+    case = sweep.Case("block", shape, 2, torch.float16, torch.device("cpu"),
+                      torch.Generator().manual_seed(0), "channels_last")
+    launch, seen = kernels.pointwise_mlp, []
+
+    def recorded(*args, statistics=None, **kwargs):
+        seen.append(statistics)
+        return launch(*args, statistics=statistics, **kwargs)
+
+    monkeypatch.setattr(kernels, "pointwise_mlp", recorded)
+    case.clear_outputs()
+    error = (case.call(case.shipped).float() - case.exact).abs().max() / case.exact.abs().max()
+    assert error < 1e-2 and seen[0] is not None and case.statistics_written(case.shipped)
+    monkeypatch.setattr(kernels, "pointwise_mlp", lambda *args, **kwargs: args[7])  # (y)
+    case.clear_outputs()
+    assert case.call(case.shipped).isnan().all() and not case.statistics_written(case.shipped)
 
 
 @pytest.mark.parametrize("op", ["mlp", "block"])

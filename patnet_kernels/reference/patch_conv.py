@@ -12,12 +12,15 @@ from .channel_attention import output_statistics
 
 
 def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               statistics_of: Optional[int] = None, channels_last: bool = False):
+               statistics_of: Optional[int] = None, channels_last: Optional[bool] = None):
     """conv(x, weight, bias) with stride k: x (B, C_IN, H, W), converted to the weight's dtype
     first; weight (C_OUT, C_IN, k, k); bias (C_OUT,) or None. Returns (B, C_OUT, H // k,
-    W // k) in the weight's dtype, channels_last or NCHW as ``channels_last`` asks, or with
+    W // k) in the weight's dtype, channels_last or NCHW as ``channels_last`` asks (None:
+    conv2d's own choice, x's memory format), or with
     ``statistics_of`` = C1 (y, :func:`output_statistics` of y[:, C1:]): what the next stage's
     first PAT_ch block reads."""
-    y = F.conv2d(x.to(weight.dtype), weight, bias, stride=weight.shape[-1]).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    y = F.conv2d(x.to(weight.dtype), weight, bias, stride=weight.shape[-1])
+    if channels_last is not None:
+        y = y.contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return y if statistics_of is None else (y, output_statistics(y, statistics_of))
