@@ -11,19 +11,47 @@ from ._types import BatchNormParams
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def check_tensor(name: str, t: object) -> None:
+    """t must be a torch.Tensor (not None, a list, a number)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check_activation(name: str, x: torch.Tensor, layout: str = "(B, C, H, W)") -> None:
-    """x must be a floating tensor with one dimension per name in ``layout``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    """x must be a floating tensor with one dimension per name in ``layout``, none of them
+    empty but the batch (a layout starting with B may have B = 0)."""
+    check_tensor(name, x)
     if x.dim() != len(layout.split(",")):
         raise ValueError(f"{name} must be {layout}, got a {x.dim()}-D tensor of shape "
                          f"{tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or "
                         f"float64), got {x.dtype}")
+    sized = x.shape[1:] if layout.lstrip("(").startswith("B") else x.shape
+    if 0 in sized:
+        raise ValueError(f"{name} must be {layout} with no empty dimension but the batch, got "
+                         f"shape {tuple(x.shape)}")
+
+
+def check_flag(name: str, value: object) -> None:
+    """value must be True or False (not a string or a tensor, whose truth would be taken)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_number(name: str, value: object, low: float, high: float = float("inf"),
+                 high_open: bool = True) -> None:
+    """value must be a real number (not a bool) in [low, high) (or [low, high])."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            low <= value and (value < high or not high_open and value <= high)):
+        bound = (f">= {low:g}" if high == float("inf")
+                 else f"in [{low:g}, {high:g}{')' if high_open else ']'}")
+        raise ValueError(f"{name} must be a{' finite' if high == float('inf') else ''} number "
+                         f"{bound}, got {value!r}")
 
 
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], why: str = "") -> None:
+    check_tensor(name, t)
     if tuple(t.shape) != tuple(shape):
         hint = f" ({why})" if why else ""
         raise ValueError(f"{name} must have shape {tuple(shape)}{hint}, got {tuple(t.shape)}")
@@ -34,6 +62,7 @@ def check_same(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor
     for name, t in others.items():
         if t is None:
             continue
+        check_tensor(name, t)
         if t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
                              "move them to one device")
@@ -51,6 +80,7 @@ def check_same_or_float32(ref_name: str, ref: torch.Tensor,
     for name, t in others.items():
         if t is None:
             continue
+        check_tensor(name, t)
         if half and t.dtype == torch.float32:
             check_device(ref_name, ref, **{name: t})
             continue
@@ -59,6 +89,8 @@ def check_same_or_float32(ref_name: str, ref: torch.Tensor,
 
 def check_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     for name, t in others.items():
+        if t is not None:
+            check_tensor(name, t)
         if t is not None and t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
                              "move them to one device")
@@ -71,6 +103,7 @@ def check_conv_weight(name: str, weight: torch.Tensor, channels: int, kernel: in
     ``min_rest`` is how many channels the other half of the split needs (1 where an attention
     runs on the rest, 0 for the plain passthrough of PConv).
     """
+    check_tensor(name, weight)
     if weight.dim() != 4 or weight.shape[0] != weight.shape[1] \
             or tuple(weight.shape[2:]) != (kernel, kernel):
         raise ValueError(f"{name} must be (C1, C1, {kernel}, {kernel}), got {tuple(weight.shape)}")
@@ -92,6 +125,7 @@ def check_batch_norm(name: str, bn: Optional[BatchNormParams], channels: int, re
     if not isinstance(bn, BatchNormParams):
         raise TypeError(f"{name} must be a patnet_kernels.BatchNormParams, got "
                         f"{type(bn).__name__}")
+    dtypes = set()
     for field in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(bn, field)
         if t is None:
@@ -102,6 +136,12 @@ def check_batch_norm(name: str, bn: Optional[BatchNormParams], channels: int, re
             raise TypeError(f"{name}.{field} is {t.dtype} but the input is {ref.dtype}; a "
                             "BatchNorm's tensors must be the input's dtype, or float32 for a "
                             "float16/bfloat16 input (as under torch.autocast)")
+        dtypes.add(t.dtype)
+    if len(dtypes) > 1:
+        raise TypeError(f"{name}'s tensors mix dtypes ({', '.join(sorted(map(str, dtypes)))}); "
+                        "cast them to one")
+    check_number(f"{name}.eps", bn.eps, 0.0)
+    check_number(f"{name}.momentum", bn.momentum, 0.0, 1.0, high_open=False)
     if not training and (bn.running_mean is None or bn.running_var is None):
         raise ValueError(f"{name} has no running statistics, so it can only run with "
                          "training=True")

@@ -16,8 +16,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference, registry
 from ._checks import (check_activation, check_batch_norm, check_batch_values,
-                      check_conv_weight, check_device, check_same, check_same_or_float32,
-                      check_shape)
+                      check_conv_weight, check_device, check_flag, check_number, check_same,
+                      check_same_or_float32, check_shape, check_tensor)
 from ._types import BatchNormParams, SpatialAttentionParams, chunk_layout
 from .backends import choose_implementation
 from .ops._layout import memory_format_of
@@ -113,6 +113,11 @@ def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = Fa
     check_activation("x", x)
     check_conv_weight("weight", weight, x.shape[1], 3)
     check_same("x", x, weight=weight)
+    check_flag("inplace", inplace)
+    if inplace and any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape)):
+        raise ValueError("x is an expanded view (a stride of 0: several of its elements share "
+                         "one memory location), so inplace=True would write each of them "
+                         "many times; pass x.contiguous() or inplace=False")
     return choose_implementation("partial_conv3x3", backend, x, weight)(x, weight, inplace)
 
 
@@ -142,6 +147,7 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
 def _check_channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b,
                              training: bool) -> None:
     """The checks of :func:`channel_attention`'s arguments."""
+    check_flag("training", training)
     check_activation("x", x)
     c1 = check_conv_weight("conv_weight", conv_weight, x.shape[1], 3, min_rest=1)
     c2 = x.shape[1] - c1
@@ -197,6 +203,7 @@ def _check_spatial_attention(m: torch.Tensor, gate_weight, conv_weight, conv_bia
     and those of a fused op's ``spatial`` (:func:`_check_spatial`: m the op's input, named
     ``m_name``, PAT_sp's input having ``channels`` channels; the arguments named with
     ``prefix``)."""
+    check_flag("training", training)
     check_activation(m_name, m)
     channels = m.shape[1] if channels is None else channels
     p = check_conv_weight(prefix + "conv_weight", conv_weight, channels, 1, min_rest=1)
@@ -224,7 +231,15 @@ def _check_spatial(spatial, x: torch.Tensor, channels: int) -> tuple:
                          f"gate_weight, conv_weight, conv_bias, bn_c, bn_d), got "
                          f"{type(spatial).__name__}")
     _check_spatial_attention(x, *spatial, False, "x", "spatial.", channels)
-    return spatial.gate_weight, spatial.conv_weight, spatial.conv_bias
+    return (spatial.gate_weight, spatial.conv_weight, spatial.conv_bias,
+            *_affine_tensors(spatial.bn_c, spatial.bn_d))
+
+
+def _affine_tensors(*bns: Optional[BatchNormParams]) -> tuple:
+    """The weights and biases of the BatchNorms given (None: none): tensors a gradient may
+    flow to, which an inference op's fused backends refuse."""
+    return tuple(t for bn in bns if bn is not None for t in (bn.weight, bn.bias)
+                 if t is not None)
 
 
 @autocast_aware
@@ -237,6 +252,7 @@ def batch_norm_act(x: torch.Tensor, bn: BatchNormParams, activation: str = "relu
     updated as ``F.batch_norm`` does); activation: "relu" or "gelu" (exact, erf). Returns a
     new (B, C, H, W) tensor in x's memory format.
     """
+    check_flag("training", training)
     check_activation("x", x)
     check_batch_norm("bn", bn, x.shape[1], x, training)
     _check_activation_name(activation)
@@ -350,6 +366,7 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     check_shape("k", k, q.shape, "k must match q")
     check_shape("v", v, q.shape, "v must match q")
     check_same("q", q, k=k, v=v)
+    check_tensor("table", table)
     check_same_or_float32("q", q, table=table)
     heads, n = q.shape[1], q.shape[2]
     if table.dim() != 2 or table.shape[0] != heads:
@@ -371,8 +388,9 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
         raise ValueError(f"bucket ids span [{low}, {high}] but the table has only "
                          f"{table.shape[1]} buckets per head; this map needs a table of at "
                          f"least {high + 1} (the iRPE table of PATNet has 81)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_number("dropout_p", dropout_p, 0.0, 1.0)
+    if scale is not None:
+        check_number("scale", scale, 0.0)
     return choose_implementation("rpe_attention", backend, q, k, v, table,
                                  eval_form=eval_form and dropout_p == 0.0)(
         q, k, v, table, bucket, scale, dropout_p)
@@ -404,8 +422,8 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
         check_shape("proj_bias", proj_bias, (c2,))
     check_same("x", x, conv_weight=conv_weight, tokens=tokens, proj_weight=proj_weight,
                proj_bias=proj_bias)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_number("dropout_p", dropout_p, 0.0, 1.0)
+    check_flag("residual", residual)
     implementation = choose_implementation("self_mixer_output", backend, x, conv_weight, tokens,
                                            proj_weight, eval_form=eval_form and dropout_p == 0.0)
     keep = None
@@ -516,6 +534,8 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
         raise ValueError(f"w2 must have C = {x.shape[1]} output channels (the block adds x "
                          f"back), got {tuple(w2.shape)}")
     _check_mlp(x, w1, b1, w2, b2, None, activation)
+    check_flag("residual", residual)
+    check_flag("return_statistics", return_statistics)
     if return_statistics and not residual:
         raise ValueError("return_statistics gives the statistics of the block's output: with "
                          "residual=False (PAT_sp and the residual still to come) there is none")
@@ -526,7 +546,8 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
         _check_statistics(statistics, x, conv_weight.shape[0])
     spatial_tensors = _check_spatial(spatial, x, x.shape[1])
     return choose_implementation("partial_block", backend, x, conv_weight, cfc_weight,
-                                 cfc_bias, w1, b1, w2, b2, *spatial_tensors)(
+                                 cfc_bias, w1, b1, w2, b2, *_affine_tensors(bn_a, bn_b),
+                                 *spatial_tensors)(
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, w1, b1, w2, b2, activation,
         statistics, bool(return_statistics), bool(residual), spatial)
 
@@ -595,8 +616,7 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                          f"{tuple(getattr(weight, 'shape', ()))}")
     check_activation("weight", weight, "(C_OUT, C_IN)")
     _check_weight_reading(x, weight, bias)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_number("eps", eps, 0.0)
     return choose_implementation("layer_norm_linear", backend, x, weight, bias)(
         x, weight, bias, float(eps))
 

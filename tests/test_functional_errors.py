@@ -543,7 +543,7 @@ def test_rpe_negative_ids():
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
 def test_rpe_bad_dropout(p):
     a = rpe_args()
-    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\)"):
         call_rpe(a, dropout_p=p)
 
 
@@ -676,3 +676,131 @@ def test_info():
         assert backends["cuda"]["available"] is emulated
         assert "PATNET_CUDA_EMULATE" in backends["cuda"]["reason"]
         assert backends["triton"]["available"] is (os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments of the wrong kind: None or a list for a tensor, a string or a tensor for a flag,
+# empty dimensions, BatchNorm settings out of range (each found by a read of the API)
+# --------------------------------------------------------------------------------------------
+def _mlp_args(c=8, hidden=16):
+    g = gen(9)
+    return (torch.randn(2, c, 4, 4, generator=g, dtype=torch.float32),
+            torch.randn(hidden, c, 1, 1, generator=g), torch.randn(hidden, generator=g),
+            torch.randn(c, hidden, 1, 1, generator=g))
+
+
+@pytest.mark.parametrize("case", ["weight None", "weight list", "table None", "tokens None",
+                                  "bias list", "bn field list"])
+def test_not_a_tensor_is_a_type_error(case):
+    x, w = pconv_args()
+    a, c = rpe_args(), ca_args()
+    calls = {
+        "weight None": lambda: pk.partial_conv3x3(x, None),
+        "weight list": lambda: pk.partial_conv3x3(x, [[1.0]]),
+        "table None": lambda: call_rpe(dict(a, table=None)),
+        "tokens None": lambda: pk.self_mixer_output(x, w, None, torch.zeros(8, 8, dtype=F64)),
+        "bias list": lambda: pk.patch_conv(x, torch.zeros(4, 10, 2, 2, dtype=F64), [0.0] * 4),
+        "bn field list": lambda: call_ca(dict(c, bn_b=c["bn_b"]._replace(weight=[1.0] * 10))),
+    }
+    name = {"weight None": "weight", "weight list": "weight", "table None": "table",
+            "tokens None": "tokens", "bias list": "bias", "bn field list": "bn_b.weight"}[case]
+    with pytest.raises(TypeError, match=rf"{re.escape(name)} must be a torch.Tensor, got"):
+        calls[case]()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_dimensions_are_refused_but_the_batch(backend):
+    """A map with no channels or no pixels is refused alike on every backend (they used to
+    disagree or crash); an empty batch runs."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend runs here under its interpreter only")
+    x, w = pconv_args(torch.float32)
+    for bad in (x[:, :, :0], x[:, :, :, :0]):
+        with pytest.raises(ValueError, match=r"x must be \(B, C, H, W\) with no empty dimension "
+                                             r"but the batch"):
+            pk.partial_conv3x3(bad, w, backend=backend)
+    assert pk.partial_conv3x3(x[:0], w, backend=backend).shape == (0, 10, 5, 6)
+    x, w1, b1, w2 = _mlp_args()
+    with pytest.raises(ValueError, match=r"no empty dimension"):
+        with torch.no_grad():
+            pk.patch_conv(x, torch.zeros(0, 8, 2, 2), backend=backend)
+
+
+@pytest.mark.parametrize("flag", ["inplace", "training", "residual", "return_statistics"])
+def test_flags_must_be_bools(flag):
+    """A string or a tensor for a flag is refused (its truth would have been taken: "no" is
+    true)."""
+    x, w = pconv_args()
+    c = ca_args()
+    calls = {
+        "inplace": lambda: pk.partial_conv3x3(x, w, inplace="no"),
+        "training": lambda: call_ca(c, training="no"),
+        "residual": lambda: pk.self_mixer_output(
+            x, w, torch.zeros(2, 30, 8, dtype=F64), torch.zeros(8, 8, dtype=F64),
+            residual=torch.ones(())),
+        "return_statistics": lambda: pk.partial_block(
+            torch.zeros(2, 8, 4, 4), torch.zeros(2, 2, 3, 3), *_mlp_args()[1:],
+            return_statistics="no"),
+    }
+    before = snapshot(c["bn_a"], c["bn_b"])
+    with pytest.raises(TypeError, match=rf"{flag} must be True or False, got"):
+        calls[flag]()
+    assert_unchanged(before, c["bn_a"], c["bn_b"])
+
+
+def test_inplace_on_an_expanded_view_is_refused():
+    x, w = pconv_args()
+    expanded = x[:1].expand(3, -1, -1, -1)
+    with pytest.raises(ValueError, match=r"x is an expanded view .* pass x.contiguous\(\)"):
+        pk.partial_conv3x3(expanded, w, inplace=True)
+    assert pk.partial_conv3x3(expanded, w).shape == expanded.shape  # (out of place: fine)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(eps=-1.0), ValueError, r"bn_b.eps must be a finite number >= 0, got -1.0"),
+    (dict(eps=float("inf")), ValueError, r"bn_b.eps must be a finite number >= 0"),
+    (dict(eps="x"), ValueError, r"bn_b.eps must be a finite number >= 0, got 'x'"),
+    (dict(momentum=None), ValueError, r"bn_b.momentum must be a number in \[0, 1\], got None"),
+    (dict(momentum=1.5), ValueError, r"bn_b.momentum must be a number in \[0, 1\]"),
+])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_batch_norm_settings(change, error, match, training):
+    """A BatchNorm's eps and momentum out of range, or its tensors in two dtypes, are refused
+    (the Triton kernels returned NaN for eps < 0 where F.batch_norm raised)."""
+    c = ca_args()
+    c["bn_b"] = c["bn_b"]._replace(**change)
+    before = snapshot(c["bn_a"], c["bn_b"])
+    with pytest.raises(error, match=match):
+        call_ca(c, training=training)
+    assert_unchanged(before, c["bn_a"], c["bn_b"])
+    # a half input's BatchNorm in float32 or its dtype, each field alike
+    x = torch.randn(2, 10, 3, 3).half()
+    bn = make_bn(10, dtype=torch.float32)
+    pk.batch_norm_act(x, bn, training=training)
+    with pytest.raises(TypeError, match=r"bn's tensors mix dtypes \(torch.float16, "
+                                        r"torch.float32\); cast them to one"):
+        pk.batch_norm_act(x, bn._replace(running_mean=bn.running_mean.half()),
+                          training=training)
+
+
+def test_rpe_scale_and_dropout_are_numbers():
+    a = rpe_args()
+    for scale in ("a", float("nan"), -1.0):
+        with pytest.raises(ValueError, match=r"scale must be a finite number >= 0, got"):
+            call_rpe(a, scale=scale)
+    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\), got None"):
+        call_rpe(a, dropout_p=None)
+
+
+def test_inference_ops_refuse_a_gradient_through_batch_norm_weights():
+    """A fused inference op has no backward: a BatchNorm weight requiring a gradient (PAT_ch's
+    gate, PAT_sp's) is refused as x and the conv weights are (the reference takes it)."""
+    x, w1, b1, w2 = _mlp_args()
+    conv = torch.zeros(2, 2, 3, 3)
+    cfc = torch.zeros(6, 6, 1, 2)
+    bn = BatchNormParams(torch.ones(6, requires_grad=True), torch.zeros(6), torch.zeros(6),
+                         torch.ones(6))
+    with pytest.raises(ValueError, match=r"runs partial_block for inference only"):
+        pk.partial_block(x, conv, w1, b1, w2, cfc_weight=cfc, bn_b=bn, backend="triton")
+    y = pk.partial_block(x, conv, w1, b1, w2, cfc_weight=cfc, bn_b=bn, backend="torch")
+    assert y.requires_grad

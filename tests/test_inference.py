@@ -50,6 +50,17 @@ def test_inference_path_equals_eval_model(name):
         fast.train()
 
 
+def test_optimize_for_inference_refuses_what_it_cannot_optimise():
+    """Not a PATNet or FasterNet (a name, another module), or an unknown backend: a clear
+    error before any copy is made."""
+    for model in ("patnet_t0", torch.nn.Linear(3, 3)):
+        with pytest.raises(TypeError, match=r"takes a PATNet or FasterNet \(e.g. "
+                                            r"patnet.create_model\('patnet_t2'\)\), got"):
+            patnet.optimize_for_inference(model)
+    with pytest.raises(ValueError, match=r"unknown backend 'TRITON'; choose one of"):
+        patnet.optimize_for_inference(_eval_model("fasternet_t0"), backend="TRITON")
+
+
 def test_inference_path_of_a_folded_model_and_features():
     model = _eval_model("patnet_t0", features_only=True)
     x = torch.randn(1, 3, 64, 96)
