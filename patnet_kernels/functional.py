@@ -472,6 +472,9 @@ def _check_mlp(x, w1, b1, w2, b2, residual, activation) -> None:
             got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
             raise ValueError(f"{name} must be a 1x1 conv weight (out, in, 1, 1), got {got}")
     hidden, c_out = w1.shape[0], w2.shape[0]
+    if hidden == 0 or c_out == 0:
+        raise ValueError(f"w1 and w2 must have at least one output channel each, got "
+                         f"{tuple(w1.shape)} and {tuple(w2.shape)}")
     check_shape("w1", w1, (hidden, c, 1, 1), f"hidden x C with C = {c} input channels")
     check_shape("w2", w2, (c_out, hidden, 1, 1), f"C_out x hidden with hidden = {hidden}")
     if b1 is not None:

@@ -710,8 +710,8 @@ def test_not_a_tensor_is_a_type_error(case):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_empty_dimensions_are_refused_but_the_batch(backend):
-    """A map with no channels or no pixels is refused alike on every backend (they used to
-    disagree or crash); an empty batch runs."""
+    """A map with no channels or no pixels, or an MLP with no hidden or output channels, is
+    refused alike on every backend (they used to disagree or crash); an empty batch runs."""
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton backend runs here under its interpreter only")
     x, w = pconv_args(torch.float32)
@@ -721,9 +721,20 @@ def test_empty_dimensions_are_refused_but_the_batch(backend):
             pk.partial_conv3x3(bad, w, backend=backend)
     assert pk.partial_conv3x3(x[:0], w, backend=backend).shape == (0, 10, 5, 6)
     x, w1, b1, w2 = _mlp_args()
-    with pytest.raises(ValueError, match=r"no empty dimension"):
-        with torch.no_grad():
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"no empty dimension"):
             pk.patch_conv(x, torch.zeros(0, 8, 2, 2), backend=backend)
+        with pytest.raises(ValueError, match=r"w1 and w2 must have at least one output"):
+            pk.pointwise_mlp(x, w1[:0], None, w2[:, :0], backend=backend)
+        # an empty batch through the ops that reshape per sample (the reference's did not)
+        bn = BatchNormParams(torch.ones(6), torch.zeros(6), torch.zeros(6), torch.ones(6))
+        conv, cfc = torch.zeros(2, 2, 3, 3), torch.zeros(6, 6, 1, 2)
+        assert pk.channel_attention(x[:0], conv, cfc, None, None, bn,
+                                    backend=backend).shape == (0, 8, 4, 4)
+        assert pk.partial_block(x[:0], conv, w1, b1, w2, cfc_weight=cfc, bn_b=bn,
+                                backend=backend).shape == (0, 8, 4, 4)
+        assert pk.self_mixer_output(x[:0], conv, torch.zeros(0, 16, 6), torch.zeros(6, 6),
+                                    backend=backend).shape == (0, 8, 4, 4)
 
 
 @pytest.mark.parametrize("flag", ["inplace", "training", "residual", "return_statistics"])

@@ -21,8 +21,8 @@ def channel_statistics(x2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     ``reshape`` is a view for NCHW and channels_last slices of a map alike (H and W stay
     mergeable), so no copy of X2 is made.
     """
-    b, c2 = x2.shape[:2]
-    std, mean = torch.std_mean(x2.reshape(b, c2, -1), dim=-1)
+    b, c2, h, w = x2.shape  # (h * w, not -1: an empty batch reshapes too)
+    std, mean = torch.std_mean(x2.reshape(b, c2, h * w), dim=-1)
     return mean, std
 
 

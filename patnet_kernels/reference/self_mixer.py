@@ -24,5 +24,5 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
     y2 = F.linear(tokens, proj_weight, proj_bias)
     if keep is not None:
         y2 = y2 * keep
-    y = torch.cat([y1, y2.transpose(1, 2).reshape(b, -1, h, w)], dim=1)
+    y = torch.cat([y1, y2.transpose(1, 2).reshape(b, proj_weight.shape[0], h, w)], dim=1)
     return y + x if residual else y
