@@ -16,7 +16,8 @@ BatchNorm / LayerNorm statistics and RPE tables, eval mode, under torch.no_grad(
   blocks); which backend runs each op is recorded (``backends``);
 * ``ours-graph`` (GPU only, when named): the same captured once as a CUDA graph for the
   benchmark's input (``patnet.cuda_graph.GraphedModel``, what
-  ``optimize_for_inference(..., example_input=x)`` returns): one launch per forward.
+  ``optimize_for_inference(..., example_input=x)`` returns): one launch per forward, and one
+  copy of the input into the graph's buffer (timed with it).
 
 On a GPU: images/s at batch 256, fp32 and AMP (``torch.autocast``, fp16 or bf16), NCHW and
 channels_last, cudnn.benchmark on, 50 warm-up + 200 timed calls between two synchronisations
