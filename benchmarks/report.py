@@ -13,10 +13,13 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
 
 def write_json(path: Path, data: dict) -> None:
     """``data`` as indented JSON (one space), the folder made where missing. Benchmarks rewrite
-    their report after every case, so a run cut off keeps what it measured."""
+    their report after every case, so a run cut off keeps what it measured: written beside it
+    and renamed over it, so a run killed while writing leaves the previous report whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=1) + "\n")
+    partial.replace(path)
 
 
 def read_json(path: Path) -> Optional[dict]:

@@ -499,3 +499,15 @@ def test_machine_rates_smoke_run(tmp_path, capsys):
                for row in report["matmul"].values())
     out = capsys.readouterr().out
     assert "L2 read" in out and str(path) in out
+
+
+def test_reports_are_replaced_whole(tmp_path):
+    """A report is written beside its path and renamed over it: a reader (or a run killed
+    mid-write) sees the previous report or the new one, never a truncated file."""
+    from benchmarks.report import read_json, write_json
+
+    path = tmp_path / "sub" / "report.json"
+    write_json(path, {"rows": [1]})
+    write_json(path, {"rows": [1, 2]})
+    assert read_json(path) == {"rows": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]
