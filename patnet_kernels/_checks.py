@@ -1,6 +1,7 @@
 """Input validation shared by every backend: checked once, before anything is computed."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -27,10 +28,10 @@ def check_activation(name: str, x: torch.Tensor, layout: str = "(B, C, H, W)") -
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or "
                         f"float64), got {x.dtype}")
-    sized = x.shape[1:] if layout.lstrip("(").startswith("B") else x.shape
-    if 0 in sized:
-        raise ValueError(f"{name} must be {layout} with no empty dimension but the batch, got "
-                         f"shape {tuple(x.shape)}")
+    batched = layout.lstrip("(").startswith("B")
+    if 0 in (x.shape[1:] if batched else x.shape):
+        raise ValueError(f"{name} must be {layout} with no empty dimension"
+                         f"{' but the batch' if batched else ''}, got shape {tuple(x.shape)}")
 
 
 def check_flag(name: str, value: object) -> None:
@@ -41,8 +42,9 @@ def check_flag(name: str, value: object) -> None:
 
 def check_number(name: str, value: object, low: float, high: float = float("inf"),
                  high_open: bool = True) -> None:
-    """value must be a real number (not a bool) in [low, high) (or [low, high])."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+    """value must be a real number (not a bool; a NumPy scalar is one) in [low, high) (or
+    [low, high])."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
             low <= value and (value < high or not high_open and value <= high)):
         bound = (f">= {low:g}" if high == float("inf")
                  else f"in [{low:g}, {high:g}{')' if high_open else ']'}")
