@@ -56,6 +56,7 @@ if not torch.cuda.is_available():  # (before anything imports triton: its interp
     env.use_cpu_emulation(cuda=False)
 
 from benchmarks import bench_partial_block, bench_pointwise_mlp, traffic  # noqa: E402
+from benchmarks.op_inputs import Problem, channels_last  # noqa: E402
 from benchmarks.report import split_list, write_json  # noqa: E402
 from benchmarks.timer import Timer  # noqa: E402
 from benchmarks.tolerance import MISMATCH  # noqa: E402
@@ -169,9 +170,7 @@ class Case:
         family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
         args = family.build(shape, batch, dtype, device, "fwd", gen).args
         if layout == "channels_last":  # (the activation, and the MLP op's residual)
-            moved = (0,) if op == "block" else (0, 5)
-            args = tuple(a.contiguous(memory_format=torch.channels_last) if i in moved else a
-                         for i, a in enumerate(args))
+            args = channels_last(Problem(args)).args
         self.nbytes = family.bytes_moved(shape, batch, args[0].element_size(), "fwd")
         if op == "block":
             x, conv, cfc_weight, _, _, _, w1, b1, w2, _, activation, *rest = args

@@ -52,6 +52,16 @@ def check_number(name: str, value: object, low: float, high: float = float("inf"
                          f"{bound}, got {value!r}")
 
 
+def check_statistics_of(statistics_of: object, channels: int) -> None:
+    """``statistics_of`` of an op whose output of ``channels`` channels can give the next PAT_ch
+    block its X2's statistics: None, or that block's C1, an int (not a bool) in [0, channels)."""
+    if statistics_of is not None and (isinstance(statistics_of, bool)
+                                      or not isinstance(statistics_of, int)
+                                      or not 0 <= statistics_of < channels):
+        raise ValueError(f"statistics_of must be the next PAT_ch block's C1 (the first channel "
+                         f"of the statistics), an int in [0, {channels}), got {statistics_of!r}")
+
+
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], why: str = "") -> None:
     check_tensor(name, t)
     if tuple(t.shape) != tuple(shape):

@@ -17,7 +17,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import reference, registry
 from ._checks import (check_activation, check_batch_norm, check_batch_values,
                       check_conv_weight, check_device, check_flag, check_number, check_same,
-                      check_same_or_float32, check_shape, check_tensor)
+                      check_same_or_float32, check_shape, check_statistics_of,
+                      check_tensor)
 from ._types import BatchNormParams, SpatialAttentionParams, chunk_layout
 from .backends import choose_implementation
 from .ops._layout import memory_format_of
@@ -187,11 +188,7 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
         check_activation("residual", residual)
         check_shape("residual", residual, tuple(m.shape), "m's shape")
         check_same("m", m, residual=residual)
-    if statistics_of is not None and (isinstance(statistics_of, bool)
-                                      or not isinstance(statistics_of, int)
-                                      or not 0 <= statistics_of < m.shape[1]):
-        raise ValueError(f"statistics_of must be the first channel of the statistics, an int in "
-                         f"[0, {m.shape[1]}) (the next PAT_ch block's C1), got {statistics_of!r}")
+    check_statistics_of(statistics_of, m.shape[1])
     return choose_implementation("spatial_attention", backend, m, gate_weight, conv_weight)(
         m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, training, residual, statistics_of)
 
@@ -584,11 +581,7 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"x's H x W = {x.shape[2]} x {x.shape[3]} is smaller than the "
                          f"{k} x {k} patch")
     _check_weight_reading(x, weight, bias)
-    if statistics_of is not None and (isinstance(statistics_of, bool)
-                                      or not isinstance(statistics_of, int)
-                                      or not 0 <= statistics_of < weight.shape[0]):
-        raise ValueError(f"statistics_of must be the C1 of the next PAT_ch block, an int in "
-                         f"[0, {weight.shape[0]}), got {statistics_of!r}")
+    check_statistics_of(statistics_of, weight.shape[0])
     if channels_last is None:
         channels_last = memory_format_of(x) == torch.channels_last
     elif not isinstance(channels_last, bool):

@@ -321,8 +321,9 @@ def test_sa_bad_residual(residual, error, match):
 @pytest.mark.parametrize("statistics_of", [13, -1, True, 2.0])
 def test_sa_bad_statistics_of(statistics_of):
     a = sa_args()
-    with pytest.raises(ValueError, match=r"statistics_of must be the first channel of the "
-                                         r"statistics, an int in \[0, 13\)"):
+    with pytest.raises(ValueError, match=r"statistics_of must be the next PAT_ch block's C1 "
+                                         r"\(the first channel of the statistics\), an int in "
+                                         r"\[0, 13\)"):
         pk.spatial_attention(a["m"], a["gate_weight"], a["conv_weight"], a["conv_bias"],
                              a["bn_c"], a["bn_d"], statistics_of=statistics_of)
 
