@@ -249,14 +249,15 @@ def _compiled_code_traces_on_oldest_torch():
 
 # ------------------------------------------------------------------ the ahead-of-time compile
 # tests/test_triton_aot.py compiles every shipped kernel configuration for sm_90 and sm_80
-# (``python -m patnet_kernels.triton.aot``): seconds with a warm Triton cache, many minutes for
-# a changed kernel family on 2 cores. Where that test is collected (and not under pytest-xdist,
+# (``python -m patnet_kernels.triton.aot``), under the installed Triton and then under the GPU
+# machines' (``--gpu-triton``): seconds with a warm Triton cache, many minutes for a changed
+# kernel family on 2 cores. Where that test is collected (and not under pytest-xdist,
 # whose workers each collect it), the compile starts in the background as collection ends, at
 # a lower priority, so that it runs on the CPU time the interpreter tests (one core, mostly)
 # leave; the test waits for it and judges its report.
 AOT_CHECK_TEST = "test_triton_aot.py::test_every_kernel_compiles_for_sm90_and_sm80"
 AOT_CHECK_COMMAND = (sys.executable, "-m", "patnet_kernels.triton.aot", "--arch", "90", "80",
-                     "--no-generic")
+                     "--no-generic", "--gpu-triton")
 _AOT_CHECK = {}  # "process" and "output" (its file) of the background run, once started
 
 

@@ -594,11 +594,12 @@ _GPU_AFFINE_BLOCK_C2 = 32
 # fp16 / bf16 configuration spilled 1.4 KB per thread on sm_80, AOT machine-code report)
 _GPU_GATE_BLOCKS = (32, 32, 32, 8)
 # Chunks of the eval gate's statistics merged per step, one memory round trip each (one chunk
-# a step made 49 round trips in a row at 56 x 56 in 64-pixel tiles; now 7): 2 x 8 x 32 x 32
-# fp32 per step in 8 warps, 158-170 registers and no spill on sm_90 / sm_80 (4 warps took 255;
-# 4 chunks in 4 warps spilled 16 B on sm_90). 2 under the interpreter (the tests' 3 chunks
-# then take a full step and a partial one).
-_GPU_GATE_CHUNKS_PER_STEP = 8
+# a step made 49 round trips in a row at 56 x 56 in 64-pixel tiles; now 13): 2 x 4 x 32 x 32
+# fp32 per step in 8 warps, no spill on sm_90 / sm_80 (116-128 registers under Triton 3.9,
+# 214-220 under 3.6, the GPU machines'; 8 chunks a step spilled 112-136 B under 3.6, 4 chunks
+# in 4 warps 16 B on sm_90). 2 under the interpreter (the tests' 3 chunks then take a full
+# step and a partial one).
+_GPU_GATE_CHUNKS_PER_STEP = 4
 
 
 def _gate_chunks_per_step(interpret: bool = INTERPRET) -> int:
