@@ -63,8 +63,9 @@ def decide_cuda_build(env: Mapping[str, str], torch_cuda_version: Optional[str],
 
     env: the environment (os.environ); torch_cuda_version: ``torch.version.cuda`` of the torch
     to build against (None for a CPU build, or no torch); cuda_home: the CUDA toolkit's root
-    (torch.utils.cpp_extension.CUDA_HOME), None if none was found. Raises CudaBuildError when
-    the environment forces a build that cannot happen.
+    (torch.utils.cpp_extension.CUDA_HOME), None if none was found (one without CUDA's headers
+    builds nothing: :func:`toolkit_problem`). Raises CudaBuildError when the environment forces
+    a build that cannot happen.
     """
     if _flag(env, "PATNET_SKIP_CUDA_BUILD"):
         return BuildDecision(False, "PATNET_SKIP_CUDA_BUILD=1 is set")
@@ -78,6 +79,8 @@ def decide_cuda_build(env: Mapping[str, str], torch_cuda_version: Optional[str],
                    "CUDA build of torch to build the CUDA kernels")
     elif cuda_home is None:
         missing = ("no CUDA toolkit was found (set CUDA_HOME to it, or put its nvcc on PATH)")
+    else:
+        missing = toolkit_problem(cuda_home)
     if missing:
         if forced_by:
             raise CudaBuildError(f"{forced_by} asks for the CUDA extension, but {missing}")
@@ -97,3 +100,16 @@ def find_cuda_home(env: Mapping[str, str] = os.environ) -> Optional[str]:
         if directory and os.path.isfile(nvcc) and os.access(nvcc, os.X_OK):
             return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
     return None
+
+
+def toolkit_problem(cuda_home: str) -> Optional[str]:
+    """Why the CUDA toolkit root ``cuda_home`` cannot build the extension, or None. torch's
+    builds compile with ``-isystem <root>/include``: without CUDA's headers there, every file
+    fails on its first CUDA include. Seen with an nvcc on PATH that is a wrapper script in
+    /usr/local/bin (the root taken as /usr/local)."""
+    if os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime.h")):
+        return None
+    return (f"the CUDA toolkit root {cuda_home} has no include/cuda_runtime.h (torch takes the "
+            f"root from CUDA_HOME, else as the folder above the folder of the nvcc on PATH, "
+            f"which a wrapper script there misleads); set CUDA_HOME to the toolkit's root, the "
+            f"folder holding bin/nvcc and include/cuda_runtime.h (often /usr/local/cuda)")

@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import registry
-from ._build import CUDA_FLAGS, CXX_FLAGS, find_cuda_home
+from ._build import CUDA_FLAGS, CXX_FLAGS, find_cuda_home, toolkit_problem
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # csrc/kernels/<family>.cu of every op the CUDA backend has kernels for.
@@ -192,8 +192,11 @@ def jit_possible() -> Tuple[bool, str]:
         return False, "this PyTorch is a CPU build"
     if not (CSRC / "bindings.cpp").is_file():
         return False, f"the CUDA sources are not at {CSRC} (not a source install)"
-    if find_cuda_home() is None:
-        return False, "no CUDA toolkit (set CUDA_HOME, or put nvcc on PATH)"
+    home = find_cuda_home()
+    problem = ("no CUDA toolkit (set CUDA_HOME, or put nvcc on PATH)" if home is None
+               else toolkit_problem(home))
+    if problem:
+        return False, problem
     if not ninja_available():
         return False, "ninja is not installed (pip install ninja)"
     return True, f"JIT build of {CSRC} with nvcc on first use"

@@ -23,12 +23,12 @@ from patnet_kernels._build import (DEFAULT_ARCH_LIST, CudaBuildError, decide_cud
 from conftest import REPO
 
 CUDA_TORCH = "12.8"
-TOOLKIT = "/usr/local/cuda"
+TOOLKIT = str(REPO / "tests" / "data" / "fake_cuda_toolkit")  # (include/cuda_runtime.h, empty)
 
 
 # ------------------------------------------------------------------ the build decision
 @pytest.mark.parametrize("env, torch_cuda, cuda_home, build, reason", [
-    ({}, CUDA_TORCH, TOOLKIT, True, "CUDA toolkit at /usr/local/cuda"),
+    ({}, CUDA_TORCH, TOOLKIT, True, f"CUDA toolkit at {TOOLKIT}"),
     ({}, None, TOOLKIT, False, "CPU build"),
     ({}, CUDA_TORCH, None, False, "no CUDA toolkit"),
     ({"FORCE_CUDA": "1"}, CUDA_TORCH, TOOLKIT, True, "FORCE_CUDA=1"),
@@ -70,6 +70,23 @@ def test_arch_list_and_max_jobs():
 def test_forced_build_that_cannot_happen_is_an_error(env, torch_cuda, cuda_home, message):
     with pytest.raises(CudaBuildError, match=message):
         decide_cuda_build(env, torch_cuda, cuda_home)
+
+
+def test_toolkit_without_headers_builds_nothing(tmp_path, monkeypatch):
+    """A root without CUDA's headers (an nvcc wrapper script in /usr/local/bin makes torch take
+    /usr/local) is refused before any compile, saying to set CUDA_HOME."""
+    root = str(tmp_path)
+    decision = decide_cuda_build({}, CUDA_TORCH, root)
+    assert not decision.build and "has no include/cuda_runtime.h" in decision.reason
+    assert "set CUDA_HOME" in decision.reason
+    with pytest.raises(CudaBuildError, match="FORCE_CUDA=1 asks .* no include/cuda_runtime.h"):
+        decide_cuda_build({"FORCE_CUDA": "1"}, CUDA_TORCH, root)
+    monkeypatch.setattr(torch.version, "cuda", CUDA_TORCH)
+    monkeypatch.setenv("CUDA_HOME", root)
+    ok, why = _cuda_ext.jit_possible()
+    assert not ok and "has no include/cuda_runtime.h" in why
+    monkeypatch.setenv("CUDA_HOME", TOOLKIT)
+    assert "cuda_runtime.h" not in _cuda_ext.jit_possible()[1]
 
 
 def test_find_cuda_home(tmp_path):

@@ -60,10 +60,12 @@ from .. import registry
 # Kernel family modules of this package that ship kernels (each has aot_kernels()).
 FAMILIES = registry.families("triton")
 
-# The Triton of the lent GPU machines' image (with torch 2.11.0+cu130: env.txt of
+# The Triton and torch (its CUDA 13.0 build) of the lent GPU machines' image (env.txt of
 # benchmarks/results/h200-2026-12-04/ and the device tool's KINDS.md): what the measured kernels
-# are compiled with there; ``--gpu-triton`` checks under it too.
+# are compiled with there; ``--gpu-triton`` checks under that Triton too, and
+# scripts/gpu_stack_check.sh builds the CUDA extension against that torch.
 GPU_MACHINE_TRITON = "3.6.0"
+GPU_MACHINE_TORCH = "2.11.0"
 
 # Shared memory a block may use (bytes): H100 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
 SHARED_LIMIT = {90: 232448, 80: 166912}

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The lent GPU machines' software, on this machine (no GPU needed): what their first run builds
+# and compiles, checked before it runs there.
+#
+#   bash scripts/gpu_stack_check.sh [VENV]     (default ~/.cache/patnet_kernels/gpu-stack)
+#
+#   1. a virtual environment with the GPU image's torch (GPU_MACHINE_TORCH, its CUDA 13.0 build
+#      from PyPI, about 5 GB) and Triton (GPU_MACHINE_TRITON), both in
+#      patnet_kernels/triton/aot.py; made once, reused after;
+#   2. the CUDA extension JIT-built as the GPU machine builds it (_cuda_ext.load(): csrc/ with
+#      nvcc for sm_80 and sm_90, bindings.cpp against that torch, linked), loaded, and every op
+#      that csrc/bindings.cpp defines found registered with a CUDA kernel. What
+#      scripts/nvcc_check.py (CI) cannot show: the link and the load against a CUDA torch;
+#   3. python -m patnet_kernels.triton.aot under that Triton (CI runs it with --gpu-triton).
+#
+# Needs nvcc (CUDA 13) and ninja. CUDA_HOME: as set, else the toolkit root torch would take,
+# else /usr/local/cuda (an nvcc wrapper script in /usr/local/bin misleads torch). The CUDA
+# library headers that torch's ATen/cuda includes (cuSPARSE, cuBLAS, ...) are taken from the
+# environment's nvidia wheels where the toolkit has only the compiler. Exit status 0: all passed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-$HOME/.cache/patnet_kernels/gpu-stack}
+PY=${PYTHON:-python3}
+read -r TORCH_VERSION TRITON_VERSION < <(PYTHONPATH=. "$PY" -c "
+import ast, pathlib
+tree = ast.parse(pathlib.Path('patnet_kernels/triton/aot.py').read_text())
+pins = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+        for t in n.targets if isinstance(t, ast.Name) and t.id.startswith('GPU_MACHINE_')}
+print(pins['GPU_MACHINE_TORCH'], pins['GPU_MACHINE_TRITON'])")
+VPY="$VENV/bin/python"
+
+echo "[1/3] environment $VENV: torch $TORCH_VERSION (CUDA build), triton $TRITON_VERSION"
+if ! "$VPY" -c "import torch, triton, sys; sys.exit(not (torch.__version__.startswith('$TORCH_VERSION+') and torch.version.cuda and triton.__version__ == '$TRITON_VERSION'))" 2>/dev/null; then
+  "$PY" -m venv --clear "$VENV"
+  # (PIP_CONSTRAINT emptied: a machine-wide cap on torch must not swap the version asked for)
+  PIP_CONSTRAINT= "$VPY" -m pip install --quiet --disable-pip-version-check \
+    "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" numpy ninja
+fi
+"$VPY" -c "import torch, triton; print('      torch', torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__)"
+
+echo "[2/3] the CUDA extension, JIT-built against that torch for sm_80 and sm_90"
+if [ -z "${CUDA_HOME:-}" ]; then
+  CUDA_HOME=$("$VPY" -c "
+import sys; sys.path.insert(0, 'patnet_kernels')
+import _build
+home = _build.find_cuda_home()
+print(home if home and not _build.toolkit_problem(home) else '/usr/local/cuda')")
+fi
+export CUDA_HOME
+WHEEL_HEADERS=$("$VPY" -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13', 'include'))" 2>/dev/null || true)
+export CPATH="${CPATH:+$CPATH:}$WHEEL_HEADERS"
+export TORCH_CUDA_ARCH_LIST="8.0;9.0" PATH="$VENV/bin:$PATH"
+echo "      CUDA_HOME=$CUDA_HOME (nvcc: $(command -v nvcc || echo none))"
+PYTHONPATH=. "$VPY" - <<'PYCODE'
+import re, time, torch
+from pathlib import Path
+from patnet_kernels import _cuda_ext
+start = time.perf_counter()
+print("      " + _cuda_ext.load(), f"({time.perf_counter() - start:.0f} s)")
+defined = re.findall(r'm\.def\("(\w+)\(', Path("csrc/bindings.cpp").read_text())
+missing = [n for n in defined if not torch._C._dispatch_has_kernel_for_dispatch_key(
+    getattr(torch.ops.patnet_cuda, n).default.name(), "CUDA")]
+print(f"      {len(defined) - len(missing)} of the {len(defined)} ops of csrc/bindings.cpp have "
+      f"a CUDA kernel" + (f"; missing: {', '.join(missing)}" if missing else ""))
+raise SystemExit(1 if missing or not defined else 0)
+PYCODE
+
+echo "[3/3] every Triton kernel compiled for sm_90 and sm_80 under triton $TRITON_VERSION"
+env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=. \
+  "$VPY" -m patnet_kernels.triton.aot --arch 90 80 --no-generic | tail -3
+echo "gpu_stack_check: passed"
