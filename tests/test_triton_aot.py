@@ -18,6 +18,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import REPO, aot_check_report, compile_env
 
 
@@ -160,3 +162,29 @@ def test_machine_code_reads_each_cubin_once(tmp_path, monkeypatch):
     aot.machine_code(b"cubin two", ttir)
     assert len(calls) == 2
     assert sorted(p.suffix for p in (tmp_path / "readings").iterdir()) == [".json", ".json"]
+
+
+def test_gpu_triton_overlay(tmp_path, monkeypatch):
+    """The GPU machines' Triton is installed once into a folder of its own (the marker written
+    last: a half-finished install is redone); a failed install says what to run."""
+    from patnet_kernels.triton import aot
+
+    monkeypatch.setenv("PATNET_TRITON_OVERLAY_DIR", str(tmp_path))
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        (tmp_path / "triton-9.9.9" / "triton").mkdir(parents=True)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(aot.subprocess, "run", fake_pip)
+    folder = aot.triton_overlay("9.9.9")
+    assert folder == tmp_path / "triton-9.9.9" and (folder / ".installed").read_text() == "9.9.9"
+    assert calls[0][-3:] == ["--target", str(folder), "triton==9.9.9"]
+    assert aot.triton_overlay("9.9.9") == folder and len(calls) == 1  # (kept)
+    (folder / ".installed").unlink()  # (an install cut short: redone from scratch)
+    monkeypatch.setattr(aot.subprocess, "run",
+                        lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(RuntimeError, match=r"could not install triton==9\.9\.9 .* run: .*pip"):
+        aot.triton_overlay("9.9.9")
+    assert not folder.exists()
