@@ -8,9 +8,10 @@
 #      from PyPI, about 5 GB) and Triton (GPU_MACHINE_TRITON), both in
 #      patnet_kernels/triton/aot.py; made once, reused after;
 #   2. the CUDA extension JIT-built as the GPU machine builds it (_cuda_ext.load(): csrc/ with
-#      nvcc for sm_80 and sm_90, bindings.cpp against that torch, linked), loaded, and every op
-#      that csrc/bindings.cpp defines found registered with a CUDA kernel. What
-#      scripts/nvcc_check.py (CI) cannot show: the link and the load against a CUDA torch;
+#      nvcc for sm_80 and sm_90, bindings.cpp against that torch, linked), loaded, every op
+#      that csrc/bindings.cpp defines found registered with a CUDA kernel, and each one's
+#      input check throwing an error Python catches (its CUDA kernel called with CPU tensors).
+#      What scripts/nvcc_check.py (CI) cannot show: the link, the load and the throw;
 #   3. python -m patnet_kernels.triton.aot under that Triton (CI runs it with --gpu-triton).
 #
 # Needs nvcc (CUDA 13) and ninja. CUDA_HOME: as set, else the toolkit root torch would take,
@@ -62,7 +63,26 @@ missing = [n for n in defined if not torch._C._dispatch_has_kernel_for_dispatch_
     getattr(torch.ops.patnet_cuda, n).default.name(), "CUDA")]
 print(f"      {len(defined) - len(missing)} of the {len(defined)} ops of csrc/bindings.cpp have "
       f"a CUDA kernel" + (f"; missing: {', '.join(missing)}" if missing else ""))
-raise SystemExit(1 if missing or not defined else 0)
+# Each op's CUDA kernel called with CPU tensors (no GPU here): its input check must throw an
+# error Python catches. The first GPU run's process died on such throws (the unwinder could not
+# follow them: _build.CXX_FLAGS); a crash ends this script here.
+def argument(arg):
+    kind = str(arg.type)
+    if kind.startswith("Optional") or kind.endswith("?"):
+        return None
+    if "Tensor" in kind:
+        return torch.zeros(2, 4, 3, 3)
+    return {"int": 1, "SymInt": 1, "float": 0.5, "bool": False}[kind]
+on_cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+refused = 0
+for name in defined:
+    op = getattr(torch.ops.patnet_cuda, name).default
+    try:
+        op.redispatch(on_cuda, *[argument(a) for a in op._schema.arguments])
+    except RuntimeError as exc:
+        refused += "must be a CUDA tensor" in str(exc)
+print(f"      {refused} of the {len(defined)} ops refused CPU tensors with a Python error")
+raise SystemExit(1 if missing or not defined or refused != len(defined) else 0)
 PYCODE
 
 echo "[3/3] every Triton kernel compiled for sm_90 and sm_80 under triton $TRITON_VERSION"
