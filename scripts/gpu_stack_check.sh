@@ -9,9 +9,10 @@
 #      patnet_kernels/triton/aot.py; made once, reused after;
 #   2. the CUDA extension JIT-built as the GPU machine builds it (_cuda_ext.load(): csrc/ with
 #      nvcc for sm_80 and sm_90, bindings.cpp against that torch, linked), loaded, every op
-#      that csrc/bindings.cpp defines found registered with a CUDA kernel, and each one's
-#      input check throwing an error Python catches (its CUDA kernel called with CPU tensors).
-#      What scripts/nvcc_check.py (CI) cannot show: the link, the load and the throw;
+#      that csrc/bindings.cpp defines found registered with a CUDA kernel, and every bad-input
+#      case of tests/test_cuda_backend.py raising its error through the real build's checks
+#      (on fake CUDA tensors). What scripts/nvcc_check.py (CI) cannot show: the link, the load
+#      and the throws;
 #   3. python -m patnet_kernels.triton.aot under that Triton (CI runs it with --gpu-triton).
 #
 # Needs nvcc (CUDA 13) and ninja. CUDA_HOME: as set, else the toolkit root torch would take,
@@ -63,26 +64,36 @@ missing = [n for n in defined if not torch._C._dispatch_has_kernel_for_dispatch_
     getattr(torch.ops.patnet_cuda, n).default.name(), "CUDA")]
 print(f"      {len(defined) - len(missing)} of the {len(defined)} ops of csrc/bindings.cpp have "
       f"a CUDA kernel" + (f"; missing: {', '.join(missing)}" if missing else ""))
-# Each op's CUDA kernel called with CPU tensors (no GPU here): its input check must throw an
-# error Python catches. The first GPU run's process died on such throws (the unwinder could not
-# follow them: _build.CXX_FLAGS); a crash ends this script here.
-def argument(arg):
-    kind = str(arg.type)
-    if kind.startswith("Optional") or kind.endswith("?"):
-        return None
-    if "Tensor" in kind:
-        return torch.zeros(2, 4, 3, 3)
-    return {"int": 1, "SymInt": 1, "float": 0.5, "bool": False}[kind]
+# Every bad-input case of tests/test_cuda_backend.py (CHECKED) through the real build's checks:
+# its arguments as fake CUDA tensors (FakeTensorMode: shape, dtype and strides, no memory, no
+# GPU), each op's CUDA kernel called directly. Each must raise its error, which Python catches:
+# on the first GPU run such throws killed the process (_build.CXX_FLAGS); a crash ends this
+# script here, faulthandler's stack on stderr.
+import faulthandler, sys
+from torch._subclasses.fake_tensor import FakeTensorMode
+faulthandler.enable()
+sys.path.insert(0, "tests")
+import test_cuda_backend
+mode = FakeTensorMode(allow_non_fake_inputs=True)
+def on_fake_gpu(arg):
+    if not (isinstance(arg, torch.Tensor) and arg.dim() > 0):
+        return arg  # (a 0-dim seed stays on the CPU, as the ops take it)
+    with mode:
+        return torch.empty_strided(arg.size(), arg.stride(), dtype=arg.dtype, device="cuda")
 on_cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-refused = 0
-for name in defined:
-    op = getattr(torch.ops.patnet_cuda, name).default
+wrong = []
+for case, (name, make_args, message) in test_cuda_backend.CHECKED.items():
     try:
-        op.redispatch(on_cuda, *[argument(a) for a in op._schema.arguments])
+        getattr(torch.ops.patnet_cuda, name).default.redispatch(
+            on_cuda, *[on_fake_gpu(a) for a in make_args()])
+        wrong.append(f"{case}: did not raise")
     except RuntimeError as exc:
-        refused += "must be a CUDA tensor" in str(exc)
-print(f"      {refused} of the {len(defined)} ops refused CPU tensors with a Python error")
-raise SystemExit(1 if missing or not defined or refused != len(defined) else 0)
+        if message not in str(exc):
+            wrong.append(f"{case}: {str(exc).splitlines()[0][:200]}")
+cases = len(test_cuda_backend.CHECKED)
+print(f"      {cases - len(wrong)} of the {cases} bad-input cases raised their error"
+      + "".join(f"\n      {w}" for w in wrong))
+raise SystemExit(1 if missing or not defined or wrong else 0)
 PYCODE
 
 echo "[3/3] every Triton kernel compiled for sm_90 and sm_80 under triton $TRITON_VERSION"
