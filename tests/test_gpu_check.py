@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import gpu_check_plugin as plugin
 from benchmarks import gpu_report
@@ -446,6 +447,8 @@ def test_the_planned_benchmark_commands_are_valid():
 
 
 @pytestmark_bash
+@pytest.mark.skipif(torch.version.cuda is not None, reason="the run's CUDA build must fail, as "
+                    "on a CPU PyTorch (a CUDA build of torch with a toolkit JIT-builds it here)")
 def test_a_whole_run_on_the_cpu(tmp_path):
     """The script end to end on the fake suite: the background build fails (a CPU PyTorch), the
     Triton part runs and records its failures with tracebacks, the CUDA part is counted as not

@@ -466,8 +466,8 @@ def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_chann
     (:func:`patnet_kernels._types.chunk_layout`), of BLOCK_P pixels, a power of two."""
     config = config or config_for(x.shape[1], w1.shape[0], w2.shape[0], x.dtype,
                                   conv_channels, spatial_half, x.device)
-    return cdiv(x.shape[2] * x.shape[3], config.block_p) + tile_grid(
-        x, x if residual is None else residual, x, config.block_p, True).span
+    return cdiv(x.shape[2] * x.shape[3], config.block_p) + int(tile_grid(  # (int: torch 2.11
+        x, x if residual is None else residual, x, config.block_p, True).span)  # fails on +bool)
 
 
 class TileGrid(NamedTuple):
@@ -565,7 +565,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: Optional[tor
     q = c_out - spatial.weight.shape[0] if spatial is not None else 0
     r = residual if residual is not None else y
     tiles = tile_grid(x, r, y, config.block_p, scale is not None or statistics is not None)
-    chunks = cdiv(h * w, config.block_p) + tiles.span  # (the statistics' a sample)
+    chunks = cdiv(h * w, config.block_p) + int(tiles.span)  # (the statistics' a sample)
     if statistics is not None and statistics[0].shape[1] != chunks:
         raise ValueError(f"statistics of {statistics[0].shape[1]} chunks a sample, where this "
                          f"launch writes {chunks}: make them (B, stats_chunks(...), C_OUT - "
