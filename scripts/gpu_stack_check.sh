@@ -2,7 +2,7 @@
 # The lent GPU machines' software, on this machine (no GPU needed): what their first run builds
 # and compiles, checked before it runs there.
 #
-#   bash scripts/gpu_stack_check.sh [VENV]     (default ~/.cache/patnet_kernels/gpu-stack)
+#   bash scripts/gpu_stack_check.sh [--tests] [VENV]  (default ~/.cache/patnet_kernels/gpu-stack)
 #
 #   1. a virtual environment with the GPU image's torch (GPU_MACHINE_TORCH, its CUDA 13.0 build
 #      from PyPI, about 5 GB) and Triton (GPU_MACHINE_TRITON), both in
@@ -13,7 +13,13 @@
 #      case of tests/test_cuda_backend.py raising its error through the real build's checks
 #      (on fake CUDA tensors). What scripts/nvcc_check.py (CI) cannot show: the link, the load
 #      and the throws;
-#   3. python -m patnet_kernels.triton.aot under that Triton (CI runs it with --gpu-triton).
+#   3. python -m patnet_kernels.triton.aot under that Triton (CI runs it with --gpu-triton);
+#   4. with --tests: the CPU test suite (pytest -m "not slow and not gpu", Triton under its
+#      interpreter, the CUDA kernels through their emulation) under that torch and Triton
+#      (tens of minutes). Triton 3.6's interpreter needs numpy < 2.3 (a newer numpy refuses its
+#      int() of a one-element array: "only 0-dimensional arrays can be converted"), so the
+#      environment takes numpy < 2.3; the GPU machine's numpy (2.5) never meets it there, where
+#      the kernels are compiled.
 #
 # Needs nvcc (CUDA 13) and ninja. CUDA_HOME: as set, else the toolkit root torch would take,
 # else /usr/local/cuda (an nvcc wrapper script in /usr/local/bin misleads torch). The CUDA
@@ -21,6 +27,8 @@
 # environment's nvidia wheels where the toolkit has only the compiler. Exit status 0: all passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TESTS=0
+if [ "${1:-}" = "--tests" ]; then TESTS=1; shift; fi
 VENV=${1:-$HOME/.cache/patnet_kernels/gpu-stack}
 PY=${PYTHON:-python3}
 read -r TORCH_VERSION TRITON_VERSION < <(PYTHONPATH=. "$PY" -c "
@@ -30,17 +38,20 @@ pins = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
         for t in n.targets if isinstance(t, ast.Name) and t.id.startswith('GPU_MACHINE_')}
 print(pins['GPU_MACHINE_TORCH'], pins['GPU_MACHINE_TRITON'])")
 VPY="$VENV/bin/python"
+STEPS=$([ "$TESTS" = 1 ] && echo 4 || echo 3)
 
-echo "[1/3] environment $VENV: torch $TORCH_VERSION (CUDA build), triton $TRITON_VERSION"
-if ! "$VPY" -c "import torch, triton, sys; sys.exit(not (torch.__version__.startswith('$TORCH_VERSION+') and torch.version.cuda and triton.__version__ == '$TRITON_VERSION'))" 2>/dev/null; then
+echo "[1/$STEPS] environment $VENV: torch $TORCH_VERSION (CUDA build), triton $TRITON_VERSION"
+if ! "$VPY" -c "import numpy, pytest, torch, triton, sys; sys.exit(not (torch.__version__.startswith('$TORCH_VERSION+') and torch.version.cuda and triton.__version__ == '$TRITON_VERSION' and tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 3)))" 2>/dev/null; then
   "$PY" -m venv --clear "$VENV"
   # (PIP_CONSTRAINT emptied: a machine-wide cap on torch must not swap the version asked for)
   PIP_CONSTRAINT= "$VPY" -m pip install --quiet --disable-pip-version-check \
-    "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" numpy ninja
+    "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "numpy<2.3" ninja pytest
 fi
 "$VPY" -c "import torch, triton; print('      torch', torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__)"
 
-echo "[2/3] the CUDA extension, JIT-built against that torch for sm_80 and sm_90"
+export PATH="$VENV/bin:$PATH"  # (its ninja)
+echo "[2/$STEPS] the CUDA extension, JIT-built against that torch for sm_80 and sm_90"
+(  # (CUDA_HOME, CPATH and the arch list for this step only)
 if [ -z "${CUDA_HOME:-}" ]; then
   CUDA_HOME=$("$VPY" -c "
 import sys; sys.path.insert(0, 'patnet_kernels')
@@ -51,7 +62,7 @@ fi
 export CUDA_HOME
 WHEEL_HEADERS=$("$VPY" -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13', 'include'))" 2>/dev/null || true)
 export CPATH="${CPATH:+$CPATH:}$WHEEL_HEADERS"
-export TORCH_CUDA_ARCH_LIST="8.0;9.0" PATH="$VENV/bin:$PATH"
+export TORCH_CUDA_ARCH_LIST="8.0;9.0"
 echo "      CUDA_HOME=$CUDA_HOME (nvcc: $(command -v nvcc || echo none))"
 PYTHONPATH=. "$VPY" - <<'PYCODE'
 import re, time, torch
@@ -95,8 +106,14 @@ print(f"      {cases - len(wrong)} of the {cases} bad-input cases raised their e
       + "".join(f"\n      {w}" for w in wrong))
 raise SystemExit(1 if missing or not defined or wrong else 0)
 PYCODE
+)
 
-echo "[3/3] every Triton kernel compiled for sm_90 and sm_80 under triton $TRITON_VERSION"
+echo "[3/$STEPS] every Triton kernel compiled for sm_90 and sm_80 under triton $TRITON_VERSION"
 env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=. \
   "$VPY" -m patnet_kernels.triton.aot --arch 90 80 --no-generic | tail -3
+if [ "$TESTS" = 1 ]; then
+  echo "[4/4] the CPU test suite under torch $TORCH_VERSION and triton $TRITON_VERSION"
+  "$VPY" -m pytest -q -ra -m "not slow and not gpu" -p no:cacheprovider \
+    -W ignore::DeprecationWarning tests
+fi
 echo "gpu_stack_check: passed"
