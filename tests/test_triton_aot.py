@@ -6,9 +6,9 @@ pass them. This runs ``python -m patnet_kernels.triton.aot --gpu-triton`` in a p
 TRITON_INTERPRET, under the installed Triton and under the GPU machines' (3.6.0, whose front
 end spilled where 3.9 did not): each kernel for each target as a real launch specialises it
 (one compile per kind of launch; ``--no-generic`` leaves out the plain signature, which needs
-a few KiB more only in fp32 attention kernels far below the limits), tens of minutes of CPU time with an empty
-Triton cache and seconds with a warm one; run in the background from the end of collection
-(``conftest.pytest_collection_finish``), beside the interpreter tests. A second test checks
+a few KiB more only in fp32 attention kernels far below the limits), tens of minutes of CPU
+time with an empty Triton cache and seconds with a warm one; run in the background from the
+end of collection (``conftest.pytest_collection_finish``), beside the interpreter tests. A second test checks
 that specialisation against Triton's own for real launches.
 """
 from __future__ import annotations
