@@ -32,6 +32,7 @@ run": never as passed.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import datetime
 import io
@@ -444,6 +445,33 @@ def _env_line(env: dict) -> str:
     return ", ".join(parts)
 
 
+def gpu_machine_pins() -> Dict[str, str]:
+    """GPU_MACHINE_TORCH and GPU_MACHINE_TRITON of patnet_kernels/triton/aot.py: the GPU
+    machines' versions that CI (``aot --gpu-triton``) and scripts/gpu_stack_check.sh check
+    against, read without importing the package (no torch import here)."""
+    tree = ast.parse((bench_env.REPO / "patnet_kernels" / "triton" / "aot.py").read_text())
+    return {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+            for target in node.targets
+            if isinstance(target, ast.Name) and target.id.startswith("GPU_MACHINE_")}
+
+
+def pins_mismatch(env: dict) -> Optional[str]:
+    """On a GPU machine whose torch or Triton is not the pinned one, what to update."""
+    if not env.get("cuda_available"):
+        return None
+    pins = gpu_machine_pins()
+    differ = [f"{name} {have} (pinned {pins[pin]})" for name, have, pin in (
+        ("torch", (env.get("torch") or "").split("+")[0], "GPU_MACHINE_TORCH"),
+        ("Triton", env.get("triton") or "", "GPU_MACHINE_TRITON")) if have and have != pins[pin]]
+    if not differ:
+        return None
+    return (f"this machine's {' and '.join(differ)} "
+            f"{'differ' if len(differ) > 1 else 'differs'} from what CI and "
+            f"scripts/gpu_stack_check.sh check this project against: set GPU_MACHINE_TORCH / "
+            f"GPU_MACHINE_TRITON in patnet_kernels/triton/aot.py to this machine's and rerun "
+            f"scripts/gpu_stack_check.sh")
+
+
 @dataclass
 class Verdict:
     failed: List[str] = field(default_factory=list)
@@ -542,6 +570,8 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
         out += [f"**SO FAR (the run goes on): "
                 f"{'; '.join(verdict.failed) if verdict.failed else 'nothing failed yet'}.**", ""]
     out += [_env_line(env), ""]
+    if pins_mismatch(env):
+        out += [f"Versions: {pins_mismatch(env)}.", ""]
     if env.get("command"):
         out += [f"Command: `{env['command']}`", ""]
 

@@ -32,10 +32,8 @@ if [ "${1:-}" = "--tests" ]; then TESTS=1; shift; fi
 VENV=${1:-$HOME/.cache/patnet_kernels/gpu-stack}
 PY=${PYTHON:-python3}
 read -r TORCH_VERSION TRITON_VERSION < <(PYTHONPATH=. "$PY" -c "
-import ast, pathlib
-tree = ast.parse(pathlib.Path('patnet_kernels/triton/aot.py').read_text())
-pins = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
-        for t in n.targets if isinstance(t, ast.Name) and t.id.startswith('GPU_MACHINE_')}
+from benchmarks.gpu_report import gpu_machine_pins
+pins = gpu_machine_pins()
 print(pins['GPU_MACHINE_TORCH'], pins['GPU_MACHINE_TRITON'])")
 VPY="$VENV/bin/python"
 STEPS=$([ "$TESTS" = 1 ] && echo 4 || echo 3)

@@ -245,11 +245,31 @@ def test_report_of_a_run_cut_by_its_time_limits(tmp_path):
     assert re.search(r"PATNet-T2 +amp-fp16 +channels_last +27,000 +22,300 +0\.83x", text)
     assert "(cut: some modes did not finish)" in text
     assert "NVIDIA H200, driver 580.159.04, torch 2.11.0+cu130" in text
+    assert "Versions:" not in text  # (the pinned torch and Triton)
     # the raw reports joined
     ops = json.loads((case / "results" / "ops.json").read_text())["reports"]
     assert set(ops) == {"partial_conv", "rpe_attention", "channel_attention.compile"}
     models = json.loads((case / "results" / "models.json").read_text())
     assert len(models["rows"]) == 3 and len(models["parts"]) == 2
+
+
+def test_report_says_when_the_gpu_machines_versions_changed():
+    """A GPU machine whose torch or Triton is not what CI checks against (aot.py's
+    GPU_MACHINE_TORCH / GPU_MACHINE_TRITON) is told to update them; a CPU run is not."""
+    from patnet_kernels.triton import aot
+
+    pins = gpu_report.gpu_machine_pins()
+    assert pins == {"GPU_MACHINE_TORCH": aot.GPU_MACHINE_TORCH,
+                    "GPU_MACHINE_TRITON": aot.GPU_MACHINE_TRITON}
+    same = {"cuda_available": True, "torch": aot.GPU_MACHINE_TORCH + "+cu130",
+            "triton": aot.GPU_MACHINE_TRITON}
+    assert gpu_report.pins_mismatch(same) is None
+    newer = gpu_report.pins_mismatch(dict(same, triton="9.9.0"))
+    assert newer.startswith(f"this machine's Triton 9.9.0 (pinned {aot.GPU_MACHINE_TRITON}) "
+                            "differs from what CI") and "GPU_MACHINE_TRITON" in newer
+    both = gpu_report.pins_mismatch(dict(same, torch="9.9.0+cu130", triton="9.9.0"))
+    assert "torch 9.9.0 (pinned" in both and " differ from" in both
+    assert gpu_report.pins_mismatch(dict(same, cuda_available=False, torch="9.9.0")) is None
 
 
 def test_the_joined_op_reports_feed_the_auto_rule(tmp_path):
