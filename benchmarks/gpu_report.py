@@ -446,9 +446,10 @@ def _env_line(env: dict) -> str:
 
 
 def gpu_machine_pins() -> Dict[str, str]:
-    """GPU_MACHINE_TORCH and GPU_MACHINE_TRITON of patnet_kernels/triton/aot.py: the GPU
-    machines' versions that CI (``aot --gpu-triton``) and scripts/gpu_stack_check.sh check
-    against, read without importing the package (no torch import here)."""
+    """GPU_MACHINE_TORCH, GPU_MACHINE_TRITON and GPU_MACHINE_ARCH of
+    patnet_kernels/triton/aot.py: the GPU machines' versions and target that CI (``aot
+    --gpu-triton``) and scripts/gpu_stack_check.sh check against, read without importing the
+    package (no torch import here)."""
     tree = ast.parse((bench_env.REPO / "patnet_kernels" / "triton" / "aot.py").read_text())
     return {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
             for target in node.targets

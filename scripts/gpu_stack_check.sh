@@ -13,7 +13,8 @@
 #      case of tests/test_cuda_backend.py raising its error through the real build's checks
 #      (on fake CUDA tensors). What scripts/nvcc_check.py (CI) cannot show: the link, the load
 #      and the throws;
-#   3. python -m patnet_kernels.triton.aot under that Triton (CI runs it with --gpu-triton);
+#   3. python -m patnet_kernels.triton.aot for their sm_90 under that Triton (as CI's
+#      --gpu-triton);
 #   4. with --tests: the CPU test suite (pytest -m "not slow and not gpu", Triton under its
 #      interpreter, the CUDA kernels through their emulation) under that torch and Triton
 #      (tens of minutes). Triton 3.6's interpreter needs numpy < 2.3 (a newer numpy refuses its
@@ -31,10 +32,10 @@ TESTS=0
 if [ "${1:-}" = "--tests" ]; then TESTS=1; shift; fi
 VENV=${1:-$HOME/.cache/patnet_kernels/gpu-stack}
 PY=${PYTHON:-python3}
-read -r TORCH_VERSION TRITON_VERSION < <(PYTHONPATH=. "$PY" -c "
+read -r TORCH_VERSION TRITON_VERSION ARCH < <(PYTHONPATH=. "$PY" -c "
 from benchmarks.gpu_report import gpu_machine_pins
 pins = gpu_machine_pins()
-print(pins['GPU_MACHINE_TORCH'], pins['GPU_MACHINE_TRITON'])")
+print(pins['GPU_MACHINE_TORCH'], pins['GPU_MACHINE_TRITON'], pins['GPU_MACHINE_ARCH'])")
 VPY="$VENV/bin/python"
 STEPS=$([ "$TESTS" = 1 ] && echo 4 || echo 3)
 
@@ -106,9 +107,9 @@ raise SystemExit(1 if missing or not defined or wrong else 0)
 PYCODE
 )
 
-echo "[3/$STEPS] every Triton kernel compiled for sm_90 and sm_80 under triton $TRITON_VERSION"
+echo "[3/$STEPS] every Triton kernel compiled for sm_$ARCH (the GPU machines') under triton $TRITON_VERSION"
 env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=. \
-  "$VPY" -m patnet_kernels.triton.aot --arch 90 80 --no-generic | tail -3
+  "$VPY" -m patnet_kernels.triton.aot --arch "$ARCH" --no-generic | tail -2
 if [ "$TESTS" = 1 ]; then
   echo "[4/4] the CPU test suite under torch $TORCH_VERSION and triton $TRITON_VERSION"
   "$VPY" -m pytest -q -ra -m "not slow and not gpu" -p no:cacheprovider \

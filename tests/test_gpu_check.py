@@ -260,7 +260,8 @@ def test_report_says_when_the_gpu_machines_versions_changed():
 
     pins = gpu_report.gpu_machine_pins()
     assert pins == {"GPU_MACHINE_TORCH": aot.GPU_MACHINE_TORCH,
-                    "GPU_MACHINE_TRITON": aot.GPU_MACHINE_TRITON}
+                    "GPU_MACHINE_TRITON": aot.GPU_MACHINE_TRITON,
+                    "GPU_MACHINE_ARCH": aot.GPU_MACHINE_ARCH}
     same = {"cuda_available": True, "torch": aot.GPU_MACHINE_TORCH + "+cu130",
             "triton": aot.GPU_MACHINE_TRITON}
     assert gpu_report.pins_mismatch(same) is None
