@@ -468,6 +468,18 @@ def test_the_planned_benchmark_commands_are_valid():
 
 
 @pytestmark_bash
+def test_gpu_stack_check_script_parses_and_reads_the_pins():
+    """scripts/gpu_stack_check.sh (the GPU machines' torch and Triton on a CPU machine; it
+    installs 5 GB, so it is not run here) is valid bash and takes its versions from the pins."""
+    script = REPO / "scripts" / "gpu_stack_check.sh"
+    proc = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = script.read_text()
+    assert "gpu_machine_pins()" in text and '"triton==$TRITON_VERSION"' in text
+    assert '--arch "$ARCH"' in text and '"torch==$TORCH_VERSION"' in text
+
+
+@pytestmark_bash
 @pytest.mark.skipif(torch.version.cuda is not None, reason="the run's CUDA build must fail, as "
                     "on a CPU PyTorch (a CUDA build of torch with a toolkit JIT-builds it here)")
 def test_a_whole_run_on_the_cpu(tmp_path):
