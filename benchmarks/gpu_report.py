@@ -571,8 +571,9 @@ def summarize(work: Path, results: Path, final: bool = True) -> Tuple[str, Verdi
         out += [f"**SO FAR (the run goes on): "
                 f"{'; '.join(verdict.failed) if verdict.failed else 'nothing failed yet'}.**", ""]
     out += [_env_line(env), ""]
-    if pins_mismatch(env):
-        out += [f"Versions: {pins_mismatch(env)}.", ""]
+    drift = pins_mismatch(env)
+    if drift:
+        out += [f"Versions: {drift}.", ""]
     if env.get("command"):
         out += [f"Command: `{env['command']}`", ""]
 

@@ -8,9 +8,10 @@
 #      from PyPI, about 5 GB) and Triton (GPU_MACHINE_TRITON), both in
 #      patnet_kernels/triton/aot.py; made once, reused after;
 #   2. the CUDA extension JIT-built as the GPU machine builds it (_cuda_ext.load(): csrc/ with
-#      nvcc for sm_80 and sm_90, bindings.cpp against that torch, linked), loaded, every op
-#      that csrc/bindings.cpp defines found registered with a CUDA kernel, and every bad-input
-#      case of tests/test_cuda_backend.py raising its error through the real build's checks
+#      nvcc for setup.py's targets, sm_80 and sm_90 + PTX, bindings.cpp against that torch,
+#      linked), loaded, every op that csrc/bindings.cpp defines found registered with a CUDA
+#      kernel, and every bad-input case of tests/test_cuda_backend.py raising its error
+#      through the real build's checks
 #      (on fake CUDA tensors). What scripts/nvcc_check.py (CI) cannot show: the link, the load
 #      and the throws;
 #   3. python -m patnet_kernels.triton.aot for their sm_90 under that Triton (as CI's
@@ -49,19 +50,19 @@ fi
 "$VPY" -c "import torch, triton; print('      torch', torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__)"
 
 export PATH="$VENV/bin:$PATH"  # (its ninja)
-echo "[2/$STEPS] the CUDA extension, JIT-built against that torch for sm_80 and sm_90"
+echo "[2/$STEPS] the CUDA extension, JIT-built against that torch for sm_80 and sm_90 (+ PTX)"
 (  # (CUDA_HOME, CPATH and the arch list for this step only)
-if [ -z "${CUDA_HOME:-}" ]; then
-  CUDA_HOME=$("$VPY" -c "
+# (the targets setup.py builds, _build.DEFAULT_ARCH_LIST: the JIT build takes the GPU's own,
+# and there is none here)
+read -r FOUND_HOME TORCH_CUDA_ARCH_LIST < <("$VPY" -c "
 import sys; sys.path.insert(0, 'patnet_kernels')
 import _build
 home = _build.find_cuda_home()
-print(home if home and not _build.toolkit_problem(home) else '/usr/local/cuda')")
-fi
-export CUDA_HOME
+print(home if home and not _build.toolkit_problem(home) else '/usr/local/cuda',
+      _build.DEFAULT_ARCH_LIST)")
+export CUDA_HOME=${CUDA_HOME:-$FOUND_HOME} TORCH_CUDA_ARCH_LIST
 WHEEL_HEADERS=$("$VPY" -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13', 'include'))" 2>/dev/null || true)
 export CPATH="${CPATH:+$CPATH:}$WHEEL_HEADERS"
-export TORCH_CUDA_ARCH_LIST="8.0;9.0"
 echo "      CUDA_HOME=$CUDA_HOME (nvcc: $(command -v nvcc || echo none))"
 PYTHONPATH=. "$VPY" - <<'PYCODE'
 import re, time, torch
