@@ -11,9 +11,8 @@
 #      nvcc for setup.py's targets, sm_80 and sm_90 + PTX, bindings.cpp against that torch,
 #      linked), loaded, every op that csrc/bindings.cpp defines found registered with a CUDA
 #      kernel, and every bad-input case of tests/test_cuda_backend.py raising its error
-#      through the real build's checks
-#      (on fake CUDA tensors). What scripts/nvcc_check.py (CI) cannot show: the link, the load
-#      and the throws;
+#      through the real build's checks (on fake CUDA tensors). What scripts/nvcc_check.py (CI)
+#      cannot show: the link, the load and the throws;
 #   3. python -m patnet_kernels.triton.aot for their sm_90 under that Triton (as CI's
 #      --gpu-triton);
 #   4. with --tests: the CPU test suite (pytest -m "not slow and not gpu", Triton under its
