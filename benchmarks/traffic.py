@@ -70,11 +70,14 @@ so batch 1 launches fewer kernels than the general case.
 one layer) and the classifier; one kernel per layer is the launch floor, and the folded model's
 parameters read once the weight floor (2 bytes each under ``--autocast``).
 
-**Roofline** (eval under ``--autocast`` only: 2-byte activations, and the matmul rate is
-fp16's). Each op's multiply-adds are counted too (aten ops by :func:`patnet.flops.op_macs`,
-fvcore's convention; fused ops from their arguments, ``FUSED_MACS``: the Triton ops' as their
-kernels perform them on a GPU, per pixel tile, ``TILE_WORK``, a tile's rows past its map's
-last pixel included; the CUDA ops' the arithmetic they must do), and each kernel is given
+**Roofline** (under ``--autocast`` only: 2-byte activations, and the matmul rate is fp16's;
+eval, or with ``--train`` the training step, which has no floor). Each op's multiply-adds are
+counted too (aten ops by :func:`patnet.flops.op_macs`, fvcore's convention, a convolution's
+backward as one forward convolution per gradient; fused ops from their arguments,
+``FUSED_MACS``: the Triton ops' as their kernels perform them on a GPU, per pixel tile,
+``TILE_WORK``, a tile's rows past its map's last pixel included, the training ops' weight
+gradients, attention and PAT_sp the arithmetic they must do; the CUDA ops' the arithmetic
+they must do), and each kernel is given
 the longer of its bytes at the copy bandwidth and its FLOPs (2 per multiply-add) at the
 matmul rate, at batch 256 (its per-image bytes and multiply-adds times the batch, its
 per-batch bytes once), the kernels one after the other (a fused op's launches as one: the
@@ -271,12 +274,12 @@ def _layer_norm_linear_work(bound: dict, out) -> List[TileWork]:
     return _patch_conv_tiles(x, weight[:, :, None, None], y, False)
 
 
-def _conv_work(*names: str):
-    """Ops whose programs tile each sample's pixels as the 3 x 3 conv kernels do on a GPU and
-    apply the named weights whole per tile."""
+def _conv_work(*names: str, source: str = "x"):
+    """Ops whose programs tile each sample's pixels of their ``source`` as the 3 x 3 conv kernels
+    do on a GPU and apply the named weights whole per tile."""
     def work(bound: dict, out) -> List[TileWork]:
         from patnet_kernels.triton import partial_conv
-        x = bound["x"]
+        x = bound[source]
         c1 = bound[names[0]].shape[0]
         block_p = partial_conv._conv_blocks(c1, x.dtype, interpret=False)[0]
         tiles = _tiles(x.shape[0], x.shape[0], x.shape[2] * x.shape[3], block_p)
@@ -304,6 +307,8 @@ TILE_WORK = {
     "partial_conv3x3": _conv_work("weight"),
     "partial_conv3x3_": _conv_work("weight"),
     "channel_attention_apply": _conv_work("conv_weight"),
+    "partial_conv3x3_input_grad": _conv_work("weight", source="grad_y"),
+    "channel_attention_input_grad": _conv_work("conv_weight", source="grad_y"),
     "pointwise_mlp": _mlp_work,
     "pointwise_mlp_stats": _mlp_work,
     "pointwise_mlp_spatial": _mlp_work,
@@ -341,6 +346,40 @@ def _gate_macs(bound: dict, out) -> int:
     return bound["mean"].shape[0] * bound["cfc_weight"].numel()  # (B, C2) x (C2, C2, 1, 2)
 
 
+def _attention_backward_macs(bound: dict, out) -> int:
+    """The backward kernels': per head the logits recomputed, dP, dV, dK and dQ (5 products of
+    N x N x d) where one key block holds every key (N <= its BLOCK_N: 7 x 7 tokens), else
+    the dQ kernel's logits and dP again (7)."""
+    from patnet_kernels.triton import rpe_attention
+    q = bound["q"]
+    one_block = q.shape[2] <= rpe_attention._config(q.shape[3], q.dtype, "kv")[1]
+    return (5 if one_block else 7) * q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3]
+
+
+def _weight_grad_macs(bound: dict, out) -> int:
+    """A 3 x 3 conv's weight gradient (C1, C1, 3, 3) over grad_y's (B, C1, H, W) pixels."""
+    grad_y = bound["grad_y"]
+    return grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3] * _tensors(out)[0].numel()
+
+
+def _self_mixer_backward_macs(bound: dict, out) -> int:
+    """PAT_sf output's backward kernels: the 3 x 3 conv's input and weight gradients (the
+    projection's are the aten matmuls beside them, counted there)."""
+    grad_y = bound["grad_y"]
+    pixels = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
+    return 2 * pixels * bound["conv_weight"].numel()
+
+
+def _spatial_macs(gradients: int):
+    """PAT_sp's (training op): the 1 x 1 conv (P x P) and the gate (Q) at every pixel of its
+    (B, P + Q, H, W) input ``m``, once forward, ``gradients`` times backward."""
+    def count(bound: dict, out) -> int:
+        m = bound["m"]
+        pixels = m.shape[0] * m.shape[2] * m.shape[3]
+        return gradients * pixels * (bound["conv_weight"].numel() + bound["gate_weight"].numel())
+    return count
+
+
 def _gate_weight_reads(bound: dict, out) -> int:
     """PAT_ch's gate: W_ch once per group of samples (its programs' sample blocks)."""
     from patnet_kernels.triton import channel_attention
@@ -354,13 +393,22 @@ def _zero(bound: dict, out) -> int:
 
 
 _NO_WEIGHTS = {"channel_attention_stats": _zero, "channel_attention_chunk_stats": _zero}
-# Multiply-adds each fused op of the Triton backend's inference path performs (its matrix
-# products and convolutions, as patnet.flops counts the reference's; per pixel tile, as the
-# kernel runs them on a GPU: TILE_WORK), from its arguments by name and its output; an op not
-# listed has no count, and a run with one has no roofline.
+# Multiply-adds each fused op of the Triton backend performs (its matrix products and
+# convolutions, as patnet.flops counts the reference's; per pixel tile, as the kernel runs
+# them on a GPU: TILE_WORK; the training ops' weight gradients, attention and PAT_sp: the
+# arithmetic they must do), from its arguments by name and its output; an op not listed has
+# no count, and a run with one has no roofline.
 FUSED_MACS = {**{name: _performed_macs(name) for name in TILE_WORK}, **_NO_WEIGHTS,
               "layer_norm_linear": _layer_norm_linear_macs,
-              "channel_attention_gate": _gate_macs, "rpe_attention_fwd": _attention_macs}
+              "channel_attention_gate": _gate_macs, "rpe_attention_fwd": _attention_macs,
+              # training: forward ops not run in eval, and the backward ops
+              "batch_norm_act": _zero, "batch_norm_act_backward": _zero,
+              "channel_attention_grad_sums": _zero,
+              "channel_attention_gate_backward": lambda bound, out: 2 * _gate_macs(bound, out),
+              "conv3x3_weight_grad": _weight_grad_macs,
+              "self_mixer_output_backward": _self_mixer_backward_macs,
+              "rpe_attention_bwd": _attention_backward_macs,
+              "spatial_attention": _spatial_macs(1), "spatial_attention_backward": _spatial_macs(2)}
 # The CUDA backend's: the arithmetic each op must do (its kernels' tiles are not modelled); its
 # PAT_sf output runs the projection as the aten bmm beside its kernel (counted there).
 CUDA_MACS = {"partial_conv3x3": _weights_macs("weight"),
@@ -949,19 +997,20 @@ def measure(name: str, size: int = DEFAULT_SIZE, providers: Sequence[str] = PROV
     ``reason`` where the provider cannot run; ``autocast``: counted under bfloat16 autocast
     (:func:`precision`); ``train``: one training step's forward and backward (train mode, no
     optimizer step) of the training model, eager against ours on each fused backend (no floor:
-    ``floor`` is None). ``roofline`` (eval under autocast only, where activations have the 2
-    bytes and matmuls the rate that ``rates`` assume; else None): the rates, and the floor's
-    time per batch at them; each provider's in its row (:func:`provider_roofline`).
+    ``floor`` is None). ``roofline`` (under autocast only, where activations have the 2 bytes
+    and matmuls the rate that ``rates`` assume; else None): the rates, and the floor's time per
+    batch at them (None in training); each provider's in its row (:func:`provider_roofline`).
     ``channels_last``: the models and their input in channels_last (NCHW otherwise)."""
     rates = rates or Rates()
-    timed = autocast and not train
+    timed = autocast
     report = {"model": name, "size": size, "channels_last": channels_last,
               "dtype": "bfloat16 autocast" if autocast else "float32", "batches": list(BATCHES),
               "run_kernels": run_kernels, "train": train,
               "floor": None if train else floor(name, size, autocast, **overrides),
               "providers": {}}
     report["roofline"] = ({"rates": rates._asdict(),
-                           "floor": floor_roofline(report["floor"], rates)} if timed else None)
+                           "floor": report["floor"] and floor_roofline(report["floor"], rates)}
+                          if timed else None)
     for provider in providers:
         report["providers"][provider] = measure_provider(name, provider, size, seed,
                                                          run_kernels, autocast, train,
@@ -1054,12 +1103,16 @@ def _roofline_lines(report: dict) -> List[str]:
              f"other, no launch gaps; batch {rates.batch}, {report['size']} x {report['size']}:"]
     rows = [(PROVIDER_LABELS.get(p, p), r.get("roofline")) for p, r in
             report["providers"].items() if r.get("status") == "ok"]
-    rows.append(("floor (per layer)", report["roofline"]["floor"]))
+    if report["roofline"]["floor"]:
+        rows.append(("floor (per layer)", report["roofline"]["floor"]))
+    eager = report["providers"].get("eager", {}).get("roofline")
     for label, row in rows:
         if row is None:
             lines.append(f"  {label:<22}-  (an op without a multiply-add count)")
             continue
+        speedup = f"{eager['ms'] / row['ms']:>7.2f}x eager" if eager else ""
         lines.append(f"  {label:<22}{row['ms']:>8.3f} ms{row['images_per_s']:>12,.0f} img/s"
+                     f"{speedup}"
                      f"{100 * row['compute_bound_ms'] / row['ms']:>6.0f}% of it compute-bound"
                      + (f", {100 * row.get('l2_bound_ms', 0.0) / row['ms']:.0f}% L2-bound"
                         if rates.l2_gbps else ""))

@@ -6,7 +6,7 @@ training: 5 / 4), LayerNorm (5 per element with affine, 4 without) and adaptive 
 (1 per input element). Element-wise ops, softmax, means and stds are not counted, as in fvcore.
 Fused attention (``scaled_dot_product_attention``'s kernels), which the authors' code does not
 call, counts as its two matrix products. :func:`op_macs` counts one op (the traffic model's
-roofline uses it).
+roofline uses it), the convolutions' backward too (one forward convolution per gradient asked).
 The model runs on the "meta" device when built there, so counting a large model costs nothing.
 """
 from __future__ import annotations
@@ -45,6 +45,13 @@ def _convolution(args, out) -> int:
     return _numel(out) * math.prod(weight.shape[1:])
 
 
+def _convolution_backward(args, out) -> int:
+    """One forward convolution's multiply-adds per gradient asked (input, weight; the bias's
+    is a sum): args (grad_output, input, weight, ..., output_mask)."""
+    grad_output, weight, output_mask = args[0], args[2], args[10]
+    return _numel(grad_output) * math.prod(weight.shape[1:]) * sum(map(bool, output_mask[:2]))
+
+
 def _mm(args, out) -> int:
     a, b = args[-2], args[-1]
     return a.shape[0] * a.shape[1] * b.shape[1]
@@ -71,6 +78,7 @@ def _layer_norm(args, out) -> int:
 
 _COUNTERS = {
     aten.convolution.default: _convolution,
+    aten.convolution_backward.default: _convolution_backward,
     aten.mm.default: _mm,
     aten.addmm.default: lambda args, out: _mm(args[1:], out),
     aten.bmm.default: _bmm,
