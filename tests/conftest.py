@@ -140,6 +140,31 @@ def merged_statistics(mean: torch.Tensor, m2: torch.Tensor, pixels: int
     return total, m2.sum(1) + (counts * (mean - total[:, None]) ** 2).sum(1)
 
 
+# Units in the last place (of the largest value) by which two tilings of the same arithmetic
+# may differ under the Triton interpreter: see assert_same_arithmetic.
+INTERPRETER_TILING_ULPS = 4
+
+
+def assert_same_arithmetic(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """The same arithmetic over different pixel tiles (a tile spanning samples against tiles of
+    one sample, a statistics epilogue's tiles against none) gives the same numbers: bit for
+    bit where the kernels are compiled (each output's dot products accumulate in one order
+    whatever row of its tile it sits in), within INTERPRETER_TILING_ULPS units in the last
+    place of the largest |expected| on the CPU, where the interpreter's ``tl.dot`` is numpy's
+    matmul: OpenBLAS picks its kernels by CPU, and some round a row differently by where it
+    sits in the matrix (seen on an AMD EPYC, 1-2 ulps; not on the Intel Xeons before it).
+    NaNs must sit in the same places."""
+    if actual.is_cuda:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True,
+                                   msg=msg or None)
+        return
+    finite = expected[expected.isfinite()]
+    largest = finite.abs().max().item() if finite.numel() else 0.0
+    ulps = INTERPRETER_TILING_ULPS * torch.finfo(expected.dtype).eps
+    torch.testing.assert_close(actual, expected, rtol=ulps, atol=ulps * largest,
+                               equal_nan=True, msg=msg or None)
+
+
 def assert_within_budget(name: str, ours: torch.Tensor, exact: torch.Tensor,
                          reference_in_dtype: torch.Tensor, dtype: torch.dtype,
                          factor: float = BUDGET_FACTOR) -> None:
