@@ -24,13 +24,16 @@ def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def max_rel_error(results: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
-    """The largest max |a - b| / max |b| over pairs of tensors, in float64 (max |a - b| where
-    max |b| is 0); NaN if any difference is NaN."""
+def max_rel_error(results: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
+                  floor: float = 0.0) -> float:
+    """The largest max |a - b| / max(max |b|, floor) over pairs of tensors, in float64 (max
+    |a - b| where that is 0); NaN if any difference is NaN. ``floor``: the scale below which
+    a tensor's values are taken as rounding noise around zero (a gradient that vanishes in
+    exact arithmetic, as a bias's that a normalisation follows, is judged against it)."""
     worst = 0.0
     for a, b in zip(results, expected):
         a, b = a.double(), b.double()
-        scale = b.abs().max().item()
+        scale = max(b.abs().max().item(), floor)
         diff = (a - b).abs().max().item()
         if math.isnan(diff):
             return float("nan")
