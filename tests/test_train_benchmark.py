@@ -84,7 +84,7 @@ def test_command_line():
     assert (args.models, args.backend, args.batch, args.size, args.amp, args.layout,
             args.warmup, args.runs) == (["patnet_t2", "fasternet_t2"], "triton", 4, 64, "none",
                                         "nchw", 0, 1)
-    for bad in (["--batch", "1"], ["--size", "16"], ["--models", "resnet50"], ["--runs", "0"],
+    for bad in (["--batch", "1"], ["--check-batch", "1"], ["--size", "16"], ["--models", "resnet50"], ["--runs", "0"],
                 ["--backend", "numpy"], ["--amp", "float64"]):
         with pytest.raises(SystemExit):
             bench_train.parse_args(["--device", "cpu"] + bad)
