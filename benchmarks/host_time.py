@@ -28,7 +28,8 @@ mode: fp16, channels_last, whose kernels a GPU run has compiled by then).
 
 With ``--train``: the training model's step, forward and backward (the output's gradient all
 ones, made once; the gradients set to None between steps, untimed; no optimizer step), eager
-against ours on Triton. Without a GPU its values are garbage (kernels not run), its time not.
+against ours on Triton; with ``--amp`` the forward under autocast, as a GPU trains (issue 13's
+training target: bf16). Without a GPU its values are garbage (kernels not run), its time not.
 
 Median and 20th/80th percentiles of ``--repeat`` forwards after 3 untimed ones, and the
 kernels per forward (the traffic model's count). Times on a shared machine are noisy: compare
@@ -80,8 +81,8 @@ def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool
             else traffic.triton_launches([], run_kernels=False))
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     grad = None
-    if train:
-        with torch.no_grad():
+    if train:  # (in the output's dtype: under autocast the logits are the autocast dtype's)
+        with torch.no_grad(), _autocast(x, amp):
             grad = torch.ones_like(model(x))
 
     def step():
@@ -133,8 +134,6 @@ def measure(name: str, providers: Sequence[str], batch: int = 1, size: int = 32,
             repeat: int = 50, train: bool = False, amp: Optional[torch.dtype] = None,
             layout: str = "nchw") -> dict:
     """The host-time report of one model: a row per provider (see :func:`measure_provider`)."""
-    if train and amp is not None:
-        raise ValueError("training steps are timed in fp32 only (amp=None)")
     return {"model": name, "batch": batch, "size": size, "repeat": repeat, "train": train,
             "amp": None if amp is None else str(amp).replace("torch.", ""), "layout": layout,
             "device": torch.cuda.get_device_name() if _on_gpu() else "cpu",
@@ -193,8 +192,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"unknown provider(s) {bad}; choose from {list(PROVIDERS)}")
     if args.train and [p for p in args.providers if p not in traffic.TRAIN_PROVIDERS]:
         parser.error(f"--train takes the providers {list(traffic.TRAIN_PROVIDERS)}")
-    if args.train and args.amp:
-        parser.error("--train times fp32 steps; leave out --amp")
     if args.batch is None:
         args.batch = 2 if args.train else 1
     if args.batch < 1 or args.repeat < 1:
