@@ -24,9 +24,11 @@ such as PAT_sf's bucket map are built: the steady state is counted). Providers:
 
 **Kernels.** Every aten op the dispatcher sees counts as one kernel launch, except views (an op
 whose every return aliases an input, by its schema: ``view``, ``permute``, ``slice``,
-``expand``, ...) and allocations and metadata ops that launch nothing (``empty*``,
-``new_empty*``, ``detach``, ``lift_fresh``, ``resize_``, ``as_strided_``) and host work (``.item()``, a copy to
-the host; the attention's dropout seed, drawn from the CPU generator on every device). An op
+``expand``, ...; one that may alias but copied, as ``contiguous``, ``to`` or ``reshape`` of a
+strided tensor inside a fused op, is one kernel that reads its input and writes its result)
+and allocations and metadata ops that launch nothing (``empty*``, ``new_empty*``, ``detach``,
+``lift_fresh``, ``resize_``, ``as_strided_``) and host work (``.item()``, a copy to the host;
+the attention's dropout seed, drawn from the CPU generator on every device). An op
 known to copy a non-contiguous input inside its kernel first (``native_layer_norm``, as PAT_sf's
 LayerNorm gets its channel slice: the profiler shows the ``clone``, a dispatch mode does not)
 counts that copy as a kernel of its own. A fused
@@ -501,6 +503,15 @@ def _host_seed(name: str, out) -> bool:
             and out.dtype == torch.int64)
 
 
+def _aliases_an_input(args, out) -> bool:
+    """Whether every tensor ``out`` holds shares memory with a tensor argument. An op whose
+    schema lets its result alias its input (``contiguous``, ``to``, ``reshape``, ``flatten``)
+    copies where it cannot: seen undecomposed inside a fused op (below autograd, where such
+    composite ops reach this mode before they decompose)."""
+    inputs = {t.untyped_storage().data_ptr() for t in _tensors(args) if t.numel()}
+    return all(not t.numel() or t.untyped_storage().data_ptr() in inputs for t in _tensors(out))
+
+
 def aten_op(func, args, kwargs, out) -> Op:
     """The kernels and bytes of one aten op (rules in the module docstring)."""
     schema = func._schema
@@ -508,6 +519,9 @@ def aten_op(func, args, kwargs, out) -> Op:
     returns_alias = bool(schema.returns) and all(r.alias_info is not None for r in schema.returns)
     view = returns_alias and not schema.is_mutable
     nothing = Op(f"aten::{name}", 0, 0, 0, view=view, mutates=schema.is_mutable)
+    if view and not _aliases_an_input(args, out):  # (contiguous, to, reshape: a copy here)
+        return nothing._replace(kernels=1, read=nbytes(args[0]),
+                                written=sum(nbytes(t) for t in _tensors(out)))
     if view or name in NO_KERNEL or _host_seed(name, out):
         return nothing
     if name == "copy_" and _same_view(args[0], args[1]):  # copy_ returns at once: no kernel

@@ -351,8 +351,10 @@ def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
         x1, grad_y, partial, b, c1, h, w, *_strides(x1), *_strides(grad_y),
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co,
         UPCAST=upcast_dot(x1.dtype), num_warps=warps)
-    # [tap, in, out] -> [out, in, ky, kx]
-    return partial.sum(0).reshape(3, 3, c1, c1).permute(3, 2, 0, 1).contiguous().to(x1.dtype)
+    # the splits summed straight into [out, in, ky, kx] (from [tap = 3 ky + kx, in, out])
+    grad = torch.empty((c1, c1, 3, 3), device=x1.device, dtype=torch.float32)
+    torch.sum(partial.view(splits, 3, 3, c1, c1).permute(0, 4, 3, 1, 2), 0, out=grad)
+    return grad.to(x1.dtype)
 
 
 def aot_kernels() -> List[AotKernel]:
