@@ -324,14 +324,21 @@ def tap_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
+_REVERSED_TAPS = {}  # device -> the taps 8, 7, ..., 0 (int64), made once per device
+
+
 def transposed_taps(weight: torch.Tensor) -> torch.Tensor:
     """(C1, C1, 3, 3) conv weight -> (9, C1, C1) taps of the input-gradient conv.
 
     dX1 = conv3x3(dY1, W') with W'[i, o, ky, kx] = W[o, i, 2 - ky, 2 - kx]: in [tap, in, out]
-    form that is W.flip(2, 3) permuted to [ky, kx, o, i].
+    form, tap t is W[:, :, tap 8 - t] ([o, i]): one gather (``index_select``, contiguous) of
+    the [ky, kx, o, i] view, which any layout of W has.
     """
-    return weight.flip(2, 3).permute(2, 3, 0, 1).reshape(9, weight.shape[0],
-                                                         weight.shape[1]).contiguous()
+    reversed_taps = _REVERSED_TAPS.get(weight.device)
+    if reversed_taps is None:
+        reversed_taps = _REVERSED_TAPS[weight.device] = torch.arange(8, -1, -1,
+                                                                     device=weight.device)
+    return torch.index_select(weight.permute(2, 3, 0, 1).flatten(0, 1), 0, reversed_taps)
 
 
 def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
