@@ -34,7 +34,6 @@ gradients are ill-conditioned: eager's own error is large there, and the budget 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import sys
 import traceback
@@ -55,7 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import patnet  # noqa: E402
 import patnet_kernels as pk  # noqa: E402
-from benchmarks.model_measure import LAYOUTS  # noqa: E402
+from benchmarks.model_measure import LAYOUTS, autocast  # noqa: E402
 from benchmarks.report import columns, pretty, run_models, split_list  # noqa: E402
 from benchmarks.report import write_json as write_json_file  # noqa: E402
 from benchmarks.timer import time_cpu_round_robin, time_cuda  # noqa: E402
@@ -76,11 +75,6 @@ RANDOM_PARTS = {"patnet": {"drop_path_rate": 0.0, "attn_drop": 0.0, "proj_drop":
                 "fasternet": {"drop_path_rate": 0.0}}
 
 
-def _autocast(device: torch.device, amp: Optional[torch.dtype]):
-    return (torch.autocast(device.type, dtype=amp) if amp is not None
-            else contextlib.nullcontext())
-
-
 def _models(name: str, backend: str, device: torch.device, layout: str, seed: int,
             **overrides) -> Dict[str, torch.nn.Module]:
     """eager's and ours' training models (train mode) with the same weights, as initialised
@@ -96,7 +90,7 @@ def _models(name: str, backend: str, device: torch.device, layout: str, seed: in
 def _step_tensors(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
                   amp: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
     """The logits and every parameter gradient of one forward and backward, in float64."""
-    with _autocast(x.device, amp):
+    with autocast(x.device, amp):
         logits = model(x)
     F.cross_entropy(logits.double(), labels).backward()
     return {"logits": logits.detach().double(),
@@ -141,7 +135,7 @@ def _trainer(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
                                 foreach=True)
 
     def step() -> None:
-        with _autocast(x.device, amp):
+        with autocast(x.device, amp):
             logits = model(x)
         F.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
@@ -168,11 +162,10 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         checked = check(name, args.backend, x[:n], labels[:n], args.layout, amp, args.seed)
         steps = {p: _trainer(m, x, labels, amp) for p, m in models.items()}
         plan = models["ours"].backend_plan(input_shape=tuple(x.shape), dtype=amp)
-        if device.type == "cuda":  # (the first step compiles the kernels: not timed)
-            for step in steps.values():
-                step()
         label = f"{name} training step"
         if device.type == "cuda":
+            for step in steps.values():  # (the first step compiles the kernels: not timed)
+                step()
             times = {p: time_cuda(step, args.warmup, args.runs, f"{label}, {p}")
                      for p, step in steps.items()}
         else:

@@ -51,6 +51,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import traffic  # noqa: E402  (sets up the CPU emulation first where needed)
+from benchmarks.model_measure import autocast  # noqa: E402
 from benchmarks.report import pretty, run_models, split_list  # noqa: E402
 from benchmarks.report import write_json as write_json_file  # noqa: E402
 
@@ -67,11 +68,6 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _autocast(x: torch.Tensor, amp: Optional[torch.dtype]):
-    return (torch.autocast(x.device.type, dtype=amp) if amp is not None
-            else contextlib.nullcontext())
-
-
 def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool = False,
                amp: Optional[torch.dtype] = None) -> List[float]:
     """Seconds of host time of each of ``repeat`` eval forwards of ``model`` on ``x`` (with
@@ -82,11 +78,11 @@ def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     grad = None
     if train:  # (in the output's dtype: under autocast the logits are the autocast dtype's)
-        with torch.no_grad(), _autocast(x, amp):
+        with torch.no_grad(), autocast(x.device, amp):
             grad = torch.ones_like(model(x))
 
     def step():
-        with _autocast(x, amp):
+        with autocast(x.device, amp):
             out = model(x)
         if grad is not None:
             out.backward(grad)
@@ -116,7 +112,7 @@ def measure_provider(name: str, provider: str, batch: int, size: int, repeat: in
         x = x.to(device).contiguous(memory_format=LAYOUTS[layout])
         times = sorted(host_times(model, x, repeat, train, amp))
         record = traffic.record_step if train else traffic.record_forward
-        with _autocast(x, amp):  # (warm: its caches are built)
+        with autocast(x.device, amp):  # (warm: its caches are built)
             kernels = traffic.summarize(record(model, x, warmup=False,
                                                run_kernels=_on_gpu())).kernels
     except Exception as exc:  # noqa: BLE001 (reported, the run goes on)

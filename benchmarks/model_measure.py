@@ -30,7 +30,8 @@ PRECISIONS = ("fp32", "amp")
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """torch.autocast on ``device`` in ``amp_dtype``, or nothing where that is None."""
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
@@ -77,13 +78,13 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
                 if provider == "ours-graph":  # (its forward captured once as a CUDA graph)
                     if device.type != "cuda":
                         raise Unavailable("skipped", "CUDA graphs need a CUDA device")
-                    with torch.no_grad(), _autocast(device, amp_dtype):
+                    with torch.no_grad(), autocast(device, amp_dtype):
                         net = GraphedModel(net, x)
             else:
                 net = reference
 
             def call(net=net):
-                with torch.no_grad(), _autocast(device, amp_dtype):
+                with torch.no_grad(), autocast(device, amp_dtype):
                     return net(x)
 
             start = time.perf_counter()

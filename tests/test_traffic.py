@@ -220,6 +220,14 @@ def test_autocast_inference_path(name):
     _check_roofline(report)
 
 
+def _check_op_rooflines(provider: str, row: dict) -> None:
+    """A provider's roofline is timed, every op of it has one, and they sum to it."""
+    assert row["roofline"] is not None, provider
+    assert all(op["roofline_ms"] is not None for op in row["ops"].values()), provider
+    assert sum(op["roofline_ms"] for op in row["ops"].values()) == pytest.approx(
+        row["roofline"]["ms"]), provider
+
+
 def _check_roofline(report, beats_eager: bool = False):
     """Every op of each path has its multiply-adds (the fused ones by FUSED_MACS / CUDA_MACS):
     eager's and the CUDA path's the same arithmetic as eager's, less the folded BatchNorms' (2
@@ -235,12 +243,9 @@ def _check_roofline(report, beats_eager: bool = False):
     for provider, row in rows.items():
         if row["status"] != "ok":
             continue
-        assert row["roofline"] is not None, provider
+        _check_op_rooflines(provider, row)
         assert 0.985 * eager_macs <= row["macs"], (provider, row["macs"])
         assert provider == "triton" or row["macs"] <= eager_macs, (provider, row["macs"])
-        assert all(op["roofline_ms"] is not None for op in row["ops"].values())
-        assert sum(op["roofline_ms"] for op in row["ops"].values()) == pytest.approx(
-            row["roofline"]["ms"])
         assert 0 <= row["roofline"]["compute_bound_ms"] <= row["roofline"]["ms"]
         assert row["roofline"]["l2_bound_ms"] == 0  # (no L2 rate: weight reads not timed)
     # Every fused op of the Triton path has its weight reads (FUSED_WEIGHT_READS), none for
@@ -475,11 +480,9 @@ def test_training_step_counts_under_autocast(name):
     report = _training_step(name, PINNED_TRAIN_AUTOCAST, autocast=True)
     assert report["roofline"]["floor"] is None  # (no floor in training)
     rows = report["providers"]
-    for row in rows.values():
-        assert row["roofline"] is not None and row["macs"] > 0
-        assert all(op["roofline_ms"] is not None for op in row["ops"].values())
-        assert sum(op["roofline_ms"] for op in row["ops"].values()) == pytest.approx(
-            row["roofline"]["ms"])
+    for provider, row in rows.items():
+        _check_op_rooflines(provider, row)
+        assert row["macs"] > 0, provider
     assert 0.95 * rows["eager"]["macs"] <= rows["triton"]["macs"] <= 1.8 * rows["eager"]["macs"]
     speedup = rows["eager"]["roofline"]["ms"] / rows["triton"]["roofline"]["ms"]
     assert speedup >= TRAIN_ROOFLINE_VS_EAGER[name], speedup
