@@ -20,7 +20,9 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    (conv3x3(X1) for its pixel tile, X2 with PAT_ch's gate applied; PAT_sp on its output before
    the residual), so neither is written: one launch per FasterNet block, three per PAT_ch
    block (statistics, gate, the kernel); and each
-   PConv weight is stored in the kernels' [tap, in, out] order, so no call re-lays it out;
+   PConv weight is stored in the kernels' [tap, in, out] order, so no call re-lays it out
+   (again after any conversion of the copy, such as ``.to(memory_format=torch.channels_last)``:
+   :class:`KeepsKernelLayouts`);
    a PAT_ch block followed by another in its stage hands it the statistics of its output's X2
    channels, taken in its MLP kernel's epilogue (:class:`InferenceStage`), so that block does
    not read X2 for them (two launches instead of three);
@@ -76,6 +78,40 @@ _NORM_LINEAR_BACKENDS = ("auto", "torch") + pk.registry.OPS["layer_norm_linear"]
 # writes it (its kernel reads an NCHW image as it is), as every op of the model has a kernel
 # that takes it, where the tiles span samples and the 3 x 3 convs' loads are 16 bytes wide.
 _CHANNELS_LAST_BACKENDS = _BLOCK_BACKENDS
+
+
+def _lay_out_weights(model: nn.Module, backend: str) -> None:
+    """Store the weights that the fused kernels read in the order they read them, so that no
+    call re-lays one out (a copy kernel per weight per forward): under ``backend="triton"``
+    every 3 x 3 conv weight (PConv, PAT_ch, PAT_sf) in the kernels' [tap, in, out] order, the
+    stem's and the merging layers' in [ky, kx, in, out] (both ``tap_major``); under any
+    backend PAT_ch's W_ch (C2, C2, 1, 2) contiguous, as its gate kernel reads it. Values and
+    shapes unchanged; a weight already laid out is left as it is (no copy)."""
+    for module in model.modules():
+        if hasattr(module, "partial_conv3") and backend == "triton":
+            weight = module.partial_conv3.weight  # (the Triton kernels read it with no copy)
+            weight.data = tap_major(weight.data)
+        if isinstance(module, InferencePatchLayer) and backend == "triton":
+            weight = module.conv.weight  # (read along the output channels)
+            weight.data = tap_major(weight.data)
+        if isinstance(module, PATChannelMixer):
+            module.attn.cfc1.weight.data = module.attn.cfc1.weight.data.contiguous()
+
+
+class KeepsKernelLayouts(nn.Module):
+    """Lays its weights out for the kernels again after every conversion of the copy
+    (``Module._apply``: ``.to(...)``, ``.cuda()``, ``.half()``): ``.to(memory_format=
+    torch.channels_last)``, which the usual AMP recipe applies to a whole model, re-strides
+    every 4-d tensor, and each kernel would then copy its weight back on every call (PATNet-T2
+    51 -> 75 launches per forward, FasterNet-T2 34 -> 47). As ``nn.RNNBase`` flattens its
+    weights again after one. ``backend``: the backend the copy was made for."""
+
+    backend = "auto"
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        _lay_out_weights(self, self.backend)
+        return module
 
 
 def _spatial_params(module: nn.Module) -> pk.SpatialAttentionParams:
@@ -190,14 +226,13 @@ class StageInput(NamedTuple):
     statistics: Tuple[torch.Tensor, torch.Tensor]
 
 
-class InferencePatchLayer(nn.Module):
+class InferencePatchLayer(KeepsKernelLayouts):
     """The stem or a merging layer with its BatchNorm folded: ``pk.patch_conv`` (its conv's
     weight and bias), returning a :class:`StageInput` with the statistics the next stage's
     first block reads where ``statistics_of`` (that block's C1) is set; the conv module
     under a backend with no kernel for it. Same children as the layer, so the same
     state_dict keys."""
 
-    backend = "auto"
     statistics_of: Optional[int] = None
 
     @property
@@ -223,7 +258,7 @@ class InferencePatchMerging(InferencePatchLayer, PatchMerging):
     pass
 
 
-class InferenceStage(BasicStage):
+class InferenceStage(KeepsKernelLayouts, BasicStage):
     """The blocks in order; each PAT_ch block followed by another hands it the statistics of
     its output's X2 channels (taken in its MLP kernel's epilogue on Triton), so that block does
     not read X2 again for them; the first takes those of a :class:`StageInput`."""
@@ -287,16 +322,11 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
         if isinstance(module, (InferenceFasterNetBlock, InferencePATNetBlock)):
             module.mlp.__class__ = InferenceMLP
             module.mlp.backend = backend
-        if isinstance(module, InferencePatchLayer):
+        if isinstance(module, KeepsKernelLayouts):
             module.backend = backend
         if hasattr(module, "eval_forms"):
             module.eval_forms = True
-        if hasattr(module, "partial_conv3") and backend == "triton":
-            weight = module.partial_conv3.weight  # (the Triton kernels read it with no copy)
-            weight.data = tap_major(weight.data)
-        if isinstance(module, InferencePatchLayer) and backend == "triton":
-            weight = module.conv.weight  # (read along the output channels)
-            weight.data = tap_major(weight.data)
+    _lay_out_weights(optimized, backend)
     if backend in _BLOCK_BACKENDS:  # (its blocks run as one op and take statistics)
         _hand_statistics(optimized)
     optimized.optimized_for_inference = True

@@ -97,12 +97,32 @@ def test_inference_path_on_fused_backend(name, fused_backend):
     with torch.no_grad():
         assert rel_error(fast(x), model(x)) < 1e-5
     if fused_backend == "triton":  # PConv weights stored as the kernels read them: no copy
-        from patnet_kernels.triton.partial_conv import forward_taps
-        state = model.state_dict()
-        for key, weight in fast.state_dict().items():
-            if key.endswith("partial_conv3.weight"):
-                assert torch.equal(weight, state[key])
-                assert forward_taps(weight).data_ptr() == weight.data_ptr()
+        _check_kernel_layouts(fast, model)
+        # also after the usual AMP recipe's conversion, which re-strides every 4-d weight
+        with torch.no_grad():
+            expected = fast(x)
+            fast = fast.to(memory_format=torch.channels_last)
+            _check_kernel_layouts(fast, model)
+            assert torch.equal(fast(x.contiguous(memory_format=torch.channels_last)), expected)
+
+
+def _check_kernel_layouts(fast: torch.nn.Module, model: torch.nn.Module) -> None:
+    """The Triton inference copy's 3 x 3 conv weights are stored [tap, in, out] (forward_taps a
+    view), the stem's and merging layers' [ky, kx, in, out], PAT_ch's W_ch contiguous: the
+    kernels copy none of them per call. Values as the model's (folded where folding applies)."""
+    from patnet_kernels.triton.partial_conv import forward_taps
+    state = model.state_dict()
+    checked = 0
+    for key, weight in fast.state_dict().items():
+        if key.endswith("partial_conv3.weight"):
+            assert torch.equal(weight, state[key])
+            assert forward_taps(weight).data_ptr() == weight.data_ptr(), key
+            checked += 1
+        elif key.endswith(("patch_embed.proj.weight", "reduction.weight")):
+            assert weight.permute(2, 3, 1, 0).is_contiguous(), key
+        elif key.endswith("cfc1.weight"):
+            assert weight.is_contiguous(), key
+    assert checked
 
 
 def test_stem_and_merging_layers_hand_their_statistics(monkeypatch):

@@ -193,8 +193,9 @@ PINNED_AUTOCAST = {"patnet_t2": dict(eager=316, triton=51),
                    "fasternet_t2": dict(eager=150, triton=34)}
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("name", sorted(PINNED_AUTOCAST))
-def test_autocast_inference_path(name):
+def test_autocast_inference_path(name, channels_last):
     """Mixed precision, as the GPU benchmarks run the models: the inference copy's frozen
     weights are cast once, not per forward (``functional._autocast_copy``; PATNet-T2 178 and
     FasterNet-T2 85 Triton kernels before, most of them casts; 71 and 33 before the stem and
@@ -204,10 +205,14 @@ def test_autocast_inference_path(name):
     too; 51, and FasterNet-T2 34, with the MLPs past 256 channels in two passes), so the fused
     path keeps its launch and byte ratios against
     eager (which casts its weights every forward) within the fused-block issue's proxies
-    (0.3x kernels, 0.25x bytes)."""
+    (0.3x kernels, 0.25x bytes). The same counts with the models converted to channels_last
+    after they are made, as the GPU model benchmark runs them: the conversion re-strides the
+    copy's 4-d weights, which it then lays out for the kernels again (75 and 47 launches
+    before, a copy of each 3 x 3 conv weight and of each W_ch per forward)."""
     if not _available("triton"):
         pytest.skip("the Triton backend cannot run here")
-    report = traffic.measure(name, SIZE, ("eager", "triton"), run_kernels=False, autocast=True)
+    report = traffic.measure(name, SIZE, ("eager", "triton"), run_kernels=False, autocast=True,
+                             channels_last=channels_last)
     rows = report["providers"]
     assert report["dtype"] == "bfloat16 autocast"
     for provider, kernels in PINNED_AUTOCAST[name].items():
