@@ -770,9 +770,12 @@ def floor(name: str, size: int, autocast: bool = False, **overrides) -> Dict[str
     the layer count (one kernel per layer) and the folded model's parameter bytes (2 per
     parameter under autocast, as the fused path casts them once); ``layers``:
     per layer (its name, input + output bytes per image, multiply-adds per image, parameter
-    bytes) for the roofline."""
+    bytes) for the roofline. All of the folded model (``patnet.fuse_for_inference``): a
+    layer's arithmetic is what it needs with its BatchNorms folded, which no inference path
+    has to do (eager's counts them: fvcore's 2 per element)."""
     torch.manual_seed(0)
-    model = patnet.create_model(name, backend="torch", **overrides).eval()
+    model = patnet.fuse_for_inference(
+        patnet.create_model(name, backend="torch", **overrides).eval())
     names = {m: n for n, m in model.named_modules()}
 
     def weight_bytes(p: torch.Tensor) -> int:  # (under autocast the weights run in bfloat16)
@@ -812,8 +815,7 @@ def floor(name: str, size: int, autocast: bool = False, **overrides) -> Dict[str
             handle.remove()
     for row, macs in zip(rows, counter.macs):
         row["macs"] = macs // batch
-    folded = patnet.fuse_for_inference(model)
-    weights = sum(weight_bytes(p) for p in folded.parameters())
+    weights = sum(weight_bytes(p) for p in model.parameters())
     return {"kernels": len(layers), "read": totals["read"], "written": totals["written"],
             "bytes": totals["read"] + totals["written"], "weights": weights, "layers": rows}
 

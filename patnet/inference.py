@@ -55,9 +55,11 @@ import copy
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import patnet_kernels as pk
+from patnet_kernels.functional import autocast_aware
 from patnet_kernels.triton.partial_conv import tap_major
 
 from .cuda_graph import GraphedModel, check_example_input
@@ -112,6 +114,38 @@ class KeepsKernelLayouts(nn.Module):
         module = super()._apply(fn, *args, **kwargs)
         _lay_out_weights(self, self.backend)
         return module
+
+
+@autocast_aware
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride,
+            padding, dilation, groups: int) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+@autocast_aware
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+class InferenceConv2d(nn.Conv2d):
+    """A conv of the copy that runs as a module (the head's 1 x 1 conv; under a backend with no
+    kernel for an op, the layers it composes): under autocast its frozen weight and bias are
+    cast once and kept while unchanged (``patnet_kernels.functional.autocast_aware``), where
+    autocast casts them on every call, a kernel each. The same arithmetic as autocast's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super().forward(x)
+        return _conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                       self.groups)
+
+
+class InferenceLinear(nn.Linear):
+    """The classifier (and PAT_sf's linear layers where they run as modules), its frozen weight
+    and bias cast once under autocast, as :class:`InferenceConv2d`'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.weight, self.bias)
 
 
 def _spatial_params(module: nn.Module) -> pk.SpatialAttentionParams:
@@ -279,7 +313,8 @@ class InferenceStage(KeepsKernelLayouts, BasicStage):
 _INFERENCE_CLASSES = {FasterNetBlock: InferenceFasterNetBlock,
                       PATNetBlock: InferencePATNetBlock, BasicStage: InferenceStage,
                       PatchEmbed: InferencePatchEmbed, PatchMerging: InferencePatchMerging,
-                      PATSelfMixer: InferencePATSelfMixer}
+                      PATSelfMixer: InferencePATSelfMixer, nn.Conv2d: InferenceConv2d,
+                      nn.Linear: InferenceLinear}
 
 
 def _hand_statistics(model: nn.Module) -> None:

@@ -189,8 +189,8 @@ def test_cpu_proxy_targets_at_128(name):
 
 
 # Under bfloat16 autocast, at 64 x 64: kernels per forward (exact), eager and Triton.
-PINNED_AUTOCAST = {"patnet_t2": dict(eager=316, triton=51),
-                   "fasternet_t2": dict(eager=150, triton=34)}
+PINNED_AUTOCAST = {"patnet_t2": dict(eager=316, triton=48),
+                   "fasternet_t2": dict(eager=150, triton=31)}
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -239,17 +239,22 @@ def _check_roofline(report, beats_eager: bool = False):
     per element by fvcore's convention: under 1.5%, PATNet-T1's PAT_sp BatchNorms included);
     the Triton path's as its kernels perform it on a GPU (traffic.TILE_WORK): each pixel tile
     whole, so more where a tile runs past a map's last pixel (at 64 x 64 the stage-4 maps have
-    4 pixels a sample, the MLP's tiles 64), never less; the floor's layers count eager's; the
-    roofline orders floor <= ours (and, ``beats_eager``, ours < eager), and the table prints
-    it."""
+    4 pixels a sample, the MLP's tiles 64), never less; the floor's layers count the folded
+    model's (eager's less its BatchNorms'), never more than a path performs; the roofline
+    orders floor <= ours (and, ``beats_eager``, ours < eager), and the table prints it."""
     rows, roofline = report["providers"], report["roofline"]
     eager_macs = rows["eager"]["macs"]
-    assert sum(layer["macs"] for layer in report["floor"]["layers"]) == eager_macs
+    floor_macs = sum(layer["macs"] for layer in report["floor"]["layers"])
+    assert 0.985 * eager_macs <= floor_macs < eager_macs
     for provider, row in rows.items():
         if row["status"] != "ok":
             continue
         _check_op_rooflines(provider, row)
         assert 0.985 * eager_macs <= row["macs"], (provider, row["macs"])
+        # (the Triton path's tiles do at least the folded model's arithmetic; the CUDA ops
+        # are counted by what they must do, less elementwise work than fvcore's convention
+        # counts in the reference: PATNet-T2 at 64 x 64 0.13% under the floor's)
+        assert provider != "triton" or floor_macs <= row["macs"], row["macs"]
         assert provider == "triton" or row["macs"] <= eager_macs, (provider, row["macs"])
         assert 0 <= row["roofline"]["compute_bound_ms"] <= row["roofline"]["ms"]
         assert row["roofline"]["l2_bound_ms"] == 0  # (no L2 rate: weight reads not timed)
