@@ -69,7 +69,8 @@ so batch 1 launches fewer kernels than the general case.
 
 **Floor.** Each layer's input read once and output written once, per image: the stem
 (``patch_embed``), every block, every merging layer, the pre-head (pool, 1x1 conv, activation:
-one layer) and the classifier; one kernel per layer is the launch floor, and the folded model's
+one layer) and the classifier, all of the folded model (its BatchNorms folded, as no inference
+path computes them); one kernel per layer is the launch floor, and the folded model's
 parameters read once the weight floor (2 bytes each under ``--autocast``).
 
 **Roofline** (under ``--autocast`` only: 2-byte activations, and the matmul rate is fp16's;

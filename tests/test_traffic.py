@@ -202,13 +202,14 @@ def test_autocast_inference_path(name, channels_last):
     the merging layers ran as pk.patch_conv, which reads the float32 image as it is and whose
     weights are cast once too; PATNet-T2's counts since include its LayerNorms' copies, 63;
     47 with PAT_sf's LayerNorm and qkv as pk.layer_norm_linear, whose weight is cast once
-    too; 51, and FasterNet-T2 34, with the MLPs past 256 channels in two passes), so the fused
-    path keeps its launch and byte ratios against
-    eager (which casts its weights every forward) within the fused-block issue's proxies
-    (0.3x kernels, 0.25x bytes). The same counts with the models converted to channels_last
-    after they are made, as the GPU model benchmark runs them: the conversion re-strides the
-    copy's 4-d weights, which it then lays out for the kernels again (75 and 47 launches
-    before, a copy of each 3 x 3 conv weight and of each W_ch per forward)."""
+    too; 51, and FasterNet-T2 34, with the MLPs past 256 channels in two passes; 48 and 31
+    with the head's conv and classifier weights cast once too), so the fused path keeps its
+    launch and byte ratios against eager (which casts its weights every forward) within the
+    fused-block issue's proxies (0.3x kernels, 0.25x bytes). The same counts with the models
+    converted to channels_last after they are made, as the GPU model benchmark runs them: the
+    conversion re-strides the copy's 4-d weights, which it then lays out for the kernels again
+    (75 and 47 launches before, a copy of each 3 x 3 conv weight and of each W_ch per
+    forward)."""
     if not _available("triton"):
         pytest.skip("the Triton backend cannot run here")
     report = traffic.measure(name, SIZE, ("eager", "triton"), run_kernels=False, autocast=True,
