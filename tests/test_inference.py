@@ -104,6 +104,10 @@ def test_inference_path_on_fused_backend(name, fused_backend):
             fast = fast.to(memory_format=torch.channels_last)
             _check_kernel_layouts(fast, model)
             assert torch.equal(fast(x.contiguous(memory_format=torch.channels_last)), expected)
+        # a conversion that changes nothing moves no weight (a CUDA graph keeps reading it)
+        storage = {key: t.data_ptr() for key, t in fast.state_dict().items()}
+        fast = fast.to(DEVICE, torch.float32)
+        assert {key: t.data_ptr() for key, t in fast.state_dict().items()} == storage
 
 
 def _check_kernel_layouts(fast: torch.nn.Module, model: torch.nn.Module) -> None:
