@@ -180,7 +180,7 @@ Tensor partial_conv3x3_input_grad(const Tensor& grad_y, const Tensor& weight) {
   return grad_x;
 }
 
-Tensor conv3x3_weight_grad(const Tensor& x1, const Tensor& grad_y) {
+Tensor conv3x3_weight_grad(const Tensor& x1, const Tensor& grad_y, const Tensor& weight) {
   check_tensor(x1, "x1", x1, 4);
   check_tensor(grad_y, "grad_y", x1, 4);
   const patnet::DType dtype = dtype_of(x1, "x1");
@@ -189,6 +189,8 @@ Tensor conv3x3_weight_grad(const Tensor& x1, const Tensor& grad_y) {
   TORCH_CHECK(grad_y.size(0) == x1.size(0) && grad_y.size(1) >= c1 &&
                   grad_y.size(2) == x1.size(2) && grad_y.size(3) == x1.size(3),
               "patnet_cuda: grad_y ", grad_y.sizes(), " does not fit x1 ", x1.sizes());
+  TORCH_CHECK(check_conv(x1, weight, "x1") == c1, "patnet_cuda: weight ", weight.sizes(),
+              " is not (C1, C1, 3, 3) with C1 = ", c1, " (x1's channels)");
   const c10::DeviceGuard guard(x1.device());
   const int b = x1.size(0), h = x1.size(2), w = x1.size(3), sms = num_sms();
   Tensor grad_w = at::empty({c1, c1, 3, 3}, x1.options().dtype(at::kFloat));
@@ -198,7 +200,10 @@ Tensor conv3x3_weight_grad(const Tensor& x1, const Tensor& grad_y) {
                                            grad_w.data_ptr<float>(), workspace.data_ptr<float>(),
                                            b, c1, h, w, sms, current_stream()),
                "conv3x3_weight_grad");
-  return grad_w.to(x1.scalar_type());
+  // shaped, typed and strided as the weight (autograd accumulates a gradient of its
+  // parameter's strides without a copy): the sums cast and laid out in one pass
+  if (weight.scalar_type() == at::kFloat && weight.is_contiguous()) return grad_w;
+  return at::empty_like(weight).copy_(grad_w);
 }
 
 // ---------------------------------------------------------------------------------- PAT_ch
@@ -456,7 +461,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> self_mixer_output_backward(
   Tensor grad_x = empty_activation(x, x.sizes());
   conv3x3(grad_y, transposed_taps(conv_weight), grad_x, c1, /*copy_rest=*/false);
   grad_x.narrow(1, c1, x.size(1) - c1).zero_();
-  Tensor grad_conv_weight = conv3x3_weight_grad(x.narrow(1, 0, c1), grad_y);
+  Tensor grad_conv_weight = conv3x3_weight_grad(x.narrow(1, 0, c1), grad_y, conv_weight);
   Tensor grad_proj_out = tokens_view(grad_y, c1);
   if (present(keep)) grad_proj_out = grad_proj_out * *keep;
   // GEMMs over all B * N tokens (no per-sample (C2, C2) products to sum): views of the tokens,
@@ -475,7 +480,7 @@ TORCH_LIBRARY(patnet_cuda, m) {
   m.def("partial_conv3x3(Tensor x, Tensor weight) -> Tensor");
   m.def("partial_conv3x3_(Tensor(a!) x, Tensor weight) -> Tensor");
   m.def("partial_conv3x3_input_grad(Tensor grad_y, Tensor weight) -> Tensor");
-  m.def("conv3x3_weight_grad(Tensor x1, Tensor grad_y) -> Tensor");
+  m.def("conv3x3_weight_grad(Tensor x1, Tensor grad_y, Tensor weight) -> Tensor");
   m.def("channel_attention_stats(Tensor x, SymInt c1) -> (Tensor, Tensor)");
   m.def("channel_attention_apply(Tensor x, Tensor conv_weight, Tensor scale, Tensor shift) -> Tensor");
   m.def("channel_attention_grad_sums(Tensor x, Tensor grad_y, Tensor mean) -> (Tensor, Tensor)");

@@ -107,12 +107,30 @@ def test_inplace_keeps_autograd_honest(fused_backend):
     ("partial_conv3x3", lambda x, w: (x, w)),
     ("partial_conv3x3_", lambda x, w: (x.clone(), w)),
     ("partial_conv3x3_input_grad", lambda x, w: (x, w)),
-    ("conv3x3_weight_grad", lambda x, w: (x[:, :w.shape[0]], x)),
+    ("conv3x3_weight_grad", lambda x, w: (x[:, :w.shape[0]], x, w)),
 ])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_opcheck(op, args, channels_last, fused_backend):
     x, weight, _ = _inputs((2, 12, 3, 5, 6), torch.float32, channels_last, seed=4)
     torch.library.opcheck(getattr(fused_ops(fused_backend), op).default, args(x, weight))
+
+
+@pytest.mark.parametrize("weight_layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["weight_nchw", "weight_nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradient_in_the_weights_layout(weight_layout, dtype, fused_backend):
+    """conv3x3_weight_grad returns dW shaped, typed and strided as the weight (in a
+    channels_last model the weights are channels_last: autograd then accumulates it into
+    weight.grad without a copy), whatever the activations' layout; its values those of the
+    contiguous weight's."""
+    x, weight, _ = _inputs((2, 12, 3, 5, 6), dtype, True, seed=6)
+    x1, grad_y = x[:, :3], torch.randn_like(x)
+    op = fused_ops(fused_backend).conv3x3_weight_grad
+    expected = op(x1, grad_y, weight)
+    laid_out = weight.contiguous(memory_format=weight_layout)
+    grad = op(x1, grad_y, laid_out)
+    assert grad.dtype == dtype and grad.stride() == laid_out.stride()
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
 def test_compile_fullgraph_matches_eager(fused_backend):

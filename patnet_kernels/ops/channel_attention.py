@@ -288,7 +288,7 @@ def make_functions(ops):
             if grad_y is None:  # (y unused)
                 return tuple(grads)
             if needs[1]:
-                grads[1] = ops.conv3x3_weight_grad(x[:, :c1], grad_y)
+                grads[1] = ops.conv3x3_weight_grad(x[:, :c1], grad_y, conv_weight)
             if needs[0] or any(needs[2:12]):
                 sum_xg, sum_g = ops.channel_attention_grad_sums(x, grad_y, mean)
                 slope, offset, grad_cfc, vectors = gate_grad(

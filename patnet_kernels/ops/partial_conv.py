@@ -8,7 +8,9 @@ torch.compile traces through them:
 * ``partial_conv3x3_(x!, weight) -> x1``: writes conv3x3(X1) into x[:, :C1] in place and
   returns the original X1 (the copy the conv reads from, kept for the weight gradient).
 * ``partial_conv3x3_input_grad(grad_y, weight) -> grad_x``: [conv3x3^T(dY1) | dY2].
-* ``conv3x3_weight_grad(x1, grad_y) -> grad_weight``.
+* ``conv3x3_weight_grad(x1, grad_y, weight) -> grad_weight``, shaped, typed and strided as
+  ``weight`` (``empty_like``): autograd accumulates a gradient of its parameter's strides
+  without a copy (a channels_last model's weights are channels_last).
 
 The autograd Functions are made by :func:`make_functions` over a backend's ``torch.ops``
 namespace; :func:`backend_function` is the op with the reference's signature.
@@ -39,9 +41,8 @@ def _input_grad_fake(grad_y, weight):
     return empty_activation(grad_y, grad_y.shape)
 
 
-def _weight_grad_fake(x1, grad_y):
-    c1 = x1.shape[1]
-    return x1.new_empty((c1, c1, 3, 3))
+def _weight_grad_fake(x1, grad_y, weight):
+    return torch.empty_like(weight)
 
 
 # Each op's fake (shapes, dtypes and strides of its outputs), shared by every backend that
@@ -92,7 +93,7 @@ def make_functions(ops):
     def backward(ctx, grad_y: Tensor, x1: Tensor, weight: Tensor):
         needs_x, needs_w = ctx.needs_input_grad[:2]
         grad_x = ops.partial_conv3x3_input_grad(grad_y, weight) if needs_x else None
-        grad_w = ops.conv3x3_weight_grad(x1, grad_y) if needs_w else None
+        grad_w = ops.conv3x3_weight_grad(x1, grad_y, weight) if needs_w else None
         return grad_x, grad_w
 
     return PartialConv3x3, PartialConv3x3Inplace

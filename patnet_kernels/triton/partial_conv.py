@@ -341,8 +341,10 @@ def transposed_taps(weight: torch.Tensor) -> torch.Tensor:
     return torch.index_select(weight.permute(2, 3, 0, 1).flatten(0, 1), 0, reversed_taps)
 
 
-def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
-    """dW (C1, C1, 3, 3) in x1's dtype, from X1 (B, >= C1, H, W) and dY (B, >= C1, H, W).
+def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor,
+                        out: torch.Tensor) -> torch.Tensor:
+    """dW (C1, C1, 3, 3) into ``out`` (x1's dtype, any strides; returned), from X1 (B, >= C1,
+    H, W) and dY (B, >= C1, H, W).
 
     Only the first C1 = weight rows channels of each are read, where C1 = x1.shape[1] unless
     x1 carries extra channels; pass ``x1`` sliced to C1 channels. Accumulates in fp32.
@@ -358,10 +360,12 @@ def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
         x1, grad_y, partial, b, c1, h, w, *_strides(x1), *_strides(grad_y),
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co,
         UPCAST=upcast_dot(x1.dtype), num_warps=warps)
-    # the splits summed straight into [out, in, ky, kx] (from [tap = 3 ky + kx, in, out])
-    grad = torch.empty((c1, c1, 3, 3), device=x1.device, dtype=torch.float32)
-    torch.sum(partial.view(splits, 3, 3, c1, c1).permute(0, 4, 3, 1, 2), 0, out=grad)
-    return grad.to(x1.dtype)
+    # the splits summed in fp32 straight into out's [out, in, ky, kx] (from [tap = 3 ky + kx,
+    # in, out]); in fp16 / bf16 then cast into out, its layout taken in the same pass
+    taps = partial.view(splits, 3, 3, c1, c1).permute(0, 4, 3, 1, 2)
+    if out.dtype == torch.float32:
+        return torch.sum(taps, 0, out=out)
+    return out.copy_(torch.sum(taps, 0))
 
 
 def aot_kernels() -> List[AotKernel]:

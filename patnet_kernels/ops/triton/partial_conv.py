@@ -38,8 +38,8 @@ def _input_grad(grad_y: Tensor, weight: Tensor) -> Tensor:
 
 @custom_op("patnet_triton::conv3x3_weight_grad", mutates_args=())
 @on_tensor_device
-def _weight_grad(x1: Tensor, grad_y: Tensor) -> Tensor:
-    return kernels.conv3x3_weight_grad(x1, grad_y)
+def _weight_grad(x1: Tensor, grad_y: Tensor, weight: Tensor) -> Tensor:
+    return kernels.conv3x3_weight_grad(x1, grad_y, torch.empty_like(weight))
 
 
 register_fakes("patnet_triton", spec.FAKES)

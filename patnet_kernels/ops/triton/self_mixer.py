@@ -40,7 +40,8 @@ def _backward(grad_y: Tensor, x: Tensor, conv_weight: Tensor, tokens: Tensor,
     kernels.conv3x3_passthrough(grad_y, kernels.transposed_taps(conv_weight), grad_x,
                                 copy_rest=False)
     grad_x[:, c1:].zero_()
-    grad_conv_weight = kernels.conv3x3_weight_grad(x[:, :c1], grad_y)
+    grad_conv_weight = kernels.conv3x3_weight_grad(x[:, :c1], grad_y,
+                                                   torch.empty_like(conv_weight))
     grad_proj_out = _tokens_view(grad_y, c1)  # (B, N, C2)
     if keep is not None:
         grad_proj_out = grad_proj_out * keep
