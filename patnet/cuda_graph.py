@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from patnet_kernels._types import outside_inference_mode
+
 
 def _autocast_state() -> Tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
@@ -43,9 +45,11 @@ class GraphedModel(nn.Module):
             raise ValueError(f"example_input is on {example_input.device} but the model on "
                              f"{weights.device}; move them to one device")
         self.model = model
-        self._input = example_input.detach().clone()  # (same strides: channels_last kept)
         self._autocast = _autocast_state()
-        with torch.no_grad():
+        # (the captured input and output are ordinary tensors, also when built under
+        # torch.inference_mode: each call copies into the input, in whatever mode it runs)
+        with outside_inference_mode(), torch.no_grad():
+            self._input = example_input.detach().clone()  # (same strides: channels_last kept)
             # Warm up off the capture (Triton compiles, cuDNN picks its algorithms, the
             # backends decide and cache), on a side stream as CUDA graph capture requires.
             stream = torch.cuda.Stream(device=example_input.device)

@@ -16,6 +16,7 @@ import copy
 import torch
 from torch import nn
 
+from patnet_kernels._types import outside_inference_mode
 from patnet_kernels.reference.batch_norm import batch_norm_affine
 
 from .layers import (LayerNorm2d, PartialSpatialAttention, PATChannelMixer, PatchEmbed,
@@ -83,6 +84,11 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     The copy cannot be put back in training mode. Works on PATNet and FasterNet, classification
     or features mode, on any device and dtype.
     """
+    with outside_inference_mode():  # (the copy is used in any mode afterwards)
+        return _folded_copy(model)
+
+
+def _folded_copy(model: nn.Module) -> nn.Module:
     fused = copy.deepcopy(model).eval()
     for module in list(fused.modules()):
         if isinstance(module, PatchEmbed):

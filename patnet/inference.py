@@ -60,6 +60,7 @@ from torch import nn
 
 import patnet_kernels as pk
 from patnet_kernels.functional import autocast_aware
+from patnet_kernels._types import outside_inference_mode
 from patnet_kernels.triton.partial_conv import tap_major
 
 from .cuda_graph import GraphedModel, check_example_input
@@ -346,6 +347,14 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
     pk.check_backend_name(backend)  # (these before any copy is made)
     if example_input is not None:
         check_example_input(example_input)
+    with outside_inference_mode():  # (the copy is used in any mode afterwards)
+        optimized = _optimized_copy(model, backend)
+    if example_input is not None:
+        return GraphedModel(optimized, example_input)
+    return optimized
+
+
+def _optimized_copy(model: nn.Module, backend: str) -> nn.Module:
     optimized = (copy.deepcopy(model).eval() if getattr(model, "fused_for_inference", False)
                  else fuse_for_inference(model))
     optimized.requires_grad_(False)
@@ -365,6 +374,4 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
     if backend in _BLOCK_BACKENDS:  # (its blocks run as one op and take statistics)
         _hand_statistics(optimized)
     optimized.optimized_for_inference = True
-    if example_input is not None:
-        return GraphedModel(optimized, example_input)
     return optimized

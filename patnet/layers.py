@@ -17,6 +17,7 @@ from torch import nn
 
 import patnet_kernels as pk
 from patnet_kernels import BatchNormParams
+from patnet_kernels._types import outside_inference_mode
 from patnet_kernels.reference.channel_attention import channel_statistics
 
 # The stage-4 token grid of a 224 x 224 input (the network downsamples by 32): the grid whose
@@ -231,9 +232,10 @@ class RPESelfAttention(nn.Module):
         ids = pk.rpe_buckets(height, width)  # CPU, cached: copied, never shared with the cache
         self.token_grid = (height, width)
         self.bucket_range = (int(ids.min()), int(ids.max()))
-        self.register_buffer(
-            "bucket_ids", ids.to(self.rpe_k.lookup_table_bias.device, copy=True),
-            persistent=False)
+        with outside_inference_mode():  # (a buffer that training reads, wherever set)
+            self.register_buffer(
+                "bucket_ids", ids.to(self.rpe_k.lookup_table_bias.device, copy=True),
+                persistent=False)
 
     def buckets(self, height: int, width: int, device: torch.device):
         """The (N, N) bucket ids of a height x width token grid on ``device``, and their

@@ -1,14 +1,30 @@
 """Small value types shared by the functional API and every backend."""
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Optional, Tuple
+import contextlib
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
+# The devices whose tensors the ops take and that have an autocast mode.
+AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
+
 # The dropout seeds of the fused attention, [low, high): above 2^32, so that Triton types the
 # kernel argument as int64 (the shipped signature) and the whole 64-bit Philox key is used.
 DROPOUT_SEED_RANGE = (1 << 32, 1 << 62)
+
+
+@contextlib.contextmanager
+def outside_inference_mode() -> Iterator[None]:
+    """Tensors made inside are ordinary tensors, also where the caller runs under
+    ``torch.inference_mode``; grad mode stays as it was. For what is kept beyond the call
+    (caches, the inference copies of a model): an inference tensor cannot be saved for backward
+    nor updated in place outside inference mode, so one kept from an inference-mode call would
+    break a later training step or conversion."""
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        yield
 
 
 def chunk_pixels(pixels: int, chunks: int) -> int:

@@ -19,13 +19,11 @@ from ._checks import (check_activation, check_batch_norm, check_batch_values,
                       check_conv_weight, check_device, check_flag, check_number, check_same,
                       check_same_or_float32, check_shape, check_statistics_of,
                       check_tensor)
-from ._types import BatchNormParams, SpatialAttentionParams, chunk_layout
+from ._types import (AUTOCAST_DEVICE_TYPES, BatchNormParams, SpatialAttentionParams,
+                     chunk_layout, outside_inference_mode)
 from .backends import choose_implementation
 from .ops._layout import memory_format_of
 from .reference.pointwise_mlp import ACTIVATIONS as MLP_ACTIVATIONS
-
-# The devices whose tensors the ops take and that have an autocast mode.
-AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
 
 
 # Casts of frozen parameters under autocast, kept per (parameter, dtype) with the parameter's
@@ -40,15 +38,17 @@ def _autocast_copy(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     call as autocast casts weights (its own cache keeps only casts of tensors requiring
     gradients, and only within one autocast region): under fp16 autocast that is a cast
     kernel per weight per forward saved. Not while torch.compile traces (it sees plain casts
-    and hoists or fuses them itself)."""
-    if (not isinstance(value, nn.Parameter) or value.requires_grad
-            or torch.compiler.is_compiling()):
+    and hoists or fuses them itself), nor for an inference tensor (made under
+    ``torch.inference_mode``: it has no version counter)."""
+    if (torch.compiler.is_compiling() or not isinstance(value, nn.Parameter)
+            or value.requires_grad or value.is_inference()):
         return value.to(dtype)
     key = (value._version, value.data_ptr())
     casts = _FROZEN_CASTS.setdefault(value, {})
     cached = casts.get(dtype)
     if cached is None or cached[0] != key:
-        cached = casts[dtype] = (key, value.detach().to(dtype))
+        with outside_inference_mode():  # (kept for later calls)
+            cached = casts[dtype] = (key, value.detach().to(dtype))
     return cached[1]
 
 
@@ -288,10 +288,11 @@ def rpe_buckets(height: int, width: int, device=None) -> torch.Tensor:
     key = (height, width, device)
     ids = _BUCKET_CACHE.get(key)
     if ids is None:
-        with torch.device("cpu"):  # also under a default-device context such as meta
-            cpu_ids = reference.compute_rpe_buckets(height, width)
+        with outside_inference_mode():  # (a later training step at this grid saves it)
+            with torch.device("cpu"):  # also under a default-device context such as meta
+                cpu_ids = reference.compute_rpe_buckets(height, width)
+            ids = cpu_ids.to(device)
         low, high = int(cpu_ids.min()), int(cpu_ids.max())
-        ids = cpu_ids.to(device)
         _BUCKET_CACHE[key] = ids
         _CACHED_BUCKET_RANGE[id(ids)] = (ids, low, high)
     return ids

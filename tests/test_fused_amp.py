@@ -132,6 +132,32 @@ def test_model_under_autocast(family, mode, dtype, fused_backend):
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("family", ["patnet", "fasternet"])
+def test_backward_inside_autocast_is_backward_outside(family, mode, fused_backend):
+    """``loss.backward()`` written inside the autocast region (PyTorch advises against it; users
+    write it) gives the gradients of a backward outside it, bit for bit: the fused autograd
+    Functions run their backward with autocast off, as their forward
+    (``ops.backward_without_autocast``). Before, the CUDA backend's PAT_ch backward computed
+    its gate gradients in bfloat16 in training and, in eval, handed its float32-only kernel a
+    bfloat16 offset, which refused it."""
+    _, _, outside = _models(family, fused_backend, mode)
+    inside = copy.deepcopy(outside)
+    x, grad = _inputs(family, mode)
+    gradients = []
+    for model, backward_inside in ((outside, False), (inside, True)):
+        x_in = x.float().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            out = model(x_in)
+            if backward_inside:
+                out.backward(grad.to(out.dtype))
+        if not backward_inside:
+            out.backward(grad.to(out.dtype))
+        gradients.append({"input": x_in.grad, **{k: p.grad for k, p in model.named_parameters()}})
+    for key, expected in gradients[0].items():
+        assert torch.equal(gradients[1][key], expected), key
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("family", ["patnet", "fasternet"])
 def test_channels_last_model(family, mode, fused_backend):
     """float32; the budget is set by the reference model channels_last and NCHW (two equally
     valid roundings: an ill-conditioned training gradient can be lucky in one)."""

@@ -364,7 +364,8 @@ def test_cuda_graph_needs_a_cuda_example_input():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_graph_replays_the_inference_model(backend):
     """The graphed copy equals the plain one for fresh inputs (fp16 autocast, channels_last),
-    returns a new tensor per call, and refuses another shape or autocast state."""
+    returns a new tensor per call, refuses another shape or autocast state, and one built
+    under torch.inference_mode replays outside it."""
     model = _eval_model("patnet_t0").cuda().to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     with torch.autocast("cuda", dtype=torch.float16):
@@ -382,6 +383,43 @@ def test_cuda_graph_replays_the_inference_model(backend):
     with pytest.raises(ValueError, match="autocast"):
         graphed(x)
     assert graphed.backend_plan() == plain.backend_plan()
+    # built under torch.inference_mode, replayed outside it (each call writes its input)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        built_inside = patnet.optimize_for_inference(model, backend, example_input=x)
+    with torch.autocast("cuda", dtype=torch.float16):
+        assert rel_error(built_inside(x), graphed(x)) < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_inference_copy_made_under_inference_mode(backend):
+    """``optimize_for_inference`` called under ``torch.inference_mode``, and a first autocast
+    forward there (which makes the frozen weights' casts, kept for later calls), give a copy
+    that works outside it as one made outside: its tensors are ordinary tensors, it converts
+    to channels_last and, but on Triton (whose fused stem computes no gradient and says so), it
+    passes an input gradient under autocast. Before, the fused backends' copies failed outside
+    ("Inference tensors do not track version counter") and the kept casts could not be saved
+    for backward."""
+    if backend != "torch":
+        require_fused_backend(backend)
+    model = _eval_model("patnet_t0", embed_dim=16, depths=(1, 1, 1, 1)).to(DEVICE)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        expected = patnet.optimize_for_inference(model, backend=backend)(x)
+    with torch.inference_mode():
+        fast = patnet.optimize_for_inference(model, backend=backend)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            fast(x)
+    assert not any(t.is_inference() for t in fast.state_dict().values())
+    with torch.no_grad():
+        assert torch.equal(fast(x), expected)
+        fast = fast.to(memory_format=torch.channels_last)
+        assert rel_error(fast(x.contiguous(memory_format=torch.channels_last)), expected) < 1e-5
+    if backend != "triton":
+        x_in = x.clone().requires_grad_()
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            out = fast(x_in)
+        out.float().sum().backward()
+        assert x_in.grad is not None and torch.isfinite(x_in.grad).all()
 
 
 def test_frozen_parameters_are_cast_once_under_autocast():

@@ -11,6 +11,9 @@ import patnet
 import patnet_kernels as pk
 from patnet.layers import DropPath, LayerNorm2d
 from patnet.testing import randomize_norms
+from patnet_kernels import functional
+
+from conftest import DEVICE, require_fused_backend
 
 # SPEC.md section 5: exact parameter counts and FLOPs at 224 x 224 (fvcore convention).
 SPEC_TABLE = {
@@ -306,3 +309,23 @@ def test_drop_path_add_to_is_residual_plus_drop_path(channels_last):
     drop.add_to(residual, x).sum().backward()
     assert torch.equal(x.grad[dropped], torch.zeros_like(x[dropped]))
     assert torch.allclose(x.grad[~dropped], torch.full_like(x[~dropped], 2.0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_training_after_an_inference_mode_forward(backend, monkeypatch):
+    """A forward under ``torch.inference_mode`` (a validation loop's; Lightning's sanity check
+    before training) at a token grid other than the 7 x 7 that PAT_sf keeps makes that grid's
+    bucket map, cached for later calls; a training step at that grid then saves it for
+    backward. What the package keeps across calls is made outside inference mode, so the step
+    runs (it raised "Inference tensors cannot be saved for backward")."""
+    if backend != "torch":
+        require_fused_backend(backend)
+    monkeypatch.setattr(functional, "_BUCKET_CACHE", {})  # (this grid's map first made below)
+    torch.manual_seed(0)
+    model = patnet.create_model("patnet_t0", backend=backend, embed_dim=16,
+                                depths=(1, 1, 1, 1)).to(DEVICE)
+    x = torch.randn(2, 3, 96, 64).to(DEVICE)  # stage 4: a 3 x 2 token grid
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -13,10 +13,14 @@ the extension, and the CUDA backend does not import Triton.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
+
+from .._types import AUTOCAST_DEVICE_TYPES
 
 
 def register_fakes(namespace: str, fakes: Dict[str, Callable]) -> None:
@@ -42,6 +46,23 @@ def in_input_dtypes(grads: Sequence[Optional[torch.Tensor]], dtypes: Sequence,
     GradScaler's loss scales)."""
     return tuple(grads[i].to(dtypes[i]) if need and grads[i] is not None else None
                  for i, need in enumerate(needs))
+
+
+def backward_without_autocast(backward: Callable) -> Callable:
+    """Decorate an autograd Function's backward: run it with autocast off wherever it is on, as
+    its forward runs (under the functional API's ``autocast_aware``). A caller may run backward
+    inside an autocast region (``loss.backward()`` within ``torch.autocast``); the backward's
+    own torch arithmetic (float32 sums, the CUDA backend's PAT_ch gate) then stays in the
+    dtypes the forward chose, not cast to the autocast dtype: no rounded gradients, and no
+    float32 argument of a kernel turned half."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with contextlib.ExitStack() as autocast_off:
+            for device_type in AUTOCAST_DEVICE_TYPES:
+                if torch.is_autocast_enabled(device_type):
+                    autocast_off.enter_context(torch.autocast(device_type, enabled=False))
+            return backward(ctx, *grads)
+    return run
 
 
 # Registered ops whose body is Python (the Triton backend's), "namespace::name" -> the body,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._types import BatchNormParams
-from . import in_input_dtypes, tensor_dtypes
+from . import backward_without_autocast, in_input_dtypes, tensor_dtypes
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -72,6 +72,7 @@ def make_function(ops):
             return y, mean, var
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx, grad_y, *_):  # (the statistics' gradients: none)
             if grad_y is None:
                 return (None,) * 9

@@ -38,7 +38,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._types import BatchNormParams, update_running_statistics
-from . import in_input_dtypes, tensor_dtypes
+from . import backward_without_autocast, in_input_dtypes, tensor_dtypes
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -278,6 +278,7 @@ def make_functions(ops):
             return y, stats
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx, grad_y: Tensor, _grad_stats: Tensor):
             (x, conv_weight, cfc_weight, a_weight, a_bias, b_weight, mean, std, z, moments,
              scale) = ctx.saved_tensors

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from . import backward_without_autocast
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -71,6 +72,7 @@ def make_functions(ops):
             return ops.partial_conv3x3(x, weight)
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx, grad_y: Tensor):
             x, weight = ctx.saved_tensors
             return backward(ctx, grad_y, x[:, :weight.shape[0]], weight)
@@ -86,6 +88,7 @@ def make_functions(ops):
             return x
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx, grad_y: Tensor):
             x1, weight = ctx.saved_tensors
             return backward(ctx, grad_y, x1, weight)

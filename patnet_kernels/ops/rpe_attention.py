@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .._types import DROPOUT_SEED_RANGE
+from . import backward_without_autocast
 
 Tensor = torch.Tensor
 
@@ -92,6 +93,7 @@ def make_functions(ops):
             return out
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx, grad_out: Tensor):
             q, k, v, table, bucket, out, lse, seed = ctx.saved_tensors
             dq, dk, dv, dtable = ops.rpe_attention_bwd(

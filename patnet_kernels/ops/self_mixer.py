@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from . import backward_without_autocast
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -34,7 +35,7 @@ def _forward_fake(x, conv_weight, tokens, proj_weight, proj_bias, keep, residual
 
 
 def _backward_fake(grad_y, x, conv_weight, tokens, proj_weight, keep):
-    c1, c2 = conv_weight.shape[0], proj_weight.shape[0]
+    c2 = proj_weight.shape[0]
     return (empty_activation(x, x.shape), torch.empty_like(conv_weight),
             tokens.new_empty(tokens.shape), proj_weight.new_empty((c2, c2)),
             proj_weight.new_empty((c2,)))
@@ -65,6 +66,7 @@ def make_function(ops):
                                          residual)
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx, grad_y):
             x, conv_weight, tokens, proj_weight, keep = ctx.saved_tensors
             grads = ops.self_mixer_output_backward(grad_y, x, conv_weight, tokens, proj_weight,

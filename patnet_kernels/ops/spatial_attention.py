@@ -39,7 +39,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._types import BatchNormParams, update_running_statistics
-from . import in_input_dtypes, tensor_dtypes
+from . import backward_without_autocast, in_input_dtypes, tensor_dtypes
 from ._layout import empty_activation
 
 Tensor = torch.Tensor
@@ -118,6 +118,7 @@ def make_functions(ops):
             return y, c_stats, d_stats, mean, m2
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx, grad_y, *_):  # (the statistics' gradients: none)
             if grad_y is None:
                 return (None,) * 18

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .._types import DROPOUT_SEED_RANGE
-from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, cdiv,
-                      reduction_splits, upcast_dot)
+from ._common import (TRITON_DTYPE, AotKernel, aot_signature, block, cdiv, reduction_splits,
+                      upcast_dot)
 
 # Dropout seeds lie in [SEED_LOW, SEED_HIGH) (see DROPOUT_SEED_RANGE).
 SEED_LOW, SEED_HIGH = DROPOUT_SEED_RANGE

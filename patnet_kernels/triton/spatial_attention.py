@@ -523,14 +523,16 @@ def _wgrad_blocks(n: int, k: int, dtype: torch.dtype, interpret: bool = INTERPRE
 # --------------------------------------------------------------------------------------------
 # (imported here, below the jit functions: a line added above them changes their cache keys)
 import functools  # noqa: E402
+from .._types import outside_inference_mode  # noqa: E402
 
 
 @functools.lru_cache(maxsize=64)
 def _tile_counts(hw: int, block_p: int, device: torch.device) -> torch.Tensor:
     """Pixels in each tile of a map of ``hw`` pixels, (TILES, 1) fp32 (made once per map size
     and device: a training step's calls share it)."""
-    starts = torch.arange(0, hw, block_p, device=device, dtype=torch.float32)
-    return (hw - starts).clamp(max=block_p)[:, None]
+    with outside_inference_mode():  # (kept for later calls)
+        starts = torch.arange(0, hw, block_p, device=device, dtype=torch.float32)
+        return (hw - starts).clamp(max=block_p)[:, None]
 
 
 def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..._types import outside_inference_mode
 from ...triton import rpe_attention as kernels
 from ...triton._common import on_tensor_device
 from .. import custom_op, register_fakes, rpe_attention as spec
@@ -30,7 +31,8 @@ def _segments(bucket: Tensor, num_buckets: int):
     hit = _SEGMENTS_CACHE.get(key)
     if hit is not None and hit[0] is bucket:
         return hit[1]
-    segments = kernels.bucket_segments(bucket, num_buckets)
+    with outside_inference_mode():  # (kept for later calls)
+        segments = kernels.bucket_segments(bucket, num_buckets)
     if len(_SEGMENTS_CACHE) >= _SEGMENTS_CACHE_SIZE:
         _SEGMENTS_CACHE.pop(next(iter(_SEGMENTS_CACHE)))
     _SEGMENTS_CACHE[key] = (bucket, segments)

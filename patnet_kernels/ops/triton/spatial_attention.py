@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..._types import outside_inference_mode
 from ...triton import spatial_attention as kernels
 from ...triton._common import on_tensor_device
 from .. import custom_op, register_fakes, spatial_attention as spec
@@ -122,8 +123,9 @@ def _identity(p: int, device: torch.device) -> Tuple[Tensor, Tensor]:
     """(zeros, ones), fp32 (p,) on ``device``, made once per width and device (only ever
     read): the prologue vectors (pm, ps, ph) = (zeros, ones, zeros) of a GEMM that takes its
     input as it is, and an epilogue's plain scale and shift."""
-    return (torch.zeros((p,), dtype=torch.float32, device=device),
-            torch.ones((p,), dtype=torch.float32, device=device))
+    with outside_inference_mode():  # (kept for later calls)
+        return (torch.zeros((p,), dtype=torch.float32, device=device),
+                torch.ones((p,), dtype=torch.float32, device=device))
 
 
 register_fakes("patnet_triton", spec.FAKES)
