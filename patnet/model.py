@@ -109,6 +109,11 @@ class _PartialNetwork(nn.Module):
         raise NotImplementedError
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not torch.compiler.is_compiling() and torch.jit.is_tracing():
+            raise RuntimeError(f"torch.jit.trace cannot trace {type(self).__name__} (under it the "
+                               "input's sizes are tensors, and PyTorch deprecates TorchScript); "
+                               "export it with torch.export.export(model, (x,)) or compile it "
+                               "with torch.compile(model)")
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects images (B, {self.in_chans}, H, W), "

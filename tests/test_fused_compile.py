@@ -1,6 +1,7 @@
 """torch.compile(fullgraph=True) of PATNet blocks and whole models on each fused backend (Triton,
 CUDA): no graph break, no recompilation on a second batch, and the compiled block or model
-equals the eager one, output and gradients, in training mode (models also in eval)."""
+equals the eager one, output and gradients, in training mode (models also in eval); and
+torch.export of the eval model and of its inference copy, whose fused ops it keeps as ops."""
 from __future__ import annotations
 
 import copy
@@ -200,3 +201,21 @@ def test_inference_copy_compiled_on_its_first_call(fused_backend, monkeypatch):
         assert rel_error(ours, fast(x)) < 1e-6
     assert counter.frame_count == 1
     backends.forget_decisions()
+
+
+@pytest.mark.parametrize("fused_backend", FUSED_BACKENDS, indirect=True)
+def test_exported_model_and_inference_copy_equal_eager(fused_backend):
+    """torch.export.export (what deployment takes now that PyTorch deprecates TorchScript) of a
+    fused PATNet in eval and of its inference copy: the fused ops stay registered ops in the
+    exported program, which computes what the module does."""
+    torch.manual_seed(0)
+    model = patnet.create_model("patnet_t0", backend=fused_backend, embed_dim=16,
+                                depths=(1, 1, 1, 1)).to(DEVICE)
+    randomize_norms(model, seed=1)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    namespace = "patnet_cuda" if fused_backend == "cuda" else "patnet_triton"
+    for module in (model.eval(), patnet.optimize_for_inference(model, backend=fused_backend)):
+        exported = torch.export.export(module, (x,))
+        assert any(namespace in str(node.target) for node in exported.graph.nodes)
+        with torch.no_grad():
+            assert torch.equal(exported.module()(x), module(x))

@@ -329,3 +329,17 @@ def test_training_after_an_inference_mode_forward(backend, monkeypatch):
         model.eval()(x)
     model.train()(x).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_torch_jit_trace_is_refused_with_what_to_use_instead():
+    """TorchScript tracing (deprecated by PyTorch) turns the input's sizes into tensors, which
+    the token grid and the kernels' launch parameters cannot take: a clear error naming
+    torch.export and torch.compile (both tested: test_fused_compile.py, and below)."""
+    model = patnet.create_model("patnet_t0", embed_dim=16, depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot trace PATNet .* "
+                                           r"torch.export.export\(model, \(x,\)\)"):
+        torch.jit.trace(model, x)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), model(x))
