@@ -385,3 +385,34 @@ def test_bad_input_is_refused_before_any_kernel(case, monkeypatch, fused_backend
         monkeypatch.setattr(kernels, name, must_not_run)
     with pytest.raises(error, match=match):
         pk.rpe_attention(*args, backend=fused_backend)
+
+
+@TRITON_ONLY
+def test_bucket_tables_kept_while_the_map_lives(fused_backend):
+    """The Triton backend's per-map tables (int32 ids, the per-bucket sort of the table
+    gradient) are made once per bucket map and kept as long as the map lives, whatever else
+    is seen meanwhile (a CUDA graph that read them stays valid while its model holds the map;
+    an evicting cache would free them); made again when the map changes in place; dropped
+    with the map (they hold none of it); never kept for an inference tensor."""
+    import gc
+
+    from patnet_kernels.ops.triton import rpe_attention as triton_ops
+
+    bucket = pk.rpe_buckets(3, 4, device=DEVICE).clone()
+    first = triton_ops._segments(bucket, 81)
+    for h in range(1, 21):  # many other maps meanwhile
+        triton_ops._segments(pk.rpe_buckets(h, 2, device=DEVICE).clone(), 81)
+    assert triton_ops._segments(bucket, 81) is first
+    assert first[0].data_ptr() != bucket.data_ptr()
+    bucket[0, 0] = 5  # (an in-place change: a new version)
+    again = triton_ops._segments(bucket, 81)
+    assert again is not first and again[0][0, 0].item() == 5
+    gc.collect()
+    kept = len(triton_ops._SEGMENTS)
+    del bucket, first, again
+    gc.collect()
+    assert len(triton_ops._SEGMENTS) == kept - 1
+    with torch.inference_mode():
+        frozen = pk.rpe_buckets(3, 4, device=DEVICE).clone()
+        triton_ops._segments(frozen, 81)
+        assert frozen not in triton_ops._SEGMENTS

@@ -519,12 +519,13 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
 def bucket_segments(ids: torch.Tensor, num_buckets: int):
     """(ids32, order, seg, low, high) of an (N, N) bucket map with ids in [0, num_buckets).
 
-    ids32: the ids as int32 contiguous; order: (N * N,) int32 flat indices stably sorted by id;
-    seg: (num_buckets + 1,) int32 with bucket t owning order[seg[t]:seg[t + 1]]; low = 0 and
-    high = num_buckets - 1. No device synchronisation (so it may run inside a CUDA graph);
-    depends only on the map, so callers cache it.
+    ids32: the ids as int32 contiguous, a new tensor (a cache keyed by the map holds none of
+    it); order: (N * N,) int32 flat indices stably sorted by id; seg: (num_buckets + 1,) int32
+    with bucket t owning order[seg[t]:seg[t + 1]]; low = 0 and high = num_buckets - 1. No
+    device synchronisation (so it may run inside a CUDA graph); depends only on the map, so
+    callers cache it.
     """
-    ids32 = ids.to(torch.int32).contiguous()
+    ids32 = ids.to(torch.int32, memory_format=torch.contiguous_format, copy=True)
     sorted_ids, order = torch.sort(ids32.reshape(-1), stable=True)
     bounds = torch.arange(0, num_buckets + 1, device=ids.device, dtype=torch.int32)
     seg = torch.searchsorted(sorted_ids, bounds).to(torch.int32)

@@ -526,7 +526,7 @@ import functools  # noqa: E402
 from .._types import outside_inference_mode  # noqa: E402
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def _tile_counts(hw: int, block_p: int, device: torch.device) -> torch.Tensor:
     """Pixels in each tile of a map of ``hw`` pixels, (TILES, 1) fp32 (made once per map size
     and device: a training step's calls share it)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..._types import outside_inference_mode
 from ...triton import rpe_attention as kernels
@@ -15,28 +16,23 @@ from .. import custom_op, register_fakes, rpe_attention as spec
 Tensor = torch.Tensor
 
 
-# Bucket maps are fixed per (H, W): their int32 copy and the per-bucket sort that the table
-# gradient sums over are computed once per map. Keyed by the map's storage, version and layout;
-# the entry holds the map, so its storage cannot be freed and reused while cached.
-_SEGMENTS_CACHE: dict = {}
-_SEGMENTS_CACHE_SIZE = 16
+# Each bucket map's int32 copy and the per-bucket sort that the table gradient sums over,
+# computed once per map and kept while the map lives (weakly keyed, never evicted: a CUDA graph
+# that read them stays valid while its model holds the map), made again when the map changes
+# (version, storage, layout).
+_SEGMENTS = WeakIdKeyDictionary()
 
 
 def _segments(bucket: Tensor, num_buckets: int):
-    try:
-        key = (bucket.data_ptr(), bucket._version, tuple(bucket.shape), tuple(bucket.stride()),
-               bucket.dtype, bucket.device, num_buckets)
-    except RuntimeError:  # inference tensors have no version counter: do not cache
+    if bucket.is_inference():  # (no version counter to check a kept entry against)
         return kernels.bucket_segments(bucket, num_buckets)
-    hit = _SEGMENTS_CACHE.get(key)
-    if hit is not None and hit[0] is bucket:
-        return hit[1]
-    with outside_inference_mode():  # (kept for later calls)
-        segments = kernels.bucket_segments(bucket, num_buckets)
-    if len(_SEGMENTS_CACHE) >= _SEGMENTS_CACHE_SIZE:
-        _SEGMENTS_CACHE.pop(next(iter(_SEGMENTS_CACHE)))
-    _SEGMENTS_CACHE[key] = (bucket, segments)
-    return segments
+    key = (bucket._version, bucket.data_ptr(), tuple(bucket.shape), tuple(bucket.stride()),
+           num_buckets)
+    kept = _SEGMENTS.get(bucket)
+    if kept is None or kept[0] != key:
+        with outside_inference_mode():  # (kept for later calls)
+            kept = _SEGMENTS[bucket] = (key, kernels.bucket_segments(bucket, num_buckets))
+    return kept[1]
 
 
 def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:

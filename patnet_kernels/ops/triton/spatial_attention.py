@@ -118,7 +118,7 @@ def _backward(grad_y: Tensor, m: Tensor, z: Tensor, gate_weight: Tensor, conv_we
             sum_dy) + grad_d
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def _identity(p: int, device: torch.device) -> Tuple[Tensor, Tensor]:
     """(zeros, ones), fp32 (p,) on ``device``, made once per width and device (only ever
     read): the prologue vectors (pm, ps, ph) = (zeros, ones, zeros) of a GEMM that takes its
