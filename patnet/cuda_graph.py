@@ -34,7 +34,9 @@ class GraphedModel(nn.Module):
     The graph is captured under the autocast state of the construction (build it inside the
     ``torch.autocast`` you will call it in). Each call copies its input into the captured
     input, replays the graph and returns a copy of the captured output; an input of another
-    shape, dtype, layout or device, or another autocast state, raises ValueError.
+    shape, dtype, layout or device, or another autocast state, raises ValueError. The graph
+    reads the weights as captured (under autocast, their casts made then): after changing the
+    model's weights, build it again.
     """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, warmup: int = 3):
