@@ -98,7 +98,11 @@ def fused_backend(request) -> str:
 
 # Error budget of a fused kernel: relative error vs the float64 reference at most
 # BUDGET_FACTOR x that of the reference run in the kernel's dtype, plus a floor of a few units
-# of that dtype's rounding (the reference may be exact by luck on tiny inputs).
+# of that dtype's rounding (the reference may be exact by luck on tiny inputs). Under the
+# Triton interpreter a kernel's float32 -> bfloat16 conversion rounds toward zero (Triton 3.9;
+# a GPU rounds to nearest, as torch does), so there the Triton kernels' bfloat16 errors are up
+# to about twice what they are on a GPU (measured: a whole inference copy 1.8-1.9x the
+# reference's error in bfloat16, 1.05-1.1x in float16).
 BUDGET_FACTOR = 4.0
 BUDGET_FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2,
                 torch.float64: 1e-12}

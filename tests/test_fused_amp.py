@@ -130,6 +130,30 @@ def test_model_under_autocast(family, mode, dtype, fused_backend):
     _assert_results(results_x, [results_r], results_o, dtype)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", AMP_DTYPES)
+@pytest.mark.parametrize("family", ["patnet", "fasternet"])
+def test_inference_copy_under_autocast(family, dtype, layout, fused_backend):
+    """The fused inference copy under autocast (the model benchmark's configuration: AMP,
+    channels_last) is as close to the float64 eval model as the reference eval model under
+    the same autocast and layout is, within the budget (its folded BatchNorms, fused blocks
+    and the statistics one block hands the next included)."""
+    exact, reference, model = _models(family, fused_backend, "eval")
+    fast = patnet.optimize_for_inference(model, backend=fused_backend)
+    x, _ = _inputs(family, "eval")
+    x_in = x.float()
+    if layout == "channels_last":
+        cl = torch.channels_last
+        reference, fast, x_in = reference.to(memory_format=cl), fast.to(memory_format=cl), \
+            x_in.contiguous(memory_format=cl)
+    with torch.no_grad():
+        expected = exact(x)
+        with torch.autocast(DEVICE.type, dtype=dtype):
+            out_r, out_o = reference(x_in), fast(x_in)
+    assert out_o.dtype == out_r.dtype
+    _assert_within("output", out_o.float(), [out_r.float()], expected, dtype)
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("family", ["patnet", "fasternet"])
 def test_backward_inside_autocast_is_backward_outside(family, mode, fused_backend):
