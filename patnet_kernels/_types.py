@@ -1,4 +1,4 @@
-"""Small value types shared by the functional API and every backend."""
+"""Small value types and helpers shared by the functional API, every backend and the models."""
 from __future__ import annotations
 
 import contextlib
