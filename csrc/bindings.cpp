@@ -7,6 +7,7 @@
 // kernels through the CPU emulation of csrc/kernels/emulate.h (the test suite's way to run them
 // without a GPU); otherwise for CUDA tensors, on the current stream of the tensor's device.
 #include <torch/library.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/core/DeviceGuard.h>
@@ -510,4 +511,28 @@ PATNET_LIBRARY_IMPL(patnet_cuda, PATNET_DISPATCH_KEY, m) {
   m.impl("rpe_attention_bwd", &rpe_attention_bwd);
   m.impl("self_mixer_output", &self_mixer_output);
   m.impl("self_mixer_output_backward", &self_mixer_output_backward);
+}
+
+// No op has a derivative of its own: the autograd Functions of patnet_kernels/ops call them
+// with autograd off. Called where autograd records (a backward with create_graph=True, a direct
+// call on inputs that require grad), an op gets PyTorch's not-implemented node, which raises
+// if a gradient is taken through it (as the Triton backend's Python ops do) instead of silently
+// contributing none; and a mutated argument's version counter is bumped (autograd's check of
+// saved tensors).
+namespace {
+constexpr const char* kOps[] = {
+    "partial_conv3x3", "partial_conv3x3_", "partial_conv3x3_input_grad", "conv3x3_weight_grad",
+    "channel_attention_stats", "channel_attention_apply", "channel_attention_grad_sums",
+    "channel_attention_input_grad", "rpe_attention_fwd", "rpe_attention_bwd",
+    "self_mixer_output", "self_mixer_output_backward"};
+}  // namespace
+
+TORCH_LIBRARY_IMPL(patnet_cuda, Autograd, m) {
+  for (const char* op : kOps) m.impl(op, torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(patnet_cuda, ADInplaceOrView, m) {
+  for (const char* op : kOps) {
+    m.impl(op, torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  }
 }

@@ -74,6 +74,11 @@ missing = [n for n in defined if not torch._C._dispatch_has_kernel_for_dispatch_
     getattr(torch.ops.patnet_cuda, n).default.name(), "CUDA")]
 print(f"      {len(defined) - len(missing)} of the {len(defined)} ops of csrc/bindings.cpp have "
       f"a CUDA kernel" + (f"; missing: {', '.join(missing)}" if missing else ""))
+# ... and the autograd kernels that refuse a gradient through them (no silent zero)
+missing += [f"{n} (Autograd)" for n in defined if not torch._C._dispatch_has_kernel_for_dispatch_key(
+    getattr(torch.ops.patnet_cuda, n).default.name(), "Autograd")]
+print("      every op has its not-implemented Autograd kernel" if not missing else
+      f"      missing: {', '.join(missing)}")
 # Every bad-input case of tests/test_cuda_backend.py (CHECKED) through the real build's checks:
 # its arguments as fake CUDA tensors (FakeTensorMode: shape, dtype and strides, no memory, no
 # GPU), each op's CUDA kernel called directly. Each must raise its error, which Python catches:
