@@ -10,11 +10,10 @@
   slice of a 25 MB buffer (it fits the L2 of an H100 or H200; a warm-up call brings it there,
   and the calls are timed without the op benchmarks' L2 flush) 50 times, with loads that bypass
   L1 (``.cg``), summing what they read: GB/s read from L2.
-  What the roofline does not count yet: the MLP kernel's weights, read from L2 by every pixel
-  tile (``benchmarks/README.md``), are bound by it.
 
-The traffic model's roofline takes the first two with ``python -m benchmarks.traffic
---rates PATH`` (its defaults are the H200's). ``scripts/gpu_check.sh`` runs this first in its
+The traffic model's roofline takes all three with ``python -m benchmarks.traffic --rates PATH``
+(its defaults are the H200's copy and matmul rates; without an L2 rate it gives the rate each
+op's weight reads, from L2 by every program tile, would need instead of timing them). ``scripts/gpu_check.sh`` runs this first in its
 benchmark phase. Without a GPU (``--quick``, a smoke run under Triton's interpreter) the sizes
 are tiny and the figures mean nothing.
 """
