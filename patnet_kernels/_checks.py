@@ -155,8 +155,9 @@ def check_batch_norm(name: str, bn: Optional[BatchNormParams], channels: int, re
     check_number(f"{name}.eps", bn.eps, 0.0)
     check_number(f"{name}.momentum", bn.momentum, 0.0, 1.0, high_open=False)
     if not training and (bn.running_mean is None or bn.running_var is None):
-        raise ValueError(f"{name} has no running statistics, so it can only run with "
-                         "training=True")
+        raise ValueError(f"{name} has no running statistics: in eval (and in an inference op) "
+                         "a BatchNorm normalises with them; give its running_mean and "
+                         "running_var, or run the op with training=True where it has one")
 
 
 def check_batch_values(values: int, shape: Sequence[int]) -> None:

@@ -55,7 +55,8 @@ def _autocast_copy(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def autocast_aware(op: Optional[Callable] = None, *, keep: Tuple[str, ...] = ()) -> Callable:
     """Run ``op`` under ``torch.autocast`` as PyTorch runs a convolution there.
 
-    Where autocast is enabled for the device of the op's first tensor, every float32, float16
+    Where autocast is enabled for the device of the op's first tensor argument (positional or
+    keyword), every float32, float16
     or bfloat16 tensor argument (activations and weights; not the BatchNorm parameters, which
     stay float32 as ``nn.BatchNorm2d``'s do under autocast, nor integer bucket ids; PAT_sp's
     gate and conv tensors in :class:`SpatialAttentionParams` too) is cast to
@@ -77,7 +78,8 @@ def autocast_aware(op: Optional[Callable] = None, *, keep: Tuple[str, ...] = ())
 
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)),
+                     None)
         device_type = None if first is None else first.device.type
         # Only calls that torch.compile traces on every supported torch (2.11 ... 2.13):
         # torch.amp.is_autocast_available is not one of them (dynamo 2.11 cannot trace it),

@@ -347,6 +347,19 @@ def test_op_under_autocast_is_the_explicitly_cast_op(backend, op, dtype):
                 f"{op} (training={training}): BatchNorm tensor {index} differs"
 
 
+@pytest.mark.parametrize("dtype", AMP_DTYPES)
+def test_op_called_with_keywords_only_under_autocast(dtype):
+    """An op whose tensors are all passed by keyword is cast as the same call by position:
+    autocast finds the device from a keyword tensor too (before, such a call ran float32)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, generator=gen).to(DEVICE)
+    weight = torch.randn(2, 2, 3, 3, generator=gen).to(DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=dtype):
+        by_keyword = pk.partial_conv3x3(x=x, weight=weight, backend="torch")
+        by_position = pk.partial_conv3x3(x, weight, backend="torch")
+    assert by_keyword.dtype == dtype and torch.equal(by_keyword, by_position)
+
+
 @pytest.mark.parametrize("backend, op", [case for case in OP_CASES if case.values[1] in BN_OPS])
 def test_batch_norm_gradients_under_fp16_autocast_stay_float32(backend, op):
     """Under fp16 autocast with a GradScaler-sized loss scale (2^12 here), each BatchNorm's
