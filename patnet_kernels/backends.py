@@ -104,6 +104,12 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def check_op_name(op: object) -> None:
+    """Raise a ValueError listing the ops unless ``op`` is the name of one."""
+    if not isinstance(op, str) or op not in registry.OPS:
+        raise ValueError(f"unknown op {op!r}; the ops are {', '.join(registry.OPS)}")
+
+
 def choose_implementation(op: str, backend: str, x: torch.Tensor,
                           *others: Optional[torch.Tensor], eval_form: bool = False) -> Callable:
     """The function that runs a call of ``op`` whose main input is ``x`` (``others``: the other
@@ -183,6 +189,8 @@ def choose_backend(backend: str, device: Optional[torch.device] = None, op: Opti
     trace time (a constant of the graph).
     """
     check_backend_name(backend)
+    if op is not None:
+        check_op_name(op)
     if _RECORDED_CALLS is not None and op is not None and not torch.compiler.is_compiling():
         _RECORDED_CALLS.append((op, backend, refused, call))
         return "torch", "recorded (recording_calls): the reference runs"
@@ -288,15 +296,27 @@ def _auto_on_gpu(device: torch.device, refusals: dict, call: Optional[tuple]) ->
 
 def backend_plan(backend: str, device: Optional[torch.device] = None,
                  ops=OPS) -> Dict[str, str]:
-    """For each op of ``ops``, the concrete backend that ``backend`` runs it with on ``device``
-    when the choice does not depend on the call: a backend named explicitly, or ``"auto"``
-    on the CPU. ``"auto"`` on a GPU decides per call (see :func:`choose_backend`); there the
-    value reads ``"auto: per call (measured)"`` and ``model.backend_plan(device, input_shape)``
-    gives the choice for a model's calls."""
+    """For each op of ``ops`` (names, default all), the concrete backend that ``backend`` runs
+    it with on ``device`` when the choice does not depend on the call: a backend named
+    explicitly, or ``"auto"`` on the CPU; for an op that the named backend has no kernel for,
+    ``"none: "`` and the reason (a call of it there raises BackendUnavailableError).
+    ``"auto"`` on a GPU decides per call (see :func:`choose_backend`); there the value reads
+    ``"auto: per call (measured)"`` and ``model.backend_plan(device, input_shape)`` gives the
+    choice for a model's calls. A backend that cannot run here at all raises
+    BackendUnavailableError with the reason."""
+    check_backend_name(backend)
+    if isinstance(ops, str):
+        raise TypeError(f"ops must be a sequence of op names, got the string {ops!r}; "
+                        f"pass ({ops!r},)")
+    for op in ops:
+        check_op_name(op)
     plan = {}
     for op in ops:
+        lacking = [r for r in registry.refusals(op) if r.backend == backend]
         if backend == "auto" and device is not None and torch.device(device).type == "cuda":
             plan[op] = AUTO_PER_CALL
+        elif lacking:
+            plan[op] = f"none: backend={backend!r} {lacking[0].reason}"
         else:
             plan[op] = resolve_backend(backend, device, op)
     return plan

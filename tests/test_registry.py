@@ -47,6 +47,28 @@ def test_lists_of_ops_are_derived():
     assert set(pk.backend_plan("torch")) == set(pk.OPS)
 
 
+def test_backend_plan_names_what_a_backend_lacks():
+    """The plan of a backend that has no kernel for some ops says so for those ops (a call
+    there raises) instead of raising for the whole plan; bad op names are refused by name."""
+    plan = pk.backend_plan("cuda", "cpu") if _cuda_usable() else None
+    if plan is not None:
+        assert plan["partial_conv3x3"] == "cuda"
+        assert plan["spatial_attention"] == ("none: backend='cuda' has no kernel for "
+                                             "spatial_attention")
+    assert pk.backend_plan("torch", ops=("partial_conv3x3",)) == {"partial_conv3x3": "torch"}
+    with pytest.raises(TypeError, match=r"a sequence of op names.*pass \('partial_conv3x3',\)"):
+        pk.backend_plan("torch", ops="partial_conv3x3")
+    for call in (lambda: pk.backend_plan("torch", ops=("nope",)),
+                 lambda: pk.choose_backend("torch", None, "nope")):
+        with pytest.raises(ValueError, match="unknown op 'nope'; the ops are partial_conv3x3"):
+            call()
+
+
+def _cuda_usable() -> bool:
+    from conftest import fused_backend_unavailable
+    return fused_backend_unavailable("cuda") is None
+
+
 def _op_lists(path: Path):
     """Line numbers of list, tuple, set or dict literals in ``path`` that spell out two or more
     op names (``__all__`` aside: it lists the public functions)."""
