@@ -21,6 +21,7 @@ from patnet_kernels.reference.batch_norm import batch_norm_affine
 
 from .layers import (LayerNorm2d, PartialSpatialAttention, PATChannelMixer, PatchEmbed,
                      PatchMerging, PATSelfMixer)
+from .model import check_model
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d):
@@ -42,7 +43,7 @@ def _with_bias(weight: torch.Tensor, bias: torch.Tensor, like: nn.Module) -> nn.
     return new
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """BN(conv(x)) as one conv with a bias."""
     scale, shift = _bn_scale_shift(bn)
     weight = conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
@@ -50,9 +51,12 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return _with_bias(weight, bias, conv)
 
 
-def fold_bn_conv1x1(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
-    """conv1x1(BN(x)) as one conv with a bias (exact only for an unpadded 1x1 conv)."""
-    assert conv.kernel_size == (1, 1) and conv.groups == 1
+def _fold_bn_conv1x1(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """conv1x1(BN(x)) as one conv with a bias (exact only for an unpadded, unstrided,
+    ungrouped 1x1 conv: every output pixel reads one BN-normalised input pixel)."""
+    if (conv.kernel_size, conv.padding, conv.stride, conv.groups) != ((1, 1), (0, 0), (1, 1), 1):
+        raise ValueError(f"a BatchNorm folds into a following conv only where it is 1x1, "
+                         f"unpadded, unstrided and ungrouped, got {conv}")
     scale, shift = _bn_scale_shift(bn)
     w2d = conv.weight[:, :, 0, 0]
     bias = w2d @ shift if conv.bias is None else conv.bias + w2d @ shift
@@ -82,30 +86,33 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode with every foldable BatchNorm folded (see module doc).
 
     The copy cannot be put back in training mode. Works on PATNet and FasterNet, classification
-    or features mode, on any device and dtype.
+    or features mode, on any device and dtype; a model already folded is copied as it is.
     """
+    check_model(model, "fuse_for_inference")
     with outside_inference_mode():  # (the copy is used in any mode afterwards)
         return _folded_copy(model)
 
 
 def _folded_copy(model: nn.Module) -> nn.Module:
     fused = copy.deepcopy(model).eval()
+    if getattr(model, "fused_for_inference", False):
+        return fused
     for module in list(fused.modules()):
         if isinstance(module, PatchEmbed):
-            module.proj, module.norm = fold_conv_bn(module.proj, module.norm), nn.Identity()
+            module.proj, module.norm = _fold_conv_bn(module.proj, module.norm), nn.Identity()
         elif isinstance(module, PatchMerging):
-            module.reduction = fold_conv_bn(module.reduction, module.norm)
+            module.reduction = _fold_conv_bn(module.reduction, module.norm)
             module.norm = nn.Identity()
         elif isinstance(module, nn.Sequential) and len(module) >= 2 \
                 and isinstance(module[0], nn.Conv2d) \
                 and isinstance(module[1], (nn.BatchNorm2d, nn.SyncBatchNorm)):
-            module[0], module[1] = fold_conv_bn(module[0], module[1]), nn.Identity()
+            module[0], module[1] = _fold_conv_bn(module[0], module[1]), nn.Identity()
         elif isinstance(module, PATChannelMixer) and not isinstance(module.attn.bn, nn.Identity):
-            module.attn.cfc1 = fold_conv_bn(module.attn.cfc1, module.attn.bn)
+            module.attn.cfc1 = _fold_conv_bn(module.attn.cfc1, module.attn.bn)
             module.attn.bn = nn.Identity()
         elif isinstance(module, PartialSpatialAttention) \
                 and not isinstance(module.norm2, nn.Identity):
-            module.conv = fold_bn_conv1x1(module.norm2, module.conv)
+            module.conv = _fold_bn_conv1x1(module.norm2, module.conv)
             module.norm2 = nn.Identity()
         elif isinstance(module, PATSelfMixer):
             _fold_self_attention(module)

@@ -51,7 +51,6 @@ variant). The copy is for inference only: it refuses ``train()``.
 """
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -67,7 +66,7 @@ from .cuda_graph import GraphedModel, check_example_input
 from .fuse import fuse_for_inference
 from .layers import (MLP, BasicStage, FasterNetBlock, PATChannelMixer, PatchEmbed,
                      PatchMerging, PATNetBlock, PATSelfMixer, activation_name, bn_params)
-from .model import FasterNet, PATNet, set_backend
+from .model import check_model, set_backend
 
 # The backends under which the MLP runs as the fused op (the others have no kernel for it).
 _MLP_BACKENDS = ("auto", "torch") + pk.registry.OPS["pointwise_mlp"].backends
@@ -341,9 +340,7 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
     (:class:`patnet.cuda_graph.GraphedModel`; build it under the autocast you will call it in).
     Returns the copy; ``model`` is unchanged. The copy's parameters do not require gradients.
     """
-    if not isinstance(model, (PATNet, FasterNet)):
-        raise TypeError(f"optimize_for_inference takes a PATNet or FasterNet (e.g. "
-                        f"patnet.create_model('patnet_t2')), got {type(model).__name__}")
+    check_model(model, "optimize_for_inference")
     pk.check_backend_name(backend)  # (these before any copy is made)
     if example_input is not None:
         check_example_input(example_input)
@@ -355,8 +352,7 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
 
 
 def _optimized_copy(model: nn.Module, backend: str) -> nn.Module:
-    optimized = (copy.deepcopy(model).eval() if getattr(model, "fused_for_inference", False)
-                 else fuse_for_inference(model))
+    optimized = fuse_for_inference(model)
     optimized.requires_grad_(False)
     set_backend(optimized, backend)
     for module in list(optimized.modules()):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
+from collections.abc import Sequence as SequenceABC
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -63,10 +65,13 @@ class _PartialNetwork(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         _check_positive(embed_dim=embed_dim, n_div=n_div, in_chans=in_chans,
-                        patch_size=patch_size, patch_size2=patch_size2)
+                        patch_size=patch_size, patch_size2=patch_size2,
+                        feature_dim=feature_dim)
+        _check_options(depths, mlp_ratio, num_classes, drop_path_rate)
         depths = tuple(int(d) for d in depths)
-        if not depths or min(depths) < 1:
-            raise ValueError(f"depths must list at least one block per stage, got {depths}")
+        if int(embed_dim * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio={mlp_ratio} leaves the MLP no hidden channel at "
+                             f"embed_dim={embed_dim}")
         if embed_dim < n_div:
             raise ValueError(f"embed_dim={embed_dim} leaves no channel for the convolution "
                              f"with n_div={n_div}")
@@ -265,9 +270,31 @@ class FasterNet(_PartialNetwork):
 
 
 def _check_positive(**values: int) -> None:
+    """Each value must be an int (not a bool, a float or a string) of at least 1."""
     for name, value in values.items():
-        if int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_options(depths: object, mlp_ratio: object, num_classes: object,
+                   drop_path_rate: object) -> None:
+    """The options of a model that are not positive integers, checked before it is built."""
+    if isinstance(depths, (str, bytes)) or not isinstance(depths, SequenceABC) or not depths:
+        raise ValueError(f"depths must be a sequence of blocks per stage, e.g. (2, 2, 6, 4), "
+                         f"got {depths!r}")
+    for depth in depths:
+        _check_positive(**{"each of depths": depth})
+    for name, value, low, high in (("mlp_ratio", mlp_ratio, 0.0, None),
+                                   ("drop_path_rate", drop_path_rate, 0.0, 1.0)):
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                or not value >= low or high is not None and not value < high
+                or high is None and value <= low):
+            bound = f"in [{low:g}, {high:g})" if high is not None else f"> {low:g}"
+            raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+            or num_classes < 0:
+        raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier, the "
+                         f"model returns its pooled features), got {num_classes!r}")
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -334,11 +361,19 @@ def create_model(name: str, pretrained_path: Optional[str] = None, backend: str 
 
 
 def model_from_config(config: Dict[str, Any], backend: str = "auto") -> nn.Module:
-    """A model from a config dict such as the ``config`` of the authors' reference vectors.
+    """A model from a config dict such as the ``config`` of the authors' reference vectors:
+    ``family`` ("patnet", the default, or "fasternet") and any options :func:`create_model`
+    takes; an option the config leaves out is that family's T0 value (``patnet_t0``'s
+    depths, for example).
 
     Keys that only PATNet has (num_heads, use_spatial_attn, ...) are ignored for FasterNet,
     whose configs in the authors' harness carry them too.
     """
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict of model options, got {type(config).__name__}")
+    if "name" in config:
+        raise ValueError(f"config names a variant ({config['name']!r}): build it with "
+                         f"patnet.create_model({config['name']!r}, **options) instead")
     family = config.get("family", "patnet")
     if family not in _FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose 'patnet' or 'fasternet'")
@@ -373,10 +408,19 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def check_model(model: object, taker: str) -> None:
+    """Raise a TypeError unless ``model`` is a PATNet or FasterNet, the argument of ``taker``."""
+    if not isinstance(model, _PartialNetwork):
+        raise TypeError(f"{taker} takes a PATNet or FasterNet (e.g. "
+                        f"patnet.create_model('patnet_t2')), got {type(model).__name__}")
+
+
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Switch every fused layer of ``model`` to ``backend``; returns the model. Refused (the
-    model unchanged) where a layer would call an op the backend has no kernel for; a layer
-    that composes other ops where the backend lacks its fused one (the MLP's) is served."""
+    """Switch every fused layer of ``model`` (a PATNet or FasterNet, or an inference copy of
+    one) to ``backend``; returns the model. Refused (the model unchanged) where a layer would
+    call an op the backend has no kernel for; a layer that composes other ops where the
+    backend lacks its fused one (the MLP's) is served."""
+    check_model(model, "set_backend")
     check_backend_usable(backend)
     layers = [module for module in model.modules() if hasattr(module, "backend")]
     previous = [module.backend for module in layers]
@@ -384,7 +428,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
         module.backend = backend
     try:  # (the calls the layers make under the new backend)
         _check_ops_served(model, backend)
-    except BackendUnavailableError:
+    except BaseException:
         for module, name in zip(layers, previous):
             module.backend = name
         raise

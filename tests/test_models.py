@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from patnet.layers import DropPath, LayerNorm2d
 from patnet.testing import randomize_norms
 from patnet_kernels import functional
 
-from conftest import DEVICE, require_fused_backend
+from conftest import DEVICE, rel_error, require_fused_backend
 
 # SPEC.md section 5: exact parameter counts and FLOPs at 224 x 224 (fvcore convention).
 SPEC_TABLE = {
@@ -236,6 +237,62 @@ def test_unknown_option_lists_valid_ones():
         patnet.create_model("patnet_t0", act_layer="swish")
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         patnet.create_model("patnet_t0", num_heads=5)
+
+
+@pytest.mark.parametrize("option, match", [
+    (dict(depths=2), r"depths must be a sequence of blocks per stage, e.g. \(2, 2, 6, 4\), got 2"),
+    (dict(depths=(1, 0, 1, 1)), "each of depths must be a positive integer, got 0"),
+    (dict(embed_dim="16"), "embed_dim must be a positive integer, got '16'"),
+    (dict(embed_dim=16.5), "embed_dim must be a positive integer, got 16.5"),
+    (dict(mlp_ratio=0), "mlp_ratio must be a number > 0, got 0"),
+    (dict(embed_dim=16, mlp_ratio=0.01), "leaves the MLP no hidden channel"),
+    (dict(feature_dim=0), "feature_dim must be a positive integer, got 0"),
+    (dict(num_classes=-1), r"num_classes must be an integer >= 0 \(0: no classifier"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate must be a number in \[0, 1\), got 1.5"),
+])
+def test_bad_option_is_refused_before_the_model_is_built(option, match):
+    """An override of the wrong type or range says which and what it takes, where it used
+    to fail deep inside the build (``depths=2``: "'int' object is not iterable") or only at
+    the first forward (``mlp_ratio=0``), or to build something else (``num_classes=-1``: no
+    head)."""
+    with pytest.raises(ValueError, match=match):
+        patnet.create_model("patnet_t0", **option)
+
+
+@pytest.mark.parametrize("taker", ["fuse_for_inference", "optimize_for_inference",
+                                   "set_backend"])
+def test_a_non_model_is_refused_by_name(taker):
+    call = (functools.partial(patnet.set_backend, backend="torch") if taker == "set_backend"
+            else getattr(patnet, taker))
+    for thing in (None, torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match=rf"{taker} takes a PATNet or FasterNet \(e.g. "
+                                            rf"patnet.create_model\('patnet_t2'\)\), got "
+                                            rf"{type(thing).__name__}"):
+            call(thing)
+
+
+def test_model_from_config_refuses_what_it_cannot_build():
+    with pytest.raises(TypeError, match="config must be a dict of model options, got NoneType"):
+        patnet.model_from_config(None)
+    with pytest.raises(ValueError, match=r"names a variant \('patnet_t2'\): build it with "
+                                         r"patnet.create_model\('patnet_t2', \*\*options\)"):
+        patnet.model_from_config({"name": "patnet_t2", "embed_dim": 16})
+    model = patnet.model_from_config({"family": "fasternet", "embed_dim": 16, "num_heads": 4})
+    assert model.family == "fasternet" and model.num_features == 16 * 8  # (T0's 4 stages)
+
+
+def test_folding_a_folded_model_copies_it():
+    """``fuse_for_inference`` of a model it already folded (or of an inference copy) returns a
+    copy of it, equal in output, where it used to fail on the missing BatchNorms."""
+    model = randomize_norms(patnet.create_model("patnet_t0", num_classes=10), seed=0).eval()
+    folded = patnet.fuse_for_inference(model)
+    again = patnet.fuse_for_inference(folded)
+    assert again is not folded and again.fused_for_inference
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), folded(x))
+        assert rel_error(patnet.fuse_for_inference(patnet.optimize_for_inference(model))(x),
+                         model(x)) < 1e-5
 
 
 @pytest.mark.parametrize("bad, error, match", [
