@@ -36,13 +36,17 @@ class GraphedModel(nn.Module):
     input, replays the graph and returns a copy of the captured output; an input of another
     shape, dtype, layout or device, or another autocast state, raises ValueError. The graph
     reads the weights as captured (under autocast, their casts made then): after changing the
-    model's weights, build it again.
+    model's weights, build it again. ``warmup``: forwards run before the capture, off it
+    (Triton compiles, cuDNN picks its algorithms, the backends decide).
     """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, warmup: int = 3):
         super().__init__()
         check_example_input(example_input)
-        weights = next(model.parameters())
+        weights = next(model.parameters(), None)
+        if weights is None:
+            raise ValueError("the model has no parameters: nothing to capture as a CUDA graph "
+                             "(pass a PATNet or FasterNet, e.g. its optimize_for_inference copy)")
         if weights.device != example_input.device:
             raise ValueError(f"example_input is on {example_input.device} but the model on "
                              f"{weights.device}; move them to one device")

@@ -42,7 +42,8 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
 7. under ``backend="triton"`` runs in channels_last whatever the input's layout: the stem
    reads an NCHW image as it is and writes its output channels_last, so every op after it
    runs there (its kernels' fast layout: tiles spanning samples, 16-byte loads in the 3 x 3
-   convs); the logits are the same, intermediate feature maps (hooks) are channels_last.
+   convs); the logits are the same, feature maps (hooks, and the outputs in features mode)
+   are channels_last.
    Under "auto" each op decides from measurements of its own layout, so the copy keeps the
    input's.
 

@@ -150,8 +150,10 @@ class _PartialNetwork(nn.Module):
         return 1
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        """x: (B, in_chans, H, W) with H, W >= 32. Returns logits (B, num_classes), or the
-        four stage features (B, 2^i E, H / 2^(i+2), W / 2^(i+2)) in features mode."""
+        """x: (B, in_chans, H, W) with H, W >= ``min_input_size`` (patch_size x patch_size2 ^
+        (stages - 1): 32 for the released variants). Returns logits (B, num_classes) (with
+        num_classes=0 the pooled features, (B, feature_dim)), or each stage's features
+        (B, 2^i E, H / (patch_size 2^i), W / (patch_size 2^i)) in features mode."""
         self._check_input(x)
         if (not torch.compiler.is_compiling() and logger.isEnabledFor(logging.INFO)
                 and x.device.type != "meta" and x.device not in self._reported_devices):
@@ -334,8 +336,9 @@ def create_model(name: str, pretrained_path: Optional[str] = None, backend: str 
     authors' code (a state_dict, or a dict holding it under "state_dict" or "model"), loaded with
     strict=True. backend: "auto" | "torch" | "triton" | "cuda" for every fused layer.
     overrides: embed_dim, depths, act_layer ("GELU"/"RELU"), n_div, mlp_ratio, feature_dim,
-    num_classes, drop_path_rate, in_chans, features_only, and for PATNet use_spatial_attn,
-    num_heads, attn_drop, proj_drop. A ``family`` key (as in the reference configs) must agree
+    num_classes (0: no classifier), drop_path_rate, in_chans, patch_size, patch_size2,
+    features_only, and for PATNet use_spatial_attn, num_heads, attn_drop, proj_drop; a bad
+    type or range raises ValueError before anything is built. A ``family`` key (as in the reference configs) must agree
     with the name.
     """
     key = str(name).lower()

@@ -4,14 +4,14 @@ Public API::
 
     partial_conv3x3(x, weight, *, inplace=False, backend="auto")
     channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, *, training=False,
-                      backend="auto")
+                      backend="auto", eval_form=False)
     spatial_attention(m, gate_weight, conv_weight, conv_bias, bn_c, bn_d, *, training=False,
                       residual=None, statistics_of=None, backend="auto")
     rpe_buckets(height, width, device=None)
     rpe_attention(q, k, v, table, bucket, scale=None, dropout_p=0.0, backend="auto", *,
-                  bucket_range=None)
+                  bucket_range=None, eval_form=False)
     self_mixer_output(x, conv_weight, tokens, proj_weight, proj_bias=None, dropout_p=0.0,
-                      backend="auto", *, residual=False)
+                      backend="auto", *, eval_form=False, residual=False)
     pointwise_mlp(x, w1, b1, w2, b2=None, *, residual=None, activation="relu", spatial=None,
                   backend="auto")
     partial_block(x, conv_weight, w1, b1, w2, b2=None, *, cfc_weight=None, cfc_bias=None,

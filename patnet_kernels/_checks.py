@@ -109,21 +109,24 @@ def check_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tens
 
 
 def check_conv_weight(name: str, weight: torch.Tensor, channels: int, kernel: int,
-                      min_rest: int = 0) -> int:
+                      min_rest: int = 0, split: str = "C1") -> int:
     """weight must be (C1, C1, k, k) with 1 <= C1 <= channels - min_rest; returns C1.
 
     ``min_rest`` is how many channels the other half of the split needs (1 where an attention
-    runs on the rest, 0 for the plain passthrough of PConv).
+    runs on the rest, 0 for the plain passthrough of PConv); ``split``: what the op's
+    docstring calls C1 (PAT_sp: P).
     """
     check_tensor(name, weight)
     if weight.dim() != 4 or weight.shape[0] != weight.shape[1] \
             or tuple(weight.shape[2:]) != (kernel, kernel):
-        raise ValueError(f"{name} must be (C1, C1, {kernel}, {kernel}), got {tuple(weight.shape)}")
+        raise ValueError(f"{name} must be ({split}, {split}, {kernel}, {kernel}), got "
+                         f"{tuple(weight.shape)}")
     c1 = weight.shape[0]
     if not 1 <= c1 <= channels - min_rest:
         rest = " and leave at least one channel for the other half" if min_rest else ""
-        raise ValueError(f"{name} covers C1={c1} channels but the input has C={channels}; "
-                         f"the channel split needs C1 >= 1{rest} (C1 <= {channels - min_rest})")
+        raise ValueError(f"{name} covers {split}={c1} channels but the input has C={channels}; "
+                         f"the channel split needs {split} >= 1{rest} "
+                         f"({split} <= {channels - min_rest})")
     return c1
 
 

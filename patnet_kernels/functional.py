@@ -110,8 +110,9 @@ def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = Fa
     """PConv: Y = [conv3x3(X1) | X2], X1 the first C1 = weight.shape[0] channels of x.
 
     x: (B, C, H, W), NCHW or channels_last. weight: (C1, C1, 3, 3), same dtype and device.
-    With ``inplace=True`` only x[:, :C1] is rewritten (the passthrough channels are not touched)
-    and x is returned; autograd still gets the weight gradient from the original X1.
+    Returns a new (B, C, H, W) tensor in x's memory format; with ``inplace=True`` only
+    x[:, :C1] is rewritten (the passthrough channels are not touched) and x is returned;
+    autograd still gets the weight gradient from the original X1.
     """
     check_activation("x", x)
     check_conv_weight("weight", weight, x.shape[1], 3)
@@ -132,8 +133,8 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     """The PAT_ch token mixer: [conv3x3(X1) | BN_b(X2 * hsig(BN_a(W_ch . [mu, sigma])))].
 
     x: (B, C, H, W); conv_weight: (C1, C1, 3, 3), x's dtype; cfc_weight: (C2, C2, 1, 2) with
-    C2 = C - C1, and cfc_bias: (C2,) or None, in x's dtype, or in float32 beside float16 /
-    bfloat16 x (the gate runs in float32; under autocast they stay float32); bn_a:
+    C2 = C - C1, and cfc_bias: (C2,) or None, both in x's dtype, or both float32 beside
+    float16 / bfloat16 x (the gate runs in float32; under autocast they stay float32); bn_a:
     BatchNormParams over C2 or None (folded into W_ch); bn_b: BatchNormParams over C2. mu and
     sigma are the per-(sample, channel) mean and unbiased
     std of X2 over H * W; with H * W = 1, sigma is NaN (as ``Tensor.std``) and so is Y2.
@@ -142,6 +143,7 @@ def channel_attention(x: torch.Tensor, conv_weight: torch.Tensor, cfc_weight: to
     Returns (B, C, H, W).
     """
     _check_channel_attention(x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
+    check_flag("eval_form", eval_form)
     return choose_implementation("channel_attention", backend, x, conv_weight, cfc_weight,
                                  eval_form=eval_form and not training)(
         x, conv_weight, cfc_weight, cfc_bias, bn_a, bn_b, training)
@@ -180,7 +182,9 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     m: (B, C, H, W); gate_weight: (1, Q, 1, 1); conv_weight: (P, P, 1, 1) with P = C - Q;
     conv_bias: (P,) or None; bn_c over Q channels; bn_d over P channels or None (folded into
     the conv); residual: (B, C, H, W) or None, added to the output (PATNet-T1's block
-    residual; on Triton in the same kernel). Returns (B, C, H, W); with ``statistics_of`` = C1
+    residual; on Triton in the same kernel). In training mode (``training=True``) BN_c and BN_d
+    use batch statistics and update their running statistics. Returns (B, C, H, W); with
+    ``statistics_of`` = C1
     (0 <= C1 < C) the pair (y, statistics of y[:, C1:]) in :func:`partial_block`'s
     ``statistics`` form, for the PAT_ch block that follows (conv on C1 channels): on Triton
     taken by the same kernel, so that block does not read its X2 for them.
@@ -205,7 +209,8 @@ def _check_spatial_attention(m: torch.Tensor, gate_weight, conv_weight, conv_bia
     check_flag("training", training)
     check_activation(m_name, m)
     channels = m.shape[1] if channels is None else channels
-    p = check_conv_weight(prefix + "conv_weight", conv_weight, channels, 1, min_rest=1)
+    p = check_conv_weight(prefix + "conv_weight", conv_weight, channels, 1, min_rest=1,
+                          split="P")
     q = channels - p
     check_shape(prefix + "gate_weight", gate_weight, (1, q, 1, 1), f"Q = C - P = {q}")
     if conv_bias is not None:
@@ -391,6 +396,7 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     check_number("dropout_p", dropout_p, 0.0, 1.0)
     if scale is not None:
         check_number("scale", scale, 0.0)
+    check_flag("eval_form", eval_form)
     return choose_implementation("rpe_attention", backend, q, k, v, table,
                                  eval_form=eval_form and dropout_p == 0.0)(
         q, k, v, table, bucket, scale, dropout_p)
@@ -424,6 +430,7 @@ def self_mixer_output(x: torch.Tensor, conv_weight: torch.Tensor, tokens: torch.
                proj_bias=proj_bias)
     check_number("dropout_p", dropout_p, 0.0, 1.0)
     check_flag("residual", residual)
+    check_flag("eval_form", eval_form)
     implementation = choose_implementation("self_mixer_output", backend, x, conv_weight, tokens,
                                            proj_weight, eval_form=eval_form and dropout_p == 0.0)
     keep = None
@@ -462,6 +469,13 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
         x, w1, b1, w2, b2, residual, activation, spatial)
 
 
+def _shape_or_type(value: object) -> str:
+    """A bad weight argument as an error message names it: its shape, or what it is instead."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def _check_mlp(x, w1, b1, w2, b2, residual, activation) -> None:
     """The checks of :func:`pointwise_mlp`'s arguments."""
     check_activation("x", x)
@@ -469,8 +483,8 @@ def _check_mlp(x, w1, b1, w2, b2, residual, activation) -> None:
     for name, weight in (("w1", w1), ("w2", w2)):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 4 \
                 or tuple(weight.shape[2:]) != (1, 1):
-            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight)
-            raise ValueError(f"{name} must be a 1x1 conv weight (out, in, 1, 1), got {got}")
+            raise ValueError(f"{name} must be a 1x1 conv weight (out, in, 1, 1), got "
+                             f"{_shape_or_type(weight)}")
     hidden, c_out = w1.shape[0], w2.shape[0]
     if hidden == 0 or c_out == 0:
         raise ValueError(f"w1 and w2 must have at least one output channel each, got "
@@ -562,7 +576,8 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """The stem or a merging layer in inference (BatchNorm folded): conv(x, weight, bias) with
     kernel size = stride = k, no padding (non-overlapping k x k patches).
 
-    x: (B, C_IN, H, W) with H, W >= k, NCHW or channels_last, in any floating dtype: it is
+    x: (B, C_IN, H, W) with H, W >= k, NCHW or channels_last, in any floating dtype (on the
+    fused backends float32, float16 or bfloat16; the reference takes float64 too): it is
     read as it is and converted to the weight's dtype (under autocast the weight is cast and
     x is not: the fused kernel reads a float32 image itself, no cast pass). weight: (C_OUT,
     C_IN, k, k); bias: (C_OUT,) or None, the weight's dtype. Returns (B, C_OUT, H // k, W // k)
@@ -577,7 +592,7 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 \
             or weight.shape[2] != weight.shape[3] or weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must be (C_OUT, C_IN, k, k) with C_IN = {x.shape[1]} (x's "
-                         f"channels), got {tuple(getattr(weight, 'shape', ()))}")
+                         f"channels), got {_shape_or_type(weight)}")
     check_activation("weight", weight, "(C_OUT, C_IN, k, k)")
     k = weight.shape[-1]
     if x.shape[2] < k or x.shape[3] < k:
@@ -600,7 +615,7 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """PAT_sf's LayerNorm and qkv projection in inference: Linear(LayerNorm(tokens of x)).
 
     x: (B, C_IN, H, W) in any layout, a channel slice too (PAT_sf's X2, ``x[:, C1:]``), in any
-    floating dtype: its pixels are the tokens (B, N = H * W, C_IN), row-major, each normalised
+    floating dtype (on the fused backends float32, float16 or bfloat16): its pixels are the tokens (B, N = H * W, C_IN), row-major, each normalised
     over its C_IN values with ``eps`` and no affine (fold the LayerNorm's weight g and bias b
     into the projection: weight * g, bias + weight @ b, as :func:`patnet.fuse_for_inference`
     does) in float32 (as autocast runs layer_norm), then converted to the weight's dtype; x is
@@ -612,7 +627,7 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     c_in = x.shape[1]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != c_in:
         raise ValueError(f"weight must be (C_OUT, C_IN) with C_IN = {c_in} (x's channels), got "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
+                         f"{_shape_or_type(weight)}")
     check_activation("weight", weight, "(C_OUT, C_IN)")
     _check_weight_reading(x, weight, bias)
     check_number("eps", eps, 0.0)

@@ -276,9 +276,9 @@ def test_ca_train_batch_of_one_changes_nothing():
 # spatial_attention
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("conv_shape,match", [
-    ((13, 13, 1, 1), r"conv_weight covers C1=13 channels .*channel split needs"),  # no Ma
-    ((6, 5, 1, 1), r"conv_weight must be \(C1, C1, 1, 1\)"),
-    ((6, 6, 3, 3), r"conv_weight must be \(C1, C1, 1, 1\)"),
+    ((13, 13, 1, 1), r"conv_weight covers P=13 channels .*channel split needs P >= 1"),  # no Ma
+    ((6, 5, 1, 1), r"conv_weight must be \(P, P, 1, 1\)"),
+    ((6, 6, 3, 3), r"conv_weight must be \(P, P, 1, 1\)"),
 ], ids=["P=C", "non_square", "kernel3"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_sa_bad_conv_weight_changes_nothing(conv_shape, match, training):
@@ -738,7 +738,8 @@ def test_empty_dimensions_are_refused_but_the_batch(backend):
                                     backend=backend).shape == (0, 8, 4, 4)
 
 
-@pytest.mark.parametrize("flag", ["inplace", "training", "residual", "return_statistics"])
+@pytest.mark.parametrize("flag", ["inplace", "training", "residual", "return_statistics",
+                                  "eval_form"])
 def test_flags_must_be_bools(flag):
     """A string or a tensor for a flag is refused (its truth would have been taken: "no" is
     true)."""
@@ -753,6 +754,9 @@ def test_flags_must_be_bools(flag):
         "return_statistics": lambda: pk.partial_block(
             torch.zeros(2, 8, 4, 4), torch.zeros(2, 2, 3, 3), *_mlp_args()[1:],
             return_statistics="no"),
+        "eval_form": lambda: pk.channel_attention(
+            c["x"], c["conv_weight"], c["cfc_weight"], c["cfc_bias"], c["bn_a"], c["bn_b"],
+            backend="torch", eval_form="yes"),
     }
     before = snapshot(c["bn_a"], c["bn_b"])
     with pytest.raises(TypeError, match=rf"{flag} must be True or False, got"):

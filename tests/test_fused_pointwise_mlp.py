@@ -327,7 +327,7 @@ def _bad(name):
                          r"spatial must be a patnet_kernels.SpatialAttentionParams"),
         "spatial conv": ((x, w1, b1, w2, b2),
                          dict(spatial=_spatial(12, torch.float32, True)), ValueError,
-                         r"spatial.conv_weight covers C1=6 channels but the input has C=6"),
+                         r"spatial.conv_weight covers P=6 channels but the input has C=6"),
     }
     return calls[name]
 
