@@ -63,6 +63,7 @@ OP_FAMILIES = {
     "partial_conv": ("bench_partial_conv", "PConv, pk.partial_conv3x3"),
     "channel_attention": ("bench_channel_attention", "PAT_ch, pk.channel_attention"),
     "rpe_attention": ("bench_rpe_attention", "PAT_sf's attention, pk.rpe_attention"),
+    "self_mixer": ("bench_self_mixer", "PAT_sf's output, pk.self_mixer_output"),
     "spatial_attention": ("bench_spatial_attention", "PAT_sp, pk.spatial_attention"),
     "batch_norm_act": ("bench_batch_norm_act", "the MLP's BatchNorm + activation, "
                        "pk.batch_norm_act"),

@@ -46,8 +46,8 @@ class Op(NamedTuple):
     the paper calls it (for messages). layout: of the main input, "map" (B, C, H, W) or "heads"
     (B, heads, N, d). module: the stem of its files: ``ops/<module>.py`` (fakes, autograd
     Function, ``backend_function(ops)``), ``ops/triton/<module>.py`` (its Triton ops),
-    ``reference/<module>.py``, ``tests/test_fused_<module>.py`` and, for every op but
-    PAT_sf's output (no op benchmark of its own yet), ``benchmarks/bench_<module>.py``. family: its kernel files, ``triton/<family>.py`` and
+    ``reference/<module>.py``, ``tests/test_fused_<module>.py``,
+    ``benchmarks/bench_<module>.py``. family: its kernel files, ``triton/<family>.py`` and
     ``csrc/kernels/<family>.cu``. backends: the fused backends with kernels for it. eval_form:
     whether :mod:`patnet_kernels.eval_cpu` has a CPU eval form of it. inference: its fused
     kernels compute no gradient (an inference op): they refuse a call through which one may

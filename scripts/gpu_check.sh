@@ -19,7 +19,7 @@
 #                   collected, and counted as not run
 #   5. op benches   benchmarks/machine_rates.py (copy, matmul and L2 rates: the roofline's),
 #                   then benchmarks/bench_{partial_conv,channel_attention,rpe_attention,
-#                   spatial_attention,batch_norm_act,pointwise_mlp,partial_block,
+#                   self_mixer,spatial_attention,batch_norm_act,pointwise_mlp,partial_block,
 #                   patch_conv,layer_norm_linear}.py at batch 256, fp16 and bf16, fwd and
 #                   fwd+bwd (the last four: fwd, inference ops): eager vs
 #                   the fused backends, then (time permitting) torch.compile / FlexAttention on
@@ -373,8 +373,9 @@ if [ "$RUN_BENCH" = 1 ]; then
   run_family partial_conv $(( OPS_START + FUSED_SPAN * 24 / 100 )) \
     --providers "torch,triton${CUDA_P},triton inplace${CUDA_P:+,cuda inplace}"
   run_family channel_attention $(( OPS_START + FUSED_SPAN * 44 / 100 )) --providers "torch,triton${CUDA_P}"
-  run_family rpe_attention $(( OPS_START + FUSED_SPAN * 64 / 100 )) --shapes cls --providers "torch,sdpa,triton${CUDA_P}"
-  run_family spatial_attention $(( OPS_START + FUSED_SPAN * 72 / 100 )) --providers torch,triton
+  run_family rpe_attention $(( OPS_START + FUSED_SPAN * 61 / 100 )) --shapes cls --providers "torch,sdpa,triton${CUDA_P}"
+  run_family self_mixer $(( OPS_START + FUSED_SPAN * 66 / 100 )) --providers "torch,triton${CUDA_P}"
+  run_family spatial_attention $(( OPS_START + FUSED_SPAN * 73 / 100 )) --providers torch,triton
   run_family batch_norm_act $(( OPS_START + FUSED_SPAN * 79 / 100 )) --providers torch,triton
   # the inference-only ops (fwd only): the block's MLP, the whole FasterNet / PAT_ch block, the
   # stem and merging layers, PAT_sf's LayerNorm + qkv projection
@@ -408,6 +409,7 @@ if [ "$RUN_BENCH" = 1 ]; then
   channels_last_family pointwise_mlp "torch,triton"
   channels_last_family patch_conv "torch,triton"
   channels_last_family layer_norm_linear "torch,triton"
+  channels_last_family self_mixer "torch,triton${CUDA_P}"
   summary --partial
   # ---------------------------------------------------------------------------- 6. models
   [ "$DRY" = 1 ] && echo "  6. model benchmark, until ${END_MODELS}s:"

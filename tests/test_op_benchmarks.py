@@ -21,7 +21,7 @@ import torch
 import patnet_kernels as pk
 from benchmarks import bench_batch_norm_act, bench_channel_attention, bench_partial_conv
 from benchmarks import bench_layer_norm_linear, bench_partial_block, bench_pointwise_mlp
-from benchmarks import bench_rpe_attention
+from benchmarks import bench_rpe_attention, bench_self_mixer
 from benchmarks import bench_spatial_attention, op_cli
 from benchmarks.op_cases import run_case
 from benchmarks.op_family import MODES
@@ -41,6 +41,7 @@ SCRIPTS = {
     "pointwise_mlp": (bench_pointwise_mlp, []),  # (fwd only: an inference op)
     "partial_block": (bench_partial_block, []),  # (fwd only: an inference op)
     "layer_norm_linear": (bench_layer_norm_linear, []),  # (fwd only: an inference op)
+    "self_mixer": (bench_self_mixer, []),
 }
 QUICK = ["--quick", "--device", "cpu", "--warmup", "0", "--runs", "2"]
 STATUSES = {"ok", "n/a", "unavailable", "skipped"}
@@ -107,7 +108,7 @@ def test_quick_run_reports_every_case(name, tmp_path, capsys):
             assert entry["speedup_vs_eager"] is not None
             assert entry["max_rel_error"] <= 1e-3, (key, provider, entry["max_rel_error"])
         if name in ("partial_conv", "pointwise_mlp", "partial_block",
-                    "layer_norm_linear"):  # (Triton kernels: ran)
+                    "layer_norm_linear", "self_mixer"):  # (Triton kernels: ran)
             assert row["providers"]["triton"]["status"] == "ok", key
             if name == "partial_conv":
                 inplace = row["providers"]["triton inplace"]["status"]
