@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import patnet_kernels as pk
-from patnet_kernels import BackendUnavailableError, BatchNormParams
+from patnet_kernels import BackendUnavailableError, BatchNormParams, registry
+
+from conftest import DEVICE, FUSED_BACKENDS, require_fused_backend
 
 F64 = torch.float64
 META = torch.device("meta")
@@ -485,18 +487,17 @@ def test_rpe_bucket_not_a_tensor():
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8],
                          ids=["int32", "int16", "int8", "uint8"])
 def test_rpe_bucket_other_integer_dtypes(dtype):
-    """Any integer dtype passes validation as 'integer ids' (the authors' maps are int16), so it
-    must either give the int64 result or be rejected up front with a TypeError naming bucket;
-    an IndexError from deep inside the backend is neither."""
+    """int32 ids give the int64 result; narrower integer ids (the authors' maps are int16) are
+    refused up front with a TypeError naming bucket and what to pass, not an IndexError from
+    deep inside a backend."""
     a = rpe_args()
     expected = call_rpe(a)
     a["bucket"] = a["bucket"].to(dtype)
-    try:
-        out = call_rpe(a)
-    except TypeError as e:
-        assert "bucket" in str(e)
-    else:
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    if dtype == torch.int32:
+        torch.testing.assert_close(call_rpe(a), expected, rtol=0, atol=0)
+        return
+    with pytest.raises(TypeError, match=r"bucket must be an int64 or int32 tensor"):
+        call_rpe(a)
 
 
 @pytest.mark.parametrize("q_dtype, table_dtype, error", [
@@ -709,33 +710,42 @@ def test_not_a_tensor_is_a_type_error(case):
         calls[case]()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ("torch",) + FUSED_BACKENDS)
 def test_empty_dimensions_are_refused_but_the_batch(backend):
     """A map with no channels or no pixels, or an MLP with no hidden or output channels, is
-    refused alike on every backend (they used to disagree or crash); an empty batch runs."""
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton backend runs here under its interpreter only")
-    x, w = pconv_args(torch.float32)
+    refused alike on every backend (they used to disagree or crash); an empty batch runs
+    through each op the backend has."""
+    if backend != "torch":
+        require_fused_backend(backend)
+    x, w = (t.to(DEVICE) for t in pconv_args(torch.float32))
     for bad in (x[:, :, :0], x[:, :, :, :0]):
         with pytest.raises(ValueError, match=r"x must be \(B, C, H, W\) with no empty dimension "
                                              r"but the batch"):
             pk.partial_conv3x3(bad, w, backend=backend)
     assert pk.partial_conv3x3(x[:0], w, backend=backend).shape == (0, 10, 5, 6)
-    x, w1, b1, w2 = _mlp_args()
+    x, w1, b1, w2 = (t.to(DEVICE) for t in _mlp_args())
     with torch.no_grad():
         with pytest.raises(ValueError, match=r"no empty dimension"):
-            pk.patch_conv(x, torch.zeros(0, 8, 2, 2), backend=backend)
+            pk.patch_conv(x, torch.zeros(0, 8, 2, 2, device=DEVICE), backend=backend)
         with pytest.raises(ValueError, match=r"w1 and w2 must have at least one output"):
             pk.pointwise_mlp(x, w1[:0], None, w2[:, :0], backend=backend)
         # an empty batch through the ops that reshape per sample (the reference's did not)
-        bn = BatchNormParams(torch.ones(6), torch.zeros(6), torch.zeros(6), torch.ones(6))
-        conv, cfc = torch.zeros(2, 2, 3, 3), torch.zeros(6, 6, 1, 2)
-        assert pk.channel_attention(x[:0], conv, cfc, None, None, bn,
-                                    backend=backend).shape == (0, 8, 4, 4)
-        assert pk.partial_block(x[:0], conv, w1, b1, w2, cfc_weight=cfc, bn_b=bn,
-                                backend=backend).shape == (0, 8, 4, 4)
-        assert pk.self_mixer_output(x[:0], conv, torch.zeros(0, 16, 6), torch.zeros(6, 6),
-                                    backend=backend).shape == (0, 8, 4, 4)
+        bn = BatchNormParams(*(t.to(DEVICE) for t in (torch.ones(6), torch.zeros(6),
+                                                      torch.zeros(6), torch.ones(6))))
+        conv = torch.zeros(2, 2, 3, 3, device=DEVICE)
+        cfc = torch.zeros(6, 6, 1, 2, device=DEVICE)
+        calls = {
+            "channel_attention": lambda: pk.channel_attention(x[:0], conv, cfc, None, None, bn,
+                                                              backend=backend),
+            "partial_block": lambda: pk.partial_block(x[:0], conv, w1, b1, w2, cfc_weight=cfc,
+                                                      bn_b=bn, backend=backend),
+            "self_mixer_output": lambda: pk.self_mixer_output(
+                x[:0], conv, torch.zeros(0, 16, 6, device=DEVICE),
+                torch.zeros(6, 6, device=DEVICE), backend=backend),
+        }
+        for op, call in calls.items():
+            if backend in ("torch",) + registry.OPS[op].backends:
+                assert call().shape == (0, 8, 4, 4), op
 
 
 @pytest.mark.parametrize("flag", ["inplace", "training", "residual", "return_statistics",

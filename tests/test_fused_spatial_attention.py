@@ -182,9 +182,19 @@ def test_statistics_for_the_next_block(dtype, channels_last):
         torch.testing.assert_close(mean[:, t], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m2[:, t], (part - expected[..., None]).square().sum(-1),
                                    rtol=1e-4, atol=1e-4)
-    y_ref, (mean_ref, _) = pk.spatial_attention(*args, residual=residual, statistics_of=35,
-                                                backend="torch")  # (one chunk)
-    assert mean_ref.shape == (b, 1, c - 35)
+    # y against the float64 reference within the dtype's budget; the reference's statistics
+    # (one chunk) those of its own y
+    y_ref, (mean_ref, m2_ref) = pk.spatial_attention(*args, residual=residual, statistics_of=35,
+                                                     backend="torch")
+    exact_args = (*(t.double() for t in args[:4]),
+                  BatchNormParams(*(t.double() for t in bnc[:4]), 0.1, 1e-5), None)
+    y_exact = pk.spatial_attention(*exact_args, residual=residual.double(), backend="torch")
+    assert_within_budget("y", y, y_exact, y_ref, dtype)
+    assert mean_ref.shape == m2_ref.shape == (b, 1, c - 35)
+    ref2 = y_ref[:, 35:].float().flatten(2)
+    torch.testing.assert_close(mean_ref[:, 0], ref2.mean(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m2_ref[:, 0], (ref2 - ref2.mean(-1, keepdim=True)).square().sum(-1),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
