@@ -248,7 +248,7 @@ def test_gradient_of_a_gradient_raises(fused_backend):
                                 depths=(1, 1, 1, 1), drop_path_rate=0.0).to(DEVICE).eval()
     x = torch.randn(2, 3, 64, 64, device=DEVICE, requires_grad=True)
     (grad_x,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=rf"(patnet_(triton|cuda)[.:]\w+.* no autograd "
+    with pytest.raises(RuntimeError, match=r"(patnet_(triton|cuda)[.:]\w+.* no autograd "
                                            r"formula|derivative for patnet_cuda::\w+ is not "
                                            r"implemented)"):
         grad_x.square().sum().backward()
