@@ -13,9 +13,9 @@
 
 The traffic model's roofline takes all three with ``python -m benchmarks.traffic --rates PATH``
 (its defaults are the H200's copy and matmul rates; without an L2 rate it gives the rate each
-op's weight reads, from L2 by every program tile, would need instead of timing them). ``scripts/gpu_check.sh`` runs this first in its
-benchmark phase. Without a GPU (``--quick``, a smoke run under Triton's interpreter) the sizes
-are tiny and the figures mean nothing.
+op's weight reads, from L2 by every program tile, would need instead of timing them).
+``scripts/gpu_check.sh`` runs this first in its benchmark phase. Without a GPU (``--quick``, a
+smoke run under Triton's interpreter) the sizes are tiny and the figures mean nothing.
 """
 from __future__ import annotations
 

@@ -338,8 +338,8 @@ def create_model(name: str, pretrained_path: Optional[str] = None, backend: str 
     overrides: embed_dim, depths, act_layer ("GELU"/"RELU"), n_div, mlp_ratio, feature_dim,
     num_classes (0: no classifier), drop_path_rate, in_chans, patch_size, patch_size2,
     features_only, and for PATNet use_spatial_attn, num_heads, attn_drop, proj_drop; a bad
-    type or range raises ValueError before anything is built. A ``family`` key (as in the reference configs) must agree
-    with the name.
+    type or range raises ValueError before anything is built. A ``family`` key (as in the
+    reference configs) must agree with the name.
     """
     key = str(name).lower()
     if key not in VARIANTS:

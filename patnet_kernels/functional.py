@@ -180,12 +180,11 @@ def spatial_attention(m: torch.Tensor, gate_weight: torch.Tensor, conv_weight: t
     """PAT_sp: [BN_c(Ma * hsig(w . Ma)) | conv1x1(BN_d(Mb))], Ma = m[:, :Q], Mb = m[:, Q:].
 
     m: (B, C, H, W); gate_weight: (1, Q, 1, 1); conv_weight: (P, P, 1, 1) with P = C - Q;
-    conv_bias: (P,) or None; bn_c over Q channels; bn_d over P channels or None (folded into
-    the conv); residual: (B, C, H, W) or None, added to the output (PATNet-T1's block
-    residual; on Triton in the same kernel). In training mode (``training=True``) BN_c and BN_d
-    use batch statistics and update their running statistics. Returns (B, C, H, W); with
-    ``statistics_of`` = C1
-    (0 <= C1 < C) the pair (y, statistics of y[:, C1:]) in :func:`partial_block`'s
+    conv_bias: (P,) or None; bn_c over Q channels; bn_d over P channels or None (folded into the
+    conv); residual: (B, C, H, W) or None, added to the output (PATNet-T1's block residual; on
+    Triton in the same kernel). In training mode (``training=True``) BN_c and BN_d use batch
+    statistics and update their running statistics. Returns (B, C, H, W); with ``statistics_of``
+    = C1 (0 <= C1 < C) the pair (y, statistics of y[:, C1:]) in :func:`partial_block`'s
     ``statistics`` form, for the PAT_ch block that follows (conv on C1 channels): on Triton
     taken by the same kernel, so that block does not read its X2 for them.
     """
@@ -615,13 +614,14 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """PAT_sf's LayerNorm and qkv projection in inference: Linear(LayerNorm(tokens of x)).
 
     x: (B, C_IN, H, W) in any layout, a channel slice too (PAT_sf's X2, ``x[:, C1:]``), in any
-    floating dtype (on the fused backends float32, float16 or bfloat16): its pixels are the tokens (B, N = H * W, C_IN), row-major, each normalised
-    over its C_IN values with ``eps`` and no affine (fold the LayerNorm's weight g and bias b
-    into the projection: weight * g, bias + weight @ b, as :func:`patnet.fuse_for_inference`
-    does) in float32 (as autocast runs layer_norm), then converted to the weight's dtype; x is
-    read as it is (no copy of the slice, no cast pass). weight: (C_OUT, C_IN) (``nn.Linear``'s),
-    bias: (C_OUT,) or None, the weight's dtype (under autocast both cast, x not). Returns
-    (B, N, C_OUT) contiguous in the weight's dtype. An inference op, as :func:`pointwise_mlp`.
+    floating dtype (on the fused backends float32, float16 or bfloat16): its pixels are the
+    tokens (B, N = H * W, C_IN), row-major, each normalised over its C_IN values with ``eps``
+    and no affine (fold the LayerNorm's weight g and bias b into the projection: weight * g,
+    bias + weight @ b, as :func:`patnet.fuse_for_inference` does) in float32 (as autocast runs
+    layer_norm), then converted to the weight's dtype; x is read as it is (no copy of the slice,
+    no cast pass). weight: (C_OUT, C_IN) (``nn.Linear``'s), bias: (C_OUT,) or None, the weight's
+    dtype (under autocast both cast, x not). Returns (B, N, C_OUT) contiguous in the weight's
+    dtype. An inference op, as :func:`pointwise_mlp`.
     """
     check_activation("x", x)
     c_in = x.shape[1]

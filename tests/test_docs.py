@@ -1,9 +1,9 @@
 """The command lines the docs show run as written: each ``python -m <module> ...`` of this
 repository (the benchmark scripts, the ahead-of-time compile) found in a code span or block of
 README.md, benchmarks/README.md or csrc/README.md, or in the code of a script's docstring, is
-parsed by that script's own argument parser, so a renamed or removed option, or a value it no longer takes, fails here rather than in
-a user's shell. Only the parsing runs: the test stops each script right after its
-``parse_args`` (nothing is timed, compiled or written)."""
+parsed by that script's own argument parser, so a renamed or removed option, or a value it no
+longer takes, fails here rather than in a user's shell. Only the parsing runs: the test stops
+each script right after its ``parse_args`` (nothing is timed, compiled or written)."""
 from __future__ import annotations
 
 import argparse
