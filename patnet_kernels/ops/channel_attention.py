@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .._types import BatchNormParams, update_running_statistics
 from . import backward_without_autocast, in_input_dtypes, tensor_dtypes
@@ -81,7 +82,7 @@ def _gate_value(z: Tensor, mu_a: Tensor, inv_a: Tensor, a_weight: Optional[Tenso
         z_hat = (z - mu_a) * inv_a
         z_n = z_hat if a_weight is None else z_hat * a_weight.float()
         z_n = z_n if a_bias is None else z_n + a_bias.float()
-    return z_n, z_hat, torch.clamp(z_n + 3.0, 0.0, 6.0) / 6.0  # F.hardsigmoid
+    return z_n, z_hat, F.hardsigmoid(z_n)
 
 
 def gate_forward(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
@@ -139,8 +140,8 @@ def gate_forward(mean: Tensor, std: Tensor, pixels: int, cfc_weight: Tensor,
         center, var = b_mean.float(), b_var.float()
     inv_b = torch.rsqrt(var + eps_b)
     k = inv_b if b_weight is None else b_weight.float() * inv_b
-    shift = -center * k
-    shift = shift if b_bias is None else shift + b_bias.float()
+    beta = torch.zeros_like(center) if b_bias is None else b_bias.float()
+    shift = torch.addcmul(beta, center, k, value=-1.0)  # beta - center k
     stats = torch.stack(batch_stats) if training else mean.new_empty((0, c2))
     moments = torch.stack([mu_a, inv_a, center, inv_b]) if save else mean.new_empty((0, c2))
     return g * k, shift.expand_as(z).contiguous(), z, moments, stats
