@@ -12,6 +12,7 @@ from torch import nn
 
 from patnet_kernels import (BackendUnavailableError, check_backend_name, check_backend_usable,
                             choose_backend, recording_calls, registry)
+from patnet_kernels._checks import check_number
 
 from .layers import (BasicStage, FasterNetBlock, PatchEmbed, PatchMerging, PATNetBlock,
                      make_activation)
@@ -286,13 +287,8 @@ def _check_options(depths: object, mlp_ratio: object, num_classes: object,
                          f"got {depths!r}")
     for depth in depths:
         _check_positive(**{"each of depths": depth})
-    for name, value, low, high in (("mlp_ratio", mlp_ratio, 0.0, None),
-                                   ("drop_path_rate", drop_path_rate, 0.0, 1.0)):
-        if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                or not value >= low or high is not None and not value < high
-                or high is None and value <= low):
-            bound = f"in [{low:g}, {high:g})" if high is not None else f"> {low:g}"
-            raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+    check_number("mlp_ratio", mlp_ratio, 0.0)  # (0 leaves no hidden channel: checked after)
+    check_number("drop_path_rate", drop_path_rate, 0.0, 1.0)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
             or num_classes < 0:
         raise ValueError(f"num_classes must be an integer >= 0 (0: no classifier, the "

@@ -13,6 +13,8 @@ import patnet_kernels as pk
 from patnet_kernels import _cuda_ext, backends, eval_cpu, functional, reference, registry
 from patnet_kernels.triton import aot
 
+from conftest import fused_backend_unavailable
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,7 +52,7 @@ def test_lists_of_ops_are_derived():
 def test_backend_plan_names_what_a_backend_lacks():
     """The plan of a backend that has no kernel for some ops says so for those ops (a call
     there raises) instead of raising for the whole plan; bad op names are refused by name."""
-    plan = pk.backend_plan("cuda", "cpu") if _cuda_usable() else None
+    plan = pk.backend_plan("cuda", "cpu") if fused_backend_unavailable("cuda") is None else None
     if plan is not None:
         assert plan["partial_conv3x3"] == "cuda"
         assert plan["spatial_attention"] == ("none: backend='cuda' has no kernel for "
@@ -62,11 +64,6 @@ def test_backend_plan_names_what_a_backend_lacks():
                  lambda: pk.choose_backend("torch", None, "nope")):
         with pytest.raises(ValueError, match="unknown op 'nope'; the ops are partial_conv3x3"):
             call()
-
-
-def _cuda_usable() -> bool:
-    from conftest import fused_backend_unavailable
-    return fused_backend_unavailable("cuda") is None
 
 
 def _op_lists(path: Path):
