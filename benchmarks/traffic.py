@@ -585,11 +585,13 @@ def fused_bytes(op: str, args, out, namespace: str = "patnet_triton",
 
 
 @contextlib.contextmanager
-def triton_launches(names: List[str], run_kernels: bool = True):
+def triton_launches(names: List[str], run_kernels: bool = True,
+                    grids: Optional[List[tuple]] = None):
     """Append the name of every Triton kernel launched inside to ``names`` (the launch itself
-    runs with no dispatch mode active, so the interpreter's own tensor work is not recorded).
-    With ``run_kernels`` False the kernels are counted but not run (their outputs stay as
-    allocated: for counting only; nothing in an eval forward branches on values)."""
+    runs with no dispatch mode active, so the interpreter's own tensor work is not recorded),
+    and its grid to ``grids`` if given. With ``run_kernels`` False the kernels are counted but
+    not run (their outputs stay as allocated: for counting only; nothing in an eval forward
+    branches on values)."""
     patched = []
     try:
         import triton.runtime.jit as jit
@@ -608,6 +610,8 @@ def triton_launches(names: List[str], run_kernels: bool = True):
             if kwargs.get("warmup"):
                 return original(self, *args, **kwargs)
             names.append(getattr(self, "__name__", type(self).__name__))
+            if grids is not None:
+                grids.append(tuple(kwargs["grid"]))
             if not run_kernels:
                 return None
             with _disable_current_modes():

@@ -69,3 +69,72 @@ def test_interpreter_rounds_float32_to_bfloat16_as_a_gpu_does():
     assert torch.equal(y[3:], x[3:].to(torch.bfloat16))
     assert y[:2].tolist() == x[:2].to(torch.bfloat16).tolist() == [1.0, 1.015625]
     assert torch.isnan(y[2])
+
+
+def _launch_grids(name: str, batch: int, mode: str) -> list:
+    """(kernel, grid as 3 axes) of every Triton launch of one training step (``mode`` "train",
+    or "train-atomic": with the attention's atomic backward allowed) or one inference forward
+    ("eval": fp32 NCHW; "eval-amp": bf16 autocast, channels_last) of ``name`` at 64 x 64 on
+    the Triton backend, the kernels not run (their outputs are garbage; nothing branches on
+    them)."""
+    from benchmarks import traffic
+    from patnet_kernels.ops.rpe_attention import allow_atomic_backward, use_atomics
+
+    train = mode.startswith("train")
+    layout = torch.channels_last if mode == "eval-amp" else torch.contiguous_format
+    model = traffic.build(name, "triton", train=train).to(memory_format=layout)
+    x = torch.randn(batch, 3, 64, 64).contiguous(memory_format=layout)
+    names, grids = [], []
+    atomics = use_atomics()
+    allow_atomic_backward(mode == "train-atomic")
+    try:
+        with traffic.triton_launches(names, run_kernels=False, grids=grids), \
+                torch.autocast("cpu", torch.bfloat16, enabled=mode == "eval-amp"):
+            if train:
+                model(x).float().sum().backward()
+            else:
+                with torch.no_grad():
+                    model(x)
+    finally:
+        allow_atomic_backward(atomics)
+    return [(kernel, grid + (1,) * (3 - len(grid))) for kernel, grid in zip(names, grids)]
+
+
+@pytest.mark.parametrize("mode", ["train", "train-atomic", "eval", "eval-amp"])
+@pytest.mark.parametrize("name", ["patnet_t0", "patnet_t1", "fasternet_t0"])
+def test_only_grid_axis_0_grows_with_the_batch(name, mode):
+    """CUDA launches at most 65535 programs along a grid's axes 1 and 2
+    (``_common.MAX_GRID_YZ``; 2^31 - 1 along axis 0), and the interpreter checks no limit: a
+    kernel with the batch on axis 1 fails on a GPU alone, past 65535 images, or 16384 where
+    PAT_sf's attention put B * heads there. So the batch goes on axis 0 in every launch of a
+    training step and of the inference path: from 2 to 5 images, each launch's axes 1 and 2
+    stay as they are."""
+    from conftest import fused_backend_unavailable
+    from patnet_kernels.triton._common import MAX_GRID_YZ
+
+    reason = fused_backend_unavailable("triton")
+    if reason:
+        pytest.skip(reason)
+    small, large = (_launch_grids(name, batch, mode) for batch in (2, 5))
+    assert [k for k, _ in small] == [k for k, _ in large] and small
+    grown = [(k, a, b) for (k, a), (_, b) in zip(small, large) if a[1:] != b[1:]]
+    assert not grown, f"launches whose grid axis 1 or 2 grows with the batch: {grown}"
+    assert all(max(g[1:]) <= MAX_GRID_YZ for _, g in large)
+    assert any(b[0] > a[0] for (_, a), (_, b) in zip(small, large))
+
+
+def test_dropout_mask_grid_keeps_the_batch_on_axis_0():
+    """The attention's dropout mask kernel (``dropout_keep_mask``, the tests' view of the
+    kernels' mask) with B * heads on axis 0, the mask the same per head at any batch."""
+    from benchmarks import traffic
+    from patnet_kernels.triton.rpe_attention import SEED_LOW, dropout_keep_mask
+
+    grids = {}
+    for batch in (1, 3):
+        names, grids[batch] = [], []
+        with traffic.triton_launches(names, grids=grids[batch]):
+            mask = dropout_keep_mask(SEED_LOW + 7, batch, 2, 9, 0.5)
+        if batch == 1:
+            first = mask
+    assert grids[1][0][1:] == grids[3][0][1:] and grids[3][0][0] == 3 * grids[1][0][0]
+    assert torch.equal(mask[:1], first) and not torch.equal(mask[1], mask[0])

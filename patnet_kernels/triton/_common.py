@@ -77,6 +77,22 @@ def hardsigmoid(z):
     return tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
 
 
+# CUDA launches at most 65535 programs along a grid's axes 1 and 2 (2^31 - 1 along axis 0), so
+# the kernels never put the batch there: each sample's programs follow one another along axis 0
+# (:func:`program_of_sample`), and a launch takes any batch (B * heads > 65535 is 16384 images
+# at PAT_sf's 4 heads).
+MAX_GRID_YZ = 65535
+
+
+@triton.jit
+def program_of_sample(count):
+    """(this program's index among its sample's ``count`` programs, the sample, int64) of a grid
+    whose axis 0 holds ``count`` programs per sample, the samples one after another: the order
+    a grid (count, B) runs in, with the batch off axis 1 (see MAX_GRID_YZ)."""
+    pid = tl.program_id(0)
+    return pid % count, (pid // count).to(tl.int64)
+
+
 @triton.jit
 def hardsigmoid_grad(z):
     """d hardsigmoid / dz: 1/6 strictly inside (-3, 3), else 0 (as PyTorch's backward)."""

@@ -135,6 +135,18 @@ KNOWN_SPILLS: Dict[str, int] = {
     "affine=False]": 24,
     "pointwise_mlp_pass[fp32, P=16, K=16, N=64, conv<=256, relu, residual=False, "
     "affine=True]": 24,
+    # A sample found by a division of the program id (_common.program_of_sample: the batch on
+    # grid axis 0, so that a launch takes more than 65535 images) instead of read off axis 1: a
+    # register more, 2-16 LDL/STL once a program in these (3.9, channels_last: sm_90's fp32
+    # channel statistics and fp16 PAT_sp gate-gradient reduction, sm_80's bf16 channel
+    # gradient sums and fp32-input stem with statistics; 3.6: an fp32 NCHW conv in 16 LDL/STL)
+    "channel_stats[fp32, chunked=False]": 8,
+    "channel_stats[fp32, chunked=True]": 8,
+    "channel_grad_sums[bf16]": 8,
+    "sa_gate_grad_reduce[fp16]": 16,
+    "patch_conv[fp32 -> fp16, P=64, K=64, N=64, stats]": 8,
+    "patch_conv[fp32 -> bf16, P=64, K=64, N=64, stats]": 8,
+    "conv3x3_passthrough[fp32, CI=32, CO=64, copy=False]": 16,  # 3.6 (3.9: none)
     # (3 LDL/STL on sm_80 in channels_last; fp32 is no speed target, its dots are FMAs; with
     # the dropout multiplier, in NCHW, since its tiles may take the samples as rows of one)
     "self_mixer_output[fp32, keep=False, residual=False]": 8,

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, merge_moments, merge_rows, pixel_strides, tile_moments)
+                      block, cdiv, merge_moments, merge_rows, pixel_strides, program_of_sample,
+                      tile_moments)
 from .pointwise_mlp import ACTIVATION_CODES, _activation as activation
 
 
@@ -67,9 +68,9 @@ def _normalised_and_grad(x, dy, mean, rstd, gamma, beta, ACTIVATION: tl.constexp
 @triton.jit
 def _tile(C, HW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """(sample, pixel offsets, channel offsets, channel mask, tile mask) of this program of a
-    grid (cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C))."""
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    grid (cdiv(HW, BLOCK_P) * B, 1, cdiv(C, BLOCK_C)), a sample's pixel tiles in turn."""
+    pid_p, pid_b = program_of_sample(tl.cdiv(HW, BLOCK_P))
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     return pid_b, offs_p, offs_c, c_ok, (offs_p < HW)[:, None] & c_ok[None, :]
@@ -85,9 +86,9 @@ def _moments_kernel(
     BLOCK_P: tl.constexpr,  # pixels per step
     BLOCK_C: tl.constexpr,  # channels per program
 ):
-    # grid: (cdiv(C, BLOCK_C), B, SPLITS); chunk s holds pixels [s CHUNK, (s + 1) CHUNK).
-    pid_c = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (cdiv(C, BLOCK_C) * B, 1, SPLITS), a sample's channel blocks in turn; chunk s
+    # holds pixels [s CHUNK, (s + 1) CHUNK).
+    pid_c, pid_b = program_of_sample(tl.cdiv(C, BLOCK_C))
     pid_s = tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
@@ -156,7 +157,7 @@ def _apply_kernel(
     BLOCK_C: tl.constexpr,  # channels per program
     ACTIVATION: tl.constexpr,  # 0 ReLU, 1 exact GELU
 ):
-    # grid: (cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C))
+    # grid: (cdiv(HW, BLOCK_P) * B, 1, cdiv(C, BLOCK_C))
     pid_b, offs_p, offs_c, c_ok, ok = _tile(C, HW, BLOCK_P, BLOCK_C)
     mean, rstd, gamma, beta = _channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, eps, offs_c, c_ok)
     x = tl.load(x_ptr + pid_b * x_sb + offs_c[None, :] * x_sc + offs_p[:, None] * x_sp, mask=ok,
@@ -181,9 +182,9 @@ def _grad_sums_kernel(
     BLOCK_C: tl.constexpr,  # channels per program
     ACTIVATION: tl.constexpr,  # 0 ReLU, 1 exact GELU
 ):
-    # grid: (cdiv(C, BLOCK_C), B, SPLITS)
-    pid_c = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (cdiv(C, BLOCK_C) * B, 1, SPLITS), a sample's channel blocks in turn
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    pid_c, pid_b = program_of_sample(c_blocks)
     pid_s = tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
@@ -201,7 +202,7 @@ def _grad_sums_kernel(
         sum_dz += tl.sum(dz, 0)  # (dY, so dZ, is 0 outside the tile)
         sum_dz_xhat += tl.sum(dz * xhat, 0)
     row = pid_b * tl.num_programs(2) + pid_s
-    rows = tl.num_programs(1) * tl.num_programs(2)
+    rows = (tl.num_programs(0) // c_blocks) * tl.num_programs(2)
     tl.store(sums_ptr + row * C + offs_c, sum_dz, mask=c_ok)
     tl.store(sums_ptr + (rows + row) * C + offs_c, sum_dz_xhat, mask=c_ok)
 
@@ -224,7 +225,7 @@ def _grad_input_kernel(
     ACTIVATION: tl.constexpr,  # 0 ReLU, 1 exact GELU
     TRAIN: tl.constexpr,  # batch statistics (their gradient terms) or running ones
 ):
-    # grid: (cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C))
+    # grid: (cdiv(HW, BLOCK_P) * B, 1, cdiv(C, BLOCK_C))
     pid_b, offs_p, offs_c, c_ok, ok = _tile(C, HW, BLOCK_P, BLOCK_C)
     mean, rstd, gamma, beta = _channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, eps, offs_c, c_ok)
     x = tl.load(x_ptr + pid_b * x_sb + offs_c[None, :] * x_sc + offs_p[:, None] * x_sp, mask=ok,
@@ -281,7 +282,7 @@ def _reduction_grid(x: torch.Tensor) -> Tuple[Tuple[int, int, int], int, int, in
     b, c, h, w = x.shape
     block_p, block_c, _ = _blocks(c)
     chunk = _chunk(h * w, block_p)
-    return (cdiv(c, block_c), b, cdiv(h * w, chunk)), chunk, block_p, block_c
+    return (cdiv(c, block_c) * b, 1, cdiv(h * w, chunk)), chunk, block_p, block_c
 
 
 def batch_moments(x: torch.Tensor,
@@ -299,9 +300,9 @@ def batch_moments(x: torch.Tensor,
                           BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_blocks(c)[2])
     mean, var = (torch.empty((c,), device=x.device, dtype=torch.float32) for _ in range(2))
     run_mean, run_var = running if running is not None else (mean, var)
-    _merge_kernel[(grid[0],)](part[0], part[1], mean, var, run_mean, run_var, float(momentum),
-                              c, h * w, chunk, grid[2], rows, BLOCK_R=_merge_block_r(),
-                              BLOCK_C=block_c, UPDATE=running is not None)
+    _merge_kernel[(cdiv(c, block_c),)](
+        part[0], part[1], mean, var, run_mean, run_var, float(momentum), c, h * w, chunk, grid[2],
+        rows, BLOCK_R=_merge_block_r(), BLOCK_C=block_c, UPDATE=running is not None)
     return mean, var
 
 
@@ -311,7 +312,7 @@ def apply(x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, var: torch.Tenso
     flattenable pixels, the vectors fp32 (C,)."""
     b, c, h, w = x.shape
     block_p, block_c, warps = _blocks(c)
-    grid = (cdiv(h * w, block_p), b, cdiv(c, block_c))
+    grid = (cdiv(h * w, block_p) * b, 1, cdiv(c, block_c))
     _apply_kernel[grid](x, y, mean, var, weight, bias, eps, c, h * w, *pixel_strides(x),
                         *pixel_strides(y), BLOCK_P=block_p, BLOCK_C=block_c,
                         ACTIVATION=ACTIVATION_CODES[activation_name], num_warps=warps)
@@ -337,7 +338,7 @@ def grad_input(x: torch.Tensor, grad_y: torch.Tensor, grad_x: torch.Tensor, mean
     """grad_x = dX; ``sums``: :func:`grad_sums` in training (batch statistics), None in eval."""
     b, c, h, w = x.shape
     block_p, block_c, warps = _blocks(c)
-    grid = (cdiv(h * w, block_p), b, cdiv(c, block_c))
+    grid = (cdiv(h * w, block_p) * b, 1, cdiv(c, block_c))
     _grad_input_kernel[grid](
         x, grad_y, grad_x, mean, var, weight, bias, mean if sums is None else sums, eps,
         1.0 / (b * h * w),

@@ -36,7 +36,8 @@ import triton.language as tl
 
 from .._types import chunk_layout, chunk_pixels
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, hardsigmoid, merge_moments, merge_rows, tile_moments, upcast_dot)
+                      block, cdiv, hardsigmoid, merge_moments, merge_rows, program_of_sample,
+                      tile_moments, upcast_dot)
 from .partial_conv import _conv_blocks, _strides, conv3x3_tile
 
 
@@ -53,9 +54,8 @@ def _channel_stats_kernel(
     BLOCK_P: tl.constexpr,  # pixels per step (flattened h * W + w)
     BLOCK_C: tl.constexpr,  # channels per program
 ):
-    # grid: (ceil(C2 / BLOCK_C), B, T)
-    pid_c = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (ceil(C2 / BLOCK_C) * B, 1, T), a sample's channel blocks in turn
+    pid_c, pid_b = program_of_sample(tl.cdiv(C2, BLOCK_C))
     pid_t = tl.program_id(2)
     chunks = tl.num_programs(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -197,8 +197,10 @@ def _channel_gate_kernel(
     BLOCK_O: tl.constexpr,  # output channels per program
     BLOCK_I: tl.constexpr,  # input channels per step of the mix
 ):
-    # grid: (ceil(C2 / BLOCK_O), 1 if TRAINING else ceil(B / BLOCK_B))
-    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    # grid: (ceil(C2 / BLOCK_O) * (1 if TRAINING else ceil(B / BLOCK_B)),), a block of
+    # samples' channel blocks in turn
+    pid_o, pid_b = program_of_sample(tl.cdiv(C2, BLOCK_O))
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = offs_o < C2
     gamma_a = _channel_vector(a_w_ptr, offs_o, o_ok, HAS_A_W, 1.0)
     beta_a = _channel_vector(a_b_ptr, offs_o, o_ok, HAS_A_B, 0.0)
@@ -259,9 +261,9 @@ def _channel_gate_kernel(
         center_b = tl.load(b_mean_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)
         inv_b = 1.0 / tl.sqrt_rn(
             tl.load(b_var_ptr + offs_o, mask=o_ok, other=1.0).to(tl.float32) + eps_b)
-        b_first = tl.program_id(1) * BLOCK_B
+        b_first = pid_b.to(tl.int32) * BLOCK_B
         b_stop = tl.minimum(B, b_first + BLOCK_B)
-    if tl.program_id(1) == 0:  # the normalisations used, for the backward
+    if pid_b == 0:  # the normalisations used, for the backward
         tl.store(moments_ptr + offs_o, mu_a, mask=o_ok)
         tl.store(moments_ptr + C2 + offs_o, inv_a, mask=o_ok)
         tl.store(moments_ptr + 2 * C2 + offs_o, center_b, mask=o_ok)
@@ -417,10 +419,12 @@ def _channel_gate_input_grad_kernel(
     BLOCK_O: tl.constexpr,  # channels of z per step
     BLOCK_I: tl.constexpr,  # channels of the statistics per program
 ):
-    # grid: (ceil(C2 / BLOCK_I), ceil(B / BLOCK_B)): dL/d[mean, std] = dz . W_ch (+ the
-    # BatchNorm's part), as the input gradient's per-(b, c) slope and offset.
-    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    # grid: (ceil(C2 / BLOCK_I) * ceil(B / BLOCK_B),), a block of samples' channel blocks in
+    # turn: dL/d[mean, std] = dz . W_ch (+ the BatchNorm's part), as the input gradient's
+    # per-(b, c) slope and offset.
+    pid_i, pid_b = program_of_sample(tl.cdiv(C2, BLOCK_I))
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_b = pid_b.to(tl.int32) * BLOCK_B + tl.arange(0, BLOCK_B)
     i_ok = offs_i < C2
     b_ok = offs_b < B
     ok = b_ok[:, None] & i_ok[None, :]
@@ -497,9 +501,8 @@ def _channel_grad_sums_kernel(
     BLOCK_P: tl.constexpr,  # pixels per step
     BLOCK_C: tl.constexpr,  # channels per program
 ):
-    # grid: (ceil(C2 / BLOCK_C), B)
-    pid_c = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (ceil(C2 / BLOCK_C) * B,), a sample's channel blocks in turn
+    pid_c, pid_b = program_of_sample(tl.cdiv(C2, BLOCK_C))
     offs_c = C1 + pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C1 + C2
     x_base = x_ptr + pid_b * x_sb + offs_c * x_sc
@@ -544,9 +547,8 @@ def _conv3x3_affine_kernel(
     HAS_AUX: tl.constexpr,  # add (aux2 - center) * slope (the input gradient)
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    # grid: (ceil(H * W / BLOCK_P), B, ceil(C1 / BLOCK_CO))
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (ceil(H * W / BLOCK_P) * B, 1, ceil(C1 / BLOCK_CO)), a sample's pixel tiles in turn
+    pid_p, pid_b = program_of_sample(tl.cdiv(H * W, BLOCK_P))
     pid_co = tl.program_id(2)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < H * W
@@ -638,7 +640,7 @@ def _stats(x: torch.Tensor, c1: int, chunk_pixels: int, sum_of_squares: bool
     mean = torch.empty((b, chunks, c2), device=x.device, dtype=torch.float32)
     dev = torch.empty_like(mean)
     block_p, block_c, warps = _reduce_blocks(c2, h * w)
-    _channel_stats_kernel[(cdiv(c2, block_c), b, chunks)](
+    _channel_stats_kernel[(cdiv(c2, block_c) * b, 1, chunks)](
         x, mean, dev, c1, c2, h, w, chunk_pixels, *_strides(x),
         SUM_OF_SQUARES=sum_of_squares, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return mean, dev
@@ -715,7 +717,7 @@ def channel_gate(mean: torch.Tensor, std: torch.Tensor, pixels: int, cfc_weight:
     a = bn_a if bn_a is not None else (None, None, None, None, 0.0)
     present = [t if t is not None else mean for t in (cfc_bias, *a[:4], *bn_b[:4])]
     block_b, block_o, block_i, warps = _gate_blocks(b, c2)
-    grid = (cdiv(c2, block_o), 1 if training else cdiv(b, block_b))
+    grid = (cdiv(c2, block_o) * (1 if training else cdiv(b, block_b)),)
     _channel_gate_kernel[grid](
         mean, std, cfc_weight, *present, scale, shift, z, moments, batch if training else z,
         b, c2, chunks, pixels, chunk_size, chunk_shift, float(a[4]), float(bn_b[4]),
@@ -756,7 +758,7 @@ def channel_gate_backward(sum_xg: torch.Tensor, sum_g: torch.Tensor, mean: torch
         HAS_BN_A=has_a, HAS_A_W=a_weight is not None, HAS_A_B=a_bias is not None,
         HAS_B_W=b_weight is not None, TRAINING=training, BLOCK_B=block_b, BLOCK_O=block_o,
         num_warps=warps, num_stages=1)
-    _channel_gate_input_grad_kernel[(cdiv(c2, block_i), cdiv(b, block_b))](
+    _channel_gate_input_grad_kernel[(cdiv(c2, block_i) * cdiv(b, block_b),)](
         dz, cfc_weight, std, d_mean, d_std, slope, offset, b, c2, pixels, TRAINING=training,
         BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=warps, num_stages=1)
     _channel_gate_weight_grad_kernel[(cdiv(c2, block_o), cdiv(c2, block_i))](
@@ -778,7 +780,7 @@ def channel_grad_sums(x: torch.Tensor, grad_y: torch.Tensor, center: torch.Tenso
     sum_xg = torch.empty((b, c2), device=x.device, dtype=torch.float32)
     sum_g = torch.empty((b, c2), device=x.device, dtype=torch.float32)
     block_p, block_c, warps = _reduce_blocks(c2, h * w)
-    _channel_grad_sums_kernel[(cdiv(c2, block_c), b)](
+    _channel_grad_sums_kernel[(cdiv(c2, block_c) * b,)](
         x, grad_y, center, sum_xg, sum_g, c1, c2, h, w, *_strides(x), *_strides(grad_y),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return sum_xg, sum_g
@@ -803,7 +805,7 @@ def conv3x3_affine(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch.Tens
     if not has_aux:  # never read: any valid pointer
         aux, center, slope = src, scale, scale
     block_p, block_ci, block_co, warps = _conv_blocks(c1, src.dtype)
-    grid = (cdiv(h * w, block_p), b, cdiv(c1, block_co))
+    grid = (cdiv(h * w, block_p) * b, 1, cdiv(c1, block_co))
     _conv3x3_affine_kernel[grid](
         src, aux, dst, weight_taps, scale, offset, center, slope, c1, c2, h, w,
         *_strides(src), *_strides(aux), *_strides(dst),

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
-                      block, cdiv, dot, reduction_splits, samples_as_rows, upcast_dot)
+                      block, cdiv, dot, program_of_sample, reduction_splits, samples_as_rows,
+                      upcast_dot)
 
 
 @triton.jit
@@ -73,8 +74,8 @@ def _conv3x3_passthrough_kernel(
     COPY_REST: tl.constexpr,  # copy src[:, C1:C_total] to dst[:, C1:C_total]
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (ceil(H * W / BLOCK_P) * B, 1, ceil(C1 / BLOCK_CO)), a sample's pixel tiles in turn
+    pid_p, pid_b = program_of_sample(tl.cdiv(H * W, BLOCK_P))
     pid_co = tl.program_id(2)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < H * W
@@ -159,7 +160,7 @@ def _self_mixer_output_kernel(
     y_ptr,  # (B, C1 + C2, H, W) output, any strides: [conv3x3(X1) | proj(tokens)] (+ X)
     C1, C2, H, W,
     P,  # pixels: H * W per sample, or B * H * W with the samples taken as rows of one (then
-        # grid axis 1 of size 1: _common.samples_as_rows of x, y and the tokens)
+        # one sample: _common.samples_as_rows of x, y and the tokens)
     x_sb, x_sc, x_sh, x_sw,  # strides of x (elements)
     t_sb, t_sn, t_sc,  # strides of the tokens
     y_sb, y_sc, y_sh, y_sw,  # strides of y
@@ -171,10 +172,10 @@ def _self_mixer_output_kernel(
     BLOCK_K: tl.constexpr,  # token channels per step of the projection
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    # grid: (ceil(P / BLOCK_P), B or 1, ceil(C1 / BLOCK_N) + ceil(C2 / BLOCK_N)): the first
-    # programs of axis 2 compute the conv's output channels, the others the projection's.
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (ceil(P / BLOCK_P) * (B or 1), 1, ceil(C1 / BLOCK_N) + ceil(C2 / BLOCK_N)), a
+    # sample's pixel tiles in turn: the first programs of axis 2 compute the conv's output
+    # channels, the others the projection's.
+    pid_p, pid_b = program_of_sample(tl.cdiv(P, BLOCK_P))
     pid_n = tl.program_id(2)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < P
@@ -255,7 +256,7 @@ def conv3x3_passthrough(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch
     c1 = weight_taps.shape[1]
     block_p, block_ci, block_co, warps = _conv_blocks(c1, src.dtype)
     block_copy = _copy_block(dst.shape[1] - c1, copy_rest)
-    grid = (cdiv(h * w, block_p), b, cdiv(c1, block_co))
+    grid = (cdiv(h * w, block_p) * b, 1, cdiv(c1, block_co))
     _conv3x3_passthrough_kernel[grid](
         src, dst, weight_taps, c1, dst.shape[1], h, w, *_strides(src), *_strides(dst),
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, BLOCK_COPY=block_copy,
@@ -300,7 +301,7 @@ def self_mixer_output(x: torch.Tensor, weight_taps: torch.Tensor, tokens: torch.
     c2 = c - c1
     block_p, block_ci, block_n, block_k, warps = _self_mixer_blocks(c1, c2, x.dtype)
     samples, pixels = self_mixer_rows(x, tokens, y)
-    grid = (cdiv(pixels, block_p), samples, cdiv(c1, block_n) + cdiv(c2, block_n))
+    grid = (cdiv(pixels, block_p) * samples, 1, cdiv(c1, block_n) + cdiv(c2, block_n))
     _self_mixer_output_kernel[grid](
         x, weight_taps, tokens, proj_weight, proj_weight if proj_bias is None else proj_bias,
         tokens if keep is None else keep, y, c1, c2, h, w, pixels, *_strides(x),

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, aot_signature, block, cdiv, dot,
-                      pixel_strides, samples_as_rows, store_tile_moments, upcast_dot)
+                      pixel_strides, program_of_sample, samples_as_rows, store_tile_moments,
+                      upcast_dot)
 
 
 @triton.jit
@@ -60,7 +61,7 @@ def _patch_conv_kernel(
     y_ptr,  # (B, C_OUT, HO, WO) output, HO = H // KS, WO = W // KS, pixels flattened to one
             # stride y_sp (NCHW, channels_last)
     stats_mean_ptr, stats_m2_ptr,  # (B, T, C_OUT - STATS_FIRST) fp32 contiguous, T the pixel
-                                   # tiles (grid axis 0), written if STATS: per tile the mean
+                                   # tiles, written if STATS: per tile the mean
                                    # and sum of squared deviations of y[:, STATS_FIRST:] as
                                    # stored (the next PAT_ch block's X2 statistics)
     C_IN, C_OUT, KS,  # input and output channels, patch size (kernel size and stride)
@@ -80,10 +81,10 @@ def _patch_conv_kernel(
     BLOCK_N: tl.constexpr,  # output channels per program
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the weight's dtype
 ):
-    # grid: (cdiv(P, BLOCK_P), B, cdiv(C_OUT, BLOCK_N)); the launcher may pass the samples
-    # as rows of one (B = 1, HO and P over all samples: _common.samples_as_rows)
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (cdiv(P, BLOCK_P) * B, 1, cdiv(C_OUT, BLOCK_N)), a sample's pixel tiles in turn;
+    # the launcher may pass the samples as rows of one (B = 1, HO and P over all samples:
+    # _common.samples_as_rows)
+    pid_p, pid_b = program_of_sample(tl.cdiv(P, BLOCK_P))
     pid_n = tl.program_id(2)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < P
@@ -123,7 +124,8 @@ def _patch_conv_kernel(
              mask=p_ok[:, None] & n_ok[None, :])
     if STATS:
         store_tile_moments(out.to(tl.float32), p_ok, offs_n, n_ok, stats_mean_ptr,
-                           stats_m2_ptr, pid_b * tl.num_programs(0) + pid_p, STATS_FIRST, C_OUT)
+                           stats_m2_ptr, tl.program_id(0).to(tl.int64), STATS_FIRST,
+                           C_OUT)  # (the tile's row: pid_b * tiles + pid_p)
 
 
 class Config(NamedTuple):
@@ -162,7 +164,7 @@ def stats_chunks(x: torch.Tensor, weight: torch.Tensor) -> int:
 
 
 def pixel_rows(x: torch.Tensor, y: torch.Tensor, k: int, statistics: bool) -> Tuple[int, int]:
-    """(samples, output rows per sample) of a launch's pixel tiles (grid axes 1 and 0; each
+    """(samples, output rows per sample) of a launch's pixel tiles (grid axis 0; each
     row W // k pixels) on x (B, C_IN, H, W) into y (B, C_OUT, H // k, W // k): the B samples
     as one sample of B * H // k rows where :func:`_common.samples_as_rows` allows, the input's
     rows hold whole patches and no per-tile ``statistics`` are taken."""
@@ -190,7 +192,7 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     wo = y.shape[3]
     config = config_for(c_in, c_out, k, weight.dtype)
     samples, rows = pixel_rows(x, y, k, statistics is not None)
-    grid = (cdiv(rows * wo, config.block_p), samples, cdiv(c_out, config.block_n))
+    grid = (cdiv(rows * wo, config.block_p) * samples, 1, cdiv(c_out, config.block_n))
     stats_mean, stats_m2 = statistics if statistics is not None else (weight, weight)
     _patch_conv_kernel[grid](
         x, weight, bias.contiguous() if bias is not None else weight, y, stats_mean, stats_m2,

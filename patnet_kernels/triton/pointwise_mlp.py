@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
                       batch_norm_tile, block, cdiv, dot, hardsigmoid, pixel_strides,
-                      samples_as_rows, store_tile_moments, upcast_dot)
+                      program_of_sample, samples_as_rows, store_tile_moments, upcast_dot)
 from .partial_conv import conv3x3_tile
 
 # The activation constexpr of the kernel, by the reference's name.
@@ -135,7 +135,7 @@ def _pointwise_mlp_kernel(
     Q,  # SPATIAL: PAT_sp's gated channels, the first Q of the MLP's output (the rest its conv's)
     STATS_FIRST,  # the first output channel whose statistics are taken (if STATS)
     P,  # pixels: H * W per sample, or B * H * W with the samples taken as rows of one (the
-        # launcher's choice, tile_grid: then grid axis 1 of size 1, and PAT_ch's affine and
+        # launcher's choice, tile_grid: then one sample on grid axis 0, and PAT_ch's affine and
         # statistics only with SPAN)
     H, W,  # rows per sample and image width: pixel p is at row (p // W) % H of its sample,
            # column p % W
@@ -171,9 +171,10 @@ def _pointwise_mlp_kernel(
                          # a tile's rows in two samples at most (H W > 2 BLOCK_P), each with
                          # its sample's affine, each sample's statistics apart
 ):
-    pid_p = tl.program_id(0)
+    # grid: (ceil(P / BLOCK_P) * (B or 1), 1, output blocks), a sample's pixel tiles in turn
+    # (one sample where the samples are taken as rows of one)
+    pid_p, sample = program_of_sample(tl.cdiv(P, BLOCK_P))
     pid_n = tl.program_id(2)
-    sample = tl.program_id(1).to(tl.int64)  # (0 where the samples are taken as rows of one)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < P
     if SPAN:  # (the tile's first row's sample, and where the next one begins)
@@ -188,7 +189,7 @@ def _pointwise_mlp_kernel(
         # cleared by the tile holding its last row, so that every chunk is written)
         clear_after = (next_start <= pid_p * BLOCK_P + BLOCK_P) & (stats_row + 1 < next_row)
     else:
-        first_sample = tl.program_id(1)
+        first_sample = sample
         in_next = offs_p < 0  # (not read)
         has_next = first_sample < 0
         stats_row = first_sample * ((P + BLOCK_P - 1) // BLOCK_P) + pid_p
@@ -471,8 +472,9 @@ def stats_chunks(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, conv_chann
 
 
 class TileGrid(NamedTuple):
-    """A launch's pixel tiles: ``grid`` its axes 0 and 1, (tiles a sample, samples) or (tiles
-    over all pixels, 1); ``pixels`` the kernel's P; ``span``: its SPAN mode."""
+    """A launch's pixel tiles: ``grid`` (tiles a sample, samples) or (tiles over all pixels, 1),
+    the launch's grid axis 0 their product (:func:`._common.program_of_sample`); ``pixels``
+    the kernel's P; ``span``: its SPAN mode."""
     grid: Tuple[int, int]
     pixels: int
     span: bool
@@ -576,7 +578,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: Optional[tor
     stats_mean, stats_m2 = statistics if statistics is not None else (unused, unused)
     sp = spatial or SpatialAttention(unused, unused, None, (unused,) * 4, 0.0, None, 0.0)
     bn_d = sp.bn_d or sp.bn_c
-    _pointwise_mlp_kernel[tiles.grid + (blocks,)](
+    _pointwise_mlp_kernel[(tiles.grid[0] * tiles.grid[1], 1, blocks)](
         x, scale if scale is not None else unused, shift if shift is not None else unused,
         conv_taps if conv_taps is not None else unused, w1, b1 if b1 is not None else unused,
         w2 if w2 is not None else unused, b2 if b2 is not None else unused, r, y,

@@ -90,9 +90,9 @@ def _rpe_fwd_kernel(
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two (masked)
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    # grid: (cdiv(N, BLOCK_M), B * heads)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # grid: (B * heads, cdiv(N, BLOCK_M)), the batch on axis 0 (_common.MAX_GRID_YZ)
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -164,12 +164,13 @@ def _rpe_bwd_kv_kernel(
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    # grid: (cdiv(N, BLOCK_N), heads * SPLITS); program (j, s * heads + h) handles key block j
-    # of head h for the batches s, s + SPLITS, ... in that order.
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1) // heads
-    h = tl.program_id(1) % heads
-    splits = tl.num_programs(1) // heads
+    # grid: (heads * SPLITS, cdiv(N, BLOCK_N)), SPLITS = B with atomics (so on axis 0:
+    # _common.MAX_GRID_YZ); program (s * heads + h, j) handles key block j of head h for the
+    # batches s, s + SPLITS, ... in that order.
+    split = tl.program_id(0) // heads
+    h = tl.program_id(0) % heads
+    splits = tl.num_programs(0) // heads
+    pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < N
@@ -273,9 +274,10 @@ def _rpe_bwd_q_kernel(
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    # grid: (cdiv(N, BLOCK_M), B * heads). dQ = scale * dS K, recomputing dS per key block.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    # grid: (B * heads, cdiv(N, BLOCK_M)), the batch on axis 0. dQ = scale * dS K, recomputing
+    # dS per key block.
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -359,10 +361,10 @@ def _dropout_mask_kernel(
     N, seed, drop_threshold,  # as in the forward
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (cdiv(N, BLOCK_M), cdiv(N, BLOCK_N), B * heads)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    bh = tl.program_id(2)
+    # grid: (B * heads, cdiv(N, BLOCK_M), cdiv(N, BLOCK_N)), the batch on axis 0
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _keep(seed, bh, offs_m, offs_n, N, drop_threshold)
     at = keep_ptr + (bh.to(tl.int64) * N + offs_m[:, None]) * N + offs_n[None, :]
     tl.store(at, keep.to(tl.int8), mask=(offs_m < N)[:, None] & (offs_n < N)[None, :])
@@ -443,7 +445,7 @@ def rpe_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty((bsz, n, heads, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
     seed, dropping, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    _rpe_fwd_kernel[(cdiv(n, block_m), bsz * heads)](
+    _rpe_fwd_kernel[(bsz * heads, cdiv(n, block_m))](
         q, k, v, table32, ids32, out, lse, heads, n, d, table32.shape[1],
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out)[:3],
         float(scale), seed, dropping, threshold, drop_scale,
@@ -494,7 +496,7 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         out = out.contiguous()
     strides = (*_strides4(q), *_strides4(k), *_strides4(v), *_strides4(grad_out),
                *_strides4(out)[:3])
-    _rpe_bwd_kv_kernel[(kblocks, heads * splits)](
+    _rpe_bwd_kv_kernel[(heads * splits, kblocks)](
         q, k, v, out, grad_out, lse, table32, ids32, dq, dq_acc, dk, dv, ds,
         bsz, heads, n, d, nb, *strides, float(scale), seed, dropping, threshold, drop_scale,
         int(one_kblock), int(atomic), BLOCK_M=kv_m, BLOCK_N=kv_n, BLOCK_D=block_d,
@@ -504,7 +506,7 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
             dq.copy_(dq_acc)
         else:
             q_m, q_n, _, q_warps, q_stages = _config(d, q.dtype, "q")
-            _rpe_bwd_q_kernel[(cdiv(n, q_m), bsz * heads)](
+            _rpe_bwd_q_kernel[(bsz * heads, cdiv(n, q_m))](
                 q, k, v, out, grad_out, lse, table32, ids32, dq, heads, n, d, nb, *strides,
                 float(scale), seed, dropping, threshold, drop_scale, BLOCK_M=q_m, BLOCK_N=q_n,
                 BLOCK_D=block_d, UPCAST=upcast, num_warps=q_warps, num_stages=q_stages)
@@ -538,7 +540,7 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, n: int, dropout_p: floa
     (the mask the forward and backward apply; for tests)."""
     seed, _, threshold, _ = _dropout_args(dropout_p, seed)
     keep = torch.empty((batch, heads, n, n), dtype=torch.int8, device=device)
-    grid = (cdiv(n, _MASK_BLOCK), cdiv(n, _MASK_BLOCK), batch * heads)
+    grid = (batch * heads, cdiv(n, _MASK_BLOCK), cdiv(n, _MASK_BLOCK))
     _dropout_mask_kernel[grid](keep, n, seed, threshold, BLOCK_M=_MASK_BLOCK,
                                BLOCK_N=_MASK_BLOCK, num_warps=4)
     return keep.bool()

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from ._common import (INTERPRET, TRITON_DTYPE, AotKernel, activation_launches, aot_signature,
                       batch_norm_tile, block, cdiv, dot, hardsigmoid, hardsigmoid_grad,
-                      pixel_strides, reduction_splits, store_tile_moments, upcast_dot)
+                      pixel_strides, program_of_sample, reduction_splits, store_tile_moments,
+                      upcast_dot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,9 +75,9 @@ def _gate_stats_kernel(
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_C: tl.constexpr,  # channels per step
 ):
-    # grid: (TILES, B). Statistics of U = Ma * hsig(z) for channels [0, Q), of Mb for [Q, CS).
-    pid_t = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (TILES * B,), a sample's tiles in turn. Statistics of U = Ma * hsig(z) for channels
+    # [0, Q), of Mb for [Q, CS).
+    pid_t, pid_b = program_of_sample(TILES)
     offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < HW
     m_pix = m_ptr + pid_b * m_sb + offs_p[:, None] * m_sp
@@ -130,13 +131,13 @@ def _apply_kernel(
     STATS: tl.constexpr,  # write the statistics of Y's channels [STATS_FIRST, C) per tile
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    # grid: (TILES, B, 1 + cdiv(P, BLOCK_N)). Program 0 of axis 2 writes Y[:, :Q] =
+    # grid: (TILES * B, 1, 1 + cdiv(P, BLOCK_N)), a sample's tiles in turn (TILES = cdiv(HW,
+    # BLOCK_P)). Program 0 of axis 2 writes Y[:, :Q] =
     # BN_c(Ma * hsig(z)); program n > 0 writes the output channels Q + (n - 1) * BLOCK_N ... of
     # Y[:, Q:] = conv1x1(BN_d(Mb)) + bias. Each adds the residual where there is one, and
     # takes the statistics of what it stored (for a following PAT_ch block's gate).
-    pid_t = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    stats_row = pid_b * tl.num_programs(0) + pid_t
+    pid_t, pid_b = program_of_sample(tl.cdiv(HW, BLOCK_P))
+    stats_row = tl.program_id(0).to(tl.int64)  # (pid_b * TILES + pid_t)
     pid_n = tl.program_id(2)
     offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < HW
@@ -207,9 +208,8 @@ def _gate_grad_reduce_kernel(
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_C: tl.constexpr,  # channels per step
 ):
-    # grid: (TILES, B)
-    pid_t = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (TILES * B,), a sample's tiles in turn
+    pid_t, pid_b = program_of_sample(TILES)
     offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < HW
     s = hardsigmoid(tl.load(z_ptr + pid_b * HW + offs_p, mask=p_ok, other=0.0))
@@ -272,9 +272,9 @@ def _gate_grad_apply_kernel(
     BLOCK_C: tl.constexpr,  # channels per step
     TRAIN: tl.constexpr,  # BN_c used batch statistics (else running ones: dU = a * dY)
 ):
-    # grid: (TILES, B). dMa = dU * s + hsig'(z) * (dU . Ma) * w; dw = sum hsig'(z) (dU . Ma) Ma.
-    pid_t = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (TILES * B,), a sample's tiles in turn. dMa = dU * s + hsig'(z) * (dU . Ma) * w;
+    # dw = sum hsig'(z) (dU . Ma) Ma.
+    pid_t, pid_b = program_of_sample(TILES)
     offs_p = pid_t * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < HW
     z = tl.load(z_ptr + pid_b * HW + offs_p, mask=p_ok, other=0.0)
@@ -327,9 +327,9 @@ def _pointwise_gemm_kernel(
     EPI_X: tl.constexpr,  # add (X - em) * ec in the epilogue
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
 ):
-    # grid: (TILES, B, cdiv(N, BLOCK_N)). out[p, n] = sum_k A'[p, k] W[k, n] * ea[n] + eb[n] ...
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # grid: (TILES * B, 1, cdiv(N, BLOCK_N)), a sample's tiles in turn (TILES = cdiv(HW,
+    # BLOCK_P)). out[p, n] = sum_k A'[p, k] W[k, n] * ea[n] + eb[n] ...
+    pid_p, pid_b = program_of_sample(tl.cdiv(HW, BLOCK_P))
     pid_n = tl.program_id(2)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = offs_p < HW
@@ -551,7 +551,7 @@ def gate_stats(m: torch.Tensor, gate_weight: torch.Tensor, q: int, with_mb: bool
     tiles = cdiv(hw, block_p)
     z = torch.empty((b, hw), device=m.device, dtype=torch.float32)
     part = torch.empty((2, b * tiles, cs), device=m.device, dtype=torch.float32)
-    _gate_stats_kernel[(tiles, b)](
+    _gate_stats_kernel[(tiles * b,)](
         m, gate_weight, z, part[0], part[1], q, cs, hw, tiles, *pixel_strides(m),
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     counts = _tile_counts(hw, block_p, m.device)
@@ -589,7 +589,7 @@ def apply(m: torch.Tensor, gate_weight: torch.Tensor, z: Optional[torch.Tensor],
     block_p, block_c, block_k, block_n, warps = _apply_blocks(q, p)
     residual_arg = y if residual is None else residual  # (not read without RESIDUAL)
     mean, m2 = statistics if statistics is not None else (z, z)  # (not written without STATS)
-    grid = (cdiv(h * w, block_p), b, 1 + cdiv(p, block_n))
+    grid = (cdiv(h * w, block_p) * b, 1, 1 + cdiv(p, block_n))
     _apply_kernel[grid](
         m, gate_weight, z, conv_weight, conv_weight if conv_bias is None else conv_bias,
         *bn_c, *(bn_c if bn_d is None else bn_d), residual_arg, y, mean, m2, c_eps, d_eps, q, p,
@@ -617,7 +617,7 @@ def gate_grad_reduce(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor, mea
     block_p, block_c, warps = _gate_blocks(q)
     tiles = cdiv(h * w, block_p)
     part = torch.empty((2, b * tiles, q), device=m.device, dtype=torch.float32)
-    _gate_grad_reduce_kernel[(tiles, b)](
+    _gate_grad_reduce_kernel[(tiles * b,)](
         m, grad_y, z, mean, rstd, part[0], part[1], q, h * w, tiles, *pixel_strides(m),
         *pixel_strides(grad_y), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return part[0].sum(0), part[1].sum(0)
@@ -642,7 +642,7 @@ def gate_grad_apply(m: torch.Tensor, grad_y: torch.Tensor, z: torch.Tensor,
     k1 = a if k1 is None else k1
     k2 = a if k2 is None else k2
     sums = (part[0], part[0]) if train else (part[1], part[2])
-    _gate_grad_apply_kernel[(tiles, b)](
+    _gate_grad_apply_kernel[(tiles * b,)](
         m, grad_y, z, gate_weight, grad_m, mean, rstd, a, k1, k2, part[0], *sums,
         q, h * w, tiles, *pixel_strides(m), *pixel_strides(grad_y), *pixel_strides(grad_m),
         BLOCK_P=block_p, BLOCK_C=block_c, TRAIN=train, num_warps=warps)
@@ -668,7 +668,7 @@ def pointwise_gemm(a: torch.Tensor, weight_kn: torch.Tensor, out: torch.Tensor,
     epi_x = x is not None
     if not epi_x:
         x, em, ec = out, ea, ea  # not read
-    grid = (cdiv(h * w, block_p), b, cdiv(n, block_n))
+    grid = (cdiv(h * w, block_p) * b, 1, cdiv(n, block_n))
     _pointwise_gemm_kernel[grid](
         a, weight_kn, out, x, pm, ps, ph, ea, eb, em, ec, k, n, h * w, *pixel_strides(a),
         weight_kn.stride(0), weight_kn.stride(1), *pixel_strides(out), *pixel_strides(x),
