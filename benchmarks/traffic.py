@@ -135,11 +135,17 @@ FUSED_NAMESPACES = ("patnet_triton", "patnet_cuda")
 DEFAULT_SIZE = 64
 BATCHES = (2, 3)  # batch 1 is special: some reshapes are views there, copies above
 
-# aten ops that launch no kernel (allocation, metadata); views are found by their schema.
+# aten ops that launch no kernel (allocation, metadata, a scalar read to the host: ``item``
+# seen undecomposed inside a fused op, the attention's CPU dropout seed); views are found by
+# their schema.
 NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
              "detach", "lift_fresh", "resize_", "_reshape_alias", "alias", "_unsafe_view",
-             "_local_scalar_dense", "as_strided_"}  # (as_strided_: restrides self, e.g. a
-# reduction's output to its input's channels_last; a mutating view by its schema)
+             "_local_scalar_dense", "item", "as_strided_"}  # (as_strided_: restrides self,
+# e.g. a reduction's output to its input's channels_last; a mutating view by its schema)
+# aten ops that read device data on the host: a synchronisation on a GPU, which also breaks a
+# CUDA graph's capture (the tests pin that no forward or training step dispatches one).
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "aminmax", "is_nonzero", "equal",
+                 "allclose", "_assert_async", "masked_select", "unique_consecutive", "_unique2"}
 # Ops whose kernels (CPU and CUDA alike) copy a non-contiguous input to a contiguous one first,
 # a copy no dispatch mode sees: counted as one more kernel that reads and writes the input.
 COPIES_INPUT = {"native_layer_norm"}

@@ -35,6 +35,7 @@ import pytest
 import torch
 
 import patnet
+from benchmarks import traffic
 from benchmarks.traffic import TrafficRecorder
 from patnet.layers import FasterNetBlock, PartialSpatialAttention, PATNetBlock
 
@@ -44,9 +45,6 @@ MODELS = ("patnet_t2", "patnet_t1", "fasternet_t2")
 LAYOUTS = ("nchw", "channels_last")
 PRECISIONS = ("fp32", "bf16")
 
-# Ops that read device data on the host (a synchronisation on a GPU).
-SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "aminmax", "is_nonzero", "equal",
-            "allclose", "_assert_async", "masked_select", "unique_consecutive", "_unique2"}
 
 # Non-view ops per block, as measured when written (torch 2.13 CPU; eval, no_grad). A block
 # that needs more has grown extra work (a copy, a cast, a second pass over an activation).
@@ -121,7 +119,7 @@ ALL = [(n, p, l) for n in MODELS for p in PRECISIONS for l in LAYOUTS]
 @pytest.mark.parametrize("name,precision,layout", ALL)
 def test_forward_reads_nothing_back_to_the_host(name, precision, layout):
     ops = _trace(name, precision, layout)[0]
-    synced = sorted({op.short_name for op in ops if op.short_name in SYNC_OPS})
+    synced = sorted({op.short_name for op in ops if op.short_name in traffic.HOST_SYNC_OPS})
     assert not synced, f"the forward synchronises with the host through {synced}"
 
 
