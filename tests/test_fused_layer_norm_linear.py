@@ -256,3 +256,25 @@ def test_opcheck(bias, channels_last, fused_backend):
     x, weight, b = _inputs(2, 4, 8, 16, 3, 5, torch.float32, channels_last)
     torch.library.opcheck(fused_ops(fused_backend).layer_norm_linear.default,
                           (x, weight, b if bias else None, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_normalises_half_tokens_in_their_dtype(dtype):
+    """The reference normalises tokens already in the weight's float16 / bfloat16 with
+    ``layer_norm`` in that dtype (float32 inside, rounded once): no cast of the tokens to
+    float32 and one back (two kernels a call, 8 a PATNet-T2 forward in a half model, that the
+    authors' LayerNorm does not launch), and no less exact than through float32."""
+    import torch.nn.functional as F
+
+    from benchmarks.traffic import TrafficRecorder
+
+    inputs = _inputs(*SHAPES["sf 3x(8+20)-144 7x7"], dtype)
+    recorder = TrafficRecorder()
+    with recorder:
+        y = _call(inputs, "torch")
+    assert not [op.name for op in recorder.ops if op.short_name == "_to_copy"]
+    x, weight, bias = inputs
+    normed = F.layer_norm(x.flatten(2).transpose(1, 2).float(), (x.shape[1],), eps=1e-5)
+    through_float32 = F.linear(normed.to(dtype), weight, bias)
+    exact = _exact(inputs)
+    assert rel_error(y, exact) <= 1.1 * rel_error(through_float32, exact)

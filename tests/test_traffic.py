@@ -177,7 +177,7 @@ def test_default_inference_copy_does_less_than_eager(name, dtype, layout):
     model: it may never be slower than what it replaces. The meta device stands in for the
     GPU (auto decides there as on a GPU without measurements: the reference ops, not the CPU
     eval forms); at 224 x 224, stage 4 on the 7 x 7 grid its bucket buffer is made for.
-    (Measured when written: PATNet-T2 212 of eager's 240 kernels in fp32, 221 in fp16
+    (Measured when written: PATNet-T2 212 of eager's 240 kernels in fp32, 213 in fp16
     channels_last; FasterNet-T2 86-87 of 103; bytes 0.8-0.9x.)"""
     import patnet
 
