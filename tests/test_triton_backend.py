@@ -73,15 +73,16 @@ def test_interpreter_rounds_float32_to_bfloat16_as_a_gpu_does():
 
 def _launch_grids(name: str, batch: int, mode: str) -> list:
     """(kernel, grid as 3 axes) of every Triton launch of one training step (``mode`` "train",
-    or "train-atomic": with the attention's atomic backward allowed) or one inference forward
-    ("eval": fp32 NCHW; "eval-amp": bf16 autocast, channels_last) of ``name`` at 64 x 64 on
-    the Triton backend, the kernels not run (their outputs are garbage; nothing branches on
+    "train-atomic": with the attention's atomic backward allowed) or one inference forward
+    ("eval") of ``name`` at 64 x 64 on the Triton backend, fp32 NCHW ("-amp": bf16 autocast,
+    channels_last), the kernels not run (their outputs are garbage; nothing branches on
     them)."""
     from benchmarks import traffic
     from patnet_kernels.ops.rpe_attention import allow_atomic_backward, use_atomics
 
     train = mode.startswith("train")
-    layout = torch.channels_last if mode == "eval-amp" else torch.contiguous_format
+    amp = mode.endswith("-amp")
+    layout = torch.channels_last if amp else torch.contiguous_format
     model = traffic.build(name, "triton", train=train).to(memory_format=layout)
     x = torch.randn(batch, 3, 64, 64).contiguous(memory_format=layout)
     names, grids = [], []
@@ -89,7 +90,7 @@ def _launch_grids(name: str, batch: int, mode: str) -> list:
     allow_atomic_backward(mode == "train-atomic")
     try:
         with traffic.triton_launches(names, run_kernels=False, grids=grids), \
-                torch.autocast("cpu", torch.bfloat16, enabled=mode == "eval-amp"):
+                torch.autocast("cpu", torch.bfloat16, enabled=amp):
             if train:
                 model(x).float().sum().backward()
             else:
@@ -100,15 +101,16 @@ def _launch_grids(name: str, batch: int, mode: str) -> list:
     return [(kernel, grid + (1,) * (3 - len(grid))) for kernel, grid in zip(names, grids)]
 
 
-@pytest.mark.parametrize("mode", ["train", "train-atomic", "eval", "eval-amp"])
+@pytest.mark.parametrize("mode", ["train", "train-atomic", "train-amp", "eval", "eval-amp"])
 @pytest.mark.parametrize("name", ["patnet_t0", "patnet_t1", "fasternet_t0"])
 def test_only_grid_axis_0_grows_with_the_batch(name, mode):
     """CUDA launches at most 65535 programs along a grid's axes 1 and 2
     (``_common.MAX_GRID_YZ``; 2^31 - 1 along axis 0), and the interpreter checks no limit: a
     kernel with the batch on axis 1 fails on a GPU alone, past 65535 images, or 16384 where
     PAT_sf's attention put B * heads there. So the batch goes on axis 0 in every launch of a
-    training step and of the inference path: from 2 to 5 images, each launch's axes 1 and 2
-    stay as they are."""
+    training step and of the inference path (fp32 NCHW, and bf16 autocast in channels_last,
+    where some kernels take the samples as rows of one): from 2 to 5 images, each launch's
+    axes 1 and 2 stay as they are."""
     from conftest import fused_backend_unavailable
     from patnet_kernels.triton._common import MAX_GRID_YZ
 
