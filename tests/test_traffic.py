@@ -55,8 +55,15 @@ FLOOR = {"patnet_t2": dict(kernels=20, bytes=964512), "patnet_t1": dict(kernels=
 
 
 def _available(backend: str) -> bool:
-    from conftest import fused_backend_unavailable
-    return fused_backend_unavailable(backend) is None
+    """Whether ``backend`` runs on CPU tensors here, as the traffic model runs it (the Triton
+    interpreter, the CUDA emulation); not on a GPU machine, where the benchmarks time the
+    kernels instead."""
+    from patnet_kernels.backends import BackendUnavailableError, resolve_backend
+    try:
+        resolve_backend(backend, torch.device("cpu"))
+    except BackendUnavailableError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -673,13 +680,17 @@ def test_fused_paths_never_read_back_to_the_host(name, provider, mode):
     ``-amp`` modes in channels_last under bfloat16 autocast; the Triton kernels not run. (The
     reference's forward: tests/test_reference_traffic.py; the traffic model counts no CUDA
     backward.) The one host read allowed: the attention's dropout seed, an int64 CPU scalar
-    (``ops.rpe_attention.draw_seed``) read as its kernels' launch argument, no device data."""
-    if not _available(provider):
-        pytest.skip(f"the {provider} backend cannot run here")
+    (``ops.rpe_attention.draw_seed``) read as its kernels' launch argument, no device data.
+    On a GPU machine the model runs on the GPU (the CUDA backend's kernels too)."""
+    from conftest import DEVICE, fused_backend_unavailable
+
+    reason = fused_backend_unavailable(provider)
+    if reason:
+        pytest.skip(reason)
     train, amp = mode.startswith("train"), mode.endswith("-amp")
     layout = torch.channels_last if amp else torch.contiguous_format
-    model = traffic.build(name, provider, train=train).to(memory_format=layout)
-    x = torch.randn(2, 3, 224, 224).contiguous(memory_format=layout)
+    model = traffic.build(name, provider, train=train, device=DEVICE).to(memory_format=layout)
+    x = torch.randn(2, 3, 224, 224, device=DEVICE).contiguous(memory_format=layout)
     record = traffic.record_step if train else traffic.record_forward
     ops = record(model, x, run_kernels=provider == "cuda", autocast=amp)
     fused = sum(1 for op in ops if op.name.startswith(f"patnet_{provider}::"))

@@ -78,19 +78,20 @@ def _launch_grids(name: str, batch: int, mode: str) -> list:
     channels_last), the kernels not run (their outputs are garbage; nothing branches on
     them)."""
     from benchmarks import traffic
+    from conftest import DEVICE
     from patnet_kernels.ops.rpe_attention import allow_atomic_backward, use_atomics
 
     train = mode.startswith("train")
     amp = mode.endswith("-amp")
     layout = torch.channels_last if amp else torch.contiguous_format
-    model = traffic.build(name, "triton", train=train).to(memory_format=layout)
-    x = torch.randn(batch, 3, 64, 64).contiguous(memory_format=layout)
+    model = traffic.build(name, "triton", train=train, device=DEVICE).to(memory_format=layout)
+    x = torch.randn(batch, 3, 64, 64, device=DEVICE).contiguous(memory_format=layout)
     names, grids = [], []
     atomics = use_atomics()
     allow_atomic_backward(mode == "train-atomic")
     try:
         with traffic.triton_launches(names, run_kernels=False, grids=grids), \
-                torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                torch.autocast(DEVICE.type, torch.bfloat16, enabled=amp):
             if train:
                 model(x).float().sum().backward()
             else:
@@ -129,13 +130,18 @@ def test_dropout_mask_grid_keeps_the_batch_on_axis_0():
     """The attention's dropout mask kernel (``dropout_keep_mask``, the tests' view of the
     kernels' mask) with B * heads on axis 0, the mask the same per head at any batch."""
     from benchmarks import traffic
+    from conftest import DEVICE, fused_backend_unavailable
+
+    reason = fused_backend_unavailable("triton")
+    if reason:
+        pytest.skip(reason)
     from patnet_kernels.triton.rpe_attention import SEED_LOW, dropout_keep_mask
 
     grids = {}
     for batch in (1, 3):
         names, grids[batch] = [], []
         with traffic.triton_launches(names, grids=grids[batch]):
-            mask = dropout_keep_mask(SEED_LOW + 7, batch, 2, 9, 0.5)
+            mask = dropout_keep_mask(SEED_LOW + 7, batch, 2, 9, 0.5, device=DEVICE)
         if batch == 1:
             first = mask
     assert grids[1][0][1:] == grids[3][0][1:] and grids[3][0][0] == 3 * grids[1][0][0]
