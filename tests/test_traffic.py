@@ -681,7 +681,8 @@ def test_fused_paths_never_read_back_to_the_host(name, provider, mode):
     reference's forward: tests/test_reference_traffic.py; the traffic model counts no CUDA
     backward.) The one host read allowed: the attention's dropout seed, an int64 CPU scalar
     (``ops.rpe_attention.draw_seed``) read as its kernels' launch argument, no device data.
-    On a GPU machine the model runs on the GPU (the CUDA backend's kernels too)."""
+    On a GPU machine the model runs on the GPU (the CUDA backend's kernels too; the traffic
+    model's autocast is the CPU's, so there the ``-amp`` modes run in float32)."""
     from conftest import DEVICE, fused_backend_unavailable
 
     reason = fused_backend_unavailable(provider)
