@@ -51,6 +51,9 @@ EXCLUDED: Tuple[Tuple[str, str], ...] = (
     ("tests/test_kernel_benchmarks.py",
      "pytest-benchmark timings; the op benchmark phase times the ops"),
     ("tests/test_gpu_check.py", "tests of gpu_check.sh itself (CPU)"),
+    ("tests/test_triton_backend.py::test_only_grid_axis_0_grows_with_the_batch",
+     "launch grids, the same on every machine (kernels not run): a CPU check"),
+    ("tests/test_traffic.py", "the CPU traffic model's tests (its models run on CPU tensors)"),
 )
 # The tests that read the authors' reference vectors (tests/conftest.py's
 # authors_reference_dir); without the vectors they fail for that reason alone.
