@@ -137,8 +137,10 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
                 optimizer.step()
             results[sync_buffers] = dict(_state(model), bucket_after_wrap=bucket_after_wrap)
         torch.save(results, out)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # (on success the process group is left to the process's exit: see __main__)
 
 
 def _single_process_worker(out: str) -> None:
@@ -421,6 +423,12 @@ if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     if mode == "ddp":
         _ddp_worker(int(rest[0]), rest[1], rest[2])
+        # Its results saved, the rank leaves at once: gloo's teardown (destroy_process_group,
+        # the interpreter's exit) once hung a rank on a futex after its peer had gone, results
+        # written, which the launch could only report as a timeout (a CI run lost 10 minutes).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     elif mode == "syncbn":
         _sync_bn_worker(int(rest[0]), rest[1], rest[2])
     elif mode == "single":
