@@ -683,11 +683,9 @@ def test_fused_paths_never_read_back_to_the_host(name, provider, mode):
     (``ops.rpe_attention.draw_seed``) read as its kernels' launch argument, no device data.
     On a GPU machine the model runs on the GPU (the CUDA backend's kernels too; the traffic
     model's autocast is the CPU's, so there the ``-amp`` modes run in float32)."""
-    from conftest import DEVICE, fused_backend_unavailable
+    from conftest import DEVICE, require_fused_backend
 
-    reason = fused_backend_unavailable(provider)
-    if reason:
-        pytest.skip(reason)
+    require_fused_backend(provider)
     train, amp = mode.startswith("train"), mode.endswith("-amp")
     layout = torch.channels_last if amp else torch.contiguous_format
     model = traffic.build(name, provider, train=train, device=DEVICE).to(memory_format=layout)

@@ -112,12 +112,10 @@ def test_only_grid_axis_0_grows_with_the_batch(name, mode):
     training step and of the inference path (fp32 NCHW, and bf16 autocast in channels_last,
     where some kernels take the samples as rows of one): from 2 to 5 images, each launch's
     axes 1 and 2 stay as they are."""
-    from conftest import fused_backend_unavailable
+    from conftest import require_fused_backend
     from patnet_kernels.triton._common import MAX_GRID_YZ
 
-    reason = fused_backend_unavailable("triton")
-    if reason:
-        pytest.skip(reason)
+    require_fused_backend("triton")
     small, large = (_launch_grids(name, batch, mode) for batch in (2, 5))
     assert [k for k, _ in small] == [k for k, _ in large] and small
     grown = [(k, a, b) for (k, a), (_, b) in zip(small, large) if a[1:] != b[1:]]
@@ -130,11 +128,9 @@ def test_dropout_mask_grid_keeps_the_batch_on_axis_0():
     """The attention's dropout mask kernel (``dropout_keep_mask``, the tests' view of the
     kernels' mask) with B * heads on axis 0, the mask the same per head at any batch."""
     from benchmarks import traffic
-    from conftest import DEVICE, fused_backend_unavailable
+    from conftest import DEVICE, require_fused_backend
 
-    reason = fused_backend_unavailable("triton")
-    if reason:
-        pytest.skip(reason)
+    require_fused_backend("triton")
     from patnet_kernels.triton.rpe_attention import SEED_LOW, dropout_keep_mask
 
     grids = {}
