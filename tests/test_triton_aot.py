@@ -9,7 +9,8 @@ end spilled where 3.9 did not): each kernel for each target as a real launch spe
 a few KiB more only in fp32 attention kernels far below the limits), tens of minutes of CPU
 time with an empty Triton cache and seconds with a warm one; run in the background from the
 end of collection (``conftest.pytest_collection_finish``), beside the interpreter tests. A second test checks
-that specialisation against Triton's own for real launches.
+that specialisation against Triton's own for real launches, and a third that every configuration
+the released models launch on a GPU is on the lists compiled (``tests/released_launches.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from typing import Tuple
 
 import pytest
 
@@ -135,6 +137,13 @@ def test_machine_code_problems():
     name, pinned = next(iter(aot.KNOWN_SPILLS.items()))
     assert aot.machine_code_problems(name, clean._replace(stack=pinned)) == []
     assert "more than the" in aot.machine_code_problems(name, clean._replace(stack=pinned + 8))[0]
+    # a pin for one kind of launch ("name [kind]") holds for that kind only
+    name = "rpe_q[fp16, D=256, 64x64]"
+    dropout = aot.KNOWN_SPILLS[f"{name} [contiguous, dropout]"]
+    assert dropout > aot.KNOWN_SPILLS[name]
+    assert aot.machine_code_problems(name, clean._replace(stack=dropout),
+                                     "contiguous, dropout") == []
+    assert aot.machine_code_problems(name, clean._replace(stack=dropout), "contiguous")
 
 
 def test_machine_code_reads_each_cubin_once(tmp_path, monkeypatch):
@@ -188,3 +197,45 @@ def test_gpu_triton_overlay(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"could not install triton==9\.9\.9 .* run: .*pip"):
         aot.triton_overlay("9.9.9")
     assert not folder.exists()
+
+
+def _released_launches(*args: str) -> Tuple[int, str]:
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "released_launches.py"), *args],
+                          cwd=REPO, env=compile_env(), capture_output=True, text=True,
+                          timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_released_models_launch_only_configurations_compiled_ahead_of_time():
+    """Each released model's inference copy and training step (fp32, fp16 and bf16 autocast;
+    NCHW and channels_last; 224 x 224) launches only kernel configurations that the AOT check
+    compiles: the launchers choose tiles from widths, dtypes, layouts and map sizes, and the
+    families list theirs by hand, so a launch they miss would be compiled first on a GPU,
+    unchecked (as the FasterNet-T0 conv with 10 channels, PAT_sf's training output with its
+    residual and the attention kernels with dropout were)."""
+    code, report = _released_launches()
+    assert code == 0, report[-6000:]
+    assert re.search(r"covered: \d{5,} launches, 0 configurations missing", report), report
+
+
+def test_released_launches_check_notices_a_missing_configuration():
+    # (FasterNet-T1's training step runs its 16-channel PConv in fp32 with this one)
+    name = "conv3x3_passthrough[fp32, CI=16, CO=16, copy=64]"
+    code, report = _released_launches("--models", "fasternet_t1", "--without", name)
+    assert code == 1, report[-6000:]
+    assert "not compiled ahead of time: _conv3x3_passthrough_kernel" in report, report
+
+
+def test_distinct_configurations_drops_repeats_and_refuses_a_shared_name():
+    # (every family's aot_kernels() ends with it: the released-launches check imports them all)
+    from patnet_kernels.triton._common import AotKernel, distinct_configurations
+
+    def kernel(name, warps=4):
+        return AotKernel(name, print, {"x_ptr": "*fp16", "BLOCK": "constexpr"}, {"BLOCK": 64},
+                         num_warps=warps)
+
+    first = kernel("k[fp16, 64]")
+    kept = distinct_configurations([first, kernel("k[fp16, 64]"), kernel("j")])
+    assert [k.name for k in kept] == ["k[fp16, 64]", "j"] and kept[0] is first
+    with pytest.raises(ValueError, match="put what tells them apart into the name"):
+        distinct_configurations([first, kernel("k[fp16, 64]", warps=8)])

@@ -5,7 +5,7 @@ import functools
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 import triton
@@ -268,3 +268,36 @@ def reduction_splits(work_items: int, programs_per_split: int, per_multiprocesso
         return min(work_items, 2)
     sms = _multiprocessors(torch.cuda.current_device())
     return max(1, min(work_items, cdiv(per_multiprocessor * sms, programs_per_split)))
+
+
+def distinct_configurations(kernels: Iterable[AotKernel]) -> List[AotKernel]:
+    """``kernels`` (a family's ``aot_kernels()`` list) with exact repeats dropped, so that each
+    configuration is compiled once; raises ValueError where two different configurations
+    share a name (the AOT report, ``KNOWN_SPILLS`` and the tests know a configuration by its
+    name: a repeat dropped by name alone would leave the other one never compiled)."""
+    by_name: Dict[str, Tuple] = {}
+    distinct = []
+    for kernel in kernels:
+        identity = (kernel.fn, sorted(kernel.constexprs.items()),
+                    sorted(kernel.signature.items()), kernel.num_warps, kernel.num_stages,
+                    sorted(kernel.options.items()), sorted(kernel.launches.items()))
+        known = by_name.setdefault(kernel.name, identity)
+        if known is identity:
+            distinct.append(kernel)
+        elif known != identity:
+            raise ValueError(f"two different kernel configurations are both named "
+                             f"{kernel.name!r}: {known[1:]} and {identity[1:]}; put what "
+                             "tells them apart into the name")
+    return distinct
+
+
+# The released models (SPEC.md section 5), as the families' AOT lists need them: stem width E
+# (stage widths E, 2E, 4E, 8E) and the MLPs' activation. tests/test_triton_aot.py checks that
+# every kernel configuration these models launch on a GPU is on the lists.
+RELEASED_FASTERNET = ((40, "gelu"), (64, "gelu"), (96, "relu"), (128, "relu"), (144, "relu"),
+                      (192, "relu"))
+RELEASED_PATNET = ((32, "gelu"), (64, "relu"), (96, "relu"), (128, "relu"), (160, "relu"))
+RELEASED_PATNET_T1 = (48, "gelu")  # (PAT_sp in its blocks)
+RELEASED_STAGE_WIDTHS = tuple(sorted({
+    e << stage for e, _ in RELEASED_FASTERNET + RELEASED_PATNET + (RELEASED_PATNET_T1,)
+    for stage in range(4)}))

@@ -365,7 +365,10 @@ def aot_kernels() -> List[AotKernel]:
                              "part_mean_ptr", "part_m2_ptr", "mean_ptr", "var_ptr",
                              "run_mean_ptr", "run_var_ptr")}, {"momentum": "fp32"}),
                          dict(BLOCK_R=_merge_block_r(interpret=False), BLOCK_C=block_c,
-                              UPDATE=update)) for update in (True, False)]
+                              UPDATE=update),
+                         # (a small batch's partials in one split: SPLITS = 1 a constexpr)
+                         launches={"aligned": (), "one split": ("SPLITS",)})
+               for update in (True, False)]
     for dtype, tname in TRITON_DTYPE.items():
         ptr = "*" + tname
         kernels.append(AotKernel(

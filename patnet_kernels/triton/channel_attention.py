@@ -814,9 +814,13 @@ def conv3x3_affine(src: torch.Tensor, weight_taps: torch.Tensor, dst: torch.Tens
     return dst
 
 
+# (imported here, below the jit functions: a line added above them changes their cache keys)
+from ._common import RELEASED_PATNET, RELEASED_PATNET_T1, distinct_configurations  # noqa: E402
+
+
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU, for the ahead-of-time check."""
-    kernels, seen = [], set()
+    kernels = []
     block_p, block_c, warps = _GPU_REDUCE_BLOCKS
     for dtype, tname in TRITON_DTYPE.items():
         ptr = "*" + tname
@@ -873,12 +877,11 @@ def aot_kernels() -> List[AotKernel]:
         "channel_gate_weight_grad", fn,
         aot_signature(fn, {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")}),
         dict(BLOCK_I=g_i, **gate_blocks), num_warps=g_warps, num_stages=1))
-    for c1 in (8, 16, 24, 32, 40, 80, 160):  # C1 = C / 4 of stages 1-3 of every released width
+    # PAT_ch's conv: C1 = C / 4 at PATNet's stages 1-3 (E, 2E, 4E channels)
+    for c1 in sorted({(e << stage) // 4 for e, _ in RELEASED_PATNET + (RELEASED_PATNET_T1,)
+                      for stage in range(3)}):
         for dtype, tname in TRITON_DTYPE.items():
             p, ci, co, warps = _conv_blocks(c1, dtype, interpret=False)
-            if (ci, co, dtype) in seen:
-                continue
-            seen.add((ci, co, dtype))
             ptr = "*" + tname
             fn = _conv3x3_affine_kernel
             sig = aot_signature(fn, {"src_ptr": ptr, "aux_ptr": ptr, "dst_ptr": ptr,
@@ -890,4 +893,4 @@ def aot_kernels() -> List[AotKernel]:
                     dict(BLOCK_P=p, BLOCK_CI=ci, BLOCK_CO=co, BLOCK_C2=_GPU_AFFINE_BLOCK_C2,
                          HAS_AUX=has_aux, UPCAST=upcast_dot(dtype, interpret=False)),
                     num_warps=warps, launches=activation_launches("src", "aux", "dst")))
-    return kernels
+    return distinct_configurations(kernels)

@@ -220,6 +220,13 @@ def _self_mixer_output_kernel(
              y, mask=ok)
 
 
+# (imported here, below the jit functions: a line added above them changes their cache keys)
+import itertools  # noqa: E402
+
+from ._common import (RELEASED_PATNET, RELEASED_PATNET_T1, RELEASED_STAGE_WIDTHS,  # noqa: E402
+                      distinct_configurations)
+
+
 def _conv_blocks(c1: int, dtype: torch.dtype, interpret: bool = INTERPRET):
     """(BLOCK_P, BLOCK_CI, BLOCK_CO, num_warps) of the conv kernels for C1 conv channels of
     ``dtype``: fp32 (its dots as IEEE FMAs) in 8 warps (4 spilled up to 256 B per thread on
@@ -371,19 +378,16 @@ def conv3x3_weight_grad(x1: torch.Tensor, grad_y: torch.Tensor,
 
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU, for the ahead-of-time check."""
-    kernels, seen = [], set()
-    for c1 in (16, 24, 48, 96, 192, 320):  # C1 = C / 4 of every released width
+    kernels = []
+    for c1 in sorted({width // 4 for width in RELEASED_STAGE_WIDTHS}):  # (C1 = C / 4)
         for dtype, tname in TRITON_DTYPE.items():
             block_p, block_ci, block_co, warps = _conv_blocks(c1, dtype, interpret=False)
-            if (block_ci, block_co, dtype) in seen:
-                continue
-            seen.add((block_ci, block_co, dtype))
             upcast, ptr = upcast_dot(dtype, interpret=False), "*" + tname
             fn = _conv3x3_passthrough_kernel
             for copy_rest in (True, False):
                 kernels.append(AotKernel(
                     f"conv3x3_passthrough[{tname}, CI={block_ci}, CO={block_co}, "
-                    f"copy={copy_rest}]", fn,
+                    f"copy={_copy_block(3 * c1, copy_rest) if copy_rest else False}]", fn,
                     aot_signature(fn, {"src_ptr": ptr, "dst_ptr": ptr, "w_ptr": ptr}),
                     dict(BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co,
                          BLOCK_COPY=_copy_block(3 * c1, copy_rest), COPY_REST=copy_rest,
@@ -396,19 +400,20 @@ def aot_kernels() -> List[AotKernel]:
                 dict(BLOCK_P=_wgrad_block_p(dtype), BLOCK_CI=block_ci, BLOCK_CO=block_co,
                      UPCAST=upcast), num_warps=warps,
                 launches=activation_launches("x", "g")))
-    # PAT_sf's output (stage 4; C1 >= 32 in every released variant: one configuration a dtype)
+    # PAT_sf's output (stage 4, C = 8E): training (dropout or none) and inference, each with
+    # the block's first residual sum or without
     fn = _self_mixer_output_kernel
-    for dtype, tname in TRITON_DTYPE.items():
-        block_p, block_ci, block_n, block_k, warps = _self_mixer_blocks(128, 384, dtype,
+    for (e, _), (dtype, tname) in itertools.product(RELEASED_PATNET + (RELEASED_PATNET_T1,),
+                                                    TRITON_DTYPE.items()):
+        block_p, block_ci, block_n, block_k, warps = _self_mixer_blocks(2 * e, 6 * e, dtype,
                                                                         interpret=False)
         ptr = "*" + tname
         sig = aot_signature(fn, {name: ptr for name in fn.arg_names if name.endswith("_ptr")})
-        # training (dropout or none), and the inference path's first residual sum
-        for keep, residual in ((True, False), (False, False), (False, True)):
+        for keep, residual in itertools.product((True, False), (False, True)):
             kernels.append(AotKernel(
                 f"self_mixer_output[{tname}, keep={keep}, residual={residual}]", fn, sig,
                 dict(HAS_BIAS=True, HAS_KEEP=keep, RESIDUAL=residual, BLOCK_P=block_p,
                      BLOCK_CI=block_ci, BLOCK_N=block_n, BLOCK_K=block_k,
                      UPCAST=upcast_dot(dtype, interpret=False)), num_warps=warps,
                 launches=activation_launches("x", "y", tokens=("t_sc",))))
-    return kernels
+    return distinct_configurations(kernels)

@@ -208,8 +208,12 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 # The released models' stems and merging layers (SPEC.md section 5): the stem 4 x 4 from 3
 # channels to E, the merging layers 2 x 2 from C to 2C at C = E, 2E, 4E; PATNet's PAT_sf
 # LayerNorm + qkv from C2 = 6E to 3 C2 (stage 4: 8E channels, C1 = 2E).
-_STEM_WIDTHS = (32, 40, 48, 64, 96, 128, 144, 160, 192)
-_PATNET_WIDTHS = (32, 48, 64, 96, 128, 160)
+# (imported here, below the jit functions: a line added above them changes their cache keys)
+from ._common import (RELEASED_FASTERNET, RELEASED_PATNET, RELEASED_PATNET_T1,  # noqa: E402
+                      distinct_configurations)
+
+_PATNET_WIDTHS = tuple(e for e, _ in RELEASED_PATNET + (RELEASED_PATNET_T1,))
+_STEM_WIDTHS = tuple(sorted({e for e, _ in RELEASED_FASTERNET} | set(_PATNET_WIDTHS)))
 
 
 class Launch(NamedTuple):
@@ -243,7 +247,7 @@ def aot_kernels() -> List[AotKernel]:
     NCHW image into a channels_last output, the weight stored
     [ky, kx, in, out], PAT_sf's qkv weight as nn.Linear keeps it), for the ahead-of-time
     check."""
-    kernels = {}
+    kernels = []
     fn = _patch_conv_kernel
     for launch, dtype in itertools.product(released_launches(), TRITON_DTYPE):
         config = config_for(launch.c_in, launch.c_out, launch.k, dtype, interpret=False)
@@ -251,9 +255,7 @@ def aot_kernels() -> List[AotKernel]:
         xname = "fp32" if launch.from_fp32 else tname
         name = (f"patch_conv[{xname} -> {tname}, P={config.block_p}, K={config.block_k}, "
                 f"N={config.block_n}{', stats' if launch.stats else ''}"
-                f"{', layer norm' if launch.norm else ''}]")
-        if name in kernels:
-            continue
+                f"{', layer norm' if launch.norm else ''}{', stem' if launch.c_in == 3 else ''}]")
         # (the launcher passes the weight for the pointers of what it does not take)
         pointers = {p: "*" + tname for p in fn.arg_names if p.endswith("_ptr")}
         pointers["x_ptr"] = "*" + xname
@@ -267,10 +269,10 @@ def aot_kernels() -> List[AotKernel]:
                         "channels_last": ("x_sc", "w_so", "y_sc"),
                         **({"NCHW -> channels_last": ("x_sw", "w_so", "y_sc")}
                            if launch.c_in == 3 else {})}
-        kernels[name] = AotKernel(
+        kernels.append(AotKernel(
             name, fn, aot_signature(fn, pointers, {"EPS": "fp32"}),
             dict(HAS_BIAS=True, STATS=launch.stats, NORMALIZE=launch.norm,
                  BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
                  UPCAST=upcast_dot(dtype, interpret=False)),
-            num_warps=config.warps, num_stages=config.stages, launches=launches)
-    return list(kernels.values())
+            num_warps=config.warps, num_stages=config.stages, launches=launches))
+    return distinct_configurations(kernels)

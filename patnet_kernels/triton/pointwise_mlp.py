@@ -328,6 +328,8 @@ def _store_output(acc, offs_c, c_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_
 
 # (imported here, below the jit functions: a line added above them changes their cache keys)
 from .tuned import listed as tuned_listed, lookup as tuned_lookup  # noqa: E402
+from ._common import (RELEASED_FASTERNET, RELEASED_PATNET, RELEASED_PATNET_T1,  # noqa: E402
+                      distinct_configurations)
 
 
 class Config(NamedTuple):
@@ -586,16 +588,32 @@ def _launch(x: torch.Tensor, y: torch.Tensor, w1: torch.Tensor, b1: Optional[tor
         *sp.bn_c, *bn_d, sp.c_eps, sp.d_eps, c, c_head, hidden, c_out, q, stats_first,
         tiles.pixels, h, w,
         *pixel_strides(x), *pixel_strides(r), *pixel_strides(y),
-        ACTIVATION=activation, HAS_AFFINE=scale is not None,
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
-        CONV_HEAD=conv_taps is not None, STATS=statistics is not None,
-        SPATIAL=spatial is not None, SP_BIAS=sp.bias is not None,
-        SP_BN_D=sp.bn_d is not None, ONE_LAYER=one_layer,
+        **kernel_constexprs(
+            config, x.dtype, activation, residual is not None, scale is not None, c_head,
+            statistics is not None, spatial is not None, one_layer, b1 is not None,
+            b2 is not None, sp.bias is not None, sp.bn_d is not None, tiles.span),
+        num_warps=config.warps, num_stages=config.stages)
+
+
+def kernel_constexprs(config: Config, dtype: torch.dtype, activation: int, residual: bool,
+                      affine: bool, conv_channels: int, stats: bool, spatial: bool,
+                      one_layer: bool, has_b1: bool, has_b2: bool, sp_bias: bool,
+                      sp_bn_d: bool, span: bool, interpret: bool = INTERPRET) -> dict:
+    """The kernel's constexprs for a launch with ``config`` on ``dtype`` (``activation``: its
+    code; the other flags as the kernel's; ``conv_channels``: C_HEAD, 0 for no conv head): what
+    a launch passes and the AOT check compiles, in one place. Without a conv head its tile
+    BLOCK_CI, not read, is 16, so that a two-pass MLP's second pass is one compile whatever
+    the first pass's head."""
+    conv, single = bool(conv_channels), spatial or one_layer
+    return dict(
+        ACTIVATION=activation, HAS_AFFINE=affine, HAS_B1=has_b1, HAS_B2=has_b2,
+        HAS_RESIDUAL=residual, CONV_HEAD=conv, STATS=stats, SPATIAL=spatial,
+        SP_BIAS=sp_bias, SP_BN_D=sp_bn_d, ONE_LAYER=one_layer,
         BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-        BLOCK_N=config.block_n, **second_block(config, spatial is not None or one_layer),
+        BLOCK_N=config.block_n, **second_block(config, single),
         BLOCK_O=min(config.block_o, config.block_n),
-        BLOCK_CI=config.block_ci, BLOCK_C1=block(c_head), UPCAST=upcast_dot(x.dtype),
-        SPAN=tiles.span, num_warps=config.warps, num_stages=config.stages)
+        BLOCK_CI=config.block_ci if conv else 16, BLOCK_C1=block(conv_channels),
+        UPCAST=upcast_dot(dtype, interpret), SPAN=span)
 
 
 def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], residual: bool,
@@ -627,15 +645,10 @@ def aot_kernel(config: Config, dtype: torch.dtype, activation: Optional[str], re
         aot_signature(fn, {name: "*fp32" if name in fp32 else "*" + tname
                            for name in fn.arg_names if name.endswith("_ptr")},
                       {"c_eps": "fp32", "d_eps": "fp32"}),
-        dict(ACTIVATION=ACTIVATION_CODES[activation] if activation else IDENTITY,
-             HAS_AFFINE=affine, HAS_B1=bias, HAS_B2=False, HAS_RESIDUAL=residual,
-             CONV_HEAD=bool(conv_channels), STATS=stats, SPATIAL=spatial, SP_BIAS=spatial,
-             SP_BN_D=False, ONE_LAYER=one_layer,
-             BLOCK_P=config.block_p, BLOCK_K=config.block_k, BLOCK_H=config.block_h,
-             BLOCK_N=config.block_n, **second_block(config, spatial or one_layer),
-             BLOCK_O=min(config.block_o, config.block_n),
-             BLOCK_CI=config.block_ci, BLOCK_C1=conv_block,
-             UPCAST=upcast_dot(dtype, interpret=False), SPAN=span),
+        kernel_constexprs(config, dtype,
+                          ACTIVATION_CODES[activation] if activation else IDENTITY, residual,
+                          affine, conv_channels, stats, spatial, one_layer, bias, False,
+                          spatial, False, span, interpret=False),
         num_warps=config.warps, num_stages=config.stages,
         launches={kind: ones for kind, ones in activation_launches(
             "x", "r", "y", pixel="sp").items() if kind == "channels_last" or not span})
@@ -659,13 +672,6 @@ def aot_launches(config: Config, dtype: torch.dtype, activation: str, residual: 
                           bias=False, span=span) for span in spans[:1 + stats]])
 
 
-# The released models by stem width E and activation (SPEC.md section 5).
-_FASTERNET = ((40, "gelu"), (64, "gelu"), (96, "relu"), (128, "relu"), (144, "relu"),
-              (192, "relu"))
-_PATNET = ((32, "gelu"), (64, "relu"), (96, "relu"), (128, "relu"), (160, "relu"))
-_PATNET_T1 = (48, "gelu")
-
-
 def released_launches():
     """(C, activation, residual, affine, conv head, stats, PAT_sp) of each MLP launch of the
     released models' inference path (:mod:`patnet.inference`), C -> 2C -> C: FasterNet blocks
@@ -673,14 +679,14 @@ def released_launches():
     gate's affine, and the output's statistics, which the next PAT_ch block reads) at E, 2E,
     4E and its MLPs after PAT_sf (no head) at 8E; PATNet-T1's the same, each with PAT_sp
     before the residual."""
-    for e, activation in _FASTERNET:
+    for e, activation in RELEASED_FASTERNET:
         for c in (e, 2 * e, 4 * e, 8 * e):
             yield c, activation, True, False, True, False, False
-    for e, activation in _PATNET:
+    for e, activation in RELEASED_PATNET:
         for c in (e, 2 * e, 4 * e):
             yield c, activation, True, True, True, True, False
         yield 8 * e, activation, True, False, False, False, False
-    e, activation = _PATNET_T1
+    e, activation = RELEASED_PATNET_T1
     for c in (e, 2 * e, 4 * e):
         yield c, activation, True, True, True, True, True
     yield 8 * e, activation, True, False, False, False, True
@@ -690,7 +696,7 @@ def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU for the released models
     (:func:`released_launches`; the default and any tuned one), for the ahead-of-time
     check."""
-    kernels = {}
+    kernels = []
     for (c, activation, residual, affine, conv, stats, spatial), dtype in itertools.product(
             released_launches(), TRITON_DTYPE):
         c_head = c // 4 if conv else 0
@@ -699,7 +705,6 @@ def aot_kernels() -> List[AotKernel]:
             Config(*fields) for fields in tuned_listed(
                 "pointwise_mlp", dtype, (c, 2 * c, c, c_head, half))]
         for config in configs:
-            for kernel in aot_launches(config, dtype, activation, residual, affine, c_head,
-                                       stats, spatial):
-                kernels.setdefault(kernel.name, kernel)
-    return list(kernels.values())
+            kernels += aot_launches(config, dtype, activation, residual, affine, c_head,
+                                    stats, spatial)
+    return distinct_configurations(kernels)

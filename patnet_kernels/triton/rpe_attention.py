@@ -556,14 +556,17 @@ _SCALARS = {"scale": "fp32", "seed": "i64", "drop_scale": "fp32"}
 
 def _launches(fn) -> dict:
     """``AotKernel.launches`` of an attention kernel: q, k, v (and dO) with a unit last stride
-    (contiguous, or views of one qkv tensor); for the dK/dV kernel also with one key block
-    (N <= BLOCK_N, e.g. 7 x 7 tokens: one_kblock = 1 becomes a constexpr, and that kernel needs
-    more shared memory than with a runtime one_kblock). dropping = 1 and atomic = 1 need less
-    than their runtime forms (measured on Triton 3.9), so they are not compiled separately."""
+    (contiguous, or views of one qkv tensor), each without and with dropout (training's
+    default: dropping = 1 becomes a constexpr, other machine code); for the dK/dV kernel also
+    with one key block (N <= BLOCK_N, e.g. 7 x 7 tokens: one_kblock = 1 becomes a constexpr,
+    and that kernel needs more shared memory than with a runtime one_kblock). atomic = 1 (the
+    non-deterministic backward, not the default) needs less than its runtime form (measured on
+    Triton 3.9), so it is not compiled separately."""
     strides = tuple(s for s in ("sq_d", "sk_d", "sv_d", "sd_d") if s in fn.arg_names)
+    kinds = {"contiguous": strides}
     if fn is _rpe_bwd_kv_kernel:
-        return {"contiguous": strides, "contiguous, one key block": strides + ("one_kblock",)}
-    return {"contiguous": strides}
+        kinds["contiguous, one key block"] = strides + ("one_kblock",)
+    return {**kinds, **{f"{kind}, dropout": ones + ("dropping",) for kind, ones in kinds.items()}}
 
 
 def aot_kernels() -> List[AotKernel]:

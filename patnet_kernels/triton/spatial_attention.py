@@ -737,6 +737,13 @@ def conv_grad_finish(g_part: torch.Tensor, bsum_part: torch.Tensor, weight: torc
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time configurations
 # --------------------------------------------------------------------------------------------
+def _tiled_launches(*tensors: str) -> dict:
+    """``AotKernel.launches`` of a kernel over per-tile partials: NCHW and channels_last, each
+    also with one tile a sample (TILES = 1 becomes a constexpr: a 7 x 7 map, stage 4)."""
+    return {**activation_launches(*tensors, pixel="sp"),
+            **activation_launches(*tensors, pixel="sp", **{"one tile": ("TILES",)})}
+
+
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU, for the ahead-of-time check.
 
@@ -758,7 +765,7 @@ def aot_kernels() -> List[AotKernel]:
             f"sa_gate_stats[{tname}]", fn,
             aot_signature(fn, {"m_ptr": ptr, "g_ptr": ptr, "z_ptr": f32, "mean_ptr": f32,
                                "m2_ptr": f32}), dict(gate), num_warps=gate_warps,
-            launches=activation_launches("m", pixel="sp")))
+            launches=_tiled_launches("m")))
         fn = _apply_kernel
         # (COMPUTE_Z, HAS_BN_D, HAS_BIAS, RESIDUAL, STATS) of the models' calls: eval's and
         # training's (the inference copy runs PAT_sp inside its MLP kernels, see
@@ -782,7 +789,7 @@ def aot_kernels() -> List[AotKernel]:
             f"sa_gate_grad_reduce[{tname}]", fn,
             aot_signature(fn, {"m_ptr": ptr, "gy_ptr": ptr, "z_ptr": f32, "mean_ptr": f32,
                                "rstd_ptr": f32, "sdy_ptr": f32, "sdyx_ptr": f32}),
-            dict(gate), num_warps=gate_warps, launches=activation_launches("m", "g", pixel="sp")))
+            dict(gate), num_warps=gate_warps, launches=_tiled_launches("m", "g")))
         fn = _gate_grad_apply_kernel
         for train in (True, False):
             kernels.append(AotKernel(
@@ -792,7 +799,7 @@ def aot_kernels() -> List[AotKernel]:
                                    "a_ptr": f32, "k1_ptr": f32, "k2_ptr": f32, "dw_ptr": f32,
                                    "sdy_ptr": f32, "sdyx_ptr": f32}),
                 dict(gate, TRAIN=train), num_warps=gate_warps,
-                launches=activation_launches("m", "g", "o", pixel="sp")))
+                launches=_tiled_launches("m", "g", "o")))
         fn = _pointwise_gemm_kernel
         vectors = {name: f32 for name in ("pm_ptr", "ps_ptr", "ph_ptr", "ea_ptr", "eb_ptr",
                                           "em_ptr", "ec_ptr")}
@@ -810,7 +817,7 @@ def aot_kernels() -> List[AotKernel]:
             aot_signature(fn, {"gy_ptr": ptr, "x_ptr": ptr, "pm_ptr": f32, "ps_ptr": f32,
                                "g_ptr": f32, "bsum_ptr": f32}),
             dict(BLOCK_P=wg_p, BLOCK_O=wg_o, BLOCK_I=wg_i, UPCAST=upcast),
-            num_warps=wg_warps, launches=activation_launches("g", "x", pixel="sp")))
+            num_warps=wg_warps, launches=_tiled_launches("g", "x")))
         fn = _conv_grad_finish_kernel
         for training in (True, False):
             kernels.append(AotKernel(
