@@ -8,8 +8,8 @@ Must run without TRITON_INTERPRET: the launchers then choose their tiles as on a
 model's inference copy (``optimize_for_inference(backend="triton")``) and training step
 (``backend="triton"``, forward and backward) run on CPU tensors with every Triton launch
 recorded and not run (its outputs stay as allocated: nothing on these paths branches on
-values), in fp32 and under fp16 and bf16 autocast, NCHW and channels_last, batch 2 at
-``--size``. A launch is covered when some kernel of its family's ``aot_kernels()`` has its
+values), in fp32, under fp16 autocast and as a bf16 model (:data:`PRECISIONS`), NCHW and
+channels_last, batch 2 at ``--size``. A launch is covered when some kernel of its family's ``aot_kernels()`` has its
 constexprs, num_warps, num_stages and pointer dtypes, and a kind of launch whose arguments
 equal to 1 are the launch's (in a training step only those that are not strides: see
 :func:`_covers`). Prints one line per configuration not covered (with the first mode that
@@ -48,7 +48,11 @@ from patnet_kernels.triton import _common  # noqa: E402
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
           torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
-AMP = (None, torch.float16, torch.bfloat16)
+# (name, autocast dtype, model dtype): fp32; fp16 autocast; the model in bf16 (which makes
+# its BatchNorms' vectors bf16 too). The launchers choose no tile by which half dtype it is,
+# so each half dtype is taken once.
+PRECISIONS = (("fp32", None, torch.float32), ("fp16 autocast", torch.float16, torch.float32),
+              ("bf16 model", None, torch.bfloat16))
 
 
 def _launch_as_on_a_gpu() -> None:
@@ -138,18 +142,19 @@ def _flags(names: FrozenSet[str]) -> FrozenSet[str]:
 
 
 def _modes(model_name: str):
-    """(label, model, train) of each mode, the model built once per kind."""
+    """(label, model, training, memory format, autocast dtype, input dtype) of each mode, the
+    model built once per kind (inference copy, training model) and cast in place."""
     torch.manual_seed(0)
     train = patnet.create_model(model_name, backend="triton").train()
     torch.manual_seed(0)
     infer = patnet.optimize_for_inference(patnet.create_model(model_name).eval(),
                                           backend="triton")
     for kind, model, training in (("inference", infer, False), ("training", train, True)):
-        for layout, fmt in LAYOUTS.items():
-            model = model.to(memory_format=fmt)
-            for amp in AMP:
-                yield (f"{model_name} {kind} {layout} {DTYPES[amp or torch.float32]}", model,
-                       training, fmt, amp)
+        for precision, amp, dtype in PRECISIONS:
+            for layout, fmt in LAYOUTS.items():
+                model = model.to(dtype=dtype, memory_format=fmt)
+                yield (f"{model_name} {kind} {layout} {precision}", model, training, fmt, amp,
+                       dtype)
 
 
 def main(argv=None) -> int:
@@ -172,8 +177,9 @@ def main(argv=None) -> int:
     _record(launches)
     missing, total = {}, 0
     for name in args.models.split(","):
-        for label, model, training, fmt, amp in _modes(name):
-            x = torch.randn(2, 3, args.size, args.size).contiguous(memory_format=fmt)
+        for label, model, training, fmt, amp, dtype in _modes(name):
+            x = torch.randn(2, 3, args.size, args.size, dtype=dtype).contiguous(
+                memory_format=fmt)
             with _ConvolutionsShapesOnly():
                 with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
                     with torch.set_grad_enabled(training):

@@ -207,12 +207,13 @@ def _released_launches(*args: str) -> Tuple[int, str]:
 
 
 def test_released_models_launch_only_configurations_compiled_ahead_of_time():
-    """Each released model's inference copy and training step (fp32, fp16 and bf16 autocast;
-    NCHW and channels_last; 224 x 224) launches only kernel configurations that the AOT check
-    compiles: the launchers choose tiles from widths, dtypes, layouts and map sizes, and the
-    families list theirs by hand, so a launch they miss would be compiled first on a GPU,
+    """Each released model's inference copy and training step (fp32, fp16 autocast, cast to
+    bf16; NCHW and channels_last; 224 x 224) launches only kernel configurations that the AOT
+    check compiles: the launchers choose tiles from widths, dtypes, layouts and map sizes, and
+    the families list theirs by hand, so a launch they miss would be compiled first on a GPU,
     unchecked (as the FasterNet-T0 conv with 10 channels, PAT_sf's training output with its
-    residual and the attention kernels with dropout were)."""
+    residual, the attention kernels with dropout and PAT_ch's gate with the BatchNorms of a
+    bf16 model were)."""
     code, report = _released_launches()
     assert code == 0, report[-6000:]
     assert re.search(r"covered: \d{5,} launches, 0 configurations missing", report), report

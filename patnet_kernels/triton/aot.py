@@ -171,6 +171,11 @@ KNOWN_SPILLS: Dict[str, int] = {
     "self_mixer_output[fp32, keep=True, residual=False]": 8,
     "self_mixer_output[fp32, keep=True, residual=True]": 8,  # (training's, first compiled
                                                               # here 2026-12-07: sm_80 NCHW)
+    # PAT_ch's gate in training with the BatchNorms' vectors in fp16 / bf16: a model cast to
+    # that dtype and trained without autocast (no speed target), sm_90; first compiled
+    # 2026-12-07
+    "channel_gate[fp16, vectors fp16, bn_a=True, training=True]": 16,
+    "channel_gate[bf16, vectors bf16, bn_a=True, training=True]": 8,
 }
 
 # The variant compiled from the plain signature (no launch specialisation).

@@ -359,16 +359,20 @@ def aot_kernels() -> List[AotKernel]:
     f32 = "*fp32"
     vectors = {name: f32 for name in ("mean_ptr", "var_ptr", "w_ptr", "b_ptr")}
     scalars = {"eps": "fp32", "inv_n": "fp32"}
-    # (the models' training: running statistics kept, float32 buffers; without them)
-    kernels = [AotKernel(f"bn_act_merge[update={update}]", _merge_kernel,
+    # (the models' training: running statistics kept, float32 buffers, or fp16 / bf16 ones
+    # in a model cast to that dtype; without them)
+    kernels = [AotKernel(f"bn_act_merge[update={update}{running}]", _merge_kernel,
                          aot_signature(_merge_kernel, {n: f32 for n in (
-                             "part_mean_ptr", "part_m2_ptr", "mean_ptr", "var_ptr",
-                             "run_mean_ptr", "run_var_ptr")}, {"momentum": "fp32"}),
+                             "part_mean_ptr", "part_m2_ptr", "mean_ptr", "var_ptr")} | {
+                             n: "*" + run for n in ("run_mean_ptr", "run_var_ptr")},
+                             {"momentum": "fp32"}),
                          dict(BLOCK_R=_merge_block_r(interpret=False), BLOCK_C=block_c,
                               UPDATE=update),
                          # (a small batch's partials in one split: SPLITS = 1 a constexpr)
                          launches={"aligned": (), "one split": ("SPLITS",)})
-               for update in (True, False)]
+               for update, run, running in ((True, "fp32", ""), (True, "fp16", ", running fp16"),
+                                            (True, "bf16", ", running bf16"),
+                                            (False, "fp32", ""))]
     for dtype, tname in TRITON_DTYPE.items():
         ptr = "*" + tname
         kernels.append(AotKernel(

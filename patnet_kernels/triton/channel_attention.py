@@ -840,23 +840,30 @@ def aot_kernels() -> List[AotKernel]:
             launches=activation_launches("x", "g")))
     g_b, g_o, g_i, g_warps = _GPU_GATE_BLOCKS
     gate_blocks = dict(BLOCK_B=g_b, BLOCK_O=g_o)
-    for wname in ("fp32", "fp16", "bf16"):  # W_ch in the activations' dtype, BN fp32
+    for wname in ("fp32", "fp16", "bf16"):  # W_ch in the activations' dtype
         fn = _channel_gate_kernel
-        vectors = ("bias_ptr", "a_w_ptr", "a_b_ptr", "a_mean_ptr", "a_var_ptr", "b_w_ptr",
-                   "b_b_ptr", "b_mean_ptr", "b_var_ptr")
-        sig = aot_signature(fn, {"mean_ptr": "*fp32", "std_ptr": "*fp32", "w_ptr": "*" + wname,
-                                 "scale_ptr": "*fp32", "shift_ptr": "*fp32", "z_ptr": "*fp32",
-                                 "moments_ptr": "*fp32", "batch_ptr": "*fp32",
-                                 **{v: "*fp32" for v in vectors}},
-                            {"eps_a": "fp32", "eps_b": "fp32"})
-        # inference (BN_a folded into W_ch, or not), and training
-        for has_bn_a, training in ((False, False), (True, False), (True, True)):
-            kernels.append(AotKernel(
-                f"channel_gate[{wname}, bn_a={has_bn_a}, training={training}]", fn, sig,
-                dict(HAS_BIAS=not has_bn_a, HAS_BN_A=has_bn_a, HAS_A_W=has_bn_a,
-                     HAS_A_B=has_bn_a, HAS_B_W=True, HAS_B_B=True, TRAINING=training,
-                     BLOCK_T=_gate_chunks_per_step(interpret=False), BLOCK_I=g_i,
-                     **gate_blocks), num_warps=g_warps, num_stages=1))
+        bn_a = ("a_w_ptr", "a_b_ptr", "a_mean_ptr", "a_var_ptr")
+        bn_b = ("b_w_ptr", "b_b_ptr", "b_mean_ptr", "b_var_ptr")
+        # W_ch's bias and the BatchNorms' vectors fp32, or in W_ch's dtype (a model cast to
+        # fp16 / bf16, not autocast; the launcher's placeholders for those not read fp32)
+        for vname in sorted({"fp32", wname}, key=("fp32", wname).index):
+            cast = "" if vname == "fp32" else f", vectors {vname}"
+            # inference (BN_a folded into W_ch, or not), and training
+            for has_bn_a, training in ((False, False), (True, False), (True, True)):
+                read = (bn_a if has_bn_a else ("bias_ptr",)) + bn_b
+                sig = aot_signature(fn, {"mean_ptr": "*fp32", "std_ptr": "*fp32",
+                                         "w_ptr": "*" + wname, "scale_ptr": "*fp32",
+                                         "shift_ptr": "*fp32", "z_ptr": "*fp32",
+                                         "moments_ptr": "*fp32", "batch_ptr": "*fp32",
+                                         **{v: "*" + (vname if v in read else "fp32")
+                                            for v in ("bias_ptr",) + bn_a + bn_b}},
+                                    {"eps_a": "fp32", "eps_b": "fp32"})
+                kernels.append(AotKernel(
+                    f"channel_gate[{wname}{cast}, bn_a={has_bn_a}, training={training}]", fn,
+                    sig, dict(HAS_BIAS=not has_bn_a, HAS_BN_A=has_bn_a, HAS_A_W=has_bn_a,
+                              HAS_A_B=has_bn_a, HAS_B_W=True, HAS_B_B=True, TRAINING=training,
+                              BLOCK_T=_gate_chunks_per_step(interpret=False), BLOCK_I=g_i,
+                              **gate_blocks), num_warps=g_warps, num_stages=1))
         fn = _channel_gate_input_grad_kernel
         sig = aot_signature(fn, {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")}
                             | {"w_ptr": "*" + wname})
@@ -865,13 +872,16 @@ def aot_kernels() -> List[AotKernel]:
                 f"channel_gate_input_grad[{wname}, training={training}]", fn, sig,
                 dict(TRAINING=training, BLOCK_I=g_i, **gate_blocks), num_warps=g_warps,
                 num_stages=1))
-    fn = _channel_gate_grad_kernel  # (every tensor fp32, as the training BatchNorms')
-    sig = aot_signature(fn, {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")})
-    for training in (False, True):
-        kernels.append(AotKernel(
-            f"channel_gate_grad[training={training}]", fn, sig,
-            dict(HAS_BN_A=True, HAS_A_W=True, HAS_A_B=True, HAS_B_W=True, TRAINING=training,
-                 **gate_blocks), num_warps=g_warps, num_stages=1))
+    fn = _channel_gate_grad_kernel  # (every tensor fp32; the BatchNorms' weights and BN_a's
+    for vname in ("fp32", "fp16", "bf16"):  # bias also in a model cast to fp16 / bf16)
+        sig = aot_signature(fn, {name: "*" + vname if name in ("a_w_ptr", "a_b_ptr", "b_w_ptr")
+                                 else "*fp32" for name in fn.arg_names if name.endswith("_ptr")})
+        cast = "" if vname == "fp32" else f"vectors {vname}, "
+        for training in (False, True):
+            kernels.append(AotKernel(
+                f"channel_gate_grad[{cast}training={training}]", fn, sig,
+                dict(HAS_BN_A=True, HAS_A_W=True, HAS_A_B=True, HAS_B_W=True,
+                     TRAINING=training, **gate_blocks), num_warps=g_warps, num_stages=1))
     fn = _channel_gate_weight_grad_kernel
     kernels.append(AotKernel(
         "channel_gate_weight_grad", fn,
