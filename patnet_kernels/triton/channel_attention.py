@@ -846,7 +846,7 @@ def aot_kernels() -> List[AotKernel]:
         bn_b = ("b_w_ptr", "b_b_ptr", "b_mean_ptr", "b_var_ptr")
         # W_ch's bias and the BatchNorms' vectors fp32, or in W_ch's dtype (a model cast to
         # fp16 / bf16, not autocast; the launcher's placeholders for those not read fp32)
-        for vname in sorted({"fp32", wname}, key=("fp32", wname).index):
+        for vname in ("fp32",) if wname == "fp32" else ("fp32", wname):
             cast = "" if vname == "fp32" else f", vectors {vname}"
             # inference (BN_a folded into W_ch, or not), and training
             for has_bn_a, training in ((False, False), (True, False), (True, True)):

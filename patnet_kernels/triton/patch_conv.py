@@ -205,13 +205,13 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------
-# The released models' stems and merging layers (SPEC.md section 5): the stem 4 x 4 from 3
-# channels to E, the merging layers 2 x 2 from C to 2C at C = E, 2E, 4E; PATNet's PAT_sf
-# LayerNorm + qkv from C2 = 6E to 3 C2 (stage 4: 8E channels, C1 = 2E).
 # (imported here, below the jit functions: a line added above them changes their cache keys)
 from ._common import (RELEASED_FASTERNET, RELEASED_PATNET, RELEASED_PATNET_T1,  # noqa: E402
                       distinct_configurations)
 
+# The released models' stems and merging layers (SPEC.md section 5): the stem 4 x 4 from 3
+# channels to E, the merging layers 2 x 2 from C to 2C at C = E, 2E, 4E; PATNet's PAT_sf
+# LayerNorm + qkv from C2 = 6E to 3 C2 (stage 4: 8E channels, C1 = 2E).
 _PATNET_WIDTHS = tuple(e for e, _ in RELEASED_PATNET + (RELEASED_PATNET_T1,))
 _STEM_WIDTHS = tuple(sorted({e for e, _ in RELEASED_FASTERNET} | set(_PATNET_WIDTHS)))
 
