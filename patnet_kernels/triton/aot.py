@@ -33,7 +33,7 @@ front end and its ptxas, and they lay out some kernels differently from newer Tr
 spilled where 3.9 did not), so what the check reads there is what the measured GPU runs. CI
 runs both.
 
-With ``--no-generic`` this is 1140 compiles (more with the generic variants); with an empty
+With ``--no-generic`` this is 1388 compiles (more with the generic variants); with an empty
 Triton cache they take minutes on 2 cores (the PConv, PAT_ch and MLP families' 492 took 419 s
 on the shared development machine). Triton caches each compile (~/.triton/cache) and this
 module each cubin's machine-code reading beside it (:func:`machine_code_cache`), so a rerun
