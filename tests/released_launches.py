@@ -56,14 +56,15 @@ PRECISIONS = (("fp32", None, torch.float32), ("fp16 autocast", torch.float16, to
 
 
 def _launch_as_on_a_gpu() -> None:
-    """Let the Triton backend take CPU tensors, with its kernels' launches recorded instead."""
+    """Let the Triton backend take CPU tensors, its GPU-only queries answered as an H100's."""
     backends.triton_interpreter_enabled = lambda: True  # (the backend is usable on the CPU)
     _common.check_kernel_device = lambda tensor: None
     _common._multiprocessors = lambda device: 132
     torch.cuda.current_device = lambda: 0
 
 
-def _record(launches: List[Tuple]):
+def _record(launches: List[Tuple]) -> None:
+    """Append (kernel, {argument: value}) of every Triton launch to ``launches``, not run."""
     def run(self, *args, grid, warmup, **kwargs):
         launches.append((self, {**dict(zip(self.arg_names, args)), **kwargs}))
     jit.JITFunction.run = run
