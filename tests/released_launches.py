@@ -9,12 +9,12 @@ model's inference copy (``optimize_for_inference(backend="triton")``) and traini
 (``backend="triton"``, forward and backward) run on CPU tensors with every Triton launch
 recorded and not run (its outputs stay as allocated: nothing on these paths branches on
 values), in fp32, under fp16 autocast and as a bf16 model (:data:`PRECISIONS`), NCHW and
-channels_last, batch 2 at ``--size``. A launch is covered when some kernel of its family's ``aot_kernels()`` has its
-constexprs, num_warps, num_stages and pointer dtypes, and a kind of launch whose arguments
-equal to 1 are the launch's (in a training step only those that are not strides: see
-:func:`_covers`). Prints one line per configuration not covered (with the first mode that
-launched it) and ``covered: N launches, M configurations missing``; exits 1 if any is missing.
-tests/test_triton_aot.py runs it.
+channels_last, batch 2 at ``--size``. A launch is covered when some kernel of its family's
+``aot_kernels()`` has its constexprs, num_warps, num_stages and pointer dtypes, and a kind of
+launch whose arguments equal to 1 are the launch's (in a training step only those that are
+not strides: see :func:`_covers`). Prints one line per configuration not covered (with the
+first mode that launched it) and ``covered: N launches, M configurations missing``; exits 1
+if any is missing. tests/test_triton_aot.py runs it.
 
 Without a GPU the launchers' GPU-only queries are answered as on an H100 (132
 multiprocessors, device 0): they set grid sizes and reduction splits, and a launch with one
@@ -45,8 +45,8 @@ import patnet  # noqa: E402
 from patnet_kernels import backends, registry  # noqa: E402
 from patnet_kernels.triton import _common  # noqa: E402
 
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-          torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8"}
+DTYPES = {**_common.TRITON_DTYPE, torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
+          torch.uint8: "u8"}
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 # (name, autocast dtype, model dtype): fp32; fp16 autocast; the model in bf16 (which makes
 # its BatchNorms' vectors bf16 too). The launchers choose no tile by which half dtype it is,
