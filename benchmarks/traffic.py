@@ -483,7 +483,10 @@ class Op(NamedTuple):
 
 
 def nbytes(t: torch.Tensor) -> int:
-    """Bytes of ``t`` at its logical size, a stride-0 (expanded) dimension counted once."""
+    """Bytes of ``t`` at its logical size, a stride-0 (expanded) dimension counted once (a
+    weight in oneDNN's blocked layout, whose strides say nothing, at its size)."""
+    if t.layout != torch.strided:
+        return t.numel() * t.element_size()
     n = 1
     for size, stride in zip(t.shape, t.stride()):
         if stride != 0:

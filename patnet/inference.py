@@ -6,10 +6,13 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
 2. runs each fused op on the backend ``backend`` names (``"auto"``: on a GPU, a fused backend
    only where measured faster than the reference for that call, see
    :mod:`patnet_kernels.auto_rule`; ``model.backend_plan(device, input_shape)`` tells which);
-3. on the CPU, where the reference would run, runs PAT_ch and PAT_sf's ops in their eval forms
-   (its mixers' ``eval_forms`` policy, see :mod:`patnet_kernels.eval_cpu`: PAT_ch's statistics
-   in two cheap passes instead of ``Tensor.std``, BN_b folded into one affine pass; PAT_sf's
-   attention by ``scaled_dot_product_attention``; both halves written into one buffer);
+3. on the CPU, where the reference would run, runs every op in its eval form (the mixers'
+   ``eval_forms`` policy and ``eval_form=True`` of the copy's own ops, see
+   :mod:`patnet_kernels.eval_cpu`: every convolution on oneDNN with its weight laid out once,
+   :mod:`patnet_kernels.cpu_conv`; PAT_ch's statistics in two cheap passes instead of
+   ``Tensor.std``, BN_b folded into one affine pass; PAT_sf's attention by
+   ``scaled_dot_product_attention``; both halves written into one buffer), in channels_last
+   from the stem on (:func:`_writes_channels_last`);
 4. runs each block's MLP as one op (:class:`InferenceMLP`, ``pk.pointwise_mlp``: both 1x1
    convs, the folded BN's bias, the activation and the block's residual in one pass, the 2C
    hidden activation kept on chip by the fused kernel, past 256 output channels written once
@@ -44,8 +47,8 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    runs there (its kernels' fast layout: tiles spanning samples, 16-byte loads in the 3 x 3
    convs); the logits are the same, feature maps (hooks, and the outputs in features mode)
    are channels_last.
-   Under "auto" each op decides from measurements of its own layout, so the copy keeps the
-   input's.
+   Under "auto" on a GPU each op decides from measurements of its own layout, so the copy
+   keeps the input's.
 
 Its outputs equal the eval model's within float rounding (tests/test_inference.py checks every
 variant). The copy is for inference only: it refuses ``train()``.
@@ -81,6 +84,15 @@ _NORM_LINEAR_BACKENDS = ("auto", "torch") + pk.registry.OPS["layer_norm_linear"]
 # writes it (its kernel reads an NCHW image as it is), as every op of the model has a kernel
 # that takes it, where the tiles span samples and the 3 x 3 convs' loads are 16 bytes wide.
 _CHANNELS_LAST_BACKENDS = _BLOCK_BACKENDS
+
+
+def _writes_channels_last(backend: str, x: torch.Tensor) -> Optional[bool]:
+    """The layout the stem and the merging layers write, which the ops after them keep: True
+    (channels_last) under a backend of :data:`_CHANNELS_LAST_BACKENDS`, and on the CPU, where
+    the eval forms' oneDNN convolutions read and write it fastest
+    (:mod:`patnet_kernels.cpu_conv`); else None (x's: under "auto" on a GPU each op decides
+    from measurements of its own layout)."""
+    return True if backend in _CHANNELS_LAST_BACKENDS or x.device.type == "cpu" else None
 
 
 def _lay_out_weights(model: nn.Module, backend: str) -> None:
@@ -172,7 +184,8 @@ class InferenceMLP(MLP):
             return pk.pointwise_mlp(
                 x, first.weight, first.bias, second.weight, second.bias, residual=residual,
                 activation=activation_name(activation),
-                spatial=_spatial_params(spatial[0]) if spatial else None, backend=self.backend)
+                spatial=_spatial_params(spatial[0]) if spatial else None, backend=self.backend,
+                eval_form=True)
         y = second(activation(first(x)))
         if not spatial:
             return y if residual is None else y.add_(residual)
@@ -246,7 +259,8 @@ class InferencePATSelfMixer(PATSelfMixer):
             return super().forward(x, residual)
         # (the LayerNorm's affine is folded into qkv: fuse_for_inference)
         qkv = pk.layer_norm_linear(x[:, self.dim_conv3:], self.attn.qkv.weight,
-                                   self.attn.qkv.bias, eps=self.norm.eps, backend=self.backend)
+                                   self.attn.qkv.bias, eps=self.norm.eps, backend=self.backend,
+                                   eval_form=True)
         return self.output(x, self.attn.attend(qkv, x.shape[2], x.shape[3]), residual)
 
 
@@ -280,8 +294,8 @@ class InferencePatchLayer(KeepsKernelLayouts):
         if self.backend not in _PATCH_BACKENDS:
             return conv(x)
         out = pk.patch_conv(x, conv.weight, conv.bias, statistics_of=self.statistics_of,
-                            channels_last=self.backend in _CHANNELS_LAST_BACKENDS or None,
-                            backend=self.backend)
+                            channels_last=_writes_channels_last(self.backend, x),
+                            backend=self.backend, eval_form=True)
         return out if self.statistics_of is None else StageInput(*out)
 
 

@@ -112,6 +112,10 @@ class LayerNorm2d(nn.LayerNorm):
 class PartialConv3(nn.Module):
     """FasterNet's token mixer (PConv): [conv3x3(X1) | X2], C1 = dim // n_div."""
 
+    # Whether the CPU eval form of its op may run where the reference would (the functional
+    # API's eval_form); patnet.optimize_for_inference turns it on.
+    eval_forms = False
+
     def __init__(self, dim: int, n_div: int, backend: str = "auto"):
         super().__init__()
         self.dim_conv3 = dim // n_div
@@ -119,7 +123,8 @@ class PartialConv3(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pk.partial_conv3x3(x, self.partial_conv3.weight, backend=self.backend)
+        return pk.partial_conv3x3(x, self.partial_conv3.weight, backend=self.backend,
+                                  eval_form=self.eval_forms)
 
 
 class GaussianChannelGate(nn.Module):

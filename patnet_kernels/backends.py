@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import auto_rule, registry
+from . import auto_rule, cpu_conv, registry
 from .registry import BackendUnavailableError, Refusal
 
 BACKENDS = ("auto", "torch") + registry.FUSED_BACKENDS
@@ -366,7 +366,9 @@ def info() -> Dict[str, object]:
     Returns a dict: ``{"torch": version, "triton": version or None, "cuda_device": name or None,
     "backends": {name: {"available": bool, "reason": str}}, "auto": {device: the backend auto
     runs there, or AUTO_PER_CALL on a GPU}, "auto_rule": [one line per measured case on this
-    GPU: op, dtype, mode, layout, shape class and the backend auto runs there]}``.
+    GPU: op, dtype, mode, layout, shape class and the backend auto runs there],
+    "cpu_convolutions": what the CPU eval forms' float32 convolutions run on, and why not
+    oneDNN where they cannot (:func:`patnet_kernels.cpu_conv.library`)}``.
     """
     cuda = torch.cuda.is_available()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
@@ -384,4 +386,5 @@ def info() -> Dict[str, object]:
         "backends": backends,
         "auto": auto,
         "auto_rule": auto_rule.summary(gpu) if gpu else [],
+        "cpu_convolutions": cpu_conv.library(),
     }

@@ -106,23 +106,26 @@ def autocast_aware(op: Optional[Callable] = None, *, keep: Tuple[str, ...] = ())
 
 @autocast_aware
 def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = False,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", eval_form: bool = False) -> torch.Tensor:
     """PConv: Y = [conv3x3(X1) | X2], X1 the first C1 = weight.shape[0] channels of x.
 
     x: (B, C, H, W), NCHW or channels_last. weight: (C1, C1, 3, 3), same dtype and device.
     Returns a new (B, C, H, W) tensor in x's memory format; with ``inplace=True`` only
     x[:, :C1] is rewritten (the passthrough channels are not touched) and x is returned;
-    autograd still gets the weight gradient from the original X1.
+    autograd still gets the weight gradient from the original X1. ``eval_form``: see
+    :func:`rpe_attention`.
     """
     check_activation("x", x)
     check_conv_weight("weight", weight, x.shape[1], 3)
     check_same("x", x, weight=weight)
     check_flag("inplace", inplace)
+    check_flag("eval_form", eval_form)
     if inplace and any(s == 0 and n > 1 for s, n in zip(x.stride(), x.shape)):
         raise ValueError("x is an expanded view (a stride of 0: several of its elements share "
                          "one memory location), so inplace=True would write each of them "
                          "many times; pass x.contiguous() or inplace=False")
-    return choose_implementation("partial_conv3x3", backend, x, weight)(x, weight, inplace)
+    return choose_implementation("partial_conv3x3", backend, x, weight, eval_form=eval_form)(
+        x, weight, inplace)
 
 
 @autocast_aware(keep=("cfc_weight", "cfc_bias"))
@@ -360,11 +363,11 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     the table, the ids are not read). A module that keeps its own map as a buffer passes the
     range it computed when it made the map.
 
-    ``eval_form=True`` (this op, channel_attention and self_mixer_output; what
-    ``patnet.optimize_for_inference`` sets): where the reference would run a call in eval (no
-    dropout, no batch statistics) on the CPU, float32/float64, NCHW-contiguous, with no
-    gradient to take, the op's CPU eval form runs instead (:mod:`patnet_kernels.eval_cpu`: the
-    same formulas in fewer passes).
+    ``eval_form=True`` (every op with a CPU eval form: the registry's ``Op.eval_form``; what
+    ``patnet.optimize_for_inference``'s copy sets): where the reference would run a call in
+    eval (no dropout, no batch statistics) on the CPU, float32/float64, with no gradient to
+    take, the op's CPU eval form runs instead (:mod:`patnet_kernels.eval_cpu`: the same
+    formulas in fewer passes, the convolutions on oneDNN).
     """
     check_activation("q", q, "(B, heads, N, d)")
     check_shape("k", k, q.shape, "k must match q")
@@ -444,7 +447,7 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   w2: torch.Tensor, b2: Optional[torch.Tensor] = None, *,
                   residual: Optional[torch.Tensor] = None, activation: str = "relu",
                   spatial: Optional[SpatialAttentionParams] = None,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", eval_form: bool = False) -> torch.Tensor:
     """The block's MLP in inference: W2 . act(W1 . X + b1) + b2 [+ residual]; with ``spatial``
     (PAT_sp's tensors, :class:`patnet_kernels.SpatialAttentionParams`, its BatchNorms' running
     statistics) PAT_sp(W2 . act(W1 . X + b1) + b2) [+ residual] (PATNet-T1's MLPs; on Triton
@@ -459,12 +462,14 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
     in two passes, the hidden activation written once (not recomputed per block of 256 output
     channels). An inference op: its fused kernels compute
     no gradient, so where one may be taken (grad mode on and an input requiring one) a fused
-    backend named here raises and "auto" runs the reference, which has one.
+    backend named here raises and "auto" runs the reference, which has one. ``eval_form``:
+    see :func:`rpe_attention`.
     """
     _check_mlp(x, w1, b1, w2, b2, residual, activation)
     spatial_tensors = _check_spatial(spatial, x, w2.shape[0])
+    check_flag("eval_form", eval_form)
     return choose_implementation("pointwise_mlp", backend, x, w1, b1, w2, b2, residual,
-                                 *spatial_tensors)(
+                                 *spatial_tensors, eval_form=eval_form)(
         x, w1, b1, w2, b2, residual, activation, spatial)
 
 
@@ -571,7 +576,7 @@ def partial_block(x: torch.Tensor, conv_weight: torch.Tensor, w1: torch.Tensor,
 @autocast_aware(keep=("x",))
 def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                statistics_of: Optional[int] = None, channels_last: Optional[bool] = None,
-               backend: str = "auto"):
+               backend: str = "auto", eval_form: bool = False):
     """The stem or a merging layer in inference (BatchNorm folded): conv(x, weight, bias) with
     kernel size = stride = k, no padding (non-overlapping k x k patches).
 
@@ -585,7 +590,7 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     pass over either to convert it); with ``statistics_of`` = C1 (the next PAT_ch block's
     split), (y, statistics): those of y[:, C1:] in :func:`partial_block`'s form, which that
     block takes as its ``statistics`` instead of reading its X2 for them. An inference op, as
-    :func:`pointwise_mlp`.
+    :func:`pointwise_mlp`. ``eval_form``: see :func:`rpe_attention`.
     """
     check_activation("x", x)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 \
@@ -604,13 +609,15 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     elif not isinstance(channels_last, bool):
         raise ValueError(f"channels_last must be True (write y channels_last), False (NCHW) or "
                          f"None (x's memory format), got {channels_last!r}")
-    return choose_implementation("patch_conv", backend, x, weight, bias)(
+    check_flag("eval_form", eval_form)
+    return choose_implementation("patch_conv", backend, x, weight, bias, eval_form=eval_form)(
         x, weight, bias, statistics_of, channels_last)
 
 
 @autocast_aware(keep=("x",))
 def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                      *, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+                      *, eps: float = 1e-5, backend: str = "auto",
+                      eval_form: bool = False) -> torch.Tensor:
     """PAT_sf's LayerNorm and qkv projection in inference: Linear(LayerNorm(tokens of x)).
 
     x: (B, C_IN, H, W) in any layout, a channel slice too (PAT_sf's X2, ``x[:, C1:]``), in any
@@ -621,7 +628,7 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     layer_norm), then converted to the weight's dtype; x is read as it is (no copy of the slice,
     no cast pass). weight: (C_OUT, C_IN) (``nn.Linear``'s), bias: (C_OUT,) or None, the weight's
     dtype (under autocast both cast, x not). Returns (B, N, C_OUT) contiguous in the weight's
-    dtype. An inference op, as :func:`pointwise_mlp`.
+    dtype. An inference op, as :func:`pointwise_mlp`. ``eval_form``: see :func:`rpe_attention`.
     """
     check_activation("x", x)
     c_in = x.shape[1]
@@ -631,7 +638,9 @@ def layer_norm_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     check_activation("weight", weight, "(C_OUT, C_IN)")
     _check_weight_reading(x, weight, bias)
     check_number("eps", eps, 0.0)
-    return choose_implementation("layer_norm_linear", backend, x, weight, bias)(
+    check_flag("eval_form", eval_form)
+    return choose_implementation("layer_norm_linear", backend, x, weight, bias,
+                                 eval_form=eval_form)(
         x, weight, bias, float(eps))
 
 

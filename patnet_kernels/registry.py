@@ -64,7 +64,8 @@ class Op(NamedTuple):
 
 
 OPS: Dict[str, Op] = {op.name: op for op in (
-    Op("partial_conv3x3", "PConv", "map", "partial_conv", "partial_conv", ("triton", "cuda")),
+    Op("partial_conv3x3", "PConv", "map", "partial_conv", "partial_conv", ("triton", "cuda"),
+       eval_form=True),
     Op("channel_attention", "PAT_ch", "map", "channel_attention", "channel_attention",
        ("triton", "cuda"), eval_form=True),
     Op("spatial_attention", "PAT_sp", "map", "spatial_attention", "spatial_attention",
@@ -77,12 +78,12 @@ OPS: Dict[str, Op] = {op.name: op for op in (
     Op("self_mixer_output", "PAT_sf's output", "map", "self_mixer", "partial_conv",
        ("triton", "cuda"), eval_form=True),
     Op("pointwise_mlp", "the block's MLP (BatchNorm folded)", "map", "pointwise_mlp",
-       "pointwise_mlp", ("triton",), inference=True),
+       "pointwise_mlp", ("triton",), eval_form=True, inference=True),
     Op("patch_conv", "the stem or a merging layer (BatchNorm folded; inference)", "map",
-       "patch_conv", "patch_conv", ("triton",), inference=True),
+       "patch_conv", "patch_conv", ("triton",), eval_form=True, inference=True),
     # (its kernel: the patch conv's, k = 1, with a LayerNorm prologue)
     Op("layer_norm_linear", "PAT_sf's LayerNorm and qkv projection (inference)", "map",
-       "layer_norm_linear", "patch_conv", ("triton",), inference=True),
+       "layer_norm_linear", "patch_conv", ("triton",), eval_form=True, inference=True),
     # (its kernels: PConv's conv, PAT_ch's statistics and gate, and the MLP's)
     Op("partial_block", "a FasterNet or PAT_ch block, with PAT_sp or not (inference)", "map", "partial_block",
        "pointwise_mlp", ("triton",), inference=True),
@@ -174,17 +175,15 @@ def _refusals(op: str, dtype: Optional[torch.dtype], head_dim: int, tokens: int,
 
 def eval_form_refusal(op: str, x: torch.Tensor, needs_grad: bool) -> Optional[str]:
     """Why the CPU eval form of ``op`` cannot take a call whose main input is ``x`` (None if it
-    can): it has none, or the call is not on the CPU, not float32/float64, not NCHW-contiguous
-    (the (B, C, H, W) ops), or a gradient will be taken (``needs_grad``). Whether the call is
-    in eval (no dropout, no batch statistics) the functional API knows and checks."""
+    can): it has none, or the call is not on the CPU, not float32/float64, or a gradient will
+    be taken (``needs_grad``). Whether the call is in eval (no dropout, no batch statistics)
+    the functional API knows and checks."""
     if not OPS[op].eval_form:
         return f"{op} has no CPU eval form"
     if x.device.type != "cpu":
         return "the eval forms run on the CPU"
     if x.dtype not in EVAL_FORM_DTYPES:
         return "the eval forms run float32 and float64"
-    if OPS[op].layout == "map" and not x.is_contiguous():
-        return "the eval forms take NCHW-contiguous input"
     if needs_grad:
         return "the eval forms compute no gradient"
     return None

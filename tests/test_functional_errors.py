@@ -774,6 +774,34 @@ def test_flags_must_be_bools(flag):
     assert_unchanged(before, c["bn_a"], c["bn_b"])
 
 
+def test_every_eval_form_flag_must_be_a_bool():
+    """Each op with a CPU eval form takes ``eval_form`` and refuses a non-bool for it."""
+    x, w = pconv_args()
+    c = ca_args()
+    image = torch.randn(1, 3, 8, 8, dtype=F64)
+    calls = {
+        "partial_conv3x3": lambda flag: pk.partial_conv3x3(x, w, eval_form=flag),
+        "channel_attention": lambda flag: pk.channel_attention(
+            c["x"], c["conv_weight"], c["cfc_weight"], c["cfc_bias"], c["bn_a"], c["bn_b"],
+            eval_form=flag),
+        "rpe_attention": lambda flag: pk.rpe_attention(**rpe_args(), eval_form=flag),
+        "self_mixer_output": lambda flag: pk.self_mixer_output(
+            x, w, torch.zeros(2, 30, 8, dtype=F64), torch.zeros(8, 8, dtype=F64),
+            eval_form=flag),
+        "pointwise_mlp": lambda flag: pk.pointwise_mlp(*_mlp_args(), eval_form=flag),
+        "patch_conv": lambda flag: pk.patch_conv(image, torch.zeros(4, 3, 4, 4, dtype=F64),
+                                                 eval_form=flag),
+        "layer_norm_linear": lambda flag: pk.layer_norm_linear(
+            x, torch.zeros(6, 10, dtype=F64), eval_form=flag),
+    }
+    assert sorted(calls) == sorted(op for op, declared in registry.OPS.items()
+                                   if declared.eval_form)
+    for op, call in calls.items():
+        with pytest.raises(TypeError, match=r"eval_form must be True or False, got 'yes'"):
+            call("yes")
+        assert isinstance(call(True), (torch.Tensor, tuple)), op
+
+
 def test_inplace_on_an_expanded_view_is_refused():
     x, w = pconv_args()
     expanded = x[:1].expand(3, -1, -1, -1)

@@ -1,10 +1,11 @@
 """The inference path (``patnet.optimize_for_inference``) and the backend plan of a model.
 
 Every variant's inference copy equals its eval model (float32, random BatchNorm statistics) on
-the CPU path (the reference ops, PAT_ch and PAT_sf in their eval forms, the MLP op with the
+the CPU path (every op in its CPU eval form, the convolutions on oneDNN, the MLP op with the
 residual); the fused backends' inference copies on small models under the Triton interpreter /
-CUDA emulation; the eval forms of PAT_ch and PAT_sf against the reference ops, odd shapes and
-H * W = 1 included; CUDA-graph capture (its input checks here, its replay a gpu test).
+CUDA emulation; the eval forms against the reference ops, odd shapes and H * W = 1 included;
+CUDA-graph capture (its input checks here, its replay a gpu test). The eval forms'
+convolution itself: tests/test_cpu_conv.py.
 """
 from __future__ import annotations
 
@@ -171,15 +172,17 @@ def test_stem_and_merging_layers_hand_their_statistics(monkeypatch):
 def test_triton_copy_runs_channels_last_from_an_nchw_image(name):
     """Under backend="triton" the stem writes channels_last from an NCHW image (no conversion
     pass), so every stage runs in the kernels' fast layout: each stage's map (features mode)
-    is channels_last, the same values as the eval model's; the CPU path ("auto") keeps the
-    input's layout."""
+    is channels_last, the same values as the eval model's. Under "auto" the copy runs
+    channels_last on the CPU too (the eval forms' oneDNN convolutions' layout) and keeps the
+    input's layout on a GPU (each op decides from measurements of its own layout)."""
     require_fused_backend("triton")
     small = dict(embed_dim=16, depths=(1, 1, 2, 1), features_only=True)
     model = _eval_model(name, **small).to(DEVICE)
     x = torch.randn(2, 3, 64, 64).to(DEVICE)
     with torch.no_grad():
         want = model(x)
-        for backend, layout in (("triton", torch.channels_last), ("auto", torch.contiguous_format)):
+        auto_layout = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+        for backend, layout in (("triton", torch.channels_last), ("auto", auto_layout)):
             maps = patnet.optimize_for_inference(model, backend=backend)(x)
             assert len(maps) == len(want) == 4
             for got, expected in zip(maps, want):
@@ -295,26 +298,116 @@ def test_self_mixer_eval_forms_match_reference(shape, heads, bias):
                      reference.self_mixer_output(x, conv_w, tokens, proj_w, proj_b, None)) < 1e-13
 
 
-def test_eval_forms_run_only_where_asked_and_applicable(monkeypatch):
-    """The inference path runs the eval forms on the CPU (its mixers' eval_forms policy); the
-    eval model, a channels_last input, float16 and a call needing a gradient run the reference."""
+def _frozen(t: torch.Tensor) -> torch.nn.Parameter:
+    """t as an inference copy holds its weights (a parameter that requires no gradient: the
+    eval forms' convolutions keep its oneDNN layout)."""
+    return torch.nn.Parameter(t, requires_grad=False)
+
+
+def _conv_eval_form_cases(gen: torch.Generator):
+    """(op, args) of the eval forms whose work is convolutions, float64, odd shapes: PConv in
+    place and not, the MLP with each activation, a residual, no biases and PAT_sp, the patch
+    conv with each layout request and statistics, the LayerNorm + qkv on a channel slice."""
+    def rand(*size, scale=1.0):
+        return torch.randn(*size, generator=gen, dtype=torch.float64) * scale
+
+    def bn(c):
+        return pk.BatchNormParams(rand(c, scale=0.3) + 1, rand(c, scale=0.2), rand(c, scale=0.5),
+                                  torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+
+    x = rand(2, 12, 5, 7)
+    spatial = pk.SpatialAttentionParams(rand(1, 3, 1, 1), rand(9, 9, 1, 1, scale=0.3), rand(9),
+                                        bn(3))
+    unfolded = spatial._replace(conv_bias=None, bn_d=bn(9))  # (BN_d not folded into the conv)
+    yield "partial_conv3x3", (x, rand(3, 3, 3, 3, scale=0.3), False)
+    yield "partial_conv3x3", (x.clone(), rand(3, 3, 3, 3, scale=0.3), True)
+    for activation, residual, biases, spatial_params in (
+            ("relu", None, True, None), ("gelu", x, True, None), ("relu", x, False, None),
+            ("gelu", x, True, spatial), ("relu", None, False, unfolded)):
+        w1, w2 = rand(24, 12, 1, 1, scale=0.3), rand(12, 24, 1, 1, scale=0.2)
+        b1, b2 = (rand(24), rand(12)) if biases else (None, None)
+        yield "pointwise_mlp", (x, w1, b1, w2, b2, residual, activation, spatial_params)
+    image = rand(2, 3, 16, 12)
+    for statistics_of, channels_last in ((None, None), (None, False), (2, True)):
+        yield "patch_conv", (image, rand(8, 3, 4, 4, scale=0.3), rand(8), statistics_of,
+                             channels_last)
+    yield "layer_norm_linear", (x[:, 3:], rand(27, 9, scale=0.3), rand(27), 1e-5)
+    yield "layer_norm_linear", (x.to(memory_format=torch.channels_last)[:, 3:],
+                                rand(27, 9, scale=0.3), None, 1e-6)
+
+
+def _outputs(result):
+    """An op's tensors, flattened (patch_conv with statistics: y, mean, squared deviations)."""
+    if isinstance(result, torch.Tensor):
+        return (result,)
+    return tuple(t for part in result for t in _outputs(part))
+
+
+def test_conv_eval_forms_match_reference():
+    """The eval forms of PConv, the MLP, the patch conv and PAT_sf's LayerNorm + qkv against
+    the reference ops: float64 (F.conv2d, same formulas: 1e-13), and float32 with frozen
+    weights (oneDNN's convolutions, where this torch has it) within 4x PyTorch's own float32
+    error against float64; each output in the layout the op promises."""
+    gen = torch.Generator().manual_seed(3)
+    for op, args in _conv_eval_form_cases(gen):
+        form, ref = getattr(eval_cpu, op), getattr(reference, op)
+        copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        expected = _outputs(ref(*copies))
+        result = _outputs(form(*[a.clone() if isinstance(a, torch.Tensor) else a
+                                 for a in args]))
+        for got, want in zip(result, expected, strict=True):
+            assert rel_error(got, want) < 1e-13, op
+
+        def as32(a, weights_frozen):  # (the tensors after x: weights, biases, residual)
+            if isinstance(a, torch.Tensor):
+                return _frozen(a.float()) if weights_frozen and a is not args[0] \
+                    else a.float().clone()
+            if isinstance(a, pk.SpatialAttentionParams):
+                def bn32(bn):
+                    return None if bn is None else pk.BatchNormParams(*[t.float() for t in bn[:4]])
+                return a.with_weights(lambda t: None if t is None else t.float())._replace(
+                    bn_c=bn32(a.bn_c), bn_d=bn32(a.bn_d))
+            return a
+        torch32 = _outputs(ref(*[as32(a, False) for a in args]))
+        ours32 = _outputs(form(*[as32(a, True) for a in args]))
+        for got, theirs, want in zip(ours32, torch32, expected, strict=True):
+            assert got.dtype == torch.float32
+            budget = 4 * rel_error(theirs, want) + 1e-7
+            assert rel_error(got, want) < budget, (op, rel_error(got, want), budget)
+        if op == "pointwise_mlp" or op == "partial_conv3x3" and not args[2]:
+            assert ours32[0].is_contiguous(memory_format=pk.ops._layout.memory_format_of(
+                args[0])), op
+        if op == "patch_conv" and args[4] is not None:
+            layout = torch.channels_last if args[4] else torch.contiguous_format
+            assert ours32[0].is_contiguous(memory_format=layout)
+        if op == "layer_norm_linear":
+            assert ours32[0].is_contiguous()
+
+
+@pytest.mark.parametrize("name", ["patnet_t0", "fasternet_t0"])
+def test_eval_forms_run_only_where_asked_and_applicable(name, monkeypatch):
+    """The inference copy runs every op's CPU eval form on the CPU, whatever the input's layout
+    (its mixers' eval_forms policy; the stem then writes channels_last); the eval model,
+    float16 and a call needing a gradient run the reference."""
     ran = []
-    for op in ("channel_attention", "rpe_attention", "self_mixer_output"):
+    forms = [op for op, declared in registry.OPS.items() if declared.eval_form]
+    for op in forms:
         form = getattr(eval_cpu, op)
         monkeypatch.setattr(eval_cpu, op, lambda *a, _op=op, _form=form, **k:
                             ran.append(_op) or _form(*a, **k))
-    model = _eval_model("patnet_t0")
+    model = _eval_model(name)
     x = torch.randn(1, 3, 64, 64)
+    expected = {"patnet_t0": ["channel_attention", "layer_norm_linear", "patch_conv",
+                              "pointwise_mlp", "rpe_attention", "self_mixer_output"],
+                "fasternet_t0": ["partial_conv3x3", "patch_conv", "pointwise_mlp"]}[name]
     with torch.no_grad():
         model(x)
         assert ran == []
         fast = patnet.optimize_for_inference(model)
-        fast(x)
-    assert sorted(set(ran)) == ["channel_attention", "rpe_attention", "self_mixer_output"]
-    ran.clear()
-    with torch.no_grad():
-        fast(x.to(memory_format=torch.channels_last))
-    assert "channel_attention" not in ran
+        for layout in (torch.contiguous_format, torch.channels_last):
+            ran.clear()
+            fast(x.contiguous(memory_format=layout))
+            assert sorted(set(ran)) == expected
     t = torch.randn(2, 8, 5, 5)
     bn = pk.BatchNormParams(None, None, torch.zeros(6), torch.ones(6))
     ran.clear()
@@ -323,8 +416,8 @@ def test_eval_forms_run_only_where_asked_and_applicable(monkeypatch):
     assert ran == []  # (a gradient will be taken)
     assert "float32 and float64" in registry.eval_form_refusal("channel_attention", t.half(),
                                                                False)
-    assert registry.eval_form_refusal("partial_conv3x3", t, False) == \
-        "partial_conv3x3 has no CPU eval form"
+    assert registry.eval_form_refusal("spatial_attention", t, False) == \
+        "spatial_attention has no CPU eval form"
 
 
 def test_backend_plan_names_each_op_and_is_logged(caplog):

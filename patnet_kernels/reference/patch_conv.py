@@ -19,7 +19,14 @@ def patch_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     conv2d's own choice, x's memory format), or with
     ``statistics_of`` = C1 (y, :func:`output_statistics` of y[:, C1:]): what the next stage's
     first PAT_ch block reads."""
-    y = F.conv2d(x.to(weight.dtype), weight, bias, stride=weight.shape[-1])
+    return patch_output(F.conv2d(x.to(weight.dtype), weight, bias, stride=weight.shape[-1]),
+                        statistics_of, channels_last)
+
+
+def patch_output(y: torch.Tensor, statistics_of: Optional[int], channels_last: Optional[bool]):
+    """The patch conv's output y (B, C_OUT, H', W') as :func:`patch_conv` returns it: in the
+    layout ``channels_last`` asks (None: as it is), with its statistics where
+    ``statistics_of`` is given."""
     if channels_last is not None:
         y = y.contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -1,0 +1,130 @@
+"""The convolutions of the CPU eval forms: oneDNN with the weights laid out once.
+
+On one CPU thread at batch 1, PyTorch runs a 1 x 1 convolution, and a 3 x 3 one on a small
+map, through its own im2col + GEMM path (``aten::_slow_conv2d_forward``; its heuristic keeps
+oneDNN for several threads or larger inputs), and ``F.linear`` through MKL. oneDNN's
+convolution, given its weight already reordered into the blocked layout it computes in, runs
+the same arithmetic faster on the development machine's AVX-512 cores: the 1 x 1 convs of
+PATNet-T2 and FasterNet-T2 at batch 1 on one thread 1.9-2.3x, the 3 x 3 ones on 14 x 14 and
+7 x 7 maps 1.9-3.0x, each model's convolutions per forward 2.0x and 2.1x
+(``python -m benchmarks.cpu_conv_speed``). :func:`conv2d` is the one place the eval forms
+(:mod:`patnet_kernels.eval_cpu`) choose how a convolution runs:
+
+- ``torch.ops.mkldnn._convolution_pointwise`` (what Inductor's CPU backend calls) with the
+  activation as its post-op, for float32, where oneDNN is built in and enabled
+  (``torch.backends.mkldnn``), outside a torch.compile trace (Inductor lays out its own), but
+  for a single output channel (PAT_sp's per-pixel gate: a dot product per pixel, 4-6x slower
+  on oneDNN's blocked kernels than on F.conv2d);
+- the weight reordered once per frozen parameter, into the blocked layout oneDNN picks for the
+  first input it meets, and kept while the parameter is unchanged (same version counter and
+  storage), as :func:`patnet_kernels.functional` keeps autocast's casts of frozen weights;
+  any other weight is reordered by oneDNN per call. Picked for batch 1 or 8, the layout gave
+  the same times at batches 1, 3 and 8 on the development machine; picked for no input shape
+  at all it was up to 50x slower on some (a 3 x 3 conv of 96 channels on 7 x 7). An input
+  whose kernel wants another layout has the kept weight reordered in the call;
+- else ``F.conv2d`` and the activation (float64, a torch without oneDNN, a trace).
+
+Its output is in oneDNN's layout: channels_last where the weight was reordered (the layout its
+blocked kernels read and write fastest), else the input's. :func:`library` says which runs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ._types import outside_inference_mode
+
+# Frozen weight -> (the key it was reordered for, the reordered weight): see _reordered.
+_REORDERED = WeakIdKeyDictionary()
+# oneDNN's names of the activations (the exact, erf GELU is "gelu" with algorithm "none").
+_POST_OPS = {None: ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none")}
+# Why oneDNN's convolution cannot run in this process (None: it can), found on first use.
+_REFUSAL: list = []
+
+
+def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def onednn_refusal() -> Optional[str]:
+    """Why :func:`conv2d` cannot run oneDNN here (None if it can): this torch has no oneDNN,
+    or its convolution fails on a small probe (found once per process)."""
+    if not _REFUSAL:
+        if not torch.backends.mkldnn.is_available():
+            _REFUSAL.append("this torch is built without oneDNN (torch.backends.mkldnn)")
+        else:
+            try:
+                probe = torch.ones(1, 2, 3, 3)
+                y = torch.ops.mkldnn._convolution_pointwise(
+                    probe, torch.ones(2, 2, 1, 1), None, [0, 0], [1, 1], [1, 1], 1, "none",
+                    [], "")
+                _REFUSAL.append(None if torch.equal(y, probe * 2) else
+                                "oneDNN's convolution gave a wrong result on a probe")
+            except (RuntimeError, AttributeError) as error:
+                _REFUSAL.append(f"oneDNN's convolution failed on a probe: {error}")
+    return _REFUSAL[0]
+
+
+def library() -> str:
+    """Which convolution the CPU eval forms run for float32 in this process (for
+    :func:`patnet_kernels.info`)."""
+    refusal = onednn_refusal()
+    if refusal is not None:
+        return f"torch.nn.functional.conv2d ({refusal})"
+    if not torch.backends.mkldnn.enabled:
+        return "torch.nn.functional.conv2d (oneDNN disabled: torch.backends.mkldnn.enabled)"
+    return "oneDNN (torch.ops.mkldnn._convolution_pointwise), frozen weights reordered once"
+
+
+def _runs_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.shape[0] > 1
+            and not torch.compiler.is_compiling() and torch.backends.mkldnn.enabled
+            and onednn_refusal() is None)
+
+
+def _reordered(weight: torch.Tensor, x: torch.Tensor, padding, stride) -> torch.Tensor:
+    """``weight`` (C_OUT, C_IN, k, k) in oneDNN's blocked layout for x's shape. A frozen
+    parameter (an ``nn.Parameter`` that requires no gradient, such as those of
+    ``patnet.optimize_for_inference``'s copy) is reordered once, for the first x, and the
+    result kept while the parameter is unchanged; any other weight is returned dense (oneDNN
+    reorders it in the call)."""
+    if not isinstance(weight, nn.Parameter) or weight.requires_grad or weight.is_inference():
+        return _as_4d(weight).contiguous()
+    key = (weight._version, weight.data_ptr(), padding, stride)
+    kept = _REORDERED.get(weight)
+    if kept is None or kept[0] != key:
+        with outside_inference_mode():  # (kept for later calls)
+            kept = _REORDERED[weight] = (key, torch.ops.mkldnn._reorder_convolution_weight(
+                _as_4d(weight).contiguous(), padding, stride, (1, 1), 1, list(x.shape)))
+    return kept[1]
+
+
+def _as_4d(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's (C_OUT, C_IN) weight as a 1 x 1 convolution's."""
+    return weight if weight.dim() == 4 else weight.view(*weight.shape, 1, 1)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
+           activation: Optional[str] = None) -> torch.Tensor:
+    """act(conv2d(x, weight, bias, stride, padding)), no dilation, one group.
+
+    x: (B, C_IN, H, W), any layout (a channel slice is copied to a dense one for oneDNN);
+    weight: (C_OUT, C_IN, k, k), or (C_OUT, C_IN) for a linear layer applied to each pixel (a
+    1 x 1 convolution); bias: (C_OUT,) or None; activation: None, "relu" or "gelu" (exact,
+    erf). Returns a new (B, C_OUT, H_OUT, W_OUT) tensor (its layout: see the module doc); where
+    oneDNN runs it, see the module doc."""
+    stride, padding = _pair(stride), _pair(padding)
+    if not _runs_onednn(x, weight):
+        y = F.conv2d(x, _as_4d(weight), bias, stride, padding)
+        return y if activation is None else (F.relu_(y) if activation == "relu" else F.gelu(y))
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous(memory_format=torch.channels_last)
+    attr, algorithm = _POST_OPS[activation]
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, _reordered(weight, x, padding, stride), bias, padding, stride, (1, 1), 1, attr, [],
+        algorithm)
