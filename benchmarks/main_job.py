@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     for backend, status in backends["backends"].items():
         mark = "yes" if status["available"] else "no "
         print(f"    {backend:<7} {mark}  {status['reason']}")
+    print(f"    CPU inference path's convolutions: {backends['cpu_convolutions']}")
 
     device = torch.device("cuda" if cuda else "cpu")
     step(2, total, f"Correctness on {device.type}: inference path vs eval model, fastest "
