@@ -5,9 +5,10 @@ map, through its own im2col + GEMM path (``aten::_slow_conv2d_forward``; its heu
 oneDNN for several threads or larger inputs), and ``F.linear`` through MKL. oneDNN's
 convolution, given its weight already reordered into the blocked layout it computes in, runs
 the same arithmetic faster on the development machine's AVX-512 cores: the 1 x 1 convs of
-PATNet-T2 and FasterNet-T2 at batch 1 on one thread 1.9-2.3x, the 3 x 3 ones on 14 x 14 and
-7 x 7 maps 1.9-3.0x, each model's convolutions per forward 2.0x and 2.1x
-(``python -m benchmarks.cpu_conv_speed``). :func:`conv2d` is the one place the eval forms
+PATNet-T2 and FasterNet-T2 at batch 1 on one thread 2.0-2.3x, the 3 x 3 ones on 14 x 14 and
+7 x 7 maps 2.1-3.3x, each model's convolutions per forward 1.97x and 2.07x
+(``python -m benchmarks.cpu_conv_speed``; ``benchmarks/results/cpu_conv_speed.cpu.batch1.json``).
+:func:`conv2d` is the one place the eval forms
 (:mod:`patnet_kernels.eval_cpu`) choose how a convolution runs:
 
 - ``torch.ops.mkldnn._convolution_pointwise`` (what Inductor's CPU backend calls) with the
