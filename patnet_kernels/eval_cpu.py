@@ -5,7 +5,8 @@ The reference (:mod:`patnet_kernels.reference`) states each op as the authors' c
 CPU thread some of its steps cost more than the arithmetic needs: PyTorch runs a batch of one's
 1 x 1 convolutions, and 3 x 3 ones on small maps, through its slow im2col + GEMM path, where
 oneDNN with a weight laid out once is about 2x faster (:mod:`patnet_kernels.cpu_conv`, which
-every convolution and linear layer here runs through); ``Tensor.std`` over the H * W
+every convolution here runs through, and PAT_sf's qkv and output projections as 1 x 1 ones;
+PAT_ch's small gate GEMM stays ``F.linear``); ``Tensor.std`` over the H * W
 positions is several times slower than a two-pass mean and sum of squares; BN_b applied to
 ``X2 * g`` makes two full passes where one per-(b, c) affine map does; the attention
 materialises its scores where ``scaled_dot_product_attention`` need not; and both halves of a
