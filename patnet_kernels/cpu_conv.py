@@ -53,21 +53,35 @@ def _pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
 
 def onednn_refusal() -> Optional[str]:
     """Why :func:`conv2d` cannot run oneDNN here (None if it can): this torch has no oneDNN,
-    or its convolution fails on a small probe (found once per process)."""
+    or its convolution, with one of the post-ops used here, fails or is wrong on a small probe
+    against F.conv2d (found once per process)."""
     if not _REFUSAL:
-        if not torch.backends.mkldnn.is_available():
-            _REFUSAL.append("this torch is built without oneDNN (torch.backends.mkldnn)")
-        else:
-            try:
-                probe = torch.ones(1, 2, 3, 3)
-                y = torch.ops.mkldnn._convolution_pointwise(
-                    probe, torch.ones(2, 2, 1, 1), None, [0, 0], [1, 1], [1, 1], 1, "none",
-                    [], "")
-                _REFUSAL.append(None if torch.equal(y, probe * 2) else
-                                "oneDNN's convolution gave a wrong result on a probe")
-            except (RuntimeError, AttributeError) as error:
-                _REFUSAL.append(f"oneDNN's convolution failed on a probe: {error}")
+        _REFUSAL.append(_probe() if torch.backends.mkldnn.is_available() else
+                        "this torch is built without oneDNN (torch.backends.mkldnn)")
     return _REFUSAL[0]
+
+
+def _probe() -> Optional[str]:
+    """A 3 x 3 conv of a small channels_last map with a reordered weight and each post-op,
+    against F.conv2d and the activation: None, or what went wrong."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, 6, generator=generator).contiguous(
+        memory_format=torch.channels_last)
+    weight = torch.randn(16, 8, 3, 3, generator=generator)
+    bias = torch.randn(16, generator=generator)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    try:
+        reordered = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, (1, 1), (1, 1), (1, 1), 1, list(x.shape))
+        for activation, act in ((None, lambda y: y), ("relu", F.relu), ("gelu", F.gelu)):
+            attr, algorithm = _POST_OPS[activation]
+            got = torch.ops.mkldnn._convolution_pointwise(
+                x, reordered, bias, (1, 1), (1, 1), (1, 1), 1, attr, [], algorithm)
+            if not torch.allclose(got.double(), act(want), rtol=1e-4, atol=1e-4):
+                return f"oneDNN's convolution with post-op {attr!r} is wrong on a probe"
+    except (RuntimeError, AttributeError) as error:
+        return f"oneDNN's convolution failed on a probe: {error}"
+    return None
 
 
 def library() -> str:

@@ -138,6 +138,18 @@ def test_conv2d_falls_back_where_onednn_cannot_run(monkeypatch):
 
 
 @needs_onednn
+def test_probe_refuses_onednn_where_a_post_op_fails_or_is_wrong(monkeypatch):
+    """The first-use probe runs each post-op the eval forms use against F.conv2d: a post-op
+    that computes another function, or one oneDNN does not know, keeps oneDNN off, saying
+    why (what a platform whose oneDNN lacks one would show)."""
+    assert cpu_conv._probe() is None
+    monkeypatch.setitem(cpu_conv._POST_OPS, "gelu", ("relu", ""))
+    assert cpu_conv._probe() == "oneDNN's convolution with post-op 'relu' is wrong on a probe"
+    monkeypatch.setitem(cpu_conv._POST_OPS, "gelu", ("no_such_post_op", ""))
+    assert cpu_conv._probe().startswith("oneDNN's convolution failed on a probe: ")
+
+
+@needs_onednn
 def test_info_names_the_cpu_convolutions():
     assert pk.info()["cpu_convolutions"].startswith("oneDNN")
 
