@@ -69,8 +69,10 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"comma list of {', '.join(patnet.list_models())} (default: all)")
     parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
-                        help="comma list of eager, compile, compile-max (torch.compile "
-                             "mode='max-autotune', GPU only), ours, ours-graph (ours as one "
+                        help="comma list of eager, compile, compile-frozen (torch.compile "
+                             "under Inductor's freezing), compile-max (torch.compile "
+                             "mode='max-autotune', GPU only), ours, ours-compiled "
+                             "(optimize_for_inference(compile=True)), ours-graph (ours as one "
                              "CUDA graph, GPU only) (default: eager,compile,ours; eager, the "
                              "reference of the check, always runs)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if there)")

@@ -20,12 +20,18 @@ from benchmarks.report import pretty
 from benchmarks.timer import time_cpu, time_cuda
 from benchmarks.tolerance import MISMATCH, rel_max_error
 
-PROVIDERS = ("eager", "compile", "compile-max", "ours", "ours-graph")
+PROVIDERS = ("eager", "compile", "compile-frozen", "compile-max", "ours", "ours-compiled",
+             "ours-graph")
 # What runs when no provider is named: compile-max (torch.compile mode="max-autotune", what a
-# user tries first for speed) tunes its GEMMs for minutes, so it runs when asked for.
+# user tries first for speed) tunes its GEMMs for minutes, so it runs when asked for; so do
+# the compiles under Inductor's ``freezing`` (the weights folded in as constants, the CPU's
+# convolutions on oneDNN with their weights laid out once), each another compilation:
+# compile-frozen (the reference) and ours-compiled (optimize_for_inference(compile=True)).
 DEFAULT_PROVIDERS = ("eager", "compile", "ours")
 # The providers every other's speed-up is given against (speedup_vs_<base>).
-BASES = ("eager", "compile", "compile-max")
+BASES = ("eager", "compile", "compile-frozen", "compile-max")
+# The providers that compile (their first call's time is reported as compile_s).
+COMPILING = ("compile", "compile-frozen", "compile-max", "ours-compiled")
 PRECISIONS = ("fp32", "amp")
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -57,10 +63,16 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
     for provider in providers:
         entry: dict = {}
         row["providers"][provider] = entry
+        held = contextlib.ExitStack()
         try:
             if provider != "eager" and expected is None:
                 raise Unavailable("skipped", "the eager reference failed in this mode")
-            if provider == "compile":
+            if provider == "compile-frozen":
+                import torch._inductor.config as inductor_config
+
+                # (held for all its calls: Inductor reads it on every call)
+                held.enter_context(inductor_config.patch(freezing=True))
+            if provider in ("compile", "compile-frozen"):
                 compile_settings().reset()   # compile once for this mode, from a clean cache
                 net = torch.compile(reference, backend=args.compile_backend,
                                     **({"mode": args.compile_mode}
@@ -71,9 +83,12 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
                                                  "it only costs minutes)")
                 compile_settings().reset()
                 net = torch.compile(reference, mode="max-autotune")
-            elif provider in ("ours", "ours-graph"):
+            elif provider in ("ours", "ours-graph", "ours-compiled"):
+                if provider == "ours-compiled":
+                    compile_settings().reset()
                 net = patnet.optimize_for_inference(
-                    reference, backend=args.ours_backend).to(memory_format=LAYOUTS[layout])
+                    reference, backend=args.ours_backend, compile=provider == "ours-compiled"
+                ).to(memory_format=LAYOUTS[layout])
                 entry["backends"] = net.backend_plan()
                 if provider == "ours-graph":  # (its forward captured once as a CUDA graph)
                     if device.type != "cuda":
@@ -101,7 +116,7 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
             entry.update(status="ok", mean_ms=t["mean_ms"], median_ms=t["median_ms"],
                          min_ms=t["min_ms"], images_per_s=x.shape[0] / (t["mean_ms"] * 1e-3),
                          max_rel_error=err, first_call_s=first_s)
-            if provider in ("compile", "compile-max"):
+            if provider in COMPILING:
                 entry["compile_s"] = first_s
             if not err <= tolerance:
                 entry.update(status="mismatch", reason=f"max rel error {err:.2g} vs eager "
@@ -114,6 +129,7 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
             entry.update(status="error", reason=f"{type(e).__name__}: {e}".strip(),
                          traceback=traceback.format_exc(limit=6))
         finally:
+            held.close()
             net = call = None   # the compiled or fused model goes before the next provider
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -12,8 +12,8 @@ from benchmarks.report import columns, read_json, write_csv, write_json
 
 CSV_FIELDS = ["date", "device", "git_commit", "torch", "triton", "cuda", "model", "precision",
               "layout", "batch", "image_size", "provider", "status", "reason", "mean_ms",
-              "median_ms", "min_ms", "images_per_s", "speedup_vs_eager", "speedup_vs_compile",
-              "speedup_vs_compile-max", "max_rel_error", "compile_s", "first_call_s", "backends", "warmup", "runs",
+              "median_ms", "min_ms", "images_per_s"] + [f"speedup_vs_{base}" for base in BASES] + [
+              "max_rel_error", "compile_s", "first_call_s", "backends", "warmup", "runs",
               "threads"]
 FAILED = ("error", "mismatch")
 # The traffic model's roofline of every variant per layout (benchmarks/traffic.py, counted on
@@ -122,8 +122,8 @@ def csv_rows(report: dict) -> List[dict]:
                 "batch": row["batch"], "image_size": row["image_size"], "provider": provider,
                 "status": entry["status"], "reason": entry.get("reason", ""),
                 **{k: entry.get(k, "") for k in
-                   ("mean_ms", "median_ms", "min_ms", "images_per_s", "speedup_vs_eager",
-                    "speedup_vs_compile", "speedup_vs_compile-max", "max_rel_error",
+                   ("mean_ms", "median_ms", "min_ms", "images_per_s",
+                    *[f"speedup_vs_{base}" for base in BASES], "max_rel_error",
                     "compile_s", "first_call_s")},
                 "backends": " ".join(f"{op}={backend}"
                                      for op, backend in entry.get("backends", {}).items()),

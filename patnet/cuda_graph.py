@@ -13,6 +13,8 @@ from torch.utils._pytree import tree_map
 
 from patnet_kernels._types import outside_inference_mode
 
+from .wrappers import ModelWrapper
+
 
 def _autocast_state() -> Tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
@@ -27,7 +29,7 @@ def check_example_input(example_input: Any) -> None:
                          f"work), got {where}; leave it out to run without a graph")
 
 
-class GraphedModel(nn.Module):
+class GraphedModel(ModelWrapper):
     """``model`` (an inference model) replayed as one CUDA graph for inputs like
     ``example_input``; other attributes (``backend_plan``, ...) are the model's.
 
@@ -86,9 +88,3 @@ class GraphedModel(nn.Module):
             self._input.copy_(x)
         self._graph.replay()
         return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self._output)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("model"), name)

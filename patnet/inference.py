@@ -67,6 +67,7 @@ from patnet_kernels._types import outside_inference_mode
 from patnet_kernels.triton.partial_conv import tap_major
 
 from .cuda_graph import GraphedModel, check_example_input
+from .wrappers import FrozenCompiledModel
 from .fuse import fuse_for_inference
 from .layers import (MLP, BasicStage, FasterNetBlock, PATChannelMixer, PatchEmbed,
                      PatchMerging, PATNetBlock, PATSelfMixer, activation_name, bn_params)
@@ -344,7 +345,8 @@ def _hand_statistics(model: nn.Module) -> None:
 
 @torch.no_grad()
 def optimize_for_inference(model: nn.Module, backend: str = "auto",
-                           example_input: Optional[torch.Tensor] = None) -> nn.Module:
+                           example_input: Optional[torch.Tensor] = None,
+                           compile: bool = False) -> nn.Module:
     """An eval-mode copy of a PATNet or FasterNet for the fastest inference (see module doc).
 
     model: a PATNet or FasterNet (trained or not, any device and dtype; already folded is fine).
@@ -353,17 +355,25 @@ def optimize_for_inference(model: nn.Module, backend: str = "auto",
     fused op. example_input: a CUDA tensor shaped like every input to come: the copy's forward
     is then captured once as a CUDA graph and replayed per call
     (:class:`patnet.cuda_graph.GraphedModel`; build it under the autocast you will call it in).
+    compile: the copy compiled by torch.compile under Inductor's freezing
+    (:class:`patnet.wrappers.FrozenCompiledModel`: the fastest path measured on the CPU; the
+    first call per input shape compiles; not with ``example_input``).
     Returns the copy; ``model`` is unchanged. The copy's parameters do not require gradients.
     """
     check_model(model, "optimize_for_inference")
     pk.check_backend_name(backend)  # (these before any copy is made)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     if example_input is not None:
         check_example_input(example_input)
+        if compile:
+            raise ValueError("compile=True and example_input are two ways of running the copy "
+                             "(torch.compile, a CUDA graph); choose one")
     with outside_inference_mode():  # (the copy is used in any mode afterwards)
         optimized = _optimized_copy(model, backend)
     if example_input is not None:
         return GraphedModel(optimized, example_input)
-    return optimized
+    return FrozenCompiledModel(optimized) if compile else optimized
 
 
 def _optimized_copy(model: nn.Module, backend: str) -> nn.Module:

@@ -455,6 +455,50 @@ def test_cuda_graph_needs_a_cuda_example_input():
             patnet.optimize_for_inference(model, example_input=bad)
 
 
+def test_compiled_copy_freezes_only_its_own_calls_and_equals_the_copy():
+    """optimize_for_inference(compile=True) on the CPU (PATNet-T0 with one block per stage):
+    the copy compiled by Inductor under freezing equals the uncompiled copy, in grad mode
+    (run without a gradient: the input needs none), under torch.no_grad and
+    torch.inference_mode, and for a second input shape; freezing is set during its calls
+    only; a gradient to an input that requires one still flows; its other attributes are the
+    copy's; compile with example_input, or a non-bool, is refused."""
+    import torch._inductor.config as inductor_config
+
+    model = _eval_model("patnet_t0", embed_dim=16, depths=(1, 1, 1, 1))
+    plain = patnet.optimize_for_inference(model)
+    compiled = patnet.optimize_for_inference(model, compile=True)
+    frozen_during_call = []
+    real_forward = compiled.model.forward
+
+    def spying_forward(x):  # (runs while dynamo traces: the setting the compile sees)
+        frozen_during_call.append(inductor_config.freezing)
+        return real_forward(x)
+
+    compiled.model.forward = spying_forward
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = plain(x)
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with mode():
+            got = compiled(x)
+        assert not got.requires_grad and rel_error(got, want) < 1e-5
+    assert frozen_during_call and all(frozen_during_call)
+    assert inductor_config.freezing is False
+    other = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        assert rel_error(compiled(other), plain(other)) < 1e-5
+    needs_grad = x.clone().requires_grad_()
+    compiled(needs_grad).sum().backward()
+    assert needs_grad.grad is not None and needs_grad.grad.abs().sum() > 0
+    assert compiled.optimized_for_inference and compiled.backend_plan() == plain.backend_plan()
+    with pytest.raises(TypeError, match=r"compile must be True or False, got 'yes'"):
+        patnet.optimize_for_inference(model, compile="yes")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"compile=True and example_input .* choose one"):
+            patnet.optimize_for_inference(model.cuda(), compile=True,
+                                          example_input=torch.zeros(1, 3, 32, 32).cuda())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("backend", ["torch", "triton"])

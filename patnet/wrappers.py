@@ -1,0 +1,52 @@
+"""What ``patnet.optimize_for_inference`` may wrap its copy in: a model compiled by
+torch.compile under Inductor's freezing (``compile=True``); the CUDA graph of
+:mod:`patnet.cuda_graph` (``example_input=``) shares :class:`ModelWrapper` with it."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelWrapper(nn.Module):
+    """A module that runs ``self.model`` its own way; every other attribute (``backend_plan``,
+    ``optimized_for_inference``, ...) is the model's."""
+
+    model: nn.Module
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+
+class FrozenCompiledModel(ModelWrapper):
+    """``model`` (an inference copy) compiled by ``torch.compile`` (Inductor) under its
+    ``freezing``: the weights folded into the compiled code as constants, and on the CPU every
+    convolution on oneDNN with its weight laid out once, the elementwise work between them
+    fused, no Python between the ops.
+
+    Freezing is an Inductor setting read on every call, so each call runs with it set (only
+    for that call: other compiled code keeps the process's setting), and under
+    ``torch.no_grad()`` unless grad mode is on and x requires a gradient (Inductor freezes
+    only graphs that take none; such a call runs compiled, unfrozen). Each input shape is
+    compiled for on its first call (seconds to a minute), as a static shape: Inductor's
+    dynamic-shape code for oneDNN's convolutions fails its own stride checks (torch 2.13);
+    past dynamo's recompile limit (8 by default) a new shape runs uncompiled. The compiled
+    code reads the weights as they were then: after changing the model's weights, build it
+    again.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._compiled = torch.compile(model, dynamic=False)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        import torch._inductor.config as inductor_config
+
+        grad = torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
+        with inductor_config.patch(freezing=True), torch.set_grad_enabled(grad):
+            return self._compiled(x)
