@@ -104,7 +104,7 @@ def test_failing_provider_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch)
     """An exception reads "error: ..." (exit 1, the other providers measured); a backend that
     cannot run reads "unavailable: <reason>" (exit 0); where eager fails, the others read
     "skipped"."""
-    def broken(model, backend):
+    def broken(model, backend, **options):
         raise RuntimeError("kernel crashed (test)")
 
     monkeypatch.setattr(patnet, "optimize_for_inference", broken)
@@ -120,7 +120,7 @@ def test_failing_provider_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch)
     assert "ours: error: RuntimeError: kernel crashed (test)" in printed
     assert report["complete"] and Path(f"{prefix}.png").is_file()
 
-    def unavailable(model, backend):
+    def unavailable(model, backend, **options):
         raise pk.BackendUnavailableError("no kernel here (test)")
 
     monkeypatch.setattr(patnet, "optimize_for_inference", unavailable)
