@@ -51,7 +51,9 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
    keeps the input's.
 
 Its outputs equal the eval model's within float rounding (tests/test_inference.py checks every
-variant). The copy is for inference only: it refuses ``train()``.
+variant). The copy is for inference only: it refuses ``train()``. ``compile=True`` wraps it in
+:class:`patnet.wrappers.FrozenCompiledModel` (torch.compile under Inductor's freezing), and
+``example_input`` in :class:`patnet.cuda_graph.GraphedModel`.
 """
 from __future__ import annotations
 
