@@ -500,6 +500,22 @@ def test_compiled_copy_freezes_only_its_own_calls_and_equals_the_copy():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU test")
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compiled_copy_on_a_gpu_equals_the_copy(backend):
+    """optimize_for_inference(compile=True) on a GPU (its fused ops inside the compiled graph
+    under "triton"), fp32 and fp16 autocast, channels_last: equal to the uncompiled copy."""
+    model = _eval_model("patnet_t1", embed_dim=16, depths=(1, 1, 1, 1)).cuda()
+    plain = patnet.optimize_for_inference(model, backend)
+    compiled = patnet.optimize_for_inference(model, backend, compile=True)
+    x = torch.randn(4, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    for dtype, budget in ((None, 1e-4), (torch.float16, 2e-2)):
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float16,
+                                             enabled=dtype is not None):
+            assert rel_error(compiled(x), plain(x)) < budget, dtype
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_graph_replays_the_inference_model(backend):
