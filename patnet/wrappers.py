@@ -42,7 +42,8 @@ class FrozenCompiledModel(ModelWrapper):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self._compiled = torch.compile(model, dynamic=False)
+        # (not a submodule: the state_dict holds the model's tensors once, under "model.")
+        object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False))
 
     def forward(self, x: torch.Tensor) -> Any:
         import torch._inductor.config as inductor_config

@@ -491,6 +491,7 @@ def test_compiled_copy_freezes_only_its_own_calls_and_equals_the_copy():
     compiled(needs_grad).sum().backward()
     assert needs_grad.grad is not None and needs_grad.grad.abs().sum() > 0
     assert compiled.optimized_for_inference and compiled.backend_plan() == plain.backend_plan()
+    assert list(compiled.state_dict()) == [f"model.{key}" for key in plain.state_dict()]
     with pytest.raises(TypeError, match=r"compile must be True or False, got 'yes'"):
         patnet.optimize_for_inference(model, compile="yes")
     if torch.cuda.is_available():
