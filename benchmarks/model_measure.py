@@ -14,6 +14,7 @@ import torch
 import patnet
 import patnet_kernels as pk
 from patnet.cuda_graph import GraphedModel
+from patnet.wrappers import FrozenCompiledModel
 from benchmarks import env
 from benchmarks.providers import Unavailable, compile_settings
 from benchmarks.report import pretty
@@ -63,20 +64,17 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
     for provider in providers:
         entry: dict = {}
         row["providers"][provider] = entry
-        held = contextlib.ExitStack()
         try:
             if provider != "eager" and expected is None:
                 raise Unavailable("skipped", "the eager reference failed in this mode")
-            if provider == "compile-frozen":
-                import torch._inductor.config as inductor_config
-
-                # (held for all its calls: Inductor reads it on every call)
-                held.enter_context(inductor_config.patch(freezing=True))
-            if provider in ("compile", "compile-frozen"):
+            if provider == "compile":
                 compile_settings().reset()   # compile once for this mode, from a clean cache
                 net = torch.compile(reference, backend=args.compile_backend,
                                     **({"mode": args.compile_mode}
                                        if args.compile_backend == "inductor" else {}))
+            elif provider == "compile-frozen":  # (the wrapper of compile=True, on the reference)
+                compile_settings().reset()
+                net = FrozenCompiledModel(reference)
             elif provider == "compile-max":
                 if device.type != "cuda":
                     raise Unavailable("skipped", "max-autotune tunes GPU kernels (on the CPU "
@@ -129,7 +127,6 @@ def run_mode(name: str, reference: torch.nn.Module, x: torch.Tensor, precision: 
             entry.update(status="error", reason=f"{type(e).__name__}: {e}".strip(),
                          traceback=traceback.format_exc(limit=6))
         finally:
-            held.close()
             net = call = None   # the compiled or fused model goes before the next provider
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -27,6 +27,40 @@ def outside_inference_mode() -> Iterator[None]:
         yield
 
 
+class FrozenDerived:
+    """Tensors derived from frozen parameters (an ``nn.Parameter`` that requires no gradient:
+    those of ``patnet.optimize_for_inference``'s copy), each made once per (parameter, tag)
+    and kept while the parameter is unchanged (same version counter and storage): autocast's
+    casts of the weights (:mod:`patnet_kernels.functional`), oneDNN's reordered weights
+    (:mod:`patnet_kernels.cpu_conv`). Weakly keyed: freed with their parameter."""
+
+    def __init__(self):
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self._kept = WeakIdKeyDictionary()  # parameter -> {tag: (its version key, tensor)}
+
+    def get(self, parameter: torch.Tensor, tag: object, make) -> Optional[torch.Tensor]:
+        """``make(parameter)``, made once and kept (outside inference mode, so that any later
+        call can use it); None where nothing is kept: ``parameter`` is not a frozen parameter,
+        is an inference tensor (it has no version counter), or torch.compile is tracing (it
+        sees the plain computation and hoists or fuses it itself)."""
+        if (torch.compiler.is_compiling() or not isinstance(parameter, nn.Parameter)
+                or parameter.requires_grad or parameter.is_inference()):
+            return None
+        key = (parameter._version, parameter.data_ptr())
+        kept = self._kept.setdefault(parameter, {})
+        entry = kept.get(tag)
+        if entry is None or entry[0] != key:
+            with outside_inference_mode():
+                entry = kept[tag] = (key, make(parameter))
+        return entry[1]
+
+    def kept(self, parameter: torch.Tensor, tag: object) -> Optional[torch.Tensor]:
+        """What :meth:`get` keeps for (parameter, tag) now, current or not; None if nothing."""
+        entry = self._kept.get(parameter, {}).get(tag)
+        return None if entry is None else entry[1]
+
+
 def chunk_pixels(pixels: int, chunks: int) -> int:
     """S, the pixels per chunk of PAT_ch statistics taken in ``chunks`` chunks of H * W =
     ``pixels`` (``partial_block``'s ``statistics``): chunk t holds pixels [t S, min((t + 1) S,

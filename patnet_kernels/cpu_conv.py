@@ -17,9 +17,9 @@ PATNet-T2 and FasterNet-T2 at batch 1 on one thread 2.0-2.3x, the 3 x 3 ones on 
   for a single output channel (PAT_sp's per-pixel gate: a dot product per pixel, 4-6x slower
   on oneDNN's blocked kernels than on F.conv2d);
 - the weight reordered once per frozen parameter, into the blocked layout oneDNN picks for the
-  first input it meets, and kept while the parameter is unchanged (same version counter and
-  storage), as :func:`patnet_kernels.functional` keeps autocast's casts of frozen weights;
-  any other weight is reordered by oneDNN per call. Picked for batch 1 or 8, the layout gave
+  first input it meets, and kept while the parameter is unchanged
+  (:class:`patnet_kernels._types.FrozenDerived`, which keeps autocast's casts of frozen
+  weights too); any other weight is reordered by oneDNN per call. Picked for batch 1 or 8, the layout gave
   the same times at batches 1, 3 and 8 on the development machine; picked for no input shape
   at all it was up to 50x slower on some (a 3 x 3 conv of 96 channels on 7 x 7). An input
   whose kernel wants another layout has the kept weight reordered in the call;
@@ -34,13 +34,11 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
-from ._types import outside_inference_mode
+from ._types import FrozenDerived
 
-# Frozen weight -> (the key it was reordered for, the reordered weight): see _reordered.
-_REORDERED = WeakIdKeyDictionary()
+# The frozen weights' reordered forms, one per (weight, padding, stride): see _reordered.
+_REORDERED = FrozenDerived()
 # oneDNN's names of the activations (the exact, erf GELU is "gelu" with algorithm "none").
 _POST_OPS = {None: ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none")}
 # Why oneDNN's convolution cannot run in this process (None: it can), found on first use.
@@ -107,15 +105,10 @@ def _reordered(weight: torch.Tensor, x: torch.Tensor, padding, stride) -> torch.
     ``patnet.optimize_for_inference``'s copy) is reordered once, for the first x, and the
     result kept while the parameter is unchanged; any other weight is returned dense (oneDNN
     reorders it in the call)."""
-    if not isinstance(weight, nn.Parameter) or weight.requires_grad or weight.is_inference():
-        return _as_4d(weight).contiguous()
-    key = (weight._version, weight.data_ptr(), padding, stride)
-    kept = _REORDERED.get(weight)
-    if kept is None or kept[0] != key:
-        with outside_inference_mode():  # (kept for later calls)
-            kept = _REORDERED[weight] = (key, torch.ops.mkldnn._reorder_convolution_weight(
-                _as_4d(weight).contiguous(), padding, stride, (1, 1), 1, list(x.shape)))
-    return kept[1]
+    kept = _REORDERED.get(weight, (padding, stride), lambda w: (
+        torch.ops.mkldnn._reorder_convolution_weight(
+            _as_4d(w).contiguous(), padding, stride, (1, 1), 1, list(x.shape))))
+    return _as_4d(weight).contiguous() if kept is None else kept
 
 
 def _as_4d(weight: torch.Tensor) -> torch.Tensor:

@@ -11,45 +11,34 @@ import inspect
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import reference, registry
 from ._checks import (check_activation, check_batch_norm, check_batch_values,
                       check_conv_weight, check_device, check_flag, check_number, check_same,
                       check_same_or_float32, check_shape, check_statistics_of,
                       check_tensor)
-from ._types import (AUTOCAST_DEVICE_TYPES, BatchNormParams, SpatialAttentionParams,
-                     chunk_layout, outside_inference_mode)
+from ._types import (AUTOCAST_DEVICE_TYPES, BatchNormParams, FrozenDerived,
+                     SpatialAttentionParams, chunk_layout, outside_inference_mode)
 from .backends import choose_implementation
 from .ops._layout import memory_format_of
 from .reference.pointwise_mlp import ACTIVATIONS as MLP_ACTIVATIONS
 
 
-# Casts of frozen parameters under autocast, kept per (parameter, dtype) with the parameter's
-# version and storage at the time: see :func:`_autocast_copy`.
-_FROZEN_CASTS = WeakIdKeyDictionary()
+# Casts of frozen parameters under autocast, one per (parameter, dtype): see
+# :func:`_autocast_copy`.
+_FROZEN_CASTS = FrozenDerived()
 
 
 def _autocast_copy(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """value in ``dtype``. A frozen parameter (an ``nn.Parameter`` that requires no gradient:
     those of ``patnet.optimize_for_inference``'s copies) is cast once and the copy reused
-    while the parameter is unchanged (same version counter and storage), instead of once per
-    call as autocast casts weights (its own cache keeps only casts of tensors requiring
-    gradients, and only within one autocast region): under fp16 autocast that is a cast
-    kernel per weight per forward saved. Not while torch.compile traces (it sees plain casts
-    and hoists or fuses them itself), nor for an inference tensor (made under
-    ``torch.inference_mode``: it has no version counter)."""
-    if (torch.compiler.is_compiling() or not isinstance(value, nn.Parameter)
-            or value.requires_grad or value.is_inference()):
-        return value.to(dtype)
-    key = (value._version, value.data_ptr())
-    casts = _FROZEN_CASTS.setdefault(value, {})
-    cached = casts.get(dtype)
-    if cached is None or cached[0] != key:
-        with outside_inference_mode():  # (kept for later calls)
-            cached = casts[dtype] = (key, value.detach().to(dtype))
-    return cached[1]
+    while the parameter is unchanged (:class:`patnet_kernels._types.FrozenDerived`), instead
+    of once per call as autocast casts weights (its own cache keeps only casts of tensors
+    requiring gradients, and only within one autocast region): under fp16 autocast that is a
+    cast kernel per weight per forward saved. Not while torch.compile traces, nor for an
+    inference tensor."""
+    kept = _FROZEN_CASTS.get(value, dtype, lambda p: p.detach().to(dtype))
+    return value.to(dtype) if kept is None else kept
 
 
 def autocast_aware(op: Optional[Callable] = None, *, keep: Tuple[str, ...] = ()) -> Callable:

@@ -145,6 +145,12 @@ def authors_reference_dir() -> Path:
     return path
 
 
+def frozen(t: torch.Tensor) -> torch.nn.Parameter:
+    """t as an inference copy holds its weights: a parameter that requires no gradient (what
+    the copy's caches key on: autocast's casts, oneDNN's reordered weights)."""
+    return torch.nn.Parameter(t, requires_grad=False)
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
     """||actual - expected|| / max(||expected||, floor) in float64 (Frobenius norms), on the CPU
     (so a GPU result can be compared with stored CPU vectors)."""

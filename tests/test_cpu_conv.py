@@ -15,9 +15,11 @@ import patnet
 import patnet_kernels as pk
 from patnet_kernels import cpu_conv
 
-from conftest import rel_error
+from conftest import frozen, rel_error
 
 ONEDNN = "mkldnn::_convolution_pointwise"
+# The (padding, stride) a reordered weight is kept under: a 3 x 3 conv's, a 1 x 1 conv's.
+THREE_BY_THREE, ONE_BY_ONE = ((1, 1), (1, 1)), ((0, 0), (1, 1))
 needs_onednn = pytest.mark.skipif(cpu_conv.onednn_refusal() is not None,
                                   reason=f"oneDNN cannot run here: {cpu_conv.onednn_refusal()}")
 
@@ -33,9 +35,6 @@ def _ops_and_shapes(fn) -> list:
         fn()
     return [(event.name, event.input_shapes) for event in prof.events()]
 
-
-def _frozen(t: torch.Tensor) -> torch.nn.Parameter:
-    return torch.nn.Parameter(t, requires_grad=False)
 
 
 @needs_onednn
@@ -53,7 +52,7 @@ def test_onednn_convolution_equals_conv2d(k, stride, padding, activation):
         inp = source[:, 8:16]  # (a slice: copied to a dense map for oneDNN)
         want = F.conv2d(inp.double(), weight.double(), bias.double(), stride, padding)
         want = {None: want, "relu": F.relu(want), "gelu": F.gelu(want)}[activation]
-        for w in (weight, _frozen(weight.clone())):
+        for w in (weight, frozen(weight.clone())):
             ran = _ops_run(lambda: cpu_conv.conv2d(inp, w, bias, stride, padding, activation))
             assert ONEDNN in ran
             got = cpu_conv.conv2d(inp, w, bias, stride, padding, activation)
@@ -68,10 +67,10 @@ def test_linear_weight_is_a_one_by_one_convolution():
     x = torch.randn(2, 6, 3, 5, generator=gen)
     weight, bias = torch.randn(4, 6, generator=gen), torch.randn(4, generator=gen)
     want = F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
-    for w in (weight, _frozen(weight.clone())):
+    for w in (weight, frozen(weight.clone())):
         assert rel_error(cpu_conv.conv2d(x, w, bias), want) < 1e-6
         assert rel_error(cpu_conv.conv2d(x.double(), w.double(), bias.double()), want) < 1e-6
-    gate = _frozen(torch.randn(1, 6, 1, 1, generator=gen))  # (one output channel: F.conv2d)
+    gate = frozen(torch.randn(1, 6, 1, 1, generator=gen))  # (one output channel: F.conv2d)
     assert ONEDNN not in _ops_run(lambda: cpu_conv.conv2d(x, gate))
     assert rel_error(cpu_conv.conv2d(x, gate), F.conv2d(x, gate)) < 1e-6
 
@@ -85,35 +84,37 @@ def test_frozen_weight_is_reordered_once_and_again_when_it_changes():
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False).requires_grad_(False)
     x = torch.randn(1, 8, 6, 6)
     first = cpu_conv.conv2d(x, conv.weight, padding=1)
-    kept = cpu_conv._REORDERED[conv.weight][1]
+    kept = cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE)
+    assert kept is not None
     assert torch.equal(cpu_conv.conv2d(x, conv.weight, padding=1), first)
-    assert cpu_conv._REORDERED[conv.weight][1] is kept
+    assert cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE) is kept
     new_weight = torch.randn(8, 8, 3, 3)
     conv.load_state_dict({"weight": new_weight})  # (in place: same parameter)
     after = cpu_conv.conv2d(x, conv.weight, padding=1)
-    assert cpu_conv._REORDERED[conv.weight][1] is not kept
+    assert cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE) is not kept
     assert rel_error(after, F.conv2d(x, new_weight, padding=1)) < 1e-6
-    kept = cpu_conv._REORDERED[conv.weight][1]
+    kept = cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE)
+    assert kept is not None
     bigger = torch.randn(3, 8, 9, 7)
     assert rel_error(cpu_conv.conv2d(bigger, conv.weight, padding=1),
                      F.conv2d(bigger, new_weight, padding=1)) < 1e-6
-    assert cpu_conv._REORDERED[conv.weight][1] is kept
+    assert cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE) is kept
     trained = torch.nn.Parameter(torch.randn(4, 8, 1, 1))
     with torch.no_grad():
         cpu_conv.conv2d(x, trained)
         cpu_conv.conv2d(x, trained.detach())
-    assert trained not in cpu_conv._REORDERED
+    assert cpu_conv._REORDERED.kept(trained, ONE_BY_ONE) is None
 
 
 @needs_onednn
 def test_reordered_weight_made_under_inference_mode_serves_later_calls():
     """A first call under torch.inference_mode keeps an ordinary tensor (not an inference
     one), which later calls outside it, and a conversion of the weight, can use."""
-    weight = _frozen(torch.randn(6, 6, 1, 1))
+    weight = frozen(torch.randn(6, 6, 1, 1))
     x = torch.randn(2, 6, 4, 4)
     with torch.inference_mode():
         cpu_conv.conv2d(x, weight)
-    assert not cpu_conv._REORDERED[weight][1].is_inference()
+    assert not cpu_conv._REORDERED.kept(weight, ONE_BY_ONE).is_inference()
     assert rel_error(cpu_conv.conv2d(x, weight), F.conv2d(x, weight)) < 1e-6
 
 
@@ -121,7 +122,7 @@ def test_reordered_weight_made_under_inference_mode_serves_later_calls():
 def test_conv2d_falls_back_where_onednn_cannot_run(monkeypatch):
     """float64, oneDNN disabled by torch.backends.mkldnn, a torch without it (the probe's
     reason, which pk.info() shows): F.conv2d, the same values, and no oneDNN op run."""
-    x, weight = torch.randn(1, 4, 5, 5), _frozen(torch.randn(4, 4, 3, 3))
+    x, weight = torch.randn(1, 4, 5, 5), frozen(torch.randn(4, 4, 3, 3))
     want = F.conv2d(x, weight, padding=1)
     ran = _ops_run(lambda: cpu_conv.conv2d(x.double(), weight.double(), padding=1))
     assert ONEDNN not in ran

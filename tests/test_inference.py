@@ -21,7 +21,7 @@ from patnet.testing import randomize_norms
 from patnet_kernels import reference
 from patnet_kernels import eval_cpu, registry
 
-from conftest import DEVICE, rel_error, require_fused_backend
+from conftest import DEVICE, frozen, rel_error, require_fused_backend
 
 INFERENCE_TOLERANCE = 1e-5  # max |inference - eval| / max |eval|, float32 (folding's own bound)
 
@@ -298,11 +298,6 @@ def test_self_mixer_eval_forms_match_reference(shape, heads, bias):
                      reference.self_mixer_output(x, conv_w, tokens, proj_w, proj_b, None)) < 1e-13
 
 
-def _frozen(t: torch.Tensor) -> torch.nn.Parameter:
-    """t as an inference copy holds its weights (a parameter that requires no gradient: the
-    eval forms' convolutions keep its oneDNN layout)."""
-    return torch.nn.Parameter(t, requires_grad=False)
-
 
 def _conv_eval_form_cases(gen: torch.Generator):
     """(op, args) of the eval forms whose work is convolutions, float64, odd shapes: PConv in
@@ -360,7 +355,7 @@ def test_conv_eval_forms_match_reference():
 
         def as32(a, weights_frozen):  # (the tensors after x: weights, biases, residual)
             if isinstance(a, torch.Tensor):
-                return _frozen(a.float()) if weights_frozen and a is not args[0] \
+                return frozen(a.float()) if weights_frozen and a is not args[0] \
                     else a.float().clone()
             if isinstance(a, pk.SpatialAttentionParams):
                 def bn32(bn):
@@ -585,16 +580,16 @@ def test_frozen_parameters_are_cast_once_under_autocast():
     from patnet_kernels.functional import _autocast_copy
 
     half = torch.bfloat16
-    frozen = torch.nn.Parameter(torch.randn(4, 4, 1, 1), requires_grad=False)
-    first = _autocast_copy(frozen, half)
-    assert first.dtype == half and torch.equal(first, frozen.to(half))
-    assert _autocast_copy(frozen, half) is first
+    weight = frozen(torch.randn(4, 4, 1, 1))
+    first = _autocast_copy(weight, half)
+    assert first.dtype == half and torch.equal(first, weight.to(half))
+    assert _autocast_copy(weight, half) is first
     with torch.no_grad():
-        frozen.mul_(2)  # (an in-place change: a new version)
-    again = _autocast_copy(frozen, half)
-    assert again is not first and torch.equal(again, frozen.to(half))
-    frozen.data = torch.randn(4, 4, 1, 1)  # (new storage)
-    assert torch.equal(_autocast_copy(frozen, half), frozen.to(half))
+        weight.mul_(2)  # (an in-place change: a new version)
+    again = _autocast_copy(weight, half)
+    assert again is not first and torch.equal(again, weight.to(half))
+    weight.data = torch.randn(4, 4, 1, 1)  # (new storage)
+    assert torch.equal(_autocast_copy(weight, half), weight.to(half))
     trained, plain = torch.nn.Parameter(torch.randn(3)), torch.randn(3)
     for t in (trained, plain):
         assert _autocast_copy(t, half) is not _autocast_copy(t, half)
