@@ -26,10 +26,11 @@ class FrozenCompiledModel(ModelWrapper):
     """``model`` (an inference copy) compiled by ``torch.compile`` (Inductor) under its
     ``freezing``: the weights folded into the compiled code as constants, and on the CPU every
     convolution on oneDNN with its weight laid out once, the elementwise work between them
-    fused, no Python between the ops.
+    fused, no Python between the ops; on the CPU also Inductor's ``cpp_wrapper`` (the compiled
+    graph's calls issued from C++, not from generated Python).
 
-    Freezing is an Inductor setting read on every call, so each call runs with it set (only
-    for that call: other compiled code keeps the process's setting), and under
+    Both are Inductor settings read on every call, so each call runs with them set (only
+    for that call: other compiled code keeps the process's settings), and under
     ``torch.no_grad()`` unless grad mode is on and x requires a gradient (Inductor freezes
     only graphs that take none; such a call runs compiled, unfrozen). Each input shape is
     compiled for on its first call (seconds to a minute), as a static shape: Inductor's
@@ -48,6 +49,9 @@ class FrozenCompiledModel(ModelWrapper):
     def forward(self, x: torch.Tensor) -> Any:
         import torch._inductor.config as inductor_config
 
-        grad = torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
-        with inductor_config.patch(freezing=True), torch.set_grad_enabled(grad):
+        tensor = isinstance(x, torch.Tensor)
+        grad = torch.is_grad_enabled() and tensor and x.requires_grad
+        on_cpu = tensor and x.device.type == "cpu"
+        with inductor_config.patch(freezing=True, cpp_wrapper=on_cpu), \
+                torch.set_grad_enabled(grad):
             return self._compiled(x)

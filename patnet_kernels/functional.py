@@ -282,7 +282,7 @@ def rpe_buckets(height: int, width: int, device=None) -> torch.Tensor:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
     if torch.compiler.is_compiling():
-        return _rpe_buckets_op(height, width, device)
+        return _rpe_buckets_op(height, width, torch.empty(0, device=device))
     key = (height, width, device)
     ids = _BUCKET_CACHE.get(key)
     if ids is None:
@@ -297,14 +297,16 @@ def rpe_buckets(height: int, width: int, device=None) -> torch.Tensor:
 
 
 @torch.library.custom_op("patnet::rpe_buckets", mutates_args=())
-def _rpe_buckets_op(height: int, width: int, device: torch.device) -> torch.Tensor:
-    return rpe_buckets(height, width, device).clone()
+def _rpe_buckets_op(height: int, width: int, on_device: torch.Tensor) -> torch.Tensor:
+    """The map for ``on_device``'s device (its values are not read): a tensor, not a device
+    argument, which Inductor's C++ wrapper (``cpp_wrapper``, torch 2.13) cannot pass."""
+    return rpe_buckets(height, width, on_device.device).clone()
 
 
 @_rpe_buckets_op.register_fake
-def _(height, width, device):
+def _(height, width, on_device):
     n = height * width
-    return torch.empty((n, n), dtype=torch.int64, device=device)
+    return torch.empty((n, n), dtype=torch.int64, device=on_device.device)
 
 
 def _bucket_range(bucket: torch.Tensor):

@@ -466,7 +466,7 @@ def test_compiled_copy_freezes_only_its_own_calls_and_equals_the_copy():
     real_forward = compiled.model.forward
 
     def spying_forward(x):  # (runs while dynamo traces: the setting the compile sees)
-        frozen_during_call.append(inductor_config.freezing)
+        frozen_during_call.append((inductor_config.freezing, inductor_config.cpp_wrapper))
         return real_forward(x)
 
     compiled.model.forward = spying_forward
@@ -477,8 +477,8 @@ def test_compiled_copy_freezes_only_its_own_calls_and_equals_the_copy():
         with mode():
             got = compiled(x)
         assert not got.requires_grad and rel_error(got, want) < 1e-5
-    assert frozen_during_call and all(frozen_during_call)
-    assert inductor_config.freezing is False
+    assert frozen_during_call and all(f == (True, True) for f in frozen_during_call)
+    assert inductor_config.freezing is False and inductor_config.cpp_wrapper is False
     other = torch.randn(1, 3, 96, 64)
     with torch.no_grad():
         assert rel_error(compiled(other), plain(other)) < 1e-5
