@@ -3,7 +3,7 @@ torch.compile under Inductor's freezing (``compile=True``); the CUDA graph of
 :mod:`patnet.cuda_graph` (``example_input=``) shares :class:`ModelWrapper` with it."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -26,8 +26,9 @@ class FrozenCompiledModel(ModelWrapper):
     """``model`` (an inference copy) compiled by ``torch.compile`` (Inductor) under its
     ``freezing``: the weights folded into the compiled code as constants, and on the CPU every
     convolution on oneDNN with its weight laid out once, the elementwise work between them
-    fused, no Python between the ops; on the CPU also Inductor's ``cpp_wrapper`` (the compiled
-    graph's calls issued from C++, not from generated Python).
+    fused, no Python between the ops; with ``cpp_wrapper`` (None, the default: for CPU inputs)
+    Inductor's C++ wrapper, the compiled graph's calls issued from C++ rather than from
+    generated Python (``python -m benchmarks.compiled_cpu`` measures what it gains).
 
     Both are Inductor settings read on every call, so each call runs with them set (only
     for that call: other compiled code keeps the process's settings), and under
@@ -40,9 +41,12 @@ class FrozenCompiledModel(ModelWrapper):
     again.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, cpp_wrapper: Optional[bool] = None):
         super().__init__()
+        if cpp_wrapper is not None and not isinstance(cpp_wrapper, bool):
+            raise TypeError(f"cpp_wrapper must be None, True or False, got {cpp_wrapper!r}")
         self.model = model
+        self.cpp_wrapper = cpp_wrapper
         # (not a submodule: the state_dict holds the model's tensors once, under "model.")
         object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False))
 
@@ -51,7 +55,9 @@ class FrozenCompiledModel(ModelWrapper):
 
         tensor = isinstance(x, torch.Tensor)
         grad = torch.is_grad_enabled() and tensor and x.requires_grad
-        on_cpu = tensor and x.device.type == "cpu"
-        with inductor_config.patch(freezing=True, cpp_wrapper=on_cpu), \
+        cpp_wrapper = self.cpp_wrapper
+        if cpp_wrapper is None:
+            cpp_wrapper = tensor and x.device.type == "cpu"
+        with inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper), \
                 torch.set_grad_enabled(grad):
             return self._compiled(x)
