@@ -47,8 +47,21 @@ class FrozenCompiledModel(ModelWrapper):
             raise TypeError(f"cpp_wrapper must be None, True or False, got {cpp_wrapper!r}")
         self.model = model
         self.cpp_wrapper = cpp_wrapper
-        # (not a submodule: the state_dict holds the model's tensors once, under "model.")
-        object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False))
+        # The compiled model per value of cpp_wrapper. (Not a submodule: the state_dict holds
+        # the model's tensors once, under "model.")
+        object.__setattr__(self, "_compiled", {})
+
+    def _compiled_for(self, cpp_wrapper: bool):
+        """The model compiled with these settings. They are also the compile's options, so
+        that dynamo does not hand this wrapper code compiled for the same model by another
+        ``torch.compile`` call with other settings (it shares its cache between calls whose
+        backends compare equal)."""
+        compiled = self._compiled.get(cpp_wrapper)
+        if compiled is None:
+            compiled = torch.compile(self.model, dynamic=False,
+                                     options={"freezing": True, "cpp_wrapper": cpp_wrapper})
+            self._compiled[cpp_wrapper] = compiled
+        return compiled
 
     def forward(self, x: torch.Tensor) -> Any:
         import torch._inductor.config as inductor_config
@@ -60,4 +73,4 @@ class FrozenCompiledModel(ModelWrapper):
             cpp_wrapper = tensor and x.device.type == "cpu"
         with inductor_config.patch(freezing=True, cpp_wrapper=cpp_wrapper), \
                 torch.set_grad_enabled(grad):
-            return self._compiled(x)
+            return self._compiled_for(cpp_wrapper)(x)

@@ -456,8 +456,11 @@ def test_compiled_copy_freezes_only_its_own_calls_and_equals_the_copy():
     (run without a gradient: the input needs none), under torch.no_grad and
     torch.inference_mode, and for a second input shape; freezing is set during its calls
     only; a gradient to an input that requires one still flows; its other attributes are the
-    copy's; compile with example_input, or a non-bool, is refused."""
+    copy's; compile with example_input, or a non-bool, is refused. With Inductor's C++
+    wrapper (on the CPU by default), and with its Python wrapper where asked for."""
     import torch._inductor.config as inductor_config
+
+    from patnet.wrappers import FrozenCompiledModel
 
     model = _eval_model("patnet_t0", embed_dim=16, depths=(1, 1, 1, 1))
     plain = patnet.optimize_for_inference(model)
@@ -486,6 +489,14 @@ def test_compiled_copy_freezes_only_its_own_calls_and_equals_the_copy():
     compiled(needs_grad).sum().backward()
     assert needs_grad.grad is not None and needs_grad.grad.abs().sum() > 0
     assert compiled.optimized_for_inference and compiled.backend_plan() == plain.backend_plan()
+    # Inductor's Python wrapper asked for: compiled anew (not the C++ wrapper's code), equal
+    python_wrapper = FrozenCompiledModel(compiled.model, cpp_wrapper=False)
+    frozen_during_call.clear()
+    with torch.no_grad():
+        assert rel_error(python_wrapper(x), want) < 1e-5
+    assert frozen_during_call and all(f == (True, False) for f in frozen_during_call)
+    with pytest.raises(TypeError, match=r"cpp_wrapper must be None, True or False, got 1"):
+        FrozenCompiledModel(compiled.model, cpp_wrapper=1)
     assert list(compiled.state_dict()) == [f"model.{key}" for key in plain.state_dict()]
     with pytest.raises(TypeError, match=r"compile must be True or False, got 'yes'"):
         patnet.optimize_for_inference(model, compile="yes")
