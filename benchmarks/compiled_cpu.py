@@ -45,6 +45,7 @@ def variants(name: str) -> Dict[str, torch.nn.Module]:
     from patnet.testing import randomize_norms
     from patnet.wrappers import FrozenCompiledModel
 
+    torch._dynamo.reset()  # (the models of a run share forward code: the recompile limit)
     torch.manual_seed(0)
     reference = randomize_norms(patnet.create_model(name), 0).eval()
     ours = patnet.optimize_for_inference(reference)
