@@ -395,6 +395,7 @@ def test_bucket_tables_kept_while_the_map_lives(fused_backend):
     an evicting cache would free them); made again when the map changes in place; dropped
     with the map (they hold none of it); never kept for an inference tensor."""
     import gc
+    import weakref
 
     from patnet_kernels.ops.triton import rpe_attention as triton_ops
 
@@ -409,9 +410,11 @@ def test_bucket_tables_kept_while_the_map_lives(fused_backend):
     assert again is not first and again[0][0, 0].item() == 5
     gc.collect()
     kept = len(triton_ops._SEGMENTS)
+    the_map = weakref.ref(bucket)
     del bucket, first, again
     gc.collect()
-    assert len(triton_ops._SEGMENTS) == kept - 1
+    # (other tests' maps may die meanwhile too: how many entries go is not the check)
+    assert the_map() is None and len(triton_ops._SEGMENTS) < kept
     with torch.inference_mode():
         frozen = pk.rpe_buckets(3, 4, device=DEVICE).clone()
         triton_ops._segments(frozen, 81)
