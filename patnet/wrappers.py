@@ -30,8 +30,9 @@ class FrozenCompiledModel(ModelWrapper):
     Inductor's C++ wrapper, the compiled graph's calls issued from C++ rather than from
     generated Python (``python -m benchmarks.compiled_cpu`` measures what it gains).
 
-    Both are Inductor settings read on every call, so each call runs with them set (only
-    for that call: other compiled code keeps the process's settings), and under
+    Freezing is an Inductor setting read on every call, so each call runs with it (and the
+    wrapper's) set, only for that call (other compiled code keeps the process's settings), and
+    under
     ``torch.no_grad()`` unless grad mode is on and x requires a gradient (Inductor freezes
     only graphs that take none; such a call runs compiled, unfrozen). Each input shape is
     compiled for on its first call (seconds to a minute), as a static shape: Inductor's
