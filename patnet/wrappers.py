@@ -32,9 +32,8 @@ class FrozenCompiledModel(ModelWrapper):
 
     Freezing is an Inductor setting read on every call, so each call runs with it (and the
     wrapper's) set, only for that call (other compiled code keeps the process's settings), and
-    under
-    ``torch.no_grad()`` unless grad mode is on and x requires a gradient (Inductor freezes
-    only graphs that take none; such a call runs compiled, unfrozen). Each input shape is
+    under ``torch.no_grad()`` unless grad mode is on and x requires a gradient (Inductor
+    freezes only graphs that take none; such a call runs compiled, unfrozen). Each input shape is
     compiled for on its first call (seconds to a minute), as a static shape: Inductor's
     dynamic-shape code for oneDNN's convolutions fails its own stride checks (torch 2.13);
     past dynamo's recompile limit (8 by default) a new shape runs uncompiled. The compiled
