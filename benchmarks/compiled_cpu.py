@@ -32,6 +32,7 @@ import torch
 from . import env
 from .report import columns, fmt, pretty, split_list, write_json
 from .timer import time_cpu_round_robin
+from .tolerance import rel_max_error
 
 VARIANTS = ("reference, frozen", "reference, frozen, C++", "ours", "ours, frozen",
             "ours, frozen, C++")
@@ -70,7 +71,7 @@ def measure(name: str, warmup: int, runs: int) -> dict:
             start = time.perf_counter()
             got = models[key](x)
             first_call_s[key] = time.perf_counter() - start
-            errors[key] = ((got - want).abs().max() / want.abs().max()).item()
+            errors[key] = rel_max_error(got, want)
         times = time_cpu_round_robin({key: (lambda m=models[key]: m(x)) for key in VARIANTS},
                                      warmup, runs, f"{pretty(name)} round-robin")
     return {"model": name, "first_call_s": first_call_s, "max_rel_error": errors,

@@ -38,6 +38,7 @@ from typing import Dict, List, Optional
 
 from . import env
 from .report import columns, fmt, pretty, split_list, write_json
+from .timer import cpu_loop
 
 PROVIDERS = ("eager", "ours")
 # glibc's variables, as the processes of the "fixed" setting get them: every request under
@@ -62,7 +63,6 @@ def time_alone(name: str, provider: str, size: int, warmup: int, runs: int) -> d
     """This process's measurement: ``provider``'s forward of ``name`` at batch 1, one thread:
     median ms and minor page faults per forward over ``runs`` forwards after ``warmup``."""
     import resource
-    import time
 
     import torch
 
@@ -72,15 +72,10 @@ def time_alone(name: str, provider: str, size: int, warmup: int, runs: int) -> d
     reference = patnet.create_model(name).eval()  # (kept, as by an application: see doc)
     model = patnet.optimize_for_inference(reference) if provider == "ours" else reference
     x = torch.randn(1, 3, size, size)
-    times: List[float] = []
     with torch.no_grad():
-        for _ in range(warmup):
-            model(x)
+        cpu_loop({provider: lambda: model(x)}, warmup, 0)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
+        times = cpu_loop({provider: lambda: model(x)}, 0, runs)[provider]
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return {"ms": statistics.median(times), "faults_per_forward": faults / runs,
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
