@@ -6,9 +6,12 @@ pass them. This runs ``python -m patnet_kernels.triton.aot --gpu-triton`` in a p
 TRITON_INTERPRET, under the installed Triton and under the GPU machines' (3.6.0, whose front
 end spilled where 3.9 did not): each kernel for each target as a real launch specialises it
 (one compile per kind of launch; ``--no-generic`` leaves out the plain signature, which needs
-a few KiB more only in fp32 attention kernels far below the limits), tens of minutes of CPU
-time with an empty Triton cache and seconds with a warm one; run in the background from the
-end of collection (``conftest.pytest_collection_finish``), beside the interpreter tests. A second test checks
+a few KiB more only in fp32 attention kernels far below the limits). A variant listed in the
+committed record (``patnet_kernels/triton/aot_record/``: Triton's compile key -> what its
+compile showed) is judged from it, so the check takes seconds on a fresh clone; one not listed
+(a changed kernel) is compiled, minutes per family on 2 cores, and fails the test until the
+record lists it. It runs in the background from the end of collection
+(``conftest.pytest_collection_finish``), beside the interpreter tests. A second test checks
 that specialisation against Triton's own for real launches, and a third that every configuration
 the released models launch on a GPU is on the lists compiled (``tests/released_launches.py``).
 """
@@ -33,10 +36,15 @@ def test_every_kernel_compiles_for_sm90_and_sm80():
     code, report = aot_check_report()
     assert code == 0, report[-6000:]
     assert "FAILED" not in report, report[-6000:]
-    # Checked under the installed Triton and under the GPU machines' (what the GPU compiles).
+    # Checked under the installed Triton and under the GPU machines' (what the GPU compiles),
+    # every variant listed in the committed record (else a fresh clone compiles for hours).
     for version in {triton.__version__, GPU_MACHINE_TRITON}:
-        assert re.search(rf" 0 failed \(\d+ compiles in \d+ s, Triton {re.escape(version)}\)",
-                         report), (version, report[-6000:])
+        assert re.search(rf" 0 failed \(\d+ variants in \d+ s, Triton {re.escape(version)}: "
+                         r"\d+ compiled, \d+ from the record; ", report), (version, report[-6000:])
+        assert re.search(rf"Triton {re.escape(version)}: .*; 0 not in the record\)", report), (
+            "a kernel changed: run python -m patnet_kernels.triton.aot --arch 90 80 "
+            "--no-generic --gpu-triton --record and commit patnet_kernels/triton/aot_record/",
+            report[-3000:])
     # Every kernel was compiled as launched (NCHW / channels_last / contiguous q, k, v), not only
     # from its plain signature.
     for variant in ("NCHW ", "channels_last ", "contiguous "):
@@ -144,6 +152,59 @@ def test_machine_code_problems():
     assert aot.machine_code_problems(name, clean._replace(stack=dropout),
                                      "contiguous, dropout") == []
     assert aot.machine_code_problems(name, clean._replace(stack=dropout), "contiguous")
+
+
+# Runs without TRITON_INTERPRET: the first kernel of partial_conv for sm_90 as launched on NCHW
+# inputs, judged from a record entry that says it spills (Triton's compile made to fail, so
+# only the record can answer), then with an empty record (so it is compiled: that failure).
+_RECORD_CHECK = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from patnet_kernels.triton import aot
+
+    kernel = aot._kernels("partial_conv")[0]
+    index = [name for name, _ in aot.variants(kernel, False)].index("NCHW")
+    job = ("partial_conv", 0, 90, index, False)
+    signature, constexprs, attrs = aot.specialise(kernel, kernel.launches["NCHW"])
+    source = ASTSource(fn=kernel.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    key = aot.compile_key(source, 90, dict(num_warps=kernel.num_warps,
+                                          num_stages=kernel.num_stages, **kernel.options))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("compiled")
+
+    triton.compile = refuse
+    aot._use_record({key: [kernel.name, 90, "NCHW", 1024, 80, 4096, 12, 0, False, 0, 0]})
+    got = aot._compile(job)
+    assert got.recorded and got.key == key and got.shared == 1024, got
+    assert "spills: 4096 B of stack per thread (12 LDL/STL)" in got.error, got
+    aot._use_record({})
+    got = aot._compile(job)
+    assert not got.recorded and got.error == "RuntimeError: compiled", got
+    print("judged from the record")
+""")
+
+
+def test_a_recorded_variant_is_judged_without_compiling():
+    proc = subprocess.run([sys.executable, "-c", _RECORD_CHECK], cwd=REPO, env=compile_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "judged from the record" in proc.stdout, (
+        proc.stdout + proc.stderr)[-6000:]
+
+
+def test_record_keeps_one_line_per_variant(tmp_path, monkeypatch):
+    from patnet_kernels.triton import aot
+
+    monkeypatch.setattr(aot, "RECORD_DIR", tmp_path / "aot_record")
+    entries = {"b" * 64: ["k[fp16]", 90, "NCHW", 0, 40, 0, 0, 2, True, 1, 0],
+               "a" * 64: ["k[fp16]", 80, "NCHW", 0, 40, 0, 0, 2, True, 1, 0],
+               "c" * 64: ["j[fp32]", 90, "channels_last", 512, 96, 8, 2, 0, False, 0, 4]}
+    aot.write_record("9.9.9", entries)
+    assert aot.load_record("9.9.9") == entries and aot.load_record("1.0.0") == {}
+    lines = aot.record_path("9.9.9").read_text().splitlines()
+    assert len(lines) == 5 and lines[1].startswith('"' + "c" * 64)  # (by kernel, then arch)
+    assert lines[2].startswith('"' + "a" * 64) and lines[3].startswith('"' + "b" * 64)
 
 
 def test_machine_code_reads_each_cubin_once(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Ahead-of-time compile of every shipped Triton kernel configuration for real GPU targets.
 
-    python -m patnet_kernels.triton.aot [--arch 90 80] [--jobs N] [--no-generic]
+    python -m patnet_kernels.triton.aot [--arch 90 80] [--jobs N] [--no-generic] [--gpu-triton]
+                                        [--record | --fresh]
 
 Compiles each kernel of each family's ``aot_kernels()`` down to machine code for sm_90 and sm_80
 (no GPU needed) and checks its shared memory fits the target; prints one line per kernel and
@@ -34,10 +35,17 @@ spilled where 3.9 did not), so what the check reads there is what the measured G
 runs both.
 
 With ``--no-generic`` this is 1388 compiles (more with the generic variants); with an empty
-Triton cache they take minutes on 2 cores (the PConv, PAT_ch and MLP families' 492 took 419 s
-on the shared development machine). Triton caches each compile (~/.triton/cache) and this
-module each cubin's machine-code reading beside it (:func:`machine_code_cache`), so a rerun
-takes seconds and only kernels whose source changed are compiled and read again.
+Triton cache they take about two hours on 2 cores (the PConv, PAT_ch and MLP families' 492
+took 419 s on the shared development machine). So what each compile showed is committed
+(``aot_record/triton-<version>.json``: Triton's compile key -> shared memory and machine-code
+reading, :func:`compile_key`) and a variant whose key is listed is judged from its entry
+(against today's :data:`KNOWN_SPILLS` and shared-memory limits) without compiling: a fresh clone
+checks every kernel in seconds. A kernel whose source, specialisation or options changed has
+another key and is compiled; ``--record`` writes the run's readings into the record (commit
+it), and the test of this check fails while a variant is missing from it. ``--fresh`` compiles
+every variant regardless. Triton also caches each compile (~/.triton/cache), and this module
+each cubin's machine-code reading beside it (:func:`machine_code_cache`), so a rerun compiles
+only what changed.
 """
 from __future__ import annotations
 
@@ -313,10 +321,74 @@ def machine_code_problems(name: str, code: MachineCode, kind: str = "") -> List[
     return problems
 
 
-def _compile(job: Tuple[str, int, int, int, bool]
-             ) -> Tuple[str, int, str, str, int, Optional[MachineCode], float]:
-    """Compile variant ``variant`` of kernel ``index`` of ``family`` for sm_``arch``:
-    (kernel name, arch, variant name, error, shared bytes, machine code, seconds)."""
+def compile_key(source, arch: int, options: Dict) -> str:
+    """The key under which ``triton.compile(source, target=sm_<arch>, options=options)`` keeps
+    its result in Triton's cache, computed as it computes it (the installed Triton's own
+    functions, before compiling): the hash of its version and files, the kernel's source and
+    specialisation, the target, the options and the environment variables that change a
+    compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import (get_cache_invalidating_env_vars, get_cache_key,
+                                          make_backend)
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    parsed = backend.parse_options(dict(options, **source.parse_options()))
+    key = get_cache_key(source, backend, parsed, env_vars=get_cache_invalidating_env_vars())
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+# What the check read off earlier compiles, committed (one file per Triton version): Triton's
+# compile key -> [kernel, arch, launch kind, shared bytes, *MachineCode]. A variant whose key is
+# listed is judged from its entry, not compiled again, so a machine whose Triton cache is
+# empty (CI's, a fresh clone's) checks every kernel in seconds where compiling them all takes
+# hours on 2 cores; a changed kernel (another key) is compiled, and ``--record`` lists it.
+RECORD_DIR = Path(__file__).resolve().parent / "aot_record"
+
+
+def record_path(version: str) -> Path:
+    return RECORD_DIR / f"triton-{version}.json"
+
+
+def load_record(version: str) -> Dict[str, list]:
+    """The committed entries of Triton ``version`` (none if it has no file)."""
+    try:
+        return json.loads(record_path(version).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def write_record(version: str, entries: Dict[str, list]) -> None:
+    """Write the entries, one per line, in kernel, arch and launch order (stable diffs)."""
+    lines = [f"{json.dumps(k)}: {json.dumps(v)}"
+             for k, v in sorted(entries.items(), key=lambda kv: (kv[1][:3], kv[0]))]
+    RECORD_DIR.mkdir(exist_ok=True)
+    record_path(version).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+_RECORD: Dict[str, list] = {}  # (a worker's copy of the record it judges from; empty: --fresh)
+
+
+def _use_record(entries: Dict[str, list]) -> None:
+    _RECORD.clear()
+    _RECORD.update(entries)
+
+
+class Compiled(NamedTuple):
+    """One variant's outcome (:func:`_compile`)."""
+    kernel: str
+    arch: int
+    variant: str
+    error: str
+    shared: int  # bytes (-1: did not compile)
+    code: Optional[MachineCode]
+    seconds: float
+    key: str  # Triton's compile key ("" if it could not be computed)
+    recorded: bool  # judged from the record, not compiled
+
+
+def _compile(job: Tuple[str, int, int, int, bool]) -> Compiled:
+    """Compile variant ``variant`` of kernel ``index`` of ``family`` for sm_``arch`` (or read
+    its result off the record) and judge it."""
     family, index, arch, variant, generic = job
     import triton
     from triton.backends.compiler import GPUTarget
@@ -325,14 +397,23 @@ def _compile(job: Tuple[str, int, int, int, bool]
     kernel = _kernels(family)[index]
     name, ones = variants(kernel, generic)[variant]
     start = time.perf_counter()
-    code = None
+    shared, code, key, recorded = -1, None, "", False
     try:
         signature, constexprs, attrs = specialise(kernel, ones)
         source = ASTSource(fn=kernel.fn, signature=signature, constexprs=constexprs, attrs=attrs)
         options = dict(num_warps=kernel.num_warps, num_stages=kernel.num_stages, **kernel.options)
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-        shared, code = int(compiled.metadata.shared), None
-        code = machine_code(compiled.asm["cubin"], compiled.asm["ttir"])
+        key = compile_key(source, arch, options)
+        entry = _RECORD.get(key)
+        if entry is not None:
+            shared, code, recorded = entry[3], MachineCode(*entry[4:]), True
+        else:
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options=options)
+            if compiled.hash != key:
+                raise RuntimeError(f"compile_key gave {key}, Triton keyed the compile "
+                                   f"{compiled.hash}: update compile_key for this Triton")
+            shared = int(compiled.metadata.shared)
+            code = machine_code(compiled.asm["cubin"], compiled.asm["ttir"])
         # (the plain signature is no real launch: its machine code is reported, not judged)
         problems = machine_code_problems(kernel.name, code, name) if ones is not None else []
         if shared > SHARED_LIMIT[arch]:
@@ -341,7 +422,8 @@ def _compile(job: Tuple[str, int, int, int, bool]
         error = "; ".join(problems)
     except Exception as exc:  # reported per kernel, then the run fails
         shared, error = -1, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
-    return kernel.name, arch, name, error, shared, code, time.perf_counter() - start
+    return Compiled(kernel.name, arch, name, error, shared, code, time.perf_counter() - start,
+                    key, recorded)
 
 
 def triton_overlay(version: str) -> Path:
@@ -392,6 +474,12 @@ def main(argv: List[str] = None) -> int:
                         help=f"then check sm_{GPU_MACHINE_ARCH} again under Triton "
                              f"{GPU_MACHINE_TRITON}, the GPU machines' (installed into a folder "
                              f"of its own on first use)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="compile every variant, also those the committed record lists")
+    parser.add_argument("--record", action="store_true",
+                        help="write what this run read into the committed record "
+                             "(patnet_kernels/triton/aot_record/), replacing the entries of "
+                             "the families and architectures checked")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
@@ -402,25 +490,31 @@ def main(argv: List[str] = None) -> int:
               for arch in args.arch]
     jobs = [job for group in groups for job in group]
     import triton
+    record = load_record(triton.__version__)
     print(f"compiling {len(groups)} kernel configurations ({len(jobs)} launch variants) for "
           f"{', '.join(f'sm_{a}' for a in args.arch)} with {args.jobs} processes, Triton "
-          f"{triton.__version__} ({Path(triton.__file__).parent})", flush=True)
-    failures, peaks, start = 0, [], time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+          f"{triton.__version__} ({Path(triton.__file__).parent}); "
+          + ("every variant compiled (--fresh)" if args.fresh else
+             f"those in {record_path(triton.__version__).relative_to(RECORD_DIR.parents[2])} "
+             f"({len(record)} entries) judged from it"), flush=True)
+    failures, peaks, start, readings, outcomes = 0, [], time.perf_counter(), {}, []
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_use_record,
+                             initargs=({} if args.fresh else record,)) as pool:
         results = pool.map(_compile, jobs)
         for done, group in enumerate(groups, 1):
             got = [next(results) for _ in group]
-            name, arch = got[0][0], got[0][1]
-            errors = [f"[{variant}] {error}" for _, _, variant, error, _, _, _ in got if error]
-            shared = {variant: s for _, _, variant, _, s, _, _ in got}
+            name, arch = got[0].kernel, got[0].arch
+            errors = [f"[{r.variant}] {r.error}" for r in got if r.error]
+            shared = {r.variant: r.shared for r in got}
             peak = max(shared.values())
             detail = ", ".join(f"{v} {s}" for v, s in shared.items())
-            seconds = sum(r[6] for r in got)
             status = (f"FAILED: {'; '.join(errors)}" if errors
                       else f"ok, shared {peak:6d} B of {SHARED_LIMIT[arch]}")
-            print(f"[{done:3d}/{len(groups)}] sm_{arch} {name:48s} {status} ({detail}; "
-                  f"{seconds:.1f} s)", flush=True)
-            codes = [(variant, code) for _, _, variant, _, _, code, _ in got if code]
+            how = ("recorded" if all(r.recorded for r in got)
+                   else f"{sum(r.seconds for r in got):.1f} s")
+            print(f"[{done:3d}/{len(groups)}] sm_{arch} {name:48s} {status} ({detail}; {how})",
+                  flush=True)
+            codes = [(r.variant, r.code) for r in got if r.code]
             if codes:
                 print("          " + "; ".join(
                     f"{variant}: {code.registers} regs, stack {code.stack} B"
@@ -430,18 +524,38 @@ def main(argv: List[str] = None) -> int:
                     for variant, code in codes), flush=True)
             failures += bool(errors)
             peaks.append((peak, arch, name))
+            readings.update({r.key: [r.kernel, r.arch, r.variant, r.shared, *r.code]
+                             for r in got if r.code})
+            outcomes += got
     for arch in args.arch:
         top = sorted((p for p in peaks if p[1] == arch), reverse=True)[:5]
         print(f"largest on sm_{arch} (limit {SHARED_LIMIT[arch]} B): "
               + "; ".join(f"{n} {s} B" for s, _, n in top))
-    print(f"{len(groups) - failures} compiled, {failures} failed "
-          f"({len(jobs)} compiles in {time.perf_counter() - start:.0f} s, Triton "
-          f"{triton.__version__})", flush=True)
+    unrecorded = [key for key in readings if key not in record]
+    from_record = sum(r.recorded for r in outcomes)
+    print(f"{len(groups) - failures} passed, {failures} failed ({len(jobs)} variants in "
+          f"{time.perf_counter() - start:.0f} s, Triton {triton.__version__}: "
+          f"{len(jobs) - from_record} compiled, {from_record} from the record; "
+          f"{len(unrecorded)} not in the record)", flush=True)
+    if args.record:
+        checked = {_kernels(f)[i].name for f, i, *_ in jobs}
+        kept = {k: v for k, v in record.items()
+                if not (v[0] in checked and v[1] in args.arch
+                        and (args.generic or v[2] != GENERIC))}
+        write_record(triton.__version__, {**kept, **readings})
+        print(f"recorded {len(readings)} variants ({len(unrecorded)} new, "
+              f"{len(record) - len(kept)} replaced or dropped) in "
+              f"{record_path(triton.__version__)}", flush=True)
+    elif unrecorded:
+        print(f"{len(unrecorded)} variants are not in the record (a kernel changed): run "
+              f"python -m {__package__}.aot {' '.join(argv or sys.argv[1:])} --record, and "
+              "commit the record", flush=True)
     code = 1 if failures else 0
     if args.gpu_triton and triton.__version__ != GPU_MACHINE_TRITON:
         code = max(code, _run_under_gpu_triton(
             ["--arch", str(GPU_MACHINE_ARCH), "--jobs", str(args.jobs), "--families",
-             *args.families] + ([] if args.generic else ["--no-generic"])))
+             *args.families] + ([] if args.generic else ["--no-generic"])
+            + (["--fresh"] if args.fresh else []) + (["--record"] if args.record else [])))
     return code
 
 
