@@ -10,7 +10,12 @@
 #
 #   1. preflight    versions, GPU, driver, packages -> env.txt; the results folder's name
 #   2. CUDA build   JIT build of patnet_kernels' CUDA extension in the background
-#                   (_cuda_ext.load(); output -> build.log) while the Triton tests run
+#                   (_cuda_ext.load(); output -> build.log) while the Triton tests run;
+#      precompile   beside it, the benchmarks' Triton kernels (PATNet-T2 and FasterNet-T2 at
+#                   batch 256: AMP inference, training ops; fp16 and bf16, both layouts)
+#                   compiled into Triton's cache by 2 processes (benchmarks/precompile.py),
+#                   stopped when the benchmarks start (with --no-tests: a phase of its own, on
+#                   every CPU), so that they time rather than compile
 #   3. Triton tests pytest -m "not slow" -k "not cuda", pytest-xdist, highest-value tests first
 #                   (benchmarks/gpu_check_plugin.py: the order, what is left out and why),
 #                   --timeout per test, --maxfail; every outcome and failure written as it
@@ -132,13 +137,14 @@ quote() { local out="" a; for a in "$@"; do out+=" $(printf '%q' "$a")"; done; e
 phase_row() { [ "$DRY" = 1 ] || printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$6" "$7" "${8:-}" >> "$WORK/phases.tsv"; }
 left_until() { if [ "$DRY" = 1 ]; then echo "$1"; else echo $(( $1 - SECONDS )); fi; }  # dry run: the deadline
 
-CHILD=""; BUILD_PID=""; INTERRUPTED=0
+CHILD=""; BUILD_PID=""; PRECOMPILE_PID=""; INTERRUPTED=0
 # shellcheck disable=SC2317  # (called by the trap)
 on_signal() {
   INTERRUPTED=1
   log "interrupted: stopping the running phase, then writing the summary"
   [ -n "$CHILD" ] && kill -INT "$CHILD" 2>/dev/null
   [ -n "$BUILD_PID" ] && [ -f "$WORK/build.pid" ] && kill -TERM "$(cat "$WORK/build.pid")" 2>/dev/null
+  [ -n "$PRECOMPILE_PID" ] && kill -TERM -- "-$PRECOMPILE_PID" 2>/dev/null
 }
 trap on_signal INT TERM
 
@@ -317,7 +323,44 @@ finish_build() {  # wait for the build; BUILD_STATE=ok|failed
   else BUILD_STATE=failed; log "CUDA build: FAILED (exit $rc; see build.log)"; fi
 }
 
+# ------------------------------------------------------------------------------ 2. precompile
+PRECOMPILE_PRECISIONS=fp16,bf16; [ "$QUICK" = 1 ] && PRECOMPILE_PRECISIONS=fp16
+# shellcheck disable=SC2054  # (commas inside arguments)
+PRECOMPILE=("$PY" -m benchmarks.precompile --models patnet_t2,fasternet_t2 --batch 256
+            --kinds inference,training --precisions "$PRECOMPILE_PRECISIONS"
+            --layouts channels_last,nchw)
+SETSID=$(command -v setsid || true)
+start_precompile() {  # in the background (its own process group), 2 compile processes
+  if [ "$DRY" = 1 ]; then
+    printf '  2. precompile, in the background until the benchmarks start: %s\n' \
+      "$(quote "${PRECOMPILE[@]}" --jobs 2)"
+    return
+  fi
+  log "precompile: start in the background"
+  PRECOMPILE_START=$SECONDS
+  ${SETSID:+"$SETSID"} "${PRECOMPILE[@]}" --jobs 2 > "$WORK/console/precompile.txt" 2>&1 &
+  PRECOMPILE_PID=$!
+}
+stop_precompile() {  # when the benchmarks start: stop it if it still runs, and record it
+  [ "$DRY" = 1 ] && return
+  [ -n "$PRECOMPILE_PID" ] || return
+  local note="" rc
+  if kill -0 "$PRECOMPILE_PID" 2>/dev/null; then
+    note="stopped when the benchmarks started: "
+    kill -TERM -- "-$PRECOMPILE_PID" 2>/dev/null || kill -TERM "$PRECOMPILE_PID" 2>/dev/null
+  fi
+  wait "$PRECOMPILE_PID"; rc=$?
+  PRECOMPILE_PID=""
+  local last; last=$(grep -a -e '^precompiled' -e '^  \[' "$WORK/console/precompile.txt" | tail -n 1 | cut -c1-150)
+  phase_row "precompile" precompile "$rc" "$PRECOMPILE_START" $(( SECONDS - PRECOMPILE_START )) - \
+    "$note${last# }" "console/precompile.txt"
+  { echo; echo "===================== precompile: exit $rc after $(( SECONDS - PRECOMPILE_START )) s ====================="
+    echo "\$ $(quote "${PRECOMPILE[@]}" --jobs 2)"; cat "$WORK/console/precompile.txt"; } >> "$RESULTS/log.txt"
+  log "precompile: ${note:-done: }${last# }"
+}
+
 [ "$RUN_TESTS" = 1 ] || [ "$RUN_BENCH" = 1 ] && start_build
+[ "$RUN_TESTS" = 1 ] && [ "$RUN_BENCH" = 1 ] && start_precompile
 if [ "$RUN_TESTS" = 1 ]; then
   # ---------------------------------------------------------------------------- 3. Triton tests
   [ "$DRY" = 1 ] && echo "  3. Triton tests, until ${END_TRITON}s:"
@@ -341,6 +384,11 @@ fi
 
 # ------------------------------------------------------------------------------ 5. op benchmarks
 if [ "$RUN_BENCH" = 1 ]; then
+  stop_precompile
+  if [ "$RUN_TESTS" = 0 ]; then  # (nothing ran beside it: every CPU, before the benchmarks)
+    NOTE="" run_limited "precompile" precompile "$(left_until $(( BUDGET * 20 / 100 )))" \
+      "$WORK/console/precompile.txt" - "${PRECOMPILE[@]}" --jobs "$NCPU"
+  fi
   [ "$DRY" = 1 ] && echo "  5. op benchmarks, until ${END_OPS}s (each family its share; torch.compile on one shape per op with the time left):"
   finish_build
   # Without a working build the cuda providers are left out, and the CUDA toolkit is hidden from

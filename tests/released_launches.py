@@ -17,9 +17,10 @@ first mode that launched it) and ``covered: N launches, M configurations missing
 if any is missing. tests/test_triton_aot.py runs it.
 
 Without a GPU the launchers' GPU-only queries are answered as on an H100 (132
-multiprocessors, device 0): they set grid sizes and reduction splits, and a launch with one
-split is a kind of its own, compiled. The aten convolutions of the training step are not
-computed (:class:`_ConvolutionsShapesOnly`): at 224 x 224 they took most of the time.
+multiprocessors, device 0: :mod:`benchmarks.gpu_launches`): they set grid sizes and reduction
+splits, and a launch with one split is a kind of its own, compiled. The aten convolutions and
+matrix products are not computed (``GemmsShapesOnly``): at 224 x 224 they took most of the
+time.
 """
 from __future__ import annotations
 
@@ -31,9 +32,6 @@ from pathlib import Path
 from typing import Dict, FrozenSet, List, Tuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -42,7 +40,8 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import triton.runtime.jit as jit  # noqa: E402
 
 import patnet  # noqa: E402
-from patnet_kernels import backends, registry  # noqa: E402
+from benchmarks.gpu_launches import launch_as_on_a_gpu, run_model  # noqa: E402
+from patnet_kernels import registry  # noqa: E402
 from patnet_kernels.triton import _common  # noqa: E402
 
 DTYPES = {**_common.TRITON_DTYPE, torch.int32: "i32", torch.int64: "i64", torch.int8: "i8",
@@ -55,50 +54,11 @@ PRECISIONS = (("fp32", None, torch.float32), ("fp16 autocast", torch.float16, to
               ("bf16 model", None, torch.bfloat16))
 
 
-def _launch_as_on_a_gpu() -> None:
-    """Let the Triton backend take CPU tensors, its GPU-only queries answered as an H100's."""
-    backends.triton_interpreter_enabled = lambda: True  # (the backend is usable on the CPU)
-    _common.check_kernel_device = lambda tensor: None
-    _common._multiprocessors = lambda device: 132
-    torch.cuda.current_device = lambda: 0
-
-
 def _record(launches: List[Tuple]) -> None:
     """Append (kernel, {argument: value}) of every Triton launch to ``launches``, not run."""
     def run(self, *args, grid, warmup, **kwargs):
         launches.append((self, {**dict(zip(self.arg_names, args)), **kwargs}))
     jit.JITFunction.run = run
-
-
-class _ConvolutionsShapesOnly(TorchDispatchMode):
-    """aten convolutions (the training path's stem, merging layers and 1x1 convs, forward and
-    backward: most of a step's CPU time at 224 x 224) give outputs of the right shape without
-    computing them, laid out as cuDNN lays them out (channels_last where the input or the
-    weight is, else contiguous; the CPU's kernels choose otherwise, and the layouts decide the
-    launches of the kernels that take their gradients); every other op runs."""
-
-    SKIPPED = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in self.SKIPPED:
-            return func(*args, **kwargs)
-        # convolution(input, weight, ...); convolution_backward(grad_out, input, weight, ...)
-        x, w = args[:2] if func is self.SKIPPED[0] else args[1:3]
-        channels_last = any(t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-            memory_format=torch.channels_last) for t in (x, w))
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-
-        def meta(t):
-            return (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-                    if isinstance(t, torch.Tensor) else t)
-
-        def empty(t):
-            if not isinstance(t, torch.Tensor):
-                return t
-            return torch.empty(t.shape, dtype=t.dtype,
-                               memory_format=layout if t.dim() == 4 else torch.contiguous_format)
-        return tree_map(empty, func(*tree_map(meta, args), **tree_map(meta, kwargs)))
 
 
 def _constexprs(fn, bound: Dict) -> Dict:
@@ -167,7 +127,7 @@ def main(argv=None) -> int:
                         help="leave this AOT configuration out of the lists (to see that the "
                              "check notices)")
     args = parser.parse_args(argv)
-    _launch_as_on_a_gpu()
+    launch_as_on_a_gpu()
     shipped = {}
     for family in registry.families("triton"):
         module = __import__(f"patnet_kernels.triton.{family}", fromlist=["aot_kernels"])
@@ -181,13 +141,7 @@ def main(argv=None) -> int:
         for label, model, training, fmt, amp, dtype in _modes(name):
             x = torch.randn(2, 3, args.size, args.size, dtype=dtype).contiguous(
                 memory_format=fmt)
-            with _ConvolutionsShapesOnly():
-                with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
-                    with torch.set_grad_enabled(training):
-                        out = model(x)
-                if training:
-                    out.float().sum().backward()
-                    model.zero_grad(set_to_none=True)
+            run_model(model, x, training, amp)
             for fn, bound in launches:
                 if not any(_covers(k, bound, training) for k in shipped.get(fn, [])):
                     pointers = sorted({DTYPES[v.dtype] for v in bound.values()
