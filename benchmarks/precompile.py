@@ -1,26 +1,29 @@
 """Compile ahead, in parallel, the Triton kernels that model runs will launch: minutes of a GPU
 lease otherwise spent compiling one kernel at a time on a benchmark's first call.
 
-    python -m benchmarks.precompile [--models patnet_t2,fasternet_t2] [--batch 256[,16]]
+    python -m benchmarks.precompile [--models patnet_t2,fasternet_t2] [--batch 256]
                                     [--size 224] [--kinds inference,training]
-                                    [--precisions fp16,bf16,fp32] [--layouts channels_last,nchw]
-                                    [--families F,...] [--arch 90] [--jobs N]
+                                    [--precisions fp16,bf16] [--layouts channels_last,nchw]
+                                    [--families pointwise_mlp] [--arch 90] [--jobs N]
 
 Each mode (model, batch, kind, precision, layout) runs once on CPU tensors with the launchers
-choosing as on a GPU (:mod:`benchmarks.gpu_launches`; no kernel runs, the convolutions give
-shapes only). Triton's binder specialises every launch as a CUDA launch of those tensors would
-be (its ``jit_cache_hook`` takes the specialisation and skips the compile), and the distinct ones
-are compiled by ``--jobs`` processes (``JITFunction.preload``) into Triton's cache
-(``TRITON_CACHE_DIR``, else ~/.triton/cache), where the GPU run's own launches then find them.
+choosing as on a GPU (:mod:`benchmarks.gpu_launches`; no kernel runs, convolutions and matrix
+products give shapes only). Triton's binder specialises every launch as a CUDA launch of those
+tensors would be (its ``jit_cache_hook`` takes the specialisation and skips the compile), and
+``--jobs`` processes compile the distinct ones (``JITFunction.preload``), a mode's while the
+next is specialised, into Triton's cache (``TRITON_CACHE_DIR``, else ~/.triton/cache), where
+the GPU run's own launches then find them (tests/test_precompile.py replays a run through
+Triton's JIT to check it).
 
-Kinds: ``inference`` is ``patnet.optimize_for_inference(model, backend="triton")`` (bench_models'
-``ours`` with ``--ours-backend triton``), ``training`` a step of ``create_model(name,
-backend="triton")`` in train mode, released dropouts (bench_train's ``ours``). Precisions: ``fp16``
-and ``bf16`` are autocast, ``fp32`` none. The target is this machine's GPU, or sm_``--arch``
-without one (how the tests check it on a CPU); ``--families`` keeps only those kernel families'
-kernels (``partial_conv``, ``pointwise_mlp``, ...: the files of ``patnet_kernels/triton``). A launch the modes do not cover (another shape,
-another batch) is compiled when it first runs, as before. Prints each mode's launches and new
-kernels, then one line per compile and a summary; exits 1 if a compile failed.
+Kinds: ``inference`` is ``patnet.optimize_for_inference(model, backend="triton")``
+(bench_models' ``ours`` with ``--ours-backend triton``), ``training`` a step of
+``create_model(name, backend="triton")`` in train mode, released dropouts (bench_train's
+``ours``); every inference mode runs before the training ones. Precisions: ``fp16`` and
+``bf16`` are autocast, ``fp32`` none. The target is this machine's GPU, or sm_``--arch``
+without one; ``--families`` keeps only those kernel families' kernels (the files of
+``patnet_kernels/triton``: ``partial_conv``, ``pointwise_mlp``, ...). A launch the modes do not
+make (another shape or batch) is compiled when it first runs, as before. Prints each mode's
+launches and new kernels, each compile as it ends and a summary; exits 1 if a compile failed.
 """
 from __future__ import annotations
 
@@ -35,9 +38,6 @@ from typing import Iterator, List, Tuple
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -188,6 +188,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
+        return 2
     target = gpu_target(args.arch)
     print(f"precompile for {target.backend} sm_{target.arch} (Triton {triton.__version__}, "
           f"cache {knobs.cache.dir}): specialising the launches of each mode", flush=True)

@@ -389,7 +389,9 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     proc = _script("--dry-run", "--results", str(results))
     out = proc.stdout
     assert proc.returncode == 0 and not results.exists() and "nothing is run" in out
-    for text in ("1. preflight", "2. CUDA build, in the background", "3. Triton tests, until 189s",
+    for text in ("1. preflight", "2. CUDA build, in the background",
+                 "2. precompile, in the background until the benchmarks start",
+                 "3. Triton tests, until 189s",
                  "4. CUDA tests", "5. op benchmarks", "6. model benchmark, until 438s",
                  "7. summary"):
         assert text in out, text
@@ -403,8 +405,18 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
     assert "--precisions amp --amp-dtype float16 --layouts channels_last" in out
     assert "benchmarks.host_time --models patnet_t2\\,fasternet_t2" in out
     assert "benchmarks.bench_batch_norm_act --json" in out
+    # the precompile's command parses (its models, kinds, precisions and layouts exist)
+    from benchmarks import precompile
+    line = next(line for line in out.splitlines() if "2. precompile" in line)
+    argv = shlex.split(line.split(": ", 1)[1])
+    assert argv[1:3] == ["-m", "benchmarks.precompile"], argv
+    args = precompile.parse_args(argv[3:])
+    assert args.kinds == ["inference", "training"] and args.batch == [256] and args.jobs == 2
     quick = _script("--dry-run", "--quick", "--no-tests").stdout
     assert "budget 240s" in quick and "bfloat16" not in quick and "3. Triton" not in quick
+    # without the tests it is a phase of its own, before the benchmarks, on every CPU
+    assert re.search(r"    precompile +by +48s: .*benchmarks\.precompile .*--precisions fp16 "
+                     r"--layouts channels_last\\,nchw --jobs \d+", quick), quick
 
 
 def _dry_run_commands(*args) -> dict:

@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every shipped Triton kernel configuration for real GPU targets.
 
     python -m patnet_kernels.triton.aot [--arch 90 80] [--jobs N] [--no-generic] [--gpu-triton]
-                                        [--record | --fresh]
+                                        [--fresh] [--record]
 
 Compiles each kernel of each family's ``aot_kernels()`` down to machine code for sm_90 and sm_80
 (no GPU needed) and checks its shared memory fits the target; prints one line per kernel and
