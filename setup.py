@@ -62,8 +62,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["patnet_kernels", "patnet_kernels.*", "patnet", "patnet.*"]),
-    # The GPU measurements behind backend="auto" (patnet_kernels/auto_rule.py).
-    package_data={"patnet_kernels": ["measured_speed.json", "triton/tuned_configs.json"]},
+    # The GPU measurements behind backend="auto" (patnet_kernels/auto_rule.py), the tuned kernel
+    # configurations and the AOT check's record of what each compile showed.
+    package_data={"patnet_kernels": ["measured_speed.json", "triton/tuned_configs.json",
+                                     "triton/aot_record/*.json"]},
     python_requires=">=3.9",
     # Any torch >= 2.4 works; an installed CUDA build is kept. Install torch before this package
     # (scripts/install.sh does) so that pip never pulls a CUDA build by itself.

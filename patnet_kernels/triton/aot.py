@@ -34,9 +34,11 @@ front end and its ptxas, and they lay out some kernels differently from newer Tr
 spilled where 3.9 did not), so what the check reads there is what the measured GPU runs. CI
 runs both.
 
-With ``--no-generic`` this is 1388 compiles (more with the generic variants); with an empty
-Triton cache they take about two hours on 2 cores (the PConv, PAT_ch and MLP families' 492
-took 419 s on the shared development machine). So what each compile showed is committed
+With ``--no-generic`` this is 1388 compiles (more with the generic variants), and 694 more
+under the GPU machines' Triton; with an empty Triton cache they take tens of minutes on 2 cores
+(the PConv, PAT_ch and MLP families' 492 took 419 s on the shared development machine; at
+commit d8d869f, with 1140 and 570, a fresh machine's test run took 33 minutes where a warm one
+took 15). So what each compile showed is committed
 (``aot_record/triton-<version>.json``: Triton's compile key -> shared memory and machine-code
 reading, :func:`compile_key`) and a variant whose key is listed is judged from its entry
 (against today's :data:`KNOWN_SPILLS` and shared-memory limits) without compiling: a fresh clone
@@ -341,7 +343,8 @@ def compile_key(source, arch: int, options: Dict) -> str:
 # compile key -> [kernel, arch, launch kind, shared bytes, *MachineCode]. A variant whose key is
 # listed is judged from its entry, not compiled again, so a machine whose Triton cache is
 # empty (CI's, a fresh clone's) checks every kernel in seconds where compiling them all takes
-# hours on 2 cores; a changed kernel (another key) is compiled, and ``--record`` lists it.
+# tens of minutes on 2 cores; a changed kernel (another key) is compiled, and ``--record``
+# lists it.
 RECORD_DIR = Path(__file__).resolve().parent / "aot_record"
 
 
