@@ -340,7 +340,8 @@ def compile_key(source, arch: int, options: Dict) -> str:
 
 
 # What the check read off earlier compiles, committed (one file per Triton version): Triton's
-# compile key -> [kernel, arch, launch kind, shared bytes, *MachineCode]. A variant whose key is
+# compile key -> [kernel, arch, launch kind, shared bytes, *MachineCode], under the fingerprint
+# of the Triton build that compiled them (:func:`triton_fingerprint`). A variant whose key is
 # listed is judged from its entry, not compiled again, so a machine whose Triton cache is
 # empty (CI's, a fresh clone's) checks every kernel in seconds where compiling them all takes
 # tens of minutes on 2 cores; a changed kernel (another key) is compiled, and ``--record``
@@ -348,24 +349,33 @@ def compile_key(source, arch: int, options: Dict) -> str:
 RECORD_DIR = Path(__file__).resolve().parent / "aot_record"
 
 
+def triton_fingerprint() -> str:
+    """The installed Triton build as its compile keys see it: the hash of its version and files
+    (``triton_key``). Another build of the same version has other keys for every kernel."""
+    from triton.runtime.cache import triton_key
+    return hashlib.sha256(triton_key().encode("utf-8")).hexdigest()
+
+
 def record_path(version: str) -> Path:
     return RECORD_DIR / f"triton-{version}.json"
 
 
-def load_record(version: str) -> Dict[str, list]:
-    """The committed entries of Triton ``version`` (none if it has no file)."""
+def load_record(version: str) -> Tuple[str, Dict[str, list]]:
+    """(fingerprint, entries) of Triton ``version``'s record (("", {}) if it has none)."""
     try:
-        return json.loads(record_path(version).read_text())
+        record = json.loads(record_path(version).read_text())
     except FileNotFoundError:
-        return {}
+        return "", {}
+    return record["triton"], record["variants"]
 
 
-def write_record(version: str, entries: Dict[str, list]) -> None:
-    """Write the entries, one per line, in kernel, arch and launch order (stable diffs)."""
-    lines = [f"{json.dumps(k)}: {json.dumps(v)}"
+def write_record(version: str, fingerprint: str, entries: Dict[str, list]) -> None:
+    """Write the record, a variant per line, in kernel, arch and launch order (stable diffs)."""
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}"
              for k, v in sorted(entries.items(), key=lambda kv: (kv[1][:3], kv[0]))]
     RECORD_DIR.mkdir(exist_ok=True)
-    record_path(version).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    record_path(version).write_text(f'{{"triton": "{fingerprint}", "variants": {{\n'
+                                    + ",\n".join(lines) + "\n}}\n")
 
 
 _RECORD: Dict[str, list] = {}  # (a worker's copy of the record it judges from; empty: --fresh)
@@ -493,13 +503,18 @@ def main(argv: List[str] = None) -> int:
               for arch in args.arch]
     jobs = [job for group in groups for job in group]
     import triton
-    record = load_record(triton.__version__)
+    fingerprint = triton_fingerprint()
+    recorded_by, record = load_record(triton.__version__)
+    where = record_path(triton.__version__).relative_to(RECORD_DIR.parents[2])
+    if record and recorded_by != fingerprint:  # (none of its keys can be this build's)
+        print(f"{where} is of another build of Triton {triton.__version__}: every variant is "
+              "compiled", flush=True)
+        record = {}
     print(f"compiling {len(groups)} kernel configurations ({len(jobs)} launch variants) for "
           f"{', '.join(f'sm_{a}' for a in args.arch)} with {args.jobs} processes, Triton "
           f"{triton.__version__} ({Path(triton.__file__).parent}); "
           + ("every variant compiled (--fresh)" if args.fresh else
-             f"those in {record_path(triton.__version__).relative_to(RECORD_DIR.parents[2])} "
-             f"({len(record)} entries) judged from it"), flush=True)
+             f"those in {where} ({len(record)} entries) judged from it"), flush=True)
     failures, peaks, start, readings, outcomes = 0, [], time.perf_counter(), {}, []
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=_use_record,
                              initargs=({} if args.fresh else record,)) as pool:
@@ -539,13 +554,14 @@ def main(argv: List[str] = None) -> int:
     print(f"{len(groups) - failures} passed, {failures} failed ({len(jobs)} variants in "
           f"{time.perf_counter() - start:.0f} s, Triton {triton.__version__}: "
           f"{len(jobs) - from_record} compiled, {from_record} from the record; "
-          f"{len(unrecorded)} not in the record)", flush=True)
+          + (f"{len(unrecorded)} not in the record)" if recorded_by in ("", fingerprint) else
+             "the record is of another build)"), flush=True)
     if args.record:
         checked = {_kernels(f)[i].name for f, i, *_ in jobs}
         kept = {k: v for k, v in record.items()
                 if not (v[0] in checked and v[1] in args.arch
                         and (args.generic or v[2] != GENERIC))}
-        write_record(triton.__version__, {**kept, **readings})
+        write_record(triton.__version__, fingerprint, {**kept, **readings})
         print(f"recorded {len(readings)} variants ({len(unrecorded)} new, "
               f"{len(record) - len(kept)} replaced or dropped) in "
               f"{record_path(triton.__version__)}", flush=True)
