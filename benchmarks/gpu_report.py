@@ -102,7 +102,8 @@ def read_jsonl(path: Path) -> List[dict]:
 @dataclass
 class Phase:
     name: str
-    kind: str          # preflight, build, tests, ops, models, host (the host time: optional)
+    kind: str          # preflight, build, precompile, tests, ops, models, host (the last two
+    #                    optional: what they miss is compiled or not measured, nothing fails)
     rc: str            # exit status, or "-" if it did not run
     start: int         # seconds after the script started
     seconds: int
@@ -123,6 +124,8 @@ class Phase:
         """How a build or benchmark phase ended (tests: tests_phase_status)."""
         if self.rc == "-":
             return "not run"
+        if self.kind == "precompile" and self.rc == "143":  # (SIGTERM from the script)
+            return "stopped when the benchmarks started"
         if self.cut:
             return "cut: time limit"
         if self.interrupted:

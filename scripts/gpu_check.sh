@@ -345,18 +345,19 @@ stop_precompile() {  # when the benchmarks start: stop it if it still runs, and 
   [ "$DRY" = 1 ] && return
   [ -n "$PRECOMPILE_PID" ] || return
   local note="" rc
-  if kill -0 "$PRECOMPILE_PID" 2>/dev/null; then
+  if kill -0 "$PRECOMPILE_PID" 2>/dev/null; then  # (exit 143: the report says "stopped")
     note="stopped when the benchmarks started: "
     kill -TERM -- "-$PRECOMPILE_PID" 2>/dev/null || kill -TERM "$PRECOMPILE_PID" 2>/dev/null
   fi
   wait "$PRECOMPILE_PID"; rc=$?
   PRECOMPILE_PID=""
-  local last; last=$(grep -a -e '^precompiled' -e '^  \[' "$WORK/console/precompile.txt" | tail -n 1 | cut -c1-150)
+  local last; last=$(grep -a -e '^precompiled' -e '^  \[' "$WORK/console/precompile.txt" | tail -n 1 \
+    | sed 's/^ *//' | cut -c1-150)
   phase_row "precompile" precompile "$rc" "$PRECOMPILE_START" $(( SECONDS - PRECOMPILE_START )) - \
-    "$note${last# }" "console/precompile.txt"
+    "$last" "console/precompile.txt"
   { echo; echo "===================== precompile: exit $rc after $(( SECONDS - PRECOMPILE_START )) s ====================="
     echo "\$ $(quote "${PRECOMPILE[@]}" --jobs 2)"; cat "$WORK/console/precompile.txt"; } >> "$RESULTS/log.txt"
-  log "precompile: ${note:-done: }${last# }"
+  log "precompile: ${note:-done: }$last"
 }
 
 [ "$RUN_TESTS" = 1 ] || [ "$RUN_BENCH" = 1 ] && start_build

@@ -214,6 +214,20 @@ def test_report_shows_the_machine_rates(tmp_path):
     assert (args.copy_gbps, args.matmul_tflops, args.l2_gbps) == (4244.2, 790.4, 10512.0)
 
 
+def test_report_of_the_precompile(tmp_path):
+    """The background precompile's row: stopped by the script when the benchmarks start (how
+    far it got in the note), or done; neither fails nor leaves the run incomplete."""
+    case = _case(tmp_path, "cut_run")
+    text, verdict = gpu_report.summarize(case / "work", case / "results")
+    with (case / "work" / "phases.tsv").open("a") as phases:
+        phases.write("precompile\tprecompile\t143\t3\t284\t-\t[ 97] _pointwise_mlp_kernel"
+                     "     4.2 s\tconsole/precompile.txt\n")
+    stopped, after = gpu_report.summarize(case / "work", case / "results")
+    assert ("| precompile | stopped when the benchmarks started | 284 | - | [ 97] "
+            "_pointwise_mlp_kernel     4.2 s |") in stopped
+    assert after.text == verdict.text and after.code == verdict.code
+
+
 def test_report_of_a_run_cut_by_its_time_limits(tmp_path):
     case = _case(tmp_path, "cut_run")
     text, verdict = gpu_report.summarize(case / "work", case / "results")
