@@ -49,6 +49,7 @@ import patnet  # noqa: E402
 from benchmarks.gpu_launches import launch_as_on_a_gpu, run_model  # noqa: E402
 from benchmarks.report import split_list  # noqa: E402
 from patnet_kernels import registry  # noqa: E402
+from patnet_kernels.triton._common import INTERPRET  # noqa: E402
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}  # autocast dtype
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
@@ -188,7 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if INTERPRET:
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
         return 2
     target = gpu_target(args.arch)

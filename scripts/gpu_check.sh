@@ -148,6 +148,17 @@ on_signal() {
 }
 trap on_signal INT TERM
 
+# log_console HEADING CONSOLE CMD...: a phase's command and output, appended to log.txt
+log_console() {
+  local heading=$1 console=$2; shift 2
+  { echo; echo "===================== $heading ====================="
+    echo "\$ $(quote "$@")"
+    local size; size=$(wc -c < "$console")
+    if [ "$size" -le 3000000 ]; then cat "$console"; else  # keep log.txt small enough to commit
+      head -c 1000000 "$console"; echo; echo "... ($(( size - 3000000 )) bytes left out; failures.txt has every failure) ..."
+      tail -c 2000000 "$console"; fi; } >> "$RESULTS/log.txt"
+}
+
 # run_limited NAME KIND LIMIT CONSOLE WATCH CMD...: CMD with SIGINT at LIMIT seconds (SIGKILL
 # GRACE s later), its output to CONSOLE and then to log.txt; records the phase in phases.tsv.
 # WATCH is a test phase's name (progress from tests.jsonl) or "-" (the console's last "[" line).
@@ -183,12 +194,7 @@ run_limited() {
   CHILD=""
   [ "$INTERRUPTED" = 1 ] && [ "$rc" = 0 ] && rc=130
   phase_row "$name" "$kind" "$rc" "$start" $(( SECONDS - start )) "$limit" "${NOTE:-}" "${console#"$WORK"/}"
-  { echo; echo "===================== $name: exit $rc after $(( SECONDS - start )) s (limit ${limit} s) ====================="
-    echo "\$ $(quote "$@")"
-    local size; size=$(wc -c < "$console")
-    if [ "$size" -le 3000000 ]; then cat "$console"; else  # keep log.txt small enough to commit
-      head -c 1000000 "$console"; echo; echo "... ($(( size - 3000000 )) bytes left out; failures.txt has every failure) ..."
-      tail -c 2000000 "$console"; fi; } >> "$RESULTS/log.txt"
+  log_console "$name: exit $rc after $(( SECONDS - start )) s (limit ${limit} s)" "$console" "$@"
   case "$rc" in
     0) log "$name: done in $(( SECONDS - start ))s" ;;
     124|137) log "$name: cut at its time limit after $(( SECONDS - start ))s" ;;
@@ -355,8 +361,8 @@ stop_precompile() {  # when the benchmarks start: stop it if it still runs, and 
     | sed 's/^ *//' | cut -c1-150)
   phase_row "precompile" precompile "$rc" "$PRECOMPILE_START" $(( SECONDS - PRECOMPILE_START )) - \
     "$last" "console/precompile.txt"
-  { echo; echo "===================== precompile: exit $rc after $(( SECONDS - PRECOMPILE_START )) s ====================="
-    echo "\$ $(quote "${PRECOMPILE[@]}" --jobs 2)"; cat "$WORK/console/precompile.txt"; } >> "$RESULTS/log.txt"
+  log_console "precompile: exit $rc after $(( SECONDS - PRECOMPILE_START )) s" \
+    "$WORK/console/precompile.txt" "${PRECOMPILE[@]}" --jobs 2
   log "precompile: ${note:-done: }$last"
 }
 
