@@ -17,6 +17,12 @@ if [ "${1:-}" = "test" ] && ! "$PY" -c "import pytest, numpy" >/dev/null 2>&1; t
   echo "[install] installing pytest and numpy"
   "$PY" -m pip install --quiet --disable-pip-version-check "pytest>=7" numpy
 fi
+# pytest-xdist: scripts/test.sh runs the tests on every CPU (not fatal: one process without it).
+if [ "${1:-}" = "test" ] && ! "$PY" -c "import xdist" >/dev/null 2>&1; then
+  echo "[install] installing pytest-xdist"
+  "$PY" -m pip install --quiet --disable-pip-version-check pytest-xdist \
+    || echo "[install] WARNING: could not install pytest-xdist: the tests run on one process"
+fi
 # matplotlib: the plot of benchmarks/bench_models.py; pytest-benchmark: the kernel benchmarks
 # (tests/test_kernel_benchmarks.py).
 if [ "${1:-}" = "test" ] && ! "$PY" -c "import matplotlib, pytest_benchmark" >/dev/null 2>&1; then

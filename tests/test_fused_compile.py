@@ -67,10 +67,17 @@ def test_compiled_block_matches_eager(fused_backend, name, stage, size):
 # "aot_eager" (dynamo's capture and AOT autograd's forward and backward graphs, run by eager
 # kernels: the compiled model must equal eager to 1e-5) for PATNet-T0 in training and eval and
 # PATNet-T1 in eval; Inductor for PATNet-T1 in training (every Triton op, test_inductor_...).
+# Each at one block per stage (every op of the model; more blocks per stage repeat them) and at
+# the released depths, which on the CPU are "slow" (PATNet-T0 training took 97 s under the
+# interpreter, 35 s at one block per stage; a GPU run includes them).
 MODEL_INPUT = (224, 224) if DEVICE.type == "cuda" else (64, 32)
-WHOLE_MODELS = ([pytest.param(backend, "patnet_t0", mode, id=f"{backend}-patnet_t0-{mode}")
-                 for backend in FUSED_BACKENDS for mode in ("train", "eval")]
-                + [pytest.param("triton", "patnet_t1", "eval", id="triton-patnet_t1-eval")])
+DEPTHS = {"1-1-1-1": (1, 1, 1, 1), "released": None}
+WHOLE_MODELS = [
+    pytest.param(backend, name, mode, depths, id=f"{backend}-{name}-{mode}-{key}",
+                 marks=[pytest.mark.slow] if depths is None and DEVICE.type == "cpu" else [])
+    for backend, name, mode in ([(backend, "patnet_t0", mode) for backend in FUSED_BACKENDS
+                                 for mode in ("train", "eval")] + [("triton", "patnet_t1", "eval")])
+    for key, depths in DEPTHS.items()]
 
 
 def _whole_model(name, backend, mode, **overrides):
@@ -120,10 +127,12 @@ def _assert_second_batch_reuses_the_graph(counter, compiled, mode):
     assert torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("fused_backend, name, mode", WHOLE_MODELS, indirect=["fused_backend"])
-def test_compiled_model_one_graph_no_recompile(fused_backend, name, mode):
+@pytest.mark.parametrize("fused_backend, name, mode, depths", WHOLE_MODELS,
+                         indirect=["fused_backend"])
+def test_compiled_model_one_graph_no_recompile(fused_backend, name, mode, depths):
     torch._dynamo.reset()
-    model = _whole_model(name, fused_backend, mode)
+    depth_option = {} if depths is None else {"depths": depths}
+    model = _whole_model(name, fused_backend, mode, **depth_option)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     x, grad = _batch(2, mode)
