@@ -68,6 +68,12 @@ def _interpreter_rounds_bfloat16_to_nearest() -> None:
     interpreter._convert_float = convert
 
 
+# What _interpreter_without_repeated_work replaced in triton.runtime.interpreter (its own name
+# -> the interpreter's original; "options" is interpreter_builder.options), for the test that
+# the interpreter computes the same without it (tests/test_triton_backend.py).
+INTERPRETER_ORIGINALS = {}
+
+
 def _interpreter_without_repeated_work() -> None:
     """Take from Triton's interpreter four costs that change nothing it computes or checks
     (the Triton model tests are the suite's largest part).
@@ -116,10 +122,13 @@ def _interpreter_without_repeated_work() -> None:
             scalar_dtypes[triton_dtype] = building_the_table(triton_dtype)
         return scalar_dtypes[triton_dtype]
 
+    options = interpreter.interpreter_builder.options
+    INTERPRETER_ORIGINALS.update(_patch_builtin=interpreter._patch_builtin,
+                                 _get_np_dtype=interpreter._get_np_dtype,
+                                 np_erf_fp32=interpreter.np_erf_fp32, options=options)
     interpreter._patch_builtin = patch_builtin
     interpreter._get_np_dtype = np_dtype
     interpreter.np_erf_fp32 = erf_float32
-    options = interpreter.interpreter_builder.options
     if not options.debug:
         interpreter.interpreter_builder.options = dataclasses.replace(options,
                                                                       sanitize_overflow=False)

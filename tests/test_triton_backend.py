@@ -71,6 +71,51 @@ def test_interpreter_rounds_float32_to_bfloat16_as_a_gpu_does():
     assert torch.isnan(y[2])
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="conftest's speed-ups of the interpreter")
+def test_interpreter_computes_the_same_without_its_repeated_work(monkeypatch):
+    """conftest takes repeated work out of Triton's interpreter (``INTERPRETER_ORIGINALS``:
+    the builtins listed once, the dtype table cached, erf over the array, the unread overflow
+    check off). With the interpreter's originals put back, the same kernels give the same
+    bits: the MLP kernel with GELU (erf, a @triton.jit helper for tl.dot, int32 index math) in
+    float32 and bfloat16, and PAT_ch forward and backward."""
+    from triton.runtime import interpreter
+
+    from conftest import INTERPRETER_ORIGINALS
+
+    gen = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(2, 24, 5, 7, generator=gen), torch.randn(2, 24, 5, 7, generator=gen)
+    w1, w2 = torch.randn(48, 24, 1, 1, generator=gen), torch.randn(24, 48, 1, 1, generator=gen)
+    b1 = torch.randn(48, generator=gen)
+    conv_weight = torch.randn(6, 6, 3, 3, generator=gen) / 5
+    cfc_weight = torch.randn(18, 18, 1, 2, generator=gen) / 5
+    bn_b = pk.BatchNormParams(torch.rand(18, generator=gen) + 0.5, torch.randn(18, generator=gen),
+                              torch.randn(18, generator=gen), torch.rand(18, generator=gen) + 0.5)
+
+    def run():
+        outputs = []
+        for dtype in (torch.float32, torch.bfloat16):
+            cast = [t.to(dtype) for t in (x, w1, b1, w2, residual)]
+            outputs.append(pk.pointwise_mlp(*cast[:3], cast[3], None, residual=cast[4],
+                                            activation="gelu", backend="triton"))
+        xi = x.clone().requires_grad_()
+        y = pk.channel_attention(xi, conv_weight, cfc_weight, None, None, bn_b,
+                                 backend="triton")
+        y.backward(residual)
+        return outputs + [y.detach(), xi.grad]
+
+    assert INTERPRETER_ORIGINALS and not interpreter.interpreter_builder.options.sanitize_overflow
+    faster = run()
+    for name, original in INTERPRETER_ORIGINALS.items():
+        if name == "options":
+            monkeypatch.setattr(interpreter.interpreter_builder, "options", original)
+        else:
+            monkeypatch.setattr(interpreter, name, original)
+    as_triton_has_it = run()
+    for index, (ours, theirs) in enumerate(zip(faster, as_triton_has_it)):
+        assert torch.equal(ours, theirs), f"output {index}"
+
+
 def _launch_grids(name: str, batch: int, mode: str) -> list:
     """(kernel, grid as 3 axes) of every Triton launch of one training step (``mode`` "train",
     "train-atomic": with the attention's atomic backward allowed) or one inference forward
