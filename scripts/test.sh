@@ -16,6 +16,6 @@ if "$PY" -c "import xdist" >/dev/null 2>&1; then
   PARALLEL=(-n auto --dist worksteal)
 else
   echo "[test] pytest-xdist is not installed (no package index?): running on one process," \
-       "about 1.7x slower on 2 CPUs"
+       "1.7-1.9x slower on 2 CPUs"
 fi
 exec "$PY" -m pytest -q -ra -m "not slow and not gpu" "${PARALLEL[@]}" "$@" tests
