@@ -33,7 +33,7 @@ def pytest_configure(config):
     equal share of the CPUs: its torch and BLAS threads (the interpreter's ``tl.dot`` is NumPy's
     matmul) and Inductor's compile pool. Left at their defaults, each of 2 workers on 2 cores ran
     2 threads and the suite gained only 1.16x over one process (each test 1.6-2.6x slower); with
-    one thread each, two test files gained 1.66x and the suite 1.9x. Set in the controller,
+    one thread each, two test files gained 1.66x and the suite about 1.8x. Set in the controller,
     whose environment the workers inherit."""
     workers = config.getoption("numprocesses", None)
     if not workers or os.environ.get("PYTEST_XDIST_WORKER"):
