@@ -11,9 +11,16 @@ if [ "${1:-}" = "--gpu" ]; then
   exec "$PY" -m pytest -q -ra "$@" tests
 fi
 PARALLEL=()
-if "$PY" -c "import xdist" >/dev/null 2>&1; then
-  # worksteal: an idle worker takes tests queued on the other (the long model tests cluster)
-  PARALLEL=(-n auto --dist worksteal)
+# one worker per CPU this process may use, and at most one per 4 GiB of memory (a margin: the
+# authors'-vectors model tests and the Inductor-compiled copy peaked at 0.7 GiB in one process)
+WORKERS=$("$PY" -c 'import os
+memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+print(max(1, min(len(os.sched_getaffinity(0)), int(memory // 4))))')
+if [ "$WORKERS" -lt 2 ]; then
+  echo "[test] one CPU (or under 8 GiB of memory) for the tests: running on one process"
+elif "$PY" -c "import xdist" >/dev/null 2>&1; then
+  # worksteal: an idle worker takes tests queued on another (the long model tests cluster)
+  PARALLEL=(-n "$WORKERS" --dist worksteal)
 else
   echo "[test] pytest-xdist is not installed (no package index?): running on one process," \
        "1.7-1.9x slower on 2 CPUs"
