@@ -68,10 +68,9 @@ def _interpreter_rounds_bfloat16_to_nearest() -> None:
     interpreter._convert_float = convert
 
 
-# What _interpreter_without_repeated_work replaced in triton.runtime.interpreter (its own name
-# -> the interpreter's original; "options" is interpreter_builder.options), for the test that
-# the interpreter computes the same without it (tests/test_triton_backend.py).
-INTERPRETER_ORIGINALS = {}
+# What _interpreter_without_repeated_work replaced, as (owner, attribute, original), for the test
+# that the interpreter computes the same without it (tests/test_triton_backend.py).
+INTERPRETER_ORIGINALS = []
 
 
 def _interpreter_without_repeated_work() -> None:
@@ -123,9 +122,10 @@ def _interpreter_without_repeated_work() -> None:
         return scalar_dtypes[triton_dtype]
 
     options = interpreter.interpreter_builder.options
-    INTERPRETER_ORIGINALS.update(_patch_builtin=interpreter._patch_builtin,
-                                 _get_np_dtype=interpreter._get_np_dtype,
-                                 np_erf_fp32=interpreter.np_erf_fp32, options=options)
+    INTERPRETER_ORIGINALS.extend(
+        [(interpreter, name, getattr(interpreter, name))
+         for name in ("_patch_builtin", "_get_np_dtype", "np_erf_fp32")]
+        + [(interpreter.interpreter_builder, "options", options)])
     interpreter._patch_builtin = patch_builtin
     interpreter._get_np_dtype = np_dtype
     interpreter.np_erf_fp32 = erf_float32

@@ -14,6 +14,11 @@ from patnet_kernels.backends import resolve_backend
 from conftest import REPO
 
 
+# conftest's changes to Triton's interpreter (a GPU compiles the kernels instead)
+INTERPRETER_ONLY = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                      reason="tests conftest's changes to Triton's interpreter")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's messages")
 def test_cuda_tensor_without_usable_triton_is_refused():
     with pytest.raises(pk.BackendUnavailableError, match="TRITON_INTERPRET=1 is set"):
@@ -48,8 +53,7 @@ def test_bad_input_is_refused_before_any_kernel_runs():
         pk.partial_conv3x3(x, torch.randn(9, 9, 3, 3), backend="triton")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                    reason="the interpreter's conversion (a GPU rounds to nearest itself)")
+@INTERPRETER_ONLY
 def test_interpreter_rounds_float32_to_bfloat16_as_a_gpu_does():
     """conftest makes Triton's interpreter round float32 to bfloat16 to nearest, ties to even,
     as a GPU and torch do (it rounds toward zero): kernel outputs stored in bfloat16 are then
@@ -71,8 +75,7 @@ def test_interpreter_rounds_float32_to_bfloat16_as_a_gpu_does():
     assert torch.isnan(y[2])
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                    reason="conftest's speed-ups of the interpreter")
+@INTERPRETER_ONLY
 def test_interpreter_computes_the_same_without_its_repeated_work(monkeypatch):
     """conftest takes repeated work out of Triton's interpreter (``INTERPRETER_ORIGINALS``:
     the builtins listed once, the dtype table cached, erf over the array, the unread overflow
@@ -106,11 +109,8 @@ def test_interpreter_computes_the_same_without_its_repeated_work(monkeypatch):
 
     assert INTERPRETER_ORIGINALS and not interpreter.interpreter_builder.options.sanitize_overflow
     faster = run()
-    for name, original in INTERPRETER_ORIGINALS.items():
-        if name == "options":
-            monkeypatch.setattr(interpreter.interpreter_builder, "options", original)
-        else:
-            monkeypatch.setattr(interpreter, name, original)
+    for owner, name, original in INTERPRETER_ORIGINALS:
+        monkeypatch.setattr(owner, name, original)
     as_triton_has_it = run()
     for index, (ours, theirs) in enumerate(zip(faster, as_triton_has_it)):
         assert torch.equal(ours, theirs), f"output {index}"
