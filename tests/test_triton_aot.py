@@ -147,13 +147,6 @@ def test_machine_code_problems():
     name, pinned = next(iter(aot.KNOWN_SPILLS.items()))
     assert aot.machine_code_problems(name, clean._replace(stack=pinned)) == []
     assert "more than the" in aot.machine_code_problems(name, clean._replace(stack=pinned + 8))[0]
-    # a pin for one kind of launch ("name [kind]") holds for that kind only
-    name = "rpe_q[fp16, D=256, 64x64]"
-    dropout = aot.KNOWN_SPILLS[f"{name} [contiguous, dropout]"]
-    assert dropout > aot.KNOWN_SPILLS[name]
-    assert aot.machine_code_problems(name, clean._replace(stack=dropout),
-                                     "contiguous, dropout") == []
-    assert aot.machine_code_problems(name, clean._replace(stack=dropout), "contiguous")
 
 
 # Runs without TRITON_INTERPRET: the first kernel of partial_conv for sm_90 as launched on NCHW

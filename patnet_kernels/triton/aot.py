@@ -82,12 +82,11 @@ GPU_MACHINE_ARCH = 90  # (H100 and H200)
 # Shared memory a block may use (bytes): H100 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
 SHARED_LIMIT = {90: 232448, 80: 166912}
 
-# Kernels known to spill (AOT name, or "name [launch kind]" for one kind of launch -> the most
-# stack bytes per thread allowed: the worst launch kind when pinned, --no-generic, on sm_90 or
-# sm_80 under Triton 3.9 (CI's) or on sm_90 under 3.6 (the GPU machines',
-# GPU_MACHINE_TRITON; "3.6" below marks where it spills more): what
-# the machine-code check tolerates until they are fixed (issue 13: above all the attention's
-# dK/dV and dQ kernels, and the fp32 weight-gradient GEMMs). A kernel not listed must not
+# Kernels known to spill (AOT name -> the most stack bytes per thread allowed: the worst launch
+# kind when pinned, --no-generic, on sm_90 or sm_80 under Triton 3.9 (CI's) or on sm_90 under
+# 3.6 (the GPU machines', GPU_MACHINE_TRITON; "3.6" below marks where it spills more): what
+# the machine-code check tolerates until they are fixed (issue 13: the fp32 conv, MLP and
+# weight-gradient GEMMs, the attention's dK/dV kernel at D = 256). A kernel not listed must not
 # spill; one listed must not spill more. Lower an entry (or drop it) when a change cuts it.
 KNOWN_SPILLS: Dict[str, int] = {
     # fp32 conv kernels in 8 warps (and the weight gradient in 64-pixel steps): a few bytes
@@ -112,45 +111,52 @@ KNOWN_SPILLS: Dict[str, int] = {
     "pointwise_mlp[fp32, P=16, K=16, N=128, conv<=64, gelu, residual=True, affine=True, "
     "stats, PAT_sp]": 176,
     "pointwise_mlp[fp32, P=16, K=16, N=256, gelu, residual=True, affine=False, PAT_sp]": 104,
-    # The attention's dK/dV kernel at N <= 64 (one key block, PAT_sf's 7 x 7 tokens) keeps
-    # 0-32 B of stack on sm_90 and 0-96 B on sm_80 (D = 256; 3.6 on sm_90: 0-40 B); the
-    # entries' larger values are its general-N form (a runtime one_kblock), where fp32 at
-    # D = 128 keeps 6 KB (32 registers: ptxas puts its tiles in local memory; fp32 is no speed
-    # target). 3.6 spills more in the general form: fp32 at D = 64 (1.3 KB, 3.9: none), fp16 /
-    # bf16 at D = 64 and 256 (80 and 104 B, 3.9: 40 and 72 B)
-    "rpe_kv[fp32, D=64, 16x64]": 1328,
-    "rpe_q[fp32, D=64, 32x64]": 16,
-    "rpe_kv[fp16, D=64, 32x64]": 280,
-    "rpe_kv[bf16, D=64, 32x64]": 280,
-    "rpe_fwd[fp32, D=128, 32x32]": 8,  # 3.6 (3.9: none)
-    "rpe_kv[fp32, D=128, 16x64]": 6680,
-    "rpe_q[fp32, D=128, 16x64]": 192,
-    "rpe_fwd[fp16, D=128, 64x64]": 8,
-    "rpe_kv[fp16, D=128, 32x64]": 40,
-    "rpe_fwd[bf16, D=128, 64x64]": 8,
-    "rpe_kv[bf16, D=128, 32x64]": 40,
-    "rpe_kv[fp32, D=256, 16x32]": 2936,
-    "rpe_q[fp32, D=256, 16x32]": 2128,
-    "rpe_kv[fp16, D=256, 16x64]": 232,
-    "rpe_q[fp16, D=256, 64x64]": 96,
-    "rpe_kv[bf16, D=256, 16x64]": 232,
-    "rpe_q[bf16, D=256, 64x64]": 96,
-    # ... and with dropout (training's default, p = 0.1: dropping = 1 a constexpr, the Philox
-    # bits in registers), first compiled on 2026-12-07. At N = 49 (224 x 224) fp16 / bf16
-    # take one key block: no dQ kernel, and the dK/dV kernel's dropout form keeps no stack;
-    # the forward's keeps 24 B at D = 128 under 3.6 (3.9: 8, as without dropout)
-    "rpe_fwd[fp16, D=128, 64x64] [contiguous, dropout]": 24,  # 3.6
-    "rpe_fwd[bf16, D=128, 64x64] [contiguous, dropout]": 24,  # 3.6
-    "rpe_q[fp32, D=64, 32x64] [contiguous, dropout]": 32,
-    "rpe_q[fp32, D=128, 16x64] [contiguous, dropout]": 208,
-    "rpe_q[fp16, D=128, 64x64] [contiguous, dropout]": 40,
-    "rpe_q[bf16, D=128, 64x64] [contiguous, dropout]": 40,
-    "rpe_q[fp16, D=256, 64x64] [contiguous, dropout]": 432,
-    "rpe_q[bf16, D=256, 64x64] [contiguous, dropout]": 432,
-    "rpe_kv[bf16, D=64, 32x64] [contiguous, dropout]": 288,
-    "rpe_kv[fp32, D=64, 16x64] [contiguous, dropout]": 1344,  # 3.6
-    "rpe_kv[fp32, D=128, 16x64] [contiguous, dropout]": 6712,  # 3.6
-    "rpe_kv[fp32, D=256, 16x32] [contiguous, dropout]": 5184,  # 3.6
+    # The attention's kernels, one configuration per mode (dropout; for dK/dV one key block and
+    # the atomic backward: rpe_attention._modes), their tiles picked from a sweep of the machine
+    # code (rpe_attention._CONFIGS). fp16 / bf16 spill only in the dK/dV kernel at D = 256
+    # (K, V and the dK, dV accumulators of 64 keys x 256 in one program; every tile and warp
+    # count swept spills there), its atomic form most on sm_80; fp32 (no speed target: its
+    # dots are FMAs) keeps at most 200 B. Before (one configuration whose dropout, key-block
+    # and atomic forms were runtime branches): up to 6.7 KB (fp32 dK/dV at D = 128, general N),
+    # 432 B (fp16 / bf16 dQ at D = 256 with dropout) and 280 B (fp16 dK/dV at D = 64, 3.6).
+    "rpe_kv[fp16, D=256, 16x64, atomic, dropout]": 136,  # sm_80
+    "rpe_kv[fp16, D=256, 16x64, atomic]": 120,  # sm_80
+    "rpe_kv[fp16, D=256, 16x64, dropout]": 24,
+    "rpe_kv[fp16, D=256, 16x64, one key block, atomic, dropout]": 40,
+    "rpe_kv[fp16, D=256, 16x64, one key block, atomic]": 24,
+    "rpe_kv[fp16, D=256, 16x64, one key block, dropout]": 40,
+    "rpe_kv[fp16, D=256, 16x64, one key block]": 32,
+    "rpe_kv[bf16, D=256, 16x64, atomic, dropout]": 136,  # sm_80
+    "rpe_kv[bf16, D=256, 16x64, atomic]": 120,  # sm_80
+    "rpe_kv[bf16, D=256, 16x64, dropout]": 24,
+    "rpe_kv[bf16, D=256, 16x64, one key block, atomic, dropout]": 40,
+    "rpe_kv[bf16, D=256, 16x64, one key block, atomic]": 24,
+    "rpe_kv[bf16, D=256, 16x64, one key block, dropout]": 40,
+    "rpe_kv[bf16, D=256, 16x64, one key block]": 32,
+    "rpe_fwd[fp32, D=64, 64x32]": 16,  # 3.6
+    "rpe_kv[fp32, D=64, 16x64, atomic, dropout]": 56,
+    "rpe_kv[fp32, D=64, 16x64, one key block, atomic, dropout]": 40,
+    "rpe_kv[fp32, D=64, 16x64, one key block, atomic]": 56,  # 3.6
+    "rpe_kv[fp32, D=64, 16x64, one key block, dropout]": 48,
+    "rpe_kv[fp32, D=64, 16x64, one key block]": 16,
+    "rpe_kv[fp32, D=128, 16x64, atomic, dropout]": 48,
+    "rpe_kv[fp32, D=128, 16x64, dropout]": 32,
+    "rpe_kv[fp32, D=128, 16x64, one key block, atomic, dropout]": 64,  # 3.6
+    "rpe_kv[fp32, D=128, 16x64, one key block, atomic]": 48,  # 3.6
+    "rpe_kv[fp32, D=128, 16x64, one key block, dropout]": 64,  # 3.6
+    "rpe_kv[fp32, D=128, 16x64, one key block]": 64,  # 3.6
+    "rpe_kv[fp32, D=128, 16x64]": 8,  # 3.6
+    "rpe_kv[fp32, D=256, 16x32, atomic, dropout]": 200,  # sm_80
+    "rpe_kv[fp32, D=256, 16x32, atomic]": 192,  # sm_80
+    "rpe_kv[fp32, D=256, 16x32, dropout]": 8,  # 3.6
+    "rpe_kv[fp32, D=256, 16x32, one key block, atomic, dropout]": 176,  # sm_80
+    "rpe_kv[fp32, D=256, 16x32, one key block, atomic]": 160,  # sm_80
+    "rpe_kv[fp32, D=256, 16x32, one key block, dropout]": 176,  # sm_80
+    "rpe_kv[fp32, D=256, 16x32, one key block]": 144,  # sm_80
+    "rpe_q[fp32, D=128, 16x32, dropout]": 16,  # 3.6
+    "rpe_q[fp32, D=128, 16x32]": 16,  # 3.6
+    "rpe_q[fp32, D=256, 16x16, dropout]": 192,
+    "rpe_q[fp32, D=256, 16x16]": 192,
     # fp32 MLP kernels: a few LDL/STL where the gate's affine and the statistics meet a small N
     # (a conv head of 64 channels or more: 16 pixels per program, one stage, no spill); 3.6:
     # the stage-4 pass with a conv head of up to 256 channels in NCHW
@@ -308,15 +314,14 @@ def machine_code(cubin: bytes, ttir: str) -> MachineCode:
                        counts.get("LDG.E.128", 0), counts.get("narrow", 0))
 
 
-def machine_code_problems(name: str, code: MachineCode, kind: str = "") -> List[str]:
-    """What CI refuses in the machine code of kernel ``name`` compiled as launch ``kind``: a
-    dot on fp16 / bf16 operands without a tensor-core instruction (it fell back to FMA), and
-    spills beyond its entry in KNOWN_SPILLS ("name [kind]", else "name"; none if neither is
-    listed)."""
+def machine_code_problems(name: str, code: MachineCode) -> List[str]:
+    """What CI refuses in the machine code of kernel ``name``: a dot on fp16 / bf16 operands
+    without a tensor-core instruction (it fell back to FMA), and spills beyond its entry in
+    KNOWN_SPILLS (none if it is not listed)."""
     problems = []
     if code.half_dot and code.mma == 0:
         problems.append("a tl.dot on fp16/bf16 runs without tensor-core instructions (FMA)")
-    allowed = KNOWN_SPILLS.get(f"{name} [{kind}]", KNOWN_SPILLS.get(name, 0))
+    allowed = KNOWN_SPILLS.get(name, 0)
     if code.stack > allowed:
         problems.append(f"spills: {code.stack} B of stack per thread ({code.spills} LDL/STL)"
                         + (f", more than the {allowed} B known" if allowed else ""))
@@ -428,7 +433,7 @@ def _compile(job: Tuple[str, int, int, int, bool]) -> Compiled:
             shared = int(compiled.metadata.shared)
             code = machine_code(compiled.asm["cubin"], compiled.asm["ttir"])
         # (the plain signature is no real launch: its machine code is reported, not judged)
-        problems = machine_code_problems(kernel.name, code, name) if ones is not None else []
+        problems = machine_code_problems(kernel.name, code) if ones is not None else []
         if shared > SHARED_LIMIT[arch]:
             problems.insert(0, f"needs {shared} B of shared memory, sm_{arch} has "
                                f"{SHARED_LIMIT[arch]}")
@@ -557,10 +562,12 @@ def main(argv: List[str] = None) -> int:
           + (f"{len(unrecorded)} not in the record)" if recorded_by in ("", fingerprint) else
              "the record is of another build)"), flush=True)
     if args.record:
+        # (dropped: this run's variants, read again, and those of kernels no longer shipped)
         checked = {_kernels(f)[i].name for f, i, *_ in jobs}
+        shipped = {kernel.name for family in FAMILIES for kernel in _kernels(family)}
         kept = {k: v for k, v in record.items()
-                if not (v[0] in checked and v[1] in args.arch
-                        and (args.generic or v[2] != GENERIC))}
+                if v[0] in shipped and not (v[0] in checked and v[1] in args.arch
+                                            and (args.generic or v[2] != GENERIC))}
         write_record(triton.__version__, fingerprint, {**kept, **readings})
         print(f"recorded {len(readings)} variants ({len(unrecorded)} new, "
               f"{len(record) - len(kept)} replaced or dropped) in "

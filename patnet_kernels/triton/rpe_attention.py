@@ -24,7 +24,7 @@ see _CONFIGS). Head dims are padded to a power of two (at least 64) and masked.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import triton
@@ -81,14 +81,14 @@ def _rpe_fwd_kernel(
     sv_b, sv_h, sv_n, sv_d,  # strides of v
     so_b, so_h, so_n,  # strides of o over B, heads, N
     scale,  # fp32 logit scale
-    seed,  # int64 Philox key (used only when dropping)
-    dropping,  # int: 1 to apply dropout, 0 not
+    seed,  # int64 Philox key (used only when DROPPING)
     drop_threshold,  # int32 round(p * 2^31)
     drop_scale,  # fp32 1 / (1 - p)
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per step
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two (masked)
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+    DROPPING: tl.constexpr,  # apply dropout
 ):
     # grid: (B * heads, cdiv(N, BLOCK_M)), the batch on axis 0 (_common.MAX_GRID_YZ)
     bh = tl.program_id(0)
@@ -122,7 +122,7 @@ def _rpe_fwd_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if dropping:
+        if DROPPING:
             keep = _keep(seed, bh, offs_m, offs_n, N, drop_threshold)
             p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
@@ -156,13 +156,15 @@ def _rpe_bwd_kv_kernel(
     sv_b, sv_h, sv_n, sv_d,  # strides of v
     sd_b, sd_h, sd_n, sd_d,  # strides of do
     so_b, so_h, so_n,  # strides of o over B, heads, N
-    scale, seed, dropping, drop_threshold, drop_scale,  # as in the forward
-    one_kblock,  # int 1: N <= BLOCK_N, this program sees every key: write dQ, delta from P.dP
-    atomic,  # int 1: accumulate dS and dQ (when not one_kblock) with fp32 atomics
+    scale, seed, drop_threshold, drop_scale,  # as in the forward
     BLOCK_M: tl.constexpr,  # queries per step
     BLOCK_N: tl.constexpr,  # keys per program
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+    DROPPING: tl.constexpr,  # apply dropout
+    ONE_KBLOCK: tl.constexpr,  # N <= BLOCK_N, this program sees every key: write dQ, delta
+    #                            from P.dP
+    ATOMIC: tl.constexpr,  # accumulate dS and dQ (unless ONE_KBLOCK) with fp32 atomics
 ):
     # grid: (heads * SPLITS, cdiv(N, BLOCK_N)), SPLITS = B with atomics (so on axis 0:
     # _common.MAX_GRID_YZ); program (s * heads + h, j) handles key block j of head h for the
@@ -177,7 +179,7 @@ def _rpe_bwd_kv_kernel(
     d_ok = offs_d < D
     nd_ok = n_ok[:, None] & d_ok[None, :]
     ds_head = ds_ptr + (split * heads + h).to(tl.int64) * N * N
-    if atomic:
+    if ATOMIC:
         ds_head = ds_ptr + h.to(tl.int64) * N * N
     for b in range(split, B, splits):
         bh = b * heads + h
@@ -220,11 +222,11 @@ def _rpe_bwd_kv_kernel(
             p = tl.where(valid, tl.exp(tl.where(N == 1, 0.0, s - lse[:, None])), 0.0)
             dp = _dot(do, vt, UPCAST)  # dL/d(dropped probabilities)
             pd = p
-            if dropping:
+            if DROPPING:
                 keep = _keep(seed, bh, offs_m, offs_n, N, drop_threshold)
                 pd = tl.where(keep, p * drop_scale, 0.0)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
-            if one_kblock:  # rowsum(P * dP) over every key, exact for this program
+            if ONE_KBLOCK:  # rowsum(P * dP) over every key, exact for this program
                 delta = tl.sum(p * dp, 1)
             else:  # the same sum as rowsum(dO * O)
                 o = tl.load(o_ptr + b64 * so_b + h * so_h + offs_m[:, None] * so_n
@@ -233,15 +235,15 @@ def _rpe_bwd_kv_kernel(
             ds = p * (dp - delta[:, None])  # dL/d(logits), (BLOCK_M, BLOCK_N) fp32
             dv += _dot(tl.trans(pd).to(do.dtype), do, UPCAST)
             dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST)
-            if one_kblock:
+            if ONE_KBLOCK:
                 dq = _dot(ds.to(k.dtype), k, UPCAST) * scale
                 tl.store(dq_ptr + row[:, None] * D + offs_d[None, :],
                          dq.to(dq_ptr.dtype.element_ty), mask=md_ok)
-            elif atomic:
+            elif ATOMIC:
                 dq = _dot(ds.to(k.dtype), k, UPCAST) * scale
                 tl.atomic_add(dq_acc_ptr + row[:, None] * D + offs_d[None, :], dq, mask=md_ok)
             ds_at = ds_head + offs_m[:, None] * N + offs_n[None, :]
-            if atomic:
+            if ATOMIC:
                 tl.atomic_add(ds_at, ds, mask=valid)
             else:  # this program owns these elements of its split: plain read-modify-write
                 # (the batch test as a tile: the interpreter mistypes a bool tile & scalar)
@@ -268,11 +270,12 @@ def _rpe_bwd_q_kernel(
     sv_b, sv_h, sv_n, sv_d,  # strides of v
     sd_b, sd_h, sd_n, sd_d,  # strides of do
     so_b, so_h, so_n,  # strides of o over B, heads, N
-    scale, seed, dropping, drop_threshold, drop_scale,  # as in the forward
+    scale, seed, drop_threshold, drop_scale,  # as in the forward
     BLOCK_M: tl.constexpr,  # queries per program
     BLOCK_N: tl.constexpr,  # keys per step
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
     UPCAST: tl.constexpr,  # tl.dot in fp32 (IEEE) instead of the input dtype
+    DROPPING: tl.constexpr,  # apply dropout
 ):
     # grid: (B * heads, cdiv(N, BLOCK_M)), the batch on axis 0. dQ = scale * dS K, recomputing
     # dS per key block.
@@ -315,7 +318,7 @@ def _rpe_bwd_q_kernel(
                     scale, UPCAST)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, vt, UPCAST)
-        if dropping:
+        if DROPPING:
             keep = _keep(seed, bh, offs_m, offs_n, N, drop_threshold)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
@@ -383,20 +386,24 @@ MAX_HEAD_DIM = 256
 # and for fp32 (whose IEEE tl.dot runs on FMA units and stages every operand through shared
 # memory: smaller tiles, no software pipelining, to fit an A100's 163 KiB and compile in seconds).
 # The key block of the dK/dV kernel is 64 wherever it fits (not fp32 at D = 256), so that at
-# N <= 64 (7 x 7 = 49 tokens) one program holds every key of a head and writes dQ too; its
-# query step is the smallest that keeps that program's dK, dV, K, V and dS tiles out of local
-# memory (read off the machine code of `python -m patnet_kernels.triton.aot`: at D = 64 fp16 a
-# 64-query step spilled 200 B per thread on sm_90, a 32-query step none).
+# N <= 64 (7 x 7 = 49 tokens) one program holds every key of a head and writes dQ too. Each is
+# the configuration of a sweep of tiles, warps and stages (2026-12-07, every mode of
+# :func:`_modes` compiled for sm_90 and sm_80 under Triton 3.9 and for sm_90 under 3.6, the
+# GPU machines') with the least local memory, the largest tiles among equals: none in fp16 /
+# bf16 but the dK/dV kernel at D = 256 (at most 40 B per thread, 16 to 64 queries a step and
+# 4 to 16 warps all spill there), where the earlier configurations kept up to 432 B (the dQ
+# kernel at D = 256) and the dK/dV kernel 280 B at D = 64. Chosen from the machine code, not
+# timed: no GPU has run them.
 _CONFIGS = {
     False: {  # fp16 / bf16
-        64: {"fwd": (64, 64, 4, 2), "kv": (32, 64, 4, 2), "q": (64, 64, 4, 2)},
-        128: {"fwd": (64, 64, 4, 2), "kv": (32, 64, 8, 2), "q": (64, 64, 8, 2)},
-        256: {"fwd": (64, 32, 8, 2), "kv": (16, 64, 8, 1), "q": (64, 64, 8, 1)},
+        64: {"fwd": (64, 64, 4, 2), "kv": (16, 64, 8, 1), "q": (64, 64, 4, 2)},
+        128: {"fwd": (64, 64, 8, 2), "kv": (16, 64, 8, 2), "q": (64, 32, 8, 2)},
+        256: {"fwd": (64, 32, 8, 2), "kv": (16, 64, 8, 1), "q": (32, 64, 8, 2)},
     },
     True: {  # fp32
-        64: {"fwd": (64, 32, 8, 1), "kv": (16, 64, 8, 1), "q": (32, 64, 8, 1)},
-        128: {"fwd": (32, 32, 8, 1), "kv": (16, 64, 8, 1), "q": (16, 64, 8, 1)},
-        256: {"fwd": (32, 32, 8, 1), "kv": (16, 32, 8, 1), "q": (16, 32, 8, 1)},
+        64: {"fwd": (64, 32, 8, 1), "kv": (16, 64, 8, 1), "q": (32, 32, 8, 1)},
+        128: {"fwd": (32, 32, 8, 1), "kv": (16, 64, 8, 1), "q": (16, 32, 8, 1)},
+        256: {"fwd": (32, 32, 8, 1), "kv": (16, 32, 8, 1), "q": (16, 16, 8, 1)},
     },
 }
 
@@ -418,12 +425,13 @@ def _config(head_dim: int, dtype: torch.dtype, kernel: str):
 
 
 def _dropout_args(dropout_p: float, seed: int):
+    """(seed, dropping, drop_threshold, drop_scale) of the kernels for rate ``dropout_p``."""
     if dropout_p <= 0.0:
-        return SEED_LOW, 0, 0, 1.0
+        return SEED_LOW, False, 0, 1.0
     if not SEED_LOW <= seed < SEED_HIGH:
         raise ValueError(f"dropout seed must be in [2^32, 2^62), got {seed}")
     threshold = min(int(round(dropout_p * 2 ** 31)), 2 ** 31 - 1)
-    return seed, 1, threshold, 1.0 / (1.0 - dropout_p)
+    return seed, True, threshold, 1.0 / (1.0 - dropout_p)
 
 
 def _strides4(t: torch.Tensor):
@@ -448,9 +456,9 @@ def rpe_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _rpe_fwd_kernel[(bsz * heads, cdiv(n, block_m))](
         q, k, v, table32, ids32, out, lse, heads, n, d, table32.shape[1],
         *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out)[:3],
-        float(scale), seed, dropping, threshold, drop_scale,
+        float(scale), seed, threshold, drop_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast_dot(q.dtype),
-        num_warps=warps, num_stages=stages)
+        DROPPING=dropping, num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -498,9 +506,9 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                *_strides4(out)[:3])
     _rpe_bwd_kv_kernel[(heads * splits, kblocks)](
         q, k, v, out, grad_out, lse, table32, ids32, dq, dq_acc, dk, dv, ds,
-        bsz, heads, n, d, nb, *strides, float(scale), seed, dropping, threshold, drop_scale,
-        int(one_kblock), int(atomic), BLOCK_M=kv_m, BLOCK_N=kv_n, BLOCK_D=block_d,
-        UPCAST=upcast, num_warps=kv_warps, num_stages=kv_stages)
+        bsz, heads, n, d, nb, *strides, float(scale), seed, threshold, drop_scale,
+        BLOCK_M=kv_m, BLOCK_N=kv_n, BLOCK_D=block_d, UPCAST=upcast, DROPPING=dropping,
+        ONE_KBLOCK=one_kblock, ATOMIC=atomic, num_warps=kv_warps, num_stages=kv_stages)
     if not one_kblock:
         if atomic:
             dq.copy_(dq_acc)
@@ -508,8 +516,9 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
             q_m, q_n, _, q_warps, q_stages = _config(d, q.dtype, "q")
             _rpe_bwd_q_kernel[(bsz * heads, cdiv(n, q_m))](
                 q, k, v, out, grad_out, lse, table32, ids32, dq, heads, n, d, nb, *strides,
-                float(scale), seed, dropping, threshold, drop_scale, BLOCK_M=q_m, BLOCK_N=q_n,
-                BLOCK_D=block_d, UPCAST=upcast, num_warps=q_warps, num_stages=q_stages)
+                float(scale), seed, threshold, drop_scale, BLOCK_M=q_m, BLOCK_N=q_n,
+                BLOCK_D=block_d, UPCAST=upcast, DROPPING=dropping, num_warps=q_warps,
+                num_stages=q_stages)
     dtable = torch.zeros((heads, nb), dtype=torch.float32, device=q.device)
     count = seg.numel() - 1
     _rpe_table_grad_kernel[(count, heads)](
@@ -554,25 +563,24 @@ RELEASED_HEAD_DIMS = (48, 72, 96, 144, 192, 240)
 _SCALARS = {"scale": "fp32", "seed": "i64", "drop_scale": "fp32"}
 
 
-def _launches(fn) -> dict:
-    """``AotKernel.launches`` of an attention kernel: q, k, v (and dO) with a unit last stride
-    (contiguous, or views of one qkv tensor), each without and with dropout (training's
-    default: dropping = 1 becomes a constexpr, other machine code); for the dK/dV kernel also
-    with one key block (N <= BLOCK_N, e.g. 7 x 7 tokens: one_kblock = 1 becomes a constexpr,
-    and that kernel needs more shared memory than with a runtime one_kblock). atomic = 1 (the
-    non-deterministic backward, not the default) needs less than its runtime form (measured on
-    Triton 3.9), so it is not compiled separately."""
-    strides = tuple(s for s in ("sq_d", "sk_d", "sv_d", "sd_d") if s in fn.arg_names)
-    kinds = {"contiguous": strides}
-    if fn is _rpe_bwd_kv_kernel:
-        kinds["contiguous, one key block"] = strides + ("one_kblock",)
-    return {**kinds, **{f"{kind}, dropout": ones + ("dropping",) for kind, ones in kinds.items()}}
+def _modes(kernel: str) -> List[Dict[str, bool]]:
+    """The compile-time modes of ``kernel`` ("fwd", "kv", "q"), each its own machine code: with
+    and without dropout; for the dK/dV kernel also with one key block (N <= BLOCK_N: 7 x 7
+    tokens) or several, and the atomic (non-deterministic) backward or not."""
+    dropping = [dict(DROPPING=drop) for drop in (False, True)]
+    if kernel != "kv":
+        return dropping
+    return [dict(mode, ONE_KBLOCK=one, ATOMIC=atomic) for mode in dropping
+            for one in (False, True) for atomic in (False, True)]
+
+
+_MODE_LABELS = (("ONE_KBLOCK", "one key block"), ("ATOMIC", "atomic"), ("DROPPING", "dropout"))
 
 
 def aot_kernels() -> List[AotKernel]:
     """Every kernel configuration this file launches on a GPU, for the ahead-of-time check:
-    the three attention kernels per padded head dim (64, 128, 256) and dtype, and the two
-    helpers."""
+    the three attention kernels per padded head dim (64, 128, 256), dtype and mode
+    (:func:`_modes`), and the two helpers."""
     kernels, seen = [], set()
     for head_dim in RELEASED_HEAD_DIMS:
         for dtype, tname in TRITON_DTYPE.items():
@@ -588,12 +596,17 @@ def aot_kernels() -> List[AotKernel]:
             for kernel, fn in (("fwd", _rpe_fwd_kernel), ("kv", _rpe_bwd_kv_kernel),
                                ("q", _rpe_bwd_q_kernel)):
                 block_m, block_n, _, warps, stages = _config(head_dim, dtype, kernel)
-                kernels.append(AotKernel(
-                    f"rpe_{kernel}[{tname}, D={block_d}, {block_m}x{block_n}]", fn,
-                    aot_signature(fn, grads, _SCALARS),
-                    dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                         UPCAST=upcast_dot(dtype, interpret=False)),
-                    num_warps=warps, num_stages=stages, launches=_launches(fn)))
+                # q, k, v (and dO) with a unit last stride: contiguous, or views of one qkv
+                unit = tuple(s for s in ("sq_d", "sk_d", "sv_d", "sd_d") if s in fn.arg_names)
+                for mode in _modes(kernel):
+                    labels = "".join(f", {label}" for flag, label in _MODE_LABELS
+                                     if mode.get(flag))
+                    kernels.append(AotKernel(
+                        f"rpe_{kernel}[{tname}, D={block_d}, {block_m}x{block_n}{labels}]", fn,
+                        aot_signature(fn, grads, _SCALARS),
+                        dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                             UPCAST=upcast_dot(dtype, interpret=False), **mode),
+                        num_warps=warps, num_stages=stages, launches={"contiguous": unit}))
     fn = _rpe_table_grad_kernel
     kernels.append(AotKernel(
         "rpe_table_grad", fn,
