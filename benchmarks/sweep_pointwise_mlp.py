@@ -43,7 +43,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -283,10 +283,13 @@ def _compile_job(op: str, quick: bool, shape_name: str, batch: int, dtype_name: 
     return errors
 
 
-def precompile(jobs: List[tuple], workers: int, deadline: Optional[float]) -> dict:
-    """Run :func:`_compile_job` over ``jobs`` ((op, quick, shape name, batch, dtype name,
-    layout, [config dicts]) each) in ``workers`` spawned processes until ``deadline``
-    (time.monotonic(); None: all): counts of configurations compiled, failed and left."""
+def precompile(jobs: List[tuple], workers: int, deadline: Optional[float],
+               compile_job: Callable[..., List[Optional[str]]] = _compile_job) -> dict:
+    """Run ``compile_job`` (a module-level function: :func:`_compile_job`, or another sweep's)
+    over ``jobs`` (its arguments, the last a list of configurations: for the MLP (op, quick,
+    shape name, batch, dtype name, layout, [config dicts])) in ``workers`` spawned processes
+    until ``deadline`` (time.monotonic(); None: all): counts of configurations compiled,
+    failed and left."""
     import concurrent.futures
     import multiprocessing
 
@@ -296,7 +299,7 @@ def precompile(jobs: List[tuple], workers: int, deadline: Optional[float]) -> di
     start = time.monotonic()
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"))
-    futures = {pool.submit(_compile_job, *job): job for job in jobs}
+    futures = {pool.submit(compile_job, *job): job for job in jobs}
     try:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         for future in concurrent.futures.as_completed(futures, timeout=timeout):

@@ -512,3 +512,34 @@ def test_reports_are_replaced_whole(tmp_path):
     write_json(path, {"rows": [1, 2]})
     assert read_json(path) == {"rows": [1, 2]}
     assert [p.name for p in path.parent.iterdir()] == ["report.json"]
+
+
+def test_rpe_attention_sweep_smoke_run(tmp_path, capsys):
+    """The attention kernels' tuning sweep (a GPU tool) runs on the CPU with --quick: per
+    shape the forward's and the dK/dV kernel's shipped configuration and one other (a key
+    block of 32, which runs the dQ kernel too), each checked against the reference (output and
+    every gradient) and timed, in its table and JSON; its compile job reports a configuration
+    that does not launch; past --budget nothing is timed; bad options are refused."""
+    from benchmarks import sweep_rpe_attention as sweep
+
+    path = tmp_path / "sweep.json"
+    assert sweep.main(["--quick", "--shapes", "s4.cls", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["benchmark"] == "sweep_rpe_attention"
+    rows = report["rows"]
+    assert [(r["kernel"], r["shipped"]) for r in rows] == [
+        ("fwd", True), ("fwd", False), ("kv", True), ("kv", False)]
+    assert all(r["status"] == "ok" and r["max_rel_error"] < 1e-2 for r in rows)
+    assert rows[3]["config"]["block_n"] == 32 and rows[0]["tokens"] == 49
+    out = capsys.readouterr().out
+    assert "% of best" in out and "  * M" in out and str(path) in out
+    errors = sweep._compile_job(True, "patnet_t0.s4.cls", 2, "float16", "fwd",
+                                [(64, 64, 4, 2), (48, 64, 4, 2)])
+    assert errors[0] is None and errors[1]  # (48 rows: not a power of two)
+    assert sweep.main(["--quick", "--shapes", "s4.cls", "--kernels", "fwd", "--budget",
+                       "1e-9", "--json", str(path)]) == 2
+    assert all(r["status"] == "skipped" for r in json.loads(path.read_text())["rows"])
+    assert len(sweep.grid("kv", torch.float16)) == 24 and len(sweep.grid("fwd", torch.float32)) == 12
+    for bad in (["--kernels", "dq"], ["--dtypes", "half"], ["--budget", "0"]):
+        with pytest.raises(SystemExit):
+            sweep.parse_args(bad)

@@ -24,7 +24,7 @@ see _CONFIGS). Head dims are padded to a power of two (at least 64) and masked.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -393,7 +393,7 @@ MAX_HEAD_DIM = 256
 # bf16 but the dK/dV kernel at D = 256 (at most 40 B per thread, 16 to 64 queries a step and
 # 4 to 16 warps all spill there), where the earlier configurations kept up to 432 B (the dQ
 # kernel at D = 256) and the dK/dV kernel 280 B at D = 64. Chosen from the machine code, not
-# timed: no GPU has run them.
+# timed: no GPU has run them; ``python -m benchmarks.sweep_rpe_attention`` times them on one.
 _CONFIGS = {
     False: {  # fp16 / bf16
         64: {"fwd": (64, 64, 4, 2), "kv": (16, 64, 8, 1), "q": (64, 64, 4, 2)},
@@ -408,8 +408,14 @@ _CONFIGS = {
 }
 
 
-def _config(head_dim: int, dtype: torch.dtype, kernel: str):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of ``kernel`` ("fwd", "kv", "q").
+# A configuration of one kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+Config = Tuple[int, int, int, int]
+
+
+def _config(head_dim: int, dtype: torch.dtype, kernel: str,
+            chosen: Optional[Dict[str, Config]] = None):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of ``kernel`` ("fwd", "kv", "q"):
+    ``chosen[kernel]`` where given (the tuning sweep's), else the shipped one.
 
     The head dim is padded to the next power of two, at least 64 (48 -> 64, 72 / 96 -> 128,
     144 / 192 / 240 -> 256), and masked: every launch is one of the shipped configurations
@@ -420,7 +426,8 @@ def _config(head_dim: int, dtype: torch.dtype, kernel: str):
     if block_d > MAX_HEAD_DIM:
         raise ValueError(f"the Triton rpe_attention kernels take head dims up to {MAX_HEAD_DIM}, "
                          f"got {head_dim}")
-    block_m, block_n, warps, stages = _CONFIGS[dtype == torch.float32][block_d][kernel]
+    block_m, block_n, warps, stages = (chosen or {}).get(
+        kernel, _CONFIGS[dtype == torch.float32][block_d][kernel])
     return block_m, block_n, block_d, warps, stages
 
 
@@ -440,16 +447,18 @@ def _strides4(t: torch.Tensor):
 
 def rpe_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           table32: torch.Tensor, ids32: torch.Tensor, scale: float,
-                          dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                          dropout_p: float, seed: int, configs: Optional[Dict[str, Config]] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(O, lse): O (B, heads, N, d) in q's dtype, laid out as (B, N, heads, d) contiguous (so
     that merging its heads, ``O.transpose(1, 2).reshape(B, N, heads * d)``, is a view), lse
     (B, heads, N) fp32 contiguous.
 
     q, k, v: (B, heads, N, d), any strides; table32: (heads, NB) fp32 contiguous; ids32: (N, N)
-    int32 contiguous, ids in [0, NB); seed: see :func:`draw_seed` (ignored when dropout_p == 0).
+    int32 contiguous, ids in [0, NB); seed: see :func:`draw_seed` (ignored when dropout_p == 0);
+    configs: {"fwd": :data:`Config`} to launch instead of the shipped one (the tuning sweep).
     """
     bsz, heads, n, d = q.shape
-    block_m, block_n, block_d, warps, stages = _config(d, q.dtype, "fwd")
+    block_m, block_n, block_d, warps, stages = _config(d, q.dtype, "fwd", configs)
     out = torch.empty((bsz, n, heads, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((bsz, heads, n), dtype=torch.float32, device=q.device)
     seed, dropping, threshold, drop_scale = _dropout_args(dropout_p, seed)
@@ -473,17 +482,19 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            table32: torch.Tensor, ids32: torch.Tensor, order: torch.Tensor,
                            seg: torch.Tensor, low: int, scale: float, dropout_p: float,
-                           seed: int, deterministic: bool = True):
+                           seed: int, deterministic: bool = True,
+                           configs: Optional[Dict[str, Config]] = None):
     """(dq, dk, dv, dtable): dq, dk, dv (B, heads, N, d) contiguous in q's dtype; dtable
     (heads, NB) fp32.
 
     ``out`` and ``lse`` come from :func:`rpe_attention_forward` with the same arguments;
     ``order``, ``seg``, ``low`` from :func:`bucket_segments`. With ``deterministic`` (default)
-    no float atomics are used and every gradient is the same bits on every run.
+    no float atomics are used and every gradient is the same bits on every run. configs:
+    {"kv" / "q": :data:`Config`} to launch instead of the shipped ones (the tuning sweep).
     """
     bsz, heads, n, d = q.shape
     nb = table32.shape[1]
-    kv_m, kv_n, block_d, kv_warps, kv_stages = _config(d, q.dtype, "kv")
+    kv_m, kv_n, block_d, kv_warps, kv_stages = _config(d, q.dtype, "kv", configs)
     seed, dropping, threshold, drop_scale = _dropout_args(dropout_p, seed)
     kblocks = cdiv(n, kv_n)
     one_kblock = kblocks == 1
@@ -513,7 +524,7 @@ def rpe_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         if atomic:
             dq.copy_(dq_acc)
         else:
-            q_m, q_n, _, q_warps, q_stages = _config(d, q.dtype, "q")
+            q_m, q_n, _, q_warps, q_stages = _config(d, q.dtype, "q", configs)
             _rpe_bwd_q_kernel[(bsz * heads, cdiv(n, q_m))](
                 q, k, v, out, grad_out, lse, table32, ids32, dq, heads, n, d, nb, *strides,
                 float(scale), seed, threshold, drop_scale, BLOCK_M=q_m, BLOCK_N=q_n,
