@@ -14,10 +14,10 @@ activations (and the MLP op's residual) in channels_last (default: the layout th
 under AMP, where the tiles span samples, PAT_ch's included, ``pointwise_mlp.tile_grid``) or
 NCHW.
 
-Two phases. Compiling a configuration of this kernel takes seconds of one CPU, more than
-timing it: first every configuration of every shape is run once in ``--compile-workers``
-processes side by side (spawned, each on the GPU with the timing run's inputs, so that each
-compiles into Triton's disk cache), then, alone on the machine, each is launched once, checked
+Two phases (``sweep_common``). Compiling a configuration of this kernel takes seconds of one
+CPU, more than timing it: first every configuration of every shape is run once in
+``--compile-workers`` processes side by side (spawned, each on the GPU with the timing run's
+inputs, so that each compiles into Triton's disk cache), then, alone on the machine, each is launched once, checked
 against the reference in fp32 on the same inputs, and timed with the op benchmarks' timer
 (GPU: ``do_bench``, L2 flushed before every call). ``--budget``: the compile phase ends at half
 of it, and no configuration starts timing past it (the rest are recorded as skipped, and the
@@ -39,18 +39,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks import env  # noqa: E402
+from benchmarks import env, sweep_common  # noqa: E402
 
 if not torch.cuda.is_available():  # (before anything imports triton: its interpreter, --quick)
     env.use_cpu_emulation(cuda=False)
@@ -115,27 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", default=None,
                         help="comma list of substrings of shape names, e.g. patnet_t2.s1")
     parser.add_argument("--grid", default="small", choices=["small", "full"])
-    parser.add_argument("--warmup-ms", type=float, default=10.0)
-    parser.add_argument("--rep-ms", type=float, default=40.0)
-    parser.add_argument("--json", default=None,
-                        help="write every row here (rewritten after every shape)")
-    parser.add_argument("--compile-workers", type=int, default=None, metavar="N",
-                        help="first run every configuration once in N processes, in parallel, "
-                             "so that each compiles there (Triton's disk cache) and the timing "
-                             "that follows, alone on the machine, finds it compiled (default: "
-                             "the CPUs less 2, at most 16, on a GPU; 0 under --quick; 0: "
-                             "compile each as it is first timed)")
-    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                        help="wall time of the whole run: the parallel compile stops at half "
-                             "of it, and no configuration starts timing after it (those left "
-                             "are recorded as skipped); default: no limit")
-    parser.add_argument("--quick", action="store_true",
-                        help="shrunk shapes, batch 2, two configurations (the CPU smoke run)")
+    sweep_common.add_options(parser, "two configurations")
     args = parser.parse_args(argv)
-    if args.compile_workers is not None and args.compile_workers < 0:
-        parser.error(f"--compile-workers must be 0 or more, got {args.compile_workers}")
-    if args.budget is not None and args.budget <= 0:
-        parser.error(f"--budget must be positive, got {args.budget}")
+    sweep_common.check_options(parser, args)
     return args
 
 
@@ -271,72 +251,15 @@ def _compile_job(op: str, quick: bool, shape_name: str, batch: int, dtype_name: 
     shape = next(s for s in _shapes(op, quick, None) if s.name == shape_name)
     gen = torch.Generator(device=device).manual_seed(0)
     case = Case(op, shape, batch, DTYPES[dtype_name], device, gen, layout)
-    errors = []
-    for fields in configs:
-        try:
-            case.call(Config(**fields))
-            errors.append(None)
-        except Exception as exc:  # noqa: BLE001 - the timing run reports it
-            errors.append(f"{type(exc).__name__}: {exc}"[:200])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return errors
-
-
-def precompile(jobs: List[tuple], workers: int, deadline: Optional[float],
-               compile_job: Callable[..., List[Optional[str]]] = _compile_job) -> dict:
-    """Run ``compile_job`` (a module-level function: :func:`_compile_job`, or another sweep's)
-    over ``jobs`` (its arguments, the last a list of configurations: for the MLP (op, quick,
-    shape name, batch, dtype name, layout, [config dicts])) in ``workers`` spawned processes
-    until ``deadline`` (time.monotonic(); None: all): counts of configurations compiled,
-    failed and left."""
-    import concurrent.futures
-    import multiprocessing
-
-    counts = {"compiled": 0, "failed": 0, "left": sum(len(j[-1]) for j in jobs)}
-    if not jobs or workers <= 0:
-        return counts
-    start = time.monotonic()
-    pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"))
-    futures = {pool.submit(compile_job, *job): job for job in jobs}
-    try:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        for future in concurrent.futures.as_completed(futures, timeout=timeout):
-            try:
-                errors = future.result()
-            except Exception:  # noqa: BLE001 - a crashed worker: the timing run compiles
-                continue
-            counts["left"] -= len(errors)
-            counts["failed"] += sum(e is not None for e in errors)
-            counts["compiled"] += sum(e is None for e in errors)
-            print(f"  compiled {counts['compiled'] + counts['failed']} configurations "
-                  f"({counts['failed']} failed) in {time.monotonic() - start:.0f} s",
-                  flush=True)
-    except concurrent.futures.TimeoutError:
-        print(f"  compile: out of time, {counts['left']} configurations left to compile "
-              "as they are timed", flush=True)
-        # (workers still compiling would load the CPUs the timing's launches need)
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    return counts
+    return sweep_common.run_each(lambda fields: case.call(Config(**fields)), configs, device)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    start = time.monotonic()
-    deadline = None if args.budget is None else start + args.budget
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        if not args.quick:
-            print("sweep_pointwise_mlp: no GPU here; timing configurations under the Triton "
-                  "interpreter says nothing, run with --quick for a smoke run", file=sys.stderr)
-            return 2
-    workers = args.compile_workers
-    if workers is None:
-        workers = 0 if args.quick else max(1, min(16, (os.cpu_count() or 4) - 2))
+    run = sweep_common.Run("sweep_pointwise_mlp", args)
+    if run.refused():
+        return 2
+    device = run.device
     batch = 2 if args.quick else args.batch
     shapes = _shapes(args.op, args.quick, args.shapes)
     timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, warmup=1, runs=2)
@@ -347,34 +270,28 @@ def main(argv: Optional[List[str]] = None) -> int:
             case = Case(args.op, shape, batch, DTYPES[dtype_name], device, gen, args.layout)
             cases.append((dtype_name, shape, case,
                           _configs(case, args.grid, shape.channels, args.quick)))
-    total = sum(len(c[-1]) for c in cases)
-    if workers:
-        print(f"compiling {total} configurations in {workers} processes", flush=True)
-        chunk = 4  # (configurations per job: each job builds its case's inputs once)
-        jobs = [(args.op, args.quick, shape.name, batch, dtype_name, args.layout,
-                 [c._asdict() for c in configs[i:i + chunk]])
-                for dtype_name, shape, _, configs in cases for i in range(0, len(configs), chunk)]
-        precompile(jobs, workers, None if deadline is None else start + args.budget / 2)
+    chunk = 4  # (configurations per job: each job builds its case's inputs once)
+    run.precompile(_compile_job, [
+        (args.op, args.quick, shape.name, batch, dtype_name, args.layout,
+         [c._asdict() for c in configs[i:i + chunk]])
+        for dtype_name, shape, _, configs in cases for i in range(0, len(configs), chunk)])
     rows, failures, report = [], 0, None
     if args.json:
-        arch = (10 * torch.cuda.get_device_capability(device)[0]
-                + torch.cuda.get_device_capability(device)[1]) if device.type == "cuda" else None
         report = {"benchmark": "sweep_pointwise_mlp", "op": args.op, "layout": args.layout,
-                  **env.run_info(device),
-                  "arch": arch, "grid": args.grid, "timing": timer.method, "budget_s": args.budget,
-                  "rows": rows}
+                  **env.run_info(device), "arch": run.arch(), "grid": args.grid,
+                  "timing": timer.method, "budget_s": args.budget, "rows": rows}
     for dtype_name, shape, case, configs in cases:
         print(f"{shape.name} B={batch} C={shape.channels} {shape.height}x{shape.width} "
               f"{dtype_name}, {args.layout}, {args.op}: {len(configs)} configurations "
-              f"({time.monotonic() - start:.0f} s)", flush=True)
+              f"({run.elapsed()})", flush=True)
         found = []
         for config in configs:
             row = dict(op=args.op, shape=shape.name, dtype=dtype_name, batch=batch,
                        key=list(case.key), config=config._asdict(),
                        shipped=config == case.shipped)
-            if deadline is not None and time.monotonic() > deadline:
-                row.update(status="skipped", reason=f"out of time (--budget {args.budget:g} s)")
-                found.append(row)
+            skip = run.out_of_time()
+            if skip:
+                found.append(dict(row, status="skipped", reason=skip))
                 continue
             try:
                 case.clear_outputs()
@@ -398,13 +315,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.extend(found)
         if report is not None:
             write_json(Path(args.json), report)
-    if report is not None:
-        print(f"Report written to {args.json}")
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    if skipped:
-        print(f"{skipped} of {len(rows)} configurations not timed: out of time "
-              f"(--budget {args.budget:g} s)")
-    return 1 if failures else 2 if skipped else 0
+    return run.finish(rows, failures)
 
 
 def _print_shape(rows: List[dict]) -> None:

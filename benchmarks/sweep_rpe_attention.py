@@ -18,8 +18,7 @@ timed as its op runs it:
 
 Dropout 0: a configuration is per kernel, and the dropout forms take the one timed here.
 Compiling one takes seconds of a CPU, more than timing it: every configuration is first run
-once in ``--compile-workers`` spawned processes side by side (``sweep_pointwise_mlp``'s
-``precompile``), then, alone on the machine, each is run once, checked against the reference
+once in ``--compile-workers`` spawned processes side by side (``sweep_common``), then, alone on the machine, each is run once, checked against the reference
 in fp32 on the same inputs (the output; dq, dk, dv and the table's gradient) and timed with the
 op benchmarks' timer (GPU: ``do_bench``, L2 flushed before every call). ``--budget``: the
 compile phase ends at half of it, and no configuration starts timing past it (recorded as
@@ -35,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -46,7 +43,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch  # noqa: E402
 
-from benchmarks import env  # noqa: E402
+from benchmarks import env, sweep_common  # noqa: E402
 
 if not torch.cuda.is_available():  # (before anything imports triton: its interpreter, --quick)
     env.use_cpu_emulation(cuda=False)
@@ -54,7 +51,6 @@ if not torch.cuda.is_available():  # (before anything imports triton: its interp
 from benchmarks import bench_rpe_attention as bench  # noqa: E402
 from benchmarks.op_inputs import random_activation  # noqa: E402
 from benchmarks.report import split_list, write_json  # noqa: E402
-from benchmarks.sweep_pointwise_mlp import precompile  # noqa: E402
 from benchmarks.timer import Timer  # noqa: E402
 from benchmarks.tolerance import MISMATCH  # noqa: E402
 
@@ -155,16 +151,7 @@ def _compile_job(quick: bool, shape_name: str, batch: int, dtype_name: str, kern
     shape = next(s for s in _shapes(quick, None) if s.name == shape_name)
     case = Case(shape, batch, DTYPES[dtype_name], device,
                 torch.Generator(device=device).manual_seed(0))
-    errors = []
-    for config in configs:
-        try:
-            case.call(kernel, config)
-            errors.append(None)
-        except Exception as exc:  # noqa: BLE001 - the timing run reports it
-            errors.append(f"{type(exc).__name__}: {exc}"[:200])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return errors
+    return sweep_common.run_each(lambda config: case.call(kernel, config), configs, device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -180,20 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma list of substrings of shape names, e.g. patnet_t2.s4.cls")
     parser.add_argument("--kernels", default=",".join(KERNELS),
                         help="comma list of fwd, kv, q (default: all)")
-    parser.add_argument("--warmup-ms", type=float, default=10.0)
-    parser.add_argument("--rep-ms", type=float, default=40.0)
-    parser.add_argument("--json", default=None,
-                        help="write every row here (rewritten after every shape)")
-    parser.add_argument("--compile-workers", type=int, default=None, metavar="N",
-                        help="first run every configuration once in N processes (default: the "
-                             "CPUs less 2, at most 16, on a GPU; 0 under --quick; 0: compile "
-                             "each as it is first timed)")
-    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                        help="wall time of the whole run: the parallel compile stops at half "
-                             "of it, and no configuration starts timing after it")
-    parser.add_argument("--quick", action="store_true",
-                        help="shrunk shapes, batch 2, two configurations per kernel (the CPU "
-                             "smoke run)")
+    sweep_common.add_options(parser, "two configurations per kernel")
     args = parser.parse_args(argv)
     unknown = [d for d in split_list(args.dtypes) if d not in DTYPES]
     if unknown:
@@ -201,30 +175,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     kernels = split_list(args.kernels)
     if not kernels or any(k not in KERNELS for k in kernels):
         parser.error(f"--kernels: choose from {', '.join(KERNELS)}, got {args.kernels!r}")
-    if args.compile_workers is not None and args.compile_workers < 0:
-        parser.error(f"--compile-workers must be 0 or more, got {args.compile_workers}")
-    if args.budget is not None and args.budget <= 0:
-        parser.error(f"--budget must be positive, got {args.budget}")
+    sweep_common.check_options(parser, args)
     return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    start = time.monotonic()
-    deadline = None if args.budget is None else start + args.budget
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.quick:
-        print("sweep_rpe_attention: no GPU here; timing configurations under the Triton "
-              "interpreter says nothing, run with --quick for a smoke run", file=sys.stderr)
+    run = sweep_common.Run("sweep_rpe_attention", args)
+    if run.refused():
         return 2
-    workers = args.compile_workers
-    if workers is None:
-        workers = 0 if args.quick else max(1, min(16, (os.cpu_count() or 4) - 2))
     shapes = _shapes(args.quick, args.shapes)
     if not shapes:
         print(f"sweep_rpe_attention: no shape matches --shapes {args.shapes!r}; shapes: "
               + ", ".join(s.name for s in bench.shapes(args.quick)), file=sys.stderr)
         return 2
+    device = run.device
     timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, warmup=1, runs=2)
     gen = torch.Generator(device=device).manual_seed(0)
     cases = []  # (dtype name, shape, case, {kernel: configurations})
@@ -234,53 +199,41 @@ def main(argv: Optional[List[str]] = None) -> int:
             cases.append((dtype_name, shape, case, {
                 kernel: _configs(case, kernel, args.quick) for kernel in split_list(args.kernels)
                 if case.runs(kernel)}))
-    if workers:
-        jobs = [(args.quick, shape.name, _batch(shape, args), dtype_name, kernel,
-                 configs[i:i + 4])
-                for dtype_name, shape, _, per_kernel in cases
-                for kernel, configs in per_kernel.items() for i in range(0, len(configs), 4)]
-        print(f"compiling {sum(len(j[-1]) for j in jobs)} configurations in {workers} "
-              "processes", flush=True)
-        precompile(jobs, workers, None if deadline is None else start + args.budget / 2,
-                   _compile_job)
+    run.precompile(_compile_job, [
+        (args.quick, shape.name, _batch(shape, args), dtype_name, kernel, configs[i:i + 4])
+        for dtype_name, shape, _, per_kernel in cases
+        for kernel, configs in per_kernel.items() for i in range(0, len(configs), 4)])
     rows: List[dict] = []
     report = None
     if args.json:
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         report = {"benchmark": "sweep_rpe_attention", **env.run_info(device),
-                  "arch": 10 * capability[0] + capability[1] if capability else None,
-                  "timing": timer.method, "budget_s": args.budget, "rows": rows}
+                  "arch": run.arch(), "timing": timer.method, "budget_s": args.budget,
+                  "rows": rows}
     failures = 0
     for dtype_name, shape, case, per_kernel in cases:
         for kernel, configs in per_kernel.items():
             print(f"{shape.name} B={_batch(shape, args)} N={case.tokens} d={case.head_dim} "
-                  f"{dtype_name}, {kernel}: {len(configs)} configurations "
-                  f"({time.monotonic() - start:.0f} s)", flush=True)
-            found = [_timed(case, kernel, config, i == 0, shape, dtype_name, timer, deadline,
-                            args.budget) for i, config in enumerate(configs)]
+                  f"{dtype_name}, {kernel}: {len(configs)} configurations ({run.elapsed()})",
+                  flush=True)
+            found = [_timed(case, kernel, config, i == 0, shape, dtype_name, timer,
+                            run.out_of_time()) for i, config in enumerate(configs)]
             failures += sum(r["shipped"] and r["status"] == "error" for r in found)
             _print_rows(found)
             rows.extend(found)
         if report is not None:
             write_json(Path(args.json), report)
-    if report is not None:
-        print(f"Report written to {args.json}")
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    if skipped:
-        print(f"{skipped} of {len(rows)} configurations not timed: out of time "
-              f"(--budget {args.budget:g} s)")
-    return 1 if failures else 2 if skipped else 0
+    return run.finish(rows, failures)
 
 
 def _timed(case: Case, kernel: str, config, shipped: bool, shape, dtype_name: str, timer,
-           deadline: Optional[float], budget: Optional[float]) -> Dict[str, object]:
-    """One configuration's row: checked, then timed (or skipped past the deadline)."""
+           skip: Optional[str]) -> Dict[str, object]:
+    """One configuration's row: checked, then timed (or skipped, for reason ``skip``)."""
     row = dict(shape=shape.name, dtype=dtype_name, batch=case.inputs[0].shape[0],
                tokens=case.tokens, head_dim=case.head_dim, kernel=kernel,
                config=dict(zip(("block_m", "block_n", "warps", "stages"), config)),
                shipped=shipped)
-    if deadline is not None and time.monotonic() > deadline:
-        return dict(row, status="skipped", reason=f"out of time (--budget {budget:g} s)")
+    if skip:
+        return dict(row, status="skipped", reason=skip)
     try:
         error = case.error(kernel, config)
         if not error <= MISMATCH[DTYPES[dtype_name]]:

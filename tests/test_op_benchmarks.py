@@ -396,7 +396,7 @@ def test_targets_filter_rows_and_show_each_dtype():
 def test_pointwise_mlp_sweep_budget(tmp_path, capsys):
     """Past --budget no configuration is timed: each is recorded as skipped, the report still
     written, exit status 2; bad options are refused."""
-    from benchmarks import sweep_pointwise_mlp as sweep
+    from benchmarks import sweep_common, sweep_pointwise_mlp as sweep
 
     path = tmp_path / "sweep.json"
     assert sweep.main(["--quick", "--shapes", "patnet_t2.s1", "--budget", "1e-9", "--json",
@@ -407,8 +407,8 @@ def test_pointwise_mlp_sweep_budget(tmp_path, capsys):
     # the parallel compile past its deadline: its workers stopped, every configuration left
     config = rows[0]["config"]
     job = ("mlp", True, "patnet_t2.s1", 2, "float16", "channels_last", [config])
-    assert sweep.precompile([job, job], 1, time.monotonic()) == dict(compiled=0, failed=0,
-                                                                      left=2)
+    assert sweep_common.precompile(sweep._compile_job, [job, job], 1, time.monotonic()) == \
+        dict(compiled=0, failed=0, left=2)
     assert "configurations left to compile as they are timed" in capsys.readouterr().out
     for bad in (["--budget", "0"], ["--compile-workers", "-1"]):
         with pytest.raises(SystemExit):
