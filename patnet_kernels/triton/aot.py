@@ -34,7 +34,7 @@ front end and its ptxas, and they lay out some kernels differently from newer Tr
 spilled where 3.9 did not), so what the check reads there is what the measured GPU runs. CI
 runs both.
 
-With ``--no-generic`` this is 1388 compiles (more with the generic variants), and 694 more
+With ``--no-generic`` this is 1460 compiles (more with the generic variants), and 730 more
 under the GPU machines' Triton; with an empty Triton cache they take tens of minutes on 2 cores
 (the PConv, PAT_ch and MLP families' 492 took 419 s on the shared development machine; at
 commit d8d869f, with 1140 and 570, a fresh machine's test run took 33 minutes where a warm one
