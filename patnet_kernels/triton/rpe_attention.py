@@ -418,8 +418,9 @@ def _config(head_dim: int, dtype: torch.dtype, kernel: str,
     ``chosen[kernel]`` where given (the tuning sweep's), else the shipped one.
 
     The head dim is padded to the next power of two, at least 64 (48 -> 64, 72 / 96 -> 128,
-    144 / 192 / 240 -> 256), and masked: every launch is one of the shipped configurations
-    (:func:`aot_kernels`), under the interpreter too (only its arithmetic is fp32 throughout).
+    144 / 192 / 240 -> 256), and masked: every launch but the sweep's is one of the shipped
+    configurations (:func:`aot_kernels`), under the interpreter too (only its arithmetic is fp32
+    throughout).
     Head dims above MAX_HEAD_DIM have none.
     """
     block_d = block(head_dim, low=64)
