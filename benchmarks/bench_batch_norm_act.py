@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import patnet_kernels as pk  # noqa: E402
 from benchmarks.op_cli import main_of  # noqa: E402
-from benchmarks.op_family import Family  # noqa: E402
+from benchmarks.op_family import Family, fused_op_targets  # noqa: E402
 from benchmarks.op_inputs import Problem, random_activation, random_batch_norm  # noqa: E402
 from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from patnet.layers import FasterNetBlock, PATNetBlock  # noqa: E402
@@ -74,6 +74,7 @@ FAMILY = Family(
     notes=["the eager reference runs BatchNorm then ReLU in place: training forward 3 + 2 "
            "passes, backward threshold_backward 3 + BatchNorm's 5; the fused op's forward and "
            "backward never write the BN output Z"],
+    targets=fused_op_targets("fused BatchNorm + activation"),
 )
 
 

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import patnet_kernels as pk  # noqa: E402
 from benchmarks.op_cli import main_of  # noqa: E402
-from benchmarks.op_family import Family, Target  # noqa: E402
+from benchmarks.op_family import Family, Target, fused_op_targets  # noqa: E402
 from benchmarks.op_inputs import Problem, random_weight, stage_activation  # noqa: E402
 from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from patnet.layers import PartialConv3, PATSelfMixer  # noqa: E402
@@ -83,8 +83,7 @@ FAMILY = Family(
     },
     extra_providers={"triton inplace": (("fwd",), make_inplace("triton")),
                      "cuda inplace": (("fwd",), make_inplace("cuda"))},
-    targets=[Target("triton", "fwd", 256, "pct_copy", 70.0,
-                    "fused PConv reaches >= 70% of the copy bandwidth at batch 256 (fwd)"),
+    targets=fused_op_targets("fused PConv") + [
              Target("cuda", "fwd", 256, "speedup_vs_best", 1 / 1.1,
                     "CUDA PConv within 10% of the faster of Triton and torch.compile at batch "
                     "256 (fwd)")],

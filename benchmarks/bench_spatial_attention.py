@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import patnet_kernels as pk  # noqa: E402
 from benchmarks.op_cli import main_of  # noqa: E402
-from benchmarks.op_family import Family  # noqa: E402
+from benchmarks.op_family import Family, fused_op_targets  # noqa: E402
 from benchmarks.op_inputs import Problem, two_norm_functional, two_norm_problem  # noqa: E402
 from benchmarks.op_shapes import StageShape, stage_shapes  # noqa: E402
 from patnet.layers import PartialSpatialAttention  # noqa: E402
@@ -75,6 +75,7 @@ FAMILY = Family(
     },
     notes=["PATNet-T2 as released has no PAT_sp (only T1 enables it): the shapes are T2's "
            "block dims where it would run (create_model('patnet_t2', use_spatial_attn=True))"],
+    targets=fused_op_targets("fused PAT_sp"),
 )
 
 

@@ -51,6 +51,23 @@ class Target:
     where: Optional[Callable[[dict], bool]] = None   # row (JSON) -> whether the target covers it
 
 
+def fused_op_targets(op: str) -> List[Target]:
+    """Issue 13's targets of a fused op (``op``: its name in the report) on the Triton backend,
+    at its stage 1-3 shapes and batch 256: the forward at >= 70% of the measured copy bandwidth
+    and >= 1.3x torch.compile of the reference, forward + backward >= 1.2x torch.compile."""
+    def early(row: dict) -> bool:
+        return row["stage"] in (1, 2, 3)
+
+    where = "at stages 1-3, batch 256"
+    return [Target("triton", "fwd", 256, "pct_copy", 70.0,
+                   f"{op} reaches >= 70% of the copy bandwidth {where} (fwd)", where=early),
+            Target("triton", "fwd", 256, "speedup_vs_compile", 1.3,
+                   f"{op} >= 1.3x torch.compile of the reference {where} (fwd)", where=early),
+            Target("triton", "fwd+bwd", 256, "speedup_vs_compile", 1.2,
+                   f"{op} >= 1.2x torch.compile of the reference {where} (fwd+bwd)",
+                   where=early)]
+
+
 @dataclass
 class Family:
     name: str                                    # "partial_conv": file names, JSON

@@ -381,16 +381,26 @@ def test_targets_filter_rows_and_show_each_dtype():
     def row(dtype, h, w, flex_x, eager_x, status="ok"):
         return {"mode": "fwd+bwd", "batch": 256, "dtype": dtype, "height": h, "width": w,
                 "shape": f"s{h}", "providers": {"triton": {"speedup_vs_flex": flex_x,
+                                                           "speedup_vs_sdpa": flex_x,
                                                            "speedup_vs_eager": eager_x,
                                                            "status": status}}}
     rows = [row("fp16", 7, 7, 2.0, 4.0), row("fp32", 7, 7, 1.2, 3.5),
             row("fp16", 25, 42, 0.1, 0.1),  # not N = 49: ignored
             row("bf16", 7, 7, 9.0, 9.0, status="mismatch")]  # wrong output: ignored
     lines = check_targets(family, rows, "NVIDIA H100 80GB HBM3")
-    assert "NOT met: worst 1.20x (s7 fp32, 2 rows" in lines[0]
-    assert "worst per dtype: fp16 2.00x, fp32 1.20x" in lines[0]
-    assert "met: worst 3.50x" in lines[1] and "NOT" not in lines[1]
-    assert len(lines) == 2  # on an H100: no "for information only" line
+    assert "SDPA" in lines[0] and "FlexAttention" in lines[1]
+    assert "NOT met: worst 1.20x (s7 fp32, 2 rows" in lines[1]
+    assert "worst per dtype: fp16 2.00x, fp32 1.20x" in lines[1]
+    assert "met: worst 3.50x" in lines[2] and "NOT" not in lines[2]
+    assert len(lines) == 3  # on an H100: no "for information only" line
+    assert len(check_targets(family, rows, "NVIDIA H200")) == 3  # nor on an H200
+    # a fused op's targets (issue 13) cover its stage 1-3 shapes only
+    conv = bench_partial_conv.FAMILY
+    stage = [{"mode": "fwd", "batch": 256, "dtype": "fp16", "stage": s, "shape": f"s{s}",
+              "providers": {"triton": {"pct_copy": pct, "speedup_vs_compile": 2.0,
+                                       "status": "ok"}}} for s, pct in ((1, 80.0), (4, 5.0))]
+    lines = check_targets(conv, stage, "NVIDIA H100")
+    assert "met: worst 80.00% (s1 fp16, 1 rows" in lines[0] and "NOT" not in lines[0]
 
 
 def test_pointwise_mlp_sweep_budget(tmp_path, capsys):
