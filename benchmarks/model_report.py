@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 from benchmarks import env
 from benchmarks.model_measure import BASES, PROVIDERS, plan_text
-from benchmarks.report import columns, read_json, write_csv, write_json
+from benchmarks.report import columns, pretty, read_json, write_csv, write_json
 
 CSV_FIELDS = ["date", "device", "git_commit", "torch", "triton", "cuda", "model", "precision",
               "layout", "batch", "image_size", "provider", "status", "reason", "mean_ms",
@@ -72,10 +72,60 @@ def format_table(report: dict) -> str:
     if plans:
         text += [""] + [f"ours on {model}: {plan}" for model, plan in plans.items()]
     if gpu:
-        text += roofline_lines(report)
+        text += roofline_lines(report) + target_lines(report)
     if notes:
         text += ["", "Not measured or flagged:"] + notes
     return "\n".join(text)
+
+
+# The issues' whole-model targets, on an H100 / H200 at batch 256, 224 x 224, AMP (fp16),
+# channels_last: (model, against (model, provider), at least this many times its images/s,
+# issue). "ours": the fastest of OURS measured on that model.
+MODEL_TARGETS = (
+    ("patnet_t2", ("patnet_t2", "eager"), 1.5, 13),
+    ("patnet_t2", ("patnet_t2", "eager"), 2.5, 14),
+    ("patnet_t2", ("patnet_t2", "compile-max"), 1.5, 14),
+    ("fasternet_t2", ("fasternet_t2", "eager"), 2.5, 14),
+    ("fasternet_t2", ("fasternet_t2", "compile-max"), 1.5, 14),
+    ("patnet_t2", ("fasternet_t2", "ours"), 1.25, 14),
+)
+OURS = ("ours", "ours-graph", "ours-compiled")
+
+
+def target_lines(report: dict) -> List[str]:
+    """:data:`MODEL_TARGETS` evaluated on the report's rows (none when it has no row of that
+    mode): met, NOT met, or not measured; for information only off an H100 / H200."""
+    rows = {r["model"]: r for r in report["rows"]
+            if (r["precision"], r["layout"], r.get("batch"), r.get("image_size"))
+            == ("amp", "channels_last", 256, 224)}
+    if not rows:
+        return []
+
+    def speed(model: str, provider: str) -> Optional[tuple]:
+        """(images/s, provider) of ``provider`` on ``model`` (the fastest of OURS for
+        "ours"), None where not measured."""
+        entries = rows.get(model, {}).get("providers", {})
+        found = [(e["images_per_s"], p) for p, e in entries.items()
+                 if p in (OURS if provider == "ours" else (provider,))
+                 and e.get("status") == "ok" and e.get("images_per_s")]
+        return max(found) if found else None
+
+    device = report.get("device", "")
+    lines = ["", "Targets (batch 256, 224 x 224, AMP, channels_last; ours: the fastest of "
+             + ", ".join(OURS) + " measured)"
+             + ("" if "H100" in device or "H200" in device else
+                f": for an H100 / H200, shown for information only on {device}")]
+    for model, (other, provider), threshold, issue in MODEL_TARGETS:
+        label = provider if other == model else f"{pretty(other)} {provider}"
+        head = f"  issue {issue}: {pretty(model)} ours >= {threshold:g}x {label}: "
+        mine, base = speed(model, "ours"), speed(other, provider)
+        if mine is None or base is None:
+            lines.append(head + "not measured")
+            continue
+        ratio = mine[0] / base[0]
+        lines.append(head + f"{'met' if ratio >= threshold else 'NOT met'}: {ratio:.2f}x "
+                            f"({mine[1]} {mine[0]:,.0f} img/s, {base[1]} {base[0]:,.0f})")
+    return lines
 
 
 def roofline_lines(report: dict, paths: Optional[Dict[str, Path]] = None) -> List[str]:

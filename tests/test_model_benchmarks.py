@@ -229,3 +229,37 @@ def test_gpu_rows_are_set_against_the_traffic_models_roofline(tmp_path):
     for layout in ("channels_last", "nchw"):  # (the committed reports, one per layout)
         committed = model_report.roofline_lines({"rows": [dict(row(), layout=layout)]})
         assert committed and f"PATNet-T2 amp {layout}: eager 6.00 ms" in committed[-1]
+
+
+def test_gpu_report_evaluates_the_issues_model_targets():
+    """The whole-model targets of issues 13 and 14 (AMP channels_last rows at batch 256, 224 x
+    224): ours is the fastest of our providers measured, a failed or missing one is "not
+    measured", PATNet-T2 is set against FasterNet-T2's ours; off an H100 / H200 they are for
+    information only; a report without such rows adds nothing."""
+    from benchmarks import model_report
+
+    def row(model, layout="channels_last", **speeds):
+        return {"model": model, "precision": "amp", "layout": layout, "batch": 256,
+                "image_size": 224, "providers": {
+                    p.replace("_", "-"): {"status": "ok", "images_per_s": v}
+                    for p, v in speeds.items()}}
+
+    patnet = row("patnet_t2", eager=30000, ours=60000, ours_graph=80000)
+    patnet["providers"]["compile-max"] = {"status": "error", "images_per_s": None}
+    report = {"device": "NVIDIA H200", "rows": [patnet, row("fasternet_t2", eager=36000,
+                                                               ours=50000, compile_max=40000)]}
+    lines = model_report.target_lines(report)
+    assert "information only" not in lines[1]
+    assert lines[2] == ("  issue 13: PATNet-T2 ours >= 1.5x eager: met: 2.67x "
+                        "(ours-graph 80,000 img/s, eager 30,000)")
+    assert lines[4] == "  issue 14: PATNet-T2 ours >= 1.5x compile-max: not measured"
+    assert lines[5].startswith("  issue 14: FasterNet-T2 ours >= 2.5x eager: NOT met: 1.39x")
+    assert lines[6].startswith("  issue 14: FasterNet-T2 ours >= 1.5x compile-max: NOT met: "
+                               "1.25x")
+    assert lines[7].startswith("  issue 14: PATNet-T2 ours >= 1.25x FasterNet-T2 ours: met: "
+                               "1.60x")
+    assert len(lines) == 8
+    a100 = dict(report, device="NVIDIA A100-SXM4-80GB")
+    assert "information only on NVIDIA A100" in model_report.target_lines(a100)[1]
+    assert model_report.target_lines({"device": "NVIDIA H200", "rows": [
+        row("patnet_t2", layout="nchw", eager=1.0, ours=2.0)]}) == []
