@@ -79,6 +79,16 @@ def device_name(device) -> str:
     return f"CPU {cpu_name()}"
 
 
+# The GPUs the issues' performance targets are set for; elsewhere they are shown for
+# information only.
+TARGET_GPUS = ("H100", "H200")
+
+
+def targets_apply(device_name: Optional[str]) -> bool:
+    """Whether the issues' targets hold on the GPU named ``device_name`` (None: the CPU)."""
+    return bool(device_name) and any(gpu in device_name for gpu in TARGET_GPUS)
+
+
 def run_info(device) -> dict:
     """The fields every benchmark report starts with, in this order: date, git_commit, device,
     device_type, torch, triton, cuda, cudnn, python, cpu."""

@@ -113,7 +113,7 @@ def target_lines(report: dict) -> List[str]:
     device = report.get("device", "")
     lines = ["", "Targets (batch 256, 224 x 224, AMP, channels_last; ours: the fastest of "
              + ", ".join(OURS) + " measured)"
-             + ("" if "H100" in device or "H200" in device else
+             + ("" if env.targets_apply(device) else
                 f": for an H100 / H200, shown for information only on {device}")]
     for model, (other, provider), threshold, issue in MODEL_TARGETS:
         label = provider if other == model else f"{pretty(other)} {provider}"

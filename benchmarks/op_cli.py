@@ -21,7 +21,7 @@ from benchmarks import env
 from benchmarks.op_cases import run_case
 from benchmarks.op_family import Family
 from benchmarks.op_tables import check_targets, format_table, summary_lines
-from benchmarks.report import split_list, write_json
+from benchmarks.report import matching_shapes, split_list, write_json
 from benchmarks.timer import Timer, measure_copy_bandwidth
 from benchmarks.tolerance import DTYPE_NAMES, DTYPES, MISMATCH
 
@@ -126,13 +126,7 @@ def _run(family: Family, args: argparse.Namespace, argv, device: torch.device) -
         providers = [p for p in providers if p in wanted]
     if "torch" not in providers:
         providers = ["torch"] + providers  # the reference: speed-ups and the parity check
-    shapes = family.shapes(args.quick)
-    if args.shapes:
-        keep = split_list(args.shapes)
-        shapes = [s for s in shapes if any(k in s.name for k in keep)]
-        if not shapes:
-            raise SystemExit(f"--shapes {args.shapes!r} matches none of "
-                             f"{[s.name for s in family.shapes(args.quick)]}")
+    shapes = matching_shapes(family.shapes(args.quick), args.shapes)
     batches_of = {s.name: given_batches or family.batches_of(s, args.quick) for s in shapes}
     batches = sorted({b for bs in batches_of.values() for b in bs})
     skipped = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+from benchmarks import env
 from benchmarks.op_family import MODES, Family
 from benchmarks.report import columns, fmt, geomean
 
@@ -73,7 +74,7 @@ def check_targets(family: Family, rows: List[dict], cuda_name: Optional[str]) ->
             text += "; worst per dtype: " + ", ".join(
                 f"{d} {min(v for v, r in values if r['dtype'] == d):.2f}{unit}" for d in dtypes)
         out.append(text)
-    if out and not (cuda_name and ("H100" in cuda_name or "H200" in cuda_name)):
+    if out and not env.targets_apply(cuda_name):
         out.append("  (the targets are for an H100 / H200; this run is on "
                    f"{cuda_name or 'the CPU'}, so they are shown for information only)")
     return out

@@ -43,6 +43,18 @@ def split_list(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def matching_shapes(shapes: list, wanted: Optional[str]) -> list:
+    """The shapes whose name contains one of ``wanted``'s comma list (all where None); exits
+    with the shape names when none matches."""
+    if not wanted:
+        return shapes
+    keep = split_list(wanted)
+    found = [s for s in shapes if any(k in s.name for k in keep)]
+    if not found:
+        raise SystemExit(f"--shapes {wanted!r} matches none of {[s.name for s in shapes]}")
+    return found
+
+
 def pretty(name: str) -> str:
     """A model's name as the papers write it: "patnet_t2" -> "PATNet-T2"."""
     family, size = name.split("_")

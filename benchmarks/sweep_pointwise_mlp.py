@@ -55,7 +55,7 @@ if not torch.cuda.is_available():  # (before anything imports triton: its interp
 
 from benchmarks import bench_partial_block, bench_pointwise_mlp, traffic  # noqa: E402
 from benchmarks.op_inputs import Problem, channels_last  # noqa: E402
-from benchmarks.report import split_list, write_json  # noqa: E402
+from benchmarks.report import matching_shapes, split_list, write_json  # noqa: E402
 from benchmarks.timer import Timer  # noqa: E402
 from benchmarks.tolerance import MISMATCH  # noqa: E402
 
@@ -223,11 +223,7 @@ class Case:
 
 def _shapes(op: str, quick: bool, wanted: Optional[str]):
     family = bench_partial_block.FAMILY if op == "block" else bench_pointwise_mlp.FAMILY
-    shapes = family.shapes(quick)
-    if wanted:
-        names = split_list(wanted)
-        shapes = [s for s in shapes if any(w in s.name for w in names)]
-    return shapes
+    return matching_shapes(family.shapes(quick), wanted)
 
 
 def _configs(case: "Case", kind: str, channels: int, quick: bool) -> list:

@@ -50,7 +50,7 @@ if not torch.cuda.is_available():  # (before anything imports triton: its interp
 
 from benchmarks import bench_rpe_attention as bench  # noqa: E402
 from benchmarks.op_inputs import random_activation  # noqa: E402
-from benchmarks.report import split_list, write_json  # noqa: E402
+from benchmarks.report import matching_shapes, split_list, write_json  # noqa: E402
 from benchmarks.timer import Timer  # noqa: E402
 from benchmarks.tolerance import MISMATCH  # noqa: E402
 
@@ -120,11 +120,7 @@ class Case:
 
 
 def _shapes(quick: bool, wanted: Optional[str]):
-    shapes = bench.shapes(quick)
-    if wanted:
-        names = split_list(wanted)
-        shapes = [s for s in shapes if any(w in s.name for w in names)]
-    return shapes
+    return matching_shapes(bench.shapes(quick), wanted)
 
 
 def _batch(shape, args) -> int:
@@ -185,10 +181,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if run.refused():
         return 2
     shapes = _shapes(args.quick, args.shapes)
-    if not shapes:
-        print(f"sweep_rpe_attention: no shape matches --shapes {args.shapes!r}; shapes: "
-              + ", ".join(s.name for s in bench.shapes(args.quick)), file=sys.stderr)
-        return 2
     device = run.device
     timer = Timer(device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, warmup=1, runs=2)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -553,3 +553,5 @@ def test_rpe_attention_sweep_smoke_run(tmp_path, capsys):
     for bad in (["--kernels", "dq"], ["--dtypes", "half"], ["--budget", "0"]):
         with pytest.raises(SystemExit):
             sweep.parse_args(bad)
+    with pytest.raises(SystemExit, match="matches none of"):  # (and names the shapes)
+        sweep.main(["--quick", "--shapes", "no_such_shape"])
