@@ -6,17 +6,18 @@ spends issuing its kernels (our Python layers, PyTorch's dispatch, Triton's laun
                                    [--amp float16|bfloat16] [--layout nchw|channels_last]
                                    [--json PATH]
 
-A GPU runs a forward no faster than its host issues it: at 44 launches per PATNet-T2 forward,
+A GPU runs a forward no faster than its host issues it: at 48 launches per PATNet-T2 forward,
 tens of microseconds of Python per launch are milliseconds per batch, as much as the kernels
-of a whole batch at the speed targets. This measures it.
+of a whole batch at the speed targets. This measures it, and counts it: the Python-level
+calls of one forward (functions and builtins), the same on every machine, which
+``tests/test_host_time.py`` pins so that a change adding host work per launch fails CI.
 
 * On a machine without a GPU the Triton kernels are launched but not run (the call stops at
   Triton's launcher, as the traffic model's ``--count-only`` does; Triton's own launch cost is
   not in the figure): the time is that of our layers (functional API, backend choice,
   registered ops, launchers) plus the path's few aten ops, which do run, on the CPU at this
-  size (the stem's and the merges' convolutions, PAT_sf's linear layers, the head: most of
-  eager's time here). Eager's row is context, not eager's host time on a GPU: all of its
-  kernels run on the CPU.
+  size (the head's pooling, 1x1 conv and classifier). Eager's row is context, not eager's
+  host time on a GPU: all of its kernels run on the CPU.
 * On a GPU every kernel is launched and runs; each forward is timed on the host without a
   synchronisation (then one outside the timing, so the launch queue never fills): the host
   time per forward with real launches. Where it is above the forward's GPU time, the model is
@@ -31,9 +32,9 @@ ones, made once; the gradients set to None between steps, untimed; no optimizer 
 against ours on Triton; with ``--amp`` the forward under autocast, as a GPU trains (issue 13's
 training target: bf16). Without a GPU its values are garbage (kernels not run), its time not.
 
-Median and 20th/80th percentiles of ``--repeat`` forwards after 3 untimed ones, and the
-kernels per forward (the traffic model's count). Times on a shared machine are noisy: compare
-rows of one run.
+Median and 20th/80th percentiles of ``--repeat`` forwards after 3 untimed ones, the kernels
+per forward (the traffic model's count) and the Python calls of one more. Times on a shared
+machine are noisy (compare rows of one run); the calls are not.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -68,11 +69,21 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool = False,
-               amp: Optional[torch.dtype] = None) -> List[float]:
+class HostWork(NamedTuple):
+    """What one model's forwards (or training steps) cost the host."""
+    seconds: List[float]  # host time of each timed forward
+    python_calls: int  # Python-level calls of one more (see :func:`host_work`)
+
+
+def host_work(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool = False,
+              amp: Optional[torch.dtype] = None) -> HostWork:
     """Seconds of host time of each of ``repeat`` eval forwards of ``model`` on ``x`` (with
     ``train``: forward and backward steps; with ``amp``: under autocast in that dtype), after
-    WARMUP untimed ones; without a GPU with the Triton kernels launched but not run."""
+    WARMUP untimed ones; without a GPU with the Triton kernels launched but not run. Then the
+    Python-level calls of one more (functions and builtins: ``sys.setprofile``'s "call" and
+    "c_call" events): our layers' host work counted, not timed, so the same on every machine
+    (a test pins it, as the traffic model's test pins the kernels); without a GPU, Triton's own
+    launcher is not in it."""
     stub = (contextlib.nullcontext() if _on_gpu()
             else traffic.triton_launches([], run_kernels=False))
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
@@ -87,6 +98,12 @@ def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool
         if grad is not None:
             out.backward(grad)
 
+    calls = [0]
+
+    def count(frame, event, arg):
+        if event == "call" or event == "c_call":
+            calls[0] += 1
+
     times = []
     with torch.set_grad_enabled(train), stub:
         for _ in range(WARMUP + repeat):
@@ -95,8 +112,15 @@ def host_times(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
+        sync()
+        model.zero_grad(set_to_none=True)
+        sys.setprofile(count)
+        try:
+            step()
+        finally:
+            sys.setprofile(None)
     sync()
-    return times[WARMUP:]
+    return HostWork(times[WARMUP:], calls[0])
 
 
 def measure_provider(name: str, provider: str, batch: int, size: int, repeat: int,
@@ -110,7 +134,8 @@ def measure_provider(name: str, provider: str, batch: int, size: int, repeat: in
         model = model.to(memory_format=LAYOUTS[layout])
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         x = x.to(device).contiguous(memory_format=LAYOUTS[layout])
-        times = sorted(host_times(model, x, repeat, train, amp))
+        work = host_work(model, x, repeat, train, amp)
+        times = sorted(work.seconds)
         record = traffic.record_step if train else traffic.record_forward
         with autocast(x.device, amp):  # (warm: its caches are built)
             kernels = traffic.summarize(record(model, x, warmup=False,
@@ -121,7 +146,7 @@ def measure_provider(name: str, provider: str, batch: int, size: int, repeat: in
         return {"status": status, "reason": f"{type(exc).__name__}: {exc}"}
     ms = [t * 1e3 for t in times]
     median = statistics.median(ms)
-    return {"status": "ok", "kernels": kernels, "ms": median,
+    return {"status": "ok", "kernels": kernels, "python_calls": work.python_calls, "ms": median,
             "ms_p20": ms[int(0.2 * (len(ms) - 1))], "ms_p80": ms[int(0.8 * (len(ms) - 1))],
             "us_per_kernel": 1e3 * median / kernels}
 
@@ -138,6 +163,15 @@ def measure(name: str, providers: Sequence[str], batch: int = 1, size: int = 32,
                           for p in providers}}
 
 
+def _calls(row: dict, per: str) -> str:
+    """A row's Python calls per forward (``per`` "per kernel": per kernel launched), or "-" in
+    a report written before they were counted."""
+    calls = row.get("python_calls")
+    if calls is None:
+        return "-"
+    return f"{calls / row['kernels']:.0f}" if per else str(calls)
+
+
 def format_table(report: dict) -> str:
     where = (f"on {report['device']}" if report["kernels_run"]
              else "on the CPU, Triton kernels launched but not run")
@@ -146,7 +180,8 @@ def format_table(report: dict) -> str:
         ", channels_last" if report.get("layout") == "channels_last" else "")
     lines = [f"{pretty(report['model'])}, batch {report['batch']} at {report['size']} x "
              f"{report['size']}, {what}, {mode}, {where}: host time per {what.split()[-1]}",
-             f"{'provider':<22}{'kernels':>8}{'host ms':>10}{'p20-p80':>16}{'us/kernel':>11}"]
+             f"{'provider':<22}{'kernels':>8}{'host ms':>10}{'p20-p80':>16}{'us/kernel':>11}"
+             f"{'py calls':>10}{'calls/kernel':>14}"]
     lines.append("-" * len(lines[-1]))
     for provider, row in report["providers"].items():
         label = traffic.PROVIDER_LABELS.get(provider, provider)
@@ -155,7 +190,8 @@ def format_table(report: dict) -> str:
             continue
         spread = f"{row['ms_p20']:.2f}-{row['ms_p80']:.2f}"
         lines.append(f"{label:<22}{row['kernels']:>8}{row['ms']:>10.2f}{spread:>16}"
-                     f"{row['us_per_kernel']:>11.1f}")
+                     f"{row['us_per_kernel']:>11.1f}{_calls(row, ''):>10}"
+                     f"{_calls(row, 'per kernel'):>14}")
     return "\n".join(lines)
 
 

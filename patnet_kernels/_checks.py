@@ -21,14 +21,15 @@ def check_tensor(name: str, t: object) -> None:
 def check_activation(name: str, x: torch.Tensor, layout: str = "(B, C, H, W)") -> None:
     """x must be a floating tensor with one dimension per name in ``layout``, none of them
     empty but the batch (a layout starting with B may have B = 0)."""
-    check_tensor(name, x)
-    if x.dim() != len(layout.split(",")):
+    if not isinstance(x, torch.Tensor):
+        check_tensor(name, x)
+    if x.dim() != layout.count(",") + 1:
         raise ValueError(f"{name} must be {layout}, got a {x.dim()}-D tensor of shape "
                          f"{tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be floating point (float32, float16, bfloat16 or "
                         f"float64), got {x.dtype}")
-    batched = layout.lstrip("(").startswith("B")
+    batched = layout.startswith("(B,")
     if 0 in (x.shape[1:] if batched else x.shape):
         raise ValueError(f"{name} must be {layout} with no empty dimension"
                          f"{' but the batch' if batched else ''}, got shape {tuple(x.shape)}")
@@ -44,7 +45,8 @@ def check_number(name: str, value: object, low: float, high: float = float("inf"
                  high_open: bool = True) -> None:
     """value must be a real number (not a bool; a NumPy scalar is one) in [low, high) (or
     [low, high])."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+    # (float and int named before the ABC, whose check is Python code: the common cases first)
+    if isinstance(value, bool) or not isinstance(value, (float, int, numbers.Real)) or not (
             low <= value and (value < high or not high_open and value <= high)):
         bound = (f">= {low:g}" if high == float("inf")
                  else f"in [{low:g}, {high:g}{')' if high_open else ']'}")
@@ -63,6 +65,8 @@ def check_statistics_of(statistics_of: object, channels: int) -> None:
 
 
 def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], why: str = "") -> None:
+    if isinstance(t, torch.Tensor) and t.shape == tuple(shape):
+        return
     check_tensor(name, t)
     if tuple(t.shape) != tuple(shape):
         hint = f" ({why})" if why else ""
@@ -74,7 +78,8 @@ def check_same(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor
     for name, t in others.items():
         if t is None:
             continue
-        check_tensor(name, t)
+        if not isinstance(t, torch.Tensor):
+            check_tensor(name, t)
         if t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
                              "move them to one device")
@@ -101,7 +106,7 @@ def check_same_or_float32(ref_name: str, ref: torch.Tensor,
 
 def check_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     for name, t in others.items():
-        if t is not None:
+        if t is not None and not isinstance(t, torch.Tensor):
             check_tensor(name, t)
         if t is not None and t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
@@ -141,12 +146,13 @@ def check_batch_norm(name: str, bn: Optional[BatchNormParams], channels: int, re
         raise TypeError(f"{name} must be a patnet_kernels.BatchNormParams, got "
                         f"{type(bn).__name__}")
     dtypes = set()
-    for field in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(bn, field)
+    for field, t in zip(("weight", "bias", "running_mean", "running_var"), bn[:4]):
         if t is None:
             continue
-        check_shape(f"{name}.{field}", t, (channels,), f"one value per channel of {channels}")
-        check_device("input", ref, **{f"{name}.{field}": t})
+        if not isinstance(t, torch.Tensor) or t.shape != (channels,) or t.device != ref.device:
+            check_shape(f"{name}.{field}", t, (channels,),
+                        f"one value per channel of {channels}")
+            check_device("input", ref, **{f"{name}.{field}": t})
         if t.dtype != ref.dtype and not (t.dtype == torch.float32 and ref.dtype in LOW_PRECISION):
             raise TypeError(f"{name}.{field} is {t.dtype} but the input is {ref.dtype}; a "
                             "BatchNorm's tensors must be the input's dtype, or float32 for a "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -35,29 +36,41 @@ class FrozenDerived:
     (:mod:`patnet_kernels.cpu_conv`). Weakly keyed: freed with their parameter."""
 
     def __init__(self):
-        from torch.utils.weak import WeakIdKeyDictionary
+        # id(parameter) -> (a weak reference to it, {tag: (its version key, tensor)}); the
+        # entry is dropped when the parameter is freed (a plain dictionary: a look-up per
+        # weight per call, where torch's WeakIdKeyDictionary took several Python calls)
+        self._kept: Dict[int, Tuple[weakref.ref, dict]] = {}
 
-        self._kept = WeakIdKeyDictionary()  # parameter -> {tag: (its version key, tensor)}
+    def _entries(self, parameter: torch.Tensor) -> Optional[dict]:
+        held = self._kept.get(id(parameter))
+        return held[1] if held is not None and held[0]() is parameter else None
 
     def get(self, parameter: torch.Tensor, tag: object, make) -> Optional[torch.Tensor]:
         """``make(parameter)``, made once and kept (outside inference mode, so that any later
         call can use it); None where nothing is kept: ``parameter`` is not a frozen parameter,
         is an inference tensor (it has no version counter), or torch.compile is tracing (it
         sees the plain computation and hoists or fuses it itself)."""
+        kept = self._entries(parameter)
+        entry = None if kept is None else kept.get(tag)
+        if (entry is not None and not parameter.requires_grad
+                and entry[0] == (parameter._version, parameter.data_ptr())
+                and not torch.compiler.is_compiling()):
+            return entry[1]  # (kept: so a frozen parameter, not an inference tensor)
         if (torch.compiler.is_compiling() or not isinstance(parameter, nn.Parameter)
                 or parameter.requires_grad or parameter.is_inference()):
             return None
-        key = (parameter._version, parameter.data_ptr())
-        kept = self._kept.setdefault(parameter, {})
-        entry = kept.get(tag)
-        if entry is None or entry[0] != key:
-            with outside_inference_mode():
-                entry = kept[tag] = (key, make(parameter))
-        return entry[1]
+        if kept is None:
+            ident = id(parameter)
+            kept = {}
+            self._kept[ident] = (weakref.ref(parameter, lambda _, ident=ident:
+                                             self._kept.pop(ident, None)), kept)
+        with outside_inference_mode():
+            kept[tag] = ((parameter._version, parameter.data_ptr()), make(parameter))
+        return kept[tag][1]
 
     def kept(self, parameter: torch.Tensor, tag: object) -> Optional[torch.Tensor]:
         """What :meth:`get` keeps for (parameter, tag) now, current or not; None if nothing."""
-        entry = self._kept.get(parameter, {}).get(tag)
+        entry = (self._entries(parameter) or {}).get(tag)
         return None if entry is None else entry[1]
 
 

@@ -78,9 +78,12 @@ def autocast_aware(op: Optional[Callable] = None, *, keep: Tuple[str, ...] = ())
             return op(*args, **kwargs)  # (bad arguments: the op's checks say what is wrong)
         dtype = torch.get_autocast_dtype(device_type)
 
-        def cast(value):  # (no call at all for a tensor already in the autocast dtype)
-            if (isinstance(value, torch.Tensor) and value.dtype != dtype
-                    and value.dtype in registry.FUSED_DTYPES):
+        def cast(value):  # (a tensor in the autocast dtype, a flag or a name: returned as is)
+            if value is None:
+                return value
+            if isinstance(value, torch.Tensor):
+                if value.dtype == dtype or value.dtype not in registry.FUSED_DTYPES:
+                    return value
                 return _autocast_copy(value, dtype)
             if isinstance(value, SpatialAttentionParams):
                 return value.with_weights(cast)
@@ -88,8 +91,17 @@ def autocast_aware(op: Optional[Callable] = None, *, keep: Tuple[str, ...] = ())
 
         args = [a if i in kept_positions else cast(a) for i, a in enumerate(args)]
         kwargs = {key: value if key in keep else cast(value) for key, value in kwargs.items()}
-        with torch.autocast(device_type, enabled=False):
+        if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+            with torch.autocast(device_type, enabled=False):  # (what tracers record)
+                return op(*args, **kwargs)
+        # Autocast off for the op as ``torch.autocast(device_type, enabled=False)`` turns it
+        # off inside an enabled region (its cache is kept: the region goes on), without the
+        # context manager's Python layers: this wrapper runs for every op call.
+        torch.set_autocast_enabled(device_type, False)
+        try:
             return op(*args, **kwargs)
+        finally:
+            torch.set_autocast_enabled(device_type, True)
     return wrapper
 
 

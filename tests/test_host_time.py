@@ -1,5 +1,6 @@
 """benchmarks/host_time.py on the CPU: a table and JSON per model with each provider's host
-time per forward (Triton's kernels launched, not run) and kernels per forward."""
+time per forward (Triton's kernels launched, not run), kernels and Python calls per forward;
+and the pins of our inference path's Python calls (its host work, counted)."""
 from __future__ import annotations
 
 import json
@@ -23,8 +24,31 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
         assert row["status"] == "ok", row
         assert 0 < row["ms_p20"] <= row["ms"] <= row["ms_p80"]
         assert row["us_per_kernel"] == pytest.approx(1e3 * row["ms"] / row["kernels"])
+        assert row["python_calls"] > row["kernels"]
     assert 0 < rows["triton"]["kernels"] < rows["eager"]["kernels"]
     assert doc["settings"]["repeat"] == 3
+    assert f"{rows['triton']['python_calls']:>10}" in out
+
+
+# Python-level calls of one eval forward of our inference path on Triton, at 32 x 32, batch 1
+# (host_time's count: functions and builtins), fp32 NCHW and fp16 autocast channels_last
+# (the model benchmark's AMP mode), measured at commit time with torch 2.13 / Python 3.11:
+# PATNet-T2 7071 and 8792 (48 kernels), FasterNet-T2 3649 and 4710 (31); before the host-work
+# pass (33665b6) 8628 and 12046, 4330 and 6534. A pin is the count plus about 4% (another
+# Python or torch makes a few builtin calls more or fewer): lower it when a change cuts it.
+CALLS_PINNED = {("patnet_t2", None): 7350, ("patnet_t2", torch.float16): 9150,
+                ("fasternet_t2", None): 3800, ("fasternet_t2", torch.float16): 4900}
+
+
+@pytest.mark.parametrize("name,amp", sorted(CALLS_PINNED, key=str))
+def test_inference_python_calls_are_pinned(name, amp):
+    layout = "nchw" if amp is None else "channels_last"
+    row = host_time.measure(name, ("triton",), repeat=1, amp=amp, layout=layout)[
+        "providers"]["triton"]
+    assert row["status"] == "ok", row
+    assert row["python_calls"] <= CALLS_PINNED[name, amp], (
+        f"{name} ({amp or 'fp32'}): {row['python_calls']} Python calls per forward, pinned at "
+        f"{CALLS_PINNED[name, amp]}: a change added host work per launch")
 
 
 def test_training_steps(capsys):

@@ -35,6 +35,7 @@ sample's rows giving its statistics (chunks: :func:`patnet_kernels._types.chunk_
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -375,13 +376,14 @@ def config_for(channels: int, hidden: int, out_channels: int, dtype: torch.dtype
     """The configuration a launch on ``device`` takes: the one tuned for its GPU architecture
     where a sweep found one faster (:mod:`patnet_kernels.triton.tuned`), else
     :func:`default_config`."""
-    tuned = tuned_lookup("pointwise_mlp", dtype,
-                         (channels, hidden, out_channels, conv_channels, spatial_half), device)
+    key = (int(channels), int(hidden), int(out_channels), int(conv_channels), int(spatial_half))
+    tuned = tuned_lookup("pointwise_mlp", dtype, key, device)
     if tuned is not None:
         return Config(*tuned)
-    return default_config(channels, hidden, out_channels, dtype, conv_channels, spatial_half)
+    return default_config(*key[:3], dtype, *key[3:])
 
 
+@functools.lru_cache(maxsize=None)  # (a look-up per launch: its arithmetic took ~60 calls)
 def default_config(channels: int, hidden: int, out_channels: int, dtype: torch.dtype,
                    conv_channels: int = 0, spatial_half: int = 0,
                    interpret: bool = INTERPRET) -> Config:
