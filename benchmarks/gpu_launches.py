@@ -6,11 +6,14 @@ multiprocessors, device 0); Triton's binder then specialises each launch from th
 it would from CUDA ones (dtypes, 16-byte alignment, integers equal to 1 or multiples of 16). What
 is done with the launches is the caller's: ``tests/released_launches.py`` records their
 arguments (against the AOT check's lists), :mod:`benchmarks.precompile` their specialisations
-(to compile them ahead). Nothing may be computed from a launch's outputs: no kernel runs.
+(to compile them ahead), :mod:`benchmarks.host_time` its host time (:func:`stand_in_kernels`:
+Triton's launcher run to the launch). Nothing may be computed from a launch's outputs: no
+kernel runs.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, List, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,6 +30,71 @@ def launch_as_on_a_gpu(multiprocessors: int = 132) -> None:
     _common.check_kernel_device = lambda tensor: None
     _common._multiprocessors = lambda device: multiprocessors
     torch.cuda.current_device = lambda: 0
+
+
+class CompileOnlyDriver:
+    """What Triton's JIT asks the active driver for before it compiles (device, stream, target),
+    answered for ``target`` (a ``triton.backends.compiler.GPUTarget``): no GPU is touched, so
+    the CPU can specialise and compile for it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+class _StandInKernel:
+    """In place of a compiled kernel in Triton's cache: a launch of it records its kernel's name
+    and does nothing (what Triton's launcher calls on a compiled kernel, as of Triton 3.9)."""
+    function = None
+    packed_metadata = None
+
+    def __init__(self, name: str, launched: List[str]):
+        self.name, self.launched = name, launched
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        self.launched.append(self.name)
+
+
+@contextlib.contextmanager
+def stand_in_kernels(arch: int = 90) -> Iterator[List[str]]:
+    """Triton's launcher (``JITFunction.run``) runs inside as on an sm_``arch`` GPU up to the
+    launch itself: its binder specialises every launch from the CPU tensors, computes the
+    cache key and looks it up; the kernel it finds is a stand-in whose launch does nothing
+    (the first launch of each specialisation puts one there in place of a compile, and launches
+    nothing). Yields the names of the kernels launched. Needs Triton outside its interpreter
+    (``TRITON_INTERPRET`` unset or 0 when the kernels are defined); sets
+    :func:`launch_as_on_a_gpu` and a driver that answers as that GPU's, both for good (as
+    :mod:`benchmarks.precompile`). The host work it leaves out is the C launcher's and the
+    driver's."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    launched: List[str] = []
+
+    def skip_compile(*, key, fn, **_):  # (Triton's jit_cache_hook: True skips the compile)
+        kernel_cache = fn.jit_function.device_caches[0][0]
+        kernel_cache[key] = _StandInKernel(fn.name, launched)
+        return True
+
+    launch_as_on_a_gpu()
+    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
+    previous, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, skip_compile
+    try:
+        yield launched
+    finally:
+        knobs.runtime.jit_cache_hook = previous
 
 
 class GemmsShapesOnly(TorchDispatchMode):

@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import traffic  # noqa: E402  (sets up the CPU emulation first where needed)
+from benchmarks import gpu_launches  # noqa: E402
 from benchmarks.model_measure import autocast  # noqa: E402
 from benchmarks.report import pretty, run_models, split_list  # noqa: E402
 from benchmarks.report import write_json as write_json_file  # noqa: E402
@@ -69,6 +70,22 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def _runs_triton_launcher() -> bool:
+    """Without a GPU: whether Triton's launcher runs as on a GPU, up to the launch
+    (``gpu_launches.stand_in_kernels``): where the environment had TRITON_INTERPRET=0 when
+    Triton's kernels were defined (else they are the interpreter's, stopped before it)."""
+    from patnet_kernels.triton._common import INTERPRET
+    return not _on_gpu() and not INTERPRET
+
+
+def _launches_without_a_gpu():
+    """What stands for the GPU's launches here: the stand-in kernels behind Triton's launcher
+    (:func:`_runs_triton_launcher`) or the launches stopped before it."""
+    if _runs_triton_launcher():
+        return gpu_launches.stand_in_kernels()
+    return traffic.triton_launches([], run_kernels=False)
+
+
 class HostWork(NamedTuple):
     """What one model's forwards (or training steps) cost the host."""
     seconds: List[float]  # host time of each timed forward
@@ -84,8 +101,7 @@ def host_work(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool 
     "c_call" events): our layers' host work counted, not timed, so the same on every machine
     (a test pins it, as the traffic model's test pins the kernels); without a GPU, Triton's own
     launcher is not in it."""
-    stub = (contextlib.nullcontext() if _on_gpu()
-            else traffic.triton_launches([], run_kernels=False))
+    stub = contextlib.nullcontext() if _on_gpu() else _launches_without_a_gpu()
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     grad = None
     if train:  # (in the output's dtype: under autocast the logits are the autocast dtype's)
@@ -130,6 +146,8 @@ def measure_provider(name: str, provider: str, batch: int, size: int, repeat: in
     ``status`` / ``reason`` where the provider cannot run."""
     try:
         device = "cuda" if _on_gpu() else "cpu"
+        if _runs_triton_launcher():
+            gpu_launches.launch_as_on_a_gpu()  # (Triton's backend on CPU tensors, as on a GPU)
         model = traffic.build(name, provider, train=train, device=device)
         model = model.to(memory_format=LAYOUTS[layout])
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -158,7 +176,7 @@ def measure(name: str, providers: Sequence[str], batch: int = 1, size: int = 32,
     return {"model": name, "batch": batch, "size": size, "repeat": repeat, "train": train,
             "amp": None if amp is None else str(amp).replace("torch.", ""), "layout": layout,
             "device": torch.cuda.get_device_name() if _on_gpu() else "cpu",
-            "kernels_run": _on_gpu(),
+            "kernels_run": _on_gpu(), "triton_launcher": _on_gpu() or _runs_triton_launcher(),
             "providers": {p: measure_provider(name, p, batch, size, repeat, train, amp, layout)
                           for p in providers}}
 
@@ -173,8 +191,10 @@ def _calls(row: dict, per: str) -> str:
 
 
 def format_table(report: dict) -> str:
-    where = (f"on {report['device']}" if report["kernels_run"]
-             else "on the CPU, Triton kernels launched but not run")
+    where = (f"on {report['device']}" if report["kernels_run"] else
+             "on the CPU, Triton's launcher run as on a GPU (stand-in kernels)"
+             if report.get("triton_launcher") else
+             "on the CPU, Triton kernels launched but not run")
     what = "training step" if report.get("train") else "eval forward"
     mode = (f"{report['amp']} autocast" if report.get("amp") else "fp32") + (
         ", channels_last" if report.get("layout") == "channels_last" else "")

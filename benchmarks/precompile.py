@@ -46,7 +46,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 import patnet  # noqa: E402
-from benchmarks.gpu_launches import launch_as_on_a_gpu, run_model  # noqa: E402
+from benchmarks.gpu_launches import (CompileOnlyDriver, launch_as_on_a_gpu,  # noqa: E402
+                                     run_model)
 from benchmarks.report import split_list  # noqa: E402
 from patnet_kernels import registry  # noqa: E402
 from patnet_kernels.triton._common import INTERPRET  # noqa: E402
@@ -54,23 +55,6 @@ from patnet_kernels.triton._common import INTERPRET  # noqa: E402
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}  # autocast dtype
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 KINDS = ("inference", "training")
-
-
-class CompileOnlyDriver:
-    """What Triton's JIT asks the active driver for before it compiles (device, stream, target),
-    answered for ``target``: no GPU is touched, so the CPU can specialise and compile for it."""
-
-    def __init__(self, target: GPUTarget):
-        self.target = target
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int) -> int:
-        return 0
-
-    def get_current_target(self) -> GPUTarget:
-        return self.target
 
 
 def gpu_target(arch: int) -> GPUTarget:

@@ -50,14 +50,15 @@ class FrozenDerived:
         call can use it); None where nothing is kept: ``parameter`` is not a frozen parameter,
         is an inference tensor (it has no version counter), or torch.compile is tracing (it
         sees the plain computation and hoists or fuses it itself)."""
+        if torch.compiler.is_compiling():
+            return None
         kept = self._entries(parameter)
         entry = None if kept is None else kept.get(tag)
         if (entry is not None and not parameter.requires_grad
-                and entry[0] == (parameter._version, parameter.data_ptr())
-                and not torch.compiler.is_compiling()):
+                and entry[0] == (parameter._version, parameter.data_ptr())):
             return entry[1]  # (kept: so a frozen parameter, not an inference tensor)
-        if (torch.compiler.is_compiling() or not isinstance(parameter, nn.Parameter)
-                or parameter.requires_grad or parameter.is_inference()):
+        if (not isinstance(parameter, nn.Parameter) or parameter.requires_grad
+                or parameter.is_inference()):
             return None
         if kept is None:
             ident = id(parameter)

@@ -4,6 +4,8 @@ and the pins of our inference path's Python calls (its host work, counted)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,3 +92,24 @@ def test_cli_arguments():
                 ["--amp", "float32"], ["--layout", "nhwc"]):
         with pytest.raises(SystemExit):
             host_time.parse_args(bad)
+
+
+def test_triton_launcher_runs_as_on_a_gpu(tmp_path):
+    """With TRITON_INTERPRET=0 on a machine without a GPU, Triton's launcher runs each launch up
+    to the kernel (its binder and cache look-up; stand-in kernels, launched once compiled as
+    on a GPU would be), so the host time and calls include Triton's share: more calls than
+    with the launches stopped before it (its binder makes dozens a launch)."""
+    from conftest import REPO, compile_env
+    path = tmp_path / "host.json"
+    env = dict(compile_env(), TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.host_time", "--models", "patnet_t0",
+                           "--providers", "triton", "--repeat", "2", "--json", str(path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Triton's launcher run as on a GPU (stand-in kernels)" in proc.stdout
+    report = json.loads(path.read_text())["models"]["patnet_t0"]
+    row = report["providers"]["triton"]
+    assert report["triton_launcher"] and row["status"] == "ok", row
+    stopped = host_time.measure("patnet_t0", ("triton",), repeat=1)["providers"]["triton"]
+    assert row["kernels"] == stopped["kernels"]
+    assert row["python_calls"] > stopped["python_calls"] + 10 * row["kernels"]
