@@ -360,6 +360,25 @@ def test_op_called_with_keywords_only_under_autocast(dtype):
     assert by_keyword.dtype == dtype and torch.equal(by_keyword, by_position)
 
 
+def test_autocast_is_back_on_after_an_op_and_after_its_error():
+    """An op runs with autocast off and leaves the region as it found it (enabled, its dtype):
+    also when the op raises (the functional API turns autocast off without the context
+    manager, ``autocast_aware``)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, generator=gen).to(DEVICE)
+    weight = torch.randn(2, 2, 3, 3, generator=gen).to(DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        pk.partial_conv3x3(x, weight, backend="torch")
+        assert torch.is_autocast_enabled(DEVICE.type)
+        assert torch.get_autocast_dtype(DEVICE.type) == torch.bfloat16
+        with pytest.raises(ValueError):
+            pk.partial_conv3x3(x, weight[:, :1], backend="torch")
+        assert torch.is_autocast_enabled(DEVICE.type)
+        assert torch.get_autocast_dtype(DEVICE.type) == torch.bfloat16
+        assert torch.nn.functional.linear(x[0, 0], x[0, 0]).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled(DEVICE.type)
+
+
 @pytest.mark.parametrize("backend, op", [case for case in OP_CASES if case.values[1] in BN_OPS])
 def test_batch_norm_gradients_under_fp16_autocast_stay_float32(backend, op):
     """Under fp16 autocast with a GradScaler-sized loss scale (2^12 here), each BatchNorm's

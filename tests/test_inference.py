@@ -604,3 +604,22 @@ def test_frozen_parameters_are_cast_once_under_autocast():
     trained, plain = torch.nn.Parameter(torch.randn(3)), torch.randn(3)
     for t in (trained, plain):
         assert _autocast_copy(t, half) is not _autocast_copy(t, half)
+    kept = _autocast_copy(weight, half)
+    weight.requires_grad_(True)  # (unfrozen after its cast was kept: cast per call again)
+    assert _autocast_copy(weight, half) is not kept
+
+
+def test_frozen_casts_are_freed_with_their_parameter():
+    """What FrozenDerived keeps for a parameter goes when the parameter does (its table is
+    keyed by id, so a later parameter at the same address must not find it)."""
+    import gc
+
+    from patnet_kernels._types import FrozenDerived
+
+    derived = FrozenDerived()
+    weight = frozen(torch.randn(4))
+    assert derived.get(weight, "twice", lambda p: p * 2) is derived.kept(weight, "twice")
+    assert len(derived._kept) == 1
+    del weight
+    gc.collect()
+    assert len(derived._kept) == 0

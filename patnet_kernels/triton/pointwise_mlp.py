@@ -35,7 +35,6 @@ sample's rows giving its statistics (chunks: :func:`patnet_kernels._types.chunk_
 """
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -328,6 +327,7 @@ def _store_output(acc, offs_c, c_ok, p_ok, r_pix, y_pix, r_sc, y_sc, stats_mean_
 
 
 # (imported here, below the jit functions: a line added above them changes their cache keys)
+import functools  # noqa: E402
 from .tuned import listed as tuned_listed, lookup as tuned_lookup  # noqa: E402
 from ._common import (RELEASED_FASTERNET, RELEASED_PATNET, RELEASED_PATNET_T1,  # noqa: E402
                       distinct_configurations)
