@@ -37,6 +37,39 @@ def test_cpu_tensor_without_interpreter_says_how_to_test():
     assert "refused:" in out and "TRITON_INTERPRET=1" in out, out
 
 
+def test_ops_run_on_their_tensors_cuda_device(monkeypatch):
+    """A registered op's body runs with its first tensor's CUDA device current: through the
+    device guard where another device is current, straight where it is current already (no GPU
+    needed: the device queries and the guard are stand-ins)."""
+    from types import SimpleNamespace
+
+    from patnet_kernels.triton import _common
+
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(_common, "check_kernel_device", lambda tensor: None)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    body = _common.on_tensor_device(lambda tensor, value: (tensor.device, value))
+    on_second = SimpleNamespace(device=torch.device("cuda", 1))
+    assert body(on_second, 5) == (torch.device("cuda", 1), 5)
+    assert entered == [torch.device("cuda", 1)]
+    entered.clear()
+    assert body(SimpleNamespace(device=torch.device("cuda", 0)), 6)[1] == 6
+    assert body(SimpleNamespace(device=torch.device("cpu")), 7)[1] == 7
+    assert entered == []
+
+
 def test_auto_never_picks_the_interpreter():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert pk.info()["backends"]["triton"]["available"] == (

@@ -30,14 +30,14 @@ def check_kernel_device(t: torch.Tensor) -> None:
 
 def on_tensor_device(op_body: Callable) -> Callable:
     """Decorate a registered op's body: check its first argument (a tensor) with
-    :func:`check_kernel_device` and run the body with that tensor's CUDA device current, since Triton
-    launches on the current device (tensors on cuda:1 while cuda:0 is current would otherwise
-    run on the wrong GPU)."""
+    :func:`check_kernel_device` and run the body with that tensor's CUDA device current, since
+    Triton launches on the current device (on cuda:1 while cuda:0 is current: the wrong GPU);
+    the device guard only where another device is current (its Python: ~10 calls an op)."""
 
     @functools.wraps(op_body)
     def run(tensor, *args, **kwargs):
         check_kernel_device(tensor)
-        if tensor.device.type == "cuda":
+        if tensor.device.type == "cuda" and tensor.device.index != torch.cuda.current_device():
             with torch.cuda.device(tensor.device):
                 return op_body(tensor, *args, **kwargs)
         return op_body(tensor, *args, **kwargs)
