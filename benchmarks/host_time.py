@@ -100,7 +100,7 @@ def host_work(model: torch.nn.Module, x: torch.Tensor, repeat: int, train: bool 
     Python-level calls of one more (functions and builtins: ``sys.setprofile``'s "call" and
     "c_call" events): our layers' host work counted, not timed, so the same on every machine
     (a test pins it, as the traffic model's test pins the kernels); without a GPU, Triton's own
-    launcher is not in it."""
+    launcher is in either only with TRITON_INTERPRET=0 (:func:`_runs_triton_launcher`)."""
     stub = contextlib.nullcontext() if _on_gpu() else _launches_without_a_gpu()
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     grad = None
