@@ -33,13 +33,16 @@ class FrozenDerived:
     those of ``patnet.optimize_for_inference``'s copy), each made once per (parameter, tag)
     and kept while the parameter is unchanged (same version counter and storage): autocast's
     casts of the weights (:mod:`patnet_kernels.functional`), oneDNN's reordered weights
-    (:mod:`patnet_kernels.cpu_conv`). Weakly keyed: freed with their parameter."""
+    (:mod:`patnet_kernels.cpu_conv`). Weakly keyed: freed with their parameter. With
+    ``tags_per_parameter``, at most that many tags are kept per parameter: a new one drops the
+    one made first."""
 
-    def __init__(self):
+    def __init__(self, tags_per_parameter: Optional[int] = None):
         # id(parameter) -> (a weak reference to it, {tag: (its version key, tensor)}); the
         # entry is dropped when the parameter is freed (a plain dictionary: a look-up per
         # weight per call, where torch's WeakIdKeyDictionary took several Python calls)
         self._kept: Dict[int, Tuple[weakref.ref, dict]] = {}
+        self._tags_per_parameter = tags_per_parameter
 
     def _entries(self, parameter: torch.Tensor) -> Optional[dict]:
         held = self._kept.get(id(parameter))
@@ -65,6 +68,9 @@ class FrozenDerived:
             kept = {}
             self._kept[ident] = (weakref.ref(parameter, lambda _, ident=ident:
                                              self._kept.pop(ident, None)), kept)
+        if (self._tags_per_parameter is not None and tag not in kept
+                and len(kept) >= self._tags_per_parameter):
+            del kept[next(iter(kept))]  # (the oldest: dictionaries keep insertion order)
         with outside_inference_mode():
             kept[tag] = ((parameter._version, parameter.data_ptr()), make(parameter))
         return kept[tag][1]

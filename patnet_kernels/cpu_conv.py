@@ -16,13 +16,17 @@ PATNet-T2 and FasterNet-T2 at batch 1 on one thread 2.0-2.3x, the 3 x 3 ones on 
   (``torch.backends.mkldnn``), outside a torch.compile trace (Inductor lays out its own), but
   for a single output channel (PAT_sp's per-pixel gate: a dot product per pixel, 4-6x slower
   on oneDNN's blocked kernels than on F.conv2d);
-- the weight reordered once per frozen parameter, into the blocked layout oneDNN picks for the
-  first input it meets, and kept while the parameter is unchanged
+- the weight reordered once per frozen parameter and input shape, into the blocked layout
+  oneDNN picks for that shape, and kept while the parameter is unchanged
   (:class:`patnet_kernels._types.FrozenDerived`, which keeps autocast's casts of frozen
-  weights too); any other weight is reordered by oneDNN per call. Picked for batch 1 or 8, the layout gave
-  the same times at batches 1, 3 and 8 on the development machine; picked for no input shape
-  at all it was up to 50x slower on some (a 3 x 3 conv of 96 channels on 7 x 7). An input
-  whose kernel wants another layout has the kept weight reordered in the call;
+  weights too), for the last :data:`SHAPES_KEPT` shapes (a third drops the first: each kept
+  shape holds a copy of the weights); any other weight is reordered by oneDNN per call.
+  The layout oneDNN picks depends on the whole input shape, and a weight laid out for one
+  shape can run 2-50x slower at another (on the development machine, now an AVX2 EPYC: a 3 x 3
+  conv of 128 channels laid out for a 14 x 14 map took 13 ms on a 7 x 7 one, 0.3 ms with its
+  own layout; a 1 x 1 conv of 512 -> 1024 channels laid out for a 1 x 1 map 33 ms on a
+  7 x 7 one instead of 0.6), so that the inference copy of PATNet-T2, called once at 32 x 32
+  and then at 224 x 224, took 530 ms a forward where its own layouts take 42;
 - else ``F.conv2d`` and the activation (float64, a torch without oneDNN, a trace).
 
 Its output is in oneDNN's layout: channels_last where the weight was reordered (the layout its
@@ -37,8 +41,10 @@ import torch.nn.functional as F
 
 from ._types import FrozenDerived
 
-# The frozen weights' reordered forms, one per (weight, padding, stride): see _reordered.
-_REORDERED = FrozenDerived()
+# How many input shapes a frozen weight keeps a reordered form for (see _reordered).
+SHAPES_KEPT = 2
+# The frozen weights' reordered forms, one per (weight, padding, stride, input shape).
+_REORDERED = FrozenDerived(tags_per_parameter=SHAPES_KEPT)
 # oneDNN's names of the activations (the exact, erf GELU is "gelu" with algorithm "none").
 _POST_OPS = {None: ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none")}
 # Why oneDNN's convolution cannot run in this process (None: it can), found on first use.
@@ -90,7 +96,8 @@ def library() -> str:
         return f"torch.nn.functional.conv2d ({refusal})"
     if not torch.backends.mkldnn.enabled:
         return "torch.nn.functional.conv2d (oneDNN disabled: torch.backends.mkldnn.enabled)"
-    return "oneDNN (torch.ops.mkldnn._convolution_pointwise), frozen weights reordered once"
+    return ("oneDNN (torch.ops.mkldnn._convolution_pointwise), frozen weights reordered once per "
+            "input shape")
 
 
 def _runs_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -102,10 +109,10 @@ def _runs_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _reordered(weight: torch.Tensor, x: torch.Tensor, padding, stride) -> torch.Tensor:
     """``weight`` (C_OUT, C_IN, k, k) in oneDNN's blocked layout for x's shape. A frozen
     parameter (an ``nn.Parameter`` that requires no gradient, such as those of
-    ``patnet.optimize_for_inference``'s copy) is reordered once, for the first x, and the
-    result kept while the parameter is unchanged; any other weight is returned dense (oneDNN
-    reorders it in the call)."""
-    kept = _REORDERED.get(weight, (padding, stride), lambda w: (
+    ``patnet.optimize_for_inference``'s copy) is reordered once per input shape, and the
+    result kept while the parameter is unchanged, for the last SHAPES_KEPT shapes; any other
+    weight is returned dense (oneDNN reorders it in the call)."""
+    kept = _REORDERED.get(weight, (padding, stride, x.shape), lambda w: (
         torch.ops.mkldnn._reorder_convolution_weight(
             _as_4d(w).contiguous(), padding, stride, (1, 1), 1, list(x.shape))))
     return _as_4d(weight).contiguous() if kept is None else kept

@@ -1,5 +1,6 @@
 """The CPU eval forms' convolution (``patnet_kernels.cpu_conv.conv2d``): oneDNN where it can run,
-its weight reordered once per frozen parameter and input shape and re-made when either changes;
+its weight reordered once per frozen parameter and input shape (a few shapes kept) and re-made
+when the parameter changes;
 F.conv2d otherwise (float64, oneDNN disabled or missing, a torch.compile trace), each equal to
 F.conv2d; and the inference copy on the CPU running through it."""
 from __future__ import annotations
@@ -18,8 +19,13 @@ from patnet_kernels import cpu_conv
 from conftest import frozen, rel_error
 
 ONEDNN = "mkldnn::_convolution_pointwise"
-# The (padding, stride) a reordered weight is kept under: a 3 x 3 conv's, a 1 x 1 conv's.
+# The (padding, stride) of a 3 x 3 conv's and a 1 x 1 conv's reordered weights' tags.
 THREE_BY_THREE, ONE_BY_ONE = ((1, 1), (1, 1)), ((0, 0), (1, 1))
+
+
+def _kept(weight, conv, x):
+    """The reordered form of a frozen ``weight`` kept for inputs of x's shape, or None."""
+    return cpu_conv._REORDERED.kept(weight, (*conv, x.shape))
 needs_onednn = pytest.mark.skipif(cpu_conv.onednn_refusal() is not None,
                                   reason=f"oneDNN cannot run here: {cpu_conv.onednn_refusal()}")
 
@@ -78,32 +84,49 @@ def test_linear_weight_is_a_one_by_one_convolution():
 @needs_onednn
 def test_frozen_weight_is_reordered_once_and_again_when_it_changes():
     """A frozen parameter's oneDNN layout is kept while the parameter (version counter,
-    storage) stays the same: one reorder for many calls, inputs of other shapes included; an
-    in-place update of the weight (load_state_dict) makes a new one, so the output always
-    follows the weight. A weight that requires a gradient, or a plain tensor, is not kept."""
+    storage) stays the same: one reorder for many calls; an in-place update of the weight
+    (load_state_dict) makes a new one, so the output always follows the weight. A weight that
+    requires a gradient, or a plain tensor, is not kept."""
     conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False).requires_grad_(False)
     x = torch.randn(1, 8, 6, 6)
     first = cpu_conv.conv2d(x, conv.weight, padding=1)
-    kept = cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE)
+    kept = _kept(conv.weight, THREE_BY_THREE, x)
     assert kept is not None
     assert torch.equal(cpu_conv.conv2d(x, conv.weight, padding=1), first)
-    assert cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE) is kept
+    assert _kept(conv.weight, THREE_BY_THREE, x) is kept
     new_weight = torch.randn(8, 8, 3, 3)
     conv.load_state_dict({"weight": new_weight})  # (in place: same parameter)
     after = cpu_conv.conv2d(x, conv.weight, padding=1)
-    assert cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE) is not kept
+    assert _kept(conv.weight, THREE_BY_THREE, x) is not kept
     assert rel_error(after, F.conv2d(x, new_weight, padding=1)) < 1e-6
-    kept = cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE)
-    assert kept is not None
-    bigger = torch.randn(3, 8, 9, 7)
-    assert rel_error(cpu_conv.conv2d(bigger, conv.weight, padding=1),
-                     F.conv2d(bigger, new_weight, padding=1)) < 1e-6
-    assert cpu_conv._REORDERED.kept(conv.weight, THREE_BY_THREE) is kept
     trained = torch.nn.Parameter(torch.randn(4, 8, 1, 1))
     with torch.no_grad():
         cpu_conv.conv2d(x, trained)
         cpu_conv.conv2d(x, trained.detach())
-    assert cpu_conv._REORDERED.kept(trained, ONE_BY_ONE) is None
+    assert cpu_conv._REORDERED.kept(trained, (*ONE_BY_ONE, x.shape)) is None
+
+
+@needs_onednn
+def test_frozen_weight_keeps_a_layout_per_input_shape():
+    """oneDNN lays a weight out for the input shape it is reordered for (one laid out for
+    another shape can run 2-50x slower): an input of another shape (batch, size) gets its
+    own, kept beside the first, each used again by its shape; a shape past SHAPES_KEPT drops
+    the one kept first. Every output equals F.conv2d's."""
+    weight = frozen(torch.randn(16, 16, 3, 3))
+    inputs = [torch.randn(batch, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+              for batch in range(1, cpu_conv.SHAPES_KEPT + 2)]
+
+    def run(x):
+        assert rel_error(cpu_conv.conv2d(x, weight, padding=1),
+                         F.conv2d(x, weight, padding=1)) < 1e-6
+        return _kept(weight, THREE_BY_THREE, x)
+
+    kept = [run(x) for x in inputs[:-1]]
+    assert all(k is not None for k in kept) and len({id(k) for k in kept}) == len(kept)
+    assert all(run(x) is k for x, k in zip(inputs[:-1], kept))  # (each shape's own, kept)
+    assert run(inputs[-1]) is not None
+    assert _kept(weight, THREE_BY_THREE, inputs[0]) is None  # (the first made: dropped)
+    assert all(_kept(weight, THREE_BY_THREE, x) is not None for x in inputs[1:])
 
 
 @needs_onednn
@@ -114,7 +137,7 @@ def test_reordered_weight_made_under_inference_mode_serves_later_calls():
     x = torch.randn(2, 6, 4, 4)
     with torch.inference_mode():
         cpu_conv.conv2d(x, weight)
-    assert not cpu_conv._REORDERED.kept(weight, ONE_BY_ONE).is_inference()
+    assert not _kept(weight, ONE_BY_ONE, x).is_inference()
     assert rel_error(cpu_conv.conv2d(x, weight), F.conv2d(x, weight)) < 1e-6
 
 
