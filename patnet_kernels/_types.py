@@ -68,12 +68,15 @@ class FrozenDerived:
             kept = {}
             self._kept[ident] = (weakref.ref(parameter, lambda _, ident=ident:
                                              self._kept.pop(ident, None)), kept)
-        if (self._tags_per_parameter is not None and tag not in kept
-                and len(kept) >= self._tags_per_parameter):
-            del kept[next(iter(kept))]  # (the oldest: dictionaries keep insertion order)
+        if self._tags_per_parameter is not None and tag not in kept:
+            # the oldest first (a dictionary keeps its insertion order); list() and pop with a
+            # default, so that threads making entries at once cannot fail on each other's
+            for oldest in list(kept)[:max(0, len(kept) - self._tags_per_parameter + 1)]:
+                kept.pop(oldest, None)
         with outside_inference_mode():
-            kept[tag] = ((parameter._version, parameter.data_ptr()), make(parameter))
-        return kept[tag][1]
+            made = make(parameter)
+        kept[tag] = ((parameter._version, parameter.data_ptr()), made)
+        return made
 
     def kept(self, parameter: torch.Tensor, tag: object) -> Optional[torch.Tensor]:
         """What :meth:`get` keeps for (parameter, tag) now, current or not; None if nothing."""
