@@ -15,7 +15,14 @@ PATNet-T2 and FasterNet-T2 at batch 1 on one thread 2.0-2.3x, the 3 x 3 ones on 
   activation as its post-op, for float32, where oneDNN is built in and enabled
   (``torch.backends.mkldnn``), outside a torch.compile trace (Inductor lays out its own), but
   for a single output channel (PAT_sp's per-pixel gate: a dot product per pixel, 4-6x slower
-  on oneDNN's blocked kernels than on F.conv2d);
+  on oneDNN's blocked kernels than on F.conv2d) and for a small stride-1 1 x 1 or 3 x 3 one
+  (:data:`SMALL_CONV_MACS`: up to 2^20 and 2^18 multiply-adds), where PyTorch's glue around
+  oneDNN's op, about 50 us a call before any arithmetic (oneDNN's own execution of such a
+  conv: 3-4 us, by ONEDNN_VERBOSE), outweighs the arithmetic, and F.conv2d's takes about 10
+  (on the development machine's AVX2 EPYC at batch 1: the 1 x 1 convs of PATNet-T0 at
+  32 x 32 took 9-27 us on F.conv2d and 55-72 on oneDNN, the whole copy 0.74x the eager
+  reference's speed at 32 x 32 and 0.82x at 64 x 64 before, 0.95x and 1.0x after; the
+  released models at 224 x 224 have no conv this small);
 - the weight reordered once per frozen parameter and input shape, into the blocked layout
   oneDNN picks for that shape, and kept while the parameter is unchanged
   (:class:`patnet_kernels._types.FrozenDerived`, which keeps autocast's casts of frozen
@@ -43,6 +50,9 @@ from ._types import FrozenDerived
 
 # How many input shapes a frozen weight keeps a reordered form for (see _reordered).
 SHAPES_KEPT = 2
+# Kernel size k -> the most multiply-adds (B H W C_OUT C_IN k k) of a stride-1 k x k
+# convolution that runs F.conv2d rather than oneDNN (see the module doc).
+SMALL_CONV_MACS = {1: 1 << 20, 3: 1 << 18}
 # The frozen weights' reordered forms, one per (weight, padding, stride, input shape).
 _REORDERED = FrozenDerived(tags_per_parameter=SHAPES_KEPT)
 # oneDNN's names of the activations (the exact, erf GELU is "gelu" with algorithm "none").
@@ -100,10 +110,14 @@ def library() -> str:
             "input shape")
 
 
-def _runs_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.shape[0] > 1
+def _runs_onednn(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int]) -> bool:
+    if not (x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.shape[0] > 1
             and not torch.compiler.is_compiling() and torch.backends.mkldnn.enabled
-            and onednn_refusal() is None)
+            and onednn_refusal() is None):
+        return False
+    small = SMALL_CONV_MACS.get(weight.shape[-1] if weight.dim() == 4 else 1)
+    return (small is None or stride != (1, 1)
+            or x.shape[0] * x.shape[2] * x.shape[3] * weight.numel() > small)
 
 
 def _reordered(weight: torch.Tensor, x: torch.Tensor, padding, stride) -> torch.Tensor:
@@ -134,7 +148,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     erf). Returns a new (B, C_OUT, H_OUT, W_OUT) tensor (its layout: see the module doc); where
     oneDNN runs it, see the module doc."""
     stride, padding = _pair(stride), _pair(padding)
-    if not _runs_onednn(x, weight):
+    if not _runs_onednn(x, weight, stride):
         y = F.conv2d(x, _as_4d(weight), bias, stride, padding)
         return y if activation is None else (F.relu_(y) if activation == "relu" else F.gelu(y))
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):

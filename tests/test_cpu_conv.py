@@ -28,6 +28,14 @@ def _kept(weight, conv, x):
     return cpu_conv._REORDERED.kept(weight, (*conv, x.shape))
 needs_onednn = pytest.mark.skipif(cpu_conv.onednn_refusal() is not None,
                                   reason=f"oneDNN cannot run here: {cpu_conv.onednn_refusal()}")
+SMALL_CONV_MACS = dict(cpu_conv.SMALL_CONV_MACS)  # (the rule as shipped)
+
+
+@pytest.fixture(autouse=True)
+def onednn_at_every_size(monkeypatch):
+    """oneDNN for the small convolutions these tests make, which the package runs on
+    F.conv2d (test_small_convolutions_run_f_conv2d puts the rule back)."""
+    monkeypatch.setattr(cpu_conv, "SMALL_CONV_MACS", {})
 
 
 def _ops_run(fn) -> set:
@@ -79,6 +87,31 @@ def test_linear_weight_is_a_one_by_one_convolution():
     gate = frozen(torch.randn(1, 6, 1, 1, generator=gen))  # (one output channel: F.conv2d)
     assert ONEDNN not in _ops_run(lambda: cpu_conv.conv2d(x, gate))
     assert rel_error(cpu_conv.conv2d(x, gate), F.conv2d(x, gate)) < 1e-6
+
+
+@needs_onednn
+@pytest.mark.parametrize("k, channels, height, width, stride, onednn", [
+    (1, 64, 16, 16, 1, False), (1, 64, 16, 17, 1, True),  # (2^20 multiply-adds: the limit)
+    (3, 16, 10, 10, 1, False), (3, 16, 11, 11, 1, True),  # (2^18: 230,400 and 278,784)
+    (2, 16, 4, 4, 2, True),  # (a merging layer's patch conv: oneDNN at any size)
+])
+def test_small_convolutions_run_f_conv2d(monkeypatch, k, channels, height, width, stride,
+                                         onednn):
+    """A stride-1 1 x 1 or 3 x 3 conv of at most SMALL_CONV_MACS multiply-adds runs F.conv2d
+    (oneDNN's per-call cost outweighs its arithmetic), a bigger one or a strided one oneDNN;
+    either equals F.conv2d's values and keeps a channels_last input's layout."""
+    monkeypatch.setattr(cpu_conv, "SMALL_CONV_MACS", SMALL_CONV_MACS)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(1, channels, height, width, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    weight = frozen(torch.randn(channels, channels, k, k, generator=gen) * 0.1)
+    padding = 1 if k == 3 else 0
+    ran = _ops_run(lambda: cpu_conv.conv2d(x, weight, None, stride, padding, "relu"))
+    assert (ONEDNN in ran) == onednn
+    got = cpu_conv.conv2d(x, weight, None, stride, padding, "relu")
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert rel_error(got, F.relu(F.conv2d(x.double(), weight.double(), None, stride,
+                                          padding))) < 1e-6
 
 
 @needs_onednn
