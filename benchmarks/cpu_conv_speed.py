@@ -2,10 +2,11 @@
 
     python -m benchmarks.cpu_conv_speed                          # PATNet-T2, FasterNet-T2
     python -m benchmarks.cpu_conv_speed --models patnet_t1 --batch 8 --threads 2 --json out.json
+    python -m benchmarks.cpu_conv_speed --models patnet_t0 --size 32   # a small input
 
 Every convolution (and linear layer run as one) that ``patnet.optimize_for_inference``'s copy
 runs on the CPU (:func:`patnet_kernels.cpu_conv.conv2d`) is recorded in one forward of each
-model at 224 x 224, with its input as the copy has it (channels_last). Each distinct shape is
+model at 224 x 224 (``--size``), with its input as the copy has it (channels_last). Each distinct shape is
 then timed, round-robin in one loop so that a shared machine's load reaches all alike:
 
 - ``F.conv2d``: what the reference runs (and the activation after it), PyTorch's choice of
@@ -13,7 +14,8 @@ then timed, round-robin in one loop so that a shared machine's load reaches all 
 - ``oneDNN``: ``torch.ops.mkldnn._convolution_pointwise`` with the dense weight (reordered by
   oneDNN in every call);
 - ``ours``: :func:`patnet_kernels.cpu_conv.conv2d` on a frozen weight, what the copy runs:
-  oneDNN with the weight reordered once (F.conv2d for a single output channel).
+  oneDNN with the weight reordered once (F.conv2d for a single output channel and for a
+  small conv, ``cpu_conv.SMALL_CONV_MACS``).
 
 Printed per shape with its calls per forward, and summed per forward (each shape's median
 times its calls): the convolutions' share of a forward under each. Ratios are what to read: the
@@ -36,9 +38,10 @@ from .timer import cpu_loop, quantiles
 RUNNERS = ("F.conv2d", "oneDNN", "ours")
 
 
-def conv_calls(name: str, batch: int) -> Dict[tuple, int]:
-    """The convolutions of ``name``'s inference copy in one forward at ``batch`` x 3 x 224 x
-    224: (input shape, weight shape, stride, padding, activation) -> calls per forward."""
+def conv_calls(name: str, batch: int, size: int = 224) -> Dict[tuple, int]:
+    """The convolutions of ``name``'s inference copy in one forward at ``batch`` x 3 x
+    ``size`` x ``size``: (input shape, weight shape, stride, padding, activation) -> calls per
+    forward."""
     import patnet
     from patnet_kernels import cpu_conv, eval_cpu
 
@@ -55,7 +58,7 @@ def conv_calls(name: str, batch: int) -> Dict[tuple, int]:
     eval_cpu.conv2d = recording
     try:
         with torch.no_grad():
-            copy(torch.randn(batch, 3, 224, 224))
+            copy(torch.randn(batch, 3, size, size))
     finally:
         eval_cpu.conv2d = real
     return calls
@@ -87,17 +90,18 @@ def _runners(key: tuple):
     return dict(zip(RUNNERS, (reference, onednn, ours)))
 
 
-def measure(name: str, batch: int, warmup: int, runs: int) -> dict:
+def measure(name: str, batch: int, warmup: int, runs: int, size: int = 224) -> dict:
     """Per shape of ``name``'s copy, the median ms of each runner; and the sums per forward."""
     rows: List[dict] = []
-    for key, count in conv_calls(name, batch).items():
+    for key, count in conv_calls(name, batch, size).items():
         times = cpu_loop(_runners(key), warmup, runs)
         medians = {runner: quantiles(t)["ms"] for runner, t in times.items()}
         rows.append({"input": list(key[0]), "weight": list(key[1]), "bias": key[2],
                      "stride": key[3], "padding": key[4], "activation": key[5],
                      "calls": count, "ms": medians})
     totals = {runner: sum(r["ms"][runner] * r["calls"] for r in rows) for runner in RUNNERS}
-    return {"model": name, "batch": batch, "shapes": rows, "ms_per_forward": totals}
+    return {"model": name, "batch": batch, "size": size, "shapes": rows,
+            "ms_per_forward": totals}
 
 
 def table(report: dict) -> str:
@@ -115,7 +119,8 @@ def table(report: dict) -> str:
                  + [fmt(totals["F.conv2d"] / totals["ours"], ".2f")])
     head, render = columns(headers, cells, left={0, 1, 2})
     title = (f"{pretty(report['model'])}: the inference copy's convolutions, batch "
-             f"{report['batch']}, float32, channels_last, median ms per call")
+             f"{report['batch']} at {report['size']} x {report['size']}, float32, "
+             "channels_last, median ms per call")
     return "\n".join([title] + head + [render(c) for c in cells])
 
 
@@ -124,11 +129,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--models", default="patnet_t2,fasternet_t2",
                         help="comma list (default patnet_t2,fasternet_t2)")
     parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    parser.add_argument("--size", type=int, default=224,
+                        help="input height and width, >= 32 (default 224)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", type=Path, help="write the reports here")
     args = parser.parse_args(argv)
+    if args.size < 32:
+        parser.error(f"--size must be at least 32 (the networks downsample by 32), got "
+                     f"{args.size}")
     from patnet_kernels import cpu_conv
 
     refusal = cpu_conv.onednn_refusal()
@@ -139,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     reports = []
     with env.cpu_threads(torch.device("cpu"), args.threads):
         for name in split_list(args.models):
-            reports.append(measure(name, args.batch, args.warmup, args.runs))
+            reports.append(measure(name, args.batch, args.warmup, args.runs, args.size))
             print(table(reports[-1]) + "\n", flush=True)
     if args.json:
         write_json(args.json, {**env.run_info(torch.device("cpu")), "threads": args.threads,

@@ -16,13 +16,15 @@ PATNet-T2 and FasterNet-T2 at batch 1 on one thread 2.0-2.3x, the 3 x 3 ones on 
   (``torch.backends.mkldnn``), outside a torch.compile trace (Inductor lays out its own), but
   for a single output channel (PAT_sp's per-pixel gate: a dot product per pixel, 4-6x slower
   on oneDNN's blocked kernels than on F.conv2d) and for a small stride-1 1 x 1 or 3 x 3 one
-  (:data:`SMALL_CONV_MACS`: up to 2^20 and 2^18 multiply-adds), where PyTorch's glue around
-  oneDNN's op, about 50 us a call before any arithmetic (oneDNN's own execution of such a
-  conv: 3-4 us, by ONEDNN_VERBOSE), outweighs the arithmetic, and F.conv2d's takes about 10
-  (on the development machine's AVX2 EPYC at batch 1: the 1 x 1 convs of PATNet-T0 at
-  32 x 32 took 9-27 us on F.conv2d and 55-72 on oneDNN, the whole copy 0.74x the eager
-  reference's speed at 32 x 32 and 0.82x at 64 x 64 before, 0.95x and 1.0x after; the
-  released models at 224 x 224 have no conv this small);
+  (:data:`SMALL_CONV_MACS`: up to 2^20 and 2^18 multiply-adds), where the op's fixed cost in
+  PyTorch's glue (about 50 us a call with the weight reordered once; oneDNN's own execution
+  of such a conv, by ONEDNN_VERBOSE=1, 3-4 us) outweighs the arithmetic: on the development
+  machine's AVX2 EPYC the convs of PATNet-T0 at 32 x 32 took 10-44 us a call on F.conv2d and
+  68-144 on oneDNN (``python -m benchmarks.cpu_conv_speed --models patnet_t0 --size 32``),
+  and its copy ran at 0.67x the eager reference's speed at 32 x 32 and 0.73x at 64 x 64
+  before the rule, 0.85x and 0.92x with it
+  (``benchmarks/results/models.cpu.avx2.batch1.size*``); the released models at 224 x 224
+  have no conv this small;
 - the weight reordered once per frozen parameter and input shape, into the blocked layout
   oneDNN picks for that shape, and kept while the parameter is unchanged
   (:class:`patnet_kernels._types.FrozenDerived`, which keeps autocast's casts of frozen
