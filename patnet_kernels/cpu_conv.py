@@ -19,8 +19,8 @@ PATNet-T2 and FasterNet-T2 at batch 1 on one thread 2.0-2.3x, the 3 x 3 ones on 
   (:data:`SMALL_CONV_MACS`: up to 2^20 and 2^18 multiply-adds), where the op's fixed cost in
   PyTorch's glue (about 50 us a call with the weight reordered once; oneDNN's own execution
   of such a conv, by ONEDNN_VERBOSE=1, 3-4 us) outweighs the arithmetic: on the development
-  machine's AVX2 EPYC the convs of PATNet-T0 at 32 x 32 took 10-44 us a call on F.conv2d and
-  68-144 on oneDNN (``python -m benchmarks.cpu_conv_speed --models patnet_t0 --size 32``),
+  machine's AVX2 EPYC the convs of PATNet-T0 at 32 x 32 took 10-43 us a call on F.conv2d and
+  70-147 on oneDNN (``python -m benchmarks.cpu_conv_speed --models patnet_t0 --size 32``),
   and its copy ran at 0.67x the eager reference's speed at 32 x 32 and 0.73x at 64 x 64
   before the rule, 0.85x and 0.92x with it
   (``benchmarks/results/models.cpu.avx2.batch1.size*``); the released models at 224 x 224
