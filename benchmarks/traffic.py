@@ -710,14 +710,15 @@ def precision(autocast: bool):
 
 def record_forward(model: torch.nn.Module, x: torch.Tensor, warmup: bool = True,
                    run_kernels: bool = True, autocast: bool = False) -> List[Op]:
-    """The ops of one eval forward of ``model`` on ``x`` (after an untraced warm-up forward,
-    at batch 1, unless ``warmup`` is False); ``run_kernels``: see :func:`triton_launches`;
-    ``autocast``: see :func:`precision`."""
+    """The ops of one eval forward of ``model`` on ``x`` (after an untraced warm-up forward on
+    a copy of ``x``, unless ``warmup`` is False: what is made once per input shape, such as the
+    CPU path's oneDNN weight layouts, is made there); ``run_kernels``: see
+    :func:`triton_launches`; ``autocast``: see :func:`precision`."""
     skip = contextlib.nullcontext() if run_kernels else triton_launches([], run_kernels=False)
     with torch.no_grad(), skip:
         if warmup:
             with precision(autocast):  # (each forward in its own autocast region, as a caller
-                model(x[:1].clone())   # would run it: autocast's cache lasts one region)
+                model(x.clone())       # would run it: autocast's cache lasts one region)
         x = x.clone()  # (the model may overwrite its input)
         recorder = TrafficRecorder(run_kernels=run_kernels)
         with recorder, precision(autocast):
@@ -989,8 +990,10 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
         for batch in BATCHES:
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)
                             ).contiguous(memory_format=layout)
-            # one warm-up (the caches it fills depend on H and W, not the batch)
-            runs[batch] = record(model, x, batch == BATCHES[0], run_kernels, autocast)
+            # in eval a warm-up per batch (what the path makes once per input shape, such as
+            # the CPU path's oneDNN weight layouts, depends on the batch too); in training one
+            runs[batch] = record(model, x, not train or batch == BATCHES[0], run_kernels,
+                                 autocast)
     except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
         from patnet_kernels import BackendUnavailableError
         status = "unavailable" if isinstance(exc, BackendUnavailableError) else "error"
