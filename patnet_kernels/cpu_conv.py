@@ -31,11 +31,12 @@ PATNet-T2 and FasterNet-T2 at batch 1 on one thread 2.0-2.3x, the 3 x 3 ones on 
   weights too), for the last :data:`SHAPES_KEPT` shapes (a third drops the first: each kept
   shape holds a copy of the weights); any other weight is reordered by oneDNN per call.
   The layout oneDNN picks depends on the whole input shape, and a weight laid out for one
-  shape can run 2-50x slower at another (on the development machine, now an AVX2 EPYC: a 3 x 3
-  conv of 128 channels laid out for a 14 x 14 map took 13 ms on a 7 x 7 one, 0.3 ms with its
-  own layout; a 1 x 1 conv of 512 -> 1024 channels laid out for a 1 x 1 map 33 ms on a
-  7 x 7 one instead of 0.6), so that the inference copy of PATNet-T2, called once at 32 x 32
-  and then at 224 x 224, took 530 ms a forward where its own layouts take 42;
+  shape can run 2-50x slower at another (timed by hand on the development machine, now an
+  AVX2 EPYC, one thread: a 3 x 3 conv of 128 channels laid out for a 14 x 14 map took 13 ms
+  on a 7 x 7 one, 0.3 ms with its own layout; a 1 x 1 conv of 512 -> 1024 channels laid out
+  for a 1 x 1 map 33 ms on a 7 x 7 one instead of 0.6), so that the inference copy of
+  PATNet-T2, called once at 32 x 32 and then at 224 x 224, took 530 ms a forward where its
+  own layouts take 42;
 - else ``F.conv2d`` and the activation (float64, a torch without oneDNN, a trace).
 
 Its output is in oneDNN's layout: channels_last where the weight was reordered (the layout its
