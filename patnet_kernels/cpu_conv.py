@@ -7,7 +7,9 @@ convolution, given its weight already reordered into the blocked layout it compu
 the same arithmetic faster on the development machine's AVX-512 cores: the 1 x 1 convs of
 PATNet-T2 and FasterNet-T2 at batch 1 on one thread 2.0-2.3x, the 3 x 3 ones on 14 x 14 and
 7 x 7 maps 2.1-3.3x, each model's convolutions per forward 1.97x and 2.07x
-(``python -m benchmarks.cpu_conv_speed``; ``benchmarks/results/cpu_conv_speed.cpu.batch1.json``).
+(``python -m benchmarks.cpu_conv_speed``; ``benchmarks/results/cpu_conv_speed.cpu.batch1.json``);
+on an AVX2 EPYC, where PyTorch's GEMM path runs near the core's peak, only 1.11x per forward
+for both (``cpu_conv_speed.cpu.avx2.batch1.json``).
 :func:`conv2d` is the one place the eval forms
 (:mod:`patnet_kernels.eval_cpu`) choose how a convolution runs:
 
