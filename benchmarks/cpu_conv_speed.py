@@ -14,8 +14,9 @@ then timed, round-robin in one loop so that a shared machine's load reaches all 
 - ``oneDNN``: ``torch.ops.mkldnn._convolution_pointwise`` with the dense weight (reordered by
   oneDNN in every call);
 - ``ours``: :func:`patnet_kernels.cpu_conv.conv2d` on a frozen weight, what the copy runs:
-  oneDNN with the weight reordered once (F.conv2d for a single output channel and for a
-  small conv, ``cpu_conv.SMALL_CONV_MACS``).
+  oneDNN with the weight reordered once, or F.conv2d, whichever was faster on the first call
+  of the shape (:mod:`patnet_kernels.cpu_choice`; ``PATNET_CPU_MEASURE=0``: oneDNN; F.conv2d
+  for a single output channel).
 
 Printed per shape with its calls per forward, and summed per forward (each shape's median
 times its calls): the convolutions' share of a forward under each. Ratios are what to read: the

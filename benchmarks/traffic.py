@@ -18,7 +18,11 @@ such as PAT_sf's bucket map are built: the steady state is counted). Providers:
   not folded: the authors' eager code);
 - ``torch`` / ``triton`` / ``cuda``: our inference path,
   ``patnet.optimize_for_inference(model, backend=...)``. On the CPU ``backend="torch"`` runs the
-  CPU eval forms of :mod:`patnet_kernels.eval_cpu` (on a GPU it would run the reference ops);
+  CPU eval forms of :mod:`patnet_kernels.eval_cpu` with their convolutions on oneDNN, as it
+  does with ``PATNET_CPU_MEASURE=0`` (counted so on every machine: by default each call runs
+  whichever of the reference and its eval form, and each convolution whichever of F.conv2d
+  and oneDNN, was faster on this machine, :mod:`patnet_kernels.cpu_choice`; on a GPU it would
+  run the reference ops);
   ``triton`` runs its kernels under ``TRITON_INTERPRET=1`` and ``cuda`` through the CPU emulation
   (``PATNET_CUDA_EMULATE=1``), both set by this module when no GPU is present.
 
@@ -981,6 +985,16 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
                      rates: Optional[Rates] = None, channels_last: bool = False,
                      **overrides) -> dict:
     """Kernels and bytes of one provider on one model: a dict (see :func:`measure`)."""
+    from patnet_kernels import cpu_choice
+
+    with cpu_choice.measuring_as(False):  # (the CPU path's ops all in their eval forms: fixed)
+        return _measure_provider(name, provider, size, seed, run_kernels, autocast, train,
+                                 rates, channels_last, **overrides)
+
+
+def _measure_provider(name: str, provider: str, size: int, seed: int, run_kernels: bool,
+                      autocast: bool, train: bool, rates: Optional[Rates], channels_last: bool,
+                      **overrides) -> dict:
     start = time.perf_counter()
     record = record_step if train else record_forward
     layout = torch.channels_last if channels_last else torch.contiguous_format

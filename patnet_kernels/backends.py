@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import auto_rule, cpu_conv, registry
+from .cpu_choice import EVAL_FORMS
 from .registry import BackendUnavailableError, Refusal
 
 BACKENDS = ("auto", "torch") + registry.FUSED_BACKENDS
@@ -111,14 +112,19 @@ def check_op_name(op: object) -> None:
 
 
 def choose_implementation(op: str, backend: str, x: torch.Tensor,
-                          *others: Optional[torch.Tensor], eval_form: bool = False) -> Callable:
+                          *others: Optional[torch.Tensor], eval_form: bool = False,
+                          writes_input: bool = False) -> Callable:
     """The function that runs a call of ``op`` whose main input is ``x`` (``others``: the other
     tensors a gradient may flow to; the inputs already validated), as ``backend`` asks: the
     one place the functional API learns what to run. The fused backends' limits come from the
     registry (:func:`patnet_kernels.registry.refusals`), the decision from
     :func:`choose_backend`; where that is the reference and ``eval_form`` is asked for (the
-    call is in eval), the op's CPU eval form runs if it takes the call
-    (:func:`patnet_kernels.registry.eval_form_refusal`)."""
+    call is in eval) and the op's CPU eval form takes the call
+    (:func:`patnet_kernels.registry.eval_form_refusal`), the faster of the reference and the
+    eval form for the call's shapes on this machine runs
+    (:data:`patnet_kernels.cpu_choice.EVAL_FORMS`, timed on the first call of each kind; the
+    eval form where timing is off). ``writes_input``: the call writes into ``x`` (an in-place
+    op), which the timing then restores before each of its runs."""
     # ("auto" needs the call's description on a GPU, and on the meta device for backend_calls;
     # on the CPU it runs the reference whatever the call)
     call = (describe_call(op, x, *others) if backend == "auto" and x.device.type != "cpu"
@@ -127,7 +133,11 @@ def choose_implementation(op: str, backend: str, x: torch.Tensor,
                              load=True)
     if name == "torch" and eval_form and _RECORDED_CALLS is None \
             and registry.eval_form_refusal(op, x, _needs_grad(x, *others)) is None:
-        name = registry.EVAL_FORM
+        kind = (op, x.shape, x.stride(), x.dtype,
+                tuple(None if t is None else t.shape for t in others))
+        return EVAL_FORMS.choose(kind, (registry.implementation(op, "torch"),
+                                        registry.implementation(op, registry.EVAL_FORM)),
+                                 writes_input)
     return registry.implementation(op, name)
 
 

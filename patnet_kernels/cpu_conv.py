@@ -1,4 +1,5 @@
-"""The convolutions of the CPU eval forms: oneDNN with the weights laid out once.
+"""The convolutions of the CPU eval forms: oneDNN with the weights laid out once, or F.conv2d
+where that is faster.
 
 On one CPU thread at batch 1, PyTorch runs a 1 x 1 convolution, and a 3 x 3 one on a small
 map, through its own im2col + GEMM path (``aten::_slow_conv2d_forward``; its heuristic keeps
@@ -14,19 +15,19 @@ for both (``cpu_conv_speed.cpu.avx2.batch1.json``).
 (:mod:`patnet_kernels.eval_cpu`) choose how a convolution runs:
 
 - ``torch.ops.mkldnn._convolution_pointwise`` (what Inductor's CPU backend calls) with the
-  activation as its post-op, for float32, where oneDNN is built in and enabled
-  (``torch.backends.mkldnn``), outside a torch.compile trace (Inductor lays out its own), but
-  for a single output channel (PAT_sp's per-pixel gate: a dot product per pixel, 4-6x slower
-  on oneDNN's blocked kernels than on F.conv2d) and for a small stride-1 1 x 1 or 3 x 3 one
-  (:data:`SMALL_CONV_MACS`: up to 2^20 and 2^18 multiply-adds), where the op's fixed cost in
-  PyTorch's glue (about 50 us a call with the weight reordered once; oneDNN's own execution
-  of such a conv, by ONEDNN_VERBOSE=1, 3-4 us) outweighs the arithmetic: on the development
-  machine's AVX2 EPYC the convs of PATNet-T0 at 32 x 32 took 10-43 us a call on F.conv2d and
-  70-147 on oneDNN (``python -m benchmarks.cpu_conv_speed --models patnet_t0 --size 32``),
-  and its copy ran at 0.67x the eager reference's speed at 32 x 32 and 0.73x at 64 x 64
-  before the rule, 0.85x and 0.92x with it
-  (``benchmarks/results/models.cpu.avx2.batch1.size*``); the released models at 224 x 224
-  have no conv this small;
+  activation as its post-op, or ``F.conv2d`` and the activation, whichever is faster for the
+  call's shapes on this machine, timed on the first call of each kind
+  (:data:`patnet_kernels.cpu_choice.CONVOLUTIONS`; ``PATNET_CPU_MEASURE=0``: oneDNN), for
+  float32, where oneDNN is built in and enabled (``torch.backends.mkldnn``), outside a
+  torch.compile trace (Inductor lays out its own), but for a single output channel (PAT_sp's
+  per-pixel gate: a dot product per pixel, 4-6x slower on oneDNN's blocked kernels than on
+  F.conv2d). oneDNN's op has a fixed cost of about 50 us a call in PyTorch's glue (oneDNN's
+  own execution of a tiny conv, by ONEDNN_VERBOSE=1, 3-4 us; F.conv2d's about 10), which
+  small convolutions do not win back, and on the AVX2 EPYC its arithmetic was only as fast
+  as F.conv2d's for most shapes: there the convs of PATNet-T0 at 32 x 32 took 10-43 us a call
+  on F.conv2d and 70-147 on oneDNN (``python -m benchmarks.cpu_conv_speed --models patnet_t0
+  --size 32``), and oneDNN ran PATNet-T0's at 224 x 224 at 0.84-1.73x F.conv2d's speed
+  (per shape, ``cpu_conv_speed.cpu.avx2.batch1.patnet_t0.json``);
 - the weight reordered once per frozen parameter and input shape, into the blocked layout
   oneDNN picks for that shape, and kept while the parameter is unchanged
   (:class:`patnet_kernels._types.FrozenDerived`, which keeps autocast's casts of frozen
@@ -41,8 +42,9 @@ for both (``cpu_conv_speed.cpu.avx2.batch1.json``).
   own layouts take 42;
 - else ``F.conv2d`` and the activation (float64, a torch without oneDNN, a trace).
 
-Its output is in oneDNN's layout: channels_last where the weight was reordered (the layout its
-blocked kernels read and write fastest), else the input's. :func:`library` says which runs.
+Its output is in oneDNN's layout where oneDNN runs it: channels_last (the layout its blocked
+kernels read and write fastest); else the input's (channels_last in the inference copy).
+:func:`library` says which runs.
 """
 from __future__ import annotations
 
@@ -52,12 +54,10 @@ import torch
 import torch.nn.functional as F
 
 from ._types import FrozenDerived
+from .cpu_choice import CONVOLUTIONS, measuring
 
 # How many input shapes a frozen weight keeps a reordered form for (see _reordered).
 SHAPES_KEPT = 2
-# Kernel size k -> the most multiply-adds (B H W C_OUT C_IN k k) of a stride-1 k x k
-# convolution that runs F.conv2d rather than oneDNN (see the module doc).
-SMALL_CONV_MACS = {1: 1 << 20, 3: 1 << 18}
 # The frozen weights' reordered forms, one per (weight, padding, stride, input shape).
 _REORDERED = FrozenDerived(tags_per_parameter=SHAPES_KEPT)
 # oneDNN's names of the activations (the exact, erf GELU is "gelu" with algorithm "none").
@@ -111,18 +111,18 @@ def library() -> str:
         return f"torch.nn.functional.conv2d ({refusal})"
     if not torch.backends.mkldnn.enabled:
         return "torch.nn.functional.conv2d (oneDNN disabled: torch.backends.mkldnn.enabled)"
-    return ("oneDNN (torch.ops.mkldnn._convolution_pointwise), frozen weights reordered once per "
-            "input shape")
+    if not measuring():
+        return ("oneDNN (torch.ops.mkldnn._convolution_pointwise), frozen weights reordered once "
+                "per input shape (PATNET_CPU_MEASURE=0: not timed against F.conv2d)")
+    return ("oneDNN (torch.ops.mkldnn._convolution_pointwise; frozen weights reordered once per "
+            "input shape) or torch.nn.functional.conv2d, whichever was faster on each kind of "
+            "call's first call")
 
 
-def _runs_onednn(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int]) -> bool:
-    if not (x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.shape[0] > 1
+def _onednn_can_run(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.shape[0] > 1
             and not torch.compiler.is_compiling() and torch.backends.mkldnn.enabled
-            and onednn_refusal() is None):
-        return False
-    small = SMALL_CONV_MACS.get(weight.shape[-1] if weight.dim() == 4 else 1)
-    return (small is None or stride != (1, 1)
-            or x.shape[0] * x.shape[2] * x.shape[3] * weight.numel() > small)
+            and onednn_refusal() is None)
 
 
 def _reordered(weight: torch.Tensor, x: torch.Tensor, padding, stride) -> torch.Tensor:
@@ -153,9 +153,26 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     erf). Returns a new (B, C_OUT, H_OUT, W_OUT) tensor (its layout: see the module doc); where
     oneDNN runs it, see the module doc."""
     stride, padding = _pair(stride), _pair(padding)
-    if not _runs_onednn(x, weight, stride):
-        y = F.conv2d(x, _as_4d(weight), bias, stride, padding)
-        return y if activation is None else (F.relu_(y) if activation == "relu" else F.gelu(y))
+    if not _onednn_can_run(x, weight):
+        return _conv2d_torch(x, weight, bias, stride, padding, activation)
+    frozen = isinstance(weight, torch.nn.Parameter) and not weight.requires_grad
+    kind = (x.shape, x.stride(), weight.shape, bias is None, stride, padding, activation, frozen)
+    return CONVOLUTIONS.choose(kind, (_conv2d_torch, _conv2d_onednn))(
+        x, weight, bias, stride, padding, activation)
+
+
+def _conv2d_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  stride: Tuple[int, int], padding: Tuple[int, int],
+                  activation: Optional[str]) -> torch.Tensor:
+    """:func:`conv2d` by F.conv2d and the activation (in x's layout)."""
+    y = F.conv2d(x, _as_4d(weight), bias, stride, padding)
+    return y if activation is None else (F.relu_(y) if activation == "relu" else F.gelu(y))
+
+
+def _conv2d_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   stride: Tuple[int, int], padding: Tuple[int, int],
+                   activation: Optional[str]) -> torch.Tensor:
+    """:func:`conv2d` by oneDNN, the activation its post-op (channels_last out)."""
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous(memory_format=torch.channels_last)
     attr, algorithm = _POST_OPS[activation]

@@ -125,8 +125,8 @@ def partial_conv3x3(x: torch.Tensor, weight: torch.Tensor, *, inplace: bool = Fa
         raise ValueError("x is an expanded view (a stride of 0: several of its elements share "
                          "one memory location), so inplace=True would write each of them "
                          "many times; pass x.contiguous() or inplace=False")
-    return choose_implementation("partial_conv3x3", backend, x, weight, eval_form=eval_form)(
-        x, weight, inplace)
+    return choose_implementation("partial_conv3x3", backend, x, weight, eval_form=eval_form,
+                                 writes_input=inplace)(x, weight, inplace)
 
 
 @autocast_aware(keep=("cfc_weight", "cfc_bias"))

@@ -1,11 +1,13 @@
-"""The CPU eval forms' convolution (``patnet_kernels.cpu_conv.conv2d``): oneDNN where it can run,
-its weight reordered once per frozen parameter and input shape (a few shapes kept) and re-made
+"""The CPU eval forms' convolution (``patnet_kernels.cpu_conv.conv2d``): oneDNN where it can run
+(the suite's fixed path; with the timing on, oneDNN or F.conv2d, whichever was faster), its
+weight reordered once per frozen parameter and input shape (a few shapes kept) and re-made
 when the parameter changes;
 F.conv2d otherwise (float64, oneDNN disabled or missing, a torch.compile trace), each equal to
 F.conv2d; and the inference copy on the CPU running through it."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import patnet
 import patnet_kernels as pk
-from patnet_kernels import cpu_conv
+from patnet_kernels import cpu_choice, cpu_conv
 
 from conftest import frozen, rel_error
 
@@ -26,16 +28,10 @@ THREE_BY_THREE, ONE_BY_ONE = ((1, 1), (1, 1)), ((0, 0), (1, 1))
 def _kept(weight, conv, x):
     """The reordered form of a frozen ``weight`` kept for inputs of x's shape, or None."""
     return cpu_conv._REORDERED.kept(weight, (*conv, x.shape))
+
+
 needs_onednn = pytest.mark.skipif(cpu_conv.onednn_refusal() is not None,
                                   reason=f"oneDNN cannot run here: {cpu_conv.onednn_refusal()}")
-SMALL_CONV_MACS = dict(cpu_conv.SMALL_CONV_MACS)  # (the rule as shipped)
-
-
-@pytest.fixture(autouse=True)
-def onednn_at_every_size(monkeypatch):
-    """oneDNN for the small convolutions these tests make, which the package runs on
-    F.conv2d (test_small_convolutions_run_f_conv2d puts the rule back)."""
-    monkeypatch.setattr(cpu_conv, "SMALL_CONV_MACS", {})
 
 
 def _ops_run(fn) -> set:
@@ -90,28 +86,33 @@ def test_linear_weight_is_a_one_by_one_convolution():
 
 
 @needs_onednn
-@pytest.mark.parametrize("k, channels, height, width, stride, onednn", [
-    (1, 64, 16, 16, 1, False), (1, 64, 16, 17, 1, True),  # (2^20 multiply-adds: the limit)
-    (3, 16, 10, 10, 1, False), (3, 16, 11, 11, 1, True),  # (2^18: 230,400 and 278,784)
-    (2, 16, 4, 4, 2, True),  # (a merging layer's patch conv: oneDNN at any size)
-])
-def test_small_convolutions_run_f_conv2d(monkeypatch, k, channels, height, width, stride,
-                                         onednn):
-    """A stride-1 1 x 1 or 3 x 3 conv of at most SMALL_CONV_MACS multiply-adds runs F.conv2d
-    (oneDNN's per-call cost outweighs its arithmetic), a bigger one or a strided one oneDNN;
-    either equals F.conv2d's values and keeps a channels_last input's layout."""
-    monkeypatch.setattr(cpu_conv, "SMALL_CONV_MACS", SMALL_CONV_MACS)
-    gen = torch.Generator().manual_seed(k)
-    x = torch.randn(1, channels, height, width, generator=gen).contiguous(
-        memory_format=torch.channels_last)
-    weight = frozen(torch.randn(channels, channels, k, k, generator=gen) * 0.1)
-    padding = 1 if k == 3 else 0
-    ran = _ops_run(lambda: cpu_conv.conv2d(x, weight, None, stride, padding, "relu"))
-    assert (ONEDNN in ran) == onednn
-    got = cpu_conv.conv2d(x, weight, None, stride, padding, "relu")
+@pytest.mark.parametrize("slower", ["oneDNN", "F.conv2d"])
+def test_measured_choice_keeps_the_faster_convolution(monkeypatch, slower):
+    """With the timing on, a kind of conv's first call times F.conv2d against oneDNN and keeps
+    the faster (here the other one made slower): later calls of that kind run it alone, a call
+    of another kind is timed again; either equals F.conv2d's values, in the input's
+    channels_last layout."""
+    monkeypatch.setattr(cpu_choice, "CONVOLUTIONS", cpu_choice.MeasuredChoice(
+        "convolutions", cpu_choice.CONVOLUTIONS.labels))
+    monkeypatch.setattr(cpu_conv, "CONVOLUTIONS", cpu_choice.CONVOLUTIONS)
+    name = {"oneDNN": "_conv2d_onednn", "F.conv2d": "_conv2d_torch"}[slower]
+    real = getattr(cpu_conv, name)
+    monkeypatch.setattr(cpu_conv, name, lambda *a: time.sleep(0.002) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = frozen(torch.randn(16, 16, 3, 3, generator=gen) * 0.1)
+    kept = "F.conv2d" if slower == "oneDNN" else "oneDNN"
+    with cpu_choice.measuring_as(True):
+        got = cpu_conv.conv2d(x, weight, None, 1, 1, "relu")
+        assert cpu_choice.CONVOLUTIONS.summary() == {"F.conv2d": int(kept == "F.conv2d"),
+                                                      "oneDNN": int(kept == "oneDNN")}
+        ran = _ops_run(lambda: cpu_conv.conv2d(x, weight, None, 1, 1, "relu"))
+        assert (ONEDNN in ran) == (kept == "oneDNN")
+        assert ("aten::convolution" in ran) == (kept == "F.conv2d")
+        cpu_conv.conv2d(x[:, :, 1:], weight, None, 1, 1, "relu")  # (another kind: timed)
+        assert sum(cpu_choice.CONVOLUTIONS.summary().values()) == 2
     assert got.is_contiguous(memory_format=torch.channels_last)
-    assert rel_error(got, F.relu(F.conv2d(x.double(), weight.double(), None, stride,
-                                          padding))) < 1e-6
+    assert rel_error(got, F.relu(F.conv2d(x.double(), weight.double(), None, 1, 1))) < 1e-6
 
 
 @needs_onednn

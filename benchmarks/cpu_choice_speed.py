@@ -1,0 +1,106 @@
+"""The CPU inference path's measured choices: per kind of call, the reference against the eval
+form, and F.conv2d against oneDNN, as this machine timed them.
+
+    python -m benchmarks.cpu_choice_speed                          # PATNet-T2, FasterNet-T2
+    python -m benchmarks.cpu_choice_speed --models patnet_t0 --size 32 --json out.json
+
+``patnet.optimize_for_inference``'s copy runs each call of an op with a CPU eval form as the
+reference or the eval form, and each float32 convolution of an eval form on F.conv2d or
+oneDNN, whichever was faster on the first call of its kind (:mod:`patnet_kernels.cpu_choice`).
+This runs one forward of a fresh copy of each model at batch x 3 x size x size with no choice
+made before, and prints what each kind of op call kept, with the least time of a round of each
+way (``cpu_choice.ROUNDS`` rounds, in turn, after a warm-up run of each): the measurement the
+choice was made on. The convolutions are summed (how many kept each; their own times:
+``python -m benchmarks.cpu_conv_speed``). The first forward's time, which makes the choices,
+and the next one's are printed too. Float32, as the CPU eval forms run; ratios are what to read
+(the machine may be shared).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from . import env
+from .report import columns, fmt, pretty, split_list, write_json
+
+
+def measure(name: str, batch: int, size: int) -> dict:
+    """The choices a fresh copy of ``name`` makes in its first forward, and its first two
+    forwards' times."""
+    import patnet
+    from patnet_kernels import cpu_choice
+
+    copy = patnet.optimize_for_inference(patnet.create_model(name).eval())
+    x = torch.randn(batch, 3, size, size)
+    cpu_choice.EVAL_FORMS.forget()
+    cpu_choice.CONVOLUTIONS.forget()
+    forwards = []
+    with torch.no_grad():
+        for _ in range(2):
+            start = time.perf_counter()
+            copy(x)
+            forwards.append(1e3 * (time.perf_counter() - start))
+    calls = [{"op": key[0], "input": list(key[1]), "kept": label,
+              "us": dict(zip(cpu_choice.EVAL_FORMS.labels, (1e6 * t for t in times)))}
+             for key, label, times in cpu_choice.EVAL_FORMS.records()]
+    return {"model": name, "batch": batch, "size": size, "calls": calls,
+            "convolutions_kept": cpu_choice.CONVOLUTIONS.summary(),
+            "first_forward_ms": forwards[0], "second_forward_ms": forwards[1]}
+
+
+def table(report: dict) -> str:
+    headers = ["op", "input", "reference us", "eval form us", "x eval form", "kept"]
+    cells = [[row["op"], "x".join(map(str, row["input"])), fmt(row["us"]["reference"], ".0f"),
+              fmt(row["us"]["eval form"], ".0f"),
+              fmt(row["us"]["reference"] / row["us"]["eval form"], ".2f"), row["kept"]]
+             for row in report["calls"]]
+    head, render = columns(headers, cells, left={0, 1, 5})
+    kept = ", ".join(f"{label} {n}" for label, n in report["convolutions_kept"].items())
+    return "\n".join(
+        [f"{pretty(report['model'])}: the copy's measured choices, batch {report['batch']} at "
+         f"{report['size']} x {report['size']}, float32 (least us of a round; x eval form: "
+         "reference us / eval form us)"]
+        + head + [render(c) for c in cells]
+        + [f"convolutions of the eval forms, kinds kept: {kept}",
+           f"forward 1 (makes the choices) {report['first_forward_ms']:.1f} ms, forward 2 "
+           f"{report['second_forward_ms']:.1f} ms"])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="patnet_t2,fasternet_t2",
+                        help="comma list (default patnet_t2,fasternet_t2)")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    parser.add_argument("--size", type=int, default=224,
+                        help="input height and width, >= 32 (default 224)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--json", type=Path, help="write the reports here")
+    args = parser.parse_args(argv)
+    if args.size < 32:
+        parser.error(f"--size must be at least 32 (the networks downsample by 32), got "
+                     f"{args.size}")
+    from patnet_kernels import cpu_choice
+
+    if not cpu_choice.measuring():
+        print("PATNET_CPU_MEASURE=0 is set: the copy makes no measured choice; unset it",
+              file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    reports = []
+    with env.cpu_threads(torch.device("cpu"), args.threads):
+        for name in split_list(args.models):
+            reports.append(measure(name, args.batch, args.size))
+            print(table(reports[-1]) + "\n", flush=True)
+    if args.json:
+        write_json(args.json, {**env.run_info(torch.device("cpu")), "threads": args.threads,
+                               "rounds": cpu_choice.ROUNDS, "reports": reports})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
