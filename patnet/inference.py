@@ -6,13 +6,16 @@ It returns an eval-mode copy of a PATNet or FasterNet (the model itself is not c
 2. runs each fused op on the backend ``backend`` names (``"auto"``: on a GPU, a fused backend
    only where measured faster than the reference for that call, see
    :mod:`patnet_kernels.auto_rule`; ``model.backend_plan(device, input_shape)`` tells which);
-3. on the CPU, where the reference would run, runs every op in its eval form (the mixers'
+3. on the CPU, where the reference would run, runs every op in its eval form or as the
+   reference, whichever was faster on the first call of its kind on this machine (the mixers'
    ``eval_forms`` policy and ``eval_form=True`` of the copy's own ops, see
-   :mod:`patnet_kernels.eval_cpu`: every convolution on oneDNN with its weight laid out once,
-   :mod:`patnet_kernels.cpu_conv`; PAT_ch's statistics in two cheap passes instead of
-   ``Tensor.std``, BN_b folded into one affine pass; PAT_sf's attention by
-   ``scaled_dot_product_attention``; both halves written into one buffer), in channels_last
-   from the stem on (:func:`_writes_channels_last`);
+   :mod:`patnet_kernels.eval_cpu`: the convolutions on oneDNN with their weights laid out
+   once, or on F.conv2d where that was faster, :mod:`patnet_kernels.cpu_conv`; PAT_ch's
+   statistics in two cheap passes instead of ``Tensor.std``, BN_b folded into one affine
+   pass; PAT_sf's attention by ``scaled_dot_product_attention``; both halves written into one
+   buffer; the choices: :mod:`patnet_kernels.cpu_choice`, which makes the first forward at a
+   new input shape several times slower), in channels_last from the stem on
+   (:func:`_writes_channels_last`);
 4. runs each block's MLP as one op (:class:`InferenceMLP`, ``pk.pointwise_mlp``: both 1x1
    convs, the folded BN's bias, the activation and the block's residual in one pass, the 2C
    hidden activation kept on chip by the fused kernel, past 256 output channels written once

@@ -369,8 +369,10 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     ``eval_form=True`` (every op with a CPU eval form: the registry's ``Op.eval_form``; what
     ``patnet.optimize_for_inference``'s copy sets): where the reference would run a call in
     eval (no dropout, no batch statistics) on the CPU, float32/float64, with no gradient to
-    take, the op's CPU eval form runs instead (:mod:`patnet_kernels.eval_cpu`: the same
-    formulas in fewer passes, the convolutions on oneDNN).
+    take, the op's CPU eval form (:mod:`patnet_kernels.eval_cpu`: the same formulas in fewer
+    passes, the convolutions on oneDNN) or the reference runs, whichever was faster on the
+    first call of its kind on this machine (:mod:`patnet_kernels.cpu_choice`; with
+    ``PATNET_CPU_MEASURE=0`` the eval form).
     """
     check_activation("q", q, "(B, heads, N, d)")
     check_shape("k", k, q.shape, "k must match q")
