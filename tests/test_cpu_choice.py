@@ -162,3 +162,11 @@ def test_info_and_speed_script_report_the_choices(choices, tmp_path):
     assert report["first_forward_ms"] > 0 and report["second_forward_ms"] > 0
     with cpu_choice.measuring_as(False):
         assert cpu_choice_speed.main(["--models", "fasternet_t0"]) == 2
+
+
+def test_cpu_shortcut_agrees_with_the_backend_decision():
+    """choose_implementation takes "auto" and "torch" on the CPU as the reference without
+    asking choose_backend: what choose_backend decides for every op there."""
+    for op in pk.registry.OPS:
+        for backend in backends.REFERENCE_ON_CPU:
+            assert backends.resolve_backend(backend, torch.device("cpu"), op) == "torch"
