@@ -5,9 +5,10 @@
     python -m benchmarks.cpu_conv_speed --models patnet_t0 --size 32   # a small input
 
 Every convolution (and linear layer run as one) that ``patnet.optimize_for_inference``'s copy
-runs on the CPU (:func:`patnet_kernels.cpu_conv.conv2d`) is recorded in one forward of each
-model at 224 x 224 (``--size``), with its input as the copy has it (channels_last). Each distinct shape is
-then timed, round-robin in one loop so that a shared machine's load reaches all alike:
+runs on the CPU (:func:`patnet_kernels.cpu_conv.conv2d`), every op in its eval form
+(``PATNET_CPU_MEASURE=0``'s path), is recorded in one forward of each model at 224 x 224
+(``--size``), with its input as the copy has it (channels_last). Each distinct shape is then
+timed, round-robin in one loop so that a shared machine's load reaches all alike:
 
 - ``F.conv2d``: what the reference runs (and the activation after it), PyTorch's choice of
   kernel (at batch 1 on one thread its im2col + GEMM path for 1 x 1 and small 3 x 3 convs);
@@ -44,7 +45,7 @@ def conv_calls(name: str, batch: int, size: int = 224) -> Dict[tuple, int]:
     ``size`` x ``size``: (input shape, weight shape, stride, padding, activation) -> calls per
     forward."""
     import patnet
-    from patnet_kernels import cpu_conv, eval_cpu
+    from patnet_kernels import cpu_choice, cpu_conv, eval_cpu
 
     copy = patnet.optimize_for_inference(patnet.create_model(name).eval())
     calls: Dict[tuple, int] = {}
@@ -57,8 +58,8 @@ def conv_calls(name: str, batch: int, size: int = 224) -> Dict[tuple, int]:
 
     real = eval_cpu.conv2d
     eval_cpu.conv2d = recording
-    try:
-        with torch.no_grad():
+    try:  # (every op in its eval form, run once: no measured choice)
+        with torch.no_grad(), cpu_choice.measuring_as(False):
             copy(torch.randn(batch, 3, size, size))
     finally:
         eval_cpu.conv2d = real

@@ -26,8 +26,9 @@ for both (``cpu_conv_speed.cpu.avx2.batch1.json``).
   small convolutions do not win back, and on the AVX2 EPYC its arithmetic was only as fast
   as F.conv2d's for most shapes: there the convs of PATNet-T0 at 32 x 32 took 10-43 us a call
   on F.conv2d and 70-147 on oneDNN (``python -m benchmarks.cpu_conv_speed --models patnet_t0
-  --size 32``), and oneDNN ran PATNet-T0's at 224 x 224 at 0.84-1.73x F.conv2d's speed
-  (per shape, ``cpu_conv_speed.cpu.avx2.batch1.patnet_t0.json``);
+  --size 32``), and oneDNN (the weights reordered once) ran PATNet-T0's at 224 x 224 at
+  0.70-1.73x F.conv2d's speed per shape (``cpu_conv_speed --models patnet_t0`` with
+  ``PATNET_CPU_MEASURE=0``: ``cpu_conv_speed.cpu.avx2.batch1.patnet_t0.measure0.json``);
 - the weight reordered once per frozen parameter and input shape, into the blocked layout
   oneDNN picks for that shape, and kept while the parameter is unchanged
   (:class:`patnet_kernels._types.FrozenDerived`, which keeps autocast's casts of frozen
