@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from . import env
-from .report import columns, fmt, pretty, split_list, write_json
+from .report import columns, fmt, pretty
 
 
 def measure(name: str, batch: int, size: int) -> dict:
@@ -72,34 +71,16 @@ def table(report: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="patnet_t2,fasternet_t2",
-                        help="comma list (default patnet_t2,fasternet_t2)")
-    parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
-    parser.add_argument("--size", type=int, default=224,
-                        help="input height and width, >= 32 (default 224)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--json", type=Path, help="write the reports here")
-    args = parser.parse_args(argv)
-    if args.size < 32:
-        parser.error(f"--size must be at least 32 (the networks downsample by 32), got "
-                     f"{args.size}")
+    args = env.cpu_model_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]),
+                                   argv)
     from patnet_kernels import cpu_choice
 
     if not cpu_choice.measuring():
         print("PATNET_CPU_MEASURE=0 is set: the copy makes no measured choice; unset it",
               file=sys.stderr)
         return 2
-    torch.manual_seed(0)
-    reports = []
-    with env.cpu_threads(torch.device("cpu"), args.threads):
-        for name in split_list(args.models):
-            reports.append(measure(name, args.batch, args.size))
-            print(table(reports[-1]) + "\n", flush=True)
-    if args.json:
-        write_json(args.json, {**env.run_info(torch.device("cpu")), "threads": args.threads,
-                               "rounds": cpu_choice.ROUNDS, "reports": reports})
-    return 0
+    return env.run_cpu_models(args, lambda name: measure(name, args.batch, args.size), table,
+                              {"rounds": cpu_choice.ROUNDS})
 
 
 if __name__ == "__main__":

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import env
-from .report import columns, fmt, pretty, split_list, write_json
+from .report import columns, fmt, pretty
 from .timer import cpu_loop, quantiles
 
 RUNNERS = ("F.conv2d", "oneDNN", "ours")
@@ -128,35 +127,18 @@ def table(report: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="patnet_t2,fasternet_t2",
-                        help="comma list (default patnet_t2,fasternet_t2)")
-    parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
-    parser.add_argument("--size", type=int, default=224,
-                        help="input height and width, >= 32 (default 224)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--json", type=Path, help="write the reports here")
-    args = parser.parse_args(argv)
-    if args.size < 32:
-        parser.error(f"--size must be at least 32 (the networks downsample by 32), got "
-                     f"{args.size}")
+    args = env.cpu_model_arguments(parser, argv)
     from patnet_kernels import cpu_conv
 
     refusal = cpu_conv.onednn_refusal()
     if refusal is not None:
         print(f"oneDNN cannot run here: {refusal}", file=sys.stderr)
         return 2
-    torch.manual_seed(0)
-    reports = []
-    with env.cpu_threads(torch.device("cpu"), args.threads):
-        for name in split_list(args.models):
-            reports.append(measure(name, args.batch, args.warmup, args.runs, args.size))
-            print(table(reports[-1]) + "\n", flush=True)
-    if args.json:
-        write_json(args.json, {**env.run_info(torch.device("cpu")), "threads": args.threads,
-                               "runs": args.runs, "reports": reports})
-    return 0
+    return env.run_cpu_models(
+        args, lambda name: measure(name, args.batch, args.warmup, args.runs, args.size), table,
+        {"runs": args.runs})
 
 
 if __name__ == "__main__":

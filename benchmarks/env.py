@@ -118,6 +118,45 @@ def cpu_threads(device, threads: int):
         torch.set_num_threads(before)
 
 
+def cpu_model_arguments(parser, argv):
+    """The command line of the per-model CPU scripts (``cpu_conv_speed``, ``cpu_choice_speed``):
+    ``parser``'s own options and --models, --batch, --size, --threads, --json, parsed from
+    ``argv`` (a --size under 32 refused)."""
+    parser.add_argument("--models", default="patnet_t2,fasternet_t2",
+                        help="comma list (default patnet_t2,fasternet_t2)")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    parser.add_argument("--size", type=int, default=224,
+                        help="input height and width, >= 32 (default 224)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--json", type=Path, help="write the reports here")
+    args = parser.parse_args(argv)
+    if args.size < 32:
+        parser.error(f"--size must be at least 32 (the networks downsample by 32), got "
+                     f"{args.size}")
+    return args
+
+
+def run_cpu_models(args, measure, table, settings: dict) -> int:
+    """The model loop of the per-model CPU scripts: each model of ``args.models`` measured
+    (``measure(name)``, a report) on ``args.threads`` torch threads from seed 0, its
+    ``table(report)`` printed, and with --json every report written after the run's info and
+    ``settings``. Exit status 0."""
+    import torch
+
+    from .report import split_list, write_json
+
+    torch.manual_seed(0)
+    reports = []
+    with cpu_threads(torch.device("cpu"), args.threads):
+        for name in split_list(args.models):
+            reports.append(measure(name))
+            print(table(reports[-1]) + "\n", flush=True)
+    if args.json:
+        write_json(args.json, {**run_info(torch.device("cpu")), "threads": args.threads,
+                               **settings, "reports": reports})
+    return 0
+
+
 def use_cpu_emulation(triton: bool = True, cuda: bool = True) -> None:
     """Without a GPU, the Triton kernels reach CPU tensors only through Triton's interpreter
     (chosen before triton is first imported) and the CUDA kernels through their CPU emulation:
