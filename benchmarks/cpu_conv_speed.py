@@ -41,19 +41,19 @@ RUNNERS = ("F.conv2d", "oneDNN", "ours")
 
 def conv_calls(name: str, batch: int, size: int = 224) -> Dict[tuple, int]:
     """The convolutions of ``name``'s inference copy in one forward at ``batch`` x 3 x
-    ``size`` x ``size``: (input shape, weight shape, stride, padding, activation) -> calls per
-    forward."""
+    ``size`` x ``size``: (input shape, weight shape, stride, padding, activation, whether a
+    residual is added in it) -> calls per forward."""
     import patnet
     from patnet_kernels import cpu_choice, cpu_conv, eval_cpu
 
     copy = patnet.optimize_for_inference(patnet.create_model(name).eval())
     calls: Dict[tuple, int] = {}
 
-    def recording(x, weight, bias=None, stride=1, padding=0, activation=None):
+    def recording(x, weight, bias=None, stride=1, padding=0, activation=None, add=None):
         key = (tuple(x.shape), tuple(weight.shape), bias is not None, stride, padding,
-               activation)
+               activation, add is not None)
         calls[key] = calls.get(key, 0) + 1
-        return cpu_conv.conv2d(x, weight, bias, stride, padding, activation)
+        return cpu_conv.conv2d(x, weight, bias, stride, padding, activation, add)
 
     real = eval_cpu.conv2d
     eval_cpu.conv2d = recording
@@ -69,25 +69,34 @@ def _runners(key: tuple):
     """The three ways of running one recorded convolution, on fresh random tensors."""
     from patnet_kernels import cpu_conv
 
-    x_shape, w_shape, has_bias, stride, padding, activation = key
+    x_shape, w_shape, has_bias, stride, padding, activation, adds = key
     x = torch.randn(x_shape).contiguous(memory_format=torch.channels_last)
+    pair = cpu_conv._pair
+    out_shape = (x_shape[0], w_shape[0], *((n + 2 * p - k) // s + 1 for n, p, k, s in zip(
+        x_shape[2:], pair(padding), w_shape[2:] or (1, 1), pair(stride))))
+    add = (torch.randn(out_shape).contiguous(memory_format=torch.channels_last) if adds
+           else None)
     weight = torch.randn(w_shape) / (w_shape[1] ** 0.5)
     bias = torch.randn(w_shape[0]) if has_bias else None
     frozen = torch.nn.Parameter(weight.clone(), requires_grad=False)
     weight4d = cpu_conv._as_4d(weight)
     act = {None: lambda y: y, "relu": F.relu_, "gelu": F.gelu}[activation]
     attr, algorithm = cpu_conv._POST_OPS[activation]
-    pair = cpu_conv._pair
 
     def reference():
-        return act(F.conv2d(x, weight4d, bias, stride, padding))
+        y = F.conv2d(x, weight4d, bias, stride, padding)
+        return act(y) if add is None else y.add_(add)
 
     def onednn():
+        if add is not None:
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, add, weight4d, bias, pair(padding), pair(stride), (1, 1), 1, "add", None,
+                None, [], None)
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight4d, bias, pair(padding), pair(stride), (1, 1), 1, attr, [], algorithm)
 
     def ours():
-        return cpu_conv.conv2d(x, frozen, bias, stride, padding, activation)
+        return cpu_conv.conv2d(x, frozen, bias, stride, padding, activation, add)
     return dict(zip(RUNNERS, (reference, onednn, ours)))
 
 
@@ -99,6 +108,7 @@ def measure(name: str, batch: int, warmup: int, runs: int, size: int = 224) -> d
         medians = {runner: quantiles(t)["ms"] for runner, t in times.items()}
         rows.append({"input": list(key[0]), "weight": list(key[1]), "bias": key[2],
                      "stride": key[3], "padding": key[4], "activation": key[5],
+                     "residual": key[6],
                      "calls": count, "ms": medians})
     totals = {runner: sum(r["ms"][runner] * r["calls"] for r in rows) for runner in RUNNERS}
     return {"model": name, "batch": batch, "size": size, "shapes": rows,
@@ -111,7 +121,8 @@ def table(report: dict) -> str:
     for row in report["shapes"]:
         ms = row["ms"]
         cells.append(["x".join(map(str, row["input"])), "x".join(map(str, row["weight"])),
-                      row["activation"] or "-", str(row["calls"])]
+                      (row["activation"] or "-") + (" +res" if row["residual"] else ""),
+                      str(row["calls"])]
                      + [fmt(ms[r], ".3f") for r in RUNNERS]
                      + [fmt(ms["F.conv2d"] / ms["ours"], ".2f")])
     totals = report["ms_per_forward"]

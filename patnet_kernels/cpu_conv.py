@@ -15,8 +15,9 @@ for both (``cpu_conv_speed.cpu.avx2.batch1.json``).
 (:mod:`patnet_kernels.eval_cpu`) choose how a convolution runs:
 
 - ``torch.ops.mkldnn._convolution_pointwise`` (what Inductor's CPU backend calls) with the
-  activation as its post-op, or ``F.conv2d`` and the activation, whichever is faster for the
-  call's shapes on this machine, timed on the first call of each kind
+  activation, or the block's residual sum, as its post-op (in the same pass over the output),
+  or ``F.conv2d`` and the activation or sum, whichever is faster for the call's shapes on this
+  machine, timed on the first call of each kind
   (:data:`patnet_kernels.cpu_choice.CONVOLUTIONS`; ``PATNET_CPU_MEASURE=0``: oneDNN), for
   float32, where oneDNN is built in and enabled (``torch.backends.mkldnn``), outside a
   torch.compile trace (Inductor lays out its own), but for a single output channel (PAT_sp's
@@ -82,8 +83,9 @@ def onednn_refusal() -> Optional[str]:
 
 
 def _probe() -> Optional[str]:
-    """A 3 x 3 conv of a small channels_last map with a reordered weight and each post-op,
-    against F.conv2d and the activation: None, or what went wrong."""
+    """A 3 x 3 conv of a small channels_last map with a reordered weight and each post-op (the
+    activations, the sum with a tensor), against F.conv2d and the activation or the sum: None,
+    or what went wrong."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 8, 5, 6, generator=generator).contiguous(
         memory_format=torch.channels_last)
@@ -99,6 +101,10 @@ def _probe() -> Optional[str]:
                 x, reordered, bias, (1, 1), (1, 1), (1, 1), 1, attr, [], algorithm)
             if not torch.allclose(got.double(), act(want), rtol=1e-4, atol=1e-4):
                 return f"oneDNN's convolution with post-op {attr!r} is wrong on a probe"
+        added = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, got, reordered, bias, (1, 1), (1, 1), (1, 1), 1, "add", None, None, [], None)
+        if not torch.allclose(added.double(), want + got.double(), rtol=1e-4, atol=1e-4):
+            return "oneDNN's convolution with the post-op 'add' is wrong on a probe"
     except (RuntimeError, AttributeError) as error:
         return f"oneDNN's convolution failed on a probe: {error}"
     return None
@@ -145,38 +151,52 @@ def _as_4d(weight: torch.Tensor) -> torch.Tensor:
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0,
-           activation: Optional[str] = None) -> torch.Tensor:
-    """act(conv2d(x, weight, bias, stride, padding)), no dilation, one group.
+           activation: Optional[str] = None, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """act(conv2d(x, weight, bias, stride, padding)) [+ add], no dilation, one group.
 
     x: (B, C_IN, H, W), any layout (a channel slice is copied to a dense one for oneDNN);
     weight: (C_OUT, C_IN, k, k), or (C_OUT, C_IN) for a linear layer applied to each pixel (a
     1 x 1 convolution); bias: (C_OUT,) or None; activation: None, "relu" or "gelu" (exact,
-    erf). Returns a new (B, C_OUT, H_OUT, W_OUT) tensor (its layout: see the module doc); where
-    oneDNN runs it, see the module doc."""
+    erf); add: None, or a (B, C_OUT, H_OUT, W_OUT) tensor added to the output (a block's
+    residual; with no activation: oneDNN adds it as a post-op, in the same pass, where it is
+    channels_last like the output). Returns a new (B, C_OUT, H_OUT, W_OUT) tensor (its layout:
+    see the module doc); where oneDNN runs it, see the module doc."""
+    if add is not None and activation is not None:
+        raise ValueError("conv2d adds `add` to a convolution without an activation only")
     stride, padding = _pair(stride), _pair(padding)
     if not _onednn_can_run(x, weight):
-        return _conv2d_torch(x, weight, bias, stride, padding, activation)
+        return _conv2d_torch(x, weight, bias, stride, padding, activation, add)
     frozen = isinstance(weight, torch.nn.Parameter) and not weight.requires_grad
-    kind = (x.shape, x.stride(), weight.shape, bias is None, stride, padding, activation, frozen)
+    kind = (x.shape, x.stride(), weight.shape, bias is None, stride, padding, activation, frozen,
+            None if add is None else add.stride())
     return CONVOLUTIONS.choose(kind, (_conv2d_torch, _conv2d_onednn))(
-        x, weight, bias, stride, padding, activation)
+        x, weight, bias, stride, padding, activation, add)
 
 
 def _conv2d_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  stride: Tuple[int, int], padding: Tuple[int, int],
-                  activation: Optional[str]) -> torch.Tensor:
-    """:func:`conv2d` by F.conv2d and the activation (in x's layout)."""
+                  stride: Tuple[int, int], padding: Tuple[int, int], activation: Optional[str],
+                  add: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`conv2d` by F.conv2d, the activation and the sum (in x's layout)."""
     y = F.conv2d(x, _as_4d(weight), bias, stride, padding)
+    if add is not None:
+        return y.add_(add)
     return y if activation is None else (F.relu_(y) if activation == "relu" else F.gelu(y))
 
 
 def _conv2d_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   stride: Tuple[int, int], padding: Tuple[int, int],
-                   activation: Optional[str]) -> torch.Tensor:
-    """:func:`conv2d` by oneDNN, the activation its post-op (channels_last out)."""
+                   stride: Tuple[int, int], padding: Tuple[int, int], activation: Optional[str],
+                   add: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`conv2d` by oneDNN, the activation or the sum its post-op (channels_last out)."""
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous(memory_format=torch.channels_last)
+    reordered = _reordered(weight, x, padding, stride)
+    if add is not None:
+        if add.is_contiguous(memory_format=torch.channels_last):
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, add, reordered, bias, padding, stride, (1, 1), 1, "add", None, None, [],
+                None)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, reordered, bias, padding, stride, (1, 1), 1, "none", [], "").add_(add)
     attr, algorithm = _POST_OPS[activation]
     return torch.ops.mkldnn._convolution_pointwise(
-        x, _reordered(weight, x, padding, stride), bias, padding, stride, (1, 1), 1, attr, [],
-        algorithm)
+        x, reordered, bias, padding, stride, (1, 1), 1, attr, [], algorithm)

@@ -60,11 +60,14 @@ def pointwise_mlp(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                   residual: Optional[torch.Tensor], activation: str,
                   spatial: Optional[SpatialAttentionParams] = None) -> torch.Tensor:
     """W2 . act(W1 . x + b1) + b2 [-> PAT_sp] [+ residual], the activation in the first conv
-    (oneDNN's post-op). Shapes as :func:`patnet_kernels.pointwise_mlp`; in x's layout."""
+    and the residual (without PAT_sp) in the second (oneDNN's post-ops). Shapes as
+    :func:`patnet_kernels.pointwise_mlp`; in x's layout."""
     hidden = conv2d(x, w1, b1, activation=activation)
-    y = conv2d(hidden, w2, b2).contiguous(memory_format=memory_format_of(x))
-    if spatial is not None:
-        y = _spatial_attention(y, spatial)
+    if spatial is None:
+        return conv2d(hidden, w2, b2, add=residual).contiguous(
+            memory_format=memory_format_of(x))
+    y = _spatial_attention(conv2d(hidden, w2, b2).contiguous(memory_format=memory_format_of(x)),
+                           spatial)
     return y if residual is None else y.add_(residual)
 
 

@@ -116,6 +116,29 @@ def test_measured_choice_keeps_the_faster_convolution(monkeypatch, slower):
 
 
 @needs_onednn
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_residual_sum_is_onednn_post_op(layout):
+    """conv2d(..., add=r) on oneDNN: a channels_last r added in the conv's own pass (no
+    separate add), any other layout after it; either equals F.conv2d's output plus r, for a
+    frozen weight and a plain one, and the timed choice runs F.conv2d and an add. With an
+    activation it refuses the sum (oneDNN would add before the activation)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 24, 6, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(1, 16, 6, 7, generator=gen).contiguous(memory_format=layout)
+    weight = torch.randn(16, 24, 1, 1, generator=gen) * 0.2
+    bias = torch.randn(16, generator=gen)
+    want = F.conv2d(x.double(), weight.double(), bias.double()) + r.double()
+    for w in (frozen(weight.clone()), weight):
+        ran = _ops_run(lambda: cpu_conv.conv2d(x, w, bias, add=r))
+        assert ONEDNN in ran and ("aten::add_" in ran) == (layout != torch.channels_last)
+        assert rel_error(cpu_conv.conv2d(x, w, bias, add=r), want) < 1e-6
+    args = (x, weight, bias, (1, 1), (0, 0), None, r)
+    assert rel_error(cpu_conv._conv2d_torch(*args), want) < 1e-6
+    with pytest.raises(ValueError, match="without an activation"):
+        cpu_conv.conv2d(x, weight, bias, activation="relu", add=r)
+
+
+@needs_onednn
 def test_frozen_weight_is_reordered_once_and_again_when_it_changes():
     """A frozen parameter's oneDNN layout is kept while the parameter (version counter,
     storage) stays the same: one reorder for many calls; an in-place update of the weight
