@@ -15,7 +15,8 @@ AVX-512 Xeon and 0.8-1.2x on an AVX2 EPYC, with a fixed cost of about 50 us a ca
 PyTorch's glue; the eval forms save passes on large maps and make more, smaller ops on small
 ones (``python -m benchmarks.cpu_choice_speed`` times both sides of every call of a copy).
 
-A kind of call is its key (the caller's: the op and its tensors' shapes, strides and dtype).
+A kind of call is its key (the caller's: the op and its tensors' shapes, strides and dtype)
+and torch's thread count (``torch.get_num_threads()``: which way is faster depends on it).
 Its first call runs each candidate once to warm it up, then :data:`ROUNDS` times in turn, and
 keeps the one with the least time of a round; the call returns the last output of the kept
 one. So the first call at a new input shape costs several forwards (a copy of PATNet-T2 at
@@ -79,8 +80,9 @@ class MeasuredChoice:
     def __init__(self, name: str, labels: Tuple[str, ...]):
         self.name = name
         self.labels = labels
-        # key -> (index of the kept candidate, the least time of a round of each, in seconds)
-        self._chosen: Dict[Hashable, Tuple[int, Tuple[float, ...]]] = {}
+        # (torch's thread count, key) -> (index of the kept candidate, the least time of a
+        # round of each, in seconds)
+        self._chosen: Dict[Tuple[int, Hashable], Tuple[int, Tuple[float, ...]]] = {}
 
     def choose(self, key: Hashable, candidates: Sequence[Callable],
                writes_input: bool = False) -> Callable:
@@ -91,7 +93,7 @@ class MeasuredChoice:
         restored before each timed run."""
         if not _MEASURING[0] or torch.compiler.is_compiling():  # (a trace reads nothing kept)
             return candidates[-1]
-        kept = self._chosen.get(key)
+        kept = self._chosen.get((torch.get_num_threads(), key))
         if kept is not None:
             return candidates[kept[0]]
         return functools.partial(self.measure, key, tuple(candidates), writes_input)
@@ -112,22 +114,24 @@ class MeasuredChoice:
                 if round_:
                     best[i] = min(best[i], time.perf_counter() - start)
         index = min(range(len(candidates)), key=best.__getitem__)
-        self._chosen[key] = (index, tuple(best))
+        self._chosen[(torch.get_num_threads(), key)] = (index, tuple(best))
         if saved is not None:  # (the kept one's output is the call's: run it once more)
             x.copy_(saved)
             return candidates[index](x, *args, **kwargs)
         return outputs[index]
 
     def chosen(self, key: Hashable) -> Optional[str]:
-        """The label of the candidate kept for ``key``, or None if none is yet."""
-        kept = self._chosen.get(key)
+        """The label of the candidate kept for ``key`` at torch's thread count now, or None if
+        none is yet."""
+        kept = self._chosen.get((torch.get_num_threads(), key))
         return None if kept is None else self.labels[kept[0]]
 
     def records(self) -> List[Tuple[Hashable, str, Tuple[float, ...]]]:
         """Each kind of call chosen so far: (its key, the kept candidate's label, the least time
-        of a round of each candidate in seconds), in the order they were made."""
+        of a round of each candidate in seconds), in the order they were made (at any thread
+        count)."""
         return [(key, self.labels[index], times)
-                for key, (index, times) in list(self._chosen.items())]
+                for (_, key), (index, times) in list(self._chosen.items())]
 
     def summary(self) -> Dict[str, int]:
         """How many kinds of call kept each candidate so far."""

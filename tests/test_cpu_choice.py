@@ -50,6 +50,15 @@ def test_the_faster_candidate_is_kept_and_later_calls_run_it_alone(choices):
     ran.clear()
     assert torch.equal(choice.choose("kind", (slow, fast))(x, 2.0), torch.full((3,), 2.0))
     assert ran == ["fast"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # (another thread count: another choice, timed again)
+    try:
+        assert choice.chosen("kind") is None
+        ran.clear()
+        choice.choose("kind", (slow, fast))(x, 1.0)
+        assert len(ran) == 2 * (choices.ROUNDS + 1) and len(choice.records()) == 2
+    finally:
+        torch.set_num_threads(threads)
     choice.forget()
     assert choice.chosen("kind") is None and choice.summary() == {"slow": 0, "fast": 0}
 
