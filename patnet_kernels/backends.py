@@ -22,8 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import auto_rule, cpu_conv, registry
-from .cpu_choice import EVAL_FORMS
+from . import auto_rule, cpu_choice, cpu_conv, registry
 from .registry import BackendUnavailableError, Refusal
 
 BACKENDS = ("auto", "torch") + registry.FUSED_BACKENDS
@@ -141,9 +140,9 @@ def choose_implementation(op: str, backend: str, x: torch.Tensor,
             and registry.eval_form_refusal(op, x, _needs_grad(x, *others)) is None:
         kind = (op, x.shape, x.stride(), x.dtype,
                 tuple(None if t is None else t.shape for t in others))
-        return EVAL_FORMS.choose(kind, (registry.implementation(op, "torch"),
-                                        registry.implementation(op, registry.EVAL_FORM)),
-                                 writes_input)
+        return cpu_choice.EVAL_FORMS.choose(
+            kind, (registry.implementation(op, "torch"),
+                   registry.implementation(op, registry.EVAL_FORM)), writes_input)
     return registry.implementation(op, name)
 
 
@@ -384,7 +383,10 @@ def info() -> Dict[str, object]:
     runs there, or AUTO_PER_CALL on a GPU}, "auto_rule": [one line per measured case on this
     GPU: op, dtype, mode, layout, shape class and the backend auto runs there],
     "cpu_convolutions": what the CPU eval forms' float32 convolutions run on, and why not
-    oneDNN where they cannot (:func:`patnet_kernels.cpu_conv.library`)}``.
+    oneDNN where they cannot (:func:`patnet_kernels.cpu_conv.library`), "cpu_choices":
+    {"measuring": whether the CPU path times its choices (``PATNET_CPU_MEASURE``), "eval forms"
+    and "convolutions": how many kinds of call kept each way so far
+    (:mod:`patnet_kernels.cpu_choice`)}}``.
     """
     cuda = torch.cuda.is_available()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
@@ -403,4 +405,7 @@ def info() -> Dict[str, object]:
         "auto": auto,
         "auto_rule": auto_rule.summary(gpu) if gpu else [],
         "cpu_convolutions": cpu_conv.library(),
+        "cpu_choices": {"measuring": cpu_choice.measuring(),
+                        "eval forms": cpu_choice.EVAL_FORMS.summary(),
+                        "convolutions": cpu_choice.CONVOLUTIONS.summary()},
     }

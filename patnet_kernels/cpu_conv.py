@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ._types import FrozenDerived
-from .cpu_choice import CONVOLUTIONS, measuring
+from . import cpu_choice
 
 # How many input shapes a frozen weight keeps a reordered form for (see _reordered).
 SHAPES_KEPT = 2
@@ -118,7 +118,7 @@ def library() -> str:
         return f"torch.nn.functional.conv2d ({refusal})"
     if not torch.backends.mkldnn.enabled:
         return "torch.nn.functional.conv2d (oneDNN disabled: torch.backends.mkldnn.enabled)"
-    if not measuring():
+    if not cpu_choice.measuring():
         return ("oneDNN (torch.ops.mkldnn._convolution_pointwise), frozen weights reordered once "
                 "per input shape (PATNET_CPU_MEASURE=0: not timed against F.conv2d)")
     return ("oneDNN (torch.ops.mkldnn._convolution_pointwise; frozen weights reordered once per "
@@ -169,7 +169,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     frozen = isinstance(weight, torch.nn.Parameter) and not weight.requires_grad
     kind = (x.shape, x.stride(), weight.shape, bias is None, stride, padding, activation, frozen,
             None if add is None else add.stride())
-    return CONVOLUTIONS.choose(kind, (_conv2d_torch, _conv2d_onednn))(
+    return cpu_choice.CONVOLUTIONS.choose(kind, (_conv2d_torch, _conv2d_onednn))(
         x, weight, bias, stride, padding, activation, add)
 
 

@@ -25,8 +25,6 @@ def choices(monkeypatch):
     for name in ("EVAL_FORMS", "CONVOLUTIONS"):
         fresh = cpu_choice.MeasuredChoice(name, getattr(cpu_choice, name).labels)
         monkeypatch.setattr(cpu_choice, name, fresh)
-    monkeypatch.setattr(backends, "EVAL_FORMS", cpu_choice.EVAL_FORMS)
-    monkeypatch.setattr(pk.cpu_conv, "CONVOLUTIONS", cpu_choice.CONVOLUTIONS)
     with cpu_choice.measuring_as(True):
         yield cpu_choice
 
@@ -159,6 +157,9 @@ def test_info_and_speed_script_report_the_choices(choices, tmp_path):
     from benchmarks import cpu_choice_speed
 
     assert "whichever was faster" in pk.info()["cpu_convolutions"]
+    assert pk.info()["cpu_choices"] == {"measuring": True,
+                                        "eval forms": {"reference": 0, "eval form": 0},
+                                        "convolutions": {"F.conv2d": 0, "oneDNN": 0}}
     out = tmp_path / "choices.json"
     assert cpu_choice_speed.main(["--models", "fasternet_t0", "--size", "32",
                                   "--json", str(out)]) == 0
@@ -169,6 +170,7 @@ def test_info_and_speed_script_report_the_choices(choices, tmp_path):
         assert row["kept"] in ("reference", "eval form") and min(row["us"].values()) > 0
         assert (row["kept"] == "eval form") == (row["us"]["eval form"] < row["us"]["reference"])
     assert report["first_forward_ms"] > 0 and report["second_forward_ms"] > 0
+    assert sum(pk.info()["cpu_choices"]["eval forms"].values()) == len(report["calls"])
     with cpu_choice.measuring_as(False):
         assert cpu_choice_speed.main(["--models", "fasternet_t0"]) == 2
 

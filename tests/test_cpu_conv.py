@@ -94,7 +94,6 @@ def test_measured_choice_keeps_the_faster_convolution(monkeypatch, slower):
     channels_last layout."""
     monkeypatch.setattr(cpu_choice, "CONVOLUTIONS", cpu_choice.MeasuredChoice(
         "convolutions", cpu_choice.CONVOLUTIONS.labels))
-    monkeypatch.setattr(cpu_conv, "CONVOLUTIONS", cpu_choice.CONVOLUTIONS)
     name = {"oneDNN": "_conv2d_onednn", "F.conv2d": "_conv2d_torch"}[slower]
     real = getattr(cpu_conv, name)
     monkeypatch.setattr(cpu_conv, name, lambda *a: time.sleep(0.002) or real(*a))
