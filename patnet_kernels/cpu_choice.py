@@ -11,21 +11,22 @@ Two choices of the CPU inference path are made this way, each in one place:
 
 Which is faster depends on the CPU and on the size of the call, more than a fixed rule can say:
 oneDNN's convolutions ran the same arithmetic about 2x faster than PyTorch's own path on an
-AVX-512 Xeon and 0.8-1.2x on an AVX2 EPYC, with a fixed cost of about 50 us a call in
-PyTorch's glue; the eval forms save passes on large maps and make more, smaller ops on small
-ones (``python -m benchmarks.cpu_choice_speed`` times both sides of every call of a copy).
+AVX-512 EPYC and 0.7-1.7x per shape on an AVX2 one (:mod:`patnet_kernels.cpu_conv`), with a
+fixed cost of about 50 us a call in PyTorch's glue; the eval forms save passes on large maps
+and make more, smaller ops on small ones (``python -m benchmarks.cpu_choice_speed`` times both
+ways of every kind of op call of a copy).
 
 A kind of call is its key (the caller's: the op and its tensors' shapes, strides and dtype)
 and torch's thread count (``torch.get_num_threads()``: which way is faster depends on it).
 Its first call runs each candidate once to warm it up, then :data:`ROUNDS` times in turn, and
 keeps the one with the least time of a round; the call returns the last output of the kept
 one. So the first call at a new input shape costs several forwards (a copy of PATNet-T2 at
-224 x 224: under a second), and two runs of a process can choose differently where two ways
-are about as fast (their outputs differ by float rounding). ``PATNET_CPU_MEASURE=0`` (read
-at import; or :func:`set_measuring`, :func:`measuring_as`) turns the timing off: then the last
-candidate runs (the eval form, oneDNN), the same on every machine and every run, which the
-traffic model and the test suite use. Under a torch.compile trace nothing is timed (the last candidate is
-traced).
+224 x 224 on the AVX2 EPYC: 235 ms, then 40 a forward), and two runs of a process can choose
+differently where two ways are about as fast (their outputs differ by float rounding).
+``PATNET_CPU_MEASURE=0`` (read at import; or :func:`set_measuring`, :func:`measuring_as`) turns
+the timing off: then the last candidate runs (the eval form, oneDNN), the same on every machine
+and every run, which the traffic model and the test suite use. Under a torch.compile trace
+nothing is timed (the last candidate is traced).
 """
 from __future__ import annotations
 
