@@ -139,7 +139,7 @@ def choose_implementation(op: str, backend: str, x: torch.Tensor,
     if name == "torch" and eval_form and _RECORDED_CALLS is None \
             and registry.eval_form_refusal(op, x, _needs_grad(x, *others)) is None:
         kind = (op, x.shape, x.stride(), x.dtype,
-                tuple(None if t is None else t.shape for t in others))
+                tuple(None if t is None else t.shape for t in others), writes_input)
         return cpu_choice.EVAL_FORMS.choose(
             kind, (registry.implementation(op, "torch"),
                    registry.implementation(op, registry.EVAL_FORM)), writes_input)
