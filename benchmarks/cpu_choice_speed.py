@@ -12,8 +12,10 @@ made before, and prints what each kind of op call kept, with the least time of a
 way (``cpu_choice.ROUNDS`` rounds, in turn, after a warm-up run of each): the measurement the
 choice was made on. The convolutions are summed (how many kept each; their own times:
 ``python -m benchmarks.cpu_conv_speed``). The first forward's time, which makes the choices,
-and the next one's are printed too. Float32, as the CPU eval forms run; ratios are what to read
-(the machine may be shared).
+and the next one's are printed too; then the eager reference, the copy with every op in its
+eval form and every conv on oneDNN (``PATNET_CPU_MEASURE=0``'s path) and the copy with its
+choices are timed round-robin in one loop (``--runs`` rounds after 3): what the choices buy.
+Float32, as the CPU eval forms run; ratios are what to read (the machine may be shared).
 """
 from __future__ import annotations
 
@@ -26,15 +28,22 @@ import torch
 
 from . import env
 from .report import columns, fmt, pretty
+from .timer import time_cpu_round_robin
+
+# The two ways of running the copy timed beside eager.
+FIXED = "copy, every op in its eval form (PATNET_CPU_MEASURE=0)"
+MEASURED = "copy, measured choices"
 
 
-def measure(name: str, batch: int, size: int) -> dict:
-    """The choices a fresh copy of ``name`` makes in its first forward, and its first two
-    forwards' times."""
+def measure(name: str, batch: int, size: int, runs: int) -> dict:
+    """The choices a fresh copy of ``name`` makes in its first forward and its first two
+    forwards' times; then the eager reference, the copy with every op in its eval form and the
+    copy with its choices, timed round-robin (median ms per forward of ``runs`` rounds)."""
     import patnet
     from patnet_kernels import cpu_choice
 
-    copy = patnet.optimize_for_inference(patnet.create_model(name).eval())
+    model = patnet.create_model(name, backend="torch").eval()
+    copy = patnet.optimize_for_inference(model)
     x = torch.randn(batch, 3, size, size)
     cpu_choice.EVAL_FORMS.forget()
     cpu_choice.CONVOLUTIONS.forget()
@@ -44,12 +53,19 @@ def measure(name: str, batch: int, size: int) -> dict:
             start = time.perf_counter()
             copy(x)
             forwards.append(1e3 * (time.perf_counter() - start))
+
+        def fixed():
+            with cpu_choice.measuring_as(False):
+                copy(x)
+        times = time_cpu_round_robin({"eager": lambda: model(x), FIXED: fixed,
+                                      MEASURED: lambda: copy(x)}, 3, runs, pretty(name))
     calls = [{"op": key[0], "input": list(key[1]), "kept": label,
-              "us": dict(zip(cpu_choice.EVAL_FORMS.labels, (1e6 * t for t in times)))}
-             for key, label, times in cpu_choice.EVAL_FORMS.records()]
+              "us": dict(zip(cpu_choice.EVAL_FORMS.labels, (1e6 * t for t in times_)))}
+             for key, label, times_ in cpu_choice.EVAL_FORMS.records()]
     return {"model": name, "batch": batch, "size": size, "calls": calls,
             "convolutions_kept": cpu_choice.CONVOLUTIONS.summary(),
-            "first_forward_ms": forwards[0], "second_forward_ms": forwards[1]}
+            "first_forward_ms": forwards[0], "second_forward_ms": forwards[1],
+            "median_ms": {key: t["median_ms"] for key, t in times.items()}}
 
 
 def table(report: dict) -> str:
@@ -59,6 +75,7 @@ def table(report: dict) -> str:
               fmt(row["us"]["reference"] / row["us"]["eval form"], ".2f"), row["kept"]]
              for row in report["calls"]]
     head, render = columns(headers, cells, left={0, 1, 5})
+    eager = report["median_ms"]["eager"]
     kept = ", ".join(f"{label} {n}" for label, n in report["convolutions_kept"].items())
     return "\n".join(
         [f"{pretty(report['model'])}: the copy's measured choices, batch {report['batch']} at "
@@ -67,20 +84,24 @@ def table(report: dict) -> str:
         + head + [render(c) for c in cells]
         + [f"convolutions of the eval forms, kinds kept: {kept}",
            f"forward 1 (makes the choices) {report['first_forward_ms']:.1f} ms, forward 2 "
-           f"{report['second_forward_ms']:.1f} ms"])
+           f"{report['second_forward_ms']:.1f} ms"]
+        + [f"{key}: {ms:.2f} ms a forward (median, round-robin), eager / it "
+           f"{eager / ms:.2f}x" for key, ms in report["median_ms"].items()])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = env.cpu_model_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]),
-                                   argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=50,
+                        help="timed round-robin rounds of the three forwards (default 50)")
+    args = env.cpu_model_arguments(parser, argv)
     from patnet_kernels import cpu_choice
 
     if not cpu_choice.measuring():
         print("PATNET_CPU_MEASURE=0 is set: the copy makes no measured choice; unset it",
               file=sys.stderr)
         return 2
-    return env.run_cpu_models(args, lambda name: measure(name, args.batch, args.size), table,
-                              {"rounds": cpu_choice.ROUNDS})
+    return env.run_cpu_models(args, lambda name: measure(name, args.batch, args.size, args.runs),
+                              table, {"rounds": cpu_choice.ROUNDS, "runs": args.runs})
 
 
 if __name__ == "__main__":

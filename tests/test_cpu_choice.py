@@ -153,7 +153,8 @@ def test_inference_copy_makes_its_choices_once_and_equals_the_eval_model(choices
 
 def test_info_and_speed_script_report_the_choices(choices, tmp_path):
     """info() says how the CPU convolutions are chosen; benchmarks/cpu_choice_speed.py prints
-    and writes every kind of op call of a copy with both times and what was kept."""
+    and writes every kind of op call of a copy with both times and what was kept, and eager
+    and the copy both ways timed round-robin."""
     from benchmarks import cpu_choice_speed
 
     assert "whichever was faster" in pk.info()["cpu_convolutions"]
@@ -161,7 +162,7 @@ def test_info_and_speed_script_report_the_choices(choices, tmp_path):
                                         "eval forms": {"reference": 0, "eval form": 0},
                                         "convolutions": {"F.conv2d": 0, "oneDNN": 0}}
     out = tmp_path / "choices.json"
-    assert cpu_choice_speed.main(["--models", "fasternet_t0", "--size", "32",
+    assert cpu_choice_speed.main(["--models", "fasternet_t0", "--size", "32", "--runs", "2",
                                   "--json", str(out)]) == 0
     (report,) = json.loads(out.read_text())["reports"]
     assert {row["op"] for row in report["calls"]} == {"partial_conv3x3", "patch_conv",
@@ -170,6 +171,9 @@ def test_info_and_speed_script_report_the_choices(choices, tmp_path):
         assert row["kept"] in ("reference", "eval form") and min(row["us"].values()) > 0
         assert (row["kept"] == "eval form") == (row["us"]["eval form"] < row["us"]["reference"])
     assert report["first_forward_ms"] > 0 and report["second_forward_ms"] > 0
+    assert set(report["median_ms"]) == {"eager", cpu_choice_speed.FIXED,
+                                        cpu_choice_speed.MEASURED}
+    assert min(report["median_ms"].values()) > 0
     assert sum(pk.info()["cpu_choices"]["eval forms"].values()) == len(report["calls"])
     with cpu_choice.measuring_as(False):
         assert cpu_choice_speed.main(["--models", "fasternet_t0"]) == 2
