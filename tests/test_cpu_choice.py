@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,6 +60,21 @@ def test_the_faster_candidate_is_kept_and_later_calls_run_it_alone(choices):
         torch.set_num_threads(threads)
     choice.forget()
     assert choice.chosen("kind") is None and choice.summary() == {"slow": 0, "fast": 0}
+
+
+@pytest.mark.parametrize("first, kept", [(0.97, "last"), (0.94, "first")])
+def test_another_candidate_is_kept_only_if_a_margin_faster_than_the_last(choices, monkeypatch,
+                                                                         first, kept):
+    """The last candidate (the fixed path) stays unless another's least time is MARGIN (5%)
+    below its own (a fake clock: each candidate advances it by its time)."""
+    clock = [0.0]
+    monkeypatch.setattr(cpu_choice, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def taking(seconds, label):
+        return lambda x: clock.__setitem__(0, clock[0] + seconds) or label
+    choice = choices.MeasuredChoice("test", ("first", "last"))
+    out = choice.choose("kind", (taking(first, "first"), taking(1.0, "last")))(torch.zeros(1))
+    assert choice.chosen("kind") == kept and out == kept
 
 
 def test_without_timing_or_in_a_trace_the_last_candidate_runs(choices, monkeypatch):
@@ -169,7 +185,8 @@ def test_info_and_speed_script_report_the_choices(choices, tmp_path):
                                                       "pointwise_mlp"}
     for row in report["calls"]:
         assert row["kept"] in ("reference", "eval form") and min(row["us"].values()) > 0
-        assert (row["kept"] == "eval form") == (row["us"]["eval form"] < row["us"]["reference"])
+        faster = row["us"]["reference"] < (1 - cpu_choice.MARGIN) * row["us"]["eval form"]
+        assert (row["kept"] == "reference") == faster
     assert report["first_forward_ms"] > 0 and report["second_forward_ms"] > 0
     assert set(report["median_ms"]) == {"eager", cpu_choice_speed.FIXED,
                                         cpu_choice_speed.MEASURED}
