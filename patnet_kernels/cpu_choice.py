@@ -21,14 +21,16 @@ and torch's thread count (``torch.get_num_threads()``: which way is faster depen
 Its first call runs each candidate once to warm it up, then :data:`ROUNDS` times in turn, and
 keeps the last candidate (the eval form, oneDNN: the fixed path) unless another's least time of
 a round is :data:`MARGIN` below the last's; the call returns the last output of the kept one.
-The margin because a call timed alone, again and again, finds its weights in cache, which
-favours a way that does more work on them per call: with the plain least time, PATNet-T2's and
-FasterNet-T2's copies at 224 x 224 ran 3% slower than with every op in its eval form (the
-kinds that took the reference were within 1-4% in isolation), while on 32 x 32 inputs, where
-the eval forms lose by 20-45%, the choices made the copies 1.3-1.5x faster
-(``cpu_choice_speed``, its round-robin of both paths and eager). So the first call at a new input shape costs several forwards (a copy of PATNet-T2 at
-224 x 224 on the AVX2 EPYC: 235 ms, then 40 a forward), and two runs of a process can choose
-differently where two ways are about as fast (their outputs differ by float rounding).
+The margin because a call timed alone is not the call in the model (its caches, the
+machine's load), and within a few percent the timing cannot tell two ways apart: such ties
+keep the fixed path (with the plain least time, one run of PATNet-T2's and FasterNet-T2's
+copies at 224 x 224 on the AVX2 EPYC was 3% slower than with every op in its eval form; with
+the margin, three runs 0.97-1.19x, within that machine's noise), while on 32 x 32 inputs,
+where the eval forms lose by 7-35%, the choices made four T0-T2 copies 1.2-1.5x faster
+(``python -m benchmarks.cpu_choice_speed``, its round-robin of both paths and eager).
+The first call at a new input shape costs several forwards (a copy of PATNet-T2 at 224 x 224
+on the AVX2 EPYC: 283 ms, then 45 a forward), and two runs of a process can choose differently
+where two ways are about as fast (their outputs differ by float rounding).
 ``PATNET_CPU_MEASURE=0`` (read at import; or :func:`set_measuring`, :func:`measuring_as`) turns
 the timing off: then the last candidate runs (the eval form, oneDNN), the same on every machine
 and every run, which the traffic model and the test suite use. Under a torch.compile trace
