@@ -72,14 +72,11 @@ def _runners(key: tuple):
     x_shape, w_shape, has_bias, stride, padding, activation, adds = key
     x = torch.randn(x_shape).contiguous(memory_format=torch.channels_last)
     pair = cpu_conv._pair
-    out_shape = (x_shape[0], w_shape[0], *((n + 2 * p - k) // s + 1 for n, p, k, s in zip(
-        x_shape[2:], pair(padding), w_shape[2:] or (1, 1), pair(stride))))
-    add = (torch.randn(out_shape).contiguous(memory_format=torch.channels_last) if adds
-           else None)
     weight = torch.randn(w_shape) / (w_shape[1] ** 0.5)
     bias = torch.randn(w_shape[0]) if has_bias else None
     frozen = torch.nn.Parameter(weight.clone(), requires_grad=False)
     weight4d = cpu_conv._as_4d(weight)
+    add = (torch.randn_like(F.conv2d(x, weight4d, None, stride, padding)) if adds else None)
     act = {None: lambda y: y, "relu": F.relu_, "gelu": F.gelu}[activation]
     attr, algorithm = cpu_conv._POST_OPS[activation]
 

@@ -987,14 +987,6 @@ def measure_provider(name: str, provider: str, size: int, seed: int = 0,
     """Kernels and bytes of one provider on one model: a dict (see :func:`measure`)."""
     from patnet_kernels import cpu_choice
 
-    with cpu_choice.measuring_as(False):  # (the CPU path's ops all in their eval forms: fixed)
-        return _measure_provider(name, provider, size, seed, run_kernels, autocast, train,
-                                 rates, channels_last, **overrides)
-
-
-def _measure_provider(name: str, provider: str, size: int, seed: int, run_kernels: bool,
-                      autocast: bool, train: bool, rates: Optional[Rates], channels_last: bool,
-                      **overrides) -> dict:
     start = time.perf_counter()
     record = record_step if train else record_forward
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -1005,9 +997,11 @@ def _measure_provider(name: str, provider: str, size: int, seed: int, run_kernel
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)
                             ).contiguous(memory_format=layout)
             # in eval a warm-up per batch (what the path makes once per input shape, such as
-            # the CPU path's oneDNN weight layouts, depends on the batch too); in training one
-            runs[batch] = record(model, x, not train or batch == BATCHES[0], run_kernels,
-                                 autocast)
+            # the CPU path's oneDNN weight layouts, depends on the batch too); in training one;
+            # the CPU path's ops all in their eval forms (no measured choice: fixed)
+            with cpu_choice.measuring_as(False):
+                runs[batch] = record(model, x, not train or batch == BATCHES[0], run_kernels,
+                                     autocast)
     except Exception as exc:  # noqa: BLE001 (reported, the run goes on)
         from patnet_kernels import BackendUnavailableError
         status = "unavailable" if isinstance(exc, BackendUnavailableError) else "error"

@@ -243,6 +243,13 @@ def frozen(t: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(t, requires_grad=False)
 
 
+def slowed(function, seconds: float = 0.002):
+    """``function`` that first sleeps ``seconds``: a way made slower for a timed choice."""
+    import time
+
+    return lambda *args, **kwargs: time.sleep(seconds) or function(*args, **kwargs)
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
     """||actual - expected|| / max(||expected||, floor) in float64 (Frobenius norms), on the CPU
     (so a GPU result can be compared with stored CPU vectors)."""

@@ -6,7 +6,6 @@ form) and the inference copy, which equals the eval model whatever was kept."""
 from __future__ import annotations
 
 import json
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,7 @@ import patnet_kernels as pk
 from patnet.testing import randomize_norms
 from patnet_kernels import backends, cpu_choice, eval_cpu, reference
 
-from conftest import frozen, rel_error
+from conftest import frozen, rel_error, slowed
 
 
 @pytest.fixture
@@ -30,14 +29,10 @@ def choices(monkeypatch):
         yield cpu_choice
 
 
-def _slow(function, seconds=0.002):
-    return lambda *args, **kwargs: time.sleep(seconds) or function(*args, **kwargs)
-
-
 def test_the_faster_candidate_is_kept_and_later_calls_run_it_alone(choices):
     ran = []
     fast = lambda x, k: ran.append("fast") or x + k  # noqa: E731
-    slow = _slow(lambda x, k: ran.append("slow") or x + k)
+    slow = slowed(lambda x, k: ran.append("slow") or x + k)
     choice = choices.MeasuredChoice("test", ("slow", "fast"))
     x = torch.zeros(3)
     out = choice.choose("kind", (slow, fast))(x, 1.0)
@@ -96,7 +91,7 @@ def test_an_in_place_call_is_restored_between_timed_runs(choices):
     result is one application, whichever is kept."""
     choice = choices.MeasuredChoice("test", ("a", "b"))
     x = torch.arange(4.0)
-    out = choice.choose("kind", (lambda t: t.mul_(2), _slow(lambda t: t.mul_(2))),
+    out = choice.choose("kind", (lambda t: t.mul_(2), slowed(lambda t: t.mul_(2))),
                         writes_input=True)(x)
     assert out is x and torch.equal(x, torch.arange(4.0) * 2)
     assert choice.chosen("kind") == "a"
@@ -117,7 +112,7 @@ def test_functional_api_keeps_the_faster_of_reference_and_eval_form(choices, mon
     call that needs a gradient runs the reference untimed; either equals the reference."""
     module, name = (reference, "pointwise_mlp") if slower == "reference" else \
         (eval_cpu, "pointwise_mlp")
-    monkeypatch.setattr(module, name, _slow(getattr(module, name)))
+    monkeypatch.setattr(module, name, slowed(getattr(module, name)))
     gen = torch.Generator().manual_seed(0)
     x, w1, b1, w2, b2 = _mlp_args(gen)
     want = reference.pointwise_mlp(x.double(), w1.double(), b1.double(), w2.double(),

@@ -7,7 +7,6 @@ F.conv2d; and the inference copy on the CPU running through it."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import patnet
 import patnet_kernels as pk
 from patnet_kernels import cpu_choice, cpu_conv
 
-from conftest import frozen, rel_error
+from conftest import frozen, rel_error, slowed
 
 ONEDNN = "mkldnn::_convolution_pointwise"
 # The (padding, stride) of a 3 x 3 conv's and a 1 x 1 conv's reordered weights' tags.
@@ -96,7 +95,7 @@ def test_measured_choice_keeps_the_faster_convolution(monkeypatch, slower):
         "convolutions", cpu_choice.CONVOLUTIONS.labels))
     name = {"oneDNN": "_conv2d_onednn", "F.conv2d": "_conv2d_torch"}[slower]
     real = getattr(cpu_conv, name)
-    monkeypatch.setattr(cpu_conv, name, lambda *a: time.sleep(0.002) or real(*a))
+    monkeypatch.setattr(cpu_conv, name, slowed(real))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
     weight = frozen(torch.randn(16, 16, 3, 3, generator=gen) * 0.1)
